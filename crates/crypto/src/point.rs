@@ -1,0 +1,264 @@
+//! Points on the wire: strict decoding of the peer's points, the commutative
+//! token step, and batched compression.
+
+use std::collections::HashSet;
+
+use curve25519_dalek::ristretto::{CompressedRistretto, RistrettoPoint};
+use curve25519_dalek::scalar::Scalar;
+use curve25519_dalek::traits::Identity;
+use rayon::prelude::*;
+
+use crate::CryptoError;
+use crate::h2g::HashToGroup;
+use crate::keys::SecretScalar;
+
+/// Length of an encoded ristretto255 element.
+pub const POINT_LEN: usize = 32;
+
+/// An encoded point, as it travels.
+pub type PointBytes = [u8; POINT_LEN];
+
+/// How many points one parallel task handles: large enough that the batch
+/// compression amortises its inversion, small enough to spread over cores.
+const PAR_CHUNK: usize = 512;
+
+/// Decodes one point received from the peer.
+///
+/// Ristretto255 decoding (RFC 9496 section 4.3.1) accepts only the canonical
+/// encoding of each element; on top of that the identity is refused, since a
+/// token equal to the identity would match every other identity token.
+///
+/// # Errors
+/// [`CryptoError::NonCanonicalPoint`] or [`CryptoError::IdentityPoint`].
+pub fn decode_point(bytes: &PointBytes) -> Result<RistrettoPoint, CryptoError> {
+    let p = CompressedRistretto(*bytes)
+        .decompress()
+        .ok_or(CryptoError::NonCanonicalPoint)?;
+    if p == RistrettoPoint::identity() {
+        return Err(CryptoError::IdentityPoint);
+    }
+    Ok(p)
+}
+
+/// Splits a byte buffer from the peer into encoded points.
+///
+/// # Errors
+/// [`CryptoError::PointBufferLength`] when the length is not a multiple of 32.
+pub fn split_points(buf: &[u8]) -> Result<Vec<PointBytes>, CryptoError> {
+    if !buf.len().is_multiple_of(POINT_LEN) {
+        return Err(CryptoError::PointBufferLength { len: buf.len() });
+    }
+    let mut out = Vec::with_capacity(buf.len() / POINT_LEN);
+    for c in buf.chunks_exact(POINT_LEN) {
+        let mut p = [0u8; POINT_LEN];
+        p.copy_from_slice(c);
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Decodes a batch of the peer's points in parallel.
+///
+/// # Errors
+/// The first decoding error (which point failed is not reported: the index of
+/// a bad point says nothing useful to an operator and could help a prober).
+pub fn decode_points(points: &[PointBytes]) -> Result<Vec<RistrettoPoint>, CryptoError> {
+    points.par_iter().map(decode_point).collect()
+}
+
+/// `k * P` for each point, compressed, computed in parallel. Uses
+/// `double_and_compress_batch` on `(k/2) * P`, which costs a fraction of one
+/// compression per point.
+pub fn mul_compress(points: &[RistrettoPoint], k: &SecretScalar) -> Vec<PointBytes> {
+    let half = half_scalar(k);
+    let mut out = vec![[0u8; POINT_LEN]; points.len()];
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(points.par_chunks(PAR_CHUNK))
+        .for_each(|(out, pts)| {
+            let scaled: Vec<RistrettoPoint> = pts.iter().map(|p| half * p).collect();
+            for (o, c) in out
+                .iter_mut()
+                .zip(RistrettoPoint::double_and_compress_batch(&scaled))
+            {
+                *o = c.to_bytes();
+            }
+        });
+    out
+}
+
+/// Decodes the peer's points and returns `k * P` for each, compressed, in
+/// parallel: one decompression and one scalar multiplication per point.
+///
+/// # Errors
+/// As [`decode_point`].
+pub fn decode_mul_compress(
+    points: &[PointBytes],
+    k: &SecretScalar,
+) -> Result<Vec<PointBytes>, CryptoError> {
+    let half = half_scalar(k);
+    let mut out = vec![[0u8; POINT_LEN]; points.len()];
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(points.par_chunks(PAR_CHUNK))
+        .try_for_each(|(out, pts)| {
+            let mut scaled = Vec::with_capacity(pts.len());
+            for p in pts {
+                scaled.push(half * decode_point(p)?);
+            }
+            for (o, c) in out
+                .iter_mut()
+                .zip(RistrettoPoint::double_and_compress_batch(&scaled))
+            {
+                *o = c.to_bytes();
+            }
+            Ok::<(), CryptoError>(())
+        })?;
+    Ok(out)
+}
+
+/// `k * H2G(x)` for each input, compressed, in parallel: one hash-to-group
+/// and one scalar multiplication per identifier.
+pub fn hash_mul_compress<T: AsRef<[u8]> + Sync>(
+    h2g: &HashToGroup,
+    inputs: &[T],
+    k: &SecretScalar,
+) -> Vec<PointBytes> {
+    let half = half_scalar(k);
+    let mut out = vec![[0u8; POINT_LEN]; inputs.len()];
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(inputs.par_chunks(PAR_CHUNK))
+        .for_each(|(out, xs)| {
+            let scaled: Vec<RistrettoPoint> =
+                xs.iter().map(|x| half * h2g.hash(x.as_ref())).collect();
+            for (o, c) in out
+                .iter_mut()
+                .zip(RistrettoPoint::double_and_compress_batch(&scaled))
+            {
+                *o = c.to_bytes();
+            }
+        });
+    out
+}
+
+/// Compresses points in batches, in parallel.
+pub fn compress_batch(points: &[RistrettoPoint]) -> Vec<PointBytes> {
+    let half = Scalar::from(2u8).invert();
+    let mut out = vec![[0u8; POINT_LEN]; points.len()];
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(points.par_chunks(PAR_CHUNK))
+        .for_each(|(out, pts)| {
+            let halves: Vec<RistrettoPoint> = pts.iter().map(|p| half * p).collect();
+            for (o, c) in out
+                .iter_mut()
+                .zip(RistrettoPoint::double_and_compress_batch(&halves))
+            {
+                *o = c.to_bytes();
+            }
+        });
+    out
+}
+
+fn half_scalar(k: &SecretScalar) -> Scalar {
+    k.expose() * Scalar::from(2u8).invert()
+}
+
+/// A set of encoded points that refuses duplicates: since ristretto255
+/// encodings are canonical, equal bytes mean equal points and vice versa.
+#[derive(Debug, Default)]
+pub struct DistinctPoints {
+    seen: HashSet<PointBytes>,
+}
+
+impl DistinctPoints {
+    /// An empty set with room for `n` points.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            seen: HashSet::with_capacity(n),
+        }
+    }
+
+    /// Adds every point, failing on the first one already present.
+    ///
+    /// # Errors
+    /// [`CryptoError::DuplicatePoint`].
+    pub fn insert_all(&mut self, points: &[PointBytes]) -> Result<(), CryptoError> {
+        for p in points {
+            if !self.seen.insert(*p) {
+                return Err(CryptoError::DuplicatePoint);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the point is in the set.
+    pub fn contains(&self, p: &PointBytes) -> bool {
+        self.seen.contains(p)
+    }
+
+    /// Number of points in the set.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use curve25519_dalek::constants::RISTRETTO_BASEPOINT_POINT;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    #[test]
+    fn strict_decoding() {
+        // The identity's encoding is all zeros: valid ristretto, refused here.
+        assert_eq!(decode_point(&[0u8; 32]), Err(CryptoError::IdentityPoint));
+        // RFC 9496 A.2: some non-canonical or invalid encodings.
+        for bad in [
+            "00ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+            "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "f3ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "26948d35ca62e643e26a83177332e6b6afeb9d08e4268b650f1f5bbd8d81d371",
+        ] {
+            let b: [u8; 32] = hex::decode(bad).unwrap().try_into().unwrap();
+            assert_eq!(decode_point(&b), Err(CryptoError::NonCanonicalPoint), "{bad}");
+        }
+        let g = RISTRETTO_BASEPOINT_POINT.compress().to_bytes();
+        assert_eq!(decode_point(&g), Ok(RISTRETTO_BASEPOINT_POINT));
+        assert!(split_points(&[0u8; 33]).is_err());
+        assert_eq!(split_points(&[7u8; 64]).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn batched_paths_agree_with_plain_arithmetic() {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let k = SecretScalar::random(&mut rng);
+        let h2g = HashToGroup::for_collaboration("test").unwrap();
+        let ids: Vec<String> = (0..1300).map(|i| format!("user{i}@example.com")).collect();
+        let hashed: Vec<RistrettoPoint> = ids.iter().map(|x| h2g.hash(x.as_bytes())).collect();
+        let direct: Vec<PointBytes> = hashed
+            .iter()
+            .map(|p| (k.expose() * p).compress().to_bytes())
+            .collect();
+        assert_eq!(hash_mul_compress(&h2g, &ids, &k), direct);
+        assert_eq!(mul_compress(&hashed, &k), direct);
+        let enc: Vec<PointBytes> = hashed.iter().map(|p| p.compress().to_bytes()).collect();
+        assert_eq!(compress_batch(&hashed), enc);
+        assert_eq!(decode_mul_compress(&enc, &k).unwrap(), direct);
+        let mut bad = enc.clone();
+        bad[1000] = [0u8; 32];
+        assert_eq!(decode_mul_compress(&bad, &k), Err(CryptoError::IdentityPoint));
+    }
+
+    #[test]
+    fn duplicates_detected() {
+        let mut s = DistinctPoints::default();
+        s.insert_all(&[[1u8; 32], [2u8; 32]]).unwrap();
+        assert_eq!(s.insert_all(&[[3u8; 32], [1u8; 32]]), Err(CryptoError::DuplicatePoint));
+    }
+}

@@ -1,0 +1,2 @@
+#![forbid(unsafe_code)]
+//! Test-only package: see tests/.
