@@ -40,6 +40,31 @@ pub fn decode_point(bytes: &PointBytes) -> Result<RistrettoPoint, CryptoError> {
     Ok(p)
 }
 
+/// A cheap check that bytes could be the canonical encoding of a
+/// non-identity element: the field element `s` is below `p = 2^255 - 19`,
+/// even ("non-negative" in RFC 9496 terms), and not zero.
+///
+/// It does not prove the bytes decode (that needs a square root, as costly as
+/// a full decompression). It is the right check for tokens that are only
+/// ever compared byte for byte with encodings this node computed itself: such
+/// encodings are canonical and never the identity, so anything this check
+/// lets through that is not a valid point can never match.
+///
+/// # Errors
+/// [`CryptoError::NonCanonicalPoint`] or [`CryptoError::IdentityPoint`].
+pub fn check_token_encoding(bytes: &PointBytes) -> Result<(), CryptoError> {
+    if bytes.iter().all(|b| *b == 0) {
+        return Err(CryptoError::IdentityPoint);
+    }
+    let odd = bytes[0] & 1 == 1;
+    let top_bit = bytes[31] & 0x80 != 0;
+    let at_least_p = bytes[31] == 0x7f && bytes[1..31].iter().all(|b| *b == 0xff) && bytes[0] >= 0xed;
+    if odd || top_bit || at_least_p {
+        return Err(CryptoError::NonCanonicalPoint);
+    }
+    Ok(())
+}
+
 /// Splits a byte buffer from the peer into encoded points.
 ///
 /// # Errors
@@ -213,6 +238,7 @@ mod tests {
     use rand_core::SeedableRng;
 
     #[test]
+    #[allow(clippy::too_many_lines)]
     fn strict_decoding() {
         // The identity's encoding is all zeros: valid ristretto, refused here.
         assert_eq!(decode_point(&[0u8; 32]), Err(CryptoError::IdentityPoint));
@@ -231,6 +257,19 @@ mod tests {
         let g = RISTRETTO_BASEPOINT_POINT.compress().to_bytes();
         assert_eq!(decode_point(&g), Ok(RISTRETTO_BASEPOINT_POINT));
         assert!(split_points(&[0u8; 33]).is_err());
+        assert_eq!(check_token_encoding(&[0u8; 32]), Err(CryptoError::IdentityPoint));
+        for bad in ["ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+                    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+                    "0100000000000000000000000000000000000000000000000000000000000000",
+                    "0000000000000000000000000000000000000000000000000000000000000080"] {
+            let b: [u8; 32] = hex::decode(bad).unwrap().try_into().unwrap();
+            assert_eq!(check_token_encoding(&b), Err(CryptoError::NonCanonicalPoint), "{bad}");
+        }
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        for _ in 0..100 {
+            let p = SecretScalar::random(&mut rng).public().compress().to_bytes();
+            assert_eq!(check_token_encoding(&p), Ok(()));
+        }
         assert_eq!(split_points(&[7u8; 64]).unwrap().len(), 2);
     }
 

@@ -1,1 +1,17 @@
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+//! The two parties of the clean-room protocol as sans-IO state machines.
+//!
+//! - [`join`]: phase 1, the private join with DP dummy rows and tokens;
+//! - [`aggregate`]: phase 2, the secret-shared aggregate by OT.
+//!
+//! Bytes and randomness go in, messages come out; nothing here touches a
+//! socket, a file or a clock. Drivers (the in-memory one in `cleanroom-sim`,
+//! the QUIC one in the node) pump frames between the two sides.
+
+pub mod aggregate;
+mod error;
+pub mod join;
+mod session;
+
+pub use error::ProtocolError;

@@ -1,1 +1,604 @@
 #![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+//! Every message the two nodes exchange, and the codec that reads them.
+//!
+//! A frame is `[version: u8][type: u8][body]`. The body is bincode 2 (fixed
+//! integer encoding, little endian) under a size limit; vectors of points or
+//! words travel as one length-prefixed byte string each, so they encode and
+//! decode at memory speed. The decoder refuses: an empty or one-byte frame, a
+//! version other than [`PROTOCOL_VERSION`], an unknown type byte, a frame over
+//! [`MAX_MESSAGE_LEN`], a body that does not decode, trailing bytes after the
+//! body, and any field over its bound (see [`Message::validate`]).
+//!
+//! bincode is an implementation detail of this crate: nothing else names it.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version carried by every frame.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// The largest frame accepted, in bytes.
+pub const MAX_MESSAGE_LEN: usize = 64 << 20;
+/// The most points one chunk may carry.
+pub const MAX_POINTS_PER_CHUNK: usize = 1 << 16;
+/// The longest collaboration id, in bytes.
+pub const MAX_COLLABORATION_ID_LEN: usize = 128;
+/// Length of an encoded point.
+pub const POINT_LEN: usize = 32;
+
+/// Identifies one join or one aggregate session; bound to both nodes' nonces.
+pub type SessionId = [u8; 16];
+/// A fresh random value contributed by one node to a session id.
+pub type Nonce = [u8; 32];
+/// An encoded ristretto255 element.
+pub type PointBytes = [u8; POINT_LEN];
+
+/// Errors reading a frame. None carries any byte of the frame's content.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Fewer than the two header bytes.
+    #[error("frame of {len} bytes is shorter than its header")]
+    Truncated {
+        /// The frame's length.
+        len: usize,
+    },
+    /// A protocol version this build does not speak.
+    #[error("unsupported protocol version {got} (this build speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion {
+        /// The version byte received.
+        got: u8,
+    },
+    /// A type byte that names no message.
+    #[error("unknown message type {got}")]
+    UnknownType {
+        /// The type byte received.
+        got: u8,
+    },
+    /// A frame over the size limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// The frame's length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A body that does not decode as its type (truncated, or a length
+    /// prefix past the limit).
+    #[error("malformed {kind} body")]
+    Malformed {
+        /// The message type.
+        kind: &'static str,
+    },
+    /// Bytes left over after a complete body.
+    #[error("{count} trailing bytes after a {kind} body")]
+    TrailingBytes {
+        /// The message type.
+        kind: &'static str,
+        /// How many bytes were left.
+        count: usize,
+    },
+    /// A field over its bound or of an impossible length.
+    #[error("field {field} of {kind} has length {len}, outside its bounds")]
+    FieldLength {
+        /// The message type.
+        kind: &'static str,
+        /// The field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// The encoder failed (only for a message over the size limit).
+    #[error("message could not be encoded")]
+    Encode,
+}
+
+/// Phase 1, matcher to holder: opens a join.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinOffer {
+    /// The matcher's contribution to the session id.
+    pub nonce: Nonce,
+    /// The collaboration both nodes belong to.
+    pub collaboration_id: String,
+    /// Hash of the matcher's identifier normalisation rules.
+    pub rules_hash: [u8; 32],
+    /// `m`: the matcher's set size.
+    pub matcher_set_size: u64,
+    /// What this join serves (data version, matcher filter), as a digest.
+    pub context: [u8; 32],
+}
+
+/// Phase 1, holder to matcher: accepts a join.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinAccept {
+    /// The session id both sides derive from the two nonces and the offer.
+    pub session: SessionId,
+    /// The holder's contribution to the session id.
+    pub nonce: Nonce,
+    /// `n`: the holder's set size.
+    pub holder_set_size: u64,
+    /// `D_max`: dummy rows (and dummy tokens) the holder adds.
+    pub dummy_rows: u64,
+}
+
+/// Phase 1, matcher to holder: the matcher's public key `K_M = kp * G`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MatcherKey {
+    /// The session.
+    pub session: SessionId,
+    /// `K_M`.
+    pub key: PointBytes,
+}
+
+/// A chunk of encoded points (matcher tokens, holder rows or holder tokens).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointChunk {
+    /// The session.
+    pub session: SessionId,
+    /// Position of this chunk in its stream, from 0.
+    pub seq: u32,
+    /// Concatenated 32-byte encodings.
+    #[serde(with = "serde_bytes")]
+    pub points: Vec<u8>,
+}
+
+impl core::fmt::Debug for PointChunk {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "PointChunk {{ seq: {}, points: {} }}", self.seq, self.points.len() / POINT_LEN)
+    }
+}
+
+impl PointChunk {
+    /// Number of points (the length is validated to be a multiple of 32).
+    pub fn count(&self) -> usize {
+        self.points.len() / POINT_LEN
+    }
+
+    /// The points.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.points.chunks_exact(POINT_LEN)
+    }
+}
+
+/// Phase 2, matcher to holder: opens an aggregate over a cached join, and
+/// carries the base-OT sender's `A`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtSetup {
+    /// The aggregate session id (derived from `join_session`, `query_id`, `nonce`).
+    pub session: SessionId,
+    /// The join this aggregate runs over.
+    pub join_session: SessionId,
+    /// The query this aggregate answers.
+    pub query_id: [u8; 16],
+    /// The matcher's fresh contribution.
+    pub nonce: Nonce,
+    /// Rows of the join (`n + D_max`), as the matcher has them.
+    pub rows: u64,
+    /// Output cells per row, as the matcher's plan has them.
+    pub width: u32,
+    /// Base OT: `A = a * G`.
+    pub base_point: PointBytes,
+}
+
+/// Phase 2, holder to matcher: the base-OT receiver's 128 points `B_j`, and
+/// the holder's nonce, which completes the aggregate session id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtChoices {
+    /// The session id of the [`OtSetup`] it answers.
+    pub session: SessionId,
+    /// The holder's contribution: every later message of this aggregate
+    /// carries the session id derived from the setup's id and this nonce.
+    pub nonce: Nonce,
+    /// 128 concatenated encodings.
+    #[serde(with = "serde_bytes")]
+    pub points: Vec<u8>,
+}
+
+/// Phase 2, matcher to holder: the IKNP columns for one chunk of rows.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtExtend {
+    /// The aggregate session.
+    pub session: SessionId,
+    /// Chunk number, from 0.
+    pub seq: u32,
+    /// 128 columns, 16 bytes per 128 rows each.
+    #[serde(with = "serde_bytes")]
+    pub columns: Vec<u8>,
+}
+
+impl core::fmt::Debug for OtExtend {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "OtExtend {{ seq: {}, bytes: {} }}", self.seq, self.columns.len())
+    }
+}
+
+/// Phase 2, holder to matcher: masked row vectors `d_i` for one chunk.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskedRows {
+    /// The aggregate session.
+    pub session: SessionId,
+    /// Chunk number, from 0.
+    pub seq: u32,
+    /// `rows x width` little-endian u64 words.
+    #[serde(with = "serde_bytes")]
+    pub words: Vec<u8>,
+}
+
+impl core::fmt::Debug for MaskedRows {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "MaskedRows {{ seq: {}, bytes: {} }}", self.seq, self.words.len())
+    }
+}
+
+/// Either side: the session is over. The code says why, in broad terms only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Abort {
+    /// The session.
+    pub session: SessionId,
+    /// Why (see [`AbortCode`]).
+    pub code: u16,
+}
+
+/// Why a node aborted a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum AbortCode {
+    /// The peer sent a message that failed validation.
+    BadMessage = 1,
+    /// The parameters (collaboration, rules, sizes) are not acceptable.
+    Parameters = 2,
+    /// A local limit or budget refused the session.
+    Refused = 3,
+    /// A local failure.
+    Internal = 4,
+}
+
+/// One frame's content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Type 1.
+    JoinOffer(JoinOffer),
+    /// Type 2.
+    JoinAccept(JoinAccept),
+    /// Type 3.
+    MatcherKey(MatcherKey),
+    /// Type 4: `A_j = kp * H2G(y_j)`.
+    MatcherTokens(PointChunk),
+    /// Type 5: the holder's shuffled rows `C ∪ R`.
+    HolderRows(PointChunk),
+    /// Type 6: the holder's shuffled tokens `E`.
+    HolderTokens(PointChunk),
+    /// Type 7.
+    OtSetup(OtSetup),
+    /// Type 8.
+    OtChoices(OtChoices),
+    /// Type 9.
+    OtExtend(OtExtend),
+    /// Type 10.
+    MaskedRows(MaskedRows),
+    /// Type 11.
+    Abort(Abort),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard()
+        .with_fixed_int_encoding()
+        .with_little_endian()
+        .with_limit::<MAX_MESSAGE_LEN>()
+}
+
+fn decode_body<T: serde::de::DeserializeOwned>(kind: &'static str, body: &[u8]) -> Result<T, WireError> {
+    let (value, read) = bincode::serde::decode_from_slice::<T, _>(body, config())
+        .map_err(|_| WireError::Malformed { kind })?;
+    if read != body.len() {
+        return Err(WireError::TrailingBytes {
+            kind,
+            count: body.len().saturating_sub(read),
+        });
+    }
+    Ok(value)
+}
+
+fn check_points(kind: &'static str, field: &'static str, buf: &[u8], min: usize, max: usize) -> Result<(), WireError> {
+    let n = buf.len() / POINT_LEN;
+    if !buf.len().is_multiple_of(POINT_LEN) || n < min || n > max {
+        return Err(WireError::FieldLength {
+            kind,
+            field,
+            len: buf.len(),
+        });
+    }
+    Ok(())
+}
+
+impl Message {
+    /// The type byte.
+    pub fn type_byte(&self) -> u8 {
+        match self {
+            Message::JoinOffer(_) => 1,
+            Message::JoinAccept(_) => 2,
+            Message::MatcherKey(_) => 3,
+            Message::MatcherTokens(_) => 4,
+            Message::HolderRows(_) => 5,
+            Message::HolderTokens(_) => 6,
+            Message::OtSetup(_) => 7,
+            Message::OtChoices(_) => 8,
+            Message::OtExtend(_) => 9,
+            Message::MaskedRows(_) => 10,
+            Message::Abort(_) => 11,
+        }
+    }
+
+    /// A short name for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        kind_name(self.type_byte())
+    }
+
+    /// The session the message belongs to (`None` for the offer that creates one).
+    pub fn session(&self) -> Option<&SessionId> {
+        match self {
+            Message::JoinOffer(_) => None,
+            Message::JoinAccept(m) => Some(&m.session),
+            Message::MatcherKey(m) => Some(&m.session),
+            Message::MatcherTokens(m) | Message::HolderRows(m) | Message::HolderTokens(m) => Some(&m.session),
+            Message::OtSetup(m) => Some(&m.session),
+            Message::OtChoices(m) => Some(&m.session),
+            Message::OtExtend(m) => Some(&m.session),
+            Message::MaskedRows(m) => Some(&m.session),
+            Message::Abort(m) => Some(&m.session),
+        }
+    }
+
+    /// Structural bounds that hold for every message of its type, whatever
+    /// the session: string and vector lengths.
+    ///
+    /// # Errors
+    /// [`WireError::FieldLength`] naming the field.
+    pub fn validate(&self) -> Result<(), WireError> {
+        let kind = self.kind();
+        match self {
+            Message::JoinOffer(m) => {
+                let len = m.collaboration_id.len();
+                if len == 0 || len > MAX_COLLABORATION_ID_LEN {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "collaboration_id",
+                        len,
+                    });
+                }
+            }
+            Message::MatcherTokens(m) | Message::HolderRows(m) | Message::HolderTokens(m) => {
+                check_points(kind, "points", &m.points, 1, MAX_POINTS_PER_CHUNK)?;
+            }
+            Message::OtChoices(m) => check_points(kind, "points", &m.points, 128, 128)?,
+            Message::OtExtend(m) => {
+                // 128 columns of whole 16-byte words.
+                if m.columns.is_empty() || !m.columns.len().is_multiple_of(128 * 16) {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "columns",
+                        len: m.columns.len(),
+                    });
+                }
+            }
+            Message::MaskedRows(m) => {
+                if m.words.is_empty() || !m.words.len().is_multiple_of(8) {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "words",
+                        len: m.words.len(),
+                    });
+                }
+            }
+            Message::JoinAccept(_) | Message::MatcherKey(_) | Message::OtSetup(_) | Message::Abort(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Encodes the message as one frame.
+    ///
+    /// # Errors
+    /// [`WireError::Encode`] or [`WireError::TooLarge`] for a frame over the limit.
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        let mut out = vec![PROTOCOL_VERSION, self.type_byte()];
+        let body = match self {
+            Message::JoinOffer(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::JoinAccept(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::MatcherKey(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::MatcherTokens(m) | Message::HolderRows(m) | Message::HolderTokens(m) => {
+                bincode::serde::encode_to_vec(m, config())
+            }
+            Message::OtSetup(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::OtChoices(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::OtExtend(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::MaskedRows(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::Abort(m) => bincode::serde::encode_to_vec(m, config()),
+        }
+        .map_err(|_| WireError::Encode)?;
+        out.extend_from_slice(&body);
+        if out.len() > MAX_MESSAGE_LEN {
+            return Err(WireError::TooLarge {
+                len: out.len(),
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decodes and validates one frame.
+    ///
+    /// # Errors
+    /// A [`WireError`] for anything but one well-formed message of this version.
+    pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
+        if frame.len() > MAX_MESSAGE_LEN {
+            return Err(WireError::TooLarge {
+                len: frame.len(),
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        let (version, ty, body) = match frame {
+            [v, t, body @ ..] => (*v, *t, body),
+            _ => return Err(WireError::Truncated { len: frame.len() }),
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::UnsupportedVersion { got: version });
+        }
+        let kind = kind_name(ty);
+        let msg = match ty {
+            1 => Message::JoinOffer(decode_body(kind, body)?),
+            2 => Message::JoinAccept(decode_body(kind, body)?),
+            3 => Message::MatcherKey(decode_body(kind, body)?),
+            4 => Message::MatcherTokens(decode_body(kind, body)?),
+            5 => Message::HolderRows(decode_body(kind, body)?),
+            6 => Message::HolderTokens(decode_body(kind, body)?),
+            7 => Message::OtSetup(decode_body(kind, body)?),
+            8 => Message::OtChoices(decode_body(kind, body)?),
+            9 => Message::OtExtend(decode_body(kind, body)?),
+            10 => Message::MaskedRows(decode_body(kind, body)?),
+            11 => Message::Abort(decode_body(kind, body)?),
+            other => return Err(WireError::UnknownType { got: other }),
+        };
+        msg.validate()?;
+        Ok(msg)
+    }
+}
+
+fn kind_name(ty: u8) -> &'static str {
+    match ty {
+        1 => "JoinOffer",
+        2 => "JoinAccept",
+        3 => "MatcherKey",
+        4 => "MatcherTokens",
+        5 => "HolderRows",
+        6 => "HolderTokens",
+        7 => "OtSetup",
+        8 => "OtChoices",
+        9 => "OtExtend",
+        10 => "MaskedRows",
+        11 => "Abort",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<Message> {
+        let s = [7u8; 16];
+        vec![
+            Message::JoinOffer(JoinOffer {
+                nonce: [1; 32],
+                collaboration_id: "bank-x-platform".into(),
+                rules_hash: [2; 32],
+                matcher_set_size: 1000,
+                context: [3; 32],
+            }),
+            Message::JoinAccept(JoinAccept {
+                session: s,
+                nonce: [4; 32],
+                holder_set_size: 5,
+                dummy_rows: 62,
+            }),
+            Message::MatcherKey(MatcherKey { session: s, key: [5; 32] }),
+            Message::MatcherTokens(PointChunk { session: s, seq: 0, points: vec![9; 64] }),
+            Message::HolderRows(PointChunk { session: s, seq: 3, points: vec![9; 32] }),
+            Message::HolderTokens(PointChunk { session: s, seq: 1, points: vec![9; 96] }),
+            Message::OtSetup(OtSetup {
+                session: s,
+                join_session: [8; 16],
+                query_id: [9; 16],
+                nonce: [10; 32],
+                rows: 1062,
+                width: 33,
+                base_point: [11; 32],
+            }),
+            Message::OtChoices(OtChoices { session: s, nonce: [3; 32], points: vec![12; 128 * 32] }),
+            Message::OtExtend(OtExtend { session: s, seq: 0, columns: vec![13; 128 * 16 * 2] }),
+            Message::MaskedRows(MaskedRows { session: s, seq: 0, words: vec![14; 8 * 33] }),
+            Message::Abort(Abort { session: s, code: AbortCode::BadMessage as u16 }),
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_type() {
+        for m in samples() {
+            let frame = m.encode().unwrap();
+            assert_eq!(frame[0], PROTOCOL_VERSION);
+            assert_eq!(Message::decode(&frame).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn strict_decoding() {
+        let frame = samples()[3].encode().unwrap();
+        assert_eq!(Message::decode(&[]), Err(WireError::Truncated { len: 0 }));
+        assert_eq!(Message::decode(&[1]), Err(WireError::Truncated { len: 1 }));
+        let mut v = frame.clone();
+        v[0] = 2;
+        assert_eq!(Message::decode(&v), Err(WireError::UnsupportedVersion { got: 2 }));
+        let mut v = frame.clone();
+        v[1] = 99;
+        assert_eq!(Message::decode(&v), Err(WireError::UnknownType { got: 99 }));
+        let mut v = frame.clone();
+        v.push(0);
+        assert_eq!(
+            Message::decode(&v),
+            Err(WireError::TrailingBytes { kind: "MatcherTokens", count: 1 })
+        );
+        // Every strict prefix fails cleanly.
+        for cut in 0..frame.len() {
+            assert!(Message::decode(&frame[..cut]).is_err(), "prefix {cut}");
+        }
+        // A length prefix claiming more than the limit.
+        let mut v = vec![PROTOCOL_VERSION, 4];
+        v.extend_from_slice(&[7u8; 16]);
+        v.extend_from_slice(&0u32.to_le_bytes());
+        v.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(Message::decode(&v), Err(WireError::Malformed { kind: "MatcherTokens" }));
+        // A point buffer that is not whole points, or empty.
+        let bad = Message::HolderRows(PointChunk { session: [0; 16], seq: 0, points: vec![1; 33] });
+        assert!(matches!(Message::decode(&bad.encode().unwrap()), Err(WireError::FieldLength { .. })));
+        let bad = Message::HolderRows(PointChunk { session: [0; 16], seq: 0, points: vec![] });
+        assert!(matches!(Message::decode(&bad.encode().unwrap()), Err(WireError::FieldLength { .. })));
+        let bad = Message::OtChoices(OtChoices { session: [0; 16], nonce: [0; 32], points: vec![1; 127 * 32] });
+        assert!(matches!(Message::decode(&bad.encode().unwrap()), Err(WireError::FieldLength { .. })));
+        let bad = Message::JoinOffer(JoinOffer {
+            nonce: [0; 32],
+            collaboration_id: "x".repeat(129),
+            rules_hash: [0; 32],
+            matcher_set_size: 1,
+            context: [0; 32],
+        });
+        assert!(matches!(Message::decode(&bad.encode().unwrap()), Err(WireError::FieldLength { .. })));
+        let huge = vec![0u8; MAX_MESSAGE_LEN + 1];
+        assert!(matches!(Message::decode(&huge), Err(WireError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn debug_does_not_print_payloads() {
+        let m = Message::MatcherTokens(PointChunk { session: [0; 16], seq: 0, points: vec![0xab; 64] });
+        let shown = format!("{m:?}");
+        assert!(!shown.contains("171"), "{shown}");
+        assert!(shown.contains("points: 2"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Message::decode(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(ty in 0u8..13, body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut frame = vec![PROTOCOL_VERSION, ty];
+            frame.extend_from_slice(&body);
+            if let Ok(m) = Message::decode(&frame) {
+                // Whatever decodes re-encodes to the same frame.
+                prop_assert_eq!(m.encode().unwrap(), frame);
+            }
+        }
+    }
+}

@@ -1,0 +1,623 @@
+//! Phase 2: the aggregate by oblivious transfer (PROTOCOL.md, "Phase 2").
+//!
+//! Over a cached join, the matcher M (OT receiver, choice `s_i`) and the
+//! holder H (OT sender, row vectors `v_i` of `w` words) run 128 base OTs and
+//! the IKNP extension; for each row H sends `d_i = v_i + m0_i - m1_i` with
+//! `m_b = PRG(k_b)`; M sets `y_i = PRG(k_{s_i}) + s_i * d_i`. M's share is
+//! `Σ y_i`, H's is `-Σ m0_i`; they add up to `Σ s_i v_i` in Z_{2^64}.
+//!
+//! Session binding: the [`OtSetup`] names the join session and the query
+//! id and carries M's nonce; its id is derived from them. H's [`OtChoices`]
+//! carries H's nonce, and every later message carries the id derived from
+//! both. The base-OT keys are bound to that final id.
+
+use std::collections::VecDeque;
+
+use cleanroom_crypto::ot::{
+    BLOCK_ROWS, BaseOtSender, IknpReceiver, IknpSender, Prg, base_ot_receive, extension_message_len, pack_bits,
+};
+use cleanroom_crypto::point::split_points;
+use cleanroom_crypto::shares::Share;
+use cleanroom_wire::{MaskedRows, Message, Nonce, OtChoices, OtExtend, OtSetup, SessionId};
+use rand_core::{CryptoRng, RngCore};
+use rayon::prelude::*;
+use ring::digest::{Context, SHA256};
+use zeroize::Zeroize;
+
+use crate::ProtocolError;
+use crate::join::{HolderJoined, MatcherJoined};
+use crate::session::decode_for;
+
+/// The most output cells one aggregate may have.
+pub const MAX_WIDTH: usize = 4096;
+
+/// Rows per OT chunk for a given width: about 4 MiB of masked words per
+/// chunk, a multiple of 128 rows, between 128 and 8192 rows. Both sides
+/// compute it from the public width.
+pub fn ot_chunk_rows(width: usize) -> usize {
+    let target = (4 << 20) / (8 * width.max(1));
+    (target / BLOCK_ROWS * BLOCK_ROWS).clamp(BLOCK_ROWS, 8192)
+}
+
+fn digest16(parts: &[&[u8]]) -> SessionId {
+    let mut ctx = Context::new(&SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u32).to_le_bytes());
+        ctx.update(p);
+    }
+    let d = ctx.finish();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0u8; 16]));
+    out
+}
+
+fn setup_session_id(join: &SessionId, query_id: &[u8; 16], nonce: &Nonce, rows: u64, width: u32) -> SessionId {
+    digest16(&[
+        b"cleanroom-v1-aggregate-setup",
+        join,
+        query_id,
+        nonce,
+        &rows.to_le_bytes(),
+        &width.to_le_bytes(),
+    ])
+}
+
+fn final_session_id(setup: &SessionId, holder_nonce: &Nonce) -> SessionId {
+    digest16(&[b"cleanroom-v1-aggregate", setup, holder_nonce])
+}
+
+fn check_width(width: usize) -> Result<(), ProtocolError> {
+    if width == 0 || width > MAX_WIDTH {
+        return Err(ProtocolError::LocalInput {
+            reason: "output width must be between 1 and 4096 cells",
+        });
+    }
+    Ok(())
+}
+
+/// The holder's per-customer contribution vectors, `width` words each, in
+/// the order of the identifiers it joined with. Values are two's-complement
+/// i64 read as u64.
+#[derive(Clone)]
+pub struct RowValues {
+    width: usize,
+    words: Vec<u64>,
+}
+
+impl core::fmt::Debug for RowValues {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "RowValues {{ width: {}, rows: {}, .. }}", self.width, self.words.len() / self.width.max(1))
+    }
+}
+
+impl Drop for RowValues {
+    fn drop(&mut self) {
+        self.words.zeroize();
+    }
+}
+
+impl RowValues {
+    /// `customers x width` words, customer after customer.
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for a bad width or length.
+    pub fn new(width: usize, words: Vec<u64>) -> Result<Self, ProtocolError> {
+        check_width(width)?;
+        if !words.len().is_multiple_of(width) {
+            return Err(ProtocolError::LocalInput {
+                reason: "values are not a whole number of rows",
+            });
+        }
+        Ok(Self { width, words })
+    }
+
+    /// The width.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    fn row(&self, customer: usize) -> Option<&[u64]> {
+        let start = customer.checked_mul(self.width)?;
+        self.words.get(start..start.checked_add(self.width)?)
+    }
+}
+
+// ---------------------------------------------------------------- holder
+
+/// The holder's side of one aggregate, before the matcher's setup arrives.
+#[derive(Debug)]
+pub struct HolderAggregate {
+    joined: std::sync::Arc<HolderJoined>,
+    values: RowValues,
+    query_id: [u8; 16],
+}
+
+impl HolderAggregate {
+    /// Prepares an aggregate over `joined` with the plan's values for query
+    /// `query_id`.
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] when the values do not cover the join's customers.
+    pub fn new(
+        joined: std::sync::Arc<HolderJoined>,
+        values: RowValues,
+        query_id: [u8; 16],
+    ) -> Result<Self, ProtocolError> {
+        if values.words.len() as u64 != joined.customers() * values.width as u64 {
+            return Err(ProtocolError::LocalInput {
+                reason: "one value row per joined customer is required",
+            });
+        }
+        Ok(Self {
+            joined,
+            values,
+            query_id,
+        })
+    }
+
+    /// Reads the matcher's setup, runs the base-OT receiver side, and returns
+    /// the running holder with its [`OtChoices`].
+    ///
+    /// # Errors
+    /// A peer fault for a setup that does not match this join and query.
+    pub fn on_setup<R: RngCore + CryptoRng>(
+        self,
+        frame: &[u8],
+        rng: &mut R,
+    ) -> Result<(HolderOtRunning, Message), ProtocolError> {
+        let setup: OtSetup = match Message::decode(frame)? {
+            Message::OtSetup(s) => s,
+            Message::Abort(a) => return Err(ProtocolError::PeerAborted { code: a.code }),
+            other => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    got: other.kind(),
+                    state: "waiting for an aggregate setup",
+                });
+            }
+        };
+        if setup.join_session != self.joined.session() {
+            return Err(ProtocolError::WrongSession);
+        }
+        if setup.query_id != self.query_id {
+            return Err(ProtocolError::ParameterMismatch { what: "query id" });
+        }
+        let rows = self.joined.rows();
+        if setup.rows != rows as u64 {
+            return Err(ProtocolError::ParameterMismatch { what: "row count" });
+        }
+        if setup.width as usize != self.values.width {
+            return Err(ProtocolError::ParameterMismatch { what: "output width" });
+        }
+        let expected = setup_session_id(&setup.join_session, &setup.query_id, &setup.nonce, setup.rows, setup.width);
+        if expected != setup.session {
+            return Err(ProtocolError::WrongSession);
+        }
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
+        let session = final_session_id(&setup.session, &nonce);
+        let mut delta_bytes = [0u8; 16];
+        rng.fill_bytes(&mut delta_bytes);
+        let mut delta = u128::from_le_bytes(delta_bytes);
+        delta_bytes.zeroize();
+        let (keys, bs) = base_ot_receive(rng, &session, &setup.base_point, delta)?;
+        let sender = IknpSender::new(delta, &keys, rows);
+        delta.zeroize();
+        let mut points = Vec::with_capacity(bs.len() * 32);
+        for b in &bs {
+            points.extend_from_slice(b);
+        }
+        let width = self.values.width;
+        Ok((
+            HolderOtRunning {
+                session,
+                joined: self.joined,
+                values: self.values,
+                sender,
+                chunk_rows: ot_chunk_rows(width),
+                next_seq: 0,
+                acc: vec![0u64; width],
+            },
+            Message::OtChoices(OtChoices {
+                session: setup.session,
+                nonce,
+                points,
+            }),
+        ))
+    }
+}
+
+/// The holder answering the matcher's extension chunks.
+pub struct HolderOtRunning {
+    session: SessionId,
+    joined: std::sync::Arc<HolderJoined>,
+    values: RowValues,
+    sender: IknpSender,
+    chunk_rows: usize,
+    next_seq: u32,
+    acc: Vec<u64>,
+}
+
+impl core::fmt::Debug for HolderOtRunning {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HolderOtRunning")
+            .field("rows", &self.joined.rows())
+            .field("next_seq", &self.next_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for HolderOtRunning {
+    fn drop(&mut self) {
+        self.acc.zeroize();
+    }
+}
+
+impl HolderOtRunning {
+    /// The aggregate session id.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// Reads one [`OtExtend`] chunk and returns the [`MaskedRows`] answering it.
+    ///
+    /// # Errors
+    /// A peer fault for anything but the next chunk, of the right size.
+    pub fn handle(&mut self, frame: &[u8]) -> Result<Message, ProtocolError> {
+        let ext = match decode_for(frame, &self.session)? {
+            Message::OtExtend(e) => e,
+            other => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    got: other.kind(),
+                    state: "answering OT extension chunks",
+                });
+            }
+        };
+        if ext.seq != self.next_seq {
+            return Err(ProtocolError::OutOfOrder {
+                stream: "OT extension",
+                expected: self.next_seq,
+                got: ext.seq,
+            });
+        }
+        let rows = self.joined.rows();
+        let first = (ext.seq as usize).saturating_mul(self.chunk_rows);
+        if first >= rows {
+            return Err(ProtocolError::Count {
+                stream: "OT extension rows",
+                expected: rows as u64,
+                got: first as u64,
+            });
+        }
+        let len = self.chunk_rows.min(rows - first);
+        let pairs = self.sender.chunk(first, len, &ext.columns)?;
+        let w = self.values.width;
+        let joined = &self.joined;
+        let values = &self.values;
+        let mut out = vec![0u64; len * w];
+        let chunk_acc = out
+            .par_chunks_mut(w)
+            .zip(pairs.par_iter())
+            .enumerate()
+            .fold(
+                || (vec![0u64; w], vec![0u64; w]),
+                |(mut acc, mut m1), (k, (d, (k0, k1)))| {
+                    // d = m0; acc += m0
+                    Prg::new(*k0).words(d, false);
+                    for (a, m0) in acc.iter_mut().zip(d.iter()) {
+                        *a = a.wrapping_add(*m0);
+                    }
+                    // d = v + m0 - m1
+                    if let Some(v) = joined.customer_of_row(first + k).and_then(|c| values.row(c)) {
+                        for (x, v) in d.iter_mut().zip(v) {
+                            *x = x.wrapping_add(*v);
+                        }
+                    }
+                    Prg::new(*k1).words(&mut m1, false);
+                    for (x, m) in d.iter_mut().zip(m1.iter()) {
+                        *x = x.wrapping_sub(*m);
+                    }
+                    m1.as_mut_slice().zeroize();
+                    (acc, m1)
+                },
+            )
+            .map(|(acc, _)| acc)
+            .reduce(
+                || vec![0u64; w],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x = x.wrapping_add(*y);
+                    }
+                    a
+                },
+            );
+        for (a, c) in self.acc.iter_mut().zip(&chunk_acc) {
+            *a = a.wrapping_add(*c);
+        }
+        let mut words = Vec::with_capacity(out.len() * 8);
+        for x in &out {
+            words.extend_from_slice(&x.to_le_bytes());
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Ok(Message::MaskedRows(MaskedRows {
+            session: self.session,
+            seq,
+            words,
+        }))
+    }
+
+    /// True once every row has been answered.
+    pub fn is_done(&self) -> bool {
+        (self.next_seq as usize).saturating_mul(self.chunk_rows) >= self.joined.rows()
+    }
+
+    /// The holder's share, `-Σ m0_i`.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Incomplete`] before [`Self::is_done`].
+    pub fn finish(self) -> Result<Share, ProtocolError> {
+        if !self.is_done() {
+            return Err(ProtocolError::Incomplete {
+                what: "OT extension chunks outstanding",
+            });
+        }
+        Ok(Share::from_words(self.acc.iter().map(|a| a.wrapping_neg()).collect()))
+    }
+}
+
+// ---------------------------------------------------------------- matcher
+
+/// The matcher's side of one aggregate, waiting for the holder's base-OT answer.
+#[derive(Debug)]
+pub struct MatcherAggregate {
+    setup_session: SessionId,
+    base: BaseOtSender,
+    choices: Vec<u128>,
+    rows: usize,
+    width: usize,
+}
+
+impl MatcherAggregate {
+    /// Opens an aggregate over `joined` with choice bits `choices` (one per
+    /// row; `e_i` itself for a query without matcher-side groups) and returns
+    /// the [`OtSetup`].
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for a bad width or choice length.
+    pub fn start<R: RngCore + CryptoRng>(
+        joined: &MatcherJoined,
+        choices: &[bool],
+        width: usize,
+        query_id: [u8; 16],
+        rng: &mut R,
+    ) -> Result<(Self, Message), ProtocolError> {
+        check_width(width)?;
+        if choices.len() != joined.rows() {
+            return Err(ProtocolError::LocalInput {
+                reason: "one choice bit per joined row is required",
+            });
+        }
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
+        let rows = joined.rows();
+        let setup_session = setup_session_id(&joined.session(), &query_id, &nonce, rows as u64, width as u32);
+        let (base, base_point) = BaseOtSender::new(rng);
+        Ok((
+            Self {
+                setup_session,
+                base,
+                choices: pack_bits(choices),
+                rows,
+                width,
+            },
+            Message::OtSetup(OtSetup {
+                session: setup_session,
+                join_session: joined.session(),
+                query_id,
+                nonce,
+                rows: rows as u64,
+                width: width as u32,
+                base_point,
+            }),
+        ))
+    }
+
+    /// Reads the holder's [`OtChoices`] and prepares the extension.
+    ///
+    /// # Errors
+    /// A peer fault for a bad answer.
+    pub fn on_choices(self, frame: &[u8]) -> Result<MatcherOtRunning, ProtocolError> {
+        let choices = match decode_for(frame, &self.setup_session)? {
+            Message::OtChoices(c) => c,
+            other => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    got: other.kind(),
+                    state: "waiting for the holder's base-OT answer",
+                });
+            }
+        };
+        let session = final_session_id(&self.setup_session, &choices.nonce);
+        let bs = split_points(&choices.points)?;
+        let keys = self.base.finish(&session, &bs)?;
+        let receiver = IknpReceiver::new(&keys, self.choices, self.rows)?;
+        Ok(MatcherOtRunning {
+            session,
+            receiver,
+            width: self.width,
+            chunk_rows: ot_chunk_rows(self.width),
+            next_first: 0,
+            next_seq: 0,
+            pending: VecDeque::new(),
+            acc: vec![0u64; self.width],
+        })
+    }
+}
+
+struct Pending {
+    seq: u32,
+    first: usize,
+    keys: Vec<u128>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.keys.zeroize();
+    }
+}
+
+/// The matcher sending extension chunks and folding in the masked rows.
+pub struct MatcherOtRunning {
+    session: SessionId,
+    receiver: IknpReceiver,
+    width: usize,
+    chunk_rows: usize,
+    next_first: usize,
+    next_seq: u32,
+    pending: VecDeque<Pending>,
+    acc: Vec<u64>,
+}
+
+impl core::fmt::Debug for MatcherOtRunning {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MatcherOtRunning")
+            .field("rows", &self.receiver.rows())
+            .field("next_seq", &self.next_seq)
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for MatcherOtRunning {
+    fn drop(&mut self) {
+        self.acc.zeroize();
+    }
+}
+
+impl MatcherOtRunning {
+    /// The aggregate session id.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// The next extension chunk to send, if any rows are left.
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        let rows = self.receiver.rows();
+        if self.next_first >= rows {
+            return None;
+        }
+        let len = self.chunk_rows.min(rows - self.next_first);
+        let chunk = self.receiver.chunk(self.next_first, len).ok()?;
+        debug_assert_eq!(chunk.message.len(), extension_message_len(len));
+        let seq = self.next_seq;
+        self.pending.push_back(Pending {
+            seq,
+            first: self.next_first,
+            keys: chunk.keys,
+        });
+        self.next_first += len;
+        self.next_seq += 1;
+        Some(Message::OtExtend(OtExtend {
+            session: self.session,
+            seq,
+            columns: chunk.message,
+        }))
+    }
+
+    /// Reads the holder's [`MaskedRows`] for the oldest outstanding chunk.
+    ///
+    /// # Errors
+    /// A peer fault for a chunk out of order or of the wrong size.
+    pub fn handle(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
+        let masked = match decode_for(frame, &self.session)? {
+            Message::MaskedRows(m) => m,
+            other => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    got: other.kind(),
+                    state: "collecting masked rows",
+                });
+            }
+        };
+        let Some(p) = self.pending.front() else {
+            return Err(ProtocolError::UnexpectedMessage {
+                got: "MaskedRows",
+                state: "no OT extension chunk is outstanding",
+            });
+        };
+        if masked.seq != p.seq {
+            return Err(ProtocolError::OutOfOrder {
+                stream: "masked rows",
+                expected: p.seq,
+                got: masked.seq,
+            });
+        }
+        let w = self.width;
+        let expected = p.keys.len() * w * 8;
+        if masked.words.len() != expected {
+            return Err(ProtocolError::Count {
+                stream: "masked row bytes",
+                expected: expected as u64,
+                got: masked.words.len() as u64,
+            });
+        }
+        let receiver = &self.receiver;
+        let first = p.first;
+        let chunk_acc = masked
+            .words
+            .par_chunks_exact(w * 8)
+            .zip(p.keys.par_iter())
+            .enumerate()
+            .fold(
+                || (vec![0u64; w], vec![0u64; w]),
+                |(mut acc, mut y), (k, (d_bytes, key))| {
+                    Prg::new(*key).words(&mut y, false);
+                    if receiver.choice(first + k) {
+                        for (y, d) in y.iter_mut().zip(d_bytes.chunks_exact(8)) {
+                            let mut b = [0u8; 8];
+                            b.copy_from_slice(d);
+                            *y = y.wrapping_add(u64::from_le_bytes(b));
+                        }
+                    }
+                    for (a, y) in acc.iter_mut().zip(y.iter()) {
+                        *a = a.wrapping_add(*y);
+                    }
+                    (acc, y)
+                },
+            )
+            .map(|(acc, mut y)| {
+                y.zeroize();
+                acc
+            })
+            .reduce(
+                || vec![0u64; w],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x = x.wrapping_add(*y);
+                    }
+                    a
+                },
+            );
+        for (a, c) in self.acc.iter_mut().zip(&chunk_acc) {
+            *a = a.wrapping_add(*c);
+        }
+        self.pending.pop_front();
+        Ok(())
+    }
+
+    /// True once every chunk has been sent and answered.
+    pub fn is_done(&self) -> bool {
+        self.next_first >= self.receiver.rows() && self.pending.is_empty()
+    }
+
+    /// The matcher's share, `Σ y_i`.
+    ///
+    /// # Errors
+    /// [`ProtocolError::Incomplete`] before [`Self::is_done`].
+    pub fn finish(self) -> Result<Share, ProtocolError> {
+        if !self.is_done() {
+            return Err(ProtocolError::Incomplete {
+                what: "masked rows outstanding",
+            });
+        }
+        Ok(Share::from_words(self.acc.clone()))
+    }
+}

@@ -1,0 +1,165 @@
+//! The in-memory driver: both parties in one process, every message encoded
+//! to a frame and decoded by the other side exactly as over the network.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cleanroom_crypto::shares::Share;
+use cleanroom_protocol::ProtocolError;
+use cleanroom_protocol::aggregate::{HolderAggregate, MatcherAggregate};
+use cleanroom_protocol::join::{HolderJoin, HolderJoined, MatcherJoin, MatcherJoined};
+use cleanroom_wire::Message;
+use rand_core::{CryptoRng, RngCore};
+
+/// Which party failed, and why.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The holder's state machine refused.
+    #[error("holder: {0}")]
+    Holder(ProtocolError),
+    /// The matcher's state machine refused.
+    #[error("matcher: {0}")]
+    Matcher(ProtocolError),
+    /// A message failed to encode.
+    #[error("encoding: {0}")]
+    Encode(#[from] cleanroom_wire::WireError),
+    /// The exchange stopped before both sides finished.
+    #[error("the exchange stalled before both sides finished")]
+    Stalled,
+}
+
+/// What crossed the (in-memory) wire and how long each side computed.
+#[derive(Clone, Debug, Default)]
+pub struct Traffic {
+    /// Bytes of frames from holder to matcher.
+    pub holder_to_matcher_bytes: u64,
+    /// Bytes of frames from matcher to holder.
+    pub matcher_to_holder_bytes: u64,
+    /// Frames from holder to matcher.
+    pub holder_to_matcher_messages: u64,
+    /// Frames from matcher to holder.
+    pub matcher_to_holder_messages: u64,
+    /// Time spent in the holder's state machine.
+    pub holder_time: Duration,
+    /// Time spent in the matcher's state machine.
+    pub matcher_time: Duration,
+}
+
+impl Traffic {
+    fn h2m(&mut self, m: &Message) -> Result<Vec<u8>, DriverError> {
+        let f = m.encode()?;
+        self.holder_to_matcher_bytes += f.len() as u64;
+        self.holder_to_matcher_messages += 1;
+        Ok(f)
+    }
+
+    fn m2h(&mut self, m: &Message) -> Result<Vec<u8>, DriverError> {
+        let f = m.encode()?;
+        self.matcher_to_holder_bytes += f.len() as u64;
+        self.matcher_to_holder_messages += 1;
+        Ok(f)
+    }
+}
+
+fn timed<T>(acc: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let t = Instant::now();
+    let out = f();
+    *acc += t.elapsed();
+    out
+}
+
+/// Runs phase 1. `record_charge` is called with the session id once the
+/// holder has accepted and before its accept leaves it (the node records the
+/// cardinality charge there).
+///
+/// # Errors
+/// The first party to refuse, or [`DriverError::Stalled`].
+pub fn run_join<RH, RM>(
+    holder: HolderJoin,
+    matcher: MatcherJoin,
+    rng_h: &mut RH,
+    rng_m: &mut RM,
+    record_charge: impl FnOnce(&[u8; 16]),
+) -> Result<(HolderJoined, MatcherJoined, Traffic), DriverError>
+where
+    RH: RngCore + CryptoRng,
+    RM: RngCore + CryptoRng,
+{
+    let mut t = Traffic::default();
+    let (offered, offer) = timed(&mut t.matcher_time, || matcher.offer(rng_m));
+    let frame = t.m2h(&offer)?;
+    let pending = timed(&mut t.holder_time, || holder.on_offer(&frame, rng_h)).map_err(DriverError::Holder)?;
+    record_charge(&pending.session());
+    let (mut h, accept) = pending.charge_recorded();
+    let frame = t.h2m(&accept)?;
+    let mut m = timed(&mut t.matcher_time, || offered.on_accept(&frame)).map_err(DriverError::Matcher)?;
+    loop {
+        let mut progressed = false;
+        if let Some(msg) = timed(&mut t.matcher_time, || m.poll_transmit()) {
+            let f = t.m2h(&msg)?;
+            timed(&mut t.holder_time, || h.handle(&f)).map_err(DriverError::Holder)?;
+            progressed = true;
+        }
+        if let Some(msg) = timed(&mut t.holder_time, || h.poll_transmit()) {
+            let f = t.h2m(&msg)?;
+            timed(&mut t.matcher_time, || m.handle(&f)).map_err(DriverError::Matcher)?;
+            progressed = true;
+        }
+        if !progressed {
+            break;
+        }
+    }
+    if !h.is_done() || !m.is_done() {
+        return Err(DriverError::Stalled);
+    }
+    let hj = h.finish().map_err(DriverError::Holder)?;
+    let mj = timed(&mut t.matcher_time, || m.finish()).map_err(DriverError::Matcher)?;
+    Ok((hj, mj, t))
+}
+
+/// Runs phase 2 over a join: returns the holder's and the matcher's shares
+/// (before any noise).
+///
+/// # Errors
+/// The first party to refuse, or [`DriverError::Stalled`].
+pub fn run_aggregate<RH, RM>(
+    holder: HolderAggregate,
+    matcher_joined: &MatcherJoined,
+    choices: &[bool],
+    width: usize,
+    query_id: [u8; 16],
+    rng_h: &mut RH,
+    rng_m: &mut RM,
+) -> Result<(Share, Share, Traffic), DriverError>
+where
+    RH: RngCore + CryptoRng,
+    RM: RngCore + CryptoRng,
+{
+    let mut t = Traffic::default();
+    let (waiting, setup) = timed(&mut t.matcher_time, || {
+        MatcherAggregate::start(matcher_joined, choices, width, query_id, rng_m)
+    })
+    .map_err(DriverError::Matcher)?;
+    let frame = t.m2h(&setup)?;
+    let (mut h, answer) = timed(&mut t.holder_time, || holder.on_setup(&frame, rng_h)).map_err(DriverError::Holder)?;
+    let frame = t.h2m(&answer)?;
+    let mut m = timed(&mut t.matcher_time, || waiting.on_choices(&frame)).map_err(DriverError::Matcher)?;
+    while let Some(ext) = timed(&mut t.matcher_time, || m.poll_transmit()) {
+        let f = t.m2h(&ext)?;
+        let reply = timed(&mut t.holder_time, || h.handle(&f)).map_err(DriverError::Holder)?;
+        let f = t.h2m(&reply)?;
+        timed(&mut t.matcher_time, || m.handle(&f)).map_err(DriverError::Matcher)?;
+    }
+    if !h.is_done() || !m.is_done() {
+        return Err(DriverError::Stalled);
+    }
+    let hs = h.finish().map_err(DriverError::Holder)?;
+    let ms = m.finish().map_err(DriverError::Matcher)?;
+    Ok((hs, ms, t))
+}
+
+/// Convenience for callers holding the join in an `Arc`.
+pub fn shared(joined: HolderJoined) -> Arc<HolderJoined> {
+    Arc::new(joined)
+}
