@@ -1,1 +1,116 @@
-fn main() {}
+//! Micro-benchmarks of the primitives the protocol's cost is made of, and of
+//! the in-memory join. Run with `cargo bench -p cleanroom-benches`.
+
+use std::hint::black_box;
+
+use cleanroom_crypto::dp::{DiscreteGaussian, ShiftedTruncatedLaplace};
+use cleanroom_crypto::h2g::HashToGroup;
+use cleanroom_crypto::keys::SecretScalar;
+use cleanroom_crypto::ot::{BaseOtSender, IknpReceiver, IknpSender, base_ot_receive, pack_bits};
+use cleanroom_crypto::point::{decode_point, hash_mul_compress};
+use cleanroom_sim::simulate::{DEFAULT_CHUNK, SimulateConfig, simulate};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use curve25519_dalek::ristretto::RistrettoPoint;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+fn curve(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let h2g = HashToGroup::for_collaboration("bench").unwrap();
+    let k = SecretScalar::random(&mut rng);
+    let p = h2g.hash(b"email:someone@example.com");
+    let enc = p.compress().to_bytes();
+    let mut g = c.benchmark_group("curve");
+    g.bench_function("hash_to_group", |b| {
+        b.iter(|| h2g.hash(black_box(b"email:someone@example.com")))
+    });
+    g.bench_function("scalar_mul", |b| b.iter(|| black_box(k.expose()) * black_box(p)));
+    g.bench_function("compress", |b| b.iter(|| black_box(p).compress()));
+    g.bench_function("decompress_checked", |b| b.iter(|| decode_point(black_box(&enc))));
+    let pts: Vec<RistrettoPoint> = (0..1024u32).map(|i| h2g.hash(&i.to_le_bytes())).collect();
+    g.throughput(Throughput::Elements(1024));
+    g.bench_function("double_and_compress_batch_1024", |b| {
+        b.iter(|| RistrettoPoint::double_and_compress_batch(black_box(&pts)))
+    });
+    let ids: Vec<Vec<u8>> = (0..4096u32)
+        .map(|i| format!("email:user{i}@example.com").into_bytes())
+        .collect();
+    g.throughput(Throughput::Elements(4096));
+    g.bench_function("hash_mul_compress_parallel_4096", |b| {
+        b.iter(|| hash_mul_compress(&h2g, black_box(&ids), &k))
+    });
+    g.finish();
+}
+
+fn ot(c: &mut Criterion) {
+    let rows = 1 << 16;
+    let mut rng = ChaCha20Rng::seed_from_u64(2);
+    let delta = u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64());
+    let (sender, a) = BaseOtSender::new(&mut rng);
+    let (rkeys, bs) = base_ot_receive(&mut rng, b"s", &a, delta).unwrap();
+    let skeys = sender.finish(b"s", &bs).unwrap();
+    let choices: Vec<bool> = (0..rows).map(|i| i % 3 == 0).collect();
+    let receiver = IknpReceiver::new(&skeys, pack_bits(&choices), rows).unwrap();
+    let ext = IknpSender::new(delta, &rkeys, rows);
+    let mut g = c.benchmark_group("ot");
+    g.bench_function("base_ot_128", |b| {
+        b.iter_batched(
+            || BaseOtSender::new(&mut rng),
+            |(s, a)| {
+                let mut r = ChaCha20Rng::seed_from_u64(3);
+                let (_, bs) = base_ot_receive(&mut r, b"s", &a, delta).unwrap();
+                s.finish(b"s", &bs).unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.throughput(Throughput::Elements(rows as u64));
+    g.bench_function("iknp_65536_rows", |b| {
+        b.iter(|| {
+            let mut first = 0;
+            while first < rows {
+                let len = 8192.min(rows - first);
+                let rc = receiver.chunk(first, len).unwrap();
+                black_box(ext.chunk(first, len, &rc.message).unwrap());
+                first += len;
+            }
+        })
+    });
+    g.finish();
+}
+
+fn samplers(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(4);
+    let gauss = DiscreteGaussian::for_zcdp(1_000_000 * 1_000_000, 1, 10).unwrap();
+    let card = ShiftedTruncatedLaplace::new(1, 2, 1_000_000).unwrap();
+    let mut g = c.benchmark_group("dp");
+    g.bench_function("discrete_gaussian_sigma_2.2e6", |b| {
+        b.iter(|| gauss.sample(&mut rng).unwrap())
+    });
+    g.bench_function("shifted_truncated_laplace", |b| {
+        b.iter(|| card.sample(&mut rng).unwrap())
+    });
+    g.finish();
+}
+
+fn join(c: &mut Criterion) {
+    let mut g = c.benchmark_group("simulate");
+    g.sample_size(10);
+    g.bench_function("join_and_aggregate_10k", |b| {
+        b.iter(|| {
+            simulate(&SimulateConfig {
+                holder_rows: 10_000,
+                matcher_rows: 10_000,
+                overlap: 0.5,
+                categories: 16,
+                seed: 1,
+                chunk_points: DEFAULT_CHUNK,
+            })
+            .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, curve, ot, samplers, join);
+criterion_main!(benches);

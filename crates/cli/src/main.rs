@@ -97,7 +97,10 @@ fn print_report(r: &SimulateReport) {
     println!();
     println!(
         "bytes holder->matcher: {}   matcher->holder: {}   (frames: {} / {})",
-        r.bytes.holder_to_matcher, r.bytes.matcher_to_holder, r.messages.holder_to_matcher, r.messages.matcher_to_holder
+        r.bytes.holder_to_matcher,
+        r.bytes.matcher_to_holder,
+        r.messages.holder_to_matcher,
+        r.messages.matcher_to_holder
     );
     println!("exact: {}", r.exact);
 }

@@ -34,7 +34,6 @@ fn uniform_below<R: RngCore + CryptoRng>(rng: &mut R, bound: &BigUint) -> BigUin
     }
 }
 
-
 /// Bernoulli(num/den), `0 <= num <= den`, `den > 0`.
 fn bernoulli<R: RngCore + CryptoRng>(rng: &mut R, num: &BigUint, den: &BigUint) -> bool {
     &uniform_below(rng, den) < num
@@ -177,7 +176,11 @@ impl DiscreteGaussian {
         loop {
             let y = lap.sample(rng)?;
             let abs = BigUint::from(y.unsigned_abs()) * &self.t * &self.den;
-            let diff = if abs >= self.num { abs - &self.num } else { &self.num - abs };
+            let diff = if abs >= self.num {
+                abs - &self.num
+            } else {
+                &self.num - abs
+            };
             let gamma_num = &diff * &diff;
             if bernoulli_exp(rng, &gamma_num, &gamma_den) {
                 return Ok(y);

@@ -20,11 +20,7 @@ pub const MAX_DST_LEN: usize = 255;
 /// # Errors
 /// [`CryptoError::DomainTag`] if the tag is longer than 255 bytes or empty, and
 /// [`CryptoError::ExpandLength`] if `len_in_bytes` is 0 or over 255 blocks.
-pub fn expand_message_xmd_sha512(
-    msg: &[u8],
-    dst: &[u8],
-    len_in_bytes: usize,
-) -> Result<Vec<u8>, CryptoError> {
+pub fn expand_message_xmd_sha512(msg: &[u8], dst: &[u8], len_in_bytes: usize) -> Result<Vec<u8>, CryptoError> {
     if dst.is_empty() || dst.len() > MAX_DST_LEN {
         return Err(CryptoError::DomainTag { len: dst.len() });
     }

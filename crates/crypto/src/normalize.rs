@@ -167,9 +167,22 @@ mod tests {
 
     #[test]
     fn emails() {
-        assert_eq!(n(IdKind::Email, "  Alice.Smith@Example.COM \t").unwrap(), "email:alice.smith@example.com");
+        assert_eq!(
+            n(IdKind::Email, "  Alice.Smith@Example.COM \t").unwrap(),
+            "email:alice.smith@example.com"
+        );
         assert_eq!(n(IdKind::Email, "ÉMILE@exemple.fr").unwrap(), "email:émile@exemple.fr");
-        for bad in ["", "   ", "no-at-sign", "a@b", "a@@b.com", "@b.com", "a@b..com", "a b@c.com", "a@.com"] {
+        for bad in [
+            "",
+            "   ",
+            "no-at-sign",
+            "a@b",
+            "a@@b.com",
+            "@b.com",
+            "a@b..com",
+            "a b@c.com",
+            "a@.com",
+        ] {
             assert!(n(IdKind::Email, bad).is_err(), "{bad:?}");
         }
         assert_eq!(
@@ -181,7 +194,13 @@ mod tests {
     #[test]
     fn phones() {
         let want = "phone:+447700900123";
-        for s in ["+44 7700 900123", "07700 900123", "0044-7700-900-123", "(07700) 900.123", " +447700900123 "] {
+        for s in [
+            "+44 7700 900123",
+            "07700 900123",
+            "0044-7700-900-123",
+            "(07700) 900.123",
+            " +447700900123 ",
+        ] {
             assert_eq!(n(IdKind::Phone, s).unwrap(), want, "{s:?}");
         }
         assert_eq!(n(IdKind::Phone, "+1 (415) 555-0100").unwrap(), "phone:+14155550100");

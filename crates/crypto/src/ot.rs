@@ -470,6 +470,7 @@ mod tests {
     use rand_core::SeedableRng;
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn transpose_matches_naive() {
         let mut rng = ChaCha20Rng::seed_from_u64(11);
         let mut a = [0u128; 128];
@@ -549,7 +550,14 @@ mod tests {
 
     #[test]
     fn iknp_random_ot_is_correct_at_awkward_sizes() {
-        for (rows, chunk, seed) in [(1, 128, 1), (127, 128, 2), (129, 128, 3), (1000, 256, 4), (5003, 1024, 5), (300, 4096, 6)] {
+        for (rows, chunk, seed) in [
+            (1, 128, 1),
+            (127, 128, 2),
+            (129, 128, 3),
+            (1000, 256, 4),
+            (5003, 1024, 5),
+            (300, 4096, 6),
+        ] {
             run_iknp(rows, chunk, seed);
         }
     }
@@ -565,8 +573,14 @@ mod tests {
         assert_eq!(receiver.chunk(1, 128).unwrap_err(), CryptoError::ChunkBounds);
         assert_eq!(receiver.chunk(0, 100).unwrap_err(), CryptoError::ChunkBounds);
         assert_eq!(receiver.chunk(256, 128).unwrap_err(), CryptoError::ChunkBounds);
-        assert_eq!(sender.chunk(0, 128, &[0u8; 10]).unwrap_err(), CryptoError::ExtensionLength { len: 10 });
-        assert_eq!(sender.chunk(usize::MAX - 127, 128, &[]).unwrap_err(), CryptoError::ChunkBounds);
+        assert_eq!(
+            sender.chunk(0, 128, &[0u8; 10]).unwrap_err(),
+            CryptoError::ExtensionLength { len: 10 }
+        );
+        assert_eq!(
+            sender.chunk(usize::MAX - 127, 128, &[]).unwrap_err(),
+            CryptoError::ChunkBounds
+        );
         assert!(IknpReceiver::new(&skeys, vec![0; 1], 300).is_err());
     }
 

@@ -101,10 +101,7 @@ pub fn mul_compress(points: &[RistrettoPoint], k: &SecretScalar) -> Vec<PointByt
         .zip(points.par_chunks(PAR_CHUNK))
         .for_each(|(out, pts)| {
             let scaled: Vec<RistrettoPoint> = pts.iter().map(|p| half * p).collect();
-            for (o, c) in out
-                .iter_mut()
-                .zip(RistrettoPoint::double_and_compress_batch(&scaled))
-            {
+            for (o, c) in out.iter_mut().zip(RistrettoPoint::double_and_compress_batch(&scaled)) {
                 *o = c.to_bytes();
             }
         });
@@ -116,10 +113,7 @@ pub fn mul_compress(points: &[RistrettoPoint], k: &SecretScalar) -> Vec<PointByt
 ///
 /// # Errors
 /// As [`decode_point`].
-pub fn decode_mul_compress(
-    points: &[PointBytes],
-    k: &SecretScalar,
-) -> Result<Vec<PointBytes>, CryptoError> {
+pub fn decode_mul_compress(points: &[PointBytes], k: &SecretScalar) -> Result<Vec<PointBytes>, CryptoError> {
     let half = half_scalar(k);
     let mut out = vec![[0u8; POINT_LEN]; points.len()];
     out.par_chunks_mut(PAR_CHUNK)
@@ -129,10 +123,7 @@ pub fn decode_mul_compress(
             for p in pts {
                 scaled.push(half * decode_point(p)?);
             }
-            for (o, c) in out
-                .iter_mut()
-                .zip(RistrettoPoint::double_and_compress_batch(&scaled))
-            {
+            for (o, c) in out.iter_mut().zip(RistrettoPoint::double_and_compress_batch(&scaled)) {
                 *o = c.to_bytes();
             }
             Ok::<(), CryptoError>(())
@@ -142,22 +133,14 @@ pub fn decode_mul_compress(
 
 /// `k * H2G(x)` for each input, compressed, in parallel: one hash-to-group
 /// and one scalar multiplication per identifier.
-pub fn hash_mul_compress<T: AsRef<[u8]> + Sync>(
-    h2g: &HashToGroup,
-    inputs: &[T],
-    k: &SecretScalar,
-) -> Vec<PointBytes> {
+pub fn hash_mul_compress<T: AsRef<[u8]> + Sync>(h2g: &HashToGroup, inputs: &[T], k: &SecretScalar) -> Vec<PointBytes> {
     let half = half_scalar(k);
     let mut out = vec![[0u8; POINT_LEN]; inputs.len()];
     out.par_chunks_mut(PAR_CHUNK)
         .zip(inputs.par_chunks(PAR_CHUNK))
         .for_each(|(out, xs)| {
-            let scaled: Vec<RistrettoPoint> =
-                xs.iter().map(|x| half * h2g.hash(x.as_ref())).collect();
-            for (o, c) in out
-                .iter_mut()
-                .zip(RistrettoPoint::double_and_compress_batch(&scaled))
-            {
+            let scaled: Vec<RistrettoPoint> = xs.iter().map(|x| half * h2g.hash(x.as_ref())).collect();
+            for (o, c) in out.iter_mut().zip(RistrettoPoint::double_and_compress_batch(&scaled)) {
                 *o = c.to_bytes();
             }
         });
@@ -172,10 +155,7 @@ pub fn compress_batch(points: &[RistrettoPoint]) -> Vec<PointBytes> {
         .zip(points.par_chunks(PAR_CHUNK))
         .for_each(|(out, pts)| {
             let halves: Vec<RistrettoPoint> = pts.iter().map(|p| half * p).collect();
-            for (o, c) in out
-                .iter_mut()
-                .zip(RistrettoPoint::double_and_compress_batch(&halves))
-            {
+            for (o, c) in out.iter_mut().zip(RistrettoPoint::double_and_compress_batch(&halves)) {
                 *o = c.to_bytes();
             }
         });
@@ -258,10 +238,12 @@ mod tests {
         assert_eq!(decode_point(&g), Ok(RISTRETTO_BASEPOINT_POINT));
         assert!(split_points(&[0u8; 33]).is_err());
         assert_eq!(check_token_encoding(&[0u8; 32]), Err(CryptoError::IdentityPoint));
-        for bad in ["ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-                    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-                    "0100000000000000000000000000000000000000000000000000000000000000",
-                    "0000000000000000000000000000000000000000000000000000000000000080"] {
+        for bad in [
+            "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "0000000000000000000000000000000000000000000000000000000000000080",
+        ] {
             let b: [u8; 32] = hex::decode(bad).unwrap().try_into().unwrap();
             assert_eq!(check_token_encoding(&b), Err(CryptoError::NonCanonicalPoint), "{bad}");
         }
@@ -280,10 +262,7 @@ mod tests {
         let h2g = HashToGroup::for_collaboration("test").unwrap();
         let ids: Vec<String> = (0..1300).map(|i| format!("user{i}@example.com")).collect();
         let hashed: Vec<RistrettoPoint> = ids.iter().map(|x| h2g.hash(x.as_bytes())).collect();
-        let direct: Vec<PointBytes> = hashed
-            .iter()
-            .map(|p| (k.expose() * p).compress().to_bytes())
-            .collect();
+        let direct: Vec<PointBytes> = hashed.iter().map(|p| (k.expose() * p).compress().to_bytes()).collect();
         assert_eq!(hash_mul_compress(&h2g, &ids, &k), direct);
         assert_eq!(mul_compress(&hashed, &k), direct);
         let enc: Vec<PointBytes> = hashed.iter().map(|p| p.compress().to_bytes()).collect();

@@ -86,7 +86,12 @@ pub struct RowValues {
 
 impl core::fmt::Debug for RowValues {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "RowValues {{ width: {}, rows: {}, .. }}", self.width, self.words.len() / self.width.max(1))
+        write!(
+            f,
+            "RowValues {{ width: {}, rows: {}, .. }}",
+            self.width,
+            self.words.len() / self.width.max(1)
+        )
     }
 }
 
@@ -188,7 +193,13 @@ impl HolderAggregate {
         if setup.width as usize != self.values.width {
             return Err(ProtocolError::ParameterMismatch { what: "output width" });
         }
-        let expected = setup_session_id(&setup.join_session, &setup.query_id, &setup.nonce, setup.rows, setup.width);
+        let expected = setup_session_id(
+            &setup.join_session,
+            &setup.query_id,
+            &setup.nonce,
+            setup.rows,
+            setup.width,
+        );
         if expected != setup.session {
             return Err(ProtocolError::WrongSession);
         }

@@ -94,16 +94,19 @@ pub enum ProtocolError {
 impl ProtocolError {
     /// True when the peer sent something wrong (as opposed to local misuse).
     pub fn is_peer_fault(&self) -> bool {
-        !matches!(self, ProtocolError::LocalInput { .. } | ProtocolError::Incomplete { .. })
+        !matches!(
+            self,
+            ProtocolError::LocalInput { .. } | ProtocolError::Incomplete { .. }
+        )
     }
 
     /// The abort code to send the peer for this error.
     pub fn abort_code(&self) -> cleanroom_wire::AbortCode {
         use cleanroom_wire::AbortCode;
         match self {
-            ProtocolError::ParameterMismatch { .. } | ProtocolError::PeerSetSize { .. } | ProtocolError::DummyRows { .. } => {
-                AbortCode::Parameters
-            }
+            ProtocolError::ParameterMismatch { .. }
+            | ProtocolError::PeerSetSize { .. }
+            | ProtocolError::DummyRows { .. } => AbortCode::Parameters,
             ProtocolError::LocalInput { .. } | ProtocolError::Incomplete { .. } => AbortCode::Internal,
             _ => AbortCode::BadMessage,
         }

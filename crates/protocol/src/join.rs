@@ -207,7 +207,9 @@ impl HolderJoin {
             }
         };
         if offer.collaboration_id != self.params.collaboration_id {
-            return Err(ProtocolError::ParameterMismatch { what: "collaboration id" });
+            return Err(ProtocolError::ParameterMismatch {
+                what: "collaboration id",
+            });
         }
         if offer.rules_hash != self.params.rules_hash {
             return Err(ProtocolError::ParameterMismatch {
@@ -496,6 +498,7 @@ impl HolderStreaming {
         Ok(HolderJoined {
             session: self.session,
             n: self.n,
+            d: self.d,
             d_max: self.d_max,
             order: self.order,
         })
@@ -507,6 +510,7 @@ impl HolderStreaming {
 pub struct HolderJoined {
     session: SessionId,
     n: u64,
+    d: u64,
     d_max: u64,
     order: Vec<u32>,
 }
@@ -534,6 +538,17 @@ impl HolderJoined {
     /// The holder's set size `n`.
     pub fn customers(&self) -> u64 {
         self.n
+    }
+
+    /// `D`: how many of the dummy rows were made to match. Holder-local: it
+    /// never leaves the node (the matcher sees only `|X ∩ Y| + D`).
+    pub fn matching_dummies(&self) -> u64 {
+        self.d
+    }
+
+    /// `D_max`, public.
+    pub fn dummy_rows(&self) -> u64 {
+        self.d_max
     }
 
     /// The customer behind row `i` (its index in the holder's identifier

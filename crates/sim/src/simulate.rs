@@ -12,8 +12,7 @@ use cleanroom_crypto::rng::session_rng;
 use cleanroom_crypto::shares::Share;
 use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
 use cleanroom_protocol::join::{
-    DEFAULT_CHUNK_POINTS, HolderJoin, HolderPolicy, JoinParams, MAX_SET_SIZE, MatcherJoin, MatcherPolicy,
-    SetSizeLimits,
+    DEFAULT_CHUNK_POINTS, HolderJoin, HolderPolicy, JoinParams, MAX_SET_SIZE, MatcherJoin, MatcherPolicy, SetSizeLimits,
 };
 use serde::Serialize;
 
@@ -136,7 +135,12 @@ pub struct HolderInput {
 
 impl std::fmt::Debug for HolderInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HolderInput {{ customers: {}, width: {} }}", self.ids.len(), self.width)
+        write!(
+            f,
+            "HolderInput {{ customers: {}, width: {} }}",
+            self.ids.len(),
+            self.width
+        )
     }
 }
 
@@ -162,11 +166,13 @@ pub fn holder_input(data: &SynthData, rules: &NormalizationRules) -> Result<Hold
         let k = match index.get(&t.customer) {
             Some(k) => *k,
             None => {
-                let id = rules.normalize(IdKind::Email, &t.email).map_err(|reason| SimError::Normalize {
-                    side: "bank",
-                    row,
-                    reason,
-                })?;
+                let id = rules
+                    .normalize(IdKind::Email, &t.email)
+                    .map_err(|reason| SimError::Normalize {
+                        side: "bank",
+                        row,
+                        reason,
+                    })?;
                 ids.push(id);
                 let start = values.len();
                 values.resize(start + width, 0);
@@ -191,11 +197,13 @@ pub fn matcher_ids(data: &SynthData, rules: &NormalizationRules) -> Result<Vec<V
         .iter()
         .enumerate()
         .map(|(row, u)| {
-            rules.normalize(IdKind::Email, &u.email).map_err(|reason| SimError::Normalize {
-                side: "platform",
-                row,
-                reason,
-            })
+            rules
+                .normalize(IdKind::Email, &u.email)
+                .map_err(|reason| SimError::Normalize {
+                    side: "platform",
+                    row,
+                    reason,
+                })
         })
         .collect()
 }
@@ -208,7 +216,10 @@ pub fn plaintext(holder: &HolderInput, matcher: &[Vec<u8>]) -> (u64, Vec<i64>) {
     for (k, id) in holder.ids.iter().enumerate() {
         if set.contains(id.as_slice()) {
             count += 1;
-            for (s, v) in sums.iter_mut().zip(&holder.values[k * holder.width..(k + 1) * holder.width]) {
+            for (s, v) in sums
+                .iter_mut()
+                .zip(&holder.values[k * holder.width..(k + 1) * holder.width])
+            {
                 *s = s.wrapping_add(*v as i64);
             }
         }
@@ -254,7 +265,10 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         context: [0u8; 32],
         chunk_points: cfg.chunk_points,
     };
-    let limits = SetSizeLimits { min: 0, max: MAX_SET_SIZE };
+    let limits = SetSizeLimits {
+        min: 0,
+        max: MAX_SET_SIZE,
+    };
     let card = cardinality()?;
     let d_max = card.d_max();
     let h = HolderJoin::new(
@@ -278,8 +292,14 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     let t = Instant::now();
     let (hj, mj, join_traffic) = run_join(h, m, &mut rng_h, &mut rng_m, |_| {})?;
     phases.insert("join".to_string(), t.elapsed().as_secs_f64());
-    phases.insert("join.holder_compute".to_string(), join_traffic.holder_time.as_secs_f64());
-    phases.insert("join.matcher_compute".to_string(), join_traffic.matcher_time.as_secs_f64());
+    phases.insert(
+        "join.holder_compute".to_string(),
+        join_traffic.holder_time.as_secs_f64(),
+    );
+    phases.insert(
+        "join.matcher_compute".to_string(),
+        join_traffic.matcher_time.as_secs_f64(),
+    );
 
     let width = holder.width;
     let mut query_id = [0u8; 16];
@@ -288,8 +308,14 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     let t = Instant::now();
     let (hs, ms, agg_traffic) = run_aggregate(agg, &mj, mj.matched(), width, query_id, &mut rng_h, &mut rng_m)?;
     phases.insert("aggregate".to_string(), t.elapsed().as_secs_f64());
-    phases.insert("aggregate.holder_compute".to_string(), agg_traffic.holder_time.as_secs_f64());
-    phases.insert("aggregate.matcher_compute".to_string(), agg_traffic.matcher_time.as_secs_f64());
+    phases.insert(
+        "aggregate.holder_compute".to_string(),
+        agg_traffic.holder_time.as_secs_f64(),
+    );
+    phases.insert(
+        "aggregate.matcher_compute".to_string(),
+        agg_traffic.matcher_time.as_secs_f64(),
+    );
 
     let got = Share::reconstruct(&hs, &ms).ok_or(SimError::Config("share widths differ"))?;
     let names = cell_names(&data.categories);

@@ -100,7 +100,14 @@ pub const DAYS: i32 = 181;
 const FIRST_NAMES: [&str; 12] = [
     "alice", "bob", "chloe", "david", "emma", "farid", "grace", "hugo", "ines", "jonas", "keiko", "liam",
 ];
-const DOMAINS: [&str; 6] = ["example.com", "mail.example", "post.example.org", "inbox.example.net", "corp.example", "web.example"];
+const DOMAINS: [&str; 6] = [
+    "example.com",
+    "mail.example",
+    "post.example.org",
+    "inbox.example.net",
+    "corp.example",
+    "web.example",
+];
 
 fn canonical_email(person: u64) -> String {
     let first = FIRST_NAMES[(person % FIRST_NAMES.len() as u64) as usize];
@@ -118,7 +125,13 @@ fn canonical_phone_digits(person: u64) -> String {
 fn messy_email<R: RngCore>(rng: &mut R, email: &str) -> String {
     let mut s: String = email
         .chars()
-        .map(|c| if rng.random_bool(0.2) { c.to_ascii_uppercase() } else { c })
+        .map(|c| {
+            if rng.random_bool(0.2) {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
         .collect();
     if rng.random_bool(0.2) {
         s = format!("  {s}");
@@ -169,7 +182,11 @@ fn sample_cdf<R: RngCore>(rng: &mut R, cdf: &[f64]) -> usize {
 /// Category names for `c` categories.
 pub fn category_names(c: usize) -> Vec<String> {
     (0..c)
-        .map(|i| DEFAULT_CATEGORIES.get(i).map_or_else(|| format!("category_{i}"), |s| (*s).to_string()))
+        .map(|i| {
+            DEFAULT_CATEGORIES
+                .get(i)
+                .map_or_else(|| format!("category_{i}"), |s| (*s).to_string())
+        })
         .collect()
 }
 
@@ -192,7 +209,10 @@ pub fn generate(cfg: &SynthConfig) -> SynthData {
         let digits = canonical_phone_digits(person);
         let txns = 1 + (standard_normal(&mut rng).abs() * 3.0) as usize;
         for _ in 0..txns {
-            let amount = (8.0 + 1.0 * standard_normal(&mut rng)).exp().round().clamp(1.0, 5_000_000.0) as i64;
+            let amount = (8.0 + 1.0 * standard_normal(&mut rng))
+                .exp()
+                .round()
+                .clamp(1.0, 5_000_000.0) as i64;
             bank.push(BankTxn {
                 customer: 100_000 + customer_no as u64,
                 email: email.clone(),
@@ -245,7 +265,11 @@ mod tests {
         let d = generate(&cfg);
         assert_eq!(d.platform.len(), 400);
         let rules = NormalizationRules::v1("44");
-        let bank: HashSet<Vec<u8>> = d.bank.iter().map(|t| rules.normalize(IdKind::Email, &t.email).unwrap()).collect();
+        let bank: HashSet<Vec<u8>> = d
+            .bank
+            .iter()
+            .map(|t| rules.normalize(IdKind::Email, &t.email).unwrap())
+            .collect();
         assert_eq!(bank.len(), 500);
         let plat: HashSet<Vec<u8>> = d
             .platform
@@ -256,13 +280,23 @@ mod tests {
         assert_eq!(bank.intersection(&plat).count(), 150);
         // The raw strings mostly differ: normalisation is doing the matching.
         let raw_bank: HashSet<&str> = d.bank.iter().map(|t| t.email.as_str()).collect();
-        let raw_hits = d.platform.iter().filter(|u| raw_bank.contains(u.email.as_str())).count();
+        let raw_hits = d
+            .platform
+            .iter()
+            .filter(|u| raw_bank.contains(u.email.as_str()))
+            .count();
         assert!(raw_hits < 150, "{raw_hits}");
         // Phones normalise to the same E.164 number on both sides.
-        let bank_phones: HashSet<Vec<u8>> =
-            d.bank.iter().map(|t| rules.normalize(IdKind::Phone, &t.phone).unwrap()).collect();
-        let plat_phones: HashSet<Vec<u8>> =
-            d.platform.iter().map(|u| rules.normalize(IdKind::Phone, &u.phone).unwrap()).collect();
+        let bank_phones: HashSet<Vec<u8>> = d
+            .bank
+            .iter()
+            .map(|t| rules.normalize(IdKind::Phone, &t.phone).unwrap())
+            .collect();
+        let plat_phones: HashSet<Vec<u8>> = d
+            .platform
+            .iter()
+            .map(|u| rules.normalize(IdKind::Phone, &u.phone).unwrap())
+            .collect();
         assert_eq!(bank_phones.intersection(&plat_phones).count(), 150);
         // Same seed, same data.
         assert_eq!(generate(&cfg).bank, d.bank);

@@ -143,7 +143,12 @@ pub struct PointChunk {
 
 impl core::fmt::Debug for PointChunk {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "PointChunk {{ seq: {}, points: {} }}", self.seq, self.points.len() / POINT_LEN)
+        write!(
+            f,
+            "PointChunk {{ seq: {}, points: {} }}",
+            self.seq,
+            self.points.len() / POINT_LEN
+        )
     }
 }
 
@@ -289,8 +294,8 @@ fn config() -> impl bincode::config::Config {
 }
 
 fn decode_body<T: serde::de::DeserializeOwned>(kind: &'static str, body: &[u8]) -> Result<T, WireError> {
-    let (value, read) = bincode::serde::decode_from_slice::<T, _>(body, config())
-        .map_err(|_| WireError::Malformed { kind })?;
+    let (value, read) =
+        bincode::serde::decode_from_slice::<T, _>(body, config()).map_err(|_| WireError::Malformed { kind })?;
     if read != body.len() {
         return Err(WireError::TrailingBytes {
             kind,
@@ -502,10 +507,25 @@ mod tests {
                 holder_set_size: 5,
                 dummy_rows: 62,
             }),
-            Message::MatcherKey(MatcherKey { session: s, key: [5; 32] }),
-            Message::MatcherTokens(PointChunk { session: s, seq: 0, points: vec![9; 64] }),
-            Message::HolderRows(PointChunk { session: s, seq: 3, points: vec![9; 32] }),
-            Message::HolderTokens(PointChunk { session: s, seq: 1, points: vec![9; 96] }),
+            Message::MatcherKey(MatcherKey {
+                session: s,
+                key: [5; 32],
+            }),
+            Message::MatcherTokens(PointChunk {
+                session: s,
+                seq: 0,
+                points: vec![9; 64],
+            }),
+            Message::HolderRows(PointChunk {
+                session: s,
+                seq: 3,
+                points: vec![9; 32],
+            }),
+            Message::HolderTokens(PointChunk {
+                session: s,
+                seq: 1,
+                points: vec![9; 96],
+            }),
             Message::OtSetup(OtSetup {
                 session: s,
                 join_session: [8; 16],
@@ -515,10 +535,25 @@ mod tests {
                 width: 33,
                 base_point: [11; 32],
             }),
-            Message::OtChoices(OtChoices { session: s, nonce: [3; 32], points: vec![12; 128 * 32] }),
-            Message::OtExtend(OtExtend { session: s, seq: 0, columns: vec![13; 128 * 16 * 2] }),
-            Message::MaskedRows(MaskedRows { session: s, seq: 0, words: vec![14; 8 * 33] }),
-            Message::Abort(Abort { session: s, code: AbortCode::BadMessage as u16 }),
+            Message::OtChoices(OtChoices {
+                session: s,
+                nonce: [3; 32],
+                points: vec![12; 128 * 32],
+            }),
+            Message::OtExtend(OtExtend {
+                session: s,
+                seq: 0,
+                columns: vec![13; 128 * 16 * 2],
+            }),
+            Message::MaskedRows(MaskedRows {
+                session: s,
+                seq: 0,
+                words: vec![14; 8 * 33],
+            }),
+            Message::Abort(Abort {
+                session: s,
+                code: AbortCode::BadMessage as u16,
+            }),
         ]
     }
 
@@ -546,7 +581,10 @@ mod tests {
         v.push(0);
         assert_eq!(
             Message::decode(&v),
-            Err(WireError::TrailingBytes { kind: "MatcherTokens", count: 1 })
+            Err(WireError::TrailingBytes {
+                kind: "MatcherTokens",
+                count: 1
+            })
         );
         // Every strict prefix fails cleanly.
         for cut in 0..frame.len() {
@@ -559,12 +597,33 @@ mod tests {
         v.extend_from_slice(&u64::MAX.to_le_bytes());
         assert_eq!(Message::decode(&v), Err(WireError::Malformed { kind: "MatcherTokens" }));
         // A point buffer that is not whole points, or empty.
-        let bad = Message::HolderRows(PointChunk { session: [0; 16], seq: 0, points: vec![1; 33] });
-        assert!(matches!(Message::decode(&bad.encode().unwrap()), Err(WireError::FieldLength { .. })));
-        let bad = Message::HolderRows(PointChunk { session: [0; 16], seq: 0, points: vec![] });
-        assert!(matches!(Message::decode(&bad.encode().unwrap()), Err(WireError::FieldLength { .. })));
-        let bad = Message::OtChoices(OtChoices { session: [0; 16], nonce: [0; 32], points: vec![1; 127 * 32] });
-        assert!(matches!(Message::decode(&bad.encode().unwrap()), Err(WireError::FieldLength { .. })));
+        let bad = Message::HolderRows(PointChunk {
+            session: [0; 16],
+            seq: 0,
+            points: vec![1; 33],
+        });
+        assert!(matches!(
+            Message::decode(&bad.encode().unwrap()),
+            Err(WireError::FieldLength { .. })
+        ));
+        let bad = Message::HolderRows(PointChunk {
+            session: [0; 16],
+            seq: 0,
+            points: vec![],
+        });
+        assert!(matches!(
+            Message::decode(&bad.encode().unwrap()),
+            Err(WireError::FieldLength { .. })
+        ));
+        let bad = Message::OtChoices(OtChoices {
+            session: [0; 16],
+            nonce: [0; 32],
+            points: vec![1; 127 * 32],
+        });
+        assert!(matches!(
+            Message::decode(&bad.encode().unwrap()),
+            Err(WireError::FieldLength { .. })
+        ));
         let bad = Message::JoinOffer(JoinOffer {
             nonce: [0; 32],
             collaboration_id: "x".repeat(129),
@@ -572,14 +631,21 @@ mod tests {
             matcher_set_size: 1,
             context: [0; 32],
         });
-        assert!(matches!(Message::decode(&bad.encode().unwrap()), Err(WireError::FieldLength { .. })));
+        assert!(matches!(
+            Message::decode(&bad.encode().unwrap()),
+            Err(WireError::FieldLength { .. })
+        ));
         let huge = vec![0u8; MAX_MESSAGE_LEN + 1];
         assert!(matches!(Message::decode(&huge), Err(WireError::TooLarge { .. })));
     }
 
     #[test]
     fn debug_does_not_print_payloads() {
-        let m = Message::MatcherTokens(PointChunk { session: [0; 16], seq: 0, points: vec![0xab; 64] });
+        let m = Message::MatcherTokens(PointChunk {
+            session: [0; 16],
+            seq: 0,
+            points: vec![0xab; 64],
+        });
         let shown = format!("{m:?}");
         assert!(!shown.contains("171"), "{shown}");
         assert!(shown.contains("points: 2"));
