@@ -1,0 +1,413 @@
+#![forbid(unsafe_code)]
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+//! QUIC (quinn) with TLS 1.3 (rustls, ring provider) and mutual
+//! authentication against the collaboration's CA.
+//!
+//! - One UDP socket per node: the same [`quinn::Endpoint`] accepts
+//!   connections (client certificates required) and makes them.
+//! - ALPN [`ALPN`] names the protocol version; 0-RTT is off on both sides;
+//!   session tickets and resumption are off, so a certificate that is no
+//!   longer accepted stops working at the next connection.
+//! - Who is on the other end is read from the verified certificate
+//!   ([`certificate_names`]): nodes are `<role>.node.cleanroom`, analysts
+//!   `<name>.analyst.cleanroom` (see [`pki`]).
+//! - Frames are length-delimited (`u32` little endian) with a maximum size.
+
+pub mod pki;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+
+/// The ALPN protocol id: the protocol and its version.
+pub const ALPN: &[u8] = b"cleanroom/1";
+
+/// Errors of the transport layer. None carries application data.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no usable certificate or key.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// TLS configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built.
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The crypto provider lacks the QUIC initial suite (a build problem).
+    #[error("no TLS 1.3 suite usable for QUIC")]
+    NoQuicSuite,
+    /// Binding the UDP socket.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Starting a connection.
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing to a stream.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    TruncatedFrame,
+    /// Reading from a stream.
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    /// A frame over the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge {
+        /// Announced length.
+        len: u64,
+        /// Limit.
+        max: usize,
+    },
+    /// The stream was closed.
+    #[error("stream closed")]
+    Closed(#[from] quinn::ClosedStream),
+    /// The peer presented no certificate, or one this node does not accept.
+    #[error("peer certificate not accepted")]
+    PeerIdentity,
+    /// Making certificates.
+    #[error("certificate generation: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// Writing certificate files.
+    #[error("cannot write {path}: {source}")]
+    Write2 {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A node's or an analyst's certificate chain and private key.
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity {{ certificates: {}, key: <redacted> }}", self.chain.len())
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TransportError> {
+    std::fs::read(path).map_err(|source| TransportError::File {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl Identity {
+    /// Loads a PEM certificate chain and a PEM private key.
+    ///
+    /// # Errors
+    /// [`TransportError::File`] or [`TransportError::Pem`].
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TransportError> {
+        let chain = certs_from_pem(&read(cert)?, cert)?;
+        let key = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|_| TransportError::Pem {
+            path: key.display().to_string(),
+            what: "no private key",
+        })?;
+        Ok(Self { chain, key })
+    }
+
+    /// From DER parts.
+    pub fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Self {
+        Self { chain, key }
+    }
+
+    /// The leaf certificate.
+    pub fn leaf(&self) -> Option<&CertificateDer<'static>> {
+        self.chain.first()
+    }
+}
+
+fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|_| TransportError::Pem {
+            path: path.display().to_string(),
+            what: "malformed certificate PEM",
+        })?;
+    if certs.is_empty() {
+        return Err(TransportError::Pem {
+            path: path.display().to_string(),
+            what: "no certificate",
+        });
+    }
+    Ok(certs)
+}
+
+/// The collaboration's CA certificates.
+#[derive(Debug, Clone)]
+pub struct TrustAnchors {
+    roots: Arc<RootCertStore>,
+}
+
+impl TrustAnchors {
+    /// Loads one or more CA certificates from a PEM file.
+    ///
+    /// # Errors
+    /// [`TransportError::File`], [`TransportError::Pem`] or a TLS error for an unusable CA.
+    pub fn load(path: &Path) -> Result<Self, TransportError> {
+        Self::from_der(certs_from_pem(&read(path)?, path)?)
+    }
+
+    /// From DER certificates.
+    ///
+    /// # Errors
+    /// A TLS error for an unusable CA certificate.
+    pub fn from_der(certs: Vec<CertificateDer<'static>>) -> Result<Self, TransportError> {
+        let mut roots = RootCertStore::empty();
+        for c in certs {
+            roots.add(c)?;
+        }
+        Ok(Self { roots: Arc::new(roots) })
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Transport settings shared by both directions.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportSettings {
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// Keep-alive interval (below the idle timeout).
+    pub keep_alive: Duration,
+    /// Concurrent bidirectional streams a peer may open.
+    pub max_streams: u32,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            max_streams: 64,
+        }
+    }
+}
+
+fn transport_config(s: &TransportSettings) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    if let Ok(idle) = quinn::IdleTimeout::try_from(s.idle_timeout) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.keep_alive_interval(Some(s.keep_alive));
+    t.max_concurrent_bidi_streams(s.max_streams.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Room for a few 4 MiB frames in flight on fast links.
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((32u32 << 20).into());
+    t.send_window(32 << 20);
+    Arc::new(t)
+}
+
+/// The server side: TLS 1.3 only, client certificates required and checked
+/// against the CA, ALPN, no 0-RTT, no tickets, no session cache.
+///
+/// # Errors
+/// A TLS configuration error.
+pub fn server_config(
+    identity: &Identity,
+    ca: &TrustAnchors,
+    settings: &TransportSettings,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider()).build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    let quic = QuicServerConfig::try_from(tls).map_err(|_| TransportError::NoQuicSuite)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport_config(settings));
+    Ok(cfg)
+}
+
+/// The client side: TLS 1.3 only, server checked against the CA and the
+/// expected name, our certificate presented, ALPN, no 0-RTT, no resumption.
+///
+/// # Errors
+/// A TLS configuration error.
+pub fn client_config(
+    identity: &Identity,
+    ca: &TrustAnchors,
+    settings: &TransportSettings,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(ca.roots.clone())
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    tls.resumption = rustls::client::Resumption::disabled();
+    let quic = QuicClientConfig::try_from(tls).map_err(|_| TransportError::NoQuicSuite)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport_config(settings));
+    Ok(cfg)
+}
+
+/// A node's endpoint: accepts connections and makes them from one UDP socket.
+///
+/// # Errors
+/// [`TransportError::Bind`] or a TLS configuration error.
+pub fn node_endpoint(
+    bind: SocketAddr,
+    identity: &Identity,
+    ca: &TrustAnchors,
+    settings: &TransportSettings,
+) -> Result<quinn::Endpoint, TransportError> {
+    let mut ep = quinn::Endpoint::server(server_config(identity, ca, settings)?, bind)
+        .map_err(|source| TransportError::Bind { addr: bind, source })?;
+    ep.set_default_client_config(client_config(identity, ca, settings)?);
+    Ok(ep)
+}
+
+/// A client-only endpoint (analysts).
+///
+/// # Errors
+/// [`TransportError::Bind`] or a TLS configuration error.
+pub fn client_endpoint(
+    identity: &Identity,
+    ca: &TrustAnchors,
+    settings: &TransportSettings,
+) -> Result<quinn::Endpoint, TransportError> {
+    let bind: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut ep = quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })?;
+    ep.set_default_client_config(client_config(identity, ca, settings)?);
+    Ok(ep)
+}
+
+/// Connects to `addr`, requiring its certificate to be valid for `name`.
+///
+/// With TLS 1.3 a refusal of *our* certificate by the server may only show
+/// on the first stream operation; callers must treat stream errors as such.
+///
+/// # Errors
+/// A connect or connection error.
+pub async fn connect(ep: &quinn::Endpoint, addr: SocketAddr, name: &str) -> Result<quinn::Connection, TransportError> {
+    let conn = ep.connect(addr, name)?.await?;
+    if conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        != Some(ALPN.to_vec())
+    {
+        conn.close(1u32.into(), b"alpn");
+        return Err(TransportError::PeerIdentity);
+    }
+    Ok(conn)
+}
+
+/// The peer's verified leaf certificate.
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let any = conn.peer_identity()?;
+    let chain = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().cloned()
+}
+
+/// Whether a (verified) certificate is valid for the DNS name `name`.
+pub fn certificate_is_for(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(server_name) = ServerName::try_from(name) else {
+        return false;
+    };
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    ee.verify_is_valid_for_subject_name(&server_name).is_ok()
+}
+
+/// The DNS names in a certificate's subject alternative names.
+pub fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    webpki::EndEntityCert::try_from(cert)
+        .map(|ee| ee.valid_dns_names().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Writes one length-delimited frame.
+///
+/// # Errors
+/// [`TransportError::Write`] or [`TransportError::FrameTooLarge`].
+pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8], max: usize) -> Result<(), TransportError> {
+    if frame.len() > max || u32::try_from(frame.len()).is_err() {
+        return Err(TransportError::FrameTooLarge {
+            len: frame.len() as u64,
+            max,
+        });
+    }
+    send.write_all(&(frame.len() as u32).to_le_bytes()).await?;
+    send.write_all(frame).await?;
+    Ok(())
+}
+
+/// Reads one length-delimited frame; `None` when the peer finished the
+/// stream cleanly between frames.
+///
+/// # Errors
+/// [`TransportError::FrameTooLarge`] before reading an oversized body,
+/// [`TransportError::TruncatedFrame`] or a read error.
+pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<Vec<u8>>, TransportError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(TransportError::TruncatedFrame),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(TransportError::FrameTooLarge { len: len as u64, max });
+    }
+    let mut buf = vec![0u8; len];
+    match recv.read_exact(&mut buf).await {
+        Ok(()) => Ok(Some(buf)),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(TransportError::TruncatedFrame),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(e.into()),
+    }
+}

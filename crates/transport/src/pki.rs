@@ -1,0 +1,147 @@
+//! Certificates for a collaboration (rcgen): a CA, the two node
+//! certificates and analyst certificates, and the naming scheme that tells
+//! nodes and analysts apart.
+//!
+//! - A node's certificate names `<role>.node.cleanroom` (role `bank` or
+//!   `platform`) and may authenticate as server and as client.
+//! - An analyst's certificate names `<name>.analyst.cleanroom` and may
+//!   authenticate as client only.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+use crate::TransportError;
+
+/// The DNS name in a node's certificate.
+pub fn node_name(role: &str) -> String {
+    format!("{role}.node.cleanroom")
+}
+
+/// The DNS name in an analyst's certificate.
+pub fn analyst_name(name: &str) -> String {
+    format!("{name}.analyst.cleanroom")
+}
+
+/// Whether `name` is usable as a role or analyst name (a DNS label).
+pub fn valid_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Paths written by [`init`].
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// `ca.pem` (certificate only: the CA key is written as `ca.key`).
+    pub ca: PathBuf,
+    /// Every file written.
+    pub files: Vec<PathBuf>,
+}
+
+fn write(path: &Path, contents: &str, secret: bool) -> Result<(), TransportError> {
+    std::fs::write(path, contents).map_err(|source| TransportError::Write2 {
+        path: path.display().to_string(),
+        source,
+    })?;
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+            TransportError::Write2 {
+                path: path.display().to_string(),
+                source,
+            }
+        })?;
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    Ok(())
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    params.not_before = rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs((now - 86_400).max(0) as u64);
+    params.not_after =
+        rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs((now + days * 86_400).max(0) as u64);
+}
+
+/// Makes a collaboration CA, certificates for the `bank` and `platform`
+/// nodes, and one per analyst, valid for `days` days, into `dir`:
+/// `ca.pem`, `ca.key`, `<role>.pem`, `<role>.key`, `analyst-<name>.pem`,
+/// `analyst-<name>.key`. Keys are ECDSA P-256, written with mode 0600.
+///
+/// # Errors
+/// A generation or file error, or a name that is not a DNS label.
+pub fn init(dir: &Path, analysts: &[String], days: i64) -> Result<Written, TransportError> {
+    std::fs::create_dir_all(dir).map_err(|source| TransportError::Write2 {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut files = Vec::new();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "cleanroom collaboration CA");
+    ca_params.distinguished_name = dn;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut ca_params, days);
+    let ca_key = KeyPair::generate()?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
+    let ca_path = dir.join("ca.pem");
+    write(&ca_path, &ca.pem(), false)?;
+    write(&dir.join("ca.key"), &ca_key_pem, true)?;
+    files.push(ca_path.clone());
+    files.push(dir.join("ca.key"));
+
+    let mut leaf = |file: String, dns: String, server: bool| -> Result<(), TransportError> {
+        let mut params = CertificateParams::new(vec![dns.clone()])?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, dns);
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = if server {
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
+        validity(&mut params, days);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca)?;
+        let cert_path = dir.join(format!("{file}.pem"));
+        let key_path = dir.join(format!("{file}.key"));
+        write(&cert_path, &cert.pem(), false)?;
+        write(&key_path, &key.serialize_pem(), true)?;
+        files.push(cert_path);
+        files.push(key_path);
+        Ok(())
+    };
+    for role in ["bank", "platform"] {
+        leaf(role.to_string(), node_name(role), true)?;
+    }
+    for a in analysts {
+        if !valid_label(a) {
+            return Err(TransportError::Pem {
+                path: a.clone(),
+                what: "analyst names must be lower-case letters, digits and dashes",
+            });
+        }
+        leaf(format!("analyst-{a}"), analyst_name(a), false)?;
+    }
+    Ok(Written { ca: ca_path, files })
+}
