@@ -51,11 +51,19 @@ fn digest16(parts: &[&[u8]]) -> SessionId {
     out
 }
 
-fn setup_session_id(join: &SessionId, query_id: &[u8; 16], nonce: &Nonce, rows: u64, width: u32) -> SessionId {
+fn setup_session_id(
+    join: &SessionId,
+    query_id: &[u8; 16],
+    plan: &[u8; 32],
+    nonce: &Nonce,
+    rows: u64,
+    width: u32,
+) -> SessionId {
     digest16(&[
         b"cleanroom-v1-aggregate-setup",
         join,
         query_id,
+        plan,
         nonce,
         &rows.to_le_bytes(),
         &width.to_le_bytes(),
@@ -135,11 +143,12 @@ pub struct HolderAggregate {
     joined: std::sync::Arc<HolderJoined>,
     values: RowValues,
     query_id: [u8; 16],
+    plan: [u8; 32],
 }
 
 impl HolderAggregate {
     /// Prepares an aggregate over `joined` with the plan's values for query
-    /// `query_id`.
+    /// `query_id` under the plan digest `plan`.
     ///
     /// # Errors
     /// [`ProtocolError::LocalInput`] when the values do not cover the join's customers.
@@ -147,6 +156,7 @@ impl HolderAggregate {
         joined: std::sync::Arc<HolderJoined>,
         values: RowValues,
         query_id: [u8; 16],
+        plan: [u8; 32],
     ) -> Result<Self, ProtocolError> {
         if values.words.len() as u64 != joined.customers() * values.width as u64 {
             return Err(ProtocolError::LocalInput {
@@ -157,6 +167,7 @@ impl HolderAggregate {
             joined,
             values,
             query_id,
+            plan,
         })
     }
 
@@ -186,6 +197,9 @@ impl HolderAggregate {
         if setup.query_id != self.query_id {
             return Err(ProtocolError::ParameterMismatch { what: "query id" });
         }
+        if setup.plan != self.plan {
+            return Err(ProtocolError::ParameterMismatch { what: "query plan" });
+        }
         let rows = self.joined.rows();
         if setup.rows != rows as u64 {
             return Err(ProtocolError::ParameterMismatch { what: "row count" });
@@ -196,6 +210,7 @@ impl HolderAggregate {
         let expected = setup_session_id(
             &setup.join_session,
             &setup.query_id,
+            &setup.plan,
             &setup.nonce,
             setup.rows,
             setup.width,
@@ -400,6 +415,7 @@ impl MatcherAggregate {
         choices: &[bool],
         width: usize,
         query_id: [u8; 16],
+        plan: [u8; 32],
         rng: &mut R,
     ) -> Result<(Self, Message), ProtocolError> {
         check_width(width)?;
@@ -411,7 +427,7 @@ impl MatcherAggregate {
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
         let rows = joined.rows();
-        let setup_session = setup_session_id(&joined.session(), &query_id, &nonce, rows as u64, width as u32);
+        let setup_session = setup_session_id(&joined.session(), &query_id, &plan, &nonce, rows as u64, width as u32);
         let (base, base_point) = BaseOtSender::new(rng);
         Ok((
             Self {
@@ -428,6 +444,7 @@ impl MatcherAggregate {
                 nonce,
                 rows: rows as u64,
                 width: width as u32,
+                plan,
                 base_point,
             }),
         ))

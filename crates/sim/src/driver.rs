@@ -129,6 +129,7 @@ pub fn run_aggregate<RH, RM>(
     choices: &[bool],
     width: usize,
     query_id: [u8; 16],
+    plan: [u8; 32],
     rng_h: &mut RH,
     rng_m: &mut RM,
 ) -> Result<(Share, Share, Traffic), DriverError>
@@ -138,7 +139,7 @@ where
 {
     let mut t = Traffic::default();
     let (waiting, setup) = timed(&mut t.matcher_time, || {
-        MatcherAggregate::start(matcher_joined, choices, width, query_id, rng_m)
+        MatcherAggregate::start(matcher_joined, choices, width, query_id, plan, rng_m)
     })
     .map_err(DriverError::Matcher)?;
     let frame = t.m2h(&setup)?;

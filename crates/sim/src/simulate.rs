@@ -304,9 +304,23 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     let width = holder.width;
     let mut query_id = [0u8; 16];
     rand_core::RngCore::fill_bytes(&mut rng_m, &mut query_id);
-    let agg = HolderAggregate::new(shared(hj), RowValues::new(width, holder.values.clone())?, query_id)?;
+    let agg = HolderAggregate::new(
+        shared(hj),
+        RowValues::new(width, holder.values.clone())?,
+        query_id,
+        [1u8; 32],
+    )?;
     let t = Instant::now();
-    let (hs, ms, agg_traffic) = run_aggregate(agg, &mj, mj.matched(), width, query_id, &mut rng_h, &mut rng_m)?;
+    let (hs, ms, agg_traffic) = run_aggregate(
+        agg,
+        &mj,
+        mj.matched(),
+        width,
+        query_id,
+        [1u8; 32],
+        &mut rng_h,
+        &mut rng_m,
+    )?;
     phases.insert("aggregate".to_string(), t.elapsed().as_secs_f64());
     phases.insert(
         "aggregate.holder_compute".to_string(),

@@ -180,6 +180,8 @@ pub struct OtSetup {
     pub rows: u64,
     /// Output cells per row, as the matcher's plan has them.
     pub width: u32,
+    /// Digest of the query plan (what the cells mean): both nodes must agree.
+    pub plan: [u8; 32],
     /// Base OT: `A = a * G`.
     pub base_point: PointBytes,
 }
@@ -256,10 +258,123 @@ pub enum AbortCode {
     Refused = 3,
     /// A local failure.
     Internal = 4,
+    /// The join named by an aggregate is not (or no longer) cached here.
+    UnknownJoin = 5,
+    /// The query named by an aggregate was not submitted to this node, or
+    /// this node refused it.
+    UnknownQuery = 6,
+}
+
+/// An analyst's request to a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AnalystRequest {
+    /// List the templates this analyst may run.
+    Templates,
+    /// Show this analyst's remaining budget.
+    Budget,
+    /// Run a template.
+    Query(QueryRequest),
+}
+
+/// Run a template with parameters under a query id (the same id on both nodes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryRequest {
+    /// Chosen by the analyst; a retry with the same id returns the same shares.
+    pub query_id: [u8; 16],
+    /// Template name.
+    pub template: String,
+    /// `name = value` pairs.
+    pub params: Vec<(String, String)>,
+}
+
+/// A template, as an analyst sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: String,
+    /// Parameters and their allowed values, as text.
+    pub params: Vec<(String, String)>,
+    /// ρ charged per run, as a decimal.
+    pub rho: String,
+    /// Minimum noisy count per cell.
+    pub min_count: u64,
+}
+
+/// An analyst's budget on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetInfo {
+    /// The node's role.
+    pub node: String,
+    /// The analyst.
+    pub analyst: String,
+    /// ρ allowed per period, in millionths.
+    pub rho_limit_micro: u64,
+    /// ρ spent this period, in millionths.
+    pub rho_spent_micro: u64,
+    /// Period length in days.
+    pub period_days: u32,
+    /// When the current period ends (days since 1970-01-01).
+    pub period_ends_day: i64,
+}
+
+/// One node's noisy share of a query's result.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryShare {
+    /// The node's role (`bank` or `platform`).
+    pub node: String,
+    /// The query.
+    pub query_id: [u8; 16],
+    /// The plan digest (both nodes' must agree).
+    pub plan: [u8; 32],
+    /// Cell names, in order.
+    pub cells: Vec<String>,
+    /// The weight each cell was multiplied by before noise.
+    pub weights: Vec<u64>,
+    /// For each cell, the index of the count cell that decides whether it is shown.
+    pub count_cells: Vec<u32>,
+    /// This node's share of each (weighted) cell, noise included.
+    pub words: Vec<u64>,
+    /// Standard deviation of this node's noise on each weighted cell
+    /// (for display: the noise itself was sampled exactly).
+    pub sigma: f64,
+    /// This node's minimum noisy count.
+    pub min_count: u64,
+    /// ρ charged by this node, as a decimal.
+    pub rho: String,
+    /// Seconds per phase on this node (join, aggregate, noise...).
+    pub timings: Vec<(String, f64)>,
+    /// Whether this is a stored share returned for a retried query id.
+    pub replayed: bool,
+}
+
+impl core::fmt::Debug for QueryShare {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "QueryShare {{ node: {}, cells: {}, words: <redacted> }}",
+            self.node,
+            self.cells.len()
+        )
+    }
+}
+
+/// A node's answer to an analyst.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AnalystResponse {
+    /// The templates the analyst may run.
+    Templates(Vec<TemplateInfo>),
+    /// The analyst's budget.
+    Budget(BudgetInfo),
+    /// A noisy share.
+    Share(QueryShare),
+    /// A refusal, with a message that says what to change.
+    Refused(String),
 }
 
 /// One frame's content.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Message {
     /// Type 1.
@@ -284,6 +399,10 @@ pub enum Message {
     MaskedRows(MaskedRows),
     /// Type 11.
     Abort(Abort),
+    /// Type 20: analyst to node.
+    AnalystRequest(AnalystRequest),
+    /// Type 21: node to analyst.
+    AnalystResponse(AnalystResponse),
 }
 
 fn config() -> impl bincode::config::Config {
@@ -332,6 +451,8 @@ impl Message {
             Message::OtExtend(_) => 9,
             Message::MaskedRows(_) => 10,
             Message::Abort(_) => 11,
+            Message::AnalystRequest(_) => 20,
+            Message::AnalystResponse(_) => 21,
         }
     }
 
@@ -352,6 +473,7 @@ impl Message {
             Message::OtExtend(m) => Some(&m.session),
             Message::MaskedRows(m) => Some(&m.session),
             Message::Abort(m) => Some(&m.session),
+            Message::AnalystRequest(_) | Message::AnalystResponse(_) => None,
         }
     }
 
@@ -396,7 +518,35 @@ impl Message {
                     });
                 }
             }
-            Message::JoinAccept(_) | Message::MatcherKey(_) | Message::OtSetup(_) | Message::Abort(_) => {}
+            Message::AnalystRequest(AnalystRequest::Query(q)) => {
+                if q.template.len() > 128 {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "template",
+                        len: q.template.len(),
+                    });
+                }
+                if q.params.len() > 32 {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "params",
+                        len: q.params.len(),
+                    });
+                }
+                if let Some((k, v)) = q.params.iter().find(|(k, v)| k.len() > 64 || v.len() > 256) {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "param",
+                        len: k.len() + v.len(),
+                    });
+                }
+            }
+            Message::JoinAccept(_)
+            | Message::MatcherKey(_)
+            | Message::OtSetup(_)
+            | Message::Abort(_)
+            | Message::AnalystRequest(_)
+            | Message::AnalystResponse(_) => {}
         }
         Ok(())
     }
@@ -419,6 +569,8 @@ impl Message {
             Message::OtExtend(m) => bincode::serde::encode_to_vec(m, config()),
             Message::MaskedRows(m) => bincode::serde::encode_to_vec(m, config()),
             Message::Abort(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::AnalystRequest(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::AnalystResponse(m) => bincode::serde::encode_to_vec(m, config()),
         }
         .map_err(|_| WireError::Encode)?;
         out.extend_from_slice(&body);
@@ -462,6 +614,8 @@ impl Message {
             9 => Message::OtExtend(decode_body(kind, body)?),
             10 => Message::MaskedRows(decode_body(kind, body)?),
             11 => Message::Abort(decode_body(kind, body)?),
+            20 => Message::AnalystRequest(decode_body(kind, body)?),
+            21 => Message::AnalystResponse(decode_body(kind, body)?),
             other => return Err(WireError::UnknownType { got: other }),
         };
         msg.validate()?;
@@ -482,6 +636,8 @@ fn kind_name(ty: u8) -> &'static str {
         9 => "OtExtend",
         10 => "MaskedRows",
         11 => "Abort",
+        20 => "AnalystRequest",
+        21 => "AnalystResponse",
         _ => "unknown",
     }
 }
@@ -533,6 +689,7 @@ mod tests {
                 nonce: [10; 32],
                 rows: 1062,
                 width: 33,
+                plan: [12; 32],
                 base_point: [11; 32],
             }),
             Message::OtChoices(OtChoices {
@@ -658,7 +815,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_never_panic(ty in 0u8..13, body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_bodies_never_panic(ty in 0u8..23, body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut frame = vec![PROTOCOL_VERSION, ty];
             frame.extend_from_slice(&body);
             if let Ok(m) = Message::decode(&frame) {
