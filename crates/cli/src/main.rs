@@ -3,9 +3,19 @@
 //! `cleanroom`: the clean room's one binary. Argument parsing and output
 //! formatting only; the work is done by the library crates.
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use cleanroom_sim::simulate::{DEFAULT_CHUNK, SimulateConfig, SimulateReport, simulate};
+mod output;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use cleanroom_node::client::{Analyst, new_query_id, parse_query_id};
+use cleanroom_node::config::{AnalystConfig, NodeConfig};
+use cleanroom_node::server::Node;
+use cleanroom_sim::simulate::{DEFAULT_CHUNK, SimulateConfig, simulate};
+use cleanroom_sim::synth::{SynthConfig, generate};
 
 #[derive(Parser, Debug)]
 #[command(name = "cleanroom", version, about = "A secure two-party data clean room")]
@@ -14,12 +24,114 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Both parties in memory, no network, no noise: run the private join and
-    /// the aggregate on synthetic data and check the result against a
-    /// plaintext computation, exactly.
+    /// Everything in one process: a throwaway CA, synthetic data, both nodes
+    /// on loopback QUIC with mutual TLS, three templates run by an analyst,
+    /// results beside the plaintext truth.
+    Demo {
+        /// Bank customers and platform users to generate.
+        #[arg(long, default_value_t = 20_000)]
+        rows: usize,
+        /// Seed of the synthetic data.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Keep the demo's files (certificates, data, configs, state) here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Both parties in memory, no network, no noise: run the join and the
+    /// aggregate on synthetic data and check them against plaintext, exactly.
     Simulate(SimulateArgs),
+    /// Write synthetic `bank.csv` and `platform.csv`.
+    GenData {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Bank customers.
+        #[arg(long, default_value_t = 20_000)]
+        bank_customers: usize,
+        /// Platform users.
+        #[arg(long, default_value_t = 20_000)]
+        platform_users: usize,
+        /// Share of bank customers the platform also has.
+        #[arg(long, default_value_t = 0.5)]
+        overlap: f64,
+        /// Seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Run a node until SIGINT or SIGTERM.
+    Node {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a template on both nodes as an analyst.
+    Query {
+        /// The analyst's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Template name.
+        #[arg(long)]
+        template: String,
+        /// Parameters, `name=value`.
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        /// Query id (32 hex digits) to retrieve a result again; new if absent.
+        #[arg(long)]
+        query_id: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Seconds to wait for the nodes.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// List the templates both nodes let this analyst run.
+    Templates {
+        /// The analyst's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show this analyst's remaining budget on each node.
+    Budget {
+        /// The analyst's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Make a collaboration CA, bank and platform node certificates and
+    /// analyst certificates.
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// An analyst to make a certificate for (repeatable).
+        #[arg(long = "analyst")]
+        analysts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -47,6 +159,32 @@ struct SimulateArgs {
     json: bool,
 }
 
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("{s:?}: parameters are name=value"))
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.init();
+    } else {
+        builder.json().init();
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -63,44 +201,126 @@ fn main() -> anyhow::Result<()> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print_report(&report);
+                output::simulate(&report);
             }
             if !report.exact {
-                anyhow::bail!("the protocol's result differs from the plaintext computation");
+                bail!("the protocol's result differs from the plaintext computation");
             }
+        }
+        Command::Demo { rows, seed, json, dir } => {
+            init_logging("warn");
+            let report = runtime()?
+                .block_on(cleanroom_node::demo::run(rows, seed, dir.as_deref()))
+                .context("demo failed")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                output::demo(&report);
+            }
+        }
+        Command::GenData {
+            dir,
+            bank_customers,
+            platform_users,
+            overlap,
+            seed,
+        } => {
+            if !(0.0..=1.0).contains(&overlap) {
+                bail!("--overlap must be between 0 and 1");
+            }
+            let data = generate(&SynthConfig {
+                holder_customers: bank_customers,
+                matcher_users: platform_users,
+                overlap,
+                categories: 16,
+                seed,
+            });
+            cleanroom_node::data::write_synthetic(&dir, &data)?;
+            println!(
+                "wrote {} ({} transactions of {} customers) and {} ({} users; {} shared with the bank)",
+                dir.join("bank.csv").display(),
+                data.bank.len(),
+                bank_customers,
+                dir.join("platform.csv").display(),
+                data.platform.len(),
+                data.shared_customers
+            );
+        }
+        Command::Certs {
+            command: CertsCommand::Init { dir, analysts, days },
+        } => {
+            let written = cleanroom_transport::pki::init(&dir, &analysts, days)?;
+            for f in &written.files {
+                println!("wrote {}", f.display());
+            }
+        }
+        Command::Node { config } => {
+            init_logging("info");
+            let cfg = NodeConfig::load(&config)?;
+            runtime()?.block_on(async move {
+                let node = Node::start(cfg, &config).await?;
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                node.shutdown().await;
+                Ok::<(), anyhow::Error>(())
+            })?;
+        }
+        Command::Query {
+            config,
+            template,
+            params,
+            query_id,
+            format,
+            timeout,
+        } => {
+            let cfg = AnalystConfig::load(&config)?;
+            let qid = match query_id {
+                Some(s) => parse_query_id(&s).map_err(anyhow::Error::msg)?,
+                None => new_query_id()?,
+            };
+            let result = runtime()?.block_on(async {
+                let analyst = Analyst::new(&cfg)?;
+                analyst
+                    .query(&template, &params, qid, Duration::from_secs(timeout))
+                    .await
+            })?;
+            match format {
+                Format::Table => output::result_table(&result, None),
+                Format::Csv => output::result_csv(&result),
+                Format::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+            }
+        }
+        Command::Templates { config } => {
+            let cfg = AnalystConfig::load(&config)?;
+            let list = runtime()?.block_on(async { Analyst::new(&cfg)?.templates().await })?;
+            output::templates(&list);
+        }
+        Command::Budget { config } => {
+            let cfg = AnalystConfig::load(&config)?;
+            let list = runtime()?.block_on(async { Analyst::new(&cfg)?.budget().await })?;
+            output::budget(&list);
         }
     }
     Ok(())
 }
 
-fn print_report(r: &SimulateReport) {
-    println!(
-        "holder: {} customers ({} transactions)   matcher: {} users   categories: {}",
-        r.holder_rows, r.holder_transactions, r.matcher_rows, r.categories
-    );
-    println!(
-        "intersection (plaintext): {}   matched rows seen by the matcher: {} (intersection + D, D_max = {})",
-        r.intersection, r.matched_rows_seen_by_matcher, r.dummy_rows
-    );
-    println!();
-    let name_w = r.cells.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
-    println!("{:<name_w$}  {:>16}  {:>16}  ok", "cell", "protocol", "plaintext");
-    for c in &r.cells {
-        let ok = if c.protocol == c.plaintext { "=" } else { "DIFFERS" };
-        println!("{:<name_w$}  {:>16}  {:>16}  {ok}", c.name, c.protocol, c.plaintext);
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
     }
-    println!();
-    println!("phase                         seconds");
-    for (name, secs) in &r.phases {
-        println!("{name:<28}  {secs:>8.3}");
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
-    println!();
-    println!(
-        "bytes holder->matcher: {}   matcher->holder: {}   (frames: {} / {})",
-        r.bytes.holder_to_matcher,
-        r.bytes.matcher_to_holder,
-        r.messages.holder_to_matcher,
-        r.messages.matcher_to_holder
-    );
-    println!("exact: {}", r.exact);
 }

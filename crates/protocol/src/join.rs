@@ -540,6 +540,30 @@ impl HolderJoined {
         self.n
     }
 
+    /// Rebuilds a cached join from its parts (as stored by the node).
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] when the parts are inconsistent.
+    pub fn from_parts(session: SessionId, n: u64, d: u64, d_max: u64, order: Vec<u32>) -> Result<Self, ProtocolError> {
+        if order.len() as u64 != n + d_max || d > d_max || order.iter().any(|e| u64::from(*e) >= n + d_max) {
+            return Err(ProtocolError::LocalInput {
+                reason: "stored holder join is inconsistent",
+            });
+        }
+        Ok(Self {
+            session,
+            n,
+            d,
+            d_max,
+            order,
+        })
+    }
+
+    /// The parts to store: `(session, n, D, D_max, row order)`.
+    pub fn parts(&self) -> (SessionId, u64, u64, u64, &[u32]) {
+        (self.session, self.n, self.d, self.d_max, &self.order)
+    }
+
     /// `D`: how many of the dummy rows were made to match. Holder-local: it
     /// never leaves the node (the matcher sees only `|X ∩ Y| + D`).
     pub fn matching_dummies(&self) -> u64 {
@@ -857,6 +881,16 @@ impl MatcherJoined {
     /// `e`: one bit per holder row.
     pub fn matched(&self) -> &[bool] {
         &self.matched
+    }
+
+    /// Rebuilds a cached join from its parts (as stored by the node).
+    pub fn from_parts(session: SessionId, matched: Vec<bool>) -> Self {
+        let matched_count = matched.iter().filter(|b| **b).count() as u64;
+        Self {
+            session,
+            matched,
+            matched_count,
+        }
     }
 
     /// `|X ∩ Y| + D`: all the matcher learns about the overlap.

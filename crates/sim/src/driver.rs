@@ -123,6 +123,7 @@ where
 ///
 /// # Errors
 /// The first party to refuse, or [`DriverError::Stalled`].
+#[allow(clippy::too_many_arguments)]
 pub fn run_aggregate<RH, RM>(
     holder: HolderAggregate,
     matcher_joined: &MatcherJoined,

@@ -1,0 +1,182 @@
+//! Human-readable and CSV output.
+
+use cleanroom_node::client::QueryResult;
+use cleanroom_node::demo::DemoReport;
+use cleanroom_sim::simulate::SimulateReport;
+use cleanroom_wire::{BudgetInfo, TemplateInfo};
+
+pub fn simulate(r: &SimulateReport) {
+    println!(
+        "holder: {} customers ({} transactions)   matcher: {} users   categories: {}",
+        r.holder_rows, r.holder_transactions, r.matcher_rows, r.categories
+    );
+    println!(
+        "intersection (plaintext): {}   matched rows seen by the matcher: {} (intersection + D, D_max = {})",
+        r.intersection, r.matched_rows_seen_by_matcher, r.dummy_rows
+    );
+    println!();
+    let name_w = r.cells.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
+    println!("{:<name_w$}  {:>16}  {:>16}  ok", "cell", "protocol", "plaintext");
+    for c in &r.cells {
+        let ok = if c.protocol == c.plaintext { "=" } else { "DIFFERS" };
+        println!("{:<name_w$}  {:>16}  {:>16}  {ok}", c.name, c.protocol, c.plaintext);
+    }
+    println!();
+    println!("phase                         seconds");
+    for (name, secs) in &r.phases {
+        println!("{name:<28}  {secs:>8.3}");
+    }
+    println!();
+    println!(
+        "bytes holder->matcher: {}   matcher->holder: {}   (frames: {} / {})",
+        r.bytes.holder_to_matcher,
+        r.bytes.matcher_to_holder,
+        r.messages.holder_to_matcher,
+        r.messages.matcher_to_holder
+    );
+    println!("exact: {}", r.exact);
+}
+
+fn fmt_value(name: &str, v: f64) -> String {
+    if name.starts_with("spend_cents") {
+        format!("{:.2}", v / 100.0)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn display_name(name: &str) -> String {
+    name.replace("spend_cents", "spend")
+}
+
+/// Prints a result; with `truth`, a column of plaintext values beside it.
+pub fn result_table(r: &QueryResult, truth: Option<&[f64]>) {
+    let name_w = r
+        .cells
+        .iter()
+        .map(|c| display_name(&c.name).len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut header = format!(
+        "{:<name_w$}  {:>14}  {:>12}  {:>31}",
+        "cell", "value", "noise sd", "95% interval"
+    );
+    if truth.is_some() {
+        header.push_str(&format!("  {:>14}", "truth (demo)"));
+    }
+    println!("{header}");
+    for (i, c) in r.cells.iter().enumerate() {
+        let t = truth
+            .and_then(|t| t.get(i))
+            .map(|t| format!("  {:>14}", fmt_value(&c.name, *t)))
+            .unwrap_or_default();
+        match &c.suppressed {
+            Some(why) => println!(
+                "{:<name_w$}  {:>14}  {:>12}  {:>31}{t}",
+                display_name(&c.name),
+                "suppressed",
+                "",
+                why
+            ),
+            None => {
+                let scale = if c.name.starts_with("spend_cents") { 100.0 } else { 1.0 };
+                println!(
+                    "{:<name_w$}  {:>14}  {:>12}  {:>31}{t}",
+                    display_name(&c.name),
+                    fmt_value(&c.name, c.value),
+                    format!("{:.2}", c.sigma / scale),
+                    format!("[{}, {}]", fmt_value(&c.name, c.low), fmt_value(&c.name, c.high)),
+                );
+            }
+        }
+    }
+    println!(
+        "query id {}  rho charged: {}  minimum count {}{}",
+        r.query_id,
+        r.rho
+            .iter()
+            .map(|(n, r)| format!("{n} {r}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.min_count,
+        if r.replayed {
+            "  (stored result of a retried query id)"
+        } else {
+            ""
+        }
+    );
+}
+
+pub fn result_csv(r: &QueryResult) {
+    println!("cell,value,noise_sd,low95,high95,suppressed");
+    for c in &r.cells {
+        println!(
+            "{},{},{},{},{},{}",
+            c.name,
+            c.value,
+            c.sigma,
+            c.low,
+            c.high,
+            c.suppressed.as_deref().map(|s| format!("\"{s}\"")).unwrap_or_default()
+        );
+    }
+}
+
+pub fn templates(list: &[(TemplateInfo, TemplateInfo)]) {
+    if list.is_empty() {
+        println!("no template is offered to this analyst by both nodes");
+    }
+    for (bank, platform) in list {
+        println!("{}  ({})", bank.name, bank.kind);
+        println!(
+            "  rho per run: bank {}, platform {}   minimum count: {}",
+            bank.rho,
+            platform.rho,
+            bank.min_count.max(platform.min_count)
+        );
+        if bank.params.is_empty() {
+            println!("  no parameters");
+        }
+        for (name, allowed) in &bank.params {
+            println!("  --param {name}=...   {allowed}");
+        }
+    }
+}
+
+pub fn budget(list: &[BudgetInfo]) {
+    for b in list {
+        println!(
+            "{} node: analyst {} has spent rho {} of {} this {}-day period (ends {})",
+            b.node,
+            b.analyst,
+            cleanroom_query::format_micro(b.rho_spent_micro),
+            cleanroom_query::format_micro(b.rho_limit_micro),
+            b.period_days,
+            cleanroom_query::format_date(i32::try_from(b.period_ends_day).unwrap_or(i32::MAX))
+        );
+    }
+}
+
+pub fn demo(r: &DemoReport) {
+    println!(
+        "synthetic data: bank {} customers ({} transactions), platform {} users, {} shared",
+        r.bank_customers, r.bank_transactions, r.platform_users, r.shared_customers
+    );
+    for (step, secs) in &r.setup {
+        println!("  {step}: {secs:.2} s");
+    }
+    for q in &r.queries {
+        println!();
+        let params: Vec<String> = q.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("== {} {}  ({:.2} s)", q.template, params.join(" "), q.seconds);
+        result_table(&q.result, Some(&q.truth));
+        let phases: Vec<String> = q
+            .result
+            .timings
+            .iter()
+            .map(|(n, p, s)| format!("{n} {p} {s:.3} s"))
+            .collect();
+        println!("phases: {}", phases.join(", "));
+    }
+}

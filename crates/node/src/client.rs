@@ -1,0 +1,293 @@
+//! The analyst's side: connect to both nodes with the analyst certificate,
+//! submit the same query id to each, reconstruct the cells from the two
+//! noisy shares, and report each with its noise and a 95% interval.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cleanroom_crypto::shares::Share;
+use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, connect, pki};
+use cleanroom_wire::{AnalystRequest, AnalystResponse, BudgetInfo, Message, QueryRequest, QueryShare, TemplateInfo};
+use serde::Serialize;
+
+use crate::NodeError;
+use crate::config::{AnalystConfig, Role};
+use crate::pump::{read_one, write_one};
+
+/// One reconstructed cell.
+#[derive(Clone, Debug, Serialize)]
+pub struct CellResult {
+    /// Name.
+    pub name: String,
+    /// The noisy value, in the cell's unit (count, cents...).
+    pub value: f64,
+    /// The noise's standard deviation (both nodes' noise together).
+    pub sigma: f64,
+    /// 95% interval: value ± 1.96 sigma.
+    pub low: f64,
+    /// Upper end.
+    pub high: f64,
+    /// Why the cell is not shown, if it is suppressed.
+    pub suppressed: Option<String>,
+}
+
+/// A query's result as the analyst sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueryResult {
+    /// The query id (hex).
+    pub query_id: String,
+    /// Template.
+    pub template: String,
+    /// Cells.
+    pub cells: Vec<CellResult>,
+    /// The larger of the two nodes' minimum counts.
+    pub min_count: u64,
+    /// ρ charged by each node.
+    pub rho: Vec<(String, String)>,
+    /// Seconds per phase per node.
+    pub timings: Vec<(String, String, f64)>,
+    /// Whether both shares were stored ones returned for a retried id.
+    pub replayed: bool,
+}
+
+/// A connected analyst.
+#[derive(Debug)]
+pub struct Analyst {
+    name: String,
+    endpoint: quinn::Endpoint,
+    nodes: Vec<(Role, SocketAddr)>,
+}
+
+impl Analyst {
+    /// Loads the analyst's certificate and prepares an endpoint.
+    ///
+    /// # Errors
+    /// A config or transport error.
+    pub fn new(cfg: &AnalystConfig) -> Result<Self, NodeError> {
+        let identity = Identity::load(&cfg.identity.cert, &cfg.identity.key)?;
+        let ca = TrustAnchors::load(&cfg.identity.ca)?;
+        let endpoint = client_endpoint(&identity, &ca, &TransportSettings::default())?;
+        Ok(Self {
+            name: cfg.name.clone(),
+            endpoint,
+            nodes: cfg.nodes.iter().map(|n| (n.role, n.address)).collect(),
+        })
+    }
+
+    /// The analyst's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn ask(
+        &self,
+        role: Role,
+        addr: SocketAddr,
+        req: AnalystRequest,
+        timeout: Duration,
+    ) -> Result<AnalystResponse, NodeError> {
+        let what = |e: &dyn std::fmt::Display| NodeError::Peer(format!("{} node at {addr}: {e}", role.as_str()));
+        let conn = connect(&self.endpoint, addr, &pki::node_name(role.as_str()))
+            .await
+            .map_err(|e| what(&e))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| what(&e))?;
+        write_one(&mut send, &Message::AnalystRequest(req))
+            .await
+            .map_err(|e| what(&e))?;
+        let _ = send.finish();
+        let frame = read_one(&mut recv, timeout).await.map_err(|e| {
+            what(&format!(
+                "{e} (if this persists, check that this analyst's certificate is accepted by the node)"
+            ))
+        })?;
+        conn.close(0u32.into(), b"done");
+        match Message::decode(&frame) {
+            Ok(Message::AnalystResponse(r)) => Ok(r),
+            _ => Err(what(&"answered with something other than an analyst response")),
+        }
+    }
+
+    async fn ask_both(
+        &self,
+        req: AnalystRequest,
+        timeout: Duration,
+    ) -> Vec<(Role, Result<AnalystResponse, NodeError>)> {
+        let addr = |r: Role| self.nodes.iter().find(|(role, _)| *role == r).map(|(_, a)| *a);
+        let (Some(bank), Some(platform)) = (addr(Role::Bank), addr(Role::Platform)) else {
+            return vec![(Role::Bank, Err(NodeError::Internal("the analyst config lacks a node")))];
+        };
+        let (b, p) = tokio::join!(
+            self.ask(Role::Bank, bank, req.clone(), timeout),
+            self.ask(Role::Platform, platform, req, timeout)
+        );
+        vec![(Role::Bank, b), (Role::Platform, p)]
+    }
+
+    /// Templates runnable by this analyst: those both nodes offer with the
+    /// same kind, ρ and parameters.
+    ///
+    /// # Errors
+    /// A node's refusal or a transport error.
+    pub async fn templates(&self) -> Result<Vec<(TemplateInfo, TemplateInfo)>, NodeError> {
+        let answers = self.ask_both(AnalystRequest::Templates, Duration::from_secs(30)).await;
+        let mut lists = Vec::new();
+        for (role, a) in answers {
+            match a? {
+                AnalystResponse::Templates(t) => lists.push((role, t)),
+                AnalystResponse::Refused(m) => return Err(NodeError::Refused(format!("{}: {m}", role.as_str()))),
+                _ => return Err(NodeError::Peer(format!("{} answered out of turn", role.as_str()))),
+            }
+        }
+        let bank = lists
+            .iter()
+            .find(|(r, _)| *r == Role::Bank)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default();
+        let platform = lists
+            .iter()
+            .find(|(r, _)| *r == Role::Platform)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default();
+        Ok(bank
+            .into_iter()
+            .filter_map(|b| {
+                platform
+                    .iter()
+                    .find(|p| p.name == b.name && p.kind == b.kind)
+                    .map(|p| (b, p.clone()))
+            })
+            .collect())
+    }
+
+    /// This analyst's budget on each node.
+    ///
+    /// # Errors
+    /// A node's refusal or a transport error.
+    pub async fn budget(&self) -> Result<Vec<BudgetInfo>, NodeError> {
+        let mut out = Vec::new();
+        for (role, a) in self.ask_both(AnalystRequest::Budget, Duration::from_secs(30)).await {
+            match a? {
+                AnalystResponse::Budget(b) => out.push(b),
+                AnalystResponse::Refused(m) => return Err(NodeError::Refused(format!("{}: {m}", role.as_str()))),
+                _ => return Err(NodeError::Peer(format!("{} answered out of turn", role.as_str()))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs a template on both nodes under `query_id` and reconstructs the result.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] with each node's message when either refuses.
+    pub async fn query(
+        &self,
+        template: &str,
+        params: &[(String, String)],
+        query_id: [u8; 16],
+        timeout: Duration,
+    ) -> Result<QueryResult, NodeError> {
+        let req = AnalystRequest::Query(QueryRequest {
+            query_id,
+            template: template.to_string(),
+            params: params.to_vec(),
+        });
+        let mut shares = Vec::new();
+        let mut refusals = Vec::new();
+        for (role, a) in self.ask_both(req, timeout).await {
+            match a {
+                Ok(AnalystResponse::Share(s)) => shares.push(s),
+                Ok(AnalystResponse::Refused(m)) => refusals.push(format!("{} node: {m}", role.as_str())),
+                Ok(_) => refusals.push(format!("{} node answered out of turn", role.as_str())),
+                Err(e) => refusals.push(e.to_string()),
+            }
+        }
+        if !refusals.is_empty() {
+            return Err(NodeError::Refused(refusals.join("; ")));
+        }
+        reconstruct(template, query_id, &shares)
+    }
+}
+
+/// Reconstructs cells from the two nodes' shares.
+///
+/// # Errors
+/// [`NodeError::Peer`] when the shares do not belong together.
+pub fn reconstruct(template: &str, query_id: [u8; 16], shares: &[QueryShare]) -> Result<QueryResult, NodeError> {
+    let [a, b] = shares else {
+        return Err(NodeError::Peer("expected one share from each node".into()));
+    };
+    if a.plan != b.plan || a.cells != b.cells || a.weights != b.weights || a.query_id != b.query_id {
+        return Err(NodeError::Peer(
+            "the two nodes computed different plans; their templates differ".into(),
+        ));
+    }
+    let words = Share::reconstruct(&Share::from_words(a.words.clone()), &Share::from_words(b.words.clone()))
+        .ok_or_else(|| NodeError::Peer("the shares have different widths".into()))?;
+    let min_count = a.min_count.max(b.min_count);
+    let sigma_w = (a.sigma * a.sigma + b.sigma * b.sigma).sqrt();
+    #[allow(clippy::cast_precision_loss)]
+    let values: Vec<f64> = words
+        .iter()
+        .zip(&a.weights)
+        .map(|(w, k)| *w as f64 / (*k).max(1) as f64)
+        .collect();
+    let mut cells = Vec::with_capacity(values.len());
+    #[allow(clippy::cast_precision_loss)]
+    for (i, name) in a.cells.iter().enumerate() {
+        let value = values.get(i).copied().unwrap_or(0.0);
+        let sigma = sigma_w / a.weights.get(i).copied().unwrap_or(1).max(1) as f64;
+        let count_cell = a.count_cells.get(i).copied().unwrap_or(0) as usize;
+        let count = values.get(count_cell).copied().unwrap_or(0.0);
+        let suppressed =
+            (count < min_count as f64).then(|| format!("noisy count {count:.0} is below the minimum of {min_count}"));
+        cells.push(CellResult {
+            name: name.clone(),
+            value,
+            sigma,
+            low: value - 1.96 * sigma,
+            high: value + 1.96 * sigma,
+            suppressed,
+        });
+    }
+    let mut timings = Vec::new();
+    for s in [a, b] {
+        for (phase, secs) in &s.timings {
+            timings.push((s.node.clone(), phase.clone(), *secs));
+        }
+    }
+    Ok(QueryResult {
+        query_id: query_id.iter().map(|x| format!("{x:02x}")).collect(),
+        template: template.to_string(),
+        cells,
+        min_count,
+        rho: vec![(a.node.clone(), a.rho.clone()), (b.node.clone(), b.rho.clone())],
+        timings,
+        replayed: a.replayed && b.replayed,
+    })
+}
+
+/// Parses a query id given as 32 hex digits.
+///
+/// # Errors
+/// A message naming the expected form.
+pub fn parse_query_id(s: &str) -> Result<[u8; 16], String> {
+    let bad = || format!("{s:?} is not a query id (32 hex digits)");
+    if s.len() != 32 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 16];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// A fresh random query id.
+///
+/// # Errors
+/// When the OS generator fails.
+pub fn new_query_id() -> Result<[u8; 16], NodeError> {
+    let mut id = [0u8; 16];
+    cleanroom_crypto::rng::SystemRng::new().try_fill(&mut id)?;
+    Ok(id)
+}

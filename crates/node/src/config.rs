@@ -1,0 +1,416 @@
+//! Node and analyst configuration (TOML; unknown fields are refused).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cleanroom_query::{Clip, Domains, Template, TemplateKind, parse_date, parse_micro};
+use serde::Deserialize;
+
+use crate::NodeError;
+
+/// Which side a node plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The holder (customers with transactions).
+    Bank,
+    /// The matcher (users with segments).
+    Platform,
+}
+
+impl Role {
+    /// Its name, as in certificates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Bank => "bank",
+            Role::Platform => "platform",
+        }
+    }
+
+    /// The other role.
+    pub fn peer(self) -> Role {
+        match self {
+            Role::Bank => Role::Platform,
+            Role::Platform => Role::Bank,
+        }
+    }
+}
+
+/// Certificate, key and CA files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    /// PEM certificate (chain).
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA certificate(s) of the collaboration.
+    pub ca: PathBuf,
+}
+
+/// The other node.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its address (the platform connects to the bank; the bank needs none).
+    pub address: Option<SocketAddr>,
+}
+
+/// What both nodes of a collaboration share.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollaborationConfig {
+    /// Collaboration id (also the hash-to-group domain).
+    pub id: String,
+    /// Default country calling code for phone normalisation.
+    pub default_country_code: String,
+    /// Declared public domain of merchant categories.
+    pub categories: Vec<String>,
+    /// Declared public domain of platform segments.
+    pub segments: Vec<String>,
+    /// Declared public domain of countries.
+    #[serde(default)]
+    pub countries: Vec<String>,
+}
+
+/// The node's input file and its schema.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// CSV file with a header row.
+    pub path: PathBuf,
+    /// Identifier column.
+    pub id_column: String,
+    /// `email` or `phone`.
+    pub id_kind: String,
+    /// Largest share of bad rows tolerated (0 to 1).
+    #[serde(default = "default_bad_share")]
+    pub max_bad_row_share: f64,
+    /// Holder: category column.
+    pub category_column: Option<String>,
+    /// Holder: amount column (decimal, e.g. `12.34`).
+    pub amount_column: Option<String>,
+    /// Holder: date column (`YYYY-MM-DD`).
+    pub date_column: Option<String>,
+    /// Matcher: segment column.
+    pub segment_column: Option<String>,
+    /// Show a progress bar while loading (only on a terminal).
+    #[serde(default = "yes")]
+    pub progress: bool,
+}
+
+fn default_bad_share() -> f64 {
+    0.01
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Limits the node enforces.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Smallest peer set size accepted.
+    pub min_peer_set: u64,
+    /// Largest peer set size accepted.
+    pub max_peer_set: u64,
+    /// ρ each analyst may spend per period (decimal).
+    pub rho_per_analyst: String,
+    /// Period length in days.
+    pub period_days: u32,
+    /// Holder: ε_c charged per join (decimal).
+    #[serde(default = "default_eps")]
+    pub cardinality_epsilon: String,
+    /// Holder: δ_c = 1 / this.
+    #[serde(default = "default_delta_inv")]
+    pub cardinality_delta_inverse: u64,
+    /// Holder: ε_c budget per period (decimal).
+    #[serde(default = "default_eps_budget")]
+    pub cardinality_epsilon_per_period: String,
+    /// Matcher: most dummy rows accepted from the holder.
+    #[serde(default = "default_dummies")]
+    pub max_dummy_rows: u64,
+    /// How long a cached join is reused.
+    #[serde(default = "default_ttl")]
+    pub join_ttl_hours: u64,
+    /// How long one query may take end to end.
+    #[serde(default = "default_timeout")]
+    pub query_timeout_secs: u64,
+}
+
+fn default_eps() -> String {
+    "0.5".into()
+}
+fn default_delta_inv() -> u64 {
+    1_000_000
+}
+fn default_eps_budget() -> String {
+    "20".into()
+}
+fn default_dummies() -> u64 {
+    4096
+}
+fn default_ttl() -> u64 {
+    24
+}
+fn default_timeout() -> u64 {
+    120
+}
+
+/// A template as written in the config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// Name.
+    pub name: String,
+    /// `overlap`, `spend_by_category` or `spend_by_category_for_segment`.
+    pub kind: TemplateKind,
+    /// ρ per run (decimal).
+    pub rho: String,
+    /// Minimum noisy count per cell.
+    pub min_count: u64,
+    /// Analysts allowed.
+    pub analysts: Vec<String>,
+    /// Clip bounds per customer and category.
+    pub clip: Clip,
+    /// Allowed date window `[first, last]`.
+    pub dates: [String; 2],
+    /// Allowed segments (segment template).
+    #[serde(default)]
+    pub segments: Vec<String>,
+}
+
+/// A node's whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `bank` or `platform`.
+    pub role: Role,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Directory for the state database.
+    pub state_dir: PathBuf,
+    /// Certificates.
+    pub identity: IdentityFiles,
+    /// The other node.
+    pub peer: PeerConfig,
+    /// The collaboration.
+    pub collaboration: CollaborationConfig,
+    /// Input data.
+    pub data: DataConfig,
+    /// Limits.
+    pub limits: LimitsConfig,
+    /// Approved templates.
+    #[serde(default)]
+    pub templates: Vec<TemplateConfig>,
+}
+
+/// Limits in checked form.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Peer set size bounds.
+    pub peer_set: (u64, u64),
+    /// ρ per analyst per period, millionths.
+    pub rho_per_analyst_micro: u64,
+    /// Period length.
+    pub period_days: u32,
+    /// ε_c per join, millionths.
+    pub cardinality_epsilon_micro: u64,
+    /// δ_c inverse.
+    pub cardinality_delta_inverse: u64,
+    /// ε_c budget per period, millionths.
+    pub cardinality_budget_micro: u64,
+    /// Dummy rows accepted.
+    pub max_dummy_rows: u64,
+    /// Join cache lifetime in seconds.
+    pub join_ttl_secs: u64,
+    /// Query timeout.
+    pub query_timeout: std::time::Duration,
+}
+
+fn bad(path: &Path, what: String) -> NodeError {
+    NodeError::Config {
+        path: path.display().to_string(),
+        what,
+    }
+}
+
+impl NodeConfig {
+    /// Reads and checks a config file; relative paths in it are taken
+    /// relative to the file's directory.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] naming the file and the problem.
+    pub fn load(path: &Path) -> Result<Self, NodeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| bad(path, e.to_string()))?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.state_dir,
+            &mut cfg.identity.cert,
+            &mut cfg.identity.key,
+            &mut cfg.identity.ca,
+            &mut cfg.data.path,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks cross-field rules.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`].
+    pub fn check(&self, path: &Path) -> Result<(), NodeError> {
+        if self.role == Role::Platform && self.peer.address.is_none() {
+            return Err(bad(
+                path,
+                "the platform node needs [peer] address (it connects to the bank)".into(),
+            ));
+        }
+        match self.role {
+            Role::Bank => {
+                for (name, v) in [
+                    ("category_column", &self.data.category_column),
+                    ("amount_column", &self.data.amount_column),
+                    ("date_column", &self.data.date_column),
+                ] {
+                    if v.is_none() {
+                        return Err(bad(path, format!("the bank's [data] needs {name}")));
+                    }
+                }
+            }
+            Role::Platform => {
+                if self.data.segment_column.is_none() {
+                    return Err(bad(path, "the platform's [data] needs segment_column".into()));
+                }
+            }
+        }
+        if !(0.0..=1.0).contains(&self.data.max_bad_row_share) {
+            return Err(bad(path, "max_bad_row_share must be between 0 and 1".into()));
+        }
+        if !matches!(self.data.id_kind.as_str(), "email" | "phone") {
+            return Err(bad(path, "id_kind must be \"email\" or \"phone\"".into()));
+        }
+        self.limits(path)?;
+        self.templates(path)?;
+        Ok(())
+    }
+
+    /// The limits, parsed.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] for an unparsable number.
+    pub fn limits(&self, path: &Path) -> Result<Limits, NodeError> {
+        let l = &self.limits;
+        let micro = |field: &str, v: &str| parse_micro(v).map_err(|e| bad(path, format!("limits.{field}: {e}")));
+        if l.period_days == 0 {
+            return Err(bad(path, "limits.period_days must be at least 1".into()));
+        }
+        if l.min_peer_set > l.max_peer_set {
+            return Err(bad(path, "limits.min_peer_set is above max_peer_set".into()));
+        }
+        if l.cardinality_delta_inverse < 2 {
+            return Err(bad(path, "limits.cardinality_delta_inverse must be at least 2".into()));
+        }
+        Ok(Limits {
+            peer_set: (l.min_peer_set, l.max_peer_set),
+            rho_per_analyst_micro: micro("rho_per_analyst", &l.rho_per_analyst)?,
+            period_days: l.period_days,
+            cardinality_epsilon_micro: micro("cardinality_epsilon", &l.cardinality_epsilon)?,
+            cardinality_delta_inverse: l.cardinality_delta_inverse,
+            cardinality_budget_micro: micro("cardinality_epsilon_per_period", &l.cardinality_epsilon_per_period)?,
+            max_dummy_rows: l.max_dummy_rows,
+            join_ttl_secs: l.join_ttl_hours.saturating_mul(3600),
+            query_timeout: std::time::Duration::from_secs(l.query_timeout_secs.max(1)),
+        })
+    }
+
+    /// The public domains.
+    pub fn domains(&self) -> Domains {
+        Domains {
+            categories: self.collaboration.categories.clone(),
+            segments: self.collaboration.segments.clone(),
+        }
+    }
+
+    /// The templates, parsed and checked.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] naming the template.
+    pub fn templates(&self, path: &Path) -> Result<Vec<Template>, NodeError> {
+        let domains = self.domains();
+        let mut out: Vec<Template> = Vec::new();
+        for t in &self.templates {
+            if out.iter().any(|o| o.name == t.name) {
+                return Err(bad(path, format!("template {:?} is defined twice", t.name)));
+            }
+            let date = |s: &str| parse_date(s).map_err(|e| bad(path, format!("template {:?}: {e}", t.name)));
+            let tpl = Template {
+                name: t.name.clone(),
+                kind: t.kind,
+                rho_micro: parse_micro(&t.rho).map_err(|e| bad(path, format!("template {:?}: rho: {e}", t.name)))?,
+                min_count: t.min_count,
+                analysts: t.analysts.clone(),
+                clip: t.clip,
+                dates: (date(&t.dates[0])?, date(&t.dates[1])?),
+                segments: t.segments.clone(),
+            };
+            tpl.check(&domains).map_err(|e| bad(path, e.to_string()))?;
+            out.push(tpl);
+        }
+        Ok(out)
+    }
+}
+
+/// One node, as an analyst reaches it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddress {
+    /// `bank` or `platform`.
+    pub role: Role,
+    /// Its UDP address.
+    pub address: SocketAddr,
+}
+
+/// An analyst's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalystConfig {
+    /// The analyst's name (as in its certificate).
+    pub name: String,
+    /// Certificates.
+    pub identity: IdentityFiles,
+    /// Both nodes.
+    pub nodes: Vec<NodeAddress>,
+}
+
+impl AnalystConfig {
+    /// Reads and checks an analyst config; relative paths are taken
+    /// relative to the file's directory.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`].
+    pub fn load(path: &Path) -> Result<Self, NodeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| bad(path, e.to_string()))?;
+        let mut cfg: AnalystConfig = toml::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.identity.cert, &mut cfg.identity.key, &mut cfg.identity.ca] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        let has = |r: Role| cfg.nodes.iter().filter(|n| n.role == r).count() == 1;
+        if !has(Role::Bank) || !has(Role::Platform) {
+            return Err(bad(
+                path,
+                "list exactly one bank and one platform under [[nodes]]".into(),
+            ));
+        }
+        Ok(cfg)
+    }
+}

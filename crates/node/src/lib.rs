@@ -1,0 +1,62 @@
+#![forbid(unsafe_code)]
+//! The clean-room node and its analyst client.
+//!
+//! - [`config`]: the node's and the analyst's TOML configuration;
+//! - [`data`]: CSV loading (streamed, bad rows counted by reason);
+//! - [`state`]: the SQLite ledger, audit log and join cache;
+//! - [`pump`]: a protocol state machine driven over a QUIC stream;
+//! - [`server`]: the node itself: connections, sessions, queries, noise;
+//! - [`client`]: the analyst's side: submit, reconstruct, intervals;
+//! - [`demo`]: everything in one process on loopback.
+
+pub mod client;
+pub mod config;
+pub mod data;
+pub mod demo;
+pub mod pump;
+pub mod server;
+pub mod state;
+
+/// Errors of a node or of the analyst client. Messages never carry an
+/// identifier, a value or a share.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// A configuration file is unusable.
+    #[error("config {path}: {what}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The input data is unusable.
+    #[error("data {path}: {what}")]
+    Data {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The state database failed.
+    #[error("state: {0}")]
+    State(String),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] cleanroom_transport::TransportError),
+    /// The protocol refused a message or local input.
+    #[error("protocol: {0}")]
+    Protocol(#[from] cleanroom_protocol::ProtocolError),
+    /// The peer (or a node, for the analyst) misbehaved or went away.
+    #[error("peer: {0}")]
+    Peer(String),
+    /// A request was refused by policy; the message says what to change.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Randomness or noise parameters.
+    #[error("crypto: {0}")]
+    Crypto(#[from] cleanroom_crypto::CryptoError),
+    /// A local failure.
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}

@@ -1,0 +1,960 @@
+//! The node: one UDP port, peers and analysts told apart by certificate.
+//!
+//! - The platform (matcher) drives the protocol: for a query it opens a join
+//!   (or reuses a cached one) and an aggregate with the bank.
+//! - The bank (holder) answers joins after charging its cardinality budget,
+//!   and answers an aggregate only for a query an analyst submitted to it
+//!   under the same query id, which it has itself checked and charged.
+//! - Each node adds its own discrete Gaussian noise to its share, stores the
+//!   noisy share with the charge and an audit entry, and only then sends it
+//!   to the analyst. A retried query id gets the stored share back.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cleanroom_crypto::dp::{DiscreteGaussian, ShiftedTruncatedLaplace};
+use cleanroom_crypto::normalize::NormalizationRules;
+use cleanroom_crypto::rng::{SystemRng, session_rng};
+use cleanroom_crypto::shares::Share;
+use cleanroom_protocol::aggregate::{HolderAggregate, MatcherAggregate, RowValues};
+use cleanroom_protocol::join::{
+    DEFAULT_CHUNK_POINTS, HolderJoin, HolderJoined, HolderPolicy, JoinParams, MatcherJoin, MatcherJoined,
+    MatcherPolicy, SetSizeLimits,
+};
+use cleanroom_query::{Domains, Plan, Template, TemplateKind, format_date, format_micro};
+use cleanroom_transport::{
+    Identity, TransportSettings, TrustAnchors, certificate_is_for, connect, node_endpoint, peer_certificate, pki,
+};
+use cleanroom_wire::{
+    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, QueryRequest, QueryShare, SessionId,
+    TemplateInfo,
+};
+use ring::digest::{SHA256, digest};
+use tokio::sync::{Notify, oneshot};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::NodeError;
+use crate::config::{Limits, NodeConfig, Role};
+use crate::data::{HolderData, MatcherData, load_holder, load_matcher};
+use crate::pump::{self, read_one, write_one};
+use crate::state::{AuditEntry, Charge, State, now_secs, period_of};
+
+/// A node's input data.
+#[derive(Debug)]
+pub enum NodeData {
+    /// The bank's customers.
+    Holder(HolderData),
+    /// The platform's users.
+    Matcher(MatcherData),
+}
+
+impl NodeData {
+    fn version(&self) -> [u8; 32] {
+        match self {
+            NodeData::Holder(h) => h.version,
+            NodeData::Matcher(m) => m.version,
+        }
+    }
+
+    /// Distinct identifiers loaded.
+    pub fn len(&self) -> usize {
+        match self {
+            NodeData::Holder(h) => h.ids.len(),
+            NodeData::Matcher(m) => m.ids.len(),
+        }
+    }
+
+    /// Whether no identifier was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct PendingEntry {
+    plan: Plan,
+    tx: Option<oneshot::Sender<Result<(Share, f64), String>>>,
+}
+
+struct Inner {
+    role: Role,
+    collaboration: String,
+    rules: NormalizationRules,
+    limits: Limits,
+    templates: Vec<Template>,
+    domains: Domains,
+    data: NodeData,
+    state: Mutex<State>,
+    endpoint: quinn::Endpoint,
+    peer_address: Option<SocketAddr>,
+    peer_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    holder_joins: Mutex<HashMap<SessionId, Arc<HolderJoined>>>,
+    matcher_joins: Mutex<HashMap<String, Arc<MatcherJoined>>>,
+    pending: Mutex<HashMap<[u8; 16], PendingEntry>>,
+    pending_changed: Notify,
+    analysts: Vec<String>,
+    /// Serialises queries on the matcher, so two queries that need the same
+    /// join do not both run it.
+    join_lock: tokio::sync::Mutex<()>,
+}
+
+/// A running node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node {{ role: {} }}", self.inner.role.as_str())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `(ε numerator, denominator)` from millionths.
+fn micro_rational(micro: u64) -> (u64, u64) {
+    (micro, 1_000_000)
+}
+
+impl Node {
+    /// Loads the data, opens the state, binds the port and starts serving.
+    ///
+    /// # Errors
+    /// Any configuration, data, state or transport error, with a clear message.
+    pub async fn start(cfg: NodeConfig, config_path: &std::path::Path) -> Result<Node, NodeError> {
+        let limits = cfg.limits(config_path)?;
+        let templates = cfg.templates(config_path)?;
+        let identity = Identity::load(&cfg.identity.cert, &cfg.identity.key)?;
+        let ca = TrustAnchors::load(&cfg.identity.ca)?;
+        if let Some(leaf) = identity.leaf()
+            && !certificate_is_for(leaf, &pki::node_name(cfg.role.as_str()))
+        {
+            return Err(NodeError::Config {
+                path: cfg.identity.cert.display().to_string(),
+                what: format!("this certificate is not for {}", pki::node_name(cfg.role.as_str())),
+            });
+        }
+        let data_cfg = cfg.data.clone();
+        let collab = cfg.collaboration.clone();
+        let role = cfg.role;
+        let data = tokio::task::spawn_blocking(move || match role {
+            Role::Bank => load_holder(&data_cfg, &collab).map(NodeData::Holder),
+            Role::Platform => load_matcher(&data_cfg, &collab).map(NodeData::Matcher),
+        })
+        .await
+        .map_err(|_| NodeError::Internal("data loading failed"))??;
+        let report = match &data {
+            NodeData::Holder(h) => &h.report,
+            NodeData::Matcher(m) => &m.report,
+        };
+        info!(
+            rows = report.rows,
+            loaded = report.loaded,
+            distinct_identifiers = data.len(),
+            bad_rows = report.bad_rows(),
+            duplicate_identifiers = report.duplicate_identifiers,
+            mapped_to_other = report.mapped_to_other,
+            "data loaded"
+        );
+        if report.bad_rows() > 0 {
+            warn!(reasons = %report.describe(), "bad rows skipped");
+        }
+        let mut state = State::open(&cfg.state_dir)?;
+        state.expire_joins(&data.version())?;
+        let endpoint = node_endpoint(cfg.listen, &identity, &ca, &TransportSettings::default())?;
+        let mut analysts: Vec<String> = templates.iter().flat_map(|t| t.analysts.iter().cloned()).collect();
+        analysts.sort();
+        analysts.dedup();
+        let inner = Arc::new(Inner {
+            role,
+            collaboration: cfg.collaboration.id.clone(),
+            rules: NormalizationRules::v1(&cfg.collaboration.default_country_code),
+            limits,
+            templates,
+            domains: cfg.domains(),
+            data,
+            state: Mutex::new(state),
+            endpoint,
+            peer_address: cfg.peer.address,
+            peer_conn: tokio::sync::Mutex::new(None),
+            holder_joins: Mutex::new(HashMap::new()),
+            matcher_joins: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            pending_changed: Notify::new(),
+            analysts,
+            join_lock: tokio::sync::Mutex::new(()),
+        });
+        let node = Node { inner };
+        let accept = node.clone();
+        tokio::spawn(async move { accept.accept_loop().await });
+        info!(role = role.as_str(), address = %node.local_addr()?, "node listening");
+        Ok(node)
+    }
+
+    /// The address the node listens on.
+    ///
+    /// # Errors
+    /// An I/O error from the socket.
+    pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
+        self.inner
+            .endpoint
+            .local_addr()
+            .map_err(|e| NodeError::Peer(format!("local address: {e}")))
+    }
+
+    /// Stops accepting, closes connections and waits for them to finish.
+    pub async fn shutdown(&self) {
+        self.inner.endpoint.close(0u32.into(), b"shutdown");
+        tokio::time::timeout(Duration::from_secs(5), self.inner.endpoint.wait_idle())
+            .await
+            .ok();
+    }
+
+    /// Charges recorded in this node's ledger (for tests and operators).
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn charge_count(&self) -> Result<u64, NodeError> {
+        lock(&self.inner.state).charge_count()
+    }
+
+    async fn accept_loop(self) {
+        while let Some(incoming) = self.inner.endpoint.accept().await {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => node.serve_connection(conn).await,
+                    Err(e) => info!(%remote, error = %e, "handshake refused"),
+                }
+            });
+        }
+    }
+
+    async fn serve_connection(self, conn: quinn::Connection) {
+        let Some(cert) = peer_certificate(&conn) else {
+            conn.close(2u32.into(), b"certificate required");
+            return;
+        };
+        let peer_name = pki::node_name(self.inner.role.peer().as_str());
+        if certificate_is_for(&cert, &peer_name) {
+            if self.inner.role != Role::Bank {
+                conn.close(3u32.into(), b"this node does not accept peer connections");
+                return;
+            }
+            info!(peer = %peer_name, "peer connected");
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.serve_peer_stream(send, recv).await {
+                        warn!(error = %e, "peer session failed");
+                    }
+                });
+            }
+            return;
+        }
+        let analyst = self
+            .inner
+            .analysts
+            .iter()
+            .find(|a| certificate_is_for(&cert, &pki::analyst_name(a)))
+            .cloned();
+        let Some(analyst) = analyst else {
+            info!("connection with an unknown certificate closed");
+            conn.close(4u32.into(), b"certificate not accepted by this node");
+            return;
+        };
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let node = self.clone();
+            let analyst = analyst.clone();
+            let span = info_span!("analyst", name = %analyst);
+            tokio::spawn(
+                async move {
+                    let response = match read_one(&mut recv, Duration::from_secs(30)).await {
+                        Ok(frame) => match Message::decode(&frame) {
+                            Ok(Message::AnalystRequest(req)) => node.serve_analyst(&analyst, req).await,
+                            Ok(_) => AnalystResponse::Refused("expected an analyst request".into()),
+                            Err(e) => AnalystResponse::Refused(format!("malformed request: {e}")),
+                        },
+                        Err(e) => {
+                            info!(error = %e, "analyst stream ended");
+                            return;
+                        }
+                    };
+                    if write_one(&mut send, &Message::AnalystResponse(response)).await.is_ok() {
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    fn template(&self, name: &str) -> Result<&Template, NodeError> {
+        self.inner.templates.iter().find(|t| t.name == name).ok_or_else(|| {
+            NodeError::Refused(format!(
+                "no template named {name:?} on the {} node; run `cleanroom templates` to list them",
+                self.inner.role.as_str()
+            ))
+        })
+    }
+
+    async fn serve_analyst(&self, analyst: &str, req: AnalystRequest) -> AnalystResponse {
+        match req {
+            AnalystRequest::Templates => AnalystResponse::Templates(
+                self.inner
+                    .templates
+                    .iter()
+                    .filter(|t| t.analysts.iter().any(|a| a == analyst))
+                    .map(template_info)
+                    .collect(),
+            ),
+            AnalystRequest::Budget => {
+                let spent = lock(&self.inner.state).spent(analyst, self.inner.limits.period_days);
+                match spent {
+                    Ok(spent) => {
+                        let days = i64::from(self.inner.limits.period_days);
+                        let period = period_of(now_secs(), self.inner.limits.period_days);
+                        AnalystResponse::Budget(BudgetInfo {
+                            node: self.inner.role.as_str().to_string(),
+                            analyst: analyst.to_string(),
+                            rho_limit_micro: self.inner.limits.rho_per_analyst_micro,
+                            rho_spent_micro: spent,
+                            period_days: self.inner.limits.period_days,
+                            period_ends_day: (period + 1) * days,
+                        })
+                    }
+                    Err(e) => AnalystResponse::Refused(format!("the node's ledger failed: {e}")),
+                }
+            }
+            AnalystRequest::Query(q) => {
+                let span = info_span!("query", id = %hex(&q.query_id), template = %q.template);
+                match self.run_query(analyst, &q).instrument(span).await {
+                    Ok(share) => AnalystResponse::Share(share),
+                    Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
+                    Err(e) => {
+                        warn!(error = %e, "query failed");
+                        AnalystResponse::Refused(format!(
+                            "the {} node could not complete the query: {e}. Retrying with the same query id costs no extra budget.",
+                            self.inner.role.as_str()
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_query(&self, analyst: &str, q: &QueryRequest) -> Result<QueryShare, NodeError> {
+        let template = self.template(&q.template)?.clone();
+        let plan = template
+            .bind(analyst, &q.params, &self.inner.domains)
+            .map_err(|e| NodeError::Refused(e.to_string()))?;
+        let digest = plan.digest();
+        let charge = {
+            let node = self.clone();
+            let (qid, analyst, name) = (q.query_id, analyst.to_string(), template.name.clone());
+            let rho = template.rho_micro;
+            tokio::task::spawn_blocking(move || {
+                let l = &node.inner.limits;
+                lock(&node.inner.state).charge(
+                    &qid,
+                    &analyst,
+                    &name,
+                    &digest,
+                    rho,
+                    l.rho_per_analyst_micro,
+                    l.period_days,
+                )
+            })
+            .await
+            .map_err(|_| NodeError::Internal("ledger task failed"))??
+        };
+        match charge {
+            Charge::Existing(Some(stored)) => {
+                info!("returning the stored share of a retried query id");
+                return match Message::decode(&stored) {
+                    Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) => {
+                        s.replayed = true;
+                        Ok(s)
+                    }
+                    _ => Err(NodeError::State("a stored share does not decode".into())),
+                };
+            }
+            Charge::OverBudget { spent, limit } => {
+                let period = period_of(now_secs(), self.inner.limits.period_days);
+                let ends = (period + 1) * i64::from(self.inner.limits.period_days);
+                return Err(NodeError::Refused(format!(
+                    "budget exhausted on the {} node: this template costs rho {}, {} of {} is spent this period; it frees up on {}",
+                    self.inner.role.as_str(),
+                    format_micro(template.rho_micro),
+                    format_micro(spent),
+                    format_micro(limit),
+                    format_date(i32::try_from(ends).unwrap_or(i32::MAX))
+                )));
+            }
+            Charge::New => info!(rho = %format_micro(template.rho_micro), "charged"),
+            Charge::Existing(None) => info!("query id already charged; computing its share (no new charge)"),
+        }
+        let started = Instant::now();
+        let mut timings = Vec::new();
+        let share = match self.inner.role {
+            Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings).await?,
+            Role::Bank => {
+                let (share, secs) = self.holder_share(&plan, &q.query_id).await?;
+                timings.push(("aggregate".to_string(), secs));
+                share
+            }
+        };
+        let t = Instant::now();
+        let out = self.noise_and_store(share, &plan, &template, analyst, q, timings)?;
+        info!(
+            seconds = started.elapsed().as_secs_f64(),
+            noise_seconds = t.elapsed().as_secs_f64(),
+            "share released"
+        );
+        Ok(out)
+    }
+
+    fn noise_and_store(
+        &self,
+        mut share: Share,
+        plan: &Plan,
+        template: &Template,
+        analyst: &str,
+        q: &QueryRequest,
+        mut timings: Vec<(String, f64)>,
+    ) -> Result<QueryShare, NodeError> {
+        let t = Instant::now();
+        let delta2 = plan.delta_squared();
+        let gauss = DiscreteGaussian::for_zcdp(delta2, template.rho_micro, 1_000_000)?;
+        let mut rng = SystemRng::new();
+        let noise: Vec<i64> = (0..share.width())
+            .map(|_| gauss.sample(&mut rng))
+            .collect::<Result<_, _>>()?;
+        share.add_signed(&noise);
+        timings.push(("noise".to_string(), t.elapsed().as_secs_f64()));
+        #[allow(clippy::cast_precision_loss)]
+        let sigma = ((delta2 as f64) * 1e6 / (2.0 * template.rho_micro as f64)).sqrt();
+        let cells = plan.cells();
+        let out = QueryShare {
+            node: self.inner.role.as_str().to_string(),
+            query_id: q.query_id,
+            plan: plan.digest(),
+            cells: cells.iter().map(|c| c.name.clone()).collect(),
+            weights: cells.iter().map(|c| c.weight).collect(),
+            count_cells: cells.iter().map(|c| c.count_cell as u32).collect(),
+            words: share.words().to_vec(),
+            sigma,
+            min_count: template.min_count,
+            rho: format_micro(template.rho_micro),
+            timings,
+            replayed: false,
+        };
+        let encoded = Message::AnalystResponse(AnalystResponse::Share(out.clone()))
+            .encode()
+            .map_err(|_| NodeError::Internal("share encoding"))?;
+        let result_digest = digest(&SHA256, &encoded);
+        let params: Vec<String> = plan.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        lock(&self.inner.state).store_share(
+            &q.query_id,
+            &encoded,
+            &AuditEntry {
+                event: "query",
+                analyst,
+                template: &template.name,
+                plan: &out.plan,
+                params: &params.join("&"),
+                rho_micro: template.rho_micro,
+                result_digest: result_digest.as_ref(),
+            },
+        )?;
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------ holder
+
+    async fn holder_share(&self, plan: &Plan, qid: &[u8; 16]) -> Result<(Share, f64), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(
+            *qid,
+            PendingEntry {
+                plan: plan.clone(),
+                tx: Some(tx),
+            },
+        );
+        self.inner.pending_changed.notify_waiters();
+        let out = tokio::time::timeout(self.inner.limits.query_timeout, rx).await;
+        lock(&self.inner.pending).remove(qid);
+        match out {
+            Ok(Ok(Ok(share))) => Ok(share),
+            Ok(Ok(Err(e))) => Err(NodeError::Peer(e)),
+            Ok(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
+            Err(_) => Err(NodeError::Peer(format!(
+                "the platform node did not run this query within {} s",
+                self.inner.limits.query_timeout.as_secs()
+            ))),
+        }
+    }
+
+    async fn serve_peer_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
+        let NodeData::Holder(data) = &self.inner.data else {
+            return Err(NodeError::Internal("peer stream on a matcher"));
+        };
+        let first = read_one(&mut recv, Duration::from_secs(30)).await?;
+        match Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))? {
+            Message::JoinOffer(offer) => {
+                let span = info_span!("join", filter_context = %hex(&offer.context[..8]));
+                self.holder_join(data, &first, offer.context, send, recv)
+                    .instrument(span)
+                    .await
+            }
+            Message::OtSetup(setup) => {
+                let span = info_span!("aggregate", query = %hex(&setup.query_id));
+                async {
+                    let pending = self.wait_pending(&setup.query_id).await;
+                    let Some(plan) = pending else {
+                        abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
+                        return Err(NodeError::Refused(
+                            "aggregate for a query this node has not accepted".into(),
+                        ));
+                    };
+                    let t = Instant::now();
+                    let result = self
+                        .holder_aggregate(data, &plan, &setup.query_id, setup.join_session, &first, send, recv)
+                        .await;
+                    let tx = lock(&self.inner.pending)
+                        .get_mut(&setup.query_id)
+                        .and_then(|p| p.tx.take());
+                    let message = match &result {
+                        Ok(share) => Ok((share.clone(), t.elapsed().as_secs_f64())),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Some(tx) = tx {
+                        let _ = tx.send(message);
+                    }
+                    result.map(|_| ())
+                }
+                .instrument(span)
+                .await
+            }
+            other => Err(NodeError::Peer(format!(
+                "unexpected {} opening a peer stream",
+                other.kind()
+            ))),
+        }
+    }
+
+    async fn wait_pending(&self, qid: &[u8; 16]) -> Option<Plan> {
+        let deadline = Instant::now() + self.inner.limits.query_timeout.min(Duration::from_secs(30));
+        loop {
+            let notified = self.inner.pending_changed.notified();
+            if let Some(p) = lock(&self.inner.pending).get(qid) {
+                return Some(p.plan.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    async fn holder_join(
+        &self,
+        data: &HolderData,
+        first: &[u8],
+        context: [u8; 32],
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
+        let l = &self.inner.limits;
+        let cardinality = ShiftedTruncatedLaplace::new(
+            micro_rational(l.cardinality_epsilon_micro).0,
+            micro_rational(l.cardinality_epsilon_micro).1,
+            l.cardinality_delta_inverse,
+        )?;
+        let params = JoinParams {
+            collaboration_id: self.inner.collaboration.clone(),
+            rules_hash: self.inner.rules.hash(),
+            context,
+            chunk_points: DEFAULT_CHUNK_POINTS,
+        };
+        let policy = HolderPolicy {
+            peer_set: SetSizeLimits {
+                min: l.peer_set.0,
+                max: l.peer_set.1,
+            },
+            cardinality,
+        };
+        let ids = data.ids.clone();
+        let first = first.to_vec();
+        let pending = tokio::task::spawn_blocking(move || {
+            let mut rng = session_rng()?;
+            let h = HolderJoin::new(params, policy, ids)?;
+            h.on_offer(&first, &mut rng).map_err(NodeError::from)
+        })
+        .await
+        .map_err(|_| NodeError::Internal("join task failed"))?;
+        let pending = match pending {
+            Ok(p) => p,
+            Err(NodeError::Protocol(e)) => {
+                abort(&mut send, [0; 16], e.abort_code()).await;
+                return Err(NodeError::Protocol(e));
+            }
+            Err(e) => return Err(e),
+        };
+        let session = pending.session();
+        // The cardinality charge is durable before anything leaves the node.
+        let charged = {
+            let node = self.clone();
+            let eps = l.cardinality_epsilon_micro;
+            tokio::task::spawn_blocking(move || {
+                let l = &node.inner.limits;
+                lock(&node.inner.state).charge_cardinality(
+                    &session,
+                    "join",
+                    eps,
+                    l.cardinality_budget_micro,
+                    l.period_days,
+                )
+            })
+            .await
+            .map_err(|_| NodeError::Internal("ledger task failed"))?
+        };
+        if let Err(e) = charged {
+            abort(&mut send, session, AbortCode::Refused).await;
+            return Err(e);
+        }
+        let (streaming, accept) = pending.charge_recorded();
+        write_one(&mut send, &accept).await?;
+        let t = Instant::now();
+        let streaming = pump::run(streaming, send, recv, Duration::from_secs(60)).await?;
+        let joined = Arc::new(streaming.finish()?);
+        let (session, n, d, d_max, order) = joined.parts();
+        let mut payload = Vec::with_capacity(24 + order.len() * 4);
+        for x in [n, d, d_max] {
+            payload.extend_from_slice(&x.to_le_bytes());
+        }
+        for o in order {
+            payload.extend_from_slice(&o.to_le_bytes());
+        }
+        lock(&self.inner.state).put_join(&session, "holder", &data.version, l.join_ttl_secs, &payload)?;
+        lock(&self.inner.holder_joins).insert(session, joined.clone());
+        info!(rows = joined.rows(), seconds = t.elapsed().as_secs_f64(), "join done");
+        Ok(())
+    }
+
+    fn holder_join_by_session(
+        &self,
+        session: &SessionId,
+        version: &[u8; 32],
+    ) -> Result<Option<Arc<HolderJoined>>, NodeError> {
+        if let Some(j) = lock(&self.inner.holder_joins).get(session) {
+            return Ok(Some(j.clone()));
+        }
+        let Some(payload) = lock(&self.inner.state).join_by_session(session, version)? else {
+            return Ok(None);
+        };
+        let word = |k: usize| -> Option<u64> {
+            payload
+                .get(k * 8..k * 8 + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_le_bytes)
+        };
+        let (Some(n), Some(d), Some(d_max)) = (word(0), word(1), word(2)) else {
+            return Err(NodeError::State("a cached join is truncated".into()));
+        };
+        let order: Vec<u32> = payload
+            .get(24..)
+            .unwrap_or(&[])
+            .chunks_exact(4)
+            .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes))
+            .collect();
+        let joined = Arc::new(HolderJoined::from_parts(*session, n, d, d_max, order)?);
+        lock(&self.inner.holder_joins).insert(*session, joined.clone());
+        Ok(Some(joined))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn holder_aggregate(
+        &self,
+        data: &HolderData,
+        plan: &Plan,
+        qid: &[u8; 16],
+        join_session: SessionId,
+        first: &[u8],
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<Share, NodeError> {
+        let setup_session = match Message::decode(first) {
+            Ok(Message::OtSetup(s)) => s.session,
+            _ => [0; 16],
+        };
+        let Some(joined) = self.holder_join_by_session(&join_session, &data.version)? else {
+            abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
+            return Err(NodeError::Peer("aggregate over a join this node does not have".into()));
+        };
+        let values = holder_values(plan, data);
+        let width = plan.width();
+        let (qid, digest, first) = (*qid, plan.digest(), first.to_vec());
+        let started = tokio::task::spawn_blocking(move || {
+            let mut rng = session_rng()?;
+            let agg = HolderAggregate::new(joined, RowValues::new(width, values)?, qid, digest)?;
+            agg.on_setup(&first, &mut rng).map_err(NodeError::from)
+        })
+        .await
+        .map_err(|_| NodeError::Internal("aggregate task failed"))?;
+        let (running, answer) = match started {
+            Ok(x) => x,
+            Err(NodeError::Protocol(e)) => {
+                abort(&mut send, setup_session, e.abort_code()).await;
+                return Err(NodeError::Protocol(e));
+            }
+            Err(e) => return Err(e),
+        };
+        write_one(&mut send, &answer).await?;
+        let _ = &mut recv;
+        let running = pump::run(running, send, recv, Duration::from_secs(60)).await?;
+        Ok(running.finish()?)
+    }
+
+    // ------------------------------------------------------------ matcher
+
+    async fn peer_connection(&self) -> Result<quinn::Connection, NodeError> {
+        let mut guard = self.inner.peer_conn.lock().await;
+        if let Some(c) = guard.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let addr = self.inner.peer_address.ok_or(NodeError::Internal("no peer address"))?;
+        let conn = connect(
+            &self.inner.endpoint,
+            addr,
+            &pki::node_name(self.inner.role.peer().as_str()),
+        )
+        .await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn join_context(&self, filter: &str, version: &[u8; 32]) -> [u8; 32] {
+        let mut v = b"cleanroom-join-context-v1\n".to_vec();
+        v.extend_from_slice(filter.as_bytes());
+        v.push(b'\n');
+        v.extend_from_slice(version);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest(&SHA256, &v).as_ref());
+        out
+    }
+
+    async fn matcher_join(
+        &self,
+        data: &MatcherData,
+        plan: &Plan,
+        fresh: bool,
+    ) -> Result<(Arc<MatcherJoined>, Option<f64>), NodeError> {
+        let filter = plan.join_filter();
+        if !fresh {
+            if let Some(j) = lock(&self.inner.matcher_joins).get(&filter) {
+                return Ok((j.clone(), None));
+            }
+            let cached = lock(&self.inner.state).join_for_filter(&filter, &data.version)?;
+            if let Some((session, payload)) = cached {
+                let matched: Vec<bool> = payload.iter().map(|b| *b == 1).collect();
+                let j = Arc::new(MatcherJoined::from_parts(session, matched));
+                lock(&self.inner.matcher_joins).insert(filter.clone(), j.clone());
+                return Ok((j, None));
+            }
+        }
+        let t = Instant::now();
+        let ids: Vec<Vec<u8>> = match &plan.segment {
+            None => data.ids.clone(),
+            Some(seg) => {
+                let idx = self.inner.domains.segments.iter().position(|s| s == seg);
+                data.ids
+                    .iter()
+                    .zip(&data.segments)
+                    .filter(|(_, s)| idx.is_some_and(|i| usize::from(**s) == i))
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            }
+        };
+        let l = &self.inner.limits;
+        let params = JoinParams {
+            collaboration_id: self.inner.collaboration.clone(),
+            rules_hash: self.inner.rules.hash(),
+            context: self.join_context(&filter, &data.version),
+            chunk_points: DEFAULT_CHUNK_POINTS,
+        };
+        let policy = MatcherPolicy {
+            peer_set: SetSizeLimits {
+                min: l.peer_set.0,
+                max: l.peer_set.1,
+            },
+            max_dummy_rows: l.max_dummy_rows,
+        };
+        let conn = self.peer_connection().await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        let mut rng = session_rng()?;
+        let m = MatcherJoin::new(params, policy, ids)?;
+        let (offered, offer) = m.offer(&mut rng);
+        write_one(&mut send, &offer).await?;
+        let accept = read_one(&mut recv, Duration::from_secs(60)).await?;
+        let streaming = offered.on_accept(&accept)?;
+        let streaming = pump::run(streaming, send, recv, Duration::from_secs(60)).await?;
+        let joined = tokio::task::spawn_blocking(move || streaming.finish())
+            .await
+            .map_err(|_| NodeError::Internal("join task failed"))??;
+        let joined = Arc::new(joined);
+        let payload: Vec<u8> = joined.matched().iter().map(|b| u8::from(*b)).collect();
+        lock(&self.inner.state).put_join(&joined.session(), &filter, &data.version, l.join_ttl_secs, &payload)?;
+        lock(&self.inner.matcher_joins).insert(filter, joined.clone());
+        let secs = t.elapsed().as_secs_f64();
+        info!(rows = joined.rows(), seconds = secs, "join done");
+        Ok((joined, Some(secs)))
+    }
+
+    async fn matcher_aggregate(&self, joined: &MatcherJoined, plan: &Plan, qid: &[u8; 16]) -> Result<Share, NodeError> {
+        let conn = self.peer_connection().await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        let mut rng = session_rng()?;
+        let (waiting, setup) =
+            MatcherAggregate::start(joined, joined.matched(), plan.width(), *qid, plan.digest(), &mut rng)?;
+        write_one(&mut send, &setup).await?;
+        let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
+        let running = waiting.on_choices(&answer)?;
+        let running = pump::run(running, send, recv, Duration::from_secs(60)).await?;
+        Ok(running.finish()?)
+    }
+
+    async fn matcher_share(
+        &self,
+        plan: &Plan,
+        qid: &[u8; 16],
+        timings: &mut Vec<(String, f64)>,
+    ) -> Result<Share, NodeError> {
+        let NodeData::Matcher(data) = &self.inner.data else {
+            return Err(NodeError::Internal("matcher query on a holder"));
+        };
+        let _serial = self.inner.join_lock.lock().await;
+        let (joined, join_secs) = self.matcher_join(data, plan, false).await?;
+        if let Some(s) = join_secs {
+            timings.push(("join".to_string(), s));
+        }
+        let t = Instant::now();
+        match self.matcher_aggregate(&joined, plan, qid).await {
+            Ok(s) => {
+                timings.push(("aggregate".to_string(), t.elapsed().as_secs_f64()));
+                Ok(s)
+            }
+            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
+                if code == AbortCode::UnknownJoin as u16 =>
+            {
+                info!("the bank no longer has this join; joining again");
+                lock(&self.inner.matcher_joins).remove(&plan.join_filter());
+                lock(&self.inner.state).drop_join(&joined.session())?;
+                let (joined, join_secs) = self.matcher_join(data, plan, true).await?;
+                if let Some(s) = join_secs {
+                    timings.push(("join".to_string(), s));
+                }
+                let t = Instant::now();
+                let s = self.matcher_aggregate(&joined, plan, qid).await?;
+                timings.push(("aggregate".to_string(), t.elapsed().as_secs_f64()));
+                Ok(s)
+            }
+            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
+                if code == AbortCode::UnknownQuery as u16 =>
+            {
+                Err(NodeError::Refused(
+                    "the bank node has not accepted this query (it refused it or never received it); see its answer"
+                        .into(),
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn abort(send: &mut quinn::SendStream, session: SessionId, code: AbortCode) {
+    let _ = write_one(
+        send,
+        &Message::Abort(Abort {
+            session,
+            code: code as u16,
+        }),
+    )
+    .await;
+    let _ = send.finish();
+}
+
+fn template_info(t: &Template) -> TemplateInfo {
+    let window = format!("{} to {}", format_date(t.dates.0), format_date(t.dates.1));
+    let params = match t.kind {
+        TemplateKind::Overlap => vec![],
+        TemplateKind::SpendByCategory => vec![
+            ("start".into(), format!("date, {window}")),
+            ("end".into(), format!("date, {window}")),
+        ],
+        TemplateKind::SpendByCategoryForSegment => vec![
+            ("start".into(), format!("date, {window}")),
+            ("end".into(), format!("date, {window}")),
+            ("segment".into(), format!("one of {}", t.segments.join(", "))),
+        ],
+    };
+    TemplateInfo {
+        name: t.name.clone(),
+        kind: t.kind.as_str().to_string(),
+        params,
+        rho: format_micro(t.rho_micro),
+        min_count: t.min_count,
+    }
+}
+
+/// The holder's per-customer vectors for a plan (weighted, clipped).
+pub fn holder_values(plan: &Plan, data: &HolderData) -> Vec<u64> {
+    let cells = plan.cells();
+    let width = plan.width();
+    let mut out = vec![0u64; data.ids.len() * width];
+    match plan.kind {
+        TemplateKind::Overlap => out.iter_mut().for_each(|v| *v = 1),
+        _ => {
+            let c = plan.categories.len();
+            let mut count = vec![0u64; c];
+            let mut sum = vec![0i64; c];
+            for (row, txns) in out.chunks_mut(width).zip(&data.txns) {
+                count.iter_mut().for_each(|x| *x = 0);
+                sum.iter_mut().for_each(|x| *x = 0);
+                for t in txns.iter().filter(|t| t.day >= plan.dates.0 && t.day <= plan.dates.1) {
+                    let k = usize::from(t.category);
+                    if let (Some(n), Some(s)) = (count.get_mut(k), sum.get_mut(k)) {
+                        *n += 1;
+                        *s = s.saturating_add(t.cents);
+                    }
+                }
+                for k in 0..c {
+                    let has = u64::from(count[k] > 0);
+                    let txn = count[k].min(plan.clip.transactions);
+                    let spend = sum[k].clamp(0, i64::try_from(plan.clip.spend_cents).unwrap_or(i64::MAX)) as u64;
+                    let w = |i: usize| cells.get(i).map_or(1, |c| c.weight);
+                    row[3 * k] = has * w(3 * k);
+                    row[3 * k + 1] = txn * w(3 * k + 1);
+                    row[3 * k + 2] = spend * w(3 * k + 2);
+                }
+            }
+        }
+    }
+    out
+}

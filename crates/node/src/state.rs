@@ -1,0 +1,609 @@
+//! The node's durable state in SQLite (WAL, `synchronous=FULL`): the
+//! privacy-budget ledger (with the noisy share of each query, so a retry
+//! returns the same share), the holder's cardinality ledger, the
+//! append-only hash-chained audit log, and the join cache.
+//!
+//! What is stored: per query the analyst, template, plan digest, ρ and this
+//! node's noisy share; per join the holder's row order or the matcher's bit
+//! vector (the state PROTOCOL.md says each node keeps). Never an
+//! identifier, a value or the other node's data.
+
+use std::path::Path;
+
+use ring::digest::{Context, SHA256};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::NodeError;
+
+/// The outcome of a charge attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Charge {
+    /// Newly charged; compute the share.
+    New,
+    /// This query id was already charged. If its share was stored, here it is.
+    Existing(Option<Vec<u8>>),
+    /// Refused: the charge would pass the limit.
+    OverBudget {
+        /// Spent this period, millionths.
+        spent: u64,
+        /// The limit, millionths.
+        limit: u64,
+    },
+}
+
+/// A cached join: its session id and stored payload.
+pub type CachedJoin = ([u8; 16], Vec<u8>);
+
+/// The state database.
+#[derive(Debug)]
+pub struct State {
+    conn: Connection,
+}
+
+fn db(e: rusqlite::Error) -> NodeError {
+    NodeError::State(e.to_string())
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The budget period containing `secs`.
+pub fn period_of(secs: i64, period_days: u32) -> i64 {
+    secs.div_euclid(86_400 * i64::from(period_days.max(1)))
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS charges (
+    query_id BLOB PRIMARY KEY,
+    analyst TEXT NOT NULL,
+    template TEXT NOT NULL,
+    plan BLOB NOT NULL,
+    rho_micro INTEGER NOT NULL,
+    period INTEGER NOT NULL,
+    charged_at INTEGER NOT NULL,
+    share BLOB,
+    released_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS charges_by_analyst ON charges (analyst, period);
+CREATE TABLE IF NOT EXISTS cardinality (
+    session BLOB PRIMARY KEY,
+    eps_micro INTEGER NOT NULL,
+    period INTEGER NOT NULL,
+    charged_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    analyst TEXT NOT NULL,
+    template TEXT NOT NULL,
+    plan BLOB NOT NULL,
+    params TEXT NOT NULL,
+    rho_micro INTEGER NOT NULL,
+    result_digest BLOB NOT NULL,
+    prev BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_append_only_update BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_append_only_delete BEFORE DELETE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE IF NOT EXISTS joins (
+    session BLOB PRIMARY KEY,
+    filter TEXT NOT NULL,
+    data_version BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+";
+
+/// One audit entry's fields (what was run, never data).
+#[derive(Debug, Clone)]
+pub struct AuditEntry<'a> {
+    /// `query` or `join`.
+    pub event: &'a str,
+    /// The analyst (empty for joins).
+    pub analyst: &'a str,
+    /// Template name (the join filter for joins).
+    pub template: &'a str,
+    /// Plan digest (join session for joins).
+    pub plan: &'a [u8],
+    /// Parameters as text.
+    pub params: &'a str,
+    /// ρ (or ε for joins), millionths.
+    pub rho_micro: u64,
+    /// Digest of the released share (empty for joins).
+    pub result_digest: &'a [u8],
+}
+
+fn entry_hash(prev: &[u8], at: i64, e: &AuditEntry<'_>) -> [u8; 32] {
+    let mut ctx = Context::new(&SHA256);
+    let mut put = |b: &[u8]| {
+        ctx.update(&(b.len() as u64).to_le_bytes());
+        ctx.update(b);
+    };
+    put(b"cleanroom-audit-v1");
+    put(prev);
+    put(&at.to_le_bytes());
+    put(e.event.as_bytes());
+    put(e.analyst.as_bytes());
+    put(e.template.as_bytes());
+    put(e.plan);
+    put(e.params.as_bytes());
+    put(&e.rho_micro.to_le_bytes());
+    put(e.result_digest);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+fn append_audit(tx: &rusqlite::Transaction<'_>, e: &AuditEntry<'_>) -> Result<(), NodeError> {
+    let prev: Vec<u8> = tx
+        .query_row("SELECT hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
+        .optional()
+        .map_err(db)?
+        .unwrap_or_else(|| vec![0u8; 32]);
+    let at = now_secs();
+    let hash = entry_hash(&prev, at, e);
+    tx.execute(
+        "INSERT INTO audit (at, event, analyst, template, plan, params, rho_micro, result_digest, prev, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        params![
+            at,
+            e.event,
+            e.analyst,
+            e.template,
+            e.plan,
+            e.params,
+            e.rho_micro as i64,
+            e.result_digest,
+            prev,
+            hash.to_vec()
+        ],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+impl State {
+    /// Opens (or creates) `state.db` in `dir`.
+    ///
+    /// # Errors
+    /// [`NodeError::State`] when the file cannot be opened, is not a
+    /// database, or fails its integrity check.
+    pub fn open(dir: &Path) -> Result<Self, NodeError> {
+        std::fs::create_dir_all(dir).map_err(|e| NodeError::State(format!("{}: {e}", dir.display())))?;
+        let path = dir.join("state.db");
+        let conn = Connection::open(&path).map_err(|e| NodeError::State(format!("{}: {e}", path.display())))?;
+        let corrupt = |e: rusqlite::Error| {
+            NodeError::State(format!(
+                "{} is not a usable state database ({e}); restore it from a backup, or move it away to start empty (budgets and the audit log would restart)",
+                path.display()
+            ))
+        };
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(corrupt)?;
+        if check != "ok" {
+            return Err(NodeError::State(format!(
+                "{} failed its integrity check: {check}",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(corrupt)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(corrupt)?;
+        let state = Self { conn };
+        state.verify_audit()?;
+        Ok(state)
+    }
+
+    /// Checks the audit log's hash chain from the first entry.
+    ///
+    /// # Errors
+    /// [`NodeError::State`] naming the first entry that does not verify.
+    pub fn verify_audit(&self) -> Result<u64, NodeError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, at, event, analyst, template, plan, params, rho_micro, result_digest, prev, hash FROM audit ORDER BY seq")
+            .map_err(db)?;
+        let mut rows = stmt.query([]).map_err(db)?;
+        let mut prev = vec![0u8; 32];
+        let mut n = 0;
+        while let Some(r) = rows.next().map_err(db)? {
+            let seq: i64 = r.get(0).map_err(db)?;
+            let event: String = r.get(2).map_err(db)?;
+            let analyst: String = r.get(3).map_err(db)?;
+            let template: String = r.get(4).map_err(db)?;
+            let plan: Vec<u8> = r.get(5).map_err(db)?;
+            let params_text: String = r.get(6).map_err(db)?;
+            let rho: i64 = r.get(7).map_err(db)?;
+            let digest: Vec<u8> = r.get(8).map_err(db)?;
+            let stored_prev: Vec<u8> = r.get(9).map_err(db)?;
+            let hash: Vec<u8> = r.get(10).map_err(db)?;
+            let e = AuditEntry {
+                event: &event,
+                analyst: &analyst,
+                template: &template,
+                plan: &plan,
+                params: &params_text,
+                rho_micro: rho as u64,
+                result_digest: &digest,
+            };
+            if stored_prev != prev || hash != entry_hash(&prev, r.get(1).map_err(db)?, &e) {
+                return Err(NodeError::State(format!(
+                    "the audit log's hash chain breaks at entry {seq}"
+                )));
+            }
+            prev = hash;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Charges `rho_micro` to `analyst` for `query_id`, durably, unless the
+    /// period's limit would be passed. A query id already charged is never
+    /// charged again; if it belongs to another analyst or plan it is refused.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] for a reused query id; [`NodeError::State`].
+    pub fn charge(
+        &mut self,
+        query_id: &[u8; 16],
+        analyst: &str,
+        template: &str,
+        plan: &[u8; 32],
+        rho_micro: u64,
+        limit_micro: u64,
+        period_days: u32,
+    ) -> Result<Charge, NodeError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let existing: Option<(String, Vec<u8>, Option<Vec<u8>>)> = tx
+            .query_row(
+                "SELECT analyst, plan, share FROM charges WHERE query_id = ?1",
+                params![query_id.to_vec()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        if let Some((a, p, share)) = existing {
+            if a != analyst || p != plan.to_vec() {
+                return Err(NodeError::Refused(
+                    "this query id was already used for another query; choose a new id".into(),
+                ));
+            }
+            return Ok(Charge::Existing(share));
+        }
+        let now = now_secs();
+        let period = period_of(now, period_days);
+        let spent: i64 = tx
+            .query_row(
+                "SELECT COALESCE(SUM(rho_micro), 0) FROM charges WHERE analyst = ?1 AND period = ?2",
+                params![analyst, period],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        let spent = spent.max(0) as u64;
+        if spent.saturating_add(rho_micro) > limit_micro {
+            return Ok(Charge::OverBudget {
+                spent,
+                limit: limit_micro,
+            });
+        }
+        tx.execute(
+            "INSERT INTO charges (query_id, analyst, template, plan, rho_micro, period, charged_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![query_id.to_vec(), analyst, template, plan.to_vec(), rho_micro as i64, period, now],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Charge::New)
+    }
+
+    /// Stores the noisy share of a charged query and appends the audit
+    /// entry, in one transaction, before the share is released.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn store_share(&mut self, query_id: &[u8; 16], share: &[u8], entry: &AuditEntry<'_>) -> Result<(), NodeError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let n = tx
+            .execute(
+                "UPDATE charges SET share = ?2, released_at = ?3 WHERE query_id = ?1 AND share IS NULL",
+                params![query_id.to_vec(), share, now_secs()],
+            )
+            .map_err(db)?;
+        if n != 1 {
+            return Err(NodeError::State(
+                "share stored for a query that was not charged, or twice".into(),
+            ));
+        }
+        append_audit(&tx, entry)?;
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// ρ spent by `analyst` in the current period, millionths.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn spent(&self, analyst: &str, period_days: u32) -> Result<u64, NodeError> {
+        let period = period_of(now_secs(), period_days);
+        let spent: i64 = self
+            .conn
+            .query_row(
+                "SELECT COALESCE(SUM(rho_micro), 0) FROM charges WHERE analyst = ?1 AND period = ?2",
+                params![analyst, period],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        Ok(spent.max(0) as u64)
+    }
+
+    /// Number of charges recorded (all periods).
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn charge_count(&self) -> Result<u64, NodeError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM charges", [], |r| r.get(0))
+            .map_err(db)?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Charges `eps_micro` of cardinality budget for a join, durably, unless
+    /// the period's limit would be passed; appends an audit entry.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] over the limit; [`NodeError::State`].
+    pub fn charge_cardinality(
+        &mut self,
+        session: &[u8; 16],
+        filter: &str,
+        eps_micro: u64,
+        limit_micro: u64,
+        period_days: u32,
+    ) -> Result<(), NodeError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let now = now_secs();
+        let period = period_of(now, period_days);
+        let spent: i64 = tx
+            .query_row(
+                "SELECT COALESCE(SUM(eps_micro), 0) FROM cardinality WHERE period = ?1",
+                params![period],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if (spent.max(0) as u64).saturating_add(eps_micro) > limit_micro {
+            return Err(NodeError::Refused(format!(
+                "the cardinality budget of this period is spent ({} of {}); it frees up when the period ends",
+                cleanroom_query::format_micro(spent.max(0) as u64),
+                cleanroom_query::format_micro(limit_micro)
+            )));
+        }
+        tx.execute(
+            "INSERT INTO cardinality (session, eps_micro, period, charged_at) VALUES (?1, ?2, ?3, ?4)",
+            params![session.to_vec(), eps_micro as i64, period, now],
+        )
+        .map_err(db)?;
+        append_audit(
+            &tx,
+            &AuditEntry {
+                event: "join",
+                analyst: "",
+                template: filter,
+                plan: session,
+                params: "",
+                rho_micro: eps_micro,
+                result_digest: &[],
+            },
+        )?;
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    /// Caches a join.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn put_join(
+        &mut self,
+        session: &[u8; 16],
+        filter: &str,
+        data_version: &[u8; 32],
+        ttl_secs: u64,
+        payload: &[u8],
+    ) -> Result<(), NodeError> {
+        let now = now_secs();
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO joins (session, filter, data_version, created_at, expires_at, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![session.to_vec(), filter, data_version.to_vec(), now, now.saturating_add(ttl_secs as i64), payload],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Deletes expired joins and joins of other data versions.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn expire_joins(&mut self, data_version: &[u8; 32]) -> Result<usize, NodeError> {
+        self.conn
+            .execute(
+                "DELETE FROM joins WHERE expires_at <= ?1 OR data_version != ?2",
+                params![now_secs(), data_version.to_vec()],
+            )
+            .map_err(db)
+    }
+
+    /// The newest live join for `filter` (matcher side): `(session, payload)`.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn join_for_filter(&self, filter: &str, data_version: &[u8; 32]) -> Result<Option<CachedJoin>, NodeError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .query_row(
+                "SELECT session, payload FROM joins WHERE filter = ?1 AND data_version = ?2 AND expires_at > ?3 ORDER BY created_at DESC LIMIT 1",
+                params![filter, data_version.to_vec(), now_secs()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        Ok(row.and_then(|(s, p)| <[u8; 16]>::try_from(s.as_slice()).ok().map(|s| (s, p))))
+    }
+
+    /// A live join by session (holder side).
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn join_by_session(&self, session: &[u8; 16], data_version: &[u8; 32]) -> Result<Option<Vec<u8>>, NodeError> {
+        self.conn
+            .query_row(
+                "SELECT payload FROM joins WHERE session = ?1 AND data_version = ?2 AND expires_at > ?3",
+                params![session.to_vec(), data_version.to_vec(), now_secs()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)
+    }
+
+    /// Forgets a join.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn drop_join(&mut self, session: &[u8; 16]) -> Result<(), NodeError> {
+        self.conn
+            .execute("DELETE FROM joins WHERE session = ?1", params![session.to_vec()])
+            .map_err(db)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry<'a>() -> AuditEntry<'a> {
+        AuditEntry {
+            event: "query",
+            analyst: "alice",
+            template: "overlap",
+            plan: &[1; 32],
+            params: "",
+            rho_micro: 100,
+            result_digest: &[2; 32],
+        }
+    }
+
+    #[test]
+    fn charges_are_once_per_query_and_within_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let q1 = [1u8; 16];
+        assert_eq!(
+            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30).unwrap(),
+            Charge::New
+        );
+        assert_eq!(
+            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30).unwrap(),
+            Charge::Existing(None)
+        );
+        assert!(matches!(
+            s.charge(&q1, "bob", "t", &[0; 32], 400, 1000, 30),
+            Err(NodeError::Refused(_))
+        ));
+        assert_eq!(
+            s.charge(&[2; 16], "alice", "t", &[0; 32], 600, 1000, 30).unwrap(),
+            Charge::New
+        );
+        // Exactly at the limit was allowed; one more millionth is not.
+        assert_eq!(
+            s.charge(&[3; 16], "alice", "t", &[0; 32], 1, 1000, 30).unwrap(),
+            Charge::OverBudget {
+                spent: 1000,
+                limit: 1000
+            }
+        );
+        assert_eq!(s.spent("alice", 30).unwrap(), 1000);
+        s.store_share(&q1, b"share", &entry()).unwrap();
+        assert!(s.store_share(&q1, b"again", &entry()).is_err());
+        drop(s);
+        // After a restart: the same share comes back, the budget is still spent.
+        let mut s = State::open(dir.path()).unwrap();
+        assert_eq!(
+            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30).unwrap(),
+            Charge::Existing(Some(b"share".to_vec()))
+        );
+        assert_eq!(s.spent("alice", 30).unwrap(), 1000);
+        assert_eq!(s.verify_audit().unwrap(), 1);
+    }
+
+    #[test]
+    fn audit_log_is_append_only_and_chained() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        for q in 0..3u8 {
+            s.charge(&[q; 16], "alice", "t", &[0; 32], 1, 1000, 30).unwrap();
+            s.store_share(&[q; 16], b"x", &entry()).unwrap();
+        }
+        assert_eq!(s.verify_audit().unwrap(), 3);
+        assert!(s.conn.execute("DELETE FROM audit", []).is_err());
+        assert!(s.conn.execute("UPDATE audit SET analyst = 'mallory'", []).is_err());
+        // Tampering behind the triggers' back (dropping them) is caught by the chain.
+        s.conn
+            .execute_batch("DROP TRIGGER audit_append_only_update; UPDATE audit SET analyst = 'mallory' WHERE seq = 2;")
+            .unwrap();
+        let e = s.verify_audit().unwrap_err().to_string();
+        assert!(e.contains("breaks at entry 2"), "{e}");
+        drop(s);
+        assert!(State::open(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_file_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("state.db"), vec![0x42u8; 8192]).unwrap();
+        let e = State::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a usable state database"), "{e}");
+    }
+
+    #[test]
+    fn cardinality_budget_and_joins() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        s.charge_cardinality(&[1; 16], "all", 500_000, 1_000_000, 30).unwrap();
+        s.charge_cardinality(&[2; 16], "all", 500_000, 1_000_000, 30).unwrap();
+        assert!(matches!(
+            s.charge_cardinality(&[3; 16], "all", 1, 1_000_000, 30),
+            Err(NodeError::Refused(_))
+        ));
+        let v = [9u8; 32];
+        s.put_join(&[1; 16], "all", &v, 3600, b"payload").unwrap();
+        assert_eq!(
+            s.join_for_filter("all", &v).unwrap(),
+            Some(([1; 16], b"payload".to_vec()))
+        );
+        assert_eq!(s.join_by_session(&[1; 16], &v).unwrap(), Some(b"payload".to_vec()));
+        assert_eq!(s.join_by_session(&[1; 16], &[8; 32]).unwrap(), None);
+        assert_eq!(s.expire_joins(&[8; 32]).unwrap(), 1);
+        assert_eq!(s.join_for_filter("all", &v).unwrap(), None);
+    }
+}
