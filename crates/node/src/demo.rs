@@ -3,11 +3,11 @@
 //! an analyst, with the plaintext truth beside each result (demo only).
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cleanroom_crypto::normalize::{IdKind, NormalizationRules};
-use cleanroom_query::{Clip, format_date, parse_date};
+use cleanroom_query::{Clip, parse_date};
 use cleanroom_sim::synth::{SEGMENTS, SynthConfig, SynthData, generate};
 use serde::Serialize;
 
@@ -194,6 +194,131 @@ pub fn truth(data: &SynthData, template: &str, params: &[(String, String)]) -> V
     out
 }
 
+/// A collaboration on disk: certificates, synthetic data and configs, with
+/// helpers to start its nodes (the demo, and tests, use it).
+#[derive(Debug)]
+pub struct Fixture {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// The synthetic data written to `data/`.
+    pub data: SynthData,
+    /// The bank's config file.
+    pub bank_config: PathBuf,
+    /// The platform's config file (rewritten by [`Fixture::start_platform`]).
+    pub platform_config: PathBuf,
+}
+
+impl Fixture {
+    /// Writes certificates (CA, both nodes, the given analysts), synthetic
+    /// data with `rows` customers and users (half shared), and both configs.
+    ///
+    /// # Errors
+    /// Any file or certificate error.
+    pub fn create(dir: &Path, rows: usize, seed: u64, analysts: &[&str]) -> Result<Self, NodeError> {
+        let names: Vec<String> = analysts.iter().map(|a| (*a).to_string()).collect();
+        cleanroom_transport::pki::init(&dir.join("certs"), &names, 2)?;
+        let data = generate(&SynthConfig {
+            holder_customers: rows,
+            matcher_users: rows,
+            overlap: 0.5,
+            categories: 16,
+            seed,
+        });
+        crate::data::write_synthetic(&dir.join("data"), &data)?;
+        let analyst = analysts.first().copied().unwrap_or("alice");
+        let bank_config = dir.join("bank.toml");
+        write(
+            &bank_config,
+            &node_toml(
+                "bank",
+                "127.0.0.1:0",
+                None,
+                "certs",
+                "data",
+                "state/bank",
+                &data.categories,
+                analyst,
+            ),
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            data,
+            bank_config,
+            platform_config: dir.join("platform.toml"),
+        })
+    }
+
+    /// Starts the bank from its config.
+    ///
+    /// # Errors
+    /// As [`Node::start`].
+    pub async fn start_bank(&self) -> Result<Node, NodeError> {
+        Node::start(NodeConfig::load(&self.bank_config)?, &self.bank_config).await
+    }
+
+    /// Writes the platform's config pointing at `bank` and starts it.
+    ///
+    /// # Errors
+    /// As [`Node::start`].
+    pub async fn start_platform(&self, bank: std::net::SocketAddr) -> Result<Node, NodeError> {
+        let analyst = "alice";
+        write(
+            &self.platform_config,
+            &node_toml(
+                "platform",
+                "127.0.0.1:0",
+                Some(&bank.to_string()),
+                "certs",
+                "data",
+                "state/platform",
+                &self.data.categories,
+                analyst,
+            ),
+        )?;
+        Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
+    }
+
+    /// Writes `analyst-<name>.toml` for the two nodes and loads it.
+    ///
+    /// # Errors
+    /// A file error.
+    pub fn analyst(
+        &self,
+        name: &str,
+        bank: std::net::SocketAddr,
+        platform: std::net::SocketAddr,
+    ) -> Result<AnalystConfig, NodeError> {
+        let path = self.dir.join(format!("analyst-{name}.toml"));
+        write(
+            &path,
+            &analyst_toml(name, "certs", &bank.to_string(), &platform.to_string()),
+        )?;
+        AnalystConfig::load(&path)
+    }
+}
+
+/// The three templates the demo runs, with their parameters.
+pub fn demo_queries() -> Vec<(&'static str, Vec<(String, String)>)> {
+    let p = |kv: &[(&str, &str)]| -> Vec<(String, String)> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    vec![
+        ("overlap", p(&[])),
+        (
+            "spend_by_category",
+            p(&[("start", "2026-01-01"), ("end", "2026-03-31")]),
+        ),
+        (
+            "spend_by_category_for_segment",
+            p(&[
+                ("start", "2026-01-01"),
+                ("end", "2026-06-30"),
+                ("segment", "messenger_active"),
+            ]),
+        ),
+    ]
+}
+
 /// Runs the demo in `dir` (a fresh temporary directory if `None`).
 ///
 /// # Errors
@@ -209,87 +334,24 @@ pub async fn run(rows: usize, seed: u64, dir: Option<&Path>) -> Result<DemoRepor
     };
     let mut setup = Vec::new();
     let t = Instant::now();
-    cleanroom_transport::pki::init(&dir.join("certs"), &["alice".to_string()], 2)?;
-    setup.push(("certificates".to_string(), t.elapsed().as_secs_f64()));
+    let fixture = Fixture::create(&dir, rows, seed, &["alice"])?;
+    setup.push(("certificates and synthetic data".to_string(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let data = generate(&SynthConfig {
-        holder_customers: rows,
-        matcher_users: rows,
-        overlap: 0.5,
-        categories: 16,
-        seed,
-    });
-    crate::data::write_synthetic(&dir.join("data"), &data)?;
-    setup.push(("synthetic data".to_string(), t.elapsed().as_secs_f64()));
-
-    let t = Instant::now();
-    let bank_cfg = dir.join("bank.toml");
-    write(
-        &bank_cfg,
-        &node_toml(
-            "bank",
-            "127.0.0.1:0",
-            None,
-            "certs",
-            "data",
-            "state/bank",
-            &data.categories,
-            "alice",
-        ),
-    )?;
-    let bank = Node::start(NodeConfig::load(&bank_cfg)?, &bank_cfg).await?;
-    let bank_addr = bank.local_addr()?.to_string();
-    let platform_cfg = dir.join("platform.toml");
-    write(
-        &platform_cfg,
-        &node_toml(
-            "platform",
-            "127.0.0.1:0",
-            Some(&bank_addr),
-            "certs",
-            "data",
-            "state/platform",
-            &data.categories,
-            "alice",
-        ),
-    )?;
-    let platform = Node::start(NodeConfig::load(&platform_cfg)?, &platform_cfg).await?;
-    let platform_addr = platform.local_addr()?.to_string();
+    let bank = fixture.start_bank().await?;
+    let bank_addr = bank.local_addr()?;
+    let platform = fixture.start_platform(bank_addr).await?;
+    let platform_addr = platform.local_addr()?;
     setup.push(("nodes started (data loaded)".to_string(), t.elapsed().as_secs_f64()));
-    let analyst_cfg = dir.join("analyst.toml");
-    write(
-        &analyst_cfg,
-        &analyst_toml("alice", "certs", &bank_addr, &platform_addr),
-    )?;
-    let analyst = Analyst::new(&AnalystConfig::load(&analyst_cfg)?)?;
-
-    let p = |kv: &[(&str, &str)]| -> Vec<(String, String)> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    };
-    let runs = [
-        ("overlap", p(&[])),
-        (
-            "spend_by_category",
-            p(&[("start", "2026-01-01"), ("end", "2026-03-31")]),
-        ),
-        (
-            "spend_by_category_for_segment",
-            p(&[
-                ("start", "2026-01-01"),
-                ("end", "2026-06-30"),
-                ("segment", "messenger_active"),
-            ]),
-        ),
-    ];
+    let analyst = Analyst::new(&fixture.analyst("alice", bank_addr, platform_addr)?)?;
     let mut queries = Vec::new();
-    for (template, params) in runs {
+    for (template, params) in demo_queries() {
         let t = Instant::now();
         let result = analyst
             .query(template, &params, new_query_id()?, Duration::from_secs(300))
             .await?;
         queries.push(DemoQuery {
             template: template.to_string(),
-            truth: truth(&data, template, &params),
+            truth: truth(&fixture.data, template, &params),
             params,
             result,
             seconds: t.elapsed().as_secs_f64(),
@@ -297,12 +359,11 @@ pub async fn run(rows: usize, seed: u64, dir: Option<&Path>) -> Result<DemoRepor
     }
     platform.shutdown().await;
     bank.shutdown().await;
-    let _ = format_date(0);
     Ok(DemoReport {
         bank_customers: rows,
-        bank_transactions: data.bank.len(),
-        platform_users: data.platform.len(),
-        shared_customers: data.shared_customers,
+        bank_transactions: fixture.data.bank.len(),
+        platform_users: fixture.data.platform.len(),
+        shared_customers: fixture.data.shared_customers,
         queries,
         setup,
     })

@@ -1,0 +1,449 @@
+//! End-to-end tests over real QUIC on loopback with real certificates: two
+//! nodes, an analyst, and peers and clients that should be refused.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cleanroom_node::NodeError;
+use cleanroom_node::client::{Analyst, new_query_id};
+use cleanroom_node::demo::{Fixture, demo_queries, truth};
+use cleanroom_node::server::Node;
+use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame};
+use cleanroom_wire::{AnalystRequest, AnalystResponse, MAX_MESSAGE_LEN, Message, QueryRequest};
+use rustls::pki_types::pem::PemObject;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Pair {
+    fixture: Fixture,
+    bank: Node,
+    platform: Node,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    fn bank_addr(&self) -> SocketAddr {
+        self.bank.local_addr().unwrap()
+    }
+    fn platform_addr(&self) -> SocketAddr {
+        self.platform.local_addr().unwrap()
+    }
+    fn analyst(&self, name: &str) -> Analyst {
+        Analyst::new(
+            &self
+                .fixture
+                .analyst(name, self.bank_addr(), self.platform_addr())
+                .unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+async fn pair(rows: usize, seed: u64, analysts: &[&str]) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), rows, seed, analysts).unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    Pair {
+        fixture,
+        bank,
+        platform,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_templates_are_within_their_noise_of_the_truth() {
+    for seed in [11, 12, 13] {
+        let p = pair(1500, seed, &["alice"]).await;
+        let analyst = p.analyst("alice");
+        for (template, params) in demo_queries() {
+            let r = analyst
+                .query(template, &params, new_query_id().unwrap(), TIMEOUT)
+                .await
+                .unwrap();
+            let t = truth(&p.fixture.data, template, &params);
+            assert_eq!(r.cells.len(), t.len(), "{template}");
+            let mut shown = 0;
+            for (c, truth) in r.cells.iter().zip(&t) {
+                assert!(c.sigma > 0.0);
+                // A cell's value is within 6 sigma of the truth, whether shown or not.
+                assert!(
+                    (c.value - truth).abs() <= 6.0 * c.sigma,
+                    "seed {seed} {template} {}: {} vs {truth} (sd {})",
+                    c.name,
+                    c.value,
+                    c.sigma
+                );
+                if c.suppressed.is_none() {
+                    shown += 1;
+                    assert!(c.low < c.value && c.value < c.high);
+                }
+            }
+            assert!(shown > 0, "{template}: every cell suppressed");
+        }
+        p.platform.shutdown().await;
+        p.bank.shutdown().await;
+    }
+}
+
+/// Sends one raw analyst request with the given client identity.
+async fn raw_request(
+    identity: &Identity,
+    ca: &TrustAnchors,
+    addr: SocketAddr,
+    server_name: &str,
+    msg: Message,
+) -> Result<Message, String> {
+    let ep = client_endpoint(identity, ca, &TransportSettings::default()).map_err(|e| e.to_string())?;
+    let conn = cleanroom_transport::connect(&ep, addr, server_name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &msg.encode().unwrap(), MAX_MESSAGE_LEN)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let f = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv, MAX_MESSAGE_LEN))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or("stream ended")?;
+    Message::decode(&f).map_err(|e| e.to_string())
+}
+
+fn templates_request() -> Message {
+    Message::AnalystRequest(AnalystRequest::Templates)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_and_wrong_roles_are_refused() {
+    let p = pair(300, 21, &["alice", "bob"]).await;
+    let certs = p.fixture.dir.join("certs");
+    let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+    let alice = Identity::load(&certs.join("analyst-alice.pem"), &certs.join("analyst-alice.key")).unwrap();
+    let bank_name = pki::node_name("bank");
+
+    // alice, with her certificate: accepted.
+    let ok = raw_request(&alice, &ca, p.bank_addr(), &bank_name, templates_request())
+        .await
+        .unwrap();
+    assert!(matches!(ok, Message::AnalystResponse(AnalystResponse::Templates(ref t)) if t.len() == 3));
+
+    // No client certificate at all.
+    {
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates({
+                let mut r = rustls::RootCertStore::empty();
+                for c in rustls::pki_types::CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
+                    r.add(c.unwrap()).unwrap();
+                }
+                r
+            })
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![cleanroom_transport::ALPN.to_vec()];
+        let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
+        let outcome = async {
+            let conn = ep
+                .connect(p.bank_addr(), &bank_name)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            // With TLS 1.3 the refusal may only show on the first stream operation.
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, &templates_request().encode().unwrap(), MAX_MESSAGE_LEN)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            read_frame(&mut recv, MAX_MESSAGE_LEN)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("ended".to_string())
+        };
+        let r = tokio::time::timeout(Duration::from_secs(20), outcome).await.unwrap();
+        assert!(r.is_err(), "a client without a certificate was answered");
+    }
+
+    // A certificate from another CA (trusting the right CA for the server).
+    let other = tempfile::tempdir().unwrap();
+    pki::init(other.path(), &["alice".to_string()], 2).unwrap();
+    let forged = Identity::load(
+        &other.path().join("analyst-alice.pem"),
+        &other.path().join("analyst-alice.key"),
+    )
+    .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        raw_request(&forged, &ca, p.bank_addr(), &bank_name, templates_request()),
+    )
+    .await
+    .unwrap();
+    assert!(r.is_err(), "a certificate from another CA was answered");
+
+    // An analyst certificate acting as a peer: the bank treats the connection
+    // as an analyst's and refuses protocol messages on it.
+    let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
+    let fake = cleanroom_protocol::join::MatcherJoin::new(
+        cleanroom_protocol::join::JoinParams {
+            collaboration_id: "demo-bank-platform".into(),
+            rules_hash: cleanroom_crypto::normalize::NormalizationRules::v1("44").hash(),
+            context: [0; 32],
+            chunk_points: 1024,
+        },
+        cleanroom_protocol::join::MatcherPolicy {
+            peer_set: cleanroom_protocol::join::SetSizeLimits { min: 0, max: 1 << 30 },
+            max_dummy_rows: 4096,
+        },
+        vec![b"email:x@y.com".to_vec()],
+    )
+    .unwrap();
+    let (_, offer) = fake.offer(&mut rng);
+    let r = raw_request(&alice, &ca, p.bank_addr(), &bank_name, offer)
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, Message::AnalystResponse(AnalystResponse::Refused(_))),
+        "{r:?}"
+    );
+
+    // bob holds a valid certificate of the collaboration but is in no
+    // template: the node does not accept his connection.
+    let bob = p.analyst("bob");
+    let e = bob.templates().await.unwrap_err();
+    assert!(matches!(e, NodeError::Peer(_)), "{e}");
+    // alice asking for a template that does not exist, or with a bad parameter:
+    // refused with a message that says what to change.
+    let alice_client = p.analyst("alice");
+    let e = alice_client
+        .query("nope", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no template named \"nope\""), "{e}");
+    let bad = vec![
+        ("start".to_string(), "2025-01-01".to_string()),
+        ("end".to_string(), "2026-01-31".to_string()),
+    ];
+    let e = alice_client
+        .query("spend_by_category", &bad, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be within the template's window"), "{e}");
+    assert_eq!(p.bank.charge_count().unwrap(), 0);
+    assert_eq!(p.platform.charge_count().unwrap(), 0);
+    p.platform.shutdown().await;
+    p.bank.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disallowed_analyst_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 300, 31, &["alice", "carol"]).unwrap();
+    // carol may run `overlap` only, on both nodes.
+    for cfg in [&fixture.bank_config] {
+        let text = std::fs::read_to_string(cfg).unwrap();
+        let text = text.replacen("analysts = [\"alice\"]", "analysts = [\"alice\", \"carol\"]", 1);
+        std::fs::write(cfg, text).unwrap();
+    }
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
+    std::fs::write(
+        &fixture.platform_config,
+        text.replacen("analysts = [\"alice\"]", "analysts = [\"alice\", \"carol\"]", 1),
+    )
+    .unwrap();
+    platform.shutdown().await;
+    let platform = cleanroom_node::server::Node::start(
+        cleanroom_node::config::NodeConfig::load(&fixture.platform_config).unwrap(),
+        &fixture.platform_config,
+    )
+    .await
+    .unwrap();
+    let carol = Analyst::new(
+        &fixture
+            .analyst("carol", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let params = vec![
+        ("start".to_string(), "2026-01-01".to_string()),
+        ("end".to_string(), "2026-01-31".to_string()),
+    ];
+    let e = carol
+        .query("spend_by_category", &params, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("analyst \"carol\" is not allowed to run template \"spend_by_category\""),
+        "{e}"
+    );
+    let ok = carol
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(ok.cells.len(), 1);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_query_is_charged_once_and_a_retry_costs_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 41, &["alice"]).unwrap();
+    // The bank gives up on a query after 3 s.
+    let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
+    std::fs::write(
+        &fixture.bank_config,
+        text.replace("[limits]\n", "[limits]\nquery_timeout_secs = 3\n"),
+    )
+    .unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let certs = fixture.dir.join("certs");
+    let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+    let alice = Identity::load(&certs.join("analyst-alice.pem"), &certs.join("analyst-alice.key")).unwrap();
+    let qid = new_query_id().unwrap();
+    // The query reaches only the bank (as if the analyst lost the platform
+    // mid-way): the bank charges, waits, and fails the query cleanly.
+    let req = Message::AnalystRequest(AnalystRequest::Query(QueryRequest {
+        query_id: qid,
+        template: "overlap".into(),
+        params: vec![],
+    }));
+    let r = raw_request(&alice, &ca, bank.local_addr().unwrap(), &pki::node_name("bank"), req)
+        .await
+        .unwrap();
+    let Message::AnalystResponse(AnalystResponse::Refused(m)) = r else {
+        panic!("{r:?}")
+    };
+    assert!(m.contains("costs no extra budget"), "{m}");
+    assert_eq!(bank.charge_count().unwrap(), 1);
+    // The retry with the same id runs on both nodes; nothing is charged twice.
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let r = analyst.query("overlap", &[], qid, TIMEOUT).await.unwrap();
+    assert_eq!(r.cells.len(), 1);
+    assert_eq!(bank.charge_count().unwrap(), 1);
+    assert_eq!(platform.charge_count().unwrap(), 1);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_disconnects_mid_join_leaves_the_bank_healthy() {
+    let p = pair(600, 51, &["alice"]).await;
+    let certs = p.fixture.dir.join("certs");
+    let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+    let platform_id = Identity::load(&certs.join("platform.pem"), &certs.join("platform.key")).unwrap();
+    // A platform that opens a join, sends its key and one chunk, and vanishes.
+    {
+        let ep = client_endpoint(&platform_id, &ca, &TransportSettings::default()).unwrap();
+        let conn = cleanroom_transport::connect(&ep, p.bank_addr(), &pki::node_name("bank"))
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let ids: Vec<Vec<u8>> = (0..2000)
+            .map(|i| format!("email:ghost{i}@example.com").into_bytes())
+            .collect();
+        let m = cleanroom_protocol::join::MatcherJoin::new(
+            cleanroom_protocol::join::JoinParams {
+                collaboration_id: "demo-bank-platform".into(),
+                rules_hash: cleanroom_crypto::normalize::NormalizationRules::v1("44").hash(),
+                context: [3; 32],
+                chunk_points: 500,
+            },
+            cleanroom_protocol::join::MatcherPolicy {
+                peer_set: cleanroom_protocol::join::SetSizeLimits { min: 0, max: 1 << 30 },
+                max_dummy_rows: 4096,
+            },
+            ids,
+        )
+        .unwrap();
+        let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
+        let (offered, offer) = m.offer(&mut rng);
+        write_frame(&mut send, &offer.encode().unwrap(), MAX_MESSAGE_LEN)
+            .await
+            .unwrap();
+        let accept = read_frame(&mut recv, MAX_MESSAGE_LEN).await.unwrap().unwrap();
+        let mut streaming = offered.on_accept(&accept).unwrap();
+        for _ in 0..2 {
+            let m = streaming.poll_transmit().unwrap();
+            write_frame(&mut send, &m.encode().unwrap(), MAX_MESSAGE_LEN)
+                .await
+                .unwrap();
+        }
+        conn.close(0u32.into(), b"gone");
+        ep.wait_idle().await;
+    }
+    // The bank still serves a full query through the real platform.
+    let analyst = p.analyst("alice");
+    let r = analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    let truth = truth(&p.fixture.data, "overlap", &[]);
+    assert!((r.cells[0].value - truth[0]).abs() <= 6.0 * r.cells[0].sigma);
+    p.platform.shutdown().await;
+    p.bank.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_returns_the_same_stored_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 500, 61, &["alice"]).unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let (template, params) = demo_queries().remove(1);
+    let qid = new_query_id().unwrap();
+    let first = analyst.query(template, &params, qid, TIMEOUT).await.unwrap();
+    assert!(!first.replayed);
+    platform.shutdown().await;
+    bank.shutdown().await;
+    drop((platform, bank));
+
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let again = analyst.query(template, &params, qid, TIMEOUT).await.unwrap();
+    assert!(again.replayed);
+    let values = |r: &cleanroom_node::client::QueryResult| r.cells.iter().map(|c| c.value).collect::<Vec<_>>();
+    assert_eq!(
+        values(&first),
+        values(&again),
+        "a retried query id must not draw fresh noise"
+    );
+    assert_eq!(bank.charge_count().unwrap(), 1);
+    assert_eq!(platform.charge_count().unwrap(), 1);
+    // A new id is a new query: fresh noise, a new charge.
+    let other = analyst
+        .query(template, &params, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    assert_ne!(values(&first), values(&other));
+    assert_eq!(bank.charge_count().unwrap(), 2);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
