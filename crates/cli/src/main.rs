@@ -1,7 +1,17 @@
 #![forbid(unsafe_code)]
-#![allow(clippy::print_stdout)]
 //! `cleanroom`: the clean room's one binary. Argument parsing and output
 //! formatting only; the work is done by the library crates.
+
+/// `println!` that ends the process quietly when stdout is closed (for
+/// example when piped into `head`), instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($t)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
 
 mod output;
 
@@ -199,7 +209,7 @@ fn main() -> anyhow::Result<()> {
             })
             .context("simulation failed")?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 output::simulate(&report);
             }
@@ -213,7 +223,7 @@ fn main() -> anyhow::Result<()> {
                 .block_on(cleanroom_node::demo::run(rows, seed, dir.as_deref()))
                 .context("demo failed")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 output::demo(&report);
             }
@@ -236,7 +246,7 @@ fn main() -> anyhow::Result<()> {
                 seed,
             });
             cleanroom_node::data::write_synthetic(&dir, &data)?;
-            println!(
+            out!(
                 "wrote {} ({} transactions of {} customers) and {} ({} users; {} shared with the bank)",
                 dir.join("bank.csv").display(),
                 data.bank.len(),
@@ -251,7 +261,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let written = cleanroom_transport::pki::init(&dir, &analysts, days)?;
             for f in &written.files {
-                println!("wrote {}", f.display());
+                out!("wrote {}", f.display());
             }
         }
         Command::Node { config } => {
@@ -287,7 +297,7 @@ fn main() -> anyhow::Result<()> {
             match format {
                 Format::Table => output::result_table(&result, None),
                 Format::Csv => output::result_csv(&result),
-                Format::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+                Format::Json => out!("{}", serde_json::to_string_pretty(&result)?),
             }
         }
         Command::Templates { config } => {

@@ -6,35 +6,40 @@ use cleanroom_sim::simulate::SimulateReport;
 use cleanroom_wire::{BudgetInfo, TemplateInfo};
 
 pub fn simulate(r: &SimulateReport) {
-    println!(
+    out!(
         "holder: {} customers ({} transactions)   matcher: {} users   categories: {}",
-        r.holder_rows, r.holder_transactions, r.matcher_rows, r.categories
+        r.holder_rows,
+        r.holder_transactions,
+        r.matcher_rows,
+        r.categories
     );
-    println!(
+    out!(
         "intersection (plaintext): {}   matched rows seen by the matcher: {} (intersection + D, D_max = {})",
-        r.intersection, r.matched_rows_seen_by_matcher, r.dummy_rows
+        r.intersection,
+        r.matched_rows_seen_by_matcher,
+        r.dummy_rows
     );
-    println!();
+    out!("");
     let name_w = r.cells.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
-    println!("{:<name_w$}  {:>16}  {:>16}  ok", "cell", "protocol", "plaintext");
+    out!("{:<name_w$}  {:>16}  {:>16}  ok", "cell", "protocol", "plaintext");
     for c in &r.cells {
         let ok = if c.protocol == c.plaintext { "=" } else { "DIFFERS" };
-        println!("{:<name_w$}  {:>16}  {:>16}  {ok}", c.name, c.protocol, c.plaintext);
+        out!("{:<name_w$}  {:>16}  {:>16}  {ok}", c.name, c.protocol, c.plaintext);
     }
-    println!();
-    println!("phase                         seconds");
+    out!("");
+    out!("phase                         seconds");
     for (name, secs) in &r.phases {
-        println!("{name:<28}  {secs:>8.3}");
+        out!("{name:<28}  {secs:>8.3}");
     }
-    println!();
-    println!(
+    out!("");
+    out!(
         "bytes holder->matcher: {}   matcher->holder: {}   (frames: {} / {})",
         r.bytes.holder_to_matcher,
         r.bytes.matcher_to_holder,
         r.messages.holder_to_matcher,
         r.messages.matcher_to_holder
     );
-    println!("exact: {}", r.exact);
+    out!("exact: {}", r.exact);
 }
 
 fn fmt_value(name: &str, v: f64) -> String {
@@ -65,14 +70,14 @@ pub fn result_table(r: &QueryResult, truth: Option<&[f64]>) {
     if truth.is_some() {
         header.push_str(&format!("  {:>14}", "truth (demo)"));
     }
-    println!("{header}");
+    out!("{header}");
     for (i, c) in r.cells.iter().enumerate() {
         let t = truth
             .and_then(|t| t.get(i))
             .map(|t| format!("  {:>14}", fmt_value(&c.name, *t)))
             .unwrap_or_default();
         match &c.suppressed {
-            Some(why) => println!(
+            Some(why) => out!(
                 "{:<name_w$}  {:>14}  {:>12}  {:>31}{t}",
                 display_name(&c.name),
                 "suppressed",
@@ -81,7 +86,7 @@ pub fn result_table(r: &QueryResult, truth: Option<&[f64]>) {
             ),
             None => {
                 let scale = if c.name.starts_with("spend_cents") { 100.0 } else { 1.0 };
-                println!(
+                out!(
                     "{:<name_w$}  {:>14}  {:>12}  {:>31}{t}",
                     display_name(&c.name),
                     fmt_value(&c.name, c.value),
@@ -91,7 +96,7 @@ pub fn result_table(r: &QueryResult, truth: Option<&[f64]>) {
             }
         }
     }
-    println!(
+    out!(
         "query id {}  rho charged: {}  minimum count {}{}",
         r.query_id,
         r.rho
@@ -109,9 +114,9 @@ pub fn result_table(r: &QueryResult, truth: Option<&[f64]>) {
 }
 
 pub fn result_csv(r: &QueryResult) {
-    println!("cell,value,noise_sd,low95,high95,suppressed");
+    out!("cell,value,noise_sd,low95,high95,suppressed");
     for c in &r.cells {
-        println!(
+        out!(
             "{},{},{},{},{},{}",
             c.name,
             c.value,
@@ -125,28 +130,28 @@ pub fn result_csv(r: &QueryResult) {
 
 pub fn templates(list: &[(TemplateInfo, TemplateInfo)]) {
     if list.is_empty() {
-        println!("no template is offered to this analyst by both nodes");
+        out!("no template is offered to this analyst by both nodes");
     }
     for (bank, platform) in list {
-        println!("{}  ({})", bank.name, bank.kind);
-        println!(
+        out!("{}  ({})", bank.name, bank.kind);
+        out!(
             "  rho per run: bank {}, platform {}   minimum count: {}",
             bank.rho,
             platform.rho,
             bank.min_count.max(platform.min_count)
         );
         if bank.params.is_empty() {
-            println!("  no parameters");
+            out!("  no parameters");
         }
         for (name, allowed) in &bank.params {
-            println!("  --param {name}=...   {allowed}");
+            out!("  --param {name}=...   {allowed}");
         }
     }
 }
 
 pub fn budget(list: &[BudgetInfo]) {
     for b in list {
-        println!(
+        out!(
             "{} node: analyst {} has spent rho {} of {} this {}-day period (ends {})",
             b.node,
             b.analyst,
@@ -159,17 +164,20 @@ pub fn budget(list: &[BudgetInfo]) {
 }
 
 pub fn demo(r: &DemoReport) {
-    println!(
+    out!(
         "synthetic data: bank {} customers ({} transactions), platform {} users, {} shared",
-        r.bank_customers, r.bank_transactions, r.platform_users, r.shared_customers
+        r.bank_customers,
+        r.bank_transactions,
+        r.platform_users,
+        r.shared_customers
     );
     for (step, secs) in &r.setup {
-        println!("  {step}: {secs:.2} s");
+        out!("  {step}: {secs:.2} s");
     }
     for q in &r.queries {
-        println!();
+        out!("");
         let params: Vec<String> = q.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("== {} {}  ({:.2} s)", q.template, params.join(" "), q.seconds);
+        out!("== {} {}  ({:.2} s)", q.template, params.join(" "), q.seconds);
         result_table(&q.result, Some(&q.truth));
         let phases: Vec<String> = q
             .result
@@ -177,6 +185,6 @@ pub fn demo(r: &DemoReport) {
             .iter()
             .map(|(n, p, s)| format!("{n} {p} {s:.3} s"))
             .collect();
-        println!("phases: {}", phases.join(", "));
+        out!("phases: {}", phases.join(", "));
     }
 }

@@ -1,0 +1,58 @@
+//! Every sample configuration in `examples/` parses and passes its checks,
+//! and points at the development certificates in `certs/`.
+
+use std::path::Path;
+
+use cleanroom_node::config::{AnalystConfig, NodeConfig, Role};
+use cleanroom_transport::{Identity, TrustAnchors, certificate_is_for, pki};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+#[test]
+fn sample_node_configs_parse() {
+    for (file, role) in [("bank.toml", Role::Bank), ("platform.toml", Role::Platform)] {
+        let path = root().join("examples").join(file);
+        let cfg = NodeConfig::load(&path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(cfg.role, role);
+        assert_eq!(cfg.templates(&path).unwrap().len(), 3);
+        // The development certificate it names is for this role and chains to the CA.
+        let id = Identity::load(&cfg.identity.cert, &cfg.identity.key).unwrap();
+        assert!(certificate_is_for(id.leaf().unwrap(), &pki::node_name(role.as_str())));
+        TrustAnchors::load(&cfg.identity.ca).unwrap();
+    }
+    let analyst = AnalystConfig::load(&root().join("examples/analyst.toml")).unwrap();
+    assert_eq!(analyst.name, "alice");
+    let id = Identity::load(&analyst.identity.cert, &analyst.identity.key).unwrap();
+    assert!(certificate_is_for(id.leaf().unwrap(), &pki::analyst_name("alice")));
+}
+
+#[test]
+fn bad_configs_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(root().join("examples/bank.toml")).unwrap();
+    let cases = [
+        (
+            good.replace("role = \"bank\"", "role = \"bank\"\nsurprise = 1"),
+            "unknown field",
+        ),
+        (good.replace("rho = \"0.1\"", "rho = \"-1\""), "rho"),
+        (good.replace("period_days = 30", "period_days = 0"), "period_days"),
+        (good.replace("category_column = \"category\"\n", ""), "category_column"),
+        (good.replace("id_kind = \"email\"", "id_kind = \"fax\""), "id_kind"),
+        (
+            good.replace(
+                "dates = [\"2026-01-01\", \"2026-12-31\"]",
+                "dates = [\"2026-12-31\", \"2026-01-01\"]",
+            ),
+            "window",
+        ),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let p = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let e = NodeConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains(needle), "case {i}: {e}");
+    }
+}
