@@ -449,3 +449,50 @@ async fn a_restarted_node_returns_the_same_stored_share() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_budget_is_refused_with_when_it_frees_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 300, 71, &["alice"]).unwrap();
+    // The platform allows alice rho 0.15 per period: one overlap run (0.1), not two.
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    platform.shutdown().await;
+    let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
+    std::fs::write(
+        &fixture.platform_config,
+        text.replace("rho_per_analyst = \"20\"", "rho_per_analyst = \"0.15\""),
+    )
+    .unwrap();
+    let platform = cleanroom_node::server::Node::start(
+        cleanroom_node::config::NodeConfig::load(&fixture.platform_config).unwrap(),
+        &fixture.platform_config,
+    )
+    .await
+    .unwrap();
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    let e = analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("budget exhausted on the platform node"), "{e}");
+    assert!(e.contains("0.1 of 0.15 is spent") && e.contains("frees up on"), "{e}");
+    let budget = analyst.budget().await.unwrap();
+    assert!(
+        budget
+            .iter()
+            .any(|b| b.node == "platform" && b.rho_spent_micro == 100_000 && b.rho_limit_micro == 150_000)
+    );
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

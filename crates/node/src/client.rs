@@ -116,11 +116,33 @@ impl Analyst {
         let (Some(bank), Some(platform)) = (addr(Role::Bank), addr(Role::Platform)) else {
             return vec![(Role::Bank, Err(NodeError::Internal("the analyst config lacks a node")))];
         };
-        let (b, p) = tokio::join!(
-            self.ask(Role::Bank, bank, req.clone(), timeout),
-            self.ask(Role::Platform, platform, req, timeout)
-        );
-        vec![(Role::Bank, b), (Role::Platform, p)]
+        // Both at once; if one node refuses, answer at once rather than wait
+        // for the other (which then times out on its own).
+        let fb = self.ask(Role::Bank, bank, req.clone(), timeout);
+        let fp = self.ask(Role::Platform, platform, req, timeout);
+        tokio::pin!(fb, fp);
+        let refused = |r: &Result<AnalystResponse, NodeError>| matches!(r, Ok(AnalystResponse::Refused(_)) | Err(_));
+        let (mut b, mut p) = (None, None);
+        while b.is_none() || p.is_none() {
+            tokio::select! {
+                r = &mut fb, if b.is_none() => {
+                    if refused(&r) && p.is_none() {
+                        return vec![(Role::Bank, r)];
+                    }
+                    b = Some(r);
+                }
+                r = &mut fp, if p.is_none() => {
+                    if refused(&r) && b.is_none() {
+                        return vec![(Role::Platform, r)];
+                    }
+                    p = Some(r);
+                }
+            }
+        }
+        match (b, p) {
+            (Some(b), Some(p)) => vec![(Role::Bank, b), (Role::Platform, p)],
+            _ => vec![(Role::Bank, Err(NodeError::Internal("no answer")))],
+        }
     }
 
     /// Templates runnable by this analyst: those both nodes offer with the
@@ -203,6 +225,9 @@ impl Analyst {
         }
         if !refusals.is_empty() {
             return Err(NodeError::Refused(refusals.join("; ")));
+        }
+        if shares.len() != 2 {
+            return Err(NodeError::Peer("a node did not answer".into()));
         }
         reconstruct(template, query_id, &shares)
     }

@@ -71,7 +71,7 @@ pub enum ProtocolError {
         max: u64,
     },
     /// The peer aborted the session.
-    #[error("the peer aborted the session (code {code})")]
+    #[error("the peer aborted the session: {}", abort_reason(*code))]
     PeerAborted {
         /// Its abort code.
         code: u16,
@@ -89,6 +89,21 @@ pub enum ProtocolError {
         /// What is missing.
         what: &'static str,
     },
+}
+
+/// What an abort code means, for messages.
+pub fn abort_reason(code: u16) -> &'static str {
+    match code {
+        1 => "it found a message from this node malformed or out of order",
+        2 => {
+            "it does not accept the parameters (collaboration id, identifier normalisation rules, set sizes or dummy rows differ from its configuration)"
+        }
+        3 => "a limit or budget on its side refused it",
+        4 => "it failed locally",
+        5 => "it no longer has the join this aggregate refers to",
+        6 => "it has not accepted this query",
+        _ => "unknown abort code",
+    }
 }
 
 impl ProtocolError {

@@ -14,4 +14,4 @@ mod error;
 pub mod join;
 mod session;
 
-pub use error::ProtocolError;
+pub use error::{ProtocolError, abort_reason};
