@@ -152,6 +152,13 @@ fn flatten(points: &[PointBytes]) -> Vec<u8> {
     out
 }
 
+/// Room to reserve for a peer-announced count: never more than a million
+/// elements up front, so an announced size alone cannot exhaust memory (the
+/// vectors grow only as validated data arrives).
+fn capacity_hint(announced: u64) -> usize {
+    announced.min(1 << 20) as usize
+}
+
 /// Marks a row of the holder's shuffled order that is a dummy: indices
 /// `>= n` are dummies.
 fn is_dummy(entry: u32, n: u64) -> bool {
@@ -266,7 +273,7 @@ impl HolderJoin {
                 rows_seq: 0,
                 key_m: None,
                 a_seq: 0,
-                blinded: Vec::with_capacity(offer.matcher_set_size.min(MAX_SET_SIZE) as usize),
+                blinded: Vec::with_capacity(capacity_hint(offer.matcher_set_size)),
                 shuffle_rng,
                 tokens: None,
                 tokens_sent: 0,
@@ -692,10 +699,10 @@ impl MatcherOffered {
             a_seq: 0,
             expected_rows: rows,
             row_seq: 0,
-            row_tokens: Vec::with_capacity(rows as usize),
+            row_tokens: Vec::with_capacity(capacity_hint(rows)),
             expected_tokens: tokens,
             token_seq: 0,
-            tokens: DistinctPoints::with_capacity(tokens as usize),
+            tokens: DistinctPoints::with_capacity(capacity_hint(tokens)),
         })
     }
 }

@@ -13,6 +13,8 @@
 //! `spend_by_category_for_segment`); the SQL dialect will produce the same
 //! [`Plan`] type.
 
+pub mod sql;
+
 use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
 
