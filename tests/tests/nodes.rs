@@ -63,7 +63,7 @@ async fn three_templates_are_within_their_noise_of_the_truth() {
                 .query(template, &params, new_query_id().unwrap(), TIMEOUT)
                 .await
                 .unwrap();
-            let t = truth(&p.fixture.data, template, &params);
+            let t = truth(&p.fixture.data, &p.fixture.plan(template, &params).unwrap());
             assert_eq!(r.cells.len(), t.len(), "{template}");
             let mut shown = 0;
             for (c, truth) in r.cells.iter().zip(&t) {
@@ -395,7 +395,7 @@ async fn a_peer_that_disconnects_mid_join_leaves_the_bank_healthy() {
         .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
         .await
         .unwrap();
-    let truth = truth(&p.fixture.data, "overlap", &[]);
+    let truth = truth(&p.fixture.data, &p.fixture.plan("overlap", &[]).unwrap());
     assert!((r.cells[0].value - truth[0]).abs() <= 6.0 * r.cells[0].sigma);
     p.platform.shutdown().await;
     p.bank.shutdown().await;

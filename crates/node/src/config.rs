@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use cleanroom_query::{Clip, Domains, Template, TemplateKind, parse_date, parse_micro};
+use std::collections::BTreeMap;
+
+use cleanroom_query::{Clip, Domains, ParamSpec, Template, TemplateKind, parse_cents, parse_date, parse_micro};
 use serde::Deserialize;
 
 use crate::NodeError;
@@ -94,6 +96,8 @@ pub struct DataConfig {
     pub date_column: Option<String>,
     /// Matcher: segment column.
     pub segment_column: Option<String>,
+    /// Matcher: country column (optional).
+    pub country_column: Option<String>,
     /// Show a progress bar while loading (only on a terminal).
     #[serde(default = "yes")]
     pub progress: bool,
@@ -158,25 +162,47 @@ fn default_timeout() -> u64 {
     120
 }
 
-/// A template as written in the config.
+/// A parameter's allowed values, as written in the config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamConfig {
+    /// `date`, `value` or `amount`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Smallest allowed (date or amount).
+    pub min: Option<String>,
+    /// Largest allowed (date or amount).
+    pub max: Option<String>,
+    /// Allowed values (`value`).
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// A template as written in the config: either a built-in `kind` (with
+/// `dates` and, for the segment kind, `segments`) or `sql` with `params`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateConfig {
     /// Name.
     pub name: String,
-    /// `overlap`, `spend_by_category` or `spend_by_category_for_segment`.
-    pub kind: TemplateKind,
+    /// A built-in kind: `overlap`, `spend_by_category` or `spend_by_category_for_segment`.
+    pub kind: Option<TemplateKind>,
+    /// Or a query in the SQL dialect, with `:name` placeholders.
+    pub sql: Option<String>,
+    /// The placeholders' allowed values (with `sql`).
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamConfig>,
     /// ρ per run (decimal).
     pub rho: String,
     /// Minimum noisy count per cell.
     pub min_count: u64,
     /// Analysts allowed.
     pub analysts: Vec<String>,
-    /// Clip bounds per customer and category.
+    /// Clip bounds per customer and group.
     pub clip: Clip,
-    /// Allowed date window `[first, last]`.
-    pub dates: [String; 2],
-    /// Allowed segments (segment template).
+    /// Allowed date window `[first, last]` (with `kind`).
+    pub dates: Option<[String; 2]>,
+    /// Allowed segments (with the segment kind).
     #[serde(default)]
     pub segments: Vec<String>,
 }
@@ -335,6 +361,7 @@ impl NodeConfig {
         Domains {
             categories: self.collaboration.categories.clone(),
             segments: self.collaboration.segments.clone(),
+            countries: self.collaboration.countries.clone(),
         }
     }
 
@@ -349,16 +376,65 @@ impl NodeConfig {
             if out.iter().any(|o| o.name == t.name) {
                 return Err(bad(path, format!("template {:?} is defined twice", t.name)));
             }
-            let date = |s: &str| parse_date(s).map_err(|e| bad(path, format!("template {:?}: {e}", t.name)));
-            let tpl = Template {
-                name: t.name.clone(),
-                kind: t.kind,
-                rho_micro: parse_micro(&t.rho).map_err(|e| bad(path, format!("template {:?}: rho: {e}", t.name)))?,
-                min_count: t.min_count,
-                analysts: t.analysts.clone(),
-                clip: t.clip,
-                dates: (date(&t.dates[0])?, date(&t.dates[1])?),
-                segments: t.segments.clone(),
+            let what = |e: String| bad(path, format!("template {:?}: {e}", t.name));
+            let rho_micro = parse_micro(&t.rho).map_err(|e| what(format!("rho: {e}")))?;
+            let tpl = match (t.kind, &t.sql) {
+                (Some(kind), None) => {
+                    let Some([a, b]) = &t.dates else {
+                        return Err(what("a built-in kind needs dates = [first, last]".into()));
+                    };
+                    if !t.params.is_empty() {
+                        return Err(what("params go with sql, not with a built-in kind".into()));
+                    }
+                    Template::builtin(
+                        &t.name,
+                        kind,
+                        (parse_date(a).map_err(what)?, parse_date(b).map_err(what)?),
+                        t.segments.clone(),
+                        t.clip,
+                        rho_micro,
+                        t.min_count,
+                        t.analysts.clone(),
+                    )
+                }
+                (None, Some(sql)) => {
+                    let mut params = Vec::new();
+                    for (name, pc) in &t.params {
+                        let need = |v: &Option<String>, which: &str| {
+                            v.clone()
+                                .ok_or_else(|| what(format!("parameter {name}: {which} is required")))
+                        };
+                        let spec = match pc.kind.as_str() {
+                            "date" => ParamSpec::Date {
+                                min: parse_date(&need(&pc.min, "min")?).map_err(what)?,
+                                max: parse_date(&need(&pc.max, "max")?).map_err(what)?,
+                            },
+                            "amount" => ParamSpec::Amount {
+                                min: parse_cents(&need(&pc.min, "min")?)
+                                    .ok_or_else(|| what(format!("parameter {name}: min is not an amount")))?,
+                                max: parse_cents(&need(&pc.max, "max")?)
+                                    .ok_or_else(|| what(format!("parameter {name}: max is not an amount")))?,
+                            },
+                            "value" => ParamSpec::OneOf(pc.values.clone()),
+                            other => {
+                                return Err(what(format!(
+                                    "parameter {name}: type {other:?} is not date, value or amount"
+                                )));
+                            }
+                        };
+                        params.push((name.clone(), spec));
+                    }
+                    Template {
+                        name: t.name.clone(),
+                        sql: sql.clone(),
+                        params,
+                        rho_micro,
+                        min_count: t.min_count,
+                        analysts: t.analysts.clone(),
+                        clip: t.clip,
+                    }
+                }
+                _ => return Err(what("give either kind (with dates) or sql (with params)".into())),
             };
             tpl.check(&domains).map_err(|e| bad(path, e.to_string()))?;
             out.push(tpl);

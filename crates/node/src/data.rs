@@ -50,6 +50,8 @@ pub struct MatcherData {
     pub ids: Vec<Vec<u8>>,
     /// Each user's segment index.
     pub segments: Vec<u16>,
+    /// Each user's country index (empty when the config names no country column).
+    pub countries: Vec<u16>,
     /// Digest of the input.
     pub version: [u8; 32],
     /// What loading found.
@@ -327,11 +329,16 @@ pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Ma
     })?;
     let id_col = column(headers, &cfg.id_column, &path)?;
     let seg_col = column(headers, cfg.segment_column.as_deref().unwrap_or(""), &path)?;
+    let country_col = match &cfg.country_column {
+        Some(c) => Some(column(headers, c, &path)?),
+        None => None,
+    };
     let kind = id_kind(cfg);
     let mut report = LoadReport::default();
     let mut seen: HashMap<Vec<u8>, ()> = HashMap::new();
     let mut ids = Vec::new();
     let mut segments = Vec::new();
+    let mut countries = Vec::new();
     let mut record = csv::StringRecord::new();
     let mut line = 1u64;
     loop {
@@ -356,12 +363,25 @@ pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Ma
             report.bad_row("segment outside the declared list (and no \"other\")", line);
             continue;
         };
+        let country = match country_col {
+            Some(c) => match domain_index(&collab.countries, field(c), &mut report) {
+                Some(x) => Some(x),
+                None => {
+                    report.bad_row("country outside the declared list (and no \"other\")", line);
+                    continue;
+                }
+            },
+            None => None,
+        };
         if seen.insert(id.clone(), ()).is_some() {
             report.duplicate_identifiers += 1;
             continue;
         }
         ids.push(id);
         segments.push(segment);
+        if let Some(c) = country {
+            countries.push(c);
+        }
         report.loaded += 1;
     }
     let version = finish_version(reader, &rules);
@@ -369,6 +389,7 @@ pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Ma
     Ok(MatcherData {
         ids,
         segments,
+        countries,
         version,
         report,
     })
@@ -446,6 +467,7 @@ mod tests {
             amount_column: Some("amount".into()),
             date_column: Some("date".into()),
             segment_column: Some("segment".into()),
+            country_column: None,
             progress: false,
         }
     }

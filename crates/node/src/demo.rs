@@ -2,13 +2,14 @@
 //! nodes on 127.0.0.1 with ephemeral ports, and the three templates run by
 //! an analyst, with the plaintext truth beside each result (demo only).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cleanroom_crypto::normalize::{IdKind, NormalizationRules};
-use cleanroom_query::{Clip, parse_date};
-use cleanroom_sim::synth::{SEGMENTS, SynthConfig, SynthData, generate};
+use cleanroom_query::sql::{Cmp, Literal, Predicate, Side};
+use cleanroom_query::{CellKind, Clip, Plan};
+use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, SynthData, generate};
 use serde::Serialize;
 
 use crate::NodeError;
@@ -125,7 +126,7 @@ pub fn node_toml(
     let schema = if role == "bank" {
         "id_column = \"email\"\nid_kind = \"email\"\ncategory_column = \"category\"\namount_column = \"amount\"\ndate_column = \"date\"\n"
     } else {
-        "id_column = \"email\"\nid_kind = \"email\"\nsegment_column = \"segment\"\n"
+        "id_column = \"email\"\nid_kind = \"email\"\nsegment_column = \"segment\"\ncountry_column = \"country\"\n"
     };
     format!(
         "role = \"{role}\"\nlisten = \"{listen}\"\nstate_dir = \"{state}\"\n\n[identity]\ncert = \"{certs}/{role}.pem\"\nkey = \"{certs}/{role}.key\"\nca = \"{certs}/ca.pem\"\n\n[peer]\n{peer}\n{collab}\n[data]\npath = \"{data}/{role}.csv\"\n{schema}max_bad_row_share = 0.01\nprogress = false\n\n[limits]\nmin_peer_set = 10\nmax_peer_set = 100000000\nrho_per_analyst = \"20\"\nperiod_days = 30\ncardinality_epsilon = \"0.5\"\ncardinality_delta_inverse = 1000000\ncardinality_epsilon_per_period = \"50\"\n{templates}",
@@ -141,54 +142,116 @@ pub fn analyst_toml(name: &str, certs: &str, bank: &str, platform: &str) -> Stri
     )
 }
 
-/// The plaintext truth of a template on the synthetic data, with the same
-/// normalisation, date range, segment filter and clipping as the nodes.
-pub fn truth(data: &SynthData, template: &str, params: &[(String, String)]) -> Vec<f64> {
+fn holds<T: Ord>(a: &T, cmp: Cmp, b: &T) -> bool {
+    match cmp {
+        Cmp::Eq => a == b,
+        Cmp::Ne => a != b,
+        Cmp::Lt => a < b,
+        Cmp::Le => a <= b,
+        Cmp::Gt => a > b,
+        Cmp::Ge => a >= b,
+    }
+}
+
+/// Plaintext SQL semantics for one column value against one conjunct.
+fn satisfies(p: &Predicate, text: &str, cents: i64, day: i32) -> bool {
+    let one = |lit: &Literal, cmp: Cmp| match lit {
+        Literal::Text(t) => holds(&text, cmp, &t.as_str()),
+        Literal::Cents(c) => holds(&cents, cmp, c),
+        Literal::Day(d) => holds(&day, cmp, d),
+    };
+    match p {
+        Predicate::Compare(_, cmp, lit) => one(lit, *cmp),
+        Predicate::In(_, lits) => lits.iter().any(|l| one(l, Cmp::Eq)),
+        Predicate::Between(_, lo, hi) => one(lo, Cmp::Ge) && one(hi, Cmp::Le),
+    }
+}
+
+/// The plaintext truth of a plan on the synthetic data, cell by cell in the
+/// plan's order (unweighted): the inner join of bank rows with platform
+/// users on the normalised e-mail, the WHERE clause, the groups, and each
+/// customer's contribution per group clipped as the nodes clip it. Written
+/// independently of the nodes' code path (row-level, in the clear).
+pub fn truth(data: &SynthData, plan: &Plan) -> Vec<f64> {
     let rules = NormalizationRules::v1("44");
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let segment = get("segment");
-    let platform: HashSet<Vec<u8>> = data
+    let users: HashMap<Vec<u8>, (&str, &str)> = data
         .platform
         .iter()
-        .filter(|u| segment.is_none_or(|s| SEGMENTS.get(u.segment) == Some(&s)))
-        .filter_map(|u| rules.normalize(IdKind::Email, &u.email).ok())
+        .filter_map(|u| {
+            let id = rules.normalize(IdKind::Email, &u.email).ok()?;
+            Some((
+                id,
+                (
+                    SEGMENTS.get(u.segment).copied().unwrap_or("other"),
+                    COUNTRIES.get(u.country).copied().unwrap_or("other"),
+                ),
+            ))
+        })
         .collect();
-    let mut per_customer: HashMap<Vec<u8>, Vec<(usize, i64, i32)>> = HashMap::new();
+    let hcols: Vec<String> = plan.holder_group_columns().iter().map(|c| c.name.clone()).collect();
+    let mcols: Vec<String> = plan.matcher_group_columns().iter().map(|c| c.name.clone()).collect();
+    // (customer, group key) -> (rows, sum)
+    let mut per: HashMap<(Vec<u8>, Vec<String>), (u64, i64)> = HashMap::new();
     for t in &data.bank {
-        if let Ok(id) = rules.normalize(IdKind::Email, &t.email) {
-            per_customer
-                .entry(id)
-                .or_default()
-                .push((t.category, t.amount_cents, t.day));
-        }
-    }
-    if template == "overlap" {
-        #[allow(clippy::cast_precision_loss)]
-        return vec![per_customer.keys().filter(|k| platform.contains(*k)).count() as f64];
-    }
-    let start = get("start").and_then(|s| parse_date(s).ok()).unwrap_or(i32::MIN);
-    let end = get("end").and_then(|s| parse_date(s).ok()).unwrap_or(i32::MAX);
-    let c = data.categories.len() + 1; // + "other"
-    let mut out = vec![0f64; 3 * c];
-    for (id, txns) in &per_customer {
-        if !platform.contains(id) {
+        let Ok(id) = rules.normalize(IdKind::Email, &t.email) else {
+            continue;
+        };
+        let Some((segment, country)) = users.get(&id) else {
+            continue;
+        };
+        let category = data.categories.get(t.category).map_or("other", String::as_str);
+        let ok = plan.query.filters.iter().all(|p| {
+            let c = p.column();
+            let text = match (c.side, c.name.as_str()) {
+                (Side::Holder, "category") => category,
+                (Side::Matcher, "segment") => segment,
+                (Side::Matcher, "country") => country,
+                _ => "",
+            };
+            satisfies(p, text, t.amount_cents, t.day)
+        });
+        if !ok {
             continue;
         }
-        let mut count = vec![0u64; c];
-        let mut sum = vec![0i64; c];
-        for (cat, cents, day) in txns {
-            if *day >= start && *day <= end {
-                count[*cat] += 1;
-                sum[*cat] += cents;
+        let mut key: Vec<String> = mcols
+            .iter()
+            .map(|c| {
+                if c == "segment" {
+                    (*segment).to_string()
+                } else {
+                    (*country).to_string()
+                }
+            })
+            .collect();
+        key.extend(hcols.iter().map(|_| category.to_string()));
+        let e = per.entry((id, key)).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += t.amount_cents;
+    }
+    let cells = plan.cells();
+    let mut out = vec![0f64; cells.len()];
+    let width = plan.width();
+    let hgroups = plan.holder_groups();
+    let per_group = width / hgroups.len().max(1);
+    for (mi, m) in plan.matcher_groups().iter().enumerate() {
+        for (hi, h) in hgroups.iter().enumerate() {
+            let mut key = m.clone();
+            key.extend(h.iter().cloned());
+            for ((_, k), (rows, sum)) in &per {
+                if *k != key {
+                    continue;
+                }
+                for j in 0..per_group {
+                    let idx = mi * width + hi * per_group + j;
+                    #[allow(clippy::cast_precision_loss)]
+                    let v = match cells[idx].kind {
+                        CellKind::Customers => 1.0,
+                        CellKind::Rows => (*rows).min(plan.clip.transactions) as f64,
+                        CellKind::Sum => (*sum).clamp(0, plan.clip.spend_cents as i64) as f64,
+                    };
+                    out[idx] += v;
+                }
             }
-        }
-        #[allow(clippy::cast_precision_loss)]
-        for k in 0..c {
-            if count[k] > 0 {
-                out[3 * k] += 1.0;
-            }
-            out[3 * k + 1] += count[k].min(CLIP.transactions) as f64;
-            out[3 * k + 2] += sum[k].clamp(0, CLIP.spend_cents as i64) as f64;
         }
     }
     out
@@ -278,6 +341,22 @@ impl Fixture {
         Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
     }
 
+    /// The plan of one of the bank's templates (for computing the truth).
+    ///
+    /// # Errors
+    /// A config error, or a refusal of the parameters.
+    pub fn plan(&self, template: &str, params: &[(String, String)]) -> Result<Plan, NodeError> {
+        let cfg = NodeConfig::load(&self.bank_config)?;
+        let t = cfg
+            .templates(&self.bank_config)?
+            .into_iter()
+            .find(|t| t.name == template)
+            .ok_or_else(|| NodeError::Refused(format!("no template {template:?}")))?;
+        let analyst = t.analysts.first().cloned().unwrap_or_default();
+        t.bind(&analyst, params, &cfg.domains())
+            .map_err(|e| NodeError::Refused(e.to_string()))
+    }
+
     /// Writes `analyst-<name>.toml` for the two nodes and loads it.
     ///
     /// # Errors
@@ -351,7 +430,7 @@ pub async fn run(rows: usize, seed: u64, dir: Option<&Path>) -> Result<DemoRepor
             .await?;
         queries.push(DemoQuery {
             template: template.to_string(),
-            truth: truth(&fixture.data, template, &params),
+            truth: truth(&fixture.data, &fixture.plan(template, &params)?),
             params,
             result,
             seconds: t.elapsed().as_secs_f64(),

@@ -23,7 +23,7 @@ use cleanroom_protocol::join::{
     DEFAULT_CHUNK_POINTS, HolderJoin, HolderJoined, HolderPolicy, JoinParams, MatcherJoin, MatcherJoined,
     MatcherPolicy, SetSizeLimits,
 };
-use cleanroom_query::{Domains, Plan, Template, TemplateKind, format_date, format_micro};
+use cleanroom_query::{CellKind, Domains, HolderRow, Plan, Template, format_date, format_micro};
 use cleanroom_transport::{
     Identity, TransportSettings, TrustAnchors, certificate_is_for, connect, node_endpoint, peer_certificate, pki,
 };
@@ -358,6 +358,20 @@ impl Node {
         let plan = template
             .bind(analyst, &q.params, &self.inner.domains)
             .map_err(|e| NodeError::Refused(e.to_string()))?;
+        if !plan.matcher_group_columns().is_empty() {
+            return Err(NodeError::Refused(
+                "GROUP BY on platform columns is not available in this version: group by bank columns and filter platform columns with = or IN".into(),
+            ));
+        }
+        if let NodeData::Matcher(m) = &self.inner.data
+            && m.countries.is_empty()
+            && (plan.query.filters.iter().any(|p| p.column().name == "country")
+                || plan.query.group_by.iter().any(|c| c.name == "country"))
+        {
+            return Err(NodeError::Refused(
+                "the platform node's data has no country column (set data.country_column)".into(),
+            ));
+        }
         let digest = plan.digest();
         let charge = {
             let node = self.clone();
@@ -706,7 +720,7 @@ impl Node {
             abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
             return Err(NodeError::Peer("aggregate over a join this node does not have".into()));
         };
-        let values = holder_values(plan, data);
+        let values = holder_values(plan, data, &self.inner.domains.categories);
         let width = plan.width();
         let (qid, digest, first) = (*qid, plan.digest(), first.to_vec());
         let started = tokio::task::spawn_blocking(move || {
@@ -780,18 +794,28 @@ impl Node {
             }
         }
         let t = Instant::now();
-        let ids: Vec<Vec<u8>> = match &plan.segment {
-            None => data.ids.clone(),
-            Some(seg) => {
-                let idx = self.inner.domains.segments.iter().position(|s| s == seg);
-                data.ids
-                    .iter()
-                    .zip(&data.segments)
-                    .filter(|(_, s)| idx.is_some_and(|i| usize::from(**s) == i))
-                    .map(|(id, _)| id.clone())
-                    .collect()
-            }
-        };
+        let domains = &self.inner.domains;
+        let ids: Vec<Vec<u8>> = data
+            .ids
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| {
+                plan.matcher_user_passes(&|column: &str| match column {
+                    "segment" => data
+                        .segments
+                        .get(*k)
+                        .and_then(|s| domains.segments.get(usize::from(*s)))
+                        .cloned(),
+                    "country" => data
+                        .countries
+                        .get(*k)
+                        .and_then(|c| domains.countries.get(usize::from(*c)))
+                        .cloned(),
+                    _ => None,
+                })
+            })
+            .map(|(_, id)| id.clone())
+            .collect();
         let l = &self.inner.limits;
         let params = JoinParams {
             collaboration_id: self.inner.collaboration.clone(),
@@ -901,57 +925,59 @@ async fn abort(send: &mut quinn::SendStream, session: SessionId, code: AbortCode
 }
 
 fn template_info(t: &Template) -> TemplateInfo {
-    let window = format!("{} to {}", format_date(t.dates.0), format_date(t.dates.1));
-    let params = match t.kind {
-        TemplateKind::Overlap => vec![],
-        TemplateKind::SpendByCategory => vec![
-            ("start".into(), format!("date, {window}")),
-            ("end".into(), format!("date, {window}")),
-        ],
-        TemplateKind::SpendByCategoryForSegment => vec![
-            ("start".into(), format!("date, {window}")),
-            ("end".into(), format!("date, {window}")),
-            ("segment".into(), format!("one of {}", t.segments.join(", "))),
-        ],
-    };
     TemplateInfo {
         name: t.name.clone(),
-        kind: t.kind.as_str().to_string(),
-        params,
+        kind: t.sql.clone(),
+        params: t.params.iter().map(|(n, spec)| (n.clone(), spec.describe())).collect(),
         rho: format_micro(t.rho_micro),
         min_count: t.min_count,
     }
 }
 
-/// The holder's per-customer vectors for a plan (weighted, clipped).
-pub fn holder_values(plan: &Plan, data: &HolderData) -> Vec<u64> {
+/// The holder's per-customer vectors for a plan (one matcher group's width:
+/// holder groups times cells per group), clipped and weighted.
+pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> Vec<u64> {
     let cells = plan.cells();
     let width = plan.width();
+    let groups = plan.holder_groups().len().max(1);
+    let per = width / groups;
+    let spend_cap = i64::try_from(plan.clip.spend_cents).unwrap_or(i64::MAX);
     let mut out = vec![0u64; data.ids.len() * width];
-    match plan.kind {
-        TemplateKind::Overlap => out.iter_mut().for_each(|v| *v = 1),
-        _ => {
-            let c = plan.categories.len();
-            let mut count = vec![0u64; c];
-            let mut sum = vec![0i64; c];
-            for (row, txns) in out.chunks_mut(width).zip(&data.txns) {
-                count.iter_mut().for_each(|x| *x = 0);
-                sum.iter_mut().for_each(|x| *x = 0);
-                for t in txns.iter().filter(|t| t.day >= plan.dates.0 && t.day <= plan.dates.1) {
-                    let k = usize::from(t.category);
-                    if let (Some(n), Some(s)) = (count.get_mut(k), sum.get_mut(k)) {
-                        *n += 1;
-                        *s = s.saturating_add(t.cents);
-                    }
-                }
-                for k in 0..c {
-                    let has = u64::from(count[k] > 0);
-                    let txn = count[k].min(plan.clip.transactions);
-                    let spend = sum[k].clamp(0, i64::try_from(plan.clip.spend_cents).unwrap_or(i64::MAX)) as u64;
-                    let w = |i: usize| cells.get(i).map_or(1, |c| c.weight);
-                    row[3 * k] = has * w(3 * k);
-                    row[3 * k + 1] = txn * w(3 * k + 1);
-                    row[3 * k + 2] = spend * w(3 * k + 2);
+    let mut count = vec![0u64; groups];
+    let mut sum = vec![0i64; groups];
+    for (row, txns) in out.chunks_mut(width).zip(&data.txns) {
+        count.iter_mut().for_each(|x| *x = 0);
+        sum.iter_mut().for_each(|x| *x = 0);
+        for t in txns {
+            let r = HolderRow {
+                category: categories.get(usize::from(t.category)).map_or("", String::as_str),
+                cents: t.cents,
+                day: t.day,
+            };
+            if !plan.holder_row_passes(&r) {
+                continue;
+            }
+            if let Some(g) = plan.holder_group_of(&r)
+                && let (Some(n), Some(s)) = (count.get_mut(g), sum.get_mut(g))
+            {
+                *n += 1;
+                *s = s.saturating_add(t.cents);
+            }
+        }
+        for g in 0..groups {
+            if count[g] == 0 {
+                continue;
+            }
+            for k in 0..per {
+                let idx = g * per + k;
+                let Some(cell) = cells.get(idx) else { continue };
+                let v = match cell.kind {
+                    CellKind::Customers => 1,
+                    CellKind::Rows => count[g].min(plan.clip.transactions),
+                    CellKind::Sum => sum[g].clamp(0, spend_cap) as u64,
+                };
+                if let Some(x) = row.get_mut(idx) {
+                    *x = v * cell.weight;
                 }
             }
         }

@@ -1,22 +1,25 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
-//! Templates and plans (first cut).
+//! Templates and plans.
 //!
-//! A template is an approved query with named parameters and their allowed
-//! values, per-customer clip bounds, the ρ charged per run, the minimum
-//! noisy count per cell and the analysts allowed. Binding a template to an
-//! analyst's parameters gives a [`Plan`]: what the holder computes per
-//! customer, what the matcher restricts its input to, the output cells, and
-//! the sensitivity that calibrates the noise.
-//!
-//! This version knows three template kinds (`overlap`, `spend_by_category`,
-//! `spend_by_category_for_segment`); the SQL dialect will produce the same
-//! [`Plan`] type.
+//! A template is an approved query in the SQL dialect of [`sql`] with named
+//! parameters and their allowed values, per-customer clip bounds, the ρ
+//! charged per run, the minimum noisy count per cell and the analysts
+//! allowed. Binding a template to an analyst's parameters gives a [`Plan`]:
+//! what the holder computes per customer, what the matcher restricts its
+//! input to and groups it by, the output cells, and the sensitivity that
+//! calibrates the noise. Three built-in kinds (`overlap`,
+//! `spend_by_category`, `spend_by_category_for_segment`) are shorthands for
+//! SQL templates.
 
 pub mod sql;
 
+use std::collections::BTreeMap;
+
 use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
+
+use crate::sql::{Cmp, Column, Literal, Measure, Predicate, Side, SqlPlan};
 
 /// Errors binding a template. Messages say what to change.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -65,9 +68,12 @@ pub enum QueryError {
         /// Why.
         reason: String,
     },
+    /// The query text is refused by the dialect.
+    #[error("{0}")]
+    Sql(#[from] sql::SqlError),
 }
 
-/// The kinds of template this version runs.
+/// The built-in template kinds (shorthands for SQL).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum TemplateKind {
@@ -90,24 +96,123 @@ impl TemplateKind {
         }
     }
 
-    /// The parameters it takes.
-    pub fn parameters(self) -> &'static [&'static str] {
+    /// The SQL it stands for.
+    pub fn sql(self) -> &'static str {
         match self {
-            TemplateKind::Overlap => &[],
-            TemplateKind::SpendByCategory => &["start", "end"],
-            TemplateKind::SpendByCategoryForSegment => &["start", "end", "segment"],
+            TemplateKind::Overlap => {
+                "SELECT COUNT(DISTINCT b.customer) AS shared_customers FROM bank b JOIN platform p"
+            }
+            TemplateKind::SpendByCategory => {
+                "SELECT b.category, COUNT(DISTINCT b.customer) AS customers, COUNT(*) AS transactions, SUM(b.amount) AS spend_cents \
+                 FROM bank b JOIN platform p WHERE b.date BETWEEN :start AND :end GROUP BY b.category"
+            }
+            TemplateKind::SpendByCategoryForSegment => {
+                "SELECT b.category, COUNT(DISTINCT b.customer) AS customers, COUNT(*) AS transactions, SUM(b.amount) AS spend_cents \
+                 FROM bank b JOIN platform p WHERE b.date BETWEEN :start AND :end AND p.segment = :segment GROUP BY b.category"
+            }
         }
     }
 }
 
-/// Per-customer clip bounds (per category).
+/// Per-customer clip bounds (per group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Clip {
-    /// Most transactions one customer adds to one category's count.
+    /// Most rows (transactions) one customer adds to one group's COUNT(*).
     pub transactions: u64,
-    /// Most cents one customer adds to one category's spend.
+    /// Most cents one customer adds to one group's SUM.
     pub spend_cents: u64,
+}
+
+/// What values a parameter may take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParamSpec {
+    /// A date in `[min, max]` (days since 1970-01-01).
+    Date {
+        /// Earliest.
+        min: i32,
+        /// Latest.
+        max: i32,
+    },
+    /// One of a list of values.
+    OneOf(Vec<String>),
+    /// An amount in cents within `[min, max]`.
+    Amount {
+        /// Smallest.
+        min: i64,
+        /// Largest.
+        max: i64,
+    },
+}
+
+impl ParamSpec {
+    /// The allowed values, as text.
+    pub fn describe(&self) -> String {
+        match self {
+            ParamSpec::Date { min, max } => format!("date, {} to {}", format_date(*min), format_date(*max)),
+            ParamSpec::OneOf(v) => format!("one of {}", v.join(", ")),
+            ParamSpec::Amount { min, max } => format!("amount, {} to {}", cents_text(*min), cents_text(*max)),
+        }
+    }
+
+    fn check(&self, name: &str, value: &str) -> Result<(), QueryError> {
+        let bad = |reason: String| QueryError::BadParameter {
+            param: name.to_string(),
+            reason,
+        };
+        match self {
+            ParamSpec::Date { min, max } => {
+                let d = parse_date(value).map_err(bad)?;
+                if d < *min || d > *max {
+                    return Err(bad(format!(
+                        "must be within the template's window, {} to {}",
+                        format_date(*min),
+                        format_date(*max)
+                    )));
+                }
+            }
+            ParamSpec::OneOf(values) => {
+                if !values.iter().any(|v| v == value) {
+                    return Err(bad(format!("must be one of: {}", values.join(", "))));
+                }
+            }
+            ParamSpec::Amount { min, max } => {
+                let c = parse_cents(value).ok_or_else(|| bad(format!("{value:?} is not an amount like 12.50")))?;
+                if c < *min || c > *max {
+                    return Err(bad(format!(
+                        "must be between {} and {}",
+                        cents_text(*min),
+                        cents_text(*max)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cents_text(c: i64) -> String {
+    let sign = if c < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02}", c.unsigned_abs() / 100, c.unsigned_abs() % 100)
+}
+
+/// Parses a decimal amount (`12`, `12.3`, `-12.34`) to cents.
+pub fn parse_cents(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    if int.is_empty() || frac.len() > 2 || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut f: i64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
+    if frac.len() == 1 {
+        f *= 10;
+    }
+    let v = int.parse::<i64>().ok()?.checked_mul(100)?.checked_add(f)?;
+    Some(if neg { -v } else { v })
 }
 
 /// A template as configured on a node.
@@ -115,8 +220,10 @@ pub struct Clip {
 pub struct Template {
     /// Its name.
     pub name: String,
-    /// What it computes.
-    pub kind: TemplateKind,
+    /// The query, with `:name` placeholders.
+    pub sql: String,
+    /// Each placeholder's allowed values.
+    pub params: Vec<(String, ParamSpec)>,
     /// ρ per run, in millionths.
     pub rho_micro: u64,
     /// Cells whose noisy count is below this are suppressed.
@@ -125,10 +232,6 @@ pub struct Template {
     pub analysts: Vec<String>,
     /// Clip bounds.
     pub clip: Clip,
-    /// Allowed date window `[first, last]` (days since 1970-01-01).
-    pub dates: (i32, i32),
-    /// Allowed segments (for the segment template).
-    pub segments: Vec<String>,
 }
 
 /// The public domains of the collaboration's categorical columns.
@@ -139,6 +242,61 @@ pub struct Domains {
     pub categories: Vec<String>,
     /// Platform segments (matcher).
     pub segments: Vec<String>,
+    /// Platform countries (matcher).
+    #[serde(default)]
+    pub countries: Vec<String>,
+}
+
+impl Domains {
+    /// The schema of the collaboration's two tables.
+    pub fn schema(&self) -> sql::Schema {
+        sql::Schema::standard(&self.categories, &self.segments, &self.countries)
+    }
+
+    /// The declared values of a categorical column.
+    pub fn domain(&self, side: Side, column: &str) -> &[String] {
+        match (side, column) {
+            (Side::Holder, "category") => &self.categories,
+            (Side::Matcher, "segment") => &self.segments,
+            (Side::Matcher, "country") => &self.countries,
+            _ => &[],
+        }
+    }
+}
+
+/// What a cell measures, per customer and group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CellKind {
+    /// 1 if the customer has a row in the group (COUNT(DISTINCT customer)).
+    Customers,
+    /// The customer's rows in the group, clipped (COUNT(*)).
+    Rows,
+    /// The customer's amounts in the group, clipped to `[0, clip]` (SUM).
+    Sum,
+}
+
+/// One output cell's description.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellSpec {
+    /// Name, e.g. `spend_cents[category=groceries]`.
+    pub name: String,
+    /// What it measures.
+    pub kind: CellKind,
+    /// Integer weight the cell is multiplied by before noise.
+    pub weight: u64,
+    /// Index of the count cell that decides whether this cell is shown.
+    pub count_cell: usize,
+}
+
+/// An `AVG` output: the ratio of two cells.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ratio {
+    /// Name, e.g. `avg_spend[category=fuel]`.
+    pub name: String,
+    /// The SUM cell.
+    pub numerator: usize,
+    /// The COUNT(*) cell.
+    pub denominator: usize,
 }
 
 /// What one query computes, on both sides.
@@ -146,29 +304,16 @@ pub struct Domains {
 pub struct Plan {
     /// Template name.
     pub template: String,
-    /// Kind.
-    pub kind: TemplateKind,
-    /// Date range `[start, end]`, days since epoch.
-    pub dates: (i32, i32),
-    /// The matcher's input filter: a segment, if any.
-    pub segment: Option<String>,
-    /// Categories, in cell order.
-    pub categories: Vec<String>,
+    /// The template's SQL text.
+    pub sql_text: String,
+    /// The checked query, parameters bound.
+    pub query: SqlPlan,
+    /// The public domains.
+    pub domains: Domains,
     /// Clip bounds.
     pub clip: Clip,
     /// The parameters as given, sorted by name.
     pub params: Vec<(String, String)>,
-}
-
-/// One output cell's description.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CellSpec {
-    /// Name, e.g. `spend_cents[groceries]`.
-    pub name: String,
-    /// Integer weight the cell is multiplied by before noise (see [`Plan::weights`]).
-    pub weight: u64,
-    /// Index of the count cell that decides whether this cell is shown.
-    pub count_cell: usize,
 }
 
 /// Parses `YYYY-MM-DD` to days since 1970-01-01.
@@ -266,34 +411,117 @@ pub fn format_micro(v: u64) -> String {
 }
 
 impl Template {
-    /// Checks the template's own consistency.
+    /// A built-in kind with its date window and, for the segment kind, the
+    /// segments analysts may choose.
+    pub fn builtin(
+        name: &str,
+        kind: TemplateKind,
+        dates: (i32, i32),
+        segments: Vec<String>,
+        clip: Clip,
+        rho_micro: u64,
+        min_count: u64,
+        analysts: Vec<String>,
+    ) -> Self {
+        let date = ParamSpec::Date {
+            min: dates.0,
+            max: dates.1,
+        };
+        let params = match kind {
+            TemplateKind::Overlap => vec![],
+            TemplateKind::SpendByCategory => vec![("start".into(), date.clone()), ("end".into(), date)],
+            TemplateKind::SpendByCategoryForSegment => vec![
+                ("start".into(), date.clone()),
+                ("end".into(), date),
+                ("segment".into(), ParamSpec::OneOf(segments)),
+            ],
+        };
+        Template {
+            name: name.to_string(),
+            sql: kind.sql().to_string(),
+            params,
+            rho_micro,
+            min_count,
+            analysts,
+            clip,
+        }
+    }
+
+    /// A digest of the template's text and limits (what both operators sign).
+    pub fn digest(&self) -> [u8; 32] {
+        let mut ctx = Context::new(&SHA256);
+        let mut put = |b: &[u8]| {
+            ctx.update(&(b.len() as u64).to_le_bytes());
+            ctx.update(b);
+        };
+        put(b"cleanroom-template-v1");
+        put(self.name.as_bytes());
+        put(self.sql.as_bytes());
+        for (n, spec) in &self.params {
+            put(n.as_bytes());
+            put(spec.describe().as_bytes());
+        }
+        put(&self.clip.transactions.to_le_bytes());
+        put(&self.clip.spend_cents.to_le_bytes());
+        let d = ctx.finish();
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        out
+    }
+
+    /// Checks the template's own consistency: its SQL parses with every
+    /// parameter at an allowed value, each placeholder has a spec and each
+    /// spec a placeholder.
     ///
     /// # Errors
     /// [`QueryError::BadTemplate`].
     pub fn check(&self, domains: &Domains) -> Result<(), QueryError> {
-        let bad = |reason: &str| QueryError::BadTemplate {
+        let bad = |reason: String| QueryError::BadTemplate {
             template: self.name.clone(),
-            reason: reason.to_string(),
+            reason,
         };
         if self.rho_micro == 0 {
-            return Err(bad("rho must be positive"));
+            return Err(bad("rho must be positive".into()));
         }
         if self.clip.transactions == 0 || self.clip.spend_cents == 0 {
-            return Err(bad("clip bounds must be positive"));
+            return Err(bad("clip bounds must be positive".into()));
         }
-        if self.dates.0 > self.dates.1 {
-            return Err(bad("the date window ends before it starts"));
-        }
-        if self.kind == TemplateKind::SpendByCategoryForSegment {
-            if self.segments.is_empty() {
-                return Err(bad("list the segments analysts may choose"));
-            }
-            if let Some(s) = self.segments.iter().find(|s| !domains.segments.contains(s)) {
-                return Err(bad(&format!("segment {s:?} is not in the declared segment list")));
+        let used = sql::placeholders(&self.sql);
+        for u in &used {
+            if !self.params.iter().any(|(n, _)| n == u) {
+                return Err(bad(format!("the query uses :{u} but no parameter {u} is declared")));
             }
         }
+        let mut sample = BTreeMap::new();
+        for (n, spec) in &self.params {
+            if !used.contains(n) {
+                return Err(bad(format!(
+                    "parameter {n} is declared but the query does not use :{n}"
+                )));
+            }
+            let v = match spec {
+                ParamSpec::Date { min, max } => {
+                    if min > max {
+                        return Err(bad(format!("parameter {n}: the date window ends before it starts")));
+                    }
+                    format_date(*min)
+                }
+                ParamSpec::OneOf(values) => match values.first() {
+                    Some(v) => v.clone(),
+                    None => return Err(bad(format!("parameter {n}: list the values analysts may choose"))),
+                },
+                ParamSpec::Amount { min, max } => {
+                    if min > max {
+                        return Err(bad(format!("parameter {n}: the amount range is empty")));
+                    }
+                    cents_text(*min)
+                }
+            };
+            sample.insert(n.clone(), v);
+        }
+        sql::parse(&self.sql, &domains.schema(), &sample).map_err(|e| bad(e.0))?;
         if domains.categories.is_empty() {
-            return Err(bad("the collaboration declares no categories"));
+            return Err(bad("the collaboration declares no categories".into()));
         }
         Ok(())
     }
@@ -309,7 +537,6 @@ impl Template {
                 template: self.name.clone(),
             });
         }
-        let takes = self.kind.parameters();
         let mut sorted: Vec<(String, String)> = params.to_vec();
         sorted.sort();
         for w in sorted.windows(2) {
@@ -320,7 +547,8 @@ impl Template {
             }
         }
         for (k, _) in &sorted {
-            if !takes.contains(&k.as_str()) {
+            if !self.params.iter().any(|(n, _)| n == k) {
+                let takes: Vec<&str> = self.params.iter().map(|(n, _)| n.as_str()).collect();
                 return Err(QueryError::UnknownParameter {
                     template: self.name.clone(),
                     param: k.clone(),
@@ -332,128 +560,320 @@ impl Template {
                 });
             }
         }
-        let get = |k: &str| {
-            sorted
+        let mut bound = BTreeMap::new();
+        for (n, spec) in &self.params {
+            let v = sorted
                 .iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.as_str())
-                .ok_or_else(|| QueryError::MissingParameter(k.to_string()))
-        };
-        let window = format!("{} to {}", format_date(self.dates.0), format_date(self.dates.1));
-        let date = |k: &str| -> Result<i32, QueryError> {
-            let d = parse_date(get(k)?).map_err(|reason| QueryError::BadParameter {
-                param: k.to_string(),
-                reason,
-            })?;
-            if d < self.dates.0 || d > self.dates.1 {
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| QueryError::MissingParameter(n.clone()))?;
+            spec.check(n, &v)?;
+            bound.insert(n.clone(), v);
+        }
+        let query = sql::parse(&self.sql, &domains.schema(), &bound)?;
+        for p in &query.filters {
+            if let Predicate::Between(c, Literal::Day(a), Literal::Day(b)) = p
+                && a > b
+            {
                 return Err(QueryError::BadParameter {
-                    param: k.to_string(),
-                    reason: format!("must be within the template's window, {window}"),
+                    param: c.name.clone(),
+                    reason: "the range ends before it starts (end must not be before start)".into(),
                 });
             }
-            Ok(d)
-        };
-        let (dates, segment) = match self.kind {
-            TemplateKind::Overlap => (self.dates, None),
-            TemplateKind::SpendByCategory | TemplateKind::SpendByCategoryForSegment => {
-                let (s, e) = (date("start")?, date("end")?);
-                if s > e {
-                    return Err(QueryError::BadParameter {
-                        param: "end".to_string(),
-                        reason: "must not be before start".to_string(),
-                    });
-                }
-                let segment = if self.kind == TemplateKind::SpendByCategoryForSegment {
-                    let seg = get("segment")?;
-                    if !self.segments.iter().any(|s| s == seg) {
-                        return Err(QueryError::BadParameter {
-                            param: "segment".to_string(),
-                            reason: format!("must be one of: {}", self.segments.join(", ")),
-                        });
-                    }
-                    Some(seg.to_string())
-                } else {
-                    None
-                };
-                ((s, e), segment)
-            }
-        };
+        }
         Ok(Plan {
             template: self.name.clone(),
-            kind: self.kind,
-            dates,
-            segment,
-            categories: domains.categories.clone(),
+            sql_text: self.sql.clone(),
+            query,
+            domains: domains.clone(),
             clip: self.clip,
             params: sorted,
         })
     }
 }
 
-impl Plan {
-    /// The output cells, in order. Count cells have weight
-    /// `clip.spend_cents`, transaction cells `clip.spend_cents /
-    /// clip.transactions` (at least 1), spend cells 1: every cell's clip
-    /// bound times its weight is about `clip.spend_cents`, so the one noise
-    /// scale the L2 calibration gives is shared fairly between counts and
-    /// sums (the analyst divides by the weight).
-    pub fn cells(&self) -> Vec<CellSpec> {
-        match self.kind {
-            TemplateKind::Overlap => vec![CellSpec {
-                name: "shared_customers".to_string(),
-                weight: 1,
-                count_cell: 0,
-            }],
-            _ => {
-                let mut out = Vec::with_capacity(3 * self.categories.len());
-                let wt = (self.clip.spend_cents / self.clip.transactions).max(1);
-                for c in &self.categories {
-                    let k = out.len();
-                    out.push(CellSpec {
-                        name: format!("customers[{c}]"),
-                        weight: self.clip.spend_cents,
-                        count_cell: k,
-                    });
-                    out.push(CellSpec {
-                        name: format!("transactions[{c}]"),
-                        weight: wt,
-                        count_cell: k,
-                    });
-                    out.push(CellSpec {
-                        name: format!("spend_cents[{c}]"),
-                        weight: 1,
-                        count_cell: k,
-                    });
-                }
-                out
+fn cartesian(domains: &[&[String]]) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = vec![vec![]];
+    for d in domains {
+        let mut next = Vec::with_capacity(out.len() * d.len());
+        for prefix in &out {
+            for v in *d {
+                let mut p = prefix.clone();
+                p.push(v.clone());
+                next.push(p);
             }
+        }
+        out = next;
+    }
+    out
+}
+
+fn literal_matches(lit: &Literal, value: &str) -> bool {
+    matches!(lit, Literal::Text(t) if t == value)
+}
+
+fn cmp_holds<T: Ord>(a: &T, cmp: Cmp, b: &T) -> bool {
+    match cmp {
+        Cmp::Eq => a == b,
+        Cmp::Ne => a != b,
+        Cmp::Lt => a < b,
+        Cmp::Le => a <= b,
+        Cmp::Gt => a > b,
+        Cmp::Ge => a >= b,
+    }
+}
+
+/// One holder row (transaction) as the plan sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct HolderRow<'a> {
+    /// Category value.
+    pub category: &'a str,
+    /// Amount in cents.
+    pub cents: i64,
+    /// Date, days since 1970-01-01.
+    pub day: i32,
+}
+
+impl Plan {
+    /// The holder's GROUP BY columns.
+    pub fn holder_group_columns(&self) -> Vec<&Column> {
+        self.query.groups(Side::Holder)
+    }
+
+    /// The matcher's GROUP BY columns.
+    pub fn matcher_group_columns(&self) -> Vec<&Column> {
+        self.query.groups(Side::Matcher)
+    }
+
+    /// Every combination of the holder's group values (one empty combination
+    /// when it does not group).
+    pub fn holder_groups(&self) -> Vec<Vec<String>> {
+        let d: Vec<&[String]> = self
+            .holder_group_columns()
+            .iter()
+            .map(|c| self.domains.domain(Side::Holder, &c.name))
+            .collect();
+        cartesian(&d)
+    }
+
+    /// Every combination of the matcher's group values.
+    pub fn matcher_groups(&self) -> Vec<Vec<String>> {
+        let d: Vec<&[String]> = self
+            .matcher_group_columns()
+            .iter()
+            .map(|c| self.domains.domain(Side::Matcher, &c.name))
+            .collect();
+        cartesian(&d)
+    }
+
+    fn per_group(&self) -> Vec<(String, CellKind)> {
+        let mut cells = Vec::new();
+        if !self.query.outputs.iter().any(|o| o.measure == Measure::CountCustomers) {
+            cells.push(("customers".to_string(), CellKind::Customers));
+        }
+        for o in &self.query.outputs {
+            match &o.measure {
+                Measure::CountCustomers => cells.push((o.name.clone(), CellKind::Customers)),
+                Measure::CountRows => cells.push((o.name.clone(), CellKind::Rows)),
+                Measure::Sum(_) => cells.push((o.name.clone(), CellKind::Sum)),
+                Measure::Avg(_) => {
+                    cells.push((format!("{}.sum", o.name), CellKind::Sum));
+                    cells.push((format!("{}.count", o.name), CellKind::Rows));
+                }
+            }
+        }
+        cells
+    }
+
+    fn weight(&self, kind: CellKind) -> u64 {
+        match kind {
+            CellKind::Customers => self.clip.spend_cents,
+            CellKind::Rows => (self.clip.spend_cents / self.clip.transactions).max(1),
+            CellKind::Sum => 1,
         }
     }
 
-    /// Words per row.
-    pub fn width(&self) -> usize {
-        match self.kind {
-            TemplateKind::Overlap => 1,
-            _ => 3 * self.categories.len(),
+    fn bound(&self, kind: CellKind) -> u64 {
+        match kind {
+            CellKind::Customers => 1,
+            CellKind::Rows => self.clip.transactions,
+            CellKind::Sum => self.clip.spend_cents,
         }
+    }
+
+    fn group_label(&self, m: &[String], h: &[String]) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        for (c, v) in self.holder_group_columns().iter().zip(h) {
+            parts.push(format!("{}={v}", c.name));
+        }
+        for (c, v) in self.matcher_group_columns().iter().zip(m) {
+            parts.push(format!("{}={v}", c.name));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("[{}]", parts.join(", "))
+        }
+    }
+
+    /// Cells per matcher group: holder groups times cells per group. This is
+    /// the width of each OT batch.
+    pub fn width(&self) -> usize {
+        self.holder_groups().len() * self.per_group().len()
+    }
+
+    /// All output cells, matcher group after matcher group, then holder
+    /// group after holder group, then the cells of each group.
+    pub fn cells(&self) -> Vec<CellSpec> {
+        let per = self.per_group();
+        let count_at = per.iter().position(|(_, k)| *k == CellKind::Customers).unwrap_or(0);
+        let mut out = Vec::new();
+        for m in self.matcher_groups() {
+            for h in self.holder_groups() {
+                let base = out.len();
+                let label = self.group_label(&m, &h);
+                for (name, kind) in &per {
+                    out.push(CellSpec {
+                        name: format!("{name}{label}"),
+                        kind: *kind,
+                        weight: self.weight(*kind),
+                        count_cell: base + count_at,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The AVG outputs, as ratios of cells.
+    pub fn ratios(&self) -> Vec<Ratio> {
+        let per = self.per_group();
+        let mut out = Vec::new();
+        let mut base = 0;
+        for m in self.matcher_groups() {
+            for h in self.holder_groups() {
+                let label = self.group_label(&m, &h);
+                for o in &self.query.outputs {
+                    if let Measure::Avg(_) = o.measure {
+                        let num = per.iter().position(|(n, _)| *n == format!("{}.sum", o.name));
+                        let den = per.iter().position(|(n, _)| *n == format!("{}.count", o.name));
+                        if let (Some(n), Some(d)) = (num, den) {
+                            out.push(Ratio {
+                                name: format!("{}{label}", o.name),
+                                numerator: base + n,
+                                denominator: base + d,
+                            });
+                        }
+                    }
+                }
+                base += per.len();
+            }
+        }
+        out
     }
 
     /// `Δ²`: the squared L2 norm of the largest weighted vector one customer
-    /// (or one platform user) can change.
+    /// (or one platform user) can change. A customer is in one matcher group
+    /// at most, so one batch's width counts.
     pub fn delta_squared(&self) -> u128 {
-        self.cells()
+        let per = self.per_group();
+        let one_group: u128 = per
             .iter()
-            .enumerate()
-            .map(|(k, c)| {
-                let bound = match (self.kind, k % 3) {
-                    (TemplateKind::Overlap, _) | (_, 0) => 1,
-                    (_, 1) => self.clip.transactions,
-                    _ => self.clip.spend_cents,
-                };
-                let x = u128::from(bound) * u128::from(c.weight);
+            .map(|(_, k)| {
+                let x = u128::from(self.bound(*k)) * u128::from(self.weight(*k));
                 x * x
             })
-            .sum()
+            .sum();
+        one_group * self.holder_groups().len() as u128
+    }
+
+    /// Whether a holder row passes the WHERE clause's holder conjuncts.
+    pub fn holder_row_passes(&self, row: &HolderRow<'_>) -> bool {
+        self.query.filters_on(Side::Holder).iter().all(|p| {
+            let col = p.column().name.as_str();
+            let test = |lit: &Literal, cmp: Cmp| match (col, lit) {
+                ("category", Literal::Text(t)) => cmp_holds(&row.category, cmp, &t.as_str()),
+                ("amount", Literal::Cents(c)) => cmp_holds(&row.cents, cmp, c),
+                ("date", Literal::Day(d)) => cmp_holds(&row.day, cmp, d),
+                _ => false,
+            };
+            match p {
+                Predicate::Compare(_, cmp, lit) => test(lit, *cmp),
+                Predicate::In(_, lits) => lits.iter().any(|l| test(l, Cmp::Eq)),
+                Predicate::Between(_, lo, hi) => test(lo, Cmp::Ge) && test(hi, Cmp::Le),
+            }
+        })
+    }
+
+    /// The holder group a row falls in (index into [`Plan::holder_groups`]).
+    pub fn holder_group_of(&self, row: &HolderRow<'_>) -> Option<usize> {
+        let mut idx = 0;
+        for c in self.holder_group_columns() {
+            let d = self.domains.domain(Side::Holder, &c.name);
+            let v = match c.name.as_str() {
+                "category" => row.category,
+                _ => return None,
+            };
+            idx = idx * d.len() + d.iter().position(|x| x == v)?;
+        }
+        Some(idx)
+    }
+
+    /// Whether a matcher user passes the WHERE clause's matcher conjuncts;
+    /// `value(column)` gives the user's value of a column.
+    pub fn matcher_user_passes(&self, value: &dyn Fn(&str) -> Option<String>) -> bool {
+        self.query.filters_on(Side::Matcher).iter().all(|p| {
+            let Some(v) = value(&p.column().name) else {
+                return false;
+            };
+            match p {
+                Predicate::Compare(_, Cmp::Eq, lit) => literal_matches(lit, &v),
+                Predicate::In(_, lits) => lits.iter().any(|l| literal_matches(l, &v)),
+                _ => false,
+            }
+        })
+    }
+
+    /// The matcher group a user falls in (index into [`Plan::matcher_groups`]).
+    pub fn matcher_group_of(&self, value: &dyn Fn(&str) -> Option<String>) -> Option<usize> {
+        let mut idx = 0;
+        for c in self.matcher_group_columns() {
+            let d = self.domains.domain(Side::Matcher, &c.name);
+            let v = value(&c.name)?;
+            idx = idx * d.len() + d.iter().position(|x| *x == v)?;
+        }
+        Some(idx)
+    }
+
+    /// What the matcher's join depends on: its filter and its grouping, as text.
+    pub fn join_filter(&self) -> String {
+        let mut parts: Vec<String> = self
+            .query
+            .filters_on(Side::Matcher)
+            .iter()
+            .map(|p| match p {
+                Predicate::Compare(c, _, Literal::Text(t)) => format!("{} in ({t})", c.name),
+                Predicate::In(c, lits) => {
+                    let mut v: Vec<String> = lits
+                        .iter()
+                        .filter_map(|l| {
+                            if let Literal::Text(t) = l {
+                                Some(t.clone())
+                            } else {
+                                None
+                            }
+                        })
+                        .collect();
+                    v.sort();
+                    v.dedup();
+                    format!("{} in ({})", c.name, v.join(","))
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
+        parts.sort();
+        let groups: Vec<String> = self.matcher_group_columns().iter().map(|c| c.name.clone()).collect();
+        format!("where {} group by {}", parts.join(" and "), groups.join(","))
     }
 
     /// A digest of everything that determines the cells' exact values: both
@@ -464,13 +884,21 @@ impl Plan {
             ctx.update(&(b.len() as u64).to_le_bytes());
             ctx.update(b);
         };
-        put(b"cleanroom-plan-v1");
-        put(self.kind.as_str().as_bytes());
-        put(&self.dates.0.to_le_bytes());
-        put(&self.dates.1.to_le_bytes());
-        put(self.segment.as_deref().unwrap_or("").as_bytes());
-        for c in &self.categories {
-            put(c.as_bytes());
+        put(b"cleanroom-plan-v2");
+        put(self.sql_text.as_bytes());
+        for (k, v) in &self.params {
+            put(k.as_bytes());
+            put(v.as_bytes());
+        }
+        for d in [
+            &self.domains.categories,
+            &self.domains.segments,
+            &self.domains.countries,
+        ] {
+            put(&(d.len() as u64).to_le_bytes());
+            for c in d {
+                put(c.as_bytes());
+            }
         }
         put(&self.clip.transactions.to_le_bytes());
         put(&self.clip.spend_cents.to_le_bytes());
@@ -478,14 +906,6 @@ impl Plan {
         let mut out = [0u8; 32];
         out.copy_from_slice(d.as_ref());
         out
-    }
-
-    /// A digest of the matcher's input restriction: joins are cached per filter.
-    pub fn join_filter(&self) -> String {
-        match &self.segment {
-            Some(s) => format!("segment={s}"),
-            None => "all".to_string(),
-        }
     }
 }
 
@@ -497,23 +917,28 @@ mod tests {
         Domains {
             categories: vec!["a".into(), "b".into()],
             segments: vec!["s1".into(), "s2".into()],
+            countries: vec!["GB".into(), "FR".into()],
+        }
+    }
+
+    fn clip() -> Clip {
+        Clip {
+            transactions: 10,
+            spend_cents: 1000,
         }
     }
 
     fn template(kind: TemplateKind) -> Template {
-        Template {
-            name: "t".into(),
+        Template::builtin(
+            "t",
             kind,
-            rho_micro: 100_000,
-            min_count: 10,
-            analysts: vec!["alice".into()],
-            clip: Clip {
-                transactions: 10,
-                spend_cents: 1000,
-            },
-            dates: (parse_date("2026-01-01").unwrap(), parse_date("2026-12-31").unwrap()),
-            segments: vec!["s1".into()],
-        }
+            (parse_date("2026-01-01").unwrap(), parse_date("2026-12-31").unwrap()),
+            vec!["s1".into()],
+            clip(),
+            100_000,
+            10,
+            vec!["alice".into()],
+        )
     }
 
     fn p(kv: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -564,7 +989,8 @@ mod tests {
                 &d,
             )
             .unwrap();
-        assert_eq!(ok.segment.as_deref(), Some("s1"));
+        assert_eq!(ok.join_filter(), "where segment in (s1) group by ");
+        // customers, transactions, spend per category.
         assert_eq!(ok.width(), 6);
         assert!(matches!(
             t.bind("bob", &[], &d),
@@ -574,30 +1000,16 @@ mod tests {
             t.bind("alice", &p(&[("start", "2026-02-01"), ("end", "2026-03-01")]), &d),
             Err(QueryError::MissingParameter("segment".into()))
         );
-        assert!(matches!(
-            t.bind(
-                "alice",
-                &p(&[("start", "2025-02-01"), ("end", "2026-03-01"), ("segment", "s1")]),
-                &d
-            ),
-            Err(QueryError::BadParameter { .. })
-        ));
-        assert!(matches!(
-            t.bind(
-                "alice",
-                &p(&[("start", "2026-02-01"), ("end", "2026-03-01"), ("segment", "s2")]),
-                &d
-            ),
-            Err(QueryError::BadParameter { .. })
-        ));
-        assert!(matches!(
-            t.bind(
-                "alice",
-                &p(&[("start", "2026-02-01"), ("end", "2026-01-01"), ("segment", "s1")]),
-                &d
-            ),
-            Err(QueryError::BadParameter { .. })
-        ));
+        for bad in [
+            p(&[("start", "2025-02-01"), ("end", "2026-03-01"), ("segment", "s1")]),
+            p(&[("start", "2026-02-01"), ("end", "2026-03-01"), ("segment", "s2")]),
+            p(&[("start", "2026-02-01"), ("end", "2026-01-01"), ("segment", "s1")]),
+        ] {
+            assert!(
+                matches!(t.bind("alice", &bad, &d), Err(QueryError::BadParameter { .. })),
+                "{bad:?}"
+            );
+        }
         assert!(matches!(
             t.bind(
                 "alice",
@@ -618,7 +1030,7 @@ mod tests {
     }
 
     #[test]
-    fn sensitivity_and_digest() {
+    fn sensitivity_cells_and_digest() {
         let d = domains();
         let t = template(TemplateKind::SpendByCategory);
         let plan = t
@@ -626,12 +1038,62 @@ mod tests {
             .unwrap();
         // Per category: (1*1000)^2 + (10*100)^2 + (1000*1)^2 = 3e6; two categories.
         assert_eq!(plan.delta_squared(), 6_000_000);
+        let names: Vec<String> = plan.cells().into_iter().map(|c| c.name).collect();
+        assert_eq!(names[0], "customers[category=a]");
+        assert_eq!(names[5], "spend_cents[category=b]");
         let plan2 = t
             .bind("alice", &p(&[("start", "2026-02-01"), ("end", "2026-03-02")]), &d)
             .unwrap();
         assert_ne!(plan.digest(), plan2.digest());
         let o = template(TemplateKind::Overlap).bind("alice", &[], &d).unwrap();
-        assert_eq!(o.delta_squared(), 1);
+        assert_eq!(o.delta_squared(), 1_000_000);
         assert_eq!(o.width(), 1);
+    }
+
+    #[test]
+    fn matcher_groups_and_avg() {
+        let d = domains();
+        let t = Template {
+            name: "x".into(),
+            sql: "SELECT b.category, p.country, AVG(b.amount) AS avg_spend FROM bank b JOIN platform p GROUP BY b.category, p.country".into(),
+            params: vec![],
+            rho_micro: 1,
+            min_count: 1,
+            analysts: vec!["alice".into()],
+            clip: clip(),
+        };
+        t.check(&d).unwrap();
+        let plan = t.bind("alice", &[], &d).unwrap();
+        assert_eq!(plan.matcher_groups().len(), 2);
+        assert_eq!(plan.holder_groups().len(), 2);
+        // customers (added for suppression), avg.sum, avg.count.
+        assert_eq!(plan.width(), 6);
+        assert_eq!(plan.cells().len(), 12);
+        assert_eq!(plan.cells()[3].name, "customers[category=b, country=GB]");
+        let r = plan.ratios();
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[1].name, "avg_spend[category=b, country=GB]");
+        assert_eq!((r[1].numerator, r[1].denominator), (4, 5));
+        let row = HolderRow {
+            category: "b",
+            cents: 5,
+            day: 0,
+        };
+        assert_eq!(plan.holder_group_of(&row), Some(1));
+        assert_eq!(
+            plan.matcher_group_of(&|c| (c == "country").then(|| "FR".to_string())),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn templates_must_be_consistent() {
+        let d = domains();
+        let mut t = template(TemplateKind::SpendByCategory);
+        t.params.pop();
+        assert!(t.check(&d).unwrap_err().to_string().contains(":end"));
+        let mut t = template(TemplateKind::Overlap);
+        t.sql = "SELECT b.email FROM bank b JOIN platform p".into();
+        assert!(t.check(&d).unwrap_err().to_string().contains("identifier column"));
     }
 }

@@ -319,7 +319,7 @@ impl Ctx<'_> {
         };
         match kind {
             ColumnKind::Categorical(domain) => {
-                if !domain.iter().any(|d| *d == text) {
+                if !domain.contains(&text) {
                     return refuse(format!(
                         "'{text}' is not a declared value of `{}` (declared: {})",
                         column.name,
