@@ -35,7 +35,7 @@ fn streaming(n: usize, m: usize, seed: u64) -> (HolderStreaming, MatcherStreamin
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let h = common::holder(common::ids("h", 0..n), 64);
     let mm = common::matcher(common::ids("m", 0..m), 64);
-    let (offered, offer) = mm.offer(&mut rng);
+    let (offered, offer) = mm.offer(&mut rng).unwrap();
     let (hs, accept) = h.on_offer(&frame(offer), &mut rng).unwrap().charge_recorded();
     let ms = offered.on_accept(&frame(accept)).unwrap();
     (hs, ms)
@@ -218,6 +218,7 @@ fn offers_outside_the_policy_are_refused() {
             rules_hash: rules,
             matcher_set_size: m,
             context: common::params(64).context,
+            blocks: vec![m],
         }))
     };
     let h = || common::holder(common::ids("h", 0..5), 64);
@@ -273,7 +274,7 @@ fn matcher_refuses_bad_accepts() {
         let mut rng = ChaCha20Rng::seed_from_u64(8);
         let h = common::holder(common::ids("h", 0..20), 64);
         let m = MatcherJoin::new(common::params(64), policy, common::ids("m", 0..5)).unwrap();
-        let (offered, offer) = m.offer(&mut rng);
+        let (offered, offer) = m.offer(&mut rng).unwrap();
         let (_, accept) = h.on_offer(&frame(offer), &mut rng).unwrap().charge_recorded();
         let Message::JoinAccept(mut a) = accept else {
             unreachable!()
@@ -284,10 +285,11 @@ fn matcher_refuses_bad_accepts() {
     let open = MatcherPolicy {
         peer_set: common::limits(),
         max_dummy_rows: 1000,
+        block_padding: None,
     };
-    assert!(run(open, &|_| {}).is_ok());
+    assert!(run(open.clone(), &|_| {}).is_ok());
     assert_eq!(
-        run(open, &|a| a.session[0] ^= 1).unwrap_err(),
+        run(open.clone(), &|a| a.session[0] ^= 1).unwrap_err(),
         ProtocolError::WrongSession
     );
     // Changing the announced sizes changes the session id: refused.
@@ -298,6 +300,7 @@ fn matcher_refuses_bad_accepts() {
     let few_dummies = MatcherPolicy {
         peer_set: common::limits(),
         max_dummy_rows: 8,
+        block_padding: None,
     };
     assert_eq!(
         run(few_dummies, &|_| {}).unwrap_err(),
@@ -306,6 +309,7 @@ fn matcher_refuses_bad_accepts() {
     let big_holders = MatcherPolicy {
         peer_set: SetSizeLimits { min: 50, max: 100 },
         max_dummy_rows: 1000,
+        block_padding: None,
     };
     assert!(matches!(
         run(big_holders, &|_| {}).unwrap_err(),
@@ -410,13 +414,13 @@ fn aggregate_refuses_hostile_messages() {
     let values = || RowValues::new(width, vec![1; 600]).unwrap();
 
     // Setups that do not fit the join or the query.
-    let (_, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], &mut rng_m).unwrap();
+    let (_, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], 0, &mut rng_m).unwrap();
     let Message::OtSetup(good) = setup else { unreachable!() };
     let try_setup = |f: &dyn Fn(&mut OtSetup)| {
         let mut s = good.clone();
         f(&mut s);
         let mut rng = ChaCha20Rng::seed_from_u64(1);
-        HolderAggregate::new(hj.clone(), values(), qid, [5; 32])
+        HolderAggregate::new(hj.clone(), values(), qid, [5; 32], 0)
             .unwrap()
             .on_setup(&frame(Message::OtSetup(s)), &mut rng)
             .map(|_| ())
@@ -448,8 +452,8 @@ fn aggregate_refuses_hostile_messages() {
     );
 
     // The matcher refuses bad base-OT answers.
-    let (waiting, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], &mut rng_m).unwrap();
-    let (_, answer) = HolderAggregate::new(hj.clone(), values(), qid, [5; 32])
+    let (waiting, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], 0, &mut rng_m).unwrap();
+    let (_, answer) = HolderAggregate::new(hj.clone(), values(), qid, [5; 32], 0)
         .unwrap()
         .on_setup(&frame(setup), &mut rng_h)
         .unwrap();
@@ -463,8 +467,8 @@ fn aggregate_refuses_hostile_messages() {
     );
 
     // A full honest start, then bad extension and masked-row messages.
-    let (waiting, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], &mut rng_m).unwrap();
-    let (mut hr, answer) = HolderAggregate::new(hj.clone(), values(), qid, [5; 32])
+    let (waiting, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], 0, &mut rng_m).unwrap();
+    let (mut hr, answer) = HolderAggregate::new(hj.clone(), values(), qid, [5; 32], 0)
         .unwrap()
         .on_setup(&frame(setup), &mut rng_h)
         .unwrap();
@@ -542,6 +546,7 @@ fn bad_local_input_is_refused() {
         MatcherPolicy {
             peer_set: common::limits(),
             max_dummy_rows: 10,
+            block_padding: None,
         },
         dup,
     )
@@ -556,7 +561,8 @@ fn bad_local_input_is_refused() {
             bad,
             MatcherPolicy {
                 peer_set: common::limits(),
-                max_dummy_rows: 10
+                max_dummy_rows: 10,
+                block_padding: None,
             },
             vec![]
         )

@@ -198,11 +198,12 @@ async fn strangers_and_wrong_roles_are_refused() {
         cleanroom_protocol::join::MatcherPolicy {
             peer_set: cleanroom_protocol::join::SetSizeLimits { min: 0, max: 1 << 30 },
             max_dummy_rows: 4096,
+            block_padding: None,
         },
         vec![b"email:x@y.com".to_vec()],
     )
     .unwrap();
-    let (_, offer) = fake.offer(&mut rng);
+    let (_, offer) = fake.offer(&mut rng).unwrap();
     let r = raw_request(&alice, &ca, p.bank_addr(), &bank_name, offer)
         .await
         .unwrap();
@@ -369,12 +370,13 @@ async fn a_peer_that_disconnects_mid_join_leaves_the_bank_healthy() {
             cleanroom_protocol::join::MatcherPolicy {
                 peer_set: cleanroom_protocol::join::SetSizeLimits { min: 0, max: 1 << 30 },
                 max_dummy_rows: 4096,
+                block_padding: None,
             },
             ids,
         )
         .unwrap();
         let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
-        let (offered, offer) = m.offer(&mut rng);
+        let (offered, offer) = m.offer(&mut rng).unwrap();
         write_frame(&mut send, &offer.encode().unwrap(), MAX_MESSAGE_LEN)
             .await
             .unwrap();

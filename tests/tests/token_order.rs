@@ -28,7 +28,7 @@ fn permutation(seed: u64) -> Vec<usize> {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let matcher = common::matcher(common::ids("y", 0..M), CHUNK);
     let holder = common::holder(common::ids("x", 0..50), CHUNK);
-    let (offered, offer) = matcher.offer(&mut rng);
+    let (offered, offer) = matcher.offer(&mut rng).unwrap();
     let (mut h, accept) = holder
         .on_offer(&offer.encode().unwrap(), &mut rng)
         .unwrap()

@@ -74,7 +74,34 @@ impl NodeData {
 
 struct PendingEntry {
     plan: Plan,
+    /// One share per matcher group, filled as the platform runs each batch.
+    shares: Vec<Option<Share>>,
+    started: Instant,
     tx: Option<oneshot::Sender<Result<(Share, f64), String>>>,
+}
+
+impl PendingEntry {
+    /// Records one group's share (or an error); delivers once all are in.
+    fn record(&mut self, group: usize, result: Result<Share, String>) {
+        match result {
+            Ok(share) => {
+                if let Some(slot) = self.shares.get_mut(group) {
+                    *slot = Some(share);
+                }
+                if self.shares.iter().all(Option::is_some)
+                    && let Some(tx) = self.tx.take()
+                {
+                    let words: Vec<u64> = self.shares.iter().flatten().flat_map(|s| s.words().to_vec()).collect();
+                    let _ = tx.send(Ok((Share::from_words(words), self.started.elapsed().as_secs_f64())));
+                }
+            }
+            Err(e) => {
+                if let Some(tx) = self.tx.take() {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -358,11 +385,6 @@ impl Node {
         let plan = template
             .bind(analyst, &q.params, &self.inner.domains)
             .map_err(|e| NodeError::Refused(e.to_string()))?;
-        if !plan.matcher_group_columns().is_empty() {
-            return Err(NodeError::Refused(
-                "GROUP BY on platform columns is not available in this version: group by bank columns and filter platform columns with = or IN".into(),
-            ));
-        }
         if let NodeData::Matcher(m) = &self.inner.data
             && m.countries.is_empty()
             && (plan.query.filters.iter().any(|p| p.column().name == "country")
@@ -502,6 +524,8 @@ impl Node {
             *qid,
             PendingEntry {
                 plan: plan.clone(),
+                shares: vec![None; plan.matcher_groups().len()],
+                started: Instant::now(),
                 tx: Some(tx),
             },
         );
@@ -545,19 +569,24 @@ impl Node {
                             "aggregate for a query this node has not accepted".into(),
                         ));
                     };
-                    let t = Instant::now();
                     let result = self
-                        .holder_aggregate(data, &plan, &setup.query_id, setup.join_session, &first, send, recv)
+                        .holder_aggregate(
+                            data,
+                            &plan,
+                            &setup.query_id,
+                            setup.join_session,
+                            setup.group,
+                            &first,
+                            send,
+                            recv,
+                        )
                         .await;
-                    let tx = lock(&self.inner.pending)
-                        .get_mut(&setup.query_id)
-                        .and_then(|p| p.tx.take());
                     let message = match &result {
-                        Ok(share) => Ok((share.clone(), t.elapsed().as_secs_f64())),
+                        Ok(share) => Ok(share.clone()),
                         Err(e) => Err(e.to_string()),
                     };
-                    if let Some(tx) = tx {
-                        let _ = tx.send(message);
+                    if let Some(p) = lock(&self.inner.pending).get_mut(&setup.query_id) {
+                        p.record(setup.group as usize, message);
                     }
                     result.map(|_| ())
                 }
@@ -657,8 +686,8 @@ impl Node {
         let streaming = pump::run(streaming, send, recv, Duration::from_secs(60)).await?;
         let joined = Arc::new(streaming.finish()?);
         let (session, n, d, d_max, order) = joined.parts();
-        let mut payload = Vec::with_capacity(24 + order.len() * 4);
-        for x in [n, d, d_max] {
+        let mut payload = Vec::with_capacity(24 + d.len() * 8 + order.len() * 4);
+        for x in [n, d_max, d.len() as u64].iter().chain(d) {
             payload.extend_from_slice(&x.to_le_bytes());
         }
         for o in order {
@@ -687,11 +716,15 @@ impl Node {
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_le_bytes)
         };
-        let (Some(n), Some(d), Some(d_max)) = (word(0), word(1), word(2)) else {
+        let (Some(n), Some(d_max), Some(g)) = (word(0), word(1), word(2)) else {
             return Err(NodeError::State("a cached join is truncated".into()));
         };
+        let g = usize::try_from(g)
+            .unwrap_or(usize::MAX)
+            .min(cleanroom_protocol::join::MAX_BLOCKS);
+        let d: Vec<u64> = (0..g).filter_map(|k| word(3 + k)).collect();
         let order: Vec<u32> = payload
-            .get(24..)
+            .get(24 + 8 * g..)
             .unwrap_or(&[])
             .chunks_exact(4)
             .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes))
@@ -708,6 +741,7 @@ impl Node {
         plan: &Plan,
         qid: &[u8; 16],
         join_session: SessionId,
+        group: u32,
         first: &[u8],
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
@@ -725,7 +759,7 @@ impl Node {
         let (qid, digest, first) = (*qid, plan.digest(), first.to_vec());
         let started = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
-            let agg = HolderAggregate::new(joined, RowValues::new(width, values)?, qid, digest)?;
+            let agg = HolderAggregate::new(joined, RowValues::new(width, values)?, qid, digest, group)?;
             agg.on_setup(&first, &mut rng).map_err(NodeError::from)
         })
         .await
@@ -787,35 +821,40 @@ impl Node {
             }
             let cached = lock(&self.inner.state).join_for_filter(&filter, &data.version)?;
             if let Some((session, payload)) = cached {
-                let matched: Vec<bool> = payload.iter().map(|b| *b == 1).collect();
-                let j = Arc::new(MatcherJoined::from_parts(session, matched));
+                let mut words = payload
+                    .chunks_exact(4)
+                    .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes));
+                let blocks = words.next().unwrap_or(0) as usize;
+                let j = Arc::new(MatcherJoined::from_parts(session, words.collect(), blocks)?);
                 lock(&self.inner.matcher_joins).insert(filter.clone(), j.clone());
                 return Ok((j, None));
             }
         }
         let t = Instant::now();
         let domains = &self.inner.domains;
-        let ids: Vec<Vec<u8>> = data
-            .ids
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| {
-                plan.matcher_user_passes(&|column: &str| match column {
-                    "segment" => data
-                        .segments
-                        .get(*k)
-                        .and_then(|s| domains.segments.get(usize::from(*s)))
-                        .cloned(),
-                    "country" => data
-                        .countries
-                        .get(*k)
-                        .and_then(|c| domains.countries.get(usize::from(*c)))
-                        .cloned(),
-                    _ => None,
-                })
-            })
-            .map(|(_, id)| id.clone())
-            .collect();
+        let groups = plan.matcher_groups().len().max(1);
+        let mut blocks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); groups];
+        for (k, id) in data.ids.iter().enumerate() {
+            let value = |column: &str| match column {
+                "segment" => data
+                    .segments
+                    .get(k)
+                    .and_then(|s| domains.segments.get(usize::from(*s)))
+                    .cloned(),
+                "country" => data
+                    .countries
+                    .get(k)
+                    .and_then(|c| domains.countries.get(usize::from(*c)))
+                    .cloned(),
+                _ => None,
+            };
+            if !plan.matcher_user_passes(&value) {
+                continue;
+            }
+            if let Some(block) = plan.matcher_group_of(&value).and_then(|g| blocks.get_mut(g)) {
+                block.push(id.clone());
+            }
+        }
         let l = &self.inner.limits;
         let params = JoinParams {
             collaboration_id: self.inner.collaboration.clone(),
@@ -829,12 +868,17 @@ impl Node {
                 max: l.peer_set.1,
             },
             max_dummy_rows: l.max_dummy_rows,
+            block_padding: Some(ShiftedTruncatedLaplace::new(
+                l.cardinality_epsilon_micro,
+                1_000_000,
+                l.cardinality_delta_inverse,
+            )?),
         };
         let conn = self.peer_connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
         let mut rng = session_rng()?;
-        let m = MatcherJoin::new(params, policy, ids)?;
-        let (offered, offer) = m.offer(&mut rng);
+        let m = MatcherJoin::grouped(params, policy, blocks)?;
+        let (offered, offer) = m.offer(&mut rng)?;
         write_one(&mut send, &offer).await?;
         let accept = read_one(&mut recv, Duration::from_secs(60)).await?;
         let streaming = offered.on_accept(&accept)?;
@@ -843,7 +887,11 @@ impl Node {
             .await
             .map_err(|_| NodeError::Internal("join task failed"))??;
         let joined = Arc::new(joined);
-        let payload: Vec<u8> = joined.matched().iter().map(|b| u8::from(*b)).collect();
+        let mut payload = Vec::with_capacity(4 + joined.rows() * 4);
+        payload.extend_from_slice(&(joined.blocks() as u32).to_le_bytes());
+        for l in joined.labels() {
+            payload.extend_from_slice(&l.to_le_bytes());
+        }
         lock(&self.inner.state).put_join(&joined.session(), &filter, &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.matcher_joins).insert(filter, joined.clone());
         let secs = t.elapsed().as_secs_f64();
@@ -853,15 +901,21 @@ impl Node {
 
     async fn matcher_aggregate(&self, joined: &MatcherJoined, plan: &Plan, qid: &[u8; 16]) -> Result<Share, NodeError> {
         let conn = self.peer_connection().await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
-        let mut rng = session_rng()?;
-        let (waiting, setup) =
-            MatcherAggregate::start(joined, joined.matched(), plan.width(), *qid, plan.digest(), &mut rng)?;
-        write_one(&mut send, &setup).await?;
-        let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
-        let running = waiting.on_choices(&answer)?;
-        let running = pump::run(running, send, recv, Duration::from_secs(60)).await?;
-        Ok(running.finish()?)
+        let mut words = Vec::with_capacity(plan.width() * joined.blocks());
+        // One OT batch per matcher group: choices e_i AND label_i == g.
+        for g in 0..joined.blocks() as u32 {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+            let mut rng = session_rng()?;
+            let choices = joined.choices_for_block(g);
+            let (waiting, setup) =
+                MatcherAggregate::start(joined, &choices, plan.width(), *qid, plan.digest(), g, &mut rng)?;
+            write_one(&mut send, &setup).await?;
+            let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
+            let running = waiting.on_choices(&answer)?;
+            let running = pump::run(running, send, recv, Duration::from_secs(60)).await?;
+            words.extend_from_slice(running.finish()?.words());
+        }
+        Ok(Share::from_words(words))
     }
 
     async fn matcher_share(

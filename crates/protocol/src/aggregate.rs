@@ -55,6 +55,7 @@ fn setup_session_id(
     join: &SessionId,
     query_id: &[u8; 16],
     plan: &[u8; 32],
+    group: u32,
     nonce: &Nonce,
     rows: u64,
     width: u32,
@@ -64,6 +65,7 @@ fn setup_session_id(
         join,
         query_id,
         plan,
+        &group.to_le_bytes(),
         nonce,
         &rows.to_le_bytes(),
         &width.to_le_bytes(),
@@ -144,11 +146,12 @@ pub struct HolderAggregate {
     values: RowValues,
     query_id: [u8; 16],
     plan: [u8; 32],
+    group: u32,
 }
 
 impl HolderAggregate {
     /// Prepares an aggregate over `joined` with the plan's values for query
-    /// `query_id` under the plan digest `plan`.
+    /// `query_id` under the plan digest `plan`, for matcher group `group`.
     ///
     /// # Errors
     /// [`ProtocolError::LocalInput`] when the values do not cover the join's customers.
@@ -157,6 +160,7 @@ impl HolderAggregate {
         values: RowValues,
         query_id: [u8; 16],
         plan: [u8; 32],
+        group: u32,
     ) -> Result<Self, ProtocolError> {
         if values.words.len() as u64 != joined.customers() * values.width as u64 {
             return Err(ProtocolError::LocalInput {
@@ -168,6 +172,7 @@ impl HolderAggregate {
             values,
             query_id,
             plan,
+            group,
         })
     }
 
@@ -200,6 +205,9 @@ impl HolderAggregate {
         if setup.plan != self.plan {
             return Err(ProtocolError::ParameterMismatch { what: "query plan" });
         }
+        if setup.group != self.group {
+            return Err(ProtocolError::ParameterMismatch { what: "matcher group" });
+        }
         let rows = self.joined.rows();
         if setup.rows != rows as u64 {
             return Err(ProtocolError::ParameterMismatch { what: "row count" });
@@ -211,6 +219,7 @@ impl HolderAggregate {
             &setup.join_session,
             &setup.query_id,
             &setup.plan,
+            setup.group,
             &setup.nonce,
             setup.rows,
             setup.width,
@@ -404,9 +413,9 @@ pub struct MatcherAggregate {
 }
 
 impl MatcherAggregate {
-    /// Opens an aggregate over `joined` with choice bits `choices` (one per
-    /// row; `e_i` itself for a query without matcher-side groups) and returns
-    /// the [`OtSetup`].
+    /// Opens an aggregate over `joined` for matcher group `group` with choice
+    /// bits `choices` (one per row: `e_i AND label_i == group`; `e_i` itself
+    /// for a query without matcher-side groups) and returns the [`OtSetup`].
     ///
     /// # Errors
     /// [`ProtocolError::LocalInput`] for a bad width or choice length.
@@ -416,6 +425,7 @@ impl MatcherAggregate {
         width: usize,
         query_id: [u8; 16],
         plan: [u8; 32],
+        group: u32,
         rng: &mut R,
     ) -> Result<(Self, Message), ProtocolError> {
         check_width(width)?;
@@ -427,7 +437,15 @@ impl MatcherAggregate {
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
         let rows = joined.rows();
-        let setup_session = setup_session_id(&joined.session(), &query_id, &plan, &nonce, rows as u64, width as u32);
+        let setup_session = setup_session_id(
+            &joined.session(),
+            &query_id,
+            &plan,
+            group,
+            &nonce,
+            rows as u64,
+            width as u32,
+        );
         let (base, base_point) = BaseOtSender::new(rng);
         Ok((
             Self {
@@ -445,6 +463,7 @@ impl MatcherAggregate {
                 rows: rows as u64,
                 width: width as u32,
                 plan,
+                group,
                 base_point,
             }),
         ))

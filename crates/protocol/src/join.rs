@@ -8,6 +8,15 @@
 //! whole set with one permutation and sends it as `E`. M computes
 //! `T_i = kp * row_i` and marks `e_i = [T_i ∈ E]`.
 //!
+//! **Blocks (matcher-side GROUP BY).** The matcher may send its tokens in
+//! `G` blocks, one per value of its grouping attribute, each padded with
+//! random points to a noisy size (so the holder learns only noisy block
+//! sizes). The holder treats each block as its own join: `D_max` dummy rows
+//! and `D_max` dummy tokens per block, `D_b` of them matching, each block's
+//! tokens shuffled over the whole block and sent in block order. The matcher
+//! learns, for each matched row, the block (its own attribute) it matched
+//! in, and a DP-noised count per block. With one block this is the plain join.
+//!
 //! Each party is a state machine: bytes in ([`HolderStreaming::handle`],
 //! [`MatcherStreaming::handle`]), messages out (`poll_transmit`), no I/O, no
 //! clock. The steps that must happen in order are separate types.
@@ -18,8 +27,8 @@ use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
 use cleanroom_crypto::h2g::HashToGroup;
 use cleanroom_crypto::keys::SecretScalar;
 use cleanroom_crypto::point::{
-    self, DistinctPoints, POINT_LEN, PointBytes, check_token_encoding, decode_mul_compress, decode_point,
-    hash_mul_compress, split_points,
+    self, POINT_LEN, PointBytes, check_token_encoding, decode_mul_compress, decode_point, hash_mul_compress,
+    split_points,
 };
 use cleanroom_crypto::rng::shuffle;
 use cleanroom_wire::{
@@ -103,13 +112,19 @@ pub struct HolderPolicy {
 }
 
 /// What the matcher enforces.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct MatcherPolicy {
     /// Accepted holder set sizes.
     pub peer_set: SetSizeLimits,
-    /// The most dummy rows the matcher will process.
+    /// The most dummy rows (per block) the matcher will process.
     pub max_dummy_rows: u64,
+    /// Noise for block sizes when the matcher sends more than one block
+    /// (each block is padded with `P_b` random points).
+    pub block_padding: Option<ShiftedTruncatedLaplace>,
 }
+
+/// The most blocks (matcher groups) one join may have.
+pub const MAX_BLOCKS: usize = 4096;
 
 fn check_own_ids(ids: &[Vec<u8>]) -> Result<(), ProtocolError> {
     if ids.len() as u64 > MAX_SET_SIZE {
@@ -135,6 +150,10 @@ fn join_session_id(offer: &JoinOffer, holder_nonce: &Nonce, n: u64, d_max: u64) 
     ctx.update(offer.collaboration_id.as_bytes());
     ctx.update(&offer.rules_hash);
     ctx.update(&offer.matcher_set_size.to_le_bytes());
+    ctx.update(&(offer.blocks.len() as u64).to_le_bytes());
+    for b in &offer.blocks {
+        ctx.update(&b.to_le_bytes());
+    }
     ctx.update(&offer.context);
     ctx.update(&n.to_le_bytes());
     ctx.update(&d_max.to_le_bytes());
@@ -163,6 +182,18 @@ fn capacity_hint(announced: u64) -> usize {
 /// `>= n` are dummies.
 fn is_dummy(entry: u32, n: u64) -> bool {
     u64::from(entry) >= n
+}
+
+/// Block `b`'s range in a stream where block `k` has `sizes[k]` elements.
+fn block_of(position: u64, sizes: &[u64]) -> Option<usize> {
+    let mut end = 0u64;
+    for (b, n) in sizes.iter().enumerate() {
+        end = end.saturating_add(*n);
+        if position < end {
+            return Some(b);
+        }
+    }
+    None
 }
 
 // ---------------------------------------------------------------- holder
@@ -194,8 +225,8 @@ impl HolderJoin {
     }
 
     /// Reads the matcher's offer, checks it against this node's parameters
-    /// and policy, and draws the session's secrets and the dummy count `D`.
-    /// Nothing is sent yet: the cardinality charge must be recorded first.
+    /// and policy, and draws the session's secrets and the dummy counts
+    /// `D_b`. Nothing is sent yet: the cardinality charge must be recorded first.
     ///
     /// # Errors
     /// A peer fault for a bad or unacceptable offer.
@@ -227,20 +258,37 @@ impl HolderJoin {
             return Err(ProtocolError::ParameterMismatch { what: "join context" });
         }
         self.policy.peer_set.check(offer.matcher_set_size)?;
-
+        let sum = offer.blocks.iter().try_fold(0u64, |a, b| a.checked_add(*b));
+        if offer.blocks.is_empty() || offer.blocks.len() > MAX_BLOCKS || sum != Some(offer.matcher_set_size) {
+            return Err(ProtocolError::ParameterMismatch { what: "block sizes" });
+        }
+        let g = offer.blocks.len() as u64;
         let n = self.ids.len() as u64;
         let d_max = self.policy.cardinality.d_max();
-        let d = self.policy.cardinality.sample(rng)?;
+        let dummies = g * d_max;
+        if n + dummies > u64::from(u32::MAX) {
+            return Err(ProtocolError::LocalInput {
+                reason: "too many rows for one join",
+            });
+        }
+        let d: Vec<u64> = (0..g)
+            .map(|_| self.policy.cardinality.sample(rng))
+            .collect::<Result<_, _>>()?;
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
         let session = join_session_id(&offer, &nonce, n, d_max);
         let kb = SecretScalar::random(rng);
-        let dummy_keys: Vec<SecretScalar> = (0..d_max).map(|_| SecretScalar::random(rng)).collect();
+        let dummy_keys: Vec<SecretScalar> = (0..dummies).map(|_| SecretScalar::random(rng)).collect();
         let dummy_rows: Vec<PointBytes> = dummy_keys.iter().map(|t| t.public().compress().to_bytes()).collect();
-        let non_matching: Vec<PointBytes> = (d..d_max)
-            .map(|_| SecretScalar::random(rng).public().compress().to_bytes())
+        let non_matching: Vec<Vec<PointBytes>> = d
+            .iter()
+            .map(|db| {
+                (*db..d_max)
+                    .map(|_| SecretScalar::random(rng).public().compress().to_bytes())
+                    .collect()
+            })
             .collect();
-        let total = n + d_max;
+        let total = n + dummies;
         let mut order: Vec<u32> = (0..total as u32).collect();
         shuffle(&mut order, rng);
         let mut seed = [0u8; 32];
@@ -262,6 +310,7 @@ impl HolderJoin {
                 ids: self.ids,
                 n,
                 m: offer.matcher_set_size,
+                blocks: offer.blocks.clone(),
                 d,
                 d_max,
                 kb,
@@ -273,7 +322,12 @@ impl HolderJoin {
                 rows_seq: 0,
                 key_m: None,
                 a_seq: 0,
-                blinded: Vec::with_capacity(capacity_hint(offer.matcher_set_size)),
+                received: 0,
+                blinded: offer
+                    .blocks
+                    .iter()
+                    .map(|b| Vec::with_capacity(capacity_hint(*b)))
+                    .collect(),
                 shuffle_rng,
                 tokens: None,
                 tokens_sent: 0,
@@ -298,7 +352,7 @@ impl HolderPendingCharge {
         self.streaming.session
     }
 
-    /// The matcher's announced set size `m`.
+    /// The matcher's announced set size `m` (padding included).
     pub fn matcher_set_size(&self) -> u64 {
         self.streaming.m
     }
@@ -318,18 +372,20 @@ pub struct HolderStreaming {
     ids: Vec<Vec<u8>>,
     n: u64,
     m: u64,
-    d: u64,
+    blocks: Vec<u64>,
+    d: Vec<u64>,
     d_max: u64,
     kb: SecretScalar,
     dummy_keys: Vec<SecretScalar>,
     dummy_rows: Vec<PointBytes>,
-    non_matching: Vec<PointBytes>,
+    non_matching: Vec<Vec<PointBytes>>,
     order: Vec<u32>,
     rows_sent: usize,
     rows_seq: u32,
     key_m: Option<curve25519_dalek::ristretto::RistrettoPoint>,
     a_seq: u32,
-    blinded: Vec<PointBytes>,
+    received: u64,
+    blinded: Vec<Vec<PointBytes>>,
     shuffle_rng: ChaCha20Rng,
     tokens: Option<Vec<PointBytes>>,
     tokens_sent: usize,
@@ -341,9 +397,10 @@ impl core::fmt::Debug for HolderStreaming {
         f.debug_struct("HolderStreaming")
             .field("n", &self.n)
             .field("m", &self.m)
+            .field("blocks", &self.blocks.len())
             .field("d_max", &self.d_max)
             .field("rows_sent", &self.rows_sent)
-            .field("tokens_received", &self.blinded.len())
+            .field("tokens_received", &self.received)
             .field("tokens_sent", &self.tokens_sent)
             .finish_non_exhaustive()
     }
@@ -356,7 +413,7 @@ impl HolderStreaming {
     }
 
     /// The next message to send, if one is ready: row chunks first, then, once
-    /// every matcher token has arrived, the shuffled tokens `E`.
+    /// every matcher token has arrived, the tokens `E`, block by block.
     pub fn poll_transmit(&mut self) -> Option<Message> {
         if self.rows_sent < self.order.len() {
             return Some(self.next_rows_chunk());
@@ -436,7 +493,7 @@ impl HolderStreaming {
                         got: chunk.seq,
                     });
                 }
-                let got = self.blinded.len() as u64 + chunk.count() as u64;
+                let got = self.received + chunk.count() as u64;
                 if got > self.m || self.tokens.is_some() {
                     return Err(ProtocolError::Count {
                         stream: "matcher tokens",
@@ -446,7 +503,17 @@ impl HolderStreaming {
                 }
                 let points = split_points(&chunk.points)?;
                 let out = decode_mul_compress(&points, &self.kb)?;
-                self.blinded.extend_from_slice(&out);
+                for p in out {
+                    let b = block_of(self.received, &self.blocks).ok_or(ProtocolError::Count {
+                        stream: "matcher tokens",
+                        expected: self.m,
+                        got,
+                    })?;
+                    if let Some(block) = self.blinded.get_mut(b) {
+                        block.push(p);
+                    }
+                    self.received += 1;
+                }
                 self.a_seq += 1;
                 self.maybe_build_tokens()
             }
@@ -457,33 +524,41 @@ impl HolderStreaming {
         }
     }
 
-    /// Once the key and all `m` tokens are in: `E = {kb * A_j} ∪ {Q_d}`,
-    /// checked for duplicates, then shuffled with one permutation over the
-    /// whole set (never per chunk, never in arrival order).
+    /// Once the key and all `m` tokens are in: per block,
+    /// `E_b = {kb * A_j} ∪ {Q_{b,d}}`, the whole set checked for duplicates,
+    /// each block shuffled with one permutation over the whole block (never
+    /// per chunk, never in arrival order), blocks in order.
     fn maybe_build_tokens(&mut self) -> Result<(), ProtocolError> {
         let Some(key_m) = self.key_m else {
             return Ok(());
         };
-        if self.tokens.is_some() || (self.blinded.len() as u64) < self.m {
+        if self.tokens.is_some() || self.received < self.m {
             return Ok(());
         }
-        let mut tokens = std::mem::take(&mut self.blinded);
-        let matching: Vec<curve25519_dalek::ristretto::RistrettoPoint> = self
-            .dummy_keys
-            .iter()
-            .take(self.d as usize)
-            .map(|t| t.expose() * key_m)
-            .collect();
-        tokens.extend(point::compress_batch(&matching));
-        tokens.extend_from_slice(&self.non_matching);
-        let mut sorted = tokens.clone();
+        let mut all = Vec::with_capacity(capacity_hint(self.m + self.d_max * self.blocks.len() as u64));
+        let d_max = self.d_max as usize;
+        for (b, blinded) in std::mem::take(&mut self.blinded).into_iter().enumerate() {
+            let mut block = blinded;
+            let db = self.d.get(b).copied().unwrap_or(0) as usize;
+            let matching: Vec<curve25519_dalek::ristretto::RistrettoPoint> = self
+                .dummy_keys
+                .iter()
+                .skip(b * d_max)
+                .take(db)
+                .map(|t| t.expose() * key_m)
+                .collect();
+            block.extend(point::compress_batch(&matching));
+            block.extend_from_slice(self.non_matching.get(b).map_or(&[][..], Vec::as_slice));
+            shuffle(&mut block, &mut self.shuffle_rng);
+            all.extend(block);
+        }
+        let mut sorted = all.clone();
         sorted.par_sort_unstable();
         if sorted.windows(2).any(|w| w.first() == w.get(1)) {
             return Err(ProtocolError::Crypto(cleanroom_crypto::CryptoError::DuplicatePoint));
         }
         drop(sorted);
-        shuffle(&mut tokens, &mut self.shuffle_rng);
-        self.tokens = Some(tokens);
+        self.tokens = Some(all);
         Ok(())
     }
 
@@ -517,7 +592,7 @@ impl HolderStreaming {
 pub struct HolderJoined {
     session: SessionId,
     n: u64,
-    d: u64,
+    d: Vec<u64>,
     d_max: u64,
     order: Vec<u32>,
 }
@@ -526,6 +601,7 @@ impl core::fmt::Debug for HolderJoined {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("HolderJoined")
             .field("n", &self.n)
+            .field("blocks", &self.d.len())
             .field("d_max", &self.d_max)
             .finish_non_exhaustive()
     }
@@ -537,7 +613,7 @@ impl HolderJoined {
         self.session
     }
 
-    /// Number of rows (`n + D_max`).
+    /// Number of rows (`n + G * D_max`).
     pub fn rows(&self) -> usize {
         self.order.len()
     }
@@ -551,8 +627,15 @@ impl HolderJoined {
     ///
     /// # Errors
     /// [`ProtocolError::LocalInput`] when the parts are inconsistent.
-    pub fn from_parts(session: SessionId, n: u64, d: u64, d_max: u64, order: Vec<u32>) -> Result<Self, ProtocolError> {
-        if order.len() as u64 != n + d_max || d > d_max || order.iter().any(|e| u64::from(*e) >= n + d_max) {
+    pub fn from_parts(
+        session: SessionId,
+        n: u64,
+        d: Vec<u64>,
+        d_max: u64,
+        order: Vec<u32>,
+    ) -> Result<Self, ProtocolError> {
+        let total = n + d_max * d.len() as u64;
+        if order.len() as u64 != total || d.iter().any(|x| *x > d_max) || order.iter().any(|e| u64::from(*e) >= total) {
             return Err(ProtocolError::LocalInput {
                 reason: "stored holder join is inconsistent",
             });
@@ -566,18 +649,23 @@ impl HolderJoined {
         })
     }
 
-    /// The parts to store: `(session, n, D, D_max, row order)`.
-    pub fn parts(&self) -> (SessionId, u64, u64, u64, &[u32]) {
-        (self.session, self.n, self.d, self.d_max, &self.order)
+    /// The parts to store: `(session, n, D_b per block, D_max, row order)`.
+    pub fn parts(&self) -> (SessionId, u64, &[u64], u64, &[u32]) {
+        (self.session, self.n, &self.d, self.d_max, &self.order)
     }
 
-    /// `D`: how many of the dummy rows were made to match. Holder-local: it
-    /// never leaves the node (the matcher sees only `|X ∩ Y| + D`).
+    /// `D`: how many dummy rows were made to match, all blocks together.
+    /// Holder-local: it never leaves the node (the matcher sees only noisy counts).
     pub fn matching_dummies(&self) -> u64 {
-        self.d
+        self.d.iter().sum()
     }
 
-    /// `D_max`, public.
+    /// `D_b` per block (holder-local).
+    pub fn matching_dummies_per_block(&self) -> &[u64] {
+        &self.d
+    }
+
+    /// `D_max`, public (per block).
     pub fn dummy_rows(&self) -> u64 {
         self.d_max
     }
@@ -600,51 +688,107 @@ pub struct MatcherJoin {
     params: JoinParams,
     policy: MatcherPolicy,
     h2g: HashToGroup,
-    ids: Vec<Vec<u8>>,
+    blocks: Vec<Vec<Vec<u8>>>,
+}
+
+/// One token the matcher sends: one of its identifiers, or padding.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    Id(usize, usize),
+    Pad,
 }
 
 impl MatcherJoin {
-    /// A matcher with its normalised, distinct identifiers. Their order is
-    /// shuffled before anything is computed from them.
+    /// A matcher with its normalised, distinct identifiers (one block).
     ///
     /// # Errors
     /// [`ProtocolError::LocalInput`] for bad parameters or duplicate identifiers.
     pub fn new(params: JoinParams, policy: MatcherPolicy, ids: Vec<Vec<u8>>) -> Result<Self, ProtocolError> {
+        Self::grouped(params, policy, vec![ids])
+    }
+
+    /// A matcher whose identifiers are split into blocks, one per value of
+    /// its grouping attribute (in the order of the plan's matcher groups).
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for bad parameters, no block, too many
+    /// blocks, a duplicate identifier anywhere, or several blocks without a
+    /// block-padding policy.
+    pub fn grouped(
+        params: JoinParams,
+        policy: MatcherPolicy,
+        blocks: Vec<Vec<Vec<u8>>>,
+    ) -> Result<Self, ProtocolError> {
         let h2g = params.check()?;
-        check_own_ids(&ids)?;
+        if blocks.is_empty() || blocks.len() > MAX_BLOCKS {
+            return Err(ProtocolError::LocalInput {
+                reason: "a join has 1 to 4096 blocks",
+            });
+        }
+        if blocks.len() > 1 && policy.block_padding.is_none() {
+            return Err(ProtocolError::LocalInput {
+                reason: "several blocks need a block-padding policy",
+            });
+        }
+        let all: Vec<Vec<u8>> = blocks.iter().flatten().cloned().collect();
+        check_own_ids(&all)?;
         Ok(Self {
             params,
             policy,
             h2g,
-            ids,
+            blocks,
         })
     }
 
-    /// Opens the join: draws `kp` and a nonce, shuffles its identifiers, and
-    /// returns the [`JoinOffer`].
-    pub fn offer<R: RngCore + CryptoRng>(mut self, rng: &mut R) -> (MatcherOffered, Message) {
+    /// Opens the join: draws `kp`, a nonce and the padding of each block,
+    /// shuffles each block, and returns the [`JoinOffer`].
+    ///
+    /// # Errors
+    /// [`ProtocolError::Crypto`] if the padding noise cannot be drawn.
+    pub fn offer<R: RngCore + CryptoRng>(self, rng: &mut R) -> Result<(MatcherOffered, Message), ProtocolError> {
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
-        shuffle(&mut self.ids, rng);
+        let several = self.blocks.len() > 1;
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut sizes = Vec::with_capacity(self.blocks.len());
+        let mut pads = Vec::new();
+        for (b, ids) in self.blocks.iter().enumerate() {
+            let pad = match (&self.policy.block_padding, several) {
+                (Some(p), true) => p.sample(rng)?,
+                _ => 0,
+            };
+            let mut block: Vec<Entry> = (0..ids.len()).map(|k| Entry::Id(b, k)).collect();
+            block.extend((0..pad).map(|_| Entry::Pad));
+            shuffle(&mut block, rng);
+            sizes.push(block.len() as u64);
+            entries.extend(block);
+            for _ in 0..pad {
+                pads.push(SecretScalar::random(rng).public().compress().to_bytes());
+            }
+        }
+        let m: u64 = sizes.iter().sum();
         let offer = JoinOffer {
             nonce,
             collaboration_id: self.params.collaboration_id.clone(),
             rules_hash: self.params.rules_hash,
-            matcher_set_size: self.ids.len() as u64,
+            matcher_set_size: m,
             context: self.params.context,
+            blocks: sizes,
         };
         let kp = SecretScalar::random(rng);
-        (
+        Ok((
             MatcherOffered {
                 offer: offer.clone(),
                 chunk_points: self.params.chunk_points,
                 policy: self.policy,
                 h2g: self.h2g,
-                ids: self.ids,
+                ids: self.blocks,
+                entries,
+                pads,
                 kp,
             },
             Message::JoinOffer(offer),
-        )
+        ))
     }
 }
 
@@ -655,7 +799,9 @@ pub struct MatcherOffered {
     chunk_points: usize,
     policy: MatcherPolicy,
     h2g: HashToGroup,
-    ids: Vec<Vec<u8>>,
+    ids: Vec<Vec<Vec<u8>>>,
+    entries: Vec<Entry>,
+    pads: Vec<PointBytes>,
     kp: SecretScalar,
 }
 
@@ -686,23 +832,30 @@ impl MatcherOffered {
                 max: self.policy.max_dummy_rows,
             });
         }
-        let rows = accept.holder_set_size + accept.dummy_rows;
-        let tokens = self.offer.matcher_set_size + accept.dummy_rows;
+        let g = self.offer.blocks.len() as u64;
+        let rows = accept.holder_set_size + accept.dummy_rows * g;
+        let token_blocks: Vec<u64> = self.offer.blocks.iter().map(|b| b + accept.dummy_rows).collect();
+        let tokens: u64 = token_blocks.iter().sum();
         Ok(MatcherStreaming {
             session,
             chunk_points: self.chunk_points,
             h2g: self.h2g,
             ids: self.ids,
+            entries: self.entries,
+            pads: self.pads,
             kp: self.kp,
             key_sent: false,
-            ids_sent: 0,
+            sent: 0,
+            pads_sent: 0,
             a_seq: 0,
             expected_rows: rows,
             row_seq: 0,
             row_tokens: Vec::with_capacity(capacity_hint(rows)),
+            token_blocks,
             expected_tokens: tokens,
             token_seq: 0,
-            tokens: DistinctPoints::with_capacity(capacity_hint(tokens)),
+            received_tokens: 0,
+            tokens: std::collections::HashMap::with_capacity(capacity_hint(tokens)),
         })
     }
 }
@@ -712,26 +865,31 @@ pub struct MatcherStreaming {
     session: SessionId,
     chunk_points: usize,
     h2g: HashToGroup,
-    ids: Vec<Vec<u8>>,
+    ids: Vec<Vec<Vec<u8>>>,
+    entries: Vec<Entry>,
+    pads: Vec<PointBytes>,
     kp: SecretScalar,
     key_sent: bool,
-    ids_sent: usize,
+    sent: usize,
+    pads_sent: usize,
     a_seq: u32,
     expected_rows: u64,
     row_seq: u32,
     row_tokens: Vec<PointBytes>,
+    token_blocks: Vec<u64>,
     expected_tokens: u64,
     token_seq: u32,
-    tokens: DistinctPoints,
+    received_tokens: u64,
+    tokens: std::collections::HashMap<PointBytes, u32>,
 }
 
 impl core::fmt::Debug for MatcherStreaming {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("MatcherStreaming")
-            .field("ids_sent", &self.ids_sent)
+            .field("sent", &self.sent)
             .field("rows_received", &self.row_tokens.len())
             .field("expected_rows", &self.expected_rows)
-            .field("tokens_received", &self.tokens.len())
+            .field("tokens_received", &self.received_tokens)
             .field("expected_tokens", &self.expected_tokens)
             .finish_non_exhaustive()
     }
@@ -743,7 +901,8 @@ impl MatcherStreaming {
         self.session
     }
 
-    /// The next message to send: the key `K_M`, then token chunks.
+    /// The next message to send: the key `K_M`, then token chunks (block by
+    /// block, each block in its shuffled order, padding included).
     pub fn poll_transmit(&mut self) -> Option<Message> {
         if !self.key_sent {
             self.key_sent = true;
@@ -752,11 +911,30 @@ impl MatcherStreaming {
                 key: self.kp.public().compress().to_bytes(),
             }));
         }
-        if self.ids_sent < self.ids.len() {
-            let end = (self.ids_sent + self.chunk_points).min(self.ids.len());
-            let chunk = self.ids.get(self.ids_sent..end).unwrap_or(&[]);
-            let points = flatten(&hash_mul_compress(&self.h2g, chunk, &self.kp));
-            self.ids_sent = end;
+        if self.sent < self.entries.len() {
+            let end = (self.sent + self.chunk_points).min(self.entries.len());
+            let chunk = self.entries.get(self.sent..end).unwrap_or(&[]);
+            let real: Vec<&[u8]> = chunk
+                .iter()
+                .filter_map(|e| match e {
+                    Entry::Id(b, k) => self.ids.get(*b).and_then(|ids| ids.get(*k)).map(Vec::as_slice),
+                    Entry::Pad => None,
+                })
+                .collect();
+            let mut computed = hash_mul_compress(&self.h2g, &real, &self.kp).into_iter();
+            let mut points = Vec::with_capacity(chunk.len() * POINT_LEN);
+            for e in chunk {
+                let p = match e {
+                    Entry::Id(..) => computed.next(),
+                    Entry::Pad => {
+                        let p = self.pads.get(self.pads_sent).copied();
+                        self.pads_sent += 1;
+                        p
+                    }
+                };
+                points.extend_from_slice(&p.unwrap_or([0u8; 32]));
+            }
+            self.sent = end;
             let seq = self.a_seq;
             self.a_seq += 1;
             return Some(Message::MatcherTokens(PointChunk {
@@ -804,7 +982,7 @@ impl MatcherStreaming {
                         got: chunk.seq,
                     });
                 }
-                let got = self.tokens.len() as u64 + chunk.count() as u64;
+                let got = self.received_tokens + chunk.count() as u64;
                 if got > self.expected_tokens {
                     return Err(ProtocolError::Count {
                         stream: "holder tokens",
@@ -815,8 +993,16 @@ impl MatcherStreaming {
                 let points = split_points(&chunk.points)?;
                 for p in &points {
                     check_token_encoding(p)?;
+                    let b = block_of(self.received_tokens, &self.token_blocks).ok_or(ProtocolError::Count {
+                        stream: "holder tokens",
+                        expected: self.expected_tokens,
+                        got,
+                    })?;
+                    if self.tokens.insert(*p, b as u32).is_some() {
+                        return Err(ProtocolError::Crypto(cleanroom_crypto::CryptoError::DuplicatePoint));
+                    }
+                    self.received_tokens += 1;
                 }
-                self.tokens.insert_all(&points)?;
                 self.token_seq += 1;
                 Ok(())
             }
@@ -830,12 +1016,13 @@ impl MatcherStreaming {
     /// True once everything has been sent and received.
     pub fn is_done(&self) -> bool {
         self.key_sent
-            && self.ids_sent == self.ids.len()
+            && self.sent == self.entries.len()
             && self.row_tokens.len() as u64 == self.expected_rows
-            && self.tokens.len() as u64 == self.expected_tokens
+            && self.received_tokens == self.expected_tokens
     }
 
-    /// The join's result for the matcher: `e_i` for each of the holder's rows.
+    /// The join's result for the matcher: for each of the holder's rows, the
+    /// block it matched in, if any.
     ///
     /// # Errors
     /// [`ProtocolError::Incomplete`] before [`Self::is_done`];
@@ -852,34 +1039,71 @@ impl MatcherStreaming {
             return Err(ProtocolError::Crypto(cleanroom_crypto::CryptoError::DuplicatePoint));
         }
         drop(sorted);
-        let matched: Vec<bool> = self.row_tokens.par_iter().map(|t| self.tokens.contains(t)).collect();
-        let matched_count = matched.iter().filter(|b| **b).count() as u64;
-        Ok(MatcherJoined {
-            session: self.session,
-            matched,
-            matched_count,
-        })
+        let labels: Vec<u32> = self
+            .row_tokens
+            .par_iter()
+            .map(|t| self.tokens.get(t).copied().unwrap_or(UNMATCHED))
+            .collect();
+        Ok(MatcherJoined::from_labels(
+            self.session,
+            labels,
+            self.token_blocks.len(),
+        ))
     }
 }
 
-/// What the matcher keeps from a join: the bit vector `e`.
+/// The label of a row that matched in no block.
+pub const UNMATCHED: u32 = u32::MAX;
+
+/// What the matcher keeps from a join: per holder row, the block it matched
+/// in (`e_i` and its group label).
 #[derive(Clone)]
 pub struct MatcherJoined {
     session: SessionId,
+    labels: Vec<u32>,
     matched: Vec<bool>,
-    matched_count: u64,
+    block_counts: Vec<u64>,
 }
 
 impl core::fmt::Debug for MatcherJoined {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("MatcherJoined")
-            .field("rows", &self.matched.len())
-            .field("matched_count", &self.matched_count)
+            .field("rows", &self.labels.len())
+            .field("matched_count", &self.matched_count())
             .finish_non_exhaustive()
     }
 }
 
 impl MatcherJoined {
+    fn from_labels(session: SessionId, labels: Vec<u32>, blocks: usize) -> Self {
+        let mut block_counts = vec![0u64; blocks];
+        for l in &labels {
+            if let Some(c) = block_counts.get_mut(*l as usize) {
+                *c += 1;
+            }
+        }
+        let matched = labels.iter().map(|l| *l != UNMATCHED).collect();
+        Self {
+            session,
+            labels,
+            matched,
+            block_counts,
+        }
+    }
+
+    /// Rebuilds a cached join from its parts (as stored by the node).
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for a label outside the blocks.
+    pub fn from_parts(session: SessionId, labels: Vec<u32>, blocks: usize) -> Result<Self, ProtocolError> {
+        if blocks == 0 || labels.iter().any(|l| *l != UNMATCHED && *l as usize >= blocks) {
+            return Err(ProtocolError::LocalInput {
+                reason: "stored matcher join is inconsistent",
+            });
+        }
+        Ok(Self::from_labels(session, labels, blocks))
+    }
+
     /// The join session.
     pub fn session(&self) -> SessionId {
         self.session
@@ -890,23 +1114,33 @@ impl MatcherJoined {
         &self.matched
     }
 
-    /// Rebuilds a cached join from its parts (as stored by the node).
-    pub fn from_parts(session: SessionId, matched: Vec<bool>) -> Self {
-        let matched_count = matched.iter().filter(|b| **b).count() as u64;
-        Self {
-            session,
-            matched,
-            matched_count,
-        }
+    /// Per holder row, the block it matched in, or [`UNMATCHED`].
+    pub fn labels(&self) -> &[u32] {
+        &self.labels
     }
 
-    /// `|X ∩ Y| + D`: all the matcher learns about the overlap.
+    /// The choice bits of one matcher group: `e_i AND label_i == g`.
+    pub fn choices_for_block(&self, block: u32) -> Vec<bool> {
+        self.labels.iter().map(|l| *l == block).collect()
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> usize {
+        self.block_counts.len()
+    }
+
+    /// `|X ∩ Y_b| + D_b` per block: all the matcher learns about the overlap.
+    pub fn block_counts(&self) -> &[u64] {
+        &self.block_counts
+    }
+
+    /// `|X ∩ Y| + D`, all blocks together.
     pub fn matched_count(&self) -> u64 {
-        self.matched_count
+        self.block_counts.iter().sum()
     }
 
-    /// Number of rows (`n + D_max`).
+    /// Number of rows (`n + G * D_max`).
     pub fn rows(&self) -> usize {
-        self.matched.len()
+        self.labels.len()
     }
 }

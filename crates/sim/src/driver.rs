@@ -87,7 +87,7 @@ where
     RM: RngCore + CryptoRng,
 {
     let mut t = Traffic::default();
-    let (offered, offer) = timed(&mut t.matcher_time, || matcher.offer(rng_m));
+    let (offered, offer) = timed(&mut t.matcher_time, || matcher.offer(rng_m)).map_err(DriverError::Matcher)?;
     let frame = t.m2h(&offer)?;
     let pending = timed(&mut t.holder_time, || holder.on_offer(&frame, rng_h)).map_err(DriverError::Holder)?;
     record_charge(&pending.session());
@@ -131,6 +131,7 @@ pub fn run_aggregate<RH, RM>(
     width: usize,
     query_id: [u8; 16],
     plan: [u8; 32],
+    group: u32,
     rng_h: &mut RH,
     rng_m: &mut RM,
 ) -> Result<(Share, Share, Traffic), DriverError>
@@ -140,7 +141,7 @@ where
 {
     let mut t = Traffic::default();
     let (waiting, setup) = timed(&mut t.matcher_time, || {
-        MatcherAggregate::start(matcher_joined, choices, width, query_id, plan, rng_m)
+        MatcherAggregate::start(matcher_joined, choices, width, query_id, plan, group, rng_m)
     })
     .map_err(DriverError::Matcher)?;
     let frame = t.m2h(&setup)?;

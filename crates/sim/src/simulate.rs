@@ -284,6 +284,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         MatcherPolicy {
             peer_set: limits,
             max_dummy_rows: 4096,
+            block_padding: None,
         },
         matcher.clone(),
     )?;
@@ -309,6 +310,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         RowValues::new(width, holder.values.clone())?,
         query_id,
         [1u8; 32],
+        0,
     )?;
     let t = Instant::now();
     let (hs, ms, agg_traffic) = run_aggregate(
@@ -318,6 +320,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         width,
         query_id,
         [1u8; 32],
+        0,
         &mut rng_h,
         &mut rng_m,
     )?;

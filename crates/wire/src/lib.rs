@@ -105,6 +105,9 @@ pub struct JoinOffer {
     pub matcher_set_size: u64,
     /// What this join serves (data version, matcher filter), as a digest.
     pub context: [u8; 32],
+    /// The matcher's tokens come in these blocks (one per matcher group),
+    /// padded; they add up to `matcher_set_size`.
+    pub blocks: Vec<u64>,
 }
 
 /// Phase 1, holder to matcher: accepts a join.
@@ -182,6 +185,8 @@ pub struct OtSetup {
     pub width: u32,
     /// Digest of the query plan (what the cells mean): both nodes must agree.
     pub plan: [u8; 32],
+    /// The matcher group (join block) this batch is for.
+    pub group: u32,
     /// Base OT: `A = a * G`.
     pub base_point: PointBytes,
 }
@@ -486,6 +491,13 @@ impl Message {
         let kind = self.kind();
         match self {
             Message::JoinOffer(m) => {
+                if m.blocks.is_empty() || m.blocks.len() > 4096 {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "blocks",
+                        len: m.blocks.len(),
+                    });
+                }
                 let len = m.collaboration_id.len();
                 if len == 0 || len > MAX_COLLABORATION_ID_LEN {
                     return Err(WireError::FieldLength {
@@ -656,6 +668,7 @@ mod tests {
                 rules_hash: [2; 32],
                 matcher_set_size: 1000,
                 context: [3; 32],
+                blocks: vec![600, 400],
             }),
             Message::JoinAccept(JoinAccept {
                 session: s,
@@ -690,6 +703,7 @@ mod tests {
                 rows: 1062,
                 width: 33,
                 plan: [12; 32],
+                group: 0,
                 base_point: [11; 32],
             }),
             Message::OtChoices(OtChoices {
@@ -787,6 +801,7 @@ mod tests {
             rules_hash: [0; 32],
             matcher_set_size: 1,
             context: [0; 32],
+            blocks: vec![1],
         });
         assert!(matches!(
             Message::decode(&bad.encode().unwrap()),

@@ -43,6 +43,7 @@ pub fn matcher(ids: Vec<Vec<u8>>, chunk_points: usize) -> MatcherJoin {
         MatcherPolicy {
             peer_set: limits(),
             max_dummy_rows: 1000,
+            block_padding: None,
         },
         ids,
     )
