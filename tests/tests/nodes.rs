@@ -498,3 +498,51 @@ async fn an_exhausted_budget_is_refused_with_when_it_frees_up() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_party_group_by_in_sql_is_within_noise_of_the_truth() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fixture = Fixture::create(dir.path(), 1200, 81, &["alice"]).unwrap();
+    let sql = "SELECT b.category, p.segment, COUNT(DISTINCT b.customer) AS customers, COUNT(*) AS n, \
+               SUM(b.amount) AS spend, AVG(b.amount) AS avg_amount FROM bank b JOIN platform p \
+               WHERE b.category IN ('groceries', 'restaurants', 'fuel') AND p.segment IN ('messenger_active', 'gamer', 'casual') \
+               AND b.amount < 500 GROUP BY b.category, p.segment";
+    fixture.add_sql_template("adhoc", sql, "alice").unwrap();
+    // A query the dialect refuses never becomes a template.
+    let e = fixture
+        .add_sql_template("bad", "SELECT p.email FROM bank b JOIN platform p", "alice")
+        .unwrap_err();
+    assert!(e.to_string().contains("identifier column"), "{e}");
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let r = analyst
+        .query("adhoc", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    let plan = fixture.plan("adhoc", &[]).unwrap();
+    assert_eq!(plan.matcher_groups().len(), 3);
+    assert_eq!(plan.holder_groups().len(), 3);
+    let t = truth(&fixture.data, &plan);
+    // 3 x 3 groups x (customers, n, spend, avg.sum, avg.count), then 9 ratios.
+    assert_eq!(t.len(), 45);
+    assert_eq!(r.cells.len(), 45 + 9);
+    for (c, truth) in r.cells.iter().zip(&t) {
+        assert!(
+            (c.value - truth).abs() <= 6.0 * c.sigma,
+            "{}: {} vs {truth} (sd {})",
+            c.name,
+            c.value,
+            c.sigma
+        );
+    }
+    // The groups are really split by the platform's attribute.
+    assert!(t.iter().step_by(5).filter(|x| **x > 0.0).count() >= 6);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

@@ -59,6 +59,10 @@ enum Command {
         /// Keep the demo's files (certificates, data, configs, state) here.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Run this SQL instead of the three templates (the demo adds it as a
+        /// template to both nodes' configs, and says so).
+        #[arg(long)]
+        sql: Option<String>,
     },
     /// Both parties in memory, no network, no noise: run the join and the
     /// aggregate on synthetic data and check them against plaintext, exactly.
@@ -217,10 +221,21 @@ fn main() -> anyhow::Result<()> {
                 bail!("the protocol's result differs from the plaintext computation");
             }
         }
-        Command::Demo { rows, seed, json, dir } => {
+        Command::Demo {
+            rows,
+            seed,
+            json,
+            dir,
+            sql,
+        } => {
             init_logging("warn");
+            if sql.is_some() && !json {
+                out!(
+                    "the demo adds your query as template \"adhoc\" to both nodes' configs (in a real collaboration both operators approve each template)"
+                );
+            }
             let report = runtime()?
-                .block_on(cleanroom_node::demo::run(rows, seed, dir.as_deref()))
+                .block_on(cleanroom_node::demo::run(rows, seed, dir.as_deref(), sql.as_deref()))
                 .context("demo failed")?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&report)?);

@@ -42,11 +42,11 @@ pub fn simulate(r: &SimulateReport) {
     out!("exact: {}", r.exact);
 }
 
-fn fmt_value(name: &str, v: f64) -> String {
-    if name.starts_with("spend_cents") {
-        format!("{:.2}", v / 100.0)
-    } else {
-        format!("{v:.0}")
+/// Money cells (cents) and ratios of money are shown in currency units.
+fn fmt_value(unit: &str, v: f64) -> String {
+    match unit {
+        "cents" | "ratio" => format!("{:.2}", v / 100.0),
+        _ => format!("{v:.0}"),
     }
 }
 
@@ -74,7 +74,7 @@ pub fn result_table(r: &QueryResult, truth: Option<&[f64]>) {
     for (i, c) in r.cells.iter().enumerate() {
         let t = truth
             .and_then(|t| t.get(i))
-            .map(|t| format!("  {:>14}", fmt_value(&c.name, *t)))
+            .map(|t| format!("  {:>14}", fmt_value(&c.unit, *t)))
             .unwrap_or_default();
         match &c.suppressed {
             Some(why) => out!(
@@ -85,13 +85,13 @@ pub fn result_table(r: &QueryResult, truth: Option<&[f64]>) {
                 why
             ),
             None => {
-                let scale = if c.name.starts_with("spend_cents") { 100.0 } else { 1.0 };
+                let scale = if c.unit == "count" { 1.0 } else { 100.0 };
                 out!(
                     "{:<name_w$}  {:>14}  {:>12}  {:>31}{t}",
                     display_name(&c.name),
-                    fmt_value(&c.name, c.value),
+                    fmt_value(&c.unit, c.value),
                     format!("{:.2}", c.sigma / scale),
-                    format!("[{}, {}]", fmt_value(&c.name, c.low), fmt_value(&c.name, c.high)),
+                    format!("[{}, {}]", fmt_value(&c.unit, c.low), fmt_value(&c.unit, c.high)),
                 );
             }
         }
@@ -114,11 +114,12 @@ pub fn result_table(r: &QueryResult, truth: Option<&[f64]>) {
 }
 
 pub fn result_csv(r: &QueryResult) {
-    out!("cell,value,noise_sd,low95,high95,suppressed");
+    out!("cell,unit,value,noise_sd,low95,high95,suppressed");
     for c in &r.cells {
         out!(
-            "{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{}",
             c.name,
+            c.unit,
             c.value,
             c.sigma,
             c.low,

@@ -19,6 +19,8 @@ use crate::pump::{read_one, write_one};
 pub struct CellResult {
     /// Name.
     pub name: String,
+    /// `count`, `cents`, or `ratio` (an AVG: cents per row).
+    pub unit: String,
     /// The noisy value, in the cell's unit (count, cents...).
     pub value: f64,
     /// The noise's standard deviation (both nodes' noise together).
@@ -267,10 +269,37 @@ pub fn reconstruct(template: &str, query_id: [u8; 16], shares: &[QueryShare]) ->
             (count < min_count as f64).then(|| format!("noisy count {count:.0} is below the minimum of {min_count}"));
         cells.push(CellResult {
             name: name.clone(),
+            unit: a.units.get(i).cloned().unwrap_or_else(|| "count".into()),
             value,
             sigma,
             low: value - 1.96 * sigma,
             high: value + 1.96 * sigma,
+            suppressed,
+        });
+    }
+    // AVG: the ratio of two noisy cells, with a first-order (delta-method)
+    // standard deviation; suppressed with its count cell.
+    for (name, num, den) in &a.ratios {
+        let (Some(n), Some(d)) = (cells.get(*num as usize), cells.get(*den as usize)) else {
+            continue;
+        };
+        let suppressed = n
+            .suppressed
+            .clone()
+            .or_else(|| (d.value < 1.0).then(|| "no rows".to_string()));
+        let r = if d.value.abs() < 1e-9 { 0.0 } else { n.value / d.value };
+        let sigma = if d.value.abs() < 1e-9 {
+            f64::INFINITY
+        } else {
+            (n.sigma * n.sigma + r * r * d.sigma * d.sigma).sqrt() / d.value.abs()
+        };
+        cells.push(CellResult {
+            name: name.clone(),
+            unit: "ratio".into(),
+            value: r,
+            sigma,
+            low: r - 1.96 * sigma,
+            high: r + 1.96 * sigma,
             suppressed,
         });
     }

@@ -269,6 +269,8 @@ pub struct Fixture {
     pub bank_config: PathBuf,
     /// The platform's config file (rewritten by [`Fixture::start_platform`]).
     pub platform_config: PathBuf,
+    /// Templates added to both nodes' configs after creation (TOML).
+    extra: String,
 }
 
 impl Fixture {
@@ -308,7 +310,32 @@ impl Fixture {
             data,
             bank_config,
             platform_config: dir.join("platform.toml"),
+            extra: String::new(),
         })
+    }
+
+    /// Adds an SQL template (no parameters) to both nodes' configs, after
+    /// checking it against the dialect.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] with the dialect's message for a refused query.
+    pub fn add_sql_template(&mut self, name: &str, sql: &str, analyst: &str) -> Result<(), NodeError> {
+        if sql.contains("'''") {
+            return Err(NodeError::Refused("the query may not contain '''".into()));
+        }
+        let domains = NodeConfig::load(&self.bank_config)?.domains();
+        cleanroom_query::sql::parse(sql, &domains.schema(), &std::collections::BTreeMap::new())
+            .map_err(|e| NodeError::Refused(e.0))?;
+        let t = format!(
+            "\n[[templates]]\nname = \"{name}\"\nsql = '''{sql}'''\nrho = \"1\"\nmin_count = 20\nanalysts = [\"{analyst}\"]\nclip = {{ transactions = {}, spend_cents = {} }}\n",
+            CLIP.transactions, CLIP.spend_cents
+        );
+        self.extra.push_str(&t);
+        let text = std::fs::read_to_string(&self.bank_config).map_err(|e| NodeError::Config {
+            path: self.bank_config.display().to_string(),
+            what: e.to_string(),
+        })?;
+        write(&self.bank_config, &format!("{text}{t}"))
     }
 
     /// Starts the bank from its config.
@@ -327,7 +354,7 @@ impl Fixture {
         let analyst = "alice";
         write(
             &self.platform_config,
-            &node_toml(
+            &(node_toml(
                 "platform",
                 "127.0.0.1:0",
                 Some(&bank.to_string()),
@@ -336,7 +363,7 @@ impl Fixture {
                 "state/platform",
                 &self.data.categories,
                 analyst,
-            ),
+            ) + &self.extra),
         )?;
         Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
     }
@@ -402,7 +429,7 @@ pub fn demo_queries() -> Vec<(&'static str, Vec<(String, String)>)> {
 ///
 /// # Errors
 /// Any failure along the way, with its message.
-pub async fn run(rows: usize, seed: u64, dir: Option<&Path>) -> Result<DemoReport, NodeError> {
+pub async fn run(rows: usize, seed: u64, dir: Option<&Path>, sql: Option<&str>) -> Result<DemoReport, NodeError> {
     let tmp;
     let dir = match dir {
         Some(d) => d.to_path_buf(),
@@ -413,7 +440,14 @@ pub async fn run(rows: usize, seed: u64, dir: Option<&Path>) -> Result<DemoRepor
     };
     let mut setup = Vec::new();
     let t = Instant::now();
-    let fixture = Fixture::create(&dir, rows, seed, &["alice"])?;
+    let mut fixture = Fixture::create(&dir, rows, seed, &["alice"])?;
+    let queries_to_run: Vec<(&str, Vec<(String, String)>)> = match sql {
+        Some(q) => {
+            fixture.add_sql_template("adhoc", q, "alice")?;
+            vec![("adhoc", vec![])]
+        }
+        None => demo_queries(),
+    };
     setup.push(("certificates and synthetic data".to_string(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let bank = fixture.start_bank().await?;
@@ -423,7 +457,7 @@ pub async fn run(rows: usize, seed: u64, dir: Option<&Path>) -> Result<DemoRepor
     setup.push(("nodes started (data loaded)".to_string(), t.elapsed().as_secs_f64()));
     let analyst = Analyst::new(&fixture.analyst("alice", bank_addr, platform_addr)?)?;
     let mut queries = Vec::new();
-    for (template, params) in demo_queries() {
+    for (template, params) in queries_to_run {
         let t = Instant::now();
         let result = analyst
             .query(template, &params, new_query_id()?, Duration::from_secs(300))

@@ -488,6 +488,15 @@ impl Node {
             cells: cells.iter().map(|c| c.name.clone()).collect(),
             weights: cells.iter().map(|c| c.weight).collect(),
             count_cells: cells.iter().map(|c| c.count_cell as u32).collect(),
+            units: cells
+                .iter()
+                .map(|c| if c.kind == CellKind::Sum { "cents" } else { "count" }.to_string())
+                .collect(),
+            ratios: plan
+                .ratios()
+                .into_iter()
+                .map(|r| (r.name, r.numerator as u32, r.denominator as u32))
+                .collect(),
             words: share.words().to_vec(),
             sigma,
             min_count: template.min_count,

@@ -645,25 +645,58 @@ impl Plan {
         self.query.groups(Side::Matcher)
     }
 
+    /// The values a grouped column can take in this query: its declared
+    /// domain, narrowed by `=` and `IN` conditions on the same column (a
+    /// group the WHERE clause excludes is not computed at all).
+    pub fn group_domain(&self, column: &Column) -> Vec<String> {
+        let mut values: Vec<String> = self.domains.domain(column.side, &column.name).to_vec();
+        for p in &self.query.filters {
+            if p.column() != column {
+                continue;
+            }
+            let allowed: Option<Vec<&str>> = match p {
+                Predicate::Compare(_, Cmp::Eq, Literal::Text(t)) => Some(vec![t.as_str()]),
+                Predicate::In(_, lits) => Some(
+                    lits.iter()
+                        .filter_map(|l| {
+                            if let Literal::Text(t) = l {
+                                Some(t.as_str())
+                            } else {
+                                None
+                            }
+                        })
+                        .collect(),
+                ),
+                _ => None,
+            };
+            if let Some(a) = allowed {
+                values.retain(|v| a.contains(&v.as_str()));
+            }
+        }
+        values
+    }
+
     /// Every combination of the holder's group values (one empty combination
     /// when it does not group).
     pub fn holder_groups(&self) -> Vec<Vec<String>> {
-        let d: Vec<&[String]> = self
+        let d: Vec<Vec<String>> = self
             .holder_group_columns()
             .iter()
-            .map(|c| self.domains.domain(Side::Holder, &c.name))
+            .map(|c| self.group_domain(c))
             .collect();
-        cartesian(&d)
+        let r: Vec<&[String]> = d.iter().map(Vec::as_slice).collect();
+        cartesian(&r)
     }
 
     /// Every combination of the matcher's group values.
     pub fn matcher_groups(&self) -> Vec<Vec<String>> {
-        let d: Vec<&[String]> = self
+        let d: Vec<Vec<String>> = self
             .matcher_group_columns()
             .iter()
-            .map(|c| self.domains.domain(Side::Matcher, &c.name))
+            .map(|c| self.group_domain(c))
             .collect();
-        cartesian(&d)
+        let r: Vec<&[String]> = d.iter().map(Vec::as_slice).collect();
+        cartesian(&r)
     }
 
     fn per_group(&self) -> Vec<(String, CellKind)> {
@@ -809,7 +842,7 @@ impl Plan {
     pub fn holder_group_of(&self, row: &HolderRow<'_>) -> Option<usize> {
         let mut idx = 0;
         for c in self.holder_group_columns() {
-            let d = self.domains.domain(Side::Holder, &c.name);
+            let d = self.group_domain(c);
             let v = match c.name.as_str() {
                 "category" => row.category,
                 _ => return None,
@@ -838,7 +871,7 @@ impl Plan {
     pub fn matcher_group_of(&self, value: &dyn Fn(&str) -> Option<String>) -> Option<usize> {
         let mut idx = 0;
         for c in self.matcher_group_columns() {
-            let d = self.domains.domain(Side::Matcher, &c.name);
+            let d = self.group_domain(c);
             let v = value(&c.name)?;
             idx = idx * d.len() + d.iter().position(|x| *x == v)?;
         }

@@ -339,6 +339,10 @@ pub struct QueryShare {
     pub weights: Vec<u64>,
     /// For each cell, the index of the count cell that decides whether it is shown.
     pub count_cells: Vec<u32>,
+    /// For each cell, its unit: `count` or `cents`.
+    pub units: Vec<String>,
+    /// AVG outputs: name, numerator cell, denominator cell.
+    pub ratios: Vec<(String, u32, u32)>,
     /// This node's share of each (weighted) cell, noise included.
     pub words: Vec<u64>,
     /// Standard deviation of this node's noise on each weighted cell
