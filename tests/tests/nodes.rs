@@ -62,7 +62,7 @@ async fn three_templates_are_within_their_noise_of_the_truth() {
             let r = analyst
                 .query(template, &params, new_query_id().unwrap(), TIMEOUT)
                 .await
-                .unwrap();
+                .unwrap_or_else(|e| panic!("seed {seed} {template}: {e}"));
             let t = truth(&p.fixture.data, &p.fixture.plan(template, &params).unwrap());
             assert_eq!(r.cells.len(), t.len(), "{template}");
             let mut shown = 0;

@@ -219,7 +219,7 @@ impl Analyst {
         let mut refusals = Vec::new();
         for (role, a) in self.ask_both(req, timeout).await {
             match a {
-                Ok(AnalystResponse::Share(s)) => shares.push(s),
+                Ok(AnalystResponse::Share(s)) => shares.push(*s),
                 Ok(AnalystResponse::Refused(m)) => refusals.push(format!("{} node: {m}", role.as_str())),
                 Ok(_) => refusals.push(format!("{} node answered out of turn", role.as_str())),
                 Err(e) => refusals.push(e.to_string()),

@@ -366,7 +366,7 @@ impl Node {
             AnalystRequest::Query(q) => {
                 let span = info_span!("query", id = %hex(&q.query_id), template = %q.template);
                 match self.run_query(analyst, &q).instrument(span).await {
-                    Ok(share) => AnalystResponse::Share(share),
+                    Ok(share) => AnalystResponse::Share(Box::new(share)),
                     Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
                     Err(e) => {
                         warn!(error = %e, "query failed");
@@ -420,7 +420,7 @@ impl Node {
                 return match Message::decode(&stored) {
                     Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) => {
                         s.replayed = true;
-                        Ok(s)
+                        Ok(*s)
                     }
                     _ => Err(NodeError::State("a stored share does not decode".into())),
                 };
@@ -504,7 +504,7 @@ impl Node {
             timings,
             replayed: false,
         };
-        let encoded = Message::AnalystResponse(AnalystResponse::Share(out.clone()))
+        let encoded = Message::AnalystResponse(AnalystResponse::Share(Box::new(out.clone())))
             .encode()
             .map_err(|_| NodeError::Internal("share encoding"))?;
         let result_digest = digest(&SHA256, &encoded);

@@ -377,7 +377,7 @@ pub enum AnalystResponse {
     /// The analyst's budget.
     Budget(BudgetInfo),
     /// A noisy share.
-    Share(QueryShare),
+    Share(Box<QueryShare>),
     /// A refusal, with a message that says what to change.
     Refused(String),
 }
