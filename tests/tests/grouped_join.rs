@@ -17,6 +17,7 @@ use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+#[allow(clippy::needless_range_loop)]
 fn run_case(n: usize, m: usize, shared_n: usize, groups: usize, width: usize, seed: u64) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let mut holder_ids = common::ids("s", 0..shared_n);
