@@ -546,3 +546,75 @@ async fn cross_party_group_by_in_sql_is_within_noise_of_the_truth() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_runs_only_when_both_operators_signed_its_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 300, 91, &["alice"]).unwrap();
+    // The bank's operator changes the text of spend_by_category (a wider
+    // clip bound) and signs it; the platform's operator has not.
+    let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
+    let block = "name = \"spend_by_category\"\nkind = \"spend_by_category\"\nrho = \"1\"\nmin_count = 20\nanalysts = [\"alice\"]\nclip = { transactions = 5, spend_cents = 50000 }";
+    assert!(text.contains(block));
+    let changed = text.replace(block, &block.replace("50000", "90000"));
+    assert_ne!(text, changed);
+    std::fs::write(&fixture.bank_config, &changed).unwrap();
+    let cfg = cleanroom_node::config::NodeConfig::load(&fixture.bank_config).unwrap();
+    cleanroom_node::policy::sign(&cfg, &fixture.bank_config).unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let params = vec![
+        ("start".to_string(), "2026-01-01".to_string()),
+        ("end".to_string(), "2026-01-31".to_string()),
+    ];
+    let e = analyst
+        .query("spend_by_category", &params, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not approved by both operators"), "{e}");
+    // overlap (text unchanged, signed by both) still runs, and it is the only
+    // template offered besides the segment one.
+    analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    let listed: Vec<String> = analyst
+        .templates()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(b, _)| b.name)
+        .collect();
+    assert!(!listed.contains(&"spend_by_category".to_string()), "{listed:?}");
+    platform.shutdown().await;
+    bank.shutdown().await;
+
+    // A template text changed after signing (tampered config) does not run
+    // either: the bank's own signature no longer covers it.
+    let tampered = changed.replacen("spend_cents = 50000", "spend_cents = 60000", 1);
+    std::fs::write(&fixture.bank_config, tampered).unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let e = analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("signed by bank: no"), "{e}");
+    assert_eq!(bank.charge_count().unwrap(), 1);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

@@ -21,6 +21,15 @@ fn sample_node_configs_parse() {
         let id = Identity::load(&cfg.identity.cert, &cfg.identity.key).unwrap();
         assert!(certificate_is_for(id.leaf().unwrap(), &pki::node_name(role.as_str())));
         TrustAnchors::load(&cfg.identity.ca).unwrap();
+        // The committed signed policy verifies and approves every template.
+        let policy = cleanroom_node::policy::load_verified(&cfg.policy.signed, &cfg.policy.public_key).unwrap();
+        for t in cfg.templates(&path).unwrap() {
+            assert!(
+                policy.approves(&t),
+                "{file}: {} not signed (run cleanroom policy sign)",
+                t.name
+            );
+        }
     }
     let analyst = AnalystConfig::load(&root().join("examples/analyst.toml")).unwrap();
     assert_eq!(analyst.name, "alice");

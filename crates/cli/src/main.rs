@@ -90,6 +90,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Operators' signed approval of templates.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Run a node until SIGINT or SIGTERM.
     Node {
         /// The node's TOML config.
@@ -128,6 +133,30 @@ enum Command {
         /// The analyst's TOML config.
         #[arg(long)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Sign the templates of a node's config with its policy key
+    /// (`[policy] key`), writing `[policy] signed`.
+    Sign {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a signed policy against a public key, and (with --config) which
+    /// of a node's templates it approves.
+    Verify {
+        /// The signed policy file.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The signer's public key file (hex).
+        #[arg(long)]
+        public_key: PathBuf,
+        /// A node config whose templates to check against the policy.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -277,6 +306,52 @@ fn main() -> anyhow::Result<()> {
             let written = cleanroom_transport::pki::init(&dir, &analysts, days)?;
             for f in &written.files {
                 out!("wrote {}", f.display());
+            }
+            for f in cleanroom_node::policy::init_keys(&dir)? {
+                out!("wrote {}", f.display());
+            }
+        }
+        Command::Policy {
+            command: PolicyCommand::Sign { config },
+        } => {
+            let cfg = NodeConfig::load(&config)?;
+            let signed = cleanroom_node::policy::sign(&cfg, &config)?;
+            for t in &signed.templates {
+                out!("signed {} {}", t.name, t.digest);
+            }
+            out!("wrote {}", cfg.policy.signed.display());
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Verify {
+                    policy,
+                    public_key,
+                    config,
+                },
+        } => {
+            let signed = cleanroom_node::policy::load_verified(&policy, &public_key)?;
+            out!(
+                "signature ok: {} policy of collaboration {:?}, {} templates",
+                signed.role,
+                signed.collaboration,
+                signed.templates.len()
+            );
+            if let Some(config) = config {
+                let cfg = NodeConfig::load(&config)?;
+                let mut missing = 0;
+                for t in cfg.templates(&config)? {
+                    let ok = signed.approves(&t);
+                    if !ok {
+                        missing += 1;
+                    }
+                    out!("{} {}", if ok { "approved    " } else { "NOT APPROVED" }, t.name);
+                }
+                if missing > 0 {
+                    bail!(
+                        "{missing} template(s) of {} are not approved by this policy",
+                        config.display()
+                    );
+                }
             }
         }
         Command::Node { config } => {

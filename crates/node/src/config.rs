@@ -227,9 +227,26 @@ pub struct NodeConfig {
     pub data: DataConfig,
     /// Limits.
     pub limits: LimitsConfig,
+    /// Signed approval of the templates.
+    pub policy: PolicyConfig,
     /// Approved templates.
     #[serde(default)]
     pub templates: Vec<TemplateConfig>,
+}
+
+/// Where the node's signed policy and the policy keys are.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// This node's signed policy (written by `cleanroom policy sign`).
+    pub signed: PathBuf,
+    /// This node's policy public key (hex).
+    pub public_key: PathBuf,
+    /// The other operator's policy public key (hex).
+    pub peer_public_key: PathBuf,
+    /// This node's policy private key (hex PKCS#8): needed only by
+    /// `cleanroom policy sign`, and better kept off the node.
+    pub key: Option<PathBuf>,
 }
 
 /// Limits in checked form.
@@ -272,12 +289,20 @@ impl NodeConfig {
         let text = std::fs::read_to_string(path).map_err(|e| bad(path, e.to_string()))?;
         let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        if let Some(k) = cfg.policy.key.as_mut()
+            && k.is_relative()
+        {
+            *k = base.join(&*k);
+        }
         for p in [
             &mut cfg.state_dir,
             &mut cfg.identity.cert,
             &mut cfg.identity.key,
             &mut cfg.identity.ca,
             &mut cfg.data.path,
+            &mut cfg.policy.signed,
+            &mut cfg.policy.public_key,
+            &mut cfg.policy.peer_public_key,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);

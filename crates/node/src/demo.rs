@@ -128,8 +128,9 @@ pub fn node_toml(
     } else {
         "id_column = \"email\"\nid_kind = \"email\"\nsegment_column = \"segment\"\ncountry_column = \"country\"\n"
     };
+    let other = if role == "bank" { "platform" } else { "bank" };
     format!(
-        "role = \"{role}\"\nlisten = \"{listen}\"\nstate_dir = \"{state}\"\n\n[identity]\ncert = \"{certs}/{role}.pem\"\nkey = \"{certs}/{role}.key\"\nca = \"{certs}/ca.pem\"\n\n[peer]\n{peer}\n{collab}\n[data]\npath = \"{data}/{role}.csv\"\n{schema}max_bad_row_share = 0.01\nprogress = false\n\n[limits]\nmin_peer_set = 10\nmax_peer_set = 100000000\nrho_per_analyst = \"20\"\nperiod_days = 30\ncardinality_epsilon = \"0.5\"\ncardinality_delta_inverse = 1000000\ncardinality_epsilon_per_period = \"50\"\n{templates}",
+        "role = \"{role}\"\nlisten = \"{listen}\"\nstate_dir = \"{state}\"\n\n[identity]\ncert = \"{certs}/{role}.pem\"\nkey = \"{certs}/{role}.key\"\nca = \"{certs}/ca.pem\"\n\n[policy]\nsigned = \"{certs}/{role}.policy\"\npublic_key = \"{certs}/{role}-policy.pub\"\npeer_public_key = \"{certs}/{other}-policy.pub\"\nkey = \"{certs}/{role}-policy.key\"\n\n[peer]\n{peer}\n{collab}\n[data]\npath = \"{data}/{role}.csv\"\n{schema}max_bad_row_share = 0.01\nprogress = false\n\n[limits]\nmin_peer_set = 10\nmax_peer_set = 100000000\nrho_per_analyst = \"20\"\nperiod_days = 30\ncardinality_epsilon = \"0.5\"\ncardinality_delta_inverse = 1000000\ncardinality_epsilon_per_period = \"50\"\n{templates}",
         collab = collaboration_toml(categories),
         templates = templates_toml(analyst)
     )
@@ -257,6 +258,12 @@ pub fn truth(data: &SynthData, plan: &Plan) -> Vec<f64> {
     out
 }
 
+/// Signs a node config's templates with its policy key (both operators'
+/// step, done here for the demo and the tests).
+fn sign_config(path: &Path) -> Result<(), NodeError> {
+    crate::policy::sign(&NodeConfig::load(path)?, path).map(|_| ())
+}
+
 /// A collaboration on disk: certificates, synthetic data and configs, with
 /// helpers to start its nodes (the demo, and tests, use it).
 #[derive(Debug)]
@@ -282,6 +289,7 @@ impl Fixture {
     pub fn create(dir: &Path, rows: usize, seed: u64, analysts: &[&str]) -> Result<Self, NodeError> {
         let names: Vec<String> = analysts.iter().map(|a| (*a).to_string()).collect();
         cleanroom_transport::pki::init(&dir.join("certs"), &names, 2)?;
+        crate::policy::init_keys(&dir.join("certs"))?;
         let data = generate(&SynthConfig {
             holder_customers: rows,
             matcher_users: rows,
@@ -305,6 +313,7 @@ impl Fixture {
                 analyst,
             ),
         )?;
+        sign_config(&bank_config)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             data,
@@ -335,7 +344,9 @@ impl Fixture {
             path: self.bank_config.display().to_string(),
             what: e.to_string(),
         })?;
-        write(&self.bank_config, &format!("{text}{t}"))
+        write(&self.bank_config, &format!("{text}{t}"))?;
+        // The demo plays both operators: it signs the new template set.
+        sign_config(&self.bank_config)
     }
 
     /// Starts the bank from its config.
@@ -365,6 +376,7 @@ impl Fixture {
                 analyst,
             ) + &self.extra),
         )?;
+        sign_config(&self.platform_config)?;
         Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
     }
 

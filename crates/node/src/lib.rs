@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod policy;
 pub mod pump;
 pub mod server;
 pub mod state;

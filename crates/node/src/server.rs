@@ -23,13 +23,14 @@ use cleanroom_protocol::join::{
     DEFAULT_CHUNK_POINTS, HolderJoin, HolderJoined, HolderPolicy, JoinParams, MatcherJoin, MatcherJoined,
     MatcherPolicy, SetSizeLimits,
 };
+use cleanroom_query::policy::SignedPolicy;
 use cleanroom_query::{CellKind, Domains, HolderRow, Plan, Template, format_date, format_micro};
 use cleanroom_transport::{
     Identity, TransportSettings, TrustAnchors, certificate_is_for, connect, node_endpoint, peer_certificate, pki,
 };
 use cleanroom_wire::{
-    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, QueryRequest, QueryShare, SessionId,
-    TemplateInfo,
+    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, PolicyMessage, QueryRequest, QueryShare,
+    SessionId, TemplateInfo,
 };
 use ring::digest::{SHA256, digest};
 use tokio::sync::{Notify, oneshot};
@@ -121,6 +122,13 @@ struct Inner {
     pending: Mutex<HashMap<[u8; 16], PendingEntry>>,
     pending_changed: Notify,
     analysts: Vec<String>,
+    /// This operator's signed policy, and its JSON as shown to the peer.
+    own_policy: SignedPolicy,
+    own_policy_json: Vec<u8>,
+    /// The other operator's policy public key (hex).
+    peer_public_key: String,
+    /// The other operator's verified policy, once the peer has shown it.
+    peer_policy: Mutex<Option<SignedPolicy>>,
     /// Serialises queries on the matcher, so two queries that need the same
     /// join do not both run it.
     join_lock: tokio::sync::Mutex<()>,
@@ -194,6 +202,23 @@ impl Node {
         if report.bad_rows() > 0 {
             warn!(reasons = %report.describe(), "bad rows skipped");
         }
+        let own_policy = crate::policy::load_verified(&cfg.policy.signed, &cfg.policy.public_key)?;
+        for t in &templates {
+            if !own_policy.approves(t) {
+                warn!(template = %t.name, "template not signed by this operator (or changed since): it will not run; run `cleanroom policy sign`");
+            }
+        }
+        let own_policy_json = std::fs::read(&cfg.policy.signed).map_err(|e| NodeError::Config {
+            path: cfg.policy.signed.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let peer_public_key = std::fs::read_to_string(&cfg.policy.peer_public_key)
+            .map_err(|e| NodeError::Config {
+                path: cfg.policy.peer_public_key.display().to_string(),
+                what: e.to_string(),
+            })?
+            .trim()
+            .to_string();
         let mut state = State::open(&cfg.state_dir)?;
         state.expire_joins(&data.version())?;
         let endpoint = node_endpoint(cfg.listen, &identity, &ca, &TransportSettings::default())?;
@@ -217,11 +242,29 @@ impl Node {
             pending: Mutex::new(HashMap::new()),
             pending_changed: Notify::new(),
             analysts,
+            own_policy,
+            own_policy_json,
+            peer_public_key,
+            peer_policy: Mutex::new(None),
             join_lock: tokio::sync::Mutex::new(()),
         });
         let node = Node { inner };
         let accept = node.clone();
         tokio::spawn(async move { accept.accept_loop().await });
+        if role == Role::Platform {
+            // Connect to the bank early, so both sides have each other's
+            // signed templates before the first query.
+            let eager = node.clone();
+            tokio::spawn(async move {
+                for _ in 0..30 {
+                    match eager.peer_connection().await {
+                        Ok(_) => return,
+                        Err(e) => info!(error = %e, "bank not reachable yet"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
         info!(role = role.as_str(), address = %node.local_addr()?, "node listening");
         Ok(node)
     }
@@ -326,6 +369,40 @@ impl Node {
         }
     }
 
+    fn peer_policy_from(&self, signed: &[u8]) -> Result<(), NodeError> {
+        let p = SignedPolicy::from_json(signed).map_err(|e| NodeError::Peer(format!("peer policy: {e}")))?;
+        p.verify(&self.inner.peer_public_key)
+            .map_err(|e| NodeError::Peer(format!("the peer's signed policy: {e}")))?;
+        if p.role != self.inner.role.peer().as_str() || p.collaboration != self.inner.collaboration {
+            return Err(NodeError::Peer(
+                "the peer's signed policy is for another role or collaboration".into(),
+            ));
+        }
+        info!(templates = p.templates.len(), "peer's signed policy verified");
+        *lock(&self.inner.peer_policy) = Some(p);
+        Ok(())
+    }
+
+    /// Why a template may not run, if it may not: both operators must have
+    /// signed its exact text.
+    fn not_runnable(&self, t: &Template) -> Option<String> {
+        let own = self.inner.own_policy.approves(t);
+        let peer = lock(&self.inner.peer_policy).as_ref().map(|p| p.approves(t));
+        let (me, other) = (self.inner.role.as_str(), self.inner.role.peer().as_str());
+        match (own, peer) {
+            (true, Some(true)) => None,
+            (_, None) => Some(format!(
+                "the {other} node has not shown its signed templates to the {me} node yet (it does when the nodes connect); retry shortly"
+            )),
+            (o, Some(p)) => Some(format!(
+                "template {:?} is not approved by both operators with this exact text (signed by {me}: {}, by {other}: {}); both operators must sign it",
+                t.name,
+                if o { "yes" } else { "no" },
+                if p { "yes" } else { "no" }
+            )),
+        }
+    }
+
     fn template(&self, name: &str) -> Result<&Template, NodeError> {
         self.inner.templates.iter().find(|t| t.name == name).ok_or_else(|| {
             NodeError::Refused(format!(
@@ -337,14 +414,20 @@ impl Node {
 
     async fn serve_analyst(&self, analyst: &str, req: AnalystRequest) -> AnalystResponse {
         match req {
-            AnalystRequest::Templates => AnalystResponse::Templates(
-                self.inner
-                    .templates
-                    .iter()
-                    .filter(|t| t.analysts.iter().any(|a| a == analyst))
-                    .map(template_info)
-                    .collect(),
-            ),
+            AnalystRequest::Templates => {
+                if self.inner.role == Role::Platform {
+                    let _ = self.peer_connection().await;
+                }
+                AnalystResponse::Templates(
+                    self.inner
+                        .templates
+                        .iter()
+                        .filter(|t| t.analysts.iter().any(|a| a == analyst))
+                        .filter(|t| self.not_runnable(t).is_none())
+                        .map(template_info)
+                        .collect(),
+                )
+            }
             AnalystRequest::Budget => {
                 let spent = lock(&self.inner.state).spent(analyst, self.inner.limits.period_days);
                 match spent {
@@ -382,6 +465,24 @@ impl Node {
 
     async fn run_query(&self, analyst: &str, q: &QueryRequest) -> Result<QueryShare, NodeError> {
         let template = self.template(&q.template)?.clone();
+        if self.inner.role == Role::Platform {
+            self.peer_connection()
+                .await
+                .map_err(|e| NodeError::Refused(format!("the platform node cannot reach the bank node: {e}")))?;
+        }
+        if self.inner.role == Role::Bank {
+            // The platform shows its policy when it connects; a query may
+            // arrive a moment before that.
+            for _ in 0..50 {
+                if lock(&self.inner.peer_policy).is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if let Some(why) = self.not_runnable(&template) {
+            return Err(NodeError::Refused(why));
+        }
         let plan = template
             .bind(analyst, &q.params, &self.inner.domains)
             .map_err(|e| NodeError::Refused(e.to_string()))?;
@@ -562,6 +663,19 @@ impl Node {
         };
         let first = read_one(&mut recv, Duration::from_secs(30)).await?;
         match Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))? {
+            Message::Policy(p) => {
+                self.peer_policy_from(&p.signed)?;
+                write_one(
+                    &mut send,
+                    &Message::Policy(PolicyMessage {
+                        signed: self.inner.own_policy_json.clone(),
+                    }),
+                )
+                .await?;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                Ok(())
+            }
             Message::JoinOffer(offer) => {
                 let span = info_span!("join", filter_context = %hex(&offer.context[..8]));
                 self.holder_join(data, &first, offer.context, send, recv)
@@ -797,12 +911,20 @@ impl Node {
             return Ok(c.clone());
         }
         let addr = self.inner.peer_address.ok_or(NodeError::Internal("no peer address"))?;
-        let conn = connect(
-            &self.inner.endpoint,
-            addr,
-            &pki::node_name(self.inner.role.peer().as_str()),
-        )
-        .await?;
+        let peer_name = pki::node_name(self.inner.role.peer().as_str());
+        let conn = connect(&self.inner.endpoint, addr, &peer_name).await?;
+        // Show each other the signed templates first.
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        let mine = Message::Policy(PolicyMessage {
+            signed: self.inner.own_policy_json.clone(),
+        });
+        write_one(&mut send, &mine).await?;
+        let _ = send.finish();
+        let frame = read_one(&mut recv, Duration::from_secs(30)).await?;
+        match Message::decode(&frame) {
+            Ok(Message::Policy(p)) => self.peer_policy_from(&p.signed)?,
+            _ => return Err(NodeError::Peer("the bank did not answer with its signed policy".into())),
+        }
         *guard = Some(conn.clone());
         Ok(conn)
     }

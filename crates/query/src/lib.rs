@@ -12,6 +12,7 @@
 //! `spend_by_category`, `spend_by_category_for_segment`) are shorthands for
 //! SQL templates.
 
+pub mod policy;
 pub mod sql;
 
 use std::collections::BTreeMap;

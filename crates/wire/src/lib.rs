@@ -412,6 +412,17 @@ pub enum Message {
     AnalystRequest(AnalystRequest),
     /// Type 21: node to analyst.
     AnalystResponse(AnalystResponse),
+    /// Type 22: node to node, first on a new connection: the operator's
+    /// signed template list (JSON, at most 1 MiB).
+    Policy(PolicyMessage),
+}
+
+/// A node's signed policy, as shown to the other node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyMessage {
+    /// The signed policy, JSON.
+    #[serde(with = "serde_bytes")]
+    pub signed: Vec<u8>,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -462,6 +473,7 @@ impl Message {
             Message::Abort(_) => 11,
             Message::AnalystRequest(_) => 20,
             Message::AnalystResponse(_) => 21,
+            Message::Policy(_) => 22,
         }
     }
 
@@ -482,7 +494,7 @@ impl Message {
             Message::OtExtend(m) => Some(&m.session),
             Message::MaskedRows(m) => Some(&m.session),
             Message::Abort(m) => Some(&m.session),
-            Message::AnalystRequest(_) | Message::AnalystResponse(_) => None,
+            Message::AnalystRequest(_) | Message::AnalystResponse(_) | Message::Policy(_) => None,
         }
     }
 
@@ -563,6 +575,15 @@ impl Message {
             | Message::Abort(_)
             | Message::AnalystRequest(_)
             | Message::AnalystResponse(_) => {}
+            Message::Policy(p) => {
+                if p.signed.len() > 1 << 20 {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "signed",
+                        len: p.signed.len(),
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -587,6 +608,7 @@ impl Message {
             Message::Abort(m) => bincode::serde::encode_to_vec(m, config()),
             Message::AnalystRequest(m) => bincode::serde::encode_to_vec(m, config()),
             Message::AnalystResponse(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::Policy(m) => bincode::serde::encode_to_vec(m, config()),
         }
         .map_err(|_| WireError::Encode)?;
         out.extend_from_slice(&body);
@@ -632,6 +654,7 @@ impl Message {
             11 => Message::Abort(decode_body(kind, body)?),
             20 => Message::AnalystRequest(decode_body(kind, body)?),
             21 => Message::AnalystResponse(decode_body(kind, body)?),
+            22 => Message::Policy(decode_body(kind, body)?),
             other => return Err(WireError::UnknownType { got: other }),
         };
         msg.validate()?;
@@ -654,6 +677,7 @@ fn kind_name(ty: u8) -> &'static str {
         11 => "Abort",
         20 => "AnalystRequest",
         21 => "AnalystResponse",
+        22 => "Policy",
         _ => "unknown",
     }
 }
