@@ -618,3 +618,42 @@ async fn a_template_runs_only_when_both_operators_signed_its_text() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ad_hoc_sql_runs_only_as_an_instance_of_a_signed_template() {
+    let p = pair(400, 101, &["alice"]).await;
+    let analyst = p.analyst("alice");
+    let sql = cleanroom_query::TemplateKind::SpendByCategory
+        .sql()
+        .replace(":start", "'2026-01-01'")
+        .replace(":end", "'2026-02-28'")
+        .to_lowercase();
+    let (template, r) = analyst.query_sql(&sql, new_query_id().unwrap(), TIMEOUT).await.unwrap();
+    assert_eq!(template, "spend_by_category");
+    let params = vec![
+        ("end".to_string(), "2026-02-28".to_string()),
+        ("start".to_string(), "2026-01-01".to_string()),
+    ];
+    let t = truth(&p.fixture.data, &p.fixture.plan("spend_by_category", &params).unwrap());
+    for (c, truth) in r.cells.iter().zip(&t) {
+        assert!((c.value - truth).abs() <= 6.0 * c.sigma, "{}", c.name);
+    }
+    // Not an instance: another grouping.
+    let other = sql.replace("group by b.category", "group by b.category, p.country");
+    let e = analyst
+        .query_sql(&other, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not an instance of any template"), "{e}");
+    // An instance with a value outside the template's window: refused by the nodes.
+    let late = sql.replace("2026-02-28", "2027-02-28");
+    let e = analyst
+        .query_sql(&late, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be within the template's window"), "{e}");
+    p.platform.shutdown().await;
+    p.bank.shutdown().await;
+}

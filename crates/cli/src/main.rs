@@ -107,8 +107,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         /// Template name.
+        #[arg(long, required_unless_present = "sql", conflicts_with = "sql")]
+        template: Option<String>,
+        /// Ad hoc SQL: runs only as an instance of a template both operators signed.
         #[arg(long)]
-        template: String,
+        sql: Option<String>,
         /// Parameters, `name=value`.
         #[arg(long = "param", value_parser = parse_param)]
         params: Vec<(String, String)>,
@@ -368,6 +371,7 @@ fn main() -> anyhow::Result<()> {
         Command::Query {
             config,
             template,
+            sql,
             params,
             query_id,
             format,
@@ -380,9 +384,21 @@ fn main() -> anyhow::Result<()> {
             };
             let result = runtime()?.block_on(async {
                 let analyst = Analyst::new(&cfg)?;
-                analyst
-                    .query(&template, &params, qid, Duration::from_secs(timeout))
-                    .await
+                match (&template, &sql) {
+                    (Some(t), _) => analyst.query(t, &params, qid, Duration::from_secs(timeout)).await,
+                    (None, Some(q)) => {
+                        if !params.is_empty() {
+                            return Err(cleanroom_node::NodeError::Refused(
+                                "with --sql, write the values into the query instead of --param".into(),
+                            ));
+                        }
+                        analyst
+                            .query_sql(q, qid, Duration::from_secs(timeout))
+                            .await
+                            .map(|(_, r)| r)
+                    }
+                    (None, None) => Err(cleanroom_node::NodeError::Refused("give --template or --sql".into())),
+                }
             })?;
             match format {
                 Format::Table => output::result_table(&result, None),

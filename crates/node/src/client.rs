@@ -235,6 +235,35 @@ impl Analyst {
     }
 }
 
+impl Analyst {
+    /// Runs an ad hoc query: it must be an instance of a template both
+    /// operators signed (the same text, with literals where the template
+    /// has parameters); it then runs as that template with those parameters.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] when no signed template matches, or a node refuses.
+    pub async fn query_sql(
+        &self,
+        sql: &str,
+        query_id: [u8; 16],
+        timeout: Duration,
+    ) -> Result<(String, QueryResult), NodeError> {
+        let templates = self.templates().await?;
+        for (bank, platform) in &templates {
+            if bank.kind != platform.kind {
+                continue;
+            }
+            if let Some(params) = cleanroom_query::sql::match_instance(&bank.kind, sql) {
+                let r = self.query(&bank.name, &params, query_id, timeout).await?;
+                return Ok((bank.name.clone(), r));
+            }
+        }
+        Err(NodeError::Refused(
+            "this query is not an instance of any template both operators signed; `cleanroom templates` lists them (use the same text, with literal values where a template has :parameters)".into(),
+        ))
+    }
+}
+
 /// Reconstructs cells from the two nodes' shares.
 ///
 /// # Errors

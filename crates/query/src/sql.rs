@@ -693,6 +693,66 @@ pub fn parse(sql: &str, schema: &Schema, params: &BTreeMap<String, String>) -> R
     })
 }
 
+fn tokens(sql: &str) -> Option<Vec<sqlparser::tokenizer::Token>> {
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    let toks = Tokenizer::new(&GenericDialect {}, sql).tokenize().ok()?;
+    let toks: Vec<Token> = toks
+        .into_iter()
+        .filter(|t| !matches!(t, Token::Whitespace(_)))
+        .collect();
+    // `:name` may come out as a colon and a word: fold it into one placeholder.
+    let mut out = Vec::with_capacity(toks.len());
+    let mut it = toks.into_iter().peekable();
+    while let Some(t) = it.next() {
+        if t == Token::Colon
+            && let Some(Token::Word(w)) = it.peek()
+        {
+            let p = Token::Placeholder(format!(":{}", w.value));
+            it.next();
+            out.push(p);
+            continue;
+        }
+        out.push(t);
+    }
+    Some(out)
+}
+
+/// Whether `query` is an instance of `template`: the same tokens (keywords
+/// and names compared case-insensitively), with each `:name` placeholder of
+/// the template matched by one literal in the query. Returns the literals as
+/// parameters, or `None` when the texts differ otherwise.
+pub fn match_instance(template: &str, query: &str) -> Option<Vec<(String, String)>> {
+    use sqlparser::tokenizer::Token;
+    if query.len() > MAX_SQL_LEN {
+        return None;
+    }
+    let (t, q) = (tokens(template)?, tokens(query)?);
+    if t.len() != q.len() {
+        return None;
+    }
+    let mut params: Vec<(String, String)> = Vec::new();
+    for (a, b) in t.iter().zip(&q) {
+        match (a, b) {
+            (Token::Placeholder(p), Token::SingleQuotedString(v)) | (Token::Placeholder(p), Token::Number(v, _)) => {
+                let name = p.trim_start_matches([':', '$', '@']).to_string();
+                match params.iter().find(|(n, _)| *n == name) {
+                    Some((_, old)) if old != v => return None,
+                    Some(_) => {}
+                    None => params.push((name, v.clone())),
+                }
+            }
+            (Token::Word(x), Token::Word(y)) => {
+                if x.value.to_lowercase() != y.value.to_lowercase() {
+                    return None;
+                }
+            }
+            (x, y) if x == y => {}
+            _ => return None,
+        }
+    }
+    Some(params)
+}
+
 /// The `:name` placeholders a query uses, in order of appearance.
 pub fn placeholders(sql: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -942,6 +1002,33 @@ mod tests {
                 panic!("refused: {sql}\n  {e}");
             }
         }
+    }
+
+    #[test]
+    fn instances_of_a_template() {
+        let t = "SELECT b.category, COUNT(*) FROM bank b JOIN platform p WHERE b.date BETWEEN :start AND :end AND p.segment = :seg GROUP BY b.category";
+        let q = "select b.category, count(*)  from BANK b join platform p\n where b.date between '2026-01-01' and '2026-02-01' and p.segment = 'gamer' group by b.category";
+        assert_eq!(
+            match_instance(t, q),
+            Some(vec![
+                ("start".to_string(), "2026-01-01".to_string()),
+                ("end".to_string(), "2026-02-01".to_string()),
+                ("seg".to_string(), "gamer".to_string())
+            ])
+        );
+        // A different query, a column instead of a literal, an extra condition.
+        assert_eq!(match_instance(t, &q.replace("b.category,", "p.country,")), None);
+        assert_eq!(match_instance(t, &q.replace("'gamer'", "p.country")), None);
+        assert_eq!(
+            match_instance(t, &q.replace("group by", "and b.amount > 1 group by")),
+            None
+        );
+        // The same placeholder twice must get the same value.
+        assert_eq!(match_instance("SELECT :a, :a", "SELECT 1, 2"), None);
+        assert_eq!(
+            match_instance("SELECT :a, :a", "SELECT 1, 1"),
+            Some(vec![("a".to_string(), "1".to_string())])
+        );
     }
 
     #[test]

@@ -297,7 +297,7 @@ pub struct QueryRequest {
 pub struct TemplateInfo {
     /// Name.
     pub name: String,
-    /// Kind.
+    /// The template's SQL text, with `:name` placeholders.
     pub kind: String,
     /// Parameters and their allowed values, as text.
     pub params: Vec<(String, String)>,
