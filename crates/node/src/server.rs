@@ -962,30 +962,7 @@ impl Node {
             }
         }
         let t = Instant::now();
-        let domains = &self.inner.domains;
-        let groups = plan.matcher_groups().len().max(1);
-        let mut blocks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); groups];
-        for (k, id) in data.ids.iter().enumerate() {
-            let value = |column: &str| match column {
-                "segment" => data
-                    .segments
-                    .get(k)
-                    .and_then(|s| domains.segments.get(usize::from(*s)))
-                    .cloned(),
-                "country" => data
-                    .countries
-                    .get(k)
-                    .and_then(|c| domains.countries.get(usize::from(*c)))
-                    .cloned(),
-                _ => None,
-            };
-            if !plan.matcher_user_passes(&value) {
-                continue;
-            }
-            if let Some(block) = plan.matcher_group_of(&value).and_then(|g| blocks.get_mut(g)) {
-                block.push(id.clone());
-            }
-        }
+        let blocks = matcher_blocks(plan, data, &self.inner.domains);
         let l = &self.inner.limits;
         let params = JoinParams {
             collaboration_id: self.inner.collaboration.clone(),
@@ -1117,6 +1094,36 @@ fn template_info(t: &Template) -> TemplateInfo {
         rho: format_micro(t.rho_micro),
         min_count: t.min_count,
     }
+}
+
+/// The matcher's input to the join for a plan: its users that pass the
+/// WHERE clause's platform conditions, split into one block per matcher
+/// group (one block when the query does not group by platform columns).
+pub fn matcher_blocks(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec<Vec<Vec<u8>>> {
+    let groups = plan.matcher_groups().len().max(1);
+    let mut blocks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); groups];
+    for (k, id) in data.ids.iter().enumerate() {
+        let value = |column: &str| match column {
+            "segment" => data
+                .segments
+                .get(k)
+                .and_then(|s| domains.segments.get(usize::from(*s)))
+                .cloned(),
+            "country" => data
+                .countries
+                .get(k)
+                .and_then(|c| domains.countries.get(usize::from(*c)))
+                .cloned(),
+            _ => None,
+        };
+        if !plan.matcher_user_passes(&value) {
+            continue;
+        }
+        if let Some(block) = plan.matcher_group_of(&value).and_then(|g| blocks.get_mut(g)) {
+            block.push(id.clone());
+        }
+    }
+    blocks
 }
 
 /// The holder's per-customer vectors for a plan (one matcher group's width:
