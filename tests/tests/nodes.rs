@@ -657,3 +657,42 @@ async fn ad_hoc_sql_runs_only_as_an_instance_of_a_signed_template() {
     p.platform.shutdown().await;
     p.bank.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_per_day_refuse_at_exactly_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 300, 111, &["alice"]).unwrap();
+    let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
+    std::fs::write(
+        &fixture.bank_config,
+        text.replace("[limits]\n", "[limits]\nruns_per_analyst_per_day = 2\n"),
+    )
+    .unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let first = new_query_id().unwrap();
+    analyst.query("overlap", &[], first, TIMEOUT).await.unwrap();
+    analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    let e = analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("run limit on the bank node: 2 queries per analyst per day") && e.contains("frees up at 00:00 UTC"),
+        "{e}"
+    );
+    // Retrieving an earlier result is not a new run.
+    assert!(analyst.query("overlap", &[], first, TIMEOUT).await.unwrap().replayed);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

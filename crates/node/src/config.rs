@@ -141,6 +141,26 @@ pub struct LimitsConfig {
     /// How long one query may take end to end.
     #[serde(default = "default_timeout")]
     pub query_timeout_secs: u64,
+    /// Queries each analyst may run per UTC day.
+    #[serde(default = "default_runs")]
+    pub runs_per_analyst_per_day: u32,
+    /// Largest share of this node's identifiers added or removed since the
+    /// last join of the same input (decimal, e.g. "0.2").
+    #[serde(default = "default_churn")]
+    pub max_input_churn: String,
+    /// Smallest input this node brings to a join (after filters).
+    #[serde(default = "default_min_input")]
+    pub min_input_set: u64,
+}
+
+fn default_runs() -> u32 {
+    1000
+}
+fn default_churn() -> String {
+    "0.5".into()
+}
+fn default_min_input() -> u64 {
+    10
 }
 
 fn default_eps() -> String {
@@ -270,6 +290,12 @@ pub struct Limits {
     pub join_ttl_secs: u64,
     /// Query timeout.
     pub query_timeout: std::time::Duration,
+    /// Runs per analyst per UTC day.
+    pub runs_per_day: u32,
+    /// Input churn limit, millionths.
+    pub max_churn_ppm: u64,
+    /// Smallest own input to a join.
+    pub min_input_set: u64,
 }
 
 fn bad(path: &Path, what: String) -> NodeError {
@@ -378,6 +404,9 @@ impl NodeConfig {
             max_dummy_rows: l.max_dummy_rows,
             join_ttl_secs: l.join_ttl_hours.saturating_mul(3600),
             query_timeout: std::time::Duration::from_secs(l.query_timeout_secs.max(1)),
+            runs_per_day: l.runs_per_analyst_per_day,
+            max_churn_ppm: micro("max_input_churn", &l.max_input_churn)?,
+            min_input_set: l.min_input_set,
         })
     }
 

@@ -510,6 +510,7 @@ impl Node {
                     rho,
                     l.rho_per_analyst_micro,
                     l.period_days,
+                    l.runs_per_day,
                 )
             })
             .await
@@ -536,6 +537,14 @@ impl Node {
                     format_micro(spent),
                     format_micro(limit),
                     format_date(i32::try_from(ends).unwrap_or(i32::MAX))
+                )));
+            }
+            Charge::TooManyRuns { limit } => {
+                let tomorrow = now_secs().div_euclid(86_400) + 1;
+                return Err(NodeError::Refused(format!(
+                    "run limit on the {} node: {limit} queries per analyst per day; it frees up at 00:00 UTC on {}",
+                    self.inner.role.as_str(),
+                    format_date(i32::try_from(tomorrow).unwrap_or(i32::MAX))
                 )));
             }
             Charge::New => info!(rho = %format_micro(template.rho_micro), "charged"),
@@ -764,6 +773,20 @@ impl Node {
             },
             cardinality,
         };
+        if (data.ids.len() as u64) < l.min_input_set {
+            abort(&mut send, [0; 16], AbortCode::Refused).await;
+            return Err(NodeError::Refused(format!(
+                "minimum input limit: the bank has {} customers, below the minimum of {}",
+                data.ids.len(),
+                l.min_input_set
+            )));
+        }
+        let fp = crate::state::fingerprints(data.ids.iter().map(Vec::as_slice));
+        let churn = lock(&self.inner.state).check_churn("holder-input", &fp, l.max_churn_ppm);
+        if let Err(e) = churn {
+            abort(&mut send, [0; 16], AbortCode::Refused).await;
+            return Err(e);
+        }
         let ids = data.ids.clone();
         let first = first.to_vec();
         let pending = tokio::task::spawn_blocking(move || {
@@ -817,6 +840,7 @@ impl Node {
             payload.extend_from_slice(&o.to_le_bytes());
         }
         lock(&self.inner.state).put_join(&session, "holder", &data.version, l.join_ttl_secs, &payload)?;
+        lock(&self.inner.state).record_inputs("holder-input", &fp, l.join_ttl_secs)?;
         lock(&self.inner.holder_joins).insert(session, joined.clone());
         info!(rows = joined.rows(), seconds = t.elapsed().as_secs_f64(), "join done");
         Ok(())
@@ -963,6 +987,15 @@ impl Node {
         }
         let t = Instant::now();
         let blocks = matcher_blocks(plan, data, &self.inner.domains);
+        let input: usize = blocks.iter().map(Vec::len).sum();
+        if (input as u64) < self.inner.limits.min_input_set {
+            return Err(NodeError::Refused(format!(
+                "minimum input limit: the platform's users matching this query's platform conditions number {input}, below the minimum of {}; widen the conditions",
+                self.inner.limits.min_input_set
+            )));
+        }
+        let fp = crate::state::fingerprints(blocks.iter().flatten().map(Vec::as_slice));
+        lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
         let l = &self.inner.limits;
         let params = JoinParams {
             collaboration_id: self.inner.collaboration.clone(),
@@ -1001,6 +1034,7 @@ impl Node {
             payload.extend_from_slice(&l.to_le_bytes());
         }
         lock(&self.inner.state).put_join(&joined.session(), &filter, &data.version, l.join_ttl_secs, &payload)?;
+        lock(&self.inner.state).record_inputs(&filter, &fp, l.join_ttl_secs)?;
         lock(&self.inner.matcher_joins).insert(filter, joined.clone());
         let secs = t.elapsed().as_secs_f64();
         info!(rows = joined.rows(), seconds = secs, "join done");

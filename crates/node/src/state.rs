@@ -29,6 +29,11 @@ pub enum Charge {
         /// The limit, millionths.
         limit: u64,
     },
+    /// Refused: the analyst already ran this many queries today (UTC).
+    TooManyRuns {
+        /// The limit.
+        limit: u32,
+    },
 }
 
 /// A cached join: its session id and stored payload.
@@ -93,6 +98,11 @@ CREATE TRIGGER IF NOT EXISTS audit_append_only_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_append_only_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE IF NOT EXISTS join_inputs (
+    filter TEXT PRIMARY KEY,
+    fingerprints BLOB NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS joins (
     session BLOB PRIMARY KEY,
     filter TEXT NOT NULL,
@@ -263,6 +273,7 @@ impl State {
         rho_micro: u64,
         limit_micro: u64,
         period_days: u32,
+        runs_per_day: u32,
     ) -> Result<Charge, NodeError> {
         let tx = self
             .conn
@@ -286,6 +297,17 @@ impl State {
         }
         let now = now_secs();
         let period = period_of(now, period_days);
+        let day_start = now.div_euclid(86_400) * 86_400;
+        let runs: i64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM charges WHERE analyst = ?1 AND charged_at >= ?2",
+                params![analyst, day_start],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if runs.max(0) as u64 >= u64::from(runs_per_day) {
+            return Ok(Charge::TooManyRuns { limit: runs_per_day });
+        }
         let spent: i64 = tx
             .query_row(
                 "SELECT COALESCE(SUM(rho_micro), 0) FROM charges WHERE analyst = ?1 AND period = ?2",
@@ -418,6 +440,62 @@ impl State {
         Ok(())
     }
 
+    /// Checks this node's own input for a join against the input of the last
+    /// join for the same filter: the share of identifiers added or removed
+    /// (`|A Δ B| / |B|`, fingerprints sorted) may not exceed `max_ppm`
+    /// millionths. The baseline lasts until that join expires.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] naming the limit and when it frees up.
+    pub fn check_churn(&self, filter: &str, fingerprints: &[u64], max_ppm: u64) -> Result<(), NodeError> {
+        let prev: Option<(Vec<u8>, i64)> = self
+            .conn
+            .query_row(
+                "SELECT fingerprints, expires_at FROM join_inputs WHERE filter = ?1 AND expires_at > ?2",
+                params![filter, now_secs()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        let Some((bytes, expires)) = prev else {
+            return Ok(());
+        };
+        let old: Vec<u64> = bytes
+            .chunks_exact(8)
+            .filter_map(|c| <[u8; 8]>::try_from(c).ok().map(u64::from_le_bytes))
+            .collect();
+        let changed = symmetric_difference(&old, fingerprints);
+        let base = old.len().max(1) as u128;
+        if u128::from(changed) * 1_000_000 > u128::from(max_ppm) * base {
+            return Err(NodeError::Refused(format!(
+                "input churn limit: {changed} of {} identifiers changed since the last join for this input ({:.1}%), over the limit of {:.1}%; it frees up when that join expires on {}",
+                old.len(),
+                changed as f64 * 100.0 / base as f64,
+                max_ppm as f64 / 10_000.0,
+                cleanroom_query::format_date(i32::try_from(expires.div_euclid(86_400)).unwrap_or(i32::MAX))
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records this node's input to a join, as the baseline for the churn limit.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn record_inputs(&mut self, filter: &str, fingerprints: &[u64], ttl_secs: u64) -> Result<(), NodeError> {
+        let mut bytes = Vec::with_capacity(fingerprints.len() * 8);
+        for f in fingerprints {
+            bytes.extend_from_slice(&f.to_le_bytes());
+        }
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO join_inputs (filter, fingerprints, expires_at) VALUES (?1, ?2, ?3)",
+                params![filter, bytes, now_secs().saturating_add(ttl_secs as i64)],
+            )
+            .map_err(db)?;
+        Ok(())
+    }
+
     /// Caches a join.
     ///
     /// # Errors
@@ -497,9 +575,101 @@ impl State {
     }
 }
 
+/// Sorted 8-byte fingerprints of identifiers (SHA-256 prefixes), for the
+/// churn limit. They are this node's own input, kept on its own disk.
+pub fn fingerprints<'a>(ids: impl Iterator<Item = &'a [u8]>) -> Vec<u64> {
+    let mut out: Vec<u64> = ids
+        .map(|id| {
+            let mut ctx = Context::new(&SHA256);
+            ctx.update(b"cleanroom-churn-v1");
+            ctx.update(id);
+            let d = ctx.finish();
+            let mut b = [0u8; 8];
+            b.copy_from_slice(d.as_ref().get(..8).unwrap_or(&[0u8; 8]));
+            u64::from_le_bytes(b)
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// `|A Δ B|` of two sorted lists.
+fn symmetric_difference(a: &[u64], b: &[u64]) -> u64 {
+    let (mut i, mut j, mut n) = (0, 0, 0u64);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                n += 1;
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                n += 1;
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    n + (a.len() - i) as u64 + (b.len() - j) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn churn_limit_at_its_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let ids: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        let base = fingerprints(ids.iter().map(Vec::as_slice));
+        s.check_churn("f", &base, 100_000).unwrap(); // no baseline yet
+        s.record_inputs("f", &base, 3600).unwrap();
+        // 5 removed and 5 added: 10 of 100 changed = exactly 10%: allowed at 10%.
+        let mut changed = ids.clone();
+        changed.truncate(95);
+        changed.extend((1000..1005u32).map(|i| i.to_le_bytes().to_vec()));
+        let fp = fingerprints(changed.iter().map(Vec::as_slice));
+        s.check_churn("f", &fp, 100_000).unwrap();
+        // One more change is over the limit.
+        changed.push(2000u32.to_le_bytes().to_vec());
+        let fp = fingerprints(changed.iter().map(Vec::as_slice));
+        let e = s.check_churn("f", &fp, 100_000).unwrap_err().to_string();
+        assert!(
+            e.contains("input churn limit: 11 of 100") && e.contains("frees up"),
+            "{e}"
+        );
+        // Another filter has its own baseline.
+        s.check_churn("g", &fp, 100_000).unwrap();
+    }
+
+    #[test]
+    fn runs_per_day_at_their_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        for q in 0..3u8 {
+            assert_eq!(
+                s.charge(&[q; 16], "alice", "t", &[0; 32], 1, 1000, 30, 3).unwrap(),
+                Charge::New
+            );
+        }
+        assert_eq!(
+            s.charge(&[9; 16], "alice", "t", &[0; 32], 1, 1000, 30, 3).unwrap(),
+            Charge::TooManyRuns { limit: 3 }
+        );
+        // A retry of an existing id is not a new run.
+        assert_eq!(
+            s.charge(&[0; 16], "alice", "t", &[0; 32], 1, 1000, 30, 3).unwrap(),
+            Charge::Existing(None)
+        );
+        // Another analyst has their own count.
+        assert_eq!(
+            s.charge(&[8; 16], "bob", "t", &[0; 32], 1, 1000, 30, 3).unwrap(),
+            Charge::New
+        );
+    }
 
     fn entry<'a>() -> AuditEntry<'a> {
         AuditEntry {
@@ -519,24 +689,24 @@ mod tests {
         let mut s = State::open(dir.path()).unwrap();
         let q1 = [1u8; 16];
         assert_eq!(
-            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30).unwrap(),
+            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30, 100).unwrap(),
             Charge::New
         );
         assert_eq!(
-            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30).unwrap(),
+            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30, 100).unwrap(),
             Charge::Existing(None)
         );
         assert!(matches!(
-            s.charge(&q1, "bob", "t", &[0; 32], 400, 1000, 30),
+            s.charge(&q1, "bob", "t", &[0; 32], 400, 1000, 30, 100),
             Err(NodeError::Refused(_))
         ));
         assert_eq!(
-            s.charge(&[2; 16], "alice", "t", &[0; 32], 600, 1000, 30).unwrap(),
+            s.charge(&[2; 16], "alice", "t", &[0; 32], 600, 1000, 30, 100).unwrap(),
             Charge::New
         );
         // Exactly at the limit was allowed; one more millionth is not.
         assert_eq!(
-            s.charge(&[3; 16], "alice", "t", &[0; 32], 1, 1000, 30).unwrap(),
+            s.charge(&[3; 16], "alice", "t", &[0; 32], 1, 1000, 30, 100).unwrap(),
             Charge::OverBudget {
                 spent: 1000,
                 limit: 1000
@@ -549,7 +719,7 @@ mod tests {
         // After a restart: the same share comes back, the budget is still spent.
         let mut s = State::open(dir.path()).unwrap();
         assert_eq!(
-            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30).unwrap(),
+            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30, 100).unwrap(),
             Charge::Existing(Some(b"share".to_vec()))
         );
         assert_eq!(s.spent("alice", 30).unwrap(), 1000);
@@ -561,7 +731,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
         for q in 0..3u8 {
-            s.charge(&[q; 16], "alice", "t", &[0; 32], 1, 1000, 30).unwrap();
+            s.charge(&[q; 16], "alice", "t", &[0; 32], 1, 1000, 30, 100).unwrap();
             s.store_share(&[q; 16], b"x", &entry()).unwrap();
         }
         assert_eq!(s.verify_audit().unwrap(), 3);
