@@ -696,3 +696,65 @@ async fn runs_per_day_refuse_at_exactly_the_limit() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimum_input_refuses_at_exactly_its_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 121, &["alice"]).unwrap();
+    let gamers = fixture
+        .data
+        .platform
+        .iter()
+        .filter(|u| cleanroom_sim::synth::SEGMENTS[u.segment] == "gamer")
+        .count();
+    assert!(gamers > 5);
+    let bank = fixture.start_bank().await.unwrap();
+    let params = vec![
+        ("end".to_string(), "2026-06-30".to_string()),
+        ("segment".to_string(), "gamer".to_string()),
+        ("start".to_string(), "2026-01-01".to_string()),
+    ];
+    for (min, ok) in [(gamers, true), (gamers + 1, false)] {
+        let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+        platform.shutdown().await;
+        let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
+        std::fs::write(
+            &fixture.platform_config,
+            text.replace("[limits]\n", &format!("[limits]\nmin_input_set = {min}\n")),
+        )
+        .unwrap();
+        let platform = cleanroom_node::server::Node::start(
+            cleanroom_node::config::NodeConfig::load(&fixture.platform_config).unwrap(),
+            &fixture.platform_config,
+        )
+        .await
+        .unwrap();
+        let analyst = Analyst::new(
+            &fixture
+                .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let r = analyst
+            .query(
+                "spend_by_category_for_segment",
+                &params,
+                new_query_id().unwrap(),
+                TIMEOUT,
+            )
+            .await;
+        match (ok, r) {
+            (true, Ok(_)) => {}
+            (false, Err(e)) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains(&format!("number {gamers}, below the minimum of {min}")),
+                    "{e}"
+                );
+            }
+            (ok, r) => panic!("min {min}: expected ok={ok}, got {:?}", r.map(|_| ())),
+        }
+        platform.shutdown().await;
+    }
+    bank.shutdown().await;
+}

@@ -263,7 +263,7 @@ fn main() -> anyhow::Result<()> {
             init_logging("warn");
             if sql.is_some() && !json {
                 out!(
-                    "the demo adds your query as template \"adhoc\" to both nodes' configs (in a real collaboration both operators approve each template)"
+                    "the demo adds your query as template \"adhoc\" to both nodes' configs and signs it as both operators (in a real collaboration each operator reviews and signs it)"
                 );
             }
             let report = runtime()?

@@ -970,6 +970,15 @@ impl Node {
         fresh: bool,
     ) -> Result<(Arc<MatcherJoined>, Option<f64>), NodeError> {
         let filter = plan.join_filter();
+        // The minimum input applies to every query, cached join or not.
+        let blocks = matcher_blocks(plan, data, &self.inner.domains);
+        let input: usize = blocks.iter().map(Vec::len).sum();
+        if (input as u64) < self.inner.limits.min_input_set {
+            return Err(NodeError::Refused(format!(
+                "minimum input limit: the platform's users matching this query's platform conditions number {input}, below the minimum of {}; widen the conditions",
+                self.inner.limits.min_input_set
+            )));
+        }
         if !fresh {
             if let Some(j) = lock(&self.inner.matcher_joins).get(&filter) {
                 return Ok((j.clone(), None));
@@ -986,14 +995,6 @@ impl Node {
             }
         }
         let t = Instant::now();
-        let blocks = matcher_blocks(plan, data, &self.inner.domains);
-        let input: usize = blocks.iter().map(Vec::len).sum();
-        if (input as u64) < self.inner.limits.min_input_set {
-            return Err(NodeError::Refused(format!(
-                "minimum input limit: the platform's users matching this query's platform conditions number {input}, below the minimum of {}; widen the conditions",
-                self.inner.limits.min_input_set
-            )));
-        }
         let fp = crate::state::fingerprints(blocks.iter().flatten().map(Vec::as_slice));
         lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
         let l = &self.inner.limits;
