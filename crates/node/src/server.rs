@@ -556,7 +556,9 @@ impl Node {
             Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings).await?,
             Role::Bank => {
                 let (share, secs) = self.holder_share(&plan, &q.query_id).await?;
-                timings.push(("aggregate".to_string(), secs));
+                // From accepting the query to the last batch: includes any
+                // join the platform runs first.
+                timings.push(("join and aggregate".to_string(), secs));
                 share
             }
         };
