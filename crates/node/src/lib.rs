@@ -60,4 +60,8 @@ pub enum NodeError {
     /// A local failure.
     #[error("internal: {0}")]
     Internal(&'static str),
+    /// The peer asked for an aggregate over a join this node does not have
+    /// (expired, or from before a restart); the peer joins again.
+    #[error("aggregate over a join this node does not have")]
+    UnknownJoin,
 }

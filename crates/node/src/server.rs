@@ -383,6 +383,20 @@ impl Node {
         Ok(())
     }
 
+    /// On the bank: the platform shows its policy when it connects; a
+    /// request may arrive a moment before that, so wait up to 5 s.
+    async fn wait_peer_policy(&self) {
+        if self.inner.role != Role::Bank {
+            return;
+        }
+        for _ in 0..50 {
+            if lock(&self.inner.peer_policy).is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Why a template may not run, if it may not: both operators must have
     /// signed its exact text.
     fn not_runnable(&self, t: &Template) -> Option<String> {
@@ -418,6 +432,7 @@ impl Node {
                 if self.inner.role == Role::Platform {
                     let _ = self.peer_connection().await;
                 }
+                self.wait_peer_policy().await;
                 AnalystResponse::Templates(
                     self.inner
                         .templates
@@ -470,16 +485,7 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Refused(format!("the platform node cannot reach the bank node: {e}")))?;
         }
-        if self.inner.role == Role::Bank {
-            // The platform shows its policy when it connects; a query may
-            // arrive a moment before that.
-            for _ in 0..50 {
-                if lock(&self.inner.peer_policy).is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+        self.wait_peer_policy().await;
         if let Some(why) = self.not_runnable(&template) {
             return Err(NodeError::Refused(why));
         }
@@ -716,11 +722,15 @@ impl Node {
                         )
                         .await;
                     let message = match &result {
-                        Ok(share) => Ok(share.clone()),
-                        Err(e) => Err(e.to_string()),
+                        Ok(share) => Some(Ok(share.clone())),
+                        // The platform joins again and retries: not a failure of the query.
+                        Err(NodeError::UnknownJoin) => None,
+                        Err(e) => Some(Err(e.to_string())),
                     };
-                    if let Some(p) = lock(&self.inner.pending).get_mut(&setup.query_id) {
-                        p.record(setup.group as usize, message);
+                    if let Some(m) = message
+                        && let Some(p) = lock(&self.inner.pending).get_mut(&setup.query_id)
+                    {
+                        p.record(setup.group as usize, m);
                     }
                     result.map(|_| ())
                 }
@@ -899,9 +909,19 @@ impl Node {
             Ok(Message::OtSetup(s)) => s.session,
             _ => [0; 16],
         };
-        let Some(joined) = self.holder_join_by_session(&join_session, &data.version)? else {
+        // The platform may open the aggregate the moment it has the join's
+        // last token, before this side has stored the join: wait briefly.
+        let mut found = None;
+        for _ in 0..100 {
+            found = self.holder_join_by_session(&join_session, &data.version)?;
+            if found.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let Some(joined) = found else {
             abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
-            return Err(NodeError::Peer("aggregate over a join this node does not have".into()));
+            return Err(NodeError::UnknownJoin);
         };
         let values = holder_values(plan, data, &self.inner.domains.categories);
         let width = plan.width();
