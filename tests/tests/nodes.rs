@@ -758,3 +758,17 @@ async fn minimum_input_refuses_at_exactly_its_boundary() {
     }
     bank.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_the_join_against_the_curve_bound() {
+    let rows = cleanroom_node::bench::run(&[400], 131, |_| {}).await.unwrap();
+    let r = &rows[0];
+    assert_eq!(r.rows, 400);
+    assert_eq!(r.bound_parts.len(), 4);
+    assert!(r.bound_seconds > 0.0 && r.join_seconds > 0.0);
+    assert!((r.ratio - r.join_seconds / r.bound_seconds).abs() < 1e-9);
+    // Both directions carry at least the points: 400 tokens one way, 400 rows and tokens the other.
+    assert!(r.platform_to_bank_bytes > 400 * 32);
+    assert!(r.bank_to_platform_bytes > 2 * 400 * 32);
+    assert!(r.peak_rss_kib > 0);
+}

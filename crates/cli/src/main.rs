@@ -67,6 +67,20 @@ enum Command {
     /// Both parties in memory, no network, no noise: run the join and the
     /// aggregate on synthetic data and check them against plaintext, exactly.
     Simulate(SimulateArgs),
+    /// Protocol latency against the curve bound: both nodes in one process
+    /// over real QUIC with mutual TLS on loopback (first part of the bench:
+    /// no emulated network, no plot yet).
+    Bench {
+        /// Sizes (bank customers = platform users), comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        rows: Vec<usize>,
+        /// Seed of the synthetic data.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Also write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Write synthetic `bank.csv` and `platform.csv`.
     GenData {
         /// Output directory.
@@ -273,6 +287,22 @@ fn main() -> anyhow::Result<()> {
                 out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 output::demo(&report);
+            }
+        }
+        Command::Bench { rows, seed, json } => {
+            init_logging("warn");
+            let bar = indicatif::ProgressBar::new_spinner();
+            let report = runtime()?
+                .block_on(cleanroom_node::bench::run(&rows, seed, |m| {
+                    bar.set_message(m.to_string())
+                }))
+                .context("bench failed")?;
+            bar.finish_and_clear();
+            output::bench(&report);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                out!("wrote {}", path.display());
             }
         }
         Command::GenData {

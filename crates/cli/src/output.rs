@@ -189,3 +189,35 @@ pub fn demo(r: &DemoReport) {
         out!("phases: {}", phases.join(", "));
     }
 }
+
+pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
+    out!(
+        "{:>10}  {:>9}  {:>9}  {:>6}  {:>10}  {:>10}  {:>12}  {:>12}  {:>9}",
+        "rows",
+        "join s",
+        "bound s",
+        "ratio",
+        "overlap s",
+        "query s",
+        "bytes P->B",
+        "bytes B->P",
+        "peak MiB"
+    );
+    for r in rows {
+        out!(
+            "{:>10}  {:>9.3}  {:>9.3}  {:>6.2}  {:>10.3}  {:>10.3}  {:>12}  {:>12}  {:>9}",
+            r.rows,
+            r.join_seconds,
+            r.bound_seconds,
+            r.ratio,
+            r.overlap_seconds,
+            r.query_seconds,
+            r.platform_to_bank_bytes,
+            r.bank_to_platform_bytes,
+            r.peak_rss_kib / 1024
+        );
+    }
+    out!(
+        "bound = curve operations of the join timed in this run (hash-to-group + mul per own id, decompress + mul per peer point, all cores); ratio = join / bound"
+    );
+}

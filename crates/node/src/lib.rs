@@ -9,6 +9,7 @@
 //! - [`client`]: the analyst's side: submit, reconstruct, intervals;
 //! - [`demo`]: everything in one process on loopback.
 
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod data;

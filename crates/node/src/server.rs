@@ -288,6 +288,34 @@ impl Node {
             .ok();
     }
 
+    /// UDP bytes sent and received on the connection to the peer (the
+    /// platform's side; zero on the bank).
+    pub async fn peer_bytes(&self) -> (u64, u64) {
+        match self.inner.peer_conn.lock().await.as_ref() {
+            Some(c) => {
+                let s = c.stats();
+                (s.udp_tx.bytes, s.udp_rx.bytes)
+            }
+            None => (0, 0),
+        }
+    }
+
+    /// The bank's normalised identifiers (for benchmarks; empty on the platform).
+    pub fn holder_ids(&self) -> Vec<Vec<u8>> {
+        match &self.inner.data {
+            NodeData::Holder(h) => h.ids.clone(),
+            NodeData::Matcher(_) => Vec::new(),
+        }
+    }
+
+    /// The platform's normalised identifiers (for benchmarks; empty on the bank).
+    pub fn matcher_ids(&self) -> Vec<Vec<u8>> {
+        match &self.inner.data {
+            NodeData::Matcher(m) => m.ids.clone(),
+            NodeData::Holder(_) => Vec::new(),
+        }
+    }
+
     /// Charges recorded in this node's ledger (for tests and operators).
     ///
     /// # Errors
