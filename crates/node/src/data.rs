@@ -130,25 +130,7 @@ impl LoadReport {
     }
 }
 
-/// Parses a decimal amount (`12`, `12.3`, `-12.34`) to cents.
-pub fn parse_cents(s: &str) -> Option<i64> {
-    let s = s.trim();
-    let (neg, s) = match s.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, s),
-    };
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if int.is_empty() || frac.len() > 2 || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let int: i64 = int.parse().ok()?;
-    let mut f: i64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
-    if frac.len() == 1 {
-        f *= 10;
-    }
-    let v = int.checked_mul(100)?.checked_add(f)?;
-    Some(if neg { -v } else { v })
-}
+pub use cleanroom_query::parse_cents;
 
 /// A reader that hashes what passes through it and advances a progress bar.
 struct Tee<R> {

@@ -328,7 +328,7 @@ impl Ctx<'_> {
                 }
                 Ok(Literal::Text(text))
             }
-            ColumnKind::Money => parse_money(&text)
+            ColumnKind::Money => crate::parse_cents(&text)
                 .map(Literal::Cents)
                 .ok_or_else(|| SqlError(format!("'{text}' is not an amount for `{}` (e.g. 12.50)", column.name))),
             ColumnKind::Date => crate::parse_date(&text)
@@ -472,25 +472,6 @@ impl Ctx<'_> {
             )),
         }
     }
-}
-
-/// Parses `amount` text to cents (`12`, `12.5`, `-3.25`).
-fn parse_money(s: &str) -> Option<i64> {
-    let s = s.trim();
-    let (neg, s) = match s.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, s),
-    };
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if int.is_empty() || frac.len() > 2 || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let mut f: i64 = if frac.is_empty() { 0 } else { frac.parse().ok()? };
-    if frac.len() == 1 {
-        f *= 10;
-    }
-    let v = int.parse::<i64>().ok()?.checked_mul(100)?.checked_add(f)?;
-    Some(if neg { -v } else { v })
 }
 
 /// Parses and checks a query, binding `:name` placeholders from `params`.
