@@ -772,3 +772,30 @@ async fn bench_reports_the_join_against_the_curve_bound() {
     assert!(r.bank_to_platform_bytes > 2 * 400 * 32);
     assert!(r.peak_rss_kib > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_analyst_request_is_refused_from_its_length() {
+    let p = pair(200, 141, &["alice"]).await;
+    let certs = p.fixture.dir.join("certs");
+    let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+    let alice = Identity::load(&certs.join("analyst-alice.pem"), &certs.join("analyst-alice.key")).unwrap();
+    let ep = client_endpoint(&alice, &ca, &TransportSettings::default()).unwrap();
+    let conn = cleanroom_transport::connect(&ep, p.bank_addr(), &pki::node_name("bank"))
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // Announce a 60 MiB request: the node stops reading at the length prefix.
+    send.write_all(&(60u32 << 20).to_le_bytes()).await.unwrap();
+    let _ = send.write_all(&[0u8; 1024]).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv, MAX_MESSAGE_LEN))
+        .await
+        .unwrap();
+    assert!(!matches!(r, Ok(Some(_))), "the node answered an oversized request");
+    // And it still serves alice normally.
+    let ok = raw_request(&alice, &ca, p.bank_addr(), &pki::node_name("bank"), templates_request())
+        .await
+        .unwrap();
+    assert!(matches!(ok, Message::AnalystResponse(AnalystResponse::Templates(_))));
+    p.platform.shutdown().await;
+    p.bank.shutdown().await;
+}

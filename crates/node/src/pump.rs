@@ -224,7 +224,23 @@ fn drive<P: Party>(
 /// # Errors
 /// [`NodeError::Peer`] on timeout, close or transport error.
 pub async fn read_one(recv: &mut quinn::RecvStream, timeout: Duration) -> Result<Vec<u8>, NodeError> {
-    match tokio::time::timeout(timeout, read_frame(recv, MAX_MESSAGE_LEN)).await {
+    read_one_limited(recv, timeout, MAX_MESSAGE_LEN).await
+}
+
+/// The largest request an analyst may send (a query is a few hundred bytes).
+pub const MAX_ANALYST_REQUEST: usize = 64 << 10;
+
+/// Reads one frame of at most `max` bytes with a timeout; a longer frame is
+/// refused from its length prefix, before its body is read.
+///
+/// # Errors
+/// [`NodeError::Peer`] on timeout, close, an oversized frame or a transport error.
+pub async fn read_one_limited(
+    recv: &mut quinn::RecvStream,
+    timeout: Duration,
+    max: usize,
+) -> Result<Vec<u8>, NodeError> {
+    match tokio::time::timeout(timeout, read_frame(recv, max)).await {
         Ok(Ok(Some(f))) => Ok(f),
         Ok(Ok(None)) => Err(NodeError::Peer("the stream ended".into())),
         Ok(Err(e)) => Err(NodeError::Peer(e.to_string())),

@@ -376,17 +376,20 @@ impl Node {
             let span = info_span!("analyst", name = %analyst);
             tokio::spawn(
                 async move {
-                    let response = match read_one(&mut recv, Duration::from_secs(30)).await {
-                        Ok(frame) => match Message::decode(&frame) {
-                            Ok(Message::AnalystRequest(req)) => node.serve_analyst(&analyst, req).await,
-                            Ok(_) => AnalystResponse::Refused("expected an analyst request".into()),
-                            Err(e) => AnalystResponse::Refused(format!("malformed request: {e}")),
-                        },
-                        Err(e) => {
-                            info!(error = %e, "analyst stream ended");
-                            return;
-                        }
-                    };
+                    let response =
+                        match pump::read_one_limited(&mut recv, Duration::from_secs(30), pump::MAX_ANALYST_REQUEST)
+                            .await
+                        {
+                            Ok(frame) => match Message::decode(&frame) {
+                                Ok(Message::AnalystRequest(req)) => node.serve_analyst(&analyst, req).await,
+                                Ok(_) => AnalystResponse::Refused("expected an analyst request".into()),
+                                Err(e) => AnalystResponse::Refused(format!("malformed request: {e}")),
+                            },
+                            Err(e) => {
+                                info!(error = %e, "analyst stream ended");
+                                return;
+                            }
+                        };
                     if write_one(&mut send, &Message::AnalystResponse(response)).await.is_ok() {
                         let _ = send.finish();
                         let _ = send.stopped().await;
