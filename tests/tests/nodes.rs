@@ -771,6 +771,16 @@ async fn bench_reports_the_join_against_the_curve_bound() {
     assert!(r.platform_to_bank_bytes > 400 * 32);
     assert!(r.bank_to_platform_bytes > 2 * 400 * 32);
     assert!(r.peak_rss_kib > 0);
+    let names: Vec<&str> = r.phases.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "join",
+        "join: own tokens (hash to group + exponentiate)",
+        "join: matching",
+        "aggregate",
+        "aggregate: OT extension",
+    ] {
+        assert!(names.contains(&want), "{names:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

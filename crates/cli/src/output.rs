@@ -220,4 +220,11 @@ pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
     out!(
         "bound = curve operations of the join timed in this run (hash-to-group + mul per own id, decompress + mul per peer point, all cores); ratio = join / bound"
     );
+    for r in rows {
+        out!("");
+        out!("{} rows, the platform's phases:", r.rows);
+        for (name, secs) in &r.phases {
+            out!("  {name:<58} {secs:>9.3} s");
+        }
+    }
 }

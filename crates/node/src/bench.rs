@@ -41,6 +41,9 @@ pub struct BenchRow {
     pub bank_to_platform_bytes: u64,
     /// Peak resident memory of this process so far (both nodes), KiB.
     pub peak_rss_kib: u64,
+    /// The platform's phases of the join (`overlap`) and of the
+    /// `spend_by_category` aggregate, seconds.
+    pub phases: Vec<(String, f64)>,
 }
 
 fn peak_rss_kib() -> u64 {
@@ -111,8 +114,20 @@ pub async fn run(sizes: &[usize], seed: u64, mut progress: impl FnMut(&str)) -> 
         progress(&format!("{rows} rows: spend_by_category on the cached join"));
         let (template, params) = demo_queries().remove(1);
         let t = Instant::now();
-        analyst.query(template, &params, new_query_id()?, timeout).await?;
+        let query = analyst.query(template, &params, new_query_id()?, timeout).await?;
         let query_seconds = t.elapsed().as_secs_f64();
+        let phases: Vec<(String, f64)> = overlap
+            .timings
+            .iter()
+            .filter(|(node, phase, _)| node == "platform" && phase.starts_with("join"))
+            .chain(
+                query
+                    .timings
+                    .iter()
+                    .filter(|(node, phase, _)| node == "platform" && phase.starts_with("aggregate")),
+            )
+            .map(|(_, phase, s)| (phase.clone(), *s))
+            .collect();
         let (tx, rx) = platform.peer_bytes().await;
         platform.shutdown().await;
         bank.shutdown().await;
@@ -136,6 +151,7 @@ pub async fn run(sizes: &[usize], seed: u64, mut progress: impl FnMut(&str)) -> 
             platform_to_bank_bytes: tx,
             bank_to_platform_bytes: rx,
             peak_rss_kib: peak_rss_kib(),
+            phases,
         });
     }
     Ok(out)

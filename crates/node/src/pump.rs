@@ -95,6 +95,23 @@ impl Party for MatcherOtRunning {
     }
 }
 
+/// Where a session's time went on this side.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PumpStats {
+    /// Computing outgoing messages (`poll_transmit`): own tokens, OT columns...
+    pub own: Duration,
+    /// Processing the peer's messages (`handle`): peer points, masked rows...
+    pub peer: Duration,
+    /// Waiting for the peer's next frame (network or peer compute).
+    pub wait_in: Duration,
+    /// Waiting for room in the send queue (network backpressure).
+    pub wait_out: Duration,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+}
+
 /// Frames in flight per direction between the network and the machine.
 const QUEUE: usize = 4;
 
@@ -105,10 +122,23 @@ const QUEUE: usize = 4;
 /// `Abort`), [`NodeError::Peer`] for a closed stream or an idle timeout.
 pub async fn run<P: Party>(
     party: P,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    idle: Duration,
+) -> Result<P, NodeError> {
+    run_with_stats(party, send, recv, idle).await.map(|(p, _)| p)
+}
+
+/// As [`run`], with where the time went.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_stats<P: Party>(
+    party: P,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     idle: Duration,
-) -> Result<P, NodeError> {
+) -> Result<(P, PumpStats), NodeError> {
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     let reader = tokio::spawn(async move {
@@ -136,7 +166,8 @@ pub async fn run<P: Party>(
     let handle = tokio::runtime::Handle::current();
     let result = tokio::task::spawn_blocking(move || {
         let mut party = party;
-        let outcome = drive(&mut party, &mut in_rx, &out_tx, &handle, idle);
+        let mut stats = PumpStats::default();
+        let outcome = drive(&mut party, &mut in_rx, &out_tx, &handle, idle, &mut stats);
         if let Err(e) = &outcome
             && let NodeError::Protocol(pe) = e
         {
@@ -149,7 +180,7 @@ pub async fn run<P: Party>(
             }
         }
         drop(out_tx);
-        outcome.map(|()| party)
+        outcome.map(|()| (party, stats))
     })
     .await
     .map_err(|_| NodeError::Internal("protocol thread failed"))?;
@@ -169,12 +200,27 @@ fn drive<P: Party>(
     out_tx: &mpsc::Sender<Vec<u8>>,
     handle: &tokio::runtime::Handle,
     idle: Duration,
+    stats: &mut PumpStats,
 ) -> Result<(), NodeError> {
-    let send = |m: Message| -> Result<(), NodeError> {
+    let send = |m: Message, stats: &mut PumpStats| -> Result<(), NodeError> {
         let f = m.encode().map_err(|e| NodeError::Protocol(ProtocolError::Wire(e)))?;
-        out_tx
+        let t = std::time::Instant::now();
+        let r = out_tx
             .blocking_send(f)
-            .map_err(|_| NodeError::Peer("the connection closed while sending".into()))
+            .map_err(|_| NodeError::Peer("the connection closed while sending".into()));
+        stats.wait_out += t.elapsed();
+        stats.frames_out += 1;
+        r
+    };
+    let handle_one = |party: &mut P, frame: &[u8], stats: &mut PumpStats| -> Result<(), NodeError> {
+        stats.frames_in += 1;
+        let t = std::time::Instant::now();
+        let reply = party.handle(frame);
+        stats.peer += t.elapsed();
+        if let Some(reply) = reply? {
+            send(reply, stats)?;
+        }
+        Ok(())
     };
     loop {
         if party.is_done() {
@@ -182,9 +228,7 @@ fn drive<P: Party>(
         }
         match in_rx.try_recv() {
             Ok(frame) => {
-                if let Some(reply) = party.handle(&frame)? {
-                    send(reply)?;
-                }
+                handle_one(party, &frame, stats)?;
                 continue;
             }
             Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -194,16 +238,18 @@ fn drive<P: Party>(
             }
             Err(mpsc::error::TryRecvError::Empty) => {}
         }
-        if let Some(m) = party.poll_transmit() {
-            send(m)?;
+        let t = std::time::Instant::now();
+        let next = party.poll_transmit();
+        stats.own += t.elapsed();
+        if let Some(m) = next {
+            send(m, stats)?;
             continue;
         }
-        match handle.block_on(tokio::time::timeout(idle, in_rx.recv())) {
-            Ok(Some(frame)) => {
-                if let Some(reply) = party.handle(&frame)? {
-                    send(reply)?;
-                }
-            }
+        let t = std::time::Instant::now();
+        let got = handle.block_on(tokio::time::timeout(idle, in_rx.recv()));
+        stats.wait_in += t.elapsed();
+        match got {
+            Ok(Some(frame)) => handle_one(party, &frame, stats)?,
             Ok(None) => {
                 return Err(NodeError::Peer(
                     "the peer closed the stream before the session ended".into(),

@@ -1021,7 +1021,7 @@ impl Node {
         data: &MatcherData,
         plan: &Plan,
         fresh: bool,
-    ) -> Result<(Arc<MatcherJoined>, Option<f64>), NodeError> {
+    ) -> Result<(Arc<MatcherJoined>, Option<Vec<(String, f64)>>), NodeError> {
         let filter = plan.join_filter();
         // The minimum input applies to every query, cached join or not.
         let blocks = matcher_blocks(plan, data, &self.inner.domains);
@@ -1077,10 +1077,12 @@ impl Node {
         write_one(&mut send, &offer).await?;
         let accept = read_one(&mut recv, Duration::from_secs(60)).await?;
         let streaming = offered.on_accept(&accept)?;
-        let streaming = pump::run(streaming, send, recv, Duration::from_secs(60)).await?;
+        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, Duration::from_secs(60)).await?;
+        let t_match = Instant::now();
         let joined = tokio::task::spawn_blocking(move || streaming.finish())
             .await
             .map_err(|_| NodeError::Internal("join task failed"))??;
+        let match_secs = t_match.elapsed().as_secs_f64();
         let joined = Arc::new(joined);
         let mut payload = Vec::with_capacity(4 + joined.rows() * 4);
         payload.extend_from_slice(&(joined.blocks() as u32).to_le_bytes());
@@ -1092,11 +1094,34 @@ impl Node {
         lock(&self.inner.matcher_joins).insert(filter, joined.clone());
         let secs = t.elapsed().as_secs_f64();
         info!(rows = joined.rows(), seconds = secs, "join done");
-        Ok((joined, Some(secs)))
+        let phases = vec![
+            ("join".to_string(), secs),
+            (
+                "join: own tokens (hash to group + exponentiate)".to_string(),
+                stats.own.as_secs_f64(),
+            ),
+            (
+                "join: bank rows and tokens (decompress + exponentiate)".to_string(),
+                stats.peer.as_secs_f64(),
+            ),
+            (
+                "join: waiting for the bank or the network".to_string(),
+                (stats.wait_in + stats.wait_out).as_secs_f64(),
+            ),
+            ("join: matching".to_string(), match_secs),
+        ];
+        Ok((joined, Some(phases)))
     }
 
-    async fn matcher_aggregate(&self, joined: &MatcherJoined, plan: &Plan, qid: &[u8; 16]) -> Result<Share, NodeError> {
+    async fn matcher_aggregate(
+        &self,
+        joined: &MatcherJoined,
+        plan: &Plan,
+        qid: &[u8; 16],
+    ) -> Result<(Share, Vec<(String, f64)>), NodeError> {
         let conn = self.peer_connection().await?;
+        let t = Instant::now();
+        let mut total = pump::PumpStats::default();
         let mut words = Vec::with_capacity(plan.width() * joined.blocks());
         // One OT batch per matcher group: choices e_i AND label_i == g.
         for g in 0..joined.blocks() as u32 {
@@ -1108,10 +1133,23 @@ impl Node {
             write_one(&mut send, &setup).await?;
             let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
             let running = waiting.on_choices(&answer)?;
-            let running = pump::run(running, send, recv, Duration::from_secs(60)).await?;
+            let (running, stats) = pump::run_with_stats(running, send, recv, Duration::from_secs(60)).await?;
+            total.own += stats.own;
+            total.peer += stats.peer;
+            total.wait_in += stats.wait_in;
+            total.wait_out += stats.wait_out;
             words.extend_from_slice(running.finish()?.words());
         }
-        Ok(Share::from_words(words))
+        let phases = vec![
+            ("aggregate".to_string(), t.elapsed().as_secs_f64()),
+            ("aggregate: OT extension".to_string(), total.own.as_secs_f64()),
+            ("aggregate: unmask and sum".to_string(), total.peer.as_secs_f64()),
+            (
+                "aggregate: waiting for the bank or the network".to_string(),
+                (total.wait_in + total.wait_out).as_secs_f64(),
+            ),
+        ];
+        Ok((Share::from_words(words), phases))
     }
 
     async fn matcher_share(
@@ -1124,14 +1162,11 @@ impl Node {
             return Err(NodeError::Internal("matcher query on a holder"));
         };
         let _serial = self.inner.join_lock.lock().await;
-        let (joined, join_secs) = self.matcher_join(data, plan, false).await?;
-        if let Some(s) = join_secs {
-            timings.push(("join".to_string(), s));
-        }
-        let t = Instant::now();
+        let (joined, join_phases) = self.matcher_join(data, plan, false).await?;
+        timings.extend(join_phases.unwrap_or_default());
         match self.matcher_aggregate(&joined, plan, qid).await {
-            Ok(s) => {
-                timings.push(("aggregate".to_string(), t.elapsed().as_secs_f64()));
+            Ok((s, phases)) => {
+                timings.extend(phases);
                 Ok(s)
             }
             Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
@@ -1140,13 +1175,10 @@ impl Node {
                 info!("the bank no longer has this join; joining again");
                 lock(&self.inner.matcher_joins).remove(&plan.join_filter());
                 lock(&self.inner.state).drop_join(&joined.session())?;
-                let (joined, join_secs) = self.matcher_join(data, plan, true).await?;
-                if let Some(s) = join_secs {
-                    timings.push(("join".to_string(), s));
-                }
-                let t = Instant::now();
-                let s = self.matcher_aggregate(&joined, plan, qid).await?;
-                timings.push(("aggregate".to_string(), t.elapsed().as_secs_f64()));
+                let (joined, join_phases) = self.matcher_join(data, plan, true).await?;
+                timings.extend(join_phases.unwrap_or_default());
+                let (s, phases) = self.matcher_aggregate(&joined, plan, qid).await?;
+                timings.extend(phases);
                 Ok(s)
             }
             Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
