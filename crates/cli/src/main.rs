@@ -80,6 +80,12 @@ enum Command {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Emulated round-trip time between the nodes (in-process UDP relay).
+        #[arg(long)]
+        rtt_ms: Option<u64>,
+        /// Emulated bandwidth of each direction between the nodes, Mbit/s.
+        #[arg(long)]
+        bandwidth_mbit: Option<u64>,
     },
     /// Write synthetic `bank.csv` and `platform.csv`.
     GenData {
@@ -289,11 +295,21 @@ fn main() -> anyhow::Result<()> {
                 output::demo(&report);
             }
         }
-        Command::Bench { rows, seed, json } => {
+        Command::Bench {
+            rows,
+            seed,
+            json,
+            rtt_ms,
+            bandwidth_mbit,
+        } => {
             init_logging("warn");
+            let path = (rtt_ms.is_some() || bandwidth_mbit.is_some()).then(|| cleanroom_node::relay::Path {
+                rtt: Duration::from_millis(rtt_ms.unwrap_or(0)),
+                bits_per_second: bandwidth_mbit.map(|m| m.saturating_mul(1_000_000)),
+            });
             let bar = indicatif::ProgressBar::new_spinner();
             let report = runtime()?
-                .block_on(cleanroom_node::bench::run(&rows, seed, |m| {
+                .block_on(cleanroom_node::bench::run(&rows, seed, path, |m| {
                     bar.set_message(m.to_string())
                 }))
                 .context("bench failed")?;

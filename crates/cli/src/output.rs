@@ -221,6 +221,18 @@ pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
         "bound = curve operations of the join timed in this run (hash-to-group + mul per own id, decompress + mul per peer point, all cores); ratio = join / bound"
     );
     for r in rows {
+        if let (Some(t), Some(ratio)) = (r.transfer_bound_seconds, r.network_ratio) {
+            out!(
+                "{} rows over {} ms RTT, {} Mbit/s: transfer bound {:.3} s; join / max(curve bound, transfer bound) = {:.2}",
+                r.rows,
+                r.rtt_ms.unwrap_or(0),
+                r.bandwidth_mbit.unwrap_or(0),
+                t,
+                ratio
+            );
+        }
+    }
+    for r in rows {
         out!("");
         out!("{} rows, the platform's phases:", r.rows);
         for (name, secs) in &r.phases {

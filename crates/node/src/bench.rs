@@ -44,6 +44,15 @@ pub struct BenchRow {
     /// The platform's phases of the join (`overlap`) and of the
     /// `spend_by_category` aggregate, seconds.
     pub phases: Vec<(String, f64)>,
+    /// Emulated round-trip time (ms), if any.
+    pub rtt_ms: Option<u64>,
+    /// Emulated bandwidth (Mbit/s), if any.
+    pub bandwidth_mbit: Option<u64>,
+    /// With a bandwidth: the larger direction's bytes during the join
+    /// (`overlap`) divided by the bandwidth, seconds.
+    pub transfer_bound_seconds: Option<f64>,
+    /// `join_seconds / max(bound_seconds, transfer_bound_seconds)`.
+    pub network_ratio: Option<f64>,
 }
 
 fn peak_rss_kib() -> u64 {
@@ -91,7 +100,12 @@ pub fn curve_bound(holder: &[Vec<u8>], matcher: &[Vec<u8>], dummies: usize) -> R
 ///
 /// # Errors
 /// Any node or query failure.
-pub async fn run(sizes: &[usize], seed: u64, mut progress: impl FnMut(&str)) -> Result<Vec<BenchRow>, NodeError> {
+pub async fn run(
+    sizes: &[usize],
+    seed: u64,
+    path: Option<crate::relay::Path>,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<BenchRow>, NodeError> {
     let mut out = Vec::new();
     for &rows in sizes {
         progress(&format!("{rows} rows: generating data"));
@@ -99,13 +113,21 @@ pub async fn run(sizes: &[usize], seed: u64, mut progress: impl FnMut(&str)) -> 
         let fixture = Fixture::create(dir.path(), rows, seed, &["alice"])?;
         progress(&format!("{rows} rows: starting nodes"));
         let bank = fixture.start_bank().await?;
-        let platform = fixture.start_platform(bank.local_addr()?).await?;
+        // With an emulated path, the platform reaches the bank through the relay.
+        let relay = match path {
+            Some(p) => Some(crate::relay::Relay::start(bank.local_addr()?, p).await?),
+            None => None,
+        };
+        let platform = fixture
+            .start_platform(relay.as_ref().map_or(bank.local_addr()?, crate::relay::Relay::addr))
+            .await?;
         let analyst = Analyst::new(&fixture.analyst("alice", bank.local_addr()?, platform.local_addr()?)?)?;
         let timeout = Duration::from_secs(3600);
         progress(&format!("{rows} rows: join and overlap"));
         let t = Instant::now();
         let overlap = analyst.query("overlap", &[], new_query_id()?, timeout).await?;
         let overlap_seconds = t.elapsed().as_secs_f64();
+        let (join_tx, join_rx) = platform.peer_bytes().await;
         let join_seconds = overlap
             .timings
             .iter()
@@ -140,6 +162,12 @@ pub async fn run(sizes: &[usize], seed: u64, mut progress: impl FnMut(&str)) -> 
             .await
             .map_err(|_| NodeError::Internal("bound task failed"))??;
         let bound_seconds: f64 = parts.iter().map(|(_, s)| s).sum();
+        #[allow(clippy::cast_precision_loss)]
+        let transfer_bound_seconds = path
+            .and_then(|p| p.bits_per_second)
+            .map(|bps| join_tx.max(join_rx) as f64 * 8.0 / bps as f64);
+        let network_ratio = transfer_bound_seconds.map(|t| join_seconds / t.max(bound_seconds).max(1e-9));
+        drop(relay);
         out.push(BenchRow {
             rows,
             join_seconds,
@@ -152,6 +180,10 @@ pub async fn run(sizes: &[usize], seed: u64, mut progress: impl FnMut(&str)) -> 
             bank_to_platform_bytes: rx,
             peak_rss_kib: peak_rss_kib(),
             phases,
+            rtt_ms: path.map(|p| p.rtt.as_millis() as u64),
+            bandwidth_mbit: path.and_then(|p| p.bits_per_second).map(|b| b / 1_000_000),
+            transfer_bound_seconds,
+            network_ratio,
         });
     }
     Ok(out)

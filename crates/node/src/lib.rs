@@ -16,6 +16,7 @@ pub mod data;
 pub mod demo;
 pub mod policy;
 pub mod pump;
+pub mod relay;
 pub mod server;
 pub mod state;
 
