@@ -43,7 +43,7 @@ fn curve(c: &mut Criterion) {
 }
 
 fn ot(c: &mut Criterion) {
-    let rows = 1 << 16;
+    let rows = 1 << 20;
     let mut rng = ChaCha20Rng::seed_from_u64(2);
     let delta = u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64());
     let (sender, a) = BaseOtSender::new(&mut rng);
@@ -53,6 +53,7 @@ fn ot(c: &mut Criterion) {
     let receiver = IknpReceiver::new(&skeys, pack_bits(&choices), rows).unwrap();
     let ext = IknpSender::new(delta, &rkeys, rows);
     let mut g = c.benchmark_group("ot");
+    g.sample_size(10);
     g.bench_function("base_ot_128", |b| {
         b.iter_batched(
             || BaseOtSender::new(&mut rng),
@@ -65,7 +66,7 @@ fn ot(c: &mut Criterion) {
         )
     });
     g.throughput(Throughput::Elements(rows as u64));
-    g.bench_function("iknp_65536_rows", |b| {
+    g.bench_function("iknp_1048576_rows", |b| {
         b.iter(|| {
             let mut first = 0;
             while first < rows {
