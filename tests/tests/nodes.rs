@@ -761,7 +761,7 @@ async fn minimum_input_refuses_at_exactly_its_boundary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_reports_the_join_against_the_curve_bound() {
-    let rows = cleanroom_node::bench::run(&[400], 131, None, |_| {}).await.unwrap();
+    let rows = cleanroom_node::bench::run(&[400], 131, None, 1, |_| {}).await.unwrap();
     let r = &rows[0];
     assert_eq!(r.rows, 400);
     assert_eq!(r.bound_parts.len(), 4);

@@ -83,6 +83,9 @@ enum Command {
         /// Emulated round-trip time between the nodes (in-process UDP relay).
         #[arg(long)]
         rtt_ms: Option<u64>,
+        /// Runs per size (each on fresh nodes and data).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
         /// Emulated bandwidth of each direction between the nodes, Mbit/s.
         #[arg(long)]
         bandwidth_mbit: Option<u64>,
@@ -301,6 +304,7 @@ fn main() -> anyhow::Result<()> {
             json,
             rtt_ms,
             bandwidth_mbit,
+            repeat,
         } => {
             init_logging("warn");
             let path = (rtt_ms.is_some() || bandwidth_mbit.is_some()).then(|| cleanroom_node::relay::Path {
@@ -309,7 +313,7 @@ fn main() -> anyhow::Result<()> {
             });
             let bar = indicatif::ProgressBar::new_spinner();
             let report = runtime()?
-                .block_on(cleanroom_node::bench::run(&rows, seed, path, |m| {
+                .block_on(cleanroom_node::bench::run(&rows, seed, path, repeat, |m| {
                     bar.set_message(m.to_string())
                 }))
                 .context("bench failed")?;

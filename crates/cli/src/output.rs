@@ -192,8 +192,9 @@ pub fn demo(r: &DemoReport) {
 
 pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
     out!(
-        "{:>10}  {:>9}  {:>9}  {:>6}  {:>10}  {:>10}  {:>12}  {:>12}  {:>9}",
+        "{:>10}  {:>3}  {:>9}  {:>9}  {:>6}  {:>10}  {:>10}  {:>12}  {:>12}  {:>9}",
         "rows",
+        "run",
         "join s",
         "bound s",
         "ratio",
@@ -205,8 +206,9 @@ pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
     );
     for r in rows {
         out!(
-            "{:>10}  {:>9.3}  {:>9.3}  {:>6.2}  {:>10.3}  {:>10.3}  {:>12}  {:>12}  {:>9}",
+            "{:>10}  {:>3}  {:>9.3}  {:>9.3}  {:>6.2}  {:>10.3}  {:>10.3}  {:>12}  {:>12}  {:>9}",
             r.rows,
+            r.run,
             r.join_seconds,
             r.bound_seconds,
             r.ratio,
@@ -234,7 +236,7 @@ pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
     }
     for r in rows {
         out!("");
-        out!("{} rows, the platform's phases:", r.rows);
+        out!("{} rows (run {}), the platform's phases:", r.rows, r.run);
         for (name, secs) in &r.phases {
             out!("  {name:<58} {secs:>9.3} s");
         }

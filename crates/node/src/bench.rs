@@ -21,6 +21,8 @@ use crate::demo::{Fixture, demo_queries};
 pub struct BenchRow {
     /// Bank customers and platform users.
     pub rows: usize,
+    /// Which repetition of this size (from 1).
+    pub run: usize,
     /// Join wall time (seconds), as the platform measured it.
     pub join_seconds: f64,
     /// The curve bound (seconds): hash-to-group and scalar multiplication for
@@ -104,10 +106,15 @@ pub async fn run(
     sizes: &[usize],
     seed: u64,
     path: Option<crate::relay::Path>,
+    repeat: usize,
     mut progress: impl FnMut(&str),
 ) -> Result<Vec<BenchRow>, NodeError> {
     let mut out = Vec::new();
-    for &rows in sizes {
+    let runs: Vec<(usize, usize)> = sizes
+        .iter()
+        .flat_map(|r| (1..=repeat.max(1)).map(move |k| (*r, k)))
+        .collect();
+    for (rows, run) in runs {
         progress(&format!("{rows} rows: generating data"));
         let dir = tempfile::tempdir().map_err(|e| NodeError::State(e.to_string()))?;
         let fixture = Fixture::create(dir.path(), rows, seed, &["alice"])?;
@@ -170,6 +177,7 @@ pub async fn run(
         drop(relay);
         out.push(BenchRow {
             rows,
+            run,
             join_seconds,
             bound_seconds,
             ratio: join_seconds / bound_seconds.max(1e-9),
