@@ -40,6 +40,32 @@ impl Pair {
     }
 }
 
+/// Starts the platform (which writes and signs its config), stops it, edits
+/// its config (without signing again: the edits here change no template
+/// digest) and starts it again.
+async fn platform_with(fixture: &Fixture, bank: &Node, edit: impl Fn(String) -> String) -> Node {
+    let first = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    first.shutdown().await;
+    let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
+    std::fs::write(&fixture.platform_config, edit(text)).unwrap();
+    Node::start(
+        cleanroom_node::config::NodeConfig::load(&fixture.platform_config).unwrap(),
+        &fixture.platform_config,
+    )
+    .await
+    .unwrap()
+}
+
+/// An analyst of the fixture talking to these two nodes.
+fn analyst_of(fixture: &Fixture, name: &str, bank: &Node, platform: &Node) -> Analyst {
+    Analyst::new(
+        &fixture
+            .analyst(name, bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 async fn pair(rows: usize, seed: u64, analysts: &[&str]) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let fixture = Fixture::create(dir.path(), rows, seed, analysts).unwrap();
@@ -255,26 +281,11 @@ async fn a_disallowed_analyst_is_refused_by_name() {
     )
     .unwrap();
     let bank = fixture.start_bank().await.unwrap();
-    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
-    std::fs::write(
-        &fixture.platform_config,
-        text.replacen("analysts = [\"alice\"]", "analysts = [\"alice\", \"carol\"]", 1),
-    )
-    .unwrap();
-    platform.shutdown().await;
-    let platform = cleanroom_node::server::Node::start(
-        cleanroom_node::config::NodeConfig::load(&fixture.platform_config).unwrap(),
-        &fixture.platform_config,
-    )
-    .await
-    .unwrap();
-    let carol = Analyst::new(
-        &fixture
-            .analyst("carol", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let platform = platform_with(&fixture, &bank, |t| {
+        t.replacen("analysts = [\"alice\"]", "analysts = [\"alice\", \"carol\"]", 1)
+    })
+    .await;
+    let carol = analyst_of(&fixture, "carol", &bank, &platform);
     let params = vec![
         ("start".to_string(), "2026-01-01".to_string()),
         ("end".to_string(), "2026-01-31".to_string()),
@@ -458,26 +469,11 @@ async fn an_exhausted_budget_is_refused_with_when_it_frees_up() {
     let fixture = Fixture::create(dir.path(), 300, 71, &["alice"]).unwrap();
     // The platform allows alice rho 0.15 per period: one overlap run (0.1), not two.
     let bank = fixture.start_bank().await.unwrap();
-    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    platform.shutdown().await;
-    let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
-    std::fs::write(
-        &fixture.platform_config,
-        text.replace("rho_per_analyst = \"20\"", "rho_per_analyst = \"0.15\""),
-    )
-    .unwrap();
-    let platform = cleanroom_node::server::Node::start(
-        cleanroom_node::config::NodeConfig::load(&fixture.platform_config).unwrap(),
-        &fixture.platform_config,
-    )
-    .await
-    .unwrap();
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let platform = platform_with(&fixture, &bank, |t| {
+        t.replace("rho_per_analyst = \"20\"", "rho_per_analyst = \"0.15\"")
+    })
+    .await;
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     analyst
         .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
         .await
@@ -715,26 +711,11 @@ async fn minimum_input_refuses_at_exactly_its_boundary() {
         ("start".to_string(), "2026-01-01".to_string()),
     ];
     for (min, ok) in [(gamers, true), (gamers + 1, false)] {
-        let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-        platform.shutdown().await;
-        let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
-        std::fs::write(
-            &fixture.platform_config,
-            text.replace("[limits]\n", &format!("[limits]\nmin_input_set = {min}\n")),
-        )
-        .unwrap();
-        let platform = cleanroom_node::server::Node::start(
-            cleanroom_node::config::NodeConfig::load(&fixture.platform_config).unwrap(),
-            &fixture.platform_config,
-        )
-        .await
-        .unwrap();
-        let analyst = Analyst::new(
-            &fixture
-                .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+        let platform = platform_with(&fixture, &bank, |t| {
+            t.replace("[limits]\n", &format!("[limits]\nmin_input_set = {min}\n"))
+        })
+        .await;
+        let analyst = analyst_of(&fixture, "alice", &bank, &platform);
         let r = analyst
             .query(
                 "spend_by_category_for_segment",
