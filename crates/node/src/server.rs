@@ -75,6 +75,9 @@ impl NodeData {
 
 struct PendingEntry {
     plan: Plan,
+    /// The holder's per-customer vectors for this plan, computed once for
+    /// all of the query's batches.
+    values: Arc<Vec<u64>>,
     /// One share per matcher group, filled as the platform runs each batch.
     shares: Vec<Option<Share>>,
     started: Instant,
@@ -677,11 +680,21 @@ impl Node {
     // ------------------------------------------------------------ holder
 
     async fn holder_share(&self, plan: &Plan, qid: &[u8; 16]) -> Result<(Share, f64), NodeError> {
+        let values = {
+            let (node, plan) = (self.clone(), plan.clone());
+            tokio::task::spawn_blocking(move || match &node.inner.data {
+                NodeData::Holder(h) => Ok(holder_values(&plan, h, &node.inner.domains.categories)),
+                NodeData::Matcher(_) => Err(NodeError::Internal("holder share on a matcher")),
+            })
+            .await
+            .map_err(|_| NodeError::Internal("values task failed"))??
+        };
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(
             *qid,
             PendingEntry {
                 plan: plan.clone(),
+                values: Arc::new(values),
                 shares: vec![None; plan.matcher_groups().len()],
                 started: Instant::now(),
                 tx: Some(tx),
@@ -734,7 +747,7 @@ impl Node {
                 let span = info_span!("aggregate", query = %hex(&setup.query_id));
                 async {
                     let pending = self.wait_pending(&setup.query_id).await;
-                    let Some(plan) = pending else {
+                    let Some((plan, values)) = pending else {
                         abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
                         return Err(NodeError::Refused(
                             "aggregate for a query this node has not accepted".into(),
@@ -744,6 +757,7 @@ impl Node {
                         .holder_aggregate(
                             data,
                             &plan,
+                            values,
                             &setup.query_id,
                             setup.join_session,
                             setup.group,
@@ -775,12 +789,12 @@ impl Node {
         }
     }
 
-    async fn wait_pending(&self, qid: &[u8; 16]) -> Option<Plan> {
+    async fn wait_pending(&self, qid: &[u8; 16]) -> Option<(Plan, Arc<Vec<u64>>)> {
         let deadline = Instant::now() + self.inner.limits.query_timeout.min(Duration::from_secs(30));
         loop {
             let notified = self.inner.pending_changed.notified();
             if let Some(p) = lock(&self.inner.pending).get(qid) {
-                return Some(p.plan.clone());
+                return Some((p.plan.clone(), p.values.clone()));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
@@ -929,6 +943,7 @@ impl Node {
         &self,
         data: &HolderData,
         plan: &Plan,
+        values: Arc<Vec<u64>>,
         qid: &[u8; 16],
         join_session: SessionId,
         group: u32,
@@ -954,12 +969,12 @@ impl Node {
             abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
             return Err(NodeError::UnknownJoin);
         };
-        let values = holder_values(plan, data, &self.inner.domains.categories);
         let width = plan.width();
         let (qid, digest, first) = (*qid, plan.digest(), first.to_vec());
         let started = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
-            let agg = HolderAggregate::new(joined, RowValues::new(width, values)?, qid, digest, group)?;
+            let values = RowValues::new(width, values.to_vec())?;
+            let agg = HolderAggregate::new(joined, values, qid, digest, group)?;
             agg.on_setup(&first, &mut rng).map_err(NodeError::from)
         })
         .await
@@ -1023,12 +1038,13 @@ impl Node {
         fresh: bool,
     ) -> Result<(Arc<MatcherJoined>, Option<Vec<(String, f64)>>), NodeError> {
         let filter = plan.join_filter();
-        // The minimum input applies to every query, cached join or not.
-        let blocks = matcher_blocks(plan, data, &self.inner.domains);
-        let input: usize = blocks.iter().map(Vec::len).sum();
+        // The minimum input applies to every query, cached join or not
+        // (counted without copying identifiers).
+        let indices = matcher_block_indices(plan, data, &self.inner.domains);
+        let input: usize = indices.iter().map(Vec::len).sum();
         if (input as u64) < self.inner.limits.min_input_set {
             return Err(NodeError::Refused(format!(
-                "minimum input limit: the platform's users matching this query's platform conditions number {input}, below the minimum of {}; widen the conditions",
+                "minimum input limit: fewer platform users match this query's platform conditions than the minimum of {}; widen the conditions",
                 self.inner.limits.min_input_set
             )));
         }
@@ -1048,6 +1064,10 @@ impl Node {
             }
         }
         let t = Instant::now();
+        let blocks: Vec<Vec<Vec<u8>>> = indices
+            .into_iter()
+            .map(|b| b.into_iter().filter_map(|k| data.ids.get(k).cloned()).collect())
+            .collect();
         let fp = crate::state::fingerprints(blocks.iter().flatten().map(Vec::as_slice));
         lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
         let l = &self.inner.limits;
@@ -1216,13 +1236,13 @@ fn template_info(t: &Template) -> TemplateInfo {
     }
 }
 
-/// The matcher's input to the join for a plan: its users that pass the
-/// WHERE clause's platform conditions, split into one block per matcher
-/// group (one block when the query does not group by platform columns).
-pub fn matcher_blocks(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec<Vec<Vec<u8>>> {
+/// Which of the matcher's users go into which block for a plan: indices of
+/// the users that pass the WHERE clause's platform conditions, one list per
+/// matcher group (one list when the query does not group by platform columns).
+pub fn matcher_block_indices(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec<Vec<usize>> {
     let groups = plan.matcher_groups().len().max(1);
-    let mut blocks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); groups];
-    for (k, id) in data.ids.iter().enumerate() {
+    let mut blocks: Vec<Vec<usize>> = vec![Vec::new(); groups];
+    for k in 0..data.ids.len() {
         let value = |column: &str| match column {
             "segment" => data
                 .segments
@@ -1240,10 +1260,19 @@ pub fn matcher_blocks(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec
             continue;
         }
         if let Some(block) = plan.matcher_group_of(&value).and_then(|g| blocks.get_mut(g)) {
-            block.push(id.clone());
+            block.push(k);
         }
     }
     blocks
+}
+
+/// The matcher's input to the join for a plan: the identifiers of
+/// [`matcher_block_indices`], block by block.
+pub fn matcher_blocks(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec<Vec<Vec<u8>>> {
+    matcher_block_indices(plan, data, domains)
+        .into_iter()
+        .map(|b| b.into_iter().filter_map(|k| data.ids.get(k).cloned()).collect())
+        .collect()
 }
 
 /// The holder's per-customer vectors for a plan (one matcher group's width:

@@ -467,10 +467,11 @@ impl State {
         let changed = symmetric_difference(&old, fingerprints);
         let base = old.len().max(1) as u128;
         if u128::from(changed) * 1_000_000 > u128::from(max_ppm) * base {
+            // The refusal reaches the analyst: it names the limit, never the
+            // node's own counts (those go to the operator's log only).
+            tracing::warn!(changed, baseline = old.len(), "input churn limit reached");
             return Err(NodeError::Refused(format!(
-                "input churn limit: {changed} of {} identifiers changed since the last join for this input ({:.1}%), over the limit of {:.1}%; it frees up when that join expires on {}",
-                old.len(),
-                changed as f64 * 100.0 / base as f64,
+                "input churn limit: more than {:.1}% of this node's identifiers for this input changed since the last join; it frees up when that join expires on {}",
                 max_ppm as f64 / 10_000.0,
                 cleanroom_query::format_date(i32::try_from(expires.div_euclid(86_400)).unwrap_or(i32::MAX))
             )));
@@ -638,7 +639,10 @@ mod tests {
         let fp = fingerprints(changed.iter().map(Vec::as_slice));
         let e = s.check_churn("f", &fp, 100_000).unwrap_err().to_string();
         assert!(
-            e.contains("input churn limit: 11 of 100") && e.contains("frees up"),
+            e.contains("input churn limit: more than 10.0%")
+                && e.contains("frees up")
+                && !e.contains("11 of")
+                && !e.contains("of 100"),
             "{e}"
         );
         // Another filter has its own baseline.

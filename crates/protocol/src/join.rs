@@ -323,10 +323,12 @@ impl HolderJoin {
                 key_m: None,
                 a_seq: 0,
                 received: 0,
+                // Reserve at most about a million points in all, however
+                // many blocks the peer announces.
                 blinded: offer
                     .blocks
                     .iter()
-                    .map(|b| Vec::with_capacity(capacity_hint(*b)))
+                    .map(|b| Vec::with_capacity(capacity_hint(*b) / offer.blocks.len().max(1)))
                     .collect(),
                 shuffle_rng,
                 tokens: None,
