@@ -6,7 +6,7 @@ use std::hint::black_box;
 use cleanroom_crypto::dp::{DiscreteGaussian, ShiftedTruncatedLaplace};
 use cleanroom_crypto::h2g::HashToGroup;
 use cleanroom_crypto::keys::SecretScalar;
-use cleanroom_crypto::ot::{BaseOtSender, IknpReceiver, IknpSender, base_ot_receive, pack_bits};
+use cleanroom_crypto::ot::{BaseOtSender, IknpReceiver, IknpSender, Prg, base_ot_receive, pack_bits};
 use cleanroom_crypto::point::{decode_point, hash_mul_compress};
 use cleanroom_sim::simulate::{DEFAULT_CHUNK, SimulateConfig, simulate};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -75,6 +75,17 @@ fn ot(c: &mut Criterion) {
                 black_box(ext.chunk(first, len, &rc.message).unwrap());
                 first += len;
             }
+        })
+    });
+    g.finish();
+    // One row of the aggregate at 51 cells: key a PRG and expand 51 words
+    // (the holder does this twice per row, the matcher once).
+    let mut g = c.benchmark_group("ot");
+    let mut words = vec![0u64; 51];
+    g.bench_function("prg_row_51_words", |b| {
+        b.iter(|| {
+            Prg::new(black_box(delta)).words(&mut words, false);
+            black_box(&words);
         })
     });
     g.finish();

@@ -742,26 +742,61 @@ async fn minimum_input_refuses_at_exactly_its_boundary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_reports_the_join_against_the_curve_bound() {
-    let rows = cleanroom_node::bench::run(&[400], 131, None, 1, |_| {}).await.unwrap();
+    let opts = cleanroom_node::bench::BenchOptions {
+        sizes: vec![400],
+        seed: 131,
+        overlap: 0.25,
+        categories: 4,
+        path: None,
+        repeat: 1,
+    };
+    let mut steps = Vec::new();
+    let rows = cleanroom_node::bench::run(&opts, |done, total, _| steps.push((done, total)))
+        .await
+        .unwrap();
     let r = &rows[0];
     assert_eq!(r.rows, 400);
+    assert_eq!((r.overlap, r.categories), (0.25, 4));
+    // One group per category plus "other", three cells each.
+    assert_eq!(r.query_cells, 3 * 5);
+    assert_eq!(steps.last(), Some(&(5, 5)));
+    assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0));
     assert_eq!(r.bound_parts.len(), 4);
     assert!(r.bound_seconds > 0.0 && r.join_seconds > 0.0);
     assert!((r.ratio - r.join_seconds / r.bound_seconds).abs() < 1e-9);
-    // Both directions carry at least the points: 400 tokens one way, 400 rows and tokens the other.
-    assert!(r.platform_to_bank_bytes > 400 * 32);
-    assert!(r.bank_to_platform_bytes > 2 * 400 * 32);
+    // The join carries at least the points: 400 tokens one way, 400 rows and
+    // 400 tokens the other; the query at least one masked word per row and cell.
+    assert!(r.join.platform_to_bank_bytes > 400 * 32);
+    assert!(r.join.bank_to_platform_bytes > 2 * 400 * 32);
+    assert!(r.query.bank_to_platform_bytes > 400 * 8 * 15);
+    // The run's totals include both steps (and the policy exchange before them).
+    assert!(r.platform_to_bank_bytes >= r.join.platform_to_bank_bytes + r.query.platform_to_bank_bytes);
+    assert!(r.bank_to_platform_bytes >= r.join.bank_to_platform_bytes + r.query.bank_to_platform_bytes);
+    // The join step is the `overlap` query: offer/accept then the streams,
+    // then its aggregate; an aggregate is setup/answer then the OT stream.
+    assert_eq!(r.join.round_trips, 4);
+    assert_eq!(r.query.round_trips, 2);
+    assert!(r.join.cpu_seconds > 0.0 && r.query.cpu_seconds > 0.0);
     assert!(r.peak_rss_kib > 0);
-    let names: Vec<&str> = r.phases.iter().map(|(n, _)| n.as_str()).collect();
+    let names: Vec<(&str, &str)> = r.phases.iter().map(|p| (p.node.as_str(), p.phase.as_str())).collect();
     for want in [
-        "join",
-        "join: own tokens (hash to group + exponentiate)",
-        "join: matching",
-        "aggregate",
-        "aggregate: OT extension",
+        ("platform", "join"),
+        ("platform", "join: own tokens (hash to group + exponentiate)"),
+        ("platform", "join: matching"),
+        ("platform", "aggregate"),
+        ("platform", "aggregate: OT extension"),
+        ("bank", "join"),
+        ("bank", "join: own rows (hash to group + exponentiate)"),
+        ("bank", "aggregate: row values"),
+        ("bank", "aggregate: masking rows (PRG + values)"),
     ] {
         assert!(names.contains(&want), "{names:?}");
     }
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("bench.svg");
+    cleanroom_node::bench::plot(&rows, &svg).unwrap();
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.contains("curve bound") && text.contains("polyline"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

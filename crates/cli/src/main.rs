@@ -15,6 +15,11 @@ macro_rules! out {
 
 mod output;
 
+/// Counts heap per node for `cleanroom bench` (off until the bench turns it
+/// on; otherwise an 8-byte header per allocation).
+#[global_allocator]
+static ALLOCATOR: tracking_allocator::Allocator<std::alloc::System> = tracking_allocator::Allocator::system();
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,9 +72,9 @@ enum Command {
     /// Both parties in memory, no network, no noise: run the join and the
     /// aggregate on synthetic data and check them against plaintext, exactly.
     Simulate(SimulateArgs),
-    /// Protocol latency against the curve bound: both nodes in one process
-    /// over real QUIC with mutual TLS on loopback (first part of the bench:
-    /// no emulated network, no plot yet).
+    /// Protocol latency by phase against the curve bound: both nodes in one
+    /// process over real QUIC with mutual TLS, on loopback or through an
+    /// in-process relay that delays and rate-limits packets.
     Bench {
         /// Sizes (bank customers = platform users), comma separated.
         #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
@@ -77,9 +82,19 @@ enum Command {
         /// Seed of the synthetic data.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Share of the bank's customers the platform also has.
+        #[arg(long, default_value_t = 0.5)]
+        overlap: f64,
+        /// Merchant categories in the data; the timed query has one group per
+        /// category plus "other", three cells each.
+        #[arg(long, default_value_t = 16)]
+        width: usize,
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also draw latency against set size, with the bound, as SVG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
         /// Emulated round-trip time between the nodes (in-process UDP relay).
         #[arg(long)]
         rtt_ms: Option<u64>,
@@ -301,24 +316,57 @@ fn main() -> anyhow::Result<()> {
         Command::Bench {
             rows,
             seed,
+            overlap,
+            width,
             json,
+            plot,
             rtt_ms,
             bandwidth_mbit,
             repeat,
         } => {
             init_logging("warn");
+            if !(0.0..=1.0).contains(&overlap) {
+                bail!("--overlap must be between 0 and 1");
+            }
+            if !(1..=200).contains(&width) {
+                bail!("--width (merchant categories) must be between 1 and 200");
+            }
+            if rows.is_empty() || rows.iter().any(|r| *r < 100) {
+                bail!("--rows: give sizes of at least 100");
+            }
             let path = (rtt_ms.is_some() || bandwidth_mbit.is_some()).then(|| cleanroom_node::relay::Path {
                 rtt: Duration::from_millis(rtt_ms.unwrap_or(0)),
                 bits_per_second: bandwidth_mbit.map(|m| m.saturating_mul(1_000_000)),
             });
-            let bar = indicatif::ProgressBar::new_spinner();
+            let opts = cleanroom_node::bench::BenchOptions {
+                sizes: rows,
+                seed,
+                overlap,
+                categories: width,
+                path,
+                repeat,
+            };
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
             let report = runtime()?
-                .block_on(cleanroom_node::bench::run(&rows, seed, path, repeat, |m| {
-                    bar.set_message(m.to_string())
+                .block_on(cleanroom_node::bench::run(&opts, |done, total, m| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                    bar.set_message(m.to_string());
                 }))
                 .context("bench failed")?;
             bar.finish_and_clear();
             output::bench(&report);
+            if let Some(path) = plot {
+                cleanroom_node::bench::plot(&report, &path)?;
+                out!("wrote {}", path.display());
+            }
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;

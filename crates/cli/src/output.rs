@@ -191,36 +191,72 @@ pub fn demo(r: &DemoReport) {
 }
 
 pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
     out!(
-        "{:>10}  {:>3}  {:>9}  {:>9}  {:>6}  {:>10}  {:>10}  {:>12}  {:>12}  {:>9}",
+        "{:>9}  {:>3}  {:>9}  {:>9}  {:>5}  {:>8}  {:>8}  {:>9}  {:>9}  {:>11}  {:>11}  {:>10}",
         "rows",
         "run",
         "join s",
         "bound s",
         "ratio",
-        "overlap s",
         "query s",
-        "bytes P->B",
-        "bytes B->P",
-        "peak MiB"
+        "cells",
+        "join cpu",
+        "query cpu",
+        "bank heap",
+        "plat. heap",
+        "RSS MiB"
     );
     for r in rows {
         out!(
-            "{:>10}  {:>3}  {:>9.3}  {:>9.3}  {:>6.2}  {:>10.3}  {:>10.3}  {:>12}  {:>12}  {:>9}",
+            "{:>9}  {:>3}  {:>9.3}  {:>9.3}  {:>5.2}  {:>8.3}  {:>8}  {:>8.1}s  {:>8.1}s  {:>7.0} MiB  {:>7.0} MiB  {:>10}",
             r.rows,
             r.run,
             r.join_seconds,
             r.bound_seconds,
             r.ratio,
-            r.overlap_seconds,
             r.query_seconds,
-            r.platform_to_bank_bytes,
-            r.bank_to_platform_bytes,
+            r.query_cells,
+            r.join.cpu_seconds,
+            r.query.cpu_seconds,
+            mib(r.peak_heap_bank_bytes),
+            mib(r.peak_heap_platform_bytes),
             r.peak_rss_kib / 1024
         );
     }
     out!(
         "bound = curve operations of the join timed in this run (hash-to-group + mul per own id, decompress + mul per peer point, all cores); ratio = join / bound"
+    );
+    out!("cpu = CPU time of the whole process (both nodes, all threads); heap = peak live heap of each node's threads");
+    out!("");
+    out!(
+        "{:>9}  {:>3}  {:>6}  {:>14}  {:>14}  {:>11}  {:>14}  {:>14}  {:>11}",
+        "rows",
+        "run",
+        "",
+        "join P->B",
+        "join B->P",
+        "round trips",
+        "query P->B",
+        "query B->P",
+        "round trips"
+    );
+    for r in rows {
+        out!(
+            "{:>9}  {:>3}  {:>6}  {:>14}  {:>14}  {:>11}  {:>14}  {:>14}  {:>11}",
+            r.rows,
+            r.run,
+            "bytes",
+            r.join.platform_to_bank_bytes,
+            r.join.bank_to_platform_bytes,
+            r.join.round_trips,
+            r.query.platform_to_bank_bytes,
+            r.query.bank_to_platform_bytes,
+            r.query.round_trips
+        );
+    }
+    out!(
+        "bytes = UDP payload (QUIC packets, encrypted); round trips = request/response exchanges the platform started"
     );
     for r in rows {
         if let (Some(t), Some(ratio)) = (r.transfer_bound_seconds, r.network_ratio) {
@@ -236,9 +272,9 @@ pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
     }
     for r in rows {
         out!("");
-        out!("{} rows (run {}), the platform's phases:", r.rows, r.run);
-        for (name, secs) in &r.phases {
-            out!("  {name:<58} {secs:>9.3} s");
+        out!("{} rows (run {}), phases:", r.rows, r.run);
+        for p in &r.phases {
+            out!("  {:<9} {:<58} {:>9.3} s", p.node, p.phase, p.seconds);
         }
     }
 }

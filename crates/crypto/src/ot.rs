@@ -7,7 +7,7 @@
 //! first). The extension's wire unit is the column slice of one chunk of rows;
 //! chunks start at multiples of 128 rows.
 
-use aes::Aes128;
+use aes::Aes128Enc as Aes128;
 use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
 use curve25519_dalek::ristretto::RistrettoPoint;
 use rand_core::{CryptoRng, RngCore};

@@ -1,9 +1,13 @@
-//! `cleanroom bench` (first part): both nodes in one process over real QUIC
-//! with mutual TLS on loopback; for each size, the join's wall time against
-//! the **bound** — the curve operations the join needs, timed on this
-//! machine in the same run with the same parallel code — and one query on
-//! the cached join, bytes each way and peak memory.
+//! `cleanroom bench`: both nodes in one process over real QUIC with mutual
+//! TLS (on loopback, or through the in-process relay that emulates a path);
+//! for each size, the join's wall time against the **bound** — the curve
+//! operations the join needs, timed on this machine in the same run with
+//! the same parallel code — and one query on the cached join, with each
+//! node's phases, CPU time, bytes each way, exchanges with the peer and
+//! each node's peak heap.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cleanroom_crypto::h2g::HashToGroup;
@@ -15,6 +19,55 @@ use serde::Serialize;
 use crate::NodeError;
 use crate::client::{Analyst, new_query_id};
 use crate::demo::{Fixture, demo_queries};
+use crate::memory::{self, Tag};
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Bank customers (= platform users) per run.
+    pub sizes: Vec<usize>,
+    /// Seed of the synthetic data.
+    pub seed: u64,
+    /// Share of the bank's customers the platform also has (0 to 1).
+    pub overlap: f64,
+    /// Merchant categories in the data: `spend_by_category` has one group
+    /// per category plus "other", three cells each.
+    pub categories: usize,
+    /// The emulated path between the nodes, if any.
+    pub path: Option<crate::relay::Path>,
+    /// Runs per size, each on fresh nodes and data.
+    pub repeat: usize,
+}
+
+/// One phase of one node.
+#[derive(Clone, Debug, Serialize)]
+pub struct Phase {
+    /// `bank` or `platform`.
+    pub node: String,
+    /// `join`, `aggregate`, or `join: ...` / `aggregate: ...` for a part.
+    pub phase: String,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// Traffic and exchanges of one step (the join, or the query).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Traffic {
+    /// UDP payload bytes platform → bank (QUIC packets, headers and
+    /// encryption included).
+    pub platform_to_bank_bytes: u64,
+    /// UDP payload bytes bank → platform.
+    pub bank_to_platform_bytes: u64,
+    /// Request/response exchanges the platform started with the bank
+    /// (offer/accept, setup/answer, and each streamed phase): each costs at
+    /// least one round trip.
+    pub round_trips: u64,
+    /// Times the platform's pipelines had sent and then had to wait for the
+    /// bank before going on.
+    pub stalls: u64,
+    /// CPU time of the whole process (both nodes, all threads), seconds.
+    pub cpu_seconds: f64,
+}
 
 /// One size's figures.
 #[derive(Clone, Debug, Serialize)]
@@ -23,6 +76,12 @@ pub struct BenchRow {
     pub rows: usize,
     /// Which repetition of this size (from 1).
     pub run: usize,
+    /// Share of the bank's customers the platform also has.
+    pub overlap: f64,
+    /// Merchant categories in the data.
+    pub categories: usize,
+    /// Cells (words per row) of the `spend_by_category` query.
+    pub query_cells: usize,
     /// Join wall time (seconds), as the platform measured it.
     pub join_seconds: f64,
     /// The curve bound (seconds): hash-to-group and scalar multiplication for
@@ -35,23 +94,36 @@ pub struct BenchRow {
     pub bound_parts: Vec<(String, f64)>,
     /// Wall time of `overlap` (join included) as the analyst saw it.
     pub overlap_seconds: f64,
-    /// Wall time of `spend_by_category` (51 cells) on the cached join.
+    /// Wall time of `spend_by_category` on the cached join as the analyst
+    /// saw it (both nodes' work, noise and the analyst's reconstruction).
     pub query_seconds: f64,
+    /// The join, run by the `overlap` query (whose own aggregate of a few
+    /// cells is included): traffic, exchanges, CPU.
+    pub join: Traffic,
+    /// `spend_by_category` on the cached join: traffic, exchanges, CPU.
+    pub query: Traffic,
     /// UDP bytes platform → bank over the whole run.
     pub platform_to_bank_bytes: u64,
     /// UDP bytes bank → platform over the whole run.
     pub bank_to_platform_bytes: u64,
-    /// Peak resident memory of this process so far (both nodes), KiB.
+    /// Peak live heap of the bank node's threads, bytes (0 when the binary
+    /// does not count allocations, as in tests).
+    pub peak_heap_bank_bytes: u64,
+    /// Peak live heap of the platform node's threads, bytes.
+    pub peak_heap_platform_bytes: u64,
+    /// Peak live heap of everything else (the bench's own copy of the
+    /// synthetic data, the analyst, rayon workers), bytes.
+    pub peak_heap_other_bytes: u64,
+    /// Peak resident memory of the whole process so far, KiB.
     pub peak_rss_kib: u64,
-    /// The platform's phases of the join (`overlap`) and of the
-    /// `spend_by_category` aggregate, seconds.
-    pub phases: Vec<(String, f64)>,
+    /// Both nodes' phases of the join and of the query.
+    pub phases: Vec<Phase>,
     /// Emulated round-trip time (ms), if any.
     pub rtt_ms: Option<u64>,
     /// Emulated bandwidth (Mbit/s), if any.
     pub bandwidth_mbit: Option<u64>,
     /// With a bandwidth: the larger direction's bytes during the join
-    /// (`overlap`) divided by the bandwidth, seconds.
+    /// divided by the bandwidth, seconds.
     pub transfer_bound_seconds: Option<f64>,
     /// `join_seconds / max(bound_seconds, transfer_bound_seconds)`.
     pub network_ratio: Option<f64>,
@@ -98,71 +170,147 @@ pub fn curve_bound(holder: &[Vec<u8>], matcher: &[Vec<u8>], dummies: usize) -> R
     ])
 }
 
-/// Runs the benchmark for each size.
+/// Steps reported to the progress callback per run.
+pub const STEPS_PER_RUN: u64 = 5;
+
+/// A node started on its own runtime, whose threads count their heap for
+/// the node's tag.
+struct Running {
+    node: crate::server::Node,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.node.shutdown().await;
+        self.runtime.shutdown_background();
+    }
+}
+
+async fn start_on_own_runtime(
+    fixture: &Arc<Fixture>,
+    tag: Tag,
+    bank: Option<std::net::SocketAddr>,
+) -> Result<Running, NodeError> {
+    let runtime = memory::node_runtime(tag, 2).map_err(|e| NodeError::State(format!("starting a runtime: {e}")))?;
+    let f = fixture.clone();
+    let node = runtime
+        .spawn(async move {
+            match bank {
+                None => f.start_bank().await,
+                Some(addr) => f.start_platform(addr).await,
+            }
+        })
+        .await
+        .map_err(|_| NodeError::Internal("node start task failed"))??;
+    Ok(Running { node, runtime })
+}
+
+fn node_phases(node: &str, phases: impl IntoIterator<Item = (String, f64)>) -> impl Iterator<Item = Phase> {
+    phases.into_iter().map(move |(phase, seconds)| Phase {
+        node: node.to_string(),
+        phase,
+        seconds,
+    })
+}
+
+/// Runs the benchmark for each size; `progress(done, total, message)` is
+/// called at each step.
 ///
 /// # Errors
 /// Any node or query failure.
-pub async fn run(
-    sizes: &[usize],
-    seed: u64,
-    path: Option<crate::relay::Path>,
-    repeat: usize,
-    mut progress: impl FnMut(&str),
-) -> Result<Vec<BenchRow>, NodeError> {
+pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) -> Result<Vec<BenchRow>, NodeError> {
+    memory::enable();
     let mut out = Vec::new();
-    let runs: Vec<(usize, usize)> = sizes
+    let runs: Vec<(usize, usize)> = opts
+        .sizes
         .iter()
-        .flat_map(|r| (1..=repeat.max(1)).map(move |k| (*r, k)))
+        .flat_map(|r| (1..=opts.repeat.max(1)).map(move |k| (*r, k)))
         .collect();
-    for (rows, run) in runs {
-        progress(&format!("{rows} rows: generating data"));
+    let total = runs.len() as u64 * STEPS_PER_RUN;
+    let path = opts.path;
+    for (i, (rows, run)) in runs.into_iter().enumerate() {
+        let step = i as u64 * STEPS_PER_RUN;
+        progress(step, total, &format!("{rows} rows: generating data"));
         let dir = tempfile::tempdir().map_err(|e| NodeError::State(e.to_string()))?;
-        let fixture = Fixture::create(dir.path(), rows, seed, &["alice"])?;
-        progress(&format!("{rows} rows: starting nodes"));
-        let bank = fixture.start_bank().await?;
+        let fixture = Arc::new(Fixture::create_with(
+            dir.path(),
+            rows,
+            opts.seed,
+            &["alice"],
+            opts.overlap,
+            opts.categories,
+        )?);
+        progress(step + 1, total, &format!("{rows} rows: starting nodes"));
+        memory::reset_peaks();
+        let bank = start_on_own_runtime(&fixture, Tag::Bank, None).await?;
+        let bank_addr = bank.node.local_addr()?;
         // With an emulated path, the platform reaches the bank through the relay.
         let relay = match path {
-            Some(p) => Some(crate::relay::Relay::start(bank.local_addr()?, p).await?),
+            Some(p) => Some(crate::relay::Relay::start(bank_addr, p).await?),
             None => None,
         };
-        let platform = fixture
-            .start_platform(relay.as_ref().map_or(bank.local_addr()?, crate::relay::Relay::addr))
-            .await?;
-        let analyst = Analyst::new(&fixture.analyst("alice", bank.local_addr()?, platform.local_addr()?)?)?;
+        let platform = start_on_own_runtime(
+            &fixture,
+            Tag::Platform,
+            Some(relay.as_ref().map_or(bank_addr, crate::relay::Relay::addr)),
+        )
+        .await?;
+        let analyst = Analyst::new(&fixture.analyst("alice", bank_addr, platform.node.local_addr()?)?)?;
         let timeout = Duration::from_secs(3600);
-        progress(&format!("{rows} rows: join and overlap"));
+
+        progress(step + 2, total, &format!("{rows} rows: join (the overlap query)"));
+        let (tx0, rx0) = platform.node.peer_bytes().await;
+        let (ex0, st0) = platform.node.exchanges();
+        let cpu0 = memory::process_cpu_seconds();
         let t = Instant::now();
         let overlap = analyst.query("overlap", &[], new_query_id()?, timeout).await?;
         let overlap_seconds = t.elapsed().as_secs_f64();
-        let (join_tx, join_rx) = platform.peer_bytes().await;
+        let cpu1 = memory::process_cpu_seconds();
+        let (tx1, rx1) = platform.node.peer_bytes().await;
+        let (ex1, st1) = platform.node.exchanges();
         let join_seconds = overlap
             .timings
             .iter()
             .find(|(node, phase, _)| node == "platform" && phase == "join")
             .map_or(overlap_seconds, |(_, _, s)| *s);
-        progress(&format!("{rows} rows: spend_by_category on the cached join"));
+        let mut phases: Vec<Phase> = node_phases("bank", bank.node.last_join_phases())
+            .chain(node_phases("platform", platform.node.last_join_phases()))
+            .collect();
+
+        progress(
+            step + 3,
+            total,
+            &format!("{rows} rows: spend_by_category on the cached join"),
+        );
         let (template, params) = demo_queries().remove(1);
         let t = Instant::now();
         let query = analyst.query(template, &params, new_query_id()?, timeout).await?;
         let query_seconds = t.elapsed().as_secs_f64();
-        let phases: Vec<(String, f64)> = overlap
-            .timings
-            .iter()
-            .filter(|(node, phase, _)| node == "platform" && phase.starts_with("join"))
-            .chain(
-                query
-                    .timings
-                    .iter()
-                    .filter(|(node, phase, _)| node == "platform" && phase.starts_with("aggregate")),
-            )
-            .map(|(_, phase, s)| (phase.clone(), *s))
-            .collect();
-        let (tx, rx) = platform.peer_bytes().await;
-        platform.shutdown().await;
-        bank.shutdown().await;
-        progress(&format!("{rows} rows: timing the curve bound"));
-        let holder: Vec<Vec<u8>> = bank.holder_ids();
-        let matcher: Vec<Vec<u8>> = platform.matcher_ids();
+        let cpu2 = memory::process_cpu_seconds();
+        let (tx2, rx2) = platform.node.peer_bytes().await;
+        let (ex2, st2) = platform.node.exchanges();
+        phases.extend(
+            query
+                .timings
+                .iter()
+                .filter(|(_, phase, _)| phase.starts_with("aggregate") || phase == "join and aggregate")
+                .map(|(node, phase, seconds)| Phase {
+                    node: node.clone(),
+                    phase: phase.clone(),
+                    seconds: *seconds,
+                }),
+        );
+        let peak_heap_bank_bytes = memory::peak_bytes(Tag::Bank);
+        let peak_heap_platform_bytes = memory::peak_bytes(Tag::Platform);
+        let peak_heap_other_bytes = memory::peak_bytes(Tag::Shared);
+        let holder: Vec<Vec<u8>> = bank.node.holder_ids();
+        let matcher: Vec<Vec<u8>> = platform.node.matcher_ids();
+        platform.stop().await;
+        bank.stop().await;
+        drop(relay);
+
+        progress(step + 4, total, &format!("{rows} rows: timing the curve bound"));
         // The demo configuration's cardinality noise: ε = 0.5, δ = 10^-6.
         let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)?.d_max() as usize;
         let parts = tokio::task::spawn_blocking(move || curve_bound(&holder, &matcher, d_max))
@@ -172,20 +320,40 @@ pub async fn run(
         #[allow(clippy::cast_precision_loss)]
         let transfer_bound_seconds = path
             .and_then(|p| p.bits_per_second)
-            .map(|bps| join_tx.max(join_rx) as f64 * 8.0 / bps as f64);
+            .map(|bps| (tx1 - tx0).max(rx1 - rx0) as f64 * 8.0 / bps as f64);
         let network_ratio = transfer_bound_seconds.map(|t| join_seconds / t.max(bound_seconds).max(1e-9));
-        drop(relay);
+        let query_cells = fixture.plan(template, &params)?.width();
         out.push(BenchRow {
             rows,
             run,
+            overlap: opts.overlap,
+            categories: opts.categories,
+            query_cells,
             join_seconds,
             bound_seconds,
             ratio: join_seconds / bound_seconds.max(1e-9),
             bound_parts: parts,
             overlap_seconds,
             query_seconds,
-            platform_to_bank_bytes: tx,
-            bank_to_platform_bytes: rx,
+            join: Traffic {
+                platform_to_bank_bytes: tx1 - tx0,
+                bank_to_platform_bytes: rx1 - rx0,
+                round_trips: ex1 - ex0,
+                stalls: st1 - st0,
+                cpu_seconds: cpu1 - cpu0,
+            },
+            query: Traffic {
+                platform_to_bank_bytes: tx2 - tx1,
+                bank_to_platform_bytes: rx2 - rx1,
+                round_trips: ex2 - ex1,
+                stalls: st2 - st1,
+                cpu_seconds: cpu2 - cpu1,
+            },
+            platform_to_bank_bytes: tx2,
+            bank_to_platform_bytes: rx2,
+            peak_heap_bank_bytes,
+            peak_heap_platform_bytes,
+            peak_heap_other_bytes,
             peak_rss_kib: peak_rss_kib(),
             phases,
             rtt_ms: path.map(|p| p.rtt.as_millis() as u64),
@@ -193,6 +361,99 @@ pub async fn run(
             transfer_bound_seconds,
             network_ratio,
         });
+        progress(step + 5, total, &format!("{rows} rows: done"));
     }
     Ok(out)
+}
+
+/// Writes an SVG plot of latency against set size: the join's wall time,
+/// the curve bound beside it, and the query on the cached join, each run a
+/// point and a line through the means per size; log-log axes.
+///
+/// # Errors
+/// [`NodeError::State`] when the file cannot be written.
+pub fn plot(rows: &[BenchRow], path: &Path) -> Result<(), NodeError> {
+    use plotters::prelude::*;
+    let err = |e: String| NodeError::State(format!("writing the plot {}: {e}", path.display()));
+    let mut sizes: Vec<usize> = rows.iter().map(|r| r.rows).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    #[allow(clippy::cast_precision_loss)]
+    let mean_by_size = |f: &dyn Fn(&BenchRow) -> f64| -> Vec<(f64, f64)> {
+        sizes
+            .iter()
+            .map(|n| {
+                let v: Vec<f64> = rows.iter().filter(|r| r.rows == *n).map(f).collect();
+                (*n as f64, v.iter().sum::<f64>() / v.len().max(1) as f64)
+            })
+            .collect()
+    };
+    type Series<'a> = (&'a str, RGBColor, &'a dyn Fn(&BenchRow) -> f64);
+    let series: [Series; 3] = [
+        ("join (wall)", RGBColor(200, 40, 40), &|r: &BenchRow| r.join_seconds),
+        ("curve bound (same run)", RGBColor(40, 80, 200), &|r: &BenchRow| {
+            r.bound_seconds
+        }),
+        (
+            "spend_by_category on the cached join",
+            RGBColor(30, 140, 60),
+            &|r: &BenchRow| r.query_seconds,
+        ),
+    ];
+    #[allow(clippy::cast_precision_loss)]
+    let (x_lo, x_hi) = (
+        sizes.first().map_or(1.0, |n| *n as f64 / 1.5).max(1.0),
+        sizes.last().map_or(10.0, |n| *n as f64 * 1.5),
+    );
+    let all: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| [r.join_seconds, r.bound_seconds, r.query_seconds])
+        .filter(|v| *v > 0.0)
+        .collect();
+    let y_lo = all.iter().copied().fold(f64::INFINITY, f64::min).min(1.0) / 2.0;
+    let y_hi = all.iter().copied().fold(0.0, f64::max).max(y_lo * 4.0) * 2.0;
+    let root = SVGBackend::new(path, (960, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let caption = match rows.first().and_then(|r| r.rtt_ms.zip(r.bandwidth_mbit)) {
+        Some((rtt, bw)) => format!("cleanroom bench: latency against set size ({rtt} ms RTT, {bw} Mbit/s)"),
+        None => "cleanroom bench: latency against set size (loopback)".to_string(),
+    };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 22))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo.max(1e-3)..y_hi).log_scale())
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("bank customers = platform users")
+        .y_desc("seconds")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y}"))
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    for (name, color, f) in series {
+        chart
+            .draw_series(LineSeries::new(mean_by_size(f), color.stroke_width(2)))
+            .map_err(|e| err(e.to_string()))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2)));
+        #[allow(clippy::cast_precision_loss)]
+        chart
+            .draw_series(
+                rows.iter()
+                    .map(|r| Circle::new((r.rows as f64, f(r)), 4, color.filled())),
+            )
+            .map_err(|e| err(e.to_string()))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
 }

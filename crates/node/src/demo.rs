@@ -287,14 +287,30 @@ impl Fixture {
     /// # Errors
     /// Any file or certificate error.
     pub fn create(dir: &Path, rows: usize, seed: u64, analysts: &[&str]) -> Result<Self, NodeError> {
+        Self::create_with(dir, rows, seed, analysts, 0.5, 16)
+    }
+
+    /// As [`Self::create`], with the share of customers the platform also has
+    /// (`overlap`, 0 to 1) and the number of merchant categories in the data.
+    ///
+    /// # Errors
+    /// Any file or certificate error.
+    pub fn create_with(
+        dir: &Path,
+        rows: usize,
+        seed: u64,
+        analysts: &[&str],
+        overlap: f64,
+        categories: usize,
+    ) -> Result<Self, NodeError> {
         let names: Vec<String> = analysts.iter().map(|a| (*a).to_string()).collect();
         cleanroom_transport::pki::init(&dir.join("certs"), &names, 2)?;
         crate::policy::init_keys(&dir.join("certs"))?;
         let data = generate(&SynthConfig {
             holder_customers: rows,
             matcher_users: rows,
-            overlap: 0.5,
-            categories: 16,
+            overlap,
+            categories,
             seed,
         });
         crate::data::write_synthetic(&dir.join("data"), &data)?;

@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod memory;
 pub mod policy;
 pub mod pump;
 pub mod relay;

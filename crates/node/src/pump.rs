@@ -110,6 +110,22 @@ pub struct PumpStats {
     pub frames_in: u64,
     /// Frames sent.
     pub frames_out: u64,
+    /// Times this side had sent something and then had to wait for the
+    /// peer before it could go on (a stalled pipeline).
+    pub stalls: u64,
+}
+
+impl PumpStats {
+    /// Adds `other`'s figures to these.
+    pub fn add(&mut self, other: &PumpStats) {
+        self.own += other.own;
+        self.peer += other.peer;
+        self.wait_in += other.wait_in;
+        self.wait_out += other.wait_out;
+        self.frames_in += other.frames_in;
+        self.frames_out += other.frames_out;
+        self.stalls += other.stalls;
+    }
 }
 
 /// Frames in flight per direction between the network and the machine.
@@ -222,12 +238,15 @@ fn drive<P: Party>(
         }
         Ok(())
     };
+    // Frames sent since the last one received.
+    let mut sent_mark = stats.frames_out;
     loop {
         if party.is_done() {
             return Ok(());
         }
         match in_rx.try_recv() {
             Ok(frame) => {
+                sent_mark = stats.frames_out;
                 handle_one(party, &frame, stats)?;
                 continue;
             }
@@ -245,9 +264,13 @@ fn drive<P: Party>(
             send(m, stats)?;
             continue;
         }
+        if stats.frames_out > sent_mark {
+            stats.stalls += 1;
+        }
         let t = std::time::Instant::now();
         let got = handle.block_on(tokio::time::timeout(idle, in_rx.recv()));
         stats.wait_in += t.elapsed();
+        sent_mark = stats.frames_out;
         match got {
             Ok(Some(frame)) => handle_one(party, &frame, stats)?,
             Ok(None) => {

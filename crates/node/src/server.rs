@@ -32,6 +32,7 @@ use cleanroom_wire::{
     Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, PolicyMessage, QueryRequest, QueryShare,
     SessionId, TemplateInfo,
 };
+use rayon::prelude::*;
 use ring::digest::{SHA256, digest};
 use tokio::sync::{Notify, oneshot};
 use tracing::{Instrument, info, info_span, warn};
@@ -77,26 +78,37 @@ struct PendingEntry {
     plan: Plan,
     /// The holder's per-customer vectors for this plan, computed once for
     /// all of the query's batches.
-    values: Arc<Vec<u64>>,
+    values: Arc<RowValues>,
     /// One share per matcher group, filled as the platform runs each batch.
     shares: Vec<Option<Share>>,
+    /// Where the batches' time went on this side, summed.
+    stats: pump::PumpStats,
     started: Instant,
-    tx: Option<oneshot::Sender<Result<(Share, f64), String>>>,
+    tx: Option<oneshot::Sender<Delivered>>,
 }
+
+/// A query's whole share on this side, the seconds from acceptance to the
+/// last batch, and where the batches' time went; or why it failed.
+type Delivered = Result<(Share, f64, pump::PumpStats), String>;
 
 impl PendingEntry {
     /// Records one group's share (or an error); delivers once all are in.
-    fn record(&mut self, group: usize, result: Result<Share, String>) {
+    fn record(&mut self, group: usize, result: Result<(Share, pump::PumpStats), String>) {
         match result {
-            Ok(share) => {
+            Ok((share, stats)) => {
                 if let Some(slot) = self.shares.get_mut(group) {
                     *slot = Some(share);
                 }
+                self.stats.add(&stats);
                 if self.shares.iter().all(Option::is_some)
                     && let Some(tx) = self.tx.take()
                 {
                     let words: Vec<u64> = self.shares.iter().flatten().flat_map(|s| s.words().to_vec()).collect();
-                    let _ = tx.send(Ok((Share::from_words(words), self.started.elapsed().as_secs_f64())));
+                    let _ = tx.send(Ok((
+                        Share::from_words(words),
+                        self.started.elapsed().as_secs_f64(),
+                        self.stats,
+                    )));
                 }
             }
             Err(e) => {
@@ -135,6 +147,13 @@ struct Inner {
     /// Serialises queries on the matcher, so two queries that need the same
     /// join do not both run it.
     join_lock: tokio::sync::Mutex<()>,
+    /// This node's phases of the last join it ran (for the bench).
+    last_join: Mutex<Vec<(String, f64)>>,
+    /// Request/response exchanges this node has started with the peer
+    /// (offer/accept, setup/answer, and each streamed phase), and how often
+    /// its pipelines stalled waiting for the peer after sending.
+    exchanges: std::sync::atomic::AtomicU64,
+    stalls: std::sync::atomic::AtomicU64,
 }
 
 /// A running node.
@@ -250,6 +269,9 @@ impl Node {
             peer_public_key,
             peer_policy: Mutex::new(None),
             join_lock: tokio::sync::Mutex::new(()),
+            last_join: Mutex::new(Vec::new()),
+            exchanges: std::sync::atomic::AtomicU64::new(0),
+            stalls: std::sync::atomic::AtomicU64::new(0),
         });
         let node = Node { inner };
         let accept = node.clone();
@@ -301,6 +323,25 @@ impl Node {
             }
             None => (0, 0),
         }
+    }
+
+    /// This node's phases of the last join it ran (seconds).
+    pub fn last_join_phases(&self) -> Vec<(String, f64)> {
+        lock(&self.inner.last_join).clone()
+    }
+
+    /// Request/response exchanges this node has started with its peer so far
+    /// (each costs at least one round trip), and how often its pipelines
+    /// stalled waiting for the peer after sending.
+    pub fn exchanges(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.inner.exchanges.load(Relaxed), self.inner.stalls.load(Relaxed))
+    }
+
+    fn count_exchanges(&self, n: u64, stats: &pump::PumpStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.exchanges.fetch_add(n, Relaxed);
+        self.inner.stalls.fetch_add(stats.stalls, Relaxed);
     }
 
     /// The bank's normalised identifiers (for benchmarks; empty on the platform).
@@ -594,13 +635,7 @@ impl Node {
         let mut timings = Vec::new();
         let share = match self.inner.role {
             Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings).await?,
-            Role::Bank => {
-                let (share, secs) = self.holder_share(&plan, &q.query_id).await?;
-                // From accepting the query to the last batch: includes any
-                // join the platform runs first.
-                timings.push(("join and aggregate".to_string(), secs));
-                share
-            }
+            Role::Bank => self.holder_share(&plan, &q.query_id, &mut timings).await?,
         };
         let t = Instant::now();
         let out = self.noise_and_store(share, &plan, &template, analyst, q, timings)?;
@@ -679,16 +714,26 @@ impl Node {
 
     // ------------------------------------------------------------ holder
 
-    async fn holder_share(&self, plan: &Plan, qid: &[u8; 16]) -> Result<(Share, f64), NodeError> {
+    async fn holder_share(
+        &self,
+        plan: &Plan,
+        qid: &[u8; 16],
+        timings: &mut Vec<(String, f64)>,
+    ) -> Result<Share, NodeError> {
+        let t = Instant::now();
         let values = {
             let (node, plan) = (self.clone(), plan.clone());
             tokio::task::spawn_blocking(move || match &node.inner.data {
-                NodeData::Holder(h) => Ok(holder_values(&plan, h, &node.inner.domains.categories)),
+                NodeData::Holder(h) => {
+                    RowValues::new(plan.width(), holder_values(&plan, h, &node.inner.domains.categories))
+                        .map_err(NodeError::from)
+                }
                 NodeData::Matcher(_) => Err(NodeError::Internal("holder share on a matcher")),
             })
             .await
             .map_err(|_| NodeError::Internal("values task failed"))??
         };
+        let values_secs = t.elapsed().as_secs_f64();
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(
             *qid,
@@ -696,6 +741,7 @@ impl Node {
                 plan: plan.clone(),
                 values: Arc::new(values),
                 shares: vec![None; plan.matcher_groups().len()],
+                stats: pump::PumpStats::default(),
                 started: Instant::now(),
                 tx: Some(tx),
             },
@@ -704,7 +750,23 @@ impl Node {
         let out = tokio::time::timeout(self.inner.limits.query_timeout, rx).await;
         lock(&self.inner.pending).remove(qid);
         match out {
-            Ok(Ok(Ok(share))) => Ok(share),
+            Ok(Ok(Ok((share, secs, stats)))) => {
+                timings.extend([
+                    // From accepting the query to the last batch: includes
+                    // any join the platform runs first.
+                    ("join and aggregate".to_string(), secs),
+                    ("aggregate: row values".to_string(), values_secs),
+                    (
+                        "aggregate: masking rows (PRG + values)".to_string(),
+                        stats.peer.as_secs_f64(),
+                    ),
+                    (
+                        "aggregate: waiting for the platform or the network".to_string(),
+                        (stats.wait_in + stats.wait_out).as_secs_f64(),
+                    ),
+                ]);
+                Ok(share)
+            }
             Ok(Ok(Err(e))) => Err(NodeError::Peer(e)),
             Ok(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
             Err(_) => Err(NodeError::Peer(format!(
@@ -789,7 +851,7 @@ impl Node {
         }
     }
 
-    async fn wait_pending(&self, qid: &[u8; 16]) -> Option<(Plan, Arc<Vec<u64>>)> {
+    async fn wait_pending(&self, qid: &[u8; 16]) -> Option<(Plan, Arc<RowValues>)> {
         let deadline = Instant::now() + self.inner.limits.query_timeout.min(Duration::from_secs(30));
         loop {
             let notified = self.inner.pending_changed.notified();
@@ -886,8 +948,10 @@ impl Node {
         let (streaming, accept) = pending.charge_recorded();
         write_one(&mut send, &accept).await?;
         let t = Instant::now();
-        let streaming = pump::run(streaming, send, recv, Duration::from_secs(60)).await?;
+        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, Duration::from_secs(60)).await?;
+        let t_finish = Instant::now();
         let joined = Arc::new(streaming.finish()?);
+        let finish_secs = t_finish.elapsed().as_secs_f64();
         let (session, n, d, d_max, order) = joined.parts();
         let mut payload = Vec::with_capacity(24 + d.len() * 8 + order.len() * 4);
         for x in [n, d_max, d.len() as u64].iter().chain(d) {
@@ -899,7 +963,24 @@ impl Node {
         lock(&self.inner.state).put_join(&session, "holder", &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.state).record_inputs("holder-input", &fp, l.join_ttl_secs)?;
         lock(&self.inner.holder_joins).insert(session, joined.clone());
-        info!(rows = joined.rows(), seconds = t.elapsed().as_secs_f64(), "join done");
+        let secs = t.elapsed().as_secs_f64();
+        *lock(&self.inner.last_join) = vec![
+            ("join".to_string(), secs),
+            (
+                "join: own rows (hash to group + exponentiate)".to_string(),
+                stats.own.as_secs_f64(),
+            ),
+            (
+                "join: platform tokens (decompress + exponentiate)".to_string(),
+                stats.peer.as_secs_f64(),
+            ),
+            (
+                "join: waiting for the platform or the network".to_string(),
+                (stats.wait_in + stats.wait_out).as_secs_f64(),
+            ),
+            ("join: finishing (order, counts)".to_string(), finish_secs),
+        ];
+        info!(rows = joined.rows(), seconds = secs, "join done");
         Ok(())
     }
 
@@ -943,14 +1024,14 @@ impl Node {
         &self,
         data: &HolderData,
         plan: &Plan,
-        values: Arc<Vec<u64>>,
+        values: Arc<RowValues>,
         qid: &[u8; 16],
         join_session: SessionId,
         group: u32,
         first: &[u8],
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-    ) -> Result<Share, NodeError> {
+    ) -> Result<(Share, pump::PumpStats), NodeError> {
         let setup_session = match Message::decode(first) {
             Ok(Message::OtSetup(s)) => s.session,
             _ => [0; 16],
@@ -969,11 +1050,9 @@ impl Node {
             abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
             return Err(NodeError::UnknownJoin);
         };
-        let width = plan.width();
         let (qid, digest, first) = (*qid, plan.digest(), first.to_vec());
         let started = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
-            let values = RowValues::new(width, values.to_vec())?;
             let agg = HolderAggregate::new(joined, values, qid, digest, group)?;
             agg.on_setup(&first, &mut rng).map_err(NodeError::from)
         })
@@ -989,8 +1068,8 @@ impl Node {
         };
         write_one(&mut send, &answer).await?;
         let _ = &mut recv;
-        let running = pump::run(running, send, recv, Duration::from_secs(60)).await?;
-        Ok(running.finish()?)
+        let (running, stats) = pump::run_with_stats(running, send, recv, Duration::from_secs(60)).await?;
+        Ok((running.finish()?, stats))
     }
 
     // ------------------------------------------------------------ matcher
@@ -1098,6 +1177,8 @@ impl Node {
         let accept = read_one(&mut recv, Duration::from_secs(60)).await?;
         let streaming = offered.on_accept(&accept)?;
         let (streaming, stats) = pump::run_with_stats(streaming, send, recv, Duration::from_secs(60)).await?;
+        // Offer/accept, then the streamed tokens and rows.
+        self.count_exchanges(2, &stats);
         let t_match = Instant::now();
         let joined = tokio::task::spawn_blocking(move || streaming.finish())
             .await
@@ -1130,6 +1211,7 @@ impl Node {
             ),
             ("join: matching".to_string(), match_secs),
         ];
+        lock(&self.inner.last_join).clone_from(&phases);
         Ok((joined, Some(phases)))
     }
 
@@ -1154,10 +1236,9 @@ impl Node {
             let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
             let running = waiting.on_choices(&answer)?;
             let (running, stats) = pump::run_with_stats(running, send, recv, Duration::from_secs(60)).await?;
-            total.own += stats.own;
-            total.peer += stats.peer;
-            total.wait_in += stats.wait_in;
-            total.wait_out += stats.wait_out;
+            // Setup/answer, then the streamed extension and masked rows.
+            self.count_exchanges(2, &stats);
+            total.add(&stats);
             words.extend_from_slice(running.finish()?.words());
         }
         let phases = vec![
@@ -1284,44 +1365,59 @@ pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> V
     let per = width / groups;
     let spend_cap = i64::try_from(plan.clip.spend_cents).unwrap_or(i64::MAX);
     let mut out = vec![0u64; data.ids.len() * width];
-    let mut count = vec![0u64; groups];
-    let mut sum = vec![0i64; groups];
-    for (row, txns) in out.chunks_mut(width).zip(&data.txns) {
-        count.iter_mut().for_each(|x| *x = 0);
-        sum.iter_mut().for_each(|x| *x = 0);
-        for t in txns {
-            let r = HolderRow {
-                category: categories.get(usize::from(t.category)).map_or("", String::as_str),
-                cents: t.cents,
-                day: t.day,
-            };
-            if !plan.holder_row_passes(&r) {
-                continue;
-            }
-            if let Some(g) = plan.holder_group_of(&r)
-                && let (Some(n), Some(s)) = (count.get_mut(g), sum.get_mut(g))
-            {
-                *n += 1;
-                *s = s.saturating_add(t.cents);
-            }
-        }
-        for g in 0..groups {
-            if count[g] == 0 {
-                continue;
-            }
-            for k in 0..per {
-                let idx = g * per + k;
-                let Some(cell) = cells.get(idx) else { continue };
-                let v = match cell.kind {
-                    CellKind::Customers => 1,
-                    CellKind::Rows => count[g].min(plan.clip.transactions),
-                    CellKind::Sum => sum[g].clamp(0, spend_cap) as u64,
-                };
-                if let Some(x) = row.get_mut(idx) {
-                    *x = v * cell.weight;
+    // A row's group depends on its category only: look it up once per category.
+    let group_of: Vec<Option<usize>> = categories
+        .iter()
+        .map(|c| {
+            plan.holder_group_of(&HolderRow {
+                category: c,
+                cents: 0,
+                day: 0,
+            })
+        })
+        .collect();
+    // Customers are independent: split them over the cores.
+    out.par_chunks_mut(width.max(1))
+        .zip(data.txns.par_iter())
+        .for_each_init(
+            || (vec![0u64; groups], vec![0i64; groups]),
+            |(count, sum), (row, txns)| {
+                count.iter_mut().for_each(|x| *x = 0);
+                sum.iter_mut().for_each(|x| *x = 0);
+                for t in txns {
+                    let r = HolderRow {
+                        category: categories.get(usize::from(t.category)).map_or("", String::as_str),
+                        cents: t.cents,
+                        day: t.day,
+                    };
+                    if !plan.holder_row_passes(&r) {
+                        continue;
+                    }
+                    if let Some(g) = group_of.get(usize::from(t.category)).copied().flatten()
+                        && let (Some(n), Some(s)) = (count.get_mut(g), sum.get_mut(g))
+                    {
+                        *n += 1;
+                        *s = s.saturating_add(t.cents);
+                    }
                 }
-            }
-        }
-    }
+                for (g, (n, s)) in count.iter().zip(sum.iter()).enumerate() {
+                    if *n == 0 {
+                        continue;
+                    }
+                    for k in 0..per {
+                        let idx = g * per + k;
+                        let Some(cell) = cells.get(idx) else { continue };
+                        let v = match cell.kind {
+                            CellKind::Customers => 1,
+                            CellKind::Rows => (*n).min(plan.clip.transactions),
+                            CellKind::Sum => (*s).clamp(0, spend_cap) as u64,
+                        };
+                        if let Some(x) = row.get_mut(idx) {
+                            *x = v * cell.weight;
+                        }
+                    }
+                }
+            },
+        );
     out
 }

@@ -143,7 +143,7 @@ impl RowValues {
 #[derive(Debug)]
 pub struct HolderAggregate {
     joined: std::sync::Arc<HolderJoined>,
-    values: RowValues,
+    values: std::sync::Arc<RowValues>,
     query_id: [u8; 16],
     plan: [u8; 32],
     group: u32,
@@ -157,11 +157,12 @@ impl HolderAggregate {
     /// [`ProtocolError::LocalInput`] when the values do not cover the join's customers.
     pub fn new(
         joined: std::sync::Arc<HolderJoined>,
-        values: RowValues,
+        values: impl Into<std::sync::Arc<RowValues>>,
         query_id: [u8; 16],
         plan: [u8; 32],
         group: u32,
     ) -> Result<Self, ProtocolError> {
+        let values = values.into();
         if values.words.len() as u64 != joined.customers() * values.width as u64 {
             return Err(ProtocolError::LocalInput {
                 reason: "one value row per joined customer is required",
@@ -265,7 +266,7 @@ impl HolderAggregate {
 pub struct HolderOtRunning {
     session: SessionId,
     joined: std::sync::Arc<HolderJoined>,
-    values: RowValues,
+    values: std::sync::Arc<RowValues>,
     sender: IknpSender,
     chunk_rows: usize,
     next_seq: u32,
@@ -328,16 +329,17 @@ impl HolderOtRunning {
         let w = self.values.width;
         let joined = &self.joined;
         let values = &self.values;
-        let mut out = vec![0u64; len * w];
-        let chunk_acc = out
-            .par_chunks_mut(w)
+        // Each row's d = v + m0 - m1 is written straight into the message.
+        let mut words = vec![0u8; len * w * 8];
+        let chunk_acc = words
+            .par_chunks_mut(w * 8)
             .zip(pairs.par_iter())
             .enumerate()
             .fold(
-                || (vec![0u64; w], vec![0u64; w]),
-                |(mut acc, mut m1), (k, (d, (k0, k1)))| {
+                || (vec![0u64; w], vec![0u64; w], vec![0u64; w]),
+                |(mut acc, mut m1, mut d), (k, (bytes, (k0, k1)))| {
                     // d = m0; acc += m0
-                    Prg::new(*k0).words(d, false);
+                    Prg::new(*k0).words(&mut d, false);
                     for (a, m0) in acc.iter_mut().zip(d.iter()) {
                         *a = a.wrapping_add(*m0);
                     }
@@ -348,14 +350,15 @@ impl HolderOtRunning {
                         }
                     }
                     Prg::new(*k1).words(&mut m1, false);
-                    for (x, m) in d.iter_mut().zip(m1.iter()) {
-                        *x = x.wrapping_sub(*m);
+                    for ((x, m), out) in d.iter().zip(m1.iter()).zip(bytes.chunks_exact_mut(8)) {
+                        out.copy_from_slice(&x.wrapping_sub(*m).to_le_bytes());
                     }
                     m1.as_mut_slice().zeroize();
-                    (acc, m1)
+                    d.as_mut_slice().zeroize();
+                    (acc, m1, d)
                 },
             )
-            .map(|(acc, _)| acc)
+            .map(|(acc, _, _)| acc)
             .reduce(
                 || vec![0u64; w],
                 |mut a, b| {
@@ -367,10 +370,6 @@ impl HolderOtRunning {
             );
         for (a, c) in self.acc.iter_mut().zip(&chunk_acc) {
             *a = a.wrapping_add(*c);
-        }
-        let mut words = Vec::with_capacity(out.len() * 8);
-        for x in &out {
-            words.extend_from_slice(&x.to_le_bytes());
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -614,26 +613,20 @@ impl MatcherOtRunning {
             .zip(p.keys.par_iter())
             .enumerate()
             .fold(
-                || (vec![0u64; w], vec![0u64; w]),
-                |(mut acc, mut y), (k, (d_bytes, key))| {
-                    Prg::new(*key).words(&mut y, false);
+                || vec![0u64; w],
+                |mut acc, (k, (d_bytes, key))| {
+                    // acc += PRG(k_s) + s * d
+                    Prg::new(*key).words(&mut acc, true);
                     if receiver.choice(first + k) {
-                        for (y, d) in y.iter_mut().zip(d_bytes.chunks_exact(8)) {
+                        for (a, d) in acc.iter_mut().zip(d_bytes.chunks_exact(8)) {
                             let mut b = [0u8; 8];
                             b.copy_from_slice(d);
-                            *y = y.wrapping_add(u64::from_le_bytes(b));
+                            *a = a.wrapping_add(u64::from_le_bytes(b));
                         }
                     }
-                    for (a, y) in acc.iter_mut().zip(y.iter()) {
-                        *a = a.wrapping_add(*y);
-                    }
-                    (acc, y)
+                    acc
                 },
             )
-            .map(|(acc, mut y)| {
-                y.zeroize();
-                acc
-            })
             .reduce(
                 || vec![0u64; w],
                 |mut a, b| {

@@ -823,7 +823,8 @@ impl Plan {
 
     /// Whether a holder row passes the WHERE clause's holder conjuncts.
     pub fn holder_row_passes(&self, row: &HolderRow<'_>) -> bool {
-        self.query.filters_on(Side::Holder).iter().all(|p| {
+        let mut filters = self.query.filters.iter().filter(|p| p.column().side == Side::Holder);
+        filters.all(|p| {
             let col = p.column().name.as_str();
             let test = |lit: &Literal, cmp: Cmp| match (col, lit) {
                 ("category", Literal::Text(t)) => cmp_holds(&row.category, cmp, &t.as_str()),
