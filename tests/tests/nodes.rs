@@ -787,8 +787,7 @@ async fn bench_reports_the_join_against_the_curve_bound() {
         ("platform", "aggregate: OT extension"),
         ("bank", "join"),
         ("bank", "join: own rows (hash to group + exponentiate)"),
-        ("bank", "aggregate: row values"),
-        ("bank", "aggregate: masking rows (PRG + values)"),
+        ("bank", "aggregate: masking rows (row values + PRG)"),
     ] {
         assert!(names.contains(&want), "{names:?}");
     }

@@ -151,6 +151,11 @@ pub struct LimitsConfig {
     /// Smallest input this node brings to a join (after filters).
     #[serde(default = "default_min_input")]
     pub min_input_set: u64,
+    /// Send this node's per-phase wall times to analysts with each share
+    /// (for benchmarks and demos). Off by default: timings follow set sizes
+    /// and show whether a join was cached.
+    #[serde(default)]
+    pub report_timings: bool,
 }
 
 fn default_runs() -> u32 {
@@ -296,6 +301,8 @@ pub struct Limits {
     pub max_churn_ppm: u64,
     /// Smallest own input to a join.
     pub min_input_set: u64,
+    /// Per-phase timings go to analysts.
+    pub report_timings: bool,
 }
 
 fn bad(path: &Path, what: String) -> NodeError {
@@ -313,7 +320,16 @@ impl NodeConfig {
     /// [`NodeError::Config`] naming the file and the problem.
     pub fn load(path: &Path) -> Result<Self, NodeError> {
         let text = std::fs::read_to_string(path).map_err(|e| bad(path, e.to_string()))?;
-        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks config text as if read from `path` (relative paths
+    /// are taken relative to its directory; no file is read).
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] naming `path` and the problem.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, NodeError> {
+        let mut cfg: NodeConfig = toml::from_str(text).map_err(|e| bad(path, e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(k) = cfg.policy.key.as_mut()
             && k.is_relative()
@@ -407,6 +423,7 @@ impl NodeConfig {
             runs_per_day: l.runs_per_analyst_per_day,
             max_churn_ppm: micro("max_input_churn", &l.max_input_churn)?,
             min_input_set: l.min_input_set,
+            report_timings: l.report_timings,
         })
     }
 
@@ -527,7 +544,15 @@ impl AnalystConfig {
     /// [`NodeError::Config`].
     pub fn load(path: &Path) -> Result<Self, NodeError> {
         let text = std::fs::read_to_string(path).map_err(|e| bad(path, e.to_string()))?;
-        let mut cfg: AnalystConfig = toml::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks analyst config text as if read from `path`.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self, NodeError> {
+        let mut cfg: AnalystConfig = toml::from_str(text).map_err(|e| bad(path, e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut cfg.identity.cert, &mut cfg.identity.key, &mut cfg.identity.ca] {
             if p.is_relative() {

@@ -27,6 +27,7 @@ pub struct Txn {
 }
 
 /// The holder's data: one entry per distinct normalised identifier.
+#[derive(Clone)]
 pub struct HolderData {
     /// Normalised identifiers.
     pub ids: Vec<Vec<u8>>,

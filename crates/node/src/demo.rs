@@ -130,7 +130,7 @@ pub fn node_toml(
     };
     let other = if role == "bank" { "platform" } else { "bank" };
     format!(
-        "role = \"{role}\"\nlisten = \"{listen}\"\nstate_dir = \"{state}\"\n\n[identity]\ncert = \"{certs}/{role}.pem\"\nkey = \"{certs}/{role}.key\"\nca = \"{certs}/ca.pem\"\n\n[policy]\nsigned = \"{certs}/{role}.policy\"\npublic_key = \"{certs}/{role}-policy.pub\"\npeer_public_key = \"{certs}/{other}-policy.pub\"\nkey = \"{certs}/{role}-policy.key\"\n\n[peer]\n{peer}\n{collab}\n[data]\npath = \"{data}/{role}.csv\"\n{schema}max_bad_row_share = 0.01\nprogress = false\n\n[limits]\nmin_peer_set = 10\nmax_peer_set = 100000000\nrho_per_analyst = \"20\"\nperiod_days = 30\ncardinality_epsilon = \"0.5\"\ncardinality_delta_inverse = 1000000\ncardinality_epsilon_per_period = \"50\"\n{templates}",
+        "role = \"{role}\"\nlisten = \"{listen}\"\nstate_dir = \"{state}\"\n\n[identity]\ncert = \"{certs}/{role}.pem\"\nkey = \"{certs}/{role}.key\"\nca = \"{certs}/ca.pem\"\n\n[policy]\nsigned = \"{certs}/{role}.policy\"\npublic_key = \"{certs}/{role}-policy.pub\"\npeer_public_key = \"{certs}/{other}-policy.pub\"\nkey = \"{certs}/{role}-policy.key\"\n\n[peer]\n{peer}\n{collab}\n[data]\npath = \"{data}/{role}.csv\"\n{schema}max_bad_row_share = 0.01\nprogress = false\n\n[limits]\nmin_peer_set = 10\nmax_peer_set = 100000000\nrho_per_analyst = \"20\"\nperiod_days = 30\ncardinality_epsilon = \"0.5\"\ncardinality_delta_inverse = 1000000\ncardinality_epsilon_per_period = \"50\"\nreport_timings = true\n{templates}",
         collab = collaboration_toml(categories),
         templates = templates_toml(analyst)
     )

@@ -15,6 +15,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod memory;
+pub mod noise;
 pub mod policy;
 pub mod pump;
 pub mod relay;

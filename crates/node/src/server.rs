@@ -14,11 +14,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cleanroom_crypto::dp::{DiscreteGaussian, ShiftedTruncatedLaplace};
+use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
 use cleanroom_crypto::normalize::NormalizationRules;
-use cleanroom_crypto::rng::{SystemRng, session_rng};
+use cleanroom_crypto::rng::session_rng;
 use cleanroom_crypto::shares::Share;
-use cleanroom_protocol::aggregate::{HolderAggregate, MatcherAggregate, RowValues};
+use cleanroom_protocol::ProtocolError;
+use cleanroom_protocol::aggregate::{HolderAggregate, MatcherAggregate};
 use cleanroom_protocol::join::{
     DEFAULT_CHUNK_POINTS, HolderJoin, HolderJoined, HolderPolicy, JoinParams, MatcherJoin, MatcherJoined,
     MatcherPolicy, SetSizeLimits,
@@ -40,6 +41,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::NodeError;
 use crate::config::{Limits, NodeConfig, Role};
 use crate::data::{HolderData, MatcherData, load_holder, load_matcher};
+use crate::noise::DrawnNoise;
 use crate::pump::{self, read_one, write_one};
 use crate::state::{AuditEntry, Charge, State, now_secs, period_of};
 
@@ -47,7 +49,7 @@ use crate::state::{AuditEntry, Charge, State, now_secs, period_of};
 #[derive(Debug)]
 pub enum NodeData {
     /// The bank's customers.
-    Holder(HolderData),
+    Holder(Arc<HolderData>),
     /// The platform's users.
     Matcher(MatcherData),
 }
@@ -78,7 +80,7 @@ struct PendingEntry {
     plan: Plan,
     /// The holder's per-customer vectors for this plan, computed once for
     /// all of the query's batches.
-    values: Arc<RowValues>,
+    values: Arc<HolderRows>,
     /// One share per matcher group, filled as the platform runs each batch.
     shares: Vec<Option<Share>>,
     /// Where the batches' time went on this side, summed.
@@ -203,7 +205,7 @@ impl Node {
         let collab = cfg.collaboration.clone();
         let role = cfg.role;
         let data = tokio::task::spawn_blocking(move || match role {
-            Role::Bank => load_holder(&data_cfg, &collab).map(NodeData::Holder),
+            Role::Bank => load_holder(&data_cfg, &collab).map(|h| NodeData::Holder(Arc::new(h))),
             Role::Platform => load_matcher(&data_cfg, &collab).map(NodeData::Matcher),
         })
         .await
@@ -542,10 +544,13 @@ impl Node {
                     Ok(share) => AnalystResponse::Share(Box::new(share)),
                     Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
                     Err(e) => {
+                        // The operator's log has the whole error; the analyst
+                        // gets its kind only (a peer's error can carry counts).
                         warn!(error = %e, "query failed");
                         AnalystResponse::Refused(format!(
-                            "the {} node could not complete the query: {e}. Retrying with the same query id costs no extra budget.",
-                            self.inner.role.as_str()
+                            "the {} node could not complete the query: {}. Retrying with the same query id costs no extra budget.",
+                            self.inner.role.as_str(),
+                            analyst_view(&e)
                         ))
                     }
                 }
@@ -632,39 +637,45 @@ impl Node {
             Charge::Existing(None) => info!("query id already charged; computing its share (no new charge)"),
         }
         let started = Instant::now();
+        // The noise is drawn now, while the protocol runs, so the time to
+        // release the share does not depend on it (see `noise`).
+        let noise = {
+            let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
+            let cells = plan.width() * plan.matcher_groups().len().max(1);
+            tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
+        };
         let mut timings = Vec::new();
         let share = match self.inner.role {
             Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings).await?,
             Role::Bank => self.holder_share(&plan, &q.query_id, &mut timings).await?,
         };
+        let noise = noise.await.map_err(|_| NodeError::Internal("noise task failed"))??;
         let t = Instant::now();
-        let out = self.noise_and_store(share, &plan, &template, analyst, q, timings)?;
+        let out = self.noise_and_store(share, &noise, &plan, &template, analyst, q, timings)?;
         info!(
             seconds = started.elapsed().as_secs_f64(),
-            noise_seconds = t.elapsed().as_secs_f64(),
+            release_seconds = t.elapsed().as_secs_f64(),
             "share released"
         );
         Ok(out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn noise_and_store(
         &self,
         mut share: Share,
+        noise: &DrawnNoise,
         plan: &Plan,
         template: &Template,
         analyst: &str,
         q: &QueryRequest,
         mut timings: Vec<(String, f64)>,
     ) -> Result<QueryShare, NodeError> {
-        let t = Instant::now();
+        noise.add_to(&mut share)?;
+        if !self.inner.limits.report_timings {
+            timings.clear();
+        }
         let delta2 = plan.delta_squared();
-        let gauss = DiscreteGaussian::for_zcdp(delta2, template.rho_micro, 1_000_000)?;
-        let mut rng = SystemRng::new();
-        let noise: Vec<i64> = (0..share.width())
-            .map(|_| gauss.sample(&mut rng))
-            .collect::<Result<_, _>>()?;
-        share.add_signed(&noise);
-        timings.push(("noise".to_string(), t.elapsed().as_secs_f64()));
         #[allow(clippy::cast_precision_loss)]
         let sigma = ((delta2 as f64) * 1e6 / (2.0 * template.rho_micro as f64)).sqrt();
         let cells = plan.cells();
@@ -720,20 +731,11 @@ impl Node {
         qid: &[u8; 16],
         timings: &mut Vec<(String, f64)>,
     ) -> Result<Share, NodeError> {
-        let t = Instant::now();
-        let values = {
-            let (node, plan) = (self.clone(), plan.clone());
-            tokio::task::spawn_blocking(move || match &node.inner.data {
-                NodeData::Holder(h) => {
-                    RowValues::new(plan.width(), holder_values(&plan, h, &node.inner.domains.categories))
-                        .map_err(NodeError::from)
-                }
-                NodeData::Matcher(_) => Err(NodeError::Internal("holder share on a matcher")),
-            })
-            .await
-            .map_err(|_| NodeError::Internal("values task failed"))??
+        let NodeData::Holder(data) = &self.inner.data else {
+            return Err(NodeError::Internal("holder share on a matcher"));
         };
-        let values_secs = t.elapsed().as_secs_f64();
+        // Each customer's vector is computed as its masked row is produced.
+        let values = HolderRows::new(plan, data.clone(), &self.inner.domains.categories);
         let (tx, rx) = oneshot::channel();
         lock(&self.inner.pending).insert(
             *qid,
@@ -755,9 +757,8 @@ impl Node {
                     // From accepting the query to the last batch: includes
                     // any join the platform runs first.
                     ("join and aggregate".to_string(), secs),
-                    ("aggregate: row values".to_string(), values_secs),
                     (
-                        "aggregate: masking rows (PRG + values)".to_string(),
+                        "aggregate: masking rows (row values + PRG)".to_string(),
                         stats.peer.as_secs_f64(),
                     ),
                     (
@@ -851,7 +852,7 @@ impl Node {
         }
     }
 
-    async fn wait_pending(&self, qid: &[u8; 16]) -> Option<(Plan, Arc<RowValues>)> {
+    async fn wait_pending(&self, qid: &[u8; 16]) -> Option<(Plan, Arc<HolderRows>)> {
         let deadline = Instant::now() + self.inner.limits.query_timeout.min(Duration::from_secs(30));
         loop {
             let notified = self.inner.pending_changed.notified();
@@ -1024,7 +1025,7 @@ impl Node {
         &self,
         data: &HolderData,
         plan: &Plan,
-        values: Arc<RowValues>,
+        values: Arc<HolderRows>,
         qid: &[u8; 16],
         join_session: SessionId,
         group: u32,
@@ -1295,6 +1296,28 @@ impl Node {
     }
 }
 
+/// What an analyst is told of a failed query: the kind of failure, never a
+/// count or a value from either side.
+fn analyst_view(e: &NodeError) -> String {
+    match e {
+        NodeError::Protocol(ProtocolError::PeerAborted { code }) => {
+            format!(
+                "the peer node ended the session ({})",
+                cleanroom_protocol::abort_reason(*code)
+            )
+        }
+        NodeError::Protocol(pe) if pe.is_peer_fault() => format!(
+            "this node ended the session with its peer ({})",
+            cleanroom_protocol::abort_reason(pe.abort_code() as u16)
+        ),
+        NodeError::Protocol(_) | NodeError::Internal(_) | NodeError::Crypto(_) => "an internal error".into(),
+        NodeError::Peer(_) => "the connection to the peer node failed or timed out".into(),
+        NodeError::State(_) => "its state database failed".into(),
+        NodeError::UnknownJoin => "the peer node no longer has the join".into(),
+        other => other.to_string(),
+    }
+}
+
 async fn abort(send: &mut quinn::SendStream, session: SessionId, code: AbortCode) {
     let _ = write_one(
         send,
@@ -1356,68 +1379,136 @@ pub fn matcher_blocks(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec
         .collect()
 }
 
-/// The holder's per-customer vectors for a plan (one matcher group's width:
-/// holder groups times cells per group), clipped and weighted.
-pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> Vec<u64> {
-    let cells = plan.cells();
-    let width = plan.width();
-    let groups = plan.holder_groups().len().max(1);
-    let per = width / groups;
-    let spend_cap = i64::try_from(plan.clip.spend_cents).unwrap_or(i64::MAX);
-    let mut out = vec![0u64; data.ids.len() * width];
-    // A row's group depends on its category only: look it up once per category.
-    let group_of: Vec<Option<usize>> = categories
-        .iter()
-        .map(|c| {
-            plan.holder_group_of(&HolderRow {
-                category: c,
-                cents: 0,
-                day: 0,
+/// The bank's per-customer vectors for a plan (one matcher group's width:
+/// holder groups times cells per group), clipped and weighted, computed from
+/// each customer's transactions when asked.
+pub struct HolderRows {
+    data: Arc<HolderData>,
+    plan: Plan,
+    cells: Vec<cleanroom_query::CellSpec>,
+    /// Holder group of each category index (a row's group depends on its
+    /// category only).
+    group_of: Vec<Option<usize>>,
+    categories: Vec<String>,
+    groups: usize,
+    width: usize,
+}
+
+impl std::fmt::Debug for HolderRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HolderRows {{ customers: {}, width: {} }}",
+            self.data.ids.len(),
+            self.width
+        )
+    }
+}
+
+impl HolderRows {
+    /// The vectors of `data`'s customers for `plan`.
+    pub fn new(plan: &Plan, data: Arc<HolderData>, categories: &[String]) -> Self {
+        let group_of = categories
+            .iter()
+            .map(|c| {
+                plan.holder_group_of(&HolderRow {
+                    category: c,
+                    cents: 0,
+                    day: 0,
+                })
             })
-        })
-        .collect();
-    // Customers are independent: split them over the cores.
-    out.par_chunks_mut(width.max(1))
-        .zip(data.txns.par_iter())
-        .for_each_init(
-            || (vec![0u64; groups], vec![0i64; groups]),
-            |(count, sum), (row, txns)| {
-                count.iter_mut().for_each(|x| *x = 0);
-                sum.iter_mut().for_each(|x| *x = 0);
-                for t in txns {
-                    let r = HolderRow {
-                        category: categories.get(usize::from(t.category)).map_or("", String::as_str),
-                        cents: t.cents,
-                        day: t.day,
-                    };
-                    if !plan.holder_row_passes(&r) {
-                        continue;
-                    }
-                    if let Some(g) = group_of.get(usize::from(t.category)).copied().flatten()
-                        && let (Some(n), Some(s)) = (count.get_mut(g), sum.get_mut(g))
-                    {
-                        *n += 1;
-                        *s = s.saturating_add(t.cents);
-                    }
+            .collect();
+        Self {
+            data,
+            plan: plan.clone(),
+            cells: plan.cells(),
+            group_of,
+            categories: categories.to_vec(),
+            groups: plan.holder_groups().len().max(1),
+            width: plan.width(),
+        }
+    }
+}
+
+/// Groups a customer's counts are kept on the stack for.
+const STACK_GROUPS: usize = 64;
+
+impl cleanroom_protocol::aggregate::RowSource for HolderRows {
+    fn width(&self) -> usize {
+        self.width
+    }
+
+    fn customers(&self) -> usize {
+        self.data.ids.len()
+    }
+
+    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
+        let Some(txns) = self.data.txns.get(customer) else {
+            return false;
+        };
+        if out.len() != self.width {
+            return false;
+        }
+        let (mut count_stack, mut sum_stack) = ([0u64; STACK_GROUPS], [0i64; STACK_GROUPS]);
+        let (mut count_heap, mut sum_heap) = (Vec::new(), Vec::new());
+        let (count, sum): (&mut [u64], &mut [i64]) = if self.groups <= STACK_GROUPS {
+            (&mut count_stack[..self.groups], &mut sum_stack[..self.groups])
+        } else {
+            count_heap.resize(self.groups, 0);
+            sum_heap.resize(self.groups, 0);
+            (&mut count_heap, &mut sum_heap)
+        };
+        for t in txns {
+            let r = HolderRow {
+                category: self.categories.get(usize::from(t.category)).map_or("", String::as_str),
+                cents: t.cents,
+                day: t.day,
+            };
+            if !self.plan.holder_row_passes(&r) {
+                continue;
+            }
+            if let Some(g) = self.group_of.get(usize::from(t.category)).copied().flatten()
+                && let (Some(n), Some(s)) = (count.get_mut(g), sum.get_mut(g))
+            {
+                *n += 1;
+                *s = s.saturating_add(t.cents);
+            }
+        }
+        out.iter_mut().for_each(|x| *x = 0);
+        let per = self.width / self.groups;
+        let spend_cap = i64::try_from(self.plan.clip.spend_cents).unwrap_or(i64::MAX);
+        for (g, (n, s)) in count.iter().zip(sum.iter()).enumerate() {
+            if *n == 0 {
+                continue;
+            }
+            for k in 0..per {
+                let idx = g * per + k;
+                let Some(cell) = self.cells.get(idx) else { continue };
+                let v = match cell.kind {
+                    CellKind::Customers => 1,
+                    CellKind::Rows => (*n).min(self.plan.clip.transactions),
+                    CellKind::Sum => (*s).clamp(0, spend_cap) as u64,
+                };
+                if let Some(x) = out.get_mut(idx) {
+                    *x = v.wrapping_mul(cell.weight);
                 }
-                for (g, (n, s)) in count.iter().zip(sum.iter()).enumerate() {
-                    if *n == 0 {
-                        continue;
-                    }
-                    for k in 0..per {
-                        let idx = g * per + k;
-                        let Some(cell) = cells.get(idx) else { continue };
-                        let v = match cell.kind {
-                            CellKind::Customers => 1,
-                            CellKind::Rows => (*n).min(plan.clip.transactions),
-                            CellKind::Sum => (*s).clamp(0, spend_cap) as u64,
-                        };
-                        if let Some(x) = row.get_mut(idx) {
-                            *x = v * cell.weight;
-                        }
-                    }
-                }
-            },
-        );
+            }
+        }
+        count.iter_mut().for_each(|x| *x = 0);
+        sum.iter_mut().for_each(|x| *x = 0);
+        true
+    }
+}
+
+/// All of [`HolderRows`] at once, customer after customer (for tests and
+/// tools; the node computes them row by row).
+pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> Vec<u64> {
+    use cleanroom_protocol::aggregate::RowSource;
+    let rows = HolderRows::new(plan, Arc::new(data.clone()), categories);
+    let width = rows.width();
+    let mut out = vec![0u64; data.ids.len() * width];
+    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(c, row)| {
+        rows.fill(c, row);
+    });
     out
 }

@@ -85,6 +85,50 @@ fn check_width(width: usize) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// Where the holder's per-customer vectors come from: computed up front
+/// ([`RowValues`]) or row by row as the masked rows are produced (the node
+/// computes each customer's vector from its transactions there, so no
+/// customers x width table is ever built).
+pub trait RowSource: Send + Sync {
+    /// Words per customer.
+    fn width(&self) -> usize;
+    /// Customers covered (the holder's joined identifiers, in order).
+    fn customers(&self) -> usize;
+    /// Writes customer `customer`'s vector into `out` (`width` words);
+    /// false when there is no such customer.
+    fn fill(&self, customer: usize, out: &mut [u64]) -> bool;
+}
+
+impl<T: RowSource + ?Sized> RowSource for std::sync::Arc<T> {
+    fn width(&self) -> usize {
+        (**self).width()
+    }
+    fn customers(&self) -> usize {
+        (**self).customers()
+    }
+    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
+        (**self).fill(customer, out)
+    }
+}
+
+impl RowSource for RowValues {
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn customers(&self) -> usize {
+        self.words.len() / self.width.max(1)
+    }
+    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
+        match self.row(customer) {
+            Some(v) if v.len() == out.len() => {
+                out.copy_from_slice(v);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The holder's per-customer contribution vectors, `width` words each, in
 /// the order of the identifiers it joined with. Values are two's-complement
 /// i64 read as u64.
@@ -140,13 +184,22 @@ impl RowValues {
 // ---------------------------------------------------------------- holder
 
 /// The holder's side of one aggregate, before the matcher's setup arrives.
-#[derive(Debug)]
 pub struct HolderAggregate {
     joined: std::sync::Arc<HolderJoined>,
-    values: std::sync::Arc<RowValues>,
+    values: std::sync::Arc<dyn RowSource>,
     query_id: [u8; 16],
     plan: [u8; 32],
     group: u32,
+}
+
+impl core::fmt::Debug for HolderAggregate {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HolderAggregate")
+            .field("customers", &self.values.customers())
+            .field("width", &self.values.width())
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HolderAggregate {
@@ -157,13 +210,14 @@ impl HolderAggregate {
     /// [`ProtocolError::LocalInput`] when the values do not cover the join's customers.
     pub fn new(
         joined: std::sync::Arc<HolderJoined>,
-        values: impl Into<std::sync::Arc<RowValues>>,
+        values: impl RowSource + 'static,
         query_id: [u8; 16],
         plan: [u8; 32],
         group: u32,
     ) -> Result<Self, ProtocolError> {
-        let values = values.into();
-        if values.words.len() as u64 != joined.customers() * values.width as u64 {
+        let values: std::sync::Arc<dyn RowSource> = std::sync::Arc::new(values);
+        check_width(values.width())?;
+        if values.customers() as u64 != joined.customers() {
             return Err(ProtocolError::LocalInput {
                 reason: "one value row per joined customer is required",
             });
@@ -213,7 +267,7 @@ impl HolderAggregate {
         if setup.rows != rows as u64 {
             return Err(ProtocolError::ParameterMismatch { what: "row count" });
         }
-        if setup.width as usize != self.values.width {
+        if setup.width as usize != self.values.width() {
             return Err(ProtocolError::ParameterMismatch { what: "output width" });
         }
         let expected = setup_session_id(
@@ -242,7 +296,7 @@ impl HolderAggregate {
         for b in &bs {
             points.extend_from_slice(b);
         }
-        let width = self.values.width;
+        let width = self.values.width();
         Ok((
             HolderOtRunning {
                 session,
@@ -266,7 +320,7 @@ impl HolderAggregate {
 pub struct HolderOtRunning {
     session: SessionId,
     joined: std::sync::Arc<HolderJoined>,
-    values: std::sync::Arc<RowValues>,
+    values: std::sync::Arc<dyn RowSource>,
     sender: IknpSender,
     chunk_rows: usize,
     next_seq: u32,
@@ -326,7 +380,7 @@ impl HolderOtRunning {
         }
         let len = self.chunk_rows.min(rows - first);
         let pairs = self.sender.chunk(first, len, &ext.columns)?;
-        let w = self.values.width;
+        let w = self.values.width();
         let joined = &self.joined;
         let values = &self.values;
         // Each row's d = v + m0 - m1 is written straight into the message.
@@ -336,18 +390,21 @@ impl HolderOtRunning {
             .zip(pairs.par_iter())
             .enumerate()
             .fold(
-                || (vec![0u64; w], vec![0u64; w], vec![0u64; w]),
-                |(mut acc, mut m1, mut d), (k, (bytes, (k0, k1)))| {
+                || (vec![0u64; w], vec![0u64; w], vec![0u64; w], vec![0u64; w]),
+                |(mut acc, mut m1, mut d, mut v), (k, (bytes, (k0, k1)))| {
                     // d = m0; acc += m0
                     Prg::new(*k0).words(&mut d, false);
                     for (a, m0) in acc.iter_mut().zip(d.iter()) {
                         *a = a.wrapping_add(*m0);
                     }
-                    // d = v + m0 - m1
-                    if let Some(v) = joined.customer_of_row(first + k).and_then(|c| values.row(c)) {
-                        for (x, v) in d.iter_mut().zip(v) {
+                    // d = v + m0 - m1 (v = 0 for a dummy row)
+                    if let Some(c) = joined.customer_of_row(first + k)
+                        && values.fill(c, &mut v)
+                    {
+                        for (x, v) in d.iter_mut().zip(v.iter()) {
                             *x = x.wrapping_add(*v);
                         }
+                        v.as_mut_slice().zeroize();
                     }
                     Prg::new(*k1).words(&mut m1, false);
                     for ((x, m), out) in d.iter().zip(m1.iter()).zip(bytes.chunks_exact_mut(8)) {
@@ -355,10 +412,10 @@ impl HolderOtRunning {
                     }
                     m1.as_mut_slice().zeroize();
                     d.as_mut_slice().zeroize();
-                    (acc, m1, d)
+                    (acc, m1, d, v)
                 },
             )
-            .map(|(acc, _, _)| acc)
+            .map(|(acc, _, _, _)| acc)
             .reduce(
                 || vec![0u64; w],
                 |mut a, b| {

@@ -62,6 +62,24 @@ impl Traffic {
     }
 }
 
+/// Which way a frame travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the holder to the matcher.
+    HolderToMatcher,
+    /// From the matcher to the holder.
+    MatcherToHolder,
+}
+
+/// What the wire does to each frame: the frames actually delivered in its
+/// place (none to drop it, several to duplicate or inject). The honest wire
+/// delivers each frame as it is.
+pub type Wire<'a> = &'a mut dyn FnMut(Direction, Vec<u8>) -> Vec<Vec<u8>>;
+
+fn honest(_: Direction, f: Vec<u8>) -> Vec<Vec<u8>> {
+    vec![f]
+}
+
 fn timed<T>(acc: &mut Duration, f: impl FnOnce() -> T) -> T {
     let t = Instant::now();
     let out = f();
@@ -86,24 +104,48 @@ where
     RH: RngCore + CryptoRng,
     RM: RngCore + CryptoRng,
 {
+    run_join_over(holder, matcher, rng_h, rng_m, record_charge, &mut honest)
+}
+
+/// As [`run_join`], with every frame passed through `wire` (for hostile
+/// tests and fuzzing). A request/response step whose frame is dropped, or
+/// that gets several, uses the first delivered frame; no frame stalls.
+///
+/// # Errors
+/// As [`run_join`].
+pub fn run_join_over<RH, RM>(
+    holder: HolderJoin,
+    matcher: MatcherJoin,
+    rng_h: &mut RH,
+    rng_m: &mut RM,
+    record_charge: impl FnOnce(&[u8; 16]),
+    wire: Wire<'_>,
+) -> Result<(HolderJoined, MatcherJoined, Traffic), DriverError>
+where
+    RH: RngCore + CryptoRng,
+    RM: RngCore + CryptoRng,
+{
+    use Direction::{HolderToMatcher as H2M, MatcherToHolder as M2H};
     let mut t = Traffic::default();
     let (offered, offer) = timed(&mut t.matcher_time, || matcher.offer(rng_m)).map_err(DriverError::Matcher)?;
-    let frame = t.m2h(&offer)?;
+    let frame = first(wire(M2H, t.m2h(&offer)?))?;
     let pending = timed(&mut t.holder_time, || holder.on_offer(&frame, rng_h)).map_err(DriverError::Holder)?;
     record_charge(&pending.session());
     let (mut h, accept) = pending.charge_recorded();
-    let frame = t.h2m(&accept)?;
+    let frame = first(wire(H2M, t.h2m(&accept)?))?;
     let mut m = timed(&mut t.matcher_time, || offered.on_accept(&frame)).map_err(DriverError::Matcher)?;
     loop {
         let mut progressed = false;
         if let Some(msg) = timed(&mut t.matcher_time, || m.poll_transmit()) {
-            let f = t.m2h(&msg)?;
-            timed(&mut t.holder_time, || h.handle(&f)).map_err(DriverError::Holder)?;
+            for f in wire(M2H, t.m2h(&msg)?) {
+                timed(&mut t.holder_time, || h.handle(&f)).map_err(DriverError::Holder)?;
+            }
             progressed = true;
         }
         if let Some(msg) = timed(&mut t.holder_time, || h.poll_transmit()) {
-            let f = t.h2m(&msg)?;
-            timed(&mut t.matcher_time, || m.handle(&f)).map_err(DriverError::Matcher)?;
+            for f in wire(H2M, t.h2m(&msg)?) {
+                timed(&mut t.matcher_time, || m.handle(&f)).map_err(DriverError::Matcher)?;
+            }
             progressed = true;
         }
         if !progressed {
@@ -139,20 +181,56 @@ where
     RH: RngCore + CryptoRng,
     RM: RngCore + CryptoRng,
 {
+    run_aggregate_over(
+        holder,
+        matcher_joined,
+        choices,
+        width,
+        (query_id, plan, group),
+        rng_h,
+        rng_m,
+        &mut honest,
+    )
+}
+
+/// As [`run_aggregate`], with every frame passed through `wire`; `query` is
+/// `(query id, plan digest, group)`.
+///
+/// # Errors
+/// As [`run_aggregate`].
+#[allow(clippy::too_many_arguments)]
+pub fn run_aggregate_over<RH, RM>(
+    holder: HolderAggregate,
+    matcher_joined: &MatcherJoined,
+    choices: &[bool],
+    width: usize,
+    query: ([u8; 16], [u8; 32], u32),
+    rng_h: &mut RH,
+    rng_m: &mut RM,
+    wire: Wire<'_>,
+) -> Result<(Share, Share, Traffic), DriverError>
+where
+    RH: RngCore + CryptoRng,
+    RM: RngCore + CryptoRng,
+{
+    use Direction::{HolderToMatcher as H2M, MatcherToHolder as M2H};
+    let (query_id, plan, group) = query;
     let mut t = Traffic::default();
     let (waiting, setup) = timed(&mut t.matcher_time, || {
         MatcherAggregate::start(matcher_joined, choices, width, query_id, plan, group, rng_m)
     })
     .map_err(DriverError::Matcher)?;
-    let frame = t.m2h(&setup)?;
+    let frame = first(wire(M2H, t.m2h(&setup)?))?;
     let (mut h, answer) = timed(&mut t.holder_time, || holder.on_setup(&frame, rng_h)).map_err(DriverError::Holder)?;
-    let frame = t.h2m(&answer)?;
+    let frame = first(wire(H2M, t.h2m(&answer)?))?;
     let mut m = timed(&mut t.matcher_time, || waiting.on_choices(&frame)).map_err(DriverError::Matcher)?;
     while let Some(ext) = timed(&mut t.matcher_time, || m.poll_transmit()) {
-        let f = t.m2h(&ext)?;
-        let reply = timed(&mut t.holder_time, || h.handle(&f)).map_err(DriverError::Holder)?;
-        let f = t.h2m(&reply)?;
-        timed(&mut t.matcher_time, || m.handle(&f)).map_err(DriverError::Matcher)?;
+        for f in wire(M2H, t.m2h(&ext)?) {
+            let reply = timed(&mut t.holder_time, || h.handle(&f)).map_err(DriverError::Holder)?;
+            for f in wire(H2M, t.h2m(&reply)?) {
+                timed(&mut t.matcher_time, || m.handle(&f)).map_err(DriverError::Matcher)?;
+            }
+        }
     }
     if !h.is_done() || !m.is_done() {
         return Err(DriverError::Stalled);
@@ -160,6 +238,11 @@ where
     let hs = h.finish().map_err(DriverError::Holder)?;
     let ms = m.finish().map_err(DriverError::Matcher)?;
     Ok((hs, ms, t))
+}
+
+/// The first delivered frame of a request/response step.
+fn first(frames: Vec<Vec<u8>>) -> Result<Vec<u8>, DriverError> {
+    frames.into_iter().next().ok_or(DriverError::Stalled)
 }
 
 /// Convenience for callers holding the join in an `Arc`.
