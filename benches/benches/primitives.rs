@@ -91,6 +91,48 @@ fn ot(c: &mut Criterion) {
     g.finish();
 }
 
+/// Phase 2 alone at 2^20 rows and 51 cells (the `spend_by_category` width),
+/// over a join rebuilt from parts (half the rows matched), in memory: base
+/// OTs, extension, masking and unmasking, no network.
+fn aggregate(c: &mut Criterion) {
+    use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
+    use cleanroom_protocol::join::{HolderJoined, MatcherJoined, UNMATCHED};
+    let rows: u32 = 1 << 20;
+    let width = 51;
+    let session = [3u8; 16];
+    let hj = std::sync::Arc::new(
+        HolderJoined::from_parts(session, u64::from(rows), vec![0], 0, (0..rows).collect()).unwrap(),
+    );
+    let labels: Vec<u32> = (0..rows).map(|i| if i % 2 == 0 { 0 } else { UNMATCHED }).collect();
+    let mj = MatcherJoined::from_parts(session, labels, 1).unwrap();
+    let values = std::sync::Arc::new(RowValues::new(width, (0..u64::from(rows) * width as u64).collect()).unwrap());
+    let mut g = c.benchmark_group("aggregate");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(u64::from(rows)));
+    g.bench_function("1048576_rows_51_cells_in_memory", |b| {
+        b.iter(|| {
+            let mut rh = ChaCha20Rng::seed_from_u64(5);
+            let mut rm = ChaCha20Rng::seed_from_u64(6);
+            let agg = HolderAggregate::new(hj.clone(), values.clone(), [1; 16], [2; 32], 0).unwrap();
+            black_box(
+                cleanroom_sim::driver::run_aggregate(
+                    agg,
+                    &mj,
+                    mj.matched(),
+                    width,
+                    [1; 16],
+                    [2; 32],
+                    0,
+                    &mut rh,
+                    &mut rm,
+                )
+                .unwrap(),
+            )
+        })
+    });
+    g.finish();
+}
+
 fn samplers(c: &mut Criterion) {
     let mut rng = ChaCha20Rng::seed_from_u64(4);
     let gauss = DiscreteGaussian::for_zcdp(1_000_000 * 1_000_000, 1, 10).unwrap();
@@ -124,5 +166,5 @@ fn join(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, curve, ot, samplers, join);
+criterion_group!(benches, curve, ot, aggregate, samplers, join);
 criterion_main!(benches);

@@ -1,2 +1,4 @@
 #![forbid(unsafe_code)]
 //! Test-only package: see tests/.
+
+pub mod fuzz;

@@ -95,22 +95,24 @@ impl Prg {
     /// `out` when `add` is true, written otherwise.
     pub fn words(&self, out: &mut [u64], add: bool) {
         let mut buf = [AesBlock::default(); 32];
+        let mut used = 0;
         for (chunk_idx, chunk) in out.chunks_mut(64).enumerate() {
             let nblocks = chunk.len().div_ceil(2);
+            used = used.max(nblocks);
             for (k, b) in buf.iter_mut().take(nblocks).enumerate() {
                 *b = Array::from(((chunk_idx * 32 + k) as u128).to_le_bytes());
             }
             self.cipher.encrypt_blocks(&mut buf[..nblocks]);
-            for (k, w) in chunk.iter_mut().enumerate() {
-                let block = &buf[k / 2].0;
-                let half = if k % 2 == 0 { &block[..8] } else { &block[8..] };
-                let mut b8 = [0u8; 8];
-                b8.copy_from_slice(half);
-                let v = u64::from_le_bytes(b8);
-                *w = if add { w.wrapping_add(v) } else { v };
+            // Block k gives words 2k (low half) and 2k + 1 (high half).
+            for (pair, block) in chunk.chunks_mut(2).zip(buf.iter()) {
+                let v = u128::from_le_bytes(block.0);
+                let halves = [v as u64, (v >> 64) as u64];
+                for (w, h) in pair.iter_mut().zip(halves) {
+                    *w = if add { w.wrapping_add(h) } else { h };
+                }
             }
         }
-        for b in buf.iter_mut() {
+        for b in buf.iter_mut().take(used) {
             b.0.zeroize();
         }
     }

@@ -1,0 +1,44 @@
+//! Replays every checked-in fuzz input (the corpora under `fuzz/corpus/`
+//! and any crash or timeout input kept under `fuzz/regressions/`) through
+//! the same target bodies the fuzzers run (`cleanroom_tests::fuzz`), on
+//! stable Rust, as part of `cargo test`.
+
+use std::path::Path;
+
+use cleanroom_tests::fuzz::TARGETS;
+
+fn inputs(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_checked_in_input_still_passes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    for (name, target) in TARGETS {
+        let corpus = inputs(&root.join("corpus").join(name));
+        // The corpora are part of the repository: an empty one means they were lost.
+        assert!(corpus.len() >= 3, "fuzz/corpus/{name} has {} inputs", corpus.len());
+        for file in corpus.iter().chain(&inputs(&root.join("regressions").join(name))) {
+            let data = std::fs::read(file).unwrap();
+            target(&data);
+        }
+    }
+}
+
+/// Writes the seed corpus (run once by hand; the fuzzers grow it):
+/// `cargo test -p cleanroom-tests --test fuzz_regressions -- --ignored write_seed_corpus`.
+#[test]
+#[ignore = "writes files under fuzz/corpus"]
+fn write_seed_corpus() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    cleanroom_tests::fuzz::write_seed_corpus(&repo.join("fuzz/corpus"), &repo);
+}
