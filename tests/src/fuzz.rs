@@ -114,9 +114,7 @@ struct Script {
 
 /// A wire that applies `script` frame by frame; returns whether it changed
 /// anything.
-fn hostile_wire(
-    tamper: Vec<Tamper>,
-) -> (impl FnMut(Direction, Vec<u8>) -> Vec<Vec<u8>>, Changed) {
+fn hostile_wire(tamper: Vec<Tamper>) -> (impl FnMut(Direction, Vec<u8>) -> Vec<Vec<u8>>, Changed) {
     let changed = std::rc::Rc::new(std::cell::Cell::new(false));
     let flag = changed.clone();
     let mut script = tamper.into_iter();
@@ -371,7 +369,11 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
     }
     if let Ok(bytes) = std::fs::read(dir.path().join("state.db")) {
         put("state_file", "state.db", &bytes);
-        put("state_file", "state-truncated.db", bytes.get(..bytes.len() / 2).unwrap_or(&[]));
+        put(
+            "state_file",
+            "state-truncated.db",
+            bytes.get(..bytes.len() / 2).unwrap_or(&[]),
+        );
     }
     let fresh = tempfile::tempdir().expect("temp dir");
     drop(cleanroom_node::state::State::open(fresh.path()).expect("state"));

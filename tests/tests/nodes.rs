@@ -824,3 +824,126 @@ async fn an_oversized_analyst_request_is_refused_from_its_length() {
     p.platform.shutdown().await;
     p.bank.shutdown().await;
 }
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_revoked_and_early_data_clients_are_refused() {
+    let p = pair(300, 23, &["alice", "bob"]).await;
+    let certs = p.fixture.dir.join("certs");
+    let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+    let bank_name = pki::node_name("bank");
+    let load =
+        |file: &str| Identity::load(&certs.join(format!("{file}.pem")), &certs.join(format!("{file}.key"))).unwrap();
+    let now = now_unix();
+
+    // alice's name from the right CA, but expired yesterday, or valid only from tomorrow.
+    pki::issue(
+        &certs,
+        "alice-expired",
+        &pki::analyst_name("alice"),
+        false,
+        now - 10 * 86_400,
+        now - 86_400,
+    )
+    .unwrap();
+    pki::issue(
+        &certs,
+        "alice-future",
+        &pki::analyst_name("alice"),
+        false,
+        now + 86_400,
+        now + 10 * 86_400,
+    )
+    .unwrap();
+    // And a fresh one, to show the issuing itself is fine.
+    pki::issue(
+        &certs,
+        "alice-fresh",
+        &pki::analyst_name("alice"),
+        false,
+        now - 60,
+        now + 86_400,
+    )
+    .unwrap();
+    for (file, accepted) in [("alice-expired", false), ("alice-future", false), ("alice-fresh", true)] {
+        let r = raw_request(&load(file), &ca, p.bank_addr(), &bank_name, templates_request()).await;
+        assert_eq!(r.is_ok(), accepted, "{file}: {r:?}");
+    }
+
+    // Revocation: alice's second certificate was answered above; it is
+    // revoked and the bank restarted with the CA's list: refused, while
+    // her first certificate is still answered.
+    pki::revoke(&certs, &[certs.join("alice-fresh.pem")], 30).unwrap();
+    p.bank.shutdown().await;
+    let text = std::fs::read_to_string(&p.fixture.bank_config).unwrap();
+    let edited = text.replacen(
+        "ca = \"certs/ca.pem\"\n",
+        "ca = \"certs/ca.pem\"\ncrl = \"certs/ca.crl.pem\"\n",
+        1,
+    );
+    assert_ne!(text, edited);
+    std::fs::write(&p.fixture.bank_config, edited).unwrap();
+    let bank = Node::start(
+        cleanroom_node::config::NodeConfig::load(&p.fixture.bank_config).unwrap(),
+        &p.fixture.bank_config,
+    )
+    .await
+    .unwrap();
+    let addr = bank.local_addr().unwrap();
+    let revoked = raw_request(&load("alice-fresh"), &ca, addr, &bank_name, templates_request()).await;
+    assert!(revoked.is_err(), "a revoked certificate was answered: {revoked:?}");
+    let alice = raw_request(&load("analyst-alice"), &ca, addr, &bank_name, templates_request()).await;
+    assert!(alice.is_ok(), "{alice:?}");
+    // A client that trusts the list refuses a revoked server, too.
+    pki::revoke(&certs, &[certs.join("bank.pem")], 30).unwrap();
+    let wary = TrustAnchors::load(&certs.join("ca.pem"))
+        .unwrap()
+        .with_crl(&certs.join("ca.crl.pem"))
+        .unwrap();
+    let r = raw_request(&load("analyst-alice"), &wary, addr, &bank_name, templates_request()).await;
+    assert!(r.is_err(), "a revoked server was trusted: {r:?}");
+
+    // 0-RTT: a client willing to send early data and to resume gets no
+    // ticket from a node, so its second connection cannot start in 0-RTT.
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates({
+            let mut r = rustls::RootCertStore::empty();
+            for c in rustls::pki_types::CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
+                r.add(c.unwrap()).unwrap();
+            }
+            r
+        })
+        .with_client_auth_cert(
+            rustls::pki_types::CertificateDer::pem_file_iter(certs.join("analyst-alice.pem"))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect(),
+            rustls::pki_types::PrivateKeyDer::from_pem_file(certs.join("analyst-alice.key")).unwrap(),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![cleanroom_transport::ALPN.to_vec()];
+    tls.enable_early_data = true;
+    let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
+    let first = ep.connect(addr, &bank_name).unwrap().await.unwrap();
+    let (mut send, mut recv) = first.open_bi().await.unwrap();
+    write_frame(&mut send, &templates_request().encode().unwrap(), MAX_MESSAGE_LEN)
+        .await
+        .unwrap();
+    let _ = send.finish();
+    assert!(read_frame(&mut recv, MAX_MESSAGE_LEN).await.unwrap().is_some());
+    first.close(0u32.into(), b"done");
+    let second = ep.connect(addr, &bank_name).unwrap();
+    assert!(second.into_0rtt().is_err(), "the node let a client start in 0-RTT");
+    bank.shutdown().await;
+    p.platform.shutdown().await;
+}

@@ -216,6 +216,20 @@ enum CertsCommand {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// Write `ca.crl.pem` in the CA's directory, revoking the given
+    /// certificates (the list replaces any earlier one: name every
+    /// certificate that stays revoked). Point `identity.crl` at it.
+    Revoke {
+        /// The directory with `ca.pem` and `ca.key`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A certificate (PEM file) to revoke (repeatable).
+        #[arg(long = "cert", required = true)]
+        certs: Vec<PathBuf>,
+        /// Days until the list's next update.
+        #[arg(long, default_value_t = 30)]
+        days: i64,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -399,6 +413,16 @@ fn main() -> anyhow::Result<()> {
                 dir.join("platform.csv").display(),
                 data.platform.len(),
                 data.shared_customers
+            );
+        }
+        Command::Certs {
+            command: CertsCommand::Revoke { dir, certs, days },
+        } => {
+            let path = cleanroom_transport::pki::revoke(&dir, &certs, days)?;
+            out!(
+                "wrote {} revoking {} certificate(s); set identity.crl to it on both nodes and restart them",
+                path.display(),
+                certs.len()
             );
         }
         Command::Certs {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cleanroom_crypto::shares::Share;
-use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, connect, pki};
+use cleanroom_transport::{Identity, TransportSettings, client_endpoint, connect, pki};
 use cleanroom_wire::{AnalystRequest, AnalystResponse, BudgetInfo, Message, QueryRequest, QueryShare, TemplateInfo};
 use serde::Serialize;
 
@@ -67,7 +67,7 @@ impl Analyst {
     /// A config or transport error.
     pub fn new(cfg: &AnalystConfig) -> Result<Self, NodeError> {
         let identity = Identity::load(&cfg.identity.cert, &cfg.identity.key)?;
-        let ca = TrustAnchors::load(&cfg.identity.ca)?;
+        let ca = cfg.identity.trust_anchors()?;
         let endpoint = client_endpoint(&identity, &ca, &TransportSettings::default())?;
         Ok(Self {
             name: cfg.name.clone(),

@@ -48,6 +48,37 @@ pub struct IdentityFiles {
     pub key: PathBuf,
     /// PEM CA certificate(s) of the collaboration.
     pub ca: PathBuf,
+    /// PEM certificate revocation list(s) of the CA (`cleanroom certs
+    /// revoke`): certificates listed there are refused.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+}
+
+impl IdentityFiles {
+    /// The CA certificates with the configured revocation lists.
+    ///
+    /// # Errors
+    /// An unreadable CA or CRL file.
+    pub fn trust_anchors(&self) -> Result<cleanroom_transport::TrustAnchors, NodeError> {
+        let ca = cleanroom_transport::TrustAnchors::load(&self.ca)?;
+        Ok(match &self.crl {
+            Some(crl) => ca.with_crl(crl)?,
+            None => ca,
+        })
+    }
+
+    fn make_relative_to(&mut self, base: &Path) {
+        for p in [&mut self.cert, &mut self.key, &mut self.ca] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(p) = self.crl.as_mut()
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
+    }
 }
 
 /// The other node.
@@ -336,11 +367,9 @@ impl NodeConfig {
         {
             *k = base.join(&*k);
         }
+        cfg.identity.make_relative_to(base);
         for p in [
             &mut cfg.state_dir,
-            &mut cfg.identity.cert,
-            &mut cfg.identity.key,
-            &mut cfg.identity.ca,
             &mut cfg.data.path,
             &mut cfg.policy.signed,
             &mut cfg.policy.public_key,
@@ -554,11 +583,7 @@ impl AnalystConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, NodeError> {
         let mut cfg: AnalystConfig = toml::from_str(text).map_err(|e| bad(path, e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut cfg.identity.cert, &mut cfg.identity.key, &mut cfg.identity.ca] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        cfg.identity.make_relative_to(base);
         let has = |r: Role| cfg.nodes.iter().filter(|n| n.role == r).count() == 1;
         if !has(Role::Bank) || !has(Role::Platform) {
             return Err(bad(

@@ -27,7 +27,7 @@ use cleanroom_protocol::join::{
 use cleanroom_query::policy::SignedPolicy;
 use cleanroom_query::{CellKind, Domains, HolderRow, Plan, Template, format_date, format_micro};
 use cleanroom_transport::{
-    Identity, TransportSettings, TrustAnchors, certificate_is_for, connect, node_endpoint, peer_certificate, pki,
+    Identity, TransportSettings, certificate_is_for, connect, node_endpoint, peer_certificate, pki,
 };
 use cleanroom_wire::{
     Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, PolicyMessage, QueryRequest, QueryShare,
@@ -192,7 +192,7 @@ impl Node {
         let limits = cfg.limits(config_path)?;
         let templates = cfg.templates(config_path)?;
         let identity = Identity::load(&cfg.identity.cert, &cfg.identity.key)?;
-        let ca = TrustAnchors::load(&cfg.identity.ca)?;
+        let ca = cfg.identity.trust_anchors()?;
         if let Some(leaf) = identity.leaf()
             && !certificate_is_for(leaf, &pki::node_name(cfg.role.as_str()))
         {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 
 /// The ALPN protocol id: the protocol and its version.
@@ -161,7 +161,7 @@ impl Identity {
     }
 }
 
-fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+pub(crate) fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<_, _>>()
         .map_err(|_| TransportError::Pem {
@@ -177,10 +177,12 @@ fn certs_from_pem(bytes: &[u8], path: &Path) -> Result<Vec<CertificateDer<'stati
     Ok(certs)
 }
 
-/// The collaboration's CA certificates.
+/// The collaboration's CA certificates, and the CA's revocation lists if
+/// any are configured.
 #[derive(Debug, Clone)]
 pub struct TrustAnchors {
     roots: Arc<RootCertStore>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl TrustAnchors {
@@ -201,7 +203,40 @@ impl TrustAnchors {
         for c in certs {
             roots.add(c)?;
         }
-        Ok(Self { roots: Arc::new(roots) })
+        Ok(Self {
+            roots: Arc::new(roots),
+            crls: Vec::new(),
+        })
+    }
+
+    /// Adds the certificate revocation lists in a PEM file: a certificate
+    /// they list is refused in both directions (client and server), before
+    /// any application data.
+    ///
+    /// # Errors
+    /// [`TransportError::File`] or [`TransportError::Pem`] for an unreadable
+    /// or empty file (a configured CRL that cannot be read stops the node).
+    pub fn with_crl(mut self, path: &Path) -> Result<Self, TransportError> {
+        let bytes = read(path)?;
+        let crls: Vec<CertificateRevocationListDer<'static>> = CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .map_err(|_| TransportError::Pem {
+                path: path.display().to_string(),
+                what: "malformed CRL PEM",
+            })?;
+        if crls.is_empty() {
+            return Err(TransportError::Pem {
+                path: path.display().to_string(),
+                what: "no certificate revocation list",
+            });
+        }
+        self.crls.extend(crls);
+        Ok(self)
+    }
+
+    /// Revocation lists in force.
+    pub fn crl_count(&self) -> usize {
+        self.crls.len()
     }
 }
 
@@ -255,7 +290,9 @@ pub fn server_config(
     ca: &TrustAnchors,
     settings: &TransportSettings,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider()).build()?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(ca.roots.clone(), provider())
+        .with_crls(ca.crls.clone())
+        .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -280,9 +317,12 @@ pub fn client_config(
     ca: &TrustAnchors,
     settings: &TransportSettings,
 ) -> Result<quinn::ClientConfig, TransportError> {
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(ca.roots.clone(), provider())
+        .with_crls(ca.crls.clone())
+        .build()?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(ca.roots.clone())
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;

@@ -10,8 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SerialNumber,
 };
 
 use crate::TransportError;
@@ -144,4 +145,108 @@ pub fn init(dir: &Path, analysts: &[String], days: i64) -> Result<Written, Trans
         leaf(format!("analyst-{a}"), analyst_name(a), false)?;
     }
     Ok(Written { ca: ca_path, files })
+}
+
+fn read_text(path: &Path) -> Result<String, TransportError> {
+    std::fs::read_to_string(path).map_err(|source| TransportError::File {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+macro_rules! unix_time {
+    ($secs:expr) => {
+        rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(($secs).max(0) as u64)
+    };
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The collaboration CA in `dir` (`ca.pem`, `ca.key`) as an issuer.
+fn load_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, TransportError> {
+    let key = KeyPair::from_pem(&read_text(&dir.join("ca.key"))?)?;
+    Ok(Issuer::from_ca_cert_pem(&read_text(&dir.join("ca.pem"))?, key)?)
+}
+
+/// Writes `ca.crl.pem` into `dir`: a revocation list signed by the CA in
+/// `dir`, valid for `days` days, that revokes the certificates in the PEM
+/// files `revoked` (by their serial numbers). The list replaces any earlier
+/// one, so name every certificate that stays revoked. Nodes and analysts
+/// with `identity.crl` pointing at it refuse those certificates.
+///
+/// # Errors
+/// A file, parse or signing error.
+pub fn revoke(dir: &Path, revoked: &[PathBuf], days: i64) -> Result<PathBuf, TransportError> {
+    let issuer = load_issuer(dir)?;
+    let now = now_secs();
+    let mut revoked_certs = Vec::new();
+    for path in revoked {
+        let bad = || TransportError::Pem {
+            path: path.display().to_string(),
+            what: "not a certificate this CA can revoke",
+        };
+        let der = crate::certs_from_pem(&read_text(path)?.into_bytes(), path)?;
+        let first = der.first().ok_or_else(bad)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(first).map_err(|_| bad())?;
+        let serial_number = SerialNumber::from(cert.raw_serial().to_vec());
+        revoked_certs.push(RevokedCertParams {
+            serial_number,
+            revocation_time: unix_time!(now),
+            reason_code: Some(RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        });
+    }
+    let crl = CertificateRevocationListParams {
+        this_update: unix_time!(now - 60),
+        next_update: unix_time!(now + days.max(1) * 86_400),
+        crl_number: SerialNumber::from(now.max(1) as u64),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)?;
+    let path = dir.join("ca.crl.pem");
+    write(&path, &crl.pem()?, false)?;
+    Ok(path)
+}
+
+/// Issues one more certificate from the CA in `dir` for `dns`, valid from
+/// `not_before` to `not_after` (Unix seconds), written as `<file>.pem` and
+/// `<file>.key`: for an analyst added later, and for tests of expired and
+/// not-yet-valid certificates.
+///
+/// # Errors
+/// A file, parse or signing error.
+pub fn issue(
+    dir: &Path,
+    file: &str,
+    dns: &str,
+    server: bool,
+    not_before: i64,
+    not_after: i64,
+) -> Result<PathBuf, TransportError> {
+    let issuer = load_issuer(dir)?;
+    let mut params = CertificateParams::new(vec![dns.to_string()])?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, dns);
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = if server {
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
+    params.not_before = unix_time!(not_before);
+    params.not_after = unix_time!(not_after);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    let cert_path = dir.join(format!("{file}.pem"));
+    write(&cert_path, &cert.pem(), false)?;
+    write(&dir.join(format!("{file}.key")), &key.serialize_pem(), true)?;
+    Ok(cert_path)
 }
