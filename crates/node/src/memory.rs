@@ -72,8 +72,8 @@ impl AllocationTracker for Counter {
     }
 }
 
-/// Starts counting (once per process). Returns false when the binary does
-/// not use the tracking allocator, which shows as nothing ever being counted.
+/// Starts counting (once per process). In a binary without the tracking
+/// allocator nothing is ever counted ([`counting`] stays false).
 pub fn enable() {
     if !ENABLED.swap(true, Ordering::SeqCst) {
         let _ = AllocationRegistry::set_global_tracker(Counter);
