@@ -320,7 +320,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         #[allow(clippy::cast_precision_loss)]
         let transfer_bound_seconds = path
             .and_then(|p| p.bits_per_second)
-            .map(|bps| (tx1 - tx0).max(rx1 - rx0) as f64 * 8.0 / bps as f64);
+            .map(|bps| tx1.saturating_sub(tx0).max(rx1.saturating_sub(rx0)) as f64 * 8.0 / bps as f64);
         let network_ratio = transfer_bound_seconds.map(|t| join_seconds / t.max(bound_seconds).max(1e-9));
         let query_cells = fixture.plan(template, &params)?.width();
         out.push(BenchRow {
@@ -336,17 +336,17 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             overlap_seconds,
             query_seconds,
             join: Traffic {
-                platform_to_bank_bytes: tx1 - tx0,
-                bank_to_platform_bytes: rx1 - rx0,
-                round_trips: ex1 - ex0,
-                stalls: st1 - st0,
+                platform_to_bank_bytes: tx1.saturating_sub(tx0),
+                bank_to_platform_bytes: rx1.saturating_sub(rx0),
+                round_trips: ex1.saturating_sub(ex0),
+                stalls: st1.saturating_sub(st0),
                 cpu_seconds: cpu1 - cpu0,
             },
             query: Traffic {
-                platform_to_bank_bytes: tx2 - tx1,
-                bank_to_platform_bytes: rx2 - rx1,
-                round_trips: ex2 - ex1,
-                stalls: st2 - st1,
+                platform_to_bank_bytes: tx2.saturating_sub(tx1),
+                bank_to_platform_bytes: rx2.saturating_sub(rx1),
+                round_trips: ex2.saturating_sub(ex1),
+                stalls: st2.saturating_sub(st1),
                 cpu_seconds: cpu2 - cpu1,
             },
             platform_to_bank_bytes: tx2,

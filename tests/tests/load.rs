@@ -1,0 +1,119 @@
+//! Many analysts at once against a cached join, over real QUIC with mutual
+//! TLS: every query is answered or refused with a message, each analyst
+//! gets its share of answers, each query id is charged exactly once on each
+//! node, and the latencies are reported (`cargo test --locked -p
+//! cleanroom-tests --test load -- --nocapture`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cleanroom_node::NodeError;
+use cleanroom_node::client::{Analyst, new_query_id};
+use cleanroom_node::config::NodeConfig;
+use cleanroom_node::demo::Fixture;
+use cleanroom_node::server::Node;
+
+const ANALYSTS: usize = 20;
+const QUERIES_EACH: usize = 10;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let k = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(k).copied().unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_queries_from_twenty_analysts() {
+    let mut names: Vec<String> = vec!["alice".to_string()];
+    names.extend((1..ANALYSTS).map(|i| format!("analyst{i:02}")));
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 61, &refs).unwrap();
+    // Every template names all twenty analysts (the analyst lists are not
+    // part of the signed digests).
+    let list = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+    let allow = |text: String| text.replace("analysts = [\"alice\"]", &format!("analysts = [{list}]"));
+    let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
+    std::fs::write(&fixture.bank_config, allow(text)).unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let first = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    first.shutdown().await;
+    let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
+    std::fs::write(&fixture.platform_config, allow(text)).unwrap();
+    let platform = Node::start(
+        NodeConfig::load(&fixture.platform_config).unwrap(),
+        &fixture.platform_config,
+    )
+    .await
+    .unwrap();
+    let analysts: Vec<Arc<Analyst>> = names
+        .iter()
+        .map(|n| {
+            Arc::new(
+                Analyst::new(
+                    &fixture
+                        .analyst(n, bank.local_addr().unwrap(), platform.local_addr().unwrap())
+                        .unwrap(),
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    // Warm the join once, so the load is on the cached join.
+    analysts[0]
+        .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(120))
+        .await
+        .unwrap();
+    let charged_before = (bank.charge_count().unwrap(), platform.charge_count().unwrap());
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (a, analyst) in analysts.iter().enumerate() {
+        for _ in 0..QUERIES_EACH {
+            let analyst = analyst.clone();
+            tasks.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let r = analyst
+                    .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(300))
+                    .await;
+                (a, t.elapsed().as_secs_f64(), r)
+            }));
+        }
+    }
+    let mut answered = vec![0usize; ANALYSTS];
+    let mut refused = Vec::new();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        let (a, secs, r) = t.await.unwrap();
+        latencies.push(secs);
+        match r {
+            Ok(result) => {
+                assert!(!result.cells.is_empty());
+                answered[a] += 1;
+            }
+            Err(NodeError::Refused(m)) => refused.push(m),
+            Err(e) => panic!("analyst {a}: not a clean answer: {e}"),
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "{} queries from {ANALYSTS} analysts: {} answered, {} refused, wall {wall:.2} s, latency p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+        ANALYSTS * QUERIES_EACH,
+        answered.iter().sum::<usize>(),
+        refused.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN),
+    );
+    // Within every limit: all answered, every analyst fully served.
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    assert!(answered.iter().all(|n| *n == QUERIES_EACH), "per analyst: {answered:?}");
+    // Each query id charged once on each node: no charge lost, none doubled.
+    let total = (ANALYSTS * QUERIES_EACH) as u64;
+    assert_eq!(
+        (bank.charge_count().unwrap(), platform.charge_count().unwrap()),
+        (charged_before.0 + total, charged_before.1 + total)
+    );
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
