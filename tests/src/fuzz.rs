@@ -218,6 +218,20 @@ pub fn join_machines(data: &[u8]) {
     }
 }
 
+/// The holder's side of a two-cell aggregate (1 and the customer's index
+/// per customer) over `hj`, for query `[1; 16]` under plan `[2; 32]`.
+fn two_cell_aggregate(hj: cleanroom_protocol::join::HolderJoined, customers: usize) -> HolderAggregate {
+    let values: Vec<u64> = (0..customers as u64).flat_map(|k| [1, k]).collect();
+    HolderAggregate::new(
+        shared(hj),
+        RowValues::new(2, values).expect("values"),
+        [1; 16],
+        [2; 32],
+        0,
+    )
+    .expect("aggregate")
+}
+
 /// An honest join, then the aggregate machines through a hostile wire: a
 /// typed error or a result, never a panic; exact when the wire changed
 /// nothing.
@@ -232,7 +246,6 @@ pub fn aggregate_machines(data: &[u8]) {
         panic!("an honest join failed");
     };
     // Two cells per customer: 1 and its index.
-    let values: Vec<u64> = (0..h.len() as u64).flat_map(|k| [1, k]).collect();
     let mset: HashSet<&Vec<u8>> = m.iter().collect();
     let truth = h
         .iter()
@@ -243,14 +256,7 @@ pub fn aggregate_machines(data: &[u8]) {
             t[1] += k as i64;
             t
         });
-    let agg = HolderAggregate::new(
-        shared(hj),
-        RowValues::new(2, values).expect("values"),
-        [1; 16],
-        [2; 32],
-        0,
-    )
-    .expect("aggregate");
+    let agg = two_cell_aggregate(hj, h.len());
     let (mut wire, changed) = hostile_wire(s.tamper);
     let out = run_aggregate_over(
         agg,
@@ -299,15 +305,7 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
     let mut rng_h = ChaCha20Rng::seed_from_u64(1);
     let mut rng_m = ChaCha20Rng::seed_from_u64(2);
     let (hj, mj, _) = run_join_over(holder, matcher, &mut rng_h, &mut rng_m, |_| {}, &mut record).expect("join");
-    let values: Vec<u64> = (0..h.len() as u64).flat_map(|k| [1, k]).collect();
-    let agg = HolderAggregate::new(
-        shared(hj),
-        RowValues::new(2, values).expect("values"),
-        [1; 16],
-        [2; 32],
-        0,
-    )
-    .expect("aggregate");
+    let agg = two_cell_aggregate(hj, h.len());
     run_aggregate_over(
         agg,
         &mj,

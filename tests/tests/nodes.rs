@@ -139,6 +139,16 @@ async fn raw_request(
     Message::decode(&f).map_err(|e| e.to_string())
 }
 
+/// The collaboration CA in `certs` as a plain rustls root store (for
+/// clients built by hand, outside the transport crate).
+fn ca_roots(certs: &std::path::Path) -> rustls::RootCertStore {
+    let mut r = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
+        r.add(c.unwrap()).unwrap();
+    }
+    r
+}
+
 fn templates_request() -> Message {
     Message::AnalystRequest(AnalystRequest::Templates)
 }
@@ -162,13 +172,7 @@ async fn strangers_and_wrong_roles_are_refused() {
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
-            .with_root_certificates({
-                let mut r = rustls::RootCertStore::empty();
-                for c in rustls::pki_types::CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
-                    r.add(c.unwrap()).unwrap();
-                }
-                r
-            })
+            .with_root_certificates(ca_roots(&certs))
             .with_no_client_auth();
         tls.alpn_protocols = vec![cleanroom_transport::ALPN.to_vec()];
         let qc = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
@@ -914,13 +918,7 @@ async fn expired_revoked_and_early_data_clients_are_refused() {
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates({
-            let mut r = rustls::RootCertStore::empty();
-            for c in rustls::pki_types::CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
-                r.add(c.unwrap()).unwrap();
-            }
-            r
-        })
+        .with_root_certificates(ca_roots(&certs))
         .with_client_auth_cert(
             rustls::pki_types::CertificateDer::pem_file_iter(certs.join("analyst-alice.pem"))
                 .unwrap()

@@ -73,18 +73,12 @@ impl AllocationTracker for Counter {
 }
 
 /// Starts counting (once per process). In a binary without the tracking
-/// allocator nothing is ever counted ([`counting`] stays false).
+/// allocator nothing is ever counted (the peaks stay 0).
 pub fn enable() {
     if !ENABLED.swap(true, Ordering::SeqCst) {
         let _ = AllocationRegistry::set_global_tracker(Counter);
         AllocationRegistry::enable_tracking();
     }
-}
-
-/// Whether anything has been counted (the `cleanroom` binary installs the
-/// allocator; test binaries do not).
-pub fn counting() -> bool {
-    PEAK.iter().any(|p| p.load(Ordering::Relaxed) > 0)
 }
 
 /// Makes the calling thread's allocations count for `tag` from now on, for
@@ -123,13 +117,6 @@ pub fn node_runtime(tag: Tag, workers: usize) -> std::io::Result<tokio::runtime:
 /// Peak live heap bytes of `tag` since the last [`reset_peaks`].
 pub fn peak_bytes(tag: Tag) -> u64 {
     PEAK.get(tag as usize)
-        .map_or(0, |p| u64::try_from(p.load(Ordering::Relaxed)).unwrap_or(0))
-}
-
-/// Live heap bytes of `tag` now.
-pub fn current_bytes(tag: Tag) -> u64 {
-    CURRENT
-        .get(tag as usize)
         .map_or(0, |p| u64::try_from(p.load(Ordering::Relaxed)).unwrap_or(0))
 }
 

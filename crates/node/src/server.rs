@@ -1494,8 +1494,6 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
                 }
             }
         }
-        count.iter_mut().for_each(|x| *x = 0);
-        sum.iter_mut().for_each(|x| *x = 0);
         true
     }
 }

@@ -77,6 +77,22 @@ fn validity(params: &mut CertificateParams, days: i64) {
         rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs((now + days * 86_400).max(0) as u64);
 }
 
+/// A leaf certificate's parameters for `dns`: node certificates
+/// (`server`) authenticate as server and client, analysts as client only.
+fn leaf_params(dns: &str, server: bool) -> Result<CertificateParams, TransportError> {
+    let mut params = CertificateParams::new(vec![dns.to_string()])?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, dns);
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = if server {
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
+    Ok(params)
+}
+
 /// Makes a collaboration CA, certificates for the `bank` and `platform`
 /// nodes, and one per analyst, valid for `days` days, into `dir`:
 /// `ca.pem`, `ca.key`, `<role>.pem`, `<role>.key`, `analyst-<name>.pem`,
@@ -111,16 +127,7 @@ pub fn init(dir: &Path, analysts: &[String], days: i64) -> Result<Written, Trans
     files.push(dir.join("ca.key"));
 
     let mut leaf = |file: String, dns: String, server: bool| -> Result<(), TransportError> {
-        let mut params = CertificateParams::new(vec![dns.clone()])?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, dns);
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = if server {
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
-        } else {
-            vec![ExtendedKeyUsagePurpose::ClientAuth]
-        };
+        let mut params = leaf_params(&dns, server)?;
         validity(&mut params, days);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &ca)?;
@@ -231,16 +238,7 @@ pub fn issue(
     not_after: i64,
 ) -> Result<PathBuf, TransportError> {
     let issuer = load_issuer(dir)?;
-    let mut params = CertificateParams::new(vec![dns.to_string()])?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, dns);
-    params.distinguished_name = dn;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = if server {
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
-    } else {
-        vec![ExtendedKeyUsagePurpose::ClientAuth]
-    };
+    let mut params = leaf_params(dns, server)?;
     params.not_before = unix_time!(not_before);
     params.not_after = unix_time!(not_after);
     let key = KeyPair::generate()?;
