@@ -343,7 +343,7 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
         let mut st = cleanroom_node::state::State::open(dir.path()).expect("state");
         for k in 0..3u8 {
             let qid = [k; 16];
-            st.charge(&qid, "alice", "overlap", &[k; 32], 1000, 1_000_000, 30, 100)
+            st.charge(&qid, "alice", "overlap", &[k; 32], "[]", 1000, 1_000_000, 30, 100)
                 .expect("charge");
             st.store_share(
                 &qid,
@@ -357,6 +357,7 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
                     rho_micro: 1000,
                     result_digest: &[k; 32],
                 },
+                false,
             )
             .expect("store");
         }

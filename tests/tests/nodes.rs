@@ -467,6 +467,76 @@ async fn a_restarted_node_returns_the_same_stored_share() {
     bank.shutdown().await;
 }
 
+/// One node charged a query and stopped before storing its share (the
+/// charge and the share are separate transactions), while the other stored
+/// its share: a retry under the same id runs the aggregate again on both,
+/// the node that kept the old share replaces it, and the analyst gets a
+/// result within noise of the truth, never a sum of shares from two runs;
+/// no new charge on either side. Both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_one_node_lost_is_computed_again_by_both_without_a_new_charge() {
+    for lost in ["platform", "bank"] {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Fixture::create(dir.path(), 500, 63, &["alice"]).unwrap();
+        let bank = fixture.start_bank().await.unwrap();
+        let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+        let (template, params) = demo_queries().remove(1);
+        let qid = new_query_id().unwrap();
+        let first = analyst_of(&fixture, "alice", &bank, &platform)
+            .query(template, &params, qid, TIMEOUT)
+            .await
+            .unwrap();
+        platform.shutdown().await;
+        bank.shutdown().await;
+        drop((platform, bank));
+        // What a SIGKILL between the two transactions leaves behind.
+        let db = rusqlite::Connection::open(dir.path().join("state").join(lost).join("state.db")).unwrap();
+        let n = db
+            .execute(
+                "UPDATE charges SET share = NULL, released_at = NULL WHERE query_id = ?1",
+                [qid.to_vec()],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+        drop(db);
+
+        let bank = fixture.start_bank().await.unwrap();
+        let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+        let analyst = analyst_of(&fixture, "alice", &bank, &platform);
+        let again = analyst
+            .query(template, &params, qid, TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("{lost} lost its share: {e}"));
+        assert!(!again.replayed);
+        let t = truth(&fixture.data, &fixture.plan(template, &params).unwrap());
+        for (c, truth) in again.cells.iter().zip(&t) {
+            assert!(
+                (c.value - truth).abs() <= 6.0 * c.sigma,
+                "{lost} lost its share; {}: {} vs {truth} (sd {})",
+                c.name,
+                c.value,
+                c.sigma
+            );
+        }
+        assert_ne!(
+            first.cells.iter().map(|c| c.value).collect::<Vec<_>>(),
+            again.cells.iter().map(|c| c.value).collect::<Vec<_>>()
+        );
+        assert_eq!((bank.charge_count().unwrap(), platform.charge_count().unwrap()), (1, 1));
+        // From now on the pair is consistent: a further retry is a replay
+        // of exactly the same result.
+        let third = analyst.query(template, &params, qid, TIMEOUT).await.unwrap();
+        assert!(third.replayed, "{lost}");
+        assert_eq!(
+            again.cells.iter().map(|c| c.value).collect::<Vec<_>>(),
+            third.cells.iter().map(|c| c.value).collect::<Vec<_>>()
+        );
+        assert_eq!((bank.charge_count().unwrap(), platform.charge_count().unwrap()), (1, 1));
+        platform.shutdown().await;
+        bank.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_budget_is_refused_with_when_it_frees_up() {
     let dir = tempfile::tempdir().unwrap();

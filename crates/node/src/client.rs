@@ -215,23 +215,34 @@ impl Analyst {
             template: template.to_string(),
             params: params.to_vec(),
         });
-        let mut shares = Vec::new();
-        let mut refusals = Vec::new();
-        for (role, a) in self.ask_both(req, timeout).await {
-            match a {
-                Ok(AnalystResponse::Share(s)) => shares.push(*s),
-                Ok(AnalystResponse::Refused(m)) => refusals.push(format!("{} node: {m}", role.as_str())),
-                Ok(_) => refusals.push(format!("{} node answered out of turn", role.as_str())),
-                Err(e) => refusals.push(e.to_string()),
+        // Shares of different runs: a node restarted while the query ran,
+        // and the two ran its aggregate again; the node that answered from
+        // its old run is storing the new share. Ask again, a few times.
+        let mut attempt = 0u64;
+        loop {
+            let mut shares = Vec::new();
+            let mut refusals = Vec::new();
+            for (role, a) in self.ask_both(req.clone(), timeout).await {
+                match a {
+                    Ok(AnalystResponse::Share(s)) => shares.push(*s),
+                    Ok(AnalystResponse::Refused(m)) => refusals.push(format!("{} node: {m}", role.as_str())),
+                    Ok(_) => refusals.push(format!("{} node answered out of turn", role.as_str())),
+                    Err(e) => refusals.push(e.to_string()),
+                }
             }
+            if !refusals.is_empty() {
+                return Err(NodeError::Refused(refusals.join("; ")));
+            }
+            if shares.len() != 2 {
+                return Err(NodeError::Peer("a node did not answer".into()));
+            }
+            let same_run = matches!(&shares[..], [a, b] if a.run == b.run);
+            if same_run || attempt >= RUN_RETRIES {
+                return reconstruct(template, query_id, &shares);
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
         }
-        if !refusals.is_empty() {
-            return Err(NodeError::Refused(refusals.join("; ")));
-        }
-        if shares.len() != 2 {
-            return Err(NodeError::Peer("a node did not answer".into()));
-        }
-        reconstruct(template, query_id, &shares)
     }
 }
 
@@ -275,6 +286,12 @@ pub fn reconstruct(template: &str, query_id: [u8; 16], shares: &[QueryShare]) ->
     if a.plan != b.plan || a.cells != b.cells || a.weights != b.weights || a.query_id != b.query_id {
         return Err(NodeError::Peer(
             "the two nodes computed different plans; their templates differ".into(),
+        ));
+    }
+    if a.run != b.run {
+        return Err(NodeError::Peer(
+            "the two nodes' shares come from different runs of this query (a node restarted while it ran); ask again with the same query id"
+                .into(),
         ));
     }
     let words = Share::reconstruct(&Share::from_words(a.words.clone()), &Share::from_words(b.words.clone()))
@@ -348,6 +365,10 @@ pub fn reconstruct(template: &str, query_id: [u8; 16], shares: &[QueryShare]) ->
         replayed: a.replayed && b.replayed,
     })
 }
+
+/// How often [`Analyst::query`] asks again when the two shares come from
+/// different runs (about 4 s in all).
+const RUN_RETRIES: u64 = 5;
 
 /// Parses a query id given as 32 hex digits.
 ///

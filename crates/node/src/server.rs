@@ -31,7 +31,7 @@ use cleanroom_transport::{
 };
 use cleanroom_wire::{
     Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, PolicyMessage, QueryRequest, QueryShare,
-    SessionId, TemplateInfo,
+    SessionId, ShareCheck, ShareHeld, TemplateInfo,
 };
 use rayon::prelude::*;
 use ring::digest::{SHA256, digest};
@@ -81,33 +81,59 @@ struct PendingEntry {
     /// The holder's per-customer vectors for this plan, computed once for
     /// all of the query's batches.
     values: Arc<HolderRows>,
-    /// One share per matcher group, filled as the platform runs each batch.
-    shares: Vec<Option<Share>>,
+    /// One share per matcher group, with its OT session, filled as the
+    /// platform runs each batch.
+    shares: Vec<Option<(Share, SessionId)>>,
     /// Where the batches' time went on this side, summed.
     stats: pump::PumpStats,
     started: Instant,
     tx: Option<oneshot::Sender<Delivered>>,
 }
 
-/// A query's whole share on this side, the seconds from acceptance to the
-/// last batch, and where the batches' time went; or why it failed.
-type Delivered = Result<(Share, f64, pump::PumpStats), String>;
+/// A query's whole share on this side, its run, the seconds from acceptance
+/// to the last batch, and where the batches' time went; or why it failed.
+type Delivered = Result<(Share, Run, f64, pump::PumpStats), String>;
+
+/// Which run of a query's aggregate a share comes from: a digest of its OT
+/// sessions (one per matcher group), which both nodes derive. A query id
+/// run again after a crash has a new run; two shares add up to the result
+/// only when their runs are equal.
+type Run = [u8; 16];
+
+fn run_of<'a>(sessions: impl Iterator<Item = &'a SessionId>) -> Run {
+    let mut ctx = ring::digest::Context::new(&SHA256);
+    ctx.update(b"cleanroom-v1-run");
+    for s in sessions {
+        ctx.update(s);
+    }
+    let d = ctx.finish();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0u8; 16]));
+    out
+}
 
 impl PendingEntry {
     /// Records one group's share (or an error); delivers once all are in.
-    fn record(&mut self, group: usize, result: Result<(Share, pump::PumpStats), String>) {
+    fn record(&mut self, group: usize, result: Result<(Share, pump::PumpStats, SessionId), String>) {
         match result {
-            Ok((share, stats)) => {
+            Ok((share, stats, session)) => {
                 if let Some(slot) = self.shares.get_mut(group) {
-                    *slot = Some(share);
+                    *slot = Some((share, session));
                 }
                 self.stats.add(&stats);
                 if self.shares.iter().all(Option::is_some)
                     && let Some(tx) = self.tx.take()
                 {
-                    let words: Vec<u64> = self.shares.iter().flatten().flat_map(|s| s.words().to_vec()).collect();
+                    let words: Vec<u64> = self
+                        .shares
+                        .iter()
+                        .flatten()
+                        .flat_map(|(s, _)| s.words().to_vec())
+                        .collect();
+                    let run = run_of(self.shares.iter().flatten().map(|(_, session)| session));
                     let _ = tx.send(Ok((
                         Share::from_words(words),
+                        run,
                         self.started.elapsed().as_secs_f64(),
                         self.stats,
                     )));
@@ -582,6 +608,8 @@ impl Node {
             ));
         }
         let digest = plan.digest();
+        let params_json =
+            serde_json::to_string(&q.params).map_err(|_| NodeError::Internal("query parameters do not encode"))?;
         let charge = {
             let node = self.clone();
             let (qid, analyst, name) = (q.query_id, analyst.to_string(), template.name.clone());
@@ -593,6 +621,7 @@ impl Node {
                     &analyst,
                     &name,
                     &digest,
+                    &params_json,
                     rho,
                     l.rho_per_analyst_micro,
                     l.period_days,
@@ -602,16 +631,24 @@ impl Node {
             .await
             .map_err(|_| NodeError::Internal("ledger task failed"))??
         };
+        let mut replace = false;
         match charge {
             Charge::Existing(Some(stored)) => {
-                info!("returning the stored share of a retried query id");
-                return match Message::decode(&stored) {
-                    Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) => {
-                        s.replayed = true;
-                        Ok(*s)
-                    }
-                    _ => Err(NodeError::State("a stored share does not decode".into())),
+                let Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) = Message::decode(&stored) else {
+                    return Err(NodeError::State("a stored share does not decode".into()));
                 };
+                // The platform checks that the bank kept its share of the
+                // same run; if the bank stopped before storing it, the two
+                // run the aggregate again (see docs/protocol.md, "Retries").
+                if self.inner.role == Role::Bank || self.bank_holds(&q.query_id, &s.run).await? {
+                    info!("returning the stored share of a retried query id");
+                    s.replayed = true;
+                    return Ok(*s);
+                }
+                info!(
+                    "the bank has no share of this query's run (it stopped before storing it); running the aggregate again"
+                );
+                replace = true;
             }
             Charge::OverBudget { spent, limit } => {
                 let period = period_of(now_secs(), self.inner.limits.period_days);
@@ -645,13 +682,16 @@ impl Node {
             tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
         };
         let mut timings = Vec::new();
-        let share = match self.inner.role {
+        let (share, run) = match self.inner.role {
             Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings).await?,
-            Role::Bank => self.holder_share(&plan, &q.query_id, &mut timings).await?,
+            Role::Bank => {
+                let rx = self.holder_register(&plan, &q.query_id, true);
+                self.holder_await(&q.query_id, rx, &mut timings).await?
+            }
         };
         let noise = noise.await.map_err(|_| NodeError::Internal("noise task failed"))??;
         let t = Instant::now();
-        let out = self.noise_and_store(share, &noise, &plan, &template, analyst, q, timings)?;
+        let out = self.noise_and_store(share, run, &noise, &plan, &template, analyst, q, timings, replace)?;
         info!(
             seconds = started.elapsed().as_secs_f64(),
             release_seconds = t.elapsed().as_secs_f64(),
@@ -660,16 +700,122 @@ impl Node {
         Ok(out)
     }
 
+    /// Platform: whether the bank holds its share of `run` of this query.
+    async fn bank_holds(&self, qid: &[u8; 16], run: &Run) -> Result<bool, NodeError> {
+        let conn = self
+            .peer_connection()
+            .await
+            .map_err(|e| NodeError::Refused(format!("the platform node cannot reach the bank node: {e}")))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        write_one(
+            &mut send,
+            &Message::ShareCheck(ShareCheck {
+                query_id: *qid,
+                run: *run,
+            }),
+        )
+        .await?;
+        let _ = send.finish();
+        let answer = read_one(&mut recv, Duration::from_secs(30)).await?;
+        match Message::decode(&answer).map_err(|e| NodeError::Protocol(e.into()))? {
+            Message::ShareHeld(h) if h.query_id == *qid => Ok(h.held),
+            other => Err(NodeError::Peer(format!(
+                "expected the bank's answer about its stored share, got {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Bank: whether this node stored a share of `run` of the query.
+    fn holds_share(&self, qid: &[u8; 16], run: &Run) -> Result<bool, NodeError> {
+        let stored = lock(&self.inner.state).charged_query(qid)?.and_then(|q| q.share);
+        Ok(match stored.as_deref().map(Message::decode) {
+            Some(Ok(Message::AnalystResponse(AnalystResponse::Share(s)))) => s.run == *run,
+            _ => false,
+        })
+    }
+
+    /// Bank: the platform opened an aggregate for a query id this node has
+    /// already answered (stored a share of) but that no analyst request is
+    /// waiting on: the platform lost its share of that run in a crash, so
+    /// the aggregate runs again and its share replaces the stored one, with
+    /// fresh noise. Safe: the old share was never paired with a platform
+    /// share, so alone it is uniformly random to whoever saw it. Returns
+    /// whether a rerun was started.
+    fn rerun_for_peer(&self, qid: &[u8; 16]) -> Result<bool, NodeError> {
+        let Some(q) = lock(&self.inner.state).charged_query(qid)? else {
+            return Ok(false);
+        };
+        if q.share.is_none() {
+            // Charged, not stored: the analyst's request runs it.
+            return Ok(false);
+        }
+        let template = self.template(&q.template)?.clone();
+        let params: Vec<(String, String)> = q
+            .params
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+            .ok_or_else(|| NodeError::State("the ledger has no parameters for this query".into()))?;
+        let plan = template
+            .bind(&q.analyst, &params, &self.inner.domains)
+            .map_err(|e| NodeError::Refused(e.to_string()))?;
+        if plan.digest().as_slice() != q.plan.as_slice() {
+            return Err(NodeError::Refused(
+                "this query's template changed since it ran; it cannot be run again".into(),
+            ));
+        }
+        let Some(rx) = self.holder_register(&plan, qid, false) else {
+            return Ok(true);
+        };
+        info!("the platform lost its share of this query's run; running the aggregate again");
+        let node = self.clone();
+        let request = QueryRequest {
+            query_id: *qid,
+            template: q.template.clone(),
+            params,
+        };
+        tokio::spawn(
+            async move {
+                let noise = {
+                    let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
+                    let cells = plan.width() * plan.matcher_groups().len().max(1);
+                    tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
+                };
+                let mut timings = Vec::new();
+                let done = match node.holder_await(&request.query_id, Some(rx), &mut timings).await {
+                    Ok((share, run)) => match noise.await {
+                        Ok(Ok(noise)) => node
+                            .noise_and_store(
+                                share, run, &noise, &plan, &template, &q.analyst, &request, timings, true,
+                            )
+                            .map(|_| ()),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(NodeError::Internal("noise task failed")),
+                    },
+                    Err(e) => Err(e),
+                };
+                match done {
+                    Ok(()) => info!("share of the rerun stored"),
+                    Err(e) => warn!(error = %e, "rerun of a query failed"),
+                }
+            }
+            .instrument(info_span!("rerun", query = %hex(qid))),
+        );
+        Ok(true)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn noise_and_store(
         &self,
         mut share: Share,
+        run: Run,
         noise: &DrawnNoise,
         plan: &Plan,
         template: &Template,
         analyst: &str,
         q: &QueryRequest,
         mut timings: Vec<(String, f64)>,
+        replace: bool,
     ) -> Result<QueryShare, NodeError> {
         noise.add_to(&mut share)?;
         if !self.inner.limits.report_timings {
@@ -701,6 +847,7 @@ impl Node {
             rho: format_micro(template.rho_micro),
             timings,
             replayed: false,
+            run,
         };
         let encoded = Message::AnalystResponse(AnalystResponse::Share(Box::new(out.clone())))
             .encode()
@@ -711,7 +858,7 @@ impl Node {
             &q.query_id,
             &encoded,
             &AuditEntry {
-                event: "query",
+                event: if replace { "query-rerun" } else { "query" },
                 analyst,
                 template: &template.name,
                 plan: &out.plan,
@@ -719,25 +866,28 @@ impl Node {
                 rho_micro: template.rho_micro,
                 result_digest: result_digest.as_ref(),
             },
+            replace,
         )?;
         Ok(out)
     }
 
     // ------------------------------------------------------------ holder
 
-    async fn holder_share(
-        &self,
-        plan: &Plan,
-        qid: &[u8; 16],
-        timings: &mut Vec<(String, f64)>,
-    ) -> Result<Share, NodeError> {
+    /// Bank: makes a query the platform's batches can find by query id
+    /// (replacing any earlier entry when `overwrite`, else only if there is
+    /// none). `None` when an entry exists and was kept.
+    fn holder_register(&self, plan: &Plan, qid: &[u8; 16], overwrite: bool) -> Option<oneshot::Receiver<Delivered>> {
         let NodeData::Holder(data) = &self.inner.data else {
-            return Err(NodeError::Internal("holder share on a matcher"));
+            return None;
         };
+        let mut pending = lock(&self.inner.pending);
+        if !overwrite && pending.contains_key(qid) {
+            return None;
+        }
         // Each customer's vector is computed as its masked row is produced.
         let values = HolderRows::new(plan, data.clone(), &self.inner.domains.categories);
         let (tx, rx) = oneshot::channel();
-        lock(&self.inner.pending).insert(
+        pending.insert(
             *qid,
             PendingEntry {
                 plan: plan.clone(),
@@ -748,11 +898,25 @@ impl Node {
                 tx: Some(tx),
             },
         );
+        drop(pending);
         self.inner.pending_changed.notify_waiters();
+        Some(rx)
+    }
+
+    /// Bank: waits for the platform's batches of a registered query.
+    async fn holder_await(
+        &self,
+        qid: &[u8; 16],
+        rx: Option<oneshot::Receiver<Delivered>>,
+        timings: &mut Vec<(String, f64)>,
+    ) -> Result<(Share, Run), NodeError> {
+        let Some(rx) = rx else {
+            return Err(NodeError::Internal("holder share on a matcher"));
+        };
         let out = tokio::time::timeout(self.inner.limits.query_timeout, rx).await;
         lock(&self.inner.pending).remove(qid);
         match out {
-            Ok(Ok(Ok((share, secs, stats)))) => {
+            Ok(Ok(Ok((share, run, secs, stats)))) => {
                 timings.extend([
                     // From accepting the query to the last batch: includes
                     // any join the platform runs first.
@@ -766,7 +930,7 @@ impl Node {
                         (stats.wait_in + stats.wait_out).as_secs_f64(),
                     ),
                 ]);
-                Ok(share)
+                Ok((share, run))
             }
             Ok(Ok(Err(e))) => Err(NodeError::Peer(e)),
             Ok(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
@@ -809,6 +973,10 @@ impl Node {
             Message::OtSetup(setup) => {
                 let span = info_span!("aggregate", query = %hex(&setup.query_id));
                 async {
+                    let waiting = lock(&self.inner.pending).contains_key(&setup.query_id);
+                    if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id) {
+                        warn!(error = %e, "cannot run this query again for the platform");
+                    }
                     let pending = self.wait_pending(&setup.query_id).await;
                     let Some((plan, values)) = pending else {
                         abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
@@ -844,6 +1012,20 @@ impl Node {
                 }
                 .instrument(span)
                 .await
+            }
+            Message::ShareCheck(c) => {
+                let held = self.holds_share(&c.query_id, &c.run)?;
+                write_one(
+                    &mut send,
+                    &Message::ShareHeld(ShareHeld {
+                        query_id: c.query_id,
+                        held,
+                    }),
+                )
+                .await?;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                Ok(())
             }
             other => Err(NodeError::Peer(format!(
                 "unexpected {} opening a peer stream",
@@ -1032,7 +1214,7 @@ impl Node {
         first: &[u8],
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-    ) -> Result<(Share, pump::PumpStats), NodeError> {
+    ) -> Result<(Share, pump::PumpStats, SessionId), NodeError> {
         let setup_session = match Message::decode(first) {
             Ok(Message::OtSetup(s)) => s.session,
             _ => [0; 16],
@@ -1070,7 +1252,8 @@ impl Node {
         write_one(&mut send, &answer).await?;
         let _ = &mut recv;
         let (running, stats) = pump::run_with_stats(running, send, recv, Duration::from_secs(60)).await?;
-        Ok((running.finish()?, stats))
+        let session = running.session();
+        Ok((running.finish()?, stats, session))
     }
 
     // ------------------------------------------------------------ matcher
@@ -1221,11 +1404,12 @@ impl Node {
         joined: &MatcherJoined,
         plan: &Plan,
         qid: &[u8; 16],
-    ) -> Result<(Share, Vec<(String, f64)>), NodeError> {
+    ) -> Result<(Share, Vec<(String, f64)>, Run), NodeError> {
         let conn = self.peer_connection().await?;
         let t = Instant::now();
         let mut total = pump::PumpStats::default();
         let mut words = Vec::with_capacity(plan.width() * joined.blocks());
+        let mut sessions = Vec::with_capacity(joined.blocks());
         // One OT batch per matcher group: choices e_i AND label_i == g.
         for g in 0..joined.blocks() as u32 {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
@@ -1240,6 +1424,7 @@ impl Node {
             // Setup/answer, then the streamed extension and masked rows.
             self.count_exchanges(2, &stats);
             total.add(&stats);
+            sessions.push(running.session());
             words.extend_from_slice(running.finish()?.words());
         }
         let phases = vec![
@@ -1251,7 +1436,7 @@ impl Node {
                 (total.wait_in + total.wait_out).as_secs_f64(),
             ),
         ];
-        Ok((Share::from_words(words), phases))
+        Ok((Share::from_words(words), phases, run_of(sessions.iter())))
     }
 
     async fn matcher_share(
@@ -1259,7 +1444,7 @@ impl Node {
         plan: &Plan,
         qid: &[u8; 16],
         timings: &mut Vec<(String, f64)>,
-    ) -> Result<Share, NodeError> {
+    ) -> Result<(Share, Run), NodeError> {
         let NodeData::Matcher(data) = &self.inner.data else {
             return Err(NodeError::Internal("matcher query on a holder"));
         };
@@ -1267,9 +1452,9 @@ impl Node {
         let (joined, join_phases) = self.matcher_join(data, plan, false).await?;
         timings.extend(join_phases.unwrap_or_default());
         match self.matcher_aggregate(&joined, plan, qid).await {
-            Ok((s, phases)) => {
+            Ok((s, phases, run)) => {
                 timings.extend(phases);
-                Ok(s)
+                Ok((s, run))
             }
             Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
                 if code == AbortCode::UnknownJoin as u16 =>
@@ -1279,9 +1464,9 @@ impl Node {
                 lock(&self.inner.state).drop_join(&joined.session())?;
                 let (joined, join_phases) = self.matcher_join(data, plan, true).await?;
                 timings.extend(join_phases.unwrap_or_default());
-                let (s, phases) = self.matcher_aggregate(&joined, plan, qid).await?;
+                let (s, phases, run) = self.matcher_aggregate(&joined, plan, qid).await?;
                 timings.extend(phases);
-                Ok(s)
+                Ok((s, run))
             }
             Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
                 if code == AbortCode::UnknownQuery as u16 =>

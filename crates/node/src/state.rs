@@ -36,6 +36,31 @@ pub enum Charge {
     },
 }
 
+/// A charged query as the ledger has it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChargedQuery {
+    /// The analyst.
+    pub analyst: String,
+    /// The template.
+    pub template: String,
+    /// The plan digest.
+    pub plan: Vec<u8>,
+    /// The parameters, JSON (absent in ledgers from before they were kept).
+    pub params: Option<String>,
+    /// The stored share (an encoded `AnalystResponse`), once stored.
+    pub share: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ChargedQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChargedQuery")
+            .field("analyst", &self.analyst)
+            .field("template", &self.template)
+            .field("share", &self.share.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
 /// A cached join: its session id and stored payload.
 pub type CachedJoin = ([u8; 16], Vec<u8>);
 
@@ -72,7 +97,8 @@ CREATE TABLE IF NOT EXISTS charges (
     period INTEGER NOT NULL,
     charged_at INTEGER NOT NULL,
     share BLOB,
-    released_at INTEGER
+    released_at INTEGER,
+    params TEXT
 );
 CREATE INDEX IF NOT EXISTS charges_by_analyst ON charges (analyst, period);
 CREATE TABLE IF NOT EXISTS cardinality (
@@ -210,6 +236,18 @@ impl State {
         conn.pragma_update(None, "synchronous", "FULL").map_err(corrupt)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(corrupt)?;
+        // Databases from before the query's parameters were kept.
+        let has_params: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('charges') WHERE name = 'params'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(corrupt)?;
+        if has_params == 0 {
+            conn.execute_batch("ALTER TABLE charges ADD COLUMN params TEXT")
+                .map_err(corrupt)?;
+        }
         let state = Self { conn };
         state.verify_audit()?;
         Ok(state)
@@ -261,15 +299,19 @@ impl State {
     /// Charges `rho_micro` to `analyst` for `query_id`, durably, unless the
     /// period's limit would be passed. A query id already charged is never
     /// charged again; if it belongs to another analyst or plan it is refused.
+    /// `params` (the query's parameters, JSON) are kept so the query can be
+    /// run again for the peer after a crash.
     ///
     /// # Errors
     /// [`NodeError::Refused`] for a reused query id; [`NodeError::State`].
+    #[allow(clippy::too_many_arguments)]
     pub fn charge(
         &mut self,
         query_id: &[u8; 16],
         analyst: &str,
         template: &str,
         plan: &[u8; 32],
+        params: &str,
         rho_micro: u64,
         limit_micro: u64,
         period_days: u32,
@@ -323,8 +365,8 @@ impl State {
             });
         }
         tx.execute(
-            "INSERT INTO charges (query_id, analyst, template, plan, rho_micro, period, charged_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![query_id.to_vec(), analyst, template, plan.to_vec(), rho_micro as i64, period, now],
+            "INSERT INTO charges (query_id, analyst, template, plan, rho_micro, period, charged_at, params) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![query_id.to_vec(), analyst, template, plan.to_vec(), rho_micro as i64, period, now, params],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -332,29 +374,64 @@ impl State {
     }
 
     /// Stores the noisy share of a charged query and appends the audit
-    /// entry, in one transaction, before the share is released.
+    /// entry, in one transaction, before the share is released. With
+    /// `replace`, the query already has a stored share (from a run the peer
+    /// lost in a crash) and this one, of a new run, takes its place.
     ///
     /// # Errors
     /// [`NodeError::State`].
-    pub fn store_share(&mut self, query_id: &[u8; 16], share: &[u8], entry: &AuditEntry<'_>) -> Result<(), NodeError> {
+    pub fn store_share(
+        &mut self,
+        query_id: &[u8; 16],
+        share: &[u8],
+        entry: &AuditEntry<'_>,
+        replace: bool,
+    ) -> Result<(), NodeError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
+        let sql = if replace {
+            "UPDATE charges SET share = ?2, released_at = ?3 WHERE query_id = ?1 AND share IS NOT NULL"
+        } else {
+            "UPDATE charges SET share = ?2, released_at = ?3 WHERE query_id = ?1 AND share IS NULL"
+        };
         let n = tx
-            .execute(
-                "UPDATE charges SET share = ?2, released_at = ?3 WHERE query_id = ?1 AND share IS NULL",
-                params![query_id.to_vec(), share, now_secs()],
-            )
+            .execute(sql, params![query_id.to_vec(), share, now_secs()])
             .map_err(db)?;
         if n != 1 {
-            return Err(NodeError::State(
-                "share stored for a query that was not charged, or twice".into(),
-            ));
+            return Err(NodeError::State(if replace {
+                "share replaced for a query that has none".into()
+            } else {
+                "share stored for a query that was not charged, or twice".into()
+            }));
         }
         append_audit(&tx, entry)?;
         tx.commit().map_err(db)?;
         Ok(())
+    }
+
+    /// A charged query: who ran what, and its stored share if any.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn charged_query(&self, query_id: &[u8; 16]) -> Result<Option<ChargedQuery>, NodeError> {
+        self.conn
+            .query_row(
+                "SELECT analyst, template, plan, params, share FROM charges WHERE query_id = ?1",
+                params![query_id.to_vec()],
+                |r| {
+                    Ok(ChargedQuery {
+                        analyst: r.get(0)?,
+                        template: r.get(1)?,
+                        plan: r.get(2)?,
+                        params: r.get(3)?,
+                        share: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
     }
 
     /// ρ spent by `analyst` in the current period, millionths.
@@ -655,22 +732,25 @@ mod tests {
         let mut s = State::open(dir.path()).unwrap();
         for q in 0..3u8 {
             assert_eq!(
-                s.charge(&[q; 16], "alice", "t", &[0; 32], 1, 1000, 30, 3).unwrap(),
+                s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
+                    .unwrap(),
                 Charge::New
             );
         }
         assert_eq!(
-            s.charge(&[9; 16], "alice", "t", &[0; 32], 1, 1000, 30, 3).unwrap(),
+            s.charge(&[9; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
+                .unwrap(),
             Charge::TooManyRuns { limit: 3 }
         );
         // A retry of an existing id is not a new run.
         assert_eq!(
-            s.charge(&[0; 16], "alice", "t", &[0; 32], 1, 1000, 30, 3).unwrap(),
+            s.charge(&[0; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
+                .unwrap(),
             Charge::Existing(None)
         );
         // Another analyst has their own count.
         assert_eq!(
-            s.charge(&[8; 16], "bob", "t", &[0; 32], 1, 1000, 30, 3).unwrap(),
+            s.charge(&[8; 16], "bob", "t", &[0; 32], "[]", 1, 1000, 30, 3).unwrap(),
             Charge::New
         );
     }
@@ -693,41 +773,53 @@ mod tests {
         let mut s = State::open(dir.path()).unwrap();
         let q1 = [1u8; 16];
         assert_eq!(
-            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30, 100).unwrap(),
+            s.charge(&q1, "alice", "t", &[0; 32], "[]", 400, 1000, 30, 100).unwrap(),
             Charge::New
         );
         assert_eq!(
-            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30, 100).unwrap(),
+            s.charge(&q1, "alice", "t", &[0; 32], "[]", 400, 1000, 30, 100).unwrap(),
             Charge::Existing(None)
         );
         assert!(matches!(
-            s.charge(&q1, "bob", "t", &[0; 32], 400, 1000, 30, 100),
+            s.charge(&q1, "bob", "t", &[0; 32], "[]", 400, 1000, 30, 100),
             Err(NodeError::Refused(_))
         ));
         assert_eq!(
-            s.charge(&[2; 16], "alice", "t", &[0; 32], 600, 1000, 30, 100).unwrap(),
+            s.charge(&[2; 16], "alice", "t", &[0; 32], "[]", 600, 1000, 30, 100)
+                .unwrap(),
             Charge::New
         );
         // Exactly at the limit was allowed; one more millionth is not.
         assert_eq!(
-            s.charge(&[3; 16], "alice", "t", &[0; 32], 1, 1000, 30, 100).unwrap(),
+            s.charge(&[3; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
+                .unwrap(),
             Charge::OverBudget {
                 spent: 1000,
                 limit: 1000
             }
         );
         assert_eq!(s.spent("alice", 30).unwrap(), 1000);
-        s.store_share(&q1, b"share", &entry()).unwrap();
-        assert!(s.store_share(&q1, b"again", &entry()).is_err());
+        s.store_share(&q1, b"share", &entry(), false).unwrap();
+        assert!(s.store_share(&q1, b"again", &entry(), false).is_err());
         drop(s);
         // After a restart: the same share comes back, the budget is still spent.
         let mut s = State::open(dir.path()).unwrap();
         assert_eq!(
-            s.charge(&q1, "alice", "t", &[0; 32], 400, 1000, 30, 100).unwrap(),
+            s.charge(&q1, "alice", "t", &[0; 32], "[]", 400, 1000, 30, 100).unwrap(),
             Charge::Existing(Some(b"share".to_vec()))
         );
         assert_eq!(s.spent("alice", 30).unwrap(), 1000);
         assert_eq!(s.verify_audit().unwrap(), 1);
+        // A rerun replaces a stored share (never a missing one), with its own
+        // audit entry and no new charge.
+        assert!(s.store_share(&[2; 16], b"rerun", &entry(), true).is_err());
+        s.store_share(&q1, b"rerun", &entry(), true).unwrap();
+        let q = s.charged_query(&q1).unwrap().unwrap();
+        assert_eq!((q.analyst.as_str(), q.share.as_deref()), ("alice", Some(&b"rerun"[..])));
+        assert_eq!(q.params.as_deref(), Some("[]"));
+        assert_eq!(s.spent("alice", 30).unwrap(), 1000);
+        assert_eq!(s.verify_audit().unwrap(), 2);
+        assert!(s.charged_query(&[7; 16]).unwrap().is_none());
     }
 
     #[test]
@@ -735,8 +827,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
         for q in 0..3u8 {
-            s.charge(&[q; 16], "alice", "t", &[0; 32], 1, 1000, 30, 100).unwrap();
-            s.store_share(&[q; 16], b"x", &entry()).unwrap();
+            s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
+                .unwrap();
+            s.store_share(&[q; 16], b"x", &entry(), false).unwrap();
         }
         assert_eq!(s.verify_audit().unwrap(), 3);
         assert!(s.conn.execute("DELETE FROM audit", []).is_err());

@@ -356,6 +356,11 @@ pub struct QueryShare {
     pub timings: Vec<(String, f64)>,
     /// Whether this is a stored share returned for a retried query id.
     pub replayed: bool,
+    /// The run of the aggregate this share comes from (a digest of its OT
+    /// sessions, which both nodes derive). Two shares add up to the result
+    /// only when their runs are equal; a query id run again after a crash
+    /// has a new run.
+    pub run: [u8; 16],
 }
 
 impl core::fmt::Debug for QueryShare {
@@ -415,6 +420,31 @@ pub enum Message {
     /// Type 22: node to node, first on a new connection: the operator's
     /// signed template list (JSON, at most 1 MiB).
     Policy(PolicyMessage),
+    /// Type 23: platform to bank, on a retried query id.
+    ShareCheck(ShareCheck),
+    /// Type 24: bank to platform.
+    ShareHeld(ShareHeld),
+}
+
+/// Platform to bank, for a query id the platform already holds a share of
+/// (a retry): does the bank hold its share of the same run? If not (the
+/// bank stopped before storing it), the platform runs the aggregate again
+/// and replaces its share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareCheck {
+    /// The query.
+    pub query_id: [u8; 16],
+    /// The run of the platform's stored share.
+    pub run: [u8; 16],
+}
+
+/// Bank to platform: the answer to a [`ShareCheck`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareHeld {
+    /// The query.
+    pub query_id: [u8; 16],
+    /// Whether the bank holds a stored share of that query from that run.
+    pub held: bool,
 }
 
 /// A node's signed policy, as shown to the other node.
@@ -474,6 +504,8 @@ impl Message {
             Message::AnalystRequest(_) => 20,
             Message::AnalystResponse(_) => 21,
             Message::Policy(_) => 22,
+            Message::ShareCheck(_) => 23,
+            Message::ShareHeld(_) => 24,
         }
     }
 
@@ -494,7 +526,11 @@ impl Message {
             Message::OtExtend(m) => Some(&m.session),
             Message::MaskedRows(m) => Some(&m.session),
             Message::Abort(m) => Some(&m.session),
-            Message::AnalystRequest(_) | Message::AnalystResponse(_) | Message::Policy(_) => None,
+            Message::AnalystRequest(_)
+            | Message::AnalystResponse(_)
+            | Message::Policy(_)
+            | Message::ShareCheck(_)
+            | Message::ShareHeld(_) => None,
         }
     }
 
@@ -574,7 +610,9 @@ impl Message {
             | Message::OtSetup(_)
             | Message::Abort(_)
             | Message::AnalystRequest(_)
-            | Message::AnalystResponse(_) => {}
+            | Message::AnalystResponse(_)
+            | Message::ShareCheck(_)
+            | Message::ShareHeld(_) => {}
             Message::Policy(p) => {
                 if p.signed.len() > 1 << 20 {
                     return Err(WireError::FieldLength {
@@ -609,6 +647,8 @@ impl Message {
             Message::AnalystRequest(m) => bincode::serde::encode_to_vec(m, config()),
             Message::AnalystResponse(m) => bincode::serde::encode_to_vec(m, config()),
             Message::Policy(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::ShareCheck(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::ShareHeld(m) => bincode::serde::encode_to_vec(m, config()),
         }
         .map_err(|_| WireError::Encode)?;
         out.extend_from_slice(&body);
@@ -655,6 +695,8 @@ impl Message {
             20 => Message::AnalystRequest(decode_body(kind, body)?),
             21 => Message::AnalystResponse(decode_body(kind, body)?),
             22 => Message::Policy(decode_body(kind, body)?),
+            23 => Message::ShareCheck(decode_body(kind, body)?),
+            24 => Message::ShareHeld(decode_body(kind, body)?),
             other => return Err(WireError::UnknownType { got: other }),
         };
         msg.validate()?;
@@ -678,6 +720,8 @@ fn kind_name(ty: u8) -> &'static str {
         20 => "AnalystRequest",
         21 => "AnalystResponse",
         22 => "Policy",
+        23 => "ShareCheck",
+        24 => "ShareHeld",
         _ => "unknown",
     }
 }
@@ -752,6 +796,14 @@ mod tests {
             Message::Abort(Abort {
                 session: s,
                 code: AbortCode::BadMessage as u16,
+            }),
+            Message::ShareCheck(ShareCheck {
+                query_id: [15; 16],
+                run: [16; 16],
+            }),
+            Message::ShareHeld(ShareHeld {
+                query_id: [15; 16],
+                held: true,
             }),
         ]
     }
