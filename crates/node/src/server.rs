@@ -88,11 +88,32 @@ struct PendingEntry {
     stats: pump::PumpStats,
     started: Instant,
     tx: Option<oneshot::Sender<Delivered>>,
+    /// Tells this registration from a later one for the same query id.
+    id: u64,
 }
 
 /// A query's whole share on this side, its run, the seconds from acceptance
 /// to the last batch, and where the batches' time went; or why it failed.
 type Delivered = Result<(Share, Run, f64, pump::PumpStats), String>;
+
+/// A holder registration: its id and where its share arrives.
+type Registered = (u64, oneshot::Receiver<Delivered>);
+
+/// Holder: marks a query as completing (aggregate done, share not yet
+/// stored) until dropped.
+struct Completing {
+    node: Node,
+    qid: [u8; 16],
+    marked: bool,
+}
+
+impl Drop for Completing {
+    fn drop(&mut self) {
+        if self.marked {
+            lock(&self.node.inner.completing).remove(&self.qid);
+        }
+    }
+}
 
 /// Which run of a query's aggregate a share comes from: a digest of its OT
 /// sessions (one per matcher group), which both nodes derive. A query id
@@ -164,6 +185,13 @@ struct Inner {
     matcher_joins: Mutex<HashMap<String, Arc<MatcherJoined>>>,
     pending: Mutex<HashMap<[u8; 16], PendingEntry>>,
     pending_changed: Notify,
+    pending_ids: std::sync::atomic::AtomicU64,
+    /// Holder: queries whose aggregate is done and whose share is being
+    /// noised and stored (after `pending`, before the ledger has it).
+    completing: Mutex<std::collections::HashSet<[u8; 16]>>,
+    /// Matcher: one request at a time per query id (a retry waits for an
+    /// earlier attempt still running here, then finds its stored share).
+    per_query: Mutex<HashMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>,
     analysts: Vec<String>,
     /// This operator's signed policy, and its JSON as shown to the peer.
     own_policy: SignedPolicy,
@@ -291,6 +319,9 @@ impl Node {
             matcher_joins: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             pending_changed: Notify::new(),
+            pending_ids: std::sync::atomic::AtomicU64::new(0),
+            completing: Mutex::new(std::collections::HashSet::new()),
+            per_query: Mutex::new(HashMap::new()),
             analysts,
             own_policy,
             own_policy_json,
@@ -586,6 +617,36 @@ impl Node {
 
     async fn run_query(&self, analyst: &str, q: &QueryRequest) -> Result<QueryShare, NodeError> {
         let template = self.template(&q.template)?.clone();
+        // Matcher: a retry of a query id still running here (its client
+        // gave up waiting) waits for that attempt, then finds its share.
+        let slot = (self.inner.role == Role::Platform).then(|| {
+            lock(&self.inner.per_query)
+                .entry(q.query_id)
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                .clone()
+        });
+        let serial = match &slot {
+            Some(m) => Some(m.clone().lock_owned().await),
+            None => None,
+        };
+        let out = self.run_query_serialised(analyst, q, template).await;
+        drop(serial);
+        if let Some(m) = slot {
+            let mut map = lock(&self.inner.per_query);
+            // Nobody else holds or waits for it: only the map's and ours.
+            if Arc::strong_count(&m) <= 2 {
+                map.remove(&q.query_id);
+            }
+        }
+        out
+    }
+
+    async fn run_query_serialised(
+        &self,
+        analyst: &str,
+        q: &QueryRequest,
+        template: Template,
+    ) -> Result<QueryShare, NodeError> {
         if self.inner.role == Role::Platform {
             self.peer_connection()
                 .await
@@ -682,16 +743,20 @@ impl Node {
             tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
         };
         let mut timings = Vec::new();
+        let mut completing_guard = None;
         let (share, run) = match self.inner.role {
             Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings).await?,
             Role::Bank => {
                 let rx = self.holder_register(&plan, &q.query_id, true);
-                self.holder_await(&q.query_id, rx, &mut timings).await?
+                let (share, run, completing) = self.holder_await(&q.query_id, rx, &mut timings).await?;
+                completing_guard = Some(completing);
+                (share, run)
             }
         };
         let noise = noise.await.map_err(|_| NodeError::Internal("noise task failed"))??;
         let t = Instant::now();
         let out = self.noise_and_store(share, run, &noise, &plan, &template, analyst, q, timings, replace)?;
+        drop(completing_guard);
         info!(
             seconds = started.elapsed().as_secs_f64(),
             release_seconds = t.elapsed().as_secs_f64(),
@@ -718,6 +783,9 @@ impl Node {
         let _ = send.finish();
         let answer = read_one(&mut recv, Duration::from_secs(30)).await?;
         match Message::decode(&answer).map_err(|e| NodeError::Protocol(e.into()))? {
+            Message::ShareHeld(h) if h.query_id == *qid && h.busy && !h.held => Err(NodeError::Refused(
+                "the bank node is still finishing this query id; ask again shortly with the same id".into(),
+            )),
             Message::ShareHeld(h) if h.query_id == *qid => Ok(h.held),
             other => Err(NodeError::Peer(format!(
                 "expected the bank's answer about its stored share, got {}",
@@ -783,7 +851,7 @@ impl Node {
                 };
                 let mut timings = Vec::new();
                 let done = match node.holder_await(&request.query_id, Some(rx), &mut timings).await {
-                    Ok((share, run)) => match noise.await {
+                    Ok((share, run, _completing)) => match noise.await {
                         Ok(Ok(noise)) => node
                             .noise_and_store(
                                 share, run, &noise, &plan, &template, &q.analyst, &request, timings, true,
@@ -876,10 +944,14 @@ impl Node {
     /// Bank: makes a query the platform's batches can find by query id
     /// (replacing any earlier entry when `overwrite`, else only if there is
     /// none). `None` when an entry exists and was kept.
-    fn holder_register(&self, plan: &Plan, qid: &[u8; 16], overwrite: bool) -> Option<oneshot::Receiver<Delivered>> {
+    fn holder_register(&self, plan: &Plan, qid: &[u8; 16], overwrite: bool) -> Option<Registered> {
         let NodeData::Holder(data) = &self.inner.data else {
             return None;
         };
+        let id = self
+            .inner
+            .pending_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut pending = lock(&self.inner.pending);
         if !overwrite && pending.contains_key(qid) {
             return None;
@@ -896,25 +968,41 @@ impl Node {
                 stats: pump::PumpStats::default(),
                 started: Instant::now(),
                 tx: Some(tx),
+                id,
             },
         );
         drop(pending);
         self.inner.pending_changed.notify_waiters();
-        Some(rx)
+        Some((id, rx))
     }
 
     /// Bank: waits for the platform's batches of a registered query.
     async fn holder_await(
         &self,
         qid: &[u8; 16],
-        rx: Option<oneshot::Receiver<Delivered>>,
+        registered: Option<Registered>,
         timings: &mut Vec<(String, f64)>,
-    ) -> Result<(Share, Run), NodeError> {
-        let Some(rx) = rx else {
+    ) -> Result<(Share, Run, Completing), NodeError> {
+        let Some((id, rx)) = registered else {
             return Err(NodeError::Internal("holder share on a matcher"));
         };
         let out = tokio::time::timeout(self.inner.limits.query_timeout, rx).await;
-        lock(&self.inner.pending).remove(qid);
+        // Marked completing until the caller has stored the share.
+        let completing = Completing {
+            node: self.clone(),
+            qid: *qid,
+            marked: matches!(out, Ok(Ok(Ok(_)))),
+        };
+        if completing.marked {
+            lock(&self.inner.completing).insert(*qid);
+        }
+        {
+            // Only this registration's entry: a retry may have replaced it.
+            let mut pending = lock(&self.inner.pending);
+            if pending.get(qid).is_some_and(|p| p.id == id) {
+                pending.remove(qid);
+            }
+        }
         match out {
             Ok(Ok(Ok((share, run, secs, stats)))) => {
                 timings.extend([
@@ -930,7 +1018,7 @@ impl Node {
                         (stats.wait_in + stats.wait_out).as_secs_f64(),
                     ),
                 ]);
-                Ok((share, run))
+                Ok((share, run, completing))
             }
             Ok(Ok(Err(e))) => Err(NodeError::Peer(e)),
             Ok(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
@@ -1014,12 +1102,15 @@ impl Node {
                 .await
             }
             Message::ShareCheck(c) => {
+                let busy = lock(&self.inner.pending).contains_key(&c.query_id)
+                    || lock(&self.inner.completing).contains(&c.query_id);
                 let held = self.holds_share(&c.query_id, &c.run)?;
                 write_one(
                     &mut send,
                     &Message::ShareHeld(ShareHeld {
                         query_id: c.query_id,
                         held,
+                        busy,
                     }),
                 )
                 .await?;

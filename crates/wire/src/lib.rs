@@ -445,6 +445,9 @@ pub struct ShareHeld {
     pub query_id: [u8; 16],
     /// Whether the bank holds a stored share of that query from that run.
     pub held: bool,
+    /// Whether the bank is computing or storing a share of that query right
+    /// now (then `held` may change: ask again shortly).
+    pub busy: bool,
 }
 
 /// A node's signed policy, as shown to the other node.
@@ -804,6 +807,7 @@ mod tests {
             Message::ShareHeld(ShareHeld {
                 query_id: [15; 16],
                 held: true,
+                busy: false,
             }),
         ]
     }
