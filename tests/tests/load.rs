@@ -117,3 +117,99 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+/// One analyst fires 40 queries at once while another runs 3: the greedy
+/// one gets at most `max_queries_in_flight_per_analyst` (16) running per
+/// node and the rest refused at once with a message naming the limit (no
+/// charge); the other analyst is fully served meanwhile. The greedy
+/// analyst then retries its refused ids one by one: each query id ends up
+/// charged exactly once on each node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 62, &["alice", "greedy"]).unwrap();
+    let allow = |text: String| text.replace("analysts = [\"alice\"]", "analysts = [\"alice\", \"greedy\"]");
+    let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
+    std::fs::write(&fixture.bank_config, allow(text)).unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let first = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    first.shutdown().await;
+    let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
+    std::fs::write(&fixture.platform_config, allow(text)).unwrap();
+    let platform = Node::start(
+        NodeConfig::load(&fixture.platform_config).unwrap(),
+        &fixture.platform_config,
+    )
+    .await
+    .unwrap();
+    let analyst = |n: &str| {
+        Arc::new(
+            Analyst::new(
+                &fixture
+                    .analyst(n, bank.local_addr().unwrap(), platform.local_addr().unwrap())
+                    .unwrap(),
+            )
+            .unwrap(),
+        )
+    };
+    let (alice, greedy) = (analyst("alice"), analyst("greedy"));
+    alice
+        .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(120))
+        .await
+        .unwrap();
+
+    let ids: Vec<[u8; 16]> = (0..40).map(|_| new_query_id().unwrap()).collect();
+    let flood: Vec<_> = ids
+        .iter()
+        .map(|qid| {
+            let (g, qid) = (greedy.clone(), *qid);
+            tokio::spawn(async move { g.query("overlap", &[], qid, Duration::from_secs(120)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = Instant::now();
+    for _ in 0..3 {
+        alice
+            .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(120))
+            .await
+            .unwrap();
+    }
+    let alice_secs = t.elapsed().as_secs_f64();
+    let mut refused = Vec::new();
+    let mut answered = 0;
+    for (f, qid) in flood.into_iter().zip(&ids) {
+        match f.await.unwrap() {
+            Ok(_) => answered += 1,
+            Err(NodeError::Refused(m)) => {
+                // Refused by the cap on one node, and then dropped by the
+                // other (which had accepted it).
+                assert!(
+                    m.contains("max_queries_in_flight_per_analyst") || m.contains("cancelled"),
+                    "{m}"
+                );
+                refused.push(*qid);
+            }
+            Err(e) => panic!("not a clean answer: {e}"),
+        }
+    }
+    println!(
+        "greedy analyst: 40 at once, {answered} answered, {} refused by the per-analyst cap; the other analyst's 3 queries took {alice_secs:.2} s meanwhile",
+        refused.len()
+    );
+    assert!(!refused.is_empty(), "the cap never applied");
+    assert!(answered >= 1, "none served");
+    assert!(alice_secs < 30.0, "the other analyst waited {alice_secs} s");
+    for qid in &refused {
+        greedy
+            .query("overlap", &[], *qid, Duration::from_secs(120))
+            .await
+            .unwrap();
+    }
+    // 1 + 3 for alice, 40 for greedy: each id once on each node.
+    assert_eq!(
+        (bank.charge_count().unwrap(), platform.charge_count().unwrap()),
+        (44, 44)
+    );
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

@@ -116,9 +116,12 @@ fn stored_share(bytes: &[u8]) -> QueryShare {
     }
 }
 
+/// A ledger row: analyst, rho (millionths), stored share.
+type Charged = (String, i64, Option<Vec<u8>>);
+
 struct Ledger {
-    /// query id -> (analyst, rho, stored share)
-    charges: BTreeMap<Vec<u8>, (String, i64, Option<Vec<u8>>)>,
+    /// query id -> its charge
+    charges: BTreeMap<Vec<u8>, Charged>,
     /// (event, result digest) of each audit entry
     audit: Vec<(String, Vec<u8>)>,
 }
@@ -271,11 +274,22 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
 
     let mut seen: BTreeMap<[u8; 16], (usize, Seen)> = BTreeMap::new();
     let mut failed_attempts = 0;
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut answered_during_kills = 0;
     let kills_ended = started.elapsed();
     for t in tasks {
         let (a, qid, v, failures) = t.await.unwrap();
         failed_attempts += failures.len();
+        for f in &failures {
+            // The failure's kind: its words, without addresses and numbers.
+            let kind: String = f
+                .split_whitespace()
+                .filter(|w| !w.chars().any(|c| c.is_ascii_digit()))
+                .take(14)
+                .collect::<Vec<_>>()
+                .join(" ");
+            *kinds.entry(kind).or_default() += 1;
+        }
         seen.insert(qid, (a, v));
         answered_during_kills += usize::from(failures.is_empty());
     }
@@ -343,7 +357,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
     // The ledgers hold exactly what the analysts saw: both stored shares of
     // each query reconstruct its answer.
     for (qid, (_, v)) in &seen {
-        let pair = shares.get(&qid.to_vec()).unwrap();
+        let pair = shares.get(qid.as_slice()).unwrap();
         let r = reconstruct("overlap", *qid, pair).unwrap();
         assert_eq!(&values(&r), v, "the ledgers' shares do not give what the analyst saw");
     }
@@ -360,6 +374,12 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
         kills_ended.as_secs_f64(),
         report.join("; ")
     );
+
+    let mut kinds: Vec<(usize, String)> = kinds.into_iter().map(|(k, n)| (n, k)).collect();
+    kinds.sort_by(|a, b| b.cmp(a));
+    for (n, k) in kinds.iter().take(8) {
+        println!("  {n:6} x {k}");
+    }
 
     // A corrupted state file: the node refuses to start, and says why.
     let refused = |what: &str| {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cleanroom_crypto::shares::Share;
-use cleanroom_transport::{Identity, TransportSettings, client_endpoint, connect, pki};
+use cleanroom_transport::{Identity, TransportError, TransportSettings, client_endpoint, connect, pki};
 use cleanroom_wire::{AnalystRequest, AnalystResponse, BudgetInfo, Message, QueryRequest, QueryShare, TemplateInfo};
 use serde::Serialize;
 
@@ -89,9 +89,21 @@ impl Analyst {
         timeout: Duration,
     ) -> Result<AnalystResponse, NodeError> {
         let what = |e: &dyn std::fmt::Display| NodeError::Peer(format!("{} node at {addr}: {e}", role.as_str()));
-        let conn = connect(&self.endpoint, addr, &pki::node_name(role.as_str()))
-            .await
-            .map_err(|e| what(&e))?;
+        // A node under a burst of handshakes refuses new connections for a
+        // moment: try again a few times before giving up.
+        let mut attempt = 0u64;
+        let conn = loop {
+            match connect(&self.endpoint, addr, &pki::node_name(role.as_str())).await {
+                Ok(c) => break c,
+                Err(TransportError::Connection(quinn::ConnectionError::ConnectionClosed(c)))
+                    if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED && attempt < 4 =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                Err(e) => return Err(what(&e)),
+            }
+        };
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| what(&e))?;
         write_one(&mut send, &Message::AnalystRequest(req))
             .await
@@ -222,7 +234,23 @@ impl Analyst {
         loop {
             let mut shares = Vec::new();
             let mut refusals = Vec::new();
-            for (role, a) in self.ask_both(req.clone(), timeout).await {
+            let answers = self.ask_both(req.clone(), timeout).await;
+            // One node refused at once: the other may have accepted (and
+            // charged) the query id and be waiting for, or queued behind,
+            // its peer; let it go now rather than at its timeout.
+            if let [(refusing, Ok(AnalystResponse::Refused(_)) | Err(_))] = &answers[..] {
+                let other = if *refusing == Role::Bank {
+                    Role::Platform
+                } else {
+                    Role::Bank
+                };
+                if let Some((_, addr)) = self.nodes.iter().find(|(r, _)| *r == other) {
+                    let _ = self
+                        .ask(other, *addr, AnalystRequest::Cancel(query_id), Duration::from_secs(5))
+                        .await;
+                }
+            }
+            for (role, a) in answers {
                 match a {
                     Ok(AnalystResponse::Share(s)) => shares.push(*s),
                     Ok(AnalystResponse::Refused(m)) => refusals.push(format!("{} node: {m}", role.as_str())),

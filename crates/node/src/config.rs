@@ -187,8 +187,21 @@ pub struct LimitsConfig {
     /// and show whether a join was cached.
     #[serde(default)]
     pub report_timings: bool,
+    /// Queries one analyst may have running on this node at once; more are
+    /// refused until some finish (so one analyst cannot fill the queue).
+    #[serde(default = "default_in_flight_per_analyst")]
+    pub max_queries_in_flight_per_analyst: u32,
+    /// Queries all analysts together may have running on this node at once.
+    #[serde(default = "default_in_flight")]
+    pub max_queries_in_flight: u32,
 }
 
+fn default_in_flight_per_analyst() -> u32 {
+    16
+}
+fn default_in_flight() -> u32 {
+    256
+}
 fn default_runs() -> u32 {
     1000
 }
@@ -334,6 +347,10 @@ pub struct Limits {
     pub min_input_set: u64,
     /// Per-phase timings go to analysts.
     pub report_timings: bool,
+    /// Queries running at once per analyst.
+    pub in_flight_per_analyst: u32,
+    /// Queries running at once in all.
+    pub in_flight: u32,
 }
 
 fn bad(path: &Path, what: String) -> NodeError {
@@ -453,6 +470,8 @@ impl NodeConfig {
             max_churn_ppm: micro("max_input_churn", &l.max_input_churn)?,
             min_input_set: l.min_input_set,
             report_timings: l.report_timings,
+            in_flight_per_analyst: l.max_queries_in_flight_per_analyst.max(1),
+            in_flight: l.max_queries_in_flight.max(1),
         })
     }
 

@@ -90,11 +90,42 @@ struct PendingEntry {
     tx: Option<oneshot::Sender<Delivered>>,
     /// Tells this registration from a later one for the same query id.
     id: u64,
+    /// The analyst who asked.
+    analyst: String,
+    /// Whether the platform has opened a batch for it.
+    claimed: bool,
 }
 
 /// A query's whole share on this side, its run, the seconds from acceptance
 /// to the last batch, and where the batches' time went; or why it failed.
 type Delivered = Result<(Share, Run, f64, pump::PumpStats), String>;
+
+/// One admitted query of an analyst, released when dropped.
+struct Admitted {
+    node: Node,
+    analyst: String,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut running = lock(&self.node.inner.in_flight);
+        if let Some(n) = running.get_mut(&self.analyst) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&self.analyst);
+            }
+        }
+    }
+}
+
+/// Handshakes in flight above which a client must prove its address first.
+const RETRY_ABOVE: usize = 64;
+/// Handshakes in flight above which new connections are refused.
+const MAX_HANDSHAKES: usize = 1024;
+
+/// Matcher: the analyst running a query id here, and the lock a retry of
+/// the same id waits on.
+type QuerySlot = (String, Arc<tokio::sync::Mutex<()>>);
 
 /// A holder registration: its id and where its share arrives.
 type Registered = (u64, oneshot::Receiver<Delivered>);
@@ -191,7 +222,14 @@ struct Inner {
     completing: Mutex<std::collections::HashSet<[u8; 16]>>,
     /// Matcher: one request at a time per query id (a retry waits for an
     /// earlier attempt still running here, then finds its stored share).
-    per_query: Mutex<HashMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>,
+    per_query: Mutex<HashMap<[u8; 16], QuerySlot>>,
+    /// Matcher: running queries the bank refused (the analyst said so):
+    /// they stop before the join and aggregate rather than hold the queue.
+    cancelled: Mutex<std::collections::HashSet<[u8; 16]>>,
+    /// Holder: query ids it refused in the last two minutes.
+    refused_recently: Mutex<HashMap<[u8; 16], Instant>>,
+    /// Queries running per analyst (see [`Node::admit`]).
+    in_flight: Mutex<HashMap<String, u32>>,
     analysts: Vec<String>,
     /// This operator's signed policy, and its JSON as shown to the peer.
     own_policy: SignedPolicy,
@@ -322,6 +360,9 @@ impl Node {
             pending_ids: std::sync::atomic::AtomicU64::new(0),
             completing: Mutex::new(std::collections::HashSet::new()),
             per_query: Mutex::new(HashMap::new()),
+            cancelled: Mutex::new(std::collections::HashSet::new()),
+            refused_recently: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             analysts,
             own_policy,
             own_policy_json,
@@ -427,12 +468,32 @@ impl Node {
         lock(&self.inner.state).charge_count()
     }
 
+    /// Accepts connections. Handshakes cost CPU before the peer is known,
+    /// so a flood of them must not starve established sessions: above
+    /// [`RETRY_ABOVE`] handshakes in flight a client must first prove its
+    /// address (a stateless QUIC retry, one round trip), and above
+    /// [`MAX_HANDSHAKES`] new connections are refused outright until some
+    /// finish (or time out with the idle timeout).
     async fn accept_loop(self) {
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         while let Some(incoming) = self.inner.endpoint.accept().await {
+            let n = in_flight.load(std::sync::atomic::Ordering::Relaxed);
+            if n >= MAX_HANDSHAKES {
+                incoming.refuse();
+                continue;
+            }
+            if n >= RETRY_ABOVE && !incoming.remote_address_validated() && incoming.may_retry() {
+                let _ = incoming.retry();
+                continue;
+            }
+            in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let node = self.clone();
+            let in_flight = in_flight.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                match incoming.await {
+                let conn = incoming.await;
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                match conn {
                     Ok(conn) => node.serve_connection(conn).await,
                     Err(e) => info!(%remote, error = %e, "handshake refused"),
                 }
@@ -560,6 +621,31 @@ impl Node {
         })
     }
 
+    /// A slot for one more running query of `analyst`, or why not: each
+    /// analyst may have `max_queries_in_flight_per_analyst` queries running
+    /// here, all together `max_queries_in_flight`. Refused before any charge.
+    fn admit(&self, analyst: &str) -> Result<Admitted, String> {
+        let limits = &self.inner.limits;
+        let mut running = lock(&self.inner.in_flight);
+        let total: u32 = running.values().sum();
+        let mine = running.get(analyst).copied().unwrap_or(0);
+        if mine >= limits.in_flight_per_analyst {
+            return Err(format!(
+                "analyst {analyst:?} already has {mine} queries running here (max_queries_in_flight_per_analyst); retry when one has finished"
+            ));
+        }
+        if total >= limits.in_flight {
+            return Err(format!(
+                "{total} queries are running here (max_queries_in_flight); retry shortly"
+            ));
+        }
+        *running.entry(analyst.to_string()).or_insert(0) += 1;
+        Ok(Admitted {
+            node: self.clone(),
+            analyst: analyst.to_string(),
+        })
+    }
+
     async fn serve_analyst(&self, analyst: &str, req: AnalystRequest) -> AnalystResponse {
         match req {
             AnalystRequest::Templates => {
@@ -595,22 +681,57 @@ impl Node {
                     Err(e) => AnalystResponse::Refused(format!("the node's ledger failed: {e}")),
                 }
             }
+            AnalystRequest::Cancel(qid) if self.inner.role == Role::Platform => {
+                let running = lock(&self.inner.per_query).get(&qid).is_some_and(|(a, _)| a == analyst);
+                if running {
+                    lock(&self.inner.cancelled).insert(qid);
+                    info!(query = %hex(&qid), "query cancelled: the bank refused it");
+                }
+                AnalystResponse::Cancelled(running)
+            }
+            AnalystRequest::Cancel(qid) => {
+                let mut pending = lock(&self.inner.pending);
+                let waiting = pending.get(&qid).is_some_and(|p| p.analyst == analyst && !p.claimed);
+                if waiting {
+                    // Its waiter ends ("the peer session ended without a result").
+                    pending.remove(&qid);
+                    info!(query = %hex(&qid), "query cancelled: the platform refused it");
+                }
+                AnalystResponse::Cancelled(waiting)
+            }
             AnalystRequest::Query(q) => {
                 let span = info_span!("query", id = %hex(&q.query_id), template = %q.template);
-                match self.run_query(analyst, &q).instrument(span).await {
-                    Ok(share) => AnalystResponse::Share(Box::new(share)),
-                    Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
-                    Err(e) => {
-                        // The operator's log has the whole error; the analyst
-                        // gets its kind only (a peer's error can carry counts).
-                        warn!(error = %e, "query failed");
-                        AnalystResponse::Refused(format!(
-                            "the {} node could not complete the query: {}. Retrying with the same query id costs no extra budget.",
-                            self.inner.role.as_str(),
-                            analyst_view(&e)
-                        ))
-                    }
+                lock(&self.inner.refused_recently).remove(&q.query_id);
+                self.inner.pending_changed.notify_waiters();
+                let answer = match self.admit(analyst) {
+                    Ok(_slot) => self.answer_query(analyst, &q).instrument(span).await,
+                    Err(why) => AnalystResponse::Refused(why),
+                };
+                if self.inner.role == Role::Bank && matches!(answer, AnalystResponse::Refused(_)) {
+                    // The platform's aggregate for it (if the platform
+                    // accepted it) is told so at once, not after a wait.
+                    let mut refused = lock(&self.inner.refused_recently);
+                    refused.retain(|_, at| at.elapsed() < Duration::from_secs(120));
+                    refused.insert(q.query_id, Instant::now());
                 }
+                answer
+            }
+        }
+    }
+
+    async fn answer_query(&self, analyst: &str, q: &QueryRequest) -> AnalystResponse {
+        match self.run_query(analyst, q).await {
+            Ok(share) => AnalystResponse::Share(Box::new(share)),
+            Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
+            Err(e) => {
+                // The operator's log has the whole error; the analyst gets
+                // its kind only (a peer's error can carry counts).
+                warn!(error = %e, "query failed");
+                AnalystResponse::Refused(format!(
+                    "the {} node could not complete the query: {}. Retrying with the same query id costs no extra budget.",
+                    self.inner.role.as_str(),
+                    analyst_view(&e)
+                ))
             }
         }
     }
@@ -622,7 +743,8 @@ impl Node {
         let slot = (self.inner.role == Role::Platform).then(|| {
             lock(&self.inner.per_query)
                 .entry(q.query_id)
-                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                .or_insert_with(|| (analyst.to_string(), Arc::new(tokio::sync::Mutex::new(()))))
+                .1
                 .clone()
         });
         let serial = match &slot {
@@ -636,6 +758,7 @@ impl Node {
             // Nobody else holds or waits for it: only the map's and ours.
             if Arc::strong_count(&m) <= 2 {
                 map.remove(&q.query_id);
+                lock(&self.inner.cancelled).remove(&q.query_id);
             }
         }
         out
@@ -747,7 +870,7 @@ impl Node {
         let (share, run) = match self.inner.role {
             Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings).await?,
             Role::Bank => {
-                let rx = self.holder_register(&plan, &q.query_id, true);
+                let rx = self.holder_register(&plan, &q.query_id, analyst, true);
                 let (share, run, completing) = self.holder_await(&q.query_id, rx, &mut timings).await?;
                 completing_guard = Some(completing);
                 (share, run)
@@ -832,7 +955,7 @@ impl Node {
                 "this query's template changed since it ran; it cannot be run again".into(),
             ));
         }
-        let Some(rx) = self.holder_register(&plan, qid, false) else {
+        let Some(rx) = self.holder_register(&plan, qid, &q.analyst, false) else {
             return Ok(true);
         };
         info!("the platform lost its share of this query's run; running the aggregate again");
@@ -944,7 +1067,7 @@ impl Node {
     /// Bank: makes a query the platform's batches can find by query id
     /// (replacing any earlier entry when `overwrite`, else only if there is
     /// none). `None` when an entry exists and was kept.
-    fn holder_register(&self, plan: &Plan, qid: &[u8; 16], overwrite: bool) -> Option<Registered> {
+    fn holder_register(&self, plan: &Plan, qid: &[u8; 16], analyst: &str, overwrite: bool) -> Option<Registered> {
         let NodeData::Holder(data) = &self.inner.data else {
             return None;
         };
@@ -969,6 +1092,8 @@ impl Node {
                 started: Instant::now(),
                 tx: Some(tx),
                 id,
+                analyst: analyst.to_string(),
+                claimed: false,
             },
         );
         drop(pending);
@@ -1102,7 +1227,10 @@ impl Node {
                 .await
             }
             Message::ShareCheck(c) => {
-                let busy = lock(&self.inner.pending).contains_key(&c.query_id)
+                // Busy: an aggregate for it is running or its share is being
+                // stored. (A query waiting for the platform is not: the
+                // platform's rerun is what it waits for.)
+                let busy = lock(&self.inner.pending).get(&c.query_id).is_some_and(|p| p.claimed)
                     || lock(&self.inner.completing).contains(&c.query_id);
                 let held = self.holds_share(&c.query_id, &c.run)?;
                 write_one(
@@ -1125,14 +1253,24 @@ impl Node {
         }
     }
 
+    /// The accepted query an aggregate asks for: the analyst's request may
+    /// reach this node after the platform's aggregate, so wait for it (30 s;
+    /// 2 s for a query id this node refused in the last two minutes, unless
+    /// a new request for it arrives meanwhile).
     async fn wait_pending(&self, qid: &[u8; 16]) -> Option<(Plan, Arc<HolderRows>)> {
-        let deadline = Instant::now() + self.inner.limits.query_timeout.min(Duration::from_secs(30));
+        let started = Instant::now();
         loop {
             let notified = self.inner.pending_changed.notified();
-            if let Some(p) = lock(&self.inner.pending).get(qid) {
+            if let Some(p) = lock(&self.inner.pending).get_mut(qid) {
+                p.claimed = true;
                 return Some((p.plan.clone(), p.values.clone()));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let patience = if lock(&self.inner.refused_recently).contains_key(qid) {
+                Duration::from_secs(2)
+            } else {
+                self.inner.limits.query_timeout.min(Duration::from_secs(30))
+            };
+            let left = (started + patience).saturating_duration_since(Instant::now());
             if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
                 return None;
             }
@@ -1540,6 +1678,11 @@ impl Node {
             return Err(NodeError::Internal("matcher query on a holder"));
         };
         let _serial = self.inner.join_lock.lock().await;
+        if lock(&self.inner.cancelled).remove(qid) {
+            return Err(NodeError::Refused(
+                "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)".into(),
+            ));
+        }
         let (joined, join_phases) = self.matcher_join(data, plan, false).await?;
         timings.extend(join_phases.unwrap_or_default());
         match self.matcher_aggregate(&joined, plan, qid).await {

@@ -444,10 +444,17 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Opti
     if len > max {
         return Err(TransportError::FrameTooLarge { len: len as u64, max });
     }
-    let mut buf = vec![0u8; len];
-    match recv.read_exact(&mut buf).await {
-        Ok(()) => Ok(Some(buf)),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(TransportError::TruncatedFrame),
-        Err(quinn::ReadExactError::ReadError(e)) => Err(e.into()),
+    // The buffer grows with the bytes that actually arrive: a peer that
+    // announces a large frame and stalls holds at most 1 MiB here.
+    let mut buf = Vec::with_capacity(len.min(FRAME_PREALLOCATION));
+    while buf.len() < len {
+        match recv.read_chunk(len - buf.len(), true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => return Err(TransportError::TruncatedFrame),
+        }
     }
+    Ok(Some(buf))
 }
+
+/// Most bytes reserved for a frame before its body arrives.
+const FRAME_PREALLOCATION: usize = 1 << 20;

@@ -279,6 +279,10 @@ pub enum AnalystRequest {
     Budget,
     /// Run a template.
     Query(QueryRequest),
+    /// The other node refused this query id: drop it here if it is still
+    /// waiting for the other node (it stays charged; a retry under the
+    /// same id costs nothing more).
+    Cancel([u8; 16]),
 }
 
 /// Run a template with parameters under a query id (the same id on both nodes).
@@ -385,6 +389,8 @@ pub enum AnalystResponse {
     Share(Box<QueryShare>),
     /// A refusal, with a message that says what to change.
     Refused(String),
+    /// Whether a waiting query was dropped.
+    Cancelled(bool),
 }
 
 /// One frame's content.
