@@ -320,6 +320,37 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
     for (k, f) in frames.iter().enumerate() {
         put("wire_decode", &format!("frame-{k:03}"), f);
     }
+    // Node-level messages: retries after a crash, cancels.
+    let node_messages = [
+        (
+            "share-check",
+            Message::ShareCheck(cleanroom_wire::ShareCheck {
+                query_id: [1; 16],
+                run: [2; 16],
+            }),
+        ),
+        (
+            "share-held",
+            Message::ShareHeld(cleanroom_wire::ShareHeld {
+                query_id: [1; 16],
+                held: false,
+                busy: true,
+            }),
+        ),
+        (
+            "cancel",
+            Message::AnalystRequest(cleanroom_wire::AnalystRequest::Cancel([3; 16])),
+        ),
+        (
+            "cancelled",
+            Message::AnalystResponse(cleanroom_wire::AnalystResponse::Cancelled(true)),
+        ),
+    ];
+    for (name, m) in node_messages {
+        if let Ok(f) = m.encode() {
+            put("wire_decode", &format!("node-{name}"), &f);
+        }
+    }
     // Configs.
     for name in ["bank.toml", "platform.toml", "analyst.toml"] {
         if let Ok(text) = std::fs::read(repo.join("examples").join(name)) {
