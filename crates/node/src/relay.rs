@@ -1,6 +1,9 @@
 //! An in-process UDP relay that emulates a network path: every datagram is
 //! delayed by half the round-trip time in each direction, and each direction
-//! is a link of the given bandwidth (datagrams queue behind each other).
+//! is a link of the given bandwidth (datagrams queue behind each other),
+//! with an Ethernet MTU (a datagram over 1,472 bytes of UDP payload is
+//! dropped, as a 1,500-byte path drops it, so QUIC's MTU discovery settles
+//! where it would on such a path).
 //! Used by `cleanroom bench --rtt-ms --bandwidth-mbit`; it only ever binds
 //! and sends on 127.0.0.1.
 
@@ -37,6 +40,9 @@ impl Drop for Relay {
         }
     }
 }
+
+/// UDP payload of a 1,500-byte IPv4 packet.
+const PATH_MTU_PAYLOAD: usize = 1472;
 
 async fn link(sock: Arc<UdpSocket>, mut rx: mpsc::UnboundedReceiver<(Instant, Vec<u8>, SocketAddr)>, path: Path) {
     let mut free_at = Instant::now();
@@ -76,6 +82,9 @@ impl Relay {
             let mut buf = vec![0u8; 65_536];
             while let Ok((n, from)) = f.recv_from(&mut buf).await {
                 *c.lock().await = Some(from);
+                if n > PATH_MTU_PAYLOAD {
+                    continue;
+                }
                 let _ = up_tx.send((Instant::now(), buf[..n].to_vec(), target));
             }
         }));
@@ -84,7 +93,7 @@ impl Relay {
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             while let Ok((n, from)) = b.recv_from(&mut buf).await {
-                if from != target {
+                if from != target || n > PATH_MTU_PAYLOAD {
                     continue;
                 }
                 if let Some(to) = *c.lock().await {

@@ -22,7 +22,7 @@ use cleanroom_wire::{MaskedRows, Message, Nonce, OtChoices, OtExtend, OtSetup, S
 use rand_core::{CryptoRng, RngCore};
 use rayon::prelude::*;
 use ring::digest::{Context, SHA256};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::ProtocolError;
 use crate::join::{HolderJoined, MatcherJoined};
@@ -385,12 +385,15 @@ impl HolderOtRunning {
         let values = &self.values;
         // Each row's d = v + m0 - m1 is written straight into the message.
         let mut words = vec![0u8; len * w * 8];
+        // Per-thread scratch, reused row after row (each row overwrites it
+        // whole) and zeroized when the thread's share of the chunk is done.
+        let scratch = || Zeroizing::new(vec![0u64; w]);
         let chunk_acc = words
             .par_chunks_mut(w * 8)
             .zip(pairs.par_iter())
             .enumerate()
             .fold(
-                || (vec![0u64; w], vec![0u64; w], vec![0u64; w], vec![0u64; w]),
+                || (scratch(), scratch(), scratch(), scratch()),
                 |(mut acc, mut m1, mut d, mut v), (k, (bytes, (k0, k1)))| {
                     // d = m0; acc += m0
                     Prg::new(*k0).words(&mut d, false);
@@ -404,28 +407,22 @@ impl HolderOtRunning {
                         for (x, v) in d.iter_mut().zip(v.iter()) {
                             *x = x.wrapping_add(*v);
                         }
-                        v.as_mut_slice().zeroize();
                     }
                     Prg::new(*k1).words(&mut m1, false);
                     for ((x, m), out) in d.iter().zip(m1.iter()).zip(bytes.chunks_exact_mut(8)) {
                         out.copy_from_slice(&x.wrapping_sub(*m).to_le_bytes());
                     }
-                    m1.as_mut_slice().zeroize();
-                    d.as_mut_slice().zeroize();
                     (acc, m1, d, v)
                 },
             )
             .map(|(acc, _, _, _)| acc)
-            .reduce(
-                || vec![0u64; w],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        *x = x.wrapping_add(*y);
-                    }
-                    a
-                },
-            );
-        for (a, c) in self.acc.iter_mut().zip(&chunk_acc) {
+            .reduce(scratch, |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b.iter()) {
+                    *x = x.wrapping_add(*y);
+                }
+                a
+            });
+        for (a, c) in self.acc.iter_mut().zip(chunk_acc.iter()) {
             *a = a.wrapping_add(*c);
         }
         let seq = self.next_seq;
@@ -670,7 +667,7 @@ impl MatcherOtRunning {
             .zip(p.keys.par_iter())
             .enumerate()
             .fold(
-                || vec![0u64; w],
+                || Zeroizing::new(vec![0u64; w]),
                 |mut acc, (k, (d_bytes, key))| {
                     // acc += PRG(k_s) + s * d
                     Prg::new(*key).words(&mut acc, true);
@@ -685,15 +682,15 @@ impl MatcherOtRunning {
                 },
             )
             .reduce(
-                || vec![0u64; w],
+                || Zeroizing::new(vec![0u64; w]),
                 |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
+                    for (x, y) in a.iter_mut().zip(b.iter()) {
                         *x = x.wrapping_add(*y);
                     }
                     a
                 },
             );
-        for (a, c) in self.acc.iter_mut().zip(&chunk_acc) {
+        for (a, c) in self.acc.iter_mut().zip(chunk_acc.iter()) {
             *a = a.wrapping_add(*c);
         }
         self.pending.pop_front();
