@@ -37,6 +37,8 @@ struct Proc {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The largest peak RSS (VmHWM, KiB) of its processes so far.
+    peak_kib: u64,
 }
 
 impl Proc {
@@ -56,9 +58,17 @@ impl Proc {
         self.child = Some(child);
     }
 
-    /// SIGKILL: no chance to flush or close anything.
+    /// SIGKILL: no chance to flush or close anything. The process's peak
+    /// RSS is read first.
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", c.id())).unwrap_or_default();
+            let hwm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+                .unwrap_or(0);
+            self.peak_kib = self.peak_kib.max(hwm);
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -199,11 +209,13 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
         config: fixture.bank_config.clone(),
         log: dir.path().join("bank.log"),
         child: None,
+        peak_kib: 0,
     };
     let mut platform = Proc {
         config: fixture.platform_config.clone(),
         log: dir.path().join("platform.log"),
         child: None,
+        peak_kib: 0,
     };
     bank.start();
     platform.start();
@@ -308,6 +320,11 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
     }
     bank.kill();
     platform.kill();
+    // Memory stays bounded through the storm (400 customers and users).
+    for (role, p) in [("bank", &bank), ("platform", &platform)] {
+        println!("{role}: peak RSS of its processes {} MiB", p.peak_kib / 1024);
+        assert!(p.peak_kib < 512 * 1024, "{role} used {} KiB", p.peak_kib);
+    }
 
     let state = |role: &str| dir.path().join("state").join(role);
     let mut report = Vec::new();
