@@ -124,16 +124,6 @@ async fn legit(analyst: &Analyst, truth: f64) -> Duration {
     t.elapsed()
 }
 
-fn rss_mib() -> f64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: f64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0.0);
-    pages * 4096.0 / (1 << 20) as f64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -362,7 +352,7 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
 
     // Disconnect at each step of a join: after the offer, after the key,
     // after each token chunk; each time a fresh connection, dropped hard.
-    let rss_before = rss_mib();
+    let rss_before = cleanroom_tests::rss_mib();
     let steps = 1 + 1 + 8;
     for k in 0..steps {
         let p = hostile_peer(&certs, bank.local_addr().unwrap()).await;
@@ -379,9 +369,12 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
     report.push(format!(
         "{steps} joins abandoned at each step, then a real query: {:.2} s; test process RSS {rss_before:.0} -> {:.0} MiB",
         after.as_secs_f64(),
-        rss_mib()
+        cleanroom_tests::rss_mib()
     ));
-    assert!(rss_mib() - rss_before < 256.0, "memory grew with abandoned sessions");
+    assert!(
+        cleanroom_tests::rss_mib() - rss_before < 256.0,
+        "memory grew with abandoned sessions"
+    );
 
     for t in stalls {
         let (what, (e, took)) = t.await.unwrap();

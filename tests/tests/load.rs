@@ -16,13 +16,6 @@ use cleanroom_node::server::Node;
 const ANALYSTS: usize = 20;
 const QUERIES_EACH: usize = 10;
 
-/// This process's resident set, MiB (Linux).
-fn rss_mib() -> f64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: f64 = statm.split_whitespace().nth(1).and_then(|x| x.parse().ok()).unwrap_or(0.0);
-    pages * 4096.0 / f64::from(1 << 20)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let k = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(k).copied().unwrap_or(f64::NAN)
@@ -72,7 +65,7 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
         .unwrap();
     let charged_before = (bank.charge_count().unwrap(), platform.charge_count().unwrap());
 
-    let rss_before = rss_mib();
+    let rss_before = cleanroom_tests::rss_mib();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (a, analyst) in analysts.iter().enumerate() {
@@ -103,9 +96,15 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    let rss_after = rss_mib();
-    println!("test process (both nodes and 20 analysts) RSS {rss_before:.0} MiB before the load, {rss_after:.0} MiB after");
-    assert!(rss_after - rss_before < 256.0, "memory grew by {} MiB", rss_after - rss_before);
+    let rss_after = cleanroom_tests::rss_mib();
+    println!(
+        "test process (both nodes and 20 analysts) RSS {rss_before:.0} MiB before the load, {rss_after:.0} MiB after"
+    );
+    assert!(
+        rss_after - rss_before < 256.0,
+        "memory grew by {} MiB",
+        rss_after - rss_before
+    );
     latencies.sort_by(f64::total_cmp);
     println!(
         "{} queries from {ANALYSTS} analysts: {} answered, {} refused, wall {wall:.2} s, latency p50 {:.3} s, p99 {:.3} s, max {:.3} s",
