@@ -112,6 +112,38 @@ async fn open_join(
     (s, r, streaming, session)
 }
 
+/// Both nodes on loopback with the analyst alice, and the `overlap` truth.
+struct Running {
+    _dir: tempfile::TempDir,
+    fixture: Fixture,
+    bank: cleanroom_node::server::Node,
+    platform: cleanroom_node::server::Node,
+    analyst: Analyst,
+    truth: f64,
+}
+
+async fn running(rows: usize, seed: u64) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), rows, seed, &["alice"]).unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let truth = truth(&fixture.data, &fixture.plan("overlap", &[]).unwrap())[0];
+    Running {
+        _dir: dir,
+        fixture,
+        bank,
+        platform,
+        analyst,
+        truth,
+    }
+}
+
 /// A real query by the real analyst through the real platform, within noise
 /// of the truth; how long it took.
 async fn legit(analyst: &Analyst, truth: f64) -> Duration {
@@ -126,18 +158,15 @@ async fn legit(analyst: &Analyst, truth: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = Fixture::create(dir.path(), 600, 53, &["alice"]).unwrap();
-    let bank = fixture.start_bank().await.unwrap();
-    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let Running {
+        _dir,
+        fixture,
+        bank,
+        platform,
+        analyst,
+        truth,
+    } = running(600, 53).await;
     let certs = fixture.dir.join("certs");
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
-    let truth = truth(&fixture.data, &fixture.plan("overlap", &[]).unwrap())[0];
     let baseline = legit(&analyst, truth).await;
     let mut queries = 1u64;
     let peer = hostile_peer(&certs, bank.local_addr().unwrap()).await;
@@ -403,17 +432,14 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
 /// query is answered, and how much slower it gets is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_flood_does_not_starve_real_queries() {
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = Fixture::create(dir.path(), 400, 57, &["alice"]).unwrap();
-    let bank = fixture.start_bank().await.unwrap();
-    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
-    let truth = truth(&fixture.data, &fixture.plan("overlap", &[]).unwrap())[0];
+    let Running {
+        _dir,
+        fixture,
+        bank,
+        platform,
+        analyst,
+        truth,
+    } = running(400, 57).await;
     legit(&analyst, truth).await;
     let mut alone = Vec::new();
     for _ in 0..5 {

@@ -16,20 +16,9 @@ use cleanroom_node::server::Node;
 const ANALYSTS: usize = 20;
 const QUERIES_EACH: usize = 10;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let k = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(k).copied().unwrap_or(f64::NAN)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_queries_from_twenty_analysts() {
-    let mut names: Vec<String> = vec!["alice".to_string()];
-    names.extend((1..ANALYSTS).map(|i| format!("analyst{i:02}")));
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = Fixture::create(dir.path(), 400, 61, &refs).unwrap();
-    // Every template names all twenty analysts (the analyst lists are not
-    // part of the signed digests).
+/// Starts both nodes with every template naming all of `names` (the
+/// analyst lists are not part of the signed digests, so no re-signing).
+async fn start_allowing(fixture: &Fixture, names: &[String]) -> (Node, Node) {
     let list = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
     let allow = |text: String| text.replace("analysts = [\"alice\"]", &format!("analysts = [{list}]"));
     let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
@@ -45,6 +34,24 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
     )
     .await
     .unwrap();
+    (bank, platform)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let k = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(k).copied().unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_queries_from_twenty_analysts() {
+    let mut names: Vec<String> = vec!["alice".to_string()];
+    names.extend((1..ANALYSTS).map(|i| format!("analyst{i:02}")));
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 61, &refs).unwrap();
+    // Every template names all twenty analysts (the analyst lists are not
+    // part of the signed digests).
+    let (bank, platform) = start_allowing(&fixture, &names).await;
     let analysts: Vec<Arc<Analyst>> = names
         .iter()
         .map(|n| {
@@ -138,20 +145,7 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
 async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = Fixture::create(dir.path(), 400, 62, &["alice", "greedy"]).unwrap();
-    let allow = |text: String| text.replace("analysts = [\"alice\"]", "analysts = [\"alice\", \"greedy\"]");
-    let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
-    std::fs::write(&fixture.bank_config, allow(text)).unwrap();
-    let bank = fixture.start_bank().await.unwrap();
-    let first = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    first.shutdown().await;
-    let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
-    std::fs::write(&fixture.platform_config, allow(text)).unwrap();
-    let platform = Node::start(
-        NodeConfig::load(&fixture.platform_config).unwrap(),
-        &fixture.platform_config,
-    )
-    .await
-    .unwrap();
+    let (bank, platform) = start_allowing(&fixture, &["alice".to_string(), "greedy".to_string()]).await;
     let analyst = |n: &str| {
         Arc::new(
             Analyst::new(
