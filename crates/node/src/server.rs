@@ -118,6 +118,14 @@ impl Drop for Admitted {
     }
 }
 
+/// Draws a query's noise on a blocking thread while its protocol runs, so
+/// the time to release the share does not depend on it (see `noise`).
+fn draw_noise(plan: &Plan, template: &Template) -> tokio::task::JoinHandle<Result<DrawnNoise, NodeError>> {
+    let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
+    let cells = plan.width() * plan.matcher_groups().len().max(1);
+    tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
+}
+
 /// Handshakes in flight above which a client must prove its address first.
 const RETRY_ABOVE: usize = 64;
 /// Handshakes in flight above which new connections are refused.
@@ -858,13 +866,7 @@ impl Node {
             Charge::Existing(None) => info!("query id already charged; computing its share (no new charge)"),
         }
         let started = Instant::now();
-        // The noise is drawn now, while the protocol runs, so the time to
-        // release the share does not depend on it (see `noise`).
-        let noise = {
-            let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
-            let cells = plan.width() * plan.matcher_groups().len().max(1);
-            tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
-        };
+        let noise = draw_noise(&plan, &template);
         let mut timings = Vec::new();
         let mut completing_guard = None;
         let (share, run) = match self.inner.role {
@@ -967,11 +969,7 @@ impl Node {
         };
         tokio::spawn(
             async move {
-                let noise = {
-                    let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
-                    let cells = plan.width() * plan.matcher_groups().len().max(1);
-                    tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
-                };
+                let noise = draw_noise(&plan, &template);
                 let mut timings = Vec::new();
                 let done = match node.holder_await(&request.query_id, Some(rx), &mut timings).await {
                     Ok((share, run, _completing)) => match noise.await {
