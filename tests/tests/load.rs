@@ -201,7 +201,9 @@ async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
         refused.len()
     );
     assert!(!refused.is_empty(), "the cap never applied");
-    assert!(answered >= 1, "none served");
+    // Each node applies its cap on its own, so the two may admit different
+    // subsets and none of the 40 may get both halves at once; what must
+    // hold is that all are served on retry (below), charged once each.
     assert!(alice_secs < 30.0, "the other analyst waited {alice_secs} s");
     for qid in &refused {
         greedy
