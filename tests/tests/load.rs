@@ -9,18 +9,24 @@ use std::time::{Duration, Instant};
 
 use cleanroom_node::NodeError;
 use cleanroom_node::client::{Analyst, new_query_id};
-use cleanroom_node::config::NodeConfig;
+use cleanroom_node::config::{AnalystConfig, NodeConfig};
 use cleanroom_node::demo::Fixture;
 use cleanroom_node::server::Node;
+use cleanroom_transport::{Identity, TransportSettings, client_endpoint, pki, write_frame};
+use cleanroom_wire::{AnalystRequest, MAX_MESSAGE_LEN, Message, QueryRequest};
 
 const ANALYSTS: usize = 20;
 const QUERIES_EACH: usize = 10;
 
 /// Starts both nodes with every template naming all of `names` (the
-/// analyst lists are not part of the signed digests, so no re-signing).
-async fn start_allowing(fixture: &Fixture, names: &[String]) -> (Node, Node) {
+/// analyst lists are not part of the signed digests, so no re-signing) and
+/// `limits` (TOML lines) added to both nodes' `[limits]`.
+async fn start_allowing(fixture: &Fixture, names: &[String], limits: &str) -> (Node, Node) {
     let list = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
-    let allow = |text: String| text.replace("analysts = [\"alice\"]", &format!("analysts = [{list}]"));
+    let allow = |text: String| {
+        text.replace("analysts = [\"alice\"]", &format!("analysts = [{list}]"))
+            .replace("[limits]\n", &format!("[limits]\n{limits}"))
+    };
     let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
     std::fs::write(&fixture.bank_config, allow(text)).unwrap();
     let bank = fixture.start_bank().await.unwrap();
@@ -51,7 +57,7 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
     let fixture = Fixture::create(dir.path(), 400, 61, &refs).unwrap();
     // Every template names all twenty analysts (the analyst lists are not
     // part of the signed digests).
-    let (bank, platform) = start_allowing(&fixture, &names).await;
+    let (bank, platform) = start_allowing(&fixture, &names, "").await;
     let analysts: Vec<Arc<Analyst>> = names
         .iter()
         .map(|n| {
@@ -145,7 +151,7 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
 async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = Fixture::create(dir.path(), 400, 62, &["alice", "greedy"]).unwrap();
-    let (bank, platform) = start_allowing(&fixture, &["alice".to_string(), "greedy".to_string()]).await;
+    let (bank, platform) = start_allowing(&fixture, &["alice".to_string(), "greedy".to_string()], "").await;
     let analyst = |n: &str| {
         Arc::new(
             Analyst::new(
@@ -216,6 +222,87 @@ async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
         (bank.charge_count().unwrap(), platform.charge_count().unwrap()),
         (44, 44)
     );
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
+
+/// Sends `overlap` under `qid` to one node only, as `cfg`'s analyst, on its
+/// own connection, and closes that connection after `after`, unanswered.
+async fn ask_and_leave(cfg: &AnalystConfig, role: &str, node: std::net::SocketAddr, qid: [u8; 16], after: Duration) {
+    let id = Identity::load(&cfg.identity.cert, &cfg.identity.key).unwrap();
+    let ep = client_endpoint(
+        &id,
+        &cfg.identity.trust_anchors().unwrap(),
+        &TransportSettings::default(),
+    )
+    .unwrap();
+    let conn = cleanroom_transport::connect(&ep, node, &pki::node_name(role))
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let request = Message::AnalystRequest(AnalystRequest::Query(QueryRequest {
+        query_id: qid,
+        template: "overlap".into(),
+        params: Vec::new(),
+    }));
+    write_frame(&mut send, &request.encode().unwrap(), MAX_MESSAGE_LEN)
+        .await
+        .unwrap();
+    let _ = send.finish();
+    tokio::time::sleep(after).await;
+    conn.close(0u32.into(), b"gone");
+    ep.wait_idle().await;
+}
+
+/// An analyst who sends a query to one node and goes away before the other
+/// node starts it frees its slot there at once (the per-analyst cap is 1
+/// here): its next query is served straight after, not refused until the
+/// abandoned one times out (120 s on the bank, 30 s on the platform). The
+/// abandoned query stays charged on the node that accepted it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analyst_who_goes_away_frees_its_slot_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 62, &["alice"]).unwrap();
+    let (bank, platform) = start_allowing(
+        &fixture,
+        &["alice".to_string()],
+        "max_queries_in_flight_per_analyst = 1\n",
+    )
+    .await;
+    let cfg = fixture
+        .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+        .unwrap();
+    let alice = Analyst::new(&cfg).unwrap();
+    // The join is cached by a first query.
+    alice
+        .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(120))
+        .await
+        .unwrap();
+    for (role, node) in [("bank", &bank), ("platform", &platform)] {
+        // Charged there, then waiting for the other node, which never
+        // hears of it: the bank for the platform's batches, the platform
+        // for the bank's answer to its first batch.
+        ask_and_leave(
+            &cfg,
+            role,
+            node.local_addr().unwrap(),
+            new_query_id().unwrap(),
+            Duration::from_millis(500),
+        )
+        .await;
+        let t = Instant::now();
+        let next = alice
+            .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(120))
+            .await;
+        let secs = t.elapsed().as_secs_f64();
+        if let Err(e) = &next {
+            panic!("after an abandoned query on the {role}: {e}");
+        }
+        println!("abandoned query on the {role} node: the analyst's next query answered in {secs:.2} s");
+        assert!(secs < 10.0, "the next query took {secs} s");
+    }
+    // 1 + 1 + 1 answered on both; one abandoned on each.
+    assert_eq!((bank.charge_count().unwrap(), platform.charge_count().unwrap()), (4, 4));
     platform.shutdown().await;
     bank.shutdown().await;
 }

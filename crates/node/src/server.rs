@@ -126,6 +126,36 @@ fn draw_noise(plan: &Plan, template: &Template) -> tokio::task::JoinHandle<Resul
     tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
 }
 
+/// The analyst connection a query request came on, to notice that its
+/// analyst has gone (closed it, or stopped answering keep-alives, which
+/// ends it at the idle timeout). A query still waiting (for its turn, or for
+/// the other node to start it) is then dropped, which frees its admission
+/// slot at once instead of at `query_timeout`; it stays charged, and a
+/// retry under the same id costs nothing more. Work already running (a
+/// join, an aggregate's batches) is finished, so the join stays cached.
+#[derive(Clone, Default)]
+struct Requester(Option<quinn::Connection>);
+
+impl Requester {
+    /// Resolves when the analyst's connection has closed; never for a
+    /// request with no analyst connection (a rerun the platform asked for).
+    async fn gone(&self) {
+        match &self.0 {
+            Some(c) => {
+                c.closed().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// What a query dropped because its analyst went away ends with.
+fn analyst_gone() -> NodeError {
+    NodeError::Refused(
+        "the analyst's connection closed while the query waited; it stays charged, and a retry under the same id costs nothing more".into(),
+    )
+}
+
 /// Handshakes in flight above which a client must prove its address first.
 const RETRY_ABOVE: usize = 64;
 /// Handshakes in flight above which new connections are refused.
@@ -542,9 +572,11 @@ impl Node {
             conn.close(4u32.into(), b"certificate not accepted by this node");
             return;
         };
+        let from = Requester(Some(conn.clone()));
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let node = self.clone();
             let analyst = analyst.clone();
+            let from = from.clone();
             let span = info_span!("analyst", name = %analyst);
             tokio::spawn(
                 async move {
@@ -553,7 +585,7 @@ impl Node {
                             .await
                         {
                             Ok(frame) => match Message::decode(&frame) {
-                                Ok(Message::AnalystRequest(req)) => node.serve_analyst(&analyst, req).await,
+                                Ok(Message::AnalystRequest(req)) => node.serve_analyst(&analyst, req, &from).await,
                                 Ok(_) => AnalystResponse::Refused("expected an analyst request".into()),
                                 Err(e) => AnalystResponse::Refused(format!("malformed request: {e}")),
                             },
@@ -654,7 +686,7 @@ impl Node {
         })
     }
 
-    async fn serve_analyst(&self, analyst: &str, req: AnalystRequest) -> AnalystResponse {
+    async fn serve_analyst(&self, analyst: &str, req: AnalystRequest, from: &Requester) -> AnalystResponse {
         match req {
             AnalystRequest::Templates => {
                 if self.inner.role == Role::Platform {
@@ -712,7 +744,7 @@ impl Node {
                 lock(&self.inner.refused_recently).remove(&q.query_id);
                 self.inner.pending_changed.notify_waiters();
                 let answer = match self.admit(analyst) {
-                    Ok(_slot) => self.answer_query(analyst, &q).instrument(span).await,
+                    Ok(_slot) => self.answer_query(analyst, &q, from).instrument(span).await,
                     Err(why) => AnalystResponse::Refused(why),
                 };
                 if self.inner.role == Role::Bank && matches!(answer, AnalystResponse::Refused(_)) {
@@ -727,8 +759,8 @@ impl Node {
         }
     }
 
-    async fn answer_query(&self, analyst: &str, q: &QueryRequest) -> AnalystResponse {
-        match self.run_query(analyst, q).await {
+    async fn answer_query(&self, analyst: &str, q: &QueryRequest, from: &Requester) -> AnalystResponse {
+        match self.run_query(analyst, q, from).await {
             Ok(share) => AnalystResponse::Share(Box::new(share)),
             Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
             Err(e) => {
@@ -744,7 +776,7 @@ impl Node {
         }
     }
 
-    async fn run_query(&self, analyst: &str, q: &QueryRequest) -> Result<QueryShare, NodeError> {
+    async fn run_query(&self, analyst: &str, q: &QueryRequest, from: &Requester) -> Result<QueryShare, NodeError> {
         let template = self.template(&q.template)?.clone();
         // Matcher: a retry of a query id still running here (its client
         // gave up waiting) waits for that attempt, then finds its share.
@@ -755,12 +787,20 @@ impl Node {
                 .1
                 .clone()
         });
-        let serial = match &slot {
-            Some(m) => Some(m.clone().lock_owned().await),
-            None => None,
+        let out = match &slot {
+            Some(m) => tokio::select! {
+                serial = m.clone().lock_owned() => {
+                    let out = self.run_query_serialised(analyst, q, template, from).await;
+                    drop(serial);
+                    out
+                }
+                () = from.gone() => {
+                    info!("query dropped while waiting for an earlier attempt: its analyst has gone");
+                    Err(analyst_gone())
+                }
+            },
+            None => self.run_query_serialised(analyst, q, template, from).await,
         };
-        let out = self.run_query_serialised(analyst, q, template).await;
-        drop(serial);
         if let Some(m) = slot {
             let mut map = lock(&self.inner.per_query);
             // Nobody else holds or waits for it: only the map's and ours.
@@ -777,6 +817,7 @@ impl Node {
         analyst: &str,
         q: &QueryRequest,
         template: Template,
+        from: &Requester,
     ) -> Result<QueryShare, NodeError> {
         if self.inner.role == Role::Platform {
             self.peer_connection()
@@ -870,10 +911,10 @@ impl Node {
         let mut timings = Vec::new();
         let mut completing_guard = None;
         let (share, run) = match self.inner.role {
-            Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings).await?,
+            Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings, from).await?,
             Role::Bank => {
                 let rx = self.holder_register(&plan, &q.query_id, analyst, true);
-                let (share, run, completing) = self.holder_await(&q.query_id, rx, &mut timings).await?;
+                let (share, run, completing) = self.holder_await(&q.query_id, rx, &mut timings, from).await?;
                 completing_guard = Some(completing);
                 (share, run)
             }
@@ -971,7 +1012,10 @@ impl Node {
             async move {
                 let noise = draw_noise(&plan, &template);
                 let mut timings = Vec::new();
-                let done = match node.holder_await(&request.query_id, Some(rx), &mut timings).await {
+                let done = match node
+                    .holder_await(&request.query_id, Some(rx), &mut timings, &Requester::default())
+                    .await
+                {
                     Ok((share, run, _completing)) => match noise.await {
                         Ok(Ok(noise)) => node
                             .noise_and_store(
@@ -1105,16 +1149,45 @@ impl Node {
         qid: &[u8; 16],
         registered: Option<Registered>,
         timings: &mut Vec<(String, f64)>,
+        from: &Requester,
     ) -> Result<(Share, Run, Completing), NodeError> {
-        let Some((id, rx)) = registered else {
+        let Some((id, mut rx)) = registered else {
             return Err(NodeError::Internal("holder share on a matcher"));
         };
-        let out = tokio::time::timeout(self.inner.limits.query_timeout, rx).await;
+        let deadline = tokio::time::sleep(self.inner.limits.query_timeout);
+        tokio::pin!(deadline);
+        let gone = from.gone();
+        tokio::pin!(gone);
+        let mut gone_seen = false;
+        // `None`: timed out.
+        let out = loop {
+            tokio::select! {
+                r = &mut rx => break Some(r),
+                () = &mut deadline => break None,
+                () = &mut gone, if !gone_seen => {
+                    gone_seen = true;
+                    let mut pending = lock(&self.inner.pending);
+                    // Not started by the platform yet: drop it. Started: the
+                    // batches are running, so finish and store the share.
+                    if pending.get(qid).is_some_and(|p| p.id == id && !p.claimed) {
+                        pending.remove(qid);
+                        drop(pending);
+                        // The platform's aggregate for it, if it comes, is
+                        // answered at once rather than after a wait.
+                        let mut refused = lock(&self.inner.refused_recently);
+                        refused.retain(|_, at| at.elapsed() < Duration::from_secs(120));
+                        refused.insert(*qid, Instant::now());
+                        info!("query dropped while waiting for the platform node: its analyst has gone");
+                        return Err(analyst_gone());
+                    }
+                }
+            }
+        };
         // Marked completing until the caller has stored the share.
         let completing = Completing {
             node: self.clone(),
             qid: *qid,
-            marked: matches!(out, Ok(Ok(Ok(_)))),
+            marked: matches!(out, Some(Ok(Ok(_)))),
         };
         if completing.marked {
             lock(&self.inner.completing).insert(*qid);
@@ -1127,7 +1200,7 @@ impl Node {
             }
         }
         match out {
-            Ok(Ok(Ok((share, run, secs, stats)))) => {
+            Some(Ok(Ok((share, run, secs, stats)))) => {
                 timings.extend([
                     // From accepting the query to the last batch: includes
                     // any join the platform runs first.
@@ -1143,9 +1216,9 @@ impl Node {
                 ]);
                 Ok((share, run, completing))
             }
-            Ok(Ok(Err(e))) => Err(NodeError::Peer(e)),
-            Ok(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
-            Err(_) => Err(NodeError::Peer(format!(
+            Some(Ok(Err(e))) => Err(NodeError::Peer(e)),
+            Some(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
+            None => Err(NodeError::Peer(format!(
                 "the platform node did not run this query within {} s",
                 self.inner.limits.query_timeout.as_secs()
             ))),
@@ -1631,6 +1704,7 @@ impl Node {
         joined: &MatcherJoined,
         plan: &Plan,
         qid: &[u8; 16],
+        from: &Requester,
     ) -> Result<(Share, Vec<(String, f64)>, Run), NodeError> {
         let conn = self.peer_connection().await?;
         let t = Instant::now();
@@ -1645,7 +1719,16 @@ impl Node {
             let (waiting, setup) =
                 MatcherAggregate::start(joined, &choices, plan.width(), *qid, plan.digest(), g, &mut rng)?;
             write_one(&mut send, &setup).await?;
-            let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
+            // The bank answers once its own request for the query is there;
+            // an analyst who went away meanwhile is not waited for (the
+            // dropped streams end the bank's side of the session).
+            let answer = tokio::select! {
+                a = read_one(&mut recv, self.inner.limits.query_timeout) => a?,
+                () = from.gone(), if g == 0 => {
+                    info!("query dropped while waiting for the bank node: its analyst has gone");
+                    return Err(analyst_gone());
+                }
+            };
             let running = waiting.on_choices(&answer)?;
             let (running, stats) = pump::run_with_stats(running, send, recv, Duration::from_secs(60)).await?;
             // Setup/answer, then the streamed extension and masked rows.
@@ -1671,11 +1754,18 @@ impl Node {
         plan: &Plan,
         qid: &[u8; 16],
         timings: &mut Vec<(String, f64)>,
+        from: &Requester,
     ) -> Result<(Share, Run), NodeError> {
         let NodeData::Matcher(data) = &self.inner.data else {
             return Err(NodeError::Internal("matcher query on a holder"));
         };
-        let _serial = self.inner.join_lock.lock().await;
+        let _serial = tokio::select! {
+            s = self.inner.join_lock.lock() => s,
+            () = from.gone() => {
+                info!("query dropped while waiting for its turn: its analyst has gone");
+                return Err(analyst_gone());
+            }
+        };
         if lock(&self.inner.cancelled).remove(qid) {
             return Err(NodeError::Refused(
                 "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)".into(),
@@ -1683,7 +1773,7 @@ impl Node {
         }
         let (joined, join_phases) = self.matcher_join(data, plan, false).await?;
         timings.extend(join_phases.unwrap_or_default());
-        match self.matcher_aggregate(&joined, plan, qid).await {
+        match self.matcher_aggregate(&joined, plan, qid, from).await {
             Ok((s, phases, run)) => {
                 timings.extend(phases);
                 Ok((s, run))
@@ -1696,7 +1786,7 @@ impl Node {
                 lock(&self.inner.state).drop_join(&joined.session())?;
                 let (joined, join_phases) = self.matcher_join(data, plan, true).await?;
                 timings.extend(join_phases.unwrap_or_default());
-                let (s, phases, run) = self.matcher_aggregate(&joined, plan, qid).await?;
+                let (s, phases, run) = self.matcher_aggregate(&joined, plan, qid, from).await?;
                 timings.extend(phases);
                 Ok((s, run))
             }

@@ -58,6 +58,9 @@ pub enum TransportError {
     /// The crypto provider lacks the QUIC initial suite (a build problem).
     #[error("no TLS 1.3 suite usable for QUIC")]
     NoQuicSuite,
+    /// Deriving the endpoint's stateless-reset key failed (a build problem).
+    #[error("cannot derive the endpoint's stateless-reset key")]
+    KeyDerivation,
     /// Binding the UDP socket.
     #[error("cannot bind {addr}: {source}")]
     Bind {
@@ -148,6 +151,12 @@ impl Identity {
             what: "no private key",
         })?;
         Ok(Self { chain, key })
+    }
+
+    /// A key for `label` derived from this identity's private key (HKDF-SHA256,
+    /// the label as salt): the same in every process that loads the key.
+    fn derived_key(&self, label: &[u8]) -> ring::hkdf::Prk {
+        ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, label).extract(self.key.secret_der())
     }
 
     /// From DER parts.
@@ -308,9 +317,48 @@ pub fn server_config(
     tls.send_tls13_tickets = 0;
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     let quic = QuicServerConfig::try_from(tls).map_err(|_| TransportError::NoQuicSuite)?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    // Address-validation (retry) tokens are sealed with a key derived from
+    // the node's private key rather than a random one, so a token issued
+    // just before a restart is still honoured after it (with a random key
+    // the client's handshake fails its connection-id check).
+    let token_key = identity.derived_key(b"cleanroom-v1 quic token key");
+    let mut cfg = quinn::ServerConfig::new(Arc::new(quic), Arc::new(token_key));
     cfg.transport_config(transport_config(settings));
     Ok(cfg)
+}
+
+/// Endpoint settings whose stateless-reset key and connection-id check key
+/// are derived from the node's private key (RFC 9000, section 10.3, "a
+/// static key"), not drawn per process: after a restart on the same
+/// address, a packet for a connection of the old process is recognised as
+/// one of this node's connection ids and answered with a stateless reset
+/// the other side accepts, so it drops that connection at once instead of
+/// at its idle timeout.
+fn endpoint_config(identity: &Identity) -> Result<quinn::EndpointConfig, TransportError> {
+    let prk = identity.derived_key(b"cleanroom-v1 quic stateless reset key");
+    let okm = prk
+        .expand(&[], ring::hmac::HMAC_SHA256)
+        .map_err(|_| TransportError::KeyDerivation)?;
+    let mut cid_key = [0u8; 8];
+    identity
+        .derived_key(b"cleanroom-v1 quic connection id key")
+        .expand(&[], CidKeyLen)
+        .and_then(|okm| okm.fill(&mut cid_key))
+        .map_err(|_| TransportError::KeyDerivation)?;
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut cfg = quinn::EndpointConfig::default();
+    cfg.reset_key(Arc::new(ring::hmac::Key::from(okm)));
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    Ok(cfg)
+}
+
+/// HKDF output length for the connection-id key (a `u64`).
+struct CidKeyLen;
+
+impl ring::hkdf::KeyType for CidKeyLen {
+    fn len(&self) -> usize {
+        8
+    }
 }
 
 /// The client side: TLS 1.3 only, server checked against the CA and the
@@ -349,8 +397,17 @@ pub fn node_endpoint(
     ca: &TrustAnchors,
     settings: &TransportSettings,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let mut ep = quinn::Endpoint::server(server_config(identity, ca, settings)?, bind)
-        .map_err(|source| TransportError::Bind { addr: bind, source })?;
+    let bind_error = |source| TransportError::Bind { addr: bind, source };
+    let socket = std::net::UdpSocket::bind(bind).map_err(bind_error)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind_error(std::io::Error::other("no async runtime (call from within tokio)")))?;
+    let mut ep = quinn::Endpoint::new(
+        endpoint_config(identity)?,
+        Some(server_config(identity, ca, settings)?),
+        socket,
+        runtime,
+    )
+    .map_err(bind_error)?;
     ep.set_default_client_config(client_config(identity, ca, settings)?);
     Ok(ep)
 }
