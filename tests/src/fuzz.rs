@@ -376,9 +376,10 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
             let qid = [k; 16];
             st.charge(&qid, "alice", "overlap", &[k; 32], "[]", 1000, 1_000_000, 30, 100)
                 .expect("charge");
+            let share = [b's', k];
             st.store_share(
                 &qid,
-                b"share",
+                &share,
                 &cleanroom_node::state::AuditEntry {
                     event: "query",
                     analyst: "alice",
@@ -386,7 +387,7 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
                     plan: &[k; 32],
                     params: "",
                     rho_micro: 1000,
-                    result_digest: &[k; 32],
+                    result_digest: ring::digest::digest(&ring::digest::SHA256, &share).as_ref(),
                 },
                 false,
             )

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use ring::digest::{Context, SHA256};
+use ring::digest::{Context, SHA256, digest};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::NodeError;
@@ -250,7 +250,78 @@ impl State {
         }
         let state = Self { conn };
         state.verify_audit()?;
+        state.verify_ledger()?;
         Ok(state)
+    }
+
+    /// Checks the ledger against the audit log, which is written in the same
+    /// transactions: per analyst, as many first-run audit entries (`query`),
+    /// with the same total ρ, as charged queries with a stored share; the
+    /// digest of every stored share in a `query` or `query-rerun` entry; and
+    /// the cardinality charges exactly the `join` entries. So a charge
+    /// deleted, lowered or emptied with a database tool (which would give
+    /// budget back) stops the node, unless the audit chain is rebuilt too.
+    /// Not covered: charges not yet released (they have no audit entry yet)
+    /// and the charges' times and periods.
+    ///
+    /// # Errors
+    /// [`NodeError::State`] saying what does not match.
+    pub fn verify_ledger(&self) -> Result<(), NodeError> {
+        let broken = |what: String| {
+            NodeError::State(format!(
+                "the ledger does not match the audit log ({what}): the state file was edited; restore it from a backup"
+            ))
+        };
+        let analyst: Option<String> = self
+            .conn
+            .query_row(
+                "WITH a AS (SELECT analyst, COUNT(*) AS n, SUM(rho_micro) AS rho FROM audit WHERE event = 'query' GROUP BY analyst),
+                      c AS (SELECT analyst, COUNT(*) AS n, SUM(rho_micro) AS rho FROM charges WHERE share IS NOT NULL GROUP BY analyst)
+                 SELECT COALESCE(a.analyst, c.analyst) FROM a FULL OUTER JOIN c ON a.analyst = c.analyst
+                 WHERE a.n IS NOT c.n OR a.rho IS NOT c.rho LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        if let Some(a) = analyst {
+            return Err(broken(format!("the released queries of analyst {a:?}")));
+        }
+        let mut stmt = self
+            .conn
+            .prepare("SELECT result_digest FROM audit WHERE event IN ('query', 'query-rerun')")
+            .map_err(db)?;
+        let digests = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(db)?
+            .collect::<Result<std::collections::HashSet<_>, _>>()
+            .map_err(db)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT share FROM charges WHERE share IS NOT NULL")
+            .map_err(db)?;
+        let mut rows = stmt.query([]).map_err(db)?;
+        while let Some(r) = rows.next().map_err(db)? {
+            let share: Vec<u8> = r.get(0).map_err(db)?;
+            if !digests.contains(digest(&SHA256, &share).as_ref()) {
+                return Err(broken("a stored share has no audit entry".into()));
+            }
+        }
+        let unmatched: i64 = self
+            .conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM (SELECT session, eps_micro FROM cardinality
+                                               EXCEPT SELECT plan, rho_micro FROM audit WHERE event = 'join'))
+                      + (SELECT COUNT(*) FROM (SELECT plan, rho_micro FROM audit WHERE event = 'join'
+                                               EXCEPT SELECT session, eps_micro FROM cardinality))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if unmatched != 0 {
+            return Err(broken("the cardinality charges".into()));
+        }
+        Ok(())
     }
 
     /// Checks the audit log's hash chain from the first entry.
@@ -391,6 +462,26 @@ impl State {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
+        // The entry must describe this charge and this share (checked again
+        // at every start by `verify_ledger`).
+        let charged: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT analyst, rho_micro FROM charges WHERE query_id = ?1",
+                params![query_id.to_vec()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        let event = if replace { "query-rerun" } else { "query" };
+        if let Some(charged) = charged
+            && (charged != (entry.analyst.to_string(), entry.rho_micro as i64)
+                || entry.event != event
+                || entry.result_digest != digest(&SHA256, share).as_ref())
+        {
+            return Err(NodeError::Internal(
+                "an audit entry that does not match its charge and share",
+            ));
+        }
         let sql = if replace {
             "UPDATE charges SET share = ?2, released_at = ?3 WHERE query_id = ?1 AND share IS NOT NULL"
         } else {
@@ -755,15 +846,22 @@ mod tests {
         );
     }
 
-    fn entry<'a>() -> AuditEntry<'a> {
+    fn sha(b: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest(&SHA256, b).as_ref());
+        out
+    }
+
+    /// The audit entry of alice's share with digest `d`, charged `rho`.
+    fn entry<'a>(d: &'a [u8; 32], rho: u64, event: &'a str) -> AuditEntry<'a> {
         AuditEntry {
-            event: "query",
+            event,
             analyst: "alice",
             template: "overlap",
             plan: &[1; 32],
             params: "",
-            rho_micro: 100,
-            result_digest: &[2; 32],
+            rho_micro: rho,
+            result_digest: d,
         }
     }
 
@@ -799,8 +897,20 @@ mod tests {
             }
         );
         assert_eq!(s.spent("alice", 30).unwrap(), 1000);
-        s.store_share(&q1, b"share", &entry(), false).unwrap();
-        assert!(s.store_share(&q1, b"again", &entry(), false).is_err());
+        // An entry that does not describe the charge and the share is refused.
+        for wrong in [
+            entry(&sha(b"share"), 399, "query"),
+            entry(&sha(b"other"), 400, "query"),
+            entry(&sha(b"share"), 400, "query-rerun"),
+        ] {
+            assert!(s.store_share(&q1, b"share", &wrong, false).is_err());
+        }
+        s.store_share(&q1, b"share", &entry(&sha(b"share"), 400, "query"), false)
+            .unwrap();
+        assert!(
+            s.store_share(&q1, b"again", &entry(&sha(b"again"), 400, "query"), false)
+                .is_err()
+        );
         drop(s);
         // After a restart: the same share comes back, the budget is still spent.
         let mut s = State::open(dir.path()).unwrap();
@@ -812,8 +922,12 @@ mod tests {
         assert_eq!(s.verify_audit().unwrap(), 1);
         // A rerun replaces a stored share (never a missing one), with its own
         // audit entry and no new charge.
-        assert!(s.store_share(&[2; 16], b"rerun", &entry(), true).is_err());
-        s.store_share(&q1, b"rerun", &entry(), true).unwrap();
+        assert!(
+            s.store_share(&[2; 16], b"rerun", &entry(&sha(b"rerun"), 600, "query-rerun"), true)
+                .is_err()
+        );
+        s.store_share(&q1, b"rerun", &entry(&sha(b"rerun"), 400, "query-rerun"), true)
+            .unwrap();
         let q = s.charged_query(&q1).unwrap().unwrap();
         assert_eq!((q.analyst.as_str(), q.share.as_deref()), ("alice", Some(&b"rerun"[..])));
         assert_eq!(q.params.as_deref(), Some("[]"));
@@ -829,7 +943,8 @@ mod tests {
         for q in 0..3u8 {
             s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
                 .unwrap();
-            s.store_share(&[q; 16], b"x", &entry(), false).unwrap();
+            s.store_share(&[q; 16], b"x", &entry(&sha(b"x"), 1, "query"), false)
+                .unwrap();
         }
         assert_eq!(s.verify_audit().unwrap(), 3);
         assert!(s.conn.execute("DELETE FROM audit", []).is_err());
@@ -842,6 +957,57 @@ mod tests {
         assert!(e.contains("breaks at entry 2"), "{e}");
         drop(s);
         assert!(State::open(dir.path()).is_err());
+    }
+
+    /// Budget given back with a database tool (sqlite3) behind the node's
+    /// back: each edit stops the node at its next start.
+    #[test]
+    fn a_ledger_edited_with_a_database_tool_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = State::open(dir.path()).unwrap();
+            for (q, share) in [(1u8, &b"one"[..]), (2, b"two")] {
+                s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
+                    .unwrap();
+                s.store_share(&[q; 16], share, &entry(&sha(share), 300, "query"), false)
+                    .unwrap();
+            }
+            s.store_share(&[2; 16], b"again", &entry(&sha(b"again"), 300, "query-rerun"), true)
+                .unwrap();
+            // Charged, not yet released: no audit entry yet.
+            s.charge(&[3; 16], "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
+                .unwrap();
+            s.charge_cardinality(&[9; 16], "all", 500_000, 1_000_000, 30).unwrap();
+        }
+        let file = dir.path().join("state.db");
+        for (edit, ok) in [
+            ("SELECT 1", true),
+            (
+                "DELETE FROM charges WHERE query_id = X'01010101010101010101010101010101'",
+                false,
+            ),
+            ("UPDATE charges SET rho_micro = 0 WHERE share IS NOT NULL", false),
+            ("UPDATE charges SET share = NULL", false),
+            (
+                "UPDATE charges SET share = X'00' WHERE query_id = X'02020202020202020202020202020202'",
+                false,
+            ),
+            ("DELETE FROM cardinality", false),
+            ("UPDATE cardinality SET eps_micro = 1", false),
+        ] {
+            let copy = tempfile::tempdir().unwrap();
+            std::fs::copy(&file, copy.path().join("state.db")).unwrap();
+            let c = Connection::open(copy.path().join("state.db")).unwrap();
+            c.execute_batch(edit).unwrap();
+            drop(c);
+            match State::open(copy.path()) {
+                Ok(_) => assert!(ok, "{edit}: not detected"),
+                Err(e) => {
+                    assert!(!ok, "{edit}: {e}");
+                    assert!(e.to_string().contains("does not match the audit log"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Attacks a running bank and platform node from a QUIC and TLS 1.3 stack
+written elsewhere (aioquic, with its own TLS implementation, and
+`cryptography` for certificates): nothing of the nodes' Rust stack (quinn,
+rustls, webpki) is on the attacking side.
+
+Run by tests/attack/run.sh, which makes a demo collaboration with
+`cleanroom demo --dir` and passes its folder and the `cleanroom` binary.
+The script starts both nodes from that folder as processes (fixed loopback
+ports, the bank with a revocation list), then runs each check below and
+prints one line per check. Exit status 1 if any check fails.
+
+Positive controls first (so a refusal below is a refusal, not an
+incompatibility): the analyst's real certificate completes the handshake and
+gets answers to `Templates` and `Budget` requests from both nodes.
+"""
+
+import argparse
+import asyncio
+import datetime
+import os
+import re
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import time
+
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, StreamDataReceived, StreamReset
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ALPN = "cleanroom/1"
+VERSION = 1  # wire protocol version byte
+ANALYST_REQUEST, ANALYST_RESPONSE, JOIN_OFFER, ABORT = 20, 21, 1, 9
+TEMPLATES, BUDGET = 0, 1  # AnalystRequest variants (bincode: u32 little-endian)
+RESPONSE_KINDS = {0: "Templates", 1: "Budget", 2: "Share", 3: "Refused", 4: "Cancelled"}
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack("<I", len(body)) + body
+
+
+def request(variant: int) -> bytes:
+    return frame(bytes([VERSION, ANALYST_REQUEST]) + struct.pack("<I", variant))
+
+
+class Recorder(QuicConnectionProtocol):
+    """Records what the node did on this connection."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handshake_done = False
+        self.closed = None  # (error_code, frame_type, reason)
+        self.node_closed = None  # `closed` before we closed it ourselves
+        self.data = {}  # stream id -> bytes received
+        self.ended = set()  # streams the node finished or reset
+        self.tickets = 0
+
+    def quic_event_received(self, event):
+        if isinstance(event, HandshakeCompleted):
+            self.handshake_done = True
+        elif isinstance(event, ConnectionTerminated):
+            self.closed = (event.error_code, event.frame_type, event.reason_phrase)
+        elif isinstance(event, StreamDataReceived):
+            self.data[event.stream_id] = self.data.get(event.stream_id, b"") + event.data
+            if event.end_stream:
+                self.ended.add(event.stream_id)
+        elif isinstance(event, StreamReset):
+            self.ended.add(event.stream_id)
+        if not isinstance(event, (StreamDataReceived, StreamReset)):
+            # Streams are read here, not through asyncio stream objects.
+            super().quic_event_received(event)
+
+    def app_bytes(self):
+        return sum(len(v) for v in self.data.values())
+
+
+def config(cafile, server, cert=None, key=None, alpn=ALPN):
+    c = QuicConfiguration(is_client=True, alpn_protocols=[alpn], server_name=server)
+    c.load_verify_locations(cafile)
+    if cert:
+        c.load_cert_chain(cert, key)
+    return c
+
+
+async def session(port, cfg, sends, wait=3.0, tickets=None):
+    """Connects, sends each byte string on its own new stream (finished),
+    waits up to `wait` s for every stream to end or the connection to
+    close. Returns the Recorder (or the exception if connecting failed)."""
+    if tickets is not None:
+        cfg.session_ticket_handler = lambda t: tickets.append(t)
+    proto = None
+    try:
+        async with connect("127.0.0.1", port, configuration=cfg, create_protocol=Recorder, wait_connected=True) as p:
+            proto = p
+            ids = []
+            for payload in sends:
+                sid = p._quic.get_next_available_stream_id()
+                p._quic.send_stream_data(sid, payload, end_stream=True)
+                ids.append(sid)
+            p.transmit()
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and p.closed is None and not all(s in p.ended for s in ids):
+                await asyncio.sleep(0.02)
+            # A refusal after the handshake arrives a moment later.
+            await asyncio.sleep(0.2)
+            # Before our own close on leaving this block.
+            p.node_closed = p.closed
+            return p
+    except Exception as e:  # handshake refused, or closed under us
+        if proto is not None:
+            proto.node_closed = proto.closed
+            return proto
+        return e
+
+
+def response_kind(data: bytes):
+    if len(data) < 10:
+        return None
+    (length,) = struct.unpack_from("<I", data)
+    if length != len(data) - 4 or data[4] != VERSION or data[5] != ANALYST_RESPONSE:
+        return None
+    return RESPONSE_KINDS.get(struct.unpack_from("<I", data, 6)[0])
+
+
+def cert_for(name, issuer_name, issuer_key, template, days_from, days_to, path):
+    """A certificate for `name` with the extensions of `template` (an
+    analyst certificate), its own new key, signed by `issuer_key`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + datetime.timedelta(days=days_from))
+        .not_valid_after(now + datetime.timedelta(days=days_to))
+    )
+    for ext in template.extensions:
+        if ext.oid in (x509.oid.ExtensionOID.SUBJECT_KEY_IDENTIFIER, x509.oid.ExtensionOID.AUTHORITY_KEY_IDENTIFIER):
+            continue
+        b = b.add_extension(ext.value, ext.critical)
+    cert = b.sign(issuer_key, hashes.SHA256())
+    with open(path + ".pem", "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(path + ".key", "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return path + ".pem", path + ".key"
+
+
+def free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def set_ports(dirname, bank_port, platform_port):
+    def edit(name, fn):
+        p = os.path.join(dirname, name)
+        with open(p) as f:
+            text = f.read()
+        with open(p, "w") as f:
+            f.write(fn(text))
+
+    edit("bank.toml", lambda t: re.sub(r'listen = "[^"]*"', f'listen = "127.0.0.1:{bank_port}"', t, count=1))
+    edit(
+        "platform.toml",
+        lambda t: re.sub(
+            r'(\[peer\]\naddress = )"[^"]*"',
+            rf'\1"127.0.0.1:{bank_port}"',
+            re.sub(r'listen = "[^"]*"', f'listen = "127.0.0.1:{platform_port}"', t, count=1),
+        ),
+    )
+
+
+class Checks:
+    def __init__(self):
+        self.failed = 0
+
+    def report(self, name, ok, detail):
+        self.failed += 0 if ok else 1
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+
+
+def refused_before_data(r):
+    """The node refused: no application byte reached us, and the connection
+    was closed (or never completed). Returns (ok, description)."""
+    if isinstance(r, Exception):
+        return True, f"handshake failed: {type(r).__name__}: {r}"
+    if r.app_bytes() > 0:
+        return False, f"{r.app_bytes()} application bytes received"
+    if r.node_closed is None:
+        return False, "connection still open, no refusal"
+    code, _, reason = r.node_closed
+    kind = f"TLS alert {code - 0x100}" if 0x100 <= code <= 0x1FF else f"code {code}"
+    return True, f"closed by the node ({kind}, {reason!r}), handshake completed on our side: {r.handshake_done}"
+
+
+async def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True, help="a `cleanroom demo --dir` folder")
+    ap.add_argument("--cleanroom", required=True, help="the cleanroom binary")
+    ap.add_argument("--slowloris-secs", type=float, default=35.0)
+    args = ap.parse_args()
+    d = os.path.abspath(args.dir)
+    certs = os.path.join(d, "certs")
+    ca_pem = os.path.join(certs, "ca.pem")
+    with open(ca_pem, "rb") as f:
+        ca = x509.load_pem_x509_certificate(f.read())
+    with open(os.path.join(certs, "ca.key"), "rb") as f:
+        ca_key = serialization.load_pem_private_key(f.read(), None)
+    with open(os.path.join(certs, "analyst-alice.pem"), "rb") as f:
+        alice_cert = x509.load_pem_x509_certificate(f.read())
+    alice = (os.path.join(certs, "analyst-alice.pem"), os.path.join(certs, "analyst-alice.key"))
+    platform_id = (os.path.join(certs, "platform.pem"), os.path.join(certs, "platform.key"))
+    bank_id = (os.path.join(certs, "bank.pem"), os.path.join(certs, "bank.key"))
+    alice_name = "alice.analyst.cleanroom"
+
+    # An attacker's certificates: another CA's; the real CA's but expired;
+    # the real CA's but revoked (a stolen analyst key, reported and revoked).
+    attack = os.path.join(d, "attack")
+    os.makedirs(attack, exist_ok=True)
+    rogue_key = ec.generate_private_key(ec.SECP256R1())
+    rogue_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cleanroom collaboration CA")])
+    other_ca = cert_for(alice_name, rogue_name, rogue_key, alice_cert, -1, 30, os.path.join(attack, "other-ca"))
+    expired = cert_for(alice_name, ca.subject, ca_key, alice_cert, -30, -1, os.path.join(attack, "expired"))
+    revoked = cert_for(alice_name, ca.subject, ca_key, alice_cert, -1, 30, os.path.join(attack, "revoked"))
+    subprocess.run(
+        [args.cleanroom, "certs", "revoke", "--dir", certs, "--cert", revoked[0]], check=True, capture_output=True
+    )
+    with open(os.path.join(d, "bank.toml")) as f:
+        bank_toml = f.read()
+    if "crl =" not in bank_toml:
+        bank_toml = bank_toml.replace('ca = "certs/ca.pem"\n', 'ca = "certs/ca.pem"\ncrl = "certs/ca.crl.pem"\n', 1)
+        with open(os.path.join(d, "bank.toml"), "w") as f:
+            f.write(bank_toml)
+
+    bank_port, platform_port = free_port(), free_port()
+    set_ports(d, bank_port, platform_port)
+    logs = {r: open(os.path.join(attack, f"{r}.log"), "w") for r in ("bank", "platform")}
+    env = dict(os.environ, RUST_LOG="info")
+    nodes = [
+        subprocess.Popen([args.cleanroom, "node", "--config", os.path.join(d, f"{r}.toml")], stdout=logs[r], stderr=logs[r], env=env)
+        for r in ("bank", "platform")
+    ]
+    checks = Checks()
+    try:
+        ports = {"bank": bank_port, "platform": platform_port}
+        name = {r: f"{r}.node.cleanroom" for r in ports}
+
+        # Wait for both (the bank answers Templates once the platform has
+        # connected and the two have exchanged signed policies).
+        up = time.monotonic()
+        while True:
+            r = await session(bank_port, config(ca_pem, name["bank"], *alice), [request(TEMPLATES)], wait=5)
+            if not isinstance(r, Exception) and any(response_kind(v) == "Templates" for v in r.data.values()):
+                break
+            if time.monotonic() - up > 60 or any(n.poll() is not None for n in nodes):
+                raise SystemExit("the nodes did not come up; see " + attack)
+            await asyncio.sleep(0.5)
+
+        # Positive controls.
+        for role, port in ports.items():
+            tickets = []
+            r = await session(port, config(ca_pem, name[role], *alice), [request(TEMPLATES), request(BUDGET)], tickets=tickets)
+            kinds = sorted(filter(None, (response_kind(v) for v in r.data.values()))) if not isinstance(r, Exception) else r
+            checks.report(
+                f"control: the analyst's real certificate, {role}",
+                kinds == ["Budget", "Templates"],
+                f"answers {kinds}",
+            )
+            # 0-RTT needs a resumption ticket from an earlier connection.
+            checks.report(
+                f"0-RTT: no session ticket issued, {role}",
+                not tickets,
+                f"{len(tickets)} tickets after a full handshake (0-RTT and resumption impossible without one)",
+            )
+
+        # Refused before any application data.
+        cases = [
+            ("no client certificate", lambda role: config(ca_pem, name[role])),
+            ("certificate from another CA", lambda role: config(ca_pem, name[role], *other_ca)),
+            ("expired certificate from the real CA", lambda role: config(ca_pem, name[role], *expired)),
+            ("wrong ALPN", lambda role: config(ca_pem, name[role], *alice, alpn="h3")),
+        ]
+        for what, cfg in cases:
+            for role, port in ports.items():
+                t = time.monotonic()
+                r = await session(port, cfg(role), [request(TEMPLATES)])
+                ok, detail = refused_before_data(r)
+                checks.report(f"{what}, {role}", ok, f"{detail} in {time.monotonic() - t:.2f} s")
+        r = await session(bank_port, config(ca_pem, name["bank"], *revoked), [request(TEMPLATES)])
+        ok, detail = refused_before_data(r)
+        checks.report("revoked certificate (CRL configured), bank", ok, detail)
+        r = await session(platform_port, config(ca_pem, name["platform"], *platform_id), [request(TEMPLATES)])
+        ok, detail = refused_before_data(r)
+        checks.report("the platform's own certificate presented to the platform", ok, detail)
+        r = await session(platform_port, config(ca_pem, name["platform"], *bank_id), [request(TEMPLATES)])
+        ok, detail = refused_before_data(r)
+        checks.report("the bank's certificate connecting to the platform (only the platform connects to the bank)", ok, detail)
+
+        # An analyst certificate speaking the peer protocol: a join offer.
+        offer = frame(bytes([VERSION, JOIN_OFFER]) + os.urandom(200))
+        r = await session(bank_port, config(ca_pem, name["bank"], *alice), [offer])
+        kinds = [response_kind(v) for v in r.data.values()] if not isinstance(r, Exception) else [r]
+        checks.report(
+            "analyst certificate sending a join offer to the bank",
+            kinds == ["Refused"],
+            f"answered {kinds} (an analyst request refusal; no join started)",
+        )
+
+        # Hostile frames with the real analyst certificate, each on its own
+        # stream of one connection; then a valid request on the same
+        # connection must still be answered.
+        hostile = [
+            ("length prefix 0xffffffff", struct.pack("<I", 0xFFFFFFFF) + os.urandom(64)),
+            ("length prefix over the request limit", struct.pack("<I", 1 << 20) + os.urandom(64)),
+            ("truncated frame", struct.pack("<I", 100) + os.urandom(10)),
+            ("random body", frame(os.urandom(300))),
+            ("unknown request variant", frame(bytes([VERSION, ANALYST_REQUEST]) + struct.pack("<I", 77))),
+            ("wrong protocol version", frame(bytes([99, ANALYST_REQUEST]) + struct.pack("<I", TEMPLATES))),
+            ("trailing bytes after a request", frame(bytes([VERSION, ANALYST_REQUEST]) + struct.pack("<I", TEMPLATES) + b"x")),
+            ("empty stream", b""),
+        ]
+        for role, port in ports.items():
+            r = await session(port, config(ca_pem, name[role], *alice), [h for _, h in hostile] + [request(TEMPLATES)], wait=5)
+            if isinstance(r, Exception):
+                checks.report(f"hostile frames, {role}", False, f"connection failed: {r}")
+                continue
+            sids = sorted(r.data.keys() | r.ended)
+            answers = {sid: response_kind(r.data.get(sid, b"")) for sid in sids}
+            last = max(answers) if answers else None
+            bad = [k for sid, k in answers.items() if sid != last and k not in (None, "Refused")]
+            ok = r.node_closed is None and last is not None and answers[last] == "Templates" and not bad
+            checks.report(
+                f"hostile frames, {role}",
+                ok,
+                f"{len(hostile)} hostile streams answered {[answers.get(s) for s in sids[:-1]]} (None: stream ended without an answer); "
+                f"then the valid request on the same connection: {answers.get(last)}; connection still open: {r.node_closed is None}",
+            )
+
+        # Slowloris: streams that send two bytes of a length prefix and
+        # stall; the node must end each one, and keep answering others.
+        for role, port in ports.items():
+            cfg = config(ca_pem, name[role], *alice)
+            cfg.idle_timeout = 120.0
+            async with connect("127.0.0.1", port, configuration=cfg, create_protocol=Recorder, wait_connected=True) as p:
+                sids = []
+                for _ in range(20):
+                    sid = p._quic.get_next_available_stream_id()
+                    p._quic.send_stream_data(sid, b"\x10\x00", end_stream=False)
+                    sids.append(sid)
+                p.transmit()
+                t = time.monotonic()
+                await asyncio.sleep(1.0)
+                other = await session(port, config(ca_pem, name[role], *alice), [request(TEMPLATES)])
+                served = not isinstance(other, Exception) and any(
+                    response_kind(v) == "Templates" for v in other.data.values()
+                )
+                served_after = time.monotonic() - t
+                while time.monotonic() - t < args.slowloris_secs and not all(s in p.ended for s in sids):
+                    await asyncio.sleep(0.1)
+                secs = time.monotonic() - t
+                ended = sum(1 for s in sids if s in p.ended)
+                checks.report(
+                    f"slowloris (20 stalled streams), {role}",
+                    served and ended == len(sids) and p.app_bytes() == 0,
+                    f"another connection served meanwhile: {served} (at {served_after:.1f} s); "
+                    f"{ended}/{len(sids)} stalled streams ended by the node after {secs:.1f} s, no data sent to them",
+                )
+        for role, n in zip(("bank", "platform"), nodes):
+            checks.report(f"{role} process still running", n.poll() is None, f"exit status {n.poll()}")
+    finally:
+        for n in nodes:
+            n.terminate()
+        for n in nodes:
+            try:
+                n.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                n.kill()
+    for role, log in logs.items():
+        log.close()
+        with open(log.name) as f:
+            text = f.read()
+        checks.report(f"{role} log has no panic", "panicked" not in text, f"{len(text.splitlines())} log lines")
+    print(f"{checks.failed} checks failed; node logs in {attack}")
+    return 1 if checks.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
