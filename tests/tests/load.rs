@@ -254,55 +254,80 @@ async fn ask_and_leave(cfg: &AnalystConfig, role: &str, node: std::net::SocketAd
     ep.wait_idle().await;
 }
 
-/// An analyst who sends a query to one node and goes away before the other
-/// node starts it frees its slot there at once (the per-analyst cap is 1
-/// here): its next query is served straight after, not refused until the
-/// abandoned one times out (120 s on the bank, 30 s on the platform). The
-/// abandoned query stays charged on the node that accepted it, once.
+/// Waits up to `limit` for `node` to have `n` queries in flight; returns
+/// how long it took, or `None`.
+async fn in_flight_reaches(node: &Node, n: u32, limit: Duration) -> Option<f64> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if node.queries_in_flight() == n {
+            return Some(t.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// An analyst who goes away while its query waits frees the query's slot
+/// at once (it stays charged): on the bank, a query the platform never
+/// started (sent to the bank only); on the platform, a query queued behind
+/// another one (which holds the platform's turn for up to 30 s, waiting
+/// for the bank's answer about a query the bank never received). Without
+/// this, the slots stayed taken until the bank's `query_timeout` (120 s)
+/// and the platform's 30 s wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_analyst_who_goes_away_frees_its_slot_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = Fixture::create(dir.path(), 400, 62, &["alice"]).unwrap();
-    let (bank, platform) = start_allowing(
-        &fixture,
-        &["alice".to_string()],
-        "max_queries_in_flight_per_analyst = 1\n",
-    )
-    .await;
-    let cfg = fixture
-        .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-        .unwrap();
+    let (bank, platform) = start_allowing(&fixture, &["alice".to_string()], "").await;
+    let cfg = Arc::new(
+        fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    );
     let alice = Analyst::new(&cfg).unwrap();
     // The join is cached by a first query.
     alice
         .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(120))
         .await
         .unwrap();
-    for (role, node) in [("bank", &bank), ("platform", &platform)] {
-        // Charged there, then waiting for the other node, which never
-        // hears of it: the bank for the platform's batches, the platform
-        // for the bank's answer to its first batch.
-        ask_and_leave(
-            &cfg,
-            role,
-            node.local_addr().unwrap(),
-            new_query_id().unwrap(),
-            Duration::from_millis(500),
-        )
-        .await;
-        let t = Instant::now();
-        let next = alice
-            .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(120))
+
+    let leave = |role: &'static str, node: &Node, after_ms: u64| {
+        let (cfg, addr) = (cfg.clone(), node.local_addr().unwrap());
+        tokio::spawn(async move {
+            ask_and_leave(
+                &cfg,
+                role,
+                addr,
+                new_query_id().unwrap(),
+                Duration::from_millis(after_ms),
+            )
             .await;
-        let secs = t.elapsed().as_secs_f64();
-        if let Err(e) = &next {
-            panic!("after an abandoned query on the {role}: {e}");
-        }
-        println!("abandoned query on the {role} node: the analyst's next query answered in {secs:.2} s");
-        assert!(secs < 10.0, "the next query took {secs} s");
-    }
-    // 1 + 1 + 1 answered on both; one abandoned on each.
-    assert_eq!((bank.charge_count().unwrap(), platform.charge_count().unwrap()), (4, 4));
+        })
+    };
+    // Bank: admitted, charged, waiting for the platform; the analyst leaves.
+    let gone = leave("bank", &bank, 500);
+    assert!(in_flight_reaches(&bank, 1, Duration::from_secs(5)).await.is_some());
+    gone.await.unwrap();
+    let bank_secs = in_flight_reaches(&bank, 0, Duration::from_secs(10)).await;
+    println!("bank: the abandoned query's slot freed {bank_secs:?} s after its analyst left");
+    assert!(bank_secs.is_some_and(|s| s < 2.0), "{bank_secs:?}");
+
+    // Platform: the first holds the platform's turn; the second queues
+    // behind it and its analyst leaves.
+    let first = leave("platform", &platform, 3_000);
+    assert!(in_flight_reaches(&platform, 1, Duration::from_secs(5)).await.is_some());
+    let queued = leave("platform", &platform, 500);
+    assert!(in_flight_reaches(&platform, 2, Duration::from_secs(5)).await.is_some());
+    queued.await.unwrap();
+    let platform_secs = in_flight_reaches(&platform, 1, Duration::from_secs(10)).await;
+    println!("platform: the queued query's slot freed {platform_secs:?} s after its analyst left");
+    assert!(platform_secs.is_some_and(|s| s < 2.0), "{platform_secs:?}");
+    first.await.unwrap();
+
+    // Charged: the first query on both; the bank's abandoned one on the
+    // bank; the platform's two on the platform (each charged before its
+    // turn).
+    assert_eq!((bank.charge_count().unwrap(), platform.charge_count().unwrap()), (2, 3));
     platform.shutdown().await;
     bank.shutdown().await;
 }

@@ -128,11 +128,13 @@ fn draw_noise(plan: &Plan, template: &Template) -> tokio::task::JoinHandle<Resul
 
 /// The analyst connection a query request came on, to notice that its
 /// analyst has gone (closed it, or stopped answering keep-alives, which
-/// ends it at the idle timeout). A query still waiting (for its turn, or for
-/// the other node to start it) is then dropped, which frees its admission
-/// slot at once instead of at `query_timeout`; it stays charged, and a
-/// retry under the same id costs nothing more. Work already running (a
-/// join, an aggregate's batches) is finished, so the join stays cached.
+/// ends it at the idle timeout). A query still waiting (on the platform for
+/// an earlier attempt of its id or for its turn, on the bank for the
+/// platform to start it) is then dropped, which frees its admission slot at
+/// once instead of at `query_timeout`; it stays charged, and a retry under
+/// the same id costs nothing more. Work already started with the other node
+/// (a join, an aggregate's batches) is finished, so the join stays cached
+/// and a retry can pair with it.
 #[derive(Clone, Default)]
 struct Requester(Option<quinn::Connection>);
 
@@ -449,6 +451,11 @@ impl Node {
         tokio::time::timeout(Duration::from_secs(5), self.inner.endpoint.wait_idle())
             .await
             .ok();
+    }
+
+    /// Analyst queries admitted and not yet ended here (see `admit`).
+    pub fn queries_in_flight(&self) -> u32 {
+        lock(&self.inner.in_flight).values().sum()
     }
 
     /// UDP bytes sent and received on the connection to the peer (the
@@ -1704,7 +1711,6 @@ impl Node {
         joined: &MatcherJoined,
         plan: &Plan,
         qid: &[u8; 16],
-        from: &Requester,
     ) -> Result<(Share, Vec<(String, f64)>, Run), NodeError> {
         let conn = self.peer_connection().await?;
         let t = Instant::now();
@@ -1719,16 +1725,10 @@ impl Node {
             let (waiting, setup) =
                 MatcherAggregate::start(joined, &choices, plan.width(), *qid, plan.digest(), g, &mut rng)?;
             write_one(&mut send, &setup).await?;
-            // The bank answers once its own request for the query is there;
-            // an analyst who went away meanwhile is not waited for (the
-            // dropped streams end the bank's side of the session).
-            let answer = tokio::select! {
-                a = read_one(&mut recv, self.inner.limits.query_timeout) => a?,
-                () = from.gone(), if g == 0 => {
-                    info!("query dropped while waiting for the bank node: its analyst has gone");
-                    return Err(analyst_gone());
-                }
-            };
+            // Not dropped when the analyst goes: the bank may be about to
+            // claim this batch for a retry of the same query id (and it
+            // answers within 2 s for an id it refused or dropped).
+            let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
             let running = waiting.on_choices(&answer)?;
             let (running, stats) = pump::run_with_stats(running, send, recv, Duration::from_secs(60)).await?;
             // Setup/answer, then the streamed extension and masked rows.
@@ -1773,7 +1773,7 @@ impl Node {
         }
         let (joined, join_phases) = self.matcher_join(data, plan, false).await?;
         timings.extend(join_phases.unwrap_or_default());
-        match self.matcher_aggregate(&joined, plan, qid, from).await {
+        match self.matcher_aggregate(&joined, plan, qid).await {
             Ok((s, phases, run)) => {
                 timings.extend(phases);
                 Ok((s, run))
@@ -1786,7 +1786,7 @@ impl Node {
                 lock(&self.inner.state).drop_join(&joined.session())?;
                 let (joined, join_phases) = self.matcher_join(data, plan, true).await?;
                 timings.extend(join_phases.unwrap_or_default());
-                let (s, phases, run) = self.matcher_aggregate(&joined, plan, qid, from).await?;
+                let (s, phases, run) = self.matcher_aggregate(&joined, plan, qid).await?;
                 timings.extend(phases);
                 Ok((s, run))
             }
