@@ -226,16 +226,21 @@ async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
     bank.shutdown().await;
 }
 
-/// Sends `overlap` under `qid` to one node only, as `cfg`'s analyst, on its
-/// own connection, and closes that connection after `after`, unanswered.
-async fn ask_and_leave(cfg: &AnalystConfig, role: &str, node: std::net::SocketAddr, qid: [u8; 16], after: Duration) {
+/// A client endpoint with `cfg`'s analyst certificate.
+fn endpoint_of(cfg: &AnalystConfig) -> quinn::Endpoint {
     let id = Identity::load(&cfg.identity.cert, &cfg.identity.key).unwrap();
-    let ep = client_endpoint(
+    client_endpoint(
         &id,
         &cfg.identity.trust_anchors().unwrap(),
         &TransportSettings::default(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// Sends `overlap` under `qid` to one node only, as `cfg`'s analyst, on its
+/// own connection, and closes that connection after `after`, unanswered.
+async fn ask_and_leave(cfg: &AnalystConfig, role: &str, node: std::net::SocketAddr, qid: [u8; 16], after: Duration) {
+    let ep = endpoint_of(cfg);
     let conn = cleanroom_transport::connect(&ep, node, &pki::node_name(role))
         .await
         .unwrap();
@@ -328,6 +333,56 @@ async fn an_analyst_who_goes_away_frees_its_slot_at_once() {
     // bank; the platform's two on the platform (each charged before its
     // turn).
     assert_eq!((bank.charge_count().unwrap(), platform.charge_count().unwrap()), (2, 3));
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
+
+/// One analyst's certificate cannot hold more than
+/// `max_connections_per_analyst` connections open to a node (8 here): the
+/// next is closed at once with code 5, and once one closes a new one is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analyst_cannot_open_more_than_its_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 62, &["alice"]).unwrap();
+    let (bank, platform) = start_allowing(&fixture, &["alice".to_string()], "max_connections_per_analyst = 8\n").await;
+    let cfg = fixture
+        .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+        .unwrap();
+    let ep = endpoint_of(&cfg);
+    let bank_name = pki::node_name("bank");
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        open.push(
+            cleanroom_transport::connect(&ep, bank.local_addr().unwrap(), &bank_name)
+                .await
+                .unwrap(),
+        );
+    }
+    let ninth = cleanroom_transport::connect(&ep, bank.local_addr().unwrap(), &bank_name)
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(5), ninth.closed()).await;
+    match closed {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(u64::from(c.error_code), 5);
+            println!("ninth connection closed: {}", String::from_utf8_lossy(&c.reason));
+        }
+        other => panic!("the ninth connection was not closed by the cap: {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        open.iter().all(|c| c.close_reason().is_none()),
+        "an admitted connection was closed"
+    );
+    // The analyst's client (a new connection per request) is refused too...
+    let alice = Analyst::new(&cfg).unwrap();
+    assert!(alice.budget().await.is_err());
+    // ... until one closes.
+    open.pop().unwrap().close(0u32.into(), b"done");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let budget = alice.budget().await.unwrap();
+    assert_eq!(budget.len(), 2);
     platform.shutdown().await;
     bank.shutdown().await;
 }

@@ -194,6 +194,15 @@ pub struct LimitsConfig {
     /// Queries all analysts together may have running on this node at once.
     #[serde(default = "default_in_flight")]
     pub max_queries_in_flight: u32,
+    /// Connections one analyst may have open to this node at once; more are
+    /// closed at once (each can carry requests, so this bounds the memory
+    /// one analyst's certificate can hold here).
+    #[serde(default = "default_connections_per_analyst")]
+    pub max_connections_per_analyst: u32,
+}
+
+fn default_connections_per_analyst() -> u32 {
+    64
 }
 
 fn default_in_flight_per_analyst() -> u32 {
@@ -351,6 +360,8 @@ pub struct Limits {
     pub in_flight_per_analyst: u32,
     /// Queries running at once in all.
     pub in_flight: u32,
+    /// Open connections per analyst.
+    pub connections_per_analyst: u32,
 }
 
 fn bad(path: &Path, what: String) -> NodeError {
@@ -472,6 +483,7 @@ impl NodeConfig {
             report_timings: l.report_timings,
             in_flight_per_analyst: l.max_queries_in_flight_per_analyst.max(1),
             in_flight: l.max_queries_in_flight.max(1),
+            connections_per_analyst: l.max_connections_per_analyst.max(1),
         })
     }
 

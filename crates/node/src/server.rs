@@ -100,19 +100,49 @@ struct PendingEntry {
 /// to the last batch, and where the batches' time went; or why it failed.
 type Delivered = Result<(Share, Run, f64, pump::PumpStats), String>;
 
-/// One admitted query of an analyst, released when dropped.
-struct Admitted {
+/// Counts per analyst (queries running, connections open).
+type PerAnalyst = Mutex<HashMap<String, u32>>;
+
+/// One counted item of an analyst (an admitted query, an open connection),
+/// uncounted when dropped.
+struct Counted {
     node: Node,
     analyst: String,
+    counts: fn(&Inner) -> &PerAnalyst,
 }
 
-impl Drop for Admitted {
+impl Counted {
+    /// Counts one more for `analyst` unless it already has `each`, or all
+    /// analysts together have `total`; else `Err((analyst's, all))`.
+    fn take(
+        node: &Node,
+        analyst: &str,
+        counts: fn(&Inner) -> &PerAnalyst,
+        each: u32,
+        total: u32,
+    ) -> Result<Self, (u32, u32)> {
+        let mut map = lock(counts(&node.inner));
+        let all: u32 = map.values().sum();
+        let mine = map.get(analyst).copied().unwrap_or(0);
+        if mine >= each || all >= total {
+            return Err((mine, all));
+        }
+        *map.entry(analyst.to_string()).or_insert(0) += 1;
+        Ok(Self {
+            node: node.clone(),
+            analyst: analyst.to_string(),
+            counts,
+        })
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        let mut running = lock(&self.node.inner.in_flight);
-        if let Some(n) = running.get_mut(&self.analyst) {
+        let mut map = lock((self.counts)(&self.node.inner));
+        if let Some(n) = map.get_mut(&self.analyst) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                running.remove(&self.analyst);
+                map.remove(&self.analyst);
             }
         }
     }
@@ -157,6 +187,9 @@ fn analyst_gone() -> NodeError {
         "the analyst's connection closed while the query waited; it stays charged, and a retry under the same id costs nothing more".into(),
     )
 }
+
+/// Connections the peer node may have open here at once.
+const MAX_PEER_CONNECTIONS: u32 = 16;
 
 /// Handshakes in flight above which a client must prove its address first.
 const RETRY_ABOVE: usize = 64;
@@ -269,7 +302,10 @@ struct Inner {
     /// Holder: query ids it refused in the last two minutes.
     refused_recently: Mutex<HashMap<[u8; 16], Instant>>,
     /// Queries running per analyst (see [`Node::admit`]).
-    in_flight: Mutex<HashMap<String, u32>>,
+    in_flight: PerAnalyst,
+    /// Connections open per analyst (`max_connections_per_analyst`) and
+    /// of the peer (`MAX_PEER_CONNECTIONS`), by certificate name.
+    connections: PerAnalyst,
     analysts: Vec<String>,
     /// This operator's signed policy, and its JSON as shown to the peer.
     own_policy: SignedPolicy,
@@ -403,6 +439,7 @@ impl Node {
             cancelled: Mutex::new(std::collections::HashSet::new()),
             refused_recently: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
             analysts,
             own_policy,
             own_policy_json,
@@ -557,6 +594,13 @@ impl Node {
                 conn.close(3u32.into(), b"this node does not accept peer connections");
                 return;
             }
+            // The platform needs one; a few more cover its restarts until
+            // the old ones are reset.
+            let Ok(_open) = Counted::take(&self, &peer_name, |i| &i.connections, MAX_PEER_CONNECTIONS, u32::MAX) else {
+                info!(peer = %peer_name, "peer connection closed: {MAX_PEER_CONNECTIONS} already open");
+                conn.close(5u32.into(), b"too many connections from the peer node");
+                return;
+            };
             info!(peer = %peer_name, "peer connected");
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let node = self.clone();
@@ -577,6 +621,15 @@ impl Node {
         let Some(analyst) = analyst else {
             info!("connection with an unknown certificate closed");
             conn.close(4u32.into(), b"certificate not accepted by this node");
+            return;
+        };
+        let each = self.inner.limits.connections_per_analyst;
+        let Ok(_open) = Counted::take(&self, &analyst, |i| &i.connections, each, u32::MAX) else {
+            info!(analyst = %analyst, "connection closed: the analyst has max_connections_per_analyst open");
+            conn.close(
+                5u32.into(),
+                b"too many connections from this analyst (max_connections_per_analyst); close some and retry",
+            );
             return;
         };
         let from = Requester(Some(conn.clone()));
@@ -671,25 +724,16 @@ impl Node {
     /// A slot for one more running query of `analyst`, or why not: each
     /// analyst may have `max_queries_in_flight_per_analyst` queries running
     /// here, all together `max_queries_in_flight`. Refused before any charge.
-    fn admit(&self, analyst: &str) -> Result<Admitted, String> {
-        let limits = &self.inner.limits;
-        let mut running = lock(&self.inner.in_flight);
-        let total: u32 = running.values().sum();
-        let mine = running.get(analyst).copied().unwrap_or(0);
-        if mine >= limits.in_flight_per_analyst {
-            return Err(format!(
-                "analyst {analyst:?} already has {mine} queries running here (max_queries_in_flight_per_analyst); retry when one has finished"
-            ));
-        }
-        if total >= limits.in_flight {
-            return Err(format!(
-                "{total} queries are running here (max_queries_in_flight); retry shortly"
-            ));
-        }
-        *running.entry(analyst.to_string()).or_insert(0) += 1;
-        Ok(Admitted {
-            node: self.clone(),
-            analyst: analyst.to_string(),
+    fn admit(&self, analyst: &str) -> Result<Counted, String> {
+        let l = &self.inner.limits;
+        Counted::take(self, analyst, |i| &i.in_flight, l.in_flight_per_analyst, l.in_flight).map_err(|(mine, total)| {
+            if mine >= l.in_flight_per_analyst {
+                format!(
+                    "analyst {analyst:?} already has {mine} queries running here (max_queries_in_flight_per_analyst); retry when one has finished"
+                )
+            } else {
+                format!("{total} queries are running here (max_queries_in_flight); retry shortly")
+            }
         })
     }
 
