@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import datetime
 import os
+import random
 import re
 import socket
 import ssl
@@ -382,6 +383,60 @@ async def main():
                     f"another connection served meanwhile: {served} (at {served_after:.1f} s); "
                     f"{ended}/{len(sids)} stalled streams ended by the node after {secs:.1f} s, no data sent to them",
                 )
+        # One analyst certificate opening many connections: the node keeps
+        # max_connections_per_analyst (64) and closes the rest with code 5.
+        for role, port in ports.items():
+            protos, managers = [], []
+            for _ in range(70):
+                m = connect("127.0.0.1", port, configuration=config(ca_pem, name[role], *alice), create_protocol=Recorder)
+                try:
+                    protos.append(await m.__aenter__())
+                    managers.append(m)
+                except Exception:
+                    pass
+            await asyncio.sleep(1.0)
+            capped = sum(1 for p in protos if p.closed and p.closed[0] == 5)
+            still = sum(1 for p in protos if p.closed is None)
+            for m in managers:
+                try:
+                    await m.__aexit__(None, None, None)
+                except Exception:
+                    pass
+            await asyncio.sleep(0.5)
+            r = await session(port, config(ca_pem, name[role], *alice), [request(TEMPLATES)])
+            served = not isinstance(r, Exception) and any(response_kind(v) == "Templates" for v in r.data.values())
+            checks.report(
+                f"70 connections from one analyst certificate, {role}",
+                still == 64 and capped == len(protos) - 64 and served,
+                f"{still} kept open, {capped} closed with code 5 (max_connections_per_analyst); after closing them a new one is served: {served}",
+            )
+
+        # Garbage datagrams at the QUIC port: random bytes, and random bytes
+        # behind a long-header Initial first byte and QUIC v1's version.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+        t = time.monotonic()
+        sent = 0
+        for port in ports.values():
+            for i in range(10_000):
+                n = rng.randrange(1, 1500)
+                junk = rng.randbytes(n)
+                if i % 2:
+                    junk = bytes([0xC0 | rng.randrange(16)]) + b"\x00\x00\x00\x01" + junk
+                sock.sendto(junk, ("127.0.0.1", port))
+                sent += 1
+        sock.close()
+        flood_secs = time.monotonic() - t
+        for role, port in ports.items():
+            t = time.monotonic()
+            r = await session(port, config(ca_pem, name[role], *alice), [request(TEMPLATES)])
+            served = not isinstance(r, Exception) and any(response_kind(v) == "Templates" for v in r.data.values())
+            checks.report(
+                f"garbage datagrams, {role}",
+                served,
+                f"{sent} datagrams to both nodes in {flood_secs:.1f} s; a request afterwards answered: {served} ({time.monotonic() - t:.2f} s)",
+            )
+
         for role, n in zip(("bank", "platform"), nodes):
             checks.report(f"{role} process still running", n.poll() is None, f"exit status {n.poll()}")
     finally:
