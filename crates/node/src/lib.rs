@@ -21,6 +21,7 @@ pub mod pump;
 pub mod relay;
 pub mod server;
 pub mod state;
+pub mod turns;
 
 /// Errors of a node or of the analyst client. Messages never carry an
 /// identifier, a value or a share.

@@ -314,9 +314,9 @@ struct Inner {
     peer_public_key: String,
     /// The other operator's verified policy, once the peer has shown it.
     peer_policy: Mutex<Option<SignedPolicy>>,
-    /// Serialises queries on the matcher, so two queries that need the same
-    /// join do not both run it.
-    join_lock: tokio::sync::Mutex<()>,
+    /// Serialises queries on the matcher (so two queries that need the same
+    /// join do not both run it), round robin between analysts.
+    turns: crate::turns::Turns,
     /// This node's phases of the last join it ran (for the bench).
     last_join: Mutex<Vec<(String, f64)>>,
     /// Request/response exchanges this node has started with the peer
@@ -445,7 +445,7 @@ impl Node {
             own_policy_json,
             peer_public_key,
             peer_policy: Mutex::new(None),
-            join_lock: tokio::sync::Mutex::new(()),
+            turns: crate::turns::Turns::default(),
             last_join: Mutex::new(Vec::new()),
             exchanges: std::sync::atomic::AtomicU64::new(0),
             stalls: std::sync::atomic::AtomicU64::new(0),
@@ -962,7 +962,7 @@ impl Node {
         let mut timings = Vec::new();
         let mut completing_guard = None;
         let (share, run) = match self.inner.role {
-            Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings, from).await?,
+            Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings, analyst, from).await?,
             Role::Bank => {
                 let rx = self.holder_register(&plan, &q.query_id, analyst, true);
                 let (share, run, completing) = self.holder_await(&q.query_id, rx, &mut timings, from).await?;
@@ -1798,13 +1798,14 @@ impl Node {
         plan: &Plan,
         qid: &[u8; 16],
         timings: &mut Vec<(String, f64)>,
+        analyst: &str,
         from: &Requester,
     ) -> Result<(Share, Run), NodeError> {
         let NodeData::Matcher(data) = &self.inner.data else {
             return Err(NodeError::Internal("matcher query on a holder"));
         };
         let _serial = tokio::select! {
-            s = self.inner.join_lock.lock() => s,
+            s = self.inner.turns.take(analyst) => s,
             () = from.gone() => {
                 info!("query dropped while waiting for its turn: its analyst has gone");
                 return Err(analyst_gone());

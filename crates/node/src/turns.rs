@@ -1,0 +1,170 @@
+//! The platform's turns: one query's protocol at a time, handed out round
+//! robin between analysts (first come, first served within one analyst), so
+//! an analyst with many queries waiting delays another analyst's query by at
+//! most one of its own, not by all of them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+#[derive(Debug, Default)]
+struct State {
+    /// Whether a turn is held.
+    busy: bool,
+    /// Analysts with waiters, in the order they get their next turn.
+    rotation: VecDeque<String>,
+    /// Each analyst's waiters, oldest first.
+    waiting: HashMap<String, VecDeque<oneshot::Sender<Turn>>>,
+}
+
+/// Round-robin turns (cheap to clone: one shared queue).
+#[derive(Clone, Debug, Default)]
+pub struct Turns {
+    state: Arc<Mutex<State>>,
+}
+
+/// A turn, held until dropped; then the next waiter gets one.
+#[derive(Debug)]
+pub struct Turn {
+    /// `None` once passed on (or never taken).
+    turns: Option<Turns>,
+}
+
+impl Turns {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits for a turn for `analyst`. Cancel-safe: a waiter dropped before
+    /// or after its turn was handed over passes the turn on.
+    pub async fn take(&self, analyst: &str) -> Turn {
+        loop {
+            let rx = {
+                let mut s = self.lock();
+                if !s.busy {
+                    s.busy = true;
+                    return Turn {
+                        turns: Some(self.clone()),
+                    };
+                }
+                let (tx, rx) = oneshot::channel();
+                let queue = s.waiting.entry(analyst.to_string()).or_default();
+                let first = queue.is_empty();
+                queue.push_back(tx);
+                if first {
+                    s.rotation.push_back(analyst.to_string());
+                }
+                rx
+            };
+            // `pass` never drops a waiter's sender unsent, so this waits
+            // for the turn; if it ever did, wait again.
+            if let Ok(turn) = rx.await {
+                return turn;
+            }
+        }
+    }
+
+    /// Hands the turn to the next waiter in the rotation, or frees it.
+    fn pass(&self) {
+        let mut s = self.lock();
+        while let Some(analyst) = s.rotation.pop_front() {
+            let Some(queue) = s.waiting.get_mut(&analyst) else {
+                continue;
+            };
+            let next = queue.pop_front();
+            let more = !queue.is_empty();
+            if more {
+                s.rotation.push_back(analyst);
+            } else {
+                s.waiting.remove(&analyst);
+            }
+            if let Some(tx) = next {
+                // The turn travels in the channel: if its waiter has gone,
+                // it comes back (dropped with the channel, or here) and the
+                // loop goes on to the next one.
+                let turn = Turn {
+                    turns: Some(self.clone()),
+                };
+                match tx.send(turn) {
+                    Ok(()) => return,
+                    // Disarmed: this loop passes the turn on instead.
+                    Err(mut turn) => turn.turns = None,
+                }
+            }
+        }
+        s.busy = false;
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if let Some(turns) = self.turns.take() {
+            turns.pass();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Waiters enqueue in this order: a1..a4 then b1 (a0 holds the turn).
+    /// Round robin gives a1, b1, a2, a3, a4 (FIFO would be a1..a4, b1).
+    #[tokio::test]
+    async fn turns_go_round_robin_between_analysts() {
+        let turns = Turns::default();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let first = turns.take("a").await;
+        let mut tasks = Vec::new();
+        for name in ["a1", "a2", "a3", "a4", "b1"] {
+            let (turns, order) = (turns.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _t = turns.take(&name[..1]).await;
+                order.lock().unwrap().push(name);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }));
+            // Enqueued in this order.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(first);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["a1", "b1", "a2", "a3", "a4"]);
+    }
+
+    /// A waiter that goes away (its future dropped) does not keep the turn.
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_passes_its_turn_on() {
+        let turns = Turns::default();
+        let first = turns.take("a").await;
+        let gone = tokio::spawn({
+            let turns = turns.clone();
+            async move {
+                let _t = turns.take("b").await;
+                unreachable!("aborted before its turn");
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let next = tokio::spawn({
+            let turns = turns.clone();
+            async move {
+                let _t = turns.take("c").await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        gone.abort();
+        let _ = gone.await;
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the turn was lost")
+            .unwrap();
+        // And the turn is free again.
+        tokio::time::timeout(Duration::from_secs(5), turns.take("d"))
+            .await
+            .expect("the turn was not freed");
+    }
+}
