@@ -29,6 +29,7 @@ import sys
 import time
 
 from aioquic.asyncio.client import connect
+from aioquic.asyncio.server import serve
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, StreamDataReceived, StreamReset
@@ -58,6 +59,7 @@ class Recorder(QuicConnectionProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handshake_done = False
+        self.early_data_accepted = None
         self.closed = None  # (error_code, frame_type, reason)
         self.node_closed = None  # `closed` before we closed it ourselves
         self.data = {}  # stream id -> bytes received
@@ -67,6 +69,7 @@ class Recorder(QuicConnectionProtocol):
     def quic_event_received(self, event):
         if isinstance(event, HandshakeCompleted):
             self.handshake_done = True
+            self.early_data_accepted = event.early_data_accepted
         elif isinstance(event, ConnectionTerminated):
             self.closed = (event.error_code, event.frame_type, event.reason_phrase)
         elif isinstance(event, StreamDataReceived):
@@ -91,15 +94,22 @@ def config(cafile, server, cert=None, key=None, alpn=ALPN):
     return c
 
 
-async def session(port, cfg, sends, wait=3.0, tickets=None):
+async def session(port, cfg, sends, wait=3.0, tickets=None, early=False):
     """Connects, sends each byte string on its own new stream (finished),
     waits up to `wait` s for every stream to end or the connection to
-    close. Returns the Recorder (or the exception if connecting failed)."""
-    if tickets is not None:
-        cfg.session_ticket_handler = lambda t: tickets.append(t)
+    close. Returns the Recorder (or the exception if connecting failed).
+    With `early`, sends before the handshake completes (as 0-RTT data when
+    `cfg` carries a session ticket)."""
     proto = None
     try:
-        async with connect("127.0.0.1", port, configuration=cfg, create_protocol=Recorder, wait_connected=True) as p:
+        async with connect(
+            "127.0.0.1",
+            port,
+            configuration=cfg,
+            create_protocol=Recorder,
+            wait_connected=not early,
+            session_ticket_handler=(lambda t: tickets.append(t)) if tickets is not None else None,
+        ) as p:
             proto = p
             ids = []
             for payload in sends:
@@ -237,6 +247,20 @@ async def main():
     os.makedirs(attack, exist_ok=True)
     rogue_key = ec.generate_private_key(ec.SECP256R1())
     rogue_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cleanroom collaboration CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rogue_ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(rogue_name)
+        .issuer_name(rogue_name)
+        .public_key(rogue_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(rogue_key, hashes.SHA256())
+    )
+    with open(os.path.join(certs, "bank.pem"), "rb") as f:
+        bank_cert = x509.load_pem_x509_certificate(f.read())
     other_ca = cert_for(alice_name, rogue_name, rogue_key, alice_cert, -1, 30, os.path.join(attack, "other-ca"))
     expired = cert_for(alice_name, ca.subject, ca_key, alice_cert, -30, -1, os.path.join(attack, "expired"))
     revoked = cert_for(alice_name, ca.subject, ca_key, alice_cert, -1, 30, os.path.join(attack, "revoked"))
@@ -290,6 +314,44 @@ async def main():
                 not tickets,
                 f"{len(tickets)} tickets after a full handshake (0-RTT and resumption impossible without one)",
             )
+
+        # 0-RTT with a ticket the node never issued: a decoy QUIC server
+        # (aioquic, a certificate for the bank's name from the attacker's
+        # CA) hands out a resumption ticket allowing early data; the client
+        # then opens a connection to the real bank with that ticket, no
+        # client certificate, and a request sent as 0-RTT data.
+        decoy_cert = cert_for(name["bank"], rogue_name, rogue_key, bank_cert, -1, 30, os.path.join(attack, "decoy"))
+        rogue_ca = os.path.join(attack, "rogue-ca.pem")
+        with open(rogue_ca, "wb") as f:
+            f.write(rogue_ca_cert.public_bytes(serialization.Encoding.PEM))
+        decoy_cfg = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+        decoy_cfg.load_cert_chain(*decoy_cert)
+        issued = {}
+        decoy_port = free_port()
+        decoy = await serve(
+            "127.0.0.1",
+            decoy_port,
+            configuration=decoy_cfg,
+            session_ticket_handler=lambda t: issued.__setitem__(t.ticket, t),
+            session_ticket_fetcher=issued.pop,
+        )
+        tickets = []
+        await session(decoy_port, config(rogue_ca, name["bank"]), [], wait=0.5, tickets=tickets)
+        decoy.close()
+        early_ok = bool(tickets) and tickets[-1].max_early_data_size
+        if early_ok:
+            cfg = config(ca_pem, name["bank"])
+            cfg.session_ticket = tickets[-1]
+            r = await session(bank_port, cfg, [request(TEMPLATES)], early=True)
+            ok, detail = refused_before_data(r)
+            accepted = None if isinstance(r, Exception) else r.early_data_accepted
+            checks.report(
+                "0-RTT request with a foreign ticket and no client certificate, bank",
+                ok and not accepted,
+                f"{detail}; early data accepted: {accepted}",
+            )
+        else:
+            checks.report("0-RTT request with a foreign ticket", False, "the decoy issued no ticket allowing early data")
 
         # Refused before any application data.
         cases = [
