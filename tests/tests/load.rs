@@ -259,6 +259,18 @@ async fn ask_and_leave(cfg: &AnalystConfig, role: &str, node: std::net::SocketAd
     ep.wait_idle().await;
 }
 
+/// Waits up to `limit` for `cond`; whether it held.
+async fn until(limit: Duration, cond: impl Fn() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// Waits up to `limit` for `node` to have `n` queries in flight; returns
 /// how long it took, or `None`.
 async fn in_flight_reaches(node: &Node, n: u32, limit: Duration) -> Option<f64> {
@@ -320,9 +332,10 @@ async fn an_analyst_who_goes_away_frees_its_slot_at_once() {
     // Platform: the first holds the platform's turn; the second queues
     // behind it and its analyst leaves.
     let first = leave("platform", &platform, 3_000);
-    assert!(in_flight_reaches(&platform, 1, Duration::from_secs(5)).await.is_some());
+    assert!(until(Duration::from_secs(5), || platform.turns() == (true, 0)).await);
     let queued = leave("platform", &platform, 500);
-    assert!(in_flight_reaches(&platform, 2, Duration::from_secs(5)).await.is_some());
+    assert!(until(Duration::from_secs(5), || platform.turns() == (true, 1)).await);
+    assert_eq!(platform.queries_in_flight(), 2);
     queued.await.unwrap();
     let platform_secs = in_flight_reaches(&platform, 1, Duration::from_secs(10)).await;
     println!("platform: the queued query's slot freed {platform_secs:?} s after its analyst left");

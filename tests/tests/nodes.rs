@@ -467,6 +467,29 @@ async fn a_restarted_node_returns_the_same_stored_share() {
     bank.shutdown().await;
 }
 
+/// Leaves a node's state file as a SIGKILL between its charge and its
+/// store of `qid` would have: the charge without its share, and the audit
+/// log without the entry written with the share (its last one; the node
+/// recreates the trigger at start).
+fn lose_share(state_db: &std::path::Path, qid: &[u8; 16]) {
+    let db = rusqlite::Connection::open(state_db).unwrap();
+    let n = db
+        .execute(
+            "UPDATE charges SET share = NULL, released_at = NULL WHERE query_id = ?1",
+            [qid.to_vec()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    let last: String = db
+        .query_row("SELECT event FROM audit ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(last, "query");
+    db.execute_batch(
+        "DROP TRIGGER audit_append_only_delete; DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit);",
+    )
+    .unwrap();
+}
+
 /// One node charged a query and stopped before storing its share (the
 /// charge and the share are separate transactions), while the other stored
 /// its share: a retry under the same id runs the aggregate again on both,
@@ -489,27 +512,7 @@ async fn a_share_one_node_lost_is_computed_again_by_both_without_a_new_charge() 
         platform.shutdown().await;
         bank.shutdown().await;
         drop((platform, bank));
-        // What a SIGKILL between the two transactions leaves behind: the
-        // charge without its share, and the audit log without the entry
-        // written with the share (its last one; the node recreates the
-        // trigger at start).
-        let db = rusqlite::Connection::open(dir.path().join("state").join(lost).join("state.db")).unwrap();
-        let n = db
-            .execute(
-                "UPDATE charges SET share = NULL, released_at = NULL WHERE query_id = ?1",
-                [qid.to_vec()],
-            )
-            .unwrap();
-        assert_eq!(n, 1);
-        let last: String = db
-            .query_row("SELECT event FROM audit ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(last, "query");
-        db.execute_batch(
-            "DROP TRIGGER audit_append_only_delete; DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit);",
-        )
-        .unwrap();
-        drop(db);
+        lose_share(&dir.path().join("state").join(lost).join("state.db"), &qid);
 
         let bank = fixture.start_bank().await.unwrap();
         let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
@@ -545,6 +548,54 @@ async fn a_share_one_node_lost_is_computed_again_by_both_without_a_new_charge() 
         platform.shutdown().await;
         bank.shutdown().await;
     }
+}
+
+/// The bank's operator changes a template's ρ (its own setting, not part of
+/// the signed digest) while a query id is charged but not yet released
+/// there: the retry completes with the noise, audit entry and share of the
+/// ρ that was charged; a new query id is charged the new ρ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_charged_before_a_change_of_rho_completes_at_the_charged_rho() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 500, 64, &["alice"]).unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let qid = new_query_id().unwrap();
+    analyst_of(&fixture, "alice", &bank, &platform)
+        .query("overlap", &[], qid, TIMEOUT)
+        .await
+        .unwrap();
+    platform.shutdown().await;
+    bank.shutdown().await;
+    drop((platform, bank));
+    lose_share(&dir.path().join("state").join("bank").join("state.db"), &qid);
+    let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
+    let changed = text.replace(
+        "name = \"overlap\"\nkind = \"overlap\"\nrho = \"0.1\"",
+        "name = \"overlap\"\nkind = \"overlap\"\nrho = \"0.2\"",
+    );
+    assert_ne!(text, changed);
+    std::fs::write(&fixture.bank_config, changed).unwrap();
+
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
+    let again = analyst.query("overlap", &[], qid, TIMEOUT).await.unwrap();
+    let rho_of = |r: &cleanroom_node::client::QueryResult| {
+        r.rho.iter().find(|(n, _)| n == "bank").map(|(_, v)| v.clone()).unwrap()
+    };
+    assert_eq!(rho_of(&again), "0.1");
+    let fresh = analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(rho_of(&fresh), "0.2");
+    // 0.1 + 0.2 on the bank's ledger.
+    let budget = analyst.budget().await.unwrap();
+    let bank_spent = budget.iter().find(|b| b.node == "bank").unwrap().rho_spent_micro;
+    assert_eq!(bank_spent, 300_000);
+    platform.shutdown().await;
+    bank.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

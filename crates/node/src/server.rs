@@ -36,7 +36,7 @@ use cleanroom_wire::{
 use rayon::prelude::*;
 use ring::digest::{SHA256, digest};
 use tokio::sync::{Notify, oneshot};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::NodeError;
 use crate::config::{Limits, NodeConfig, Role};
@@ -186,6 +186,30 @@ fn analyst_gone() -> NodeError {
     NodeError::Refused(
         "the analyst's connection closed while the query waited; it stays charged, and a retry under the same id costs nothing more".into(),
     )
+}
+
+/// Failed handshakes, logged at most once per `REFUSAL_LOG_EVERY` (with how
+/// many there were since), so a flood of junk packets cannot flood the log.
+#[derive(Default)]
+struct RefusalLog {
+    since_last: std::sync::atomic::AtomicU64,
+    last: Mutex<Option<Instant>>,
+}
+
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl RefusalLog {
+    fn note(&self, remote: SocketAddr, e: &quinn::ConnectionError) {
+        let n = self.since_last.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut last = lock(&self.last);
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            debug!(%remote, error = %e, "handshake refused");
+            return;
+        }
+        *last = Some(Instant::now());
+        self.since_last.store(0, std::sync::atomic::Ordering::Relaxed);
+        info!(%remote, error = %e, refused_since_last_line = n, "handshake refused");
+    }
 }
 
 /// Connections the peer node may have open here at once.
@@ -490,6 +514,12 @@ impl Node {
             .ok();
     }
 
+    /// Platform: whether a query holds the turn to run its protocol, and
+    /// how many wait for one (see `Turns`).
+    pub fn turns(&self) -> (bool, usize) {
+        self.inner.turns.load()
+    }
+
     /// Analyst queries admitted and not yet ended here (see `admit`).
     pub fn queries_in_flight(&self) -> u32 {
         lock(&self.inner.in_flight).values().sum()
@@ -558,6 +588,7 @@ impl Node {
     /// finish (or time out with the idle timeout).
     async fn accept_loop(self) {
         let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let refusals = Arc::new(RefusalLog::default());
         while let Some(incoming) = self.inner.endpoint.accept().await {
             let n = in_flight.load(std::sync::atomic::Ordering::Relaxed);
             if n >= MAX_HANDSHAKES {
@@ -571,13 +602,14 @@ impl Node {
             in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let node = self.clone();
             let in_flight = in_flight.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 let conn = incoming.await;
                 in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 match conn {
                     Ok(conn) => node.serve_connection(conn).await,
-                    Err(e) => info!(%remote, error = %e, "handshake refused"),
+                    Err(e) => refusals.note(remote, &e),
                 }
             });
         }
@@ -957,12 +989,23 @@ impl Node {
             Charge::New => info!(rho = %format_micro(template.rho_micro), "charged"),
             Charge::Existing(None) => info!("query id already charged; computing its share (no new charge)"),
         }
+        // The noise, the audit entry and the share follow the ρ this query id
+        // was charged: an operator may have changed the template's ρ since
+        // (it is this node's own setting, not part of the signed digest).
+        let mut template = template;
+        template.rho_micro = lock(&self.inner.state)
+            .charged_query(&q.query_id)?
+            .map(|c| c.rho_micro)
+            .ok_or(NodeError::Internal("a charged query is missing from the ledger"))?;
         let started = Instant::now();
         let noise = draw_noise(&plan, &template);
         let mut timings = Vec::new();
         let mut completing_guard = None;
         let (share, run) = match self.inner.role {
-            Role::Platform => self.matcher_share(&plan, &q.query_id, &mut timings, analyst, from).await?,
+            Role::Platform => {
+                self.matcher_share(&plan, &q.query_id, &mut timings, analyst, from)
+                    .await?
+            }
             Role::Bank => {
                 let rx = self.holder_register(&plan, &q.query_id, analyst, true);
                 let (share, run, completing) = self.holder_await(&q.query_id, rx, &mut timings, from).await?;
@@ -1035,7 +1078,9 @@ impl Node {
             // Charged, not stored: the analyst's request runs it.
             return Ok(false);
         }
-        let template = self.template(&q.template)?.clone();
+        let mut template = self.template(&q.template)?.clone();
+        // As charged (see `run_query_serialised`).
+        template.rho_micro = q.rho_micro;
         let params: Vec<(String, String)> = q
             .params
             .as_deref()
@@ -1172,6 +1217,9 @@ impl Node {
         if !overwrite && pending.contains_key(qid) {
             return None;
         }
+        // A request for it is here now (an earlier attempt dropped as gone
+        // may have marked it refused meanwhile).
+        lock(&self.inner.refused_recently).remove(qid);
         // Each customer's vector is computed as its masked row is produced.
         let values = HolderRows::new(plan, data.clone(), &self.inner.domains.categories);
         let (tx, rx) = oneshot::channel();

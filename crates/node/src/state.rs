@@ -49,6 +49,8 @@ pub struct ChargedQuery {
     pub params: Option<String>,
     /// The stored share (an encoded `AnalystResponse`), once stored.
     pub share: Option<Vec<u8>>,
+    /// ρ charged, millionths.
+    pub rho_micro: u64,
 }
 
 impl std::fmt::Debug for ChargedQuery {
@@ -509,7 +511,7 @@ impl State {
     pub fn charged_query(&self, query_id: &[u8; 16]) -> Result<Option<ChargedQuery>, NodeError> {
         self.conn
             .query_row(
-                "SELECT analyst, template, plan, params, share FROM charges WHERE query_id = ?1",
+                "SELECT analyst, template, plan, params, share, rho_micro FROM charges WHERE query_id = ?1",
                 params![query_id.to_vec()],
                 |r| {
                     Ok(ChargedQuery {
@@ -518,6 +520,7 @@ impl State {
                         plan: r.get(2)?,
                         params: r.get(3)?,
                         share: r.get(4)?,
+                        rho_micro: r.get::<_, i64>(5)?.max(0) as u64,
                     })
                 },
             )

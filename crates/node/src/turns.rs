@@ -65,6 +65,12 @@ impl Turns {
         }
     }
 
+    /// Whether a turn is held, and how many wait.
+    pub fn load(&self) -> (bool, usize) {
+        let s = self.lock();
+        (s.busy, s.waiting.values().map(VecDeque::len).sum())
+    }
+
     /// Hands the turn to the next waiter in the rotation, or frees it.
     fn pass(&self) {
         let mut s = self.lock();
@@ -74,23 +80,32 @@ impl Turns {
             };
             let next = queue.pop_front();
             let more = !queue.is_empty();
-            if more {
-                s.rotation.push_back(analyst);
-            } else {
+            if !more {
                 s.waiting.remove(&analyst);
             }
-            if let Some(tx) = next {
-                // The turn travels in the channel: if its waiter has gone,
-                // it comes back (dropped with the channel, or here) and the
-                // loop goes on to the next one.
-                let turn = Turn {
+            // The turn travels in the channel: if its waiter has gone, it
+            // comes back (here, or dropped with the channel) and is passed
+            // on; the analyst keeps its place for its next waiter.
+            let sent = next.map(|tx| {
+                tx.send(Turn {
                     turns: Some(self.clone()),
-                };
-                match tx.send(turn) {
-                    Ok(()) => return,
-                    // Disarmed: this loop passes the turn on instead.
-                    Err(mut turn) => turn.turns = None,
+                })
+            });
+            match sent {
+                Some(Ok(())) => {
+                    if more {
+                        s.rotation.push_back(analyst);
+                    }
+                    return;
                 }
+                Some(Err(mut turn)) => {
+                    // Disarmed: this loop passes the turn on instead.
+                    turn.turns = None;
+                    if more {
+                        s.rotation.push_front(analyst);
+                    }
+                }
+                None => {}
             }
         }
         s.busy = false;
@@ -166,5 +181,35 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), turns.take("d"))
             .await
             .expect("the turn was not freed");
+    }
+
+    /// A waiter that goes away after its turn was sent to it, before it ran
+    /// (on this single-threaded runtime nothing runs between the two), does
+    /// not keep the turn either: it is dropped with the channel and passed on.
+    #[tokio::test]
+    async fn a_turn_sent_to_a_waiter_that_then_goes_away_is_passed_on() {
+        let turns = Turns::default();
+        let first = turns.take("a").await;
+        let gone = tokio::spawn({
+            let turns = turns.clone();
+            async move {
+                let _t = turns.take("b").await;
+                unreachable!("aborted before it ran with its turn");
+            }
+        });
+        let next = tokio::spawn({
+            let turns = turns.clone();
+            async move {
+                let _t = turns.take("c").await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(first); // sends the turn to "b"
+        gone.abort(); // before "b" is polled again
+        let _ = gone.await;
+        tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the turn was lost")
+            .unwrap();
     }
 }

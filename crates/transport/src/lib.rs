@@ -327,38 +327,24 @@ pub fn server_config(
     Ok(cfg)
 }
 
-/// Endpoint settings whose stateless-reset key and connection-id check key
-/// are derived from the node's private key (RFC 9000, section 10.3, "a
-/// static key"), not drawn per process: after a restart on the same
-/// address, a packet for a connection of the old process is recognised as
-/// one of this node's connection ids and answered with a stateless reset
-/// the other side accepts, so it drops that connection at once instead of
-/// at its idle timeout.
+/// Endpoint settings whose stateless-reset key is derived from the node's
+/// private key (RFC 9000, section 10.3, "a static key"), not drawn per
+/// process, with connection ids of 8 random bytes that any later process
+/// accepts as possibly its own: after a restart on the same address, a
+/// packet for a connection of the old process is answered with a stateless
+/// reset the other side accepts, so it drops that connection at once
+/// instead of at its idle timeout. (quinn's default ids carry a check keyed
+/// per process, which the new process would refuse, and only 24 random
+/// bits: with a static reset key, ids must not repeat across connections.)
 fn endpoint_config(identity: &Identity) -> Result<quinn::EndpointConfig, TransportError> {
     let prk = identity.derived_key(b"cleanroom-v1 quic stateless reset key");
     let okm = prk
         .expand(&[], ring::hmac::HMAC_SHA256)
         .map_err(|_| TransportError::KeyDerivation)?;
-    let mut cid_key = [0u8; 8];
-    identity
-        .derived_key(b"cleanroom-v1 quic connection id key")
-        .expand(&[], CidKeyLen)
-        .and_then(|okm| okm.fill(&mut cid_key))
-        .map_err(|_| TransportError::KeyDerivation)?;
-    let cid_key = u64::from_le_bytes(cid_key);
     let mut cfg = quinn::EndpointConfig::default();
     cfg.reset_key(Arc::new(ring::hmac::Key::from(okm)));
-    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    cfg.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(8)));
     Ok(cfg)
-}
-
-/// HKDF output length for the connection-id key (a `u64`).
-struct CidKeyLen;
-
-impl ring::hkdf::KeyType for CidKeyLen {
-    fn len(&self) -> usize {
-        8
-    }
 }
 
 /// The client side: TLS 1.3 only, server checked against the CA and the

@@ -67,7 +67,9 @@ fn a_restarted_node_resets_the_old_processs_connections_at_once() {
 
     let (ended, secs) = client_rt.block_on(async {
         let t = Instant::now();
-        if let Ok(mut s) = conn.open_uni().await {
+        // A packet on the old connection (nodes allow no unidirectional
+        // streams, so a bidirectional one).
+        if let Ok((mut s, _r)) = conn.open_bi().await {
             let _ = s.write_all(&[0u8; 200]).await;
         }
         let ended = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
@@ -78,6 +80,7 @@ fn a_restarted_node_resets_the_old_processs_connections_at_once() {
         matches!(ended, Ok(quinn::ConnectionError::Reset)),
         "not reset at once: {ended:?} after {secs} s"
     );
-    assert!(secs < 5.0, "{secs} s");
+    // Well under the client's 5 s keep-alive: the reset answered our write.
+    assert!(secs < 1.0, "{secs} s");
     drop(ep);
 }
