@@ -399,3 +399,45 @@ async fn an_analyst_cannot_open_more_than_its_connections() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+/// An analyst sending requests faster than
+/// `max_requests_per_analyst_per_second` (5 here, bursts of 10) is refused
+/// with a message for the excess, and served again once it slows down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_analyst_over_its_request_rate_is_refused_then_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 62, &["alice"]).unwrap();
+    let (bank, platform) = start_allowing(
+        &fixture,
+        &["alice".to_string()],
+        "max_requests_per_analyst_per_second = 5\n",
+    )
+    .await;
+    let alice = Analyst::new(
+        &fixture
+            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let (mut served, mut refused) = (0u32, 0u32);
+    for _ in 0..30 {
+        match alice.budget().await {
+            Ok(_) => served += 1,
+            Err(NodeError::Refused(m)) if m.contains("max_requests_per_analyst_per_second") => refused += 1,
+            Err(e) => panic!("not a rate refusal: {e}"),
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!("30 budget requests in {secs:.2} s: {served} served, {refused} refused by the rate limit");
+    // Each call asks both nodes: at most the burst plus the refill passes.
+    assert!(
+        f64::from(served) <= 10.0 + 5.0 * secs + 1.0,
+        "{served} served in {secs} s"
+    );
+    assert!(served >= 10 && refused >= 10, "{served} served, {refused} refused");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    alice.budget().await.unwrap();
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

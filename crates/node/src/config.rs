@@ -199,10 +199,17 @@ pub struct LimitsConfig {
     /// one analyst's certificate can hold here).
     #[serde(default = "default_connections_per_analyst")]
     pub max_connections_per_analyst: u32,
+    /// Requests (of any kind) one analyst may send this node per second, on
+    /// average; bursts of twice that. More are refused at once.
+    #[serde(default = "default_requests_per_second")]
+    pub max_requests_per_analyst_per_second: u32,
 }
 
 fn default_connections_per_analyst() -> u32 {
     64
+}
+fn default_requests_per_second() -> u32 {
+    100
 }
 
 fn default_in_flight_per_analyst() -> u32 {
@@ -362,6 +369,8 @@ pub struct Limits {
     pub in_flight: u32,
     /// Open connections per analyst.
     pub connections_per_analyst: u32,
+    /// Requests per second per analyst (bursts of twice that).
+    pub requests_per_second: u32,
 }
 
 fn bad(path: &Path, what: String) -> NodeError {
@@ -484,6 +493,7 @@ impl NodeConfig {
             in_flight_per_analyst: l.max_queries_in_flight_per_analyst.max(1),
             in_flight: l.max_queries_in_flight.max(1),
             connections_per_analyst: l.max_connections_per_analyst.max(1),
+            requests_per_second: l.max_requests_per_analyst_per_second.max(1),
         })
     }
 

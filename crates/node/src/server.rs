@@ -327,6 +327,9 @@ struct Inner {
     refused_recently: Mutex<HashMap<[u8; 16], Instant>>,
     /// Queries running per analyst (see [`Node::admit`]).
     in_flight: PerAnalyst,
+    /// Request tokens per analyst and when they were last refilled
+    /// (`max_requests_per_analyst_per_second`).
+    request_rate: Mutex<HashMap<String, (f64, Instant)>>,
     /// Connections open per analyst (`max_connections_per_analyst`) and
     /// of the peer (`MAX_PEER_CONNECTIONS`), by certificate name.
     connections: PerAnalyst,
@@ -464,6 +467,7 @@ impl Node {
             refused_recently: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
+            request_rate: Mutex::new(HashMap::new()),
             analysts,
             own_policy,
             own_policy_json,
@@ -672,7 +676,13 @@ impl Node {
             let span = info_span!("analyst", name = %analyst);
             tokio::spawn(
                 async move {
-                    let response =
+                    let response = if !node.within_rate(&analyst) {
+                        let _ = recv.stop(0u32.into());
+                        AnalystResponse::Refused(format!(
+                            "rate limit: more than {} requests per second from this analyst (max_requests_per_analyst_per_second); slow down",
+                            node.inner.limits.requests_per_second
+                        ))
+                    } else {
                         match pump::read_one_limited(&mut recv, Duration::from_secs(30), pump::MAX_ANALYST_REQUEST)
                             .await
                         {
@@ -685,7 +695,8 @@ impl Node {
                                 info!(error = %e, "analyst stream ended");
                                 return;
                             }
-                        };
+                        }
+                    };
                     if write_one(&mut send, &Message::AnalystResponse(response)).await.is_ok() {
                         let _ = send.finish();
                         let _ = send.stopped().await;
@@ -751,6 +762,24 @@ impl Node {
                 self.inner.role.as_str()
             ))
         })
+    }
+
+    /// Whether `analyst` may send one more request now: a token bucket of
+    /// twice `max_requests_per_analyst_per_second`, refilled at that rate.
+    fn within_rate(&self, analyst: &str) -> bool {
+        let rate = f64::from(self.inner.limits.requests_per_second);
+        let burst = 2.0 * rate;
+        let now = Instant::now();
+        let mut buckets = lock(&self.inner.request_rate);
+        let (tokens, at) = buckets.entry(analyst.to_string()).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// A slot for one more running query of `analyst`, or why not: each
