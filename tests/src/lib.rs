@@ -13,3 +13,25 @@ pub fn rss_mib() -> f64 {
         .unwrap_or(0.0);
     pages * 4096.0 / f64::from(1 << 20)
 }
+
+/// An analyst of `fixture` talking to these two running nodes.
+///
+/// # Panics
+/// If the fixture's analyst config or certificate does not load (a test
+/// set-up error).
+pub fn analyst_of(
+    fixture: &cleanroom_node::demo::Fixture,
+    name: &str,
+    bank: &cleanroom_node::server::Node,
+    platform: &cleanroom_node::server::Node,
+) -> cleanroom_node::client::Analyst {
+    let (b, p) = (bank.local_addr(), platform.local_addr());
+    let cfg = match (b, p) {
+        (Ok(b), Ok(p)) => fixture.analyst(name, b, p),
+        _ => panic!("a node has no address"),
+    };
+    match cfg.and_then(|c| cleanroom_node::client::Analyst::new(&c)) {
+        Ok(a) => a,
+        Err(e) => panic!("analyst {name}: {e}"),
+    }
+}

@@ -12,6 +12,7 @@ use cleanroom_node::client::{Analyst, new_query_id};
 use cleanroom_node::config::{AnalystConfig, NodeConfig};
 use cleanroom_node::demo::Fixture;
 use cleanroom_node::server::Node;
+use cleanroom_tests::analyst_of;
 use cleanroom_transport::{Identity, TransportSettings, client_endpoint, pki, write_frame};
 use cleanroom_wire::{AnalystRequest, MAX_MESSAGE_LEN, Message, QueryRequest};
 
@@ -43,6 +44,14 @@ async fn start_allowing(fixture: &Fixture, names: &[String], limits: &str) -> (N
     (bank, platform)
 }
 
+/// A fixture with analyst alice only, both nodes started with `limits`.
+async fn alice_alone(limits: &str) -> (tempfile::TempDir, Fixture, Node, Node) {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 400, 62, &["alice"]).unwrap();
+    let (bank, platform) = start_allowing(&fixture, &["alice".to_string()], limits).await;
+    (dir, fixture, bank, platform)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let k = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(k).copied().unwrap_or(f64::NAN)
@@ -60,16 +69,7 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
     let (bank, platform) = start_allowing(&fixture, &names, "").await;
     let analysts: Vec<Arc<Analyst>> = names
         .iter()
-        .map(|n| {
-            Arc::new(
-                Analyst::new(
-                    &fixture
-                        .analyst(n, bank.local_addr().unwrap(), platform.local_addr().unwrap())
-                        .unwrap(),
-                )
-                .unwrap(),
-            )
-        })
+        .map(|n| Arc::new(analyst_of(&fixture, n, &bank, &platform)))
         .collect();
     // Warm the join once, so the load is on the cached join.
     analysts[0]
@@ -152,16 +152,7 @@ async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = Fixture::create(dir.path(), 400, 62, &["alice", "greedy"]).unwrap();
     let (bank, platform) = start_allowing(&fixture, &["alice".to_string(), "greedy".to_string()], "").await;
-    let analyst = |n: &str| {
-        Arc::new(
-            Analyst::new(
-                &fixture
-                    .analyst(n, bank.local_addr().unwrap(), platform.local_addr().unwrap())
-                    .unwrap(),
-            )
-            .unwrap(),
-        )
-    };
+    let analyst = |n: &str| Arc::new(analyst_of(&fixture, n, &bank, &platform));
     let (alice, greedy) = (analyst("alice"), analyst("greedy"));
     alice
         .query("overlap", &[], new_query_id().unwrap(), Duration::from_secs(120))
@@ -293,9 +284,7 @@ async fn in_flight_reaches(node: &Node, n: u32, limit: Duration) -> Option<f64> 
 /// and the platform's 30 s wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_analyst_who_goes_away_frees_its_slot_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = Fixture::create(dir.path(), 400, 62, &["alice"]).unwrap();
-    let (bank, platform) = start_allowing(&fixture, &["alice".to_string()], "").await;
+    let (_dir, fixture, bank, platform) = alice_alone("").await;
     let cfg = Arc::new(
         fixture
             .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
@@ -356,9 +345,7 @@ async fn an_analyst_who_goes_away_frees_its_slot_at_once() {
 /// served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_analyst_cannot_open_more_than_its_connections() {
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = Fixture::create(dir.path(), 400, 62, &["alice"]).unwrap();
-    let (bank, platform) = start_allowing(&fixture, &["alice".to_string()], "max_connections_per_analyst = 8\n").await;
+    let (_dir, fixture, bank, platform) = alice_alone("max_connections_per_analyst = 8\n").await;
     let cfg = fixture
         .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
         .unwrap();
@@ -405,20 +392,8 @@ async fn an_analyst_cannot_open_more_than_its_connections() {
 /// with a message for the excess, and served again once it slows down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_analyst_over_its_request_rate_is_refused_then_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = Fixture::create(dir.path(), 400, 62, &["alice"]).unwrap();
-    let (bank, platform) = start_allowing(
-        &fixture,
-        &["alice".to_string()],
-        "max_requests_per_analyst_per_second = 5\n",
-    )
-    .await;
-    let alice = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let (_dir, fixture, bank, platform) = alice_alone("max_requests_per_analyst_per_second = 5\n").await;
+    let alice = analyst_of(&fixture, "alice", &bank, &platform);
     let t = Instant::now();
     let (mut served, mut refused) = (0u32, 0u32);
     for _ in 0..30 {

@@ -9,6 +9,7 @@ use cleanroom_node::NodeError;
 use cleanroom_node::client::{Analyst, new_query_id};
 use cleanroom_node::demo::{Fixture, demo_queries, truth};
 use cleanroom_node::server::Node;
+use cleanroom_tests::analyst_of;
 use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame};
 use cleanroom_wire::{AnalystRequest, AnalystResponse, MAX_MESSAGE_LEN, Message, QueryRequest};
 use rustls::pki_types::pem::PemObject;
@@ -53,16 +54,6 @@ async fn platform_with(fixture: &Fixture, bank: &Node, edit: impl Fn(String) -> 
         &fixture.platform_config,
     )
     .await
-    .unwrap()
-}
-
-/// An analyst of the fixture talking to these two nodes.
-fn analyst_of(fixture: &Fixture, name: &str, bank: &Node, platform: &Node) -> Analyst {
-    Analyst::new(
-        &fixture
-            .analyst(name, bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
     .unwrap()
 }
 
@@ -345,12 +336,7 @@ async fn a_failed_query_is_charged_once_and_a_retry_costs_nothing_more() {
     assert!(m.contains("costs no extra budget"), "{m}");
     assert_eq!(bank.charge_count().unwrap(), 1);
     // The retry with the same id runs on both nodes; nothing is charged twice.
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let r = analyst.query("overlap", &[], qid, TIMEOUT).await.unwrap();
     assert_eq!(r.cells.len(), 1);
     assert_eq!(bank.charge_count().unwrap(), 1);
@@ -424,12 +410,7 @@ async fn a_restarted_node_returns_the_same_stored_share() {
     let fixture = Fixture::create(dir.path(), 500, 61, &["alice"]).unwrap();
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let (template, params) = demo_queries().remove(1);
     let qid = new_query_id().unwrap();
     let first = analyst.query(template, &params, qid, TIMEOUT).await.unwrap();
@@ -440,12 +421,7 @@ async fn a_restarted_node_returns_the_same_stored_share() {
 
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let again = analyst.query(template, &params, qid, TIMEOUT).await.unwrap();
     assert!(again.replayed);
     let values = |r: &cleanroom_node::client::QueryResult| r.cells.iter().map(|c| c.value).collect::<Vec<_>>();
@@ -646,12 +622,7 @@ async fn cross_party_group_by_in_sql_is_within_noise_of_the_truth() {
     assert!(e.to_string().contains("identifier column"), "{e}");
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let r = analyst
         .query("adhoc", &[], new_query_id().unwrap(), TIMEOUT)
         .await
@@ -694,12 +665,7 @@ async fn a_template_runs_only_when_both_operators_signed_its_text() {
     cleanroom_node::policy::sign(&cfg, &fixture.bank_config).unwrap();
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let params = vec![
         ("start".to_string(), "2026-01-01".to_string()),
         ("end".to_string(), "2026-01-31".to_string()),
@@ -733,12 +699,7 @@ async fn a_template_runs_only_when_both_operators_signed_its_text() {
     std::fs::write(&fixture.bank_config, tampered).unwrap();
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let e = analyst
         .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
         .await
@@ -801,12 +762,7 @@ async fn runs_per_day_refuse_at_exactly_the_limit() {
     .unwrap();
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let analyst = Analyst::new(
-        &fixture
-            .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let first = new_query_id().unwrap();
     analyst.query("overlap", &[], first, TIMEOUT).await.unwrap();
     analyst

@@ -150,25 +150,24 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), ["a1", "b1", "a2", "a3", "a4"]);
     }
 
+    /// A task waiting for a turn for `analyst`; a `doomed` one must be
+    /// aborted before it runs with its turn.
+    fn waiter(turns: &Turns, analyst: &'static str, doomed: bool) -> tokio::task::JoinHandle<()> {
+        let turns = turns.clone();
+        tokio::spawn(async move {
+            let _t = turns.take(analyst).await;
+            assert!(!doomed, "aborted before it ran with its turn");
+        })
+    }
+
     /// A waiter that goes away (its future dropped) does not keep the turn.
     #[tokio::test]
     async fn a_waiter_that_goes_away_passes_its_turn_on() {
         let turns = Turns::default();
         let first = turns.take("a").await;
-        let gone = tokio::spawn({
-            let turns = turns.clone();
-            async move {
-                let _t = turns.take("b").await;
-                unreachable!("aborted before its turn");
-            }
-        });
+        let gone = waiter(&turns, "b", true);
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let next = tokio::spawn({
-            let turns = turns.clone();
-            async move {
-                let _t = turns.take("c").await;
-            }
-        });
+        let next = waiter(&turns, "c", false);
         tokio::time::sleep(Duration::from_millis(5)).await;
         gone.abort();
         let _ = gone.await;
@@ -190,19 +189,8 @@ mod tests {
     async fn a_turn_sent_to_a_waiter_that_then_goes_away_is_passed_on() {
         let turns = Turns::default();
         let first = turns.take("a").await;
-        let gone = tokio::spawn({
-            let turns = turns.clone();
-            async move {
-                let _t = turns.take("b").await;
-                unreachable!("aborted before it ran with its turn");
-            }
-        });
-        let next = tokio::spawn({
-            let turns = turns.clone();
-            async move {
-                let _t = turns.take("c").await;
-            }
-        });
+        let gone = waiter(&turns, "b", true);
+        let next = waiter(&turns, "c", false);
         tokio::time::sleep(Duration::from_millis(5)).await;
         drop(first); // sends the turn to "b"
         gone.abort(); // before "b" is polled again
