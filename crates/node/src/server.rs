@@ -860,11 +860,7 @@ impl Node {
                     Err(why) => AnalystResponse::Refused(why),
                 };
                 if self.inner.role == Role::Bank && matches!(answer, AnalystResponse::Refused(_)) {
-                    // The platform's aggregate for it (if the platform
-                    // accepted it) is told so at once, not after a wait.
-                    let mut refused = lock(&self.inner.refused_recently);
-                    refused.retain(|_, at| at.elapsed() < Duration::from_secs(120));
-                    refused.insert(q.query_id, Instant::now());
+                    self.mark_refused(&q.query_id);
                 }
                 answer
             }
@@ -1271,6 +1267,15 @@ impl Node {
         Some((id, rx))
     }
 
+    /// Bank: this node refused (or dropped) `qid`, so the platform's
+    /// aggregate for it, if the platform accepted it, is told so at once
+    /// rather than after a wait (see `wait_pending`). Marks last two minutes.
+    fn mark_refused(&self, qid: &[u8; 16]) {
+        let mut refused = lock(&self.inner.refused_recently);
+        refused.retain(|_, at| at.elapsed() < Duration::from_secs(120));
+        refused.insert(*qid, Instant::now());
+    }
+
     /// Bank: waits for the platform's batches of a registered query.
     async fn holder_await(
         &self,
@@ -1300,11 +1305,7 @@ impl Node {
                     if pending.get(qid).is_some_and(|p| p.id == id && !p.claimed) {
                         pending.remove(qid);
                         drop(pending);
-                        // The platform's aggregate for it, if it comes, is
-                        // answered at once rather than after a wait.
-                        let mut refused = lock(&self.inner.refused_recently);
-                        refused.retain(|_, at| at.elapsed() < Duration::from_secs(120));
-                        refused.insert(*qid, Instant::now());
+                        self.mark_refused(qid);
                         info!("query dropped while waiting for the platform node: its analyst has gone");
                         return Err(analyst_gone());
                     }

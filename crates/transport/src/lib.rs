@@ -341,8 +341,7 @@ fn endpoint_config(identity: &Identity) -> Result<quinn::EndpointConfig, Transpo
     let okm = prk
         .expand(&[], ring::hmac::HMAC_SHA256)
         .map_err(|_| TransportError::KeyDerivation)?;
-    let mut cfg = quinn::EndpointConfig::default();
-    cfg.reset_key(Arc::new(ring::hmac::Key::from(okm)));
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::from(okm)));
     cfg.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(8)));
     Ok(cfg)
 }
