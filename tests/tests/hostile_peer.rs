@@ -521,3 +521,70 @@ async fn a_handshake_flood_does_not_starve_real_queries() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+/// A peer that asks for an aggregate of a query the bank has not accepted
+/// (the bank waits up to 30 s for the analyst's request) and then goes
+/// away: the bank stops waiting at once rather than keep a task per such
+/// stream for 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_leaves_while_the_bank_waits_for_the_query_frees_it_at_once() {
+    let Running {
+        _dir,
+        fixture,
+        bank,
+        platform,
+        analyst: _,
+        truth: _,
+    } = running(200, 59).await;
+    let certs = fixture.dir.join("certs");
+    let before = bank.peer_streams();
+    let peer = hostile_peer(&certs, bank.local_addr().unwrap()).await;
+    let mut streams = Vec::new();
+    for k in 0..20u8 {
+        let (mut s, r) = peer.conn.open_bi().await.unwrap();
+        let setup = Message::OtSetup(OtSetup {
+            session: [k; 16],
+            join_session: [k; 16],
+            query_id: [0xa0 ^ k; 16],
+            nonce: [k; 32],
+            rows: 10,
+            width: 1,
+            plan: [k; 32],
+            group: 0,
+            base_point: curve25519_dalek::constants::RISTRETTO_BASEPOINT_POINT
+                .compress()
+                .to_bytes(),
+        });
+        send(&mut s, &setup).await;
+        streams.push((s, r));
+    }
+    let waiting = Instant::now();
+    while bank.peer_streams() < before + 20 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "the bank did not take the streams"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Still waiting for the queries a second later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(bank.peer_streams(), before + 20);
+    peer.conn.close(0u32.into(), b"gone");
+    drop(streams);
+    let t = Instant::now();
+    while bank.peer_streams() > before {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} peer streams still served {:?} after the peer left",
+            bank.peer_streams() - before,
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "20 streams waiting for unknown queries ended {:.3} s after the peer left",
+        t.elapsed().as_secs_f64()
+    );
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

@@ -351,6 +351,24 @@ struct Inner {
     /// its pipelines stalled waiting for the peer after sending.
     exchanges: std::sync::atomic::AtomicU64,
     stalls: std::sync::atomic::AtomicU64,
+    /// Bank: peer streams being served.
+    peer_streams: std::sync::atomic::AtomicUsize,
+}
+
+/// One more of a gauge while alive.
+struct Gauge<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a std::sync::atomic::AtomicUsize) -> Self {
+        g.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A running node.
@@ -477,6 +495,7 @@ impl Node {
             last_join: Mutex::new(Vec::new()),
             exchanges: std::sync::atomic::AtomicU64::new(0),
             stalls: std::sync::atomic::AtomicU64::new(0),
+            peer_streams: std::sync::atomic::AtomicUsize::new(0),
         });
         let node = Node { inner };
         let accept = node.clone();
@@ -522,6 +541,12 @@ impl Node {
     /// how many wait for one (see `Turns`).
     pub fn turns(&self) -> (bool, usize) {
         self.inner.turns.load()
+    }
+
+    /// Bank: streams of the peer node being served (joins, aggregates,
+    /// share checks, policies).
+    pub fn peer_streams(&self) -> usize {
+        self.inner.peer_streams.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Analyst queries admitted and not yet ended here (see `admit`).
@@ -641,6 +666,7 @@ impl Node {
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let node = self.clone();
                 tokio::spawn(async move {
+                    let _serving = Gauge::up(&node.inner.peer_streams);
                     if let Err(e) = node.serve_peer_stream(send, recv).await {
                         warn!(error = %e, "peer session failed");
                     }
@@ -1390,7 +1416,14 @@ impl Node {
                     if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id) {
                         warn!(error = %e, "cannot run this query again for the platform");
                     }
-                    let pending = self.wait_pending(&setup.query_id).await;
+                    // The platform may go away meanwhile: stop waiting then
+                    // (a hostile one must not leave tasks waiting here).
+                    let pending = tokio::select! {
+                        p = self.wait_pending(&setup.query_id) => p,
+                        _ = send.stopped() => {
+                            return Err(NodeError::Peer("the platform left before the query arrived here".into()));
+                        }
+                    };
                     let Some((plan, values)) = pending else {
                         abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
                         return Err(NodeError::Refused(
