@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("state_file", state_file),
     ("join_machines", join_machines),
     ("aggregate_machines", aggregate_machines),
+    ("node_requests", crate::node_fuzz::node_requests),
 ];
 
 /// Every frame either fails to decode with a typed error, or decodes to a
@@ -89,7 +90,7 @@ pub fn state_file(data: &[u8]) {
 
 /// What a hostile wire does to one frame.
 #[derive(Arbitrary, Debug)]
-enum Tamper {
+pub(crate) enum Tamper {
     Deliver,
     Drop,
     Duplicate,
@@ -114,7 +115,7 @@ struct Script {
 
 /// A wire that applies `script` frame by frame; returns whether it changed
 /// anything.
-fn hostile_wire(tamper: Vec<Tamper>) -> (impl FnMut(Direction, Vec<u8>) -> Vec<Vec<u8>>, Changed) {
+pub(crate) fn hostile_wire(tamper: Vec<Tamper>) -> (impl FnMut(Direction, Vec<u8>) -> Vec<Vec<u8>>, Changed) {
     let changed = std::rc::Rc::new(std::cell::Cell::new(false));
     let flag = changed.clone();
     let mut script = tamper.into_iter();

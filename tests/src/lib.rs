@@ -2,6 +2,7 @@
 //! Test-only package: see tests/.
 
 pub mod fuzz;
+pub mod node_fuzz;
 
 /// This process's resident set in MiB (Linux `/proc/self/statm`; 0 elsewhere).
 pub fn rss_mib() -> f64 {

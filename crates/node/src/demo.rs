@@ -278,6 +278,20 @@ pub struct Fixture {
     pub platform_config: PathBuf,
     /// Templates added to both nodes' configs after creation (TOML).
     extra: String,
+    /// Text replacements made in both nodes' configs (see [`Fixture::edit_configs`]).
+    edits: Vec<(String, String)>,
+}
+
+/// `text` with each `(from, to)` of `edits` replaced, or the first `from`
+/// it does not contain.
+fn edited(mut text: String, edits: &[(String, String)]) -> Result<String, String> {
+    for (from, to) in edits {
+        if !text.contains(from.as_str()) {
+            return Err(from.clone());
+        }
+        text = text.replace(from.as_str(), to);
+    }
+    Ok(text)
 }
 
 impl Fixture {
@@ -336,6 +350,7 @@ impl Fixture {
             bank_config,
             platform_config: dir.join("platform.toml"),
             extra: String::new(),
+            edits: Vec::new(),
         })
     }
 
@@ -365,6 +380,32 @@ impl Fixture {
         sign_config(&self.bank_config)
     }
 
+    /// Replaces text in both nodes' configs (the bank's now, the
+    /// platform's when [`Self::start_platform`] writes it): for tests that
+    /// need other limits than the demo's.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] when a config does not contain a `from`.
+    pub fn edit_configs(&mut self, edits: &[(&str, &str)]) -> Result<(), NodeError> {
+        let edits: Vec<(String, String)> = edits
+            .iter()
+            .map(|(f, t)| ((*f).to_string(), (*t).to_string()))
+            .collect();
+        let path = self.bank_config.display().to_string();
+        let text = std::fs::read_to_string(&self.bank_config).map_err(|e| NodeError::Config {
+            path: path.clone(),
+            what: e.to_string(),
+        })?;
+        let text = edited(text, &edits).map_err(|from| NodeError::Config {
+            path,
+            what: format!("no {from:?} to replace"),
+        })?;
+        write(&self.bank_config, &text)?;
+        sign_config(&self.bank_config)?;
+        self.edits.extend(edits);
+        Ok(())
+    }
+
     /// Starts the bank from its config.
     ///
     /// # Errors
@@ -379,19 +420,21 @@ impl Fixture {
     /// As [`Node::start`].
     pub async fn start_platform(&self, bank: std::net::SocketAddr) -> Result<Node, NodeError> {
         let analyst = "alice";
-        write(
-            &self.platform_config,
-            &(node_toml(
-                "platform",
-                "127.0.0.1:0",
-                Some(&bank.to_string()),
-                "certs",
-                "data",
-                "state/platform",
-                &self.data.categories,
-                analyst,
-            ) + &self.extra),
-        )?;
+        let text = node_toml(
+            "platform",
+            "127.0.0.1:0",
+            Some(&bank.to_string()),
+            "certs",
+            "data",
+            "state/platform",
+            &self.data.categories,
+            analyst,
+        ) + &self.extra;
+        let text = edited(text, &self.edits).map_err(|from| NodeError::Config {
+            path: self.platform_config.display().to_string(),
+            what: format!("no {from:?} to replace"),
+        })?;
+        write(&self.platform_config, &text)?;
         sign_config(&self.platform_config)?;
         Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
     }

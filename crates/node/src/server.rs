@@ -549,6 +549,14 @@ impl Node {
         self.inner.peer_streams.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether this node's ledger holds a charge for `qid`.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn is_charged(&self, qid: &[u8; 16]) -> Result<bool, NodeError> {
+        Ok(lock(&self.inner.state).charged_query(qid)?.is_some())
+    }
+
     /// Analyst queries admitted and not yet ended here (see `admit`).
     pub fn queries_in_flight(&self) -> u32 {
         lock(&self.inner.in_flight).values().sum()
