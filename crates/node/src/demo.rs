@@ -282,12 +282,15 @@ pub struct Fixture {
     edits: Vec<(String, String)>,
 }
 
-/// `text` with each `(from, to)` of `edits` replaced, or the first `from`
-/// it does not contain.
-fn edited(mut text: String, edits: &[(String, String)]) -> Result<String, String> {
+/// The config text for `path` with each `(from, to)` of `edits` replaced;
+/// an error names the first `from` it does not contain.
+fn edited(mut text: String, edits: &[(String, String)], path: &Path) -> Result<String, NodeError> {
     for (from, to) in edits {
         if !text.contains(from.as_str()) {
-            return Err(from.clone());
+            return Err(NodeError::Config {
+                path: path.display().to_string(),
+                what: format!("no {from:?} to replace"),
+            });
         }
         text = text.replace(from.as_str(), to);
     }
@@ -391,15 +394,11 @@ impl Fixture {
             .iter()
             .map(|(f, t)| ((*f).to_string(), (*t).to_string()))
             .collect();
-        let path = self.bank_config.display().to_string();
         let text = std::fs::read_to_string(&self.bank_config).map_err(|e| NodeError::Config {
-            path: path.clone(),
+            path: self.bank_config.display().to_string(),
             what: e.to_string(),
         })?;
-        let text = edited(text, &edits).map_err(|from| NodeError::Config {
-            path,
-            what: format!("no {from:?} to replace"),
-        })?;
+        let text = edited(text, &edits, &self.bank_config)?;
         write(&self.bank_config, &text)?;
         sign_config(&self.bank_config)?;
         self.edits.extend(edits);
@@ -430,10 +429,7 @@ impl Fixture {
             &self.data.categories,
             analyst,
         ) + &self.extra;
-        let text = edited(text, &self.edits).map_err(|from| NodeError::Config {
-            path: self.platform_config.display().to_string(),
-            what: format!("no {from:?} to replace"),
-        })?;
+        let text = edited(text, &self.edits, &self.platform_config)?;
         write(&self.platform_config, &text)?;
         sign_config(&self.platform_config)?;
         Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
@@ -551,4 +547,23 @@ pub async fn run(rows: usize, seed: u64, dir: Option<&Path>, sql: Option<&str>) 
         queries,
         setup,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_edits_replace_or_name_what_is_missing() {
+        let edits = [
+            ("rho = \"1\"".to_string(), "rho = \"2\"".to_string()),
+            ("[limits]\n".to_string(), "[limits]\nx = 1\n".to_string()),
+        ];
+        let path = Path::new("bank.toml");
+        let text = "[limits]\nrho = \"1\"\n".to_string();
+        assert_eq!(edited(text, &edits, path).unwrap(), "[limits]\nx = 1\nrho = \"2\"\n");
+        let e = edited("[limits]\n".to_string(), &edits, path).unwrap_err();
+        assert!(e.to_string().contains("rho = \\\"1\\\""), "{e}");
+        assert!(e.to_string().contains("bank.toml"), "{e}");
+    }
 }
