@@ -64,8 +64,6 @@ const ACTION_LIMIT: Duration = Duration::from_secs(15);
 const READ_FOR: Duration = Duration::from_millis(200);
 /// The nodes' `query_timeout_secs` here (the demo's is 120).
 const QUERY_TIMEOUT_SECS: u64 = 10;
-/// The analyst's largest request, as the node reads it.
-const MAX_ANALYST_REQUEST: usize = 64 << 10;
 
 const TEMPLATES: [&str; 4] = [
     "overlap",
@@ -101,6 +99,13 @@ pub struct Reached {
     pub aggregates_answered: u64,
 }
 
+/// Indices into `COUNTS`, one per field of [`Reached`].
+const ANALYST_FRAMES: usize = 0;
+const PEER_FRAMES: usize = 1;
+const ANSWERED: usize = 2;
+const JOINS_ACCEPTED: usize = 3;
+const AGGREGATES_ANSWERED: usize = 4;
+
 static COUNTS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 
 fn count(i: usize) {
@@ -111,13 +116,13 @@ fn count(i: usize) {
 
 /// What the scripts run in this process reached.
 pub fn reached_so_far() -> Reached {
-    let [a, p, q, j, g] = &COUNTS;
+    let get = |i: usize| COUNTS.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
     Reached {
-        analyst_frames: a.load(Ordering::Relaxed),
-        peer_frames: p.load(Ordering::Relaxed),
-        answered: q.load(Ordering::Relaxed),
-        joins_accepted: j.load(Ordering::Relaxed),
-        aggregates_answered: g.load(Ordering::Relaxed),
+        analyst_frames: get(ANALYST_FRAMES),
+        peer_frames: get(PEER_FRAMES),
+        answered: get(ANSWERED),
+        joins_accepted: get(JOINS_ACCEPTED),
+        aggregates_answered: get(AGGREGATES_ANSWERED),
     }
 }
 
@@ -631,7 +636,7 @@ impl Play<'_> {
         let max = if to == To::BankAsPeer {
             MAX_MESSAGE_LEN
         } else {
-            MAX_ANALYST_REQUEST
+            cleanroom_node::pump::MAX_ANALYST_REQUEST
         };
         let first = len
             .filter(|n| *n <= max)
@@ -671,7 +676,11 @@ impl Play<'_> {
                 _ => false,
             };
             assert!(fits, "{to:?}: {got:?} in answer to {first:?} (answer {answers})");
-            count(usize::from(to == To::BankAsPeer));
+            count(if to == To::BankAsPeer {
+                PEER_FRAMES
+            } else {
+                ANALYST_FRAMES
+            });
         }
     }
 
@@ -729,7 +738,7 @@ impl Play<'_> {
                 c.value
             );
         }
-        count(2);
+        count(ANSWERED);
     }
 
     /// A real matcher's join against the bank, its frames tampered with by
@@ -762,7 +771,7 @@ impl Play<'_> {
         }
         let accept = next(&mut recv, "a join").await?;
         let mut m = offered.on_accept(&accept).ok()?;
-        count(3);
+        count(JOINS_ACCEPTED);
         loop {
             while let Some(out) = m.poll_transmit() {
                 if !put(&mut send, &mut wire, &out).await {
@@ -816,7 +825,7 @@ impl Play<'_> {
             && put(&mut send, &mut wire, &setup).await
             && let Some(choices) = next(&mut recv, "an aggregate").await
         {
-            count(4);
+            count(AGGREGATES_ANSWERED);
             if let Ok(mut m) = waiting.on_choices(&choices) {
                 'run: loop {
                     while let Some(out) = m.poll_transmit() {
@@ -845,7 +854,7 @@ impl Play<'_> {
                 "the bank answered an aggregate's query with {:?}",
                 Message::decode(&frame)
             );
-            count(0);
+            count(ANALYST_FRAMES);
         }
     }
 }
