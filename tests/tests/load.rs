@@ -13,8 +13,8 @@ use cleanroom_node::config::{AnalystConfig, NodeConfig};
 use cleanroom_node::demo::Fixture;
 use cleanroom_node::server::Node;
 use cleanroom_tests::analyst_of;
-use cleanroom_transport::{Identity, TransportSettings, client_endpoint, pki, write_frame};
-use cleanroom_wire::{AnalystRequest, MAX_MESSAGE_LEN, Message, QueryRequest};
+use cleanroom_transport::{Identity, TransportSettings, client_endpoint, pki, read_frame, write_frame};
+use cleanroom_wire::{AnalystRequest, AnalystResponse, MAX_MESSAGE_LEN, Message, QueryRequest};
 
 const ANALYSTS: usize = 20;
 const QUERIES_EACH: usize = 10;
@@ -250,6 +250,23 @@ async fn ask_and_leave(cfg: &AnalystConfig, role: &str, node: std::net::SocketAd
     ep.wait_idle().await;
 }
 
+/// Whether `conn` answers a budget request (within 10 s) on a stream of
+/// its own: the node has admitted it.
+async fn served_budget(conn: &quinn::Connection) -> bool {
+    let ask = async {
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        let request = Message::AnalystRequest(AnalystRequest::Budget).encode().ok()?;
+        write_frame(&mut send, &request, MAX_MESSAGE_LEN).await.ok()?;
+        let _ = send.finish();
+        let frame = read_frame(&mut recv, MAX_MESSAGE_LEN).await.ok()??;
+        match Message::decode(&frame).ok()? {
+            Message::AnalystResponse(AnalystResponse::Budget(_)) => Some(()),
+            _ => None,
+        }
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(10), ask).await, Ok(Some(())))
+}
+
 /// Waits up to `limit` for `cond`; whether it held.
 async fn until(limit: Duration, cond: impl Fn() -> bool) -> bool {
     let t = Instant::now();
@@ -353,11 +370,14 @@ async fn an_analyst_cannot_open_more_than_its_connections() {
     let bank_name = pki::node_name("bank");
     let mut open = Vec::new();
     for _ in 0..8 {
-        open.push(
-            cleanroom_transport::connect(&ep, bank.local_addr().unwrap(), &bank_name)
-                .await
-                .unwrap(),
-        );
+        let conn = cleanroom_transport::connect(&ep, bank.local_addr().unwrap(), &bank_name)
+            .await
+            .unwrap();
+        // The node counts a connection when its side of the handshake ends,
+        // which can come after the client's: wait until this one is served,
+        // so the ninth is the one over the cap.
+        assert!(served_budget(&conn).await, "an admitted connection was not served");
+        open.push(conn);
     }
     let ninth = cleanroom_transport::connect(&ep, bank.local_addr().unwrap(), &bank_name)
         .await
@@ -379,10 +399,18 @@ async fn an_analyst_cannot_open_more_than_its_connections() {
     let alice = Analyst::new(&cfg).unwrap();
     assert!(alice.budget().await.is_err());
     // ... until one closes.
+    // (The node frees the slot when it sees the close: a few attempts cover
+    // a slow scheduler.)
     open.pop().unwrap().close(0u32.into(), b"done");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let budget = alice.budget().await.unwrap();
-    assert_eq!(budget.len(), 2);
+    let mut served = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(budget) = alice.budget().await {
+            served = Some(budget.len());
+            break;
+        }
+    }
+    assert_eq!(served, Some(2), "no connection was served after one closed");
     platform.shutdown().await;
     bank.shutdown().await;
 }
