@@ -533,11 +533,23 @@ async fn a_peer_that_leaves_while_the_bank_waits_for_the_query_frees_it_at_once(
         fixture,
         bank,
         platform,
-        analyst: _,
+        analyst,
         truth: _,
     } = running(200, 59).await;
     let certs = fixture.dir.join("certs");
-    let before = bank.peer_streams();
+    // The platform's start-up stream (its policy) is over before counting:
+    // the bank's template listing waits for that policy, and the stream
+    // ends a moment after.
+    analyst.templates().await.unwrap();
+    let settled = Instant::now();
+    while bank.peer_streams() != 0 {
+        assert!(
+            settled.elapsed() < Duration::from_secs(10),
+            "the platform's start-up stream did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = 0;
     let peer = hostile_peer(&certs, bank.local_addr().unwrap()).await;
     let mut streams = Vec::new();
     for k in 0..20u8 {

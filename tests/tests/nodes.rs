@@ -144,6 +144,10 @@ fn templates_request() -> Message {
     Message::AnalystRequest(AnalystRequest::Templates)
 }
 
+fn budget_request() -> Message {
+    Message::AnalystRequest(AnalystRequest::Budget)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_and_wrong_roles_are_refused() {
     let p = pair(300, 21, &["alice", "bob"]).await;
@@ -986,10 +990,15 @@ async fn expired_revoked_and_early_data_clients_are_refused() {
     )
     .await
     .unwrap();
+    // (The restarted bank listens on a new port the platform does not know,
+    // so it has no peer policy: budget requests, which do not wait for one.)
     let addr = bank.local_addr().unwrap();
-    let revoked = raw_request(&load("alice-fresh"), &ca, addr, &bank_name, templates_request()).await;
-    assert!(revoked.is_err(), "a revoked certificate was answered: {revoked:?}");
-    let alice = raw_request(&load("analyst-alice"), &ca, addr, &bank_name, templates_request()).await;
+    let revoked = raw_request(&load("alice-fresh"), &ca, addr, &bank_name, budget_request()).await;
+    assert!(
+        revoked.as_ref().is_err_and(|e| e != "timeout"),
+        "a revoked certificate was answered (or not refused): {revoked:?}"
+    );
+    let alice = raw_request(&load("analyst-alice"), &ca, addr, &bank_name, budget_request()).await;
     assert!(alice.is_ok(), "{alice:?}");
     // A client that trusts the list refuses a revoked server, too.
     pki::revoke(&certs, &[certs.join("bank.pem")], 30).unwrap();
@@ -997,8 +1006,11 @@ async fn expired_revoked_and_early_data_clients_are_refused() {
         .unwrap()
         .with_crl(&certs.join("ca.crl.pem"))
         .unwrap();
-    let r = raw_request(&load("analyst-alice"), &wary, addr, &bank_name, templates_request()).await;
-    assert!(r.is_err(), "a revoked server was trusted: {r:?}");
+    let r = raw_request(&load("analyst-alice"), &wary, addr, &bank_name, budget_request()).await;
+    assert!(
+        r.as_ref().is_err_and(|e| e != "timeout"),
+        "a revoked server was trusted (or not refused): {r:?}"
+    );
 
     // 0-RTT: a client willing to send early data and to resume gets no
     // ticket from a node, so its second connection cannot start in 0-RTT.
