@@ -5,6 +5,9 @@
 //! on big integers with uniform draws by rejection: no floating point is used
 //! to sample or add noise. The generator is any `CryptoRng`; nodes pass the
 //! OS generator ([`crate::rng::SystemRng`]), tests pass a seeded ChaCha20.
+//! Clippy refuses floating point in this module, except in the one function
+//! that derives the public shift `μ` from public parameters (and in tests).
+#![deny(clippy::float_arithmetic)]
 
 use num_bigint::BigUint;
 use num_integer::Integer;
