@@ -99,30 +99,35 @@ pub struct Reached {
     pub aggregates_answered: u64,
 }
 
-/// Indices into `COUNTS`, one per field of [`Reached`].
-const ANALYST_FRAMES: usize = 0;
-const PEER_FRAMES: usize = 1;
-const ANSWERED: usize = 2;
-const JOINS_ACCEPTED: usize = 3;
-const AGGREGATES_ANSWERED: usize = 4;
+/// The counters behind [`Reached`], one per field.
+struct Counts {
+    analyst_frames: AtomicU64,
+    peer_frames: AtomicU64,
+    answered: AtomicU64,
+    joins_accepted: AtomicU64,
+    aggregates_answered: AtomicU64,
+}
 
-static COUNTS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static COUNTS: Counts = Counts {
+    analyst_frames: AtomicU64::new(0),
+    peer_frames: AtomicU64::new(0),
+    answered: AtomicU64::new(0),
+    joins_accepted: AtomicU64::new(0),
+    aggregates_answered: AtomicU64::new(0),
+};
 
-fn count(i: usize) {
-    if let Some(c) = COUNTS.get(i) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// What the scripts run in this process reached.
 pub fn reached_so_far() -> Reached {
-    let get = |i: usize| COUNTS.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
     Reached {
-        analyst_frames: get(ANALYST_FRAMES),
-        peer_frames: get(PEER_FRAMES),
-        answered: get(ANSWERED),
-        joins_accepted: get(JOINS_ACCEPTED),
-        aggregates_answered: get(AGGREGATES_ANSWERED),
+        analyst_frames: COUNTS.analyst_frames.load(Ordering::Relaxed),
+        peer_frames: COUNTS.peer_frames.load(Ordering::Relaxed),
+        answered: COUNTS.answered.load(Ordering::Relaxed),
+        joins_accepted: COUNTS.joins_accepted.load(Ordering::Relaxed),
+        aggregates_answered: COUNTS.aggregates_answered.load(Ordering::Relaxed),
     }
 }
 
@@ -677,9 +682,9 @@ impl Play<'_> {
             };
             assert!(fits, "{to:?}: {got:?} in answer to {first:?} (answer {answers})");
             count(if to == To::BankAsPeer {
-                PEER_FRAMES
+                &COUNTS.peer_frames
             } else {
-                ANALYST_FRAMES
+                &COUNTS.analyst_frames
             });
         }
     }
@@ -738,7 +743,7 @@ impl Play<'_> {
                 c.value
             );
         }
-        count(ANSWERED);
+        count(&COUNTS.answered);
     }
 
     /// A real matcher's join against the bank, its frames tampered with by
@@ -771,7 +776,7 @@ impl Play<'_> {
         }
         let accept = next(&mut recv, "a join").await?;
         let mut m = offered.on_accept(&accept).ok()?;
-        count(JOINS_ACCEPTED);
+        count(&COUNTS.joins_accepted);
         loop {
             while let Some(out) = m.poll_transmit() {
                 if !put(&mut send, &mut wire, &out).await {
@@ -825,7 +830,7 @@ impl Play<'_> {
             && put(&mut send, &mut wire, &setup).await
             && let Some(choices) = next(&mut recv, "an aggregate").await
         {
-            count(AGGREGATES_ANSWERED);
+            count(&COUNTS.aggregates_answered);
             if let Ok(mut m) = waiting.on_choices(&choices) {
                 'run: loop {
                     while let Some(out) = m.poll_transmit() {
@@ -854,7 +859,7 @@ impl Play<'_> {
                 "the bank answered an aggregate's query with {:?}",
                 Message::decode(&frame)
             );
-            count(ANALYST_FRAMES);
+            count(&COUNTS.analyst_frames);
         }
     }
 }

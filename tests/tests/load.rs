@@ -11,9 +11,10 @@ use cleanroom_node::NodeError;
 use cleanroom_node::client::{Analyst, new_query_id};
 use cleanroom_node::config::{AnalystConfig, NodeConfig};
 use cleanroom_node::demo::Fixture;
+use cleanroom_node::pump;
 use cleanroom_node::server::Node;
 use cleanroom_tests::analyst_of;
-use cleanroom_transport::{Identity, TransportSettings, client_endpoint, pki, read_frame, write_frame};
+use cleanroom_transport::{Identity, TransportSettings, client_endpoint, pki, write_frame};
 use cleanroom_wire::{AnalystRequest, AnalystResponse, MAX_MESSAGE_LEN, Message, QueryRequest};
 
 const ANALYSTS: usize = 20;
@@ -260,18 +261,21 @@ async fn ask_and_leave(
 /// Whether `conn` answers a budget request (within 10 s) on a stream of
 /// its own: the node has admitted it.
 async fn served_budget(conn: &quinn::Connection) -> bool {
-    let ask = async {
-        let (mut send, mut recv) = conn.open_bi().await.ok()?;
-        let request = Message::AnalystRequest(AnalystRequest::Budget).encode().ok()?;
-        write_frame(&mut send, &request, MAX_MESSAGE_LEN).await.ok()?;
-        let _ = send.finish();
-        let frame = read_frame(&mut recv, MAX_MESSAGE_LEN).await.ok()??;
-        match Message::decode(&frame).ok()? {
-            Message::AnalystResponse(AnalystResponse::Budget(_)) => Some(()),
-            _ => None,
-        }
+    let Ok((mut send, mut recv)) = conn.open_bi().await else {
+        return false;
     };
-    matches!(tokio::time::timeout(Duration::from_secs(10), ask).await, Ok(Some(())))
+    if pump::write_one(&mut send, &Message::AnalystRequest(AnalystRequest::Budget))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let _ = send.finish();
+    let answer = pump::read_one(&mut recv, Duration::from_secs(10)).await;
+    matches!(
+        answer.map(|frame| Message::decode(&frame)),
+        Ok(Ok(Message::AnalystResponse(AnalystResponse::Budget(_))))
+    )
 }
 
 /// Waits up to `limit` for `cond`; whether it held.
