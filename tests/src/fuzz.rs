@@ -390,7 +390,12 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
                     rho_micro: 1000,
                     result_digest: ring::digest::digest(&ring::digest::SHA256, &share).as_ref(),
                 },
+                &cleanroom_node::state::RunBinding {
+                    join: [9; 16],
+                    data_version: [1; 32],
+                },
                 false,
+                2,
             )
             .expect("store");
         }

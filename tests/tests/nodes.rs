@@ -473,9 +473,10 @@ fn lose_share(state_db: &std::path::Path, qid: &[u8; 16]) {
 /// One node charged a query and stopped before storing its share (the
 /// charge and the share are separate transactions), while the other stored
 /// its share: a retry under the same id runs the aggregate again on both,
-/// the node that kept the old share replaces it, and the analyst gets a
-/// result within noise of the truth, never a sum of shares from two runs;
-/// no new charge on either side. Both directions.
+/// the node that kept the old share replaces it, and the analyst gets the
+/// same result as the first time (each node's noise is fixed with its
+/// charge), never a sum of shares from two runs; no new charge on either
+/// side. Both directions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_share_one_node_lost_is_computed_again_by_both_without_a_new_charge() {
     for lost in ["platform", "bank"] {
@@ -511,9 +512,12 @@ async fn a_share_one_node_lost_is_computed_again_by_both_without_a_new_charge() 
                 c.sigma
             );
         }
-        assert_ne!(
+        // The same noise on both nodes (fixed with each charge) over the
+        // same join: the very same result, not a fresh draw.
+        assert_eq!(
             first.cells.iter().map(|c| c.value).collect::<Vec<_>>(),
-            again.cells.iter().map(|c| c.value).collect::<Vec<_>>()
+            again.cells.iter().map(|c| c.value).collect::<Vec<_>>(),
+            "{lost} lost its share: the rerun drew fresh noise"
         );
         assert_eq!((bank.charge_count().unwrap(), platform.charge_count().unwrap()), (1, 1));
         // From now on the pair is consistent: a further retry is a replay

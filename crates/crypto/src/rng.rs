@@ -72,6 +72,14 @@ pub fn session_rng() -> Result<ChaCha20Rng, CryptoError> {
     Ok(rng)
 }
 
+/// The generator that expands a stored 256-bit seed into one query's noise:
+/// ChaCha20 keyed with the seed, so the same seed gives the same draws.
+/// Each node draws its seed from the OS generator when it charges the query
+/// and keeps it with the charge (see the node's state).
+pub fn seeded_rng(seed: &[u8; 32]) -> ChaCha20Rng {
+    ChaCha20Rng::from_seed(*seed)
+}
+
 /// A uniform integer in `[0, bound)` by rejection (no modulo bias).
 /// `bound` must be non-zero.
 pub fn uniform_below<R: RngCore + ?Sized>(rng: &mut R, bound: u64) -> u64 {

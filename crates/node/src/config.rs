@@ -203,6 +203,16 @@ pub struct LimitsConfig {
     /// average; bursts of twice that. More are refused at once.
     #[serde(default = "default_requests_per_second")]
     pub max_requests_per_analyst_per_second: u32,
+    /// How often one query's released share may be replaced by a rerun
+    /// after the other node lost its share of the run (a crash between its
+    /// aggregate and its store). Each rerun adds the same noise over the
+    /// same join (see SECURITY.md); past this the query stays failed.
+    #[serde(default = "default_reruns")]
+    pub max_reruns_per_query: u32,
+}
+
+fn default_reruns() -> u32 {
+    2
 }
 
 fn default_connections_per_analyst() -> u32 {
@@ -371,6 +381,8 @@ pub struct Limits {
     pub connections_per_analyst: u32,
     /// Requests per second per analyst (bursts of twice that).
     pub requests_per_second: u32,
+    /// Reruns of one query's released share.
+    pub max_reruns_per_query: u32,
 }
 
 fn bad(path: &Path, what: String) -> NodeError {
@@ -494,6 +506,7 @@ impl NodeConfig {
             in_flight: l.max_queries_in_flight.max(1),
             connections_per_analyst: l.max_connections_per_analyst.max(1),
             requests_per_second: l.max_requests_per_analyst_per_second.max(1),
+            max_reruns_per_query: l.max_reruns_per_query,
         })
     }
 

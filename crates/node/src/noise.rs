@@ -8,12 +8,20 @@
 //! sequence of wrapping additions and an encoding of fixed size, whatever
 //! the noise. `tests::release_time_does_not_follow_the_noise` measures it.
 //!
+//! The draws are fixed per query and node: they come from a 256-bit seed
+//! drawn from the OS generator when the query is charged and stored in the
+//! same transaction as the charge (`State::noise_seed`), expanded with
+//! ChaCha20. A rerun of the query (after the other node lost its share)
+//! therefore adds exactly the same noise, so it releases nothing new; a
+//! fresh draw would let a peer that knows its own un-noised share average
+//! the noise away.
+//!
 //! No floating point here (checked by clippy): the sampler and the addition
 //! are integer arithmetic.
 #![deny(clippy::float_arithmetic)]
 
 use cleanroom_crypto::dp::DiscreteGaussian;
-use cleanroom_crypto::rng::SystemRng;
+use cleanroom_crypto::rng::seeded_rng;
 use cleanroom_crypto::shares::Share;
 use zeroize::Zeroize;
 
@@ -36,13 +44,14 @@ impl Drop for DrawnNoise {
 
 impl DrawnNoise {
     /// Draws `cells` values of the discrete Gaussian with `σ² = Δ²/(2ρ)`
-    /// (`ρ` in millionths) from the OS generator.
+    /// (`ρ` in millionths), expanded from the query's noise `seed`: the
+    /// same seed and parameters always give the same values.
     ///
     /// # Errors
     /// [`NodeError::Crypto`] for unusable parameters.
-    pub fn draw(delta_squared: u128, rho_micro: u64, cells: usize) -> Result<Self, NodeError> {
+    pub fn draw(seed: &[u8; 32], delta_squared: u128, rho_micro: u64, cells: usize) -> Result<Self, NodeError> {
         let gauss = DiscreteGaussian::for_zcdp(delta_squared, rho_micro, 1_000_000)?;
-        let mut rng = SystemRng::new();
+        let mut rng = seeded_rng(seed);
         let noise = (0..cells)
             .map(|_| gauss.sample(&mut rng))
             .collect::<Result<Vec<_>, _>>()?;
@@ -85,6 +94,25 @@ mod tests {
 
     use super::*;
 
+    fn fresh() -> [u8; 32] {
+        let mut seed = [0u8; 32];
+        cleanroom_crypto::rng::SystemRng::new().try_fill(&mut seed).unwrap();
+        seed
+    }
+
+    /// The same seed gives the same noise; another seed, other noise.
+    #[test]
+    fn a_seed_fixes_the_noise() {
+        let seed = fresh();
+        let a = DrawnNoise::draw(&seed, 4, 1000, 64).unwrap();
+        let b = DrawnNoise::draw(&seed, 4, 1000, 64).unwrap();
+        assert_eq!(a.values(), b.values());
+        let c = DrawnNoise::draw(&fresh(), 4, 1000, 64).unwrap();
+        assert_ne!(a.values(), c.values());
+        // σ ≈ 44.7 here: 64 cells are not all equal.
+        assert!(a.values().iter().any(|v| *v != a.values()[0]));
+    }
+
     fn pearson(x: &[f64], y: &[f64]) -> f64 {
         let n = x.len() as f64;
         let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
@@ -105,7 +133,7 @@ mod tests {
         let (mut magnitude, mut release, mut sampling) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..trials {
             let t = Instant::now();
-            let noise = DrawnNoise::draw(1, 1000, 1).unwrap();
+            let noise = DrawnNoise::draw(&fresh(), 1, 1000, 1).unwrap();
             sampling.push(t.elapsed().as_nanos() as f64);
             magnitude.push(noise.values()[0].unsigned_abs() as f64);
             let mut share = Share::from_words(vec![7u64; 1]);
@@ -130,7 +158,7 @@ mod tests {
 
     #[test]
     fn widths_must_match_and_debug_redacts() {
-        let noise = DrawnNoise::draw(1, 1_000_000, 3).unwrap();
+        let noise = DrawnNoise::draw(&fresh(), 1, 1_000_000, 3).unwrap();
         assert_eq!(noise.len(), 3);
         let mut share = Share::from_words(vec![0; 2]);
         assert!(noise.add_to(&mut share).is_err());

@@ -37,13 +37,14 @@ use rayon::prelude::*;
 use ring::digest::{SHA256, digest};
 use tokio::sync::{Notify, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
+use zeroize::Zeroizing;
 
 use crate::NodeError;
 use crate::config::{Limits, NodeConfig, Role};
 use crate::data::{HolderData, MatcherData, load_holder, load_matcher};
 use crate::noise::DrawnNoise;
 use crate::pump::{self, read_one, write_one};
-use crate::state::{AuditEntry, Charge, State, now_secs, period_of};
+use crate::state::{AuditEntry, Charge, RunBinding, State, now_secs, period_of};
 
 /// A node's input data.
 #[derive(Debug)]
@@ -94,11 +95,15 @@ struct PendingEntry {
     analyst: String,
     /// Whether the platform has opened a batch for it.
     claimed: bool,
+    /// The join its batches run over: every batch of one run must use the
+    /// same, and a rerun must use the join of the released share.
+    join: Option<SessionId>,
 }
 
 /// A query's whole share on this side, its run, the seconds from acceptance
-/// to the last batch, and where the batches' time went; or why it failed.
-type Delivered = Result<(Share, Run, f64, pump::PumpStats), String>;
+/// to the last batch, where the batches' time went, and the join it ran
+/// over; or why it failed.
+type Delivered = Result<(Share, Run, f64, pump::PumpStats, SessionId), String>;
 
 /// Counts per analyst (queries running, connections open).
 type PerAnalyst = Mutex<HashMap<String, u32>>;
@@ -150,10 +155,16 @@ impl Drop for Counted {
 
 /// Draws a query's noise on a blocking thread while its protocol runs, so
 /// the time to release the share does not depend on it (see `noise`).
-fn draw_noise(plan: &Plan, template: &Template) -> tokio::task::JoinHandle<Result<DrawnNoise, NodeError>> {
+/// The noise comes from the query's seed, fixed with its charge, so every
+/// run of the query on this node adds the same noise.
+fn draw_noise(
+    plan: &Plan,
+    template: &Template,
+    seed: Zeroizing<[u8; 32]>,
+) -> tokio::task::JoinHandle<Result<DrawnNoise, NodeError>> {
     let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
     let cells = plan.width() * plan.matcher_groups().len().max(1);
-    tokio::task::spawn_blocking(move || DrawnNoise::draw(delta2, rho, cells))
+    tokio::task::spawn_blocking(move || DrawnNoise::draw(&seed, delta2, rho, cells))
 }
 
 /// The analyst connection a query request came on, to notice that its
@@ -227,6 +238,16 @@ type QuerySlot = (String, Arc<tokio::sync::Mutex<()>>);
 /// A holder registration: its id and where its share arrives.
 type Registered = (u64, oneshot::Receiver<Delivered>);
 
+/// What an aggregate batch of the platform finds here for its query.
+enum Claim {
+    /// The query, accepted: its plan and the customers' values.
+    Found(Box<Plan>, Arc<HolderRows>),
+    /// The query, whose other batches (or released share) are over another join.
+    OtherJoin,
+    /// No such query accepted here in time.
+    Unknown,
+}
+
 /// Holder: marks a query as completing (aggregate done, share not yet
 /// stored) until dropped.
 struct Completing {
@@ -280,11 +301,16 @@ impl PendingEntry {
                         .flat_map(|(s, _)| s.words().to_vec())
                         .collect();
                     let run = run_of(self.shares.iter().flatten().map(|(_, session)| session));
+                    let Some(join) = self.join else {
+                        let _ = tx.send(Err("a share without its join".into()));
+                        return;
+                    };
                     let _ = tx.send(Ok((
                         Share::from_words(words),
                         run,
                         self.started.elapsed().as_secs_f64(),
                         self.stats,
+                        join,
                     )));
                 }
             }
@@ -1006,7 +1032,9 @@ impl Node {
             .await
             .map_err(|_| NodeError::Internal("ledger task failed"))??
         };
-        let mut replace = false;
+        // A rerun (this node released its share, the bank lost its own) must
+        // be over the join that share came from, on the same data.
+        let mut rerun_over: Option<SessionId> = None;
         match charge {
             Charge::Existing(Some(stored)) => {
                 let Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) = Message::decode(&stored) else {
@@ -1020,10 +1048,29 @@ impl Node {
                     s.replayed = true;
                     return Ok(*s);
                 }
+                let first = lock(&self.inner.state)
+                    .charged_query(&q.query_id)?
+                    .and_then(|c| c.binding)
+                    .ok_or_else(|| {
+                        NodeError::Refused(
+                            "this query's share was released before its join was recorded; it cannot be run again"
+                                .into(),
+                        )
+                    })?;
+                let binding = RunBinding {
+                    join: first.join,
+                    data_version: self.inner.data.version(),
+                };
+                if let Err(e) =
+                    lock(&self.inner.state).may_rerun(&q.query_id, &binding, self.inner.limits.max_reruns_per_query)
+                {
+                    warn!(error = %e, "the bank lost its share of this query's run, and it cannot be run again");
+                    return Err(e);
+                }
                 info!(
-                    "the bank has no share of this query's run (it stopped before storing it); running the aggregate again"
+                    "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
                 );
-                replace = true;
+                rerun_over = Some(first.join);
             }
             Charge::OverBudget { spent, limit } => {
                 let period = period_of(now_secs(), self.inner.limits.period_days);
@@ -1057,24 +1104,40 @@ impl Node {
             .map(|c| c.rho_micro)
             .ok_or(NodeError::Internal("a charged query is missing from the ledger"))?;
         let started = Instant::now();
-        let noise = draw_noise(&plan, &template);
+        let seed = lock(&self.inner.state).noise_seed(&q.query_id)?;
+        let noise = draw_noise(&plan, &template, seed);
         let mut timings = Vec::new();
         let mut completing_guard = None;
-        let (share, run) = match self.inner.role {
+        let (share, run, join) = match self.inner.role {
             Role::Platform => {
-                self.matcher_share(&plan, &q.query_id, &mut timings, analyst, from)
+                self.matcher_share(&plan, &q.query_id, &mut timings, analyst, from, rerun_over)
                     .await?
             }
             Role::Bank => {
-                let rx = self.holder_register(&plan, &q.query_id, analyst, true);
-                let (share, run, completing) = self.holder_await(&q.query_id, rx, &mut timings, from).await?;
+                let rx = self.holder_register(&plan, &q.query_id, analyst, true, None);
+                let (share, run, completing, join) = self.holder_await(&q.query_id, rx, &mut timings, from).await?;
                 completing_guard = Some(completing);
-                (share, run)
+                (share, run, join)
             }
         };
         let noise = noise.await.map_err(|_| NodeError::Internal("noise task failed"))??;
         let t = Instant::now();
-        let out = self.noise_and_store(share, run, &noise, &plan, &template, analyst, q, timings, replace)?;
+        let binding = RunBinding {
+            join,
+            data_version: self.inner.data.version(),
+        };
+        let out = self.noise_and_store(
+            share,
+            run,
+            &noise,
+            &plan,
+            &template,
+            analyst,
+            q,
+            timings,
+            &binding,
+            rerun_over.is_some(),
+        )?;
         drop(completing_guard);
         info!(
             seconds = started.elapsed().as_secs_f64(),
@@ -1125,11 +1188,16 @@ impl Node {
     /// Bank: the platform opened an aggregate for a query id this node has
     /// already answered (stored a share of) but that no analyst request is
     /// waiting on: the platform lost its share of that run in a crash, so
-    /// the aggregate runs again and its share replaces the stored one, with
-    /// fresh noise. Safe: the old share was never paired with a platform
-    /// share, so alone it is uniformly random to whoever saw it. Returns
-    /// whether a rerun was started.
-    fn rerun_for_peer(&self, qid: &[u8; 16]) -> Result<bool, NodeError> {
+    /// the aggregate runs again and its share replaces the stored one.
+    ///
+    /// Only over the join the stored share came from, on the same data, with
+    /// the same noise (drawn from the seed stored with the charge) and at
+    /// most `max_reruns_per_query` times: the new share differs from the
+    /// old only by the platform's new mask, so a platform that knows its own
+    /// un-noised share of each run learns the same noisy result again and
+    /// nothing more. Returns whether a rerun was started; an error says why
+    /// it may not run again.
+    fn rerun_for_peer(&self, qid: &[u8; 16], join: SessionId) -> Result<bool, NodeError> {
         let Some(q) = lock(&self.inner.state).charged_query(qid)? else {
             return Ok(false);
         };
@@ -1137,6 +1205,11 @@ impl Node {
             // Charged, not stored: the analyst's request runs it.
             return Ok(false);
         }
+        let binding = RunBinding {
+            join,
+            data_version: self.inner.data.version(),
+        };
+        lock(&self.inner.state).may_rerun(qid, &binding, self.inner.limits.max_reruns_per_query)?;
         let mut template = self.template(&q.template)?.clone();
         // As charged (see `run_query_serialised`).
         template.rho_micro = q.rho_micro;
@@ -1153,10 +1226,13 @@ impl Node {
                 "this query's template changed since it ran; it cannot be run again".into(),
             ));
         }
-        let Some(rx) = self.holder_register(&plan, qid, &q.analyst, false) else {
+        let seed = lock(&self.inner.state).noise_seed(qid)?;
+        let Some(rx) = self.holder_register(&plan, qid, &q.analyst, false, Some(join)) else {
             return Ok(true);
         };
-        info!("the platform lost its share of this query's run; running the aggregate again");
+        info!(
+            "the platform lost its share of this query's run; running the aggregate again over the same join, with the same noise"
+        );
         let node = self.clone();
         let request = QueryRequest {
             query_id: *qid,
@@ -1165,16 +1241,28 @@ impl Node {
         };
         tokio::spawn(
             async move {
-                let noise = draw_noise(&plan, &template);
+                let noise = draw_noise(&plan, &template, seed);
                 let mut timings = Vec::new();
                 let done = match node
                     .holder_await(&request.query_id, Some(rx), &mut timings, &Requester::default())
                     .await
                 {
-                    Ok((share, run, _completing)) => match noise.await {
+                    Ok((share, run, _completing, join)) => match noise.await {
                         Ok(Ok(noise)) => node
                             .noise_and_store(
-                                share, run, &noise, &plan, &template, &q.analyst, &request, timings, true,
+                                share,
+                                run,
+                                &noise,
+                                &plan,
+                                &template,
+                                &q.analyst,
+                                &request,
+                                timings,
+                                &RunBinding {
+                                    join,
+                                    data_version: binding.data_version,
+                                },
+                                true,
                             )
                             .map(|_| ()),
                         Ok(Err(e)) => Err(e),
@@ -1203,6 +1291,7 @@ impl Node {
         analyst: &str,
         q: &QueryRequest,
         mut timings: Vec<(String, f64)>,
+        binding: &RunBinding,
         replace: bool,
     ) -> Result<QueryShare, NodeError> {
         noise.add_to(&mut share)?;
@@ -1254,7 +1343,9 @@ impl Node {
                 rho_micro: template.rho_micro,
                 result_digest: result_digest.as_ref(),
             },
+            binding,
             replace,
+            self.inner.limits.max_reruns_per_query,
         )?;
         Ok(out)
     }
@@ -1264,7 +1355,15 @@ impl Node {
     /// Bank: makes a query the platform's batches can find by query id
     /// (replacing any earlier entry when `overwrite`, else only if there is
     /// none). `None` when an entry exists and was kept.
-    fn holder_register(&self, plan: &Plan, qid: &[u8; 16], analyst: &str, overwrite: bool) -> Option<Registered> {
+    /// A rerun passes the join its batches must run over.
+    fn holder_register(
+        &self,
+        plan: &Plan,
+        qid: &[u8; 16],
+        analyst: &str,
+        overwrite: bool,
+        join: Option<SessionId>,
+    ) -> Option<Registered> {
         let NodeData::Holder(data) = &self.inner.data else {
             return None;
         };
@@ -1294,6 +1393,7 @@ impl Node {
                 id,
                 analyst: analyst.to_string(),
                 claimed: false,
+                join,
             },
         );
         drop(pending);
@@ -1317,7 +1417,7 @@ impl Node {
         registered: Option<Registered>,
         timings: &mut Vec<(String, f64)>,
         from: &Requester,
-    ) -> Result<(Share, Run, Completing), NodeError> {
+    ) -> Result<(Share, Run, Completing, SessionId), NodeError> {
         let Some((id, mut rx)) = registered else {
             return Err(NodeError::Internal("holder share on a matcher"));
         };
@@ -1363,7 +1463,7 @@ impl Node {
             }
         }
         match out {
-            Some(Ok(Ok((share, run, secs, stats)))) => {
+            Some(Ok(Ok((share, run, secs, stats, join)))) => {
                 timings.extend([
                     // From accepting the query to the last batch: includes
                     // any join the platform runs first.
@@ -1377,7 +1477,7 @@ impl Node {
                         (stats.wait_in + stats.wait_out).as_secs_f64(),
                     ),
                 ]);
-                Ok((share, run, completing))
+                Ok((share, run, completing, join))
             }
             Some(Ok(Err(e))) => Err(NodeError::Peer(e)),
             Some(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
@@ -1421,22 +1521,35 @@ impl Node {
                 let span = info_span!("aggregate", query = %hex(&setup.query_id));
                 async {
                     let waiting = lock(&self.inner.pending).contains_key(&setup.query_id);
-                    if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id) {
-                        warn!(error = %e, "cannot run this query again for the platform");
+                    if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id, setup.join_session) {
+                        // The operator's log says why; the query stays as it is.
+                        warn!(error = %e, "refused to run this query again for the platform");
+                        abort(&mut send, setup.session, AbortCode::Refused).await;
+                        return Err(e);
                     }
                     // The platform may go away meanwhile: stop waiting then
                     // (a hostile one must not leave tasks waiting here).
                     let pending = tokio::select! {
-                        p = self.wait_pending(&setup.query_id) => p,
+                        p = self.wait_pending(&setup.query_id, setup.join_session) => p,
                         _ = send.stopped() => {
                             return Err(NodeError::Peer("the platform left before the query arrived here".into()));
                         }
                     };
-                    let Some((plan, values)) = pending else {
-                        abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
-                        return Err(NodeError::Refused(
-                            "aggregate for a query this node has not accepted".into(),
-                        ));
+                    let (plan, values) = match pending {
+                        Claim::Found(plan, values) => (*plan, values),
+                        Claim::OtherJoin => {
+                            abort(&mut send, setup.session, AbortCode::Refused).await;
+                            return Err(NodeError::Refused(
+                                "an aggregate batch over another join than the query's other batches or released share"
+                                    .into(),
+                            ));
+                        }
+                        Claim::Unknown => {
+                            abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
+                            return Err(NodeError::Refused(
+                                "aggregate for a query this node has not accepted".into(),
+                            ));
+                        }
                     };
                     let result = self
                         .holder_aggregate(
@@ -1498,13 +1611,19 @@ impl Node {
     /// reach this node after the platform's aggregate, so wait for it (30 s;
     /// 2 s for a query id this node refused in the last two minutes, unless
     /// a new request for it arrives meanwhile).
-    async fn wait_pending(&self, qid: &[u8; 16]) -> Option<(Plan, Arc<HolderRows>)> {
+    /// A batch over `join` claims it; every batch of the query must name the
+    /// same join (and a rerun's, the join of the released share).
+    async fn wait_pending(&self, qid: &[u8; 16], join: SessionId) -> Claim {
         let started = Instant::now();
         loop {
             let notified = self.inner.pending_changed.notified();
             if let Some(p) = lock(&self.inner.pending).get_mut(qid) {
+                if p.join.is_some_and(|j| j != join) {
+                    return Claim::OtherJoin;
+                }
+                p.join = Some(join);
                 p.claimed = true;
-                return Some((p.plan.clone(), p.values.clone()));
+                return Claim::Found(Box::new(p.plan.clone()), p.values.clone());
             }
             let patience = if lock(&self.inner.refused_recently).contains_key(qid) {
                 Duration::from_secs(2)
@@ -1513,7 +1632,7 @@ impl Node {
             };
             let left = (started + patience).saturating_duration_since(Instant::now());
             if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
-                return None;
+                return Claim::Unknown;
             }
         }
     }
@@ -1919,7 +2038,8 @@ impl Node {
         timings: &mut Vec<(String, f64)>,
         analyst: &str,
         from: &Requester,
-    ) -> Result<(Share, Run), NodeError> {
+        rerun_over: Option<SessionId>,
+    ) -> Result<(Share, Run, SessionId), NodeError> {
         let NodeData::Matcher(data) = &self.inner.data else {
             return Err(NodeError::Internal("matcher query on a holder"));
         };
@@ -1937,14 +2057,26 @@ impl Node {
         }
         let (joined, join_phases) = self.matcher_join(data, plan, false).await?;
         timings.extend(join_phases.unwrap_or_default());
+        let other_join = || {
+            warn!("the query's share was released from a join this node no longer has; it cannot be run again");
+            Err(NodeError::Refused(
+                "this query's first run was over a join that has expired or was dropped; it cannot be run again".into(),
+            ))
+        };
+        if rerun_over.is_some_and(|j| j != joined.session()) {
+            return other_join();
+        }
         match self.matcher_aggregate(&joined, plan, qid).await {
             Ok((s, phases, run)) => {
                 timings.extend(phases);
-                Ok((s, run))
+                Ok((s, run, joined.session()))
             }
             Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
                 if code == AbortCode::UnknownJoin as u16 =>
             {
+                if rerun_over.is_some() {
+                    return other_join();
+                }
                 info!("the bank no longer has this join; joining again");
                 lock(&self.inner.matcher_joins).remove(&plan.join_filter());
                 lock(&self.inner.state).drop_join(&joined.session())?;
@@ -1952,7 +2084,7 @@ impl Node {
                 timings.extend(join_phases.unwrap_or_default());
                 let (s, phases, run) = self.matcher_aggregate(&joined, plan, qid).await?;
                 timings.extend(phases);
-                Ok((s, run))
+                Ok((s, run, joined.session()))
             }
             Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
                 if code == AbortCode::UnknownQuery as u16 =>

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use ring::digest::{Context, SHA256, digest};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use zeroize::Zeroizing;
 
 use crate::NodeError;
 
@@ -51,6 +52,24 @@ pub struct ChargedQuery {
     pub share: Option<Vec<u8>>,
     /// ρ charged, millionths.
     pub rho_micro: u64,
+    /// What the stored share was computed over (absent before the first
+    /// store, and in ledgers from before it was kept).
+    pub binding: Option<RunBinding>,
+    /// How often the stored share was replaced by a rerun.
+    pub reruns: u32,
+}
+
+/// What a query's released share was computed over: the join session and
+/// this node's data version. A rerun of the query (after the peer lost its
+/// share) must be over the same, so its release differs from the first
+/// only by the other node's mask; the noise, fixed by the seed stored with
+/// the charge, is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunBinding {
+    /// The join session the aggregate ran over.
+    pub join: [u8; 16],
+    /// This node's data version when it ran.
+    pub data_version: [u8; 32],
 }
 
 impl std::fmt::Debug for ChargedQuery {
@@ -100,7 +119,11 @@ CREATE TABLE IF NOT EXISTS charges (
     charged_at INTEGER NOT NULL,
     share BLOB,
     released_at INTEGER,
-    params TEXT
+    params TEXT,
+    noise_seed BLOB,
+    join_session BLOB,
+    data_version BLOB,
+    reruns INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS charges_by_analyst ON charges (analyst, period);
 CREATE TABLE IF NOT EXISTS cardinality (
@@ -209,6 +232,74 @@ fn append_audit(tx: &rusqlite::Transaction<'_>, e: &AuditEntry<'_>) -> Result<()
     Ok(())
 }
 
+/// 32 bytes from the OS generator, zeroized on drop.
+fn fresh_seed() -> Result<Zeroizing<[u8; 32]>, NodeError> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    cleanroom_crypto::rng::SystemRng::new().try_fill(seed.as_mut_slice())?;
+    Ok(seed)
+}
+
+fn query_in(conn: &Connection, query_id: &[u8; 16]) -> Result<Option<ChargedQuery>, NodeError> {
+    conn.query_row(
+        "SELECT analyst, template, plan, params, share, rho_micro, join_session, data_version, reruns FROM charges WHERE query_id = ?1",
+        params![query_id.to_vec()],
+        |r| {
+            let join: Option<Vec<u8>> = r.get(6)?;
+            let version: Option<Vec<u8>> = r.get(7)?;
+            let binding = match (join, version) {
+                (Some(j), Some(v)) => match (<[u8; 16]>::try_from(j.as_slice()), <[u8; 32]>::try_from(v.as_slice())) {
+                    (Ok(join), Ok(data_version)) => Some(RunBinding { join, data_version }),
+                    _ => None,
+                },
+                _ => None,
+            };
+            Ok(ChargedQuery {
+                analyst: r.get(0)?,
+                template: r.get(1)?,
+                plan: r.get(2)?,
+                params: r.get(3)?,
+                share: r.get(4)?,
+                rho_micro: r.get::<_, i64>(5)?.max(0) as u64,
+                binding,
+                reruns: u32::try_from(r.get::<_, i64>(8)?.max(0)).unwrap_or(u32::MAX),
+            })
+        },
+    )
+    .optional()
+    .map_err(db)
+}
+
+/// Why a rerun of `q` over `binding` may not replace its released share, if so.
+fn check_rerun(q: &ChargedQuery, binding: &RunBinding, max_reruns: u32) -> Result<(), NodeError> {
+    if q.share.is_none() {
+        return Err(NodeError::Refused(
+            "this query has no released share to run again".into(),
+        ));
+    }
+    let Some(first) = q.binding else {
+        return Err(NodeError::Refused(
+            "this query's share was released before its join was recorded; it cannot be run again".into(),
+        ));
+    };
+    if first.data_version != binding.data_version {
+        return Err(NodeError::Refused(
+            "this node's data changed since the query's share was released; it cannot be run again".into(),
+        ));
+    }
+    if first.join != binding.join {
+        return Err(NodeError::Refused(
+            "a rerun must be over the join the query's share was released from; this is another join".into(),
+        ));
+    }
+    if q.reruns >= max_reruns {
+        return Err(NodeError::Refused(format!(
+            "this query was already run again {} times (limits.max_reruns_per_query is {max_reruns})",
+            q.reruns
+        )));
+    }
+    Ok(())
+}
+
 impl State {
     /// Opens (or creates) `state.db` in `dir`.
     ///
@@ -238,17 +329,29 @@ impl State {
         conn.pragma_update(None, "synchronous", "FULL").map_err(corrupt)?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(corrupt)?;
-        // Databases from before the query's parameters were kept.
-        let has_params: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('charges') WHERE name = 'params'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(corrupt)?;
-        if has_params == 0 {
-            conn.execute_batch("ALTER TABLE charges ADD COLUMN params TEXT")
+        // Databases from before these columns were kept: a charge without a
+        // noise seed gets one when it first runs, unless its share was
+        // already released (then it cannot be run again; see `noise_seed`).
+        for (column, ddl) in [
+            ("params", "ALTER TABLE charges ADD COLUMN params TEXT"),
+            ("noise_seed", "ALTER TABLE charges ADD COLUMN noise_seed BLOB"),
+            ("join_session", "ALTER TABLE charges ADD COLUMN join_session BLOB"),
+            ("data_version", "ALTER TABLE charges ADD COLUMN data_version BLOB"),
+            (
+                "reruns",
+                "ALTER TABLE charges ADD COLUMN reruns INTEGER NOT NULL DEFAULT 0",
+            ),
+        ] {
+            let has: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM pragma_table_info('charges') WHERE name = ?1",
+                    [column],
+                    |r| r.get(0),
+                )
                 .map_err(corrupt)?;
+            if has == 0 {
+                conn.execute_batch(ddl).map_err(corrupt)?;
+            }
         }
         let state = Self { conn };
         state.verify_audit()?;
@@ -437,9 +540,12 @@ impl State {
                 limit: limit_micro,
             });
         }
+        // The query's noise is fixed here, in the charge's transaction: every
+        // run of this query id on this node draws it from this seed.
+        let seed = fresh_seed()?;
         tx.execute(
-            "INSERT INTO charges (query_id, analyst, template, plan, rho_micro, period, charged_at, params) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![query_id.to_vec(), analyst, template, plan.to_vec(), rho_micro as i64, period, now, params],
+            "INSERT INTO charges (query_id, analyst, template, plan, rho_micro, period, charged_at, params, noise_seed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![query_id.to_vec(), analyst, template, plan.to_vec(), rho_micro as i64, period, now, params, seed.as_slice()],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -447,18 +553,25 @@ impl State {
     }
 
     /// Stores the noisy share of a charged query and appends the audit
-    /// entry, in one transaction, before the share is released. With
-    /// `replace`, the query already has a stored share (from a run the peer
-    /// lost in a crash) and this one, of a new run, takes its place.
+    /// entry, in one transaction, before the share is released.
+    ///
+    /// The first store records `binding` (the join and data version the share
+    /// was computed over). With `replace`, the query already has a stored
+    /// share (from a run the peer lost) and this one, of a new run, takes its
+    /// place: only over the same binding and while fewer than `max_reruns`
+    /// reruns were stored; each rerun is counted and has its audit entry.
     ///
     /// # Errors
-    /// [`NodeError::State`].
+    /// [`NodeError::Refused`] for a rerun over another join or data, or over
+    /// the cap; [`NodeError::State`].
     pub fn store_share(
         &mut self,
         query_id: &[u8; 16],
         share: &[u8],
         entry: &AuditEntry<'_>,
+        binding: &RunBinding,
         replace: bool,
+        max_reruns: u32,
     ) -> Result<(), NodeError> {
         let tx = self
             .conn
@@ -484,14 +597,28 @@ impl State {
                 "an audit entry that does not match its charge and share",
             ));
         }
-        let sql = if replace {
-            "UPDATE charges SET share = ?2, released_at = ?3 WHERE query_id = ?1 AND share IS NOT NULL"
+        let n = if replace {
+            let q = query_in(&tx, query_id)?
+                .ok_or_else(|| NodeError::State("share replaced for a query that has none".into()))?;
+            check_rerun(&q, binding, max_reruns)?;
+            tx.execute(
+                "UPDATE charges SET share = ?2, released_at = ?3, reruns = reruns + 1 WHERE query_id = ?1 AND share IS NOT NULL",
+                params![query_id.to_vec(), share, now_secs()],
+            )
+            .map_err(db)?
         } else {
-            "UPDATE charges SET share = ?2, released_at = ?3 WHERE query_id = ?1 AND share IS NULL"
+            tx.execute(
+                "UPDATE charges SET share = ?2, released_at = ?3, join_session = ?4, data_version = ?5 WHERE query_id = ?1 AND share IS NULL",
+                params![
+                    query_id.to_vec(),
+                    share,
+                    now_secs(),
+                    binding.join.to_vec(),
+                    binding.data_version.to_vec()
+                ],
+            )
+            .map_err(db)?
         };
-        let n = tx
-            .execute(sql, params![query_id.to_vec(), share, now_secs()])
-            .map_err(db)?;
         if n != 1 {
             return Err(NodeError::State(if replace {
                 "share replaced for a query that has none".into()
@@ -504,28 +631,73 @@ impl State {
         Ok(())
     }
 
+    /// Whether the released share of `query_id` may be replaced by a rerun
+    /// over `binding` (see [`Self::store_share`]), asked before starting one.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] saying why not; [`NodeError::State`].
+    pub fn may_rerun(&self, query_id: &[u8; 16], binding: &RunBinding, max_reruns: u32) -> Result<(), NodeError> {
+        let q = self
+            .charged_query(query_id)?
+            .ok_or_else(|| NodeError::Refused("this query id was not charged here".into()))?;
+        check_rerun(&q, binding, max_reruns)
+    }
+
+    /// The seed of this query's noise on this node, fixed with its charge.
+    /// A charge from a ledger that predates seeds gets one now, unless its
+    /// share was already released: that share's noise cannot be drawn
+    /// again, so the query cannot be run again.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] for a released query without a seed;
+    /// [`NodeError::State`] for a query that was not charged.
+    pub fn noise_seed(&mut self, query_id: &[u8; 16]) -> Result<Zeroizing<[u8; 32]>, NodeError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let row: Option<(Option<Vec<u8>>, bool)> = tx
+            .query_row(
+                "SELECT noise_seed, share IS NOT NULL FROM charges WHERE query_id = ?1",
+                params![query_id.to_vec()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        let Some((stored, released)) = row else {
+            return Err(NodeError::State("noise asked for a query that was not charged".into()));
+        };
+        let mut stored = stored.map(Zeroizing::new);
+        if let Some(bytes) = &stored {
+            let mut seed = Zeroizing::new([0u8; 32]);
+            if bytes.len() != 32 {
+                return Err(NodeError::State("a stored noise seed is not 32 bytes".into()));
+            }
+            seed.copy_from_slice(bytes);
+            return Ok(seed);
+        }
+        stored.take();
+        if released {
+            return Err(NodeError::Refused(
+                "this query's share was released before noise seeds were kept; it cannot be run again".into(),
+            ));
+        }
+        let seed = fresh_seed()?;
+        tx.execute(
+            "UPDATE charges SET noise_seed = ?2 WHERE query_id = ?1 AND noise_seed IS NULL",
+            params![query_id.to_vec(), seed.as_slice()],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(seed)
+    }
+
     /// A charged query: who ran what, and its stored share if any.
     ///
     /// # Errors
     /// [`NodeError::State`].
     pub fn charged_query(&self, query_id: &[u8; 16]) -> Result<Option<ChargedQuery>, NodeError> {
-        self.conn
-            .query_row(
-                "SELECT analyst, template, plan, params, share, rho_micro FROM charges WHERE query_id = ?1",
-                params![query_id.to_vec()],
-                |r| {
-                    Ok(ChargedQuery {
-                        analyst: r.get(0)?,
-                        template: r.get(1)?,
-                        plan: r.get(2)?,
-                        params: r.get(3)?,
-                        share: r.get(4)?,
-                        rho_micro: r.get::<_, i64>(5)?.max(0) as u64,
-                    })
-                },
-            )
-            .optional()
-            .map_err(db)
+        query_in(&self.conn, query_id)
     }
 
     /// ρ spent by `analyst` in the current period, millionths.
@@ -849,6 +1021,89 @@ mod tests {
         );
     }
 
+    const BOUND: RunBinding = RunBinding {
+        join: [5; 16],
+        data_version: [6; 32],
+    };
+
+    /// A query's noise seed is drawn with its charge, stays the same across
+    /// restarts and retries; a rerun must be over the join and data of the
+    /// released share, and at most `max_reruns` times.
+    #[test]
+    fn a_charge_fixes_its_noise_seed_and_binds_its_reruns() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let (q1, q2) = ([1u8; 16], [2u8; 16]);
+        s.charge(&q1, "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100).unwrap();
+        s.charge(&q2, "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100).unwrap();
+        let seed = *s.noise_seed(&q1).unwrap();
+        assert_ne!(seed, *s.noise_seed(&q2).unwrap());
+        assert!(matches!(s.noise_seed(&[9; 16]), Err(NodeError::State(_))));
+        // Not released yet: nothing to run again.
+        assert!(matches!(s.may_rerun(&q1, &BOUND, 2), Err(NodeError::Refused(_))));
+        s.store_share(&q1, b"first", &entry(&sha(b"first"), 1, "query"), &BOUND, false, 2)
+            .unwrap();
+        drop(s);
+        let mut s = State::open(dir.path()).unwrap();
+        assert_eq!(*s.noise_seed(&q1).unwrap(), seed);
+        let other_join = RunBinding { join: [7; 16], ..BOUND };
+        let other_data = RunBinding {
+            data_version: [8; 32],
+            ..BOUND
+        };
+        for wrong in [other_join, other_data] {
+            assert!(matches!(s.may_rerun(&q1, &wrong, 2), Err(NodeError::Refused(_))));
+            assert!(matches!(
+                s.store_share(&q1, b"x", &entry(&sha(b"x"), 1, "query-rerun"), &wrong, true, 2),
+                Err(NodeError::Refused(_))
+            ));
+        }
+        for k in 0..2u8 {
+            s.may_rerun(&q1, &BOUND, 2).unwrap();
+            let share = [b'r', k];
+            s.store_share(&q1, &share, &entry(&sha(&share), 1, "query-rerun"), &BOUND, true, 2)
+                .unwrap();
+        }
+        let q = s.charged_query(&q1).unwrap().unwrap();
+        assert_eq!((q.reruns, q.binding), (2, Some(BOUND)));
+        // Over the cap: refused, and the stored share stays.
+        assert!(matches!(s.may_rerun(&q1, &BOUND, 2), Err(NodeError::Refused(_))));
+        assert!(matches!(
+            s.store_share(&q1, b"r9", &entry(&sha(b"r9"), 1, "query-rerun"), &BOUND, true, 2),
+            Err(NodeError::Refused(_))
+        ));
+        assert_eq!(
+            s.charged_query(&q1).unwrap().unwrap().share.as_deref(),
+            Some(&b"r\x01"[..])
+        );
+        assert_eq!(*s.noise_seed(&q1).unwrap(), seed);
+        // Three audit entries: the release and its two reruns.
+        assert_eq!(s.verify_audit().unwrap(), 3);
+    }
+
+    /// A ledger from before seeds were kept: an unreleased charge gets a
+    /// seed when it first runs (and keeps it); a released one cannot run again.
+    #[test]
+    fn charges_from_before_noise_seeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        for q in [1u8, 2] {
+            s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
+                .unwrap();
+        }
+        s.store_share(&[2; 16], b"old", &entry(&sha(b"old"), 1, "query"), &BOUND, false, 2)
+            .unwrap();
+        s.conn
+            .execute_batch("UPDATE charges SET noise_seed = NULL, join_session = NULL, data_version = NULL")
+            .unwrap();
+        drop(s);
+        let mut s = State::open(dir.path()).unwrap();
+        let seed = *s.noise_seed(&[1; 16]).unwrap();
+        assert_eq!(*s.noise_seed(&[1; 16]).unwrap(), seed);
+        assert!(matches!(s.noise_seed(&[2; 16]), Err(NodeError::Refused(_))));
+        assert!(matches!(s.may_rerun(&[2; 16], &BOUND, 2), Err(NodeError::Refused(_))));
+    }
+
     fn sha(b: &[u8]) -> [u8; 32] {
         let mut out = [0u8; 32];
         out.copy_from_slice(digest(&SHA256, b).as_ref());
@@ -906,12 +1161,12 @@ mod tests {
             entry(&sha(b"other"), 400, "query"),
             entry(&sha(b"share"), 400, "query-rerun"),
         ] {
-            assert!(s.store_share(&q1, b"share", &wrong, false).is_err());
+            assert!(s.store_share(&q1, b"share", &wrong, &BOUND, false, 2).is_err());
         }
-        s.store_share(&q1, b"share", &entry(&sha(b"share"), 400, "query"), false)
+        s.store_share(&q1, b"share", &entry(&sha(b"share"), 400, "query"), &BOUND, false, 2)
             .unwrap();
         assert!(
-            s.store_share(&q1, b"again", &entry(&sha(b"again"), 400, "query"), false)
+            s.store_share(&q1, b"again", &entry(&sha(b"again"), 400, "query"), &BOUND, false, 2)
                 .is_err()
         );
         drop(s);
@@ -926,11 +1181,25 @@ mod tests {
         // A rerun replaces a stored share (never a missing one), with its own
         // audit entry and no new charge.
         assert!(
-            s.store_share(&[2; 16], b"rerun", &entry(&sha(b"rerun"), 600, "query-rerun"), true)
-                .is_err()
+            s.store_share(
+                &[2; 16],
+                b"rerun",
+                &entry(&sha(b"rerun"), 600, "query-rerun"),
+                &BOUND,
+                true,
+                2
+            )
+            .is_err()
         );
-        s.store_share(&q1, b"rerun", &entry(&sha(b"rerun"), 400, "query-rerun"), true)
-            .unwrap();
+        s.store_share(
+            &q1,
+            b"rerun",
+            &entry(&sha(b"rerun"), 400, "query-rerun"),
+            &BOUND,
+            true,
+            2,
+        )
+        .unwrap();
         let q = s.charged_query(&q1).unwrap().unwrap();
         assert_eq!((q.analyst.as_str(), q.share.as_deref()), ("alice", Some(&b"rerun"[..])));
         assert_eq!(q.params.as_deref(), Some("[]"));
@@ -946,7 +1215,7 @@ mod tests {
         for q in 0..3u8 {
             s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
                 .unwrap();
-            s.store_share(&[q; 16], b"x", &entry(&sha(b"x"), 1, "query"), false)
+            s.store_share(&[q; 16], b"x", &entry(&sha(b"x"), 1, "query"), &BOUND, false, 2)
                 .unwrap();
         }
         assert_eq!(s.verify_audit().unwrap(), 3);
@@ -972,11 +1241,18 @@ mod tests {
             for (q, share) in [(1u8, &b"one"[..]), (2, b"two")] {
                 s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
                     .unwrap();
-                s.store_share(&[q; 16], share, &entry(&sha(share), 300, "query"), false)
+                s.store_share(&[q; 16], share, &entry(&sha(share), 300, "query"), &BOUND, false, 2)
                     .unwrap();
             }
-            s.store_share(&[2; 16], b"again", &entry(&sha(b"again"), 300, "query-rerun"), true)
-                .unwrap();
+            s.store_share(
+                &[2; 16],
+                b"again",
+                &entry(&sha(b"again"), 300, "query-rerun"),
+                &BOUND,
+                true,
+                2,
+            )
+            .unwrap();
             // Charged, not yet released: no audit entry yet.
             s.charge(&[3; 16], "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
                 .unwrap();
