@@ -3,8 +3,11 @@
 //!
 //! Every parameter is a rational number and every step is integer arithmetic
 //! on big integers with uniform draws by rejection: no floating point is used
-//! to sample or add noise. The generator is any `CryptoRng`; nodes pass the
-//! OS generator ([`crate::rng::SystemRng`]), tests pass a seeded ChaCha20.
+//! to sample or add noise. The generator is any `CryptoRng`: for a query's
+//! Gaussian noise a node passes ChaCha20 keyed with the query's stored seed
+//! (256 bits from the OS generator, [`crate::rng::seeded_rng`]); for the
+//! cardinality noise and the padding, a session's ChaCha20 stream; tests
+//! pass a seeded ChaCha20.
 //! Clippy refuses floating point in this module, except in the one function
 //! that derives the public shift `μ` from public parameters (and in tests).
 #![deny(clippy::float_arithmetic)]

@@ -189,6 +189,38 @@ mod tests {
         }
     }
 
+    /// Pins the project's own tag: `H2G("email:a@b.c")` under collaboration
+    /// `"x"`, tag `"cleanroom-v1-match-x"`. The 64 expanded bytes were
+    /// computed independently (a few lines of Python over `hashlib.sha512`
+    /// following RFC 9380 section 5.3.1, which reproduce the RFC's K.3
+    /// vectors); the map to the group is dalek's `from_uniform_bytes`, checked
+    /// against RFC 9497 below; the point is pinned so a change of tag,
+    /// expansion or map cannot pass unnoticed.
+    #[test]
+    fn the_projects_own_tag_is_pinned() {
+        let h = HashToGroup::for_collaboration("x").unwrap();
+        assert_eq!(h.dst(), b"cleanroom-v1-match-x");
+        let uniform = expand_message_xmd_sha512(b"email:a@b.c", h.dst(), 64).unwrap();
+        assert_eq!(
+            hex::encode(&uniform),
+            "5ca25a51bbd57ab00d15b4d60156f7e19dee70c4c64e6e1b3f9b16b0b68e1d73503542a4b3e92d4de3b1cc1ef44bf9afd5b0069c274306fb7124ed34b4804534"
+        );
+        let mut wide = [0u8; 64];
+        wide.copy_from_slice(&uniform);
+        let point = h.hash(b"email:a@b.c");
+        assert_eq!(point, RistrettoPoint::from_uniform_bytes(&wide));
+        assert_eq!(
+            hex::encode(point.compress().to_bytes()),
+            "3689c79f54e5edbc76f4da7fcd7394eef8b27ae09e2934de7aff046fb8674261"
+        );
+        // The demo collaboration's tag, likewise.
+        let demo = HashToGroup::for_collaboration("demo-bank-platform").unwrap();
+        assert_eq!(
+            hex::encode(expand_message_xmd_sha512(b"email:a@b.c", demo.dst(), 64).unwrap()),
+            "f4cf4ee9cff9972e5c4bee424c8aac9dbb3d701012b17bc65a2ce40f6ab3a98929a369a223dd8f0e24b3f77f4dda54a953c7473bdb28cf677f94f893c020268d"
+        );
+    }
+
     #[test]
     fn tags_are_checked() {
         assert!(HashToGroup::new(b"").is_err());

@@ -13,7 +13,7 @@ use curve25519_dalek::ristretto::RistrettoPoint;
 use rand_core::{CryptoRng, RngCore};
 use rayon::prelude::*;
 use ring::digest::{Context, SHA256};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::CryptoError;
 use crate::keys::SecretScalar;
@@ -179,8 +179,9 @@ impl BaseOtSender {
         let mut pairs = Vec::with_capacity(KAPPA);
         for (j, b_bytes) in bs.iter().enumerate() {
             let b = decode_point(b_bytes)?;
-            let s0 = self.a.expose() * b;
-            let s1 = self.a.expose() * (b - big_a);
+            // The DH secrets the pair of keys comes from: wiped after use.
+            let s0 = Zeroizing::new(self.a.expose() * b);
+            let s1 = Zeroizing::new(self.a.expose() * (b - big_a));
             pairs.push((
                 base_key(session, j, &self.a_bytes, b_bytes, &s0),
                 base_key(session, j, &self.a_bytes, b_bytes, &s1),
@@ -223,7 +224,7 @@ pub fn base_ot_receive<R: RngCore + CryptoRng>(
             big_b += big_a;
         }
         let b_bytes = big_b.compress().to_bytes();
-        let shared = b.expose() * big_a;
+        let shared = Zeroizing::new(b.expose() * big_a);
         keys.push(base_key(session, j, a_bytes, &b_bytes, &shared));
         bs.push(b_bytes);
     }
@@ -315,17 +316,18 @@ impl IknpReceiver {
         check_chunk(first, len, self.rows)?;
         let b0 = first / BLOCK_ROWS;
         let nb = len.div_ceil(BLOCK_ROWS);
-        // Columns: t_j and u_j = t_j ^ G(k1_j) ^ r.
-        let cols: Vec<(Vec<u128>, Vec<u128>)> = (0..KAPPA)
+        // Columns: t_j and u_j = t_j ^ G(k1_j) ^ r. The t_j determine the
+        // row keys: wiped when the chunk is done.
+        let cols: Vec<(Zeroizing<Vec<u128>>, Vec<u128>)> = (0..KAPPA)
             .into_par_iter()
             .map(|j| {
-                let mut t = vec![0u128; nb];
-                let mut g1 = vec![0u128; nb];
+                let mut t = Zeroizing::new(vec![0u128; nb]);
+                let mut g1 = Zeroizing::new(vec![0u128; nb]);
                 self.prg0[j].blocks(b0 as u64, &mut t);
                 self.prg1[j].blocks(b0 as u64, &mut g1);
                 let u: Vec<u128> = t
                     .iter()
-                    .zip(&g1)
+                    .zip(g1.iter())
                     .zip(&self.choices[b0..b0 + nb])
                     .map(|((t, g), r)| t ^ g ^ r)
                     .collect();
@@ -416,18 +418,18 @@ impl IknpSender {
     ///
     /// # Errors
     /// [`CryptoError::ChunkBounds`] or [`CryptoError::ExtensionLength`].
-    pub fn chunk(&self, first: usize, len: usize, message: &[u8]) -> Result<Vec<(u128, u128)>, CryptoError> {
+    pub fn chunk(&self, first: usize, len: usize, message: &[u8]) -> Result<Zeroizing<Vec<(u128, u128)>>, CryptoError> {
         check_chunk(first, len, self.rows)?;
         let nb = len.div_ceil(BLOCK_ROWS);
         if message.len() != extension_message_len(len) {
             return Err(CryptoError::ExtensionLength { len: message.len() });
         }
         let b0 = first / BLOCK_ROWS;
-        let cols: Vec<Vec<u128>> = message
+        let cols: Vec<Zeroizing<Vec<u128>>> = message
             .par_chunks_exact(nb * 16)
             .enumerate()
             .map(|(j, ubytes)| {
-                let mut q = vec![0u128; nb];
+                let mut q = Zeroizing::new(vec![0u128; nb]);
                 self.prg[j].blocks(b0 as u64, &mut q);
                 if (self.delta >> j) & 1 == 1 {
                     for (q, u) in q.iter_mut().zip(ubytes.chunks_exact(16)) {
@@ -439,7 +441,7 @@ impl IknpSender {
                 q
             })
             .collect();
-        let mut out = vec![(0u128, 0u128); len];
+        let mut out = Zeroizing::new(vec![(0u128, 0u128); len]);
         out.par_chunks_mut(BLOCK_ROWS).enumerate().for_each(|(b, out)| {
             let mut m = [0u128; 128];
             for (j, q) in cols.iter().enumerate() {

@@ -3,10 +3,11 @@
 
 use std::collections::HashSet;
 
-use curve25519_dalek::ristretto::{CompressedRistretto, RistrettoPoint};
+use curve25519_dalek::ristretto::{CompressedRistretto, RistrettoBasepointTable, RistrettoPoint};
 use curve25519_dalek::scalar::Scalar;
 use curve25519_dalek::traits::Identity;
 use rayon::prelude::*;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::CryptoError;
 use crate::h2g::HashToGroup;
@@ -100,7 +101,7 @@ pub fn mul_compress(points: &[RistrettoPoint], k: &SecretScalar) -> Vec<PointByt
     out.par_chunks_mut(PAR_CHUNK)
         .zip(points.par_chunks(PAR_CHUNK))
         .for_each(|(out, pts)| {
-            let scaled: Vec<RistrettoPoint> = pts.iter().map(|p| half * p).collect();
+            let scaled: Vec<RistrettoPoint> = pts.iter().map(|p| *half * p).collect();
             for (o, c) in out.iter_mut().zip(RistrettoPoint::double_and_compress_batch(&scaled)) {
                 *o = c.to_bytes();
             }
@@ -121,7 +122,7 @@ pub fn decode_mul_compress(points: &[PointBytes], k: &SecretScalar) -> Result<Ve
         .try_for_each(|(out, pts)| {
             let mut scaled = Vec::with_capacity(pts.len());
             for p in pts {
-                scaled.push(half * decode_point(p)?);
+                scaled.push(*half * decode_point(p)?);
             }
             for (o, c) in out.iter_mut().zip(RistrettoPoint::double_and_compress_batch(&scaled)) {
                 *o = c.to_bytes();
@@ -139,8 +140,35 @@ pub fn hash_mul_compress<T: AsRef<[u8]> + Sync>(h2g: &HashToGroup, inputs: &[T],
     out.par_chunks_mut(PAR_CHUNK)
         .zip(inputs.par_chunks(PAR_CHUNK))
         .for_each(|(out, xs)| {
-            let scaled: Vec<RistrettoPoint> = xs.iter().map(|x| half * h2g.hash(x.as_ref())).collect();
+            let scaled: Vec<RistrettoPoint> = xs.iter().map(|x| *half * h2g.hash(x.as_ref())).collect();
             for (o, c) in out.iter_mut().zip(RistrettoPoint::double_and_compress_batch(&scaled)) {
+                *o = c.to_bytes();
+            }
+        });
+    out
+}
+
+/// `s_i * P` for each scalar, compressed, in parallel: one constant-time
+/// multiplication per scalar, with a precomputed table for `P` (built once,
+/// whatever the number of scalars). The work depends only on how many
+/// scalars there are, never on their values.
+pub fn muls_compress(scalars: &[Scalar], p: &RistrettoPoint) -> Vec<PointBytes> {
+    let table = RistrettoBasepointTable::create(p);
+    let half = Scalar::from(2u8).invert();
+    let mut out = vec![[0u8; POINT_LEN]; scalars.len()];
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(scalars.par_chunks(PAR_CHUNK))
+        .for_each(|(out, ss)| {
+            let halves: Vec<RistrettoPoint> = ss
+                .iter()
+                .map(|s| {
+                    let mut h = s * half;
+                    let q = &table * &h;
+                    h.zeroize();
+                    q
+                })
+                .collect();
+            for (o, c) in out.iter_mut().zip(RistrettoPoint::double_and_compress_batch(&halves)) {
                 *o = c.to_bytes();
             }
         });
@@ -162,8 +190,9 @@ pub fn compress_batch(points: &[RistrettoPoint]) -> Vec<PointBytes> {
     out
 }
 
-fn half_scalar(k: &SecretScalar) -> Scalar {
-    k.expose() * Scalar::from(2u8).invert()
+/// `k/2`, as secret as `k` itself: zeroized when dropped.
+fn half_scalar(k: &SecretScalar) -> Zeroizing<Scalar> {
+    Zeroizing::new(k.expose() * Scalar::from(2u8).invert())
 }
 
 /// A set of encoded points that refuses duplicates: since ristretto255

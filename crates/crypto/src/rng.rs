@@ -60,14 +60,57 @@ impl RngCore for SystemRng {
 
 impl CryptoRng for SystemRng {}
 
+/// A ChaCha20 stream whose state is wiped when it is dropped: its key (and
+/// buffered output) determine a session's secrets (`kb`, the dummies, `D`,
+/// the permutations) or a query's noise.
+pub struct SessionRng(ChaCha20Rng);
+
+impl SessionRng {
+    /// ChaCha20 keyed with `seed`.
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self(ChaCha20Rng::from_seed(seed))
+    }
+}
+
+impl Drop for SessionRng {
+    fn drop(&mut self) {
+        // Overwrites key, counter and buffer in place (no `unsafe`); the
+        // `black_box` keeps the store from being dropped as dead.
+        self.0 = ChaCha20Rng::from_seed([0u8; 32]);
+        std::hint::black_box(&self.0);
+    }
+}
+
+impl std::fmt::Debug for SessionRng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionRng(<redacted>)")
+    }
+}
+
+impl RngCore for SessionRng {
+    fn next_u32(&mut self) -> u32 {
+        self.0.next_u32()
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.0.fill_bytes(dest);
+    }
+}
+
+impl CryptoRng for SessionRng {}
+
 /// A ChaCha20 generator keyed with 32 fresh bytes from the OS.
 ///
 /// # Errors
 /// [`CryptoError::Randomness`] when the OS refuses.
-pub fn session_rng() -> Result<ChaCha20Rng, CryptoError> {
+pub fn session_rng() -> Result<SessionRng, CryptoError> {
     let mut seed = [0u8; 32];
     SystemRng::new().try_fill(&mut seed)?;
-    let rng = ChaCha20Rng::from_seed(seed);
+    let rng = SessionRng::from_seed(seed);
     zeroize::Zeroize::zeroize(&mut seed);
     Ok(rng)
 }
@@ -76,8 +119,8 @@ pub fn session_rng() -> Result<ChaCha20Rng, CryptoError> {
 /// ChaCha20 keyed with the seed, so the same seed gives the same draws.
 /// Each node draws its seed from the OS generator when it charges the query
 /// and keeps it with the charge (see the node's state).
-pub fn seeded_rng(seed: &[u8; 32]) -> ChaCha20Rng {
-    ChaCha20Rng::from_seed(*seed)
+pub fn seeded_rng(seed: &[u8; 32]) -> SessionRng {
+    SessionRng::from_seed(*seed)
 }
 
 /// A uniform integer in `[0, bound)` by rejection (no modulo bias).
@@ -125,5 +168,10 @@ mod tests {
         let mut os = SystemRng::new();
         assert_ne!(os.next_u64(), os.next_u64());
         assert!(session_rng().is_ok());
+        // The same seed, the same stream; wiped on drop (nothing to see but
+        // that it is still usable until then).
+        let (mut a, mut b) = (seeded_rng(&[5; 32]), seeded_rng(&[5; 32]));
+        assert_eq!(a.next_u64(), b.next_u64());
+        assert_eq!(format!("{a:?}"), "SessionRng(<redacted>)");
     }
 }

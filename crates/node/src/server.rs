@@ -332,6 +332,9 @@ struct Inner {
     domains: Domains,
     data: NodeData,
     state: Mutex<State>,
+    /// This node's own key (`State::node_key`): keys the churn fingerprints
+    /// and the platform's block padding. Never leaves the node.
+    node_key: Zeroizing<[u8; 32]>,
     endpoint: quinn::Endpoint,
     peer_address: Option<SocketAddr>,
     peer_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
@@ -484,6 +487,7 @@ impl Node {
             .to_string();
         let mut state = State::open(&cfg.state_dir)?;
         state.expire_joins(&data.version())?;
+        let node_key = state.node_key()?;
         let endpoint = node_endpoint(cfg.listen, &identity, &ca, &TransportSettings::default())?;
         let mut analysts: Vec<String> = templates.iter().flat_map(|t| t.analysts.iter().cloned()).collect();
         analysts.sort();
@@ -497,6 +501,7 @@ impl Node {
             domains: cfg.domains(),
             data,
             state: Mutex::new(state),
+            node_key,
             endpoint,
             peer_address: cfg.peer.address,
             peer_conn: tokio::sync::Mutex::new(None),
@@ -1672,7 +1677,9 @@ impl Node {
                 l.min_input_set
             )));
         }
-        let fp = crate::state::fingerprints(data.ids.iter().map(Vec::as_slice));
+        let ids: Vec<&[u8]> = data.ids.iter().map(Vec::as_slice).collect();
+        let fp = crate::state::fingerprints(&self.inner.node_key, &ids);
+        drop(ids);
         let churn = lock(&self.inner.state).check_churn("holder-input", &fp, l.max_churn_ppm);
         if let Err(e) = churn {
             abort(&mut send, [0; 16], AbortCode::Refused).await;
@@ -1920,7 +1927,9 @@ impl Node {
             .into_iter()
             .map(|b| b.into_iter().filter_map(|k| data.ids.get(k).cloned()).collect())
             .collect();
-        let fp = crate::state::fingerprints(blocks.iter().flatten().map(Vec::as_slice));
+        let ids: Vec<&[u8]> = blocks.iter().flatten().map(Vec::as_slice).collect();
+        let fp = crate::state::fingerprints(&self.inner.node_key, &ids);
+        drop(ids);
         lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
         let l = &self.inner.limits;
         let params = JoinParams {
@@ -1944,7 +1953,21 @@ impl Node {
         let conn = self.peer_connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
         let mut rng = session_rng()?;
-        let m = MatcherJoin::grouped(params, policy, blocks)?;
+        // The padding of each block is a function of this node's key and
+        // the join's input (filter, grouping and data version: the join
+        // context), so a re-join of unchanged data shows the bank the same
+        // padded sizes, never a fresh sample to average.
+        let padding = {
+            let key = ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                crate::state::derive(&self.inner.node_key, b"cleanroom-v1-block-padding").as_slice(),
+            );
+            let tag = ring::hmac::sign(&key, &params.context);
+            let mut seed = Zeroizing::new([0u8; 32]);
+            seed.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
+            cleanroom_protocol::join::PaddingSeed::new(seed)
+        };
+        let m = MatcherJoin::grouped(params, policy, blocks)?.with_padding_seed(padding);
         let (offered, offer) = m.offer(&mut rng)?;
         write_one(&mut send, &offer).await?;
         let accept = read_one(&mut recv, Duration::from_secs(60)).await?;

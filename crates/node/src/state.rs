@@ -154,6 +154,10 @@ CREATE TABLE IF NOT EXISTS join_inputs (
     fingerprints BLOB NOT NULL,
     expires_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS node_secrets (
+    name TEXT PRIMARY KEY,
+    secret BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS joins (
     session BLOB PRIMARY KEY,
     filter TEXT NOT NULL,
@@ -692,6 +696,44 @@ impl State {
         Ok(seed)
     }
 
+    /// This node's own 256-bit key, drawn from the OS generator the first
+    /// time and kept in the state file (it never leaves the node). Keys for
+    /// one purpose are derived from it ([`derive`]): the churn fingerprints,
+    /// the platform's block padding. Created along with it, the churn
+    /// baselines from before it existed (unkeyed fingerprints) are dropped.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn node_key(&mut self) -> Result<Zeroizing<[u8; 32]>, NodeError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let stored: Option<Vec<u8>> = tx
+            .query_row("SELECT secret FROM node_secrets WHERE name = 'node-key'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(db)?;
+        let stored = stored.map(Zeroizing::new);
+        let mut key = Zeroizing::new([0u8; 32]);
+        match stored {
+            Some(bytes) if bytes.len() == 32 => key.copy_from_slice(&bytes),
+            Some(_) => return Err(NodeError::State("the stored node key is not 32 bytes".into())),
+            None => {
+                key = fresh_seed()?;
+                tx.execute(
+                    "INSERT INTO node_secrets (name, secret) VALUES ('node-key', ?1)",
+                    params![key.as_slice()],
+                )
+                .map_err(db)?;
+                tx.execute("DELETE FROM join_inputs", []).map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(key)
+    }
+
     /// A charged query: who ran what, and its stored share if any.
     ///
     /// # Errors
@@ -919,21 +961,34 @@ impl State {
     }
 }
 
-/// Sorted 8-byte fingerprints of identifiers (SHA-256 prefixes), for the
-/// churn limit. They are this node's own input, kept on its own disk.
-pub fn fingerprints<'a>(ids: impl Iterator<Item = &'a [u8]>) -> Vec<u64> {
+/// Sorted 8-byte fingerprints of identifiers, for the churn limit: the
+/// first 8 bytes of HMAC-SHA256 under the node's own key (see
+/// [`State::node_key`]), so they cannot be enumerated back (phone numbers
+/// could be, from an unkeyed hash) without that key. They are this node's
+/// own input, kept on its own disk.
+pub fn fingerprints(key: &[u8; 32], ids: &[&[u8]]) -> Vec<u64> {
+    use rayon::prelude::*;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derive(key, b"cleanroom-v1-churn").as_slice());
     let mut out: Vec<u64> = ids
+        .par_iter()
         .map(|id| {
-            let mut ctx = Context::new(&SHA256);
-            ctx.update(b"cleanroom-churn-v1");
-            ctx.update(id);
-            let d = ctx.finish();
+            let tag = ring::hmac::sign(&key, id);
             let mut b = [0u8; 8];
-            b.copy_from_slice(d.as_ref().get(..8).unwrap_or(&[0u8; 8]));
+            b.copy_from_slice(tag.as_ref().get(..8).unwrap_or(&[0u8; 8]));
             u64::from_le_bytes(b)
         })
         .collect();
-    out.sort_unstable();
+    out.par_sort_unstable();
+    out
+}
+
+/// A 32-byte key for one purpose (`label`), derived from the node key with
+/// HMAC-SHA256; zeroized on drop.
+pub fn derive(node_key: &[u8; 32], label: &[u8]) -> Zeroizing<[u8; 32]> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, node_key);
+    let tag = ring::hmac::sign(&key, label);
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
     out
 }
 
@@ -963,23 +1018,63 @@ fn symmetric_difference(a: &[u64], b: &[u64]) -> u64 {
 mod tests {
     use super::*;
 
+    /// The node key is made once and kept; fingerprints under it are
+    /// keyed (another key gives others) and do not equal an unkeyed hash.
+    #[test]
+    fn the_node_key_is_kept_and_keys_the_fingerprints() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let key = *s.node_key().unwrap();
+        s.record_inputs("f", &[1, 2, 3], 3600).unwrap();
+        assert_eq!(*s.node_key().unwrap(), key);
+        drop(s);
+        let mut s = State::open(dir.path()).unwrap();
+        assert_eq!(*s.node_key().unwrap(), key);
+        let other = *State::open(tempfile::tempdir().unwrap().path())
+            .unwrap()
+            .node_key()
+            .unwrap();
+        assert_ne!(key, other);
+        let ids: Vec<&[u8]> = vec![b"phone:+447700900123", b"phone:+447700900124"];
+        let mine = fingerprints(&key, &ids);
+        assert_ne!(mine, fingerprints(&other, &ids));
+        let unkeyed: Vec<u64> = {
+            let mut v: Vec<u64> = ids
+                .iter()
+                .map(|id| {
+                    let mut ctx = Context::new(&SHA256);
+                    ctx.update(b"cleanroom-churn-v1");
+                    ctx.update(id);
+                    u64::from_le_bytes(ctx.finish().as_ref()[..8].try_into().unwrap())
+                })
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_ne!(mine, unkeyed);
+        // The baseline written before the key existed stays (made with it).
+        assert!(s.check_churn("f", &[1, 2, 3], 0).is_ok());
+    }
+
     #[test]
     fn churn_limit_at_its_boundary() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
         let ids: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
-        let base = fingerprints(ids.iter().map(Vec::as_slice));
+        let key = s.node_key().unwrap();
+        let fps = |ids: &[Vec<u8>]| fingerprints(&key, &ids.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let base = fps(&ids);
         s.check_churn("f", &base, 100_000).unwrap(); // no baseline yet
         s.record_inputs("f", &base, 3600).unwrap();
         // 5 removed and 5 added: 10 of 100 changed = exactly 10%: allowed at 10%.
         let mut changed = ids.clone();
         changed.truncate(95);
         changed.extend((1000..1005u32).map(|i| i.to_le_bytes().to_vec()));
-        let fp = fingerprints(changed.iter().map(Vec::as_slice));
+        let fp = fps(&changed);
         s.check_churn("f", &fp, 100_000).unwrap();
         // One more change is over the limit.
         changed.push(2000u32.to_le_bytes().to_vec());
-        let fp = fingerprints(changed.iter().map(Vec::as_slice));
+        let fp = fps(&changed);
         let e = s.check_churn("f", &fp, 100_000).unwrap_err().to_string();
         assert!(
             e.contains("input churn limit: more than 10.0%")

@@ -30,16 +30,18 @@ use cleanroom_crypto::point::{
     self, POINT_LEN, PointBytes, check_token_encoding, decode_mul_compress, decode_point, hash_mul_compress,
     split_points,
 };
-use cleanroom_crypto::rng::shuffle;
+use cleanroom_crypto::rng::{SessionRng, shuffle};
 use cleanroom_wire::{
     JoinAccept, JoinOffer, MAX_COLLABORATION_ID_LEN, MAX_POINTS_PER_CHUNK, MatcherKey, Message, Nonce, PointChunk,
     SessionId,
 };
-use rand_chacha::ChaCha20Rng;
-use rand_core::{CryptoRng, RngCore, SeedableRng};
+use curve25519_dalek::scalar::Scalar;
+use rand_core::{CryptoRng, RngCore};
 use rayon::prelude::*;
 use ring::digest::{Context, SHA256};
+use subtle::{ConditionallySelectable, ConstantTimeLess};
 use zeroize::Zeroize;
+use zeroize::Zeroizing;
 
 use crate::ProtocolError;
 use crate::session::decode_for;
@@ -118,9 +120,27 @@ pub struct MatcherPolicy {
     pub peer_set: SetSizeLimits,
     /// The most dummy rows (per block) the matcher will process.
     pub max_dummy_rows: u64,
-    /// Noise for block sizes when the matcher sends more than one block
-    /// (each block is padded with `P_b` random points).
+    /// Noise for block sizes: each block (also a single one, so the holder
+    /// does not learn the exact size of the matcher's filtered input) is
+    /// padded with `P_b` random points. Required for more than one block.
     pub block_padding: Option<ShiftedTruncatedLaplace>,
+}
+
+/// A 256-bit seed the matcher's padding draws come from (see
+/// [`MatcherJoin::with_padding_seed`]). Redacted in `Debug`, zeroized on drop.
+pub struct PaddingSeed(Zeroizing<[u8; 32]>);
+
+impl PaddingSeed {
+    /// Wraps a seed.
+    pub fn new(seed: Zeroizing<[u8; 32]>) -> Self {
+        Self(seed)
+    }
+}
+
+impl core::fmt::Debug for PaddingSeed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("PaddingSeed(<redacted>)")
+    }
 }
 
 /// The most blocks (matcher groups) one join may have.
@@ -280,20 +300,17 @@ impl HolderJoin {
         let kb = SecretScalar::random(rng);
         let dummy_keys: Vec<SecretScalar> = (0..dummies).map(|_| SecretScalar::random(rng)).collect();
         let dummy_rows: Vec<PointBytes> = dummy_keys.iter().map(|t| t.public().compress().to_bytes()).collect();
-        let non_matching: Vec<Vec<PointBytes>> = d
-            .iter()
-            .map(|db| {
-                (*db..d_max)
-                    .map(|_| SecretScalar::random(rng).public().compress().to_bytes())
-                    .collect()
-            })
-            .collect();
+        // A fresh scalar beside every dummy key, `G·D_max` of them whatever
+        // the `D_b`: the non-matching dummy tokens are `r·K_M`, computed in
+        // the same batch as the matching ones (see `maybe_build_tokens`), so
+        // no work here or there depends on `D`.
+        let fresh_keys: Vec<SecretScalar> = (0..dummies).map(|_| SecretScalar::random(rng)).collect();
         let total = n + dummies;
         let mut order: Vec<u32> = (0..total as u32).collect();
         shuffle(&mut order, rng);
         let mut seed = [0u8; 32];
         rng.fill_bytes(&mut seed);
-        let shuffle_rng = ChaCha20Rng::from_seed(seed);
+        let shuffle_rng = SessionRng::from_seed(seed);
         seed.zeroize();
 
         let accept = JoinAccept {
@@ -316,7 +333,7 @@ impl HolderJoin {
                 kb,
                 dummy_keys,
                 dummy_rows,
-                non_matching,
+                fresh_keys,
                 order,
                 rows_sent: 0,
                 rows_seq: 0,
@@ -380,7 +397,7 @@ pub struct HolderStreaming {
     kb: SecretScalar,
     dummy_keys: Vec<SecretScalar>,
     dummy_rows: Vec<PointBytes>,
-    non_matching: Vec<Vec<PointBytes>>,
+    fresh_keys: Vec<SecretScalar>,
     order: Vec<u32>,
     rows_sent: usize,
     rows_seq: u32,
@@ -388,7 +405,7 @@ pub struct HolderStreaming {
     a_seq: u32,
     received: u64,
     blinded: Vec<Vec<PointBytes>>,
-    shuffle_rng: ChaCha20Rng,
+    shuffle_rng: SessionRng,
     tokens: Option<Vec<PointBytes>>,
     tokens_sent: usize,
     tokens_seq: u32,
@@ -539,18 +556,28 @@ impl HolderStreaming {
         }
         let mut all = Vec::with_capacity(capacity_hint(self.m + self.d_max * self.blocks.len() as u64));
         let d_max = self.d_max as usize;
-        for (b, blinded) in std::mem::take(&mut self.blinded).into_iter().enumerate() {
-            let mut block = blinded;
-            let db = self.d.get(b).copied().unwrap_or(0) as usize;
-            let matching: Vec<curve25519_dalek::ristretto::RistrettoPoint> = self
-                .dummy_keys
+        // The dummy tokens of every block, `D_max` per block in one batch:
+        // `t_d·K_M` (matches dummy row `d`) for `d < D_b`, `r_d·K_M` (a
+        // random point that matches nothing) otherwise, picked in constant
+        // time. The same multiplications whatever the `D_b`.
+        let scalars: Zeroizing<Vec<Scalar>> = Zeroizing::new(
+            self.dummy_keys
                 .iter()
-                .skip(b * d_max)
-                .take(db)
-                .map(|t| t.expose() * key_m)
-                .collect();
-            block.extend(point::compress_batch(&matching));
-            block.extend_from_slice(self.non_matching.get(b).map_or(&[][..], Vec::as_slice));
+                .zip(&self.fresh_keys)
+                .enumerate()
+                .map(|(i, (t, r))| {
+                    let db = self.d.get(i / d_max.max(1)).copied().unwrap_or(0);
+                    let matching = ((i % d_max.max(1)) as u64).ct_lt(&db);
+                    Scalar::conditional_select(r.expose(), t.expose(), matching)
+                })
+                .collect(),
+        );
+        let dummy_tokens = point::muls_compress(&scalars, &key_m);
+        drop(scalars);
+        let mut dummy_tokens = dummy_tokens.chunks(d_max.max(1));
+        for blinded in std::mem::take(&mut self.blinded) {
+            let mut block = blinded;
+            block.extend_from_slice(dummy_tokens.next().unwrap_or(&[]));
             shuffle(&mut block, &mut self.shuffle_rng);
             all.extend(block);
         }
@@ -691,13 +718,30 @@ pub struct MatcherJoin {
     policy: MatcherPolicy,
     h2g: HashToGroup,
     blocks: Vec<Vec<Vec<u8>>>,
+    padding_seed: Option<PaddingSeed>,
 }
 
-/// One token the matcher sends: one of its identifiers, or padding.
+/// One token the matcher sends: one of its identifiers, or padding (the
+/// index of its random input).
 #[derive(Clone, Copy, Debug)]
 enum Entry {
     Id(usize, usize),
-    Pad,
+    Pad(usize),
+}
+
+/// What a padding token is hashed from: a label no normalised identifier
+/// starts with, then 32 random bytes; so `kp·H2G(input)` is a random point
+/// computed exactly like a real token.
+const PAD_LABEL: &[u8] = b"\xffcleanroom-v1-pad:";
+
+fn pad_input<R: RngCore + CryptoRng>(rng: &mut R) -> Zeroizing<Vec<u8>> {
+    let mut random = [0u8; 32];
+    rng.fill_bytes(&mut random);
+    let mut input = Zeroizing::new(Vec::with_capacity(PAD_LABEL.len() + random.len()));
+    input.extend_from_slice(PAD_LABEL);
+    input.extend_from_slice(&random);
+    random.zeroize();
+    input
 }
 
 impl MatcherJoin {
@@ -739,7 +783,19 @@ impl MatcherJoin {
             policy,
             h2g,
             blocks,
+            padding_seed: None,
         })
+    }
+
+    /// Draws the padding `P_b` from `seed` (expanded with ChaCha20) instead
+    /// of the session's generator. A node that derives the seed from a key
+    /// of its own and the join's input (filter, grouping, data version)
+    /// pads every re-join of unchanged data with the same `P_b`, so the
+    /// holder cannot average fresh draws over re-joins.
+    #[must_use]
+    pub fn with_padding_seed(mut self, seed: PaddingSeed) -> Self {
+        self.padding_seed = Some(seed);
+        self
     }
 
     /// Opens the join: draws `kp`, a nonce and the padding of each block,
@@ -750,22 +806,23 @@ impl MatcherJoin {
     pub fn offer<R: RngCore + CryptoRng>(self, rng: &mut R) -> Result<(MatcherOffered, Message), ProtocolError> {
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
-        let several = self.blocks.len() > 1;
+        let mut seeded = self.padding_seed.as_ref().map(|s| SessionRng::from_seed(*s.0));
         let mut entries: Vec<Entry> = Vec::new();
         let mut sizes = Vec::with_capacity(self.blocks.len());
         let mut pads = Vec::new();
         for (b, ids) in self.blocks.iter().enumerate() {
-            let pad = match (&self.policy.block_padding, several) {
-                (Some(p), true) => p.sample(rng)?,
-                _ => 0,
+            let pad = match (&self.policy.block_padding, seeded.as_mut()) {
+                (Some(p), Some(seeded)) => p.sample(seeded)?,
+                (Some(p), None) => p.sample(rng)?,
+                (None, _) => 0,
             };
             let mut block: Vec<Entry> = (0..ids.len()).map(|k| Entry::Id(b, k)).collect();
-            block.extend((0..pad).map(|_| Entry::Pad));
+            block.extend((0..pad).map(|k| Entry::Pad(pads.len() + k as usize)));
             shuffle(&mut block, rng);
             sizes.push(block.len() as u64);
             entries.extend(block);
             for _ in 0..pad {
-                pads.push(SecretScalar::random(rng).public().compress().to_bytes());
+                pads.push(pad_input(rng));
             }
         }
         let m: u64 = sizes.iter().sum();
@@ -803,7 +860,7 @@ pub struct MatcherOffered {
     h2g: HashToGroup,
     ids: Vec<Vec<Vec<u8>>>,
     entries: Vec<Entry>,
-    pads: Vec<PointBytes>,
+    pads: Vec<Zeroizing<Vec<u8>>>,
     kp: SecretScalar,
 }
 
@@ -848,7 +905,6 @@ impl MatcherOffered {
             kp: self.kp,
             key_sent: false,
             sent: 0,
-            pads_sent: 0,
             a_seq: 0,
             expected_rows: rows,
             row_seq: 0,
@@ -869,11 +925,10 @@ pub struct MatcherStreaming {
     h2g: HashToGroup,
     ids: Vec<Vec<Vec<u8>>>,
     entries: Vec<Entry>,
-    pads: Vec<PointBytes>,
+    pads: Vec<Zeroizing<Vec<u8>>>,
     kp: SecretScalar,
     key_sent: bool,
     sent: usize,
-    pads_sent: usize,
     a_seq: u32,
     expected_rows: u64,
     row_seq: u32,
@@ -916,25 +971,20 @@ impl MatcherStreaming {
         if self.sent < self.entries.len() {
             let end = (self.sent + self.chunk_points).min(self.entries.len());
             let chunk = self.entries.get(self.sent..end).unwrap_or(&[]);
-            let real: Vec<&[u8]> = chunk
+            // Identifiers and padding alike: `kp·H2G(input)`, in one batch,
+            // so a chunk's time follows its length only.
+            let inputs: Vec<&[u8]> = chunk
                 .iter()
-                .filter_map(|e| match e {
+                .map(|e| match e {
                     Entry::Id(b, k) => self.ids.get(*b).and_then(|ids| ids.get(*k)).map(Vec::as_slice),
-                    Entry::Pad => None,
+                    Entry::Pad(k) => self.pads.get(*k).map(|p| p.as_slice()),
                 })
+                .map(|x| x.unwrap_or(&[]))
                 .collect();
-            let mut computed = hash_mul_compress(&self.h2g, &real, &self.kp).into_iter();
+            let computed = hash_mul_compress(&self.h2g, &inputs, &self.kp);
             let mut points = Vec::with_capacity(chunk.len() * POINT_LEN);
-            for e in chunk {
-                let p = match e {
-                    Entry::Id(..) => computed.next(),
-                    Entry::Pad => {
-                        let p = self.pads.get(self.pads_sent).copied();
-                        self.pads_sent += 1;
-                        p
-                    }
-                };
-                points.extend_from_slice(&p.unwrap_or([0u8; 32]));
+            for p in &computed {
+                points.extend_from_slice(p);
             }
             self.sent = end;
             let seq = self.a_seq;

@@ -115,6 +115,16 @@ impl TemplateKind {
     }
 }
 
+/// The largest `clip.spend_cents` a template may set: 2^31 cents (about 21
+/// million in major units) per customer and group. With at most 2^31
+/// customers in a join (the protocol's `MAX_SET_SIZE`), every weighted cell
+/// sum then stays below 2^62, so it and its noise fit the signed 64-bit
+/// words the shares are reconstructed in, and `Δ²` is far from `u128`'s range.
+pub const MAX_CLIP_SPEND_CENTS: u64 = 1 << 31;
+
+/// The largest `clip.transactions` a template may set.
+pub const MAX_CLIP_TRANSACTIONS: u64 = 1 << 20;
+
 /// Per-customer clip bounds (per group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -487,6 +497,11 @@ impl Template {
         if self.clip.transactions == 0 || self.clip.spend_cents == 0 {
             return Err(bad("clip bounds must be positive".into()));
         }
+        if self.clip.spend_cents > MAX_CLIP_SPEND_CENTS || self.clip.transactions > MAX_CLIP_TRANSACTIONS {
+            return Err(bad(format!(
+                "clip bounds are at most spend_cents = {MAX_CLIP_SPEND_CENTS} and transactions = {MAX_CLIP_TRANSACTIONS} (so every cell sum fits the shares' 64-bit words)"
+            )));
+        }
         let used = sql::placeholders(&self.sql);
         for u in &used {
             if !self.params.iter().any(|(n, _)| n == u) {
@@ -809,16 +824,20 @@ impl Plan {
     /// `Δ²`: the squared L2 norm of the largest weighted vector one customer
     /// (or one platform user) can change. A customer is in one matcher group
     /// at most, so one batch's width counts.
+    ///
+    /// Saturating arithmetic: a result past `u128` (impossible within
+    /// [`MAX_CLIP_SPEND_CENTS`], which `Template::check` enforces) comes out
+    /// as `u128::MAX`, more noise, never a wrapped small value.
     pub fn delta_squared(&self) -> u128 {
         let per = self.per_group();
         let one_group: u128 = per
             .iter()
             .map(|(_, k)| {
-                let x = u128::from(self.bound(*k)) * u128::from(self.weight(*k));
-                x * x
+                let x = u128::from(self.bound(*k)).saturating_mul(u128::from(self.weight(*k)));
+                x.saturating_mul(x)
             })
-            .sum();
-        one_group * self.holder_groups().len() as u128
+            .fold(0u128, u128::saturating_add);
+        one_group.saturating_mul(self.holder_groups().len() as u128)
     }
 
     /// Whether a holder row passes the WHERE clause's holder conjuncts.
@@ -1083,6 +1102,35 @@ mod tests {
         let o = template(TemplateKind::Overlap).bind("alice", &[], &d).unwrap();
         assert_eq!(o.delta_squared(), 1_000_000);
         assert_eq!(o.width(), 1);
+    }
+
+    /// A clip bound past the documented limit is refused when the template
+    /// is checked; and `Δ²` never wraps to a small value (which would mean
+    /// almost no noise), even for a plan built around the check.
+    #[test]
+    fn absurd_clip_bounds_are_refused_and_never_wrap() {
+        let d = domains();
+        let mut t = template(TemplateKind::SpendByCategory);
+        t.clip.spend_cents = MAX_CLIP_SPEND_CENTS;
+        t.check(&d).unwrap();
+        t.clip.spend_cents = MAX_CLIP_SPEND_CENTS + 1;
+        assert!(matches!(t.check(&d), Err(QueryError::BadTemplate { .. })));
+        t.clip.spend_cents = 1000;
+        t.clip.transactions = MAX_CLIP_TRANSACTIONS + 1;
+        assert!(matches!(t.check(&d), Err(QueryError::BadTemplate { .. })));
+        // At the limit: the exact value, in u128 arithmetic with room.
+        let mut t = template(TemplateKind::SpendByCategory);
+        t.clip.spend_cents = MAX_CLIP_SPEND_CENTS;
+        let params = p(&[("start", "2026-02-01"), ("end", "2026-03-01")]);
+        let plan = t.bind("alice", &params, &d).unwrap();
+        let x = u128::from(MAX_CLIP_SPEND_CENTS);
+        let rows = 10 * (x / 10);
+        // customers (1·S)², rows (10·⌊S/10⌋)², spend (S·1)², two categories.
+        assert_eq!(plan.delta_squared(), 2 * (x * x + rows * rows + x * x));
+        // 2^63 cents: (2^63)² · 3 · 2 is past u128; it saturates.
+        t.clip.spend_cents = 1 << 63;
+        let plan = t.bind("alice", &params, &d).unwrap();
+        assert_eq!(plan.delta_squared(), u128::MAX);
     }
 
     #[test]

@@ -1,0 +1,155 @@
+//! The holder's work before it sends `E` must not depend on the dummy count
+//! `D` (the cardinality noise): a matcher that brings one target and a few
+//! other identifiers could otherwise read `D` from the delay between its
+//! last token chunk and the holder's first token chunk, and undo the noise.
+//!
+//! Over a few hundred in-process joins with a tiny matcher set, the time of
+//! the holder's last token step (which builds `E`) is rank-correlated with `D`;
+//! the correlation must be near zero. A control adds `D` scalar
+//! multiplications to the same timed step and shows the test finds the
+//! correlation when the work does depend on `D`.
+//!
+//! `cargo test --locked -p cleanroom-tests --test token_timing -- --nocapture`
+//! prints both correlations.
+
+mod common;
+
+use std::time::Instant;
+
+use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
+use cleanroom_protocol::join::{HolderJoin, HolderPolicy};
+use cleanroom_wire::Message;
+use curve25519_dalek::constants::RISTRETTO_BASEPOINT_POINT;
+use curve25519_dalek::scalar::Scalar;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+const TRIALS: u64 = 300;
+
+/// Spearman's rank correlation: Pearson on ranks, robust to the heavy tail
+/// of timings on a shared machine (a preempted step is one rank, not 10 ms).
+fn spearman(x: &[f64], y: &[f64]) -> f64 {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|a, b| v[*a].total_cmp(&v[*b]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            for k in i..=j {
+                r[idx[k]] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    pearson(&ranks(x), &ranks(y))
+}
+
+fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
+    cov / (vx * vy).sqrt()
+}
+
+/// One join: the seconds the holder's last token step took (plus `extra(D)`
+/// scalar multiplications inside the timed region), and `D`.
+fn one_join(seed: u64, extra: impl Fn(u64) -> u64) -> (f64, u64) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let holder = HolderJoin::new(
+        common::params(1024),
+        HolderPolicy {
+            peer_set: common::limits(),
+            // ε = 0.1, δ = 10^-6: μ = 147, D_max = 294, D spread about ±14.
+            cardinality: ShiftedTruncatedLaplace::new(1, 10, 1_000_000).unwrap(),
+        },
+        common::ids("x", 0..200),
+    )
+    .unwrap();
+    // One target the holder has, and a few others.
+    let mut ids = common::ids("x", 0..1);
+    ids.extend(common::ids("y", 0..9));
+    let matcher = common::matcher(ids, 1024);
+    let (offered, offer) = matcher.offer(&mut rng).unwrap();
+    let (mut h, accept) = holder
+        .on_offer(&offer.encode().unwrap(), &mut rng)
+        .unwrap()
+        .charge_recorded();
+    let mut m = offered.on_accept(&accept.encode().unwrap()).unwrap();
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    while let Some(msg) = m.poll_transmit() {
+        frames.push(msg.encode().unwrap());
+    }
+    let last = frames.pop().unwrap();
+    for f in &frames {
+        h.handle(f).unwrap();
+    }
+    // The holder's rows go out before (they do not depend on `E`).
+    let mut rows = Vec::new();
+    while let Some(msg) = h.poll_transmit() {
+        assert!(matches!(msg, Message::HolderRows(_)));
+        rows.push(msg);
+    }
+    let t = Instant::now();
+    h.handle(&last).unwrap();
+    let first_token = h.poll_transmit().unwrap();
+    let timed = t.elapsed().as_secs_f64();
+    assert!(matches!(first_token, Message::HolderTokens(_)));
+    while h.poll_transmit().is_some() {}
+    let d = h.finish().unwrap().matching_dummies();
+    // The control: `extra(D)` more multiplications, timed on their own and
+    // added to the step (as if they had been inside it).
+    let t = Instant::now();
+    let mut p = RISTRETTO_BASEPOINT_POINT;
+    for k in 0..extra(d) {
+        p = Scalar::from(k + 3) * p;
+    }
+    std::hint::black_box(p);
+    (timed + t.elapsed().as_secs_f64(), d)
+}
+
+fn correlation(extra: impl Fn(u64) -> u64 + Copy) -> (f64, f64, f64) {
+    // A few joins to warm up the thread pool and caches.
+    for s in 0..5 {
+        one_join(10_000 + s, extra);
+    }
+    let (mut times, mut ds) = (Vec::new(), Vec::new());
+    for s in 0..TRIALS {
+        let (t, d) = one_join(s, extra);
+        times.push(t);
+        ds.push(d as f64);
+    }
+    let r = spearman(&times, &ds);
+    let mean_d = ds.iter().sum::<f64>() / ds.len() as f64;
+    let sd_d = (ds.iter().map(|d| (d - mean_d).powi(2)).sum::<f64>() / ds.len() as f64).sqrt();
+    times.sort_by(f64::total_cmp);
+    (r, sd_d, times[times.len() / 2])
+}
+
+#[test]
+fn the_time_to_build_e_does_not_follow_the_dummy_count() {
+    let (r, sd_d, median) = correlation(|_| 0);
+    println!(
+        "last token step vs D over {TRIALS} joins (D sd {sd_d:.1}): r = {r:+.3}, median step {:.2} ms",
+        median * 1e3
+    );
+    // The control: the same measurement with D more multiplications in it.
+    let (r_control, _, median_control) = correlation(|d| d);
+    println!(
+        "control, with D more scalar multiplications in the step: r = {r_control:+.3}, median step {:.2} ms",
+        median_control * 1e3
+    );
+    assert!(sd_d > 5.0, "D hardly varies (sd {sd_d}): the test cannot see anything");
+    assert!(
+        r_control > 0.5,
+        "the control does not show a D-dependent step (r = {r_control}): the measurement is too noisy"
+    );
+    // 300 independent pairs: the correlation's standard error is about 0.058.
+    assert!(r.abs() < 0.25, "the time to build E follows D: r = {r}");
+}
