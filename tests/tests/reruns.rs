@@ -286,3 +286,49 @@ async fn a_bank_that_keeps_losing_its_share_gets_the_same_platform_noise() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+/// A rerun needs the join its first release came from. When the platform
+/// no longer has it (expired, or dropped), the rerun is refused before any
+/// new join is opened, so the bank's cardinality budget is not charged for
+/// a join nothing would use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_without_its_join_is_refused_before_joining_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture(dir.path(), 74);
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let (template, params) = demo_queries().remove(1);
+    let qid = new_query_id().unwrap();
+    analyst_of(&fixture, "alice", &bank, &platform)
+        .query(template, &params, qid, TIMEOUT)
+        .await
+        .unwrap();
+    platform.shutdown().await;
+    drop(platform);
+    let state = dir.path().join("state");
+    let db = rusqlite::Connection::open(state.join("platform").join("state.db")).unwrap();
+    assert_eq!(db.execute("DELETE FROM joins", []).unwrap(), 1);
+    drop(db);
+    let db = rusqlite::Connection::open(state.join("bank").join("state.db")).unwrap();
+    db.execute(
+        "UPDATE charges SET share = NULL, released_at = NULL WHERE query_id = ?1",
+        [qid.to_vec()],
+    )
+    .unwrap();
+    let joins = || -> i64 {
+        db.query_row("SELECT COUNT(*) FROM cardinality", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = joins();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let refused = analyst_of(&fixture, "alice", &bank, &platform)
+        .query(template, &params, qid, TIMEOUT)
+        .await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("cannot be run again")),
+        "{refused:?}"
+    );
+    assert_eq!(joins(), before, "a join was opened (and charged) for a refused rerun");
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

@@ -1890,6 +1890,25 @@ impl Node {
         out
     }
 
+    /// Platform: the cached join for `filter` on this data version, if any
+    /// (in memory, else from the state file).
+    fn cached_matcher_join(&self, filter: &str, version: &[u8; 32]) -> Result<Option<Arc<MatcherJoined>>, NodeError> {
+        if let Some(j) = lock(&self.inner.matcher_joins).get(filter) {
+            return Ok(Some(j.clone()));
+        }
+        let cached = lock(&self.inner.state).join_for_filter(filter, version)?;
+        let Some((session, payload)) = cached else {
+            return Ok(None);
+        };
+        let mut words = payload
+            .chunks_exact(4)
+            .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes));
+        let blocks = words.next().unwrap_or(0) as usize;
+        let j = Arc::new(MatcherJoined::from_parts(session, words.collect(), blocks)?);
+        lock(&self.inner.matcher_joins).insert(filter.to_string(), j.clone());
+        Ok(Some(j))
+    }
+
     async fn matcher_join(
         &self,
         data: &MatcherData,
@@ -1907,20 +1926,8 @@ impl Node {
                 self.inner.limits.min_input_set
             )));
         }
-        if !fresh {
-            if let Some(j) = lock(&self.inner.matcher_joins).get(&filter) {
-                return Ok((j.clone(), None));
-            }
-            let cached = lock(&self.inner.state).join_for_filter(&filter, &data.version)?;
-            if let Some((session, payload)) = cached {
-                let mut words = payload
-                    .chunks_exact(4)
-                    .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes));
-                let blocks = words.next().unwrap_or(0) as usize;
-                let j = Arc::new(MatcherJoined::from_parts(session, words.collect(), blocks)?);
-                lock(&self.inner.matcher_joins).insert(filter.clone(), j.clone());
-                return Ok((j, None));
-            }
+        if !fresh && let Some(j) = self.cached_matcher_join(&filter, &data.version)? {
+            return Ok((j, None));
         }
         let t = Instant::now();
         let blocks: Vec<Vec<Vec<u8>>> = indices
@@ -2078,17 +2085,23 @@ impl Node {
                 "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)".into(),
             ));
         }
-        let (joined, join_phases) = self.matcher_join(data, plan, false).await?;
-        timings.extend(join_phases.unwrap_or_default());
         let other_join = || {
             warn!("the query's share was released from a join this node no longer has; it cannot be run again");
             Err(NodeError::Refused(
                 "this query's first run was over a join that has expired or was dropped; it cannot be run again".into(),
             ))
         };
-        if rerun_over.is_some_and(|j| j != joined.session()) {
-            return other_join();
-        }
+        // A rerun uses the cached join of the first release, or none: it
+        // never opens a new join (which would charge the bank's ε_c for
+        // nothing, since a rerun over it is refused).
+        let (joined, join_phases) = match rerun_over {
+            Some(first) => match self.cached_matcher_join(&plan.join_filter(), &data.version)? {
+                Some(j) if j.session() == first => (j, None),
+                _ => return other_join(),
+            },
+            None => self.matcher_join(data, plan, false).await?,
+        };
+        timings.extend(join_phases.unwrap_or_default());
         match self.matcher_aggregate(&joined, plan, qid).await {
             Ok((s, phases, run)) => {
                 timings.extend(phases);
