@@ -332,3 +332,45 @@ async fn a_rerun_without_its_join_is_refused_before_joining_again() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+/// The bank no longer has the join the platform has cached (it expired
+/// there, or the bank's cache was lost): the platform's first batch is
+/// aborted with `UnknownJoin`, the platform joins again, and its batches
+/// over the new join are accepted; the query is answered within noise of
+/// the truth, with one more join charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_that_lost_its_join_is_joined_again_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture(dir.path(), 75);
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let (template, params) = demo_queries().remove(1);
+    analyst_of(&fixture, "alice", &bank, &platform)
+        .query(template, &params, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    platform.shutdown().await;
+    bank.shutdown().await;
+    drop((platform, bank));
+    let bank_db = dir.path().join("state").join("bank").join("state.db");
+    let db = rusqlite::Connection::open(&bank_db).unwrap();
+    assert_eq!(db.execute("DELETE FROM joins", []).unwrap(), 1);
+    let joins = || -> i64 {
+        db.query_row("SELECT COUNT(*) FROM cardinality", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = joins();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let r = analyst_of(&fixture, "alice", &bank, &platform)
+        .query(template, &params, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("after the bank lost its join: {e}"));
+    let truth = cleanroom_node::demo::truth(&fixture.data, &fixture.plan(template, &params).unwrap());
+    for (c, t) in r.cells.iter().zip(&truth) {
+        assert!((c.value - t).abs() <= 6.0 * c.sigma, "{}: {} vs {t}", c.name, c.value);
+    }
+    assert_eq!(joins(), before + 1);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

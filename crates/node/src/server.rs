@@ -98,6 +98,9 @@ struct PendingEntry {
     /// The join its batches run over: every batch of one run must use the
     /// same, and a rerun must use the join of the released share.
     join: Option<SessionId>,
+    /// Whether `join` was fixed at registration (a rerun's), rather than by
+    /// the first batch that claimed the query.
+    join_fixed: bool,
 }
 
 /// A query's whole share on this side, its run, the seconds from acceptance
@@ -1399,6 +1402,7 @@ impl Node {
                 analyst: analyst.to_string(),
                 claimed: false,
                 join,
+                join_fixed: join.is_some(),
             },
         );
         drop(pending);
@@ -1571,8 +1575,21 @@ impl Node {
                         .await;
                     let message = match &result {
                         Ok(share) => Some(Ok(share.clone())),
-                        // The platform joins again and retries: not a failure of the query.
-                        Err(NodeError::UnknownJoin) => None,
+                        // The platform joins again and retries: not a failure
+                        // of the query. Its batches will name the new join, so
+                        // the one this batch claimed with (which this node does
+                        // not have) is forgotten, unless a batch already ran
+                        // over it or it is a rerun's.
+                        Err(NodeError::UnknownJoin) => {
+                            if let Some(p) = lock(&self.inner.pending).get_mut(&setup.query_id)
+                                && !p.join_fixed
+                                && p.join == Some(setup.join_session)
+                                && p.shares.iter().all(Option::is_none)
+                            {
+                                p.join = None;
+                            }
+                            None
+                        }
                         Err(e) => Some(Err(e.to_string())),
                     };
                     if let Some(m) = message

@@ -218,8 +218,34 @@ fn block_of(position: u64, sizes: &[u64]) -> Option<usize> {
 
 // ---------------------------------------------------------------- holder
 
+// The joins' `Debug` shows sizes only: never identifiers, padding inputs
+// or which positions are padding.
+impl core::fmt::Debug for HolderJoin {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HolderJoin")
+            .field("identifiers", &self.ids.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl core::fmt::Debug for MatcherJoin {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MatcherJoin")
+            .field("blocks", &self.blocks.len())
+            .field("identifiers", &self.blocks.iter().map(Vec::len).sum::<usize>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl core::fmt::Debug for MatcherOffered {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MatcherOffered")
+            .field("offered_blocks", &self.offer.blocks)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The holder before any offer.
-#[derive(Debug)]
 pub struct HolderJoin {
     params: JoinParams,
     policy: HolderPolicy,
@@ -712,7 +738,6 @@ impl HolderJoined {
 // ---------------------------------------------------------------- matcher
 
 /// The matcher before it opens a join.
-#[derive(Debug)]
 pub struct MatcherJoin {
     params: JoinParams,
     policy: MatcherPolicy,
@@ -852,7 +877,6 @@ impl MatcherJoin {
 }
 
 /// The matcher waiting for the holder's accept.
-#[derive(Debug)]
 pub struct MatcherOffered {
     offer: JoinOffer,
     chunk_points: usize,
