@@ -504,24 +504,36 @@ fn main() -> anyhow::Result<()> {
                 Some(s) => parse_query_id(&s).map_err(anyhow::Error::msg)?,
                 None => new_query_id()?,
             };
-            let result = runtime()?.block_on(async {
-                let analyst = Analyst::new(&cfg)?;
-                match (&template, &sql) {
-                    (Some(t), _) => analyst.query(t, &params, qid, Duration::from_secs(timeout)).await,
-                    (None, Some(q)) => {
-                        if !params.is_empty() {
-                            return Err(cleanroom_node::NodeError::Refused(
-                                "with --sql, write the values into the query instead of --param".into(),
-                            ));
+            let qid_hex: String = qid.iter().map(|b| format!("{b:02x}")).collect();
+            let result = runtime()?
+                .block_on(async {
+                    let analyst = Analyst::new(&cfg)?;
+                    let result = match (&template, &sql) {
+                        (Some(t), _) => analyst.query(t, &params, qid, Duration::from_secs(timeout)).await,
+                        (None, Some(q)) => {
+                            if params.is_empty() {
+                                analyst
+                                    .query_sql(q, qid, Duration::from_secs(timeout))
+                                    .await
+                                    .map(|(_, r)| r)
+                            } else {
+                                Err(cleanroom_node::NodeError::Refused(
+                                    "with --sql, write the values into the query instead of --param".into(),
+                                ))
+                            }
                         }
-                        analyst
-                            .query_sql(q, qid, Duration::from_secs(timeout))
-                            .await
-                            .map(|(_, r)| r)
-                    }
-                    (None, None) => Err(cleanroom_node::NodeError::Refused("give --template or --sql".into())),
-                }
-            })?;
+                        (None, None) => Err(cleanroom_node::NodeError::Refused("give --template or --sql".into())),
+                    };
+                    // Tell the nodes this process is done with its
+                    // connections (they are counted per analyst).
+                    analyst.close().await;
+                    result
+                })
+                // Every failure names the query id: a node may have charged
+                // it, and a retry under the same id costs nothing more there.
+                .with_context(|| {
+                    format!("query {qid_hex} failed; to retry it without a new charge, run the same command with --query-id {qid_hex}")
+                })?;
             match format {
                 Format::Table => output::result_table(&result, None),
                 Format::Csv => output::result_csv(&result),
@@ -530,12 +542,22 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Templates { config } => {
             let cfg = AnalystConfig::load(&config)?;
-            let list = runtime()?.block_on(async { Analyst::new(&cfg)?.templates().await })?;
+            let list = runtime()?.block_on(async {
+                let analyst = Analyst::new(&cfg)?;
+                let list = analyst.templates().await;
+                analyst.close().await;
+                list
+            })?;
             output::templates(&list);
         }
         Command::Budget { config } => {
             let cfg = AnalystConfig::load(&config)?;
-            let list = runtime()?.block_on(async { Analyst::new(&cfg)?.budget().await })?;
+            let list = runtime()?.block_on(async {
+                let analyst = Analyst::new(&cfg)?;
+                let list = analyst.budget().await;
+                analyst.close().await;
+                list
+            })?;
             output::budget(&list);
         }
     }

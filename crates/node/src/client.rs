@@ -81,6 +81,16 @@ impl Analyst {
         &self.name
     }
 
+    /// Closes every connection of this analyst and waits (at most 2 s) until
+    /// the nodes have been told, so each node frees the connection at once
+    /// instead of at its idle timeout. A process should call this before it
+    /// exits: otherwise its last connections stay counted against
+    /// `max_connections_per_analyst` for 30 s.
+    pub async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
     async fn ask(
         &self,
         role: Role,
@@ -340,7 +350,7 @@ pub fn reconstruct(template: &str, query_id: [u8; 16], shares: &[QueryShare]) ->
         let count_cell = a.count_cells.get(i).copied().unwrap_or(0) as usize;
         let count = values.get(count_cell).copied().unwrap_or(0.0);
         let suppressed =
-            (count < min_count as f64).then(|| format!("noisy count {count:.0} is below the minimum of {min_count}"));
+            (count < min_count as f64).then(|| format!("noisy count {count:.2} is below the minimum of {min_count}"));
         cells.push(CellResult {
             name: name.clone(),
             unit: a.units.get(i).cloned().unwrap_or_else(|| "count".into()),
@@ -422,4 +432,44 @@ pub fn new_query_id() -> Result<[u8; 16], NodeError> {
     let mut id = [0u8; 16];
     cleanroom_crypto::rng::SystemRng::new().try_fill(&mut id)?;
     Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(node: &str, word: u64) -> QueryShare {
+        QueryShare {
+            node: node.into(),
+            query_id: [1; 16],
+            plan: [2; 32],
+            cells: vec!["customers".into()],
+            weights: vec![100],
+            count_cells: vec![0],
+            units: vec!["count".into()],
+            ratios: vec![],
+            words: vec![word],
+            sigma: 1.0,
+            min_count: 20,
+            rho: "0.1".into(),
+            timings: vec![],
+            replayed: false,
+            run: [3; 16],
+        }
+    }
+
+    /// A suppressed cell says what was compared: 19.68 against 20, not a
+    /// count rounded to the minimum ("noisy count 20 is below ... 20").
+    #[test]
+    fn a_suppressed_cell_names_the_noisy_count_it_compared() {
+        let shares = [share("bank", 1000u64.wrapping_sub(32)), share("platform", 1000)];
+        let r = reconstruct("t", [1; 16], &shares).unwrap();
+        assert!((r.cells[0].value - 19.68).abs() < 1e-9);
+        assert_eq!(
+            r.cells[0].suppressed.as_deref(),
+            Some("noisy count 19.68 is below the minimum of 20")
+        );
+        let shares = [share("bank", 1000), share("platform", 1000)];
+        assert_eq!(reconstruct("t", [1; 16], &shares).unwrap().cells[0].suppressed, None);
+    }
 }
