@@ -346,6 +346,18 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
             "cancelled",
             Message::AnalystResponse(cleanroom_wire::AnalystResponse::Cancelled(true)),
         ),
+        (
+            "admit",
+            Message::AnalystRequest(cleanroom_wire::AnalystRequest::Admit(cleanroom_wire::QueryRequest {
+                query_id: [4; 16],
+                template: "spend_by_category".into(),
+                params: vec![("start".into(), "2026-01-01".into())],
+            })),
+        ),
+        (
+            "admitted",
+            Message::AnalystResponse(cleanroom_wire::AnalystResponse::Admitted),
+        ),
     ];
     for (name, m) in node_messages {
         if let Ok(f) = m.encode() {

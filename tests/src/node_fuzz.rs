@@ -179,6 +179,7 @@ enum Request {
     Budget,
     Query { qid: u8, query: Query },
     Cancel { qid: u8 },
+    Admit { qid: u8, query: Query },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -300,9 +301,10 @@ fn harness() -> &'static Harness {
         let mut fixture = Fixture::create(dir.path(), 300, 71, &["alice"]).unwrap_or_else(|e| panic!("fixture: {e}"));
         // Budgets, runs and rates no script can exhaust (refusals for them
         // are tested elsewhere, and would hide the paths behind them here),
-        // and a short query timeout so that abandoned queries end soon.
+        // and a short query timeout and admission hold so that abandoned
+        // queries and admissions end soon.
         let limits = format!(
-            "[limits]\nmax_requests_per_analyst_per_second = 1000000\nruns_per_analyst_per_day = 100000000\nquery_timeout_secs = {QUERY_TIMEOUT_SECS}\n"
+            "[limits]\nmax_requests_per_analyst_per_second = 1000000\nruns_per_analyst_per_day = 100000000\nquery_timeout_secs = {QUERY_TIMEOUT_SECS}\nadmission_hold_secs = 1\n"
         );
         fixture
             .edit_configs(&[
@@ -627,6 +629,9 @@ impl Play<'_> {
                         AnalystRequest::Query(self.h.query_request(self.salt, *qid, query))
                     }
                     Request::Cancel { qid } => AnalystRequest::Cancel(query_id(self.salt, *qid)),
+                    Request::Admit { qid, query } => {
+                        AnalystRequest::Admit(self.h.query_request(self.salt, *qid, query))
+                    }
                 })),
                 Frame::Peer(p) => message(self.h.peer_message(p, self)),
             })
@@ -878,6 +883,7 @@ fn analyst_reply_fits(first: Option<&Message>, r: &AnalystResponse) -> bool {
             matches!(r, AnalystResponse::Share(s) if s.query_id == q.query_id)
         }
         Some(Message::AnalystRequest(AnalystRequest::Cancel(_))) => matches!(r, AnalystResponse::Cancelled(_)),
+        Some(Message::AnalystRequest(AnalystRequest::Admit(_))) => matches!(r, AnalystResponse::Admitted),
         _ => false,
     }
 }

@@ -792,6 +792,127 @@ async fn runs_per_day_refuse_at_exactly_the_limit() {
     bank.shutdown().await;
 }
 
+/// Every admission check of both nodes comes before either node charges: a
+/// query that one node refuses (here its runs per day) is charged at
+/// neither, and the two ledgers agree query by query. Before the client
+/// asked both nodes to admit the query first, the node that did not refuse
+/// charged it, and the analyst's budget there went on a query never
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_either_node_refuses_is_charged_at_neither() {
+    for refusing in ["bank", "platform"] {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Fixture::create(dir.path(), 300, 131, &["alice"]).unwrap();
+        let one_run = |t: String| t.replace("[limits]\n", "[limits]\nruns_per_analyst_per_day = 1\n");
+        if refusing == "bank" {
+            let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
+            std::fs::write(&fixture.bank_config, one_run(text)).unwrap();
+        }
+        let bank = fixture.start_bank().await.unwrap();
+        let platform = if refusing == "platform" {
+            platform_with(&fixture, &bank, one_run).await
+        } else {
+            fixture.start_platform(bank.local_addr().unwrap()).await.unwrap()
+        };
+        let analyst = analyst_of(&fixture, "alice", &bank, &platform);
+        let first = new_query_id().unwrap();
+        analyst.query("overlap", &[], first, TIMEOUT).await.unwrap();
+        let mut refused = vec![first];
+        for _ in 0..3 {
+            let qid = new_query_id().unwrap();
+            let e = analyst
+                .query("overlap", &[], qid, TIMEOUT)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "run limit on the {refusing} node: 1 queries per analyst per day"
+                )),
+                "{e}"
+            );
+            refused.push(qid);
+        }
+        assert_eq!(bank.charge_count().unwrap(), 1, "{refusing} refused");
+        assert_eq!(platform.charge_count().unwrap(), 1, "{refusing} refused");
+        for (i, qid) in refused.iter().enumerate() {
+            assert_eq!(bank.is_charged(qid).unwrap(), i == 0);
+            assert_eq!(platform.is_charged(qid).unwrap(), i == 0);
+        }
+        // The admissions the other node held were dropped: nothing runs.
+        assert_eq!((bank.queries_in_flight(), platform.queries_in_flight()), (0, 0));
+        platform.shutdown().await;
+        bank.shutdown().await;
+    }
+}
+
+/// An admission holds one of the analyst's running-query slots: with one
+/// slot (`max_queries_in_flight_per_analyst = 1`) a second admission is
+/// refused while the first is held; a cancel frees the slot at once, and an
+/// admission nobody uses frees it when `admission_hold_secs` pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_holds_a_slot_until_its_query_a_cancel_or_its_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture::create(dir.path(), 300, 141, &["alice"]).unwrap();
+    let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
+    std::fs::write(
+        &fixture.bank_config,
+        text.replace(
+            "[limits]\n",
+            "[limits]\nmax_queries_in_flight_per_analyst = 1\nadmission_hold_secs = 2\n",
+        ),
+    )
+    .unwrap();
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let certs = fixture.dir.join("certs");
+    let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+    let alice = Identity::load(&certs.join("analyst-alice.pem"), &certs.join("analyst-alice.key")).unwrap();
+    let bank_name = pki::node_name("bank");
+    let addr = bank.local_addr().unwrap();
+    let admit = |qid: [u8; 16]| {
+        Message::AnalystRequest(AnalystRequest::Admit(QueryRequest {
+            query_id: qid,
+            template: "overlap".into(),
+            params: vec![],
+        }))
+    };
+    let (q1, q2) = (new_query_id().unwrap(), new_query_id().unwrap());
+    let ask = |m: Message| raw_request(&alice, &ca, addr, &bank_name, m);
+    assert!(matches!(
+        ask(admit(q1)).await,
+        Ok(Message::AnalystResponse(AnalystResponse::Admitted))
+    ));
+    assert_eq!(bank.queries_in_flight(), 1);
+    let r = ask(admit(q2)).await;
+    assert!(
+        matches!(&r, Ok(Message::AnalystResponse(AnalystResponse::Refused(m))) if m.contains("max_queries_in_flight_per_analyst")),
+        "{r:?}"
+    );
+    // A cancel frees it at once.
+    ask(Message::AnalystRequest(AnalystRequest::Cancel(q1))).await.unwrap();
+    assert_eq!(bank.queries_in_flight(), 0);
+    // An unused admission expires.
+    assert!(matches!(
+        ask(admit(q2)).await,
+        Ok(Message::AnalystResponse(AnalystResponse::Admitted))
+    ));
+    assert_eq!(bank.queries_in_flight(), 1);
+    let t = std::time::Instant::now();
+    while bank.queries_in_flight() != 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the admission did not expire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(t.elapsed() >= Duration::from_millis(1500), "{:?}", t.elapsed());
+    // Nothing was charged; a whole query (admission, then query) still runs.
+    assert_eq!(bank.charge_count().unwrap(), 0);
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
+    analyst.query("overlap", &[], q1, TIMEOUT).await.unwrap();
+    assert_eq!(bank.charge_count().unwrap(), 1);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minimum_input_refuses_at_exactly_its_boundary() {
     let dir = tempfile::tempdir().unwrap();

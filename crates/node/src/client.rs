@@ -136,6 +136,17 @@ impl Analyst {
         req: AnalystRequest,
         timeout: Duration,
     ) -> Vec<(Role, Result<AnalystResponse, NodeError>)> {
+        self.ask_both_until(req, timeout, true).await
+    }
+
+    /// [`Analyst::ask_both`]; with `stop_at_refusal` false it waits for both
+    /// answers even when one node refuses.
+    async fn ask_both_until(
+        &self,
+        req: AnalystRequest,
+        timeout: Duration,
+        stop_at_refusal: bool,
+    ) -> Vec<(Role, Result<AnalystResponse, NodeError>)> {
         let addr = |r: Role| self.nodes.iter().find(|(role, _)| *role == r).map(|(_, a)| *a);
         let (Some(bank), Some(platform)) = (addr(Role::Bank), addr(Role::Platform)) else {
             return vec![(Role::Bank, Err(NodeError::Internal("the analyst config lacks a node")))];
@@ -145,7 +156,9 @@ impl Analyst {
         let fb = self.ask(Role::Bank, bank, req.clone(), timeout);
         let fp = self.ask(Role::Platform, platform, req, timeout);
         tokio::pin!(fb, fp);
-        let refused = |r: &Result<AnalystResponse, NodeError>| matches!(r, Ok(AnalystResponse::Refused(_)) | Err(_));
+        let refused = |r: &Result<AnalystResponse, NodeError>| {
+            stop_at_refusal && matches!(r, Ok(AnalystResponse::Refused(_)) | Err(_))
+        };
         let (mut b, mut p) = (None, None);
         while b.is_none() || p.is_none() {
             tokio::select! {
@@ -232,11 +245,15 @@ impl Analyst {
         query_id: [u8; 16],
         timeout: Duration,
     ) -> Result<QueryResult, NodeError> {
-        let req = AnalystRequest::Query(QueryRequest {
+        let request = QueryRequest {
             query_id,
             template: template.to_string(),
             params: params.to_vec(),
-        });
+        };
+        // Every admission check of both nodes before either charges: a
+        // query one node would refuse is sent to neither.
+        self.admit_both(&request, timeout).await?;
+        let req = AnalystRequest::Query(request);
         // Shares of different runs: a node restarted while the query ran,
         // and the two ran its aggregate again; the node that answered from
         // its old run is storing the new share. Ask again, a few times.
@@ -249,16 +266,7 @@ impl Analyst {
             // charged) the query id and be waiting for, or queued behind,
             // its peer; let it go now rather than at its timeout.
             if let [(refusing, Ok(AnalystResponse::Refused(_)) | Err(_))] = &answers[..] {
-                let other = if *refusing == Role::Bank {
-                    Role::Platform
-                } else {
-                    Role::Bank
-                };
-                if let Some((_, addr)) = self.nodes.iter().find(|(r, _)| *r == other) {
-                    let _ = self
-                        .ask(other, *addr, AnalystRequest::Cancel(query_id), Duration::from_secs(5))
-                        .await;
-                }
+                self.cancel_at(refusing.peer(), query_id).await;
             }
             for (role, a) in answers {
                 match a {
@@ -280,6 +288,51 @@ impl Analyst {
             }
             attempt += 1;
             tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+        }
+    }
+}
+
+impl Analyst {
+    /// Asks both nodes whether they would run `request` now
+    /// (`AnalystRequest::Admit`); each holds its admission for the query.
+    /// If either refuses, the other's admission is dropped and nothing was
+    /// charged anywhere.
+    async fn admit_both(&self, request: &QueryRequest, timeout: Duration) -> Result<(), NodeError> {
+        // Both answers, so that a node's admission is cancelled only after
+        // it was made.
+        let answers = self
+            .ask_both_until(AnalystRequest::Admit(request.clone()), timeout, false)
+            .await;
+        let mut refusals = Vec::new();
+        let mut admitted = Vec::new();
+        for (role, a) in &answers {
+            match a {
+                Ok(AnalystResponse::Admitted) => admitted.push(*role),
+                Ok(AnalystResponse::Refused(m)) => refusals.push(format!("{} node: {m}", role.as_str())),
+                Ok(_) => refusals.push(format!("{} node answered out of turn", role.as_str())),
+                Err(e) => refusals.push(e.to_string()),
+            }
+        }
+        if refusals.is_empty() && admitted.len() == 2 {
+            return Ok(());
+        }
+        // A node that admitted frees its slot now rather than when the
+        // admission expires.
+        for role in admitted {
+            self.cancel_at(role, request.query_id).await;
+        }
+        if refusals.is_empty() {
+            refusals.push("a node did not answer".into());
+        }
+        Err(NodeError::Refused(refusals.join("; ")))
+    }
+
+    /// Tells the `role` node to drop what it holds or runs for `query_id`.
+    async fn cancel_at(&self, role: Role, query_id: [u8; 16]) {
+        if let Some((_, addr)) = self.nodes.iter().find(|(r, _)| *r == role) {
+            let _ = self
+                .ask(role, *addr, AnalystRequest::Cancel(query_id), Duration::from_secs(5))
+                .await;
         }
     }
 }

@@ -209,6 +209,15 @@ pub struct LimitsConfig {
     /// same join (see SECURITY.md); past this the query stays failed.
     #[serde(default = "default_reruns")]
     pub max_reruns_per_query: u32,
+    /// How long an admission (`AnalystRequest::Admit`: this node would run
+    /// the query) is held for the analyst's `Query` under the same id, in
+    /// seconds. While held it counts as a running query.
+    #[serde(default = "default_admission_hold")]
+    pub admission_hold_secs: u64,
+}
+
+fn default_admission_hold() -> u64 {
+    10
 }
 
 fn default_reruns() -> u32 {
@@ -383,6 +392,8 @@ pub struct Limits {
     pub requests_per_second: u32,
     /// Reruns of one query's released share.
     pub max_reruns_per_query: u32,
+    /// How long an admission is held for its query.
+    pub admission_hold: std::time::Duration,
 }
 
 fn bad(path: &Path, what: String) -> NodeError {
@@ -507,6 +518,7 @@ impl NodeConfig {
             connections_per_analyst: l.max_connections_per_analyst.max(1),
             requests_per_second: l.max_requests_per_analyst_per_second.max(1),
             max_reruns_per_query: l.max_reruns_per_query,
+            admission_hold: std::time::Duration::from_secs(l.admission_hold_secs.clamp(1, 600)),
         })
     }
 

@@ -156,6 +156,23 @@ impl Drop for Counted {
     }
 }
 
+/// What the checks before a charge produce (see `Node::before_charge`).
+struct Ready {
+    plan: Plan,
+    digest: [u8; 32],
+    params_json: String,
+}
+
+/// An analyst's admission for one query id (`AnalystRequest::Admit`): this
+/// node checked everything it would check before charging, and keeps a
+/// running-query slot for the `Query` until `until`.
+struct Held {
+    slot: Counted,
+    until: Instant,
+    /// Tells this admission from a later one under the same key.
+    id: u64,
+}
+
 /// Draws a query's noise on a blocking thread while its protocol runs, so
 /// the time to release the share does not depend on it (see `noise`).
 /// The noise comes from the query's seed, fixed with its charge, so every
@@ -359,6 +376,8 @@ struct Inner {
     refused_recently: Mutex<HashMap<[u8; 16], Instant>>,
     /// Queries running per analyst (see [`Node::admit`]).
     in_flight: PerAnalyst,
+    /// Admissions held for a `Query` to come, by analyst and query id.
+    admissions: Mutex<HashMap<(String, [u8; 16]), Held>>,
     /// Request tokens per analyst and when they were last refilled
     /// (`max_requests_per_analyst_per_second`).
     request_rate: Mutex<HashMap<String, (f64, Instant)>>,
@@ -518,6 +537,7 @@ impl Node {
             cancelled: Mutex::new(std::collections::HashSet::new()),
             refused_recently: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            admissions: Mutex::new(HashMap::new()),
             connections: Mutex::new(HashMap::new()),
             request_rate: Mutex::new(HashMap::new()),
             analysts,
@@ -744,25 +764,33 @@ impl Node {
             let span = info_span!("analyst", name = %analyst);
             tokio::spawn(
                 async move {
-                    let response = if !node.within_rate(&analyst) {
-                        let _ = recv.stop(0u32.into());
-                        AnalystResponse::Refused(format!(
-                            "rate limit: more than {} requests per second from this analyst (max_requests_per_analyst_per_second); slow down",
-                            node.inner.limits.requests_per_second
-                        ))
-                    } else {
+                    let request =
                         match pump::read_one_limited(&mut recv, Duration::from_secs(30), pump::MAX_ANALYST_REQUEST)
                             .await
                         {
                             Ok(frame) => match Message::decode(&frame) {
-                                Ok(Message::AnalystRequest(req)) => node.serve_analyst(&analyst, req, &from).await,
-                                Ok(_) => AnalystResponse::Refused("expected an analyst request".into()),
-                                Err(e) => AnalystResponse::Refused(format!("malformed request: {e}")),
+                                Ok(Message::AnalystRequest(req)) => Ok(req),
+                                Ok(_) => Err(AnalystResponse::Refused("expected an analyst request".into())),
+                                Err(e) => Err(AnalystResponse::Refused(format!("malformed request: {e}"))),
                             },
                             Err(e) => {
                                 info!(error = %e, "analyst stream ended");
                                 return;
                             }
+                        };
+                    // The query of an admission held here passed the rate
+                    // check with its `Admit`: it is not refused after the
+                    // other node may have charged it.
+                    let admitted = matches!(&request, Ok(AnalystRequest::Query(q)) if node.holds_admission(&analyst, &q.query_id));
+                    let response = if !admitted && !node.within_rate(&analyst) {
+                        AnalystResponse::Refused(format!(
+                            "rate limit: more than {} requests per second from this analyst (max_requests_per_analyst_per_second); slow down",
+                            node.inner.limits.requests_per_second
+                        ))
+                    } else {
+                        match request {
+                            Ok(req) => node.serve_analyst(&analyst, req, &from).await,
+                            Err(refusal) => refusal,
                         }
                     };
                     if write_one(&mut send, &Message::AnalystResponse(response)).await.is_ok() {
@@ -866,6 +894,78 @@ impl Node {
         })
     }
 
+    /// Whether `analyst` holds an unexpired admission for `qid` here.
+    fn holds_admission(&self, analyst: &str, qid: &[u8; 16]) -> bool {
+        lock(&self.inner.admissions)
+            .get(&(analyst.to_string(), *qid))
+            .is_some_and(|h| h.until > Instant::now())
+    }
+
+    /// The running-query slot of `analyst`'s unexpired admission for `qid`,
+    /// which ends the admission.
+    fn take_admission(&self, analyst: &str, qid: &[u8; 16]) -> Option<Counted> {
+        let held = lock(&self.inner.admissions).remove(&(analyst.to_string(), *qid))?;
+        (held.until > Instant::now()).then_some(held.slot)
+    }
+
+    /// Answers `AnalystRequest::Admit`: every check `Query` makes before its
+    /// charge, without charging; if all pass, the admission (with its
+    /// running-query slot) is held for `admission_hold`.
+    async fn serve_admit(&self, analyst: &str, q: &QueryRequest) -> AnalystResponse {
+        // A repeated admission replaces the earlier one (and frees its slot).
+        drop(lock(&self.inner.admissions).remove(&(analyst.to_string(), q.query_id)));
+        let slot = match self.admit(analyst) {
+            Ok(slot) => slot,
+            Err(why) => return AnalystResponse::Refused(why),
+        };
+        let checked = match self.template(&q.template) {
+            Ok(t) => {
+                let template = t.clone();
+                match self.before_charge(analyst, q, &template).await {
+                    Ok(ready) => self.would_charge(analyst, q, &template, &ready).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => {
+                let until = Instant::now() + self.inner.limits.admission_hold;
+                let id = self
+                    .inner
+                    .pending_ids
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let key = (analyst.to_string(), q.query_id);
+                lock(&self.inner.admissions).insert(key.clone(), Held { slot, until, id });
+                // Unless its query or a cancel comes first, the admission
+                // ends (and frees its slot) when it expires.
+                let inner = Arc::downgrade(&self.inner);
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                    if let Some(inner) = inner.upgrade() {
+                        let mut held = lock(&inner.admissions);
+                        let expired = match held.get(&key) {
+                            Some(h) if h.id == id => held.remove(&key),
+                            _ => None,
+                        };
+                        drop(held);
+                        drop(expired);
+                    }
+                });
+                AnalystResponse::Admitted
+            }
+            Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
+            Err(e) => {
+                warn!(error = %e, "admission check failed");
+                AnalystResponse::Refused(format!(
+                    "the {} node could not check the query: {}",
+                    self.inner.role.as_str(),
+                    analyst_view(&e)
+                ))
+            }
+        }
+    }
+
     async fn serve_analyst(&self, analyst: &str, req: AnalystRequest, from: &Requester) -> AnalystResponse {
         match req {
             AnalystRequest::Templates => {
@@ -902,6 +1002,7 @@ impl Node {
                 }
             }
             AnalystRequest::Cancel(qid) if self.inner.role == Role::Platform => {
+                drop(lock(&self.inner.admissions).remove(&(analyst.to_string(), qid)));
                 let running = lock(&self.inner.per_query).get(&qid).is_some_and(|(a, _)| a == analyst);
                 if running {
                     lock(&self.inner.cancelled).insert(qid);
@@ -910,6 +1011,7 @@ impl Node {
                 AnalystResponse::Cancelled(running)
             }
             AnalystRequest::Cancel(qid) => {
+                drop(lock(&self.inner.admissions).remove(&(analyst.to_string(), qid)));
                 let mut pending = lock(&self.inner.pending);
                 let waiting = pending.get(&qid).is_some_and(|p| p.analyst == analyst && !p.claimed);
                 if waiting {
@@ -919,11 +1021,19 @@ impl Node {
                 }
                 AnalystResponse::Cancelled(waiting)
             }
+            AnalystRequest::Admit(q) => {
+                let span = info_span!("admit", id = %hex(&q.query_id), template = %q.template);
+                self.serve_admit(analyst, &q).instrument(span).await
+            }
             AnalystRequest::Query(q) => {
                 let span = info_span!("query", id = %hex(&q.query_id), template = %q.template);
                 lock(&self.inner.refused_recently).remove(&q.query_id);
                 self.inner.pending_changed.notify_waiters();
-                let answer = match self.admit(analyst) {
+                let slot = match self.take_admission(analyst, &q.query_id) {
+                    Some(held) => Ok(held),
+                    None => self.admit(analyst),
+                };
+                let answer = match slot {
                     Ok(_slot) => self.answer_query(analyst, &q, from).instrument(span).await,
                     Err(why) => AnalystResponse::Refused(why),
                 };
@@ -995,34 +1105,12 @@ impl Node {
         template: Template,
         from: &Requester,
     ) -> Result<QueryShare, NodeError> {
-        if self.inner.role == Role::Platform {
-            self.peer_connection()
-                .await
-                .map_err(|e| NodeError::Refused(format!("the platform node cannot reach the bank node: {e}")))?;
-        }
-        self.wait_peer_policy().await;
-        if let Some(why) = self.not_runnable(&template) {
-            return Err(NodeError::Refused(why));
-        }
-        let plan = template
-            .bind(analyst, &q.params, &self.inner.domains)
-            .map_err(|e| NodeError::Refused(e.to_string()))?;
-        if let NodeData::Matcher(m) = &self.inner.data
-            && m.countries.is_empty()
-            && (plan.query.filters.iter().any(|p| p.column().name == "country")
-                || plan.query.group_by.iter().any(|c| c.name == "country"))
-        {
-            return Err(NodeError::Refused(
-                "the platform node's data has no country column (set data.country_column)".into(),
-            ));
-        }
-        let digest = plan.digest();
-        let params_json =
-            serde_json::to_string(&q.params).map_err(|_| NodeError::Internal("query parameters do not encode"))?;
+        let ready = self.before_charge(analyst, q, &template).await?;
         let charge = {
             let node = self.clone();
             let (qid, analyst, name) = (q.query_id, analyst.to_string(), template.name.clone());
             let rho = template.rho_micro;
+            let (digest, params_json) = (ready.digest, ready.params_json.clone());
             tokio::task::spawn_blocking(move || {
                 let l = &node.inner.limits;
                 lock(&node.inner.state).charge(
@@ -1040,6 +1128,7 @@ impl Node {
             .await
             .map_err(|_| NodeError::Internal("ledger task failed"))??
         };
+        let plan = ready.plan;
         // A rerun (this node released its share, the bank lost its own) must
         // be over the join that share came from, on the same data.
         let mut rerun_over: Option<SessionId> = None;
@@ -1080,25 +1169,8 @@ impl Node {
                 );
                 rerun_over = Some(first.join);
             }
-            Charge::OverBudget { spent, limit } => {
-                let period = period_of(now_secs(), self.inner.limits.period_days);
-                let ends = (period + 1) * i64::from(self.inner.limits.period_days);
-                return Err(NodeError::Refused(format!(
-                    "budget exhausted on the {} node: this template costs rho {}, {} of {} is spent this period; it frees up on {}",
-                    self.inner.role.as_str(),
-                    format_micro(template.rho_micro),
-                    format_micro(spent),
-                    format_micro(limit),
-                    format_date(i32::try_from(ends).unwrap_or(i32::MAX))
-                )));
-            }
-            Charge::TooManyRuns { limit } => {
-                let tomorrow = now_secs().div_euclid(86_400) + 1;
-                return Err(NodeError::Refused(format!(
-                    "run limit on the {} node: {limit} queries per analyst per day; it frees up at 00:00 UTC on {}",
-                    self.inner.role.as_str(),
-                    format_date(i32::try_from(tomorrow).unwrap_or(i32::MAX))
-                )));
+            refused @ (Charge::OverBudget { .. } | Charge::TooManyRuns { .. }) => {
+                return Err(self.charge_refused(&refused, &template));
             }
             Charge::New => info!(rho = %format_micro(template.rho_micro), "charged"),
             Charge::Existing(None) => info!("query id already charged; computing its share (no new charge)"),
@@ -1153,6 +1225,105 @@ impl Node {
             "share released"
         );
         Ok(out)
+    }
+
+    /// The checks a query passes before its charge (the platform reaches
+    /// the bank, both policies are known, the template runs here, its
+    /// parameters bind, the data has what the plan needs); the plan, its
+    /// digest and the parameters to record with the charge.
+    async fn before_charge(&self, analyst: &str, q: &QueryRequest, template: &Template) -> Result<Ready, NodeError> {
+        if self.inner.role == Role::Platform {
+            self.peer_connection()
+                .await
+                .map_err(|e| NodeError::Refused(format!("the platform node cannot reach the bank node: {e}")))?;
+        }
+        self.wait_peer_policy().await;
+        if let Some(why) = self.not_runnable(template) {
+            return Err(NodeError::Refused(why));
+        }
+        let plan = template
+            .bind(analyst, &q.params, &self.inner.domains)
+            .map_err(|e| NodeError::Refused(e.to_string()))?;
+        if let NodeData::Matcher(m) = &self.inner.data
+            && m.countries.is_empty()
+            && (plan.query.filters.iter().any(|p| p.column().name == "country")
+                || plan.query.group_by.iter().any(|c| c.name == "country"))
+        {
+            return Err(NodeError::Refused(
+                "the platform node's data has no country column (set data.country_column)".into(),
+            ));
+        }
+        let digest = plan.digest();
+        let params_json =
+            serde_json::to_string(&q.params).map_err(|_| NodeError::Internal("query parameters do not encode"))?;
+        Ok(Ready {
+            plan,
+            digest,
+            params_json,
+        })
+    }
+
+    /// Whether the ledger would charge this query now (or has charged it
+    /// already): `Err(Refused)` over the budget or the day's runs, or for
+    /// a query id used for another query. Writes nothing.
+    async fn would_charge(
+        &self,
+        analyst: &str,
+        q: &QueryRequest,
+        template: &Template,
+        ready: &Ready,
+    ) -> Result<(), NodeError> {
+        let node = self.clone();
+        let (qid, who, name) = (q.query_id, analyst.to_string(), template.name.clone());
+        let rho = template.rho_micro;
+        let (digest, params_json) = (ready.digest, ready.params_json.clone());
+        let charge = tokio::task::spawn_blocking(move || {
+            let l = &node.inner.limits;
+            lock(&node.inner.state).would_charge(
+                &qid,
+                &who,
+                &name,
+                &digest,
+                &params_json,
+                rho,
+                l.rho_per_analyst_micro,
+                l.period_days,
+                l.runs_per_day,
+            )
+        })
+        .await
+        .map_err(|_| NodeError::Internal("ledger task failed"))??;
+        match charge {
+            Charge::New | Charge::Existing(_) => Ok(()),
+            refused => Err(self.charge_refused(&refused, template)),
+        }
+    }
+
+    /// The analyst's refusal for a charge over the budget or the day's runs.
+    fn charge_refused(&self, charge: &Charge, template: &Template) -> NodeError {
+        match charge {
+            Charge::OverBudget { spent, limit } => {
+                let period = period_of(now_secs(), self.inner.limits.period_days);
+                let ends = (period + 1) * i64::from(self.inner.limits.period_days);
+                NodeError::Refused(format!(
+                    "budget exhausted on the {} node: this template costs rho {}, {} of {} is spent this period; it frees up on {}",
+                    self.inner.role.as_str(),
+                    format_micro(template.rho_micro),
+                    format_micro(*spent),
+                    format_micro(*limit),
+                    format_date(i32::try_from(ends).unwrap_or(i32::MAX))
+                ))
+            }
+            Charge::TooManyRuns { limit } => {
+                let tomorrow = now_secs().div_euclid(86_400) + 1;
+                NodeError::Refused(format!(
+                    "run limit on the {} node: {limit} queries per analyst per day; it frees up at 00:00 UTC on {}",
+                    self.inner.role.as_str(),
+                    format_date(i32::try_from(tomorrow).unwrap_or(i32::MAX))
+                ))
+            }
+            Charge::New | Charge::Existing(_) => NodeError::Internal("a charge that was not refused"),
+        }
     }
 
     /// Platform: whether the bank holds its share of `run` of this query.

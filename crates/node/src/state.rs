@@ -497,6 +497,68 @@ impl State {
         period_days: u32,
         runs_per_day: u32,
     ) -> Result<Charge, NodeError> {
+        self.charge_or_check(
+            query_id,
+            analyst,
+            template,
+            plan,
+            params,
+            rho_micro,
+            limit_micro,
+            period_days,
+            runs_per_day,
+            true,
+        )
+    }
+
+    /// What [`State::charge`] would answer now, without charging: `New`
+    /// where it would charge. The admission check both nodes make before
+    /// either charges (`AnalystRequest::Admit`); the charge itself checks
+    /// again, in its transaction.
+    ///
+    /// # Errors
+    /// As [`State::charge`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn would_charge(
+        &mut self,
+        query_id: &[u8; 16],
+        analyst: &str,
+        template: &str,
+        plan: &[u8; 32],
+        params: &str,
+        rho_micro: u64,
+        limit_micro: u64,
+        period_days: u32,
+        runs_per_day: u32,
+    ) -> Result<Charge, NodeError> {
+        self.charge_or_check(
+            query_id,
+            analyst,
+            template,
+            plan,
+            params,
+            rho_micro,
+            limit_micro,
+            period_days,
+            runs_per_day,
+            false,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn charge_or_check(
+        &mut self,
+        query_id: &[u8; 16],
+        analyst: &str,
+        template: &str,
+        plan: &[u8; 32],
+        params: &str,
+        rho_micro: u64,
+        limit_micro: u64,
+        period_days: u32,
+        runs_per_day: u32,
+        write: bool,
+    ) -> Result<Charge, NodeError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -543,6 +605,10 @@ impl State {
                 spent,
                 limit: limit_micro,
             });
+        }
+        if !write {
+            // Dropping the transaction rolls it back: nothing was written.
+            return Ok(Charge::New);
         }
         // The query's noise is fixed here, in the charge's transaction: every
         // run of this query id on this node draws it from this seed.
@@ -1114,6 +1180,40 @@ mod tests {
             s.charge(&[8; 16], "bob", "t", &[0; 32], "[]", 1, 1000, 30, 3).unwrap(),
             Charge::New
         );
+    }
+
+    /// The admission check answers what the charge would, and writes nothing.
+    #[test]
+    fn would_charge_answers_as_charge_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let check = |s: &mut State, q: u8, rho: u64| {
+            s.would_charge(&[q; 16], "alice", "t", &[0; 32], "[]", rho, 1000, 30, 2)
+                .unwrap()
+        };
+        assert_eq!(check(&mut s, 1, 600), Charge::New);
+        assert_eq!(s.charge_count().unwrap(), 0);
+        assert_eq!(check(&mut s, 1, 1001), Charge::OverBudget { spent: 0, limit: 1000 });
+        s.charge(&[1; 16], "alice", "t", &[0; 32], "[]", 600, 1000, 30, 2)
+            .unwrap();
+        assert_eq!(check(&mut s, 1, 600), Charge::Existing(None));
+        assert_eq!(
+            check(&mut s, 2, 600),
+            Charge::OverBudget {
+                spent: 600,
+                limit: 1000
+            }
+        );
+        assert_eq!(check(&mut s, 2, 400), Charge::New);
+        s.charge(&[2; 16], "alice", "t", &[0; 32], "[]", 400, 1000, 30, 2)
+            .unwrap();
+        assert_eq!(check(&mut s, 3, 0), Charge::TooManyRuns { limit: 2 });
+        assert!(matches!(
+            s.would_charge(&[1; 16], "bob", "t", &[0; 32], "[]", 1, 1000, 30, 2),
+            Err(NodeError::Refused(_))
+        ));
+        assert_eq!(s.charge_count().unwrap(), 2);
+        assert!(s.noise_seed(&[3; 16]).is_err());
     }
 
     const BOUND: RunBinding = RunBinding {

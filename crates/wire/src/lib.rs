@@ -283,6 +283,14 @@ pub enum AnalystRequest {
     /// waiting for the other node (it stays charged; a retry under the
     /// same id costs nothing more).
     Cancel([u8; 16]),
+    /// Would this node run this query now? It makes every admission check
+    /// it would make for `Query` (template, parameters, limits on running
+    /// queries and on requests, budget, runs per day, reaching the peer)
+    /// without charging, and holds the admission for a short while: a
+    /// `Query` under the same id from the same analyst then passes those
+    /// checks. The client asks both nodes before it sends the query to
+    /// either, so a query one node refuses is charged at neither.
+    Admit(QueryRequest),
 }
 
 /// Run a template with parameters under a query id (the same id on both nodes).
@@ -391,6 +399,8 @@ pub enum AnalystResponse {
     Refused(String),
     /// Whether a waiting query was dropped.
     Cancelled(bool),
+    /// The query would run here now, and its admission is held.
+    Admitted,
 }
 
 /// One frame's content.
@@ -591,7 +601,7 @@ impl Message {
                     });
                 }
             }
-            Message::AnalystRequest(AnalystRequest::Query(q)) => {
+            Message::AnalystRequest(AnalystRequest::Query(q) | AnalystRequest::Admit(q)) => {
                 if q.template.len() > 128 {
                     return Err(WireError::FieldLength {
                         kind,
