@@ -21,7 +21,7 @@ pub fn rss_mib() -> f64 {
 /// If the fixture's analyst config or certificate does not load (a test
 /// set-up error).
 pub fn analyst_of(
-    fixture: &cleanroom_node::demo::Fixture,
+    fixture: &cleanroom_lab::demo::Fixture,
     name: &str,
     bank: &cleanroom_node::server::Node,
     platform: &cleanroom_node::server::Node,

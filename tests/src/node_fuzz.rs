@@ -33,9 +33,9 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use cleanroom_crypto::normalize::NormalizationRules;
+use cleanroom_lab::demo::{Fixture, truth};
 use cleanroom_node::client::Analyst;
 use cleanroom_node::config::NodeConfig;
-use cleanroom_node::demo::{Fixture, truth};
 use cleanroom_node::server::Node;
 use cleanroom_protocol::aggregate::MatcherAggregate;
 use cleanroom_protocol::join::{JoinParams, MatcherJoin, MatcherJoined, MatcherPolicy, SetSizeLimits};

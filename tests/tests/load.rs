@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cleanroom_lab::demo::Fixture;
 use cleanroom_node::NodeError;
 use cleanroom_node::client::{Analyst, new_query_id};
 use cleanroom_node::config::{AnalystConfig, NodeConfig};
-use cleanroom_node::demo::Fixture;
 use cleanroom_node::pump;
 use cleanroom_node::server::Node;
 use cleanroom_tests::analyst_of;

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cleanroom_lab::demo::{Fixture, demo_queries, truth};
 use cleanroom_node::NodeError;
 use cleanroom_node::client::{Analyst, new_query_id};
-use cleanroom_node::demo::{Fixture, demo_queries, truth};
 use cleanroom_node::server::Node;
 use cleanroom_tests::analyst_of;
 use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame};
@@ -962,7 +962,7 @@ async fn minimum_input_refuses_at_exactly_its_boundary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_reports_the_join_against_the_curve_bound() {
-    let opts = cleanroom_node::bench::BenchOptions {
+    let opts = cleanroom_lab::bench::BenchOptions {
         sizes: vec![400],
         seed: 131,
         overlap: 0.25,
@@ -971,7 +971,7 @@ async fn bench_reports_the_join_against_the_curve_bound() {
         repeat: 1,
     };
     let mut steps = Vec::new();
-    let rows = cleanroom_node::bench::run(&opts, |done, total, _| steps.push((done, total)))
+    let rows = cleanroom_lab::bench::run(&opts, |done, total, _| steps.push((done, total)))
         .await
         .unwrap();
     let r = &rows[0];
@@ -1013,7 +1013,7 @@ async fn bench_reports_the_join_against_the_curve_bound() {
     }
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("bench.svg");
-    cleanroom_node::bench::plot(&rows, &svg).unwrap();
+    cleanroom_lab::bench::plot(&rows, &svg).unwrap();
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.contains("curve bound") && text.contains("polyline"));
 }

@@ -17,8 +17,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cleanroom_crypto::normalize::NormalizationRules;
+use cleanroom_lab::demo::{Fixture, demo_queries};
 use cleanroom_node::client::new_query_id;
-use cleanroom_node::demo::{Fixture, demo_queries};
 use cleanroom_node::pump;
 use cleanroom_protocol::aggregate::MatcherAggregate;
 use cleanroom_protocol::join::{JoinParams, MatcherJoin, MatcherJoined, MatcherPolicy, SetSizeLimits};
@@ -95,9 +95,10 @@ async fn join(peer: &quinn::Connection, ids: Vec<Vec<u8>>, context: u8) -> Match
     send(&mut s, &offer).await;
     let accept = read_frame(&mut r, MAX_MESSAGE_LEN).await.unwrap().unwrap();
     let streaming = offered.on_accept(&accept).unwrap();
-    pump::run(streaming, s, r, Duration::from_secs(60))
+    pump::run_with_stats(streaming, s, r, Duration::from_secs(60))
         .await
         .unwrap()
+        .0
         .finish()
         .unwrap()
 }
@@ -125,7 +126,9 @@ async fn aggregate(
         return Err(a.code);
     }
     let running = waiting.on_choices(&answer).unwrap();
-    let running = pump::run(running, s, r, Duration::from_secs(60)).await.unwrap();
+    let (running, _) = pump::run_with_stats(running, s, r, Duration::from_secs(60))
+        .await
+        .unwrap();
     let session = running.session();
     Ok((running.finish().unwrap().words().to_vec(), session))
 }
@@ -366,7 +369,7 @@ async fn a_bank_that_lost_its_join_is_joined_again_and_answers() {
         .query(template, &params, new_query_id().unwrap(), TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("after the bank lost its join: {e}"));
-    let truth = cleanroom_node::demo::truth(&fixture.data, &fixture.plan(template, &params).unwrap());
+    let truth = cleanroom_lab::demo::truth(&fixture.data, &fixture.plan(template, &params).unwrap());
     for (c, t) in r.cells.iter().zip(&truth) {
         assert!((c.value - t).abs() <= 6.0 * c.sigma, "{}: {} vs {t}", c.name, c.value);
     }

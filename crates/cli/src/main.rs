@@ -319,7 +319,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             let report = runtime()?
-                .block_on(cleanroom_node::demo::run(rows, seed, dir.as_deref(), sql.as_deref()))
+                .block_on(cleanroom_lab::demo::run(rows, seed, dir.as_deref(), sql.as_deref()))
                 .context("demo failed")?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&report)?);
@@ -348,11 +348,11 @@ fn main() -> anyhow::Result<()> {
             if rows.is_empty() || rows.iter().any(|r| *r < 100) {
                 bail!("--rows: give sizes of at least 100");
             }
-            let path = (rtt_ms.is_some() || bandwidth_mbit.is_some()).then(|| cleanroom_node::relay::Path {
+            let path = (rtt_ms.is_some() || bandwidth_mbit.is_some()).then(|| cleanroom_lab::relay::Path {
                 rtt: Duration::from_millis(rtt_ms.unwrap_or(0)),
                 bits_per_second: bandwidth_mbit.map(|m| m.saturating_mul(1_000_000)),
             });
-            let opts = cleanroom_node::bench::BenchOptions {
+            let opts = cleanroom_lab::bench::BenchOptions {
                 sizes: rows,
                 seed,
                 overlap,
@@ -369,7 +369,7 @@ fn main() -> anyhow::Result<()> {
             );
             bar.enable_steady_tick(Duration::from_millis(200));
             let report = runtime()?
-                .block_on(cleanroom_node::bench::run(&opts, |done, total, m| {
+                .block_on(cleanroom_lab::bench::run(&opts, |done, total, m| {
                     bar.set_length(total);
                     bar.set_position(done);
                     bar.set_message(m.to_string());
@@ -378,7 +378,7 @@ fn main() -> anyhow::Result<()> {
             bar.finish_and_clear();
             output::bench(&report);
             if let Some(path) = plot {
-                cleanroom_node::bench::plot(&report, &path)?;
+                cleanroom_lab::bench::plot(&report, &path)?;
                 out!("wrote {}", path.display());
             }
             if let Some(path) = json {

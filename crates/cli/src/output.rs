@@ -1,7 +1,7 @@
 //! Human-readable and CSV output.
 
+use cleanroom_lab::demo::DemoReport;
 use cleanroom_node::client::QueryResult;
-use cleanroom_node::demo::DemoReport;
 use cleanroom_sim::simulate::SimulateReport;
 use cleanroom_wire::{BudgetInfo, TemplateInfo};
 
@@ -190,7 +190,7 @@ pub fn demo(r: &DemoReport) {
     }
 }
 
-pub fn bench(rows: &[cleanroom_node::bench::BenchRow]) {
+pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     out!(
         "{:>9}  {:>3}  {:>9}  {:>9}  {:>5}  {:>8}  {:>8}  {:>9}  {:>9}  {:>11}  {:>11}  {:>10}",

@@ -21,9 +21,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cleanroom_lab::demo::{Fixture, node_toml};
 use cleanroom_node::client::{Analyst, new_query_id, reconstruct};
 use cleanroom_node::config::NodeConfig;
-use cleanroom_node::demo::{Fixture, node_toml};
 use cleanroom_node::state::State;
 use cleanroom_wire::{AnalystResponse, Message, QueryShare};
 

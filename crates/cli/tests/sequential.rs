@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use cleanroom_node::demo::Fixture;
+use cleanroom_lab::demo::Fixture;
 
 const QUERIES: usize = 500;
 

@@ -25,11 +25,6 @@ impl SecretScalar {
         }
     }
 
-    /// Wraps a known scalar (tests and known-answer vectors).
-    pub fn from_scalar(s: Scalar) -> Self {
-        Self(s)
-    }
-
     /// The scalar itself, for arithmetic.
     pub fn expose(&self) -> &Scalar {
         &self.0

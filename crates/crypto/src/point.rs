@@ -83,15 +83,6 @@ pub fn split_points(buf: &[u8]) -> Result<Vec<PointBytes>, CryptoError> {
     Ok(out)
 }
 
-/// Decodes a batch of the peer's points in parallel.
-///
-/// # Errors
-/// The first decoding error (which point failed is not reported: the index of
-/// a bad point says nothing useful to an operator and could help a prober).
-pub fn decode_points(points: &[PointBytes]) -> Result<Vec<RistrettoPoint>, CryptoError> {
-    points.par_iter().map(decode_point).collect()
-}
-
 /// `k * P` for each point, compressed, computed in parallel. Uses
 /// `double_and_compress_batch` on `(k/2) * P`, which costs a fraction of one
 /// compression per point.

@@ -394,6 +394,65 @@ pub struct Limits {
     pub max_reruns_per_query: u32,
     /// How long an admission is held for its query.
     pub admission_hold: std::time::Duration,
+    /// The node's waits, by name.
+    pub timeouts: Timeouts,
+}
+
+/// Every wait of a node, by name, in one place (the query's own timeout,
+/// `query_timeout_secs`, and the admission hold are configured in
+/// `[limits]`; these are fixed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// An analyst's request frame, once the stream is open.
+    pub analyst_request: std::time::Duration,
+    /// The first frame of a peer stream, and a one-frame answer of the
+    /// peer (its policy, `ShareHeld`, `OtChoices`).
+    pub peer_frame: std::time::Duration,
+    /// The bank's `JoinAccept` (it charges the cardinality ε and draws the
+    /// dummy rows first).
+    pub join_accept: std::time::Duration,
+    /// A streamed phase (tokens, OT rows) waiting for the peer's next frame.
+    pub stream_idle: std::time::Duration,
+    /// Bank: a request may arrive just before the platform has shown its
+    /// signed policy on a new connection; it waits this long for it.
+    pub peer_policy: std::time::Duration,
+    /// Bank: the platform may open an aggregate the moment it has the
+    /// join's last token, before the bank has stored the join.
+    pub join_stored: std::time::Duration,
+    /// Bank: an aggregate for a query whose analyst request has not arrived
+    /// waits at most this long (and at most `query_timeout`)...
+    pub unclaimed_aggregate: std::time::Duration,
+    /// ...or this long if this node refused (or dropped) that query id
+    /// within `refusal_remembered`.
+    pub refused_aggregate: std::time::Duration,
+    /// How long a refused query id is remembered for that.
+    pub refusal_remembered: std::time::Duration,
+    /// Platform: between attempts to reach the bank at start, and how many.
+    pub connect_retry: std::time::Duration,
+    /// Attempts to reach the bank at start.
+    pub connect_attempts: u32,
+    /// At shutdown, how long open connections may take to close.
+    pub shutdown_drain: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        use std::time::Duration;
+        Self {
+            analyst_request: Duration::from_secs(30),
+            peer_frame: Duration::from_secs(30),
+            join_accept: Duration::from_secs(60),
+            stream_idle: Duration::from_secs(60),
+            peer_policy: Duration::from_secs(5),
+            join_stored: Duration::from_secs(5),
+            unclaimed_aggregate: Duration::from_secs(30),
+            refused_aggregate: Duration::from_secs(2),
+            refusal_remembered: Duration::from_secs(120),
+            connect_retry: Duration::from_secs(1),
+            connect_attempts: 30,
+            shutdown_drain: Duration::from_secs(5),
+        }
+    }
 }
 
 fn bad(path: &Path, what: String) -> NodeError {
@@ -519,6 +578,7 @@ impl NodeConfig {
             requests_per_second: l.max_requests_per_analyst_per_second.max(1),
             max_reruns_per_query: l.max_reruns_per_query,
             admission_hold: std::time::Duration::from_secs(l.admission_hold_secs.clamp(1, 600)),
+            timeouts: Timeouts::default(),
         })
     }
 

@@ -7,18 +7,17 @@
 //! - [`pump`]: a protocol state machine driven over a QUIC stream;
 //! - [`server`]: the node itself: connections, sessions, queries, noise;
 //! - [`client`]: the analyst's side: submit, reconstruct, intervals;
-//! - [`demo`]: everything in one process on loopback.
+//! - [`noise`], [`policy`], [`turns`]: the noise draw, signed templates, the
+//!   matcher's round robin between analysts.
+//!
+//! The demo, the bench and the test fixture are in `cleanroom-lab`.
 
-pub mod bench;
 pub mod client;
 pub mod config;
 pub mod data;
-pub mod demo;
-pub mod memory;
 pub mod noise;
 pub mod policy;
 pub mod pump;
-pub mod relay;
 pub mod server;
 pub mod state;
 pub mod turns;

@@ -131,24 +131,12 @@ impl PumpStats {
 /// Frames in flight per direction between the network and the machine.
 const QUEUE: usize = 4;
 
-/// Runs `party` to completion over the stream pair and returns it.
+/// Runs `party` to completion over the stream pair and returns it, with
+/// where the time went.
 ///
 /// # Errors
 /// [`NodeError::Protocol`] for a refused message (the peer is told with an
 /// `Abort`), [`NodeError::Peer`] for a closed stream or an idle timeout.
-pub async fn run<P: Party>(
-    party: P,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    idle: Duration,
-) -> Result<P, NodeError> {
-    run_with_stats(party, send, recv, idle).await.map(|(p, _)| p)
-}
-
-/// As [`run`], with where the time went.
-///
-/// # Errors
-/// As [`run`].
 pub async fn run_with_stats<P: Party>(
     party: P,
     mut send: quinn::SendStream,

@@ -374,6 +374,10 @@ struct Inner {
     cancelled: Mutex<std::collections::HashSet<[u8; 16]>>,
     /// Holder: query ids it refused in the last two minutes.
     refused_recently: Mutex<HashMap<[u8; 16], Instant>>,
+    /// Bank: the platform's signed policy arrived (see `wait_peer_policy`).
+    peer_policy_known: Notify,
+    /// Bank: a join was stored (see `holder_aggregate`).
+    join_stored: Notify,
     /// Queries running per analyst (see [`Node::admit`]).
     in_flight: PerAnalyst,
     /// Admissions held for a `Query` to come, by analyst and query id.
@@ -538,6 +542,8 @@ impl Node {
             refused_recently: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             admissions: Mutex::new(HashMap::new()),
+            peer_policy_known: Notify::new(),
+            join_stored: Notify::new(),
             connections: Mutex::new(HashMap::new()),
             request_rate: Mutex::new(HashMap::new()),
             analysts,
@@ -559,12 +565,13 @@ impl Node {
             // signed templates before the first query.
             let eager = node.clone();
             tokio::spawn(async move {
-                for _ in 0..30 {
+                let t = &eager.inner.limits.timeouts;
+                for _ in 0..t.connect_attempts {
                     match eager.peer_connection().await {
                         Ok(_) => return,
                         Err(e) => info!(error = %e, "bank not reachable yet"),
                     }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(t.connect_retry).await;
                 }
             });
         }
@@ -586,9 +593,12 @@ impl Node {
     /// Stops accepting, closes connections and waits for them to finish.
     pub async fn shutdown(&self) {
         self.inner.endpoint.close(0u32.into(), b"shutdown");
-        tokio::time::timeout(Duration::from_secs(5), self.inner.endpoint.wait_idle())
-            .await
-            .ok();
+        tokio::time::timeout(
+            self.inner.limits.timeouts.shutdown_drain,
+            self.inner.endpoint.wait_idle(),
+        )
+        .await
+        .ok();
     }
 
     /// Platform: whether a query holds the turn to run its protocol, and
@@ -765,7 +775,11 @@ impl Node {
             tokio::spawn(
                 async move {
                     let request =
-                        match pump::read_one_limited(&mut recv, Duration::from_secs(30), pump::MAX_ANALYST_REQUEST)
+                        match pump::read_one_limited(
+                            &mut recv,
+                            node.inner.limits.timeouts.analyst_request,
+                            pump::MAX_ANALYST_REQUEST,
+                        )
                             .await
                         {
                             Ok(frame) => match Message::decode(&frame) {
@@ -814,6 +828,7 @@ impl Node {
         }
         info!(templates = p.templates.len(), "peer's signed policy verified");
         *lock(&self.inner.peer_policy) = Some(p);
+        self.inner.peer_policy_known.notify_waiters();
         Ok(())
     }
 
@@ -823,11 +838,17 @@ impl Node {
         if self.inner.role != Role::Bank {
             return;
         }
-        for _ in 0..50 {
+        let deadline = Instant::now() + self.inner.limits.timeouts.peer_policy;
+        loop {
+            // Registered before the check, so a policy set in between wakes it.
+            let known = self.inner.peer_policy_known.notified();
             if lock(&self.inner.peer_policy).is_some() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, known).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -1342,7 +1363,7 @@ impl Node {
         )
         .await?;
         let _ = send.finish();
-        let answer = read_one(&mut recv, Duration::from_secs(30)).await?;
+        let answer = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
         match Message::decode(&answer).map_err(|e| NodeError::Protocol(e.into()))? {
             Message::ShareHeld(h) if h.query_id == *qid && h.busy && !h.held => Err(NodeError::Refused(
                 "the bank node is still finishing this query id; ask again shortly with the same id".into(),
@@ -1586,7 +1607,8 @@ impl Node {
     /// rather than after a wait (see `wait_pending`). Marks last two minutes.
     fn mark_refused(&self, qid: &[u8; 16]) {
         let mut refused = lock(&self.inner.refused_recently);
-        refused.retain(|_, at| at.elapsed() < Duration::from_secs(120));
+        let remembered = self.inner.limits.timeouts.refusal_remembered;
+        refused.retain(|_, at| at.elapsed() < remembered);
         refused.insert(*qid, Instant::now());
     }
 
@@ -1676,7 +1698,7 @@ impl Node {
         let NodeData::Holder(data) = &self.inner.data else {
             return Err(NodeError::Internal("peer stream on a matcher"));
         };
-        let first = read_one(&mut recv, Duration::from_secs(30)).await?;
+        let first = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
         match Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))? {
             Message::Policy(p) => {
                 self.peer_policy_from(&p.signed)?;
@@ -1818,10 +1840,11 @@ impl Node {
                 p.claimed = true;
                 return Claim::Found(Box::new(p.plan.clone()), p.values.clone());
             }
+            let t = &self.inner.limits.timeouts;
             let patience = if lock(&self.inner.refused_recently).contains_key(qid) {
-                Duration::from_secs(2)
+                t.refused_aggregate
             } else {
-                self.inner.limits.query_timeout.min(Duration::from_secs(30))
+                self.inner.limits.query_timeout.min(t.unclaimed_aggregate)
             };
             let left = (started + patience).saturating_duration_since(Instant::now());
             if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
@@ -1915,7 +1938,8 @@ impl Node {
         let (streaming, accept) = pending.charge_recorded();
         write_one(&mut send, &accept).await?;
         let t = Instant::now();
-        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, Duration::from_secs(60)).await?;
+        let idle = l.timeouts.stream_idle;
+        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, idle).await?;
         let t_finish = Instant::now();
         let joined = Arc::new(streaming.finish()?);
         let finish_secs = t_finish.elapsed().as_secs_f64();
@@ -1930,6 +1954,7 @@ impl Node {
         lock(&self.inner.state).put_join(&session, "holder", &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.state).record_inputs("holder-input", &fp, l.join_ttl_secs)?;
         lock(&self.inner.holder_joins).insert(session, joined.clone());
+        self.inner.join_stored.notify_waiters();
         let secs = t.elapsed().as_secs_f64();
         *lock(&self.inner.last_join) = vec![
             ("join".to_string(), secs),
@@ -2005,14 +2030,18 @@ impl Node {
         };
         // The platform may open the aggregate the moment it has the join's
         // last token, before this side has stored the join: wait briefly.
-        let mut found = None;
-        for _ in 0..100 {
-            found = self.holder_join_by_session(&join_session, &data.version)?;
-            if found.is_some() {
-                break;
+        let deadline = Instant::now() + self.inner.limits.timeouts.join_stored;
+        let found = loop {
+            // Registered before the check, so a join stored in between wakes it.
+            let stored = self.inner.join_stored.notified();
+            if let Some(j) = self.holder_join_by_session(&join_session, &data.version)? {
+                break Some(j);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, stored).await.is_err() {
+                break None;
+            }
+        };
         let Some(joined) = found else {
             abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
             return Err(NodeError::UnknownJoin);
@@ -2035,7 +2064,8 @@ impl Node {
         };
         write_one(&mut send, &answer).await?;
         let _ = &mut recv;
-        let (running, stats) = pump::run_with_stats(running, send, recv, Duration::from_secs(60)).await?;
+        let (running, stats) =
+            pump::run_with_stats(running, send, recv, self.inner.limits.timeouts.stream_idle).await?;
         let session = running.session();
         Ok((running.finish()?, stats, session))
     }
@@ -2059,7 +2089,7 @@ impl Node {
         });
         write_one(&mut send, &mine).await?;
         let _ = send.finish();
-        let frame = read_one(&mut recv, Duration::from_secs(30)).await?;
+        let frame = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
         match Message::decode(&frame) {
             Ok(Message::Policy(p)) => self.peer_policy_from(&p.signed)?,
             _ => return Err(NodeError::Peer("the bank did not answer with its signed policy".into())),
@@ -2165,9 +2195,10 @@ impl Node {
         let m = MatcherJoin::grouped(params, policy, blocks)?.with_padding_seed(padding);
         let (offered, offer) = m.offer(&mut rng)?;
         write_one(&mut send, &offer).await?;
-        let accept = read_one(&mut recv, Duration::from_secs(60)).await?;
+        let waits = &self.inner.limits.timeouts;
+        let accept = read_one(&mut recv, waits.join_accept).await?;
         let streaming = offered.on_accept(&accept)?;
-        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, Duration::from_secs(60)).await?;
+        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, waits.stream_idle).await?;
         // Offer/accept, then the streamed tokens and rows.
         self.count_exchanges(2, &stats);
         let t_match = Instant::now();
@@ -2230,7 +2261,8 @@ impl Node {
             // answers within 2 s for an id it refused or dropped).
             let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
             let running = waiting.on_choices(&answer)?;
-            let (running, stats) = pump::run_with_stats(running, send, recv, Duration::from_secs(60)).await?;
+            let idle = self.inner.limits.timeouts.stream_idle;
+            let (running, stats) = pump::run_with_stats(running, send, recv, idle).await?;
             // Setup/answer, then the streamed extension and masked rows.
             self.count_exchanges(2, &stats);
             total.add(&stats);

@@ -242,11 +242,6 @@ impl TrustAnchors {
         self.crls.extend(crls);
         Ok(self)
     }
-
-    /// Revocation lists in force.
-    pub fn crl_count(&self) -> usize {
-        self.crls.len()
-    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -16,10 +16,10 @@ use cleanroom_crypto::point::{decode_mul_compress, hash_mul_compress};
 use cleanroom_crypto::rng::session_rng;
 use serde::Serialize;
 
-use crate::NodeError;
-use crate::client::{Analyst, new_query_id};
 use crate::demo::{Fixture, demo_queries};
 use crate::memory::{self, Tag};
+use cleanroom_node::NodeError;
+use cleanroom_node::client::{Analyst, new_query_id};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -176,7 +176,7 @@ pub const STEPS_PER_RUN: u64 = 5;
 /// A node started on its own runtime, whose threads count their heap for
 /// the node's tag.
 struct Running {
-    node: crate::server::Node,
+    node: cleanroom_node::server::Node,
     runtime: tokio::runtime::Runtime,
 }
 

@@ -15,7 +15,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
-use crate::NodeError;
+use cleanroom_node::NodeError;
 
 /// The emulated path.
 #[derive(Clone, Copy, Debug)]

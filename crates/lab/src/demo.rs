@@ -12,10 +12,10 @@ use cleanroom_query::{CellKind, Clip, Plan};
 use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, SynthData, generate};
 use serde::Serialize;
 
-use crate::NodeError;
-use crate::client::{Analyst, QueryResult, new_query_id};
-use crate::config::{AnalystConfig, NodeConfig};
-use crate::server::Node;
+use cleanroom_node::NodeError;
+use cleanroom_node::client::{Analyst, QueryResult, new_query_id};
+use cleanroom_node::config::{AnalystConfig, NodeConfig};
+use cleanroom_node::server::Node;
 
 /// The demo's clip bounds (per customer and category).
 pub const CLIP: Clip = Clip {
@@ -261,7 +261,7 @@ pub fn truth(data: &SynthData, plan: &Plan) -> Vec<f64> {
 /// Signs a node config's templates with its policy key (both operators'
 /// step, done here for the demo and the tests).
 fn sign_config(path: &Path) -> Result<(), NodeError> {
-    crate::policy::sign(&NodeConfig::load(path)?, path).map(|_| ())
+    cleanroom_node::policy::sign(&NodeConfig::load(path)?, path).map(|_| ())
 }
 
 /// A collaboration on disk: certificates, synthetic data and configs, with
@@ -322,7 +322,7 @@ impl Fixture {
     ) -> Result<Self, NodeError> {
         let names: Vec<String> = analysts.iter().map(|a| (*a).to_string()).collect();
         cleanroom_transport::pki::init(&dir.join("certs"), &names, 2)?;
-        crate::policy::init_keys(&dir.join("certs"))?;
+        cleanroom_node::policy::init_keys(&dir.join("certs"))?;
         let data = generate(&SynthConfig {
             holder_customers: rows,
             matcher_users: rows,
@@ -330,7 +330,7 @@ impl Fixture {
             categories,
             seed,
         });
-        crate::data::write_synthetic(&dir.join("data"), &data)?;
+        cleanroom_node::data::write_synthetic(&dir.join("data"), &data)?;
         let analyst = analysts.first().copied().unwrap_or("alice");
         let bank_config = dir.join("bank.toml");
         write(
