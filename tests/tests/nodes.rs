@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cleanroom_lab::demo::{Fixture, demo_queries, truth};
-use cleanroom_node::NodeError;
 use cleanroom_node::client::{Analyst, new_query_id};
 use cleanroom_node::server::Node;
+use cleanroom_node::{NodeError, RefusalCode};
 use cleanroom_tests::analyst_of;
 use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame};
 use cleanroom_wire::{AnalystRequest, AnalystResponse, MAX_MESSAGE_LEN, Message, QueryRequest};
@@ -140,6 +140,18 @@ fn ca_roots(certs: &std::path::Path) -> rustls::RootCertStore {
     r
 }
 
+/// The refusal's text, after checking its code: tests tell refusals apart by
+/// code; the text is checked where what it says is the point.
+fn refused_with<T>(r: Result<T, NodeError>, code: RefusalCode) -> String {
+    match r {
+        Ok(_) => panic!("not refused"),
+        Err(e) => {
+            assert_eq!(e.refusal_code(), Some(code), "{e}");
+            e.to_string()
+        }
+    }
+}
+
 fn templates_request() -> Message {
     Message::AnalystRequest(AnalystRequest::Templates)
 }
@@ -245,21 +257,21 @@ async fn strangers_and_wrong_roles_are_refused() {
     // alice asking for a template that does not exist, or with a bad parameter:
     // refused with a message that says what to change.
     let alice_client = p.analyst("alice");
-    let e = alice_client
-        .query("nope", &[], new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        alice_client.query("nope", &[], new_query_id().unwrap(), TIMEOUT).await,
+        RefusalCode::UnknownTemplate,
+    );
     assert!(e.contains("no template named \"nope\""), "{e}");
     let bad = vec![
         ("start".to_string(), "2025-01-01".to_string()),
         ("end".to_string(), "2026-01-31".to_string()),
     ];
-    let e = alice_client
-        .query("spend_by_category", &bad, new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        alice_client
+            .query("spend_by_category", &bad, new_query_id().unwrap(), TIMEOUT)
+            .await,
+        RefusalCode::BadParameters,
+    );
     assert!(e.contains("must be within the template's window"), "{e}");
     assert_eq!(p.bank.charge_count().unwrap(), 0);
     assert_eq!(p.platform.charge_count().unwrap(), 0);
@@ -289,11 +301,12 @@ async fn a_disallowed_analyst_is_refused_by_name() {
         ("start".to_string(), "2026-01-01".to_string()),
         ("end".to_string(), "2026-01-31".to_string()),
     ];
-    let e = carol
-        .query("spend_by_category", &params, new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        carol
+            .query("spend_by_category", &params, new_query_id().unwrap(), TIMEOUT)
+            .await,
+        RefusalCode::UnknownTemplate,
+    );
     assert!(
         e.contains("analyst \"carol\" is not allowed to run template \"spend_by_category\""),
         "{e}"
@@ -337,7 +350,8 @@ async fn a_failed_query_is_charged_once_and_a_retry_costs_nothing_more() {
     let Message::AnalystResponse(AnalystResponse::Refused(m)) = r else {
         panic!("{r:?}")
     };
-    assert!(m.contains("costs no extra budget"), "{m}");
+    assert_eq!(m.code, RefusalCode::Failed);
+    assert!(m.message.contains("costs no extra budget"), "{m}");
     assert_eq!(bank.charge_count().unwrap(), 1);
     // The retry with the same id runs on both nodes; nothing is charged twice.
     let analyst = analyst_of(&fixture, "alice", &bank, &platform);
@@ -597,11 +611,10 @@ async fn an_exhausted_budget_is_refused_with_when_it_frees_up() {
         .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
         .await
         .unwrap();
-    let e = analyst
-        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        analyst.query("overlap", &[], new_query_id().unwrap(), TIMEOUT).await,
+        RefusalCode::BudgetExhausted,
+    );
     assert!(e.contains("budget exhausted on the platform node"), "{e}");
     assert!(e.contains("0.1 of 0.15 is spent") && e.contains("frees up on"), "{e}");
     let budget = analyst.budget().await.unwrap();
@@ -678,11 +691,12 @@ async fn a_template_runs_only_when_both_operators_signed_its_text() {
         ("start".to_string(), "2026-01-01".to_string()),
         ("end".to_string(), "2026-01-31".to_string()),
     ];
-    let e = analyst
-        .query("spend_by_category", &params, new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        analyst
+            .query("spend_by_category", &params, new_query_id().unwrap(), TIMEOUT)
+            .await,
+        RefusalCode::UnknownTemplate,
+    );
     assert!(e.contains("not approved by both operators"), "{e}");
     // overlap (text unchanged, signed by both) still runs, and it is the only
     // template offered besides the segment one.
@@ -708,11 +722,10 @@ async fn a_template_runs_only_when_both_operators_signed_its_text() {
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
     let analyst = analyst_of(&fixture, "alice", &bank, &platform);
-    let e = analyst
-        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        analyst.query("overlap", &[], new_query_id().unwrap(), TIMEOUT).await,
+        RefusalCode::UnknownTemplate,
+    );
     assert!(e.contains("signed by bank: no"), "{e}");
     assert_eq!(bank.charge_count().unwrap(), 1);
     platform.shutdown().await;
@@ -740,19 +753,17 @@ async fn ad_hoc_sql_runs_only_as_an_instance_of_a_signed_template() {
     }
     // Not an instance: another grouping.
     let other = sql.replace("group by b.category", "group by b.category, p.country");
-    let e = analyst
-        .query_sql(&other, new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        analyst.query_sql(&other, new_query_id().unwrap(), TIMEOUT).await,
+        RefusalCode::UnknownTemplate,
+    );
     assert!(e.contains("not an instance of any template"), "{e}");
     // An instance with a value outside the template's window: refused by the nodes.
     let late = sql.replace("2026-02-28", "2027-02-28");
-    let e = analyst
-        .query_sql(&late, new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        analyst.query_sql(&late, new_query_id().unwrap(), TIMEOUT).await,
+        RefusalCode::BadParameters,
+    );
     assert!(e.contains("must be within the template's window"), "{e}");
     p.platform.shutdown().await;
     p.bank.shutdown().await;
@@ -777,11 +788,10 @@ async fn runs_per_day_refuse_at_exactly_the_limit() {
         .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
         .await
         .unwrap();
-    let e = analyst
-        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused_with(
+        analyst.query("overlap", &[], new_query_id().unwrap(), TIMEOUT).await,
+        RefusalCode::RunLimit,
+    );
     assert!(
         e.contains("run limit on the bank node: 2 queries per analyst per day") && e.contains("frees up at 00:00 UTC"),
         "{e}"
@@ -820,17 +830,9 @@ async fn a_query_either_node_refuses_is_charged_at_neither() {
         let mut refused = vec![first];
         for _ in 0..3 {
             let qid = new_query_id().unwrap();
-            let e = analyst
-                .query("overlap", &[], qid, TIMEOUT)
-                .await
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains(&format!(
-                    "run limit on the {refusing} node: 1 queries per analyst per day"
-                )),
-                "{e}"
-            );
+            let e = refused_with(analyst.query("overlap", &[], qid, TIMEOUT).await, RefusalCode::RunLimit);
+            // Which node refused is for people: the ledgers below are the test.
+            assert!(e.contains(&format!("on the {refusing} node")), "{e}");
             refused.push(qid);
         }
         assert_eq!(bank.charge_count().unwrap(), 1, "{refusing} refused");
@@ -886,7 +888,7 @@ async fn an_admission_holds_a_slot_until_its_query_a_cancel_or_its_expiry() {
     assert_eq!(bank.queries_in_flight(), 1);
     let r = ask(admit(q2)).await;
     assert!(
-        matches!(&r, Ok(Message::AnalystResponse(AnalystResponse::Refused(m))) if m.contains("max_queries_in_flight_per_analyst")),
+        matches!(&r, Ok(Message::AnalystResponse(AnalystResponse::Refused(m))) if m.code == RefusalCode::TooManyQueries),
         "{r:?}"
     );
     // A cancel frees it at once.

@@ -283,7 +283,7 @@ async fn a_bank_that_keeps_losing_its_share_gets_the_same_platform_noise() {
     lose();
     let refused = analyst.query(template, &params, qid, TIMEOUT).await;
     assert!(
-        matches!(&refused, Err(e) if e.to_string().contains("max_reruns_per_query")),
+        matches!(&refused, Err(e) if e.refusal_code() == Some(cleanroom_node::RefusalCode::RerunRefused) && e.to_string().contains("max_reruns_per_query")),
         "a rerun past the cap: {refused:?}"
     );
     platform.shutdown().await;
@@ -328,7 +328,7 @@ async fn a_rerun_without_its_join_is_refused_before_joining_again() {
         .query(template, &params, qid, TIMEOUT)
         .await;
     assert!(
-        matches!(&refused, Err(e) if e.to_string().contains("cannot be run again")),
+        matches!(&refused, Err(e) if e.refusal_code() == Some(cleanroom_node::RefusalCode::RerunRefused)),
         "{refused:?}"
     );
     assert_eq!(joins(), before, "a join was opened (and charged) for a refused rerun");

@@ -517,12 +517,10 @@ fn main() -> anyhow::Result<()> {
                                     .await
                                     .map(|(_, r)| r)
                             } else {
-                                Err(cleanroom_node::NodeError::Refused(
-                                    "with --sql, write the values into the query instead of --param".into(),
-                                ))
+                                Err(cleanroom_node::NodeError::refused(cleanroom_node::RefusalCode::BadRequest, "with --sql, write the values into the query instead of --param"))
                             }
                         }
-                        (None, None) => Err(cleanroom_node::NodeError::Refused("give --template or --sql".into())),
+                        (None, None) => Err(cleanroom_node::NodeError::refused(cleanroom_node::RefusalCode::BadRequest, "give --template or --sql")),
                     };
                     // Tell the nodes this process is done with its
                     // connections (they are counted per analyst).

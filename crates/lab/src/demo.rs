@@ -364,11 +364,14 @@ impl Fixture {
     /// [`NodeError::Refused`] with the dialect's message for a refused query.
     pub fn add_sql_template(&mut self, name: &str, sql: &str, analyst: &str) -> Result<(), NodeError> {
         if sql.contains("'''") {
-            return Err(NodeError::Refused("the query may not contain '''".into()));
+            return Err(NodeError::refused(
+                cleanroom_node::RefusalCode::BadRequest,
+                "the query may not contain '''",
+            ));
         }
         let domains = NodeConfig::load(&self.bank_config)?.domains();
         cleanroom_query::sql::parse(sql, &domains.schema(), &std::collections::BTreeMap::new())
-            .map_err(|e| NodeError::Refused(e.0))?;
+            .map_err(|e| NodeError::refused(cleanroom_node::RefusalCode::BadRequest, e.0))?;
         let t = format!(
             "\n[[templates]]\nname = \"{name}\"\nsql = '''{sql}'''\nrho = \"1\"\nmin_count = 20\nanalysts = [\"{analyst}\"]\nclip = {{ transactions = {}, spend_cents = {} }}\n",
             CLIP.transactions, CLIP.spend_cents
@@ -445,10 +448,15 @@ impl Fixture {
             .templates(&self.bank_config)?
             .into_iter()
             .find(|t| t.name == template)
-            .ok_or_else(|| NodeError::Refused(format!("no template {template:?}")))?;
+            .ok_or_else(|| {
+                NodeError::refused(
+                    cleanroom_node::RefusalCode::UnknownTemplate,
+                    format!("no template {template:?}"),
+                )
+            })?;
         let analyst = t.analysts.first().cloned().unwrap_or_default();
         t.bind(&analyst, params, &cfg.domains())
-            .map_err(|e| NodeError::Refused(e.to_string()))
+            .map_err(|e| NodeError::refused(cleanroom_node::RefusalCode::BadParameters, e.to_string()))
     }
 
     /// Writes `analyst-<name>.toml` for the two nodes and loads it.

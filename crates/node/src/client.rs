@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use cleanroom_crypto::shares::Share;
 use cleanroom_transport::{Identity, TransportError, TransportSettings, client_endpoint, connect, pki};
-use cleanroom_wire::{AnalystRequest, AnalystResponse, BudgetInfo, Message, QueryRequest, QueryShare, TemplateInfo};
+use cleanroom_wire::{
+    AnalystRequest, AnalystResponse, BudgetInfo, Message, QueryRequest, QueryShare, Refusal, RefusalCode, TemplateInfo,
+};
 use serde::Serialize;
 
 use crate::NodeError;
@@ -193,7 +195,9 @@ impl Analyst {
         for (role, a) in answers {
             match a? {
                 AnalystResponse::Templates(t) => lists.push((role, t)),
-                AnalystResponse::Refused(m) => return Err(NodeError::Refused(format!("{}: {m}", role.as_str()))),
+                AnalystResponse::Refused(m) => {
+                    return Err(NodeError::refused(m.code, format!("{}: {}", role.as_str(), m.message)));
+                }
                 _ => return Err(NodeError::Peer(format!("{} answered out of turn", role.as_str()))),
             }
         }
@@ -227,7 +231,9 @@ impl Analyst {
         for (role, a) in self.ask_both(AnalystRequest::Budget, Duration::from_secs(30)).await {
             match a? {
                 AnalystResponse::Budget(b) => out.push(b),
-                AnalystResponse::Refused(m) => return Err(NodeError::Refused(format!("{}: {m}", role.as_str()))),
+                AnalystResponse::Refused(m) => {
+                    return Err(NodeError::refused(m.code, format!("{}: {}", role.as_str(), m.message)));
+                }
                 _ => return Err(NodeError::Peer(format!("{} answered out of turn", role.as_str()))),
             }
         }
@@ -271,13 +277,11 @@ impl Analyst {
             for (role, a) in answers {
                 match a {
                     Ok(AnalystResponse::Share(s)) => shares.push(*s),
-                    Ok(AnalystResponse::Refused(m)) => refusals.push(format!("{} node: {m}", role.as_str())),
-                    Ok(_) => refusals.push(format!("{} node answered out of turn", role.as_str())),
-                    Err(e) => refusals.push(e.to_string()),
+                    other => refusals.push(refusal_of(role, other)),
                 }
             }
             if !refusals.is_empty() {
-                return Err(NodeError::Refused(refusals.join("; ")));
+                return Err(joined(refusals));
             }
             if shares.len() != 2 {
                 return Err(NodeError::Peer("a node did not answer".into()));
@@ -290,6 +294,34 @@ impl Analyst {
             tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
         }
     }
+}
+
+/// One node's answer that is not what was asked for, as a refusal naming
+/// the node: its own refusal's code, `Failed` for a transport error or an
+/// answer out of turn.
+fn refusal_of(role: Role, answer: Result<AnalystResponse, NodeError>) -> Refusal {
+    match answer {
+        Ok(AnalystResponse::Refused(r)) => Refusal::new(r.code, format!("{} node: {}", role.as_str(), r.message)),
+        Ok(_) => Refusal::new(
+            RefusalCode::Failed,
+            format!("{} node answered out of turn", role.as_str()),
+        ),
+        Err(NodeError::Refused(r)) => Refusal::new(r.code, format!("{} node: {}", role.as_str(), r.message)),
+        Err(e) => Refusal::new(RefusalCode::Failed, e.to_string()),
+    }
+}
+
+/// The nodes' refusals as one: the first's code (a node's own refusal
+/// before a transport failure), every message.
+fn joined(mut refusals: Vec<Refusal>) -> NodeError {
+    refusals.sort_by_key(|r| r.code == RefusalCode::Failed);
+    let code = refusals.first().map_or(RefusalCode::Failed, |r| r.code);
+    let message = refusals
+        .iter()
+        .map(|r| r.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    NodeError::refused(code, message)
 }
 
 impl Analyst {
@@ -305,12 +337,10 @@ impl Analyst {
             .await;
         let mut refusals = Vec::new();
         let mut admitted = Vec::new();
-        for (role, a) in &answers {
+        for (role, a) in answers {
             match a {
-                Ok(AnalystResponse::Admitted) => admitted.push(*role),
-                Ok(AnalystResponse::Refused(m)) => refusals.push(format!("{} node: {m}", role.as_str())),
-                Ok(_) => refusals.push(format!("{} node answered out of turn", role.as_str())),
-                Err(e) => refusals.push(e.to_string()),
+                Ok(AnalystResponse::Admitted) => admitted.push(role),
+                other => refusals.push(refusal_of(role, other)),
             }
         }
         if refusals.is_empty() && admitted.len() == 2 {
@@ -322,9 +352,9 @@ impl Analyst {
             self.cancel_at(role, request.query_id).await;
         }
         if refusals.is_empty() {
-            refusals.push("a node did not answer".into());
+            refusals.push(Refusal::new(RefusalCode::Failed, "a node did not answer"));
         }
-        Err(NodeError::Refused(refusals.join("; ")))
+        Err(joined(refusals))
     }
 
     /// Tells the `role` node to drop what it holds or runs for `query_id`.
@@ -360,8 +390,9 @@ impl Analyst {
                 return Ok((bank.name.clone(), r));
             }
         }
-        Err(NodeError::Refused(
-            "this query is not an instance of any template both operators signed; `cleanroom templates` lists them (use the same text, with literal values where a template has :parameters)".into(),
+        Err(NodeError::refused(
+            RefusalCode::UnknownTemplate,
+            "this query is not an instance of any template both operators signed; `cleanroom templates` lists them (use the same text, with literal values where a template has :parameters)",
         ))
     }
 }

@@ -12,6 +12,8 @@
 //!
 //! The demo, the bench and the test fixture are in `cleanroom-lab`.
 
+pub use cleanroom_wire::{Refusal, RefusalCode};
+
 pub mod client;
 pub mod config;
 pub mod data;
@@ -55,9 +57,10 @@ pub enum NodeError {
     /// The peer (or a node, for the analyst) misbehaved or went away.
     #[error("peer: {0}")]
     Peer(String),
-    /// A request was refused by policy; the message says what to change.
+    /// A request was refused by policy: its code, and a message that says
+    /// what to change.
     #[error("refused: {0}")]
-    Refused(String),
+    Refused(cleanroom_wire::Refusal),
     /// Randomness or noise parameters.
     #[error("crypto: {0}")]
     Crypto(#[from] cleanroom_crypto::CryptoError),
@@ -68,4 +71,19 @@ pub enum NodeError {
     /// (expired, or from before a restart); the peer joins again.
     #[error("aggregate over a join this node does not have")]
     UnknownJoin,
+}
+
+impl NodeError {
+    /// A refusal with `code` and `message`.
+    pub fn refused(code: cleanroom_wire::RefusalCode, message: impl Into<String>) -> Self {
+        Self::Refused(cleanroom_wire::Refusal::new(code, message))
+    }
+
+    /// The refusal's code, if this is a refusal.
+    pub fn refusal_code(&self) -> Option<cleanroom_wire::RefusalCode> {
+        match self {
+            Self::Refused(r) => Some(r.code),
+            _ => None,
+        }
+    }
 }

@@ -31,7 +31,7 @@ use cleanroom_transport::{
 };
 use cleanroom_wire::{
     Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, PolicyMessage, QueryRequest, QueryShare,
-    SessionId, ShareCheck, ShareHeld, TemplateInfo,
+    Refusal, RefusalCode, SessionId, ShareCheck, ShareHeld, TemplateInfo,
 };
 use rayon::prelude::*;
 use ring::digest::{SHA256, digest};
@@ -214,8 +214,9 @@ impl Requester {
 
 /// What a query dropped because its analyst went away ends with.
 fn analyst_gone() -> NodeError {
-    NodeError::Refused(
-        "the analyst's connection closed while the query waited; it stays charged, and a retry under the same id costs nothing more".into(),
+    NodeError::refused(
+        RefusalCode::Failed,
+        "the analyst's connection closed while the query waited; it stays charged, and a retry under the same id costs nothing more",
     )
 }
 
@@ -784,8 +785,8 @@ impl Node {
                         {
                             Ok(frame) => match Message::decode(&frame) {
                                 Ok(Message::AnalystRequest(req)) => Ok(req),
-                                Ok(_) => Err(AnalystResponse::Refused("expected an analyst request".into())),
-                                Err(e) => Err(AnalystResponse::Refused(format!("malformed request: {e}"))),
+                                Ok(_) => Err(AnalystResponse::Refused(Refusal::new(RefusalCode::BadRequest, "expected an analyst request"))),
+                                Err(e) => Err(AnalystResponse::Refused(Refusal::new(RefusalCode::BadRequest, format!("malformed request: {e}")))),
                             },
                             Err(e) => {
                                 info!(error = %e, "analyst stream ended");
@@ -797,9 +798,12 @@ impl Node {
                     // other node may have charged it.
                     let admitted = matches!(&request, Ok(AnalystRequest::Query(q)) if node.holds_admission(&analyst, &q.query_id));
                     let response = if !admitted && !node.within_rate(&analyst) {
-                        AnalystResponse::Refused(format!(
-                            "rate limit: more than {} requests per second from this analyst (max_requests_per_analyst_per_second); slow down",
-                            node.inner.limits.requests_per_second
+                        AnalystResponse::Refused(Refusal::new(
+                            RefusalCode::RateLimited,
+                            format!(
+                                "rate limit: more than {} requests per second from this analyst (max_requests_per_analyst_per_second); slow down",
+                                node.inner.limits.requests_per_second
+                            ),
                         ))
                     } else {
                         match request {
@@ -874,10 +878,13 @@ impl Node {
 
     fn template(&self, name: &str) -> Result<&Template, NodeError> {
         self.inner.templates.iter().find(|t| t.name == name).ok_or_else(|| {
-            NodeError::Refused(format!(
-                "no template named {name:?} on the {} node; run `cleanroom templates` to list them",
-                self.inner.role.as_str()
-            ))
+            NodeError::refused(
+                RefusalCode::UnknownTemplate,
+                format!(
+                    "no template named {name:?} on the {} node; run `cleanroom templates` to list them",
+                    self.inner.role.as_str()
+                ),
+            )
         })
     }
 
@@ -902,16 +909,17 @@ impl Node {
     /// A slot for one more running query of `analyst`, or why not: each
     /// analyst may have `max_queries_in_flight_per_analyst` queries running
     /// here, all together `max_queries_in_flight`. Refused before any charge.
-    fn admit(&self, analyst: &str) -> Result<Counted, String> {
+    fn admit(&self, analyst: &str) -> Result<Counted, Refusal> {
         let l = &self.inner.limits;
         Counted::take(self, analyst, |i| &i.in_flight, l.in_flight_per_analyst, l.in_flight).map_err(|(mine, total)| {
-            if mine >= l.in_flight_per_analyst {
+            let message = if mine >= l.in_flight_per_analyst {
                 format!(
                     "analyst {analyst:?} already has {mine} queries running here (max_queries_in_flight_per_analyst); retry when one has finished"
                 )
             } else {
                 format!("{total} queries are running here (max_queries_in_flight); retry shortly")
-            }
+            };
+            Refusal::new(RefusalCode::TooManyQueries, message)
         })
     }
 
@@ -978,10 +986,13 @@ impl Node {
             Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
             Err(e) => {
                 warn!(error = %e, "admission check failed");
-                AnalystResponse::Refused(format!(
-                    "the {} node could not check the query: {}",
-                    self.inner.role.as_str(),
-                    analyst_view(&e)
+                AnalystResponse::Refused(Refusal::new(
+                    RefusalCode::Failed,
+                    format!(
+                        "the {} node could not check the query: {}",
+                        self.inner.role.as_str(),
+                        analyst_view(&e)
+                    ),
                 ))
             }
         }
@@ -1019,7 +1030,10 @@ impl Node {
                             period_ends_day: (period + 1) * days,
                         })
                     }
-                    Err(e) => AnalystResponse::Refused(format!("the node's ledger failed: {e}")),
+                    Err(e) => AnalystResponse::Refused(Refusal::new(
+                        RefusalCode::Failed,
+                        format!("the node's ledger failed: {e}"),
+                    )),
                 }
             }
             AnalystRequest::Cancel(qid) if self.inner.role == Role::Platform => {
@@ -1074,10 +1088,13 @@ impl Node {
                 // The operator's log has the whole error; the analyst gets
                 // its kind only (a peer's error can carry counts).
                 warn!(error = %e, "query failed");
-                AnalystResponse::Refused(format!(
-                    "the {} node could not complete the query: {}. Retrying with the same query id costs no extra budget.",
-                    self.inner.role.as_str(),
-                    analyst_view(&e)
+                AnalystResponse::Refused(Refusal::new(
+                    RefusalCode::Failed,
+                    format!(
+                        "the {} node could not complete the query: {}. Retrying with the same query id costs no extra budget.",
+                        self.inner.role.as_str(),
+                        analyst_view(&e)
+                    ),
                 ))
             }
         }
@@ -1170,9 +1187,9 @@ impl Node {
                     .charged_query(&q.query_id)?
                     .and_then(|c| c.binding)
                     .ok_or_else(|| {
-                        NodeError::Refused(
-                            "this query's share was released before its join was recorded; it cannot be run again"
-                                .into(),
+                        NodeError::refused(
+                            RefusalCode::RerunRefused,
+                            "this query's share was released before its join was recorded; it cannot be run again",
                         )
                     })?;
                 let binding = RunBinding {
@@ -1254,24 +1271,33 @@ impl Node {
     /// digest and the parameters to record with the charge.
     async fn before_charge(&self, analyst: &str, q: &QueryRequest, template: &Template) -> Result<Ready, NodeError> {
         if self.inner.role == Role::Platform {
-            self.peer_connection()
-                .await
-                .map_err(|e| NodeError::Refused(format!("the platform node cannot reach the bank node: {e}")))?;
+            self.peer_connection().await.map_err(|e| {
+                NodeError::refused(
+                    RefusalCode::PeerUnreachable,
+                    format!("the platform node cannot reach the bank node: {e}"),
+                )
+            })?;
         }
         self.wait_peer_policy().await;
         if let Some(why) = self.not_runnable(template) {
-            return Err(NodeError::Refused(why));
+            return Err(NodeError::refused(RefusalCode::UnknownTemplate, why));
         }
-        let plan = template
-            .bind(analyst, &q.params, &self.inner.domains)
-            .map_err(|e| NodeError::Refused(e.to_string()))?;
+        let plan = template.bind(analyst, &q.params, &self.inner.domains).map_err(|e| {
+            let code = match e {
+                cleanroom_query::QueryError::UnknownTemplate(_)
+                | cleanroom_query::QueryError::AnalystNotAllowed { .. } => RefusalCode::UnknownTemplate,
+                _ => RefusalCode::BadParameters,
+            };
+            NodeError::refused(code, e.to_string())
+        })?;
         if let NodeData::Matcher(m) = &self.inner.data
             && m.countries.is_empty()
             && (plan.query.filters.iter().any(|p| p.column().name == "country")
                 || plan.query.group_by.iter().any(|c| c.name == "country"))
         {
-            return Err(NodeError::Refused(
-                "the platform node's data has no country column (set data.country_column)".into(),
+            return Err(NodeError::refused(
+                RefusalCode::BadParameters,
+                "the platform node's data has no country column (set data.country_column)",
             ));
         }
         let digest = plan.digest();
@@ -1326,22 +1352,28 @@ impl Node {
             Charge::OverBudget { spent, limit } => {
                 let period = period_of(now_secs(), self.inner.limits.period_days);
                 let ends = (period + 1) * i64::from(self.inner.limits.period_days);
-                NodeError::Refused(format!(
-                    "budget exhausted on the {} node: this template costs rho {}, {} of {} is spent this period; it frees up on {}",
-                    self.inner.role.as_str(),
-                    format_micro(template.rho_micro),
-                    format_micro(*spent),
-                    format_micro(*limit),
-                    format_date(i32::try_from(ends).unwrap_or(i32::MAX))
-                ))
+                NodeError::refused(
+                    RefusalCode::BudgetExhausted,
+                    format!(
+                        "budget exhausted on the {} node: this template costs rho {}, {} of {} is spent this period; it frees up on {}",
+                        self.inner.role.as_str(),
+                        format_micro(template.rho_micro),
+                        format_micro(*spent),
+                        format_micro(*limit),
+                        format_date(i32::try_from(ends).unwrap_or(i32::MAX))
+                    ),
+                )
             }
             Charge::TooManyRuns { limit } => {
                 let tomorrow = now_secs().div_euclid(86_400) + 1;
-                NodeError::Refused(format!(
-                    "run limit on the {} node: {limit} queries per analyst per day; it frees up at 00:00 UTC on {}",
-                    self.inner.role.as_str(),
-                    format_date(i32::try_from(tomorrow).unwrap_or(i32::MAX))
-                ))
+                NodeError::refused(
+                    RefusalCode::RunLimit,
+                    format!(
+                        "run limit on the {} node: {limit} queries per analyst per day; it frees up at 00:00 UTC on {}",
+                        self.inner.role.as_str(),
+                        format_date(i32::try_from(tomorrow).unwrap_or(i32::MAX))
+                    ),
+                )
             }
             Charge::New | Charge::Existing(_) => NodeError::Internal("a charge that was not refused"),
         }
@@ -1349,10 +1381,12 @@ impl Node {
 
     /// Platform: whether the bank holds its share of `run` of this query.
     async fn bank_holds(&self, qid: &[u8; 16], run: &Run) -> Result<bool, NodeError> {
-        let conn = self
-            .peer_connection()
-            .await
-            .map_err(|e| NodeError::Refused(format!("the platform node cannot reach the bank node: {e}")))?;
+        let conn = self.peer_connection().await.map_err(|e| {
+            NodeError::refused(
+                RefusalCode::PeerUnreachable,
+                format!("the platform node cannot reach the bank node: {e}"),
+            )
+        })?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
         write_one(
             &mut send,
@@ -1365,8 +1399,9 @@ impl Node {
         let _ = send.finish();
         let answer = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
         match Message::decode(&answer).map_err(|e| NodeError::Protocol(e.into()))? {
-            Message::ShareHeld(h) if h.query_id == *qid && h.busy && !h.held => Err(NodeError::Refused(
-                "the bank node is still finishing this query id; ask again shortly with the same id".into(),
+            Message::ShareHeld(h) if h.query_id == *qid && h.busy && !h.held => Err(NodeError::refused(
+                RefusalCode::Busy,
+                "the bank node is still finishing this query id; ask again shortly with the same id",
             )),
             Message::ShareHeld(h) if h.query_id == *qid => Ok(h.held),
             other => Err(NodeError::Peer(format!(
@@ -1420,10 +1455,11 @@ impl Node {
             .ok_or_else(|| NodeError::State("the ledger has no parameters for this query".into()))?;
         let plan = template
             .bind(&q.analyst, &params, &self.inner.domains)
-            .map_err(|e| NodeError::Refused(e.to_string()))?;
+            .map_err(|e| NodeError::refused(RefusalCode::BadParameters, e.to_string()))?;
         if plan.digest().as_slice() != q.plan.as_slice() {
-            return Err(NodeError::Refused(
-                "this query's template changed since it ran; it cannot be run again".into(),
+            return Err(NodeError::refused(
+                RefusalCode::RerunRefused,
+                "this query's template changed since it ran; it cannot be run again",
             ));
         }
         let seed = lock(&self.inner.state).noise_seed(qid)?;
@@ -1741,15 +1777,16 @@ impl Node {
                         Claim::Found(plan, values) => (*plan, values),
                         Claim::OtherJoin => {
                             abort(&mut send, setup.session, AbortCode::Refused).await;
-                            return Err(NodeError::Refused(
-                                "an aggregate batch over another join than the query's other batches or released share"
-                                    .into(),
+                            return Err(NodeError::refused(
+                                RefusalCode::RerunRefused,
+                                "an aggregate batch over another join than the query's other batches or released share",
                             ));
                         }
                         Claim::Unknown => {
                             abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
-                            return Err(NodeError::Refused(
-                                "aggregate for a query this node has not accepted".into(),
+                            return Err(NodeError::refused(
+                                RefusalCode::PeerRefused,
+                                "aggregate for a query this node has not accepted",
                             ));
                         }
                     };
@@ -1882,11 +1919,14 @@ impl Node {
         };
         if (data.ids.len() as u64) < l.min_input_set {
             abort(&mut send, [0; 16], AbortCode::Refused).await;
-            return Err(NodeError::Refused(format!(
-                "minimum input limit: the bank has {} customers, below the minimum of {}",
-                data.ids.len(),
-                l.min_input_set
-            )));
+            return Err(NodeError::refused(
+                RefusalCode::InputLimit,
+                format!(
+                    "minimum input limit: the bank has {} customers, below the minimum of {}",
+                    data.ids.len(),
+                    l.min_input_set
+                ),
+            ));
         }
         let ids: Vec<&[u8]> = data.ids.iter().map(Vec::as_slice).collect();
         let fp = crate::state::fingerprints(&self.inner.node_key, &ids);
@@ -2139,10 +2179,13 @@ impl Node {
         let indices = matcher_block_indices(plan, data, &self.inner.domains);
         let input: usize = indices.iter().map(Vec::len).sum();
         if (input as u64) < self.inner.limits.min_input_set {
-            return Err(NodeError::Refused(format!(
-                "minimum input limit: fewer platform users match this query's platform conditions than the minimum of {}; widen the conditions",
-                self.inner.limits.min_input_set
-            )));
+            return Err(NodeError::refused(
+                RefusalCode::InputLimit,
+                format!(
+                    "minimum input limit: fewer platform users match this query's platform conditions than the minimum of {}; widen the conditions",
+                    self.inner.limits.min_input_set
+                ),
+            ));
         }
         if !fresh && let Some(j) = self.cached_matcher_join(&filter, &data.version)? {
             return Ok((j, None));
@@ -2301,14 +2344,16 @@ impl Node {
             }
         };
         if lock(&self.inner.cancelled).remove(qid) {
-            return Err(NodeError::Refused(
-                "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)".into(),
+            return Err(NodeError::refused(
+                RefusalCode::PeerRefused,
+                "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)",
             ));
         }
         let other_join = || {
             warn!("the query's share was released from a join this node no longer has; it cannot be run again");
-            Err(NodeError::Refused(
-                "this query's first run was over a join that has expired or was dropped; it cannot be run again".into(),
+            Err(NodeError::refused(
+                RefusalCode::RerunRefused,
+                "this query's first run was over a join that has expired or was dropped; it cannot be run again",
             ))
         };
         // A rerun uses the cached join of the first release, or none: it
@@ -2345,9 +2390,9 @@ impl Node {
             Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
                 if code == AbortCode::UnknownQuery as u16 =>
             {
-                Err(NodeError::Refused(
-                    "the bank node has not accepted this query (it refused it or never received it); see its answer"
-                        .into(),
+                Err(NodeError::refused(
+                    RefusalCode::PeerRefused,
+                    "the bank node has not accepted this query (it refused it or never received it); see its answer",
                 ))
             }
             Err(e) => Err(e),

@@ -276,30 +276,37 @@ fn query_in(conn: &Connection, query_id: &[u8; 16]) -> Result<Option<ChargedQuer
 /// Why a rerun of `q` over `binding` may not replace its released share, if so.
 fn check_rerun(q: &ChargedQuery, binding: &RunBinding, max_reruns: u32) -> Result<(), NodeError> {
     if q.share.is_none() {
-        return Err(NodeError::Refused(
-            "this query has no released share to run again".into(),
+        return Err(NodeError::refused(
+            cleanroom_wire::RefusalCode::RerunRefused,
+            "this query has no released share to run again",
         ));
     }
     let Some(first) = q.binding else {
-        return Err(NodeError::Refused(
-            "this query's share was released before its join was recorded; it cannot be run again".into(),
+        return Err(NodeError::refused(
+            cleanroom_wire::RefusalCode::RerunRefused,
+            "this query's share was released before its join was recorded; it cannot be run again",
         ));
     };
     if first.data_version != binding.data_version {
-        return Err(NodeError::Refused(
-            "this node's data changed since the query's share was released; it cannot be run again".into(),
+        return Err(NodeError::refused(
+            cleanroom_wire::RefusalCode::RerunRefused,
+            "this node's data changed since the query's share was released; it cannot be run again",
         ));
     }
     if first.join != binding.join {
-        return Err(NodeError::Refused(
-            "a rerun must be over the join the query's share was released from; this is another join".into(),
+        return Err(NodeError::refused(
+            cleanroom_wire::RefusalCode::RerunRefused,
+            "a rerun must be over the join the query's share was released from; this is another join",
         ));
     }
     if q.reruns >= max_reruns {
-        return Err(NodeError::Refused(format!(
-            "this query was already run again {} times (limits.max_reruns_per_query is {max_reruns})",
-            q.reruns
-        )));
+        return Err(NodeError::refused(
+            cleanroom_wire::RefusalCode::RerunRefused,
+            format!(
+                "this query was already run again {} times (limits.max_reruns_per_query is {max_reruns})",
+                q.reruns
+            ),
+        ));
     }
     Ok(())
 }
@@ -573,8 +580,9 @@ impl State {
             .map_err(db)?;
         if let Some((a, p, share)) = existing {
             if a != analyst || p != plan.to_vec() {
-                return Err(NodeError::Refused(
-                    "this query id was already used for another query; choose a new id".into(),
+                return Err(NodeError::refused(
+                    cleanroom_wire::RefusalCode::QueryIdReused,
+                    "this query id was already used for another query; choose a new id",
                 ));
             }
             return Ok(Charge::Existing(share));
@@ -707,9 +715,12 @@ impl State {
     /// # Errors
     /// [`NodeError::Refused`] saying why not; [`NodeError::State`].
     pub fn may_rerun(&self, query_id: &[u8; 16], binding: &RunBinding, max_reruns: u32) -> Result<(), NodeError> {
-        let q = self
-            .charged_query(query_id)?
-            .ok_or_else(|| NodeError::Refused("this query id was not charged here".into()))?;
+        let q = self.charged_query(query_id)?.ok_or_else(|| {
+            NodeError::refused(
+                cleanroom_wire::RefusalCode::RerunRefused,
+                "this query id was not charged here",
+            )
+        })?;
         check_rerun(&q, binding, max_reruns)
     }
 
@@ -748,8 +759,9 @@ impl State {
         }
         stored.take();
         if released {
-            return Err(NodeError::Refused(
-                "this query's share was released before noise seeds were kept; it cannot be run again".into(),
+            return Err(NodeError::refused(
+                cleanroom_wire::RefusalCode::RerunRefused,
+                "this query's share was released before noise seeds were kept; it cannot be run again",
             ));
         }
         let seed = fresh_seed()?;
@@ -864,11 +876,14 @@ impl State {
             )
             .map_err(db)?;
         if (spent.max(0) as u64).saturating_add(eps_micro) > limit_micro {
-            return Err(NodeError::Refused(format!(
-                "the cardinality budget of this period is spent ({} of {}); it frees up when the period ends",
-                cleanroom_query::format_micro(spent.max(0) as u64),
-                cleanroom_query::format_micro(limit_micro)
-            )));
+            return Err(NodeError::refused(
+                cleanroom_wire::RefusalCode::BudgetExhausted,
+                format!(
+                    "the cardinality budget of this period is spent ({} of {}); it frees up when the period ends",
+                    cleanroom_query::format_micro(spent.max(0) as u64),
+                    cleanroom_query::format_micro(limit_micro)
+                ),
+            ));
         }
         tx.execute(
             "INSERT INTO cardinality (session, eps_micro, period, charged_at) VALUES (?1, ?2, ?3, ?4)",
@@ -921,11 +936,14 @@ impl State {
             // The refusal reaches the analyst: it names the limit, never the
             // node's own counts (those go to the operator's log only).
             tracing::warn!(changed, baseline = old.len(), "input churn limit reached");
-            return Err(NodeError::Refused(format!(
-                "input churn limit: more than {:.1}% of this node's identifiers for this input changed since the last join; it frees up when that join expires on {}",
-                max_ppm as f64 / 10_000.0,
-                cleanroom_query::format_date(i32::try_from(expires.div_euclid(86_400)).unwrap_or(i32::MAX))
-            )));
+            return Err(NodeError::refused(
+                cleanroom_wire::RefusalCode::InputLimit,
+                format!(
+                    "input churn limit: more than {:.1}% of this node's identifiers for this input changed since the last join; it frees up when that join expires on {}",
+                    max_ppm as f64 / 10_000.0,
+                    cleanroom_query::format_date(i32::try_from(expires.div_euclid(86_400)).unwrap_or(i32::MAX))
+                ),
+            ));
         }
         Ok(())
     }

@@ -386,6 +386,74 @@ impl core::fmt::Debug for QueryShare {
     }
 }
 
+/// Why a node refused an analyst's request: a stable code, which clients
+/// and tests match on, beside the message for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RefusalCode {
+    /// The request is malformed, not an analyst request, or contradicts
+    /// itself.
+    BadRequest,
+    /// More requests per second than `max_requests_per_analyst_per_second`.
+    RateLimited,
+    /// The analyst already has `max_queries_in_flight_per_analyst` queries
+    /// running (or admitted) on the node, or the node `max_queries_in_flight`.
+    TooManyQueries,
+    /// No runnable template of that name for this analyst (unknown, not
+    /// allowed to the analyst, or not signed by both operators), or an ad
+    /// hoc query that is not an instance of one.
+    UnknownTemplate,
+    /// The parameters do not bind to the template, or the node's data lacks
+    /// a column the plan needs.
+    BadParameters,
+    /// The analyst's ρ for the period, or the bank's ε for join
+    /// cardinalities, is spent.
+    BudgetExhausted,
+    /// The analyst's queries per UTC day are used up.
+    RunLimit,
+    /// The query id was used for another query or by another analyst.
+    QueryIdReused,
+    /// A limit on the inputs of a join: the minimum input after filters,
+    /// the input churn, the peer's set size.
+    InputLimit,
+    /// The platform cannot reach the bank.
+    PeerUnreachable,
+    /// The other node refused this query id or never received it.
+    PeerRefused,
+    /// The query cannot be run again (a rerun over another join or data,
+    /// past `max_reruns_per_query`, or from before its join was kept).
+    RerunRefused,
+    /// The node is finishing this query id; ask again shortly with it.
+    Busy,
+    /// The node could not complete the request; a retry under the same
+    /// query id costs nothing more.
+    Failed,
+}
+
+/// A refusal: its code and a message that says what to change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// What kind of refusal.
+    pub code: RefusalCode,
+    /// For people; never parsed.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl core::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// A node's answer to an analyst.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum AnalystResponse {
@@ -395,8 +463,8 @@ pub enum AnalystResponse {
     Budget(BudgetInfo),
     /// A noisy share.
     Share(Box<QueryShare>),
-    /// A refusal, with a message that says what to change.
-    Refused(String),
+    /// A refusal: its code, and a message that says what to change.
+    Refused(Refusal),
     /// Whether a waiting query was dropped.
     Cancelled(bool),
     /// The query would run here now, and its admission is held.

@@ -1,0 +1,478 @@
+//! The wire format, pinned: every message (and every analyst request and
+//! response) as checked-in hex in `tests/vectors.txt`, and `bad_*` frames
+//! with the exact error the decoder must give. A change to any encoding
+//! fails here, so the format is what this file says, not whatever the
+//! serializer happens to emit.
+//!
+//! A few frames are also assembled byte by byte below, from the layout
+//! docs/protocol.md describes (`[version][type][body]`, fixed-width little
+//! endian integers, `u32` enum variant indices, `u64` length prefixes), as
+//! a check that does not go through the serializer at all.
+//!
+//! After an intended change of the format (with a new `PROTOCOL_VERSION`),
+//! rewrite the file with
+//! `CLEANROOM_WRITE_VECTORS=1 cargo test -p cleanroom-wire --test vectors`
+//! and review its diff.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fmt::Write as _;
+
+use cleanroom_wire::{
+    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, JoinAccept, JoinOffer, MAX_MESSAGE_LEN, MaskedRows,
+    MatcherKey, Message, OtChoices, OtExtend, OtSetup, PROTOCOL_VERSION, PointChunk, PolicyMessage, QueryRequest,
+    QueryShare, Refusal, RefusalCode, ShareCheck, ShareHeld, TemplateInfo,
+};
+
+const FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors.txt");
+
+fn query(template: &str, params: usize) -> QueryRequest {
+    QueryRequest {
+        query_id: [0x51; 16],
+        template: template.into(),
+        params: (0..params).map(|i| (format!("p{i}"), "2026-01-01".into())).collect(),
+    }
+}
+
+/// One of each message, with every analyst request and response.
+fn good() -> Vec<(&'static str, Message)> {
+    let s = [0x07; 16];
+    vec![
+        (
+            "join_offer",
+            Message::JoinOffer(JoinOffer {
+                nonce: [0x01; 32],
+                collaboration_id: "bank-x-platform".into(),
+                rules_hash: [0x02; 32],
+                matcher_set_size: 1000,
+                context: [0x03; 32],
+                blocks: vec![600, 400],
+            }),
+        ),
+        (
+            "join_accept",
+            Message::JoinAccept(JoinAccept {
+                session: s,
+                nonce: [0x04; 32],
+                holder_set_size: 5,
+                dummy_rows: 62,
+            }),
+        ),
+        (
+            "matcher_key",
+            Message::MatcherKey(MatcherKey {
+                session: s,
+                key: [0x05; 32],
+            }),
+        ),
+        (
+            "matcher_tokens",
+            Message::MatcherTokens(PointChunk {
+                session: s,
+                seq: 0,
+                points: vec![0x09; 64],
+            }),
+        ),
+        (
+            "holder_rows",
+            Message::HolderRows(PointChunk {
+                session: s,
+                seq: 3,
+                points: vec![0x0a; 32],
+            }),
+        ),
+        (
+            "holder_tokens",
+            Message::HolderTokens(PointChunk {
+                session: s,
+                seq: 1,
+                points: vec![0x0b; 32],
+            }),
+        ),
+        (
+            "ot_setup",
+            Message::OtSetup(OtSetup {
+                session: s,
+                join_session: [0x08; 16],
+                query_id: [0x09; 16],
+                nonce: [0x0a; 32],
+                rows: 1062,
+                width: 33,
+                plan: [0x0c; 32],
+                group: 2,
+                base_point: [0x0b; 32],
+            }),
+        ),
+        (
+            "ot_choices",
+            Message::OtChoices(OtChoices {
+                session: s,
+                nonce: [0x03; 32],
+                points: vec![0x0c; 128 * 32],
+            }),
+        ),
+        (
+            "ot_extend",
+            Message::OtExtend(OtExtend {
+                session: s,
+                seq: 0,
+                columns: vec![0x0d; 128 * 16],
+            }),
+        ),
+        (
+            "masked_rows",
+            Message::MaskedRows(MaskedRows {
+                session: s,
+                seq: 4,
+                words: vec![0x0e; 16],
+            }),
+        ),
+        (
+            "abort",
+            Message::Abort(Abort {
+                session: s,
+                code: AbortCode::UnknownJoin as u16,
+            }),
+        ),
+        ("request_templates", Message::AnalystRequest(AnalystRequest::Templates)),
+        ("request_budget", Message::AnalystRequest(AnalystRequest::Budget)),
+        (
+            "request_query",
+            Message::AnalystRequest(AnalystRequest::Query(query("spend_by_category", 2))),
+        ),
+        (
+            "request_cancel",
+            Message::AnalystRequest(AnalystRequest::Cancel([0x52; 16])),
+        ),
+        (
+            "request_admit",
+            Message::AnalystRequest(AnalystRequest::Admit(query("overlap", 0))),
+        ),
+        (
+            "response_templates",
+            Message::AnalystResponse(AnalystResponse::Templates(vec![TemplateInfo {
+                name: "overlap".into(),
+                kind: "SELECT COUNT(DISTINCT b.customer) FROM bank b JOIN platform p".into(),
+                params: vec![("start".into(), "a date".into())],
+                rho: "0.1".into(),
+                min_count: 20,
+            }])),
+        ),
+        (
+            "response_budget",
+            Message::AnalystResponse(AnalystResponse::Budget(BudgetInfo {
+                node: "bank".into(),
+                analyst: "alice".into(),
+                rho_limit_micro: 20_000_000,
+                rho_spent_micro: 100_000,
+                period_days: 30,
+                period_ends_day: 20_610,
+            })),
+        ),
+        (
+            "response_share",
+            Message::AnalystResponse(AnalystResponse::Share(Box::new(QueryShare {
+                node: "platform".into(),
+                query_id: [0x51; 16],
+                plan: [0x0f; 32],
+                cells: vec!["customers".into(), "spend".into()],
+                weights: vec![1, 3],
+                count_cells: vec![0, 0],
+                units: vec!["count".into(), "cents".into()],
+                ratios: vec![("avg".into(), 1, 0)],
+                words: vec![u64::MAX, 7],
+                sigma: 2.5,
+                min_count: 20,
+                rho: "0.1".into(),
+                timings: vec![("join".into(), 0.25)],
+                replayed: false,
+                run: [0x10; 16],
+            }))),
+        ),
+        (
+            "response_refused",
+            Message::AnalystResponse(AnalystResponse::Refused(Refusal::new(
+                RefusalCode::RunLimit,
+                "run limit on the bank node",
+            ))),
+        ),
+        (
+            "response_cancelled",
+            Message::AnalystResponse(AnalystResponse::Cancelled(true)),
+        ),
+        ("response_admitted", Message::AnalystResponse(AnalystResponse::Admitted)),
+        (
+            "policy",
+            Message::Policy(PolicyMessage {
+                signed: b"{\"role\":\"bank\"}".to_vec(),
+            }),
+        ),
+        (
+            "share_check",
+            Message::ShareCheck(ShareCheck {
+                query_id: [0x51; 16],
+                run: [0x10; 16],
+            }),
+        ),
+        (
+            "share_held",
+            Message::ShareHeld(ShareHeld {
+                query_id: [0x51; 16],
+                held: true,
+                busy: false,
+            }),
+        ),
+    ]
+}
+
+fn encoded(name: &str) -> Vec<u8> {
+    let (_, m) = good()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no sample {name}"));
+    m.encode().unwrap()
+}
+
+fn with(mut frame: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    f(&mut frame);
+    frame
+}
+
+/// Frames the decoder must refuse, each with its exact error.
+fn bad() -> Vec<(&'static str, Vec<u8>)> {
+    let abort = encoded("abort");
+    let mut over = vec![PROTOCOL_VERSION, 4];
+    over.extend_from_slice(&[0x07; 16]);
+    over.extend_from_slice(&0u32.to_le_bytes());
+    over.extend_from_slice(&u64::MAX.to_le_bytes());
+    let encode = |m: Message| m.encode().unwrap();
+    vec![
+        ("bad_empty", vec![]),
+        ("bad_header_only", vec![PROTOCOL_VERSION]),
+        ("bad_version", with(abort.clone(), |f| f[0] = 2)),
+        ("bad_type", with(abort.clone(), |f| f[1] = 99)),
+        ("bad_trailing_byte", with(abort.clone(), |f| f.push(0))),
+        ("bad_truncated_abort", with(abort.clone(), |f| f.truncate(f.len() - 1))),
+        ("bad_length_over_limit", over),
+        ("bad_request_variant", vec![PROTOCOL_VERSION, 20, 99, 0, 0, 0]),
+        ("bad_refusal_code", with(encoded("response_refused"), |f| f[6] = 99)),
+        ("bad_bool", with(encoded("share_held"), |f| f[18] = 2)),
+        (
+            "bad_points_not_whole",
+            encode(Message::HolderRows(PointChunk {
+                session: [0; 16],
+                seq: 0,
+                points: vec![1; 33],
+            })),
+        ),
+        (
+            "bad_points_empty",
+            encode(Message::MatcherTokens(PointChunk {
+                session: [0; 16],
+                seq: 0,
+                points: vec![],
+            })),
+        ),
+        (
+            "bad_ot_choices_127",
+            encode(Message::OtChoices(OtChoices {
+                session: [0; 16],
+                nonce: [0; 32],
+                points: vec![1; 127 * 32],
+            })),
+        ),
+        (
+            "bad_ot_extend_partial",
+            encode(Message::OtExtend(OtExtend {
+                session: [0; 16],
+                seq: 0,
+                columns: vec![1; 100],
+            })),
+        ),
+        (
+            "bad_masked_rows_partial_word",
+            encode(Message::MaskedRows(MaskedRows {
+                session: [0; 16],
+                seq: 0,
+                words: vec![1; 12],
+            })),
+        ),
+        (
+            "bad_join_offer_no_blocks",
+            encode(Message::JoinOffer(JoinOffer {
+                nonce: [0; 32],
+                collaboration_id: "x".into(),
+                rules_hash: [0; 32],
+                matcher_set_size: 1,
+                context: [0; 32],
+                blocks: vec![],
+            })),
+        ),
+        (
+            "bad_collaboration_id_too_long",
+            encode(Message::JoinOffer(JoinOffer {
+                nonce: [0; 32],
+                collaboration_id: "x".repeat(129),
+                rules_hash: [0; 32],
+                matcher_set_size: 1,
+                context: [0; 32],
+                blocks: vec![1],
+            })),
+        ),
+        (
+            "bad_query_template_too_long",
+            encode(Message::AnalystRequest(AnalystRequest::Query(query(
+                &"t".repeat(129),
+                0,
+            )))),
+        ),
+        (
+            "bad_admit_too_many_params",
+            encode(Message::AnalystRequest(AnalystRequest::Admit(query("overlap", 33)))),
+        ),
+    ]
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+fn render() -> String {
+    let mut out = String::from(
+        "# cleanroom wire vectors: `name hex` for frames that decode, `name hex error` for frames refused with that error.\n",
+    );
+    for (name, m) in good() {
+        let _ = writeln!(out, "{name} {}", hex(&m.encode().unwrap()));
+    }
+    for (name, frame) in bad() {
+        let err = Message::decode(&frame).expect_err(name);
+        let _ = writeln!(
+            out,
+            "{name} {} {err:?}",
+            if frame.is_empty() { "-".into() } else { hex(&frame) }
+        );
+    }
+    out
+}
+
+#[test]
+fn every_message_matches_its_checked_in_vector() {
+    if std::env::var_os("CLEANROOM_WRITE_VECTORS").is_some() {
+        std::fs::write(FILE, render()).unwrap();
+    }
+    let text = std::fs::read_to_string(FILE).unwrap();
+    let lines: Vec<(&str, &str, Option<&str>)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            (parts.next().unwrap(), parts.next().unwrap(), parts.next())
+        })
+        .collect();
+    let good = good();
+    let bad = bad();
+    assert_eq!(lines.len(), good.len() + bad.len(), "vectors in the file");
+    for (name, m) in &good {
+        let (_, h, rest) = lines
+            .iter()
+            .find(|(n, ..)| n == name)
+            .unwrap_or_else(|| panic!("no vector {name}"));
+        assert!(rest.is_none(), "{name}");
+        let frame = unhex(h);
+        assert_eq!(hex(&m.encode().unwrap()), *h, "{name}: the encoding changed");
+        assert_eq!(&Message::decode(&frame).unwrap(), m, "{name}: the decoding changed");
+    }
+    for (name, frame) in &bad {
+        let (_, h, err) = lines
+            .iter()
+            .find(|(n, ..)| n == name)
+            .unwrap_or_else(|| panic!("no vector {name}"));
+        let pinned = if *h == "-" { Vec::new() } else { unhex(h) };
+        assert_eq!(&pinned, frame, "{name}: the bad frame changed");
+        let got = Message::decode(&pinned).expect_err(name);
+        assert_eq!(Some(format!("{got:?}").as_str()), *err, "{name}");
+    }
+    // Every message type is covered.
+    let mut types: Vec<u8> = good.iter().map(|(_, m)| m.encode().unwrap()[1]).collect();
+    types.dedup();
+    types.sort_unstable();
+    types.dedup();
+    assert_eq!(types, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24]);
+}
+
+/// The layout, byte by byte, without the serializer.
+#[test]
+fn frames_assembled_by_hand_match_the_encoder() {
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let s = [0x07u8; 16];
+    // Abort: session, code as u16.
+    assert_eq!(
+        encoded("abort"),
+        cat(&[
+            &[PROTOCOL_VERSION, 11],
+            &s,
+            &(AbortCode::UnknownJoin as u16).to_le_bytes()
+        ])
+    );
+    // ShareHeld: query id, two bools as one byte each.
+    assert_eq!(
+        encoded("share_held"),
+        cat(&[&[PROTOCOL_VERSION, 24], &[0x51; 16], &[1, 0]])
+    );
+    // AnalystRequest::Cancel is variant 3: a u32 index, then the id.
+    assert_eq!(
+        encoded("request_cancel"),
+        cat(&[&[PROTOCOL_VERSION, 20], &3u32.to_le_bytes(), &[0x52; 16]])
+    );
+    // AnalystRequest::Admit is variant 4: the id, the template as a u64
+    // length and its bytes, the parameters as a u64 count.
+    assert_eq!(
+        encoded("request_admit"),
+        cat(&[
+            &[PROTOCOL_VERSION, 20],
+            &4u32.to_le_bytes(),
+            &[0x51; 16],
+            &7u64.to_le_bytes(),
+            b"overlap",
+            &0u64.to_le_bytes(),
+        ])
+    );
+    // AnalystResponse::Admitted is variant 5, with no body.
+    assert_eq!(
+        encoded("response_admitted"),
+        cat(&[&[PROTOCOL_VERSION, 21], &5u32.to_le_bytes()])
+    );
+    // AnalystResponse::Refused is variant 3: the code's index, then the words.
+    let words = b"run limit on the bank node";
+    assert_eq!(
+        encoded("response_refused"),
+        cat(&[
+            &[PROTOCOL_VERSION, 21],
+            &3u32.to_le_bytes(),
+            &(RefusalCode::RunLimit as u32).to_le_bytes(),
+            &(words.len() as u64).to_le_bytes(),
+            words,
+        ])
+    );
+    // Point chunks carry one length-prefixed byte string.
+    assert_eq!(
+        encoded("holder_rows"),
+        cat(&[
+            &[PROTOCOL_VERSION, 5],
+            &s,
+            &3u32.to_le_bytes(),
+            &32u64.to_le_bytes(),
+            &[0x0a; 32]
+        ])
+    );
+    assert!(MAX_MESSAGE_LEN >= encoded("ot_choices").len());
+}
