@@ -113,14 +113,15 @@ fn aggregate(c: &mut Criterion) {
         b.iter(|| {
             let mut rh = ChaCha20Rng::seed_from_u64(5);
             let mut rm = ChaCha20Rng::seed_from_u64(6);
-            let agg = HolderAggregate::new(hj.clone(), values.clone(), [1; 16], [2; 32], 0).unwrap();
+            let agg =
+                HolderAggregate::new(hj.clone(), values.clone(), cleanroom_wire::QueryId([1; 16]), [2; 32], 0).unwrap();
             black_box(
                 cleanroom_sim::driver::run_aggregate(
                     agg,
                     &mj,
                     mj.matched(),
                     width,
-                    [1; 16],
+                    cleanroom_wire::QueryId([1; 16]),
                     [2; 32],
                     0,
                     &mut rh,

@@ -226,7 +226,7 @@ fn two_cell_aggregate(hj: cleanroom_protocol::join::HolderJoined, customers: usi
     HolderAggregate::new(
         shared(hj),
         RowValues::new(2, values).expect("values"),
-        [1; 16],
+        cleanroom_wire::QueryId([1; 16]),
         [2; 32],
         0,
     )
@@ -264,7 +264,7 @@ pub fn aggregate_machines(data: &[u8]) {
         &mj,
         mj.matched(),
         2,
-        ([1; 16], [2; 32], 0),
+        (cleanroom_wire::QueryId([1; 16]), [2; 32], 0),
         &mut rng_h,
         &mut rng_m,
         &mut wire,
@@ -312,7 +312,7 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
         &mj,
         mj.matched(),
         2,
-        ([1; 16], [2; 32], 0),
+        (cleanroom_wire::QueryId([1; 16]), [2; 32], 0),
         &mut rng_h,
         &mut rng_m,
         &mut record,
@@ -326,21 +326,21 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
         (
             "share-check",
             Message::ShareCheck(cleanroom_wire::ShareCheck {
-                query_id: [1; 16],
-                run: [2; 16],
+                query_id: cleanroom_wire::QueryId([1; 16]),
+                run: cleanroom_wire::RunId([2; 16]),
             }),
         ),
         (
             "share-held",
             Message::ShareHeld(cleanroom_wire::ShareHeld {
-                query_id: [1; 16],
+                query_id: cleanroom_wire::QueryId([1; 16]),
                 held: false,
                 busy: true,
             }),
         ),
         (
             "cancel",
-            Message::AnalystRequest(cleanroom_wire::AnalystRequest::Cancel([3; 16])),
+            Message::AnalystRequest(cleanroom_wire::AnalystRequest::Cancel(cleanroom_wire::QueryId([3; 16]))),
         ),
         (
             "cancelled",
@@ -349,7 +349,7 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
         (
             "admit",
             Message::AnalystRequest(cleanroom_wire::AnalystRequest::Admit(cleanroom_wire::QueryRequest {
-                query_id: [4; 16],
+                query_id: cleanroom_wire::QueryId([4; 16]),
                 template: "spend_by_category".into(),
                 params: vec![("start".into(), "2026-01-01".into())],
             })),
@@ -387,11 +387,21 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
         let mut st = cleanroom_node::state::State::open(dir.path()).expect("state");
         for k in 0..3u8 {
             let qid = [k; 16];
-            st.charge(&qid, "alice", "overlap", &[k; 32], "[]", 1000, 1_000_000, 30, 100)
-                .expect("charge");
+            st.charge(
+                &cleanroom_wire::QueryId(qid),
+                "alice",
+                "overlap",
+                &[k; 32],
+                "[]",
+                1000,
+                1_000_000,
+                30,
+                100,
+            )
+            .expect("charge");
             let share = [b's', k];
             st.store_share(
-                &qid,
+                &cleanroom_wire::QueryId(qid),
                 &share,
                 &cleanroom_node::state::AuditEntry {
                     event: "query",

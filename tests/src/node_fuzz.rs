@@ -375,8 +375,8 @@ struct Play<'h> {
     to_platform: quinn::Connection,
     peer: quinn::Connection,
     /// Query ids asked of the bank, of the platform.
-    asked_bank: HashSet<[u8; 16]>,
-    asked_platform: HashSet<[u8; 16]>,
+    asked_bank: HashSet<cleanroom_wire::QueryId>,
+    asked_platform: HashSet<cleanroom_wire::QueryId>,
     /// Joins the hostile matcher completed in this script.
     joins: Vec<MatcherJoined>,
 }
@@ -536,7 +536,7 @@ impl Harness {
             }
             PeerMessage::ShareCheck { qid, run } => Message::ShareCheck(ShareCheck {
                 query_id: query_id(play.salt, *qid),
-                run: [*run; 16],
+                run: cleanroom_wire::RunId([*run; 16]),
             }),
             PeerMessage::Key { session: s, point: p } => Message::MatcherKey(MatcherKey {
                 session: session(*s),
@@ -569,11 +569,11 @@ impl Harness {
 }
 
 /// The query id `n` of script `salt`.
-fn query_id(salt: u64, n: u8) -> [u8; 16] {
+fn query_id(salt: u64, n: u8) -> cleanroom_wire::QueryId {
     let mut id = [0xf0; 16];
     id[..8].copy_from_slice(&salt.to_le_bytes());
     id[15] = n;
-    id
+    cleanroom_wire::QueryId(id)
 }
 
 impl Play<'_> {

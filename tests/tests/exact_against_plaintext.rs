@@ -70,8 +70,26 @@ fn check(holder_ids: Vec<Vec<u8>>, matcher_ids: Vec<Vec<u8>>, values: Vec<u64>, 
 
     let mut qid = [0u8; 16];
     rng_m.fill_bytes(&mut qid);
-    let agg = HolderAggregate::new(shared(hj), RowValues::new(width, values).unwrap(), qid, [2; 32], 0).unwrap();
-    let (hs, ms, _) = run_aggregate(agg, &mj, mj.matched(), width, qid, [2; 32], 0, &mut rng_h, &mut rng_m).unwrap();
+    let agg = HolderAggregate::new(
+        shared(hj),
+        RowValues::new(width, values).unwrap(),
+        cleanroom_wire::QueryId(qid),
+        [2; 32],
+        0,
+    )
+    .unwrap();
+    let (hs, ms, _) = run_aggregate(
+        agg,
+        &mj,
+        mj.matched(),
+        width,
+        cleanroom_wire::QueryId(qid),
+        [2; 32],
+        0,
+        &mut rng_h,
+        &mut rng_m,
+    )
+    .unwrap();
     // Exact, although D dummies were selected: dummy rows contribute nothing.
     assert_eq!(Share::reconstruct(&hs, &ms).unwrap(), truth);
 }

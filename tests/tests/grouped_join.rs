@@ -82,14 +82,22 @@ fn run_case(n: usize, m: usize, shared_n: usize, groups: usize, width: usize, se
         let agg = HolderAggregate::new(
             hj.clone(),
             RowValues::new(width, values.clone()).unwrap(),
-            qid,
+            cleanroom_wire::QueryId(qid),
             [4; 32],
             g as u32,
         )
         .unwrap();
         let choices = mj.choices_for_block(g as u32);
         let (hs, ms, _) = run_aggregate(
-            agg, &mj, &choices, width, qid, [4; 32], g as u32, &mut rng_h, &mut rng_m,
+            agg,
+            &mj,
+            &choices,
+            width,
+            cleanroom_wire::QueryId(qid),
+            [4; 32],
+            g as u32,
+            &mut rng_h,
+            &mut rng_m,
         )
         .unwrap();
         let got = Share::reconstruct(&hs, &ms).unwrap();

@@ -414,13 +414,22 @@ fn aggregate_refuses_hostile_messages() {
     let values = || RowValues::new(width, vec![1; 600]).unwrap();
 
     // Setups that do not fit the join or the query.
-    let (_, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], 0, &mut rng_m).unwrap();
+    let (_, setup) = MatcherAggregate::start(
+        &mj,
+        mj.matched(),
+        width,
+        cleanroom_wire::QueryId(qid),
+        [5; 32],
+        0,
+        &mut rng_m,
+    )
+    .unwrap();
     let Message::OtSetup(good) = setup else { unreachable!() };
     let try_setup = |f: &dyn Fn(&mut OtSetup)| {
         let mut s = good.clone();
         f(&mut s);
         let mut rng = ChaCha20Rng::seed_from_u64(1);
-        HolderAggregate::new(hj.clone(), values(), qid, [5; 32], 0)
+        HolderAggregate::new(hj.clone(), values(), cleanroom_wire::QueryId(qid), [5; 32], 0)
             .unwrap()
             .on_setup(&frame(Message::OtSetup(s)), &mut rng)
             .map(|_| ())
@@ -431,7 +440,7 @@ fn aggregate_refuses_hostile_messages() {
         ProtocolError::WrongSession
     );
     assert_eq!(
-        try_setup(&|s| s.query_id[0] ^= 1).unwrap_err(),
+        try_setup(&|s| s.query_id.0[0] ^= 1).unwrap_err(),
         ProtocolError::ParameterMismatch { what: "query id" }
     );
     assert_eq!(
@@ -452,8 +461,17 @@ fn aggregate_refuses_hostile_messages() {
     );
 
     // The matcher refuses bad base-OT answers.
-    let (waiting, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], 0, &mut rng_m).unwrap();
-    let (_, answer) = HolderAggregate::new(hj.clone(), values(), qid, [5; 32], 0)
+    let (waiting, setup) = MatcherAggregate::start(
+        &mj,
+        mj.matched(),
+        width,
+        cleanroom_wire::QueryId(qid),
+        [5; 32],
+        0,
+        &mut rng_m,
+    )
+    .unwrap();
+    let (_, answer) = HolderAggregate::new(hj.clone(), values(), cleanroom_wire::QueryId(qid), [5; 32], 0)
         .unwrap()
         .on_setup(&frame(setup), &mut rng_h)
         .unwrap();
@@ -467,8 +485,17 @@ fn aggregate_refuses_hostile_messages() {
     );
 
     // A full honest start, then bad extension and masked-row messages.
-    let (waiting, setup) = MatcherAggregate::start(&mj, mj.matched(), width, qid, [5; 32], 0, &mut rng_m).unwrap();
-    let (mut hr, answer) = HolderAggregate::new(hj.clone(), values(), qid, [5; 32], 0)
+    let (waiting, setup) = MatcherAggregate::start(
+        &mj,
+        mj.matched(),
+        width,
+        cleanroom_wire::QueryId(qid),
+        [5; 32],
+        0,
+        &mut rng_m,
+    )
+    .unwrap();
+    let (mut hr, answer) = HolderAggregate::new(hj.clone(), values(), cleanroom_wire::QueryId(qid), [5; 32], 0)
         .unwrap()
         .on_setup(&frame(setup), &mut rng_h)
         .unwrap();

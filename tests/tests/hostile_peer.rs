@@ -361,7 +361,7 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
             &Message::OtSetup(OtSetup {
                 session: [9; 16],
                 join_session: [8; 16],
-                query_id: [7; 16],
+                query_id: cleanroom_wire::QueryId([7; 16]),
                 nonce: [6; 32],
                 rows: 1000,
                 width: 1,
@@ -557,7 +557,7 @@ async fn a_peer_that_leaves_while_the_bank_waits_for_the_query_frees_it_at_once(
         let setup = Message::OtSetup(OtSetup {
             session: [k; 16],
             join_session: [k; 16],
-            query_id: [0xa0 ^ k; 16],
+            query_id: cleanroom_wire::QueryId([0xa0 ^ k; 16]),
             nonce: [k; 32],
             rows: 10,
             width: 1,

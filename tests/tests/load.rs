@@ -160,7 +160,7 @@ async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
         .await
         .unwrap();
 
-    let ids: Vec<[u8; 16]> = (0..40).map(|_| new_query_id().unwrap()).collect();
+    let ids: Vec<cleanroom_wire::QueryId> = (0..40).map(|_| new_query_id().unwrap()).collect();
     let flood: Vec<_> = ids
         .iter()
         .map(|qid| {
@@ -236,7 +236,7 @@ async fn ask_and_leave(
     cfg: &AnalystConfig,
     role: &str,
     node: std::net::SocketAddr,
-    qid: [u8; 16],
+    qid: cleanroom_wire::QueryId,
     leave: tokio::sync::oneshot::Receiver<()>,
 ) {
     let ep = endpoint_of(cfg);

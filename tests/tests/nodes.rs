@@ -465,12 +465,12 @@ async fn a_restarted_node_returns_the_same_stored_share() {
 /// store of `qid` would have: the charge without its share, and the audit
 /// log without the entry written with the share (its last one; the node
 /// recreates the trigger at start).
-fn lose_share(state_db: &std::path::Path, qid: &[u8; 16]) {
+fn lose_share(state_db: &std::path::Path, qid: &cleanroom_wire::QueryId) {
     let db = rusqlite::Connection::open(state_db).unwrap();
     let n = db
         .execute(
             "UPDATE charges SET share = NULL, released_at = NULL WHERE query_id = ?1",
-            [qid.to_vec()],
+            [qid.0.to_vec()],
         )
         .unwrap();
     assert_eq!(n, 1);
@@ -872,7 +872,7 @@ async fn an_admission_holds_a_slot_until_its_query_a_cancel_or_its_expiry() {
     let alice = Identity::load(&certs.join("analyst-alice.pem"), &certs.join("analyst-alice.key")).unwrap();
     let bank_name = pki::node_name("bank");
     let addr = bank.local_addr().unwrap();
-    let admit = |qid: [u8; 16]| {
+    let admit = |qid: cleanroom_wire::QueryId| {
         Message::AnalystRequest(AnalystRequest::Admit(QueryRequest {
             query_id: qid,
             template: "overlap".into(),

@@ -213,7 +213,7 @@ fn run(w: &World, q: &Q, seed: u64) {
         let agg = HolderAggregate::new(
             hj.clone(),
             RowValues::new(width, values.clone()).unwrap(),
-            [1; 16],
+            cleanroom_wire::QueryId([1; 16]),
             plan.digest(),
             g,
         )
@@ -223,7 +223,7 @@ fn run(w: &World, q: &Q, seed: u64) {
             &mj,
             &mj.choices_for_block(g),
             width,
-            [1; 16],
+            cleanroom_wire::QueryId([1; 16]),
             plan.digest(),
             g,
             &mut rng_h,

@@ -109,7 +109,7 @@ async fn aggregate(
     peer: &quinn::Connection,
     joined: &MatcherJoined,
     plan: &Plan,
-    qid: [u8; 16],
+    qid: cleanroom_wire::QueryId,
 ) -> Result<(Vec<u64>, SessionId), u16> {
     let (mut s, mut r) = peer.open_bi().await.unwrap();
     let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
@@ -263,7 +263,7 @@ async fn a_bank_that_keeps_losing_its_share_gets_the_same_platform_noise() {
         let n = db
             .execute(
                 "UPDATE charges SET share = NULL, released_at = NULL WHERE query_id = ?1",
-                [qid.to_vec()],
+                [qid.0.to_vec()],
             )
             .unwrap();
         assert_eq!(n, 1);
@@ -315,7 +315,7 @@ async fn a_rerun_without_its_join_is_refused_before_joining_again() {
     let db = rusqlite::Connection::open(state.join("bank").join("state.db")).unwrap();
     db.execute(
         "UPDATE charges SET share = NULL, released_at = NULL WHERE query_id = ?1",
-        [qid.to_vec()],
+        [qid.0.to_vec()],
     )
     .unwrap();
     let joins = || -> i64 {

@@ -504,7 +504,7 @@ fn main() -> anyhow::Result<()> {
                 Some(s) => parse_query_id(&s).map_err(anyhow::Error::msg)?,
                 None => new_query_id()?,
             };
-            let qid_hex: String = qid.iter().map(|b| format!("{b:02x}")).collect();
+            let qid_hex = qid.to_string();
             let result = runtime()?
                 .block_on(async {
                     let analyst = Analyst::new(&cfg)?;

@@ -284,7 +284,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
         }
     }
 
-    let mut seen: BTreeMap<[u8; 16], (usize, Seen)> = BTreeMap::new();
+    let mut seen: BTreeMap<cleanroom_wire::QueryId, (usize, Seen)> = BTreeMap::new();
     let mut failed_attempts = 0;
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     let mut answered_during_kills = 0;
@@ -336,7 +336,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
         let ledger = read_ledger(&state(role));
         drop(st);
         let charged: BTreeSet<Vec<u8>> = ledger.charges.keys().cloned().collect();
-        let asked: BTreeSet<Vec<u8>> = seen.keys().map(|q| q.to_vec()).collect();
+        let asked: BTreeSet<Vec<u8>> = seen.keys().map(|q| q.0.to_vec()).collect();
         // No charge lost, none without its query (and a query id is a
         // primary key: one charge at most).
         assert_eq!(
@@ -374,7 +374,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
     // The ledgers hold exactly what the analysts saw: both stored shares of
     // each query reconstruct its answer.
     for (qid, (_, v)) in &seen {
-        let pair = shares.get(qid.as_slice()).unwrap();
+        let pair = shares.get(qid.0.as_slice()).unwrap();
         let r = reconstruct("overlap", *qid, pair).unwrap();
         assert_eq!(&values(&r), v, "the ledgers' shares do not give what the analyst saw");
     }

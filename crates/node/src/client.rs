@@ -2,6 +2,7 @@
 //! submit the same query id to each, reconstruct the cells from the two
 //! noisy shares, and report each with its noise and a 95% interval.
 
+use cleanroom_wire::QueryId;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -248,7 +249,7 @@ impl Analyst {
         &self,
         template: &str,
         params: &[(String, String)],
-        query_id: [u8; 16],
+        query_id: cleanroom_wire::QueryId,
         timeout: Duration,
     ) -> Result<QueryResult, NodeError> {
         let request = QueryRequest {
@@ -358,7 +359,7 @@ impl Analyst {
     }
 
     /// Tells the `role` node to drop what it holds or runs for `query_id`.
-    async fn cancel_at(&self, role: Role, query_id: [u8; 16]) {
+    async fn cancel_at(&self, role: Role, query_id: cleanroom_wire::QueryId) {
         if let Some((_, addr)) = self.nodes.iter().find(|(r, _)| *r == role) {
             let _ = self
                 .ask(role, *addr, AnalystRequest::Cancel(query_id), Duration::from_secs(5))
@@ -377,7 +378,7 @@ impl Analyst {
     pub async fn query_sql(
         &self,
         sql: &str,
-        query_id: [u8; 16],
+        query_id: cleanroom_wire::QueryId,
         timeout: Duration,
     ) -> Result<(String, QueryResult), NodeError> {
         let templates = self.templates().await?;
@@ -401,7 +402,11 @@ impl Analyst {
 ///
 /// # Errors
 /// [`NodeError::Peer`] when the shares do not belong together.
-pub fn reconstruct(template: &str, query_id: [u8; 16], shares: &[QueryShare]) -> Result<QueryResult, NodeError> {
+pub fn reconstruct(
+    template: &str,
+    query_id: cleanroom_wire::QueryId,
+    shares: &[QueryShare],
+) -> Result<QueryResult, NodeError> {
     let [a, b] = shares else {
         return Err(NodeError::Peer("expected one share from each node".into()));
     };
@@ -478,7 +483,7 @@ pub fn reconstruct(template: &str, query_id: [u8; 16], shares: &[QueryShare]) ->
         }
     }
     Ok(QueryResult {
-        query_id: query_id.iter().map(|x| format!("{x:02x}")).collect(),
+        query_id: query_id.0.iter().map(|x| format!("{x:02x}")).collect(),
         template: template.to_string(),
         cells,
         min_count,
@@ -496,7 +501,7 @@ const RUN_RETRIES: u64 = 5;
 ///
 /// # Errors
 /// A message naming the expected form.
-pub fn parse_query_id(s: &str) -> Result<[u8; 16], String> {
+pub fn parse_query_id(s: &str) -> Result<QueryId, String> {
     let bad = || format!("{s:?} is not a query id (32 hex digits)");
     if s.len() != 32 {
         return Err(bad());
@@ -505,17 +510,17 @@ pub fn parse_query_id(s: &str) -> Result<[u8; 16], String> {
     for (i, o) in out.iter_mut().enumerate() {
         *o = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
     }
-    Ok(out)
+    Ok(QueryId(out))
 }
 
 /// A fresh random query id.
 ///
 /// # Errors
 /// When the OS generator fails.
-pub fn new_query_id() -> Result<[u8; 16], NodeError> {
+pub fn new_query_id() -> Result<QueryId, NodeError> {
     let mut id = [0u8; 16];
     cleanroom_crypto::rng::SystemRng::new().try_fill(&mut id)?;
-    Ok(id)
+    Ok(QueryId(id))
 }
 
 #[cfg(test)]
@@ -525,7 +530,7 @@ mod tests {
     fn share(node: &str, word: u64) -> QueryShare {
         QueryShare {
             node: node.into(),
-            query_id: [1; 16],
+            query_id: cleanroom_wire::QueryId([1; 16]),
             plan: [2; 32],
             cells: vec!["customers".into()],
             weights: vec![100],
@@ -538,7 +543,7 @@ mod tests {
             rho: "0.1".into(),
             timings: vec![],
             replayed: false,
-            run: [3; 16],
+            run: cleanroom_wire::RunId([3; 16]),
         }
     }
 
@@ -547,13 +552,16 @@ mod tests {
     #[test]
     fn a_suppressed_cell_names_the_noisy_count_it_compared() {
         let shares = [share("bank", 1000u64.wrapping_sub(32)), share("platform", 1000)];
-        let r = reconstruct("t", [1; 16], &shares).unwrap();
+        let r = reconstruct("t", QueryId([1; 16]), &shares).unwrap();
         assert!((r.cells[0].value - 19.68).abs() < 1e-9);
         assert_eq!(
             r.cells[0].suppressed.as_deref(),
             Some("noisy count 19.68 is below the minimum of 20")
         );
         let shares = [share("bank", 1000), share("platform", 1000)];
-        assert_eq!(reconstruct("t", [1; 16], &shares).unwrap().cells[0].suppressed, None);
+        assert_eq!(
+            reconstruct("t", QueryId([1; 16]), &shares).unwrap().cells[0].suppressed,
+            None
+        );
     }
 }

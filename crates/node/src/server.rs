@@ -9,6 +9,7 @@
 //!   noisy share with the charge and an audit entry, and only then sends it
 //!   to the analyst. A retried query id gets the stored share back.
 
+use cleanroom_wire::{QueryId, RunId};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -273,7 +274,7 @@ enum Claim {
 /// stored) until dropped.
 struct Completing {
     node: Node,
-    qid: [u8; 16],
+    qid: QueryId,
     marked: bool,
 }
 
@@ -289,7 +290,7 @@ impl Drop for Completing {
 /// sessions (one per matcher group), which both nodes derive. A query id
 /// run again after a crash has a new run; two shares add up to the result
 /// only when their runs are equal.
-type Run = [u8; 16];
+type Run = RunId;
 
 fn run_of<'a>(sessions: impl Iterator<Item = &'a SessionId>) -> Run {
     let mut ctx = ring::digest::Context::new(&SHA256);
@@ -300,7 +301,7 @@ fn run_of<'a>(sessions: impl Iterator<Item = &'a SessionId>) -> Run {
     let d = ctx.finish();
     let mut out = [0u8; 16];
     out.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0u8; 16]));
-    out
+    RunId(out)
 }
 
 impl PendingEntry {
@@ -361,20 +362,20 @@ struct Inner {
     peer_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     holder_joins: Mutex<HashMap<SessionId, Arc<HolderJoined>>>,
     matcher_joins: Mutex<HashMap<String, Arc<MatcherJoined>>>,
-    pending: Mutex<HashMap<[u8; 16], PendingEntry>>,
+    pending: Mutex<HashMap<QueryId, PendingEntry>>,
     pending_changed: Notify,
     pending_ids: std::sync::atomic::AtomicU64,
     /// Holder: queries whose aggregate is done and whose share is being
     /// noised and stored (after `pending`, before the ledger has it).
-    completing: Mutex<std::collections::HashSet<[u8; 16]>>,
+    completing: Mutex<std::collections::HashSet<QueryId>>,
     /// Matcher: one request at a time per query id (a retry waits for an
     /// earlier attempt still running here, then finds its stored share).
-    per_query: Mutex<HashMap<[u8; 16], QuerySlot>>,
+    per_query: Mutex<HashMap<QueryId, QuerySlot>>,
     /// Matcher: running queries the bank refused (the analyst said so):
     /// they stop before the join and aggregate rather than hold the queue.
-    cancelled: Mutex<std::collections::HashSet<[u8; 16]>>,
+    cancelled: Mutex<std::collections::HashSet<QueryId>>,
     /// Holder: query ids it refused in the last two minutes.
-    refused_recently: Mutex<HashMap<[u8; 16], Instant>>,
+    refused_recently: Mutex<HashMap<QueryId, Instant>>,
     /// Bank: the platform's signed policy arrived (see `wait_peer_policy`).
     peer_policy_known: Notify,
     /// Bank: a join was stored (see `holder_aggregate`).
@@ -382,7 +383,7 @@ struct Inner {
     /// Queries running per analyst (see [`Node::admit`]).
     in_flight: PerAnalyst,
     /// Admissions held for a `Query` to come, by analyst and query id.
-    admissions: Mutex<HashMap<(String, [u8; 16]), Held>>,
+    admissions: Mutex<HashMap<(String, QueryId), Held>>,
     /// Request tokens per analyst and when they were last refilled
     /// (`max_requests_per_analyst_per_second`).
     request_rate: Mutex<HashMap<String, (f64, Instant)>>,
@@ -618,7 +619,7 @@ impl Node {
     ///
     /// # Errors
     /// [`NodeError::State`].
-    pub fn is_charged(&self, qid: &[u8; 16]) -> Result<bool, NodeError> {
+    pub fn is_charged(&self, qid: &QueryId) -> Result<bool, NodeError> {
         Ok(lock(&self.inner.state).charged_query(qid)?.is_some())
     }
 
@@ -924,7 +925,7 @@ impl Node {
     }
 
     /// Whether `analyst` holds an unexpired admission for `qid` here.
-    fn holds_admission(&self, analyst: &str, qid: &[u8; 16]) -> bool {
+    fn holds_admission(&self, analyst: &str, qid: &QueryId) -> bool {
         lock(&self.inner.admissions)
             .get(&(analyst.to_string(), *qid))
             .is_some_and(|h| h.until > Instant::now())
@@ -932,7 +933,7 @@ impl Node {
 
     /// The running-query slot of `analyst`'s unexpired admission for `qid`,
     /// which ends the admission.
-    fn take_admission(&self, analyst: &str, qid: &[u8; 16]) -> Option<Counted> {
+    fn take_admission(&self, analyst: &str, qid: &QueryId) -> Option<Counted> {
         let held = lock(&self.inner.admissions).remove(&(analyst.to_string(), *qid))?;
         (held.until > Instant::now()).then_some(held.slot)
     }
@@ -1041,7 +1042,7 @@ impl Node {
                 let running = lock(&self.inner.per_query).get(&qid).is_some_and(|(a, _)| a == analyst);
                 if running {
                     lock(&self.inner.cancelled).insert(qid);
-                    info!(query = %hex(&qid), "query cancelled: the bank refused it");
+                    info!(query = %hex(&qid.0), "query cancelled: the bank refused it");
                 }
                 AnalystResponse::Cancelled(running)
             }
@@ -1052,16 +1053,16 @@ impl Node {
                 if waiting {
                     // Its waiter ends ("the peer session ended without a result").
                     pending.remove(&qid);
-                    info!(query = %hex(&qid), "query cancelled: the platform refused it");
+                    info!(query = %hex(&qid.0), "query cancelled: the platform refused it");
                 }
                 AnalystResponse::Cancelled(waiting)
             }
             AnalystRequest::Admit(q) => {
-                let span = info_span!("admit", id = %hex(&q.query_id), template = %q.template);
+                let span = info_span!("admit", id = %hex(&q.query_id.0), template = %q.template);
                 self.serve_admit(analyst, &q).instrument(span).await
             }
             AnalystRequest::Query(q) => {
-                let span = info_span!("query", id = %hex(&q.query_id), template = %q.template);
+                let span = info_span!("query", id = %hex(&q.query_id.0), template = %q.template);
                 lock(&self.inner.refused_recently).remove(&q.query_id);
                 self.inner.pending_changed.notify_waiters();
                 let slot = match self.take_admission(analyst, &q.query_id) {
@@ -1380,7 +1381,7 @@ impl Node {
     }
 
     /// Platform: whether the bank holds its share of `run` of this query.
-    async fn bank_holds(&self, qid: &[u8; 16], run: &Run) -> Result<bool, NodeError> {
+    async fn bank_holds(&self, qid: &QueryId, run: &Run) -> Result<bool, NodeError> {
         let conn = self.peer_connection().await.map_err(|e| {
             NodeError::refused(
                 RefusalCode::PeerUnreachable,
@@ -1412,7 +1413,7 @@ impl Node {
     }
 
     /// Bank: whether this node stored a share of `run` of the query.
-    fn holds_share(&self, qid: &[u8; 16], run: &Run) -> Result<bool, NodeError> {
+    fn holds_share(&self, qid: &QueryId, run: &Run) -> Result<bool, NodeError> {
         let stored = lock(&self.inner.state).charged_query(qid)?.and_then(|q| q.share);
         Ok(match stored.as_deref().map(Message::decode) {
             Some(Ok(Message::AnalystResponse(AnalystResponse::Share(s)))) => s.run == *run,
@@ -1432,7 +1433,7 @@ impl Node {
     /// un-noised share of each run learns the same noisy result again and
     /// nothing more. Returns whether a rerun was started; an error says why
     /// it may not run again.
-    fn rerun_for_peer(&self, qid: &[u8; 16], join: SessionId) -> Result<bool, NodeError> {
+    fn rerun_for_peer(&self, qid: &QueryId, join: SessionId) -> Result<bool, NodeError> {
         let Some(q) = lock(&self.inner.state).charged_query(qid)? else {
             return Ok(false);
         };
@@ -1511,7 +1512,7 @@ impl Node {
                     Err(e) => warn!(error = %e, "rerun of a query failed"),
                 }
             }
-            .instrument(info_span!("rerun", query = %hex(qid))),
+            .instrument(info_span!("rerun", query = %hex(&qid.0))),
         );
         Ok(true)
     }
@@ -1595,7 +1596,7 @@ impl Node {
     fn holder_register(
         &self,
         plan: &Plan,
-        qid: &[u8; 16],
+        qid: &QueryId,
         analyst: &str,
         overwrite: bool,
         join: Option<SessionId>,
@@ -1641,7 +1642,7 @@ impl Node {
     /// Bank: this node refused (or dropped) `qid`, so the platform's
     /// aggregate for it, if the platform accepted it, is told so at once
     /// rather than after a wait (see `wait_pending`). Marks last two minutes.
-    fn mark_refused(&self, qid: &[u8; 16]) {
+    fn mark_refused(&self, qid: &QueryId) {
         let mut refused = lock(&self.inner.refused_recently);
         let remembered = self.inner.limits.timeouts.refusal_remembered;
         refused.retain(|_, at| at.elapsed() < remembered);
@@ -1651,7 +1652,7 @@ impl Node {
     /// Bank: waits for the platform's batches of a registered query.
     async fn holder_await(
         &self,
-        qid: &[u8; 16],
+        qid: &QueryId,
         registered: Option<Registered>,
         timings: &mut Vec<(String, f64)>,
         from: &Requester,
@@ -1756,7 +1757,7 @@ impl Node {
                     .await
             }
             Message::OtSetup(setup) => {
-                let span = info_span!("aggregate", query = %hex(&setup.query_id));
+                let span = info_span!("aggregate", query = %hex(&setup.query_id.0));
                 async {
                     let waiting = lock(&self.inner.pending).contains_key(&setup.query_id);
                     if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id, setup.join_session) {
@@ -1865,7 +1866,7 @@ impl Node {
     /// a new request for it arrives meanwhile).
     /// A batch over `join` claims it; every batch of the query must name the
     /// same join (and a rerun's, the join of the released share).
-    async fn wait_pending(&self, qid: &[u8; 16], join: SessionId) -> Claim {
+    async fn wait_pending(&self, qid: &QueryId, join: SessionId) -> Claim {
         let started = Instant::now();
         loop {
             let notified = self.inner.pending_changed.notified();
@@ -2057,7 +2058,7 @@ impl Node {
         data: &HolderData,
         plan: &Plan,
         values: Arc<HolderRows>,
-        qid: &[u8; 16],
+        qid: &QueryId,
         join_session: SessionId,
         group: u32,
         first: &[u8],
@@ -2284,7 +2285,7 @@ impl Node {
         &self,
         joined: &MatcherJoined,
         plan: &Plan,
-        qid: &[u8; 16],
+        qid: &QueryId,
     ) -> Result<(Share, Vec<(String, f64)>, Run), NodeError> {
         let conn = self.peer_connection().await?;
         let t = Instant::now();
@@ -2327,7 +2328,7 @@ impl Node {
     async fn matcher_share(
         &self,
         plan: &Plan,
-        qid: &[u8; 16],
+        qid: &QueryId,
         timings: &mut Vec<(String, f64)>,
         analyst: &str,
         from: &Requester,

@@ -8,6 +8,7 @@
 //! vector (the state PROTOCOL.md says each node keeps). Never an
 //! identifier, a value or the other node's data.
 
+use cleanroom_wire::QueryId;
 use std::path::Path;
 
 use ring::digest::{Context, SHA256, digest};
@@ -243,10 +244,10 @@ fn fresh_seed() -> Result<Zeroizing<[u8; 32]>, NodeError> {
     Ok(seed)
 }
 
-fn query_in(conn: &Connection, query_id: &[u8; 16]) -> Result<Option<ChargedQuery>, NodeError> {
+fn query_in(conn: &Connection, query_id: &QueryId) -> Result<Option<ChargedQuery>, NodeError> {
     conn.query_row(
         "SELECT analyst, template, plan, params, share, rho_micro, join_session, data_version, reruns FROM charges WHERE query_id = ?1",
-        params![query_id.to_vec()],
+        params![query_id.0.to_vec()],
         |r| {
             let join: Option<Vec<u8>> = r.get(6)?;
             let version: Option<Vec<u8>> = r.get(7)?;
@@ -494,7 +495,7 @@ impl State {
     #[allow(clippy::too_many_arguments)]
     pub fn charge(
         &mut self,
-        query_id: &[u8; 16],
+        query_id: &QueryId,
         analyst: &str,
         template: &str,
         plan: &[u8; 32],
@@ -528,7 +529,7 @@ impl State {
     #[allow(clippy::too_many_arguments)]
     pub fn would_charge(
         &mut self,
-        query_id: &[u8; 16],
+        query_id: &QueryId,
         analyst: &str,
         template: &str,
         plan: &[u8; 32],
@@ -555,7 +556,7 @@ impl State {
     #[allow(clippy::too_many_arguments)]
     fn charge_or_check(
         &mut self,
-        query_id: &[u8; 16],
+        query_id: &QueryId,
         analyst: &str,
         template: &str,
         plan: &[u8; 32],
@@ -573,7 +574,7 @@ impl State {
         let existing: Option<(String, Vec<u8>, Option<Vec<u8>>)> = tx
             .query_row(
                 "SELECT analyst, plan, share FROM charges WHERE query_id = ?1",
-                params![query_id.to_vec()],
+                params![query_id.0.to_vec()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()
@@ -623,7 +624,7 @@ impl State {
         let seed = fresh_seed()?;
         tx.execute(
             "INSERT INTO charges (query_id, analyst, template, plan, rho_micro, period, charged_at, params, noise_seed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![query_id.to_vec(), analyst, template, plan.to_vec(), rho_micro as i64, period, now, params, seed.as_slice()],
+            params![query_id.0.to_vec(), analyst, template, plan.to_vec(), rho_micro as i64, period, now, params, seed.as_slice()],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -644,7 +645,7 @@ impl State {
     /// the cap; [`NodeError::State`].
     pub fn store_share(
         &mut self,
-        query_id: &[u8; 16],
+        query_id: &QueryId,
         share: &[u8],
         entry: &AuditEntry<'_>,
         binding: &RunBinding,
@@ -660,7 +661,7 @@ impl State {
         let charged: Option<(String, i64)> = tx
             .query_row(
                 "SELECT analyst, rho_micro FROM charges WHERE query_id = ?1",
-                params![query_id.to_vec()],
+                params![query_id.0.to_vec()],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
@@ -681,14 +682,14 @@ impl State {
             check_rerun(&q, binding, max_reruns)?;
             tx.execute(
                 "UPDATE charges SET share = ?2, released_at = ?3, reruns = reruns + 1 WHERE query_id = ?1 AND share IS NOT NULL",
-                params![query_id.to_vec(), share, now_secs()],
+                params![query_id.0.to_vec(), share, now_secs()],
             )
             .map_err(db)?
         } else {
             tx.execute(
                 "UPDATE charges SET share = ?2, released_at = ?3, join_session = ?4, data_version = ?5 WHERE query_id = ?1 AND share IS NULL",
                 params![
-                    query_id.to_vec(),
+                    query_id.0.to_vec(),
                     share,
                     now_secs(),
                     binding.join.to_vec(),
@@ -714,7 +715,7 @@ impl State {
     ///
     /// # Errors
     /// [`NodeError::Refused`] saying why not; [`NodeError::State`].
-    pub fn may_rerun(&self, query_id: &[u8; 16], binding: &RunBinding, max_reruns: u32) -> Result<(), NodeError> {
+    pub fn may_rerun(&self, query_id: &QueryId, binding: &RunBinding, max_reruns: u32) -> Result<(), NodeError> {
         let q = self.charged_query(query_id)?.ok_or_else(|| {
             NodeError::refused(
                 cleanroom_wire::RefusalCode::RerunRefused,
@@ -732,7 +733,7 @@ impl State {
     /// # Errors
     /// [`NodeError::Refused`] for a released query without a seed;
     /// [`NodeError::State`] for a query that was not charged.
-    pub fn noise_seed(&mut self, query_id: &[u8; 16]) -> Result<Zeroizing<[u8; 32]>, NodeError> {
+    pub fn noise_seed(&mut self, query_id: &QueryId) -> Result<Zeroizing<[u8; 32]>, NodeError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -740,7 +741,7 @@ impl State {
         let row: Option<(Option<Vec<u8>>, bool)> = tx
             .query_row(
                 "SELECT noise_seed, share IS NOT NULL FROM charges WHERE query_id = ?1",
-                params![query_id.to_vec()],
+                params![query_id.0.to_vec()],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
@@ -767,7 +768,7 @@ impl State {
         let seed = fresh_seed()?;
         tx.execute(
             "UPDATE charges SET noise_seed = ?2 WHERE query_id = ?1 AND noise_seed IS NULL",
-            params![query_id.to_vec(), seed.as_slice()],
+            params![query_id.0.to_vec(), seed.as_slice()],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -816,7 +817,7 @@ impl State {
     ///
     /// # Errors
     /// [`NodeError::State`].
-    pub fn charged_query(&self, query_id: &[u8; 16]) -> Result<Option<ChargedQuery>, NodeError> {
+    pub fn charged_query(&self, query_id: &QueryId) -> Result<Option<ChargedQuery>, NodeError> {
         query_in(&self.conn, query_id)
     }
 
@@ -1177,25 +1178,26 @@ mod tests {
         let mut s = State::open(dir.path()).unwrap();
         for q in 0..3u8 {
             assert_eq!(
-                s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
+                s.charge(&QueryId([q; 16]), "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
                     .unwrap(),
                 Charge::New
             );
         }
         assert_eq!(
-            s.charge(&[9; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
+            s.charge(&QueryId([9; 16]), "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
                 .unwrap(),
             Charge::TooManyRuns { limit: 3 }
         );
         // A retry of an existing id is not a new run.
         assert_eq!(
-            s.charge(&[0; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
+            s.charge(&QueryId([0; 16]), "alice", "t", &[0; 32], "[]", 1, 1000, 30, 3)
                 .unwrap(),
             Charge::Existing(None)
         );
         // Another analyst has their own count.
         assert_eq!(
-            s.charge(&[8; 16], "bob", "t", &[0; 32], "[]", 1, 1000, 30, 3).unwrap(),
+            s.charge(&QueryId([8; 16]), "bob", "t", &[0; 32], "[]", 1, 1000, 30, 3)
+                .unwrap(),
             Charge::New
         );
     }
@@ -1206,13 +1208,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
         let check = |s: &mut State, q: u8, rho: u64| {
-            s.would_charge(&[q; 16], "alice", "t", &[0; 32], "[]", rho, 1000, 30, 2)
+            s.would_charge(&QueryId([q; 16]), "alice", "t", &[0; 32], "[]", rho, 1000, 30, 2)
                 .unwrap()
         };
         assert_eq!(check(&mut s, 1, 600), Charge::New);
         assert_eq!(s.charge_count().unwrap(), 0);
         assert_eq!(check(&mut s, 1, 1001), Charge::OverBudget { spent: 0, limit: 1000 });
-        s.charge(&[1; 16], "alice", "t", &[0; 32], "[]", 600, 1000, 30, 2)
+        s.charge(&QueryId([1; 16]), "alice", "t", &[0; 32], "[]", 600, 1000, 30, 2)
             .unwrap();
         assert_eq!(check(&mut s, 1, 600), Charge::Existing(None));
         assert_eq!(
@@ -1223,15 +1225,15 @@ mod tests {
             }
         );
         assert_eq!(check(&mut s, 2, 400), Charge::New);
-        s.charge(&[2; 16], "alice", "t", &[0; 32], "[]", 400, 1000, 30, 2)
+        s.charge(&QueryId([2; 16]), "alice", "t", &[0; 32], "[]", 400, 1000, 30, 2)
             .unwrap();
         assert_eq!(check(&mut s, 3, 0), Charge::TooManyRuns { limit: 2 });
         assert!(matches!(
-            s.would_charge(&[1; 16], "bob", "t", &[0; 32], "[]", 1, 1000, 30, 2),
+            s.would_charge(&QueryId([1; 16]), "bob", "t", &[0; 32], "[]", 1, 1000, 30, 2),
             Err(NodeError::Refused(_))
         ));
         assert_eq!(s.charge_count().unwrap(), 2);
-        assert!(s.noise_seed(&[3; 16]).is_err());
+        assert!(s.noise_seed(&QueryId([3; 16])).is_err());
     }
 
     const BOUND: RunBinding = RunBinding {
@@ -1246,12 +1248,12 @@ mod tests {
     fn a_charge_fixes_its_noise_seed_and_binds_its_reruns() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
-        let (q1, q2) = ([1u8; 16], [2u8; 16]);
+        let (q1, q2) = (QueryId([1u8; 16]), QueryId([2u8; 16]));
         s.charge(&q1, "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100).unwrap();
         s.charge(&q2, "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100).unwrap();
         let seed = *s.noise_seed(&q1).unwrap();
         assert_ne!(seed, *s.noise_seed(&q2).unwrap());
-        assert!(matches!(s.noise_seed(&[9; 16]), Err(NodeError::State(_))));
+        assert!(matches!(s.noise_seed(&QueryId([9; 16])), Err(NodeError::State(_))));
         // Not released yet: nothing to run again.
         assert!(matches!(s.may_rerun(&q1, &BOUND, 2), Err(NodeError::Refused(_))));
         s.store_share(&q1, b"first", &entry(&sha(b"first"), 1, "query"), &BOUND, false, 2)
@@ -1301,20 +1303,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
         for q in [1u8, 2] {
-            s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
+            s.charge(&QueryId([q; 16]), "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
                 .unwrap();
         }
-        s.store_share(&[2; 16], b"old", &entry(&sha(b"old"), 1, "query"), &BOUND, false, 2)
-            .unwrap();
+        s.store_share(
+            &QueryId([2; 16]),
+            b"old",
+            &entry(&sha(b"old"), 1, "query"),
+            &BOUND,
+            false,
+            2,
+        )
+        .unwrap();
         s.conn
             .execute_batch("UPDATE charges SET noise_seed = NULL, join_session = NULL, data_version = NULL")
             .unwrap();
         drop(s);
         let mut s = State::open(dir.path()).unwrap();
-        let seed = *s.noise_seed(&[1; 16]).unwrap();
-        assert_eq!(*s.noise_seed(&[1; 16]).unwrap(), seed);
-        assert!(matches!(s.noise_seed(&[2; 16]), Err(NodeError::Refused(_))));
-        assert!(matches!(s.may_rerun(&[2; 16], &BOUND, 2), Err(NodeError::Refused(_))));
+        let seed = *s.noise_seed(&QueryId([1; 16])).unwrap();
+        assert_eq!(*s.noise_seed(&QueryId([1; 16])).unwrap(), seed);
+        assert!(matches!(s.noise_seed(&QueryId([2; 16])), Err(NodeError::Refused(_))));
+        assert!(matches!(
+            s.may_rerun(&QueryId([2; 16]), &BOUND, 2),
+            Err(NodeError::Refused(_))
+        ));
     }
 
     fn sha(b: &[u8]) -> [u8; 32] {
@@ -1340,7 +1352,7 @@ mod tests {
     fn charges_are_once_per_query_and_within_budget() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
-        let q1 = [1u8; 16];
+        let q1 = QueryId([1u8; 16]);
         assert_eq!(
             s.charge(&q1, "alice", "t", &[0; 32], "[]", 400, 1000, 30, 100).unwrap(),
             Charge::New
@@ -1354,13 +1366,13 @@ mod tests {
             Err(NodeError::Refused(_))
         ));
         assert_eq!(
-            s.charge(&[2; 16], "alice", "t", &[0; 32], "[]", 600, 1000, 30, 100)
+            s.charge(&QueryId([2; 16]), "alice", "t", &[0; 32], "[]", 600, 1000, 30, 100)
                 .unwrap(),
             Charge::New
         );
         // Exactly at the limit was allowed; one more millionth is not.
         assert_eq!(
-            s.charge(&[3; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
+            s.charge(&QueryId([3; 16]), "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
                 .unwrap(),
             Charge::OverBudget {
                 spent: 1000,
@@ -1395,7 +1407,7 @@ mod tests {
         // audit entry and no new charge.
         assert!(
             s.store_share(
-                &[2; 16],
+                &cleanroom_wire::QueryId([2; 16]),
                 b"rerun",
                 &entry(&sha(b"rerun"), 600, "query-rerun"),
                 &BOUND,
@@ -1418,7 +1430,7 @@ mod tests {
         assert_eq!(q.params.as_deref(), Some("[]"));
         assert_eq!(s.spent("alice", 30).unwrap(), 1000);
         assert_eq!(s.verify_audit().unwrap(), 2);
-        assert!(s.charged_query(&[7; 16]).unwrap().is_none());
+        assert!(s.charged_query(&QueryId([7; 16])).unwrap().is_none());
     }
 
     #[test]
@@ -1426,10 +1438,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
         for q in 0..3u8 {
-            s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
+            s.charge(&QueryId([q; 16]), "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100)
                 .unwrap();
-            s.store_share(&[q; 16], b"x", &entry(&sha(b"x"), 1, "query"), &BOUND, false, 2)
-                .unwrap();
+            s.store_share(
+                &QueryId([q; 16]),
+                b"x",
+                &entry(&sha(b"x"), 1, "query"),
+                &BOUND,
+                false,
+                2,
+            )
+            .unwrap();
         }
         assert_eq!(s.verify_audit().unwrap(), 3);
         assert!(s.conn.execute("DELETE FROM audit", []).is_err());
@@ -1452,13 +1471,20 @@ mod tests {
         {
             let mut s = State::open(dir.path()).unwrap();
             for (q, share) in [(1u8, &b"one"[..]), (2, b"two")] {
-                s.charge(&[q; 16], "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
+                s.charge(&QueryId([q; 16]), "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
                     .unwrap();
-                s.store_share(&[q; 16], share, &entry(&sha(share), 300, "query"), &BOUND, false, 2)
-                    .unwrap();
+                s.store_share(
+                    &QueryId([q; 16]),
+                    share,
+                    &entry(&sha(share), 300, "query"),
+                    &BOUND,
+                    false,
+                    2,
+                )
+                .unwrap();
             }
             s.store_share(
-                &[2; 16],
+                &cleanroom_wire::QueryId([2; 16]),
                 b"again",
                 &entry(&sha(b"again"), 300, "query-rerun"),
                 &BOUND,
@@ -1467,7 +1493,7 @@ mod tests {
             )
             .unwrap();
             // Charged, not yet released: no audit entry yet.
-            s.charge(&[3; 16], "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
+            s.charge(&QueryId([3; 16]), "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
                 .unwrap();
             s.charge_cardinality(&[9; 16], "all", 500_000, 1_000_000, 30).unwrap();
         }

@@ -53,7 +53,7 @@ fn digest16(parts: &[&[u8]]) -> SessionId {
 
 fn setup_session_id(
     join: &SessionId,
-    query_id: &[u8; 16],
+    query_id: &cleanroom_wire::QueryId,
     plan: &[u8; 32],
     group: u32,
     nonce: &Nonce,
@@ -63,7 +63,7 @@ fn setup_session_id(
     digest16(&[
         b"cleanroom-v1-aggregate-setup",
         join,
-        query_id,
+        &query_id.0,
         plan,
         &group.to_le_bytes(),
         nonce,
@@ -187,7 +187,7 @@ impl RowValues {
 pub struct HolderAggregate {
     joined: std::sync::Arc<HolderJoined>,
     values: std::sync::Arc<dyn RowSource>,
-    query_id: [u8; 16],
+    query_id: cleanroom_wire::QueryId,
     plan: [u8; 32],
     group: u32,
 }
@@ -211,7 +211,7 @@ impl HolderAggregate {
     pub fn new(
         joined: std::sync::Arc<HolderJoined>,
         values: impl RowSource + 'static,
-        query_id: [u8; 16],
+        query_id: cleanroom_wire::QueryId,
         plan: [u8; 32],
         group: u32,
     ) -> Result<Self, ProtocolError> {
@@ -476,7 +476,7 @@ impl MatcherAggregate {
         joined: &MatcherJoined,
         choices: &[bool],
         width: usize,
-        query_id: [u8; 16],
+        query_id: cleanroom_wire::QueryId,
         plan: [u8; 32],
         group: u32,
         rng: &mut R,

@@ -303,8 +303,8 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     );
 
     let width = holder.width;
-    let mut query_id = [0u8; 16];
-    rand_core::RngCore::fill_bytes(&mut rng_m, &mut query_id);
+    let mut query_id = cleanroom_wire::QueryId([0u8; 16]);
+    rand_core::RngCore::fill_bytes(&mut rng_m, &mut query_id.0);
     let agg = HolderAggregate::new(
         shared(hj),
         RowValues::new(width, holder.values.clone())?,

@@ -27,6 +27,45 @@ pub const POINT_LEN: usize = 32;
 
 /// Identifies one join or one aggregate session; bound to both nodes' nonces.
 pub type SessionId = [u8; 16];
+
+/// An analyst's query id: chosen by the analyst (random), the same on both
+/// nodes; a retry under it is the same query and costs nothing more.
+/// Encoded as its 16 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct QueryId(pub [u8; 16]);
+
+/// Which run of a query's aggregate a share comes from (a digest of its OT
+/// sessions, which both nodes derive): two shares add up to the result only
+/// when their runs are equal. Encoded as its 16 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RunId(pub [u8; 16]);
+
+macro_rules! hex_debug {
+    ($t:ty, $name:literal) => {
+        impl core::fmt::Debug for $t {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str(concat!($name, "("))?;
+                for b in &self.0 {
+                    write!(f, "{b:02x}")?;
+                }
+                f.write_str(")")
+            }
+        }
+
+        impl core::fmt::Display for $t {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                for b in &self.0 {
+                    write!(f, "{b:02x}")?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+hex_debug!(QueryId, "QueryId");
+hex_debug!(RunId, "RunId");
 /// A fresh random value contributed by one node to a session id.
 pub type Nonce = [u8; 32];
 /// An encoded ristretto255 element.
@@ -176,7 +215,7 @@ pub struct OtSetup {
     /// The join this aggregate runs over.
     pub join_session: SessionId,
     /// The query this aggregate answers.
-    pub query_id: [u8; 16],
+    pub query_id: QueryId,
     /// The matcher's fresh contribution.
     pub nonce: Nonce,
     /// Rows of the join (`n + D_max`), as the matcher has them.
@@ -282,7 +321,7 @@ pub enum AnalystRequest {
     /// The other node refused this query id: drop it here if it is still
     /// waiting for the other node (it stays charged; a retry under the
     /// same id costs nothing more).
-    Cancel([u8; 16]),
+    Cancel(QueryId),
     /// Would this node run this query now? It makes every admission check
     /// it would make for `Query` (template, parameters, limits on running
     /// queries and on requests, budget, runs per day, reaching the peer)
@@ -297,7 +336,7 @@ pub enum AnalystRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryRequest {
     /// Chosen by the analyst; a retry with the same id returns the same shares.
-    pub query_id: [u8; 16],
+    pub query_id: QueryId,
     /// Template name.
     pub template: String,
     /// `name = value` pairs.
@@ -342,7 +381,7 @@ pub struct QueryShare {
     /// The node's role (`bank` or `platform`).
     pub node: String,
     /// The query.
-    pub query_id: [u8; 16],
+    pub query_id: QueryId,
     /// The plan digest (both nodes' must agree).
     pub plan: [u8; 32],
     /// Cell names, in order.
@@ -372,7 +411,7 @@ pub struct QueryShare {
     /// sessions, which both nodes derive). Two shares add up to the result
     /// only when their runs are equal; a query id run again after a crash
     /// has a new run.
-    pub run: [u8; 16],
+    pub run: RunId,
 }
 
 impl core::fmt::Debug for QueryShare {
@@ -517,16 +556,16 @@ pub enum Message {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShareCheck {
     /// The query.
-    pub query_id: [u8; 16],
+    pub query_id: QueryId,
     /// The run of the platform's stored share.
-    pub run: [u8; 16],
+    pub run: RunId,
 }
 
 /// Bank to platform: the answer to a [`ShareCheck`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShareHeld {
     /// The query.
-    pub query_id: [u8; 16],
+    pub query_id: QueryId,
     /// Whether the bank holds a stored share of that query from that run.
     pub held: bool,
     /// Whether the bank is computing or storing a share of that query right
@@ -857,7 +896,7 @@ mod tests {
             Message::OtSetup(OtSetup {
                 session: s,
                 join_session: [8; 16],
-                query_id: [9; 16],
+                query_id: QueryId([9; 16]),
                 nonce: [10; 32],
                 rows: 1062,
                 width: 33,
@@ -885,11 +924,11 @@ mod tests {
                 code: AbortCode::BadMessage as u16,
             }),
             Message::ShareCheck(ShareCheck {
-                query_id: [15; 16],
-                run: [16; 16],
+                query_id: QueryId([15; 16]),
+                run: RunId([16; 16]),
             }),
             Message::ShareHeld(ShareHeld {
-                query_id: [15; 16],
+                query_id: QueryId([15; 16]),
                 held: true,
                 busy: false,
             }),

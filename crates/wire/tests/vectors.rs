@@ -19,15 +19,15 @@ use std::fmt::Write as _;
 
 use cleanroom_wire::{
     Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, JoinAccept, JoinOffer, MAX_MESSAGE_LEN, MaskedRows,
-    MatcherKey, Message, OtChoices, OtExtend, OtSetup, PROTOCOL_VERSION, PointChunk, PolicyMessage, QueryRequest,
-    QueryShare, Refusal, RefusalCode, ShareCheck, ShareHeld, TemplateInfo,
+    MatcherKey, Message, OtChoices, OtExtend, OtSetup, PROTOCOL_VERSION, PointChunk, PolicyMessage, QueryId,
+    QueryRequest, QueryShare, Refusal, RefusalCode, RunId, ShareCheck, ShareHeld, TemplateInfo,
 };
 
 const FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors.txt");
 
 fn query(template: &str, params: usize) -> QueryRequest {
     QueryRequest {
-        query_id: [0x51; 16],
+        query_id: QueryId([0x51; 16]),
         template: template.into(),
         params: (0..params).map(|i| (format!("p{i}"), "2026-01-01".into())).collect(),
     }
@@ -93,7 +93,7 @@ fn good() -> Vec<(&'static str, Message)> {
             Message::OtSetup(OtSetup {
                 session: s,
                 join_session: [0x08; 16],
-                query_id: [0x09; 16],
+                query_id: QueryId([0x09; 16]),
                 nonce: [0x0a; 32],
                 rows: 1062,
                 width: 33,
@@ -141,7 +141,7 @@ fn good() -> Vec<(&'static str, Message)> {
         ),
         (
             "request_cancel",
-            Message::AnalystRequest(AnalystRequest::Cancel([0x52; 16])),
+            Message::AnalystRequest(AnalystRequest::Cancel(QueryId([0x52; 16]))),
         ),
         (
             "request_admit",
@@ -172,7 +172,7 @@ fn good() -> Vec<(&'static str, Message)> {
             "response_share",
             Message::AnalystResponse(AnalystResponse::Share(Box::new(QueryShare {
                 node: "platform".into(),
-                query_id: [0x51; 16],
+                query_id: QueryId([0x51; 16]),
                 plan: [0x0f; 32],
                 cells: vec!["customers".into(), "spend".into()],
                 weights: vec![1, 3],
@@ -185,7 +185,7 @@ fn good() -> Vec<(&'static str, Message)> {
                 rho: "0.1".into(),
                 timings: vec![("join".into(), 0.25)],
                 replayed: false,
-                run: [0x10; 16],
+                run: RunId([0x10; 16]),
             }))),
         ),
         (
@@ -209,14 +209,14 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "share_check",
             Message::ShareCheck(ShareCheck {
-                query_id: [0x51; 16],
-                run: [0x10; 16],
+                query_id: QueryId([0x51; 16]),
+                run: RunId([0x10; 16]),
             }),
         ),
         (
             "share_held",
             Message::ShareHeld(ShareHeld {
-                query_id: [0x51; 16],
+                query_id: QueryId([0x51; 16]),
                 held: true,
                 busy: false,
             }),
