@@ -551,9 +551,12 @@ impl Harness {
                 seq: *seq,
                 points: points.iter().take(512).flat_map(|p| point(*p)).collect(),
             }),
+            // Any of the codes (an unknown one does not encode as a message;
+            // raw frames carry those).
             PeerMessage::Abort { session: s, code } => Message::Abort(Abort {
                 session: session(*s),
-                code: *code,
+                code: cleanroom_wire::AbortCode::try_from(1 + code % 6)
+                    .unwrap_or(cleanroom_wire::AbortCode::BadMessage),
             }),
         }
     }

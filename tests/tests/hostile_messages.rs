@@ -203,9 +203,14 @@ fn messages_from_another_session_are_refused() {
     // An abort for this session is reported as such.
     let f = frame(Message::Abort(Abort {
         session: h1.session(),
-        code: 1,
+        code: cleanroom_wire::AbortCode::BadMessage,
     }));
-    assert_eq!(h1.handle(&f).unwrap_err(), ProtocolError::PeerAborted { code: 1 });
+    assert_eq!(
+        h1.handle(&f).unwrap_err(),
+        ProtocolError::PeerAborted {
+            code: cleanroom_wire::AbortCode::BadMessage
+        }
+    );
 }
 
 #[test]

@@ -56,7 +56,7 @@ fn fake_bank(certs: &Path) -> (quinn::Endpoint, Offers) {
                             seen.lock().unwrap().push(o.blocks);
                             Message::Abort(Abort {
                                 session: [0; 16],
-                                code: AbortCode::Refused as u16,
+                                code: AbortCode::Refused,
                             })
                         }
                         _ => continue,

@@ -110,7 +110,7 @@ async fn aggregate(
     joined: &MatcherJoined,
     plan: &Plan,
     qid: cleanroom_wire::QueryId,
-) -> Result<(Vec<u64>, SessionId), u16> {
+) -> Result<(Vec<u64>, SessionId), cleanroom_wire::AbortCode> {
     let (mut s, mut r) = peer.open_bi().await.unwrap();
     let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
     let choices = joined.choices_for_block(0);
@@ -192,7 +192,7 @@ async fn a_platform_that_reruns_an_answered_query_learns_nothing_new() {
     for k in 0..RERUNS {
         let (mine, _) = aggregate(&peer, &joined, &plan, req.query_id)
             .await
-            .unwrap_or_else(|code| panic!("rerun {k} refused with code {code}"));
+            .unwrap_or_else(|code| panic!("rerun {k} refused with code {code:?}"));
         // The bank stores the rerun's share a moment after the last batch.
         let t = Instant::now();
         let share = loop {
@@ -224,13 +224,13 @@ async fn a_platform_that_reruns_an_answered_query_learns_nothing_new() {
     assert_ne!(other.session(), joined.session());
     assert_eq!(
         aggregate(&peer, &other, &plan, req.query_id).await.map(|_| ()),
-        Err(cleanroom_wire::AbortCode::Refused as u16),
+        Err(cleanroom_wire::AbortCode::Refused),
         "a rerun over another join was not refused"
     );
     // Past the cap: refused.
     assert_eq!(
         aggregate(&peer, &joined, &plan, req.query_id).await.map(|_| ()),
-        Err(cleanroom_wire::AbortCode::Refused as u16),
+        Err(cleanroom_wire::AbortCode::Refused),
         "a rerun past the cap was not refused"
     );
     assert_eq!(bank_share(&alice, &req).await.run, last_run);

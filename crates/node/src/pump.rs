@@ -177,7 +177,7 @@ pub async fn run_with_stats<P: Party>(
         {
             let abort = Message::Abort(Abort {
                 session: party.session(),
-                code: pe.abort_code() as u16,
+                code: pe.abort_code(),
             });
             if let Ok(f) = abort.encode() {
                 let _ = out_tx.blocking_send(f);

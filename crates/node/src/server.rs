@@ -2373,9 +2373,9 @@ impl Node {
                 timings.extend(phases);
                 Ok((s, run, joined.session()))
             }
-            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
-                if code == AbortCode::UnknownJoin as u16 =>
-            {
+            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted {
+                code: AbortCode::UnknownJoin,
+            })) => {
                 if rerun_over.is_some() {
                     return other_join();
                 }
@@ -2388,14 +2388,12 @@ impl Node {
                 timings.extend(phases);
                 Ok((s, run, joined.session()))
             }
-            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted { code }))
-                if code == AbortCode::UnknownQuery as u16 =>
-            {
-                Err(NodeError::refused(
-                    RefusalCode::PeerRefused,
-                    "the bank node has not accepted this query (it refused it or never received it); see its answer",
-                ))
-            }
+            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted {
+                code: AbortCode::UnknownQuery,
+            })) => Err(NodeError::refused(
+                RefusalCode::PeerRefused,
+                "the bank node has not accepted this query (it refused it or never received it); see its answer",
+            )),
             Err(e) => Err(e),
         }
     }
@@ -2413,7 +2411,7 @@ fn analyst_view(e: &NodeError) -> String {
         }
         NodeError::Protocol(pe) if pe.is_peer_fault() => format!(
             "this node ended the session with its peer ({})",
-            cleanroom_protocol::abort_reason(pe.abort_code() as u16)
+            cleanroom_protocol::abort_reason(pe.abort_code())
         ),
         NodeError::Protocol(_) | NodeError::Internal(_) | NodeError::Crypto(_) => "an internal error".into(),
         NodeError::Peer(_) => "the connection to the peer node failed or timed out".into(),
@@ -2424,14 +2422,7 @@ fn analyst_view(e: &NodeError) -> String {
 }
 
 async fn abort(send: &mut quinn::SendStream, session: SessionId, code: AbortCode) {
-    let _ = write_one(
-        send,
-        &Message::Abort(Abort {
-            session,
-            code: code as u16,
-        }),
-    )
-    .await;
+    let _ = write_one(send, &Message::Abort(Abort { session, code })).await;
     let _ = send.finish();
 }
 

@@ -74,7 +74,7 @@ pub enum ProtocolError {
     #[error("the peer aborted the session: {}", abort_reason(*code))]
     PeerAborted {
         /// Its abort code.
-        code: u16,
+        code: cleanroom_wire::AbortCode,
     },
     /// This node's own input is unusable (duplicate identifiers, sizes out
     /// of range, a width of zero...). Local misuse, not the peer's fault.
@@ -92,17 +92,17 @@ pub enum ProtocolError {
 }
 
 /// What an abort code means, for messages.
-pub fn abort_reason(code: u16) -> &'static str {
+pub fn abort_reason(code: cleanroom_wire::AbortCode) -> &'static str {
+    use cleanroom_wire::AbortCode;
     match code {
-        1 => "it found a message from this node malformed or out of order",
-        2 => {
+        AbortCode::BadMessage => "it found a message from this node malformed or out of order",
+        AbortCode::Parameters => {
             "it does not accept the parameters (collaboration id, identifier normalisation rules, set sizes or dummy rows differ from its configuration)"
         }
-        3 => "a limit or budget on its side refused it",
-        4 => "it failed locally",
-        5 => "it no longer has the join this aggregate refers to",
-        6 => "it has not accepted this query",
-        _ => "unknown abort code",
+        AbortCode::Refused => "a limit or budget on its side refused it",
+        AbortCode::Internal => "it failed locally",
+        AbortCode::UnknownJoin => "it no longer has the join this aggregate refers to",
+        AbortCode::UnknownQuery => "it has not accepted this query",
     }
 }
 

@@ -285,14 +285,15 @@ impl core::fmt::Debug for MaskedRows {
 pub struct Abort {
     /// The session.
     pub session: SessionId,
-    /// Why (see [`AbortCode`]).
-    pub code: u16,
+    /// Why.
+    pub code: AbortCode,
 }
 
-/// Why a node aborted a session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a node aborted a session. On the wire, its `u16` value; a frame
+/// with any other value does not decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u16", into = "u16")]
 #[repr(u16)]
-#[non_exhaustive]
 pub enum AbortCode {
     /// The peer sent a message that failed validation.
     BadMessage = 1,
@@ -307,6 +308,33 @@ pub enum AbortCode {
     /// The query named by an aggregate was not submitted to this node, or
     /// this node refused it.
     UnknownQuery = 6,
+}
+
+impl From<AbortCode> for u16 {
+    fn from(c: AbortCode) -> u16 {
+        c as u16
+    }
+}
+
+/// A `u16` that is no [`AbortCode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown abort code {0}")]
+pub struct UnknownAbortCode(pub u16);
+
+impl TryFrom<u16> for AbortCode {
+    type Error = UnknownAbortCode;
+
+    fn try_from(v: u16) -> Result<Self, UnknownAbortCode> {
+        Ok(match v {
+            1 => AbortCode::BadMessage,
+            2 => AbortCode::Parameters,
+            3 => AbortCode::Refused,
+            4 => AbortCode::Internal,
+            5 => AbortCode::UnknownJoin,
+            6 => AbortCode::UnknownQuery,
+            other => return Err(UnknownAbortCode(other)),
+        })
+    }
 }
 
 /// An analyst's request to a node.
@@ -921,7 +949,7 @@ mod tests {
             }),
             Message::Abort(Abort {
                 session: s,
-                code: AbortCode::BadMessage as u16,
+                code: AbortCode::BadMessage,
             }),
             Message::ShareCheck(ShareCheck {
                 query_id: QueryId([15; 16]),

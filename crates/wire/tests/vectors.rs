@@ -130,7 +130,7 @@ fn good() -> Vec<(&'static str, Message)> {
             "abort",
             Message::Abort(Abort {
                 session: s,
-                code: AbortCode::UnknownJoin as u16,
+                code: AbortCode::UnknownJoin,
             }),
         ),
         ("request_templates", Message::AnalystRequest(AnalystRequest::Templates)),
@@ -251,6 +251,7 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
         ("bad_version", with(abort.clone(), |f| f[0] = 2)),
         ("bad_type", with(abort.clone(), |f| f[1] = 99)),
         ("bad_trailing_byte", with(abort.clone(), |f| f.push(0))),
+        ("bad_abort_code", with(abort.clone(), |f| f[18] = 7)),
         ("bad_truncated_abort", with(abort.clone(), |f| f.truncate(f.len() - 1))),
         ("bad_length_over_limit", over),
         ("bad_request_variant", vec![PROTOCOL_VERSION, 20, 99, 0, 0, 0]),
@@ -417,11 +418,7 @@ fn frames_assembled_by_hand_match_the_encoder() {
     // Abort: session, code as u16.
     assert_eq!(
         encoded("abort"),
-        cat(&[
-            &[PROTOCOL_VERSION, 11],
-            &s,
-            &(AbortCode::UnknownJoin as u16).to_le_bytes()
-        ])
+        cat(&[&[PROTOCOL_VERSION, 11], &s, &5u16.to_le_bytes()])
     );
     // ShareHeld: query id, two bools as one byte each.
     assert_eq!(
