@@ -101,10 +101,17 @@ fn aggregate(c: &mut Criterion) {
     let width = 51;
     let session = [3u8; 16];
     let hj = std::sync::Arc::new(
-        HolderJoined::from_parts(session, u64::from(rows), vec![0], 0, (0..rows).collect()).unwrap(),
+        HolderJoined::from_parts(
+            cleanroom_wire::SessionId(session),
+            u64::from(rows),
+            vec![0],
+            0,
+            (0..rows).collect(),
+        )
+        .unwrap(),
     );
     let labels: Vec<u32> = (0..rows).map(|i| if i % 2 == 0 { 0 } else { UNMATCHED }).collect();
-    let mj = MatcherJoined::from_parts(session, labels, 1).unwrap();
+    let mj = MatcherJoined::from_parts(cleanroom_wire::SessionId(session), labels, 1).unwrap();
     let values = std::sync::Arc::new(RowValues::new(width, (0..u64::from(rows) * width as u64).collect()).unwrap());
     let mut g = c.benchmark_group("aggregate");
     g.sample_size(10);

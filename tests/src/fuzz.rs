@@ -413,7 +413,7 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
                     result_digest: ring::digest::digest(&ring::digest::SHA256, &share).as_ref(),
                 },
                 &cleanroom_node::state::RunBinding {
-                    join: [9; 16],
+                    join: cleanroom_wire::SessionId([9; 16]),
                     data_version: [1; 32],
                 },
                 false,
@@ -421,10 +421,16 @@ pub fn write_seed_corpus(root: &Path, repo: &Path) {
             )
             .expect("store");
         }
-        st.charge_cardinality(&[9; 16], "join", 500_000, 50_000_000, 30)
+        st.charge_cardinality(&cleanroom_wire::SessionId([9; 16]), "join", 500_000, 50_000_000, 30)
             .expect("cardinality");
-        st.put_join(&[9; 16], "holder", &[1; 32], 3600, b"payload")
-            .expect("join");
+        st.put_join(
+            &cleanroom_wire::SessionId([9; 16]),
+            "holder",
+            &[1; 32],
+            3600,
+            b"payload",
+        )
+        .expect("join");
     }
     if let Ok(bytes) = std::fs::read(dir.path().join("state.db")) {
         put("state_file", "state.db", &bytes);

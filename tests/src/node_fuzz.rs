@@ -523,8 +523,8 @@ impl Harness {
                     .as_ref()
                     .and_then(|q| self.plan(&self.query_request(play.salt, *qid, q)));
                 Message::OtSetup(OtSetup {
-                    session: session(*s),
-                    join_session: joined.map_or(session(*s), MatcherJoined::session),
+                    session: cleanroom_wire::SessionId(session(*s)),
+                    join_session: joined.map_or(cleanroom_wire::SessionId(session(*s)), MatcherJoined::session),
                     query_id: query_id(play.salt, *qid),
                     nonce: [*s; 32],
                     rows: rows.map_or(joined.map_or(0, |j| j.rows() as u64), u64::from),
@@ -539,7 +539,7 @@ impl Harness {
                 run: cleanroom_wire::RunId([*run; 16]),
             }),
             PeerMessage::Key { session: s, point: p } => Message::MatcherKey(MatcherKey {
-                session: session(*s),
+                session: cleanroom_wire::SessionId(session(*s)),
                 key: point(*p),
             }),
             PeerMessage::Tokens {
@@ -547,14 +547,14 @@ impl Harness {
                 seq,
                 points,
             } => Message::MatcherTokens(PointChunk {
-                session: session(*s),
+                session: cleanroom_wire::SessionId(session(*s)),
                 seq: *seq,
                 points: points.iter().take(512).flat_map(|p| point(*p)).collect(),
             }),
             // Any of the codes (an unknown one does not encode as a message;
             // raw frames carry those).
             PeerMessage::Abort { session: s, code } => Message::Abort(Abort {
-                session: session(*s),
+                session: cleanroom_wire::SessionId(session(*s)),
                 code: cleanroom_wire::AbortCode::try_from(1 + code % 6)
                     .unwrap_or(cleanroom_wire::AbortCode::BadMessage),
             }),

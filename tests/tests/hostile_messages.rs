@@ -89,7 +89,7 @@ fn holder_refuses_malformed_frames() {
     );
     // An oversized length prefix.
     let mut f = vec![1u8, 4];
-    f.extend_from_slice(&s);
+    f.extend_from_slice(&s.0);
     f.extend_from_slice(&0u32.to_le_bytes());
     f.extend_from_slice(&(1u64 << 40).to_le_bytes());
     f.extend_from_slice(&[0u8; 64]);
@@ -267,7 +267,8 @@ fn offers_outside_the_policy_are_refused() {
     );
     // Something other than an offer first.
     assert!(matches!(
-        h().on_offer(&key([0; 16]), &mut rng).unwrap_err(),
+        h().on_offer(&key(cleanroom_wire::SessionId([0; 16])), &mut rng)
+            .unwrap_err(),
         ProtocolError::UnexpectedMessage { .. }
     ));
 }
@@ -294,7 +295,7 @@ fn matcher_refuses_bad_accepts() {
     };
     assert!(run(open.clone(), &|_| {}).is_ok());
     assert_eq!(
-        run(open.clone(), &|a| a.session[0] ^= 1).unwrap_err(),
+        run(open.clone(), &|a| a.session.0[0] ^= 1).unwrap_err(),
         ProtocolError::WrongSession
     );
     // Changing the announced sizes changes the session id: refused.
@@ -441,7 +442,7 @@ fn aggregate_refuses_hostile_messages() {
     };
     assert!(try_setup(&|_| {}).is_ok());
     assert_eq!(
-        try_setup(&|s| s.join_session[0] ^= 1).unwrap_err(),
+        try_setup(&|s| s.join_session.0[0] ^= 1).unwrap_err(),
         ProtocolError::WrongSession
     );
     assert_eq!(

@@ -262,7 +262,7 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
         (
             "a key before any offer",
             frame(Message::MatcherKey(MatcherKey {
-                session: [1; 16],
+                session: cleanroom_wire::SessionId([1; 16]),
                 key: [2; 32],
             })),
             false,
@@ -270,7 +270,7 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
         (
             "tokens before any offer",
             frame(Message::MatcherTokens(PointChunk {
-                session: [1; 16],
+                session: cleanroom_wire::SessionId([1; 16]),
                 seq: 0,
                 points: vec![0; 64],
             })),
@@ -359,8 +359,8 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
         send(
             &mut s,
             &Message::OtSetup(OtSetup {
-                session: [9; 16],
-                join_session: [8; 16],
+                session: cleanroom_wire::SessionId([9; 16]),
+                join_session: cleanroom_wire::SessionId([8; 16]),
                 query_id: cleanroom_wire::QueryId([7; 16]),
                 nonce: [6; 32],
                 rows: 1000,
@@ -555,8 +555,8 @@ async fn a_peer_that_leaves_while_the_bank_waits_for_the_query_frees_it_at_once(
     for k in 0..20u8 {
         let (mut s, r) = peer.conn.open_bi().await.unwrap();
         let setup = Message::OtSetup(OtSetup {
-            session: [k; 16],
-            join_session: [k; 16],
+            session: cleanroom_wire::SessionId([k; 16]),
+            join_session: cleanroom_wire::SessionId([k; 16]),
             query_id: cleanroom_wire::QueryId([0xa0 ^ k; 16]),
             nonce: [k; 32],
             rows: 10,

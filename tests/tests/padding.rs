@@ -55,7 +55,7 @@ fn fake_bank(certs: &Path) -> (quinn::Endpoint, Offers) {
                         Ok(Message::JoinOffer(o)) => {
                             seen.lock().unwrap().push(o.blocks);
                             Message::Abort(Abort {
-                                session: [0; 16],
+                                session: cleanroom_wire::SessionId([0; 16]),
                                 code: AbortCode::Refused,
                             })
                         }

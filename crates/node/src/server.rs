@@ -296,7 +296,7 @@ fn run_of<'a>(sessions: impl Iterator<Item = &'a SessionId>) -> Run {
     let mut ctx = ring::digest::Context::new(&SHA256);
     ctx.update(b"cleanroom-v1-run");
     for s in sessions {
-        ctx.update(s);
+        ctx.update(s.as_ref());
     }
     let d = ctx.finish();
     let mut out = [0u8; 16];
@@ -1919,7 +1919,7 @@ impl Node {
             cardinality,
         };
         if (data.ids.len() as u64) < l.min_input_set {
-            abort(&mut send, [0; 16], AbortCode::Refused).await;
+            abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
             return Err(NodeError::refused(
                 RefusalCode::InputLimit,
                 format!(
@@ -1934,7 +1934,7 @@ impl Node {
         drop(ids);
         let churn = lock(&self.inner.state).check_churn("holder-input", &fp, l.max_churn_ppm);
         if let Err(e) = churn {
-            abort(&mut send, [0; 16], AbortCode::Refused).await;
+            abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
             return Err(e);
         }
         let ids = data.ids.clone();
@@ -1949,7 +1949,7 @@ impl Node {
         let pending = match pending {
             Ok(p) => p,
             Err(NodeError::Protocol(e)) => {
-                abort(&mut send, [0; 16], e.abort_code()).await;
+                abort(&mut send, cleanroom_wire::SessionId([0; 16]), e.abort_code()).await;
                 return Err(NodeError::Protocol(e));
             }
             Err(e) => return Err(e),
@@ -2067,7 +2067,7 @@ impl Node {
     ) -> Result<(Share, pump::PumpStats, SessionId), NodeError> {
         let setup_session = match Message::decode(first) {
             Ok(Message::OtSetup(s)) => s.session,
-            _ => [0; 16],
+            _ => cleanroom_wire::SessionId([0; 16]),
         };
         // The platform may open the aggregate the moment it has the join's
         // last token, before this side has stored the join: wait briefly.

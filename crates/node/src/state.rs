@@ -68,7 +68,7 @@ pub struct ChargedQuery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunBinding {
     /// The join session the aggregate ran over.
-    pub join: [u8; 16],
+    pub join: cleanroom_wire::SessionId,
     /// This node's data version when it ran.
     pub data_version: [u8; 32],
 }
@@ -84,7 +84,7 @@ impl std::fmt::Debug for ChargedQuery {
 }
 
 /// A cached join: its session id and stored payload.
-pub type CachedJoin = ([u8; 16], Vec<u8>);
+pub type CachedJoin = (cleanroom_wire::SessionId, Vec<u8>);
 
 /// The state database.
 #[derive(Debug)]
@@ -253,7 +253,7 @@ fn query_in(conn: &Connection, query_id: &QueryId) -> Result<Option<ChargedQuery
             let version: Option<Vec<u8>> = r.get(7)?;
             let binding = match (join, version) {
                 (Some(j), Some(v)) => match (<[u8; 16]>::try_from(j.as_slice()), <[u8; 32]>::try_from(v.as_slice())) {
-                    (Ok(join), Ok(data_version)) => Some(RunBinding { join, data_version }),
+                    (Ok(join), Ok(data_version)) => Some(RunBinding { join: cleanroom_wire::SessionId(join), data_version }),
                     _ => None,
                 },
                 _ => None,
@@ -692,7 +692,7 @@ impl State {
                     query_id.0.to_vec(),
                     share,
                     now_secs(),
-                    binding.join.to_vec(),
+                    binding.join.0.to_vec(),
                     binding.data_version.to_vec()
                 ],
             )
@@ -857,7 +857,7 @@ impl State {
     /// [`NodeError::Refused`] over the limit; [`NodeError::State`].
     pub fn charge_cardinality(
         &mut self,
-        session: &[u8; 16],
+        session: &cleanroom_wire::SessionId,
         filter: &str,
         eps_micro: u64,
         limit_micro: u64,
@@ -888,7 +888,7 @@ impl State {
         }
         tx.execute(
             "INSERT INTO cardinality (session, eps_micro, period, charged_at) VALUES (?1, ?2, ?3, ?4)",
-            params![session.to_vec(), eps_micro as i64, period, now],
+            params![session.0.to_vec(), eps_micro as i64, period, now],
         )
         .map_err(db)?;
         append_audit(
@@ -897,7 +897,7 @@ impl State {
                 event: "join",
                 analyst: "",
                 template: filter,
-                plan: session,
+                plan: session.as_ref(),
                 params: "",
                 rho_micro: eps_micro,
                 result_digest: &[],
@@ -973,7 +973,7 @@ impl State {
     /// [`NodeError::State`].
     pub fn put_join(
         &mut self,
-        session: &[u8; 16],
+        session: &cleanroom_wire::SessionId,
         filter: &str,
         data_version: &[u8; 32],
         ttl_secs: u64,
@@ -983,7 +983,7 @@ impl State {
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO joins (session, filter, data_version, created_at, expires_at, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![session.to_vec(), filter, data_version.to_vec(), now, now.saturating_add(ttl_secs as i64), payload],
+                params![session.0.to_vec(), filter, data_version.to_vec(), now, now.saturating_add(ttl_secs as i64), payload],
             )
             .map_err(db)?;
         Ok(())
@@ -1016,18 +1016,26 @@ impl State {
             )
             .optional()
             .map_err(db)?;
-        Ok(row.and_then(|(s, p)| <[u8; 16]>::try_from(s.as_slice()).ok().map(|s| (s, p))))
+        Ok(row.and_then(|(s, p)| {
+            <[u8; 16]>::try_from(s.as_slice())
+                .ok()
+                .map(|s| (cleanroom_wire::SessionId(s), p))
+        }))
     }
 
     /// A live join by session (holder side).
     ///
     /// # Errors
     /// [`NodeError::State`].
-    pub fn join_by_session(&self, session: &[u8; 16], data_version: &[u8; 32]) -> Result<Option<Vec<u8>>, NodeError> {
+    pub fn join_by_session(
+        &self,
+        session: &cleanroom_wire::SessionId,
+        data_version: &[u8; 32],
+    ) -> Result<Option<Vec<u8>>, NodeError> {
         self.conn
             .query_row(
                 "SELECT payload FROM joins WHERE session = ?1 AND data_version = ?2 AND expires_at > ?3",
-                params![session.to_vec(), data_version.to_vec(), now_secs()],
+                params![session.0.to_vec(), data_version.to_vec(), now_secs()],
                 |r| r.get(0),
             )
             .optional()
@@ -1038,9 +1046,9 @@ impl State {
     ///
     /// # Errors
     /// [`NodeError::State`].
-    pub fn drop_join(&mut self, session: &[u8; 16]) -> Result<(), NodeError> {
+    pub fn drop_join(&mut self, session: &cleanroom_wire::SessionId) -> Result<(), NodeError> {
         self.conn
-            .execute("DELETE FROM joins WHERE session = ?1", params![session.to_vec()])
+            .execute("DELETE FROM joins WHERE session = ?1", params![session.0.to_vec()])
             .map_err(db)?;
         Ok(())
     }
@@ -1237,7 +1245,7 @@ mod tests {
     }
 
     const BOUND: RunBinding = RunBinding {
-        join: [5; 16],
+        join: cleanroom_wire::SessionId([5; 16]),
         data_version: [6; 32],
     };
 
@@ -1261,7 +1269,10 @@ mod tests {
         drop(s);
         let mut s = State::open(dir.path()).unwrap();
         assert_eq!(*s.noise_seed(&q1).unwrap(), seed);
-        let other_join = RunBinding { join: [7; 16], ..BOUND };
+        let other_join = RunBinding {
+            join: cleanroom_wire::SessionId([7; 16]),
+            ..BOUND
+        };
         let other_data = RunBinding {
             data_version: [8; 32],
             ..BOUND
@@ -1495,7 +1506,8 @@ mod tests {
             // Charged, not yet released: no audit entry yet.
             s.charge(&QueryId([3; 16]), "alice", "t", &[0; 32], "[]", 300, 1000, 30, 100)
                 .unwrap();
-            s.charge_cardinality(&[9; 16], "all", 500_000, 1_000_000, 30).unwrap();
+            s.charge_cardinality(&cleanroom_wire::SessionId([9; 16]), "all", 500_000, 1_000_000, 30)
+                .unwrap();
         }
         let file = dir.path().join("state.db");
         for (edit, ok) in [
@@ -1540,20 +1552,30 @@ mod tests {
     fn cardinality_budget_and_joins() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
-        s.charge_cardinality(&[1; 16], "all", 500_000, 1_000_000, 30).unwrap();
-        s.charge_cardinality(&[2; 16], "all", 500_000, 1_000_000, 30).unwrap();
+        s.charge_cardinality(&cleanroom_wire::SessionId([1; 16]), "all", 500_000, 1_000_000, 30)
+            .unwrap();
+        s.charge_cardinality(&cleanroom_wire::SessionId([2; 16]), "all", 500_000, 1_000_000, 30)
+            .unwrap();
         assert!(matches!(
-            s.charge_cardinality(&[3; 16], "all", 1, 1_000_000, 30),
+            s.charge_cardinality(&cleanroom_wire::SessionId([3; 16]), "all", 1, 1_000_000, 30),
             Err(NodeError::Refused(_))
         ));
         let v = [9u8; 32];
-        s.put_join(&[1; 16], "all", &v, 3600, b"payload").unwrap();
+        s.put_join(&cleanroom_wire::SessionId([1; 16]), "all", &v, 3600, b"payload")
+            .unwrap();
         assert_eq!(
             s.join_for_filter("all", &v).unwrap(),
-            Some(([1; 16], b"payload".to_vec()))
+            Some((cleanroom_wire::SessionId([1; 16]), b"payload".to_vec()))
         );
-        assert_eq!(s.join_by_session(&[1; 16], &v).unwrap(), Some(b"payload".to_vec()));
-        assert_eq!(s.join_by_session(&[1; 16], &[8; 32]).unwrap(), None);
+        assert_eq!(
+            s.join_by_session(&cleanroom_wire::SessionId([1; 16]), &v).unwrap(),
+            Some(b"payload".to_vec())
+        );
+        assert_eq!(
+            s.join_by_session(&cleanroom_wire::SessionId([1; 16]), &[8; 32])
+                .unwrap(),
+            None
+        );
         assert_eq!(s.expire_joins(&[8; 32]).unwrap(), 1);
         assert_eq!(s.join_for_filter("all", &v).unwrap(), None);
     }

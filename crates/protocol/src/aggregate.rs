@@ -48,7 +48,7 @@ fn digest16(parts: &[&[u8]]) -> SessionId {
     let d = ctx.finish();
     let mut out = [0u8; 16];
     out.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0u8; 16]));
-    out
+    cleanroom_wire::SessionId(out)
 }
 
 fn setup_session_id(
@@ -62,7 +62,7 @@ fn setup_session_id(
 ) -> SessionId {
     digest16(&[
         b"cleanroom-v1-aggregate-setup",
-        join,
+        join.as_ref(),
         &query_id.0,
         plan,
         &group.to_le_bytes(),
@@ -73,7 +73,7 @@ fn setup_session_id(
 }
 
 fn final_session_id(setup: &SessionId, holder_nonce: &Nonce) -> SessionId {
-    digest16(&[b"cleanroom-v1-aggregate", setup, holder_nonce])
+    digest16(&[b"cleanroom-v1-aggregate", setup.as_ref(), holder_nonce])
 }
 
 fn check_width(width: usize) -> Result<(), ProtocolError> {
@@ -289,7 +289,7 @@ impl HolderAggregate {
         rng.fill_bytes(&mut delta_bytes);
         let mut delta = u128::from_le_bytes(delta_bytes);
         delta_bytes.zeroize();
-        let (keys, bs) = base_ot_receive(rng, &session, &setup.base_point, delta)?;
+        let (keys, bs) = base_ot_receive(rng, &session.0, &setup.base_point, delta)?;
         let sender = IknpSender::new(delta, &keys, rows);
         delta.zeroize();
         let mut points = Vec::with_capacity(bs.len() * 32);
@@ -538,7 +538,7 @@ impl MatcherAggregate {
         };
         let session = final_session_id(&self.setup_session, &choices.nonce);
         let bs = split_points(&choices.points)?;
-        let keys = self.base.finish(&session, &bs)?;
+        let keys = self.base.finish(&session.0, &bs)?;
         let receiver = IknpReceiver::new(&keys, self.choices, self.rows)?;
         Ok(MatcherOtRunning {
             session,

@@ -180,7 +180,7 @@ fn join_session_id(offer: &JoinOffer, holder_nonce: &Nonce, n: u64, d_max: u64) 
     let d = ctx.finish();
     let mut sid = [0u8; 16];
     sid.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0u8; 16]));
-    sid
+    cleanroom_wire::SessionId(sid)
 }
 
 fn flatten(points: &[PointBytes]) -> Vec<u8> {

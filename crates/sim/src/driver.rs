@@ -98,7 +98,7 @@ pub fn run_join<RH, RM>(
     matcher: MatcherJoin,
     rng_h: &mut RH,
     rng_m: &mut RM,
-    record_charge: impl FnOnce(&[u8; 16]),
+    record_charge: impl FnOnce(&cleanroom_wire::SessionId),
 ) -> Result<(HolderJoined, MatcherJoined, Traffic), DriverError>
 where
     RH: RngCore + CryptoRng,
@@ -118,7 +118,7 @@ pub fn run_join_over<RH, RM>(
     matcher: MatcherJoin,
     rng_h: &mut RH,
     rng_m: &mut RM,
-    record_charge: impl FnOnce(&[u8; 16]),
+    record_charge: impl FnOnce(&cleanroom_wire::SessionId),
     wire: Wire<'_>,
 ) -> Result<(HolderJoined, MatcherJoined, Traffic), DriverError>
 where

@@ -25,8 +25,17 @@ pub const MAX_COLLABORATION_ID_LEN: usize = 128;
 /// Length of an encoded point.
 pub const POINT_LEN: usize = 32;
 
-/// Identifies one join or one aggregate session; bound to both nodes' nonces.
-pub type SessionId = [u8; 16];
+/// Identifies one join or one aggregate session; bound to both nodes'
+/// nonces. Encoded as its 16 bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionId(pub [u8; 16]);
+
+impl AsRef<[u8]> for SessionId {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// An analyst's query id: chosen by the analyst (random), the same on both
 /// nodes; a retry under it is the same query and costs nothing more.
@@ -66,6 +75,7 @@ macro_rules! hex_debug {
 }
 hex_debug!(QueryId, "QueryId");
 hex_debug!(RunId, "RunId");
+hex_debug!(SessionId, "SessionId");
 /// A fresh random value contributed by one node to a session id.
 pub type Nonce = [u8; 32];
 /// An encoded ristretto255 element.
@@ -897,33 +907,33 @@ mod tests {
                 blocks: vec![600, 400],
             }),
             Message::JoinAccept(JoinAccept {
-                session: s,
+                session: SessionId(s),
                 nonce: [4; 32],
                 holder_set_size: 5,
                 dummy_rows: 62,
             }),
             Message::MatcherKey(MatcherKey {
-                session: s,
+                session: SessionId(s),
                 key: [5; 32],
             }),
             Message::MatcherTokens(PointChunk {
-                session: s,
+                session: SessionId(s),
                 seq: 0,
                 points: vec![9; 64],
             }),
             Message::HolderRows(PointChunk {
-                session: s,
+                session: SessionId(s),
                 seq: 3,
                 points: vec![9; 32],
             }),
             Message::HolderTokens(PointChunk {
-                session: s,
+                session: SessionId(s),
                 seq: 1,
                 points: vec![9; 96],
             }),
             Message::OtSetup(OtSetup {
-                session: s,
-                join_session: [8; 16],
+                session: SessionId(s),
+                join_session: SessionId([8; 16]),
                 query_id: QueryId([9; 16]),
                 nonce: [10; 32],
                 rows: 1062,
@@ -933,22 +943,22 @@ mod tests {
                 base_point: [11; 32],
             }),
             Message::OtChoices(OtChoices {
-                session: s,
+                session: SessionId(s),
                 nonce: [3; 32],
                 points: vec![12; 128 * 32],
             }),
             Message::OtExtend(OtExtend {
-                session: s,
+                session: SessionId(s),
                 seq: 0,
                 columns: vec![13; 128 * 16 * 2],
             }),
             Message::MaskedRows(MaskedRows {
-                session: s,
+                session: SessionId(s),
                 seq: 0,
                 words: vec![14; 8 * 33],
             }),
             Message::Abort(Abort {
-                session: s,
+                session: SessionId(s),
                 code: AbortCode::BadMessage,
             }),
             Message::ShareCheck(ShareCheck {
@@ -1004,7 +1014,7 @@ mod tests {
         assert_eq!(Message::decode(&v), Err(WireError::Malformed { kind: "MatcherTokens" }));
         // A point buffer that is not whole points, or empty.
         let bad = Message::HolderRows(PointChunk {
-            session: [0; 16],
+            session: SessionId([0; 16]),
             seq: 0,
             points: vec![1; 33],
         });
@@ -1013,7 +1023,7 @@ mod tests {
             Err(WireError::FieldLength { .. })
         ));
         let bad = Message::HolderRows(PointChunk {
-            session: [0; 16],
+            session: SessionId([0; 16]),
             seq: 0,
             points: vec![],
         });
@@ -1022,7 +1032,7 @@ mod tests {
             Err(WireError::FieldLength { .. })
         ));
         let bad = Message::OtChoices(OtChoices {
-            session: [0; 16],
+            session: SessionId([0; 16]),
             nonce: [0; 32],
             points: vec![1; 127 * 32],
         });
@@ -1049,7 +1059,7 @@ mod tests {
     #[test]
     fn debug_does_not_print_payloads() {
         let m = Message::MatcherTokens(PointChunk {
-            session: [0; 16],
+            session: SessionId([0; 16]),
             seq: 0,
             points: vec![0xab; 64],
         });

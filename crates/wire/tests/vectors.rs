@@ -51,7 +51,7 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "join_accept",
             Message::JoinAccept(JoinAccept {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 nonce: [0x04; 32],
                 holder_set_size: 5,
                 dummy_rows: 62,
@@ -60,14 +60,14 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "matcher_key",
             Message::MatcherKey(MatcherKey {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 key: [0x05; 32],
             }),
         ),
         (
             "matcher_tokens",
             Message::MatcherTokens(PointChunk {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 seq: 0,
                 points: vec![0x09; 64],
             }),
@@ -75,7 +75,7 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "holder_rows",
             Message::HolderRows(PointChunk {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 seq: 3,
                 points: vec![0x0a; 32],
             }),
@@ -83,7 +83,7 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "holder_tokens",
             Message::HolderTokens(PointChunk {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 seq: 1,
                 points: vec![0x0b; 32],
             }),
@@ -91,8 +91,8 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "ot_setup",
             Message::OtSetup(OtSetup {
-                session: s,
-                join_session: [0x08; 16],
+                session: cleanroom_wire::SessionId(s),
+                join_session: cleanroom_wire::SessionId([0x08; 16]),
                 query_id: QueryId([0x09; 16]),
                 nonce: [0x0a; 32],
                 rows: 1062,
@@ -105,7 +105,7 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "ot_choices",
             Message::OtChoices(OtChoices {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 nonce: [0x03; 32],
                 points: vec![0x0c; 128 * 32],
             }),
@@ -113,7 +113,7 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "ot_extend",
             Message::OtExtend(OtExtend {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 seq: 0,
                 columns: vec![0x0d; 128 * 16],
             }),
@@ -121,7 +121,7 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "masked_rows",
             Message::MaskedRows(MaskedRows {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 seq: 4,
                 words: vec![0x0e; 16],
             }),
@@ -129,7 +129,7 @@ fn good() -> Vec<(&'static str, Message)> {
         (
             "abort",
             Message::Abort(Abort {
-                session: s,
+                session: cleanroom_wire::SessionId(s),
                 code: AbortCode::UnknownJoin,
             }),
         ),
@@ -260,7 +260,7 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
         (
             "bad_points_not_whole",
             encode(Message::HolderRows(PointChunk {
-                session: [0; 16],
+                session: cleanroom_wire::SessionId([0; 16]),
                 seq: 0,
                 points: vec![1; 33],
             })),
@@ -268,7 +268,7 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
         (
             "bad_points_empty",
             encode(Message::MatcherTokens(PointChunk {
-                session: [0; 16],
+                session: cleanroom_wire::SessionId([0; 16]),
                 seq: 0,
                 points: vec![],
             })),
@@ -276,7 +276,7 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
         (
             "bad_ot_choices_127",
             encode(Message::OtChoices(OtChoices {
-                session: [0; 16],
+                session: cleanroom_wire::SessionId([0; 16]),
                 nonce: [0; 32],
                 points: vec![1; 127 * 32],
             })),
@@ -284,7 +284,7 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
         (
             "bad_ot_extend_partial",
             encode(Message::OtExtend(OtExtend {
-                session: [0; 16],
+                session: cleanroom_wire::SessionId([0; 16]),
                 seq: 0,
                 columns: vec![1; 100],
             })),
@@ -292,7 +292,7 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
         (
             "bad_masked_rows_partial_word",
             encode(Message::MaskedRows(MaskedRows {
-                session: [0; 16],
+                session: cleanroom_wire::SessionId([0; 16]),
                 seq: 0,
                 words: vec![1; 12],
             })),
