@@ -9,8 +9,9 @@
 //! endian integers, `u32` enum variant indices, `u64` length prefixes), as
 //! a check that does not go through the serializer at all.
 //!
-//! After an intended change of the format (with a new `PROTOCOL_VERSION`),
-//! rewrite the file with
+//! After an intended change of the format (say in the commit whether it
+//! needs a new `PROTOCOL_VERSION`: one that old peers or clients would
+//! misread does), rewrite the file with
 //! `CLEANROOM_WRITE_VECTORS=1 cargo test -p cleanroom-wire --test vectors`
 //! and review its diff.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
