@@ -1984,14 +1984,8 @@ impl Node {
         let t_finish = Instant::now();
         let joined = Arc::new(streaming.finish()?);
         let finish_secs = t_finish.elapsed().as_secs_f64();
-        let (session, n, d, d_max, order) = joined.parts();
-        let mut payload = Vec::with_capacity(24 + d.len() * 8 + order.len() * 4);
-        for x in [n, d_max, d.len() as u64].iter().chain(d) {
-            payload.extend_from_slice(&x.to_le_bytes());
-        }
-        for o in order {
-            payload.extend_from_slice(&o.to_le_bytes());
-        }
+        let session = joined.session();
+        let payload = joined.encode();
         lock(&self.inner.state).put_join(&session, "holder", &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.state).record_inputs("holder-input", &fp, l.join_ttl_secs)?;
         lock(&self.inner.holder_joins).insert(session, joined.clone());
@@ -2028,26 +2022,16 @@ impl Node {
         let Some(payload) = lock(&self.inner.state).join_by_session(session, version)? else {
             return Ok(None);
         };
-        let word = |k: usize| -> Option<u64> {
-            payload
-                .get(k * 8..k * 8 + 8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_le_bytes)
+        // A cached join that does not decode (another encoding version, a
+        // damaged row) is dropped: the platform then joins again.
+        let joined = match HolderJoined::decode(*session, &payload) {
+            Ok(j) => Arc::new(j),
+            Err(e) => {
+                warn!(error = %e, "a cached join does not decode; dropped");
+                lock(&self.inner.state).drop_join(session)?;
+                return Ok(None);
+            }
         };
-        let (Some(n), Some(d_max), Some(g)) = (word(0), word(1), word(2)) else {
-            return Err(NodeError::State("a cached join is truncated".into()));
-        };
-        let g = usize::try_from(g)
-            .unwrap_or(usize::MAX)
-            .min(cleanroom_protocol::join::MAX_BLOCKS);
-        let d: Vec<u64> = (0..g).filter_map(|k| word(3 + k)).collect();
-        let order: Vec<u32> = payload
-            .get(24 + 8 * g..)
-            .unwrap_or(&[])
-            .chunks_exact(4)
-            .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes))
-            .collect();
-        let joined = Arc::new(HolderJoined::from_parts(*session, n, d, d_max, order)?);
         lock(&self.inner.holder_joins).insert(*session, joined.clone());
         Ok(Some(joined))
     }
@@ -2159,11 +2143,15 @@ impl Node {
         let Some((session, payload)) = cached else {
             return Ok(None);
         };
-        let mut words = payload
-            .chunks_exact(4)
-            .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes));
-        let blocks = words.next().unwrap_or(0) as usize;
-        let j = Arc::new(MatcherJoined::from_parts(session, words.collect(), blocks)?);
+        // A cached join that does not decode is dropped, and joined again.
+        let j = match MatcherJoined::decode(session, &payload) {
+            Ok(j) => Arc::new(j),
+            Err(e) => {
+                warn!(error = %e, "a cached join does not decode; dropped");
+                lock(&self.inner.state).drop_join(&session)?;
+                return Ok(None);
+            }
+        };
         lock(&self.inner.matcher_joins).insert(filter.to_string(), j.clone());
         Ok(Some(j))
     }
@@ -2251,11 +2239,7 @@ impl Node {
             .map_err(|_| NodeError::Internal("join task failed"))??;
         let match_secs = t_match.elapsed().as_secs_f64();
         let joined = Arc::new(joined);
-        let mut payload = Vec::with_capacity(4 + joined.rows() * 4);
-        payload.extend_from_slice(&(joined.blocks() as u32).to_le_bytes());
-        for l in joined.labels() {
-            payload.extend_from_slice(&l.to_le_bytes());
-        }
+        let payload = joined.encode();
         lock(&self.inner.state).put_join(&joined.session(), &filter, &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.state).record_inputs(&filter, &fp, l.join_ttl_secs)?;
         lock(&self.inner.matcher_joins).insert(filter, joined.clone());

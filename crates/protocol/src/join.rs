@@ -146,6 +146,10 @@ impl core::fmt::Debug for PaddingSeed {
 /// The most blocks (matcher groups) one join may have.
 pub const MAX_BLOCKS: usize = 4096;
 
+/// The first byte of a cached join's encoding ([`HolderJoined::encode`],
+/// [`MatcherJoined::encode`]); a cached join with another is not used.
+pub const JOIN_CACHE_VERSION: u8 = 1;
+
 fn check_own_ids(ids: &[Vec<u8>]) -> Result<(), ProtocolError> {
     if ids.len() as u64 > MAX_SET_SIZE {
         return Err(ProtocolError::LocalInput {
@@ -704,6 +708,70 @@ impl HolderJoined {
         })
     }
 
+    /// The join as the holder caches it (the session is stored beside it):
+    /// `[JOIN_CACHE_VERSION][n][D_max][blocks][D_b per block][row order]`,
+    /// the counts as `u64` and the order as `u32`, little endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(25 + self.d.len() * 8 + self.order.len() * 4);
+        out.push(JOIN_CACHE_VERSION);
+        for x in [self.n, self.d_max, self.d.len() as u64].iter().chain(&self.d) {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        for o in &self.order {
+            out.extend_from_slice(&o.to_le_bytes());
+        }
+        out
+    }
+
+    /// Strict inverse of [`HolderJoined::encode`].
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for another version, a payload shorter
+    /// or longer than its counts say, more than [`MAX_BLOCKS`] blocks, or
+    /// parts that do not fit together.
+    pub fn decode(session: SessionId, bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let bad = || ProtocolError::LocalInput {
+            reason: "stored holder join does not decode",
+        };
+        let (&version, rest) = bytes.split_first().ok_or_else(bad)?;
+        if version != JOIN_CACHE_VERSION {
+            return Err(bad());
+        }
+        let word = |k: usize| -> Option<u64> {
+            let b = rest.get(k.checked_mul(8)?..k.checked_mul(8)?.checked_add(8)?)?;
+            Some(u64::from_le_bytes(<[u8; 8]>::try_from(b).ok()?))
+        };
+        let (n, d_max, blocks) = (
+            word(0).ok_or_else(bad)?,
+            word(1).ok_or_else(bad)?,
+            word(2).ok_or_else(bad)?,
+        );
+        let blocks = usize::try_from(blocks)
+            .ok()
+            .filter(|b| *b <= MAX_BLOCKS)
+            .ok_or_else(bad)?;
+        let rows = d_max
+            .checked_mul(blocks as u64)
+            .and_then(|x| x.checked_add(n))
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or_else(bad)?;
+        let expected = rows
+            .checked_mul(4)
+            .and_then(|x| x.checked_add(24 + 8 * blocks))
+            .ok_or_else(bad)?;
+        if rest.len() != expected {
+            return Err(bad());
+        }
+        let d: Vec<u64> = (3..3 + blocks).map(word).collect::<Option<_>>().ok_or_else(bad)?;
+        let order: Vec<u32> = rest
+            .get(24 + 8 * blocks..)
+            .ok_or_else(bad)?
+            .chunks_exact(4)
+            .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes))
+            .collect();
+        Self::from_parts(session, n, d, d_max, order)
+    }
+
     /// The parts to store: `(session, n, D_b per block, D_max, row order)`.
     pub fn parts(&self) -> (SessionId, u64, &[u64], u64, &[u32]) {
         (self.session, self.n, &self.d, self.d_max, &self.order)
@@ -1178,6 +1246,58 @@ impl MatcherJoined {
             });
         }
         Ok(Self::from_labels(session, labels, blocks))
+    }
+
+    /// The join as the matcher caches it (the session is stored beside
+    /// it): `[JOIN_CACHE_VERSION][blocks: u32][rows: u64][label per holder
+    /// row: u32]`, little endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(13 + self.labels.len() * 4);
+        out.push(JOIN_CACHE_VERSION);
+        out.extend_from_slice(&(self.blocks() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.labels.len() as u64).to_le_bytes());
+        for l in &self.labels {
+            out.extend_from_slice(&l.to_le_bytes());
+        }
+        out
+    }
+
+    /// Strict inverse of [`MatcherJoined::encode`].
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for another version, a length other
+    /// than its row count says, no blocks or more than [`MAX_BLOCKS`], or a
+    /// label outside the blocks.
+    pub fn decode(session: SessionId, bytes: &[u8]) -> Result<Self, ProtocolError> {
+        let bad = || ProtocolError::LocalInput {
+            reason: "stored matcher join does not decode",
+        };
+        let (&version, rest) = bytes.split_first().ok_or_else(bad)?;
+        if version != JOIN_CACHE_VERSION {
+            return Err(bad());
+        }
+        let blocks = rest
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .and_then(|b| usize::try_from(b).ok())
+            .filter(|b| (1..=MAX_BLOCKS).contains(b))
+            .ok_or_else(bad)?;
+        let rows = rest
+            .get(4..12)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .and_then(|r| usize::try_from(r).ok())
+            .ok_or_else(bad)?;
+        let labels = rest.get(12..).ok_or_else(bad)?;
+        if Some(labels.len()) != rows.checked_mul(4) {
+            return Err(bad());
+        }
+        let labels = labels
+            .chunks_exact(4)
+            .filter_map(|c| <[u8; 4]>::try_from(c).ok().map(u32::from_le_bytes))
+            .collect();
+        Self::from_parts(session, labels, blocks)
     }
 
     /// The join session.
