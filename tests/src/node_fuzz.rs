@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use cleanroom_crypto::normalize::NormalizationRules;
-use cleanroom_lab::demo::{Fixture, truth};
+use cleanroom_lab::demo::Fixture;
 use cleanroom_node::client::Analyst;
 use cleanroom_node::config::NodeConfig;
 use cleanroom_node::server::Node;
@@ -41,6 +41,7 @@ use cleanroom_protocol::aggregate::MatcherAggregate;
 use cleanroom_protocol::join::{JoinParams, MatcherJoin, MatcherJoined, MatcherPolicy, SetSizeLimits};
 use cleanroom_query::Plan;
 use cleanroom_sim::driver::Direction;
+use cleanroom_sim::oracle::truth;
 use cleanroom_transport::{Identity, TransportSettings, client_endpoint, pki, read_frame, write_frame};
 use cleanroom_wire::{
     Abort, AnalystRequest, AnalystResponse, JoinOffer, MAX_MESSAGE_LEN, MatcherKey, Message, OtSetup, PointChunk,

@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cleanroom_lab::demo::{Fixture, demo_queries, truth};
+use cleanroom_lab::demo::{Fixture, demo_queries};
 use cleanroom_node::client::{Analyst, new_query_id};
 use cleanroom_node::server::Node;
 use cleanroom_node::{NodeError, RefusalCode};
+use cleanroom_sim::oracle::truth;
 use cleanroom_tests::analyst_of;
 use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame};
 use cleanroom_wire::{AnalystRequest, AnalystResponse, MAX_MESSAGE_LEN, Message, QueryRequest};

@@ -2,12 +2,11 @@
 //! (no noise): the cells, before noise, equal the plaintext SQL semantics
 //! exactly. The holder's vectors and the matcher's blocks are computed by
 //! the node's own code from the loaded CSV files; the truth is computed
-//! row by row from the synthetic data (`cleanroom_lab::demo::truth`).
+//! row by row from the synthetic data (`cleanroom_sim::oracle::truth`).
 
 mod common;
 
 use cleanroom_crypto::shares::Share;
-use cleanroom_lab::demo::truth;
 use cleanroom_node::config::{CollaborationConfig, DataConfig};
 use cleanroom_node::data::{load_holder, load_matcher, write_synthetic};
 use cleanroom_node::server::{holder_values, matcher_blocks};
@@ -15,6 +14,7 @@ use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
 use cleanroom_protocol::join::{MatcherJoin, MatcherPolicy};
 use cleanroom_query::{Clip, Domains, Template};
 use cleanroom_sim::driver::{run_aggregate, run_join, shared};
+use cleanroom_sim::oracle::truth;
 use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, generate};
 use proptest::prelude::*;
 use rand::SeedableRng;

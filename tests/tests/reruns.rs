@@ -369,7 +369,7 @@ async fn a_bank_that_lost_its_join_is_joined_again_and_answers() {
         .query(template, &params, new_query_id().unwrap(), TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("after the bank lost its join: {e}"));
-    let truth = cleanroom_lab::demo::truth(&fixture.data, &fixture.plan(template, &params).unwrap());
+    let truth = cleanroom_sim::oracle::truth(&fixture.data, &fixture.plan(template, &params).unwrap());
     for (c, t) in r.cells.iter().zip(&truth) {
         assert!((c.value - t).abs() <= 6.0 * c.sigma, "{}: {} vs {t}", c.name, c.value);
     }
@@ -414,7 +414,7 @@ async fn a_cached_join_in_another_encoding_is_dropped_and_joined_again() {
         .query(template, &params, new_query_id().unwrap(), TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("after the cached joins changed encoding: {e}"));
-    let truth = cleanroom_lab::demo::truth(&fixture.data, &fixture.plan(template, &params).unwrap());
+    let truth = cleanroom_sim::oracle::truth(&fixture.data, &fixture.plan(template, &params).unwrap());
     for (c, t) in r.cells.iter().zip(&truth) {
         assert!((c.value - t).abs() <= 6.0 * c.sigma, "{}: {} vs {t}", c.name, c.value);
     }
