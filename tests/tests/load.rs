@@ -455,3 +455,40 @@ async fn an_analyst_over_its_request_rate_is_refused_then_served() {
     platform.shutdown().await;
     bank.shutdown().await;
 }
+
+/// Over its request rate, an analyst cannot hold streams open: a stream
+/// whose request frame does not come ends after the short over-rate wait
+/// (`Timeouts::over_rate_request`, 2 s), not the 30 s request timeout.
+/// (Only a query under a held admission is served over the rate, and its
+/// frame comes at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_over_the_rate_without_its_request_ends_soon() {
+    let (_dir, fixture, bank, platform) = alice_alone("max_requests_per_analyst_per_second = 1\n").await;
+    let cfg = fixture
+        .analyst("alice", bank.local_addr().unwrap(), platform.local_addr().unwrap())
+        .unwrap();
+    let ep = endpoint_of(&cfg);
+    let conn = cleanroom_transport::connect(&ep, bank.local_addr().unwrap(), &pki::node_name("bank"))
+        .await
+        .unwrap();
+    // Spend the burst (2) and then some.
+    for _ in 0..4 {
+        let _ = served_budget(&conn).await;
+    }
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // Half a length prefix: the node sees the stream, never a whole frame.
+    send.write_all(&[8, 0]).await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    let ended = tokio::time::timeout(Duration::from_secs(20), recv.read(&mut buf)).await;
+    let took = t.elapsed();
+    println!(
+        "a stream over the rate without its request ended after {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(ended.is_ok(), "the stream was still open after 20 s");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    conn.close(0u32.into(), b"done");
+    platform.shutdown().await;
+    bank.shutdown().await;
+}

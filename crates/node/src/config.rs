@@ -405,6 +405,9 @@ pub struct Limits {
 pub struct Timeouts {
     /// An analyst's request frame, once the stream is open.
     pub analyst_request: std::time::Duration,
+    /// The same, for an analyst over its request rate (only a query under
+    /// a held admission is served then).
+    pub over_rate_request: std::time::Duration,
     /// The first frame of a peer stream, and a one-frame answer of the
     /// peer (its policy, `ShareHeld`, `OtChoices`).
     pub peer_frame: std::time::Duration,
@@ -440,6 +443,7 @@ impl Default for Timeouts {
         use std::time::Duration;
         Self {
             analyst_request: Duration::from_secs(30),
+            over_rate_request: Duration::from_secs(2),
             peer_frame: Duration::from_secs(30),
             join_accept: Duration::from_secs(60),
             stream_idle: Duration::from_secs(60),

@@ -776,10 +776,19 @@ impl Node {
             let span = info_span!("analyst", name = %analyst);
             tokio::spawn(
                 async move {
+                    // Over the rate, only a query under a held admission is
+                    // served: its frame must come soon, so that streams over
+                    // the rate do not stay open for the whole request timeout.
+                    let t = &node.inner.limits.timeouts;
+                    let wait = if node.rate_left(&analyst) {
+                        t.analyst_request
+                    } else {
+                        t.over_rate_request
+                    };
                     let request =
                         match pump::read_one_limited(
                             &mut recv,
-                            node.inner.limits.timeouts.analyst_request,
+                            wait,
                             pump::MAX_ANALYST_REQUEST,
                         )
                             .await
@@ -892,6 +901,15 @@ impl Node {
     /// Whether `analyst` may send one more request now: a token bucket of
     /// twice `max_requests_per_analyst_per_second`, refilled at that rate.
     fn within_rate(&self, analyst: &str) -> bool {
+        self.rate_token(analyst, true)
+    }
+
+    /// Whether `analyst` has a request token now, without taking it.
+    fn rate_left(&self, analyst: &str) -> bool {
+        self.rate_token(analyst, false)
+    }
+
+    fn rate_token(&self, analyst: &str, take: bool) -> bool {
         let rate = f64::from(self.inner.limits.requests_per_second);
         let burst = 2.0 * rate;
         let now = Instant::now();
@@ -900,7 +918,9 @@ impl Node {
         *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(burst);
         *at = now;
         if *tokens >= 1.0 {
-            *tokens -= 1.0;
+            if take {
+                *tokens -= 1.0;
+            }
             true
         } else {
             false
