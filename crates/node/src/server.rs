@@ -963,21 +963,18 @@ impl Node {
     /// running-query slot) is held for `admission_hold`.
     async fn serve_admit(&self, analyst: &str, q: &QueryRequest) -> AnalystResponse {
         // A repeated admission replaces the earlier one (and frees its slot).
-        drop(lock(&self.inner.admissions).remove(&(analyst.to_string(), q.query_id)));
+        let ended = lock(&self.inner.admissions).remove(&(analyst.to_string(), q.query_id));
+        drop(ended);
         let slot = match self.admit(analyst) {
             Ok(slot) => slot,
             Err(why) => return AnalystResponse::Refused(why),
         };
-        let checked = match self.template(&q.template) {
-            Ok(t) => {
-                let template = t.clone();
-                match self.before_charge(analyst, q, &template).await {
-                    Ok(ready) => self.would_charge(analyst, q, &template, &ready).await,
-                    Err(e) => Err(e),
-                }
-            }
-            Err(e) => Err(e),
-        };
+        let checked = async {
+            let template = self.template(&q.template)?.clone();
+            let ready = self.before_charge(analyst, q, &template).await?;
+            self.would_charge(analyst, q, &template, &ready).await
+        }
+        .await;
         match checked {
             Ok(()) => {
                 let until = Instant::now() + self.inner.limits.admission_hold;
@@ -1058,7 +1055,8 @@ impl Node {
                 }
             }
             AnalystRequest::Cancel(qid) if self.inner.role == Role::Platform => {
-                drop(lock(&self.inner.admissions).remove(&(analyst.to_string(), qid)));
+                let ended = lock(&self.inner.admissions).remove(&(analyst.to_string(), qid));
+                drop(ended);
                 let running = lock(&self.inner.per_query).get(&qid).is_some_and(|(a, _)| a == analyst);
                 if running {
                     lock(&self.inner.cancelled).insert(qid);
@@ -1067,7 +1065,8 @@ impl Node {
                 AnalystResponse::Cancelled(running)
             }
             AnalystRequest::Cancel(qid) => {
-                drop(lock(&self.inner.admissions).remove(&(analyst.to_string(), qid)));
+                let ended = lock(&self.inner.admissions).remove(&(analyst.to_string(), qid));
+                drop(ended);
                 let mut pending = lock(&self.inner.pending);
                 let waiting = pending.get(&qid).is_some_and(|p| p.analyst == analyst && !p.claimed);
                 if waiting {
@@ -1165,28 +1164,7 @@ impl Node {
         from: &Requester,
     ) -> Result<QueryShare, NodeError> {
         let ready = self.before_charge(analyst, q, &template).await?;
-        let charge = {
-            let node = self.clone();
-            let (qid, analyst, name) = (q.query_id, analyst.to_string(), template.name.clone());
-            let rho = template.rho_micro;
-            let (digest, params_json) = (ready.digest, ready.params_json.clone());
-            tokio::task::spawn_blocking(move || {
-                let l = &node.inner.limits;
-                lock(&node.inner.state).charge(
-                    &qid,
-                    &analyst,
-                    &name,
-                    &digest,
-                    &params_json,
-                    rho,
-                    l.rho_per_analyst_micro,
-                    l.period_days,
-                    l.runs_per_day,
-                )
-            })
-            .await
-            .map_err(|_| NodeError::Internal("ledger task failed"))??
-        };
+        let charge = self.ledger(analyst, q, &template, &ready, true).await?;
         let plan = ready.plan;
         // A rerun (this node released its share, the bank lost its own) must
         // be over the join that share came from, on the same data.
@@ -1331,6 +1309,40 @@ impl Node {
         })
     }
 
+    /// The ledger's answer for this query, on a blocking thread: with
+    /// `write`, the charge itself (durable before anything leaves); without,
+    /// what the charge would answer now, writing nothing.
+    async fn ledger(
+        &self,
+        analyst: &str,
+        q: &QueryRequest,
+        template: &Template,
+        ready: &Ready,
+        write: bool,
+    ) -> Result<Charge, NodeError> {
+        let node = self.clone();
+        let (qid, who, name) = (q.query_id, analyst.to_string(), template.name.clone());
+        let rho = template.rho_micro;
+        let (digest, params_json) = (ready.digest, ready.params_json.clone());
+        tokio::task::spawn_blocking(move || {
+            let l = &node.inner.limits;
+            lock(&node.inner.state).charge_or_check(
+                &qid,
+                &who,
+                &name,
+                &digest,
+                &params_json,
+                rho,
+                l.rho_per_analyst_micro,
+                l.period_days,
+                l.runs_per_day,
+                write,
+            )
+        })
+        .await
+        .map_err(|_| NodeError::Internal("ledger task failed"))?
+    }
+
     /// Whether the ledger would charge this query now (or has charged it
     /// already): `Err(Refused)` over the budget or the day's runs, or for
     /// a query id used for another query. Writes nothing.
@@ -1341,27 +1353,7 @@ impl Node {
         template: &Template,
         ready: &Ready,
     ) -> Result<(), NodeError> {
-        let node = self.clone();
-        let (qid, who, name) = (q.query_id, analyst.to_string(), template.name.clone());
-        let rho = template.rho_micro;
-        let (digest, params_json) = (ready.digest, ready.params_json.clone());
-        let charge = tokio::task::spawn_blocking(move || {
-            let l = &node.inner.limits;
-            lock(&node.inner.state).would_charge(
-                &qid,
-                &who,
-                &name,
-                &digest,
-                &params_json,
-                rho,
-                l.rho_per_analyst_micro,
-                l.period_days,
-                l.runs_per_day,
-            )
-        })
-        .await
-        .map_err(|_| NodeError::Internal("ledger task failed"))??;
-        match charge {
+        match self.ledger(analyst, q, template, ready, false).await? {
             Charge::New | Charge::Existing(_) => Ok(()),
             refused => Err(self.charge_refused(&refused, template)),
         }

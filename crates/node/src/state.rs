@@ -519,42 +519,15 @@ impl State {
         )
     }
 
-    /// What [`State::charge`] would answer now, without charging: `New`
-    /// where it would charge. The admission check both nodes make before
-    /// either charges (`AnalystRequest::Admit`); the charge itself checks
-    /// again, in its transaction.
+    /// With `write`, [`State::charge`]. Without, what it would answer now,
+    /// writing nothing: `New` where it would charge. The admission check
+    /// both nodes make before either charges (`AnalystRequest::Admit`); the
+    /// charge itself checks again, in its transaction.
     ///
     /// # Errors
     /// As [`State::charge`].
     #[allow(clippy::too_many_arguments)]
-    pub fn would_charge(
-        &mut self,
-        query_id: &QueryId,
-        analyst: &str,
-        template: &str,
-        plan: &[u8; 32],
-        params: &str,
-        rho_micro: u64,
-        limit_micro: u64,
-        period_days: u32,
-        runs_per_day: u32,
-    ) -> Result<Charge, NodeError> {
-        self.charge_or_check(
-            query_id,
-            analyst,
-            template,
-            plan,
-            params,
-            rho_micro,
-            limit_micro,
-            period_days,
-            runs_per_day,
-            false,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn charge_or_check(
+    pub fn charge_or_check(
         &mut self,
         query_id: &QueryId,
         analyst: &str,
@@ -1216,7 +1189,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = State::open(dir.path()).unwrap();
         let check = |s: &mut State, q: u8, rho: u64| {
-            s.would_charge(&QueryId([q; 16]), "alice", "t", &[0; 32], "[]", rho, 1000, 30, 2)
+            s.charge_or_check(&QueryId([q; 16]), "alice", "t", &[0; 32], "[]", rho, 1000, 30, 2, false)
                 .unwrap()
         };
         assert_eq!(check(&mut s, 1, 600), Charge::New);
@@ -1237,7 +1210,7 @@ mod tests {
             .unwrap();
         assert_eq!(check(&mut s, 3, 0), Charge::TooManyRuns { limit: 2 });
         assert!(matches!(
-            s.would_charge(&QueryId([1; 16]), "bob", "t", &[0; 32], "[]", 1, 1000, 30, 2),
+            s.charge_or_check(&QueryId([1; 16]), "bob", "t", &[0; 32], "[]", 1, 1000, 30, 2, false),
             Err(NodeError::Refused(_))
         ));
         assert_eq!(s.charge_count().unwrap(), 2);
