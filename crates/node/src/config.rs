@@ -398,6 +398,19 @@ pub struct Limits {
     pub timeouts: Timeouts,
 }
 
+impl Limits {
+    /// The waits of the query lifecycle between the nodes
+    /// (`cleanroom_protocol::queries`).
+    pub fn query_timeouts(&self) -> cleanroom_protocol::queries::QueryTimeouts {
+        cleanroom_protocol::queries::QueryTimeouts {
+            query: self.query_timeout,
+            unclaimed_aggregate: self.timeouts.unclaimed_aggregate,
+            refused_aggregate: self.timeouts.refused_aggregate,
+            refusal_remembered: self.timeouts.refusal_remembered,
+        }
+    }
+}
+
 /// Every wait of a node, by name, in one place (the query's own timeout,
 /// `query_timeout_secs`, and the admission hold are configured in
 /// `[limits]`; these are fixed).

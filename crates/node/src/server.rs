@@ -25,6 +25,9 @@ use cleanroom_protocol::join::{
     DEFAULT_CHUNK_POINTS, HolderJoin, HolderJoined, HolderPolicy, JoinParams, MatcherJoin, MatcherJoined,
     MatcherPolicy, SetSizeLimits,
 };
+use cleanroom_protocol::queries::{
+    BankQueries, Batch, Claim, Delivery, PlatformQueries, Register, Registration, Start, run_of,
+};
 use cleanroom_query::policy::SignedPolicy;
 use cleanroom_query::{CellKind, Domains, HolderRow, Plan, Template, format_date, format_micro};
 use cleanroom_transport::{
@@ -78,36 +81,22 @@ impl NodeData {
     }
 }
 
-struct PendingEntry {
+/// Bank: the node's part of a registered query (the registry is
+/// `cleanroom_protocol::queries::BankQueries`): what its batches need, the
+/// batches' time on this side, and where its whole share goes.
+struct BankShell {
     plan: Plan,
     /// The holder's per-customer vectors for this plan, computed once for
     /// all of the query's batches.
     values: Arc<HolderRows>,
-    /// One share per matcher group, with its OT session, filled as the
-    /// platform runs each batch.
-    shares: Vec<Option<(Share, SessionId)>>,
     /// Where the batches' time went on this side, summed.
     stats: pump::PumpStats,
-    started: Instant,
-    tx: Option<oneshot::Sender<Delivered>>,
-    /// Tells this registration from a later one for the same query id.
-    id: u64,
-    /// The analyst who asked.
-    analyst: String,
-    /// Whether the platform has opened a batch for it.
-    claimed: bool,
-    /// The join its batches run over: every batch of one run must use the
-    /// same, and a rerun must use the join of the released share.
-    join: Option<SessionId>,
-    /// Whether `join` was fixed at registration (a rerun's), rather than by
-    /// the first batch that claimed the query.
-    join_fixed: bool,
+    tx: oneshot::Sender<(Delivery, pump::PumpStats)>,
 }
 
-/// A query's whole share on this side, its run, the seconds from acceptance
-/// to the last batch, where the batches' time went, and the join it ran
-/// over; or why it failed.
-type Delivered = Result<(Share, Run, f64, pump::PumpStats, SessionId), String>;
+/// A registration on the bank: its id, its deadline, and where its share
+/// (or why there is none) arrives.
+type Awaiting = (Registration, Instant, oneshot::Receiver<(Delivery, pump::PumpStats)>);
 
 /// Counts per analyst (queries running, connections open).
 type PerAnalyst = Mutex<HashMap<String, u32>>;
@@ -253,97 +242,90 @@ const RETRY_ABOVE: usize = 64;
 /// Handshakes in flight above which new connections are refused.
 const MAX_HANDSHAKES: usize = 1024;
 
-/// Matcher: the analyst running a query id here, and the lock a retry of
-/// the same id waits on.
-type QuerySlot = (String, Arc<tokio::sync::Mutex<()>>);
-
-/// A holder registration: its id and where its share arrives.
-type Registered = (u64, oneshot::Receiver<Delivered>);
-
 /// What an aggregate batch of the platform finds here for its query.
-enum Claim {
-    /// The query, accepted: its plan and the customers' values.
-    Found(Box<Plan>, Arc<HolderRows>),
+enum Claimed {
+    /// The query, accepted: its registration, plan and customers' values.
+    Found(Registration, Box<Plan>, Arc<HolderRows>),
     /// The query, whose other batches (or released share) are over another join.
     OtherJoin,
     /// No such query accepted here in time.
     Unknown,
 }
 
-/// Holder: marks a query as completing (aggregate done, share not yet
-/// stored) until dropped.
-struct Completing {
+/// Bank: a registration of a query, until its share is stored. Dropped
+/// before its share arrived (the request ended: a timeout, its analyst
+/// gone, an error), the registration is dropped and the query id
+/// remembered as refused; after, the query id is no longer busy.
+struct Waiter {
     node: Node,
     qid: QueryId,
-    marked: bool,
+    reg: Registration,
 }
 
-impl Drop for Completing {
+impl Drop for Waiter {
     fn drop(&mut self) {
-        if self.marked {
-            lock(&self.node.inner.completing).remove(&self.qid);
+        let ended = {
+            let mut bank = lock(&self.node.inner.bank);
+            bank.stored(&self.qid, self.reg);
+            bank.expire(&self.qid, self.reg, Instant::now())
+        };
+        drop(ended);
+    }
+}
+
+/// Platform: one attempt of a query id, from its arrival until it ends
+/// (see `PlatformQueries`); the next waiting attempt is woken then.
+struct Attempt {
+    node: Node,
+    qid: QueryId,
+    started: bool,
+}
+
+impl Attempt {
+    fn arrive(node: &Node, qid: QueryId, analyst: &str) -> Self {
+        lock(&node.inner.platform).arrive(qid, analyst);
+        Self {
+            node: node.clone(),
+            qid,
+            started: false,
+        }
+    }
+
+    /// Runs once no earlier attempt of the query id runs; `None` if the
+    /// analyst went away first.
+    async fn start(mut self, from: &Requester) -> Option<Self> {
+        let inner = self.node.inner.clone();
+        loop {
+            let changed = inner.platform_changed.notified();
+            if lock(&inner.platform).start(&self.qid) == Start::Go {
+                self.started = true;
+                return Some(self);
+            }
+            tokio::select! {
+                () = changed => {}
+                () = from.gone() => return None,
+            }
         }
     }
 }
 
-/// Which run of a query's aggregate a share comes from: a digest of its OT
-/// sessions (one per matcher group), which both nodes derive. A query id
-/// run again after a crash has a new run; two shares add up to the result
-/// only when their runs are equal.
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        {
+            let mut platform = lock(&self.node.inner.platform);
+            if self.started {
+                platform.finish(&self.qid);
+            } else {
+                platform.leave(&self.qid);
+            }
+        }
+        self.node.inner.platform_changed.notify_waiters();
+    }
+}
+
+/// Which run of a query's aggregate a share comes from (see
+/// `cleanroom_protocol::queries::run_of`).
 type Run = RunId;
-
-fn run_of<'a>(sessions: impl Iterator<Item = &'a SessionId>) -> Run {
-    let mut ctx = ring::digest::Context::new(&SHA256);
-    ctx.update(b"cleanroom-v1-run");
-    for s in sessions {
-        ctx.update(s.as_ref());
-    }
-    let d = ctx.finish();
-    let mut out = [0u8; 16];
-    out.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0u8; 16]));
-    RunId(out)
-}
-
-impl PendingEntry {
-    /// Records one group's share (or an error); delivers once all are in.
-    fn record(&mut self, group: usize, result: Result<(Share, pump::PumpStats, SessionId), String>) {
-        match result {
-            Ok((share, stats, session)) => {
-                if let Some(slot) = self.shares.get_mut(group) {
-                    *slot = Some((share, session));
-                }
-                self.stats.add(&stats);
-                if self.shares.iter().all(Option::is_some)
-                    && let Some(tx) = self.tx.take()
-                {
-                    let words: Vec<u64> = self
-                        .shares
-                        .iter()
-                        .flatten()
-                        .flat_map(|(s, _)| s.words().to_vec())
-                        .collect();
-                    let run = run_of(self.shares.iter().flatten().map(|(_, session)| session));
-                    let Some(join) = self.join else {
-                        let _ = tx.send(Err("a share without its join".into()));
-                        return;
-                    };
-                    let _ = tx.send(Ok((
-                        Share::from_words(words),
-                        run,
-                        self.started.elapsed().as_secs_f64(),
-                        self.stats,
-                        join,
-                    )));
-                }
-            }
-            Err(e) => {
-                if let Some(tx) = self.tx.take() {
-                    let _ = tx.send(Err(e));
-                }
-            }
-        }
-    }
-}
 
 struct Inner {
     role: Role,
@@ -362,20 +344,17 @@ struct Inner {
     peer_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     holder_joins: Mutex<HashMap<SessionId, Arc<HolderJoined>>>,
     matcher_joins: Mutex<HashMap<String, Arc<MatcherJoined>>>,
-    pending: Mutex<HashMap<QueryId, PendingEntry>>,
-    pending_changed: Notify,
-    pending_ids: std::sync::atomic::AtomicU64,
-    /// Holder: queries whose aggregate is done and whose share is being
-    /// noised and stored (after `pending`, before the ledger has it).
-    completing: Mutex<std::collections::HashSet<QueryId>>,
-    /// Matcher: one request at a time per query id (a retry waits for an
-    /// earlier attempt still running here, then finds its stored share).
-    per_query: Mutex<HashMap<QueryId, QuerySlot>>,
-    /// Matcher: running queries the bank refused (the analyst said so):
-    /// they stop before the join and aggregate rather than hold the queue.
-    cancelled: Mutex<std::collections::HashSet<QueryId>>,
-    /// Holder: query ids it refused in the last two minutes.
-    refused_recently: Mutex<HashMap<QueryId, Instant>>,
+    /// Bank: its query ids between the nodes (registered, running,
+    /// completing, refused lately), and a wake-up when they change.
+    bank: Mutex<BankQueries<BankShell>>,
+    bank_changed: Notify,
+    /// Platform: one attempt at a time per query id (a retry waits for an
+    /// earlier attempt still running here, then finds its stored share),
+    /// and the analyst's cancels; a wake-up when an attempt ends.
+    platform: Mutex<PlatformQueries>,
+    platform_changed: Notify,
+    /// Tells an admission from a later one under the same key.
+    admission_ids: std::sync::atomic::AtomicU64,
     /// Bank: the platform's signed policy arrived (see `wait_peer_policy`).
     peer_policy_known: Notify,
     /// Bank: a join was stored (see `holder_aggregate`).
@@ -460,6 +439,7 @@ impl Node {
     /// Any configuration, data, state or transport error, with a clear message.
     pub async fn start(cfg: NodeConfig, config_path: &std::path::Path) -> Result<Node, NodeError> {
         let limits = cfg.limits(config_path)?;
+        let query_timeouts = limits.query_timeouts();
         let templates = cfg.templates(config_path)?;
         let identity = Identity::load(&cfg.identity.cert, &cfg.identity.key)?;
         let ca = cfg.identity.trust_anchors()?;
@@ -535,13 +515,11 @@ impl Node {
             peer_conn: tokio::sync::Mutex::new(None),
             holder_joins: Mutex::new(HashMap::new()),
             matcher_joins: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-            pending_changed: Notify::new(),
-            pending_ids: std::sync::atomic::AtomicU64::new(0),
-            completing: Mutex::new(std::collections::HashSet::new()),
-            per_query: Mutex::new(HashMap::new()),
-            cancelled: Mutex::new(std::collections::HashSet::new()),
-            refused_recently: Mutex::new(HashMap::new()),
+            bank: Mutex::new(BankQueries::new(query_timeouts)),
+            bank_changed: Notify::new(),
+            platform: Mutex::new(PlatformQueries::default()),
+            platform_changed: Notify::new(),
+            admission_ids: std::sync::atomic::AtomicU64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             admissions: Mutex::new(HashMap::new()),
             peer_policy_known: Notify::new(),
@@ -980,7 +958,7 @@ impl Node {
                 let until = Instant::now() + self.inner.limits.admission_hold;
                 let id = self
                     .inner
-                    .pending_ids
+                    .admission_ids
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let key = (analyst.to_string(), q.query_id);
                 lock(&self.inner.admissions).insert(key.clone(), Held { slot, until, id });
@@ -1057,9 +1035,8 @@ impl Node {
             AnalystRequest::Cancel(qid) if self.inner.role == Role::Platform => {
                 let ended = lock(&self.inner.admissions).remove(&(analyst.to_string(), qid));
                 drop(ended);
-                let running = lock(&self.inner.per_query).get(&qid).is_some_and(|(a, _)| a == analyst);
+                let running = lock(&self.inner.platform).cancel(&qid, analyst);
                 if running {
-                    lock(&self.inner.cancelled).insert(qid);
                     info!(query = %hex(&qid.0), "query cancelled: the bank refused it");
                 }
                 AnalystResponse::Cancelled(running)
@@ -1067,11 +1044,11 @@ impl Node {
             AnalystRequest::Cancel(qid) => {
                 let ended = lock(&self.inner.admissions).remove(&(analyst.to_string(), qid));
                 drop(ended);
-                let mut pending = lock(&self.inner.pending);
-                let waiting = pending.get(&qid).is_some_and(|p| p.analyst == analyst && !p.claimed);
+                // Its waiter ends ("the peer session ended without a result").
+                let dropped = lock(&self.inner.bank).cancel(&qid, analyst, Instant::now());
+                let waiting = dropped.is_some();
+                drop(dropped);
                 if waiting {
-                    // Its waiter ends ("the peer session ended without a result").
-                    pending.remove(&qid);
                     info!(query = %hex(&qid.0), "query cancelled: the platform refused it");
                 }
                 AnalystResponse::Cancelled(waiting)
@@ -1082,8 +1059,8 @@ impl Node {
             }
             AnalystRequest::Query(q) => {
                 let span = info_span!("query", id = %hex(&q.query_id.0), template = %q.template);
-                lock(&self.inner.refused_recently).remove(&q.query_id);
-                self.inner.pending_changed.notify_waiters();
+                lock(&self.inner.bank).request_arrived(&q.query_id);
+                self.inner.bank_changed.notify_waiters();
                 let slot = match self.take_admission(analyst, &q.query_id) {
                     Some(held) => Ok(held),
                     None => self.admit(analyst),
@@ -1122,38 +1099,16 @@ impl Node {
 
     async fn run_query(&self, analyst: &str, q: &QueryRequest, from: &Requester) -> Result<QueryShare, NodeError> {
         let template = self.template(&q.template)?.clone();
-        // Matcher: a retry of a query id still running here (its client
-        // gave up waiting) waits for that attempt, then finds its share.
-        let slot = (self.inner.role == Role::Platform).then(|| {
-            lock(&self.inner.per_query)
-                .entry(q.query_id)
-                .or_insert_with(|| (analyst.to_string(), Arc::new(tokio::sync::Mutex::new(()))))
-                .1
-                .clone()
-        });
-        let out = match &slot {
-            Some(m) => tokio::select! {
-                serial = m.clone().lock_owned() => {
-                    let out = self.run_query_serialised(analyst, q, template, from).await;
-                    drop(serial);
-                    out
-                }
-                () = from.gone() => {
-                    info!("query dropped while waiting for an earlier attempt: its analyst has gone");
-                    Err(analyst_gone())
-                }
-            },
-            None => self.run_query_serialised(analyst, q, template, from).await,
-        };
-        if let Some(m) = slot {
-            let mut map = lock(&self.inner.per_query);
-            // Nobody else holds or waits for it: only the map's and ours.
-            if Arc::strong_count(&m) <= 2 {
-                map.remove(&q.query_id);
-                lock(&self.inner.cancelled).remove(&q.query_id);
-            }
+        if self.inner.role == Role::Bank {
+            return self.run_query_serialised(analyst, q, template, from).await;
         }
-        out
+        // Platform: a retry of a query id still running here (its client
+        // gave up waiting) waits for that attempt, then finds its share.
+        let Some(_attempt) = Attempt::arrive(self, q.query_id, analyst).start(from).await else {
+            info!("query dropped while waiting for an earlier attempt: its analyst has gone");
+            return Err(analyst_gone());
+        };
+        self.run_query_serialised(analyst, q, template, from).await
     }
 
     async fn run_query_serialised(
@@ -1224,16 +1179,19 @@ impl Node {
         let seed = lock(&self.inner.state).noise_seed(&q.query_id)?;
         let noise = draw_noise(&plan, &template, seed);
         let mut timings = Vec::new();
-        let mut completing_guard = None;
+        let mut waiter = None;
         let (share, run, join) = match self.inner.role {
             Role::Platform => {
                 self.matcher_share(&plan, &q.query_id, &mut timings, analyst, from, rerun_over)
                     .await?
             }
             Role::Bank => {
-                let rx = self.holder_register(&plan, &q.query_id, analyst, true, None);
-                let (share, run, completing, join) = self.holder_await(&q.query_id, rx, &mut timings, from).await?;
-                completing_guard = Some(completing);
+                let awaiting = self
+                    .holder_register(&plan, &q.query_id, analyst, None)?
+                    .ok_or(NodeError::Internal("an analyst's registration was kept"))?;
+                let (share, run, registered, join) =
+                    self.holder_await(&q.query_id, awaiting, &mut timings, from).await?;
+                waiter = Some(registered);
                 (share, run, join)
             }
         };
@@ -1255,7 +1213,7 @@ impl Node {
             &binding,
             rerun_over.is_some(),
         )?;
-        drop(completing_guard);
+        drop(waiter);
         info!(
             seconds = started.elapsed().as_secs_f64(),
             release_seconds = t.elapsed().as_secs_f64(),
@@ -1476,7 +1434,7 @@ impl Node {
             ));
         }
         let seed = lock(&self.inner.state).noise_seed(qid)?;
-        let Some(rx) = self.holder_register(&plan, qid, &q.analyst, false, Some(join)) else {
+        let Some(awaiting) = self.holder_register(&plan, qid, &q.analyst, Some(join))? else {
             return Ok(true);
         };
         info!(
@@ -1493,10 +1451,10 @@ impl Node {
                 let noise = draw_noise(&plan, &template, seed);
                 let mut timings = Vec::new();
                 let done = match node
-                    .holder_await(&request.query_id, Some(rx), &mut timings, &Requester::default())
+                    .holder_await(&request.query_id, awaiting, &mut timings, &Requester::default())
                     .await
                 {
-                    Ok((share, run, _completing, join)) => match noise.await {
+                    Ok((share, run, _waiter, join)) => match noise.await {
                         Ok(Ok(noise)) => node
                             .noise_and_store(
                                 share,
@@ -1601,78 +1559,66 @@ impl Node {
 
     // ------------------------------------------------------------ holder
 
-    /// Bank: makes a query the platform's batches can find by query id
-    /// (replacing any earlier entry when `overwrite`, else only if there is
-    /// none). `None` when an entry exists and was kept.
-    /// A rerun passes the join its batches must run over.
+    /// Bank: makes a query the platform's batches can find by query id: an
+    /// analyst's request replaces an earlier registration; a rerun for the
+    /// platform (`rerun_over`, the join its batches must run over) keeps
+    /// one, and is then `None`.
     fn holder_register(
         &self,
         plan: &Plan,
         qid: &QueryId,
         analyst: &str,
-        overwrite: bool,
-        join: Option<SessionId>,
-    ) -> Option<Registered> {
+        rerun_over: Option<SessionId>,
+    ) -> Result<Option<Awaiting>, NodeError> {
         let NodeData::Holder(data) = &self.inner.data else {
-            return None;
+            return Err(NodeError::Internal("holder registration on a matcher"));
         };
-        let id = self
-            .inner
-            .pending_ids
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut pending = lock(&self.inner.pending);
-        if !overwrite && pending.contains_key(qid) {
-            return None;
-        }
-        // A request for it is here now (an earlier attempt dropped as gone
-        // may have marked it refused meanwhile).
-        lock(&self.inner.refused_recently).remove(qid);
         // Each customer's vector is computed as its masked row is produced.
         let values = HolderRows::new(plan, data.clone(), &self.inner.domains.categories);
         let (tx, rx) = oneshot::channel();
-        pending.insert(
-            *qid,
-            PendingEntry {
-                plan: plan.clone(),
-                values: Arc::new(values),
-                shares: vec![None; plan.matcher_groups().len()],
-                stats: pump::PumpStats::default(),
-                started: Instant::now(),
-                tx: Some(tx),
-                id,
-                analyst: analyst.to_string(),
-                claimed: false,
-                join,
-                join_fixed: join.is_some(),
-            },
-        );
-        drop(pending);
-        self.inner.pending_changed.notify_waiters();
-        Some((id, rx))
+        let shell = BankShell {
+            plan: plan.clone(),
+            values: Arc::new(values),
+            stats: pump::PumpStats::default(),
+            tx,
+        };
+        let groups = plan.matcher_groups().len();
+        let registered = lock(&self.inner.bank).register(*qid, analyst, groups, rerun_over, shell, Instant::now());
+        match registered {
+            Register::New(reg, deadline) => {
+                self.inner.bank_changed.notify_waiters();
+                Ok(Some((reg, deadline, rx)))
+            }
+            Register::Kept => Ok(None),
+            Register::Busy => Err(NodeError::refused(
+                RefusalCode::Busy,
+                "this node is still storing this query id's share; ask again shortly with the same id",
+            )),
+        }
     }
 
     /// Bank: this node refused (or dropped) `qid`, so the platform's
     /// aggregate for it, if the platform accepted it, is told so at once
-    /// rather than after a wait (see `wait_pending`). Marks last two minutes.
+    /// rather than after a wait (see `claim_query`).
     fn mark_refused(&self, qid: &QueryId) {
-        let mut refused = lock(&self.inner.refused_recently);
-        let remembered = self.inner.limits.timeouts.refusal_remembered;
-        refused.retain(|_, at| at.elapsed() < remembered);
-        refused.insert(*qid, Instant::now());
+        lock(&self.inner.bank).refused(qid, Instant::now());
     }
 
     /// Bank: waits for the platform's batches of a registered query.
     async fn holder_await(
         &self,
         qid: &QueryId,
-        registered: Option<Registered>,
+        (reg, deadline, mut rx): Awaiting,
         timings: &mut Vec<(String, f64)>,
         from: &Requester,
-    ) -> Result<(Share, Run, Completing, SessionId), NodeError> {
-        let Some((id, mut rx)) = registered else {
-            return Err(NodeError::Internal("holder share on a matcher"));
+    ) -> Result<(Share, Run, Waiter, SessionId), NodeError> {
+        // Dropped on every way out but a share: the registration ends.
+        let waiter = Waiter {
+            node: self.clone(),
+            qid: *qid,
+            reg,
         };
-        let deadline = tokio::time::sleep(self.inner.limits.query_timeout);
+        let deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
         tokio::pin!(deadline);
         let gone = from.gone();
         tokio::pin!(gone);
@@ -1684,41 +1630,23 @@ impl Node {
                 () = &mut deadline => break None,
                 () = &mut gone, if !gone_seen => {
                     gone_seen = true;
-                    let mut pending = lock(&self.inner.pending);
                     // Not started by the platform yet: drop it. Started: the
                     // batches are running, so finish and store the share.
-                    if pending.get(qid).is_some_and(|p| p.id == id && !p.claimed) {
-                        pending.remove(qid);
-                        drop(pending);
-                        self.mark_refused(qid);
+                    let dropped = lock(&self.inner.bank).analyst_gone(qid, reg, Instant::now());
+                    if dropped.is_some() {
+                        drop(dropped);
                         info!("query dropped while waiting for the platform node: its analyst has gone");
                         return Err(analyst_gone());
                     }
                 }
             }
         };
-        // Marked completing until the caller has stored the share.
-        let completing = Completing {
-            node: self.clone(),
-            qid: *qid,
-            marked: matches!(out, Some(Ok(Ok(_)))),
-        };
-        if completing.marked {
-            lock(&self.inner.completing).insert(*qid);
-        }
-        {
-            // Only this registration's entry: a retry may have replaced it.
-            let mut pending = lock(&self.inner.pending);
-            if pending.get(qid).is_some_and(|p| p.id == id) {
-                pending.remove(qid);
-            }
-        }
         match out {
-            Some(Ok(Ok((share, run, secs, stats, join)))) => {
+            Some(Ok((Ok(whole), stats))) => {
                 timings.extend([
                     // From accepting the query to the last batch: includes
                     // any join the platform runs first.
-                    ("join and aggregate".to_string(), secs),
+                    ("join and aggregate".to_string(), whole.elapsed.as_secs_f64()),
                     (
                         "aggregate: masking rows (row values + PRG)".to_string(),
                         stats.peer.as_secs_f64(),
@@ -1728,9 +1656,9 @@ impl Node {
                         (stats.wait_in + stats.wait_out).as_secs_f64(),
                     ),
                 ]);
-                Ok((share, run, completing, join))
+                Ok((whole.share, whole.run, waiter, whole.join))
             }
-            Some(Ok(Err(e))) => Err(NodeError::Peer(e)),
+            Some(Ok((Err(e), _))) => Err(NodeError::Peer(e)),
             Some(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
             None => Err(NodeError::Peer(format!(
                 "the platform node did not run this query within {} s",
@@ -1771,7 +1699,7 @@ impl Node {
             Message::OtSetup(setup) => {
                 let span = info_span!("aggregate", query = %hex(&setup.query_id.0));
                 async {
-                    let waiting = lock(&self.inner.pending).contains_key(&setup.query_id);
+                    let waiting = lock(&self.inner.bank).is_registered(&setup.query_id);
                     if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id, setup.join_session) {
                         // The operator's log says why; the query stays as it is.
                         warn!(error = %e, "refused to run this query again for the platform");
@@ -1781,21 +1709,21 @@ impl Node {
                     // The platform may go away meanwhile: stop waiting then
                     // (a hostile one must not leave tasks waiting here).
                     let pending = tokio::select! {
-                        p = self.wait_pending(&setup.query_id, setup.join_session) => p,
+                        p = self.claim_query(&setup.query_id, setup.join_session) => p,
                         _ = send.stopped() => {
                             return Err(NodeError::Peer("the platform left before the query arrived here".into()));
                         }
                     };
-                    let (plan, values) = match pending {
-                        Claim::Found(plan, values) => (*plan, values),
-                        Claim::OtherJoin => {
+                    let (reg, plan, values) = match pending {
+                        Claimed::Found(reg, plan, values) => (reg, *plan, values),
+                        Claimed::OtherJoin => {
                             abort(&mut send, setup.session, AbortCode::Refused).await;
                             return Err(NodeError::refused(
                                 RefusalCode::RerunRefused,
                                 "an aggregate batch over another join than the query's other batches or released share",
                             ));
                         }
-                        Claim::Unknown => {
+                        Claimed::Unknown => {
                             abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
                             return Err(NodeError::refused(
                                 RefusalCode::PeerRefused,
@@ -1816,29 +1744,31 @@ impl Node {
                             recv,
                         )
                         .await;
-                    let message = match &result {
-                        Ok(share) => Some(Ok(share.clone())),
+                    let batch = match &result {
+                        Ok((share, _, session)) => Batch::Share(share.clone(), *session),
                         // The platform joins again and retries: not a failure
-                        // of the query. Its batches will name the new join, so
-                        // the one this batch claimed with (which this node does
-                        // not have) is forgotten, unless a batch already ran
-                        // over it or it is a rerun's.
-                        Err(NodeError::UnknownJoin) => {
-                            if let Some(p) = lock(&self.inner.pending).get_mut(&setup.query_id)
-                                && !p.join_fixed
-                                && p.join == Some(setup.join_session)
-                                && p.shares.iter().all(Option::is_none)
-                            {
-                                p.join = None;
-                            }
-                            None
-                        }
-                        Err(e) => Some(Err(e.to_string())),
+                        // of the query (see `BankQueries::batch_done`).
+                        Err(NodeError::UnknownJoin) => Batch::UnknownJoin,
+                        Err(e) => Batch::Failed(e.to_string()),
                     };
-                    if let Some(m) = message
-                        && let Some(p) = lock(&self.inner.pending).get_mut(&setup.query_id)
-                    {
-                        p.record(setup.group as usize, m);
+                    let delivered = {
+                        let mut bank = lock(&self.inner.bank);
+                        if let Ok((_, stats, _)) = &result
+                            && let Some(shell) = bank.shell_mut(&setup.query_id)
+                        {
+                            shell.stats.add(stats);
+                        }
+                        bank.batch_done(
+                            &setup.query_id,
+                            reg,
+                            setup.join_session,
+                            setup.group as usize,
+                            batch,
+                            Instant::now(),
+                        )
+                    };
+                    if let Some((BankShell { tx, stats, .. }, delivery)) = delivered {
+                        let _ = tx.send((delivery, stats));
                     }
                     result.map(|_| ())
                 }
@@ -1849,8 +1779,7 @@ impl Node {
                 // Busy: an aggregate for it is running or its share is being
                 // stored. (A query waiting for the platform is not: the
                 // platform's rerun is what it waits for.)
-                let busy = lock(&self.inner.pending).get(&c.query_id).is_some_and(|p| p.claimed)
-                    || lock(&self.inner.completing).contains(&c.query_id);
+                let busy = lock(&self.inner.bank).busy(&c.query_id);
                 let held = self.holds_share(&c.query_id, &c.run)?;
                 write_one(
                     &mut send,
@@ -1873,33 +1802,26 @@ impl Node {
     }
 
     /// The accepted query an aggregate asks for: the analyst's request may
-    /// reach this node after the platform's aggregate, so wait for it (30 s;
-    /// 2 s for a query id this node refused in the last two minutes, unless
-    /// a new request for it arrives meanwhile).
+    /// reach this node after the platform's aggregate, so wait for it
+    /// (`unclaimed_aggregate`; `refused_aggregate` for a query id this node
+    /// refused within `refusal_remembered`, unless a new request for it
+    /// arrives meanwhile): `BankQueries::claim` says how long.
     /// A batch over `join` claims it; every batch of the query must name the
     /// same join (and a rerun's, the join of the released share).
-    async fn wait_pending(&self, qid: &QueryId, join: SessionId) -> Claim {
-        let started = Instant::now();
+    async fn claim_query(&self, qid: &QueryId, join: SessionId) -> Claimed {
+        let asked = Instant::now();
         loop {
-            let notified = self.inner.pending_changed.notified();
-            if let Some(p) = lock(&self.inner.pending).get_mut(qid) {
-                if p.join.is_some_and(|j| j != join) {
-                    return Claim::OtherJoin;
+            let changed = self.inner.bank_changed.notified();
+            let until = match lock(&self.inner.bank).claim(qid, join, asked, Instant::now()) {
+                Claim::Found(reg, shell) => {
+                    return Claimed::Found(reg, Box::new(shell.plan.clone()), shell.values.clone());
                 }
-                p.join = Some(join);
-                p.claimed = true;
-                return Claim::Found(Box::new(p.plan.clone()), p.values.clone());
-            }
-            let t = &self.inner.limits.timeouts;
-            let patience = if lock(&self.inner.refused_recently).contains_key(qid) {
-                t.refused_aggregate
-            } else {
-                self.inner.limits.query_timeout.min(t.unclaimed_aggregate)
+                Claim::OtherJoin => return Claimed::OtherJoin,
+                Claim::Unknown => return Claimed::Unknown,
+                Claim::Wait(until) => until,
             };
-            let left = (started + patience).saturating_duration_since(Instant::now());
-            if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
-                return Claim::Unknown;
-            }
+            // Past `until`, the registry answers `Unknown`.
+            let _ = tokio::time::timeout_at(tokio::time::Instant::from_std(until), changed).await;
         }
     }
 
@@ -2318,7 +2240,7 @@ impl Node {
                 (total.wait_in + total.wait_out).as_secs_f64(),
             ),
         ];
-        Ok((Share::from_words(words), phases, run_of(sessions.iter())))
+        Ok((Share::from_words(words), phases, run_of(&sessions)))
     }
 
     async fn matcher_share(
@@ -2340,7 +2262,7 @@ impl Node {
                 return Err(analyst_gone());
             }
         };
-        if lock(&self.inner.cancelled).remove(qid) {
+        if lock(&self.inner.platform).take_cancelled(qid) {
             return Err(NodeError::refused(
                 RefusalCode::PeerRefused,
                 "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)",

@@ -3,7 +3,8 @@
 //! The two parties of the clean-room protocol as sans-IO state machines.
 //!
 //! - [`join`]: phase 1, the private join with DP dummy rows and tokens;
-//! - [`aggregate`]: phase 2, the secret-shared aggregate by OT.
+//! - [`aggregate`]: phase 2, the secret-shared aggregate by OT;
+//! - [`queries`]: the query lifecycle around them, per query id and role.
 //!
 //! Bytes and randomness go in, messages come out; nothing here touches a
 //! socket, a file or a clock. Drivers (the in-memory one in `cleanroom-sim`,
@@ -12,6 +13,7 @@
 pub mod aggregate;
 mod error;
 pub mod join;
+pub mod queries;
 mod session;
 
 pub use error::{ProtocolError, abort_reason};
