@@ -49,6 +49,7 @@ use crate::data::{HolderData, MatcherData, load_holder, load_matcher};
 use crate::noise::DrawnNoise;
 use crate::pump::{self, read_one, write_one};
 use crate::state::{AuditEntry, Charge, RunBinding, State, now_secs, period_of};
+use cleanroom_protocol::ledger::{self, AfterCharge, AfterCheck, BankHolds, PeerBatch};
 
 /// A node's input data.
 #[derive(Debug)]
@@ -1121,52 +1122,55 @@ impl Node {
         let ready = self.before_charge(analyst, q, &template).await?;
         let charge = self.ledger(analyst, q, &template, &ready, true).await?;
         let plan = ready.plan;
-        // A rerun (this node released its share, the bank lost its own) must
-        // be over the join that share came from, on the same data.
-        let mut rerun_over: Option<SessionId> = None;
-        match charge {
-            Charge::Existing(Some(stored)) => {
-                let Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) = Message::decode(&stored) else {
-                    return Err(NodeError::State("a stored share does not decode".into()));
-                };
-                // The platform checks that the bank kept its share of the
-                // same run; if the bank stopped before storing it, the two
-                // run the aggregate again (see docs/protocol.md, "Retries").
-                if self.inner.role == Role::Bank || self.bank_holds(&q.query_id, &s.run).await? {
-                    info!("returning the stored share of a retried query id");
-                    s.replayed = true;
-                    return Ok(*s);
-                }
-                let first = lock(&self.inner.state)
-                    .charged_query(&q.query_id)?
-                    .and_then(|c| c.binding)
-                    .ok_or_else(|| {
-                        NodeError::refused(
-                            RefusalCode::RerunRefused,
-                            "this query's share was released before its join was recorded; it cannot be run again",
-                        )
-                    })?;
-                let binding = RunBinding {
-                    join: first.join,
-                    data_version: self.inner.data.version(),
-                };
-                if let Err(e) =
-                    lock(&self.inner.state).may_rerun(&q.query_id, &binding, self.inner.limits.max_reruns_per_query)
-                {
-                    warn!(error = %e, "the bank lost its share of this query's run, and it cannot be run again");
-                    return Err(e);
-                }
-                info!(
-                    "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
-                );
-                rerun_over = Some(first.join);
-            }
+        match &charge {
             refused @ (Charge::OverBudget { .. } | Charge::TooManyRuns { .. }) => {
-                return Err(self.charge_refused(&refused, &template));
+                return Err(self.charge_refused(refused, &template));
             }
             Charge::New => info!(rho = %format_micro(template.rho_micro), "charged"),
             Charge::Existing(None) => info!("query id already charged; computing its share (no new charge)"),
+            Charge::Existing(Some(_)) => {}
         }
+        // What the ledger holds of the query decides the next step (the
+        // rules are `cleanroom_protocol::ledger`'s, tested in
+        // tests/tests/pair.rs with both nodes, crashes and a lossy network).
+        let charged = self.charged(&q.query_id)?;
+        let next = match self.inner.role {
+            Role::Bank => ledger::bank_after_charge(&charged),
+            Role::Platform => ledger::platform_after_charge(&charged),
+        };
+        // A rerun (this node released its share, the bank lost its own) is
+        // over the join that share came from, on the same data.
+        let rerun_over = match next {
+            AfterCharge::Compute => None,
+            AfterCharge::Replay => return self.replay(&q.query_id),
+            AfterCharge::AskBank(run) => {
+                // The platform checks that the bank kept its share of the
+                // same run; if the bank stopped before storing it, the two
+                // run the aggregate again (see docs/protocol.md, "Retries").
+                let answer = self.bank_holds(&q.query_id, &run).await?;
+                let l = &self.inner.limits;
+                match ledger::platform_after_check(&charged, answer, self.inner.data.version(), l.max_reruns_per_query)
+                {
+                    Ok(AfterCheck::Replay) => return self.replay(&q.query_id),
+                    Ok(AfterCheck::Busy) => {
+                        return Err(NodeError::refused(
+                            RefusalCode::Busy,
+                            "the bank node is still finishing this query id; ask again shortly with the same id",
+                        ));
+                    }
+                    Ok(AfterCheck::Rerun(join)) => {
+                        info!(
+                            "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
+                        );
+                        Some(join)
+                    }
+                    Err(why) => {
+                        warn!(error = %why, "the bank lost its share of this query's run, and it cannot be run again");
+                        return Err(NodeError::refused(RefusalCode::RerunRefused, why.to_string()));
+                    }
+                }
+            }
+        };
         // The noise, the audit entry and the share follow the ρ this query id
         // was charged: an operator may have changed the template's ρ since
         // (it is this node's own setting, not part of the signed digest).
@@ -1351,7 +1355,7 @@ impl Node {
     }
 
     /// Platform: whether the bank holds its share of `run` of this query.
-    async fn bank_holds(&self, qid: &QueryId, run: &Run) -> Result<bool, NodeError> {
+    async fn bank_holds(&self, qid: &QueryId, run: &Run) -> Result<BankHolds, NodeError> {
         let conn = self.peer_connection().await.map_err(|e| {
             NodeError::refused(
                 RefusalCode::PeerUnreachable,
@@ -1370,16 +1374,48 @@ impl Node {
         let _ = send.finish();
         let answer = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
         match Message::decode(&answer).map_err(|e| NodeError::Protocol(e.into()))? {
-            Message::ShareHeld(h) if h.query_id == *qid && h.busy && !h.held => Err(NodeError::refused(
-                RefusalCode::Busy,
-                "the bank node is still finishing this query id; ask again shortly with the same id",
-            )),
-            Message::ShareHeld(h) if h.query_id == *qid => Ok(h.held),
+            Message::ShareHeld(h) if h.query_id == *qid => Ok(match (h.held, h.busy) {
+                (true, _) => BankHolds::Held,
+                (false, true) => BankHolds::Busy,
+                (false, false) => BankHolds::NotHeld,
+            }),
             other => Err(NodeError::Peer(format!(
                 "expected the bank's answer about its stored share, got {}",
                 other.kind()
             ))),
         }
+    }
+
+    /// What this node's ledger holds of a charged query, as the rules of
+    /// `cleanroom_protocol::ledger` read it (the stored share's run decoded).
+    fn charged(&self, qid: &QueryId) -> Result<ledger::Charged, NodeError> {
+        let q = lock(&self.inner.state)
+            .charged_query(qid)?
+            .ok_or(NodeError::Internal("a charged query is missing from the ledger"))?;
+        let stored = match q.share.as_deref().map(Message::decode) {
+            None => None,
+            Some(Ok(Message::AnalystResponse(AnalystResponse::Share(s)))) => Some(s.run),
+            Some(_) => return Err(NodeError::State("a stored share does not decode".into())),
+        };
+        Ok(ledger::Charged {
+            stored,
+            binding: q.binding,
+            reruns: q.reruns,
+        })
+    }
+
+    /// The stored share of a retried query id, marked replayed.
+    fn replay(&self, qid: &QueryId) -> Result<QueryShare, NodeError> {
+        let stored = lock(&self.inner.state)
+            .charged_query(qid)?
+            .and_then(|c| c.share)
+            .ok_or(NodeError::Internal("a replayed share is missing from the ledger"))?;
+        let Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) = Message::decode(&stored) else {
+            return Err(NodeError::State("a stored share does not decode".into()));
+        };
+        info!("returning the stored share of a retried query id");
+        s.replayed = true;
+        Ok(*s)
     }
 
     /// Bank: whether this node stored a share of `run` of the query.
@@ -1407,15 +1443,15 @@ impl Node {
         let Some(q) = lock(&self.inner.state).charged_query(qid)? else {
             return Ok(false);
         };
-        if q.share.is_none() {
-            // Charged, not stored: the analyst's request runs it.
-            return Ok(false);
-        }
-        let binding = RunBinding {
-            join,
-            data_version: self.inner.data.version(),
-        };
-        lock(&self.inner.state).may_rerun(qid, &binding, self.inner.limits.max_reruns_per_query)?;
+        let charged = self.charged(qid)?;
+        let l = &self.inner.limits;
+        let binding =
+            match ledger::bank_peer_batch(Some(&charged), join, self.inner.data.version(), l.max_reruns_per_query) {
+                // Charged, not stored: the analyst's request runs it.
+                Ok(PeerBatch::Unregistered) => return Ok(false),
+                Ok(PeerBatch::Rerun(binding)) => binding,
+                Err(why) => return Err(NodeError::refused(RefusalCode::RerunRefused, why.to_string())),
+            };
         let mut template = self.template(&q.template)?.clone();
         // As charged (see `run_query_serialised`).
         template.rho_micro = q.rho_micro;

@@ -60,18 +60,10 @@ pub struct ChargedQuery {
     pub reruns: u32,
 }
 
-/// What a query's released share was computed over: the join session and
-/// this node's data version. A rerun of the query (after the peer lost its
-/// share) must be over the same, so its release differs from the first
-/// only by the other node's mask; the noise, fixed by the seed stored with
-/// the charge, is the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RunBinding {
-    /// The join session the aggregate ran over.
-    pub join: cleanroom_wire::SessionId,
-    /// This node's data version when it ran.
-    pub data_version: [u8; 32],
-}
+/// What a query's released share was computed over (see
+/// `cleanroom_protocol::ledger`, whose rules decide when a query may run
+/// again).
+pub use cleanroom_protocol::ledger::RunBinding;
 
 impl std::fmt::Debug for ChargedQuery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -275,41 +267,16 @@ fn query_in(conn: &Connection, query_id: &QueryId) -> Result<Option<ChargedQuery
 }
 
 /// Why a rerun of `q` over `binding` may not replace its released share, if so.
+/// The rerun rules (`cleanroom_protocol::ledger::check_rerun`) on a
+/// charged query as stored (its share opaque).
 fn check_rerun(q: &ChargedQuery, binding: &RunBinding, max_reruns: u32) -> Result<(), NodeError> {
-    if q.share.is_none() {
-        return Err(NodeError::refused(
-            cleanroom_wire::RefusalCode::RerunRefused,
-            "this query has no released share to run again",
-        ));
-    }
-    let Some(first) = q.binding else {
-        return Err(NodeError::refused(
-            cleanroom_wire::RefusalCode::RerunRefused,
-            "this query's share was released before its join was recorded; it cannot be run again",
-        ));
+    let record = cleanroom_protocol::ledger::RerunRecord {
+        released: q.share.is_some(),
+        binding: q.binding,
+        reruns: q.reruns,
     };
-    if first.data_version != binding.data_version {
-        return Err(NodeError::refused(
-            cleanroom_wire::RefusalCode::RerunRefused,
-            "this node's data changed since the query's share was released; it cannot be run again",
-        ));
-    }
-    if first.join != binding.join {
-        return Err(NodeError::refused(
-            cleanroom_wire::RefusalCode::RerunRefused,
-            "a rerun must be over the join the query's share was released from; this is another join",
-        ));
-    }
-    if q.reruns >= max_reruns {
-        return Err(NodeError::refused(
-            cleanroom_wire::RefusalCode::RerunRefused,
-            format!(
-                "this query was already run again {} times (limits.max_reruns_per_query is {max_reruns})",
-                q.reruns
-            ),
-        ));
-    }
-    Ok(())
+    cleanroom_protocol::ledger::check_rerun(&record, binding, max_reruns)
+        .map_err(|why| NodeError::refused(cleanroom_wire::RefusalCode::RerunRefused, why.to_string()))
 }
 
 impl State {

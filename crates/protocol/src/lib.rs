@@ -4,7 +4,8 @@
 //!
 //! - [`join`]: phase 1, the private join with DP dummy rows and tokens;
 //! - [`aggregate`]: phase 2, the secret-shared aggregate by OT;
-//! - [`queries`]: the query lifecycle around them, per query id and role.
+//! - [`queries`]: the query lifecycle around them, per query id and role;
+//! - [`ledger`]: what a charged query may do next (replay, rerun, compute).
 //!
 //! Bytes and randomness go in, messages come out; nothing here touches a
 //! socket, a file or a clock. Drivers (the in-memory one in `cleanroom-sim`,
@@ -13,6 +14,7 @@
 pub mod aggregate;
 mod error;
 pub mod join;
+pub mod ledger;
 pub mod queries;
 mod session;
 
