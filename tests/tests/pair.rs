@@ -7,7 +7,7 @@
 //! either node crashing (losing everything but its ledger and its joins)
 //! at any step.
 //!
-//! The shell here does what the node's shell does (`crates/node/src/server.rs`):
+//! The shell here does what the node's shell does (`crates/node/src/server/`):
 //! charge, then ask the machines what next; register, claim, record
 //! batches; store before release. Shares are modelled as numbers with the
 //! algebra of the real ones: the bank's share of a batch is the true value

@@ -1,0 +1,601 @@
+//! The bank (holder): the platform's streams (policy, join, aggregate
+//! batches, share checks), the registration an analyst's request makes in
+//! `BankQueries` and the wait for its batches, and the rerun for a
+//! platform that lost its share.
+
+use super::*;
+
+impl Node {
+    /// Bank: whether this node stored a share of `run` of the query.
+    pub(super) fn holds_share(&self, qid: &QueryId, run: &Run) -> Result<bool, NodeError> {
+        let stored = lock(&self.inner.state).charged_query(qid)?.and_then(|q| q.share);
+        Ok(match stored.as_deref().map(Message::decode) {
+            Some(Ok(Message::AnalystResponse(AnalystResponse::Share(s)))) => s.run == *run,
+            _ => false,
+        })
+    }
+
+    /// Bank: the platform opened an aggregate for a query id this node has
+    /// already answered (stored a share of) but that no analyst request is
+    /// waiting on: the platform lost its share of that run in a crash, so
+    /// the aggregate runs again and its share replaces the stored one.
+    ///
+    /// Only over the join the stored share came from, on the same data, with
+    /// the same noise (drawn from the seed stored with the charge) and at
+    /// most `max_reruns_per_query` times: the new share differs from the
+    /// old only by the platform's new mask, so a platform that knows its own
+    /// un-noised share of each run learns the same noisy result again and
+    /// nothing more. Returns whether a rerun was started; an error says why
+    /// it may not run again.
+    pub(super) fn rerun_for_peer(&self, qid: &QueryId, join: SessionId) -> Result<bool, NodeError> {
+        let Some(q) = lock(&self.inner.state).charged_query(qid)? else {
+            return Ok(false);
+        };
+        let charged = self.charged(qid)?;
+        let l = &self.inner.limits;
+        let binding =
+            match ledger::bank_peer_batch(Some(&charged), join, self.inner.data.version(), l.max_reruns_per_query) {
+                // Charged, not stored: the analyst's request runs it.
+                Ok(PeerBatch::Unregistered) => return Ok(false),
+                Ok(PeerBatch::Rerun(binding)) => binding,
+                Err(why) => return Err(NodeError::refused(RefusalCode::RerunRefused, why.to_string())),
+            };
+        let mut template = self.template(&q.template)?.clone();
+        // As charged (see `run_query_serialised`).
+        template.rho_micro = q.rho_micro;
+        let params: Vec<(String, String)> = q
+            .params
+            .as_deref()
+            .and_then(|p| serde_json::from_str(p).ok())
+            .ok_or_else(|| NodeError::State("the ledger has no parameters for this query".into()))?;
+        let plan = template
+            .bind(&q.analyst, &params, &self.inner.domains)
+            .map_err(|e| NodeError::refused(RefusalCode::BadParameters, e.to_string()))?;
+        if plan.digest().as_slice() != q.plan.as_slice() {
+            return Err(NodeError::refused(
+                RefusalCode::RerunRefused,
+                "this query's template changed since it ran; it cannot be run again",
+            ));
+        }
+        let seed = lock(&self.inner.state).noise_seed(qid)?;
+        let Some(awaiting) = self.holder_register(&plan, qid, &q.analyst, Some(join))? else {
+            return Ok(true);
+        };
+        info!(
+            "the platform lost its share of this query's run; running the aggregate again over the same join, with the same noise"
+        );
+        let node = self.clone();
+        let request = QueryRequest {
+            query_id: *qid,
+            template: q.template.clone(),
+            params,
+        };
+        tokio::spawn(
+            async move {
+                let noise = draw_noise(&plan, &template, seed);
+                let mut timings = Vec::new();
+                let done = match node
+                    .holder_await(&request.query_id, awaiting, &mut timings, &Requester::default())
+                    .await
+                {
+                    Ok((share, run, _waiter, join)) => match noise.await {
+                        Ok(Ok(noise)) => node
+                            .noise_and_store(
+                                share,
+                                run,
+                                &noise,
+                                &plan,
+                                &template,
+                                &q.analyst,
+                                &request,
+                                timings,
+                                &RunBinding {
+                                    join,
+                                    data_version: binding.data_version,
+                                },
+                                true,
+                            )
+                            .map(|_| ()),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(NodeError::Internal("noise task failed")),
+                    },
+                    Err(e) => Err(e),
+                };
+                match done {
+                    Ok(()) => info!("share of the rerun stored"),
+                    Err(e) => warn!(error = %e, "rerun of a query failed"),
+                }
+            }
+            .instrument(info_span!("rerun", query = %hex(&qid.0))),
+        );
+        Ok(true)
+    }
+
+    /// Bank: makes a query the platform's batches can find by query id: an
+    /// analyst's request replaces an earlier registration; a rerun for the
+    /// platform (`rerun_over`, the join its batches must run over) keeps
+    /// one, and is then `None`.
+    pub(super) fn holder_register(
+        &self,
+        plan: &Plan,
+        qid: &QueryId,
+        analyst: &str,
+        rerun_over: Option<SessionId>,
+    ) -> Result<Option<Awaiting>, NodeError> {
+        let NodeData::Holder(data) = &self.inner.data else {
+            return Err(NodeError::Internal("holder registration on a matcher"));
+        };
+        // Each customer's vector is computed as its masked row is produced.
+        let values = HolderRows::new(plan, data.clone(), &self.inner.domains.categories);
+        let (tx, rx) = oneshot::channel();
+        let shell = BankShell {
+            plan: plan.clone(),
+            values: Arc::new(values),
+            stats: pump::PumpStats::default(),
+            tx,
+        };
+        let groups = plan.matcher_groups().len();
+        let registered = lock(&self.inner.bank).register(*qid, analyst, groups, rerun_over, shell, Instant::now());
+        match registered {
+            Register::New(reg, deadline) => {
+                self.inner.bank_changed.notify_waiters();
+                Ok(Some((reg, deadline, rx)))
+            }
+            Register::Kept => Ok(None),
+            Register::Busy => Err(NodeError::refused(
+                RefusalCode::Busy,
+                "this node is still storing this query id's share; ask again shortly with the same id",
+            )),
+        }
+    }
+
+    /// Bank: this node refused (or dropped) `qid`, so the platform's
+    /// aggregate for it, if the platform accepted it, is told so at once
+    /// rather than after a wait (see `claim_query`).
+    pub(super) fn mark_refused(&self, qid: &QueryId) {
+        lock(&self.inner.bank).refused(qid, Instant::now());
+    }
+
+    /// Bank: waits for the platform's batches of a registered query.
+    pub(super) async fn holder_await(
+        &self,
+        qid: &QueryId,
+        (reg, deadline, mut rx): Awaiting,
+        timings: &mut Vec<(String, f64)>,
+        from: &Requester,
+    ) -> Result<(Share, Run, Waiter, SessionId), NodeError> {
+        // Dropped on every way out but a share: the registration ends.
+        let waiter = Waiter {
+            node: self.clone(),
+            qid: *qid,
+            reg,
+        };
+        let deadline = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+        tokio::pin!(deadline);
+        let gone = from.gone();
+        tokio::pin!(gone);
+        let mut gone_seen = false;
+        // `None`: timed out.
+        let out = loop {
+            tokio::select! {
+                r = &mut rx => break Some(r),
+                () = &mut deadline => break None,
+                () = &mut gone, if !gone_seen => {
+                    gone_seen = true;
+                    // Not started by the platform yet: drop it. Started: the
+                    // batches are running, so finish and store the share.
+                    let dropped = lock(&self.inner.bank).analyst_gone(qid, reg, Instant::now());
+                    if dropped.is_some() {
+                        drop(dropped);
+                        info!("query dropped while waiting for the platform node: its analyst has gone");
+                        return Err(analyst_gone());
+                    }
+                }
+            }
+        };
+        match out {
+            Some(Ok((Ok(whole), stats))) => {
+                timings.extend([
+                    // From accepting the query to the last batch: includes
+                    // any join the platform runs first.
+                    ("join and aggregate".to_string(), whole.elapsed.as_secs_f64()),
+                    (
+                        "aggregate: masking rows (row values + PRG)".to_string(),
+                        stats.peer.as_secs_f64(),
+                    ),
+                    (
+                        "aggregate: waiting for the platform or the network".to_string(),
+                        (stats.wait_in + stats.wait_out).as_secs_f64(),
+                    ),
+                ]);
+                Ok((whole.share, whole.run, waiter, whole.join))
+            }
+            Some(Ok((Err(e), _))) => Err(NodeError::Peer(e)),
+            Some(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
+            None => Err(NodeError::Peer(format!(
+                "the platform node did not run this query within {} s",
+                self.inner.limits.query_timeout.as_secs()
+            ))),
+        }
+    }
+
+    /// Bank: a stream the platform opened, by its first message (policy
+    /// exchange, join, aggregate batch, share check).
+    pub(super) async fn serve_peer_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
+        let NodeData::Holder(data) = &self.inner.data else {
+            return Err(NodeError::Internal("peer stream on a matcher"));
+        };
+        let first = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
+        match Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))? {
+            Message::Policy(p) => {
+                self.peer_policy_from(&p.signed)?;
+                write_one(
+                    &mut send,
+                    &Message::Policy(PolicyMessage {
+                        signed: self.inner.own_policy_json.clone(),
+                    }),
+                )
+                .await?;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                Ok(())
+            }
+            Message::JoinOffer(offer) => {
+                let span = info_span!("join", filter_context = %hex(&offer.context[..8]));
+                self.holder_join(data, &first, offer.context, send, recv)
+                    .instrument(span)
+                    .await
+            }
+            Message::OtSetup(setup) => {
+                let span = info_span!("aggregate", query = %hex(&setup.query_id.0));
+                self.serve_aggregate_batch(data, &setup, &first, send, recv)
+                    .instrument(span)
+                    .await
+            }
+            Message::ShareCheck(c) => self.serve_share_check(&c, send).await,
+            other => Err(NodeError::Peer(format!(
+                "unexpected {} opening a peer stream",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Bank: one aggregate batch of the platform (`OtSetup`): a rerun for a
+    /// platform that lost its share is started if the ledger rules allow
+    /// it, the batch claims its query's registration (waiting for the
+    /// analyst's request if need be), runs, and is recorded.
+    async fn serve_aggregate_batch(
+        &self,
+        data: &HolderData,
+        setup: &cleanroom_wire::OtSetup,
+        first: &[u8],
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
+        let waiting = lock(&self.inner.bank).is_registered(&setup.query_id);
+        if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id, setup.join_session) {
+            // The operator's log says why; the query stays as it is.
+            warn!(error = %e, "refused to run this query again for the platform");
+            abort(&mut send, setup.session, AbortCode::Refused).await;
+            return Err(e);
+        }
+        // The platform may go away meanwhile: stop waiting then
+        // (a hostile one must not leave tasks waiting here).
+        let pending = tokio::select! {
+            p = self.claim_query(&setup.query_id, setup.join_session) => p,
+            _ = send.stopped() => {
+                return Err(NodeError::Peer("the platform left before the query arrived here".into()));
+            }
+        };
+        let (reg, plan, values) = match pending {
+            Claimed::Found(reg, plan, values) => (reg, *plan, values),
+            Claimed::OtherJoin => {
+                abort(&mut send, setup.session, AbortCode::Refused).await;
+                return Err(NodeError::refused(
+                    RefusalCode::RerunRefused,
+                    "an aggregate batch over another join than the query's other batches or released share",
+                ));
+            }
+            Claimed::Unknown => {
+                abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
+                return Err(NodeError::refused(
+                    RefusalCode::PeerRefused,
+                    "aggregate for a query this node has not accepted",
+                ));
+            }
+        };
+        let result = self
+            .holder_aggregate(
+                data,
+                &plan,
+                values,
+                &setup.query_id,
+                setup.join_session,
+                setup.group,
+                first,
+                send,
+                recv,
+            )
+            .await;
+        let batch = match &result {
+            Ok((share, _, session)) => Batch::Share(share.clone(), *session),
+            // The platform joins again and retries: not a failure
+            // of the query (see `BankQueries::batch_done`).
+            Err(NodeError::UnknownJoin) => Batch::UnknownJoin,
+            Err(e) => Batch::Failed(e.to_string()),
+        };
+        let delivered = {
+            let mut bank = lock(&self.inner.bank);
+            if let Ok((_, stats, _)) = &result
+                && let Some(shell) = bank.shell_mut(&setup.query_id)
+            {
+                shell.stats.add(stats);
+            }
+            bank.batch_done(
+                &setup.query_id,
+                reg,
+                setup.join_session,
+                setup.group as usize,
+                batch,
+                Instant::now(),
+            )
+        };
+        if let Some((BankShell { tx, stats, .. }, delivery)) = delivered {
+            let _ = tx.send((delivery, stats));
+        }
+        result.map(|_| ())
+    }
+
+    /// Bank: the platform asks whether this node holds its share of a run.
+    async fn serve_share_check(&self, c: &ShareCheck, mut send: quinn::SendStream) -> Result<(), NodeError> {
+        // Busy: an aggregate for it is running or its share is being
+        // stored. (A query waiting for the platform is not: the
+        // platform's rerun is what it waits for.)
+        let busy = lock(&self.inner.bank).busy(&c.query_id);
+        let held = self.holds_share(&c.query_id, &c.run)?;
+        write_one(
+            &mut send,
+            &Message::ShareHeld(ShareHeld {
+                query_id: c.query_id,
+                held,
+                busy,
+            }),
+        )
+        .await?;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+        Ok(())
+    }
+
+    /// The accepted query an aggregate asks for: the analyst's request may
+    /// reach this node after the platform's aggregate, so wait for it
+    /// (`unclaimed_aggregate`; `refused_aggregate` for a query id this node
+    /// refused within `refusal_remembered`, unless a new request for it
+    /// arrives meanwhile): `BankQueries::claim` says how long.
+    /// A batch over `join` claims it; every batch of the query must name the
+    /// same join (and a rerun's, the join of the released share).
+    pub(super) async fn claim_query(&self, qid: &QueryId, join: SessionId) -> Claimed {
+        let asked = Instant::now();
+        loop {
+            let changed = self.inner.bank_changed.notified();
+            let until = match lock(&self.inner.bank).claim(qid, join, asked, Instant::now()) {
+                Claim::Found(reg, shell) => {
+                    return Claimed::Found(reg, Box::new(shell.plan.clone()), shell.values.clone());
+                }
+                Claim::OtherJoin => return Claimed::OtherJoin,
+                Claim::Unknown => return Claimed::Unknown,
+                Claim::Wait(until) => until,
+            };
+            // Past `until`, the registry answers `Unknown`.
+            let _ = tokio::time::timeout_at(tokio::time::Instant::from_std(until), changed).await;
+        }
+    }
+
+    pub(super) async fn holder_join(
+        &self,
+        data: &HolderData,
+        first: &[u8],
+        context: [u8; 32],
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
+        let l = &self.inner.limits;
+        let cardinality = ShiftedTruncatedLaplace::new(
+            micro_rational(l.cardinality_epsilon_micro).0,
+            micro_rational(l.cardinality_epsilon_micro).1,
+            l.cardinality_delta_inverse,
+        )?;
+        let params = JoinParams {
+            collaboration_id: self.inner.collaboration.clone(),
+            rules_hash: self.inner.rules.hash(),
+            context,
+            chunk_points: DEFAULT_CHUNK_POINTS,
+        };
+        let policy = HolderPolicy {
+            peer_set: SetSizeLimits {
+                min: l.peer_set.0,
+                max: l.peer_set.1,
+            },
+            cardinality,
+        };
+        if (data.ids.len() as u64) < l.min_input_set {
+            abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
+            return Err(NodeError::refused(
+                RefusalCode::InputLimit,
+                format!(
+                    "minimum input limit: the bank has {} customers, below the minimum of {}",
+                    data.ids.len(),
+                    l.min_input_set
+                ),
+            ));
+        }
+        let ids: Vec<&[u8]> = data.ids.iter().map(Vec::as_slice).collect();
+        let fp = crate::state::fingerprints(&self.inner.node_key, &ids);
+        drop(ids);
+        let churn = lock(&self.inner.state).check_churn("holder-input", &fp, l.max_churn_ppm);
+        if let Err(e) = churn {
+            abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
+            return Err(e);
+        }
+        let ids = data.ids.clone();
+        let first = first.to_vec();
+        let pending = tokio::task::spawn_blocking(move || {
+            let mut rng = session_rng()?;
+            let h = HolderJoin::new(params, policy, ids)?;
+            h.on_offer(&first, &mut rng).map_err(NodeError::from)
+        })
+        .await
+        .map_err(|_| NodeError::Internal("join task failed"))?;
+        let pending = match pending {
+            Ok(p) => p,
+            Err(NodeError::Protocol(e)) => {
+                abort(&mut send, cleanroom_wire::SessionId([0; 16]), e.abort_code()).await;
+                return Err(NodeError::Protocol(e));
+            }
+            Err(e) => return Err(e),
+        };
+        let session = pending.session();
+        // The cardinality charge is durable before anything leaves the node.
+        let charged = {
+            let node = self.clone();
+            let eps = l.cardinality_epsilon_micro;
+            tokio::task::spawn_blocking(move || {
+                let l = &node.inner.limits;
+                lock(&node.inner.state).charge_cardinality(
+                    &session,
+                    "join",
+                    eps,
+                    l.cardinality_budget_micro,
+                    l.period_days,
+                )
+            })
+            .await
+            .map_err(|_| NodeError::Internal("ledger task failed"))?
+        };
+        if let Err(e) = charged {
+            abort(&mut send, session, AbortCode::Refused).await;
+            return Err(e);
+        }
+        let (streaming, accept) = pending.charge_recorded();
+        write_one(&mut send, &accept).await?;
+        let t = Instant::now();
+        let idle = l.timeouts.stream_idle;
+        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, idle).await?;
+        let t_finish = Instant::now();
+        let joined = Arc::new(streaming.finish()?);
+        let finish_secs = t_finish.elapsed().as_secs_f64();
+        let session = joined.session();
+        let payload = joined.encode();
+        lock(&self.inner.state).put_join(&session, "holder", &data.version, l.join_ttl_secs, &payload)?;
+        lock(&self.inner.state).record_inputs("holder-input", &fp, l.join_ttl_secs)?;
+        lock(&self.inner.holder_joins).insert(session, joined.clone());
+        self.inner.join_stored.notify_waiters();
+        let secs = t.elapsed().as_secs_f64();
+        *lock(&self.inner.last_join) = vec![
+            ("join".to_string(), secs),
+            (
+                "join: own rows (hash to group + exponentiate)".to_string(),
+                stats.own.as_secs_f64(),
+            ),
+            (
+                "join: platform tokens (decompress + exponentiate)".to_string(),
+                stats.peer.as_secs_f64(),
+            ),
+            (
+                "join: waiting for the platform or the network".to_string(),
+                (stats.wait_in + stats.wait_out).as_secs_f64(),
+            ),
+            ("join: finishing (order, counts)".to_string(), finish_secs),
+        ];
+        info!(rows = joined.rows(), seconds = secs, "join done");
+        Ok(())
+    }
+
+    pub(super) fn holder_join_by_session(
+        &self,
+        session: &SessionId,
+        version: &[u8; 32],
+    ) -> Result<Option<Arc<HolderJoined>>, NodeError> {
+        if let Some(j) = lock(&self.inner.holder_joins).get(session) {
+            return Ok(Some(j.clone()));
+        }
+        let Some(payload) = lock(&self.inner.state).join_by_session(session, version)? else {
+            return Ok(None);
+        };
+        // A cached join that does not decode (another encoding version, a
+        // damaged row) is dropped: the platform then joins again.
+        let joined = match HolderJoined::decode(*session, &payload) {
+            Ok(j) => Arc::new(j),
+            Err(e) => {
+                warn!(error = %e, "a cached join does not decode; dropped");
+                lock(&self.inner.state).drop_join(session)?;
+                return Ok(None);
+            }
+        };
+        lock(&self.inner.holder_joins).insert(*session, joined.clone());
+        Ok(Some(joined))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn holder_aggregate(
+        &self,
+        data: &HolderData,
+        plan: &Plan,
+        values: Arc<HolderRows>,
+        qid: &QueryId,
+        join_session: SessionId,
+        group: u32,
+        first: &[u8],
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(Share, pump::PumpStats, SessionId), NodeError> {
+        let setup_session = match Message::decode(first) {
+            Ok(Message::OtSetup(s)) => s.session,
+            _ => cleanroom_wire::SessionId([0; 16]),
+        };
+        // The platform may open the aggregate the moment it has the join's
+        // last token, before this side has stored the join: wait briefly.
+        let deadline = Instant::now() + self.inner.limits.timeouts.join_stored;
+        let found = loop {
+            // Registered before the check, so a join stored in between wakes it.
+            let stored = self.inner.join_stored.notified();
+            if let Some(j) = self.holder_join_by_session(&join_session, &data.version)? {
+                break Some(j);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, stored).await.is_err() {
+                break None;
+            }
+        };
+        let Some(joined) = found else {
+            abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
+            return Err(NodeError::UnknownJoin);
+        };
+        let (qid, digest, first) = (*qid, plan.digest(), first.to_vec());
+        let started = tokio::task::spawn_blocking(move || {
+            let mut rng = session_rng()?;
+            let agg = HolderAggregate::new(joined, values, qid, digest, group)?;
+            agg.on_setup(&first, &mut rng).map_err(NodeError::from)
+        })
+        .await
+        .map_err(|_| NodeError::Internal("aggregate task failed"))?;
+        let (running, answer) = match started {
+            Ok(x) => x,
+            Err(NodeError::Protocol(e)) => {
+                abort(&mut send, setup_session, e.abort_code()).await;
+                return Err(NodeError::Protocol(e));
+            }
+            Err(e) => return Err(e),
+        };
+        write_one(&mut send, &answer).await?;
+        let _ = &mut recv;
+        let (running, stats) =
+            pump::run_with_stats(running, send, recv, self.inner.limits.timeouts.stream_idle).await?;
+        let session = running.session();
+        Ok((running.finish()?, stats, session))
+    }
+}

@@ -1,0 +1,901 @@
+//! The node: one UDP port, peers and analysts told apart by certificate.
+//!
+//! - The platform (matcher) drives the protocol: for a query it opens a join
+//!   (or reuses a cached one) and an aggregate with the bank.
+//! - The bank (holder) answers joins after charging its cardinality budget,
+//!   and answers an aggregate only for a query an analyst submitted to it
+//!   under the same query id, which it has itself checked and charged.
+//! - Each node adds its own discrete Gaussian noise to its share, stores the
+//!   noisy share with the charge and an audit entry, and only then sends it
+//!   to the analyst. A retried query id gets the stored share back.
+//!
+//! This file has the node's state, its start, the connection loop and the
+//! peer policy exchange; the rest is by side: `analyst` (admission, charge,
+//! release), `bank` (the platform's streams, registrations, reruns),
+//! `platform` (join, aggregate, share check) and `rows` (what each side
+//! brings to a query). The rules they follow are sans-IO, in
+//! `cleanroom_protocol::queries` and `cleanroom_protocol::ledger`.
+
+use cleanroom_wire::{QueryId, RunId};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
+use cleanroom_crypto::normalize::NormalizationRules;
+use cleanroom_crypto::rng::session_rng;
+use cleanroom_crypto::shares::Share;
+use cleanroom_protocol::ProtocolError;
+use cleanroom_protocol::aggregate::{HolderAggregate, MatcherAggregate};
+use cleanroom_protocol::join::{
+    DEFAULT_CHUNK_POINTS, HolderJoin, HolderJoined, HolderPolicy, JoinParams, MatcherJoin, MatcherJoined,
+    MatcherPolicy, SetSizeLimits,
+};
+use cleanroom_protocol::queries::{
+    BankQueries, Batch, Claim, Delivery, PlatformQueries, Register, Registration, Start, run_of,
+};
+use cleanroom_query::policy::SignedPolicy;
+use cleanroom_query::{CellKind, Domains, HolderRow, Plan, Template, format_date, format_micro};
+use cleanroom_transport::{
+    Identity, TransportSettings, certificate_is_for, connect, node_endpoint, peer_certificate, pki,
+};
+use cleanroom_wire::{
+    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, PolicyMessage, QueryRequest, QueryShare,
+    Refusal, RefusalCode, SessionId, ShareCheck, ShareHeld, TemplateInfo,
+};
+use rayon::prelude::*;
+use ring::digest::{SHA256, digest};
+use tokio::sync::{Notify, oneshot};
+use tracing::{Instrument, debug, info, info_span, warn};
+use zeroize::Zeroizing;
+
+use crate::NodeError;
+use crate::config::{Limits, NodeConfig, Role};
+use crate::data::{HolderData, MatcherData, load_holder, load_matcher};
+use crate::noise::DrawnNoise;
+use crate::pump::{self, read_one, write_one};
+use crate::state::{AuditEntry, Charge, RunBinding, State, now_secs, period_of};
+use cleanroom_protocol::ledger::{self, AfterCharge, AfterCheck, BankHolds, PeerBatch};
+
+mod analyst;
+mod bank;
+mod platform;
+mod rows;
+
+pub use rows::{HolderRows, holder_values, matcher_block_indices, matcher_blocks};
+
+/// A node's input data.
+#[derive(Debug)]
+pub enum NodeData {
+    /// The bank's customers.
+    Holder(Arc<HolderData>),
+    /// The platform's users.
+    Matcher(MatcherData),
+}
+
+impl NodeData {
+    fn version(&self) -> [u8; 32] {
+        match self {
+            NodeData::Holder(h) => h.version,
+            NodeData::Matcher(m) => m.version,
+        }
+    }
+
+    /// Distinct identifiers loaded.
+    pub fn len(&self) -> usize {
+        match self {
+            NodeData::Holder(h) => h.ids.len(),
+            NodeData::Matcher(m) => m.ids.len(),
+        }
+    }
+
+    /// Whether no identifier was loaded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bank: the node's part of a registered query (the registry is
+/// `cleanroom_protocol::queries::BankQueries`): what its batches need, the
+/// batches' time on this side, and where its whole share goes.
+struct BankShell {
+    plan: Plan,
+    /// The holder's per-customer vectors for this plan, computed once for
+    /// all of the query's batches.
+    values: Arc<HolderRows>,
+    /// Where the batches' time went on this side, summed.
+    stats: pump::PumpStats,
+    tx: oneshot::Sender<(Delivery, pump::PumpStats)>,
+}
+
+/// A registration on the bank: its id, its deadline, and where its share
+/// (or why there is none) arrives.
+type Awaiting = (Registration, Instant, oneshot::Receiver<(Delivery, pump::PumpStats)>);
+
+/// Counts per analyst (queries running, connections open).
+type PerAnalyst = Mutex<HashMap<String, u32>>;
+
+/// One counted item of an analyst (an admitted query, an open connection),
+/// uncounted when dropped.
+struct Counted {
+    node: Node,
+    analyst: String,
+    counts: fn(&Inner) -> &PerAnalyst,
+}
+
+impl Counted {
+    /// Counts one more for `analyst` unless it already has `each`, or all
+    /// analysts together have `total`; else `Err((analyst's, all))`.
+    fn take(
+        node: &Node,
+        analyst: &str,
+        counts: fn(&Inner) -> &PerAnalyst,
+        each: u32,
+        total: u32,
+    ) -> Result<Self, (u32, u32)> {
+        let mut map = lock(counts(&node.inner));
+        let all: u32 = map.values().sum();
+        let mine = map.get(analyst).copied().unwrap_or(0);
+        if mine >= each || all >= total {
+            return Err((mine, all));
+        }
+        *map.entry(analyst.to_string()).or_insert(0) += 1;
+        Ok(Self {
+            node: node.clone(),
+            analyst: analyst.to_string(),
+            counts,
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut map = lock((self.counts)(&self.node.inner));
+        if let Some(n) = map.get_mut(&self.analyst) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.analyst);
+            }
+        }
+    }
+}
+
+/// What the checks before a charge produce (see `Node::before_charge`).
+struct Ready {
+    plan: Plan,
+    digest: [u8; 32],
+    params_json: String,
+}
+
+/// An analyst's admission for one query id (`AnalystRequest::Admit`): this
+/// node checked everything it would check before charging, and keeps a
+/// running-query slot for the `Query` until `until`.
+struct Held {
+    slot: Counted,
+    until: Instant,
+    /// Tells this admission from a later one under the same key.
+    id: u64,
+}
+
+/// Draws a query's noise on a blocking thread while its protocol runs, so
+/// the time to release the share does not depend on it (see `noise`).
+/// The noise comes from the query's seed, fixed with its charge, so every
+/// run of the query on this node adds the same noise.
+fn draw_noise(
+    plan: &Plan,
+    template: &Template,
+    seed: Zeroizing<[u8; 32]>,
+) -> tokio::task::JoinHandle<Result<DrawnNoise, NodeError>> {
+    let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
+    let cells = plan.width() * plan.matcher_groups().len().max(1);
+    tokio::task::spawn_blocking(move || DrawnNoise::draw(&seed, delta2, rho, cells))
+}
+
+/// The analyst connection a query request came on, to notice that its
+/// analyst has gone (closed it, or stopped answering keep-alives, which
+/// ends it at the idle timeout). A query still waiting (on the platform for
+/// an earlier attempt of its id or for its turn, on the bank for the
+/// platform to start it) is then dropped, which frees its admission slot at
+/// once instead of at `query_timeout`; it stays charged, and a retry under
+/// the same id costs nothing more. Work already started with the other node
+/// (a join, an aggregate's batches) is finished, so the join stays cached
+/// and a retry can pair with it.
+#[derive(Clone, Default)]
+struct Requester(Option<quinn::Connection>);
+
+impl Requester {
+    /// Resolves when the analyst's connection has closed; never for a
+    /// request with no analyst connection (a rerun the platform asked for).
+    async fn gone(&self) {
+        match &self.0 {
+            Some(c) => {
+                c.closed().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// What a query dropped because its analyst went away ends with.
+fn analyst_gone() -> NodeError {
+    NodeError::refused(
+        RefusalCode::Failed,
+        "the analyst's connection closed while the query waited; it stays charged, and a retry under the same id costs nothing more",
+    )
+}
+
+/// Failed handshakes, logged at most once per `REFUSAL_LOG_EVERY` (with how
+/// many there were since), so a flood of junk packets cannot flood the log.
+#[derive(Default)]
+struct RefusalLog {
+    since_last: std::sync::atomic::AtomicU64,
+    last: Mutex<Option<Instant>>,
+}
+
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl RefusalLog {
+    fn note(&self, remote: SocketAddr, e: &quinn::ConnectionError) {
+        let n = self.since_last.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let mut last = lock(&self.last);
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            debug!(%remote, error = %e, "handshake refused");
+            return;
+        }
+        *last = Some(Instant::now());
+        self.since_last.store(0, std::sync::atomic::Ordering::Relaxed);
+        info!(%remote, error = %e, refused_since_last_line = n, "handshake refused");
+    }
+}
+
+/// Connections the peer node may have open here at once.
+const MAX_PEER_CONNECTIONS: u32 = 16;
+
+/// Handshakes in flight above which a client must prove its address first.
+const RETRY_ABOVE: usize = 64;
+/// Handshakes in flight above which new connections are refused.
+const MAX_HANDSHAKES: usize = 1024;
+
+/// What an aggregate batch of the platform finds here for its query.
+enum Claimed {
+    /// The query, accepted: its registration, plan and customers' values.
+    Found(Registration, Box<Plan>, Arc<HolderRows>),
+    /// The query, whose other batches (or released share) are over another join.
+    OtherJoin,
+    /// No such query accepted here in time.
+    Unknown,
+}
+
+/// Bank: a registration of a query, until its share is stored. Dropped
+/// before its share arrived (the request ended: a timeout, its analyst
+/// gone, an error), the registration is dropped and the query id
+/// remembered as refused; after, the query id is no longer busy.
+struct Waiter {
+    node: Node,
+    qid: QueryId,
+    reg: Registration,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let ended = {
+            let mut bank = lock(&self.node.inner.bank);
+            bank.stored(&self.qid, self.reg);
+            bank.expire(&self.qid, self.reg, Instant::now())
+        };
+        drop(ended);
+    }
+}
+
+/// Platform: one attempt of a query id, from its arrival until it ends
+/// (see `PlatformQueries`); the next waiting attempt is woken then.
+struct Attempt {
+    node: Node,
+    qid: QueryId,
+    started: bool,
+}
+
+impl Attempt {
+    fn arrive(node: &Node, qid: QueryId, analyst: &str) -> Self {
+        lock(&node.inner.platform).arrive(qid, analyst);
+        Self {
+            node: node.clone(),
+            qid,
+            started: false,
+        }
+    }
+
+    /// Runs once no earlier attempt of the query id runs; `None` if the
+    /// analyst went away first.
+    async fn start(mut self, from: &Requester) -> Option<Self> {
+        let inner = self.node.inner.clone();
+        loop {
+            let changed = inner.platform_changed.notified();
+            if lock(&inner.platform).start(&self.qid) == Start::Go {
+                self.started = true;
+                return Some(self);
+            }
+            tokio::select! {
+                () = changed => {}
+                () = from.gone() => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        {
+            let mut platform = lock(&self.node.inner.platform);
+            if self.started {
+                platform.finish(&self.qid);
+            } else {
+                platform.leave(&self.qid);
+            }
+        }
+        self.node.inner.platform_changed.notify_waiters();
+    }
+}
+
+/// Which run of a query's aggregate a share comes from (see
+/// `cleanroom_protocol::queries::run_of`).
+type Run = RunId;
+
+struct Inner {
+    role: Role,
+    collaboration: String,
+    rules: NormalizationRules,
+    limits: Limits,
+    templates: Vec<Template>,
+    domains: Domains,
+    data: NodeData,
+    state: Mutex<State>,
+    /// This node's own key (`State::node_key`): keys the churn fingerprints
+    /// and the platform's block padding. Never leaves the node.
+    node_key: Zeroizing<[u8; 32]>,
+    endpoint: quinn::Endpoint,
+    peer_address: Option<SocketAddr>,
+    peer_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    holder_joins: Mutex<HashMap<SessionId, Arc<HolderJoined>>>,
+    matcher_joins: Mutex<HashMap<String, Arc<MatcherJoined>>>,
+    /// Bank: its query ids between the nodes (registered, running,
+    /// completing, refused lately), and a wake-up when they change.
+    bank: Mutex<BankQueries<BankShell>>,
+    bank_changed: Notify,
+    /// Platform: one attempt at a time per query id (a retry waits for an
+    /// earlier attempt still running here, then finds its stored share),
+    /// and the analyst's cancels; a wake-up when an attempt ends.
+    platform: Mutex<PlatformQueries>,
+    platform_changed: Notify,
+    /// Tells an admission from a later one under the same key.
+    admission_ids: std::sync::atomic::AtomicU64,
+    /// Bank: the platform's signed policy arrived (see `wait_peer_policy`).
+    peer_policy_known: Notify,
+    /// Bank: a join was stored (see `holder_aggregate`).
+    join_stored: Notify,
+    /// Queries running per analyst (see [`Node::admit`]).
+    in_flight: PerAnalyst,
+    /// Admissions held for a `Query` to come, by analyst and query id.
+    admissions: Mutex<HashMap<(String, QueryId), Held>>,
+    /// Request tokens per analyst and when they were last refilled
+    /// (`max_requests_per_analyst_per_second`).
+    request_rate: Mutex<HashMap<String, (f64, Instant)>>,
+    /// Connections open per analyst (`max_connections_per_analyst`) and
+    /// of the peer (`MAX_PEER_CONNECTIONS`), by certificate name.
+    connections: PerAnalyst,
+    analysts: Vec<String>,
+    /// This operator's signed policy, and its JSON as shown to the peer.
+    own_policy: SignedPolicy,
+    own_policy_json: Vec<u8>,
+    /// The other operator's policy public key (hex).
+    peer_public_key: String,
+    /// The other operator's verified policy, once the peer has shown it.
+    peer_policy: Mutex<Option<SignedPolicy>>,
+    /// Serialises queries on the matcher (so two queries that need the same
+    /// join do not both run it), round robin between analysts.
+    turns: crate::turns::Turns,
+    /// This node's phases of the last join it ran (for the bench).
+    last_join: Mutex<Vec<(String, f64)>>,
+    /// Request/response exchanges this node has started with the peer
+    /// (offer/accept, setup/answer, and each streamed phase), and how often
+    /// its pipelines stalled waiting for the peer after sending.
+    exchanges: std::sync::atomic::AtomicU64,
+    stalls: std::sync::atomic::AtomicU64,
+    /// Bank: peer streams being served.
+    peer_streams: std::sync::atomic::AtomicUsize,
+}
+
+/// One more of a gauge while alive.
+struct Gauge<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(g: &'a std::sync::atomic::AtomicUsize) -> Self {
+        g.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A running node.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node {{ role: {} }}", self.inner.role.as_str())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `(ε numerator, denominator)` from millionths.
+fn micro_rational(micro: u64) -> (u64, u64) {
+    (micro, 1_000_000)
+}
+
+impl Node {
+    /// Loads the data, opens the state, binds the port and starts serving.
+    ///
+    /// # Errors
+    /// Any configuration, data, state or transport error, with a clear message.
+    pub async fn start(cfg: NodeConfig, config_path: &std::path::Path) -> Result<Node, NodeError> {
+        let limits = cfg.limits(config_path)?;
+        let query_timeouts = limits.query_timeouts();
+        let templates = cfg.templates(config_path)?;
+        let identity = Identity::load(&cfg.identity.cert, &cfg.identity.key)?;
+        let ca = cfg.identity.trust_anchors()?;
+        if let Some(leaf) = identity.leaf()
+            && !certificate_is_for(leaf, &pki::node_name(cfg.role.as_str()))
+        {
+            return Err(NodeError::Config {
+                path: cfg.identity.cert.display().to_string(),
+                what: format!("this certificate is not for {}", pki::node_name(cfg.role.as_str())),
+            });
+        }
+        let data_cfg = cfg.data.clone();
+        let collab = cfg.collaboration.clone();
+        let role = cfg.role;
+        let data = tokio::task::spawn_blocking(move || match role {
+            Role::Bank => load_holder(&data_cfg, &collab).map(|h| NodeData::Holder(Arc::new(h))),
+            Role::Platform => load_matcher(&data_cfg, &collab).map(NodeData::Matcher),
+        })
+        .await
+        .map_err(|_| NodeError::Internal("data loading failed"))??;
+        let report = match &data {
+            NodeData::Holder(h) => &h.report,
+            NodeData::Matcher(m) => &m.report,
+        };
+        info!(
+            rows = report.rows,
+            loaded = report.loaded,
+            distinct_identifiers = data.len(),
+            bad_rows = report.bad_rows(),
+            duplicate_identifiers = report.duplicate_identifiers,
+            mapped_to_other = report.mapped_to_other,
+            "data loaded"
+        );
+        if report.bad_rows() > 0 {
+            warn!(reasons = %report.describe(), "bad rows skipped");
+        }
+        let own_policy = crate::policy::load_verified(&cfg.policy.signed, &cfg.policy.public_key)?;
+        for t in &templates {
+            if !own_policy.approves(t) {
+                warn!(template = %t.name, "template not signed by this operator (or changed since): it will not run; run `cleanroom policy sign`");
+            }
+        }
+        let own_policy_json = std::fs::read(&cfg.policy.signed).map_err(|e| NodeError::Config {
+            path: cfg.policy.signed.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let peer_public_key = std::fs::read_to_string(&cfg.policy.peer_public_key)
+            .map_err(|e| NodeError::Config {
+                path: cfg.policy.peer_public_key.display().to_string(),
+                what: e.to_string(),
+            })?
+            .trim()
+            .to_string();
+        let mut state = State::open(&cfg.state_dir)?;
+        state.expire_joins(&data.version())?;
+        let node_key = state.node_key()?;
+        let endpoint = node_endpoint(cfg.listen, &identity, &ca, &TransportSettings::default())?;
+        let mut analysts: Vec<String> = templates.iter().flat_map(|t| t.analysts.iter().cloned()).collect();
+        analysts.sort();
+        analysts.dedup();
+        let inner = Arc::new(Inner {
+            role,
+            collaboration: cfg.collaboration.id.clone(),
+            rules: NormalizationRules::v1(&cfg.collaboration.default_country_code),
+            limits,
+            templates,
+            domains: cfg.domains(),
+            data,
+            state: Mutex::new(state),
+            node_key,
+            endpoint,
+            peer_address: cfg.peer.address,
+            peer_conn: tokio::sync::Mutex::new(None),
+            holder_joins: Mutex::new(HashMap::new()),
+            matcher_joins: Mutex::new(HashMap::new()),
+            bank: Mutex::new(BankQueries::new(query_timeouts)),
+            bank_changed: Notify::new(),
+            platform: Mutex::new(PlatformQueries::default()),
+            platform_changed: Notify::new(),
+            admission_ids: std::sync::atomic::AtomicU64::new(0),
+            in_flight: Mutex::new(HashMap::new()),
+            admissions: Mutex::new(HashMap::new()),
+            peer_policy_known: Notify::new(),
+            join_stored: Notify::new(),
+            connections: Mutex::new(HashMap::new()),
+            request_rate: Mutex::new(HashMap::new()),
+            analysts,
+            own_policy,
+            own_policy_json,
+            peer_public_key,
+            peer_policy: Mutex::new(None),
+            turns: crate::turns::Turns::default(),
+            last_join: Mutex::new(Vec::new()),
+            exchanges: std::sync::atomic::AtomicU64::new(0),
+            stalls: std::sync::atomic::AtomicU64::new(0),
+            peer_streams: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let node = Node { inner };
+        let accept = node.clone();
+        tokio::spawn(async move { accept.accept_loop().await });
+        if role == Role::Platform {
+            // Connect to the bank early, so both sides have each other's
+            // signed templates before the first query.
+            let eager = node.clone();
+            tokio::spawn(async move {
+                let t = &eager.inner.limits.timeouts;
+                for _ in 0..t.connect_attempts {
+                    match eager.peer_connection().await {
+                        Ok(_) => return,
+                        Err(e) => info!(error = %e, "bank not reachable yet"),
+                    }
+                    tokio::time::sleep(t.connect_retry).await;
+                }
+            });
+        }
+        info!(role = role.as_str(), address = %node.local_addr()?, "node listening");
+        Ok(node)
+    }
+
+    /// The address the node listens on.
+    ///
+    /// # Errors
+    /// An I/O error from the socket.
+    pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
+        self.inner
+            .endpoint
+            .local_addr()
+            .map_err(|e| NodeError::Peer(format!("local address: {e}")))
+    }
+
+    /// Stops accepting, closes connections and waits for them to finish.
+    pub async fn shutdown(&self) {
+        self.inner.endpoint.close(0u32.into(), b"shutdown");
+        tokio::time::timeout(
+            self.inner.limits.timeouts.shutdown_drain,
+            self.inner.endpoint.wait_idle(),
+        )
+        .await
+        .ok();
+    }
+
+    /// Platform: whether a query holds the turn to run its protocol, and
+    /// how many wait for one (see `Turns`).
+    pub fn turns(&self) -> (bool, usize) {
+        self.inner.turns.load()
+    }
+
+    /// Bank: streams of the peer node being served (joins, aggregates,
+    /// share checks, policies).
+    pub fn peer_streams(&self) -> usize {
+        self.inner.peer_streams.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether this node's ledger holds a charge for `qid`.
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn is_charged(&self, qid: &QueryId) -> Result<bool, NodeError> {
+        Ok(lock(&self.inner.state).charged_query(qid)?.is_some())
+    }
+
+    /// Analyst queries admitted and not yet ended here (see `admit`).
+    pub fn queries_in_flight(&self) -> u32 {
+        lock(&self.inner.in_flight).values().sum()
+    }
+
+    /// UDP bytes sent and received on the connection to the peer (the
+    /// platform's side; zero on the bank).
+    pub async fn peer_bytes(&self) -> (u64, u64) {
+        match self.inner.peer_conn.lock().await.as_ref() {
+            Some(c) => {
+                let s = c.stats();
+                (s.udp_tx.bytes, s.udp_rx.bytes)
+            }
+            None => (0, 0),
+        }
+    }
+
+    /// This node's phases of the last join it ran (seconds).
+    pub fn last_join_phases(&self) -> Vec<(String, f64)> {
+        lock(&self.inner.last_join).clone()
+    }
+
+    /// Request/response exchanges this node has started with its peer so far
+    /// (each costs at least one round trip), and how often its pipelines
+    /// stalled waiting for the peer after sending.
+    pub fn exchanges(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.inner.exchanges.load(Relaxed), self.inner.stalls.load(Relaxed))
+    }
+
+    fn count_exchanges(&self, n: u64, stats: &pump::PumpStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.exchanges.fetch_add(n, Relaxed);
+        self.inner.stalls.fetch_add(stats.stalls, Relaxed);
+    }
+
+    /// The bank's normalised identifiers (for benchmarks; empty on the platform).
+    pub fn holder_ids(&self) -> Vec<Vec<u8>> {
+        match &self.inner.data {
+            NodeData::Holder(h) => h.ids.clone(),
+            NodeData::Matcher(_) => Vec::new(),
+        }
+    }
+
+    /// The platform's normalised identifiers (for benchmarks; empty on the bank).
+    pub fn matcher_ids(&self) -> Vec<Vec<u8>> {
+        match &self.inner.data {
+            NodeData::Matcher(m) => m.ids.clone(),
+            NodeData::Holder(_) => Vec::new(),
+        }
+    }
+
+    /// Charges recorded in this node's ledger (for tests and operators).
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn charge_count(&self) -> Result<u64, NodeError> {
+        lock(&self.inner.state).charge_count()
+    }
+
+    /// Accepts connections. Handshakes cost CPU before the peer is known,
+    /// so a flood of them must not starve established sessions: above
+    /// [`RETRY_ABOVE`] handshakes in flight a client must first prove its
+    /// address (a stateless QUIC retry, one round trip), and above
+    /// [`MAX_HANDSHAKES`] new connections are refused outright until some
+    /// finish (or time out with the idle timeout).
+    async fn accept_loop(self) {
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let refusals = Arc::new(RefusalLog::default());
+        while let Some(incoming) = self.inner.endpoint.accept().await {
+            let n = in_flight.load(std::sync::atomic::Ordering::Relaxed);
+            if n >= MAX_HANDSHAKES {
+                incoming.refuse();
+                continue;
+            }
+            if n >= RETRY_ABOVE && !incoming.remote_address_validated() && incoming.may_retry() {
+                let _ = incoming.retry();
+                continue;
+            }
+            in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let node = self.clone();
+            let in_flight = in_flight.clone();
+            let refusals = refusals.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = incoming.await;
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                match conn {
+                    Ok(conn) => node.serve_connection(conn).await,
+                    Err(e) => refusals.note(remote, &e),
+                }
+            });
+        }
+    }
+
+    async fn serve_connection(self, conn: quinn::Connection) {
+        let Some(cert) = peer_certificate(&conn) else {
+            conn.close(2u32.into(), b"certificate required");
+            return;
+        };
+        let peer_name = pki::node_name(self.inner.role.peer().as_str());
+        if certificate_is_for(&cert, &peer_name) {
+            if self.inner.role != Role::Bank {
+                conn.close(3u32.into(), b"this node does not accept peer connections");
+                return;
+            }
+            // The platform needs one; a few more cover its restarts until
+            // the old ones are reset.
+            let Ok(_open) = Counted::take(&self, &peer_name, |i| &i.connections, MAX_PEER_CONNECTIONS, u32::MAX) else {
+                info!(peer = %peer_name, "peer connection closed: {MAX_PEER_CONNECTIONS} already open");
+                conn.close(5u32.into(), b"too many connections from the peer node");
+                return;
+            };
+            info!(peer = %peer_name, "peer connected");
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let _serving = Gauge::up(&node.inner.peer_streams);
+                    if let Err(e) = node.serve_peer_stream(send, recv).await {
+                        warn!(error = %e, "peer session failed");
+                    }
+                });
+            }
+            return;
+        }
+        let analyst = self
+            .inner
+            .analysts
+            .iter()
+            .find(|a| certificate_is_for(&cert, &pki::analyst_name(a)))
+            .cloned();
+        let Some(analyst) = analyst else {
+            info!("connection with an unknown certificate closed");
+            conn.close(4u32.into(), b"certificate not accepted by this node");
+            return;
+        };
+        let each = self.inner.limits.connections_per_analyst;
+        let Ok(_open) = Counted::take(&self, &analyst, |i| &i.connections, each, u32::MAX) else {
+            info!(analyst = %analyst, "connection closed: the analyst has max_connections_per_analyst open");
+            conn.close(
+                5u32.into(),
+                b"too many connections from this analyst (max_connections_per_analyst); close some and retry",
+            );
+            return;
+        };
+        let from = Requester(Some(conn.clone()));
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let node = self.clone();
+            let analyst = analyst.clone();
+            let from = from.clone();
+            let span = info_span!("analyst", name = %analyst);
+            tokio::spawn(
+                async move {
+                    // Over the rate, only a query under a held admission is
+                    // served: its frame must come soon, so that streams over
+                    // the rate do not stay open for the whole request timeout.
+                    let t = &node.inner.limits.timeouts;
+                    let wait = if node.rate_left(&analyst) {
+                        t.analyst_request
+                    } else {
+                        t.over_rate_request
+                    };
+                    let request =
+                        match pump::read_one_limited(
+                            &mut recv,
+                            wait,
+                            pump::MAX_ANALYST_REQUEST,
+                        )
+                            .await
+                        {
+                            Ok(frame) => match Message::decode(&frame) {
+                                Ok(Message::AnalystRequest(req)) => Ok(req),
+                                Ok(_) => Err(AnalystResponse::Refused(Refusal::new(RefusalCode::BadRequest, "expected an analyst request"))),
+                                Err(e) => Err(AnalystResponse::Refused(Refusal::new(RefusalCode::BadRequest, format!("malformed request: {e}")))),
+                            },
+                            Err(e) => {
+                                info!(error = %e, "analyst stream ended");
+                                return;
+                            }
+                        };
+                    // The query of an admission held here passed the rate
+                    // check with its `Admit`: it is not refused after the
+                    // other node may have charged it.
+                    let admitted = matches!(&request, Ok(AnalystRequest::Query(q)) if node.holds_admission(&analyst, &q.query_id));
+                    let response = if !admitted && !node.within_rate(&analyst) {
+                        AnalystResponse::Refused(Refusal::new(
+                            RefusalCode::RateLimited,
+                            format!(
+                                "rate limit: more than {} requests per second from this analyst (max_requests_per_analyst_per_second); slow down",
+                                node.inner.limits.requests_per_second
+                            ),
+                        ))
+                    } else {
+                        match request {
+                            Ok(req) => node.serve_analyst(&analyst, req, &from).await,
+                            Err(refusal) => refusal,
+                        }
+                    };
+                    if write_one(&mut send, &Message::AnalystResponse(response)).await.is_ok() {
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    fn peer_policy_from(&self, signed: &[u8]) -> Result<(), NodeError> {
+        let p = SignedPolicy::from_json(signed).map_err(|e| NodeError::Peer(format!("peer policy: {e}")))?;
+        p.verify(&self.inner.peer_public_key)
+            .map_err(|e| NodeError::Peer(format!("the peer's signed policy: {e}")))?;
+        if p.role != self.inner.role.peer().as_str() || p.collaboration != self.inner.collaboration {
+            return Err(NodeError::Peer(
+                "the peer's signed policy is for another role or collaboration".into(),
+            ));
+        }
+        info!(templates = p.templates.len(), "peer's signed policy verified");
+        *lock(&self.inner.peer_policy) = Some(p);
+        self.inner.peer_policy_known.notify_waiters();
+        Ok(())
+    }
+
+    /// On the bank: the platform shows its policy when it connects; a
+    /// request may arrive a moment before that, so wait up to 5 s.
+    async fn wait_peer_policy(&self) {
+        if self.inner.role != Role::Bank {
+            return;
+        }
+        let deadline = Instant::now() + self.inner.limits.timeouts.peer_policy;
+        loop {
+            // Registered before the check, so a policy set in between wakes it.
+            let known = self.inner.peer_policy_known.notified();
+            if lock(&self.inner.peer_policy).is_some() {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || tokio::time::timeout(left, known).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Why a template may not run, if it may not: both operators must have
+    /// signed its exact text.
+    fn not_runnable(&self, t: &Template) -> Option<String> {
+        let own = self.inner.own_policy.approves(t);
+        let peer = lock(&self.inner.peer_policy).as_ref().map(|p| p.approves(t));
+        let (me, other) = (self.inner.role.as_str(), self.inner.role.peer().as_str());
+        match (own, peer) {
+            (true, Some(true)) => None,
+            (_, None) => Some(format!(
+                "the {other} node has not shown its signed templates to the {me} node yet (it does when the nodes connect); retry shortly"
+            )),
+            (o, Some(p)) => Some(format!(
+                "template {:?} is not approved by both operators with this exact text (signed by {me}: {}, by {other}: {}); both operators must sign it",
+                t.name,
+                if o { "yes" } else { "no" },
+                if p { "yes" } else { "no" }
+            )),
+        }
+    }
+
+    fn template(&self, name: &str) -> Result<&Template, NodeError> {
+        self.inner.templates.iter().find(|t| t.name == name).ok_or_else(|| {
+            NodeError::refused(
+                RefusalCode::UnknownTemplate,
+                format!(
+                    "no template named {name:?} on the {} node; run `cleanroom templates` to list them",
+                    self.inner.role.as_str()
+                ),
+            )
+        })
+    }
+}
+
+async fn abort(send: &mut quinn::SendStream, session: SessionId, code: AbortCode) {
+    let _ = write_one(send, &Message::Abort(Abort { session, code })).await;
+    let _ = send.finish();
+}
+
+/// Groups a customer's counts are kept on the stack for.
+const STACK_GROUPS: usize = 64;

@@ -1,0 +1,327 @@
+//! The platform (matcher): the connection to the bank, the join (or the
+//! cached one) and the aggregate batches of a query, and the share check.
+
+use super::*;
+
+impl Node {
+    /// Platform: whether the bank holds its share of `run` of this query.
+    pub(super) async fn bank_holds(&self, qid: &QueryId, run: &Run) -> Result<BankHolds, NodeError> {
+        let conn = self.peer_connection().await.map_err(|e| {
+            NodeError::refused(
+                RefusalCode::PeerUnreachable,
+                format!("the platform node cannot reach the bank node: {e}"),
+            )
+        })?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        write_one(
+            &mut send,
+            &Message::ShareCheck(ShareCheck {
+                query_id: *qid,
+                run: *run,
+            }),
+        )
+        .await?;
+        let _ = send.finish();
+        let answer = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
+        match Message::decode(&answer).map_err(|e| NodeError::Protocol(e.into()))? {
+            Message::ShareHeld(h) if h.query_id == *qid => Ok(match (h.held, h.busy) {
+                (true, _) => BankHolds::Held,
+                (false, true) => BankHolds::Busy,
+                (false, false) => BankHolds::NotHeld,
+            }),
+            other => Err(NodeError::Peer(format!(
+                "expected the bank's answer about its stored share, got {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    pub(super) async fn peer_connection(&self) -> Result<quinn::Connection, NodeError> {
+        let mut guard = self.inner.peer_conn.lock().await;
+        if let Some(c) = guard.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let addr = self.inner.peer_address.ok_or(NodeError::Internal("no peer address"))?;
+        let peer_name = pki::node_name(self.inner.role.peer().as_str());
+        let conn = connect(&self.inner.endpoint, addr, &peer_name).await?;
+        // Show each other the signed templates first.
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        let mine = Message::Policy(PolicyMessage {
+            signed: self.inner.own_policy_json.clone(),
+        });
+        write_one(&mut send, &mine).await?;
+        let _ = send.finish();
+        let frame = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
+        match Message::decode(&frame) {
+            Ok(Message::Policy(p)) => self.peer_policy_from(&p.signed)?,
+            _ => return Err(NodeError::Peer("the bank did not answer with its signed policy".into())),
+        }
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    pub(super) fn join_context(&self, filter: &str, version: &[u8; 32]) -> [u8; 32] {
+        let mut v = b"cleanroom-join-context-v1\n".to_vec();
+        v.extend_from_slice(filter.as_bytes());
+        v.push(b'\n');
+        v.extend_from_slice(version);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest(&SHA256, &v).as_ref());
+        out
+    }
+
+    /// Platform: the cached join for `filter` on this data version, if any
+    /// (in memory, else from the state file).
+    pub(super) fn cached_matcher_join(
+        &self,
+        filter: &str,
+        version: &[u8; 32],
+    ) -> Result<Option<Arc<MatcherJoined>>, NodeError> {
+        if let Some(j) = lock(&self.inner.matcher_joins).get(filter) {
+            return Ok(Some(j.clone()));
+        }
+        let cached = lock(&self.inner.state).join_for_filter(filter, version)?;
+        let Some((session, payload)) = cached else {
+            return Ok(None);
+        };
+        // A cached join that does not decode is dropped, and joined again.
+        let j = match MatcherJoined::decode(session, &payload) {
+            Ok(j) => Arc::new(j),
+            Err(e) => {
+                warn!(error = %e, "a cached join does not decode; dropped");
+                lock(&self.inner.state).drop_join(&session)?;
+                return Ok(None);
+            }
+        };
+        lock(&self.inner.matcher_joins).insert(filter.to_string(), j.clone());
+        Ok(Some(j))
+    }
+
+    pub(super) async fn matcher_join(
+        &self,
+        data: &MatcherData,
+        plan: &Plan,
+        fresh: bool,
+    ) -> Result<(Arc<MatcherJoined>, Option<Vec<(String, f64)>>), NodeError> {
+        let filter = plan.join_filter();
+        // The minimum input applies to every query, cached join or not
+        // (counted without copying identifiers).
+        let indices = matcher_block_indices(plan, data, &self.inner.domains);
+        let input: usize = indices.iter().map(Vec::len).sum();
+        if (input as u64) < self.inner.limits.min_input_set {
+            return Err(NodeError::refused(
+                RefusalCode::InputLimit,
+                format!(
+                    "minimum input limit: fewer platform users match this query's platform conditions than the minimum of {}; widen the conditions",
+                    self.inner.limits.min_input_set
+                ),
+            ));
+        }
+        if !fresh && let Some(j) = self.cached_matcher_join(&filter, &data.version)? {
+            return Ok((j, None));
+        }
+        let t = Instant::now();
+        let blocks: Vec<Vec<Vec<u8>>> = indices
+            .into_iter()
+            .map(|b| b.into_iter().filter_map(|k| data.ids.get(k).cloned()).collect())
+            .collect();
+        let ids: Vec<&[u8]> = blocks.iter().flatten().map(Vec::as_slice).collect();
+        let fp = crate::state::fingerprints(&self.inner.node_key, &ids);
+        drop(ids);
+        lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
+        let l = &self.inner.limits;
+        let params = JoinParams {
+            collaboration_id: self.inner.collaboration.clone(),
+            rules_hash: self.inner.rules.hash(),
+            context: self.join_context(&filter, &data.version),
+            chunk_points: DEFAULT_CHUNK_POINTS,
+        };
+        let policy = MatcherPolicy {
+            peer_set: SetSizeLimits {
+                min: l.peer_set.0,
+                max: l.peer_set.1,
+            },
+            max_dummy_rows: l.max_dummy_rows,
+            block_padding: Some(ShiftedTruncatedLaplace::new(
+                l.cardinality_epsilon_micro,
+                1_000_000,
+                l.cardinality_delta_inverse,
+            )?),
+        };
+        let conn = self.peer_connection().await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        let mut rng = session_rng()?;
+        // The padding of each block is a function of this node's key and
+        // the join's input (filter, grouping and data version: the join
+        // context), so a re-join of unchanged data shows the bank the same
+        // padded sizes, never a fresh sample to average.
+        let padding = {
+            let key = ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                crate::state::derive(&self.inner.node_key, b"cleanroom-v1-block-padding").as_slice(),
+            );
+            let tag = ring::hmac::sign(&key, &params.context);
+            let mut seed = Zeroizing::new([0u8; 32]);
+            seed.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
+            cleanroom_protocol::join::PaddingSeed::new(seed)
+        };
+        let m = MatcherJoin::grouped(params, policy, blocks)?.with_padding_seed(padding);
+        let (offered, offer) = m.offer(&mut rng)?;
+        write_one(&mut send, &offer).await?;
+        let waits = &self.inner.limits.timeouts;
+        let accept = read_one(&mut recv, waits.join_accept).await?;
+        let streaming = offered.on_accept(&accept)?;
+        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, waits.stream_idle).await?;
+        // Offer/accept, then the streamed tokens and rows.
+        self.count_exchanges(2, &stats);
+        let t_match = Instant::now();
+        let joined = tokio::task::spawn_blocking(move || streaming.finish())
+            .await
+            .map_err(|_| NodeError::Internal("join task failed"))??;
+        let match_secs = t_match.elapsed().as_secs_f64();
+        let joined = Arc::new(joined);
+        let payload = joined.encode();
+        lock(&self.inner.state).put_join(&joined.session(), &filter, &data.version, l.join_ttl_secs, &payload)?;
+        lock(&self.inner.state).record_inputs(&filter, &fp, l.join_ttl_secs)?;
+        lock(&self.inner.matcher_joins).insert(filter, joined.clone());
+        let secs = t.elapsed().as_secs_f64();
+        info!(rows = joined.rows(), seconds = secs, "join done");
+        let phases = vec![
+            ("join".to_string(), secs),
+            (
+                "join: own tokens (hash to group + exponentiate)".to_string(),
+                stats.own.as_secs_f64(),
+            ),
+            (
+                "join: bank rows and tokens (decompress + exponentiate)".to_string(),
+                stats.peer.as_secs_f64(),
+            ),
+            (
+                "join: waiting for the bank or the network".to_string(),
+                (stats.wait_in + stats.wait_out).as_secs_f64(),
+            ),
+            ("join: matching".to_string(), match_secs),
+        ];
+        lock(&self.inner.last_join).clone_from(&phases);
+        Ok((joined, Some(phases)))
+    }
+
+    pub(super) async fn matcher_aggregate(
+        &self,
+        joined: &MatcherJoined,
+        plan: &Plan,
+        qid: &QueryId,
+    ) -> Result<(Share, Vec<(String, f64)>, Run), NodeError> {
+        let conn = self.peer_connection().await?;
+        let t = Instant::now();
+        let mut total = pump::PumpStats::default();
+        let mut words = Vec::with_capacity(plan.width() * joined.blocks());
+        let mut sessions = Vec::with_capacity(joined.blocks());
+        // One OT batch per matcher group: choices e_i AND label_i == g.
+        for g in 0..joined.blocks() as u32 {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+            let mut rng = session_rng()?;
+            let choices = joined.choices_for_block(g);
+            let (waiting, setup) =
+                MatcherAggregate::start(joined, &choices, plan.width(), *qid, plan.digest(), g, &mut rng)?;
+            write_one(&mut send, &setup).await?;
+            // Not dropped when the analyst goes: the bank may be about to
+            // claim this batch for a retry of the same query id (and it
+            // answers within 2 s for an id it refused or dropped).
+            let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
+            let running = waiting.on_choices(&answer)?;
+            let idle = self.inner.limits.timeouts.stream_idle;
+            let (running, stats) = pump::run_with_stats(running, send, recv, idle).await?;
+            // Setup/answer, then the streamed extension and masked rows.
+            self.count_exchanges(2, &stats);
+            total.add(&stats);
+            sessions.push(running.session());
+            words.extend_from_slice(running.finish()?.words());
+        }
+        let phases = vec![
+            ("aggregate".to_string(), t.elapsed().as_secs_f64()),
+            ("aggregate: OT extension".to_string(), total.own.as_secs_f64()),
+            ("aggregate: unmask and sum".to_string(), total.peer.as_secs_f64()),
+            (
+                "aggregate: waiting for the bank or the network".to_string(),
+                (total.wait_in + total.wait_out).as_secs_f64(),
+            ),
+        ];
+        Ok((Share::from_words(words), phases, run_of(&sessions)))
+    }
+
+    pub(super) async fn matcher_share(
+        &self,
+        plan: &Plan,
+        qid: &QueryId,
+        timings: &mut Vec<(String, f64)>,
+        analyst: &str,
+        from: &Requester,
+        rerun_over: Option<SessionId>,
+    ) -> Result<(Share, Run, SessionId), NodeError> {
+        let NodeData::Matcher(data) = &self.inner.data else {
+            return Err(NodeError::Internal("matcher query on a holder"));
+        };
+        let _serial = tokio::select! {
+            s = self.inner.turns.take(analyst) => s,
+            () = from.gone() => {
+                info!("query dropped while waiting for its turn: its analyst has gone");
+                return Err(analyst_gone());
+            }
+        };
+        if lock(&self.inner.platform).take_cancelled(qid) {
+            return Err(NodeError::refused(
+                RefusalCode::PeerRefused,
+                "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)",
+            ));
+        }
+        let other_join = || {
+            warn!("the query's share was released from a join this node no longer has; it cannot be run again");
+            Err(NodeError::refused(
+                RefusalCode::RerunRefused,
+                "this query's first run was over a join that has expired or was dropped; it cannot be run again",
+            ))
+        };
+        // A rerun uses the cached join of the first release, or none: it
+        // never opens a new join (which would charge the bank's ε_c for
+        // nothing, since a rerun over it is refused).
+        let (joined, join_phases) = match rerun_over {
+            Some(first) => match self.cached_matcher_join(&plan.join_filter(), &data.version)? {
+                Some(j) if j.session() == first => (j, None),
+                _ => return other_join(),
+            },
+            None => self.matcher_join(data, plan, false).await?,
+        };
+        timings.extend(join_phases.unwrap_or_default());
+        match self.matcher_aggregate(&joined, plan, qid).await {
+            Ok((s, phases, run)) => {
+                timings.extend(phases);
+                Ok((s, run, joined.session()))
+            }
+            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted {
+                code: AbortCode::UnknownJoin,
+            })) => {
+                if rerun_over.is_some() {
+                    return other_join();
+                }
+                info!("the bank no longer has this join; joining again");
+                lock(&self.inner.matcher_joins).remove(&plan.join_filter());
+                lock(&self.inner.state).drop_join(&joined.session())?;
+                let (joined, join_phases) = self.matcher_join(data, plan, true).await?;
+                timings.extend(join_phases.unwrap_or_default());
+                let (s, phases, run) = self.matcher_aggregate(&joined, plan, qid).await?;
+                timings.extend(phases);
+                Ok((s, run, joined.session()))
+            }
+            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted {
+                code: AbortCode::UnknownQuery,
+            })) => Err(NodeError::refused(
+                RefusalCode::PeerRefused,
+                "the bank node has not accepted this query (it refused it or never received it); see its answer",
+            )),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Which rows each side brings to a query: the platform's users per group
+//! and the bank's per-customer values.
+
+use super::*;
+
+/// Which of the matcher's users go into which block for a plan: indices of
+/// the users that pass the WHERE clause's platform conditions, one list per
+/// matcher group (one list when the query does not group by platform columns).
+pub fn matcher_block_indices(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec<Vec<usize>> {
+    let groups = plan.matcher_groups().len().max(1);
+    let mut blocks: Vec<Vec<usize>> = vec![Vec::new(); groups];
+    for k in 0..data.ids.len() {
+        let value = |column: &str| match column {
+            "segment" => data
+                .segments
+                .get(k)
+                .and_then(|s| domains.segments.get(usize::from(*s)))
+                .cloned(),
+            "country" => data
+                .countries
+                .get(k)
+                .and_then(|c| domains.countries.get(usize::from(*c)))
+                .cloned(),
+            _ => None,
+        };
+        if !plan.matcher_user_passes(&value) {
+            continue;
+        }
+        if let Some(block) = plan.matcher_group_of(&value).and_then(|g| blocks.get_mut(g)) {
+            block.push(k);
+        }
+    }
+    blocks
+}
+
+/// The matcher's input to the join for a plan: the identifiers of
+/// [`matcher_block_indices`], block by block.
+pub fn matcher_blocks(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec<Vec<Vec<u8>>> {
+    matcher_block_indices(plan, data, domains)
+        .into_iter()
+        .map(|b| b.into_iter().filter_map(|k| data.ids.get(k).cloned()).collect())
+        .collect()
+}
+
+/// The bank's per-customer vectors for a plan (one matcher group's width:
+/// holder groups times cells per group), clipped and weighted, computed from
+/// each customer's transactions when asked.
+pub struct HolderRows {
+    data: Arc<HolderData>,
+    plan: Plan,
+    cells: Vec<cleanroom_query::CellSpec>,
+    /// Holder group of each category index (a row's group depends on its
+    /// category only).
+    group_of: Vec<Option<usize>>,
+    categories: Vec<String>,
+    groups: usize,
+    width: usize,
+}
+
+impl std::fmt::Debug for HolderRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HolderRows {{ customers: {}, width: {} }}",
+            self.data.ids.len(),
+            self.width
+        )
+    }
+}
+
+impl HolderRows {
+    /// The vectors of `data`'s customers for `plan`.
+    pub fn new(plan: &Plan, data: Arc<HolderData>, categories: &[String]) -> Self {
+        let group_of = categories
+            .iter()
+            .map(|c| {
+                plan.holder_group_of(&HolderRow {
+                    category: c,
+                    cents: 0,
+                    day: 0,
+                })
+            })
+            .collect();
+        Self {
+            data,
+            plan: plan.clone(),
+            cells: plan.cells(),
+            group_of,
+            categories: categories.to_vec(),
+            groups: plan.holder_groups().len().max(1),
+            width: plan.width(),
+        }
+    }
+}
+
+impl cleanroom_protocol::aggregate::RowSource for HolderRows {
+    fn width(&self) -> usize {
+        self.width
+    }
+
+    fn customers(&self) -> usize {
+        self.data.ids.len()
+    }
+
+    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
+        let Some(txns) = self.data.txns.get(customer) else {
+            return false;
+        };
+        if out.len() != self.width {
+            return false;
+        }
+        let (mut count_stack, mut sum_stack) = ([0u64; STACK_GROUPS], [0i64; STACK_GROUPS]);
+        let (mut count_heap, mut sum_heap) = (Vec::new(), Vec::new());
+        let (count, sum): (&mut [u64], &mut [i64]) = if self.groups <= STACK_GROUPS {
+            (&mut count_stack[..self.groups], &mut sum_stack[..self.groups])
+        } else {
+            count_heap.resize(self.groups, 0);
+            sum_heap.resize(self.groups, 0);
+            (&mut count_heap, &mut sum_heap)
+        };
+        for t in txns {
+            let r = HolderRow {
+                category: self.categories.get(usize::from(t.category)).map_or("", String::as_str),
+                cents: t.cents,
+                day: t.day,
+            };
+            if !self.plan.holder_row_passes(&r) {
+                continue;
+            }
+            if let Some(g) = self.group_of.get(usize::from(t.category)).copied().flatten()
+                && let (Some(n), Some(s)) = (count.get_mut(g), sum.get_mut(g))
+            {
+                *n += 1;
+                *s = s.saturating_add(t.cents);
+            }
+        }
+        out.iter_mut().for_each(|x| *x = 0);
+        let per = self.width / self.groups;
+        let spend_cap = i64::try_from(self.plan.clip.spend_cents).unwrap_or(i64::MAX);
+        for (g, (n, s)) in count.iter().zip(sum.iter()).enumerate() {
+            if *n == 0 {
+                continue;
+            }
+            for k in 0..per {
+                let idx = g * per + k;
+                let Some(cell) = self.cells.get(idx) else { continue };
+                let v = match cell.kind {
+                    CellKind::Customers => 1,
+                    CellKind::Rows => (*n).min(self.plan.clip.transactions),
+                    CellKind::Sum => (*s).clamp(0, spend_cap) as u64,
+                };
+                if let Some(x) = out.get_mut(idx) {
+                    *x = v.wrapping_mul(cell.weight);
+                }
+            }
+        }
+        true
+    }
+}
+
+/// All of [`HolderRows`] at once, customer after customer (for tests and
+/// tools; the node computes them row by row).
+pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> Vec<u64> {
+    use cleanroom_protocol::aggregate::RowSource;
+    let rows = HolderRows::new(plan, Arc::new(data.clone()), categories);
+    let width = rows.width();
+    let mut out = vec![0u64; data.ids.len() * width];
+    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(c, row)| {
+        rows.fill(c, row);
+    });
+    out
+}
