@@ -23,6 +23,13 @@ use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endp
 use cleanroom_wire::{AbortCode, MAX_MESSAGE_LEN, MatcherKey, Message, OtSetup, PointChunk, SessionId};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// The bank's `[timeouts]` in the stall test (defaults 30 s and 60 s): a
+/// stalled first frame ends after the first, a stalled join after the
+/// second.
+const PEER_FRAME_SECS: u64 = 5;
+const STREAM_IDLE_SECS: u64 = 10;
+/// The same for an aggregate whose query the bank never accepted (default 30 s).
+const UNCLAIMED_SECS: u64 = 5;
 
 /// How a hostile session ended, seen from the hostile side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,8 +131,14 @@ struct Running {
 }
 
 async fn running(rows: usize, seed: u64) -> Running {
+    running_with(rows, seed, &[]).await
+}
+
+/// The same with the configs edited (`Fixture::edit_configs`).
+async fn running_with(rows: usize, seed: u64, edits: &[(&str, &str)]) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let fixture = Fixture::create(dir.path(), rows, seed, &["alice"]).unwrap();
+    let mut fixture = Fixture::create(dir.path(), rows, seed, &["alice"]).unwrap();
+    fixture.edit_configs(edits).unwrap();
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
     let analyst = Analyst::new(
@@ -166,7 +179,17 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
         platform,
         analyst,
         truth,
-    } = running(600, 53).await;
+    } = running_with(
+        600,
+        53,
+        &[(
+            "[limits]\n",
+            &format!(
+                "[timeouts]\npeer_frame_secs = {PEER_FRAME_SECS}\nstream_idle_secs = {STREAM_IDLE_SECS}\nunclaimed_aggregate_secs = {UNCLAIMED_SECS}\n\n[limits]\n"
+            ),
+        )],
+    )
+    .await;
     let certs = fixture.dir.join("certs");
     let baseline = legit(&analyst, truth).await;
     let mut queries = 1u64;
@@ -179,32 +202,35 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
     // real query runs while they hang.
     let stalls = {
         let mut tasks = Vec::new();
+        let first = PEER_FRAME_SECS;
+        let later = STREAM_IDLE_SECS;
         let (mut s, r) = peer.conn.open_bi().await.unwrap();
         s.write_all(&[1, 0]).await.unwrap();
-        tasks.push(("2 bytes of a length prefix, then silence", s, r));
+        tasks.push(("2 bytes of a length prefix, then silence", first, s, r));
         let (mut s, r) = peer.conn.open_bi().await.unwrap();
         let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
         let (_, offer) = matcher(500, 41).offer(&mut rng).unwrap();
         let f = offer.encode().unwrap();
         s.write_all(&(f.len() as u32).to_le_bytes()).await.unwrap();
         s.write_all(&f[..f.len() / 2]).await.unwrap();
-        tasks.push(("half an offer frame, then silence", s, r));
+        tasks.push(("half an offer frame, then silence", first, s, r));
         let (s, r, _, _) = open_join(&peer, 500, 42).await;
-        tasks.push(("an accepted offer, then silence", s, r));
+        tasks.push(("an accepted offer, then silence", later, s, r));
         let (mut s, r, mut m, _) = open_join(&peer, 2000, 43).await;
         for _ in 0..3 {
             let f = m.poll_transmit().unwrap();
             send(&mut s, &f).await;
         }
-        tasks.push(("the key and two token chunks, then silence", s, r));
+        tasks.push(("the key and two token chunks, then silence", later, s, r));
         tasks
             .into_iter()
-            .map(|(what, s, mut r)| {
+            .map(|(what, wait, s, mut r)| {
                 tokio::spawn(async move {
-                    // The first message is read within 30 s, each later one within 60 s.
-                    let e = ending(&mut r, Duration::from_secs(75), what).await;
+                    // The first message is read within `peer_frame_secs`,
+                    // each later one within `stream_idle_secs`.
+                    let e = ending(&mut r, Duration::from_secs(wait + 15), what).await;
                     drop(s);
-                    (what, e)
+                    (what, wait, e)
                 })
             })
             .collect::<Vec<_>>()
@@ -375,8 +401,9 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
             }),
         )
         .await;
-        let (e, took) = ending(&mut r, Duration::from_secs(40), what).await;
+        let (e, took) = ending(&mut r, Duration::from_secs(UNCLAIMED_SECS + 15), what).await;
         assert_eq!(e, Ending::Abort(AbortCode::UnknownQuery), "{what}");
+        assert!(took >= Duration::from_secs(UNCLAIMED_SECS), "{what}: {took:?}");
         report.push(format!("{what}: abort after {:.3} s", took.as_secs_f64()));
     }
 
@@ -407,8 +434,11 @@ async fn a_hostile_peer_is_cut_off_and_the_bank_keeps_serving() {
     );
 
     for t in stalls {
-        let (what, (e, took)) = t.await.unwrap();
+        let (what, wait, (e, took)) = t.await.unwrap();
         assert_eq!(e, Ending::Closed, "{what}");
+        // Ended by its timeout (the bank's clock started a little before
+        // this side's, while the other stalls were set up).
+        assert!(took >= Duration::from_secs(wait) / 2, "{what}: ended after {took:?}");
         report.push(format!("{what}: closed after {:.1} s", took.as_secs_f64()));
     }
     // Only the real queries were charged; the analyst's budget shows the same.

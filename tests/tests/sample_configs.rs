@@ -57,6 +57,19 @@ fn bad_configs_are_refused_with_the_reason() {
             ),
             "window",
         ),
+        (
+            format!("{good}\n[timeouts]\nstream_idle_secs = 0\n"),
+            "timeouts.stream_idle_secs is 0",
+        ),
+        (
+            format!("{good}\n[timeouts]\npeer_frame_secs = 86401\n"),
+            "timeouts.peer_frame_secs is 86401",
+        ),
+        (
+            format!("{good}\n[timeouts]\nconnect_attempts = 0\n"),
+            "timeouts.connect_attempts",
+        ),
+        (format!("{good}\n[timeouts]\npeer_frame = 5\n"), "unknown field"),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let p = dir.path().join(format!("c{i}.toml"));
@@ -64,4 +77,32 @@ fn bad_configs_are_refused_with_the_reason() {
         let e = NodeConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains(needle), "case {i}: {e}");
     }
+}
+
+/// `[timeouts]` sets the named waits; what it leaves out keeps its default.
+#[test]
+fn timeouts_are_configurable_by_name() {
+    use cleanroom_node::config::Timeouts;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = root().join("examples/bank.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    let defaults = NodeConfig::load(&path).unwrap().limits(&path).unwrap().timeouts;
+    assert_eq!(defaults, Timeouts::default());
+    let p = dir.path().join("bank.toml");
+    std::fs::write(
+        &p,
+        format!("{good}\n[timeouts]\npeer_frame_secs = 7\nstream_idle_secs = 9\nconnect_attempts = 3\n"),
+    )
+    .unwrap();
+    let set = NodeConfig::load(&p).unwrap().limits(&p).unwrap().timeouts;
+    assert_eq!(
+        set,
+        Timeouts {
+            peer_frame: Duration::from_secs(7),
+            stream_idle: Duration::from_secs(9),
+            connect_attempts: 3,
+            ..Timeouts::default()
+        }
+    );
 }

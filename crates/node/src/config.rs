@@ -336,6 +336,102 @@ pub struct NodeConfig {
     /// Approved templates.
     #[serde(default)]
     pub templates: Vec<TemplateConfig>,
+    /// The node's waits (`[timeouts]`, every entry optional).
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+}
+
+/// The node's waits as configured, in seconds; an entry left out keeps
+/// its default ([`Timeouts::default`]). Each is between 1 s and one day.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// [`Timeouts::analyst_request`].
+    pub analyst_request_secs: Option<u64>,
+    /// [`Timeouts::over_rate_request`].
+    pub over_rate_request_secs: Option<u64>,
+    /// [`Timeouts::peer_frame`].
+    pub peer_frame_secs: Option<u64>,
+    /// [`Timeouts::join_accept`].
+    pub join_accept_secs: Option<u64>,
+    /// [`Timeouts::stream_idle`].
+    pub stream_idle_secs: Option<u64>,
+    /// [`Timeouts::peer_policy`].
+    pub peer_policy_secs: Option<u64>,
+    /// [`Timeouts::join_stored`].
+    pub join_stored_secs: Option<u64>,
+    /// [`Timeouts::unclaimed_aggregate`].
+    pub unclaimed_aggregate_secs: Option<u64>,
+    /// [`Timeouts::refused_aggregate`].
+    pub refused_aggregate_secs: Option<u64>,
+    /// [`Timeouts::refusal_remembered`].
+    pub refusal_remembered_secs: Option<u64>,
+    /// [`Timeouts::connect_retry`].
+    pub connect_retry_secs: Option<u64>,
+    /// [`Timeouts::connect_attempts`] (1 to 10,000).
+    pub connect_attempts: Option<u32>,
+    /// [`Timeouts::shutdown_drain`].
+    pub shutdown_drain_secs: Option<u64>,
+}
+
+impl TimeoutsConfig {
+    /// The waits, each entry checked and the rest defaulted.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] naming an entry outside its range.
+    pub fn checked(&self, path: &Path) -> Result<Timeouts, NodeError> {
+        const MAX_SECS: u64 = 86_400;
+        let d = Timeouts::default();
+        let wait = |name: &str, v: Option<u64>, default: std::time::Duration| match v {
+            None => Ok(default),
+            Some(secs) if (1..=MAX_SECS).contains(&secs) => Ok(std::time::Duration::from_secs(secs)),
+            Some(secs) => Err(bad(
+                path,
+                format!("timeouts.{name} is {secs}; it must be between 1 and {MAX_SECS} seconds"),
+            )),
+        };
+        let connect_attempts = match self.connect_attempts {
+            None => d.connect_attempts,
+            Some(n) if (1..=10_000).contains(&n) => n,
+            Some(n) => {
+                return Err(bad(
+                    path,
+                    format!("timeouts.connect_attempts is {n}; it must be between 1 and 10000"),
+                ));
+            }
+        };
+        Ok(Timeouts {
+            analyst_request: wait("analyst_request_secs", self.analyst_request_secs, d.analyst_request)?,
+            over_rate_request: wait(
+                "over_rate_request_secs",
+                self.over_rate_request_secs,
+                d.over_rate_request,
+            )?,
+            peer_frame: wait("peer_frame_secs", self.peer_frame_secs, d.peer_frame)?,
+            join_accept: wait("join_accept_secs", self.join_accept_secs, d.join_accept)?,
+            stream_idle: wait("stream_idle_secs", self.stream_idle_secs, d.stream_idle)?,
+            peer_policy: wait("peer_policy_secs", self.peer_policy_secs, d.peer_policy)?,
+            join_stored: wait("join_stored_secs", self.join_stored_secs, d.join_stored)?,
+            unclaimed_aggregate: wait(
+                "unclaimed_aggregate_secs",
+                self.unclaimed_aggregate_secs,
+                d.unclaimed_aggregate,
+            )?,
+            refused_aggregate: wait(
+                "refused_aggregate_secs",
+                self.refused_aggregate_secs,
+                d.refused_aggregate,
+            )?,
+            refusal_remembered: wait(
+                "refusal_remembered_secs",
+                self.refusal_remembered_secs,
+                d.refusal_remembered,
+            )?,
+            connect_retry: wait("connect_retry_secs", self.connect_retry_secs, d.connect_retry)?,
+            connect_attempts,
+            shutdown_drain: wait("shutdown_drain_secs", self.shutdown_drain_secs, d.shutdown_drain)?,
+        })
+    }
 }
 
 /// Where the node's signed policy and the policy keys are.
@@ -413,7 +509,8 @@ impl Limits {
 
 /// Every wait of a node, by name, in one place (the query's own timeout,
 /// `query_timeout_secs`, and the admission hold are configured in
-/// `[limits]`; these are fixed).
+/// `[limits]`; these in `[timeouts]`, [`TimeoutsConfig`], with these
+/// defaults).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeouts {
     /// An analyst's request frame, once the stream is open.
@@ -562,7 +659,7 @@ impl NodeConfig {
     /// The limits, parsed.
     ///
     /// # Errors
-    /// [`NodeError::Config`] for an unparsable number.
+    /// [`NodeError::Config`] for an unparsable number or a wait out of range.
     pub fn limits(&self, path: &Path) -> Result<Limits, NodeError> {
         let l = &self.limits;
         let micro = |field: &str, v: &str| parse_micro(v).map_err(|e| bad(path, format!("limits.{field}: {e}")));
@@ -595,7 +692,7 @@ impl NodeConfig {
             requests_per_second: l.max_requests_per_analyst_per_second.max(1),
             max_reruns_per_query: l.max_reruns_per_query,
             admission_hold: std::time::Duration::from_secs(l.admission_hold_secs.clamp(1, 600)),
-            timeouts: Timeouts::default(),
+            timeouts: self.timeouts.checked(path)?,
         })
     }
 
