@@ -32,7 +32,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use cleanroom_crypto::shares::Share;
-use cleanroom_protocol::ledger::{self, AfterCharge, AfterCheck, BankHolds, Charged, PeerBatch, RunBinding};
+use cleanroom_protocol::ledger::{
+    self, AfterCheck, BankAfterCharge, BankHolds, Charged, PeerBatch, PlatformAfterCharge, RunBinding,
+};
 use cleanroom_protocol::queries::{
     BankQueries, Batch, Claim, PlatformQueries, QueryTimeouts, Register, Registration, Start, run_of,
 };
@@ -423,8 +425,8 @@ impl Pair {
         self.bank.queries().request_arrived(&q);
         let charged = self.bank.ledger.charge(q, &mut self.seeds);
         match ledger::bank_after_charge(&charged) {
-            AfterCharge::Replay => self.release(Side::Bank, q),
-            AfterCharge::Compute => {
+            BankAfterCharge::Replay => self.release(Side::Bank, q),
+            BankAfterCharge::Compute => {
                 let seed = self.bank.ledger.entries[&q].seed;
                 let shell = BankShell {
                     request: Some(0),
@@ -438,7 +440,6 @@ impl Pair {
                     Register::Kept => panic!("an analyst's registration was kept"),
                 }
             }
-            AfterCharge::AskBank(_) => panic!("the bank asked itself"),
         }
     }
 
@@ -668,8 +669,8 @@ impl Pair {
                 }
                 let charged = self.platform.ledger.charge(a.qid, &mut self.seeds);
                 self.platform.attempts[k].phase = match ledger::platform_after_charge(&charged) {
-                    AfterCharge::Compute => Phase::Joining { rerun: None },
-                    AfterCharge::AskBank(run) => {
+                    PlatformAfterCharge::Compute => Phase::Joining { rerun: None },
+                    PlatformAfterCharge::AskBank(run) => {
                         self.queue.push(Msg::Check {
                             qid: a.qid,
                             run,
@@ -677,7 +678,6 @@ impl Pair {
                         });
                         Phase::AwaitCheck
                     }
-                    AfterCharge::Replay => panic!("the platform replays without asking the bank"),
                 };
             }
             Phase::Joining { rerun } => {

@@ -135,36 +135,45 @@ pub fn check_rerun(q: &RerunRecord, binding: &RunBinding, max_reruns: u32) -> Re
     Ok(())
 }
 
-/// What an analyst's request does once the node's charge of it answered
-/// (newly charged, or charged before, as `Charged`).
+/// The bank's step once its charge of an analyst's request answered
+/// (newly charged, or charged before, as `Charged`). One type per role: the
+/// bank never asks itself, the platform never replays without asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterCharge {
-    /// No share is stored: compute it (over whichever join the platform
-    /// runs or has cached), with the noise of the charge's seed.
+pub enum BankAfterCharge {
+    /// No share is stored: compute it (the platform's batches find the
+    /// registration), with the noise of the charge's seed.
     Compute,
     /// Return the stored share, marked replayed.
     Replay,
-    /// Platform: a share is stored; ask the bank whether it holds its share
-    /// of the same run ([`platform_after_check`] takes the answer).
+}
+
+/// The platform's step once its charge answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformAfterCharge {
+    /// No share is stored: compute it (over whichever join it runs or has
+    /// cached), with the noise of the charge's seed.
+    Compute,
+    /// A share is stored; ask the bank whether it holds its share of the
+    /// same run ([`platform_after_check`] takes the answer).
     AskBank(RunId),
 }
 
 /// The bank's step after the charge: a stored share is returned; anything
-/// else is computed (the platform's batches find the registration).
-pub fn bank_after_charge(q: &Charged) -> AfterCharge {
+/// else is computed.
+pub fn bank_after_charge(q: &Charged) -> BankAfterCharge {
     match q.stored {
-        Some(_) => AfterCharge::Replay,
-        None => AfterCharge::Compute,
+        Some(_) => BankAfterCharge::Replay,
+        None => BankAfterCharge::Compute,
     }
 }
 
 /// The platform's step after the charge: a stored share is returned only
 /// if the bank holds its share of the same run (else the analyst could not
 /// add them up).
-pub fn platform_after_charge(q: &Charged) -> AfterCharge {
+pub fn platform_after_charge(q: &Charged) -> PlatformAfterCharge {
     match q.stored {
-        Some(run) => AfterCharge::AskBank(run),
-        None => AfterCharge::Compute,
+        Some(run) => PlatformAfterCharge::AskBank(run),
+        None => PlatformAfterCharge::Compute,
     }
 }
 
@@ -330,10 +339,13 @@ mod tests {
             binding: None,
             reruns: 0,
         };
-        assert_eq!(bank_after_charge(&fresh), AfterCharge::Compute);
-        assert_eq!(platform_after_charge(&fresh), AfterCharge::Compute);
-        assert_eq!(bank_after_charge(&stored(0)), AfterCharge::Replay);
-        assert_eq!(platform_after_charge(&stored(0)), AfterCharge::AskBank(RunId([7; 16])));
+        assert_eq!(bank_after_charge(&fresh), BankAfterCharge::Compute);
+        assert_eq!(platform_after_charge(&fresh), PlatformAfterCharge::Compute);
+        assert_eq!(bank_after_charge(&stored(0)), BankAfterCharge::Replay);
+        assert_eq!(
+            platform_after_charge(&stored(0)),
+            PlatformAfterCharge::AskBank(RunId([7; 16]))
+        );
         assert_eq!(
             platform_after_check(&stored(0), BankHolds::Held, V2, 2),
             Ok(AfterCheck::Replay)

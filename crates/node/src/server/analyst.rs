@@ -79,7 +79,7 @@ impl Node {
         };
         let checked = async {
             let template = self.template(&q.template)?.clone();
-            let ready = self.before_charge(analyst, q, &template).await?;
+            let ready = self.before_charge(&self.sided(), analyst, q, &template).await?;
             self.would_charge(analyst, q, &template, &ready).await
         }
         .await;
@@ -116,7 +116,7 @@ impl Node {
                     RefusalCode::Failed,
                     format!(
                         "the {} node could not check the query: {}",
-                        self.inner.role.as_str(),
+                        self.inner.role().as_str(),
                         analyst_view(&e)
                     ),
                 ))
@@ -127,10 +127,8 @@ impl Node {
     pub(super) async fn serve_analyst(&self, analyst: &str, req: AnalystRequest, from: &Requester) -> AnalystResponse {
         match req {
             AnalystRequest::Templates => {
-                if self.inner.role == Role::Platform {
-                    let _ = self.peer_connection().await;
-                }
-                self.wait_peer_policy().await;
+                // A platform that cannot reach the bank lists nothing.
+                let _ = self.peer_policy_or_wait().await;
                 AnalystResponse::Templates(
                     self.inner
                         .templates
@@ -148,7 +146,7 @@ impl Node {
                         let days = i64::from(self.inner.limits.period_days);
                         let period = period_of(now_secs(), self.inner.limits.period_days);
                         AnalystResponse::Budget(BudgetInfo {
-                            node: self.inner.role.as_str().to_string(),
+                            node: self.inner.role().as_str().to_string(),
                             analyst: analyst.to_string(),
                             rho_limit_micro: self.inner.limits.rho_per_analyst_micro,
                             rho_spent_micro: spent,
@@ -162,26 +160,29 @@ impl Node {
                     )),
                 }
             }
-            AnalystRequest::Cancel(qid) if self.inner.role == Role::Platform => {
-                let ended = lock(&self.inner.admissions).remove(&(analyst.to_string(), qid));
-                drop(ended);
-                let running = lock(&self.inner.platform).cancel(&qid, analyst);
-                if running {
-                    info!(query = %hex(&qid.0), "query cancelled: the bank refused it");
-                }
-                AnalystResponse::Cancelled(running)
-            }
             AnalystRequest::Cancel(qid) => {
                 let ended = lock(&self.inner.admissions).remove(&(analyst.to_string(), qid));
                 drop(ended);
-                // Its waiter ends ("the peer session ended without a result").
-                let dropped = lock(&self.inner.bank).cancel(&qid, analyst, Instant::now());
-                let waiting = dropped.is_some();
-                drop(dropped);
-                if waiting {
-                    info!(query = %hex(&qid.0), "query cancelled: the platform refused it");
-                }
-                AnalystResponse::Cancelled(waiting)
+                let stopped = match self.sided() {
+                    Sided::Platform(p) => {
+                        let running = lock(&p.side.queries).cancel(&qid, analyst);
+                        if running {
+                            info!(query = %hex(&qid.0), "query cancelled: the bank refused it");
+                        }
+                        running
+                    }
+                    Sided::Bank(b) => {
+                        // Its waiter ends ("the peer session ended without a result").
+                        let dropped = lock(&b.side.queries).cancel(&qid, analyst, Instant::now());
+                        let waiting = dropped.is_some();
+                        drop(dropped);
+                        if waiting {
+                            info!(query = %hex(&qid.0), "query cancelled: the platform refused it");
+                        }
+                        waiting
+                    }
+                };
+                AnalystResponse::Cancelled(stopped)
             }
             AnalystRequest::Admit(q) => {
                 let span = info_span!("admit", id = %hex(&q.query_id.0), template = %q.template);
@@ -189,26 +190,36 @@ impl Node {
             }
             AnalystRequest::Query(q) => {
                 let span = info_span!("query", id = %hex(&q.query_id.0), template = %q.template);
-                lock(&self.inner.bank).request_arrived(&q.query_id);
-                self.inner.bank_changed.notify_waiters();
+                let side = self.sided();
+                if let Sided::Bank(b) = &side {
+                    b.request_arrived(&q.query_id);
+                }
                 let slot = match self.take_admission(analyst, &q.query_id) {
                     Some(held) => Ok(held),
                     None => self.admit(analyst),
                 };
                 let answer = match slot {
-                    Ok(_slot) => self.answer_query(analyst, &q, from).instrument(span).await,
+                    Ok(_slot) => self.answer_query(&side, analyst, &q, from).instrument(span).await,
                     Err(why) => AnalystResponse::Refused(why),
                 };
-                if self.inner.role == Role::Bank && matches!(answer, AnalystResponse::Refused(_)) {
-                    self.mark_refused(&q.query_id);
+                if let Sided::Bank(b) = &side
+                    && matches!(answer, AnalystResponse::Refused(_))
+                {
+                    b.mark_refused(&q.query_id);
                 }
                 answer
             }
         }
     }
 
-    pub(super) async fn answer_query(&self, analyst: &str, q: &QueryRequest, from: &Requester) -> AnalystResponse {
-        match self.run_query(analyst, q, from).await {
+    pub(super) async fn answer_query(
+        &self,
+        side: &Sided,
+        analyst: &str,
+        q: &QueryRequest,
+        from: &Requester,
+    ) -> AnalystResponse {
+        match self.run_query(side, analyst, q, from).await {
             Ok(share) => AnalystResponse::Share(Box::new(share)),
             Err(NodeError::Refused(m)) => AnalystResponse::Refused(m),
             Err(e) => {
@@ -219,7 +230,7 @@ impl Node {
                     RefusalCode::Failed,
                     format!(
                         "the {} node could not complete the query: {}. Retrying with the same query id costs no extra budget.",
-                        self.inner.role.as_str(),
+                        self.inner.role().as_str(),
                         analyst_view(&e)
                     ),
                 ))
@@ -229,31 +240,33 @@ impl Node {
 
     pub(super) async fn run_query(
         &self,
+        side: &Sided,
         analyst: &str,
         q: &QueryRequest,
         from: &Requester,
     ) -> Result<QueryShare, NodeError> {
         let template = self.template(&q.template)?.clone();
-        if self.inner.role == Role::Bank {
-            return self.run_query_serialised(analyst, q, template, from).await;
-        }
+        let Sided::Platform(p) = side else {
+            return self.run_query_serialised(side, analyst, q, template, from).await;
+        };
         // Platform: a retry of a query id still running here (its client
         // gave up waiting) waits for that attempt, then finds its share.
-        let Some(_attempt) = Attempt::arrive(self, q.query_id, analyst).start(from).await else {
+        let Some(_attempt) = Attempt::arrive(p, q.query_id, analyst).start(from).await else {
             info!("query dropped while waiting for an earlier attempt: its analyst has gone");
             return Err(analyst_gone());
         };
-        self.run_query_serialised(analyst, q, template, from).await
+        self.run_query_serialised(side, analyst, q, template, from).await
     }
 
     pub(super) async fn run_query_serialised(
         &self,
+        side: &Sided,
         analyst: &str,
         q: &QueryRequest,
         template: Template,
         from: &Requester,
     ) -> Result<QueryShare, NodeError> {
-        let ready = self.before_charge(analyst, q, &template).await?;
+        let ready = self.before_charge(side, analyst, q, &template).await?;
         let charge = self.ledger(analyst, q, &template, &ready, true).await?;
         let plan = ready.plan;
         match &charge {
@@ -268,42 +281,48 @@ impl Node {
         // rules are `cleanroom_protocol::ledger`'s, tested in
         // tests/tests/pair.rs with both nodes, crashes and a lossy network).
         let charged = self.charged(&q.query_id)?;
-        let next = match self.inner.role {
-            Role::Bank => ledger::bank_after_charge(&charged),
-            Role::Platform => ledger::platform_after_charge(&charged),
-        };
         // A rerun (this node released its share, the bank lost its own) is
         // over the join that share came from, on the same data.
-        let rerun_over = match next {
-            AfterCharge::Compute => None,
-            AfterCharge::Replay => return self.replay(&q.query_id),
-            AfterCharge::AskBank(run) => {
-                // The platform checks that the bank kept its share of the
-                // same run; if the bank stopped before storing it, the two
-                // run the aggregate again (see docs/protocol.md, "Retries").
-                let answer = self.bank_holds(&q.query_id, &run).await?;
-                let l = &self.inner.limits;
-                match ledger::platform_after_check(&charged, answer, self.inner.data.version(), l.max_reruns_per_query)
-                {
-                    Ok(AfterCheck::Replay) => return self.replay(&q.query_id),
-                    Ok(AfterCheck::Busy) => {
-                        return Err(NodeError::refused(
-                            RefusalCode::Busy,
-                            "the bank node is still finishing this query id; ask again shortly with the same id",
-                        ));
-                    }
-                    Ok(AfterCheck::Rerun(join)) => {
-                        info!(
-                            "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
-                        );
-                        Some(join)
-                    }
-                    Err(why) => {
-                        warn!(error = %why, "the bank lost its share of this query's run, and it cannot be run again");
-                        return Err(NodeError::refused(RefusalCode::RerunRefused, why.to_string()));
+        let rerun_over = match side {
+            Sided::Bank(_) => match ledger::bank_after_charge(&charged) {
+                BankAfterCharge::Compute => None,
+                BankAfterCharge::Replay => return self.replay(&q.query_id),
+            },
+            Sided::Platform(p) => match ledger::platform_after_charge(&charged) {
+                PlatformAfterCharge::Compute => None,
+                PlatformAfterCharge::AskBank(run) => {
+                    // The platform checks that the bank kept its share of
+                    // the same run; if the bank stopped before storing it,
+                    // the two run the aggregate again (see
+                    // docs/protocol.md, "Retries").
+                    let answer = p.bank_holds(&q.query_id, &run).await?;
+                    let l = &self.inner.limits;
+                    match ledger::platform_after_check(
+                        &charged,
+                        answer,
+                        self.inner.data_version,
+                        l.max_reruns_per_query,
+                    ) {
+                        Ok(AfterCheck::Replay) => return self.replay(&q.query_id),
+                        Ok(AfterCheck::Busy) => {
+                            return Err(NodeError::refused(
+                                RefusalCode::Busy,
+                                "the bank node is still finishing this query id; ask again shortly with the same id",
+                            ));
+                        }
+                        Ok(AfterCheck::Rerun(join)) => {
+                            info!(
+                                "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
+                            );
+                            Some(join)
+                        }
+                        Err(why) => {
+                            warn!(error = %why, "the bank lost its share of this query's run, and it cannot be run again");
+                            return Err(NodeError::refused(RefusalCode::RerunRefused, why.to_string()));
+                        }
                     }
                 }
-            }
+            },
         };
         // The noise, the audit entry and the share follow the ρ this query id
         // was charged: an operator may have changed the template's ρ since
@@ -318,17 +337,16 @@ impl Node {
         let noise = draw_noise(&plan, &template, seed);
         let mut timings = Vec::new();
         let mut waiter = None;
-        let (share, run, join) = match self.inner.role {
-            Role::Platform => {
-                self.matcher_share(&plan, &q.query_id, &mut timings, analyst, from, rerun_over)
+        let (share, run, join) = match side {
+            Sided::Platform(p) => {
+                p.matcher_share(&plan, &q.query_id, &mut timings, analyst, from, rerun_over)
                     .await?
             }
-            Role::Bank => {
-                let awaiting = self
+            Sided::Bank(b) => {
+                let awaiting = b
                     .holder_register(&plan, &q.query_id, analyst, None)?
                     .ok_or(NodeError::Internal("an analyst's registration was kept"))?;
-                let (share, run, registered, join) =
-                    self.holder_await(&q.query_id, awaiting, &mut timings, from).await?;
+                let (share, run, registered, join) = b.holder_await(&q.query_id, awaiting, &mut timings, from).await?;
                 waiter = Some(registered);
                 (share, run, join)
             }
@@ -337,7 +355,7 @@ impl Node {
         let t = Instant::now();
         let binding = RunBinding {
             join,
-            data_version: self.inner.data.version(),
+            data_version: self.inner.data_version,
         };
         let out = self.noise_and_store(
             share,
@@ -366,19 +384,22 @@ impl Node {
     /// digest and the parameters to record with the charge.
     pub(super) async fn before_charge(
         &self,
+        side: &Sided,
         analyst: &str,
         q: &QueryRequest,
         template: &Template,
     ) -> Result<Ready, NodeError> {
-        if self.inner.role == Role::Platform {
-            self.peer_connection().await.map_err(|e| {
-                NodeError::refused(
-                    RefusalCode::PeerUnreachable,
-                    format!("the platform node cannot reach the bank node: {e}"),
-                )
-            })?;
+        match side {
+            Sided::Platform(p) => {
+                p.peer_connection().await.map_err(|e| {
+                    NodeError::refused(
+                        RefusalCode::PeerUnreachable,
+                        format!("the platform node cannot reach the bank node: {e}"),
+                    )
+                })?;
+            }
+            Sided::Bank(b) => b.wait_peer_policy().await,
         }
-        self.wait_peer_policy().await;
         if let Some(why) = self.not_runnable(template) {
             return Err(NodeError::refused(RefusalCode::UnknownTemplate, why));
         }
@@ -390,8 +411,8 @@ impl Node {
             };
             NodeError::refused(code, e.to_string())
         })?;
-        if let NodeData::Matcher(m) = &self.inner.data
-            && m.countries.is_empty()
+        if let Sided::Platform(p) = side
+            && p.side.data.countries.is_empty()
             && (plan.query.filters.iter().any(|p| p.column().name == "country")
                 || plan.query.group_by.iter().any(|c| c.name == "country"))
         {
@@ -470,7 +491,7 @@ impl Node {
                     RefusalCode::BudgetExhausted,
                     format!(
                         "budget exhausted on the {} node: this template costs rho {}, {} of {} is spent this period; it frees up on {}",
-                        self.inner.role.as_str(),
+                        self.inner.role().as_str(),
                         format_micro(template.rho_micro),
                         format_micro(*spent),
                         format_micro(*limit),
@@ -484,7 +505,7 @@ impl Node {
                     RefusalCode::RunLimit,
                     format!(
                         "run limit on the {} node: {limit} queries per analyst per day; it frees up at 00:00 UTC on {}",
-                        self.inner.role.as_str(),
+                        self.inner.role().as_str(),
                         format_date(i32::try_from(tomorrow).unwrap_or(i32::MAX))
                     ),
                 )
@@ -548,7 +569,7 @@ impl Node {
         let sigma = ((delta2 as f64) * 1e6 / (2.0 * template.rho_micro as f64)).sqrt();
         let cells = plan.cells();
         let out = QueryShare {
-            node: self.inner.role.as_str().to_string(),
+            node: self.inner.role().as_str().to_string(),
             query_id: q.query_id,
             plan: plan.digest(),
             cells: cells.iter().map(|c| c.name.clone()).collect(),

@@ -5,7 +5,51 @@
 
 use super::*;
 
-impl Node {
+/// What only the bank has.
+pub(super) struct BankSide {
+    /// Its customers.
+    pub(super) data: Arc<HolderData>,
+    /// Joins by session, until stored in the state file.
+    joins: Mutex<HashMap<SessionId, Arc<HolderJoined>>>,
+    /// Its query ids between the nodes (registered, running, completing,
+    /// refused lately), and a wake-up when they change.
+    pub(super) queries: Mutex<BankQueries<BankShell>>,
+    changed: Notify,
+    /// A join was stored (see `holder_aggregate`).
+    join_stored: Notify,
+    /// Streams of the platform being served.
+    pub(super) peer_streams: std::sync::atomic::AtomicUsize,
+}
+
+impl BankSide {
+    pub(super) fn new(data: Arc<HolderData>, timeouts: cleanroom_protocol::queries::QueryTimeouts) -> Self {
+        Self {
+            data,
+            joins: Mutex::new(HashMap::new()),
+            queries: Mutex::new(BankQueries::new(timeouts)),
+            changed: Notify::new(),
+            join_stored: Notify::new(),
+            peer_streams: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+/// A bank node: the node's shared state and the bank's own. Only
+/// `Node::sided` makes one, for a bank.
+#[derive(Clone)]
+pub(super) struct Bank {
+    pub(super) node: Node,
+    pub(super) side: Arc<BankSide>,
+}
+
+impl std::ops::Deref for Bank {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl Bank {
     /// Bank: whether this node stored a share of `run` of the query.
     pub(super) fn holds_share(&self, qid: &QueryId, run: &Run) -> Result<bool, NodeError> {
         let stored = lock(&self.inner.state).charged_query(qid)?.and_then(|q| q.share);
@@ -34,7 +78,7 @@ impl Node {
         let charged = self.charged(qid)?;
         let l = &self.inner.limits;
         let binding =
-            match ledger::bank_peer_batch(Some(&charged), join, self.inner.data.version(), l.max_reruns_per_query) {
+            match ledger::bank_peer_batch(Some(&charged), join, self.inner.data_version, l.max_reruns_per_query) {
                 // Charged, not stored: the analyst's request runs it.
                 Ok(PeerBatch::Unregistered) => return Ok(false),
                 Ok(PeerBatch::Rerun(binding)) => binding,
@@ -122,9 +166,7 @@ impl Node {
         analyst: &str,
         rerun_over: Option<SessionId>,
     ) -> Result<Option<Awaiting>, NodeError> {
-        let NodeData::Holder(data) = &self.inner.data else {
-            return Err(NodeError::Internal("holder registration on a matcher"));
-        };
+        let data = &self.side.data;
         // Each customer's vector is computed as its masked row is produced.
         let values = HolderRows::new(plan, data.clone(), &self.inner.domains.categories);
         let (tx, rx) = oneshot::channel();
@@ -135,10 +177,10 @@ impl Node {
             tx,
         };
         let groups = plan.matcher_groups().len();
-        let registered = lock(&self.inner.bank).register(*qid, analyst, groups, rerun_over, shell, Instant::now());
+        let registered = lock(&self.side.queries).register(*qid, analyst, groups, rerun_over, shell, Instant::now());
         match registered {
             Register::New(reg, deadline) => {
-                self.inner.bank_changed.notify_waiters();
+                self.side.changed.notify_waiters();
                 Ok(Some((reg, deadline, rx)))
             }
             Register::Kept => Ok(None),
@@ -149,11 +191,18 @@ impl Node {
         }
     }
 
+    /// An analyst's request for `qid` arrived: an aggregate of the
+    /// platform's waiting for it is told (see `claim_query`).
+    pub(super) fn request_arrived(&self, qid: &QueryId) {
+        lock(&self.side.queries).request_arrived(qid);
+        self.side.changed.notify_waiters();
+    }
+
     /// Bank: this node refused (or dropped) `qid`, so the platform's
     /// aggregate for it, if the platform accepted it, is told so at once
     /// rather than after a wait (see `claim_query`).
     pub(super) fn mark_refused(&self, qid: &QueryId) {
-        lock(&self.inner.bank).refused(qid, Instant::now());
+        lock(&self.side.queries).refused(qid, Instant::now());
     }
 
     /// Bank: waits for the platform's batches of a registered query.
@@ -166,7 +215,7 @@ impl Node {
     ) -> Result<(Share, Run, Waiter, SessionId), NodeError> {
         // Dropped on every way out but a share: the registration ends.
         let waiter = Waiter {
-            node: self.clone(),
+            bank: self.side.clone(),
             qid: *qid,
             reg,
         };
@@ -184,7 +233,7 @@ impl Node {
                     gone_seen = true;
                     // Not started by the platform yet: drop it. Started: the
                     // batches are running, so finish and store the share.
-                    let dropped = lock(&self.inner.bank).analyst_gone(qid, reg, Instant::now());
+                    let dropped = lock(&self.side.queries).analyst_gone(qid, reg, Instant::now());
                     if dropped.is_some() {
                         drop(dropped);
                         info!("query dropped while waiting for the platform node: its analyst has gone");
@@ -226,9 +275,7 @@ impl Node {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<(), NodeError> {
-        let NodeData::Holder(data) = &self.inner.data else {
-            return Err(NodeError::Internal("peer stream on a matcher"));
-        };
+        let data = &self.side.data;
         let first = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
         match Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))? {
             Message::Policy(p) => {
@@ -276,7 +323,7 @@ impl Node {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) -> Result<(), NodeError> {
-        let waiting = lock(&self.inner.bank).is_registered(&setup.query_id);
+        let waiting = lock(&self.side.queries).is_registered(&setup.query_id);
         if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id, setup.join_session) {
             // The operator's log says why; the query stays as it is.
             warn!(error = %e, "refused to run this query again for the platform");
@@ -329,7 +376,7 @@ impl Node {
             Err(e) => Batch::Failed(e.to_string()),
         };
         let delivered = {
-            let mut bank = lock(&self.inner.bank);
+            let mut bank = lock(&self.side.queries);
             if let Ok((_, stats, _)) = &result
                 && let Some(shell) = bank.shell_mut(&setup.query_id)
             {
@@ -355,7 +402,7 @@ impl Node {
         // Busy: an aggregate for it is running or its share is being
         // stored. (A query waiting for the platform is not: the
         // platform's rerun is what it waits for.)
-        let busy = lock(&self.inner.bank).busy(&c.query_id);
+        let busy = lock(&self.side.queries).busy(&c.query_id);
         let held = self.holds_share(&c.query_id, &c.run)?;
         write_one(
             &mut send,
@@ -381,8 +428,8 @@ impl Node {
     pub(super) async fn claim_query(&self, qid: &QueryId, join: SessionId) -> Claimed {
         let asked = Instant::now();
         loop {
-            let changed = self.inner.bank_changed.notified();
-            let until = match lock(&self.inner.bank).claim(qid, join, asked, Instant::now()) {
+            let changed = self.side.changed.notified();
+            let until = match lock(&self.side.queries).claim(qid, join, asked, Instant::now()) {
                 Claim::Found(reg, shell) => {
                     return Claimed::Found(reg, Box::new(shell.plan.clone()), shell.values.clone());
                 }
@@ -492,8 +539,8 @@ impl Node {
         let payload = joined.encode();
         lock(&self.inner.state).put_join(&session, "holder", &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.state).record_inputs("holder-input", &fp, l.join_ttl_secs)?;
-        lock(&self.inner.holder_joins).insert(session, joined.clone());
-        self.inner.join_stored.notify_waiters();
+        lock(&self.side.joins).insert(session, joined.clone());
+        self.side.join_stored.notify_waiters();
         let secs = t.elapsed().as_secs_f64();
         *lock(&self.inner.last_join) = vec![
             ("join".to_string(), secs),
@@ -520,7 +567,7 @@ impl Node {
         session: &SessionId,
         version: &[u8; 32],
     ) -> Result<Option<Arc<HolderJoined>>, NodeError> {
-        if let Some(j) = lock(&self.inner.holder_joins).get(session) {
+        if let Some(j) = lock(&self.side.joins).get(session) {
             return Ok(Some(j.clone()));
         }
         let Some(payload) = lock(&self.inner.state).join_by_session(session, version)? else {
@@ -536,7 +583,7 @@ impl Node {
                 return Ok(None);
             }
         };
-        lock(&self.inner.holder_joins).insert(*session, joined.clone());
+        lock(&self.side.joins).insert(*session, joined.clone());
         Ok(Some(joined))
     }
 
@@ -562,7 +609,7 @@ impl Node {
         let deadline = Instant::now() + self.inner.limits.timeouts.join_stored;
         let found = loop {
             // Registered before the check, so a join stored in between wakes it.
-            let stored = self.inner.join_stored.notified();
+            let stored = self.side.join_stored.notified();
             if let Some(j) = self.holder_join_by_session(&join_session, &data.version)? {
                 break Some(j);
             }

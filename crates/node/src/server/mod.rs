@@ -56,44 +56,36 @@ use crate::data::{HolderData, MatcherData, load_holder, load_matcher};
 use crate::noise::DrawnNoise;
 use crate::pump::{self, read_one, write_one};
 use crate::state::{AuditEntry, Charge, RunBinding, State, now_secs, period_of};
-use cleanroom_protocol::ledger::{self, AfterCharge, AfterCheck, BankHolds, PeerBatch};
+use cleanroom_protocol::ledger::{self, AfterCheck, BankAfterCharge, BankHolds, PeerBatch, PlatformAfterCharge};
 
 mod analyst;
 mod bank;
 mod platform;
 mod rows;
 
+use bank::{Bank, BankSide};
+use platform::{Platform, PlatformSide};
 pub use rows::{HolderRows, holder_values, matcher_block_indices, matcher_blocks};
 
-/// A node's input data.
-#[derive(Debug)]
-pub enum NodeData {
-    /// The bank's customers.
-    Holder(Arc<HolderData>),
-    /// The platform's users.
+/// A node's input data as loaded, before it goes to its side.
+enum Loaded {
+    Holder(HolderData),
     Matcher(MatcherData),
 }
 
-impl NodeData {
-    fn version(&self) -> [u8; 32] {
-        match self {
-            NodeData::Holder(h) => h.version,
-            NodeData::Matcher(m) => m.version,
-        }
-    }
+/// What only one role has: one state type per role (`bank::BankSide`,
+/// `platform::PlatformSide`), so a bank-only step cannot be reached on the
+/// platform or the other way round. Code of one role runs on its handle
+/// (`Bank`, `Platform`), which exists only for a node of that role.
+enum Side {
+    Bank(Arc<BankSide>),
+    Platform(Arc<PlatformSide>),
+}
 
-    /// Distinct identifiers loaded.
-    pub fn len(&self) -> usize {
-        match self {
-            NodeData::Holder(h) => h.ids.len(),
-            NodeData::Matcher(m) => m.ids.len(),
-        }
-    }
-
-    /// Whether no identifier was loaded.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+/// A node seen as its role: the typed handle its role's code runs on.
+enum Sided {
+    Bank(Bank),
+    Platform(Platform),
 }
 
 /// Bank: the node's part of a registered query (the registry is
@@ -272,7 +264,7 @@ enum Claimed {
 /// gone, an error), the registration is dropped and the query id
 /// remembered as refused; after, the query id is no longer busy.
 struct Waiter {
-    node: Node,
+    bank: Arc<BankSide>,
     qid: QueryId,
     reg: Registration,
 }
@@ -280,7 +272,7 @@ struct Waiter {
 impl Drop for Waiter {
     fn drop(&mut self) {
         let ended = {
-            let mut bank = lock(&self.node.inner.bank);
+            let mut bank = lock(&self.bank.queries);
             bank.stored(&self.qid, self.reg);
             bank.expire(&self.qid, self.reg, Instant::now())
         };
@@ -291,16 +283,16 @@ impl Drop for Waiter {
 /// Platform: one attempt of a query id, from its arrival until it ends
 /// (see `PlatformQueries`); the next waiting attempt is woken then.
 struct Attempt {
-    node: Node,
+    platform: Arc<PlatformSide>,
     qid: QueryId,
     started: bool,
 }
 
 impl Attempt {
-    fn arrive(node: &Node, qid: QueryId, analyst: &str) -> Self {
-        lock(&node.inner.platform).arrive(qid, analyst);
+    fn arrive(platform: &Platform, qid: QueryId, analyst: &str) -> Self {
+        lock(&platform.side.queries).arrive(qid, analyst);
         Self {
-            node: node.clone(),
+            platform: platform.side.clone(),
             qid,
             started: false,
         }
@@ -309,10 +301,10 @@ impl Attempt {
     /// Runs once no earlier attempt of the query id runs; `None` if the
     /// analyst went away first.
     async fn start(mut self, from: &Requester) -> Option<Self> {
-        let inner = self.node.inner.clone();
+        let side = self.platform.clone();
         loop {
-            let changed = inner.platform_changed.notified();
-            if lock(&inner.platform).start(&self.qid) == Start::Go {
+            let changed = side.changed.notified();
+            if lock(&side.queries).start(&self.qid) == Start::Go {
                 self.started = true;
                 return Some(self);
             }
@@ -327,14 +319,14 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         {
-            let mut platform = lock(&self.node.inner.platform);
+            let mut platform = lock(&self.platform.queries);
             if self.started {
                 platform.finish(&self.qid);
             } else {
                 platform.leave(&self.qid);
             }
         }
-        self.node.inner.platform_changed.notify_waiters();
+        self.platform.changed.notify_waiters();
     }
 }
 
@@ -343,37 +335,25 @@ impl Drop for Attempt {
 type Run = RunId;
 
 struct Inner {
-    role: Role,
+    /// This node's role, and the state only that role has.
+    side: Side,
     collaboration: String,
     rules: NormalizationRules,
     limits: Limits,
     templates: Vec<Template>,
     domains: Domains,
-    data: NodeData,
+    /// The version of this node's input data (`HolderData::version`,
+    /// `MatcherData::version`).
+    data_version: [u8; 32],
     state: Mutex<State>,
     /// This node's own key (`State::node_key`): keys the churn fingerprints
     /// and the platform's block padding. Never leaves the node.
     node_key: Zeroizing<[u8; 32]>,
     endpoint: quinn::Endpoint,
-    peer_address: Option<SocketAddr>,
-    peer_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
-    holder_joins: Mutex<HashMap<SessionId, Arc<HolderJoined>>>,
-    matcher_joins: Mutex<HashMap<String, Arc<MatcherJoined>>>,
-    /// Bank: its query ids between the nodes (registered, running,
-    /// completing, refused lately), and a wake-up when they change.
-    bank: Mutex<BankQueries<BankShell>>,
-    bank_changed: Notify,
-    /// Platform: one attempt at a time per query id (a retry waits for an
-    /// earlier attempt still running here, then finds its stored share),
-    /// and the analyst's cancels; a wake-up when an attempt ends.
-    platform: Mutex<PlatformQueries>,
-    platform_changed: Notify,
     /// Tells an admission from a later one under the same key.
     admission_ids: std::sync::atomic::AtomicU64,
-    /// Bank: the platform's signed policy arrived (see `wait_peer_policy`).
+    /// The peer's signed policy arrived (see `Bank::wait_peer_policy`).
     peer_policy_known: Notify,
-    /// Bank: a join was stored (see `holder_aggregate`).
-    join_stored: Notify,
     /// Queries running per analyst (see [`Node::admit`]).
     in_flight: PerAnalyst,
     /// Admissions held for a `Query` to come, by analyst and query id.
@@ -392,9 +372,6 @@ struct Inner {
     peer_public_key: String,
     /// The other operator's verified policy, once the peer has shown it.
     peer_policy: Mutex<Option<SignedPolicy>>,
-    /// Serialises queries on the matcher (so two queries that need the same
-    /// join do not both run it), round robin between analysts.
-    turns: crate::turns::Turns,
     /// This node's phases of the last join it ran (for the bench).
     last_join: Mutex<Vec<(String, f64)>>,
     /// Request/response exchanges this node has started with the peer
@@ -402,8 +379,15 @@ struct Inner {
     /// its pipelines stalled waiting for the peer after sending.
     exchanges: std::sync::atomic::AtomicU64,
     stalls: std::sync::atomic::AtomicU64,
-    /// Bank: peer streams being served.
-    peer_streams: std::sync::atomic::AtomicUsize,
+}
+
+impl Inner {
+    fn role(&self) -> Role {
+        match self.side {
+            Side::Bank(_) => Role::Bank,
+            Side::Platform(_) => Role::Platform,
+        }
+    }
 }
 
 /// One more of a gauge while alive.
@@ -430,7 +414,7 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Node {{ role: {} }}", self.inner.role.as_str())
+        write!(f, "Node {{ role: {} }}", self.inner.role().as_str())
     }
 }
 
@@ -470,19 +454,19 @@ impl Node {
         let collab = cfg.collaboration.clone();
         let role = cfg.role;
         let data = tokio::task::spawn_blocking(move || match role {
-            Role::Bank => load_holder(&data_cfg, &collab).map(|h| NodeData::Holder(Arc::new(h))),
-            Role::Platform => load_matcher(&data_cfg, &collab).map(NodeData::Matcher),
+            Role::Bank => load_holder(&data_cfg, &collab).map(Loaded::Holder),
+            Role::Platform => load_matcher(&data_cfg, &collab).map(Loaded::Matcher),
         })
         .await
         .map_err(|_| NodeError::Internal("data loading failed"))??;
-        let report = match &data {
-            NodeData::Holder(h) => &h.report,
-            NodeData::Matcher(m) => &m.report,
+        let (report, distinct, data_version) = match &data {
+            Loaded::Holder(h) => (&h.report, h.ids.len(), h.version),
+            Loaded::Matcher(m) => (&m.report, m.ids.len(), m.version),
         };
         info!(
             rows = report.rows,
             loaded = report.loaded,
-            distinct_identifiers = data.len(),
+            distinct_identifiers = distinct,
             bad_rows = report.bad_rows(),
             duplicate_identifiers = report.duplicate_identifiers,
             mapped_to_other = report.mapped_to_other,
@@ -509,36 +493,37 @@ impl Node {
             .trim()
             .to_string();
         let mut state = State::open(&cfg.state_dir)?;
-        state.expire_joins(&data.version())?;
+        state.expire_joins(&data_version)?;
         let node_key = state.node_key()?;
         let endpoint = node_endpoint(cfg.listen, &identity, &ca, &TransportSettings::default())?;
         let mut analysts: Vec<String> = templates.iter().flat_map(|t| t.analysts.iter().cloned()).collect();
         analysts.sort();
         analysts.dedup();
+        let side = match data {
+            Loaded::Holder(h) => Side::Bank(Arc::new(BankSide::new(Arc::new(h), query_timeouts))),
+            Loaded::Matcher(m) => {
+                let bank_address = cfg.peer.address.ok_or_else(|| NodeError::Config {
+                    path: config_path.display().to_string(),
+                    what: "the platform node needs [peer] address (it connects to the bank)".into(),
+                })?;
+                Side::Platform(Arc::new(PlatformSide::new(m, bank_address)))
+            }
+        };
         let inner = Arc::new(Inner {
-            role,
+            side,
             collaboration: cfg.collaboration.id.clone(),
             rules: NormalizationRules::v1(&cfg.collaboration.default_country_code),
             limits,
             templates,
             domains: cfg.domains(),
-            data,
+            data_version,
             state: Mutex::new(state),
             node_key,
             endpoint,
-            peer_address: cfg.peer.address,
-            peer_conn: tokio::sync::Mutex::new(None),
-            holder_joins: Mutex::new(HashMap::new()),
-            matcher_joins: Mutex::new(HashMap::new()),
-            bank: Mutex::new(BankQueries::new(query_timeouts)),
-            bank_changed: Notify::new(),
-            platform: Mutex::new(PlatformQueries::default()),
-            platform_changed: Notify::new(),
             admission_ids: std::sync::atomic::AtomicU64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             admissions: Mutex::new(HashMap::new()),
             peer_policy_known: Notify::new(),
-            join_stored: Notify::new(),
             connections: Mutex::new(HashMap::new()),
             request_rate: Mutex::new(HashMap::new()),
             analysts,
@@ -546,19 +531,16 @@ impl Node {
             own_policy_json,
             peer_public_key,
             peer_policy: Mutex::new(None),
-            turns: crate::turns::Turns::default(),
             last_join: Mutex::new(Vec::new()),
             exchanges: std::sync::atomic::AtomicU64::new(0),
             stalls: std::sync::atomic::AtomicU64::new(0),
-            peer_streams: std::sync::atomic::AtomicUsize::new(0),
         });
         let node = Node { inner };
         let accept = node.clone();
         tokio::spawn(async move { accept.accept_loop().await });
-        if role == Role::Platform {
+        if let Sided::Platform(eager) = node.sided() {
             // Connect to the bank early, so both sides have each other's
             // signed templates before the first query.
-            let eager = node.clone();
             tokio::spawn(async move {
                 let t = &eager.inner.limits.timeouts;
                 for _ in 0..t.connect_attempts {
@@ -599,13 +581,19 @@ impl Node {
     /// Platform: whether a query holds the turn to run its protocol, and
     /// how many wait for one (see `Turns`).
     pub fn turns(&self) -> (bool, usize) {
-        self.inner.turns.load()
+        match &self.inner.side {
+            Side::Platform(p) => p.turns.load(),
+            Side::Bank(_) => (false, 0),
+        }
     }
 
     /// Bank: streams of the peer node being served (joins, aggregates,
     /// share checks, policies).
     pub fn peer_streams(&self) -> usize {
-        self.inner.peer_streams.load(std::sync::atomic::Ordering::Relaxed)
+        match &self.inner.side {
+            Side::Bank(b) => b.peer_streams.load(std::sync::atomic::Ordering::Relaxed),
+            Side::Platform(_) => 0,
+        }
     }
 
     /// Whether this node's ledger holds a charge for `qid`.
@@ -624,7 +612,10 @@ impl Node {
     /// UDP bytes sent and received on the connection to the peer (the
     /// platform's side; zero on the bank).
     pub async fn peer_bytes(&self) -> (u64, u64) {
-        match self.inner.peer_conn.lock().await.as_ref() {
+        let Side::Platform(p) = &self.inner.side else {
+            return (0, 0);
+        };
+        match p.bank_conn.lock().await.as_ref() {
             Some(c) => {
                 let s = c.stats();
                 (s.udp_tx.bytes, s.udp_rx.bytes)
@@ -654,17 +645,31 @@ impl Node {
 
     /// The bank's normalised identifiers (for benchmarks; empty on the platform).
     pub fn holder_ids(&self) -> Vec<Vec<u8>> {
-        match &self.inner.data {
-            NodeData::Holder(h) => h.ids.clone(),
-            NodeData::Matcher(_) => Vec::new(),
+        match &self.inner.side {
+            Side::Bank(b) => b.data.ids.clone(),
+            Side::Platform(_) => Vec::new(),
         }
     }
 
     /// The platform's normalised identifiers (for benchmarks; empty on the bank).
     pub fn matcher_ids(&self) -> Vec<Vec<u8>> {
-        match &self.inner.data {
-            NodeData::Matcher(m) => m.ids.clone(),
-            NodeData::Holder(_) => Vec::new(),
+        match &self.inner.side {
+            Side::Platform(p) => p.data.ids.clone(),
+            Side::Bank(_) => Vec::new(),
+        }
+    }
+
+    /// This node as its role.
+    fn sided(&self) -> Sided {
+        match &self.inner.side {
+            Side::Bank(side) => Sided::Bank(Bank {
+                node: self.clone(),
+                side: side.clone(),
+            }),
+            Side::Platform(side) => Sided::Platform(Platform {
+                node: self.clone(),
+                side: side.clone(),
+            }),
         }
     }
 
@@ -716,12 +721,12 @@ impl Node {
             conn.close(2u32.into(), b"certificate required");
             return;
         };
-        let peer_name = pki::node_name(self.inner.role.peer().as_str());
+        let peer_name = pki::node_name(self.inner.role().peer().as_str());
         if certificate_is_for(&cert, &peer_name) {
-            if self.inner.role != Role::Bank {
+            let Sided::Bank(bank) = self.sided() else {
                 conn.close(3u32.into(), b"this node does not accept peer connections");
                 return;
-            }
+            };
             // The platform needs one; a few more cover its restarts until
             // the old ones are reset.
             let Ok(_open) = Counted::take(&self, &peer_name, |i| &i.connections, MAX_PEER_CONNECTIONS, u32::MAX) else {
@@ -731,10 +736,10 @@ impl Node {
             };
             info!(peer = %peer_name, "peer connected");
             while let Ok((send, recv)) = conn.accept_bi().await {
-                let node = self.clone();
+                let bank = bank.clone();
                 tokio::spawn(async move {
-                    let _serving = Gauge::up(&node.inner.peer_streams);
-                    if let Err(e) = node.serve_peer_stream(send, recv).await {
+                    let _serving = Gauge::up(&bank.side.peer_streams);
+                    if let Err(e) = bank.serve_peer_stream(send, recv).await {
                         warn!(error = %e, "peer session failed");
                     }
                 });
@@ -828,7 +833,7 @@ impl Node {
         let p = SignedPolicy::from_json(signed).map_err(|e| NodeError::Peer(format!("peer policy: {e}")))?;
         p.verify(&self.inner.peer_public_key)
             .map_err(|e| NodeError::Peer(format!("the peer's signed policy: {e}")))?;
-        if p.role != self.inner.role.peer().as_str() || p.collaboration != self.inner.collaboration {
+        if p.role != self.inner.role().peer().as_str() || p.collaboration != self.inner.collaboration {
             return Err(NodeError::Peer(
                 "the peer's signed policy is for another role or collaboration".into(),
             ));
@@ -839,12 +844,24 @@ impl Node {
         Ok(())
     }
 
-    /// On the bank: the platform shows its policy when it connects; a
-    /// request may arrive a moment before that, so wait up to 5 s.
-    async fn wait_peer_policy(&self) {
-        if self.inner.role != Role::Bank {
-            return;
+    /// The checks before a charge need the peer's signed policy: the bank
+    /// waits for it (`Bank::wait_peer_policy`); the platform reaches the bank
+    /// (`Platform::peer_connection`), which shows the bank's.
+    async fn peer_policy_or_wait(&self) -> Result<(), NodeError> {
+        match self.sided() {
+            Sided::Bank(b) => {
+                b.wait_peer_policy().await;
+                Ok(())
+            }
+            Sided::Platform(p) => p.peer_connection().await.map(drop),
         }
+    }
+}
+
+impl Bank {
+    /// The platform shows its policy when it connects; a request may
+    /// arrive a moment before that, so wait up to `Timeouts::peer_policy`.
+    async fn wait_peer_policy(&self) {
         let deadline = Instant::now() + self.inner.limits.timeouts.peer_policy;
         loop {
             // Registered before the check, so a policy set in between wakes it.
@@ -858,13 +875,15 @@ impl Node {
             }
         }
     }
+}
 
+impl Node {
     /// Why a template may not run, if it may not: both operators must have
     /// signed its exact text.
     fn not_runnable(&self, t: &Template) -> Option<String> {
         let own = self.inner.own_policy.approves(t);
         let peer = lock(&self.inner.peer_policy).as_ref().map(|p| p.approves(t));
-        let (me, other) = (self.inner.role.as_str(), self.inner.role.peer().as_str());
+        let (me, other) = (self.inner.role().as_str(), self.inner.role().peer().as_str());
         match (own, peer) {
             (true, Some(true)) => None,
             (_, None) => Some(format!(
@@ -885,7 +904,7 @@ impl Node {
                 RefusalCode::UnknownTemplate,
                 format!(
                     "no template named {name:?} on the {} node; run `cleanroom templates` to list them",
-                    self.inner.role.as_str()
+                    self.inner.role().as_str()
                 ),
             )
         })

@@ -3,7 +3,55 @@
 
 use super::*;
 
-impl Node {
+/// What only the platform has.
+pub(super) struct PlatformSide {
+    /// Its users.
+    pub(super) data: MatcherData,
+    /// Cached joins by matcher filter.
+    joins: Mutex<HashMap<String, Arc<MatcherJoined>>>,
+    /// One attempt at a time per query id (a retry waits for an earlier
+    /// attempt still running here, then finds its stored share), and the
+    /// analyst's cancels; a wake-up when an attempt ends.
+    pub(super) queries: Mutex<PlatformQueries>,
+    pub(super) changed: Notify,
+    /// The bank's address, and the connection to it once made.
+    bank_address: SocketAddr,
+    pub(super) bank_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// Serialises queries (so two queries that need the same join do not
+    /// both run it), round robin between analysts.
+    pub(super) turns: crate::turns::Turns,
+}
+
+impl PlatformSide {
+    pub(super) fn new(data: MatcherData, bank_address: SocketAddr) -> Self {
+        Self {
+            data,
+            joins: Mutex::new(HashMap::new()),
+            queries: Mutex::new(PlatformQueries::default()),
+            changed: Notify::new(),
+            bank_address,
+            bank_conn: tokio::sync::Mutex::new(None),
+            turns: crate::turns::Turns::default(),
+        }
+    }
+}
+
+/// A platform node: the node's shared state and the platform's own. Only
+/// `Node::sided` makes one, for a platform.
+#[derive(Clone)]
+pub(super) struct Platform {
+    pub(super) node: Node,
+    pub(super) side: Arc<PlatformSide>,
+}
+
+impl std::ops::Deref for Platform {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl Platform {
     /// Platform: whether the bank holds its share of `run` of this query.
     pub(super) async fn bank_holds(&self, qid: &QueryId, run: &Run) -> Result<BankHolds, NodeError> {
         let conn = self.peer_connection().await.map_err(|e| {
@@ -37,15 +85,13 @@ impl Node {
     }
 
     pub(super) async fn peer_connection(&self) -> Result<quinn::Connection, NodeError> {
-        let mut guard = self.inner.peer_conn.lock().await;
+        let mut guard = self.side.bank_conn.lock().await;
         if let Some(c) = guard.as_ref()
             && c.close_reason().is_none()
         {
             return Ok(c.clone());
         }
-        let addr = self.inner.peer_address.ok_or(NodeError::Internal("no peer address"))?;
-        let peer_name = pki::node_name(self.inner.role.peer().as_str());
-        let conn = connect(&self.inner.endpoint, addr, &peer_name).await?;
+        let conn = connect(&self.inner.endpoint, self.side.bank_address, &pki::node_name("bank")).await?;
         // Show each other the signed templates first.
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
         let mine = Message::Policy(PolicyMessage {
@@ -79,7 +125,7 @@ impl Node {
         filter: &str,
         version: &[u8; 32],
     ) -> Result<Option<Arc<MatcherJoined>>, NodeError> {
-        if let Some(j) = lock(&self.inner.matcher_joins).get(filter) {
+        if let Some(j) = lock(&self.side.joins).get(filter) {
             return Ok(Some(j.clone()));
         }
         let cached = lock(&self.inner.state).join_for_filter(filter, version)?;
@@ -95,7 +141,7 @@ impl Node {
                 return Ok(None);
             }
         };
-        lock(&self.inner.matcher_joins).insert(filter.to_string(), j.clone());
+        lock(&self.side.joins).insert(filter.to_string(), j.clone());
         Ok(Some(j))
     }
 
@@ -185,7 +231,7 @@ impl Node {
         let payload = joined.encode();
         lock(&self.inner.state).put_join(&joined.session(), &filter, &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.state).record_inputs(&filter, &fp, l.join_ttl_secs)?;
-        lock(&self.inner.matcher_joins).insert(filter, joined.clone());
+        lock(&self.side.joins).insert(filter, joined.clone());
         let secs = t.elapsed().as_secs_f64();
         info!(rows = joined.rows(), seconds = secs, "join done");
         let phases = vec![
@@ -261,17 +307,15 @@ impl Node {
         from: &Requester,
         rerun_over: Option<SessionId>,
     ) -> Result<(Share, Run, SessionId), NodeError> {
-        let NodeData::Matcher(data) = &self.inner.data else {
-            return Err(NodeError::Internal("matcher query on a holder"));
-        };
+        let data = &self.side.data;
         let _serial = tokio::select! {
-            s = self.inner.turns.take(analyst) => s,
+            s = self.side.turns.take(analyst) => s,
             () = from.gone() => {
                 info!("query dropped while waiting for its turn: its analyst has gone");
                 return Err(analyst_gone());
             }
         };
-        if lock(&self.inner.platform).take_cancelled(qid) {
+        if lock(&self.side.queries).take_cancelled(qid) {
             return Err(NodeError::refused(
                 RefusalCode::PeerRefused,
                 "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)",
@@ -307,7 +351,7 @@ impl Node {
                     return other_join();
                 }
                 info!("the bank no longer has this join; joining again");
-                lock(&self.inner.matcher_joins).remove(&plan.join_filter());
+                lock(&self.side.joins).remove(&plan.join_filter());
                 lock(&self.inner.state).drop_join(&joined.session())?;
                 let (joined, join_phases) = self.matcher_join(data, plan, true).await?;
                 timings.extend(join_phases.unwrap_or_default());
