@@ -57,7 +57,7 @@ pub fn node_config(data: &[u8]) {
         let _ = cfg.domains();
         let _ = cfg.templates(path);
     }
-    let _ = cleanroom_node::config::AnalystConfig::parse(text, path);
+    let _ = cleanroom_client::config::AnalystConfig::parse(text, path);
 }
 
 /// SQL against the demo schema: parsed or refused with a message, never a

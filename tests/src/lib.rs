@@ -25,13 +25,13 @@ pub fn analyst_of(
     name: &str,
     bank: &cleanroom_node::server::Node,
     platform: &cleanroom_node::server::Node,
-) -> cleanroom_node::client::Analyst {
+) -> cleanroom_client::Analyst {
     let (b, p) = (bank.local_addr(), platform.local_addr());
     let cfg = match (b, p) {
         (Ok(b), Ok(p)) => fixture.analyst(name, b, p),
         _ => panic!("a node has no address"),
     };
-    match cfg.and_then(|c| cleanroom_node::client::Analyst::new(&c)) {
+    match cfg.and_then(|c| Ok(cleanroom_client::Analyst::new(&c)?)) {
         Ok(a) => a,
         Err(e) => panic!("analyst {name}: {e}"),
     }

@@ -32,9 +32,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
+use cleanroom_client::Analyst;
 use cleanroom_crypto::normalize::NormalizationRules;
 use cleanroom_lab::demo::Fixture;
-use cleanroom_node::client::Analyst;
 use cleanroom_node::config::NodeConfig;
 use cleanroom_node::server::Node;
 use cleanroom_protocol::aggregate::MatcherAggregate;

@@ -14,9 +14,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use cleanroom_client::{Analyst, new_query_id};
 use cleanroom_crypto::normalize::NormalizationRules;
 use cleanroom_lab::demo::Fixture;
-use cleanroom_node::client::{Analyst, new_query_id};
 use cleanroom_protocol::join::{JoinParams, MatcherJoin, MatcherPolicy, MatcherStreaming, SetSizeLimits};
 use cleanroom_sim::oracle::truth;
 use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame};

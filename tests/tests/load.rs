@@ -7,12 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cleanroom_client::config::AnalystConfig;
+use cleanroom_client::{Analyst, new_query_id};
+use cleanroom_client::{ClientError, RefusalCode};
 use cleanroom_lab::demo::Fixture;
-use cleanroom_node::client::{Analyst, new_query_id};
-use cleanroom_node::config::{AnalystConfig, NodeConfig};
+use cleanroom_node::config::NodeConfig;
 use cleanroom_node::pump;
 use cleanroom_node::server::Node;
-use cleanroom_node::{NodeError, RefusalCode};
 use cleanroom_tests::analyst_of;
 use cleanroom_transport::{Identity, TransportSettings, client_endpoint, pki, write_frame};
 use cleanroom_wire::{AnalystRequest, AnalystResponse, MAX_MESSAGE_LEN, Message, QueryRequest};
@@ -105,7 +106,7 @@ async fn two_hundred_concurrent_queries_from_twenty_analysts() {
                 assert!(!result.cells.is_empty());
                 answered[a] += 1;
             }
-            Err(NodeError::Refused(m)) => refused.push(m),
+            Err(ClientError::Refused(m)) => refused.push(m),
             Err(e) => panic!("analyst {a}: not a clean answer: {e}"),
         }
     }
@@ -182,7 +183,7 @@ async fn a_greedy_analyst_is_capped_and_the_others_are_served() {
     for (f, qid) in flood.into_iter().zip(&ids) {
         match f.await.unwrap() {
             Ok(_) => answered += 1,
-            Err(NodeError::Refused(m)) => {
+            Err(ClientError::Refused(m)) => {
                 // Refused by the cap on one node, and then dropped by the
                 // other (which had accepted it).
                 assert!(
@@ -441,7 +442,7 @@ async fn an_analyst_over_its_request_rate_is_refused_then_served() {
     for _ in 0..30 {
         match alice.budget().await {
             Ok(_) => served += 1,
-            Err(NodeError::Refused(m)) if m.code == RefusalCode::RateLimited => refused += 1,
+            Err(ClientError::Refused(m)) if m.code == RefusalCode::RateLimited => refused += 1,
             Err(e) => panic!("not a rate refusal: {e}"),
         }
     }

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cleanroom_client::{Analyst, new_query_id};
+use cleanroom_client::{ClientError, RefusalCode};
 use cleanroom_lab::demo::{Fixture, demo_queries};
-use cleanroom_node::client::{Analyst, new_query_id};
 use cleanroom_node::server::Node;
-use cleanroom_node::{NodeError, RefusalCode};
 use cleanroom_sim::oracle::truth;
 use cleanroom_tests::analyst_of;
 use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame};
@@ -143,7 +143,7 @@ fn ca_roots(certs: &std::path::Path) -> rustls::RootCertStore {
 
 /// The refusal's text, after checking its code: tests tell refusals apart by
 /// code; the text is checked where what it says is the point.
-fn refused_with<T>(r: Result<T, NodeError>, code: RefusalCode) -> String {
+fn refused_with<T>(r: Result<T, ClientError>, code: RefusalCode) -> String {
     match r {
         Ok(_) => panic!("not refused"),
         Err(e) => {
@@ -254,7 +254,7 @@ async fn strangers_and_wrong_roles_are_refused() {
     // template: the node does not accept his connection.
     let bob = p.analyst("bob");
     let e = bob.templates().await.unwrap_err();
-    assert!(matches!(e, NodeError::Peer(_)), "{e}");
+    assert!(matches!(e, ClientError::Node { .. }), "{e}");
     // alice asking for a template that does not exist, or with a bad parameter:
     // refused with a message that says what to change.
     let alice_client = p.analyst("alice");
@@ -443,7 +443,7 @@ async fn a_restarted_node_returns_the_same_stored_share() {
     let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let again = analyst.query(template, &params, qid, TIMEOUT).await.unwrap();
     assert!(again.replayed);
-    let values = |r: &cleanroom_node::client::QueryResult| r.cells.iter().map(|c| c.value).collect::<Vec<_>>();
+    let values = |r: &cleanroom_client::QueryResult| r.cells.iter().map(|c| c.value).collect::<Vec<_>>();
     assert_eq!(
         values(&first),
         values(&again),
@@ -580,9 +580,8 @@ async fn a_query_charged_before_a_change_of_rho_completes_at_the_charged_rho() {
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
     let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let again = analyst.query("overlap", &[], qid, TIMEOUT).await.unwrap();
-    let rho_of = |r: &cleanroom_node::client::QueryResult| {
-        r.rho.iter().find(|(n, _)| n == "bank").map(|(_, v)| v.clone()).unwrap()
-    };
+    let rho_of =
+        |r: &cleanroom_client::QueryResult| r.rho.iter().find(|(n, _)| n == "bank").map(|(_, v)| v.clone()).unwrap();
     assert_eq!(rho_of(&again), "0.1");
     let fresh = analyst
         .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)

@@ -17,8 +17,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cleanroom_client::new_query_id;
 use cleanroom_lab::demo::Fixture;
-use cleanroom_node::client::new_query_id;
 use cleanroom_transport::{Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame};
 use cleanroom_wire::{
     Abort, AbortCode, AnalystRequest, AnalystResponse, MAX_MESSAGE_LEN, Message, PolicyMessage, QueryRequest,

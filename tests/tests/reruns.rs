@@ -16,9 +16,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use cleanroom_client::new_query_id;
 use cleanroom_crypto::normalize::NormalizationRules;
 use cleanroom_lab::demo::{Fixture, demo_queries};
-use cleanroom_node::client::new_query_id;
 use cleanroom_node::pump;
 use cleanroom_protocol::aggregate::MatcherAggregate;
 use cleanroom_protocol::join::{JoinParams, MatcherJoin, MatcherJoined, MatcherPolicy, SetSizeLimits};
@@ -255,7 +255,7 @@ async fn a_bank_that_keeps_losing_its_share_gets_the_same_platform_noise() {
     let analyst = analyst_of(&fixture, "alice", &bank, &platform);
     let (template, params) = demo_queries().remove(1);
     let qid = new_query_id().unwrap();
-    let values = |r: &cleanroom_node::client::QueryResult| r.cells.iter().map(|c| c.value).collect::<Vec<_>>();
+    let values = |r: &cleanroom_client::QueryResult| r.cells.iter().map(|c| c.value).collect::<Vec<_>>();
     let first = analyst.query(template, &params, qid, TIMEOUT).await.unwrap();
     let bank_db = dir.path().join("state").join("bank").join("state.db");
     let lose = || {

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use cleanroom_node::config::{AnalystConfig, NodeConfig, Role};
+use cleanroom_client::config::AnalystConfig;
+use cleanroom_node::config::{NodeConfig, Role};
 use cleanroom_transport::{Identity, TrustAnchors, certificate_is_for, pki};
 
 fn root() -> &'static Path {

@@ -26,8 +26,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use cleanroom_node::client::{Analyst, new_query_id, parse_query_id};
-use cleanroom_node::config::{AnalystConfig, NodeConfig};
+use cleanroom_client::config::AnalystConfig;
+use cleanroom_client::{Analyst, new_query_id, parse_query_id};
+use cleanroom_node::config::NodeConfig;
 use cleanroom_node::server::Node;
 use cleanroom_sim::simulate::{DEFAULT_CHUNK, SimulateConfig, simulate};
 use cleanroom_sim::synth::{SynthConfig, generate};
@@ -517,10 +518,10 @@ fn main() -> anyhow::Result<()> {
                                     .await
                                     .map(|(_, r)| r)
                             } else {
-                                Err(cleanroom_node::NodeError::refused(cleanroom_node::RefusalCode::BadRequest, "with --sql, write the values into the query instead of --param"))
+                                Err(cleanroom_client::ClientError::Refused(cleanroom_client::Refusal::new(cleanroom_client::RefusalCode::BadRequest, "with --sql, write the values into the query instead of --param")))
                             }
                         }
-                        (None, None) => Err(cleanroom_node::NodeError::refused(cleanroom_node::RefusalCode::BadRequest, "give --template or --sql")),
+                        (None, None) => Err(cleanroom_client::ClientError::Refused(cleanroom_client::Refusal::new(cleanroom_client::RefusalCode::BadRequest, "give --template or --sql"))),
                     };
                     // Tell the nodes this process is done with its
                     // connections (they are counted per analyst).

@@ -1,7 +1,7 @@
 //! Human-readable and CSV output.
 
+use cleanroom_client::QueryResult;
 use cleanroom_lab::demo::DemoReport;
-use cleanroom_node::client::QueryResult;
 use cleanroom_sim::simulate::SimulateReport;
 use cleanroom_wire::{BudgetInfo, TemplateInfo};
 

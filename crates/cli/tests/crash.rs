@@ -21,8 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cleanroom_client::{Analyst, new_query_id, reconstruct};
 use cleanroom_lab::demo::{Fixture, node_toml};
-use cleanroom_node::client::{Analyst, new_query_id, reconstruct};
 use cleanroom_node::config::NodeConfig;
 use cleanroom_node::state::State;
 use cleanroom_wire::{AnalystResponse, Message, QueryShare};
@@ -115,7 +115,7 @@ fn set_listen(config: &Path, addr: SocketAddr, allow: &dyn Fn(String) -> String)
 /// One analyst's view of one query: the cell values it was given.
 type Seen = Vec<f64>;
 
-fn values(r: &cleanroom_node::client::QueryResult) -> Seen {
+fn values(r: &cleanroom_client::QueryResult) -> Seen {
     r.cells.iter().map(|c| c.value).collect()
 }
 

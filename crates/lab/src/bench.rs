@@ -18,8 +18,10 @@ use serde::Serialize;
 
 use crate::demo::{Fixture, demo_queries};
 use crate::memory::{self, Tag};
+use cleanroom_client::{Analyst, new_query_id};
 use cleanroom_node::NodeError;
-use cleanroom_node::client::{Analyst, new_query_id};
+
+use crate::LabError;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -219,7 +221,7 @@ fn node_phases(node: &str, phases: impl IntoIterator<Item = (String, f64)>) -> i
 ///
 /// # Errors
 /// Any node or query failure.
-pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) -> Result<Vec<BenchRow>, NodeError> {
+pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) -> Result<Vec<BenchRow>, LabError> {
     memory::enable();
     let mut out = Vec::new();
     let runs: Vec<(usize, usize)> = opts
@@ -312,7 +314,9 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
 
         progress(step + 4, total, &format!("{rows} rows: timing the curve bound"));
         // The demo configuration's cardinality noise: ε = 0.5, δ = 10^-6.
-        let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)?.d_max() as usize;
+        let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
+            .map_err(NodeError::Crypto)?
+            .d_max() as usize;
         let parts = tokio::task::spawn_blocking(move || curve_bound(&holder, &matcher, d_max))
             .await
             .map_err(|_| NodeError::Internal("bound task failed"))??;

@@ -10,9 +10,12 @@ use cleanroom_sim::oracle::truth;
 use cleanroom_sim::synth::{SEGMENTS, SynthConfig, SynthData, generate};
 use serde::Serialize;
 
+use cleanroom_client::config::AnalystConfig;
+use cleanroom_client::{Analyst, QueryResult, new_query_id};
 use cleanroom_node::NodeError;
-use cleanroom_node::client::{Analyst, QueryResult, new_query_id};
-use cleanroom_node::config::{AnalystConfig, NodeConfig};
+
+use crate::LabError;
+use cleanroom_node::config::NodeConfig;
 use cleanroom_node::server::Node;
 
 /// The demo's clip bounds (per customer and category).
@@ -345,19 +348,19 @@ impl Fixture {
     /// Writes `analyst-<name>.toml` for the two nodes and loads it.
     ///
     /// # Errors
-    /// A file error.
+    /// A file error, or the config does not load.
     pub fn analyst(
         &self,
         name: &str,
         bank: std::net::SocketAddr,
         platform: std::net::SocketAddr,
-    ) -> Result<AnalystConfig, NodeError> {
+    ) -> Result<AnalystConfig, LabError> {
         let path = self.dir.join(format!("analyst-{name}.toml"));
         write(
             &path,
             &analyst_toml(name, "certs", &bank.to_string(), &platform.to_string()),
         )?;
-        AnalystConfig::load(&path)
+        Ok(AnalystConfig::load(&path)?)
     }
 }
 
@@ -387,7 +390,7 @@ pub fn demo_queries() -> Vec<(&'static str, Vec<(String, String)>)> {
 ///
 /// # Errors
 /// Any failure along the way, with its message.
-pub async fn run(rows: usize, seed: u64, dir: Option<&Path>, sql: Option<&str>) -> Result<DemoReport, NodeError> {
+pub async fn run(rows: usize, seed: u64, dir: Option<&Path>, sql: Option<&str>) -> Result<DemoReport, LabError> {
     let tmp;
     let dir = match dir {
         Some(d) => d.to_path_buf(),

@@ -16,3 +16,15 @@ pub mod bench;
 pub mod demo;
 pub mod memory;
 pub mod relay;
+
+/// What can fail in the lab: a node (its setup included), or the analyst's
+/// client.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// A node, its configuration, data or state.
+    #[error(transparent)]
+    Node(#[from] cleanroom_node::NodeError),
+    /// The analyst's client.
+    #[error(transparent)]
+    Client(#[from] cleanroom_client::ClientError),
+}

@@ -1,4 +1,5 @@
-//! Node and analyst configuration (TOML; unknown fields are refused).
+//! Node configuration (TOML; unknown fields are refused). The analyst's is
+//! `cleanroom_client::config`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,76 +11,7 @@ use serde::Deserialize;
 
 use crate::NodeError;
 
-/// Which side a node plays.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// The holder (customers with transactions).
-    Bank,
-    /// The matcher (users with segments).
-    Platform,
-}
-
-impl Role {
-    /// Its name, as in certificates.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Bank => "bank",
-            Role::Platform => "platform",
-        }
-    }
-
-    /// The other role.
-    pub fn peer(self) -> Role {
-        match self {
-            Role::Bank => Role::Platform,
-            Role::Platform => Role::Bank,
-        }
-    }
-}
-
-/// Certificate, key and CA files.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityFiles {
-    /// PEM certificate (chain).
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
-    /// PEM CA certificate(s) of the collaboration.
-    pub ca: PathBuf,
-    /// PEM certificate revocation list(s) of the CA (`cleanroom certs
-    /// revoke`): certificates listed there are refused.
-    #[serde(default)]
-    pub crl: Option<PathBuf>,
-}
-
-impl IdentityFiles {
-    /// The CA certificates with the configured revocation lists.
-    ///
-    /// # Errors
-    /// An unreadable CA or CRL file.
-    pub fn trust_anchors(&self) -> Result<cleanroom_transport::TrustAnchors, NodeError> {
-        let ca = cleanroom_transport::TrustAnchors::load(&self.ca)?;
-        Ok(match &self.crl {
-            Some(crl) => ca.with_crl(crl)?,
-            None => ca,
-        })
-    }
-
-    fn make_relative_to(&mut self, base: &Path) {
-        for p in [&mut self.cert, &mut self.key, &mut self.ca] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
-        if let Some(p) = self.crl.as_mut()
-            && p.is_relative()
-        {
-            *p = base.join(&*p);
-        }
-    }
-}
+pub use cleanroom_transport::{IdentityFiles, Role};
 
 /// The other node.
 #[derive(Clone, Debug, Deserialize)]
@@ -780,57 +712,5 @@ impl NodeConfig {
             out.push(tpl);
         }
         Ok(out)
-    }
-}
-
-/// One node, as an analyst reaches it.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeAddress {
-    /// `bank` or `platform`.
-    pub role: Role,
-    /// Its UDP address.
-    pub address: SocketAddr,
-}
-
-/// An analyst's configuration.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AnalystConfig {
-    /// The analyst's name (as in its certificate).
-    pub name: String,
-    /// Certificates.
-    pub identity: IdentityFiles,
-    /// Both nodes.
-    pub nodes: Vec<NodeAddress>,
-}
-
-impl AnalystConfig {
-    /// Reads and checks an analyst config; relative paths are taken
-    /// relative to the file's directory.
-    ///
-    /// # Errors
-    /// [`NodeError::Config`].
-    pub fn load(path: &Path) -> Result<Self, NodeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| bad(path, e.to_string()))?;
-        Self::parse(&text, path)
-    }
-
-    /// Parses and checks analyst config text as if read from `path`.
-    ///
-    /// # Errors
-    /// [`NodeError::Config`].
-    pub fn parse(text: &str, path: &Path) -> Result<Self, NodeError> {
-        let mut cfg: AnalystConfig = toml::from_str(text).map_err(|e| bad(path, e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        cfg.identity.make_relative_to(base);
-        let has = |r: Role| cfg.nodes.iter().filter(|n| n.role == r).count() == 1;
-        if !has(Role::Bank) || !has(Role::Platform) {
-            return Err(bad(
-                path,
-                "list exactly one bank and one platform under [[nodes]]".into(),
-            ));
-        }
-        Ok(cfg)
     }
 }

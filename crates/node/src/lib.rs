@@ -1,20 +1,19 @@
 #![forbid(unsafe_code)]
-//! The clean-room node and its analyst client.
+//! The clean-room node.
 //!
-//! - [`config`]: the node's and the analyst's TOML configuration;
+//! - [`config`]: the node's TOML configuration;
 //! - [`data`]: CSV loading (streamed, bad rows counted by reason);
 //! - [`state`]: the SQLite ledger, audit log and join cache;
 //! - [`pump`]: a protocol state machine driven over a QUIC stream;
 //! - [`server`]: the node itself: connections, sessions, queries, noise;
-//! - [`client`]: the analyst's side: submit, reconstruct, intervals;
 //! - [`noise`], [`policy`], [`turns`]: the noise draw, signed templates, the
 //!   matcher's round robin between analysts.
 //!
-//! The demo, the bench and the test fixture are in `cleanroom-lab`.
+//! The analyst's client is `cleanroom-client`; the demo, the bench and the
+//! test fixture are in `cleanroom-lab`.
 
 pub use cleanroom_wire::{Refusal, RefusalCode};
 
-pub mod client;
 pub mod config;
 pub mod data;
 pub mod noise;
@@ -24,7 +23,7 @@ pub mod server;
 pub mod state;
 pub mod turns;
 
-/// Errors of a node or of the analyst client. Messages never carry an
+/// Errors of a node. Messages never carry an
 /// identifier, a value or a share.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -13,7 +13,10 @@
 //!   `<name>.analyst.cleanroom` (see [`pki`]).
 //! - Frames are length-delimited (`u32` little endian) with a maximum size.
 
+pub mod files;
 pub mod pki;
+
+pub use files::{IdentityFiles, Role};
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,21 +1,129 @@
-//! The analyst's side: connect to both nodes with the analyst certificate,
-//! submit the same query id to each, reconstruct the cells from the two
-//! noisy shares, and report each with its noise and a 95% interval.
+#![forbid(unsafe_code)]
+//! The analyst's client: connect to both nodes with the analyst
+//! certificate, ask both to admit a query, submit the same query id to
+//! each, reconstruct the cells from the two noisy shares, and report each
+//! with its noise and a 95% interval.
+//!
+//! An analyst's program depends on this crate alone (with `cleanroom-wire`
+//! for the messages, `cleanroom-transport` for QUIC with mutual TLS and
+//! `cleanroom-query` to match ad hoc SQL to a signed template): no SQLite,
+//! CSV, curve arithmetic or protocol machines. Errors are typed
+//! ([`ClientError`]); a refusal carries its code on the wire
+//! ([`RefusalCode`]), which programs match on rather than on the message.
 
-use cleanroom_wire::QueryId;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cleanroom_crypto::shares::Share;
-use cleanroom_transport::{Identity, TransportError, TransportSettings, client_endpoint, connect, pki};
-use cleanroom_wire::{
-    AnalystRequest, AnalystResponse, BudgetInfo, Message, QueryRequest, QueryShare, Refusal, RefusalCode, TemplateInfo,
+pub use cleanroom_transport::Role;
+use cleanroom_transport::{
+    Identity, TransportError, TransportSettings, client_endpoint, connect, pki, read_frame, write_frame,
 };
+use cleanroom_wire::{
+    AnalystRequest, AnalystResponse, BudgetInfo, MAX_MESSAGE_LEN, Message, QueryId, QueryRequest, QueryShare,
+    TemplateInfo,
+};
+pub use cleanroom_wire::{Refusal, RefusalCode};
 use serde::Serialize;
 
-use crate::NodeError;
-use crate::config::{AnalystConfig, Role};
-use crate::pump::{read_one, write_one};
+pub mod config;
+
+use config::AnalystConfig;
+
+/// What went wrong for the analyst. Messages never carry an identifier, a
+/// value or a share.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The analyst's configuration file is unusable.
+    #[error("config {path}: {what}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The configuration lists no node of this role.
+    #[error("the analyst config lists no {0} node")]
+    MissingNode(Role),
+    /// The analyst's certificate, key or CA could not be loaded, or its
+    /// endpoint not made.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A node could not be reached, or did not answer as asked.
+    #[error("{role} node at {address}: {problem}")]
+    Node {
+        /// Which node.
+        role: Role,
+        /// Where the analyst looked for it.
+        address: SocketAddr,
+        /// What happened.
+        problem: NodeProblem,
+    },
+    /// A node (or both) refused: the code, and each refusing node's message.
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    /// The two nodes' shares do not belong together.
+    #[error("{0}")]
+    Shares(#[from] SharesMismatch),
+    /// The OS random generator failed (a new query id).
+    #[error("the OS random generator failed")]
+    Random,
+}
+
+impl ClientError {
+    /// The refusal's code, if this is a refusal.
+    pub fn refusal_code(&self) -> Option<RefusalCode> {
+        match self {
+            Self::Refused(r) => Some(r.code),
+            _ => None,
+        }
+    }
+
+    fn refused(code: RefusalCode, message: impl Into<String>) -> Self {
+        Self::Refused(Refusal::new(code, message))
+    }
+}
+
+/// How talking to one node failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeProblem {
+    /// No connection (the transport's reason).
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The connection or stream failed, or ended before the answer.
+    #[error("{0} (if this persists, check that this analyst's certificate is accepted by the node)")]
+    Stream(String),
+    /// No answer within the wait.
+    #[error("no answer within {0} s (if this persists, check that this analyst's certificate is accepted by the node)")]
+    NoAnswer(u64),
+    /// A frame that is not an analyst response.
+    #[error("answered with something other than an analyst response")]
+    NotAResponse,
+    /// An analyst response of another kind than the request asks for.
+    #[error("answered out of turn")]
+    OutOfTurn,
+}
+
+/// Why two shares cannot be added up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SharesMismatch {
+    /// Not one share from each node.
+    #[error("expected one share from each node")]
+    Count,
+    /// The nodes computed different plans (their templates differ).
+    #[error("the two nodes computed different plans; their templates differ")]
+    Plans,
+    /// The shares come from different runs of the query.
+    #[error(
+        "the two nodes' shares come from different runs of this query (a node restarted while it ran); ask again with the same query id"
+    )]
+    Runs,
+    /// The shares have different widths.
+    #[error("the shares have different widths")]
+    Widths,
+}
 
 /// One reconstructed cell.
 #[derive(Clone, Debug, Serialize)]
@@ -60,23 +168,49 @@ pub struct QueryResult {
 pub struct Analyst {
     name: String,
     endpoint: quinn::Endpoint,
-    nodes: Vec<(Role, SocketAddr)>,
+    bank: SocketAddr,
+    platform: SocketAddr,
 }
 
 impl Analyst {
     /// Loads the analyst's certificate and prepares an endpoint.
     ///
     /// # Errors
-    /// A config or transport error.
-    pub fn new(cfg: &AnalystConfig) -> Result<Self, NodeError> {
+    /// [`ClientError::Transport`] for the certificate, key or CA;
+    /// [`ClientError::MissingNode`].
+    pub fn new(cfg: &AnalystConfig) -> Result<Self, ClientError> {
+        let address = |r: Role| {
+            cfg.nodes
+                .iter()
+                .find(|n| n.role == r)
+                .map(|n| n.address)
+                .ok_or(ClientError::MissingNode(r))
+        };
+        let (bank, platform) = (address(Role::Bank)?, address(Role::Platform)?);
         let identity = Identity::load(&cfg.identity.cert, &cfg.identity.key)?;
         let ca = cfg.identity.trust_anchors()?;
         let endpoint = client_endpoint(&identity, &ca, &TransportSettings::default())?;
         Ok(Self {
             name: cfg.name.clone(),
             endpoint,
-            nodes: cfg.nodes.iter().map(|n| (n.role, n.address)).collect(),
+            bank,
+            platform,
         })
+    }
+
+    fn address(&self, role: Role) -> SocketAddr {
+        match role {
+            Role::Bank => self.bank,
+            Role::Platform => self.platform,
+        }
+    }
+
+    fn node_error(&self, role: Role, problem: NodeProblem) -> ClientError {
+        ClientError::Node {
+            role,
+            address: self.address(role),
+            problem,
+        }
     }
 
     /// The analyst's name.
@@ -94,19 +228,13 @@ impl Analyst {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
-    async fn ask(
-        &self,
-        role: Role,
-        addr: SocketAddr,
-        req: AnalystRequest,
-        timeout: Duration,
-    ) -> Result<AnalystResponse, NodeError> {
-        let what = |e: &dyn std::fmt::Display| NodeError::Peer(format!("{} node at {addr}: {e}", role.as_str()));
+    async fn ask(&self, role: Role, req: AnalystRequest, timeout: Duration) -> Result<AnalystResponse, ClientError> {
+        let what = |p: NodeProblem| self.node_error(role, p);
         // A node under a burst of handshakes refuses new connections for a
         // moment: try again a few times before giving up.
         let mut attempt = 0u64;
         let conn = loop {
-            match connect(&self.endpoint, addr, &pki::node_name(role.as_str())).await {
+            match connect(&self.endpoint, self.address(role), &pki::node_name(role.as_str())).await {
                 Ok(c) => break c,
                 Err(TransportError::Connection(quinn::ConnectionError::ConnectionClosed(c)))
                     if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED && attempt < 4 =>
@@ -114,23 +242,30 @@ impl Analyst {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
-                Err(e) => return Err(what(&e)),
+                Err(e) => return Err(what(NodeProblem::Connect(e.to_string()))),
             }
         };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| what(&e))?;
-        write_one(&mut send, &Message::AnalystRequest(req))
+        let (mut send, mut recv) = conn
+            .open_bi()
             .await
-            .map_err(|e| what(&e))?;
+            .map_err(|e| what(NodeProblem::Stream(e.to_string())))?;
+        let request = Message::AnalystRequest(req)
+            .encode()
+            .map_err(|e| what(NodeProblem::Stream(format!("encoding the request: {e}"))))?;
+        write_frame(&mut send, &request, MAX_MESSAGE_LEN)
+            .await
+            .map_err(|e| what(NodeProblem::Stream(e.to_string())))?;
         let _ = send.finish();
-        let frame = read_one(&mut recv, timeout).await.map_err(|e| {
-            what(&format!(
-                "{e} (if this persists, check that this analyst's certificate is accepted by the node)"
-            ))
-        })?;
+        let frame = match tokio::time::timeout(timeout, read_frame(&mut recv, MAX_MESSAGE_LEN)).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return Err(what(NodeProblem::Stream("the stream ended".into()))),
+            Ok(Err(e)) => return Err(what(NodeProblem::Stream(e.to_string()))),
+            Err(_) => return Err(what(NodeProblem::NoAnswer(timeout.as_secs()))),
+        };
         conn.close(0u32.into(), b"done");
         match Message::decode(&frame) {
             Ok(Message::AnalystResponse(r)) => Ok(r),
-            _ => Err(what(&"answered with something other than an analyst response")),
+            _ => Err(what(NodeProblem::NotAResponse)),
         }
     }
 
@@ -138,7 +273,7 @@ impl Analyst {
         &self,
         req: AnalystRequest,
         timeout: Duration,
-    ) -> Vec<(Role, Result<AnalystResponse, NodeError>)> {
+    ) -> Vec<(Role, Result<AnalystResponse, ClientError>)> {
         self.ask_both_until(req, timeout, true).await
     }
 
@@ -149,17 +284,13 @@ impl Analyst {
         req: AnalystRequest,
         timeout: Duration,
         stop_at_refusal: bool,
-    ) -> Vec<(Role, Result<AnalystResponse, NodeError>)> {
-        let addr = |r: Role| self.nodes.iter().find(|(role, _)| *role == r).map(|(_, a)| *a);
-        let (Some(bank), Some(platform)) = (addr(Role::Bank), addr(Role::Platform)) else {
-            return vec![(Role::Bank, Err(NodeError::Internal("the analyst config lacks a node")))];
-        };
+    ) -> Vec<(Role, Result<AnalystResponse, ClientError>)> {
         // Both at once; if one node refuses, answer at once rather than wait
         // for the other (which then times out on its own).
-        let fb = self.ask(Role::Bank, bank, req.clone(), timeout);
-        let fp = self.ask(Role::Platform, platform, req, timeout);
+        let fb = self.ask(Role::Bank, req.clone(), timeout);
+        let fp = self.ask(Role::Platform, req, timeout);
         tokio::pin!(fb, fp);
-        let refused = |r: &Result<AnalystResponse, NodeError>| {
+        let refused = |r: &Result<AnalystResponse, ClientError>| {
             stop_at_refusal && matches!(r, Ok(AnalystResponse::Refused(_)) | Err(_))
         };
         let (mut b, mut p) = (None, None);
@@ -179,10 +310,11 @@ impl Analyst {
                 }
             }
         }
-        match (b, p) {
-            (Some(b), Some(p)) => vec![(Role::Bank, b), (Role::Platform, p)],
-            _ => vec![(Role::Bank, Err(NodeError::Internal("no answer")))],
-        }
+        // Both are set when the loop ends.
+        b.map(|b| (Role::Bank, b))
+            .into_iter()
+            .chain(p.map(|p| (Role::Platform, p)))
+            .collect()
     }
 
     /// Templates runnable by this analyst: those both nodes offer with the
@@ -190,16 +322,19 @@ impl Analyst {
     ///
     /// # Errors
     /// A node's refusal or a transport error.
-    pub async fn templates(&self) -> Result<Vec<(TemplateInfo, TemplateInfo)>, NodeError> {
+    pub async fn templates(&self) -> Result<Vec<(TemplateInfo, TemplateInfo)>, ClientError> {
         let answers = self.ask_both(AnalystRequest::Templates, Duration::from_secs(30)).await;
         let mut lists = Vec::new();
         for (role, a) in answers {
             match a? {
                 AnalystResponse::Templates(t) => lists.push((role, t)),
                 AnalystResponse::Refused(m) => {
-                    return Err(NodeError::refused(m.code, format!("{}: {}", role.as_str(), m.message)));
+                    return Err(ClientError::refused(
+                        m.code,
+                        format!("{}: {}", role.as_str(), m.message),
+                    ));
                 }
-                _ => return Err(NodeError::Peer(format!("{} answered out of turn", role.as_str()))),
+                _ => return Err(self.node_error(role, NodeProblem::OutOfTurn)),
             }
         }
         let bank = lists
@@ -227,15 +362,18 @@ impl Analyst {
     ///
     /// # Errors
     /// A node's refusal or a transport error.
-    pub async fn budget(&self) -> Result<Vec<BudgetInfo>, NodeError> {
+    pub async fn budget(&self) -> Result<Vec<BudgetInfo>, ClientError> {
         let mut out = Vec::new();
         for (role, a) in self.ask_both(AnalystRequest::Budget, Duration::from_secs(30)).await {
             match a? {
                 AnalystResponse::Budget(b) => out.push(b),
                 AnalystResponse::Refused(m) => {
-                    return Err(NodeError::refused(m.code, format!("{}: {}", role.as_str(), m.message)));
+                    return Err(ClientError::refused(
+                        m.code,
+                        format!("{}: {}", role.as_str(), m.message),
+                    ));
                 }
-                _ => return Err(NodeError::Peer(format!("{} answered out of turn", role.as_str()))),
+                _ => return Err(self.node_error(role, NodeProblem::OutOfTurn)),
             }
         }
         Ok(out)
@@ -244,14 +382,15 @@ impl Analyst {
     /// Runs a template on both nodes under `query_id` and reconstructs the result.
     ///
     /// # Errors
-    /// [`NodeError::Refused`] with each node's message when either refuses.
+    /// [`ClientError::Refused`] with each node's message when either
+    /// refuses (or cannot be reached); [`ClientError::Shares`].
     pub async fn query(
         &self,
         template: &str,
         params: &[(String, String)],
-        query_id: cleanroom_wire::QueryId,
+        query_id: QueryId,
         timeout: Duration,
-    ) -> Result<QueryResult, NodeError> {
+    ) -> Result<QueryResult, ClientError> {
         let request = QueryRequest {
             query_id,
             template: template.to_string(),
@@ -285,7 +424,7 @@ impl Analyst {
                 return Err(joined(refusals));
             }
             if shares.len() != 2 {
-                return Err(NodeError::Peer("a node did not answer".into()));
+                return Err(SharesMismatch::Count.into());
             }
             let same_run = matches!(&shares[..], [a, b] if a.run == b.run);
             if same_run || attempt >= RUN_RETRIES {
@@ -300,21 +439,21 @@ impl Analyst {
 /// One node's answer that is not what was asked for, as a refusal naming
 /// the node: its own refusal's code, `Failed` for a transport error or an
 /// answer out of turn.
-fn refusal_of(role: Role, answer: Result<AnalystResponse, NodeError>) -> Refusal {
+fn refusal_of(role: Role, answer: Result<AnalystResponse, ClientError>) -> Refusal {
     match answer {
         Ok(AnalystResponse::Refused(r)) => Refusal::new(r.code, format!("{} node: {}", role.as_str(), r.message)),
         Ok(_) => Refusal::new(
             RefusalCode::Failed,
             format!("{} node answered out of turn", role.as_str()),
         ),
-        Err(NodeError::Refused(r)) => Refusal::new(r.code, format!("{} node: {}", role.as_str(), r.message)),
+        Err(ClientError::Refused(r)) => Refusal::new(r.code, format!("{} node: {}", role.as_str(), r.message)),
         Err(e) => Refusal::new(RefusalCode::Failed, e.to_string()),
     }
 }
 
 /// The nodes' refusals as one: the first's code (a node's own refusal
 /// before a transport failure), every message.
-fn joined(mut refusals: Vec<Refusal>) -> NodeError {
+fn joined(mut refusals: Vec<Refusal>) -> ClientError {
     refusals.sort_by_key(|r| r.code == RefusalCode::Failed);
     let code = refusals.first().map_or(RefusalCode::Failed, |r| r.code);
     let message = refusals
@@ -322,7 +461,7 @@ fn joined(mut refusals: Vec<Refusal>) -> NodeError {
         .map(|r| r.message.as_str())
         .collect::<Vec<_>>()
         .join("; ");
-    NodeError::refused(code, message)
+    ClientError::refused(code, message)
 }
 
 impl Analyst {
@@ -330,7 +469,7 @@ impl Analyst {
     /// (`AnalystRequest::Admit`); each holds its admission for the query.
     /// If either refuses, the other's admission is dropped and nothing was
     /// charged anywhere.
-    async fn admit_both(&self, request: &QueryRequest, timeout: Duration) -> Result<(), NodeError> {
+    async fn admit_both(&self, request: &QueryRequest, timeout: Duration) -> Result<(), ClientError> {
         // Both answers, so that a node's admission is cancelled only after
         // it was made.
         let answers = self
@@ -359,12 +498,10 @@ impl Analyst {
     }
 
     /// Tells the `role` node to drop what it holds or runs for `query_id`.
-    async fn cancel_at(&self, role: Role, query_id: cleanroom_wire::QueryId) {
-        if let Some((_, addr)) = self.nodes.iter().find(|(r, _)| *r == role) {
-            let _ = self
-                .ask(role, *addr, AnalystRequest::Cancel(query_id), Duration::from_secs(5))
-                .await;
-        }
+    async fn cancel_at(&self, role: Role, query_id: QueryId) {
+        let _ = self
+            .ask(role, AnalystRequest::Cancel(query_id), Duration::from_secs(5))
+            .await;
     }
 }
 
@@ -374,13 +511,13 @@ impl Analyst {
     /// has parameters); it then runs as that template with those parameters.
     ///
     /// # Errors
-    /// [`NodeError::Refused`] when no signed template matches, or a node refuses.
+    /// [`ClientError::Refused`] when no signed template matches, or a node refuses.
     pub async fn query_sql(
         &self,
         sql: &str,
-        query_id: cleanroom_wire::QueryId,
+        query_id: QueryId,
         timeout: Duration,
-    ) -> Result<(String, QueryResult), NodeError> {
+    ) -> Result<(String, QueryResult), ClientError> {
         let templates = self.templates().await?;
         for (bank, platform) in &templates {
             if bank.kind != platform.kind {
@@ -391,7 +528,7 @@ impl Analyst {
                 return Ok((bank.name.clone(), r));
             }
         }
-        Err(NodeError::refused(
+        Err(ClientError::refused(
             RefusalCode::UnknownTemplate,
             "this query is not an instance of any template both operators signed; `cleanroom templates` lists them (use the same text, with literal values where a template has :parameters)",
         ))
@@ -401,28 +538,29 @@ impl Analyst {
 /// Reconstructs cells from the two nodes' shares.
 ///
 /// # Errors
-/// [`NodeError::Peer`] when the shares do not belong together.
-pub fn reconstruct(
-    template: &str,
-    query_id: cleanroom_wire::QueryId,
-    shares: &[QueryShare],
-) -> Result<QueryResult, NodeError> {
+/// [`ClientError::Shares`] when the shares do not belong together.
+pub fn reconstruct(template: &str, query_id: QueryId, shares: &[QueryShare]) -> Result<QueryResult, ClientError> {
     let [a, b] = shares else {
-        return Err(NodeError::Peer("expected one share from each node".into()));
+        return Err(SharesMismatch::Count.into());
     };
     if a.plan != b.plan || a.cells != b.cells || a.weights != b.weights || a.query_id != b.query_id {
-        return Err(NodeError::Peer(
-            "the two nodes computed different plans; their templates differ".into(),
-        ));
+        return Err(SharesMismatch::Plans.into());
     }
     if a.run != b.run {
-        return Err(NodeError::Peer(
-            "the two nodes' shares come from different runs of this query (a node restarted while it ran); ask again with the same query id"
-                .into(),
-        ));
+        return Err(SharesMismatch::Runs.into());
     }
-    let words = Share::reconstruct(&Share::from_words(a.words.clone()), &Share::from_words(b.words.clone()))
-        .ok_or_else(|| NodeError::Peer("the shares have different widths".into()))?;
+    if a.words.len() != b.words.len() {
+        return Err(SharesMismatch::Widths.into());
+    }
+    // Additive shares mod 2^64; a cell's sum is signed (noise can take it
+    // below zero).
+    #[allow(clippy::cast_possible_wrap)]
+    let words: Vec<i64> = a
+        .words
+        .iter()
+        .zip(&b.words)
+        .map(|(x, y)| x.wrapping_add(*y) as i64)
+        .collect();
     let min_count = a.min_count.max(b.min_count);
     let sigma_w = (a.sigma * a.sigma + b.sigma * b.sigma).sqrt();
     #[allow(clippy::cast_precision_loss)]
@@ -516,10 +654,13 @@ pub fn parse_query_id(s: &str) -> Result<QueryId, String> {
 /// A fresh random query id.
 ///
 /// # Errors
-/// When the OS generator fails.
-pub fn new_query_id() -> Result<QueryId, NodeError> {
+/// [`ClientError::Random`] when the OS generator fails.
+pub fn new_query_id() -> Result<QueryId, ClientError> {
+    use ring::rand::SecureRandom;
     let mut id = [0u8; 16];
-    cleanroom_crypto::rng::SystemRng::new().try_fill(&mut id)?;
+    ring::rand::SystemRandom::new()
+        .fill(&mut id)
+        .map_err(|_| ClientError::Random)?;
     Ok(QueryId(id))
 }
 
@@ -530,7 +671,7 @@ mod tests {
     fn share(node: &str, word: u64) -> QueryShare {
         QueryShare {
             node: node.into(),
-            query_id: cleanroom_wire::QueryId([1; 16]),
+            query_id: QueryId([1; 16]),
             plan: [2; 32],
             cells: vec!["customers".into()],
             weights: vec![100],
@@ -563,5 +704,40 @@ mod tests {
             reconstruct("t", QueryId([1; 16]), &shares).unwrap().cells[0].suppressed,
             None
         );
+    }
+
+    /// Shares that do not belong together are refused with what is wrong,
+    /// as a type, before anything is added up.
+    #[test]
+    fn shares_that_do_not_belong_together_are_told_apart() {
+        let q = QueryId([1; 16]);
+        let ok = [share("bank", 5), share("platform", 7)];
+        assert!(reconstruct("t", q, &ok).is_ok());
+        let one = [share("bank", 5)];
+        assert!(matches!(
+            reconstruct("t", q, &one),
+            Err(ClientError::Shares(SharesMismatch::Count))
+        ));
+        let mut other_run = share("platform", 7);
+        other_run.run = cleanroom_wire::RunId([4; 16]);
+        assert!(matches!(
+            reconstruct("t", q, &[share("bank", 5), other_run]),
+            Err(ClientError::Shares(SharesMismatch::Runs))
+        ));
+        let mut other_plan = share("platform", 7);
+        other_plan.plan = [9; 32];
+        assert!(matches!(
+            reconstruct("t", q, &[share("bank", 5), other_plan]),
+            Err(ClientError::Shares(SharesMismatch::Plans))
+        ));
+        let mut wider = share("platform", 7);
+        wider.words.push(1);
+        assert!(matches!(
+            reconstruct("t", q, &[share("bank", 5), wider]),
+            Err(ClientError::Shares(SharesMismatch::Widths))
+        ));
+        // Words add mod 2^64 and read as signed: a negative noisy count.
+        let r = reconstruct("t", q, &[share("bank", u64::MAX - 99), share("platform", 0)]).unwrap();
+        assert!((r.cells[0].value - (-1.0)).abs() < 1e-12);
     }
 }
