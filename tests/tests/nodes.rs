@@ -1000,16 +1000,21 @@ async fn bench_reports_the_join_against_the_curve_bound() {
     assert_eq!(r.query.round_trips, 2);
     assert!(r.join.cpu_seconds > 0.0 && r.query.cpu_seconds > 0.0);
     assert!(r.peak_rss_kib > 0);
-    let names: Vec<(&str, &str)> = r.phases.iter().map(|p| (p.node.as_str(), p.phase.as_str())).collect();
+    use cleanroom_client::Phase;
+    let names: Vec<(&str, Phase)> = r.phases.iter().map(|p| (p.node.as_str(), p.phase.clone())).collect();
+    assert!(
+        !names.iter().any(|(_, p)| matches!(p, Phase::Other(_))),
+        "a phase this build does not know: {names:?}"
+    );
     for want in [
-        ("platform", "join"),
-        ("platform", "join: own tokens (hash to group + exponentiate)"),
-        ("platform", "join: matching"),
-        ("platform", "aggregate"),
-        ("platform", "aggregate: OT extension"),
-        ("bank", "join"),
-        ("bank", "join: own rows (hash to group + exponentiate)"),
-        ("bank", "aggregate: masking rows (row values + PRG)"),
+        ("platform", Phase::Join),
+        ("platform", Phase::PlatformOwnTokens),
+        ("platform", Phase::PlatformMatching),
+        ("platform", Phase::Aggregate),
+        ("platform", Phase::PlatformOtExtension),
+        ("bank", Phase::Join),
+        ("bank", Phase::BankOwnRows),
+        ("bank", Phase::BankMasking),
     ] {
         assert!(names.contains(&want), "{names:?}");
     }

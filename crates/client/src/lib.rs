@@ -22,7 +22,7 @@ use cleanroom_wire::{
     AnalystRequest, AnalystResponse, BudgetInfo, MAX_MESSAGE_LEN, Message, QueryId, QueryRequest, QueryShare,
     TemplateInfo,
 };
-pub use cleanroom_wire::{Refusal, RefusalCode};
+pub use cleanroom_wire::{Phase, Refusal, RefusalCode};
 use serde::Serialize;
 
 pub mod config;
@@ -157,8 +157,9 @@ pub struct QueryResult {
     pub min_count: u64,
     /// ρ charged by each node.
     pub rho: Vec<(String, String)>,
-    /// Seconds per phase per node.
-    pub timings: Vec<(String, String, f64)>,
+    /// Seconds per phase per node (node, phase, seconds), when the nodes
+    /// report them.
+    pub timings: Vec<(String, Phase, f64)>,
     /// Whether both shares were stored ones returned for a retried id.
     pub replayed: bool,
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::demo::{Fixture, demo_queries};
 use crate::memory::{self, Tag};
-use cleanroom_client::{Analyst, new_query_id};
+use cleanroom_client::{Analyst, Phase as NodePhase, new_query_id};
 use cleanroom_node::NodeError;
 
 use crate::LabError;
@@ -46,8 +46,9 @@ pub struct BenchOptions {
 pub struct Phase {
     /// `bank` or `platform`.
     pub node: String,
-    /// `join`, `aggregate`, or `join: ...` / `aggregate: ...` for a part.
-    pub phase: String,
+    /// The phase (shown and written as its label: `join`, `aggregate`,
+    /// or `join: ...` / `aggregate: ...` for a part).
+    pub phase: NodePhase,
     /// Wall time, seconds.
     pub seconds: f64,
 }
@@ -208,7 +209,7 @@ async fn start_on_own_runtime(
     Ok(Running { node, runtime })
 }
 
-fn node_phases(node: &str, phases: impl IntoIterator<Item = (String, f64)>) -> impl Iterator<Item = Phase> {
+fn node_phases(node: &str, phases: impl IntoIterator<Item = (NodePhase, f64)>) -> impl Iterator<Item = Phase> {
     phases.into_iter().map(move |(phase, seconds)| Phase {
         node: node.to_string(),
         phase,
@@ -274,7 +275,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         let join_seconds = overlap
             .timings
             .iter()
-            .find(|(node, phase, _)| node == "platform" && phase == "join")
+            .find(|(node, phase, _)| node == "platform" && *phase == NodePhase::Join)
             .map_or(overlap_seconds, |(_, _, s)| *s);
         let mut phases: Vec<Phase> = node_phases("bank", bank.node.last_join_phases())
             .chain(node_phases("platform", platform.node.last_join_phases()))
@@ -292,17 +293,13 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         let cpu2 = memory::process_cpu_seconds();
         let (tx2, rx2) = platform.node.peer_bytes().await;
         let (ex2, st2) = platform.node.exchanges();
-        phases.extend(
-            query
-                .timings
-                .iter()
-                .filter(|(_, phase, _)| phase.starts_with("aggregate") || phase == "join and aggregate")
-                .map(|(node, phase, seconds)| Phase {
-                    node: node.clone(),
-                    phase: phase.clone(),
-                    seconds: *seconds,
-                }),
-        );
+        phases.extend(query.timings.iter().filter(|(_, phase, _)| phase.is_aggregate()).map(
+            |(node, phase, seconds)| Phase {
+                node: node.clone(),
+                phase: phase.clone(),
+                seconds: *seconds,
+            },
+        ));
         let peak_heap_bank_bytes = memory::peak_bytes(Tag::Bank);
         let peak_heap_platform_bytes = memory::peak_bytes(Tag::Platform);
         let peak_heap_other_bytes = memory::peak_bytes(Tag::Shared);

@@ -65,7 +65,10 @@ impl Relay {
     /// # Errors
     /// When a socket cannot be bound.
     pub async fn start(target: SocketAddr, path: Path) -> Result<Relay, NodeError> {
-        let bind = |e: std::io::Error| NodeError::Peer(format!("relay: {e}"));
+        let bind = |source: std::io::Error| NodeError::Io {
+            what: "binding the relay's sockets",
+            source,
+        };
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.map_err(bind)?);
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.map_err(bind)?);
         let addr = front.local_addr().map_err(bind)?;

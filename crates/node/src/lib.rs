@@ -53,9 +53,17 @@ pub enum NodeError {
     /// The protocol refused a message or local input.
     #[error("protocol: {0}")]
     Protocol(#[from] cleanroom_protocol::ProtocolError),
-    /// The peer (or a node, for the analyst) misbehaved or went away.
+    /// The peer node misbehaved, went away, or did not answer in time.
     #[error("peer: {0}")]
-    Peer(String),
+    Peer(#[from] PeerError),
+    /// A local socket failed (`what` says which).
+    #[error("{what}: {source}")]
+    Io {
+        /// Which socket, doing what.
+        what: &'static str,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
     /// A request was refused by policy: its code, and a message that says
     /// what to change.
     #[error("refused: {0}")]
@@ -70,6 +78,55 @@ pub enum NodeError {
     /// (expired, or from before a restart); the peer joins again.
     #[error("aggregate over a join this node does not have")]
     UnknownJoin,
+}
+
+/// How the peer node, or the connection to it, failed an exchange. The
+/// node's log has it; the analyst sees only its kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// No frame within the wait.
+    #[error("no answer within {secs} s")]
+    NoAnswer {
+        /// The wait.
+        secs: u64,
+    },
+    /// No message inside a running session within the idle wait.
+    #[error("no message from the peer for {secs} s")]
+    Idle {
+        /// The wait.
+        secs: u64,
+    },
+    /// The stream ended before the exchange did.
+    #[error("the peer closed the stream before the session ended")]
+    Closed,
+    /// The connection or stream failed (the transport's reason).
+    #[error("{0}")]
+    Transport(String),
+    /// A message this exchange does not expect here.
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        /// What the exchange waits for.
+        expected: &'static str,
+        /// The kind of message that came.
+        got: &'static str,
+    },
+    /// The peer's signed policy does not parse or verify, or is for another
+    /// role or collaboration.
+    #[error("the peer's signed policy: {0}")]
+    Policy(String),
+    /// Bank: the platform did not run the query within `query_timeout`.
+    #[error("the platform node did not run this query within {secs} s")]
+    QueryNotRun {
+        /// The query timeout.
+        secs: u64,
+    },
+    /// Bank: the platform left before the analyst's request arrived here.
+    #[error("the platform left before the query arrived here")]
+    Left,
+    /// Bank: the query's batches ended without a share.
+    #[error("the query's batches ended without a share: {0}")]
+    NoShare(String),
 }
 
 impl NodeError {

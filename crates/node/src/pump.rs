@@ -18,7 +18,7 @@ use cleanroom_transport::{read_frame, write_frame};
 use cleanroom_wire::{Abort, MAX_MESSAGE_LEN, Message, SessionId};
 use tokio::sync::mpsc;
 
-use crate::NodeError;
+use crate::{NodeError, PeerError};
 
 /// What the pump needs from a party.
 pub trait Party: Send + 'static {
@@ -193,7 +193,7 @@ pub async fn run_with_stats<P: Party>(
     let party = result?;
     match written {
         Ok(Ok(())) => Ok(party),
-        Ok(Err(e)) => Err(NodeError::Peer(format!("sending: {e}"))),
+        Ok(Err(e)) => Err(PeerError::Transport(format!("sending: {e}")).into()),
         Err(_) => Err(NodeError::Internal("writer task failed")),
     }
 }
@@ -209,9 +209,7 @@ fn drive<P: Party>(
     let send = |m: Message, stats: &mut PumpStats| -> Result<(), NodeError> {
         let f = m.encode().map_err(|e| NodeError::Protocol(ProtocolError::Wire(e)))?;
         let t = std::time::Instant::now();
-        let r = out_tx
-            .blocking_send(f)
-            .map_err(|_| NodeError::Peer("the connection closed while sending".into()));
+        let r = out_tx.blocking_send(f).map_err(|_| NodeError::Peer(PeerError::Closed));
         stats.wait_out += t.elapsed();
         stats.frames_out += 1;
         r
@@ -239,9 +237,7 @@ fn drive<P: Party>(
                 continue;
             }
             Err(mpsc::error::TryRecvError::Disconnected) => {
-                return Err(NodeError::Peer(
-                    "the peer closed the stream before the session ended".into(),
-                ));
+                return Err(PeerError::Closed.into());
             }
             Err(mpsc::error::TryRecvError::Empty) => {}
         }
@@ -262,15 +258,10 @@ fn drive<P: Party>(
         match got {
             Ok(Some(frame)) => handle_one(party, &frame, stats)?,
             Ok(None) => {
-                return Err(NodeError::Peer(
-                    "the peer closed the stream before the session ended".into(),
-                ));
+                return Err(PeerError::Closed.into());
             }
             Err(_) => {
-                return Err(NodeError::Peer(format!(
-                    "no message from the peer for {} s",
-                    idle.as_secs()
-                )));
+                return Err(PeerError::Idle { secs: idle.as_secs() }.into());
             }
         }
     }
@@ -299,9 +290,12 @@ pub async fn read_one_limited(
 ) -> Result<Vec<u8>, NodeError> {
     match tokio::time::timeout(timeout, read_frame(recv, max)).await {
         Ok(Ok(Some(f))) => Ok(f),
-        Ok(Ok(None)) => Err(NodeError::Peer("the stream ended".into())),
-        Ok(Err(e)) => Err(NodeError::Peer(e.to_string())),
-        Err(_) => Err(NodeError::Peer(format!("no answer within {} s", timeout.as_secs()))),
+        Ok(Ok(None)) => Err(PeerError::Closed.into()),
+        Ok(Err(e)) => Err(PeerError::Transport(e.to_string()).into()),
+        Err(_) => Err(PeerError::NoAnswer {
+            secs: timeout.as_secs(),
+        }
+        .into()),
     }
 }
 
@@ -313,5 +307,5 @@ pub async fn write_one(send: &mut quinn::SendStream, m: &Message) -> Result<(), 
     let f = m.encode().map_err(|e| NodeError::Protocol(ProtocolError::Wire(e)))?;
     write_frame(send, &f, MAX_MESSAGE_LEN)
         .await
-        .map_err(|e| NodeError::Peer(e.to_string()))
+        .map_err(|e| PeerError::Transport(e.to_string()).into())
 }

@@ -441,8 +441,9 @@ pub struct QueryShare {
     pub min_count: u64,
     /// ρ charged by this node, as a decimal.
     pub rho: String,
-    /// Seconds per phase on this node (join, aggregate, noise...).
-    pub timings: Vec<(String, f64)>,
+    /// Seconds per phase on this node (join, aggregate...), when the node
+    /// reports them (`limits.report_timings`).
+    pub timings: Vec<(Phase, f64)>,
     /// Whether this is a stored share returned for a retried query id.
     pub replayed: bool,
     /// The run of the aggregate this share comes from (a digest of its OT
@@ -460,6 +461,124 @@ impl core::fmt::Debug for QueryShare {
             self.node,
             self.cells.len()
         )
+    }
+}
+
+/// One phase of a node's work on a query, reported with its share when the
+/// node's `limits.report_timings` is on. On the wire a phase is its label
+/// (the bytes are those of a string), so a phase a newer node reports
+/// decodes here as [`Phase::Other`] rather than failing the share.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Phase {
+    /// Either node: the whole join.
+    Join,
+    /// Bank: hashing its own identifiers to the group and exponentiating.
+    BankOwnRows,
+    /// Bank: decompressing and exponentiating the platform's tokens.
+    BankPeerTokens,
+    /// Bank: waiting for the platform or the network during the join.
+    BankJoinWaiting,
+    /// Bank: finishing the join (row order, counts).
+    BankJoinFinishing,
+    /// Platform: hashing its own identifiers and exponentiating.
+    PlatformOwnTokens,
+    /// Platform: decompressing and exponentiating the bank's rows and tokens.
+    PlatformPeerPoints,
+    /// Platform: waiting for the bank or the network during the join.
+    PlatformJoinWaiting,
+    /// Platform: matching the bank's tokens against its own.
+    PlatformMatching,
+    /// Bank: from accepting the query to its last batch (any join the
+    /// platform runs first included).
+    BankJoinAndAggregate,
+    /// Bank: the masked rows (row values and the PRG).
+    BankMasking,
+    /// Bank: waiting for the platform or the network during the aggregate.
+    BankAggregateWaiting,
+    /// Platform: the whole aggregate.
+    Aggregate,
+    /// Platform: the OT extension.
+    PlatformOtExtension,
+    /// Platform: unmasking and summing the rows.
+    PlatformUnmask,
+    /// Platform: waiting for the bank or the network during the aggregate.
+    PlatformAggregateWaiting,
+    /// A phase this build does not know, by its label.
+    Other(String),
+}
+
+impl Phase {
+    const KNOWN: [Phase; 16] = [
+        Phase::Join,
+        Phase::BankOwnRows,
+        Phase::BankPeerTokens,
+        Phase::BankJoinWaiting,
+        Phase::BankJoinFinishing,
+        Phase::PlatformOwnTokens,
+        Phase::PlatformPeerPoints,
+        Phase::PlatformJoinWaiting,
+        Phase::PlatformMatching,
+        Phase::BankJoinAndAggregate,
+        Phase::BankMasking,
+        Phase::BankAggregateWaiting,
+        Phase::Aggregate,
+        Phase::PlatformOtExtension,
+        Phase::PlatformUnmask,
+        Phase::PlatformAggregateWaiting,
+    ];
+
+    /// Its label, for people (and on the wire).
+    pub fn label(&self) -> &str {
+        match self {
+            Phase::Join => "join",
+            Phase::BankOwnRows => "join: own rows (hash to group + exponentiate)",
+            Phase::BankPeerTokens => "join: platform tokens (decompress + exponentiate)",
+            Phase::BankJoinWaiting => "join: waiting for the platform or the network",
+            Phase::BankJoinFinishing => "join: finishing (order, counts)",
+            Phase::PlatformOwnTokens => "join: own tokens (hash to group + exponentiate)",
+            Phase::PlatformPeerPoints => "join: bank rows and tokens (decompress + exponentiate)",
+            Phase::PlatformJoinWaiting => "join: waiting for the bank or the network",
+            Phase::PlatformMatching => "join: matching",
+            Phase::BankJoinAndAggregate => "join and aggregate",
+            Phase::BankMasking => "aggregate: masking rows (row values + PRG)",
+            Phase::BankAggregateWaiting => "aggregate: waiting for the platform or the network",
+            Phase::Aggregate => "aggregate",
+            Phase::PlatformOtExtension => "aggregate: OT extension",
+            Phase::PlatformUnmask => "aggregate: unmask and sum",
+            Phase::PlatformAggregateWaiting => "aggregate: waiting for the bank or the network",
+            Phase::Other(label) => label,
+        }
+    }
+
+    /// Whether it is a phase of the aggregate (not of the join).
+    pub fn is_aggregate(&self) -> bool {
+        self.label().starts_with("aggregate") || *self == Phase::BankJoinAndAggregate
+    }
+}
+
+impl From<String> for Phase {
+    fn from(label: String) -> Self {
+        Phase::KNOWN
+            .iter()
+            .find(|p| p.label() == label)
+            .cloned()
+            .unwrap_or(Phase::Other(label))
+    }
+}
+
+impl From<Phase> for String {
+    fn from(p: Phase) -> Self {
+        match p {
+            Phase::Other(label) => label,
+            known => known.label().to_string(),
+        }
+    }
+}
+
+impl core::fmt::Display for Phase {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.label())
     }
 }
 
@@ -893,6 +1012,31 @@ fn kind_name(ty: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A phase is its label on the wire: every known phase comes back as
+    /// itself, a label this build does not know as `Other`, and a share's
+    /// bytes are those of the label string (so stored shares of earlier
+    /// builds still decode).
+    #[test]
+    fn phases_travel_as_their_labels() {
+        for p in Phase::KNOWN {
+            assert_eq!(Phase::from(String::from(p.clone())), p);
+        }
+        let mut labels: Vec<&str> = Phase::KNOWN.iter().map(Phase::label).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), Phase::KNOWN.len(), "two phases share a label");
+        assert_eq!(
+            Phase::from("join: something new".to_string()),
+            Phase::Other("join: something new".into())
+        );
+        let typed = bincode::serde::encode_to_vec(vec![(Phase::BankMasking, 0.5f64)], bincode::config::standard());
+        let text = bincode::serde::encode_to_vec(
+            vec![("aggregate: masking rows (row values + PRG)".to_string(), 0.5f64)],
+            bincode::config::standard(),
+        );
+        assert_eq!(typed.ok(), text.ok());
+    }
     use proptest::prelude::*;
 
     fn samples() -> Vec<Message> {

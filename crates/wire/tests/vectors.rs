@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 
 use cleanroom_wire::{
     Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, JoinAccept, JoinOffer, MAX_MESSAGE_LEN, MaskedRows,
-    MatcherKey, Message, OtChoices, OtExtend, OtSetup, PROTOCOL_VERSION, PointChunk, PolicyMessage, QueryId,
+    MatcherKey, Message, OtChoices, OtExtend, OtSetup, PROTOCOL_VERSION, Phase, PointChunk, PolicyMessage, QueryId,
     QueryRequest, QueryShare, Refusal, RefusalCode, RunId, ShareCheck, ShareHeld, TemplateInfo,
 };
 
@@ -184,7 +184,7 @@ fn good() -> Vec<(&'static str, Message)> {
                 sigma: 2.5,
                 min_count: 20,
                 rho: "0.1".into(),
-                timings: vec![("join".into(), 0.25)],
+                timings: vec![(Phase::Join, 0.25)],
                 replayed: false,
                 run: RunId([0x10; 16]),
             }))),

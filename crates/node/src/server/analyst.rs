@@ -556,7 +556,7 @@ impl Node {
         template: &Template,
         analyst: &str,
         q: &QueryRequest,
-        mut timings: Vec<(String, f64)>,
+        mut timings: Vec<(Phase, f64)>,
         binding: &RunBinding,
         replace: bool,
     ) -> Result<QueryShare, NodeError> {

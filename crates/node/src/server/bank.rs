@@ -210,7 +210,7 @@ impl Bank {
         &self,
         qid: &QueryId,
         (reg, deadline, mut rx): Awaiting,
-        timings: &mut Vec<(String, f64)>,
+        timings: &mut Vec<(Phase, f64)>,
         from: &Requester,
     ) -> Result<(Share, Run, Waiter, SessionId), NodeError> {
         // Dropped on every way out but a share: the registration ends.
@@ -247,24 +247,21 @@ impl Bank {
                 timings.extend([
                     // From accepting the query to the last batch: includes
                     // any join the platform runs first.
-                    ("join and aggregate".to_string(), whole.elapsed.as_secs_f64()),
+                    (Phase::BankJoinAndAggregate, whole.elapsed.as_secs_f64()),
+                    (Phase::BankMasking, stats.peer.as_secs_f64()),
                     (
-                        "aggregate: masking rows (row values + PRG)".to_string(),
-                        stats.peer.as_secs_f64(),
-                    ),
-                    (
-                        "aggregate: waiting for the platform or the network".to_string(),
+                        Phase::BankAggregateWaiting,
                         (stats.wait_in + stats.wait_out).as_secs_f64(),
                     ),
                 ]);
                 Ok((whole.share, whole.run, waiter, whole.join))
             }
-            Some(Ok((Err(e), _))) => Err(NodeError::Peer(e)),
-            Some(Err(_)) => Err(NodeError::Peer("the peer session ended without a result".into())),
-            None => Err(NodeError::Peer(format!(
-                "the platform node did not run this query within {} s",
-                self.inner.limits.query_timeout.as_secs()
-            ))),
+            Some(Ok((Err(e), _))) => Err(PeerError::NoShare(e).into()),
+            Some(Err(_)) => Err(PeerError::NoShare("the registration ended".into()).into()),
+            None => Err(PeerError::QueryNotRun {
+                secs: self.inner.limits.query_timeout.as_secs(),
+            }
+            .into()),
         }
     }
 
@@ -304,10 +301,11 @@ impl Bank {
                     .await
             }
             Message::ShareCheck(c) => self.serve_share_check(&c, send).await,
-            other => Err(NodeError::Peer(format!(
-                "unexpected {} opening a peer stream",
-                other.kind()
-            ))),
+            other => Err(PeerError::Unexpected {
+                expected: "a policy, join offer, OT setup or share check",
+                got: other.kind(),
+            }
+            .into()),
         }
     }
 
@@ -335,7 +333,7 @@ impl Bank {
         let pending = tokio::select! {
             p = self.claim_query(&setup.query_id, setup.join_session) => p,
             _ = send.stopped() => {
-                return Err(NodeError::Peer("the platform left before the query arrived here".into()));
+                return Err(PeerError::Left.into());
             }
         };
         let (reg, plan, values) = match pending {
@@ -543,20 +541,11 @@ impl Bank {
         self.side.join_stored.notify_waiters();
         let secs = t.elapsed().as_secs_f64();
         *lock(&self.inner.last_join) = vec![
-            ("join".to_string(), secs),
-            (
-                "join: own rows (hash to group + exponentiate)".to_string(),
-                stats.own.as_secs_f64(),
-            ),
-            (
-                "join: platform tokens (decompress + exponentiate)".to_string(),
-                stats.peer.as_secs_f64(),
-            ),
-            (
-                "join: waiting for the platform or the network".to_string(),
-                (stats.wait_in + stats.wait_out).as_secs_f64(),
-            ),
-            ("join: finishing (order, counts)".to_string(), finish_secs),
+            (Phase::Join, secs),
+            (Phase::BankOwnRows, stats.own.as_secs_f64()),
+            (Phase::BankPeerTokens, stats.peer.as_secs_f64()),
+            (Phase::BankJoinWaiting, (stats.wait_in + stats.wait_out).as_secs_f64()),
+            (Phase::BankJoinFinishing, finish_secs),
         ];
         info!(rows = joined.rows(), seconds = secs, "join done");
         Ok(())

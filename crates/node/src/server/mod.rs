@@ -41,8 +41,8 @@ use cleanroom_transport::{
     Identity, TransportSettings, certificate_is_for, connect, node_endpoint, peer_certificate, pki,
 };
 use cleanroom_wire::{
-    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, PolicyMessage, QueryRequest, QueryShare,
-    Refusal, RefusalCode, SessionId, ShareCheck, ShareHeld, TemplateInfo,
+    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, Message, Phase, PolicyMessage, QueryRequest,
+    QueryShare, Refusal, RefusalCode, SessionId, ShareCheck, ShareHeld, TemplateInfo,
 };
 use rayon::prelude::*;
 use ring::digest::{SHA256, digest};
@@ -50,12 +50,12 @@ use tokio::sync::{Notify, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 use zeroize::Zeroizing;
 
-use crate::NodeError;
 use crate::config::{Limits, NodeConfig, Role};
 use crate::data::{HolderData, MatcherData, load_holder, load_matcher};
 use crate::noise::DrawnNoise;
 use crate::pump::{self, read_one, write_one};
 use crate::state::{AuditEntry, Charge, RunBinding, State, now_secs, period_of};
+use crate::{NodeError, PeerError};
 use cleanroom_protocol::ledger::{self, AfterCheck, BankAfterCharge, BankHolds, PeerBatch, PlatformAfterCharge};
 
 mod analyst;
@@ -373,7 +373,7 @@ struct Inner {
     /// The other operator's verified policy, once the peer has shown it.
     peer_policy: Mutex<Option<SignedPolicy>>,
     /// This node's phases of the last join it ran (for the bench).
-    last_join: Mutex<Vec<(String, f64)>>,
+    last_join: Mutex<Vec<(Phase, f64)>>,
     /// Request/response exchanges this node has started with the peer
     /// (offer/accept, setup/answer, and each streamed phase), and how often
     /// its pipelines stalled waiting for the peer after sending.
@@ -561,10 +561,10 @@ impl Node {
     /// # Errors
     /// An I/O error from the socket.
     pub fn local_addr(&self) -> Result<SocketAddr, NodeError> {
-        self.inner
-            .endpoint
-            .local_addr()
-            .map_err(|e| NodeError::Peer(format!("local address: {e}")))
+        self.inner.endpoint.local_addr().map_err(|source| NodeError::Io {
+            what: "reading the node's local address",
+            source,
+        })
     }
 
     /// Stops accepting, closes connections and waits for them to finish.
@@ -625,7 +625,7 @@ impl Node {
     }
 
     /// This node's phases of the last join it ran (seconds).
-    pub fn last_join_phases(&self) -> Vec<(String, f64)> {
+    pub fn last_join_phases(&self) -> Vec<(Phase, f64)> {
         lock(&self.inner.last_join).clone()
     }
 
@@ -830,13 +830,11 @@ impl Node {
     }
 
     fn peer_policy_from(&self, signed: &[u8]) -> Result<(), NodeError> {
-        let p = SignedPolicy::from_json(signed).map_err(|e| NodeError::Peer(format!("peer policy: {e}")))?;
+        let p = SignedPolicy::from_json(signed).map_err(|e| PeerError::Policy(e.to_string()))?;
         p.verify(&self.inner.peer_public_key)
-            .map_err(|e| NodeError::Peer(format!("the peer's signed policy: {e}")))?;
+            .map_err(|e| PeerError::Policy(e.to_string()))?;
         if p.role != self.inner.role().peer().as_str() || p.collaboration != self.inner.collaboration {
-            return Err(NodeError::Peer(
-                "the peer's signed policy is for another role or collaboration".into(),
-            ));
+            return Err(PeerError::Policy("it is for another role or collaboration".into()).into());
         }
         info!(templates = p.templates.len(), "peer's signed policy verified");
         *lock(&self.inner.peer_policy) = Some(p);

@@ -60,7 +60,7 @@ impl Platform {
                 format!("the platform node cannot reach the bank node: {e}"),
             )
         })?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         write_one(
             &mut send,
             &Message::ShareCheck(ShareCheck {
@@ -77,10 +77,11 @@ impl Platform {
                 (false, true) => BankHolds::Busy,
                 (false, false) => BankHolds::NotHeld,
             }),
-            other => Err(NodeError::Peer(format!(
-                "expected the bank's answer about its stored share, got {}",
-                other.kind()
-            ))),
+            other => Err(PeerError::Unexpected {
+                expected: "the bank's answer about its stored share",
+                got: other.kind(),
+            }
+            .into()),
         }
     }
 
@@ -93,7 +94,7 @@ impl Platform {
         }
         let conn = connect(&self.inner.endpoint, self.side.bank_address, &pki::node_name("bank")).await?;
         // Show each other the signed templates first.
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mine = Message::Policy(PolicyMessage {
             signed: self.inner.own_policy_json.clone(),
         });
@@ -102,7 +103,14 @@ impl Platform {
         let frame = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
         match Message::decode(&frame) {
             Ok(Message::Policy(p)) => self.peer_policy_from(&p.signed)?,
-            _ => return Err(NodeError::Peer("the bank did not answer with its signed policy".into())),
+            Ok(other) => {
+                return Err(PeerError::Unexpected {
+                    expected: "the bank's signed policy",
+                    got: other.kind(),
+                }
+                .into());
+            }
+            Err(e) => return Err(NodeError::Protocol(e.into())),
         }
         *guard = Some(conn.clone());
         Ok(conn)
@@ -150,7 +158,7 @@ impl Platform {
         data: &MatcherData,
         plan: &Plan,
         fresh: bool,
-    ) -> Result<(Arc<MatcherJoined>, Option<Vec<(String, f64)>>), NodeError> {
+    ) -> Result<(Arc<MatcherJoined>, Option<Vec<(Phase, f64)>>), NodeError> {
         let filter = plan.join_filter();
         // The minimum input applies to every query, cached join or not
         // (counted without copying identifiers).
@@ -197,7 +205,7 @@ impl Platform {
             )?),
         };
         let conn = self.peer_connection().await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mut rng = session_rng()?;
         // The padding of each block is a function of this node's key and
         // the join's input (filter, grouping and data version: the join
@@ -235,20 +243,14 @@ impl Platform {
         let secs = t.elapsed().as_secs_f64();
         info!(rows = joined.rows(), seconds = secs, "join done");
         let phases = vec![
-            ("join".to_string(), secs),
+            (Phase::Join, secs),
+            (Phase::PlatformOwnTokens, stats.own.as_secs_f64()),
+            (Phase::PlatformPeerPoints, stats.peer.as_secs_f64()),
             (
-                "join: own tokens (hash to group + exponentiate)".to_string(),
-                stats.own.as_secs_f64(),
-            ),
-            (
-                "join: bank rows and tokens (decompress + exponentiate)".to_string(),
-                stats.peer.as_secs_f64(),
-            ),
-            (
-                "join: waiting for the bank or the network".to_string(),
+                Phase::PlatformJoinWaiting,
                 (stats.wait_in + stats.wait_out).as_secs_f64(),
             ),
-            ("join: matching".to_string(), match_secs),
+            (Phase::PlatformMatching, match_secs),
         ];
         lock(&self.inner.last_join).clone_from(&phases);
         Ok((joined, Some(phases)))
@@ -259,7 +261,7 @@ impl Platform {
         joined: &MatcherJoined,
         plan: &Plan,
         qid: &QueryId,
-    ) -> Result<(Share, Vec<(String, f64)>, Run), NodeError> {
+    ) -> Result<(Share, Vec<(Phase, f64)>, Run), NodeError> {
         let conn = self.peer_connection().await?;
         let t = Instant::now();
         let mut total = pump::PumpStats::default();
@@ -267,7 +269,7 @@ impl Platform {
         let mut sessions = Vec::with_capacity(joined.blocks());
         // One OT batch per matcher group: choices e_i AND label_i == g.
         for g in 0..joined.blocks() as u32 {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| NodeError::Peer(e.to_string()))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
             let mut rng = session_rng()?;
             let choices = joined.choices_for_block(g);
             let (waiting, setup) =
@@ -287,11 +289,11 @@ impl Platform {
             words.extend_from_slice(running.finish()?.words());
         }
         let phases = vec![
-            ("aggregate".to_string(), t.elapsed().as_secs_f64()),
-            ("aggregate: OT extension".to_string(), total.own.as_secs_f64()),
-            ("aggregate: unmask and sum".to_string(), total.peer.as_secs_f64()),
+            (Phase::Aggregate, t.elapsed().as_secs_f64()),
+            (Phase::PlatformOtExtension, total.own.as_secs_f64()),
+            (Phase::PlatformUnmask, total.peer.as_secs_f64()),
             (
-                "aggregate: waiting for the bank or the network".to_string(),
+                Phase::PlatformAggregateWaiting,
                 (total.wait_in + total.wait_out).as_secs_f64(),
             ),
         ];
@@ -302,7 +304,7 @@ impl Platform {
         &self,
         plan: &Plan,
         qid: &QueryId,
-        timings: &mut Vec<(String, f64)>,
+        timings: &mut Vec<(Phase, f64)>,
         analyst: &str,
         from: &Requester,
         rerun_over: Option<SessionId>,
