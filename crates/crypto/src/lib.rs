@@ -18,12 +18,19 @@ pub mod ot;
 pub mod point;
 pub mod rng;
 pub mod shares;
+pub mod signing;
 
 /// Errors of the cryptographic layer. A variant never carries a secret, an
 /// identifier or a value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CryptoError {
+    /// The bytes are not an Ed25519 key in PKCS#8 (an operator's policy key).
+    #[error("not an Ed25519 policy key")]
+    BadPolicyKey,
+    /// An Ed25519 signature does not verify under the public key.
+    #[error("the signature does not verify against the expected public key")]
+    BadSignature,
     /// A domain separation tag is empty or over 255 bytes.
     #[error("domain separation tag of {len} bytes (1 to 255 allowed)")]
     DomainTag {

@@ -2,11 +2,13 @@
 //!
 //! Each operator signs the digests of its node's templates (name, SQL text,
 //! parameter specs and clip bounds: [`Template::digest`]) with its node's
-//! Ed25519 policy key (ring). The nodes show each other their signed
+//! Ed25519 policy key. This module says what is signed ([`PolicyDraft`],
+//! [`SignedPolicy::message`]) and what a policy approves; the key, the
+//! signature and its check are `cleanroom_crypto::signing`'s, driven by the
+//! node (`cleanroom_node::policy`). The nodes show each other their signed
 //! policies; a template runs only when both operators signed the same
 //! digest under the same name.
 
-use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
 use crate::Template;
@@ -37,16 +39,10 @@ pub struct SignedPolicy {
     pub signature: String,
 }
 
-/// Errors signing or checking a policy.
+/// Errors reading a policy.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PolicyError {
-    /// The key file is not an Ed25519 key.
-    #[error("not an Ed25519 policy key")]
-    BadKey,
-    /// The signature does not verify, or was made with another key.
-    #[error("the policy's signature does not verify against the expected public key")]
-    BadSignature,
     /// Malformed hex or JSON.
     #[error("malformed policy: {0}")]
     Malformed(String),
@@ -74,38 +70,18 @@ pub fn unhex(s: &str) -> Result<Vec<u8>, PolicyError> {
         .collect()
 }
 
-/// A fresh Ed25519 policy key: `(PKCS#8 hex, public key hex)`.
-///
-/// # Errors
-/// [`PolicyError::BadKey`] if the OS generator fails.
-pub fn generate_key() -> Result<(String, String), PolicyError> {
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| PolicyError::BadKey)?;
-    let kp = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|_| PolicyError::BadKey)?;
-    Ok((hex(pkcs8.as_ref()), hex(kp.public_key().as_ref())))
+/// What an operator signs: its role, the collaboration and its templates'
+/// digests (sorted by name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyDraft {
+    role: String,
+    collaboration: String,
+    templates: Vec<SignedTemplate>,
 }
 
-impl SignedPolicy {
-    fn message(role: &str, collaboration: &str, templates: &[SignedTemplate]) -> Vec<u8> {
-        let mut m = b"cleanroom-policy-v1\n".to_vec();
-        for part in [role, collaboration] {
-            m.extend_from_slice(&(part.len() as u64).to_le_bytes());
-            m.extend_from_slice(part.as_bytes());
-        }
-        for t in templates {
-            m.extend_from_slice(&(t.name.len() as u64).to_le_bytes());
-            m.extend_from_slice(t.name.as_bytes());
-            m.extend_from_slice(t.digest.as_bytes());
-        }
-        m
-    }
-
-    /// Signs `templates` with the PKCS#8 (hex) Ed25519 key.
-    ///
-    /// # Errors
-    /// [`PolicyError::BadKey`].
-    pub fn sign(role: &str, collaboration: &str, templates: &[Template], key_hex: &str) -> Result<Self, PolicyError> {
-        let kp = Ed25519KeyPair::from_pkcs8(&unhex(key_hex)?).map_err(|_| PolicyError::BadKey)?;
+impl PolicyDraft {
+    /// The draft for `templates`.
+    pub fn new(role: &str, collaboration: &str, templates: &[Template]) -> Self {
         let mut list: Vec<SignedTemplate> = templates
             .iter()
             .map(|t| SignedTemplate {
@@ -114,30 +90,57 @@ impl SignedPolicy {
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
-        let sig = kp.sign(&Self::message(role, collaboration, &list));
-        Ok(Self {
+        Self {
             role: role.to_string(),
             collaboration: collaboration.to_string(),
             templates: list,
-            public_key: hex(kp.public_key().as_ref()),
-            signature: hex(sig.as_ref()),
-        })
+        }
     }
 
-    /// Checks the signature against the expected public key (hex).
+    /// The bytes to sign.
+    pub fn message(&self) -> Vec<u8> {
+        message(&self.role, &self.collaboration, &self.templates)
+    }
+
+    /// The signed policy, with the signer's public key and its signature of
+    /// [`PolicyDraft::message`].
+    pub fn signed(self, public_key: &[u8], signature: &[u8]) -> SignedPolicy {
+        SignedPolicy {
+            role: self.role,
+            collaboration: self.collaboration,
+            templates: self.templates,
+            public_key: hex(public_key),
+            signature: hex(signature),
+        }
+    }
+}
+
+fn message(role: &str, collaboration: &str, templates: &[SignedTemplate]) -> Vec<u8> {
+    let mut m = b"cleanroom-policy-v1\n".to_vec();
+    for part in [role, collaboration] {
+        m.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        m.extend_from_slice(part.as_bytes());
+    }
+    for t in templates {
+        m.extend_from_slice(&(t.name.len() as u64).to_le_bytes());
+        m.extend_from_slice(t.name.as_bytes());
+        m.extend_from_slice(t.digest.as_bytes());
+    }
+    m
+}
+
+impl SignedPolicy {
+    /// The bytes its signature is over.
+    pub fn message(&self) -> Vec<u8> {
+        message(&self.role, &self.collaboration, &self.templates)
+    }
+
+    /// The signature's bytes.
     ///
     /// # Errors
-    /// [`PolicyError::BadSignature`] or [`PolicyError::Malformed`].
-    pub fn verify(&self, expected_public_key_hex: &str) -> Result<(), PolicyError> {
-        if self.public_key.trim() != expected_public_key_hex.trim() {
-            return Err(PolicyError::BadSignature);
-        }
-        let pk = UnparsedPublicKey::new(&ED25519, unhex(expected_public_key_hex)?);
-        pk.verify(
-            &Self::message(&self.role, &self.collaboration, &self.templates),
-            &unhex(&self.signature)?,
-        )
-        .map_err(|_| PolicyError::BadSignature)
+    /// [`PolicyError::Malformed`] for bad hex.
+    pub fn signature_bytes(&self) -> Result<Vec<u8>, PolicyError> {
+        unhex(&self.signature)
     }
 
     /// Whether this policy approves exactly this template text.
@@ -187,22 +190,28 @@ mod tests {
         )
     }
 
+    /// The message covers role, collaboration and every (name, digest);
+    /// a policy approves exactly the signed texts under their names.
     #[test]
-    fn sign_verify_and_tamper() {
-        let (key, public) = generate_key().unwrap();
-        let (_, other_public) = generate_key().unwrap();
+    fn the_message_covers_every_template_and_approval_is_exact() {
         let a = t("a", TemplateKind::Overlap);
         let b = t("b", TemplateKind::SpendByCategory);
-        let p = SignedPolicy::sign("bank", "c", &[a.clone(), b.clone()], &key).unwrap();
-        p.verify(&public).unwrap();
+        let draft = PolicyDraft::new("bank", "c", &[b.clone(), a.clone()]);
+        let m = draft.message();
+        assert_ne!(m, PolicyDraft::new("platform", "c", &[a.clone(), b.clone()]).message());
+        assert_ne!(m, PolicyDraft::new("bank", "d", &[a.clone(), b.clone()]).message());
+        assert_ne!(m, PolicyDraft::new("bank", "c", std::slice::from_ref(&a)).message());
+        // Sorted by name: the order given does not matter.
+        assert_eq!(m, PolicyDraft::new("bank", "c", &[a.clone(), b.clone()]).message());
+        let p = draft.signed(&[1; 32], &[2; 64]);
+        assert_eq!(p.message(), m);
+        assert_eq!(p.signature_bytes().unwrap(), vec![2; 64]);
         assert!(p.approves(&a) && p.approves(&b));
-        assert_eq!(p.verify(&other_public), Err(PolicyError::BadSignature));
         let round = SignedPolicy::from_json(p.to_json().unwrap().as_bytes()).unwrap();
-        round.verify(&public).unwrap();
-        // A tampered list does not verify.
-        let mut bad = p.clone();
-        bad.templates[0].digest = "00".repeat(32);
-        assert_eq!(bad.verify(&public), Err(PolicyError::BadSignature));
+        assert_eq!(round, p);
+        let mut tampered = p.clone();
+        tampered.templates[0].digest = "00".repeat(32);
+        assert_ne!(tampered.message(), m);
         // A changed template text is not approved.
         let mut b2 = b.clone();
         b2.sql.push(' ');

@@ -831,8 +831,7 @@ impl Node {
 
     fn peer_policy_from(&self, signed: &[u8]) -> Result<(), NodeError> {
         let p = SignedPolicy::from_json(signed).map_err(|e| PeerError::Policy(e.to_string()))?;
-        p.verify(&self.inner.peer_public_key)
-            .map_err(|e| PeerError::Policy(e.to_string()))?;
+        crate::policy::verify(&p, &self.inner.peer_public_key).map_err(PeerError::Policy)?;
         if p.role != self.inner.role().peer().as_str() || p.collaboration != self.inner.collaboration {
             return Err(PeerError::Policy("it is for another role or collaboration".into()).into());
         }
