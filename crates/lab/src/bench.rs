@@ -195,7 +195,10 @@ async fn start_on_own_runtime(
     tag: Tag,
     bank: Option<std::net::SocketAddr>,
 ) -> Result<Running, NodeError> {
-    let runtime = memory::node_runtime(tag, 2).map_err(|e| NodeError::State(format!("starting a runtime: {e}")))?;
+    let runtime = memory::node_runtime(tag, 2).map_err(|source| NodeError::Io {
+        what: "starting a node's runtime",
+        source,
+    })?;
     let f = fixture.clone();
     let node = runtime
         .spawn(async move {
@@ -235,7 +238,10 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
     for (i, (rows, run)) in runs.into_iter().enumerate() {
         let step = i as u64 * STEPS_PER_RUN;
         progress(step, total, &format!("{rows} rows: generating data"));
-        let dir = tempfile::tempdir().map_err(|e| NodeError::State(e.to_string()))?;
+        let dir = tempfile::tempdir().map_err(|source| NodeError::Io {
+            what: "making a temporary directory",
+            source,
+        })?;
         let fixture = Arc::new(Fixture::create_with(
             dir.path(),
             rows,
@@ -372,10 +378,13 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
 /// point and a line through the means per size; log-log axes.
 ///
 /// # Errors
-/// [`NodeError::State`] when the file cannot be written.
-pub fn plot(rows: &[BenchRow], path: &Path) -> Result<(), NodeError> {
+/// [`LabError::Plot`] when the file cannot be written.
+pub fn plot(rows: &[BenchRow], path: &Path) -> Result<(), LabError> {
     use plotters::prelude::*;
-    let err = |e: String| NodeError::State(format!("writing the plot {}: {e}", path.display()));
+    let err = |what: String| LabError::Plot {
+        path: path.display().to_string(),
+        what,
+    };
     let mut sizes: Vec<usize> = rows.iter().map(|r| r.rows).collect();
     sizes.sort_unstable();
     sizes.dedup();

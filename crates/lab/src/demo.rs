@@ -395,7 +395,10 @@ pub async fn run(rows: usize, seed: u64, dir: Option<&Path>, sql: Option<&str>) 
     let dir = match dir {
         Some(d) => d.to_path_buf(),
         None => {
-            tmp = tempfile::tempdir().map_err(|e| NodeError::State(e.to_string()))?;
+            tmp = tempfile::tempdir().map_err(|source| NodeError::Io {
+                what: "making a temporary directory",
+                source,
+            })?;
             tmp.path().to_path_buf()
         }
     };

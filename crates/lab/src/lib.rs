@@ -27,4 +27,12 @@ pub enum LabError {
     /// The analyst's client.
     #[error(transparent)]
     Client(#[from] cleanroom_client::ClientError),
+    /// The bench's plot could not be drawn or written.
+    #[error("writing the plot {path}: {what}")]
+    Plot {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        what: String,
+    },
 }

@@ -44,9 +44,9 @@ pub enum NodeError {
         /// What is wrong.
         what: String,
     },
-    /// The state database failed.
+    /// The state database failed, or holds what it should not.
     #[error("state: {0}")]
-    State(String),
+    State(#[from] state::StateError),
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] cleanroom_transport::TransportError),

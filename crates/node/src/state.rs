@@ -84,8 +84,64 @@ pub struct State {
     conn: Connection,
 }
 
+/// How the state database failed, or what it holds that it should not.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// SQLite failed a statement.
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The state directory cannot be made.
+    #[error("{path}: {source}")]
+    Directory {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The database file cannot be opened.
+    #[error("{path}: {source}")]
+    Open {
+        /// The file.
+        path: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// The file is not a usable state database.
+    #[error(
+        "{path} is not a usable state database ({source}); restore it from a backup, or move it away to start empty (budgets and the audit log would restart)"
+    )]
+    Unusable {
+        /// The file.
+        path: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// SQLite's integrity check fails.
+    #[error("{path} failed its integrity check: {result}")]
+    Integrity {
+        /// The file.
+        path: String,
+        /// What `PRAGMA quick_check` said.
+        result: String,
+    },
+    /// The ledger does not match the audit log (the file was edited).
+    #[error("the ledger does not match the audit log ({0}): the state file was edited; restore it from a backup")]
+    LedgerMismatch(String),
+    /// An audit entry's hash does not follow from the one before.
+    #[error("the audit log's hash chain breaks at entry {entry}")]
+    AuditChain {
+        /// The entry's sequence number.
+        entry: i64,
+    },
+    /// A row that the code's own writes never leave (a share, a seed, a
+    /// key of the wrong form; a row missing that must be there).
+    #[error("{0}")]
+    Inconsistent(&'static str),
+}
+
 fn db(e: rusqlite::Error) -> NodeError {
-    NodeError::State(e.to_string())
+    NodeError::State(StateError::Sqlite(e))
 }
 
 /// Seconds since the epoch.
@@ -286,23 +342,28 @@ impl State {
     /// [`NodeError::State`] when the file cannot be opened, is not a
     /// database, or fails its integrity check.
     pub fn open(dir: &Path) -> Result<Self, NodeError> {
-        std::fs::create_dir_all(dir).map_err(|e| NodeError::State(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|source| StateError::Directory {
+            path: dir.display().to_string(),
+            source,
+        })?;
         let path = dir.join("state.db");
-        let conn = Connection::open(&path).map_err(|e| NodeError::State(format!("{}: {e}", path.display())))?;
-        let corrupt = |e: rusqlite::Error| {
-            NodeError::State(format!(
-                "{} is not a usable state database ({e}); restore it from a backup, or move it away to start empty (budgets and the audit log would restart)",
-                path.display()
-            ))
+        let conn = Connection::open(&path).map_err(|source| StateError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let corrupt = |source: rusqlite::Error| StateError::Unusable {
+            path: path.display().to_string(),
+            source,
         };
         let check: String = conn
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(corrupt)?;
         if check != "ok" {
-            return Err(NodeError::State(format!(
-                "{} failed its integrity check: {check}",
-                path.display()
-            )));
+            return Err(StateError::Integrity {
+                path: path.display().to_string(),
+                result: check,
+            }
+            .into());
         }
         conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(corrupt)?;
@@ -351,11 +412,7 @@ impl State {
     /// # Errors
     /// [`NodeError::State`] saying what does not match.
     pub fn verify_ledger(&self) -> Result<(), NodeError> {
-        let broken = |what: String| {
-            NodeError::State(format!(
-                "the ledger does not match the audit log ({what}): the state file was edited; restore it from a backup"
-            ))
-        };
+        let broken = |what: String| NodeError::State(StateError::LedgerMismatch(what));
         let analyst: Option<String> = self
             .conn
             .query_row(
@@ -441,9 +498,7 @@ impl State {
                 result_digest: &digest,
             };
             if stored_prev != prev || hash != entry_hash(&prev, r.get(1).map_err(db)?, &e) {
-                return Err(NodeError::State(format!(
-                    "the audit log's hash chain breaks at entry {seq}"
-                )));
+                return Err(StateError::AuditChain { entry: seq }.into());
             }
             prev = hash;
             n += 1;
@@ -617,8 +672,8 @@ impl State {
             ));
         }
         let n = if replace {
-            let q = query_in(&tx, query_id)?
-                .ok_or_else(|| NodeError::State("share replaced for a query that has none".into()))?;
+            let q =
+                query_in(&tx, query_id)?.ok_or(StateError::Inconsistent("share replaced for a query that has none"))?;
             check_rerun(&q, binding, max_reruns)?;
             tx.execute(
                 "UPDATE charges SET share = ?2, released_at = ?3, reruns = reruns + 1 WHERE query_id = ?1 AND share IS NOT NULL",
@@ -639,11 +694,12 @@ impl State {
             .map_err(db)?
         };
         if n != 1 {
-            return Err(NodeError::State(if replace {
-                "share replaced for a query that has none".into()
+            return Err(StateError::Inconsistent(if replace {
+                "share replaced for a query that has none"
             } else {
-                "share stored for a query that was not charged, or twice".into()
-            }));
+                "share stored for a query that was not charged, or twice"
+            })
+            .into());
         }
         append_audit(&tx, entry)?;
         tx.commit().map_err(db)?;
@@ -687,13 +743,13 @@ impl State {
             .optional()
             .map_err(db)?;
         let Some((stored, released)) = row else {
-            return Err(NodeError::State("noise asked for a query that was not charged".into()));
+            return Err(StateError::Inconsistent("noise asked for a query that was not charged").into());
         };
         let mut stored = stored.map(Zeroizing::new);
         if let Some(bytes) = &stored {
             let mut seed = Zeroizing::new([0u8; 32]);
             if bytes.len() != 32 {
-                return Err(NodeError::State("a stored noise seed is not 32 bytes".into()));
+                return Err(StateError::Inconsistent("a stored noise seed is not 32 bytes").into());
             }
             seed.copy_from_slice(bytes);
             return Ok(seed);
@@ -738,7 +794,7 @@ impl State {
         let mut key = Zeroizing::new([0u8; 32]);
         match stored {
             Some(bytes) if bytes.len() == 32 => key.copy_from_slice(&bytes),
-            Some(_) => return Err(NodeError::State("the stored node key is not 32 bytes".into())),
+            Some(_) => return Err(StateError::Inconsistent("the stored node key is not 32 bytes").into()),
             None => {
                 key = fresh_seed()?;
                 tx.execute(
@@ -1201,7 +1257,10 @@ mod tests {
         s.charge(&q2, "alice", "t", &[0; 32], "[]", 1, 1000, 30, 100).unwrap();
         let seed = *s.noise_seed(&q1).unwrap();
         assert_ne!(seed, *s.noise_seed(&q2).unwrap());
-        assert!(matches!(s.noise_seed(&QueryId([9; 16])), Err(NodeError::State(_))));
+        assert!(matches!(
+            s.noise_seed(&QueryId([9; 16])),
+            Err(NodeError::State(StateError::Inconsistent(_)))
+        ));
         // Not released yet: nothing to run again.
         assert!(matches!(s.may_rerun(&q1, &BOUND, 2), Err(NodeError::Refused(_))));
         s.store_share(&q1, b"first", &entry(&sha(b"first"), 1, "query"), &BOUND, false, 2)

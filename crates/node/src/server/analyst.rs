@@ -523,7 +523,7 @@ impl Node {
         let stored = match q.share.as_deref().map(Message::decode) {
             None => None,
             Some(Ok(Message::AnalystResponse(AnalystResponse::Share(s)))) => Some(s.run),
-            Some(_) => return Err(NodeError::State("a stored share does not decode".into())),
+            Some(_) => return Err(StateError::Inconsistent("a stored share does not decode").into()),
         };
         Ok(ledger::Charged {
             stored,
@@ -539,7 +539,7 @@ impl Node {
             .and_then(|c| c.share)
             .ok_or(NodeError::Internal("a replayed share is missing from the ledger"))?;
         let Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) = Message::decode(&stored) else {
-            return Err(NodeError::State("a stored share does not decode".into()));
+            return Err(StateError::Inconsistent("a stored share does not decode").into());
         };
         info!("returning the stored share of a retried query id");
         s.replayed = true;

@@ -91,7 +91,7 @@ impl Bank {
             .params
             .as_deref()
             .and_then(|p| serde_json::from_str(p).ok())
-            .ok_or_else(|| NodeError::State("the ledger has no parameters for this query".into()))?;
+            .ok_or(StateError::Inconsistent("the ledger has no parameters for this query"))?;
         let plan = template
             .bind(&q.analyst, &params, &self.inner.domains)
             .map_err(|e| NodeError::refused(RefusalCode::BadParameters, e.to_string()))?;

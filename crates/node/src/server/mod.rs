@@ -54,7 +54,7 @@ use crate::config::{Limits, NodeConfig, Role};
 use crate::data::{HolderData, MatcherData, load_holder, load_matcher};
 use crate::noise::DrawnNoise;
 use crate::pump::{self, read_one, write_one};
-use crate::state::{AuditEntry, Charge, RunBinding, State, now_secs, period_of};
+use crate::state::{AuditEntry, Charge, RunBinding, State, StateError, now_secs, period_of};
 use crate::{NodeError, PeerError};
 use cleanroom_protocol::ledger::{self, AfterCheck, BankAfterCharge, BankHolds, PeerBatch, PlatformAfterCharge};
 
