@@ -280,49 +280,9 @@ impl Node {
         // What the ledger holds of the query decides the next step (the
         // rules are `cleanroom_protocol::ledger`'s, tested in
         // tests/tests/pair.rs with both nodes, crashes and a lossy network).
-        let charged = self.charged(&q.query_id)?;
-        // A rerun (this node released its share, the bank lost its own) is
-        // over the join that share came from, on the same data.
-        let rerun_over = match side {
-            Sided::Bank(_) => match ledger::bank_after_charge(&charged) {
-                BankAfterCharge::Compute => None,
-                BankAfterCharge::Replay => return self.replay(&q.query_id),
-            },
-            Sided::Platform(p) => match ledger::platform_after_charge(&charged) {
-                PlatformAfterCharge::Compute => None,
-                PlatformAfterCharge::AskBank(run) => {
-                    // The platform checks that the bank kept its share of
-                    // the same run; if the bank stopped before storing it,
-                    // the two run the aggregate again (see
-                    // docs/protocol.md, "Retries").
-                    let answer = p.bank_holds(&q.query_id, &run).await?;
-                    let l = &self.inner.limits;
-                    match ledger::platform_after_check(
-                        &charged,
-                        answer,
-                        self.inner.data_version,
-                        l.max_reruns_per_query,
-                    ) {
-                        Ok(AfterCheck::Replay) => return self.replay(&q.query_id),
-                        Ok(AfterCheck::Busy) => {
-                            return Err(NodeError::refused(
-                                RefusalCode::Busy,
-                                "the bank node is still finishing this query id; ask again shortly with the same id",
-                            ));
-                        }
-                        Ok(AfterCheck::Rerun(join)) => {
-                            info!(
-                                "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
-                            );
-                            Some(join)
-                        }
-                        Err(why) => {
-                            warn!(error = %why, "the bank lost its share of this query's run, and it cannot be run again");
-                            return Err(NodeError::refused(RefusalCode::RerunRefused, why.to_string()));
-                        }
-                    }
-                }
-            },
+        let rerun_over = match self.after_charge(side, &q.query_id).await? {
+            Step::Replay(share) => return Ok(*share),
+            Step::Compute { rerun_over } => rerun_over,
         };
         // The noise, the audit entry and the share follow the ρ this query id
         // was charged: an operator may have changed the template's ρ since
@@ -376,6 +336,57 @@ impl Node {
             "share released"
         );
         Ok(out)
+    }
+
+    /// The step after the charge, from what the ledger holds of the query
+    /// (`cleanroom_protocol::ledger`): return the stored share, or compute
+    /// it (again over the stored share's join, for a rerun).
+    async fn after_charge(&self, side: &Sided, qid: &QueryId) -> Result<Step, NodeError> {
+        let charged = self.charged(qid)?;
+        // A rerun (this node released its share, the bank lost its own) is
+        // over the join that share came from, on the same data.
+        let rerun_over = match side {
+            Sided::Bank(_) => match ledger::bank_after_charge(&charged) {
+                BankAfterCharge::Compute => None,
+                BankAfterCharge::Replay => return self.replay(qid).map(|s| Step::Replay(Box::new(s))),
+            },
+            Sided::Platform(p) => match ledger::platform_after_charge(&charged) {
+                PlatformAfterCharge::Compute => None,
+                PlatformAfterCharge::AskBank(run) => {
+                    // The platform checks that the bank kept its share of
+                    // the same run; if the bank stopped before storing it,
+                    // the two run the aggregate again (see
+                    // docs/protocol.md, "Retries").
+                    let answer = p.bank_holds(qid, &run).await?;
+                    let l = &self.inner.limits;
+                    match ledger::platform_after_check(
+                        &charged,
+                        answer,
+                        self.inner.data_version,
+                        l.max_reruns_per_query,
+                    ) {
+                        Ok(AfterCheck::Replay) => return self.replay(qid).map(|s| Step::Replay(Box::new(s))),
+                        Ok(AfterCheck::Busy) => {
+                            return Err(NodeError::refused(
+                                RefusalCode::Busy,
+                                "the bank node is still finishing this query id; ask again shortly with the same id",
+                            ));
+                        }
+                        Ok(AfterCheck::Rerun(join)) => {
+                            info!(
+                                "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
+                            );
+                            Some(join)
+                        }
+                        Err(why) => {
+                            warn!(error = %why, "the bank lost its share of this query's run, and it cannot be run again");
+                            return Err(NodeError::refused(RefusalCode::RerunRefused, why.to_string()));
+                        }
+                    }
+                }
+            },
+        };
+        Ok(Step::Compute { rerun_over })
     }
 
     /// The checks a query passes before its charge (the platform reaches

@@ -449,24 +449,7 @@ impl Bank {
         recv: quinn::RecvStream,
     ) -> Result<(), NodeError> {
         let l = &self.inner.limits;
-        let cardinality = ShiftedTruncatedLaplace::new(
-            micro_rational(l.cardinality_epsilon_micro).0,
-            micro_rational(l.cardinality_epsilon_micro).1,
-            l.cardinality_delta_inverse,
-        )?;
-        let params = JoinParams {
-            collaboration_id: self.inner.collaboration.clone(),
-            rules_hash: self.inner.rules.hash(),
-            context,
-            chunk_points: DEFAULT_CHUNK_POINTS,
-        };
-        let policy = HolderPolicy {
-            peer_set: SetSizeLimits {
-                min: l.peer_set.0,
-                max: l.peer_set.1,
-            },
-            cardinality,
-        };
+        let (params, policy) = self.holder_join_rules(context)?;
         if (data.ids.len() as u64) < l.min_input_set {
             abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
             return Err(NodeError::refused(
@@ -505,22 +488,7 @@ impl Bank {
         };
         let session = pending.session();
         // The cardinality charge is durable before anything leaves the node.
-        let charged = {
-            let node = self.clone();
-            let eps = l.cardinality_epsilon_micro;
-            tokio::task::spawn_blocking(move || {
-                let l = &node.inner.limits;
-                lock(&node.inner.state).charge_cardinality(
-                    &session,
-                    "join",
-                    eps,
-                    l.cardinality_budget_micro,
-                    l.period_days,
-                )
-            })
-            .await
-            .map_err(|_| NodeError::Internal("ledger task failed"))?
-        };
+        let charged = self.charge_cardinality(session).await?;
         if let Err(e) = charged {
             abort(&mut send, session, AbortCode::Refused).await;
             return Err(e);
@@ -549,6 +517,44 @@ impl Bank {
         ];
         info!(rows = joined.rows(), seconds = secs, "join done");
         Ok(())
+    }
+
+    /// The join's parameters and the bank's policy for it (set-size limits,
+    /// the cardinality noise of `cardinality_epsilon`).
+    fn holder_join_rules(&self, context: [u8; 32]) -> Result<(JoinParams, HolderPolicy), NodeError> {
+        let l = &self.inner.limits;
+        let cardinality = ShiftedTruncatedLaplace::new(
+            micro_rational(l.cardinality_epsilon_micro).0,
+            micro_rational(l.cardinality_epsilon_micro).1,
+            l.cardinality_delta_inverse,
+        )?;
+        let params = JoinParams {
+            collaboration_id: self.inner.collaboration.clone(),
+            rules_hash: self.inner.rules.hash(),
+            context,
+            chunk_points: DEFAULT_CHUNK_POINTS,
+        };
+        let policy = HolderPolicy {
+            peer_set: SetSizeLimits {
+                min: l.peer_set.0,
+                max: l.peer_set.1,
+            },
+            cardinality,
+        };
+        Ok((params, policy))
+    }
+
+    /// Charges the join's cardinality ε to the bank's ledger (durably, on a
+    /// blocking thread); the inner result is the ledger's refusal, if any.
+    async fn charge_cardinality(&self, session: SessionId) -> Result<Result<(), NodeError>, NodeError> {
+        let node = self.clone();
+        let eps = self.inner.limits.cardinality_epsilon_micro;
+        tokio::task::spawn_blocking(move || {
+            let l = &node.inner.limits;
+            lock(&node.inner.state).charge_cardinality(&session, "join", eps, l.cardinality_budget_micro, l.period_days)
+        })
+        .await
+        .map_err(|_| NodeError::Internal("ledger task failed"))
     }
 
     pub(super) fn holder_join_by_session(

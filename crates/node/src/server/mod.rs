@@ -153,6 +153,14 @@ impl Drop for Counted {
     }
 }
 
+/// What a charged query does next (see `Node::after_charge`).
+enum Step {
+    /// Return the stored share (marked replayed).
+    Replay(Box<QueryShare>),
+    /// Compute the share; over this join if it is a rerun.
+    Compute { rerun_over: Option<SessionId> },
+}
+
 /// What the checks before a charge produce (see `Node::before_charge`).
 struct Ready {
     plan: Plan,
@@ -431,6 +439,61 @@ fn micro_rational(micro: u64) -> (u64, u64) {
     (micro, 1_000_000)
 }
 
+/// Loads the node's input data on a blocking thread and logs what was
+/// loaded (counts only); the data and its version.
+async fn load_data(cfg: &NodeConfig) -> Result<(Loaded, [u8; 32]), NodeError> {
+    let data_cfg = cfg.data.clone();
+    let collab = cfg.collaboration.clone();
+    let role = cfg.role;
+    let data = tokio::task::spawn_blocking(move || match role {
+        Role::Bank => load_holder(&data_cfg, &collab).map(Loaded::Holder),
+        Role::Platform => load_matcher(&data_cfg, &collab).map(Loaded::Matcher),
+    })
+    .await
+    .map_err(|_| NodeError::Internal("data loading failed"))??;
+    let (report, distinct, data_version) = match &data {
+        Loaded::Holder(h) => (&h.report, h.ids.len(), h.version),
+        Loaded::Matcher(m) => (&m.report, m.ids.len(), m.version),
+    };
+    info!(
+        rows = report.rows,
+        loaded = report.loaded,
+        distinct_identifiers = distinct,
+        bad_rows = report.bad_rows(),
+        duplicate_identifiers = report.duplicate_identifiers,
+        mapped_to_other = report.mapped_to_other,
+        "data loaded"
+    );
+    if report.bad_rows() > 0 {
+        warn!(reasons = %report.describe(), "bad rows skipped");
+    }
+    Ok((data, data_version))
+}
+
+/// This operator's signed policy (verified against its own public key; a
+/// template it does not approve is logged and will not run), its JSON as
+/// shown to the peer, and the other operator's public key.
+fn load_policies(cfg: &NodeConfig, templates: &[Template]) -> Result<(SignedPolicy, Vec<u8>, String), NodeError> {
+    let own_policy = crate::policy::load_verified(&cfg.policy.signed, &cfg.policy.public_key)?;
+    for t in templates {
+        if !own_policy.approves(t) {
+            warn!(template = %t.name, "template not signed by this operator (or changed since): it will not run; run `cleanroom policy sign`");
+        }
+    }
+    let own_policy_json = std::fs::read(&cfg.policy.signed).map_err(|e| NodeError::Config {
+        path: cfg.policy.signed.display().to_string(),
+        what: e.to_string(),
+    })?;
+    let peer_public_key = std::fs::read_to_string(&cfg.policy.peer_public_key)
+        .map_err(|e| NodeError::Config {
+            path: cfg.policy.peer_public_key.display().to_string(),
+            what: e.to_string(),
+        })?
+        .trim()
+        .to_string();
+    Ok((own_policy, own_policy_json, peer_public_key))
+}
+
 impl Node {
     /// Loads the data, opens the state, binds the port and starts serving.
     ///
@@ -450,48 +513,8 @@ impl Node {
                 what: format!("this certificate is not for {}", pki::node_name(cfg.role.as_str())),
             });
         }
-        let data_cfg = cfg.data.clone();
-        let collab = cfg.collaboration.clone();
-        let role = cfg.role;
-        let data = tokio::task::spawn_blocking(move || match role {
-            Role::Bank => load_holder(&data_cfg, &collab).map(Loaded::Holder),
-            Role::Platform => load_matcher(&data_cfg, &collab).map(Loaded::Matcher),
-        })
-        .await
-        .map_err(|_| NodeError::Internal("data loading failed"))??;
-        let (report, distinct, data_version) = match &data {
-            Loaded::Holder(h) => (&h.report, h.ids.len(), h.version),
-            Loaded::Matcher(m) => (&m.report, m.ids.len(), m.version),
-        };
-        info!(
-            rows = report.rows,
-            loaded = report.loaded,
-            distinct_identifiers = distinct,
-            bad_rows = report.bad_rows(),
-            duplicate_identifiers = report.duplicate_identifiers,
-            mapped_to_other = report.mapped_to_other,
-            "data loaded"
-        );
-        if report.bad_rows() > 0 {
-            warn!(reasons = %report.describe(), "bad rows skipped");
-        }
-        let own_policy = crate::policy::load_verified(&cfg.policy.signed, &cfg.policy.public_key)?;
-        for t in &templates {
-            if !own_policy.approves(t) {
-                warn!(template = %t.name, "template not signed by this operator (or changed since): it will not run; run `cleanroom policy sign`");
-            }
-        }
-        let own_policy_json = std::fs::read(&cfg.policy.signed).map_err(|e| NodeError::Config {
-            path: cfg.policy.signed.display().to_string(),
-            what: e.to_string(),
-        })?;
-        let peer_public_key = std::fs::read_to_string(&cfg.policy.peer_public_key)
-            .map_err(|e| NodeError::Config {
-                path: cfg.policy.peer_public_key.display().to_string(),
-                what: e.to_string(),
-            })?
-            .trim()
-            .to_string();
+        let (data, data_version) = load_data(&cfg).await?;
+        let (own_policy, own_policy_json, peer_public_key) = load_policies(&cfg, &templates)?;
         let mut state = State::open(&cfg.state_dir)?;
         state.expire_joins(&data_version)?;
         let node_key = state.node_key()?;
@@ -552,7 +575,7 @@ impl Node {
                 }
             });
         }
-        info!(role = role.as_str(), address = %node.local_addr()?, "node listening");
+        info!(role = cfg.role.as_str(), address = %node.local_addr()?, "node listening");
         Ok(node)
     }
 
@@ -723,27 +746,7 @@ impl Node {
         };
         let peer_name = pki::node_name(self.inner.role().peer().as_str());
         if certificate_is_for(&cert, &peer_name) {
-            let Sided::Bank(bank) = self.sided() else {
-                conn.close(3u32.into(), b"this node does not accept peer connections");
-                return;
-            };
-            // The platform needs one; a few more cover its restarts until
-            // the old ones are reset.
-            let Ok(_open) = Counted::take(&self, &peer_name, |i| &i.connections, MAX_PEER_CONNECTIONS, u32::MAX) else {
-                info!(peer = %peer_name, "peer connection closed: {MAX_PEER_CONNECTIONS} already open");
-                conn.close(5u32.into(), b"too many connections from the peer node");
-                return;
-            };
-            info!(peer = %peer_name, "peer connected");
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                let bank = bank.clone();
-                tokio::spawn(async move {
-                    let _serving = Gauge::up(&bank.side.peer_streams);
-                    if let Err(e) = bank.serve_peer_stream(send, recv).await {
-                        warn!(error = %e, "peer session failed");
-                    }
-                });
-            }
+            self.serve_peer_connection(conn, &peer_name).await;
             return;
         }
         let analyst = self
@@ -767,65 +770,98 @@ impl Node {
             return;
         };
         let from = Requester(Some(conn.clone()));
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        while let Ok((send, recv)) = conn.accept_bi().await {
             let node = self.clone();
             let analyst = analyst.clone();
             let from = from.clone();
             let span = info_span!("analyst", name = %analyst);
-            tokio::spawn(
-                async move {
-                    // Over the rate, only a query under a held admission is
-                    // served: its frame must come soon, so that streams over
-                    // the rate do not stay open for the whole request timeout.
-                    let t = &node.inner.limits.timeouts;
-                    let wait = if node.rate_left(&analyst) {
-                        t.analyst_request
-                    } else {
-                        t.over_rate_request
-                    };
-                    let request =
-                        match pump::read_one_limited(
-                            &mut recv,
-                            wait,
-                            pump::MAX_ANALYST_REQUEST,
-                        )
-                            .await
-                        {
-                            Ok(frame) => match Message::decode(&frame) {
-                                Ok(Message::AnalystRequest(req)) => Ok(req),
-                                Ok(_) => Err(AnalystResponse::Refused(Refusal::new(RefusalCode::BadRequest, "expected an analyst request"))),
-                                Err(e) => Err(AnalystResponse::Refused(Refusal::new(RefusalCode::BadRequest, format!("malformed request: {e}")))),
-                            },
-                            Err(e) => {
-                                info!(error = %e, "analyst stream ended");
-                                return;
-                            }
-                        };
-                    // The query of an admission held here passed the rate
-                    // check with its `Admit`: it is not refused after the
-                    // other node may have charged it.
-                    let admitted = matches!(&request, Ok(AnalystRequest::Query(q)) if node.holds_admission(&analyst, &q.query_id));
-                    let response = if !admitted && !node.within_rate(&analyst) {
-                        AnalystResponse::Refused(Refusal::new(
-                            RefusalCode::RateLimited,
-                            format!(
-                                "rate limit: more than {} requests per second from this analyst (max_requests_per_analyst_per_second); slow down",
-                                node.inner.limits.requests_per_second
-                            ),
-                        ))
-                    } else {
-                        match request {
-                            Ok(req) => node.serve_analyst(&analyst, req, &from).await,
-                            Err(refusal) => refusal,
-                        }
-                    };
-                    if write_one(&mut send, &Message::AnalystResponse(response)).await.is_ok() {
-                        let _ = send.finish();
-                        let _ = send.stopped().await;
-                    }
+            tokio::spawn(async move { node.serve_analyst_stream(&analyst, &from, send, recv).await }.instrument(span));
+        }
+    }
+
+    /// A connection with the peer node's certificate: only the bank takes
+    /// them (the platform connects out); each stream is served by its first
+    /// message (`Bank::serve_peer_stream`).
+    async fn serve_peer_connection(&self, conn: quinn::Connection, peer_name: &str) {
+        let Sided::Bank(bank) = self.sided() else {
+            conn.close(3u32.into(), b"this node does not accept peer connections");
+            return;
+        };
+        // The platform needs one; a few more cover its restarts until
+        // the old ones are reset.
+        let Ok(_open) = Counted::take(self, peer_name, |i| &i.connections, MAX_PEER_CONNECTIONS, u32::MAX) else {
+            info!(peer = %peer_name, "peer connection closed: {MAX_PEER_CONNECTIONS} already open");
+            conn.close(5u32.into(), b"too many connections from the peer node");
+            return;
+        };
+        info!(peer = %peer_name, "peer connected");
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let bank = bank.clone();
+            tokio::spawn(async move {
+                let _serving = Gauge::up(&bank.side.peer_streams);
+                if let Err(e) = bank.serve_peer_stream(send, recv).await {
+                    warn!(error = %e, "peer session failed");
                 }
-                .instrument(span),
-            );
+            });
+        }
+    }
+
+    /// One stream of an analyst: its request (within the request timeout,
+    /// or the short one over the rate), the rate check, the answer.
+    async fn serve_analyst_stream(
+        &self,
+        analyst: &str,
+        from: &Requester,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        // Over the rate, only a query under a held admission is
+        // served: its frame must come soon, so that streams over
+        // the rate do not stay open for the whole request timeout.
+        let t = &self.inner.limits.timeouts;
+        let wait = if self.rate_left(analyst) {
+            t.analyst_request
+        } else {
+            t.over_rate_request
+        };
+        let request = match pump::read_one_limited(&mut recv, wait, pump::MAX_ANALYST_REQUEST).await {
+            Ok(frame) => match Message::decode(&frame) {
+                Ok(Message::AnalystRequest(req)) => Ok(req),
+                Ok(_) => Err(AnalystResponse::Refused(Refusal::new(
+                    RefusalCode::BadRequest,
+                    "expected an analyst request",
+                ))),
+                Err(e) => Err(AnalystResponse::Refused(Refusal::new(
+                    RefusalCode::BadRequest,
+                    format!("malformed request: {e}"),
+                ))),
+            },
+            Err(e) => {
+                info!(error = %e, "analyst stream ended");
+                return;
+            }
+        };
+        // The query of an admission held here passed the rate
+        // check with its `Admit`: it is not refused after the
+        // other node may have charged it.
+        let admitted = matches!(&request, Ok(AnalystRequest::Query(q)) if self.holds_admission(analyst, &q.query_id));
+        let response = if !admitted && !self.within_rate(analyst) {
+            AnalystResponse::Refused(Refusal::new(
+                RefusalCode::RateLimited,
+                format!(
+                    "rate limit: more than {} requests per second from this analyst (max_requests_per_analyst_per_second); slow down",
+                    self.inner.limits.requests_per_second
+                ),
+            ))
+        } else {
+            match request {
+                Ok(req) => self.serve_analyst(analyst, req, from).await,
+                Err(refusal) => refusal,
+            }
+        };
+        if write_one(&mut send, &Message::AnalystResponse(response)).await.is_ok() {
+            let _ = send.finish();
+            let _ = send.stopped().await;
         }
     }
 

@@ -153,6 +153,48 @@ impl Platform {
         Ok(Some(j))
     }
 
+    /// The join's parameters, the platform's policy for it, and the seed of
+    /// its block padding.
+    fn matcher_join_rules(
+        &self,
+        context: [u8; 32],
+    ) -> Result<(JoinParams, MatcherPolicy, cleanroom_protocol::join::PaddingSeed), NodeError> {
+        let l = &self.inner.limits;
+        let params = JoinParams {
+            collaboration_id: self.inner.collaboration.clone(),
+            rules_hash: self.inner.rules.hash(),
+            context,
+            chunk_points: DEFAULT_CHUNK_POINTS,
+        };
+        let policy = MatcherPolicy {
+            peer_set: SetSizeLimits {
+                min: l.peer_set.0,
+                max: l.peer_set.1,
+            },
+            max_dummy_rows: l.max_dummy_rows,
+            block_padding: Some(ShiftedTruncatedLaplace::new(
+                l.cardinality_epsilon_micro,
+                1_000_000,
+                l.cardinality_delta_inverse,
+            )?),
+        };
+        // The padding of each block is a function of this node's key and
+        // the join's input (filter, grouping and data version: the join
+        // context), so a re-join of unchanged data shows the bank the same
+        // padded sizes, never a fresh sample to average.
+        let padding = {
+            let key = ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                crate::state::derive(&self.inner.node_key, b"cleanroom-v1-block-padding").as_slice(),
+            );
+            let tag = ring::hmac::sign(&key, &params.context);
+            let mut seed = Zeroizing::new([0u8; 32]);
+            seed.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
+            cleanroom_protocol::join::PaddingSeed::new(seed)
+        };
+        Ok((params, policy, padding))
+    }
+
     pub(super) async fn matcher_join(
         &self,
         data: &MatcherData,
@@ -186,41 +228,10 @@ impl Platform {
         drop(ids);
         lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
         let l = &self.inner.limits;
-        let params = JoinParams {
-            collaboration_id: self.inner.collaboration.clone(),
-            rules_hash: self.inner.rules.hash(),
-            context: self.join_context(&filter, &data.version),
-            chunk_points: DEFAULT_CHUNK_POINTS,
-        };
-        let policy = MatcherPolicy {
-            peer_set: SetSizeLimits {
-                min: l.peer_set.0,
-                max: l.peer_set.1,
-            },
-            max_dummy_rows: l.max_dummy_rows,
-            block_padding: Some(ShiftedTruncatedLaplace::new(
-                l.cardinality_epsilon_micro,
-                1_000_000,
-                l.cardinality_delta_inverse,
-            )?),
-        };
+        let (params, policy, padding) = self.matcher_join_rules(self.join_context(&filter, &data.version))?;
         let conn = self.peer_connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mut rng = session_rng()?;
-        // The padding of each block is a function of this node's key and
-        // the join's input (filter, grouping and data version: the join
-        // context), so a re-join of unchanged data shows the bank the same
-        // padded sizes, never a fresh sample to average.
-        let padding = {
-            let key = ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
-                crate::state::derive(&self.inner.node_key, b"cleanroom-v1-block-padding").as_slice(),
-            );
-            let tag = ring::hmac::sign(&key, &params.context);
-            let mut seed = Zeroizing::new([0u8; 32]);
-            seed.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
-            cleanroom_protocol::join::PaddingSeed::new(seed)
-        };
         let m = MatcherJoin::grouped(params, policy, blocks)?.with_padding_seed(padding);
         let (offered, offer) = m.offer(&mut rng)?;
         write_one(&mut send, &offer).await?;
