@@ -284,6 +284,9 @@ struct Harness {
 
 /// Pairs of nodes the corpus replay may use side by side (the fuzzer uses
 /// the first): most of a script's time is waiting for the nodes' timeouts.
+/// A panic on any lane's node threads fails the replay (the flag is shared,
+/// so the failure may be reported with the other lane's script; the panic
+/// message above it names the thread).
 pub const LANES: usize = 2;
 
 fn harness(lane: usize) -> &'static Harness {

@@ -9,8 +9,9 @@ use zeroize::Zeroizing;
 use crate::CryptoError;
 
 /// An operator's Ed25519 policy key. Its Debug shows the public key only.
-/// (ring keeps the private key inside `Ed25519KeyPair`; the PKCS#8 bytes it
-/// comes from are wiped when dropped here.)
+/// (ring keeps the private key inside `Ed25519KeyPair` and offers no way to
+/// wipe it, nor the buffer `generate_pkcs8` returns; the copy of the PKCS#8
+/// bytes this module hands out is wiped on drop.)
 pub struct PolicyKey {
     pair: Ed25519KeyPair,
 }
@@ -24,7 +25,7 @@ impl std::fmt::Debug for PolicyKey {
 
 impl PolicyKey {
     /// A fresh key from the OS generator, with its PKCS#8 encoding (to
-    /// store; wiped on drop).
+    /// store; this copy is wiped on drop, ring's own is not).
     ///
     /// # Errors
     /// [`CryptoError::Randomness`] if the OS generator fails.

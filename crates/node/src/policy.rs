@@ -44,7 +44,7 @@ pub fn init_keys(dir: &Path) -> Result<Vec<PathBuf>, NodeError> {
         let k = dir.join(format!("{role}-policy.key"));
         let p = dir.join(format!("{role}-policy.pub"));
         let der_hex = zeroize::Zeroizing::new(hex(&der));
-        write(&k, &format!("{}\n", der_hex.as_str()), true)?;
+        write(&k, &zeroize::Zeroizing::new(format!("{}\n", der_hex.as_str())), true)?;
         write(&p, &format!("{}\n", hex(&key.public_key())), false)?;
         out.push(k);
         out.push(p);

@@ -89,7 +89,7 @@ pub struct State {
 #[non_exhaustive]
 pub enum StateError {
     /// SQLite failed a statement.
-    #[error("SQLite: {0}")]
+    #[error("{0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The state directory cannot be made.
     #[error("{path}: {source}")]

@@ -1030,12 +1030,13 @@ mod tests {
             Phase::from("join: something new".to_string()),
             Phase::Other("join: something new".into())
         );
-        let typed = bincode::serde::encode_to_vec(vec![(Phase::BankMasking, 0.5f64)], bincode::config::standard());
+        let typed = bincode::serde::encode_to_vec(vec![(Phase::BankMasking, 0.5f64)], config()).unwrap();
         let text = bincode::serde::encode_to_vec(
             vec![("aggregate: masking rows (row values + PRG)".to_string(), 0.5f64)],
-            bincode::config::standard(),
-        );
-        assert_eq!(typed.ok(), text.ok());
+            config(),
+        )
+        .unwrap();
+        assert_eq!(typed, text);
     }
     use proptest::prelude::*;
 

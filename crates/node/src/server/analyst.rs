@@ -172,7 +172,7 @@ impl Node {
                         running
                     }
                     Sided::Bank(b) => {
-                        // Its waiter ends ("the peer session ended without a result").
+                        // Its waiter ends (`PeerError::NoShare`).
                         let dropped = lock(&b.side.queries).cancel(&qid, analyst, Instant::now());
                         let waiting = dropped.is_some();
                         drop(dropped);
@@ -645,6 +645,7 @@ pub(super) fn analyst_view(e: &NodeError) -> String {
         NodeError::Protocol(_) | NodeError::Internal(_) | NodeError::Crypto(_) => "an internal error".into(),
         NodeError::Peer(_) => "the connection to the peer node failed or timed out".into(),
         NodeError::State(_) => "its state database failed".into(),
+        NodeError::Io { .. } => "a local socket failed".into(),
         NodeError::UnknownJoin => "the peer node no longer has the join".into(),
         other => other.to_string(),
     }

@@ -110,7 +110,13 @@ impl Platform {
                 }
                 .into());
             }
-            Err(e) => return Err(NodeError::Protocol(e.into())),
+            Err(_) => {
+                return Err(PeerError::Unexpected {
+                    expected: "the bank's signed policy",
+                    got: "a frame that does not decode",
+                }
+                .into());
+            }
         }
         *guard = Some(conn.clone());
         Ok(conn)
