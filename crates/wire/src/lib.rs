@@ -22,6 +22,11 @@ pub const MAX_MESSAGE_LEN: usize = 64 << 20;
 pub const MAX_POINTS_PER_CHUNK: usize = 1 << 16;
 /// The longest collaboration id, in bytes.
 pub const MAX_COLLABORATION_ID_LEN: usize = 128;
+/// Most per-phase timings in one share, and the longest label of one (a
+/// node reports about ten; a label a newer node adds is `Phase::Other`).
+pub const MAX_TIMINGS: usize = 64;
+/// See [`MAX_TIMINGS`].
+pub const MAX_PHASE_LABEL_LEN: usize = 128;
 /// Length of an encoded point.
 pub const POINT_LEN: usize = 32;
 
@@ -885,6 +890,26 @@ impl Message {
                         kind,
                         field: "param",
                         len: k.len() + v.len(),
+                    });
+                }
+            }
+            Message::AnalystResponse(AnalystResponse::Share(share)) => {
+                if share.timings.len() > MAX_TIMINGS {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "timings",
+                        len: share.timings.len(),
+                    });
+                }
+                if let Some((p, _)) = share
+                    .timings
+                    .iter()
+                    .find(|(p, _)| p.label().len() > MAX_PHASE_LABEL_LEN)
+                {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "timing label",
+                        len: p.label().len(),
                     });
                 }
             }

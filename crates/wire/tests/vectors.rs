@@ -233,6 +233,18 @@ fn encoded(name: &str) -> Vec<u8> {
     m.encode().unwrap()
 }
 
+/// The `response_share` sample with these timings.
+fn share_with_timings(timings: Vec<(Phase, f64)>) -> Message {
+    let (_, mut m) = good()
+        .into_iter()
+        .find(|(n, _)| *n == "response_share")
+        .unwrap_or_else(|| panic!("no sample response_share"));
+    if let Message::AnalystResponse(AnalystResponse::Share(s)) = &mut m {
+        s.timings = timings;
+    }
+    m
+}
+
 fn with(mut frame: Vec<u8>, f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     f(&mut frame);
     frame
@@ -330,6 +342,14 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
         (
             "bad_admit_too_many_params",
             encode(Message::AnalystRequest(AnalystRequest::Admit(query("overlap", 33)))),
+        ),
+        (
+            "bad_share_timing_label_too_long",
+            encode(share_with_timings(vec![(Phase::Other("t".repeat(129)), 0.5)])),
+        ),
+        (
+            "bad_share_too_many_timings",
+            encode(share_with_timings(vec![(Phase::Join, 0.5); 65])),
         ),
     ]
 }
