@@ -128,7 +128,7 @@ impl Node {
         match req {
             AnalystRequest::Templates => {
                 // A platform that cannot reach the bank lists nothing.
-                let _ = self.peer_policy_or_wait().await;
+                let _ = self.peer_policy_or_wait(&self.sided()).await;
                 AnalystResponse::Templates(
                     self.inner
                         .templates
@@ -400,17 +400,13 @@ impl Node {
         q: &QueryRequest,
         template: &Template,
     ) -> Result<Ready, NodeError> {
-        match side {
-            Sided::Platform(p) => {
-                p.peer_connection().await.map_err(|e| {
-                    NodeError::refused(
-                        RefusalCode::PeerUnreachable,
-                        format!("the platform node cannot reach the bank node: {e}"),
-                    )
-                })?;
-            }
-            Sided::Bank(b) => b.wait_peer_policy().await,
-        }
+        // Only the platform can fail here (it cannot reach the bank).
+        self.peer_policy_or_wait(side).await.map_err(|e| {
+            NodeError::refused(
+                RefusalCode::PeerUnreachable,
+                format!("the platform node cannot reach the bank node: {e}"),
+            )
+        })?;
         if let Some(why) = self.not_runnable(template) {
             return Err(NodeError::refused(RefusalCode::UnknownTemplate, why));
         }

@@ -880,8 +880,8 @@ impl Node {
     /// The checks before a charge need the peer's signed policy: the bank
     /// waits for it (`Bank::wait_peer_policy`); the platform reaches the bank
     /// (`Platform::peer_connection`), which shows the bank's.
-    async fn peer_policy_or_wait(&self) -> Result<(), NodeError> {
-        match self.sided() {
+    async fn peer_policy_or_wait(&self, side: &Sided) -> Result<(), NodeError> {
+        match side {
             Sided::Bank(b) => {
                 b.wait_peer_policy().await;
                 Ok(())
