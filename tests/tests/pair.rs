@@ -1,7 +1,9 @@
 //! Both nodes' query lifecycles in one process, in the style of
 //! quinn-proto's `Pair`: the bank's and the platform's machines
-//! (`cleanroom_protocol::queries` for which query ids run, and
-//! `cleanroom_protocol::ledger` for what a charged query may do next),
+//! (`cleanroom_protocol::queries` for which query ids run,
+//! `cleanroom_protocol::ledger` for what a charged query may do next, and
+//! `cleanroom_protocol::attempt` for each platform attempt, the same
+//! machine the node's `Platform::attempt` drives),
 //! each with an in-memory ledger, joined by a message queue that the
 //! schedule can reorder, drop and duplicate, on a virtual clock, with
 //! either node crashing (losing everything but its ledger and its joins)
@@ -9,7 +11,8 @@
 //!
 //! The shell here does what the node's shell does (`crates/node/src/server/`):
 //! charge, then ask the machines what next; register, claim, record
-//! batches; store before release. Shares are modelled as numbers with the
+//! batches; carry out the platform attempt's actions; store before
+//! release. Shares are modelled as numbers with the
 //! algebra of the real ones: the bank's share of a batch is the true value
 //! over the join plus the OT mask of the batch's session, the platform's is
 //! minus the mask; each node adds the noise drawn from its query's seed
@@ -32,13 +35,12 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use cleanroom_crypto::shares::Share;
-use cleanroom_protocol::ledger::{
-    self, AfterCheck, BankAfterCharge, BankHolds, Charged, PeerBatch, PlatformAfterCharge, RunBinding,
-};
+use cleanroom_protocol::attempt::{Action, Assembled, JoinChoice, Outcome, PlatformAttempt};
+use cleanroom_protocol::ledger::{self, BankAfterCharge, BankHolds, Charged, PeerBatch, RunBinding};
 use cleanroom_protocol::queries::{
     BankQueries, Batch, Claim, PlatformQueries, QueryTimeouts, Register, Registration, Start, run_of,
 };
-use cleanroom_wire::{QueryId, RunId, SessionId};
+use cleanroom_wire::{AbortCode, QueryId, RunId, SessionId};
 use proptest::prelude::*;
 
 const TIMEOUTS: QueryTimeouts = QueryTimeouts {
@@ -146,13 +148,6 @@ impl Ledger {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Abort {
-    UnknownJoin,
-    UnknownQuery,
-    Refused,
-}
-
 #[derive(Clone, Debug)]
 enum Msg {
     Setup {
@@ -172,7 +167,7 @@ enum Msg {
         attempt: u64,
     },
     Aborted {
-        code: Abort,
+        code: AbortCode,
         attempt: u64,
     },
     Held {
@@ -224,31 +219,26 @@ impl BankNode {
     }
 }
 
-#[derive(Debug, Clone)]
-enum Phase {
-    Queued,
-    AwaitCheck,
-    Joining {
-        rerun: Option<SessionId>,
-    },
-    Batches {
-        join: SessionId,
-        rerun: Option<SessionId>,
-        sessions: Vec<SessionId>,
-        rejoined: bool,
-    },
-    Store {
-        join: SessionId,
-        rerun: Option<SessionId>,
-        sessions: Vec<SessionId>,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct PlatformAttempt {
+/// A platform attempt: queued (no machine yet) or running
+/// `cleanroom_protocol::attempt`'s machine, with the action it asked for
+/// that is a step of its own (a join, a store: a crash may come before it).
+#[derive(Debug)]
+struct Attempt {
     id: u64,
     qid: QueryId,
-    phase: Phase,
+    machine: Option<PlatformAttempt<SessionId>>,
+    pending: Option<Action<SessionId>>,
+}
+
+impl Attempt {
+    fn queued(&self) -> bool {
+        self.machine.is_none()
+    }
+
+    /// Waiting for a message from the bank.
+    fn waiting(&self) -> bool {
+        self.pending.is_none() && self.machine.as_ref().is_some_and(PlatformAttempt::waits_for_bank)
+    }
 }
 
 #[derive(Default)]
@@ -257,7 +247,7 @@ struct PlatformNode {
     /// The cached join (the state file keeps it across a restart).
     cached: Option<SessionId>,
     queries: PlatformQueries,
-    attempts: Vec<PlatformAttempt>,
+    attempts: Vec<Attempt>,
 }
 
 #[derive(Clone, Debug)]
@@ -382,12 +372,7 @@ impl Pair {
             Step::Timeout(i) => {
                 // A read timeout of an attempt waiting for the bank.
                 let waiting: Vec<usize> = (0..self.platform.attempts.len())
-                    .filter(|&k| {
-                        matches!(
-                            self.platform.attempts[k].phase,
-                            Phase::AwaitCheck | Phase::Batches { .. }
-                        )
-                    })
+                    .filter(|&k| self.platform.attempts[k].waiting())
                     .collect();
                 if !waiting.is_empty() {
                     let k = waiting[i % waiting.len()];
@@ -457,7 +442,7 @@ impl Pair {
                         Err(_) => {
                             self.rerun_refused.insert(q);
                             self.queue.push(Msg::Aborted {
-                                code: Abort::Refused,
+                                code: AbortCode::Refused,
                                 attempt,
                             });
                             return;
@@ -479,7 +464,7 @@ impl Pair {
                                 Register::Kept => {}
                                 Register::Busy => {
                                     self.queue.push(Msg::Aborted {
-                                        code: Abort::Refused,
+                                        code: AbortCode::Refused,
                                         attempt,
                                     });
                                     return;
@@ -522,14 +507,14 @@ impl Pair {
                 Claim::Found(reg, _) => Some(reg),
                 Claim::OtherJoin => {
                     self.queue.push(Msg::Aborted {
-                        code: Abort::Refused,
+                        code: AbortCode::Refused,
                         attempt: p.attempt,
                     });
                     None
                 }
                 Claim::Unknown => {
                     self.queue.push(Msg::Aborted {
-                        code: Abort::UnknownQuery,
+                        code: AbortCode::UnknownQuery,
                         attempt: p.attempt,
                     });
                     None
@@ -552,7 +537,7 @@ impl Pair {
                 Batch::Share(Share::from_words(vec![unnoised]), session)
             } else {
                 self.queue.push(Msg::Aborted {
-                    code: Abort::UnknownJoin,
+                    code: AbortCode::UnknownJoin,
                     attempt: p.attempt,
                 });
                 Batch::UnknownJoin
@@ -632,104 +617,140 @@ impl Pair {
         self.asked.insert(q);
         self.platform.queries.arrive(q, "alice");
         self.counter += 1;
-        self.platform.attempts.push(PlatformAttempt {
+        self.platform.attempts.push(Attempt {
             id: self.counter,
             qid: q,
-            phase: Phase::Queued,
+            machine: None,
+            pending: None,
         });
     }
 
     fn platform_end(&mut self, k: usize) {
         let a = self.platform.attempts.remove(k);
-        match a.phase {
-            Phase::Queued => self.platform.queries.leave(&a.qid),
-            _ => self.platform.queries.finish(&a.qid),
+        if a.queued() {
+            self.platform.queries.leave(&a.qid);
+        } else {
+            self.platform.queries.finish(&a.qid);
         }
     }
 
-    fn send_setup(&mut self, k: usize) {
-        let a = &self.platform.attempts[k];
-        if let Phase::Batches { join, sessions, .. } = &a.phase {
-            let m = Msg::Setup {
-                qid: a.qid,
-                join: *join,
-                group: sessions.len(),
-                attempt: a.id,
-            };
-            self.queue.push(m);
-        }
-    }
-
+    /// A step of attempt `k` that needs no message: a queued attempt starts
+    /// and charges; a join or a store it asked for is carried out.
     fn platform_step(&mut self, k: usize) {
-        let a = self.platform.attempts[k].clone();
-        match a.phase {
-            Phase::Queued => {
-                if self.platform.queries.start(&a.qid) == Start::Queued {
+        let a = &mut self.platform.attempts[k];
+        let q = a.qid;
+        if a.queued() {
+            if self.platform.queries.start(&q) == Start::Queued {
+                return;
+            }
+            let charged = self.platform.ledger.charge(q, &mut self.seeds);
+            let mut m = PlatformAttempt::new(q, DATA, MAX_RERUNS);
+            let next = m.charged(&charged);
+            self.platform.attempts[k].machine = Some(m);
+            return self.platform_act(k, next);
+        }
+        match a.pending.take() {
+            Some(Action::Join(choice)) => {
+                let cached = self.platform.cached;
+                let Some(m) = self.platform.attempts[k].machine.as_mut() else {
                     return;
-                }
-                let charged = self.platform.ledger.charge(a.qid, &mut self.seeds);
-                self.platform.attempts[k].phase = match ledger::platform_after_charge(&charged) {
-                    PlatformAfterCharge::Compute => Phase::Joining { rerun: None },
-                    PlatformAfterCharge::AskBank(run) => {
-                        self.queue.push(Msg::Check {
-                            qid: a.qid,
-                            run,
-                            attempt: a.id,
-                        });
-                        Phase::AwaitCheck
-                    }
                 };
-            }
-            Phase::Joining { rerun } => {
-                let join = match (rerun, self.platform.cached) {
-                    (Some(first), Some(c)) if c == first => c,
-                    (Some(_), _) => {
-                        // The join of the first release is gone: refused.
-                        self.rerun_refused.insert(a.qid);
-                        return self.platform_end(k);
-                    }
-                    (None, Some(c)) => c,
-                    (None, None) => self.new_join(),
-                };
-                self.platform.attempts[k].phase = Phase::Batches {
-                    join,
-                    rerun,
-                    sessions: Vec::new(),
-                    rejoined: false,
-                };
-                self.send_setup(k);
-            }
-            Phase::Store { join, rerun, sessions } => {
-                let seed = self.platform.ledger.entries[&a.qid].seed;
-                let words: Vec<u64> = sessions
-                    .iter()
-                    .enumerate()
-                    .map(|(g, s)| 0u64.wrapping_sub(mask(*s)).wrapping_add(noise(seed, g)))
-                    .collect();
-                let run = run_of(&sessions);
-                self.runs.insert(run, sessions.clone());
-                let stored = Stored {
-                    run,
-                    binding: RunBinding {
-                        join,
-                        data_version: DATA,
+                let next = match choice {
+                    JoinChoice::Only(first) if cached == Some(first) => m.joined(first, GROUPS as u32),
+                    // The join of the first release is gone.
+                    JoinChoice::Only(_) => m.no_join(),
+                    JoinChoice::CachedOrNew => match cached {
+                        Some(c) => m.joined(c, GROUPS as u32),
+                        None => {
+                            let j = self.new_join();
+                            self.machine(k).joined(j, GROUPS as u32)
+                        }
                     },
-                    words: words.clone(),
+                    JoinChoice::New { .. } => {
+                        let j = self.new_join();
+                        self.machine(k).joined(j, GROUPS as u32)
+                    }
                 };
-                match self.platform.ledger.store(a.qid, stored, rerun.is_some()) {
-                    Ok(()) => {
-                        self.note_store(Side::Platform, a.qid, run, &words);
-                        self.release(Side::Platform, a.qid);
-                    }
-                    Err(e) => {
-                        assert!(rerun.is_some(), "the platform's first store failed: {e}");
-                        self.rerun_refused.insert(a.qid);
-                    }
+                self.platform_act(k, next);
+            }
+            Some(Action::Store(assembled)) => self.platform_store(k, assembled),
+            Some(other) => self.platform_act(k, other),
+            None => {}
+        }
+    }
+
+    fn machine(&mut self, k: usize) -> &mut PlatformAttempt<SessionId> {
+        self.platform.attempts[k]
+            .machine
+            .as_mut()
+            .expect("a running attempt has its machine")
+    }
+
+    /// Carries out what attempt `k`'s machine asked for: messages go out at
+    /// once; a join and a store wait for a step of their own.
+    fn platform_act(&mut self, k: usize, action: Action<SessionId>) {
+        let q = self.platform.attempts[k].qid;
+        let id = self.platform.attempts[k].id;
+        match action {
+            Action::AskBank(run) => self.queue.push(Msg::Check {
+                qid: q,
+                run,
+                attempt: id,
+            }),
+            Action::SendBatch { join, group } => self.queue.push(Msg::Setup {
+                qid: q,
+                join,
+                group: group as usize,
+                attempt: id,
+            }),
+            pending @ (Action::Join(_) | Action::Store(_)) => self.platform.attempts[k].pending = Some(pending),
+            Action::Replay => {
+                self.release(Side::Platform, q);
+                self.platform_end(k);
+            }
+            Action::End(outcome) => {
+                if let Outcome::RerunRefused(_) = outcome {
+                    self.rerun_refused.insert(q);
                 }
                 self.platform_end(k);
             }
-            Phase::AwaitCheck | Phase::Batches { .. } => {}
         }
+    }
+
+    fn platform_store(&mut self, k: usize, a: Assembled<SessionId>) {
+        let q = self.platform.attempts[k].qid;
+        let seed = self.platform.ledger.entries[&q].seed;
+        let sessions = a.batches;
+        let words: Vec<u64> = sessions
+            .iter()
+            .enumerate()
+            .map(|(g, s)| 0u64.wrapping_sub(mask(*s)).wrapping_add(noise(seed, g)))
+            .collect();
+        assert_eq!(
+            a.run,
+            run_of(&sessions),
+            "the attempt assembled another run than its batches'"
+        );
+        self.runs.insert(a.run, sessions);
+        let stored = Stored {
+            run: a.run,
+            binding: RunBinding {
+                join: a.join,
+                data_version: DATA,
+            },
+            words: words.clone(),
+        };
+        match self.platform.ledger.store(q, stored, a.rerun) {
+            Ok(()) => {
+                self.note_store(Side::Platform, q, a.run, &words);
+                self.release(Side::Platform, q);
+            }
+            Err(e) => {
+                assert!(a.rerun, "the platform's first store failed: {e}");
+                self.rerun_refused.insert(q);
+            }
+        }
+        self.platform_end(k);
     }
 
     fn new_join(&mut self) -> SessionId {
@@ -749,72 +770,24 @@ impl Pair {
         let Some(k) = self.platform.attempts.iter().position(|a| a.id == attempt) else {
             return;
         };
-        let a = self.platform.attempts[k].clone();
-        match (m, a.phase) {
-            (
-                Msg::BatchOk { group, session, .. },
-                Phase::Batches {
-                    join,
-                    rerun,
-                    mut sessions,
-                    rejoined,
-                },
-            ) if group == sessions.len() => {
-                sessions.push(session);
-                if sessions.len() == GROUPS {
-                    // Assembled; the store is a step of its own (a crash may
-                    // come before it).
-                    let run = run_of(&sessions);
-                    self.runs.insert(run, sessions.clone());
-                    self.platform.attempts[k].phase = Phase::Store { join, rerun, sessions };
-                } else {
-                    self.platform.attempts[k].phase = Phase::Batches {
-                        join,
-                        rerun,
-                        sessions,
-                        rejoined,
-                    };
-                    self.send_setup(k);
-                }
-            }
-            (Msg::Aborted { code, .. }, Phase::Batches { rerun, rejoined, .. }) => {
-                if code == Abort::UnknownJoin && rerun.is_none() && !rejoined {
-                    let join = self.new_join();
-                    self.platform.attempts[k].phase = Phase::Batches {
-                        join,
-                        rerun,
-                        sessions: Vec::new(),
-                        rejoined: true,
-                    };
-                    self.send_setup(k);
-                } else {
-                    if code == Abort::UnknownJoin && rerun.is_some() {
-                        self.rerun_refused.insert(a.qid);
-                    }
-                    self.platform_end(k);
-                }
-            }
-            (Msg::Held { answer, .. }, Phase::AwaitCheck) => {
-                let view = self.platform.ledger.view(&a.qid).expect("charged before the check");
-                match ledger::platform_after_check(&view, answer, DATA, MAX_RERUNS) {
-                    Ok(AfterCheck::Replay) => {
-                        self.release(Side::Platform, a.qid);
-                        self.platform_end(k);
-                    }
-                    Ok(AfterCheck::Busy) => self.platform_end(k),
-                    Ok(AfterCheck::Rerun(join)) => {
-                        self.platform.attempts[k].phase = Phase::Joining { rerun: Some(join) };
-                    }
-                    Err(_) => {
-                        self.rerun_refused.insert(a.qid);
-                        self.platform_end(k);
-                    }
-                }
-            }
-            // A duplicate or out-of-turn answer: the stream's decoder
-            // rejects it and the attempt fails.
-            _ => self.platform_end(k),
-        }
+        let q = self.platform.attempts[k].qid;
+        let view = self.platform.ledger.view(&q);
+        let a = &mut self.platform.attempts[k];
+        // A stream carries one answer at a time: an answer to an attempt
+        // that is not waiting for one is rejected by its decoder.
+        let (true, Some(machine)) = (a.pending.is_none(), a.machine.as_mut()) else {
+            return self.platform_end(k);
+        };
+        let next = match m {
+            Msg::BatchOk { group, session, .. } => machine.batch_done(group as u32, session, session),
+            Msg::Aborted { code, .. } => machine.aborted(code),
+            Msg::Held { answer, .. } => match view {
+                Some(view) => machine.bank_answered(answer, &view),
+                None => panic!("the platform asked the bank about a query it never charged"),
+            },
+            _ => unreachable!("a bank message at the platform"),
+        };
+        self.platform_act(k, next);
     }
 
     fn deliver(&mut self, m: Msg) {
@@ -901,26 +874,16 @@ impl Pair {
                 self.deliver(m);
             } else if !self.bank.completing.is_empty() {
                 self.bank_store(0);
-            } else if let Some(k) = self
-                .platform
-                .attempts
-                .iter()
-                .position(|a| matches!(a.phase, Phase::Joining { .. } | Phase::Store { .. }))
-            {
+            } else if let Some(k) = self.platform.attempts.iter().position(|a| a.pending.is_some()) {
                 self.platform_step(k);
-            } else if let Some(k) = (0..self.platform.attempts.len())
-                .find(|&k| matches!(self.platform.attempts[k].phase, Phase::Queued) && self.starts(k))
+            } else if let Some(k) =
+                (0..self.platform.attempts.len()).find(|&k| self.platform.attempts[k].queued() && self.starts(k))
             {
                 self.platform_step(k);
             } else if !self.bank.parked.is_empty() || !self.bank.deadlines.is_empty() {
                 self.now += Duration::from_secs(10);
                 self.bank_timers();
-            } else if let Some(k) = self
-                .platform
-                .attempts
-                .iter()
-                .position(|a| matches!(a.phase, Phase::AwaitCheck | Phase::Batches { .. }))
-            {
+            } else if let Some(k) = self.platform.attempts.iter().position(Attempt::waiting) {
                 // Its answer was lost: the read times out.
                 self.platform_end(k);
             } else {
@@ -936,11 +899,7 @@ impl Pair {
     /// Whether queued attempt `k` would start (no attempt of its id runs).
     fn starts(&self, k: usize) -> bool {
         let q = self.platform.attempts[k].qid;
-        !self
-            .platform
-            .attempts
-            .iter()
-            .any(|a| a.qid == q && !matches!(a.phase, Phase::Queued))
+        !self.platform.attempts.iter().any(|a| a.qid == q && !a.queued())
     }
 
     /// The analyst asks each query again (same id) on both nodes until it

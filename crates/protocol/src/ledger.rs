@@ -96,6 +96,10 @@ pub enum RerunRefused {
     /// The rerun would be over another join than the released share's.
     #[error("a rerun must be over the join the query's share was released from; this is another join")]
     OtherJoin,
+    /// The join the released share came from is no longer cached (it
+    /// expired, or a node dropped it): a rerun may not use another.
+    #[error("this query's first run was over a join that has expired or was dropped; it cannot be run again")]
+    JoinGone,
     /// The rerun cap is reached.
     #[error("this query was already run again {reruns} times (limits.max_reruns_per_query is {max})")]
     Cap {

@@ -268,7 +268,6 @@ impl Node {
     ) -> Result<QueryShare, NodeError> {
         let ready = self.before_charge(side, analyst, q, &template).await?;
         let charge = self.ledger(analyst, q, &template, &ready, true).await?;
-        let plan = ready.plan;
         match &charge {
             refused @ (Charge::OverBudget { .. } | Charge::TooManyRuns { .. }) => {
                 return Err(self.charge_refused(refused, &template));
@@ -277,13 +276,6 @@ impl Node {
             Charge::Existing(None) => info!("query id already charged; computing its share (no new charge)"),
             Charge::Existing(Some(_)) => {}
         }
-        // What the ledger holds of the query decides the next step (the
-        // rules are `cleanroom_protocol::ledger`'s, tested in
-        // tests/tests/pair.rs with both nodes, crashes and a lossy network).
-        let rerun_over = match self.after_charge(side, &q.query_id).await? {
-            Step::Replay(share) => return Ok(*share),
-            Step::Compute { rerun_over } => rerun_over,
-        };
         // The noise, the audit entry and the share follow the ρ this query id
         // was charged: an operator may have changed the template's ρ since
         // (it is this node's own setting, not part of the signed digest).
@@ -292,25 +284,45 @@ impl Node {
             .charged_query(&q.query_id)?
             .map(|c| c.rho_micro)
             .ok_or(NodeError::Internal("a charged query is missing from the ledger"))?;
-        let started = Instant::now();
-        let seed = lock(&self.inner.state).noise_seed(&q.query_id)?;
-        let noise = draw_noise(&plan, &template, seed);
-        let mut timings = Vec::new();
-        let mut waiter = None;
-        let (share, run, join) = match side {
-            Sided::Platform(p) => {
-                p.matcher_share(&plan, &q.query_id, &mut timings, analyst, from, rerun_over)
-                    .await?
-            }
-            Sided::Bank(b) => {
-                let awaiting = b
-                    .holder_register(&plan, &q.query_id, analyst, None)?
-                    .ok_or(NodeError::Internal("an analyst's registration was kept"))?;
-                let (share, run, registered, join) = b.holder_await(&q.query_id, awaiting, &mut timings, from).await?;
-                waiter = Some(registered);
-                (share, run, join)
-            }
+        let request = ChargedRequest {
+            analyst,
+            q,
+            plan: ready.plan,
+            template,
+            from,
         };
+        // What the ledger holds of the query decides the next step (the
+        // rules are `cleanroom_protocol::ledger`'s and, on the platform,
+        // `cleanroom_protocol::attempt`'s machine, tested in
+        // tests/tests/pair.rs with both nodes, crashes and a lossy network).
+        let charged = self.charged(&q.query_id)?;
+        match side {
+            Sided::Bank(b) => b.answer_charged(&charged, &request).await,
+            Sided::Platform(p) => p.attempt(&charged, &request).await,
+        }
+    }
+
+    /// Starts drawing a charged query's noise from its seed (see
+    /// `draw_noise`).
+    pub(super) fn start_noise(&self, r: &ChargedRequest<'_>) -> Result<NoiseTask, NodeError> {
+        let seed = lock(&self.inner.state).noise_seed(&r.q.query_id)?;
+        Ok(draw_noise(&r.plan, &r.template, seed))
+    }
+
+    /// The last step of a computed share: its noise, then the store (with
+    /// its audit entry, before anything is sent), then the answer.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn release(
+        &self,
+        r: &ChargedRequest<'_>,
+        share: Share,
+        run: Run,
+        join: SessionId,
+        noise: NoiseTask,
+        timings: Vec<(Phase, f64)>,
+        rerun: bool,
+        started: Instant,
+    ) -> Result<QueryShare, NodeError> {
         let noise = noise.await.map_err(|_| NodeError::Internal("noise task failed"))??;
         let t = Instant::now();
         let binding = RunBinding {
@@ -321,72 +333,20 @@ impl Node {
             share,
             run,
             &noise,
-            &plan,
-            &template,
-            analyst,
-            q,
+            &r.plan,
+            &r.template,
+            r.analyst,
+            r.q,
             timings,
             &binding,
-            rerun_over.is_some(),
+            rerun,
         )?;
-        drop(waiter);
         info!(
             seconds = started.elapsed().as_secs_f64(),
             release_seconds = t.elapsed().as_secs_f64(),
             "share released"
         );
         Ok(out)
-    }
-
-    /// The step after the charge, from what the ledger holds of the query
-    /// (`cleanroom_protocol::ledger`): return the stored share, or compute
-    /// it (again over the stored share's join, for a rerun).
-    async fn after_charge(&self, side: &Sided, qid: &QueryId) -> Result<Step, NodeError> {
-        let charged = self.charged(qid)?;
-        // A rerun (this node released its share, the bank lost its own) is
-        // over the join that share came from, on the same data.
-        let rerun_over = match side {
-            Sided::Bank(_) => match ledger::bank_after_charge(&charged) {
-                BankAfterCharge::Compute => None,
-                BankAfterCharge::Replay => return self.replay(qid).map(|s| Step::Replay(Box::new(s))),
-            },
-            Sided::Platform(p) => match ledger::platform_after_charge(&charged) {
-                PlatformAfterCharge::Compute => None,
-                PlatformAfterCharge::AskBank(run) => {
-                    // The platform checks that the bank kept its share of
-                    // the same run; if the bank stopped before storing it,
-                    // the two run the aggregate again (see
-                    // docs/protocol.md, "Retries").
-                    let answer = p.bank_holds(qid, &run).await?;
-                    let l = &self.inner.limits;
-                    match ledger::platform_after_check(
-                        &charged,
-                        answer,
-                        self.inner.data_version,
-                        l.max_reruns_per_query,
-                    ) {
-                        Ok(AfterCheck::Replay) => return self.replay(qid).map(|s| Step::Replay(Box::new(s))),
-                        Ok(AfterCheck::Busy) => {
-                            return Err(NodeError::refused(
-                                RefusalCode::Busy,
-                                "the bank node is still finishing this query id; ask again shortly with the same id",
-                            ));
-                        }
-                        Ok(AfterCheck::Rerun(join)) => {
-                            info!(
-                                "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
-                            );
-                            Some(join)
-                        }
-                        Err(why) => {
-                            warn!(error = %why, "the bank lost its share of this query's run, and it cannot be run again");
-                            return Err(NodeError::refused(RefusalCode::RerunRefused, why.to_string()));
-                        }
-                    }
-                }
-            },
-        };
-        Ok(Step::Compute { rerun_over })
     }
 
     /// The checks a query passes before its charge (the platform reaches

@@ -155,6 +155,32 @@ impl Bank {
         Ok(true)
     }
 
+    /// Bank: the steps of an analyst's request after its charge
+    /// (`ledger::bank_after_charge`): return the stored share, or register
+    /// the query, wait for the platform's batches and release the share.
+    pub(super) async fn answer_charged(
+        &self,
+        charged: &ledger::Charged,
+        r: &ChargedRequest<'_>,
+    ) -> Result<QueryShare, NodeError> {
+        let qid = &r.q.query_id;
+        match ledger::bank_after_charge(charged) {
+            BankAfterCharge::Replay => return self.replay(qid),
+            BankAfterCharge::Compute => {}
+        }
+        let started = Instant::now();
+        let noise = self.start_noise(r)?;
+        let mut timings = Vec::new();
+        let awaiting = self
+            .holder_register(&r.plan, qid, r.analyst, None)?
+            .ok_or(NodeError::Internal("an analyst's registration was kept"))?;
+        let (share, run, registered, join) = self.holder_await(qid, awaiting, &mut timings, r.from).await?;
+        let out = self.release(r, share, run, join, noise, timings, false, started).await;
+        // The registration ends once the share is stored (or not).
+        drop(registered);
+        out
+    }
+
     /// Bank: makes a query the platform's batches can find by query id: an
     /// analyst's request replaces an earlier registration; a rerun for the
     /// platform (`rerun_over`, the join its batches must run over) keeps

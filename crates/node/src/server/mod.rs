@@ -33,7 +33,7 @@ use cleanroom_protocol::join::{
     MatcherPolicy, SetSizeLimits,
 };
 use cleanroom_protocol::queries::{
-    BankQueries, Batch, Claim, Delivery, PlatformQueries, Register, Registration, Start, run_of,
+    BankQueries, Batch, Claim, Delivery, PlatformQueries, Register, Registration, Start,
 };
 use cleanroom_query::policy::SignedPolicy;
 use cleanroom_query::{CellKind, Domains, HolderRow, Plan, Template, format_date, format_micro};
@@ -56,7 +56,8 @@ use crate::noise::DrawnNoise;
 use crate::pump::{self, read_one, write_one};
 use crate::state::{AuditEntry, Charge, RunBinding, State, StateError, now_secs, period_of};
 use crate::{NodeError, PeerError};
-use cleanroom_protocol::ledger::{self, AfterCheck, BankAfterCharge, BankHolds, PeerBatch, PlatformAfterCharge};
+use cleanroom_protocol::attempt::{Action, Assembled, JoinChoice, Outcome, PlatformAttempt};
+use cleanroom_protocol::ledger::{self, BankAfterCharge, BankHolds, PeerBatch};
 
 mod analyst;
 mod bank;
@@ -153,12 +154,15 @@ impl Drop for Counted {
     }
 }
 
-/// What a charged query does next (see `Node::after_charge`).
-enum Step {
-    /// Return the stored share (marked replayed).
-    Replay(Box<QueryShare>),
-    /// Compute the share; over this join if it is a rerun.
-    Compute { rerun_over: Option<SessionId> },
+/// A charged analyst request: what the steps after its charge need
+/// (`Bank::answer_charged`, `Platform::attempt`).
+struct ChargedRequest<'a> {
+    analyst: &'a str,
+    q: &'a QueryRequest,
+    plan: Plan,
+    /// The template, with the ρ this query id was charged.
+    template: Template,
+    from: &'a Requester,
 }
 
 /// What the checks before a charge produce (see `Node::before_charge`).
@@ -178,15 +182,14 @@ struct Held {
     id: u64,
 }
 
+/// A query's noise, being drawn.
+type NoiseTask = tokio::task::JoinHandle<Result<DrawnNoise, NodeError>>;
+
 /// Draws a query's noise on a blocking thread while its protocol runs, so
 /// the time to release the share does not depend on it (see `noise`).
 /// The noise comes from the query's seed, fixed with its charge, so every
 /// run of the query on this node adds the same noise.
-fn draw_noise(
-    plan: &Plan,
-    template: &Template,
-    seed: Zeroizing<[u8; 32]>,
-) -> tokio::task::JoinHandle<Result<DrawnNoise, NodeError>> {
+fn draw_noise(plan: &Plan, template: &Template, seed: Zeroizing<[u8; 32]>) -> NoiseTask {
     let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
     let cells = plan.width() * plan.matcher_groups().len().max(1);
     tokio::task::spawn_blocking(move || DrawnNoise::draw(&seed, delta2, rho, cells))

@@ -273,118 +273,232 @@ impl Platform {
         Ok((joined, Some(phases)))
     }
 
-    pub(super) async fn matcher_aggregate(
+    /// Platform: the steps of an analyst's request after its charge, as
+    /// `cleanroom_protocol::attempt`'s machine asks for them: the share
+    /// check, the analyst's turn and the join, one aggregate batch per
+    /// platform group, then the release (or the stored share, or a
+    /// refusal).
+    pub(super) async fn attempt(
+        &self,
+        charged: &ledger::Charged,
+        r: &ChargedRequest<'_>,
+    ) -> Result<QueryShare, NodeError> {
+        let qid = &r.q.query_id;
+        let l = &self.inner.limits;
+        let mut machine = PlatformAttempt::new(*qid, self.inner.data_version, l.max_reruns_per_query);
+        let mut shell = AttemptShell::default();
+        let mut next = machine.charged(charged);
+        loop {
+            next = match next {
+                Action::AskBank(run) => {
+                    let answer = self.bank_holds(qid, &run).await?;
+                    machine.bank_answered(answer, &self.charged(qid)?)
+                }
+                Action::Join(choice) => {
+                    if shell.turn.is_none() {
+                        shell.turn = Some(tokio::select! {
+                            s = self.side.turns.take(r.analyst) => s,
+                            () = r.from.gone() => {
+                                info!("query dropped while waiting for its turn: its analyst has gone");
+                                return Err(analyst_gone());
+                            }
+                        });
+                    }
+                    if lock(&self.side.queries).take_cancelled(qid) {
+                        machine.cancelled()
+                    } else {
+                        if shell.noise.is_none() {
+                            shell.noise = Some((self.start_noise(r)?, Instant::now()));
+                        }
+                        match self.join_for(choice, &r.plan, &mut shell.timings).await? {
+                            Some(joined) => {
+                                let (session, groups) = (joined.session(), joined.blocks());
+                                shell.joined = Some(joined);
+                                let groups =
+                                    u32::try_from(groups).map_err(|_| NodeError::Internal("too many groups"))?;
+                                machine.joined(session, groups)
+                            }
+                            None => machine.no_join(),
+                        }
+                    }
+                }
+                Action::SendBatch { join, group } => {
+                    let joined = shell
+                        .joined
+                        .clone()
+                        .filter(|j| j.session() == join)
+                        .ok_or(NodeError::Internal("a batch over a join this attempt does not have"))?;
+                    match self
+                        .matcher_batch(&joined, &r.plan, qid, group, &mut shell.aggregate)
+                        .await
+                    {
+                        Ok((session, words)) => machine.batch_done(group, session, words),
+                        Err(NodeError::Protocol(ProtocolError::PeerAborted { code })) => machine.aborted(code),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Action::Store(assembled) => return self.store_attempt(r, shell, assembled).await,
+                Action::Replay => return self.replay(qid),
+                Action::End(outcome) => return Err(attempt_ended(outcome)),
+            };
+        }
+    }
+
+    /// The join an attempt asked for: the cached or a new one, only the
+    /// released share's (for a rerun: `None` if it is gone), or a new one
+    /// after the bank lost the cached one.
+    async fn join_for(
+        &self,
+        choice: JoinChoice,
+        plan: &Plan,
+        timings: &mut Vec<(Phase, f64)>,
+    ) -> Result<Option<Arc<MatcherJoined>>, NodeError> {
+        let data = &self.side.data;
+        let (joined, phases) = match choice {
+            JoinChoice::CachedOrNew => self.matcher_join(data, plan, false).await?,
+            // A rerun uses the cached join of the first release, or none:
+            // it never opens a new join (which would charge the bank's ε_c
+            // for nothing, since a rerun over it is refused).
+            JoinChoice::Only(first) => {
+                return Ok(self
+                    .cached_matcher_join(&plan.join_filter(), &data.version)?
+                    .filter(|j| j.session() == first));
+            }
+            JoinChoice::New { dropped } => {
+                info!("the bank no longer has this join; joining again");
+                lock(&self.side.joins).remove(&plan.join_filter());
+                lock(&self.inner.state).drop_join(&dropped)?;
+                self.matcher_join(data, plan, true).await?
+            }
+        };
+        timings.extend(phases.unwrap_or_default());
+        Ok(Some(joined))
+    }
+
+    /// One aggregate batch: the OT for platform group `g` over `joined`
+    /// (choices e_i AND label_i == g); its session and this node's words.
+    async fn matcher_batch(
         &self,
         joined: &MatcherJoined,
         plan: &Plan,
         qid: &QueryId,
-    ) -> Result<(Share, Vec<(Phase, f64)>, Run), NodeError> {
-        let conn = self.peer_connection().await?;
-        let t = Instant::now();
-        let mut total = pump::PumpStats::default();
-        let mut words = Vec::with_capacity(plan.width() * joined.blocks());
-        let mut sessions = Vec::with_capacity(joined.blocks());
-        // One OT batch per matcher group: choices e_i AND label_i == g.
-        for g in 0..joined.blocks() as u32 {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
-            let mut rng = session_rng()?;
-            let choices = joined.choices_for_block(g);
-            let (waiting, setup) =
-                MatcherAggregate::start(joined, &choices, plan.width(), *qid, plan.digest(), g, &mut rng)?;
-            write_one(&mut send, &setup).await?;
-            // Not dropped when the analyst goes: the bank may be about to
-            // claim this batch for a retry of the same query id (and it
-            // answers within 2 s for an id it refused or dropped).
-            let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
-            let running = waiting.on_choices(&answer)?;
-            let idle = self.inner.limits.timeouts.stream_idle;
-            let (running, stats) = pump::run_with_stats(running, send, recv, idle).await?;
-            // Setup/answer, then the streamed extension and masked rows.
-            self.count_exchanges(2, &stats);
-            total.add(&stats);
-            sessions.push(running.session());
-            words.extend_from_slice(running.finish()?.words());
+        g: u32,
+        aggregate: &mut AggregateRun,
+    ) -> Result<(SessionId, Vec<u64>), NodeError> {
+        if g == 0 || aggregate.conn.is_none() {
+            *aggregate = AggregateRun {
+                conn: Some(self.peer_connection().await?),
+                started: Instant::now(),
+                stats: pump::PumpStats::default(),
+            };
         }
-        let phases = vec![
-            (Phase::Aggregate, t.elapsed().as_secs_f64()),
+        let conn = aggregate
+            .conn
+            .as_ref()
+            .ok_or(NodeError::Internal("an aggregate without its connection"))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
+        let mut rng = session_rng()?;
+        let choices = joined.choices_for_block(g);
+        let (waiting, setup) =
+            MatcherAggregate::start(joined, &choices, plan.width(), *qid, plan.digest(), g, &mut rng)?;
+        write_one(&mut send, &setup).await?;
+        // Not dropped when the analyst goes: the bank may be about to
+        // claim this batch for a retry of the same query id (and it
+        // answers within 2 s for an id it refused or dropped).
+        let answer = read_one(&mut recv, self.inner.limits.query_timeout).await?;
+        let running = waiting.on_choices(&answer)?;
+        let idle = self.inner.limits.timeouts.stream_idle;
+        let (running, stats) = pump::run_with_stats(running, send, recv, idle).await?;
+        // Setup/answer, then the streamed extension and masked rows.
+        self.count_exchanges(2, &stats);
+        aggregate.stats.add(&stats);
+        let session = running.session();
+        Ok((session, running.finish()?.words().to_vec()))
+    }
+
+    /// The attempt's share is assembled: its timings, then the release.
+    async fn store_attempt(
+        &self,
+        r: &ChargedRequest<'_>,
+        shell: AttemptShell,
+        a: Assembled<Vec<u64>>,
+    ) -> Result<QueryShare, NodeError> {
+        let AttemptShell {
+            turn,
+            noise,
+            mut timings,
+            aggregate,
+            ..
+        } = shell;
+        // The next query's turn may start while this one stores.
+        drop(turn);
+        let (noise, started) = noise.ok_or(NodeError::Internal("a share assembled before its noise was drawn"))?;
+        let total = &aggregate.stats;
+        timings.extend([
+            (Phase::Aggregate, aggregate.started.elapsed().as_secs_f64()),
             (Phase::PlatformOtExtension, total.own.as_secs_f64()),
             (Phase::PlatformUnmask, total.peer.as_secs_f64()),
             (
                 Phase::PlatformAggregateWaiting,
                 (total.wait_in + total.wait_out).as_secs_f64(),
             ),
-        ];
-        Ok((Share::from_words(words), phases, run_of(&sessions)))
+        ]);
+        let share = Share::from_words(a.batches.concat());
+        self.release(r, share, a.run, a.join, noise, timings, a.rerun, started)
+            .await
     }
+}
 
-    pub(super) async fn matcher_share(
-        &self,
-        plan: &Plan,
-        qid: &QueryId,
-        timings: &mut Vec<(Phase, f64)>,
-        analyst: &str,
-        from: &Requester,
-        rerun_over: Option<SessionId>,
-    ) -> Result<(Share, Run, SessionId), NodeError> {
-        let data = &self.side.data;
-        let _serial = tokio::select! {
-            s = self.side.turns.take(analyst) => s,
-            () = from.gone() => {
-                info!("query dropped while waiting for its turn: its analyst has gone");
-                return Err(analyst_gone());
-            }
-        };
-        if lock(&self.side.queries).take_cancelled(qid) {
-            return Err(NodeError::refused(
-                RefusalCode::PeerRefused,
-                "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)",
-            ));
+/// What the platform's shell keeps while it drives one attempt.
+#[derive(Default)]
+struct AttemptShell {
+    /// The analyst's turn, once its first join is asked for.
+    turn: Option<crate::turns::Turn>,
+    /// The query's noise, drawn from its seed once the attempt computes,
+    /// and when that started.
+    noise: Option<(NoiseTask, Instant)>,
+    joined: Option<Arc<MatcherJoined>>,
+    timings: Vec<(Phase, f64)>,
+    aggregate: AggregateRun,
+}
+
+/// The aggregate's batches so far (over one join; a new join starts over).
+struct AggregateRun {
+    conn: Option<quinn::Connection>,
+    started: Instant,
+    stats: pump::PumpStats,
+}
+
+impl Default for AggregateRun {
+    fn default() -> Self {
+        Self {
+            conn: None,
+            started: Instant::now(),
+            stats: pump::PumpStats::default(),
         }
-        let other_join = || {
-            warn!("the query's share was released from a join this node no longer has; it cannot be run again");
-            Err(NodeError::refused(
-                RefusalCode::RerunRefused,
-                "this query's first run was over a join that has expired or was dropped; it cannot be run again",
-            ))
-        };
-        // A rerun uses the cached join of the first release, or none: it
-        // never opens a new join (which would charge the bank's ε_c for
-        // nothing, since a rerun over it is refused).
-        let (joined, join_phases) = match rerun_over {
-            Some(first) => match self.cached_matcher_join(&plan.join_filter(), &data.version)? {
-                Some(j) if j.session() == first => (j, None),
-                _ => return other_join(),
-            },
-            None => self.matcher_join(data, plan, false).await?,
-        };
-        timings.extend(join_phases.unwrap_or_default());
-        match self.matcher_aggregate(&joined, plan, qid).await {
-            Ok((s, phases, run)) => {
-                timings.extend(phases);
-                Ok((s, run, joined.session()))
-            }
-            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted {
-                code: AbortCode::UnknownJoin,
-            })) => {
-                if rerun_over.is_some() {
-                    return other_join();
-                }
-                info!("the bank no longer has this join; joining again");
-                lock(&self.side.joins).remove(&plan.join_filter());
-                lock(&self.inner.state).drop_join(&joined.session())?;
-                let (joined, join_phases) = self.matcher_join(data, plan, true).await?;
-                timings.extend(join_phases.unwrap_or_default());
-                let (s, phases, run) = self.matcher_aggregate(&joined, plan, qid).await?;
-                timings.extend(phases);
-                Ok((s, run, joined.session()))
-            }
-            Err(NodeError::Protocol(cleanroom_protocol::ProtocolError::PeerAborted {
-                code: AbortCode::UnknownQuery,
-            })) => Err(NodeError::refused(
-                RefusalCode::PeerRefused,
-                "the bank node has not accepted this query (it refused it or never received it); see its answer",
-            )),
-            Err(e) => Err(e),
+    }
+}
+
+/// What the analyst is told when an attempt ends without a share.
+fn attempt_ended(outcome: Outcome) -> NodeError {
+    match outcome {
+        Outcome::Busy => NodeError::refused(
+            RefusalCode::Busy,
+            "the bank node is still finishing this query id; ask again shortly with the same id",
+        ),
+        Outcome::RerunRefused(why) => {
+            warn!(error = %why, "the bank has no share of this query's run, and it cannot be run again here");
+            NodeError::refused(RefusalCode::RerunRefused, why.to_string())
         }
+        Outcome::PeerRefused => NodeError::refused(
+            RefusalCode::PeerRefused,
+            "the bank node has not accepted this query (it refused it or never received it); see its answer",
+        ),
+        Outcome::Cancelled => NodeError::refused(
+            RefusalCode::PeerRefused,
+            "cancelled: the bank node refused this query id (a retry under the same id costs nothing more)",
+        ),
+        Outcome::PeerAborted(code) => ProtocolError::PeerAborted { code }.into(),
+        Outcome::Unexpected(what) => NodeError::Internal(what),
     }
 }
