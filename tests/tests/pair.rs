@@ -177,6 +177,17 @@ enum Msg {
 }
 
 impl Msg {
+    /// The platform attempt the message belongs to.
+    fn attempt(&self) -> u64 {
+        match self {
+            Msg::Setup { attempt, .. }
+            | Msg::Check { attempt, .. }
+            | Msg::BatchOk { attempt, .. }
+            | Msg::Aborted { attempt, .. }
+            | Msg::Held { attempt, .. } => *attempt,
+        }
+    }
+
     fn to_bank(&self) -> bool {
         matches!(self, Msg::Setup { .. } | Msg::Check { .. })
     }
@@ -228,6 +239,8 @@ struct Attempt {
     qid: QueryId,
     machine: Option<PlatformAttempt<SessionId>>,
     pending: Option<Action<SessionId>>,
+    /// Whether it asked for its first join (where a cancel stops it).
+    joining: bool,
 }
 
 impl Attempt {
@@ -273,6 +286,8 @@ enum Step {
     Drop(usize),
     /// A message arrives twice.
     Duplicate(usize),
+    /// The analyst cancels query `n` at the platform (the bank refused it).
+    Cancel(u8),
     /// A platform attempt waiting for the bank times out.
     Timeout(usize),
     /// The clock moves on this many seconds (deadlines, patience).
@@ -304,6 +319,8 @@ struct Pair {
     /// Query ids whose rerun was refused under the rules.
     rerun_refused: HashSet<QueryId>,
     asked: HashSet<QueryId>,
+    /// Platform attempts some message of which was duplicated.
+    duplicated: HashSet<u64>,
 }
 
 fn qid(n: u8) -> QueryId {
@@ -326,6 +343,7 @@ impl Pair {
             learnable: HashMap::new(),
             rerun_refused: HashSet::new(),
             asked: HashSet::new(),
+            duplicated: HashSet::new(),
         }
     }
 
@@ -366,8 +384,12 @@ impl Pair {
             }
             Step::Duplicate(i) => {
                 if let Some(m) = self.queue.get(i % self.queue.len().max(1)).cloned() {
+                    self.duplicated.insert(m.attempt());
                     self.queue.push(m);
                 }
+            }
+            Step::Cancel(n) => {
+                self.platform.queries.cancel(&qid(n), "alice");
             }
             Step::Timeout(i) => {
                 // A read timeout of an attempt waiting for the bank.
@@ -622,6 +644,7 @@ impl Pair {
             qid: q,
             machine: None,
             pending: None,
+            joining: false,
         });
     }
 
@@ -652,6 +675,12 @@ impl Pair {
         match a.pending.take() {
             Some(Action::Join(choice)) => {
                 let cached = self.platform.cached;
+                let first = !std::mem::replace(&mut a.joining, true);
+                // As the node: a cancel stops the attempt before its first join.
+                if first && self.platform.queries.take_cancelled(&q) {
+                    let next = self.machine(k).cancelled();
+                    return self.platform_act(k, next);
+                }
                 let Some(m) = self.platform.attempts[k].machine.as_mut() else {
                     return;
                 };
@@ -709,8 +738,16 @@ impl Pair {
                 self.platform_end(k);
             }
             Action::End(outcome) => {
-                if let Outcome::RerunRefused(_) = outcome {
-                    self.rerun_refused.insert(q);
+                match outcome {
+                    Outcome::RerunRefused(_) => {
+                        self.rerun_refused.insert(q);
+                    }
+                    // Only a message that arrived twice is out of turn.
+                    Outcome::Unexpected(what) => assert!(
+                        self.duplicated.contains(&id),
+                        "attempt {id} ended out of turn ({what}) without a duplicated message"
+                    ),
+                    _ => {}
                 }
                 self.platform_end(k);
             }
@@ -945,6 +982,7 @@ fn steps() -> impl Strategy<Value = Step> {
         12 => (0usize..8).prop_map(Step::Deliver),
         1 => (0usize..8).prop_map(Step::Drop),
         1 => (0usize..8).prop_map(Step::Duplicate),
+        1 => (0u8..2).prop_map(Step::Cancel),
         1 => (0usize..8).prop_map(Step::Timeout),
         2 => prop_oneof![Just(1u64), Just(5), Just(40), Just(200)].prop_map(Step::Advance),
         1 => prop_oneof![Just(Side::Bank), Just(Side::Platform)].prop_map(Step::Crash),
@@ -1050,4 +1088,25 @@ fn a_batch_over_another_join_for_a_stored_query_is_refused() {
     assert!(pair.rerun_refused.contains(&qid(0)));
     assert!(!pair.releases.iter().any(|r| r.side == Side::Platform));
     assert_eq!(pair.learnable[&(Side::Bank, qid(0))].len(), 1);
+}
+
+/// The analyst cancels at the platform (the bank refused the query): the
+/// attempt stops before its join and nothing reaches the bank; a later
+/// retry under the same id runs without a second charge.
+#[test]
+fn a_cancel_stops_the_platform_attempt_before_its_join() {
+    let mut pair = run(&[
+        Step::Request(Side::Platform, 0),
+        // The platform charges; its attempt asks for a join.
+        Step::Attempt(0),
+        Step::Cancel(0),
+        Step::Attempt(0),
+    ]);
+    assert!(pair.platform.attempts.is_empty(), "the cancelled attempt ended");
+    assert!(pair.queue.is_empty(), "a cancelled attempt sent nothing to the bank");
+    assert!(pair.releases.is_empty());
+    pair.heal();
+    assert_eq!(pair.platform.ledger.charges.len(), 1, "the retry was not charged again");
+    let platform: Vec<&Release> = pair.releases.iter().filter(|r| r.side == Side::Platform).collect();
+    assert_eq!(platform.len(), 1);
 }

@@ -16,8 +16,9 @@
 //!          --bank_answered(NotHeld)--> Join(Only(first join))  if check_rerun allows
 //!                                  \-> End(RerunRefused(why))  else
 //! Join     --joined(join, groups)---> SendBatch(join, 0)       (Store at once for no groups)
+//!          --joined(other join)-----> End(RerunRefused(OtherJoin)) (a rerun only)
 //!          --no_join----------------> End(RerunRefused(JoinGone))  (a rerun only)
-//!          --cancelled--------------> End(Cancelled)
+//!          --cancelled--------------> End(Cancelled)               (the first join only)
 //! SendBatch(g) --batch_done(g)------> SendBatch(g + 1) | Store(all batches)
 //!              --aborted(UnknownJoin)--> Join(New), once, never for a rerun
 //!                                   \-> End(RerunRefused(JoinGone))  for a rerun
@@ -242,11 +243,13 @@ impl<B> PlatformAttempt<B> {
         }
     }
 
-    /// The analyst cancelled the query before it joined.
+    /// The analyst cancelled the query before its first join. (Once it
+    /// joined, the attempt runs to its end: a re-join after the bank lost
+    /// the join is not a new start.)
     pub fn cancelled(&mut self) -> Action<B> {
         match self.state {
-            State::Joining { .. } => self.end(Outcome::Cancelled),
-            _ => self.end(Outcome::Unexpected("a cancel after the join")),
+            State::Joining { rejoined: false, .. } => self.end(Outcome::Cancelled),
+            _ => self.end(Outcome::Unexpected("a cancel after the first join")),
         }
     }
 
@@ -504,6 +507,42 @@ mod tests {
         let mut a = attempt();
         a.charged(&fresh());
         assert_eq!(a.cancelled(), Action::End(Outcome::Cancelled));
+        // A rerun is cancelled before its join too.
+        let mut a = attempt();
+        a.charged(&stored(0));
+        a.bank_answered(BankHolds::NotHeld, &stored(0));
+        assert_eq!(a.cancelled(), Action::End(Outcome::Cancelled));
+        // The bank refuses a rerun's batch.
+        let mut a = attempt();
+        a.charged(&stored(0));
+        a.bank_answered(BankHolds::NotHeld, &stored(0));
+        a.joined(J1, 1);
+        assert_eq!(
+            a.aborted(AbortCode::Refused),
+            Action::End(Outcome::PeerAborted(AbortCode::Refused))
+        );
+        // After a re-join, the bank no longer knowing the query is a refusal.
+        let mut a = attempt();
+        a.charged(&fresh());
+        a.joined(J1, 1);
+        a.aborted(AbortCode::UnknownJoin);
+        assert!(!a.waits_for_bank());
+        a.joined(J2, 1);
+        assert_eq!(a.aborted(AbortCode::UnknownQuery), Action::End(Outcome::PeerRefused));
+    }
+
+    #[test]
+    fn a_share_released_before_its_join_was_recorded_is_not_run_again() {
+        let unbound = Charged {
+            binding: None,
+            ..stored(0)
+        };
+        let mut a = attempt();
+        a.charged(&unbound);
+        assert_eq!(
+            a.bank_answered(BankHolds::NotHeld, &unbound),
+            Action::End(Outcome::RerunRefused(RerunRefused::NoBinding))
+        );
     }
 
     #[test]
@@ -528,5 +567,42 @@ mod tests {
         let mut a = attempt();
         a.charged(&fresh());
         assert!(matches!(a.no_join(), Action::End(Outcome::Unexpected(_))));
+        // A cancel, a missing join or an abort while batches run or a
+        // check waits, a cancel after a re-join.
+        let batches = || {
+            let mut a = attempt();
+            a.charged(&fresh());
+            a.joined(J1, 2);
+            a
+        };
+        assert!(matches!(batches().cancelled(), Action::End(Outcome::Unexpected(_))));
+        assert!(matches!(batches().no_join(), Action::End(Outcome::Unexpected(_))));
+        let checking = || {
+            let mut a = attempt();
+            a.charged(&stored(0));
+            a
+        };
+        assert!(matches!(checking().cancelled(), Action::End(Outcome::Unexpected(_))));
+        assert!(matches!(
+            checking().aborted(AbortCode::UnknownJoin),
+            Action::End(Outcome::Unexpected(_))
+        ));
+        assert!(matches!(checking().joined(J1, 1), Action::End(Outcome::Unexpected(_))));
+        let mut a = batches();
+        a.aborted(AbortCode::UnknownJoin);
+        assert!(matches!(a.cancelled(), Action::End(Outcome::Unexpected(_))));
+        // Anything after a replay or a store.
+        let mut a = checking();
+        a.bank_answered(BankHolds::Held, &stored(0));
+        assert!(matches!(a.batch_done(0, S1, 1), Action::End(Outcome::Unexpected(_))));
+        let mut a = attempt();
+        a.charged(&fresh());
+        a.joined(J1, 1);
+        a.batch_done(0, S1, 1);
+        assert!(a.is_done());
+        assert!(matches!(
+            a.aborted(AbortCode::Refused),
+            Action::End(Outcome::Unexpected(_))
+        ));
     }
 }

@@ -295,7 +295,11 @@ impl Platform {
                     machine.bank_answered(answer, &self.charged(qid)?)
                 }
                 Action::Join(choice) => {
-                    if shell.turn.is_none() {
+                    let first = shell.turn.is_none();
+                    if first {
+                        // The query computes: its noise is drawn while it
+                        // waits for its turn and runs.
+                        shell.noise = Some((self.start_noise(r)?, Instant::now()));
                         shell.turn = Some(tokio::select! {
                             s = self.side.turns.take(r.analyst) => s,
                             () = r.from.gone() => {
@@ -304,11 +308,15 @@ impl Platform {
                             }
                         });
                     }
-                    if lock(&self.side.queries).take_cancelled(qid) {
+                    // A cancel (the bank refused the query) stops it before
+                    // its first join.
+                    if first && lock(&self.side.queries).take_cancelled(qid) {
                         machine.cancelled()
                     } else {
-                        if shell.noise.is_none() {
-                            shell.noise = Some((self.start_noise(r)?, Instant::now()));
+                        if let JoinChoice::Only(_) = choice {
+                            info!(
+                                "the bank has no share of this query's run (it stopped before storing it); running the aggregate again over the same join, with the same noise"
+                            );
                         }
                         match self.join_for(choice, &r.plan, &mut shell.timings).await? {
                             Some(joined) => {
@@ -388,7 +396,7 @@ impl Platform {
         if g == 0 || aggregate.conn.is_none() {
             *aggregate = AggregateRun {
                 conn: Some(self.peer_connection().await?),
-                started: Instant::now(),
+                started: Some(Instant::now()),
                 stats: pump::PumpStats::default(),
             };
         }
@@ -435,7 +443,10 @@ impl Platform {
         let (noise, started) = noise.ok_or(NodeError::Internal("a share assembled before its noise was drawn"))?;
         let total = &aggregate.stats;
         timings.extend([
-            (Phase::Aggregate, aggregate.started.elapsed().as_secs_f64()),
+            (
+                Phase::Aggregate,
+                aggregate.started.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            ),
             (Phase::PlatformOtExtension, total.own.as_secs_f64()),
             (Phase::PlatformUnmask, total.peer.as_secs_f64()),
             (
@@ -454,8 +465,8 @@ impl Platform {
 struct AttemptShell {
     /// The analyst's turn, once its first join is asked for.
     turn: Option<crate::turns::Turn>,
-    /// The query's noise, drawn from its seed once the attempt computes,
-    /// and when that started.
+    /// The query's noise, drawn from its seed once the attempt computes
+    /// (its first join), and when that started.
     noise: Option<(NoiseTask, Instant)>,
     joined: Option<Arc<MatcherJoined>>,
     timings: Vec<(Phase, f64)>,
@@ -463,20 +474,12 @@ struct AttemptShell {
 }
 
 /// The aggregate's batches so far (over one join; a new join starts over).
+#[derive(Default)]
 struct AggregateRun {
     conn: Option<quinn::Connection>,
-    started: Instant,
+    /// When the first batch started (none for a join of no groups).
+    started: Option<Instant>,
     stats: pump::PumpStats,
-}
-
-impl Default for AggregateRun {
-    fn default() -> Self {
-        Self {
-            conn: None,
-            started: Instant::now(),
-            stats: pump::PumpStats::default(),
-        }
-    }
 }
 
 /// What the analyst is told when an attempt ends without a share.
