@@ -3,23 +3,25 @@
 //! other identifiers could otherwise read `D` from the delay between its
 //! last token chunk and the holder's first token chunk, and undo the noise.
 //!
-//! Over a few hundred in-process joins with a tiny matcher set, the time of
-//! the holder's last token step (which builds `E`) is rank-correlated with `D`;
-//! the correlation must be near zero. A control adds `D` scalar
-//! multiplications to the same timed step and shows the test finds the
-//! correlation when the work does depend on `D`.
+//! Over a few hundred in-process joins with a tiny matcher set, the work of
+//! the holder's last token step (which builds `E`), measured as the CPU time
+//! of the one thread that runs it, is rank-correlated with `D`; the
+//! correlation must be near zero. A control adds to the same step the work
+//! of `D` more tokens (what computing a token per dummy row would cost) and
+//! shows the test finds the correlation when the work does depend on `D`.
+//! (Wall time on this shared 2-core machine was too noisy for the control
+//! once curve25519-dalek chose its AVX-512 IFMA backend: a dummy's scalar
+//! multiplication got cheaper than the scheduler's jitter.)
 //!
 //! `cargo test --locked -p cleanroom-tests --test token_timing -- --nocapture`
 //! prints both correlations.
 
 mod common;
 
-use std::time::Instant;
-
 use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
+use cleanroom_crypto::h2g::HashToGroup;
 use cleanroom_protocol::join::{HolderJoin, HolderPolicy};
 use cleanroom_wire::Message;
-use curve25519_dalek::constants::RISTRETTO_BASEPOINT_POINT;
 use curve25519_dalek::scalar::Scalar;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -58,8 +60,31 @@ fn pearson(x: &[f64], y: &[f64]) -> f64 {
     cov / (vx * vy).sqrt()
 }
 
-/// One join: the seconds the holder's last token step took (plus `extra(D)`
-/// scalar multiplications inside the timed region), and `D`.
+/// CPU time of this thread, in seconds. Each trial runs on a rayon pool of
+/// one thread (see `correlation`), so this is all the step's work, and a
+/// preemption by another process on this shared machine does not count.
+fn cpu_now() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// Tokens computed in the calibration before each step.
+const CALIBRATION: u64 = 100;
+
+/// `n` tokens of made-up identifiers: hash to group, multiply, compress.
+fn tokens(n: u64) -> u8 {
+    let h2g = HashToGroup::for_collaboration("control").unwrap();
+    let mut acc = 0u8;
+    for k in 0..n {
+        let p = Scalar::from(k + 3) * h2g.hash(&k.to_le_bytes());
+        acc ^= p.compress().to_bytes()[0];
+    }
+    acc
+}
+
+/// One join: the CPU time the holder's last token step took (plus that of
+/// `extra(D)` tokens, the control), in units of the calibration's time,
+/// and `D`.
 fn one_join(seed: u64, extra: impl Fn(u64) -> u64) -> (f64, u64) {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let holder = HolderJoin::new(
@@ -96,35 +121,42 @@ fn one_join(seed: u64, extra: impl Fn(u64) -> u64) -> (f64, u64) {
         assert!(matches!(msg, Message::HolderRows(_)));
         rows.push(msg);
     }
-    let t = Instant::now();
+    // The machine's speed drifts (the other vCPU's load, the host): the
+    // step is measured against the same fixed work timed just before it.
+    let t = cpu_now();
+    std::hint::black_box(tokens(CALIBRATION));
+    let calibration = cpu_now() - t;
+    let t = cpu_now();
     h.handle(&last).unwrap();
     let first_token = h.poll_transmit().unwrap();
-    let timed = t.elapsed().as_secs_f64();
+    let timed = cpu_now() - t;
     assert!(matches!(first_token, Message::HolderTokens(_)));
     while h.poll_transmit().is_some() {}
     let d = h.finish().unwrap().matching_dummies();
-    // The control: `extra(D)` more multiplications, timed on their own and
-    // added to the step (as if they had been inside it).
-    let t = Instant::now();
-    let mut p = RISTRETTO_BASEPOINT_POINT;
-    for k in 0..extra(d) {
-        p = Scalar::from(k + 3) * p;
-    }
-    std::hint::black_box(p);
-    (timed + t.elapsed().as_secs_f64(), d)
+    // The control: `extra(D)` more tokens (hash to group, multiply,
+    // compress: what computing a token for each dummy row would cost),
+    // timed on their own and added to the step (as if they had been inside
+    // it).
+    let t = cpu_now();
+    std::hint::black_box(tokens(extra(d)));
+    ((timed + (cpu_now() - t)) / calibration, d)
 }
 
-fn correlation(extra: impl Fn(u64) -> u64 + Copy) -> (f64, f64, f64) {
-    // A few joins to warm up the thread pool and caches.
-    for s in 0..5 {
-        one_join(10_000 + s, extra);
-    }
+fn correlation(extra: impl Fn(u64) -> u64 + Copy + Send + Sync) -> (f64, f64, f64) {
+    // One thread does all of a trial's work, parallel code included.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let (mut times, mut ds) = (Vec::new(), Vec::new());
-    for s in 0..TRIALS {
-        let (t, d) = one_join(s, extra);
-        times.push(t);
-        ds.push(d as f64);
-    }
+    pool.install(|| {
+        // A few joins to warm up the caches.
+        for s in 0..5 {
+            one_join(10_000 + s, extra);
+        }
+        for s in 0..TRIALS {
+            let (t, d) = one_join(s, extra);
+            times.push(t);
+            ds.push(d as f64);
+        }
+    });
     let r = spearman(&times, &ds);
     let mean_d = ds.iter().sum::<f64>() / ds.len() as f64;
     let sd_d = (ds.iter().map(|d| (d - mean_d).powi(2)).sum::<f64>() / ds.len() as f64).sqrt();
@@ -136,14 +168,12 @@ fn correlation(extra: impl Fn(u64) -> u64 + Copy) -> (f64, f64, f64) {
 fn the_time_to_build_e_does_not_follow_the_dummy_count() {
     let (r, sd_d, median) = correlation(|_| 0);
     println!(
-        "last token step vs D over {TRIALS} joins (D sd {sd_d:.1}): r = {r:+.3}, median step {:.2} ms",
-        median * 1e3
+        "last token step vs D over {TRIALS} joins (D sd {sd_d:.1}): r = {r:+.3}, median step {median:.2} x the calibration ({CALIBRATION} tokens)"
     );
     // The control: the same measurement with D more multiplications in it.
     let (r_control, _, median_control) = correlation(|d| d);
     println!(
-        "control, with D more scalar multiplications in the step: r = {r_control:+.3}, median step {:.2} ms",
-        median_control * 1e3
+        "control, with D more tokens (hash to group, multiply, compress) in the step: r = {r_control:+.3}, median step {median_control:.2} x the calibration"
     );
     assert!(sd_d > 5.0, "D hardly varies (sd {sd_d}): the test cannot see anything");
     assert!(

@@ -193,12 +193,14 @@ pub fn demo(r: &DemoReport) {
 pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     out!(
-        "{:>9}  {:>3}  {:>9}  {:>9}  {:>5}  {:>8}  {:>8}  {:>9}  {:>9}  {:>11}  {:>11}  {:>10}",
+        "{:>9}  {:>3}  {:>9}  {:>9}  {:>5}  {:>9}  {:>9}  {:>8}  {:>8}  {:>9}  {:>9}  {:>11}  {:>11}  {:>10}",
         "rows",
         "run",
         "join s",
         "bound s",
         "ratio",
+        "ref. s",
+        "bound/ref",
         "query s",
         "cells",
         "join cpu",
@@ -209,12 +211,14 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     );
     for r in rows {
         out!(
-            "{:>9}  {:>3}  {:>9.3}  {:>9.3}  {:>5.2}  {:>8.3}  {:>8}  {:>8.1}s  {:>8.1}s  {:>7.0} MiB  {:>7.0} MiB  {:>10}",
+            "{:>9}  {:>3}  {:>9.3}  {:>9.3}  {:>5.2}  {:>9.3}  {:>9.2}  {:>8.3}  {:>8}  {:>8.1}s  {:>8.1}s  {:>7.0} MiB  {:>7.0} MiB  {:>10}",
             r.rows,
             r.run,
             r.join_seconds,
             r.bound_seconds,
             r.ratio,
+            r.reference_seconds,
+            r.bound_over_reference,
             r.query_seconds,
             r.query_cells,
             r.join.cpu_seconds,
@@ -227,6 +231,15 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     out!(
         "bound = curve operations of the join timed in this run (hash-to-group + mul per own id, decompress + mul per peer point, all cores); ratio = join / bound"
     );
+    out!(
+        "ref. = the same curve work one point at a time through curve25519-dalek's single-point API, all cores, in this run; bound/ref = bound / ref."
+    );
+    if let Some(r) = rows.first() {
+        out!(
+            "curve25519-dalek scalar multiplication backend (chosen at run time): {}",
+            r.curve_backend
+        );
+    }
     out!("cpu = CPU time of the whole process (both nodes, all threads); heap = peak live heap of each node's threads");
     out!("");
     out!(

@@ -230,6 +230,57 @@ impl DistinctPoints {
     }
 }
 
+/// Which of curve25519-dalek's scalar-multiplication backends this process
+/// uses: the library picks one at run time among those compiled in (the
+/// workspace's `.cargo/config.toml` compiles AVX-512 IFMA beside AVX2 and
+/// the serial code on x86-64). This mirrors its choice (its `backend.rs`:
+/// AVX-512 IFMA with AVX-512VL if compiled and present, else AVX2 if
+/// compiled and present, else serial) so that the bench and the tests can
+/// say which one ran. Field arithmetic (decompression, hash-to-group) is
+/// the serial 64-bit code whatever the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CurveBackend {
+    /// 8-way AVX-512 IFMA (52-bit limbs), inside one scalar multiplication.
+    Avx512Ifma,
+    /// 4-way AVX2.
+    Avx2,
+    /// 64-bit serial code.
+    Serial,
+}
+
+impl CurveBackend {
+    /// The backend curve25519-dalek uses in this process.
+    pub fn selected() -> Self {
+        #[cfg(all(
+            target_arch = "x86_64",
+            any(
+                curve25519_dalek_backend = "avx512",
+                all(target_feature = "avx512ifma", target_feature = "avx512vl")
+            )
+        ))]
+        if std::arch::is_x86_feature_detected!("avx512ifma") && std::arch::is_x86_feature_detected!("avx512vl") {
+            return Self::Avx512Ifma;
+        }
+        #[cfg(all(
+            target_arch = "x86_64",
+            not(any(curve25519_dalek_backend = "serial", curve25519_dalek_backend = "fiat"))
+        ))]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Self::Avx2;
+        }
+        Self::Serial
+    }
+
+    /// Its name, as the bench prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx512Ifma => "AVX-512 IFMA",
+            Self::Avx2 => "AVX2",
+            Self::Serial => "serial",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +342,40 @@ mod tests {
         let mut bad = enc.clone();
         bad[1000] = [0u8; 32];
         assert_eq!(decode_mul_compress(&bad, &k), Err(CryptoError::IdentityPoint));
+    }
+
+    /// Variable-base multiplication (through whichever backend dalek chose
+    /// at run time) against the precomputed basepoint table (serial code):
+    /// `k * (r * B) == (k * r) * B`, and a batch of the same through the
+    /// join's paths. `tests/tests/curve_fallback.rs` runs this test on
+    /// emulated CPUs without AVX-512 and without AVX2.
+    #[test]
+    fn variable_base_multiplication_agrees_with_the_basepoint_table() {
+        use curve25519_dalek::constants::RISTRETTO_BASEPOINT_TABLE;
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        let k = SecretScalar::random(&mut rng);
+        let mut points = Vec::new();
+        let mut want = Vec::new();
+        for _ in 0..200 {
+            let r = *SecretScalar::random(&mut rng).expose();
+            let p = RISTRETTO_BASEPOINT_TABLE * &r;
+            assert_eq!(k.expose() * p, RISTRETTO_BASEPOINT_TABLE * &(k.expose() * r));
+            points.push(p);
+            want.push((RISTRETTO_BASEPOINT_TABLE * &(k.expose() * r)).compress().to_bytes());
+        }
+        assert_eq!(mul_compress(&points, &k), want);
+        let enc: Vec<PointBytes> = points.iter().map(|p| p.compress().to_bytes()).collect();
+        assert_eq!(decode_mul_compress(&enc, &k).unwrap(), want);
+        // The identity and small multiples.
+        for small in 1u64..20 {
+            let p = RISTRETTO_BASEPOINT_POINT * Scalar::from(small);
+            assert_eq!(
+                k.expose() * p,
+                RISTRETTO_BASEPOINT_TABLE * &(k.expose() * Scalar::from(small))
+            );
+        }
+        assert_eq!(k.expose() * RistrettoPoint::identity(), RistrettoPoint::identity());
+        eprintln!("curve backend: {}", CurveBackend::selected().name());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cleanroom_crypto::h2g::HashToGroup;
 use cleanroom_crypto::keys::SecretScalar;
-use cleanroom_crypto::point::{decode_mul_compress, hash_mul_compress};
+use cleanroom_crypto::point::{CurveBackend, decode_mul_compress, hash_mul_compress};
 use cleanroom_crypto::rng::session_rng;
 use serde::Serialize;
 
@@ -95,6 +95,19 @@ pub struct BenchRow {
     pub ratio: f64,
     /// The parts of the bound.
     pub bound_parts: Vec<(String, f64)>,
+    /// The reference (seconds): the same curve work one point at a time
+    /// through curve25519-dalek's single-point API (hash, multiply,
+    /// compress each point on its own; decompress, multiply, compress),
+    /// over all cores, in this run.
+    pub reference_seconds: f64,
+    /// `bound_seconds / reference_seconds`: what the join's batched curve
+    /// code gains over the single-point API.
+    pub bound_over_reference: f64,
+    /// The parts of the reference.
+    pub reference_parts: Vec<(String, f64)>,
+    /// The scalar-multiplication backend curve25519-dalek chose at run
+    /// time (`AVX-512 IFMA`, `AVX2` or `serial`).
+    pub curve_backend: String,
     /// Wall time of `overlap` (join included) as the analyst saw it.
     pub overlap_seconds: f64,
     /// Wall time of `spend_by_category` on the cached join as the analyst
@@ -165,6 +178,49 @@ pub fn curve_bound(holder: &[Vec<u8>], matcher: &[Vec<u8>], dummies: usize) -> R
     let mut peer_rows = rows;
     peer_rows.extend(peer_rows.clone().into_iter().take(dummies));
     let (_, t_matcher_peer) = timed(|| decode_mul_compress(&peer_rows, &kp));
+    Ok(vec![
+        ("holder: hash-to-group + mul of own ids".into(), t_holder_own),
+        ("matcher: hash-to-group + mul of own ids".into(), t_matcher_own),
+        ("holder: decompress + mul of matcher tokens".into(), t_holder_peer),
+        ("matcher: decompress + mul of holder rows".into(), t_matcher_peer),
+    ])
+}
+
+/// The reference for the same join: the same curve work one point at a
+/// time through curve25519-dalek's own API (no batched compression, no
+/// code of ours between the calls), parallel over points on all cores.
+///
+/// # Errors
+/// When the OS generator fails.
+pub fn curve_reference(
+    holder: &[Vec<u8>],
+    matcher: &[Vec<u8>],
+    dummies: usize,
+) -> Result<Vec<(String, f64)>, NodeError> {
+    use curve25519_dalek::ristretto::CompressedRistretto;
+    use rayon::prelude::*;
+    let mut rng = session_rng()?;
+    let h2g = HashToGroup::for_collaboration("bench").map_err(NodeError::Crypto)?;
+    let kb = SecretScalar::random(&mut rng);
+    let kp = SecretScalar::random(&mut rng);
+    let own = |ids: &[Vec<u8>], k: &SecretScalar| -> Vec<CompressedRistretto> {
+        ids.par_iter().map(|x| (k.expose() * h2g.hash(x)).compress()).collect()
+    };
+    let peer = |points: &[CompressedRistretto], k: &SecretScalar| -> usize {
+        points
+            .par_iter()
+            .filter_map(|c| c.decompress().map(|p| (k.expose() * p).compress()))
+            .count()
+    };
+    let (rows, t_holder_own) = timed(|| own(holder, &kb));
+    let (tokens, t_matcher_own) = timed(|| own(matcher, &kp));
+    let (n, t_holder_peer) = timed(|| peer(&tokens, &kb));
+    let mut peer_rows = rows;
+    peer_rows.extend(peer_rows.clone().into_iter().take(dummies));
+    let (m, t_matcher_peer) = timed(|| peer(&peer_rows, &kp));
+    if n != tokens.len() || m != peer_rows.len() {
+        return Err(NodeError::Internal("a point of the reference did not decompress"));
+    }
     Ok(vec![
         ("holder: hash-to-group + mul of own ids".into(), t_holder_own),
         ("matcher: hash-to-group + mul of own ids".into(), t_matcher_own),
@@ -315,15 +371,25 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         bank.stop().await;
         drop(relay);
 
-        progress(step + 4, total, &format!("{rows} rows: timing the curve bound"));
+        progress(
+            step + 4,
+            total,
+            &format!("{rows} rows: timing the curve bound and the reference"),
+        );
         // The demo configuration's cardinality noise: ε = 0.5, δ = 10^-6.
         let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
             .map_err(NodeError::Crypto)?
             .d_max() as usize;
-        let parts = tokio::task::spawn_blocking(move || curve_bound(&holder, &matcher, d_max))
-            .await
-            .map_err(|_| NodeError::Internal("bound task failed"))??;
+        let (parts, reference_parts) = tokio::task::spawn_blocking(move || {
+            Ok::<_, NodeError>((
+                curve_bound(&holder, &matcher, d_max)?,
+                curve_reference(&holder, &matcher, d_max)?,
+            ))
+        })
+        .await
+        .map_err(|_| NodeError::Internal("bound task failed"))??;
         let bound_seconds: f64 = parts.iter().map(|(_, s)| s).sum();
+        let reference_seconds: f64 = reference_parts.iter().map(|(_, s)| s).sum();
         #[allow(clippy::cast_precision_loss)]
         let transfer_bound_seconds = path
             .and_then(|p| p.bits_per_second)
@@ -340,6 +406,10 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             bound_seconds,
             ratio: join_seconds / bound_seconds.max(1e-9),
             bound_parts: parts,
+            reference_seconds,
+            bound_over_reference: bound_seconds / reference_seconds.max(1e-9),
+            reference_parts,
+            curve_backend: CurveBackend::selected().name().to_string(),
             overlap_seconds,
             query_seconds,
             join: Traffic {
