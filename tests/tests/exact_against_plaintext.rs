@@ -174,3 +174,113 @@ proptest! {
         case(n - both, m - both, both, width, seed, chunk);
     }
 }
+
+/// Each cell's share in its own ring `Z_{2^b}` (`CellBits`): over the same
+/// join, the shares add up to the plaintext sums mod `2^b` (64-bit cells
+/// exactly as before, sums that wrap included), the masked rows shrink with
+/// the widths, and a matcher that uses other widths than the holder is
+/// refused at the setup.
+#[test]
+fn narrow_cells_add_up_mod_their_widths_and_shrink_the_rows() {
+    use cleanroom_protocol::aggregate::CellBits;
+    use cleanroom_sim::driver::run_aggregate_with_bits;
+    let mut rng = ChaCha20Rng::seed_from_u64(77);
+    let mut h = common::ids("shared", 0..400);
+    h.extend(common::ids("bank", 0..300));
+    let mut m = common::ids("shared", 0..400);
+    m.extend(common::ids("platform", 0..250));
+    cleanroom_crypto::rng::shuffle(&mut h, &mut rng);
+    cleanroom_crypto::rng::shuffle(&mut m, &mut rng);
+    let bits = [1u8, 7, 20, 33, 63, 64, 12, 8, 9];
+    let width = bits.len();
+    let values = random_values(&mut rng, h.len(), width);
+    // Plaintext sums mod 2^64.
+    let mset: HashSet<&[u8]> = m.iter().map(Vec::as_slice).collect();
+    let mut truth = vec![0u64; width];
+    for (k, id) in h.iter().enumerate() {
+        if mset.contains(id.as_slice()) {
+            for (t, v) in truth.iter_mut().zip(&values[k * width..(k + 1) * width]) {
+                *t = t.wrapping_add(*v);
+            }
+        }
+    }
+    let (mut rng_h, mut rng_m) = (ChaCha20Rng::seed_from_u64(1), ChaCha20Rng::seed_from_u64(2));
+    let (hj, mj, _) = run_join(
+        common::holder(h, 256),
+        common::matcher(m, 256),
+        &mut rng_h,
+        &mut rng_m,
+        |_| {},
+    )
+    .unwrap();
+    let hj = shared(hj);
+    let qid = cleanroom_wire::QueryId([4; 16]);
+    let mut honest = |_: cleanroom_sim::driver::Direction, f: Vec<u8>| vec![f];
+    let mut run = |holder_bits: CellBits, matcher_bits: CellBits| {
+        let agg = HolderAggregate::new(
+            hj.clone(),
+            RowValues::new(width, values.clone()).unwrap(),
+            qid,
+            [2; 32],
+            0,
+        )
+        .unwrap()
+        .with_cell_bits(holder_bits)
+        .unwrap();
+        run_aggregate_with_bits(
+            agg,
+            &mj,
+            mj.matched(),
+            matcher_bits,
+            (qid, [2; 32], 0),
+            &mut rng_h,
+            &mut rng_m,
+            &mut honest,
+        )
+    };
+    let narrow = CellBits::new(bits.to_vec()).unwrap();
+    let (hs, ms, narrow_traffic) = run(narrow.clone(), narrow.clone()).unwrap();
+    for (c, ((&b, t), (x, y))) in bits
+        .iter()
+        .zip(&truth)
+        .zip(hs.words().iter().zip(ms.words()))
+        .enumerate()
+    {
+        let mask = if b == 64 { u64::MAX } else { (1u64 << b) - 1 };
+        assert!(*x <= mask && *y <= mask, "cell {c}: a share outside Z_2^{b}");
+        assert_eq!(x.wrapping_add(*y) & mask, t & mask, "cell {c} ({b} bits)");
+    }
+    let (hs, ms, full_traffic) = run(CellBits::full(width).unwrap(), CellBits::full(width).unwrap()).unwrap();
+    let sums: Vec<u64> = hs
+        .words()
+        .iter()
+        .zip(ms.words())
+        .map(|(x, y)| x.wrapping_add(*y))
+        .collect();
+    assert_eq!(sums, truth, "64-bit cells: the plaintext sums mod 2^64");
+    // 9 cells of 64 bits are 72 bytes a row; these widths, 217 bits: 28.
+    let row_bits: u64 = bits.iter().map(|&b| u64::from(b)).sum();
+    assert_eq!(narrow.row_bytes() as u64, row_bits.div_ceil(8));
+    let (n, f) = (
+        narrow_traffic.holder_to_matcher_bytes,
+        full_traffic.holder_to_matcher_bytes,
+    );
+    let rows = mj.rows() as u64;
+    assert!(
+        f - n >= rows * (72 - 28) && f - n <= rows * (72 - 28) + 1024,
+        "masked rows: {n} bytes narrow against {f} full over {rows} rows"
+    );
+    // Widths that differ between the sides: the holder refuses the setup.
+    let mut other = bits.to_vec();
+    other[3] = 34;
+    let refused = run(narrow, CellBits::new(other).unwrap());
+    assert!(
+        matches!(
+            refused,
+            Err(cleanroom_sim::driver::DriverError::Holder(
+                cleanroom_protocol::ProtocolError::WrongSession
+            ))
+        ),
+        "{refused:?}"
+    );
+}

@@ -59,17 +59,25 @@ fn setup_session_id(
     nonce: &Nonce,
     rows: u64,
     width: u32,
+    bits: &CellBits,
 ) -> SessionId {
-    digest16(&[
+    let binding = bits.binding();
+    let (group, rows, width) = (group.to_le_bytes(), rows.to_le_bytes(), width.to_le_bytes());
+    let mut parts: Vec<&[u8]> = vec![
         b"cleanroom-v1-aggregate-setup",
         join.as_ref(),
         &query_id.0,
         plan,
-        &group.to_le_bytes(),
+        &group,
         nonce,
-        &rows.to_le_bytes(),
-        &width.to_le_bytes(),
-    ])
+        &rows,
+        &width,
+    ];
+    if !binding.is_empty() {
+        parts.push(b"cell-bits");
+        parts.push(&binding);
+    }
+    digest16(&parts)
 }
 
 fn final_session_id(setup: &SessionId, holder_nonce: &Nonce) -> SessionId {
@@ -83,6 +91,138 @@ fn check_width(width: usize) -> Result<(), ProtocolError> {
         });
     }
     Ok(())
+}
+
+/// Each output cell's share ring `Z_{2^b}`, `b` from 1 to 64, public to
+/// both sides (derived from the plan and the join's size, so that every
+/// cell's true sum fits). Reduction mod `2^b` is a ring homomorphism from
+/// `Z_{2^64}`: the holder computes as before and sends each masked word
+/// `d_i` in its cell's low `b` bits only, the matcher adds them up in
+/// `Z_{2^64}`, and both shares are reduced mod `2^b` at the end; they add up
+/// to the cell's sum mod `2^b`. With every cell at 64 bits the masked rows
+/// are byte for byte what they were before cells had widths.
+///
+/// On the wire a row is its cells' low bits, cell after cell, least
+/// significant bit first, in whole bytes (`row_bytes`); a chunk of rows is
+/// padded with zero bytes to a multiple of 8.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellBits {
+    bits: Vec<u8>,
+}
+
+impl CellBits {
+    /// Every one of `width` cells at 64 bits.
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for a bad width.
+    pub fn full(width: usize) -> Result<Self, ProtocolError> {
+        check_width(width)?;
+        Ok(Self { bits: vec![64; width] })
+    }
+
+    /// Cells of these bit widths.
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for a bad width or a cell outside 1 to
+    /// 64 bits.
+    pub fn new(bits: Vec<u8>) -> Result<Self, ProtocolError> {
+        check_width(bits.len())?;
+        if bits.iter().any(|&b| b == 0 || b > 64) {
+            return Err(ProtocolError::LocalInput {
+                reason: "a cell's share ring must be 1 to 64 bits wide",
+            });
+        }
+        Ok(Self { bits })
+    }
+
+    /// The bits of each cell.
+    pub fn bits(&self) -> &[u8] {
+        &self.bits
+    }
+
+    /// The number of cells.
+    pub fn width(&self) -> usize {
+        self.bits.len()
+    }
+
+    /// Whether every cell is 64 bits wide.
+    pub fn is_full(&self) -> bool {
+        self.bits.iter().all(|&b| b == 64)
+    }
+
+    /// Bytes of one packed row.
+    pub fn row_bytes(&self) -> usize {
+        self.bits.iter().map(|&b| usize::from(b)).sum::<usize>().div_ceil(8)
+    }
+
+    /// Bytes of a chunk of `rows` packed rows (padded to a multiple of 8).
+    pub fn chunk_bytes(&self, rows: usize) -> usize {
+        rows.saturating_mul(self.row_bytes()).next_multiple_of(8)
+    }
+
+    /// Writes the low bits of each of `words` (one per cell) into `out`
+    /// (`row_bytes` long).
+    fn pack(&self, words: &[u64], out: &mut [u8]) {
+        let mut acc: u128 = 0;
+        let mut have: u32 = 0;
+        let mut bytes = out.iter_mut();
+        for (&w, &b) in words.iter().zip(&self.bits) {
+            let b = u32::from(b);
+            let low = if b == 64 { w } else { w & ((1u64 << b) - 1) };
+            acc |= u128::from(low) << have;
+            have += b;
+            while have >= 8 {
+                if let Some(o) = bytes.next() {
+                    *o = acc as u8;
+                }
+                acc >>= 8;
+                have -= 8;
+            }
+        }
+        if have > 0
+            && let Some(o) = bytes.next()
+        {
+            *o = acc as u8;
+        }
+    }
+
+    /// Adds the cells of one packed row (`row_bytes` long) to `acc`.
+    fn unpack_add(&self, row: &[u8], acc: &mut [u64]) {
+        let mut buf: u128 = 0;
+        let mut have: u32 = 0;
+        let mut bytes = row.iter();
+        for (a, &b) in acc.iter_mut().zip(&self.bits) {
+            let b = u32::from(b);
+            while have < b {
+                buf |= u128::from(bytes.next().copied().unwrap_or(0)) << have;
+                have += 8;
+            }
+            let v = if b == 64 {
+                buf as u64
+            } else {
+                (buf as u64) & ((1u64 << b) - 1)
+            };
+            *a = a.wrapping_add(v);
+            buf >>= b;
+            have -= b;
+        }
+    }
+
+    /// Reduces each word mod its cell's `2^b`.
+    fn reduce(&self, words: &mut [u64]) {
+        for (w, &b) in words.iter_mut().zip(&self.bits) {
+            if b < 64 {
+                *w &= (1u64 << b) - 1;
+            }
+        }
+    }
+
+    /// What the aggregate's session id binds of the widths: nothing when
+    /// every cell is 64 bits wide (the id is then what it was before cells
+    /// had widths).
+    fn binding(&self) -> Vec<u8> {
+        if self.is_full() { Vec::new() } else { self.bits.clone() }
+    }
 }
 
 /// Where the holder's per-customer vectors come from: computed up front
@@ -190,6 +330,7 @@ pub struct HolderAggregate {
     query_id: cleanroom_wire::QueryId,
     plan: [u8; 32],
     group: u32,
+    bits: CellBits,
 }
 
 impl core::fmt::Debug for HolderAggregate {
@@ -222,13 +363,30 @@ impl HolderAggregate {
                 reason: "one value row per joined customer is required",
             });
         }
+        let bits = CellBits::full(values.width())?;
         Ok(Self {
             joined,
             values,
             query_id,
             plan,
             group,
+            bits,
         })
+    }
+
+    /// The same aggregate with each cell's share in `Z_{2^b}` (see
+    /// [`CellBits`]); the matcher must start it with the same widths.
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] when the widths do not cover the cells.
+    pub fn with_cell_bits(mut self, bits: CellBits) -> Result<Self, ProtocolError> {
+        if bits.width() != self.values.width() {
+            return Err(ProtocolError::LocalInput {
+                reason: "one share width per output cell is required",
+            });
+        }
+        self.bits = bits;
+        Ok(self)
     }
 
     /// Reads the matcher's setup, runs the base-OT receiver side, and returns
@@ -278,6 +436,7 @@ impl HolderAggregate {
             &setup.nonce,
             setup.rows,
             setup.width,
+            &self.bits,
         );
         if expected != setup.session {
             return Err(ProtocolError::WrongSession);
@@ -306,6 +465,7 @@ impl HolderAggregate {
                 chunk_rows: ot_chunk_rows(width),
                 next_seq: 0,
                 acc: vec![0u64; width],
+                bits: self.bits,
             },
             Message::OtChoices(OtChoices {
                 session: setup.session,
@@ -325,6 +485,7 @@ pub struct HolderOtRunning {
     chunk_rows: usize,
     next_seq: u32,
     acc: Vec<u64>,
+    bits: CellBits,
 }
 
 impl core::fmt::Debug for HolderOtRunning {
@@ -383,13 +544,18 @@ impl HolderOtRunning {
         let w = self.values.width();
         let joined = &self.joined;
         let values = &self.values;
-        // Each row's d = v + m0 - m1 is written straight into the message.
-        let mut words = vec![0u8; len * w * 8];
+        let bits = &self.bits;
+        let full = bits.is_full();
+        let row_bytes = bits.row_bytes();
+        // Each row's d = v + m0 - m1 is written straight into the message,
+        // in its cells' widths.
+        let mut words = vec![0u8; bits.chunk_bytes(len)];
+        let (packed, _padding) = words.split_at_mut(len * row_bytes);
         // Per-thread scratch, reused row after row (each row overwrites it
         // whole) and zeroized when the thread's share of the chunk is done.
         let scratch = || Zeroizing::new(vec![0u64; w]);
-        let chunk_acc = words
-            .par_chunks_mut(w * 8)
+        let chunk_acc = packed
+            .par_chunks_mut(row_bytes)
             .zip(pairs.par_iter())
             .enumerate()
             .fold(
@@ -409,8 +575,15 @@ impl HolderOtRunning {
                         }
                     }
                     Prg::new(*k1).words(&mut m1, false);
-                    for ((x, m), out) in d.iter().zip(m1.iter()).zip(bytes.chunks_exact_mut(8)) {
-                        out.copy_from_slice(&x.wrapping_sub(*m).to_le_bytes());
+                    if full {
+                        for ((x, m), out) in d.iter().zip(m1.iter()).zip(bytes.chunks_exact_mut(8)) {
+                            out.copy_from_slice(&x.wrapping_sub(*m).to_le_bytes());
+                        }
+                    } else {
+                        for (x, m) in d.iter_mut().zip(m1.iter()) {
+                            *x = x.wrapping_sub(*m);
+                        }
+                        bits.pack(&d, bytes);
                     }
                     (acc, m1, d, v)
                 },
@@ -449,7 +622,9 @@ impl HolderOtRunning {
                 what: "OT extension chunks outstanding",
             });
         }
-        Ok(Share::from_words(self.acc.iter().map(|a| a.wrapping_neg()).collect()))
+        let mut words: Vec<u64> = self.acc.iter().map(|a| a.wrapping_neg()).collect();
+        self.bits.reduce(&mut words);
+        Ok(Share::from_words(words))
     }
 }
 
@@ -462,7 +637,7 @@ pub struct MatcherAggregate {
     base: BaseOtSender,
     choices: Vec<u128>,
     rows: usize,
-    width: usize,
+    bits: CellBits,
 }
 
 impl MatcherAggregate {
@@ -481,6 +656,24 @@ impl MatcherAggregate {
         group: u32,
         rng: &mut R,
     ) -> Result<(Self, Message), ProtocolError> {
+        Self::start_with_bits(joined, choices, CellBits::full(width)?, query_id, plan, group, rng)
+    }
+
+    /// As [`Self::start`], with each cell's share in `Z_{2^b}` (see
+    /// [`CellBits`]); the holder must run it with the same widths.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub fn start_with_bits<R: RngCore + CryptoRng>(
+        joined: &MatcherJoined,
+        choices: &[bool],
+        bits: CellBits,
+        query_id: cleanroom_wire::QueryId,
+        plan: [u8; 32],
+        group: u32,
+        rng: &mut R,
+    ) -> Result<(Self, Message), ProtocolError> {
+        let width = bits.width();
         check_width(width)?;
         if choices.len() != joined.rows() {
             return Err(ProtocolError::LocalInput {
@@ -498,6 +691,7 @@ impl MatcherAggregate {
             &nonce,
             rows as u64,
             width as u32,
+            &bits,
         );
         let (base, base_point) = BaseOtSender::new(rng);
         Ok((
@@ -506,7 +700,7 @@ impl MatcherAggregate {
                 base,
                 choices: pack_bits(choices),
                 rows,
-                width,
+                bits,
             },
             Message::OtSetup(OtSetup {
                 session: setup_session,
@@ -540,15 +734,17 @@ impl MatcherAggregate {
         let bs = split_points(&choices.points)?;
         let keys = self.base.finish(&session.0, &bs)?;
         let receiver = IknpReceiver::new(&keys, self.choices, self.rows)?;
+        let width = self.bits.width();
         Ok(MatcherOtRunning {
             session,
             receiver,
-            width: self.width,
-            chunk_rows: ot_chunk_rows(self.width),
+            width,
+            chunk_rows: ot_chunk_rows(width),
             next_first: 0,
             next_seq: 0,
             pending: VecDeque::new(),
-            acc: vec![0u64; self.width],
+            acc: vec![0u64; width],
+            bits: self.bits,
         })
     }
 }
@@ -575,6 +771,7 @@ pub struct MatcherOtRunning {
     next_seq: u32,
     pending: VecDeque<Pending>,
     acc: Vec<u64>,
+    bits: CellBits,
 }
 
 impl core::fmt::Debug for MatcherOtRunning {
@@ -651,7 +848,10 @@ impl MatcherOtRunning {
             });
         }
         let w = self.width;
-        let expected = p.keys.len() * w * 8;
+        let bits = &self.bits;
+        let full = bits.is_full();
+        let row_bytes = bits.row_bytes();
+        let expected = bits.chunk_bytes(p.keys.len());
         if masked.words.len() != expected {
             return Err(ProtocolError::Count {
                 stream: "masked row bytes",
@@ -661,9 +861,15 @@ impl MatcherOtRunning {
         }
         let receiver = &self.receiver;
         let first = p.first;
-        let chunk_acc = masked
-            .words
-            .par_chunks_exact(w * 8)
+        let Some((packed, _padding)) = masked.words.split_at_checked(p.keys.len() * row_bytes) else {
+            return Err(ProtocolError::Count {
+                stream: "masked row bytes",
+                expected: expected as u64,
+                got: masked.words.len() as u64,
+            });
+        };
+        let chunk_acc = packed
+            .par_chunks_exact(row_bytes)
             .zip(p.keys.par_iter())
             .enumerate()
             .fold(
@@ -672,10 +878,14 @@ impl MatcherOtRunning {
                     // acc += PRG(k_s) + s * d
                     Prg::new(*key).words(&mut acc, true);
                     if receiver.choice(first + k) {
-                        for (a, d) in acc.iter_mut().zip(d_bytes.chunks_exact(8)) {
-                            let mut b = [0u8; 8];
-                            b.copy_from_slice(d);
-                            *a = a.wrapping_add(u64::from_le_bytes(b));
+                        if full {
+                            for (a, d) in acc.iter_mut().zip(d_bytes.chunks_exact(8)) {
+                                let mut b = [0u8; 8];
+                                b.copy_from_slice(d);
+                                *a = a.wrapping_add(u64::from_le_bytes(b));
+                            }
+                        } else {
+                            bits.unpack_add(d_bytes, &mut acc);
                         }
                     }
                     acc
@@ -712,6 +922,58 @@ impl MatcherOtRunning {
                 what: "masked rows outstanding",
             });
         }
-        Ok(Share::from_words(self.acc.clone()))
+        let mut words = self.acc.clone();
+        self.bits.reduce(&mut words);
+        Ok(Share::from_words(words))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packing keeps each cell's low bits and nothing else, for every width
+    /// from 1 to 64 and mixes of them; 64-bit cells are little-endian words.
+    #[test]
+    fn packed_rows_keep_each_cells_low_bits() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..200 {
+            let width = 1 + (next() % 40) as usize;
+            let bits: Vec<u8> = (0..width)
+                .map(|c| match (round + c) % 5 {
+                    0 => 64,
+                    1 => 1,
+                    _ => 1 + (next() % 64) as u8,
+                })
+                .collect();
+            let cells = CellBits::new(bits.clone()).unwrap();
+            let words: Vec<u64> = (0..width).map(|_| next()).collect();
+            let mut row = vec![0u8; cells.row_bytes()];
+            cells.pack(&words, &mut row);
+            let mut acc = vec![0u64; width];
+            cells.unpack_add(&row, &mut acc);
+            let mut want = words.clone();
+            cells.reduce(&mut want);
+            assert_eq!(acc, want, "widths {bits:?}");
+        }
+        let full = CellBits::full(3).unwrap();
+        let words = [1u64, u64::MAX, 0x0102_0304_0506_0708];
+        let mut row = vec![0u8; full.row_bytes()];
+        full.pack(&words, &mut row);
+        let le: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(row, le);
+        assert_eq!(full.chunk_bytes(5), 5 * 24);
+        let narrow = CellBits::new(vec![3, 2]).unwrap();
+        assert_eq!(narrow.row_bytes(), 1);
+        assert_eq!(narrow.chunk_bytes(5), 8, "a chunk is padded to a multiple of 8 bytes");
+        assert!(CellBits::new(vec![0]).is_err());
+        assert!(CellBits::new(vec![65]).is_err());
+        assert!(CellBits::new(Vec::new()).is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use cleanroom_crypto::shares::Share;
 use cleanroom_protocol::ProtocolError;
-use cleanroom_protocol::aggregate::{HolderAggregate, MatcherAggregate};
+use cleanroom_protocol::aggregate::{CellBits, HolderAggregate, MatcherAggregate};
 use cleanroom_protocol::join::{HolderJoin, HolderJoined, MatcherJoin, MatcherJoined};
 use cleanroom_wire::Message;
 use rand_core::{CryptoRng, RngCore};
@@ -213,11 +213,35 @@ where
     RH: RngCore + CryptoRng,
     RM: RngCore + CryptoRng,
 {
+    let bits = CellBits::full(width).map_err(DriverError::Matcher)?;
+    run_aggregate_with_bits(holder, matcher_joined, choices, bits, query, rng_h, rng_m, wire)
+}
+
+/// As [`run_aggregate_over`], with each cell's share in `Z_{2^b}` (the
+/// holder must have been given the same [`CellBits`]).
+///
+/// # Errors
+/// As [`run_aggregate`].
+#[allow(clippy::too_many_arguments)]
+pub fn run_aggregate_with_bits<RH, RM>(
+    holder: HolderAggregate,
+    matcher_joined: &MatcherJoined,
+    choices: &[bool],
+    bits: CellBits,
+    query: (cleanroom_wire::QueryId, [u8; 32], u32),
+    rng_h: &mut RH,
+    rng_m: &mut RM,
+    wire: Wire<'_>,
+) -> Result<(Share, Share, Traffic), DriverError>
+where
+    RH: RngCore + CryptoRng,
+    RM: RngCore + CryptoRng,
+{
     use Direction::{HolderToMatcher as H2M, MatcherToHolder as M2H};
     let (query_id, plan, group) = query;
     let mut t = Traffic::default();
     let (waiting, setup) = timed(&mut t.matcher_time, || {
-        MatcherAggregate::start(matcher_joined, choices, width, query_id, plan, group, rng_m)
+        MatcherAggregate::start_with_bits(matcher_joined, choices, bits, query_id, plan, group, rng_m)
     })
     .map_err(DriverError::Matcher)?;
     let frame = first(wire(M2H, t.m2h(&setup)?))?;
