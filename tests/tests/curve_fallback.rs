@@ -89,17 +89,35 @@ fn curve_results_on_this_cpu() {
 
 #[test]
 fn the_same_results_without_avx512_or_avx2() {
-    let qemu_present = Command::new("qemu-x86_64").arg("--version").output().is_ok();
-    if !cfg!(target_arch = "x86_64") || !qemu_present {
-        assert!(
-            std::env::var_os("CLEANROOM_REQUIRE_QEMU").is_none(),
-            "CLEANROOM_REQUIRE_QEMU is set but qemu-x86_64 (Debian's qemu-user) is not installed"
-        );
-        eprintln!("skipped: qemu-x86_64 is not installed (apt-get install qemu-user), or this is not x86-64");
+    if !cfg!(all(target_arch = "x86_64", target_pointer_width = "64")) {
+        eprintln!("skipped: not a 64-bit x86-64 build (curve25519-dalek has no vector backends here)");
         return;
     }
+    let required = std::env::var_os("CLEANROOM_REQUIRE_QEMU").is_some();
     let (here, backend_here) = curve_results();
     eprintln!("this CPU: {} {here}", backend_here.name());
+    // In CI the build must be the repository's (.cargo/config.toml: the
+    // AVX-512 IFMA backend compiled in), so that a CPU with IFMA uses it
+    // and the comparison below includes it.
+    #[cfg(target_arch = "x86_64")]
+    if required && std::arch::is_x86_feature_detected!("avx512ifma") && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        let compiled_in = cfg!(curve25519_dalek_backend = "avx512");
+        assert!(
+            compiled_in,
+            "this build lacks --cfg curve25519_dalek_backend=\"avx512\" (is RUSTFLAGS set? it replaces .cargo/config.toml's flags)"
+        );
+        assert_eq!(backend_here, CurveBackend::Avx512Ifma);
+    }
+    let qemu_present = Command::new("qemu-x86_64").arg("--version").output().is_ok();
+    if !qemu_present {
+        assert!(
+            !required,
+            "CLEANROOM_REQUIRE_QEMU is set but qemu-x86_64 (Debian's qemu-user) is not installed"
+        );
+        eprintln!("skipped: qemu-x86_64 is not installed (apt-get install qemu-user)");
+        return;
+    }
     let exe = std::env::current_exe().expect("the test binary's path");
     for (cpu, backend) in [("Haswell", CurveBackend::Avx2), ("Nehalem", CurveBackend::Serial)] {
         let out = Command::new("qemu-x86_64")

@@ -273,7 +273,7 @@ fn narrow_cells_add_up_mod_their_widths_and_shrink_the_rows() {
     // Widths that differ between the sides: the holder refuses the setup.
     let mut other = bits.to_vec();
     other[3] = 34;
-    let refused = run(narrow, CellBits::new(other).unwrap());
+    let refused = run(narrow.clone(), CellBits::new(other).unwrap());
     assert!(
         matches!(
             refused,
@@ -282,5 +282,49 @@ fn narrow_cells_add_up_mod_their_widths_and_shrink_the_rows() {
             ))
         ),
         "{refused:?}"
+    );
+    // A chunk with a bit set beyond its rows' cells (217 bits a row leave
+    // 7 unused bits in each row's last byte; the chunk's last byte is one of
+    // those or padding): the matcher refuses it.
+    let agg = HolderAggregate::new(
+        hj.clone(),
+        RowValues::new(width, values.clone()).unwrap(),
+        qid,
+        [2; 32],
+        0,
+    )
+    .unwrap()
+    .with_cell_bits(narrow.clone())
+    .unwrap();
+    let mut tamper = |d: cleanroom_sim::driver::Direction, mut f: Vec<u8>| {
+        if matches!(d, cleanroom_sim::driver::Direction::HolderToMatcher)
+            && matches!(
+                cleanroom_wire::Message::decode(&f),
+                Ok(cleanroom_wire::Message::MaskedRows(_))
+            )
+            && let Some(last) = f.last_mut()
+        {
+            *last |= 0x80;
+        }
+        vec![f]
+    };
+    let tampered = run_aggregate_with_bits(
+        agg,
+        &mj,
+        mj.matched(),
+        narrow,
+        (qid, [2; 32], 0),
+        &mut rng_h,
+        &mut rng_m,
+        &mut tamper,
+    );
+    assert!(
+        matches!(
+            tampered,
+            Err(cleanroom_sim::driver::DriverError::Matcher(
+                cleanroom_protocol::ProtocolError::NonCanonical { .. }
+            ))
+        ),
+        "{tampered:?}"
     );
 }

@@ -229,14 +229,14 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
         );
     }
     out!(
-        "bound = curve operations of the join timed in this run (hash-to-group + mul per own id, decompress + mul per peer point, all cores); ratio = join / bound"
+        "bound = curve operations of the join timed in this run (hash-to-group + mul per own id, decompress + mul per peer point, batched compression, all cores); ratio = join / bound"
     );
     out!(
         "ref. = the same curve work one point at a time through curve25519-dalek's single-point API, all cores, in this run; bound/ref = bound / ref."
     );
     if let Some(r) = rows.first() {
         out!(
-            "curve25519-dalek scalar multiplication backend (chosen at run time): {}",
+            "curve25519-dalek's backend for variable-base scalar multiplication, chosen at run time (as cleanroom_crypto::point::CurveBackend reads it): {}",
             r.curve_backend
         );
     }

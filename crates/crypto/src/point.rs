@@ -253,9 +253,19 @@ impl CurveBackend {
     pub fn selected() -> Self {
         #[cfg(all(
             target_arch = "x86_64",
+            target_pointer_width = "64",
+            not(curve25519_dalek_bits = "32"),
             any(
                 curve25519_dalek_backend = "avx512",
-                all(target_feature = "avx512ifma", target_feature = "avx512vl")
+                all(
+                    target_feature = "avx512ifma",
+                    target_feature = "avx512vl",
+                    not(any(
+                        curve25519_dalek_backend = "serial",
+                        curve25519_dalek_backend = "fiat",
+                        curve25519_dalek_backend = "simd"
+                    ))
+                )
             )
         ))]
         if std::arch::is_x86_feature_detected!("avx512ifma") && std::arch::is_x86_feature_detected!("avx512vl") {
@@ -263,6 +273,8 @@ impl CurveBackend {
         }
         #[cfg(all(
             target_arch = "x86_64",
+            target_pointer_width = "64",
+            not(curve25519_dalek_bits = "32"),
             not(any(curve25519_dalek_backend = "serial", curve25519_dalek_backend = "fiat"))
         ))]
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -347,8 +359,8 @@ mod tests {
     /// Variable-base multiplication (through whichever backend dalek chose
     /// at run time) against the precomputed basepoint table (serial code):
     /// `k * (r * B) == (k * r) * B`, and a batch of the same through the
-    /// join's paths. `tests/tests/curve_fallback.rs` runs this test on
-    /// emulated CPUs without AVX-512 and without AVX2.
+    /// join's paths. (`tests/tests/curve_fallback.rs` runs the join's curve
+    /// work on emulated CPUs without AVX-512 and without AVX2.)
     #[test]
     fn variable_base_multiplication_agrees_with_the_basepoint_table() {
         use curve25519_dalek::constants::RISTRETTO_BASEPOINT_TABLE;

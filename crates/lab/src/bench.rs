@@ -206,11 +206,11 @@ pub fn curve_reference(
     let own = |ids: &[Vec<u8>], k: &SecretScalar| -> Vec<CompressedRistretto> {
         ids.par_iter().map(|x| (k.expose() * h2g.hash(x)).compress()).collect()
     };
-    let peer = |points: &[CompressedRistretto], k: &SecretScalar| -> usize {
+    let peer = |points: &[CompressedRistretto], k: &SecretScalar| -> Vec<CompressedRistretto> {
         points
             .par_iter()
             .filter_map(|c| c.decompress().map(|p| (k.expose() * p).compress()))
-            .count()
+            .collect()
     };
     let (rows, t_holder_own) = timed(|| own(holder, &kb));
     let (tokens, t_matcher_own) = timed(|| own(matcher, &kp));
@@ -218,7 +218,7 @@ pub fn curve_reference(
     let mut peer_rows = rows;
     peer_rows.extend(peer_rows.clone().into_iter().take(dummies));
     let (m, t_matcher_peer) = timed(|| peer(&peer_rows, &kp));
-    if n != tokens.len() || m != peer_rows.len() {
+    if n.len() != tokens.len() || m.len() != peer_rows.len() {
         return Err(NodeError::Internal("a point of the reference did not decompress"));
     }
     Ok(vec![

@@ -94,8 +94,8 @@ fn check_width(width: usize) -> Result<(), ProtocolError> {
 }
 
 /// Each output cell's share ring `Z_{2^b}`, `b` from 1 to 64, public to
-/// both sides (derived from the plan and the join's size, so that every
-/// cell's true sum fits). Reduction mod `2^b` is a ring homomorphism from
+/// both sides (to be derived from the plan and the join's size so that every
+/// cell's true sum fits; the nodes use 64 bits for every cell today). Reduction mod `2^b` is a ring homomorphism from
 /// `Z_{2^64}`: the holder computes as before and sends each masked word
 /// `d_i` in its cell's low `b` bits only, the matcher adds them up in
 /// `Z_{2^64}`, and both shares are reduced mod `2^b` at the end; they add up
@@ -206,6 +206,18 @@ impl CellBits {
             buf >>= b;
             have -= b;
         }
+    }
+
+    /// Whether every packed row in `rows` has its unused high bits (in its
+    /// last byte) at zero.
+    fn rows_canonical(&self, rows: &[u8]) -> bool {
+        let used = self.bits.iter().map(|&b| u32::from(b)).sum::<u32>() % 8;
+        if used == 0 {
+            return true;
+        }
+        let unused = !((1u8 << used) - 1);
+        rows.chunks_exact(self.row_bytes())
+            .all(|r| r.last().is_none_or(|&last| last & unused == 0))
     }
 
     /// Reduces each word mod its cell's `2^b`.
@@ -861,13 +873,21 @@ impl MatcherOtRunning {
         }
         let receiver = &self.receiver;
         let first = p.first;
-        let Some((packed, _padding)) = masked.words.split_at_checked(p.keys.len() * row_bytes) else {
+        let Some((packed, padding)) = masked.words.split_at_checked(p.keys.len() * row_bytes) else {
             return Err(ProtocolError::Count {
                 stream: "masked row bytes",
                 expected: expected as u64,
                 got: masked.words.len() as u64,
             });
         };
+        // One encoding per chunk: the padding and each row's unused high
+        // bits are zero.
+        let canonical = full || (padding.iter().all(|&b| b == 0) && bits.rows_canonical(packed));
+        if !canonical {
+            return Err(ProtocolError::NonCanonical {
+                what: "masked rows with bits set beyond their cells",
+            });
+        }
         let chunk_acc = packed
             .par_chunks_exact(row_bytes)
             .zip(p.keys.par_iter())
@@ -971,6 +991,16 @@ mod tests {
         assert_eq!(full.chunk_bytes(5), 5 * 24);
         let narrow = CellBits::new(vec![3, 2]).unwrap();
         assert_eq!(narrow.row_bytes(), 1);
+        // The layout: cells in order, least significant bit first.
+        let mut row = [0u8; 1];
+        narrow.pack(&[5 | 0xf8, 3], &mut row);
+        assert_eq!(row, [0x1d], "5 in bits 0-2, 3 in bits 3-4");
+        assert!(narrow.rows_canonical(&[0x1d, 0x1f]));
+        assert!(!narrow.rows_canonical(&[0x1d, 0x3d]), "bit 5 is beyond the cells");
+        let wide = CellBits::new(vec![9, 7]).unwrap();
+        let mut row = [0u8; 2];
+        wide.pack(&[0x1ff, 1], &mut row);
+        assert_eq!(row, [0xff, 0x03]);
         assert_eq!(narrow.chunk_bytes(5), 8, "a chunk is padded to a multiple of 8 bytes");
         assert!(CellBits::new(vec![0]).is_err());
         assert!(CellBits::new(vec![65]).is_err());

@@ -52,6 +52,12 @@ pub enum ProtocolError {
         /// Which parameter.
         what: &'static str,
     },
+    /// The peer's message has bits set that its encoding leaves at zero.
+    #[error("{what}: not the one encoding allowed")]
+    NonCanonical {
+        /// What.
+        what: &'static str,
+    },
     /// The peer's set size is outside this node's policy.
     #[error("peer set size {size} outside the allowed range {min}..={max}")]
     PeerSetSize {

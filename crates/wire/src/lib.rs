@@ -284,7 +284,9 @@ pub struct MaskedRows {
     pub session: SessionId,
     /// Chunk number, from 0.
     pub seq: u32,
-    /// `rows x width` little-endian u64 words.
+    /// The chunk's rows, each its cells' low bits in whole bytes, padded
+    /// to a multiple of 8 bytes (`cleanroom_protocol::aggregate::CellBits`;
+    /// with 64-bit cells, `rows x width` little-endian u64 words).
     #[serde(with = "serde_bytes")]
     pub words: Vec<u8>,
 }
