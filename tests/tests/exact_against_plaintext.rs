@@ -216,7 +216,7 @@ fn narrow_cells_add_up_mod_their_widths_and_shrink_the_rows() {
     let hj = shared(hj);
     let qid = cleanroom_wire::QueryId([4; 16]);
     let mut honest = |_: cleanroom_sim::driver::Direction, f: Vec<u8>| vec![f];
-    let mut run = |holder_bits: CellBits, matcher_bits: CellBits| {
+    let mut run_over = |holder_bits: CellBits, matcher_bits: CellBits, wire: cleanroom_sim::driver::Wire<'_>| {
         let agg = HolderAggregate::new(
             hj.clone(),
             RowValues::new(width, values.clone()).unwrap(),
@@ -235,9 +235,10 @@ fn narrow_cells_add_up_mod_their_widths_and_shrink_the_rows() {
             (qid, [2; 32], 0),
             &mut rng_h,
             &mut rng_m,
-            &mut honest,
+            wire,
         )
     };
+    let mut run = |holder_bits: CellBits, matcher_bits: CellBits| run_over(holder_bits, matcher_bits, &mut honest);
     let narrow = CellBits::new(bits.to_vec()).unwrap();
     let (hs, ms, narrow_traffic) = run(narrow.clone(), narrow.clone()).unwrap();
     for (c, ((&b, t), (x, y))) in bits
@@ -286,16 +287,6 @@ fn narrow_cells_add_up_mod_their_widths_and_shrink_the_rows() {
     // A chunk with a bit set beyond its rows' cells (217 bits a row leave
     // 7 unused bits in each row's last byte; the chunk's last byte is one of
     // those or padding): the matcher refuses it.
-    let agg = HolderAggregate::new(
-        hj.clone(),
-        RowValues::new(width, values.clone()).unwrap(),
-        qid,
-        [2; 32],
-        0,
-    )
-    .unwrap()
-    .with_cell_bits(narrow.clone())
-    .unwrap();
     let mut tamper = |d: cleanroom_sim::driver::Direction, mut f: Vec<u8>| {
         if matches!(d, cleanroom_sim::driver::Direction::HolderToMatcher)
             && matches!(
@@ -308,16 +299,7 @@ fn narrow_cells_add_up_mod_their_widths_and_shrink_the_rows() {
         }
         vec![f]
     };
-    let tampered = run_aggregate_with_bits(
-        agg,
-        &mj,
-        mj.matched(),
-        narrow,
-        (qid, [2; 32], 0),
-        &mut rng_h,
-        &mut rng_m,
-        &mut tamper,
-    );
+    let tampered = run_over(narrow.clone(), narrow, &mut tamper);
     assert!(
         matches!(
             tampered,

@@ -667,7 +667,7 @@ impl Pair {
                 return;
             }
             let charged = self.platform.ledger.charge(q, &mut self.seeds);
-            let mut m = PlatformAttempt::new(q, DATA, MAX_RERUNS);
+            let mut m = PlatformAttempt::new(DATA, MAX_RERUNS);
             let next = m.charged(&charged);
             self.platform.attempts[k].machine = Some(m);
             return self.platform_act(k, next);

@@ -34,7 +34,7 @@
 //! (`Platform::attempt`); `tests/tests/pair.rs` drives the same machine
 //! beside the bank's, with crashes, a lossy network and a virtual clock.
 
-use cleanroom_wire::{AbortCode, QueryId, RunId, SessionId};
+use cleanroom_wire::{AbortCode, RunId, SessionId};
 
 use crate::ledger::{self, AfterCheck, BankHolds, Charged, PlatformAfterCharge, RerunRefused};
 use crate::queries::run_of;
@@ -141,27 +141,20 @@ enum State<B> {
 /// One attempt of the platform at one query id (see the module docs).
 #[derive(Debug)]
 pub struct PlatformAttempt<B> {
-    qid: QueryId,
     data_version: [u8; 32],
     max_reruns: u32,
     state: State<B>,
 }
 
 impl<B> PlatformAttempt<B> {
-    /// An attempt at `qid` on data at `data_version`, under the node's rerun
-    /// cap; start it with [`PlatformAttempt::charged`].
-    pub fn new(qid: QueryId, data_version: [u8; 32], max_reruns: u32) -> Self {
+    /// An attempt on data at `data_version`, under the node's rerun cap;
+    /// start it with [`PlatformAttempt::charged`].
+    pub fn new(data_version: [u8; 32], max_reruns: u32) -> Self {
         Self {
-            qid,
             data_version,
             max_reruns,
             state: State::Charged,
         }
-    }
-
-    /// The query id.
-    pub fn query_id(&self) -> QueryId {
-        self.qid
     }
 
     /// Whether the attempt waits for the bank (a share check or a batch):
@@ -323,7 +316,6 @@ mod tests {
     const J2: SessionId = SessionId([2; 16]);
     const S1: SessionId = SessionId([11; 16]);
     const S2: SessionId = SessionId([12; 16]);
-    const Q: QueryId = QueryId([5; 16]);
 
     fn fresh() -> Charged {
         Charged {
@@ -345,7 +337,7 @@ mod tests {
     }
 
     fn attempt() -> PlatformAttempt<u64> {
-        PlatformAttempt::new(Q, V1, 2)
+        PlatformAttempt::new(V1, 2)
     }
 
     #[test]
@@ -443,7 +435,7 @@ mod tests {
 
     #[test]
     fn a_rerun_is_refused_on_other_data_or_over_the_cap() {
-        let mut a = PlatformAttempt::<u64>::new(Q, V2, 2);
+        let mut a = PlatformAttempt::<u64>::new(V2, 2);
         a.charged(&stored(0));
         assert_eq!(
             a.bank_answered(BankHolds::NotHeld, &stored(0)),

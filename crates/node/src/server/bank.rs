@@ -548,26 +548,11 @@ impl Bank {
     /// The join's parameters and the bank's policy for it (set-size limits,
     /// the cardinality noise of `cardinality_epsilon`).
     fn holder_join_rules(&self, context: [u8; 32]) -> Result<(JoinParams, HolderPolicy), NodeError> {
-        let l = &self.inner.limits;
-        let cardinality = ShiftedTruncatedLaplace::new(
-            micro_rational(l.cardinality_epsilon_micro).0,
-            micro_rational(l.cardinality_epsilon_micro).1,
-            l.cardinality_delta_inverse,
-        )?;
-        let params = JoinParams {
-            collaboration_id: self.inner.collaboration.clone(),
-            rules_hash: self.inner.rules.hash(),
-            context,
-            chunk_points: DEFAULT_CHUNK_POINTS,
-        };
         let policy = HolderPolicy {
-            peer_set: SetSizeLimits {
-                min: l.peer_set.0,
-                max: l.peer_set.1,
-            },
-            cardinality,
+            peer_set: self.peer_set_limits(),
+            cardinality: self.cardinality_noise()?,
         };
-        Ok((params, policy))
+        Ok((self.join_params(context), policy))
     }
 
     /// Charges the join's cardinality ε to the bank's ledger (durably, on a

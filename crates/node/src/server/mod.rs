@@ -437,9 +437,36 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// `(ε numerator, denominator)` from millionths.
-fn micro_rational(micro: u64) -> (u64, u64) {
-    (micro, 1_000_000)
+impl Node {
+    /// The join's parameters both roles use (`context` binds its input).
+    fn join_params(&self, context: [u8; 32]) -> JoinParams {
+        JoinParams {
+            collaboration_id: self.inner.collaboration.clone(),
+            rules_hash: self.inner.rules.hash(),
+            context,
+            chunk_points: DEFAULT_CHUNK_POINTS,
+        }
+    }
+
+    /// The peer set sizes this node accepts.
+    fn peer_set_limits(&self) -> SetSizeLimits {
+        SetSizeLimits {
+            min: self.inner.limits.peer_set.0,
+            max: self.inner.limits.peer_set.1,
+        }
+    }
+
+    /// The shifted, truncated Laplace of `cardinality_epsilon` (ε in
+    /// millionths) and `cardinality_delta`: the bank's dummy rows, the
+    /// platform's block padding.
+    fn cardinality_noise(&self) -> Result<ShiftedTruncatedLaplace, NodeError> {
+        let l = &self.inner.limits;
+        Ok(ShiftedTruncatedLaplace::new(
+            l.cardinality_epsilon_micro,
+            1_000_000,
+            l.cardinality_delta_inverse,
+        )?)
+    }
 }
 
 /// Loads the node's input data on a blocking thread and logs what was

@@ -165,24 +165,11 @@ impl Platform {
         &self,
         context: [u8; 32],
     ) -> Result<(JoinParams, MatcherPolicy, cleanroom_protocol::join::PaddingSeed), NodeError> {
-        let l = &self.inner.limits;
-        let params = JoinParams {
-            collaboration_id: self.inner.collaboration.clone(),
-            rules_hash: self.inner.rules.hash(),
-            context,
-            chunk_points: DEFAULT_CHUNK_POINTS,
-        };
+        let params = self.join_params(context);
         let policy = MatcherPolicy {
-            peer_set: SetSizeLimits {
-                min: l.peer_set.0,
-                max: l.peer_set.1,
-            },
-            max_dummy_rows: l.max_dummy_rows,
-            block_padding: Some(ShiftedTruncatedLaplace::new(
-                l.cardinality_epsilon_micro,
-                1_000_000,
-                l.cardinality_delta_inverse,
-            )?),
+            peer_set: self.peer_set_limits(),
+            max_dummy_rows: self.inner.limits.max_dummy_rows,
+            block_padding: Some(self.cardinality_noise()?),
         };
         // The padding of each block is a function of this node's key and
         // the join's input (filter, grouping and data version: the join
@@ -285,7 +272,7 @@ impl Platform {
     ) -> Result<QueryShare, NodeError> {
         let qid = &r.q.query_id;
         let l = &self.inner.limits;
-        let mut machine = PlatformAttempt::new(*qid, self.inner.data_version, l.max_reruns_per_query);
+        let mut machine = PlatformAttempt::new(self.inner.data_version, l.max_reruns_per_query);
         let mut shell = AttemptShell::default();
         let mut next = machine.charged(charged);
         loop {
