@@ -37,7 +37,7 @@ use cleanroom_crypto::normalize::NormalizationRules;
 use cleanroom_lab::demo::Fixture;
 use cleanroom_node::config::NodeConfig;
 use cleanroom_node::server::Node;
-use cleanroom_protocol::aggregate::MatcherAggregate;
+use cleanroom_protocol::aggregate::{CellBits, MatcherAggregate};
 use cleanroom_protocol::join::{JoinParams, MatcherJoin, MatcherJoined, MatcherPolicy, SetSizeLimits};
 use cleanroom_query::Plan;
 use cleanroom_sim::driver::Direction;
@@ -850,8 +850,11 @@ impl Play<'_> {
         let Ok(mut rng) = cleanroom_crypto::rng::session_rng() else {
             return;
         };
+        let Ok(bits) = CellBits::new(plan.batch_bits()) else {
+            return;
+        };
         let Ok((waiting, setup)) =
-            MatcherAggregate::start(joined, &choices, plan.width(), req.query_id, plan.digest(), g, &mut rng)
+            MatcherAggregate::start_with_bits(joined, &choices, bits, req.query_id, plan.digest(), g, &mut rng)
         else {
             return;
         };

@@ -677,7 +677,7 @@ async fn a_template_runs_only_when_both_operators_signed_its_text() {
     // The bank's operator changes the text of spend_by_category (a wider
     // clip bound) and signs it; the platform's operator has not.
     let text = std::fs::read_to_string(&fixture.bank_config).unwrap();
-    let block = "name = \"spend_by_category\"\nkind = \"spend_by_category\"\nrho = \"1\"\nmin_count = 20\nanalysts = [\"alice\"]\nclip = { transactions = 5, spend_cents = 50000 }";
+    let block = "name = \"spend_by_category\"\nkind = \"spend_by_category\"\nrho = \"1\"\nmin_count = 20\nanalysts = [\"alice\"]\nclip = { transactions = 5, spend_cents = 50000, max_customers = 1024 }";
     assert!(text.contains(block));
     let changed = text.replace(block, &block.replace("50000", "90000"));
     assert_ne!(text, changed);
@@ -915,6 +915,47 @@ async fn an_admission_holds_a_slot_until_its_query_a_cancel_or_its_expiry() {
     bank.shutdown().await;
 }
 
+/// A template's `clip.max_customers` sets its cells' share widths: the
+/// bank refuses (before any charge) a query of a template whose bound is
+/// below its customer count, saying so without the count, and runs it at
+/// exactly its count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_customers_below_the_banks_data_refuses_before_the_charge() {
+    for (max, ok) in [(299, false), (300, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fixture = Fixture::create(dir.path(), 300, 151, &["alice"]).unwrap();
+        let from = format!("max_customers = {}", fixture.max_customers);
+        fixture
+            .edit_configs(&[(&from, &format!("max_customers = {max}"))])
+            .unwrap();
+        let bank = fixture.start_bank().await.unwrap();
+        assert_eq!(bank.holder_ids().len(), 300);
+        let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+        let analyst = analyst_of(&fixture, "alice", &bank, &platform);
+        let (template, params) = demo_queries().remove(1);
+        let qid = new_query_id().unwrap();
+        let r = analyst.query(template, &params, qid, TIMEOUT).await;
+        if ok {
+            let r = r.unwrap();
+            let t = truth(&fixture.data, &fixture.plan(template, &params).unwrap());
+            for (c, truth) in r.cells.iter().zip(&t) {
+                assert!(
+                    (c.value - truth).abs() <= 6.0 * c.sigma,
+                    "{}: {} vs {truth}",
+                    c.name,
+                    c.value
+                );
+            }
+        } else {
+            let e = refused_with(r, RefusalCode::BadParameters);
+            assert!(e.contains("clip.max_customers") && !e.contains("300"), "{e}");
+            assert!(!bank.is_charged(&qid).unwrap() && !platform.is_charged(&qid).unwrap());
+        }
+        platform.shutdown().await;
+        bank.shutdown().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minimum_input_refuses_at_exactly_its_boundary() {
     let dir = tempfile::tempdir().unwrap();
@@ -990,7 +1031,12 @@ async fn bench_reports_the_join_against_the_curve_bound() {
     // 400 tokens the other; the query at least one masked word per row and cell.
     assert!(r.join.platform_to_bank_bytes > 400 * 32);
     assert!(r.join.bank_to_platform_bytes > 2 * 400 * 32);
-    assert!(r.query.bank_to_platform_bytes > 400 * 8 * 15);
+    assert!(r.query.bank_to_platform_bytes > 400 * r.query_row_bytes as u64);
+    // Its cells are packed at their share widths, not 64 bits each: the
+    // bank sends fewer bytes than 64-bit cells of the 400 real rows alone
+    // would take (the dummy rows come on top).
+    assert!(r.query_row_bytes * 2 < 8 * 15, "{} bytes a row", r.query_row_bytes);
+    assert!(r.query.bank_to_platform_bytes < 400 * 8 * 15);
     // The run's totals include both steps (and the policy exchange before them).
     assert!(r.platform_to_bank_bytes >= r.join.platform_to_bank_bytes + r.query.platform_to_bank_bytes);
     assert!(r.bank_to_platform_bytes >= r.join.bank_to_platform_bytes + r.query.bank_to_platform_bytes);

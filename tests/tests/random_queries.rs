@@ -6,14 +6,13 @@
 
 mod common;
 
-use cleanroom_crypto::shares::Share;
 use cleanroom_node::config::{CollaborationConfig, DataConfig};
 use cleanroom_node::data::{load_holder, load_matcher, write_synthetic};
 use cleanroom_node::server::{holder_values, matcher_blocks};
-use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
+use cleanroom_protocol::aggregate::{CellBits, HolderAggregate, RowValues};
 use cleanroom_protocol::join::{MatcherJoin, MatcherPolicy};
 use cleanroom_query::{Clip, Domains, Template};
-use cleanroom_sim::driver::{run_aggregate, run_join, shared};
+use cleanroom_sim::driver::{run_aggregate_with_bits, run_join, shared};
 use cleanroom_sim::oracle::truth;
 use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, generate};
 use proptest::prelude::*;
@@ -183,10 +182,7 @@ fn run(w: &World, q: &Q, seed: u64) {
         rho_micro: 1,
         min_count: 0,
         analysts: vec!["a".into()],
-        clip: Clip {
-            transactions: 3,
-            spend_cents: 20_000,
-        },
+        clip: Clip::new(3, 20_000),
     };
     t.check(&w.domains).unwrap_or_else(|e| panic!("{text}: {e}"));
     let plan = t.bind("a", &[], &w.domains).unwrap();
@@ -208,6 +204,8 @@ fn run(w: &World, q: &Q, seed: u64) {
     let (hj, mj, _) = run_join(h, m, &mut rng_h, &mut rng_m, |_| {}).unwrap();
     let hj = shared(hj);
     let width = plan.width();
+    // The nodes' share widths: each cell in Z_{2^b} for the plan's b.
+    let bits = CellBits::new(plan.batch_bits()).unwrap();
     let mut words = Vec::new();
     for g in 0..mj.blocks() as u32 {
         let agg = HolderAggregate::new(
@@ -217,28 +215,35 @@ fn run(w: &World, q: &Q, seed: u64) {
             plan.digest(),
             g,
         )
+        .unwrap()
+        .with_cell_bits(bits.clone())
         .unwrap();
-        let (hs, ms, _) = run_aggregate(
+        let (hs, ms, _) = run_aggregate_with_bits(
             agg,
             &mj,
             &mj.choices_for_block(g),
-            width,
-            cleanroom_wire::QueryId([1; 16]),
-            plan.digest(),
-            g,
+            bits.clone(),
+            (cleanroom_wire::QueryId([1; 16]), plan.digest(), g),
             &mut rng_h,
             &mut rng_m,
+            &mut |_, f| vec![f],
         )
         .unwrap();
-        words.extend(Share::reconstruct(&hs, &ms).unwrap());
+        for ((a, b), w) in hs.words().iter().zip(ms.words()).zip(bits.bits()) {
+            assert!(
+                *w == 64 || (a >> w == 0 && b >> w == 0),
+                "{text}: a share has bits beyond its cell"
+            );
+            words.push(cleanroom_wire::signed_in_bits(a.wrapping_add(*b), *w));
+        }
     }
     let cells = plan.cells();
     let want = truth(&w.data, &plan);
     assert_eq!(words.len(), cells.len(), "{text}");
     for ((got, cell), want) in words.iter().zip(&cells).zip(&want) {
-        assert_eq!(got % cell.weight as i64, 0, "{text}: {}", cell.name);
+        assert!(cell.bits < 64, "{text}: {} is not narrowed", cell.name);
         #[allow(clippy::cast_precision_loss)]
-        let got = (*got / cell.weight as i64) as f64;
+        let got = *got as f64;
         assert_eq!(got, *want, "{text}: {}", cell.name);
     }
 }

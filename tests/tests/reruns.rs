@@ -20,7 +20,7 @@ use cleanroom_client::new_query_id;
 use cleanroom_crypto::normalize::NormalizationRules;
 use cleanroom_lab::demo::{Fixture, demo_queries};
 use cleanroom_node::pump;
-use cleanroom_protocol::aggregate::MatcherAggregate;
+use cleanroom_protocol::aggregate::{CellBits, MatcherAggregate};
 use cleanroom_protocol::join::{JoinParams, MatcherJoin, MatcherJoined, MatcherPolicy, SetSizeLimits};
 use cleanroom_query::Plan;
 use cleanroom_tests::analyst_of;
@@ -114,8 +114,9 @@ async fn aggregate(
     let (mut s, mut r) = peer.open_bi().await.unwrap();
     let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
     let choices = joined.choices_for_block(0);
+    let bits = CellBits::new(plan.batch_bits()).unwrap();
     let (waiting, setup) =
-        MatcherAggregate::start(joined, &choices, plan.width(), qid, plan.digest(), 0, &mut rng).unwrap();
+        MatcherAggregate::start_with_bits(joined, &choices, bits, qid, plan.digest(), 0, &mut rng).unwrap();
     send(&mut s, &setup).await;
     let answer = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut r, MAX_MESSAGE_LEN))
         .await
@@ -139,7 +140,8 @@ fn reconstructed(mine: &[u64], bank: &QueryShare) -> Vec<i64> {
     assert_eq!(mine.len(), bank.words.len());
     mine.iter()
         .zip(&bank.words)
-        .map(|(a, b)| a.wrapping_add(*b) as i64)
+        .zip(&bank.bits)
+        .map(|((a, b), bits)| cleanroom_wire::signed_in_bits(a.wrapping_add(*b), *bits))
         .collect()
 }
 

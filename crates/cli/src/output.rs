@@ -193,7 +193,7 @@ pub fn demo(r: &DemoReport) {
 pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     out!(
-        "{:>9}  {:>3}  {:>9}  {:>9}  {:>5}  {:>9}  {:>9}  {:>8}  {:>8}  {:>9}  {:>9}  {:>11}  {:>11}  {:>10}",
+        "{:>9}  {:>3}  {:>9}  {:>9}  {:>5}  {:>9}  {:>9}  {:>8}  {:>8}  {:>9}  {:>9}  {:>9}  {:>11}  {:>11}  {:>10}",
         "rows",
         "run",
         "join s",
@@ -203,6 +203,7 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
         "bound/ref",
         "query s",
         "cells",
+        "row bytes",
         "join cpu",
         "query cpu",
         "bank heap",
@@ -211,7 +212,7 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     );
     for r in rows {
         out!(
-            "{:>9}  {:>3}  {:>9.3}  {:>9.3}  {:>5.2}  {:>9.3}  {:>9.2}  {:>8.3}  {:>8}  {:>8.1}s  {:>8.1}s  {:>7.0} MiB  {:>7.0} MiB  {:>10}",
+            "{:>9}  {:>3}  {:>9.3}  {:>9.3}  {:>5.2}  {:>9.3}  {:>9.2}  {:>8.3}  {:>8}  {:>4}/{:>4}  {:>8.1}s  {:>8.1}s  {:>7.0} MiB  {:>7.0} MiB  {:>10}",
             r.rows,
             r.run,
             r.join_seconds,
@@ -221,6 +222,8 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
             r.bound_over_reference,
             r.query_seconds,
             r.query_cells,
+            r.query_row_bytes,
+            8 * r.query_cells,
             r.join.cpu_seconds,
             r.query.cpu_seconds,
             mib(r.peak_heap_bank_bytes),
@@ -240,6 +243,9 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
             r.curve_backend
         );
     }
+    out!(
+        "cells = output cells of the spend_by_category query; row bytes = one row's masked cells as the bank sends them, packed at the cells' share widths / at 64 bits a cell"
+    );
     out!("cpu = CPU time of the whole process (both nodes, all threads); heap = peak live heap of each node's threads");
     out!("");
     out!(

@@ -195,6 +195,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
             "state/platform",
             &fixture.data.categories,
             "alice",
+            fixture.max_customers,
         ),
     )
     .unwrap();

@@ -20,7 +20,7 @@ use cleanroom_transport::{
 };
 use cleanroom_wire::{
     AnalystRequest, AnalystResponse, BudgetInfo, MAX_MESSAGE_LEN, Message, QueryId, QueryRequest, QueryShare,
-    TemplateInfo,
+    TemplateInfo, signed_in_bits,
 };
 pub use cleanroom_wire::{Phase, Refusal, RefusalCode};
 use serde::Serialize;
@@ -416,9 +416,10 @@ impl Analyst {
                 self.cancel_at(refusing.peer(), query_id).await;
             }
             for (role, a) in answers {
-                match a {
-                    Ok(AnalystResponse::Share(s)) => shares.push(*s),
-                    other => refusals.push(refusal_of(role, other)),
+                match a.map(AnalystResponse::into_share) {
+                    Ok(Ok(s)) => shares.push(s),
+                    Ok(Err(other)) => refusals.push(refusal_of(role, Ok(other))),
+                    Err(e) => refusals.push(refusal_of(role, Err(e))),
                 }
             }
             if !refusals.is_empty() {
@@ -544,26 +545,35 @@ pub fn reconstruct(template: &str, query_id: QueryId, shares: &[QueryShare]) -> 
     let [a, b] = shares else {
         return Err(SharesMismatch::Count.into());
     };
-    if a.plan != b.plan || a.cells != b.cells || a.weights != b.weights || a.query_id != b.query_id {
+    if a.plan != b.plan || a.cells != b.cells || a.weights != b.weights || a.bits != b.bits || a.query_id != b.query_id
+    {
         return Err(SharesMismatch::Plans.into());
     }
     if a.run != b.run {
         return Err(SharesMismatch::Runs.into());
     }
-    if a.words.len() != b.words.len() {
+    let n = a.cells.len();
+    let lens = [
+        &a.bits.len(),
+        &a.weights.len(),
+        &a.words.len(),
+        &b.words.len(),
+        &a.sigmas.len(),
+        &b.sigmas.len(),
+    ];
+    if lens.iter().any(|l| **l != n) || a.bits.iter().any(|b| *b == 0 || *b > 64) {
         return Err(SharesMismatch::Widths.into());
     }
-    // Additive shares mod 2^64; a cell's sum is signed (noise can take it
-    // below zero).
-    #[allow(clippy::cast_possible_wrap)]
+    // Additive shares mod 2^bits; a cell's sum is a signed bits-bit number
+    // (noise can take it below zero).
     let words: Vec<i64> = a
         .words
         .iter()
         .zip(&b.words)
-        .map(|(x, y)| x.wrapping_add(*y) as i64)
+        .zip(&a.bits)
+        .map(|((x, y), bits)| signed_in_bits(x.wrapping_add(*y), *bits))
         .collect();
     let min_count = a.min_count.max(b.min_count);
-    let sigma_w = (a.sigma * a.sigma + b.sigma * b.sigma).sqrt();
     #[allow(clippy::cast_precision_loss)]
     let values: Vec<f64> = words
         .iter()
@@ -571,10 +581,13 @@ pub fn reconstruct(template: &str, query_id: QueryId, shares: &[QueryShare]) -> 
         .map(|(w, k)| *w as f64 / (*k).max(1) as f64)
         .collect();
     let mut cells = Vec::with_capacity(values.len());
-    #[allow(clippy::cast_precision_loss)]
     for (i, name) in a.cells.iter().enumerate() {
         let value = values.get(i).copied().unwrap_or(0.0);
-        let sigma = sigma_w / a.weights.get(i).copied().unwrap_or(1).max(1) as f64;
+        let (sa, sb) = (
+            a.sigmas.get(i).copied().unwrap_or(0.0),
+            b.sigmas.get(i).copied().unwrap_or(0.0),
+        );
+        let sigma = (sa * sa + sb * sb).sqrt();
         let count_cell = a.count_cells.get(i).copied().unwrap_or(0) as usize;
         let count = values.get(count_cell).copied().unwrap_or(0.0);
         let suppressed =
@@ -675,12 +688,13 @@ mod tests {
             query_id: QueryId([1; 16]),
             plan: [2; 32],
             cells: vec!["customers".into()],
+            bits: vec![64],
             weights: vec![100],
             count_cells: vec![0],
             units: vec!["count".into()],
             ratios: vec![],
             words: vec![word],
-            sigma: 1.0,
+            sigmas: vec![0.01],
             min_count: 20,
             rho: "0.1".into(),
             timings: vec![],
@@ -740,5 +754,69 @@ mod tests {
         // Words add mod 2^64 and read as signed: a negative noisy count.
         let r = reconstruct("t", q, &[share("bank", u64::MAX - 99), share("platform", 0)]).unwrap();
         assert!((r.cells[0].value - (-1.0)).abs() < 1e-12);
+        let mut other_bits = share("platform", 7);
+        other_bits.bits = vec![20];
+        assert!(matches!(
+            reconstruct("t", q, &[share("bank", 5), other_bits]),
+            Err(ClientError::Shares(SharesMismatch::Plans))
+        ));
+        let (mut a, mut b) = (share("bank", 5), share("platform", 7));
+        a.bits = vec![0];
+        b.bits = vec![0];
+        assert!(matches!(
+            reconstruct("t", q, &[a, b]),
+            Err(ClientError::Shares(SharesMismatch::Widths))
+        ));
+    }
+
+    /// Narrow shares add up mod 2^bits and read as `bits`-bit signed
+    /// numbers: bits above the ring never reach the value.
+    #[test]
+    fn narrow_shares_add_up_in_their_ring() {
+        let narrow = |node: &str, word: u64| {
+            let mut s = share(node, word);
+            s.bits = vec![20];
+            s.weights = vec![1];
+            s
+        };
+        let q = QueryId([1; 16]);
+        // 1,000 = 0xF_FC18 + 0x7D0 mod 2^20 (the sum carries into bit 20).
+        let r = reconstruct("t", q, &[narrow("bank", 0xF_FC18), narrow("platform", 0x7D0)]).unwrap();
+        assert!((r.cells[0].value - 1000.0).abs() < 1e-12, "{}", r.cells[0].value);
+        // -3 = 0xF_FFFD mod 2^20.
+        let r = reconstruct("t", q, &[narrow("bank", 0xF_FFFC), narrow("platform", 1)]).unwrap();
+        assert!((r.cells[0].value - (-3.0)).abs() < 1e-12);
+    }
+
+    /// A share in the format before narrow shares (a stored one a node
+    /// replays) converts with 64-bit cells, its weights, and σ per cell.
+    #[test]
+    fn a_legacy_share_reads_as_before() {
+        let legacy = cleanroom_wire::LegacyQueryShare {
+            node: "bank".into(),
+            query_id: QueryId([1; 16]),
+            plan: [2; 32],
+            cells: vec!["customers".into()],
+            weights: vec![100],
+            count_cells: vec![0],
+            units: vec!["count".into()],
+            ratios: vec![],
+            words: vec![2500u64.wrapping_neg()],
+            sigma: 3.0,
+            min_count: 20,
+            rho: "0.1".into(),
+            timings: vec![],
+            replayed: false,
+            run: cleanroom_wire::RunId([3; 16]),
+        };
+        let mut other = legacy.clone();
+        other.node = "platform".into();
+        other.words = vec![10_000];
+        other.sigma = 4.0;
+        let shares = [QueryShare::from(legacy), QueryShare::from(other)];
+        assert_eq!(shares[0].bits, vec![64]);
+        let r = reconstruct("t", QueryId([1; 16]), &shares).unwrap();
+        assert!((r.cells[0].value - 75.0).abs() < 1e-12);
+        assert!((r.cells[0].sigma - 0.05).abs() < 1e-12, "sqrt(3² + 4²) / 100");
     }
 }

@@ -166,6 +166,23 @@ impl DiscreteGaussian {
         )
     }
 
+    /// [`Self::for_zcdp`] in units `scale` times coarser: `σ² = Δ² / (2ρ·scale²)`.
+    /// For a cell whose contribution counts `scale` times in `Δ` but which is
+    /// itself unscaled: the same ρ as scaling the cell and noising it with
+    /// [`Self::for_zcdp`], on the integers instead of a lattice `1/scale`.
+    ///
+    /// # Errors
+    /// [`CryptoError::NoiseParameter`] for a zero sensitivity, budget or scale.
+    pub fn for_zcdp_scaled(delta_squared: u128, rho_num: u64, rho_den: u64, scale: u64) -> Result<Self, CryptoError> {
+        if rho_num == 0 || rho_den == 0 || scale == 0 {
+            return Err(CryptoError::NoiseParameter);
+        }
+        Self::new(
+            BigUint::from(delta_squared) * BigUint::from(rho_den),
+            BigUint::from(2u32) * BigUint::from(rho_num) * BigUint::from(scale) * BigUint::from(scale),
+        )
+    }
+
     /// `σ²` as a rational `(num, den)`.
     pub fn variance(&self) -> (&BigUint, &BigUint) {
         (&self.num, &self.den)

@@ -1,10 +1,18 @@
 //! Additive secret shares in Z_{2^64}: each cell is split into two words
 //! that add up (wrapping) to its value, read back as a two's-complement i64.
+//! A cell may also be shared in a smaller ring `Z_{2^b}` (its words then
+//! keep their low `b` bits, [`Share::reduce_bits`]; the sum is read back
+//! with `cleanroom_wire::signed_in_bits`).
 
 use core::fmt;
 
 use rand_core::RngCore;
 use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// `x mod 2^bits`, for `bits` from 1 to 64 (64 and above keep `x`).
+pub fn low_bits(x: u64, bits: u8) -> u64 {
+    if bits >= 64 { x } else { x & ((1u64 << bits) - 1) }
+}
 
 /// One party's share of a vector of cells.
 #[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
@@ -52,6 +60,14 @@ impl Share {
         }
     }
 
+    /// Reduces each cell mod `2^b` for its `b` in `bits` (cells beyond
+    /// `bits` are left as they are).
+    pub fn reduce_bits(&mut self, bits: &[u8]) {
+        for (w, b) in self.0.iter_mut().zip(bits) {
+            *w = low_bits(*w, *b);
+        }
+    }
+
     /// Reconstructs the cells from two shares, or `None` if their widths differ.
     pub fn reconstruct(a: &Share, b: &Share) -> Option<Vec<i64>> {
         if a.0.len() != b.0.len() {
@@ -70,6 +86,7 @@ impl fmt::Debug for Share {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cleanroom_wire::signed_in_bits;
     use proptest::prelude::*;
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
@@ -84,6 +101,37 @@ mod tests {
             let want: Vec<i64> = values.iter().zip(&noise).map(|(v, n)| v.wrapping_add(*n)).collect();
             prop_assert_eq!(Share::reconstruct(&a, &b).unwrap(), want);
         }
+    }
+
+    proptest! {
+        /// Shares reduced mod 2^b add up, mod 2^b, to any value of the
+        /// b-bit signed range, whatever the 64-bit shares were.
+        #[test]
+        fn narrow_shares_read_back_signed(bits in 1u8..=64, v: i64, seed: u64, noise in -1000i64..1000) {
+            let (lo, hi) = if bits == 64 {
+                (i64::MIN, i64::MAX)
+            } else {
+                (-(1i64 << (bits - 1)), (1i64 << (bits - 1)) - 1)
+            };
+            // v in the signed range, and the noise only when v + noise is too.
+            let v = if bits == 64 { v } else { v.rem_euclid(1i64 << bits) + lo };
+            let noise = if v.checked_add(noise).is_some_and(|x| (lo..=hi).contains(&x)) { noise } else { 0 };
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let (mut a, mut b) = Share::split(&[v], &mut rng);
+            a.add_signed(&[noise]);
+            a.reduce_bits(&[bits]);
+            b.reduce_bits(&[bits]);
+            prop_assert!(bits == 64 || (a.words()[0] >> bits == 0 && b.words()[0] >> bits == 0));
+            let got = signed_in_bits(a.words()[0].wrapping_add(b.words()[0]), bits);
+            prop_assert_eq!(got, v + noise);
+        }
+    }
+
+    #[test]
+    fn low_bits_examples() {
+        assert_eq!(low_bits(0x1234, 8), 0x34);
+        assert_eq!(low_bits(u64::MAX, 64), u64::MAX);
+        assert_eq!(low_bits(u64::MAX, 1), 1);
     }
 
     #[test]

@@ -85,6 +85,9 @@ pub struct BenchRow {
     pub categories: usize,
     /// Cells (words per row) of the `spend_by_category` query.
     pub query_cells: usize,
+    /// Bytes of one row's masked cells in that query, packed at the cells'
+    /// share widths (`8 · query_cells` at 64 bits a cell).
+    pub query_row_bytes: usize,
     /// Join wall time (seconds), as the platform measured it.
     pub join_seconds: f64,
     /// The curve bound (seconds): hash-to-group and scalar multiplication for
@@ -395,13 +398,21 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             .and_then(|p| p.bits_per_second)
             .map(|bps| tx1.saturating_sub(tx0).max(rx1.saturating_sub(rx0)) as f64 * 8.0 / bps as f64);
         let network_ratio = transfer_bound_seconds.map(|t| join_seconds / t.max(bound_seconds).max(1e-9));
-        let query_cells = fixture.plan(template, &params)?.width();
+        let query_plan = fixture.plan(template, &params)?;
+        let query_cells = query_plan.width();
+        let query_row_bytes = query_plan
+            .batch_bits()
+            .iter()
+            .map(|b| usize::from(*b))
+            .sum::<usize>()
+            .div_ceil(8);
         out.push(BenchRow {
             rows,
             run,
             overlap: opts.overlap,
             categories: opts.categories,
             query_cells,
+            query_row_bytes,
             join_seconds,
             bound_seconds,
             ratio: join_seconds / bound_seconds.max(1e-9),

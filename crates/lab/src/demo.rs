@@ -19,10 +19,7 @@ use cleanroom_node::config::NodeConfig;
 use cleanroom_node::server::Node;
 
 /// The demo's clip bounds (per customer and category).
-pub const CLIP: Clip = Clip {
-    transactions: 5,
-    spend_cents: 50_000,
-};
+pub const CLIP: Clip = Clip::new(5, 50_000);
 
 /// One template run in the demo.
 #[derive(Debug, Clone, Serialize)]
@@ -75,8 +72,16 @@ pub fn collaboration_toml(categories: &[String]) -> String {
     )
 }
 
-/// The templates section shared by both nodes of the demo.
-pub fn templates_toml(analyst: &str) -> String {
+/// The `clip.max_customers` a fixture of `rows` bank customers gives its
+/// templates: the next power of two, at least 1,024 (an operator sets it at
+/// or above the bank's customer count; it sets the share widths).
+pub fn max_customers_for(rows: usize) -> u64 {
+    (rows as u64).max(1024).next_power_of_two()
+}
+
+/// The templates section shared by both nodes of the demo, for a bank of
+/// at most `max_customers` customers.
+pub fn templates_toml(analyst: &str, max_customers: u64) -> String {
     format!(
         r#"
 [[templates]]
@@ -85,7 +90,7 @@ kind = "overlap"
 rho = "0.1"
 min_count = 10
 analysts = ["{analyst}"]
-clip = {{ transactions = {t}, spend_cents = {s} }}
+clip = {{ transactions = {t}, spend_cents = {s}, max_customers = {m} }}
 dates = ["2026-01-01", "2026-12-31"]
 
 [[templates]]
@@ -94,7 +99,7 @@ kind = "spend_by_category"
 rho = "1"
 min_count = 20
 analysts = ["{analyst}"]
-clip = {{ transactions = {t}, spend_cents = {s} }}
+clip = {{ transactions = {t}, spend_cents = {s}, max_customers = {m} }}
 dates = ["2026-01-01", "2026-12-31"]
 
 [[templates]]
@@ -103,12 +108,13 @@ kind = "spend_by_category_for_segment"
 rho = "1"
 min_count = 20
 analysts = ["{analyst}"]
-clip = {{ transactions = {t}, spend_cents = {s} }}
+clip = {{ transactions = {t}, spend_cents = {s}, max_customers = {m} }}
 dates = ["2026-01-01", "2026-12-31"]
 segments = ["messenger_active", "marketplace_buyer", "creator", "gamer", "casual"]
 "#,
         t = CLIP.transactions,
-        s = CLIP.spend_cents
+        s = CLIP.spend_cents,
+        m = max_customers
     )
 }
 
@@ -122,6 +128,7 @@ pub fn node_toml(
     state: &str,
     categories: &[String],
     analyst: &str,
+    max_customers: u64,
 ) -> String {
     let peer = peer.map_or_else(String::new, |p| format!("address = \"{p}\"\n"));
     let schema = if role == "bank" {
@@ -133,7 +140,7 @@ pub fn node_toml(
     format!(
         "role = \"{role}\"\nlisten = \"{listen}\"\nstate_dir = \"{state}\"\n\n[identity]\ncert = \"{certs}/{role}.pem\"\nkey = \"{certs}/{role}.key\"\nca = \"{certs}/ca.pem\"\n\n[policy]\nsigned = \"{certs}/{role}.policy\"\npublic_key = \"{certs}/{role}-policy.pub\"\npeer_public_key = \"{certs}/{other}-policy.pub\"\nkey = \"{certs}/{role}-policy.key\"\n\n[peer]\n{peer}\n{collab}\n[data]\npath = \"{data}/{role}.csv\"\n{schema}max_bad_row_share = 0.01\nprogress = false\n\n[limits]\nmin_peer_set = 10\nmax_peer_set = 100000000\nrho_per_analyst = \"20\"\nperiod_days = 30\ncardinality_epsilon = \"0.5\"\ncardinality_delta_inverse = 1000000\ncardinality_epsilon_per_period = \"50\"\nreport_timings = true\n{templates}",
         collab = collaboration_toml(categories),
-        templates = templates_toml(analyst)
+        templates = templates_toml(analyst, max_customers)
     )
 }
 
@@ -164,6 +171,8 @@ pub struct Fixture {
     pub platform_config: PathBuf,
     /// Templates added to both nodes' configs after creation (TOML).
     extra: String,
+    /// The templates' `clip.max_customers` ([`max_customers_for`] the rows).
+    pub max_customers: u64,
     /// Text replacements made in both nodes' configs (see [`Fixture::edit_configs`]).
     edits: Vec<(String, String)>,
 }
@@ -230,6 +239,7 @@ impl Fixture {
                 "state/bank",
                 &data.categories,
                 analyst,
+                max_customers_for(rows),
             ),
         )?;
         sign_config(&bank_config)?;
@@ -239,6 +249,7 @@ impl Fixture {
             bank_config,
             platform_config: dir.join("platform.toml"),
             extra: String::new(),
+            max_customers: max_customers_for(rows),
             edits: Vec::new(),
         })
     }
@@ -259,8 +270,8 @@ impl Fixture {
         cleanroom_query::sql::parse(sql, &domains.schema(), &std::collections::BTreeMap::new())
             .map_err(|e| NodeError::refused(cleanroom_node::RefusalCode::BadRequest, e.0))?;
         let t = format!(
-            "\n[[templates]]\nname = \"{name}\"\nsql = '''{sql}'''\nrho = \"1\"\nmin_count = 20\nanalysts = [\"{analyst}\"]\nclip = {{ transactions = {}, spend_cents = {} }}\n",
-            CLIP.transactions, CLIP.spend_cents
+            "\n[[templates]]\nname = \"{name}\"\nsql = '''{sql}'''\nrho = \"1\"\nmin_count = 20\nanalysts = [\"{analyst}\"]\nclip = {{ transactions = {}, spend_cents = {}, max_customers = {} }}\n",
+            CLIP.transactions, CLIP.spend_cents, self.max_customers
         );
         self.extra.push_str(&t);
         let text = std::fs::read_to_string(&self.bank_config).map_err(|e| NodeError::Config {
@@ -317,6 +328,7 @@ impl Fixture {
             "state/platform",
             &self.data.categories,
             analyst,
+            self.max_customers,
         ) + &self.extra;
         let text = edited(text, &self.edits, &self.platform_config)?;
         write(&self.platform_config, &text)?;

@@ -43,18 +43,40 @@ impl Drop for DrawnNoise {
 }
 
 impl DrawnNoise {
-    /// Draws `cells` values of the discrete Gaussian with `σ² = Δ²/(2ρ)`
-    /// (`ρ` in millionths), expanded from the query's noise `seed`: the
-    /// same seed and parameters always give the same values.
+    /// Draws one value per cell of `cells` (each a `(weight, limit)`): a
+    /// discrete Gaussian with `σ² = Δ²/(2ρ·weight²)` (`ρ` in millionths),
+    /// in the cell's own units (see `CellSpec::weight`), expanded from the
+    /// query's noise `seed`: the same seed and parameters always give the
+    /// same values.
     ///
     /// # Errors
-    /// [`NodeError::Crypto`] for unusable parameters.
-    pub fn draw(seed: &[u8; 32], delta_squared: u128, rho_micro: u64, cells: usize) -> Result<Self, NodeError> {
-        let gauss = DiscreteGaussian::for_zcdp(delta_squared, rho_micro, 1_000_000)?;
+    /// [`NodeError::Crypto`] for unusable parameters;
+    /// [`NodeError::Internal`] for a draw beyond its cell's `limit` (the
+    /// room the share widths leave for one node's noise: a draw past it has
+    /// probability below `2·exp(-128)`, and is refused rather than wrapped).
+    pub fn draw(seed: &[u8; 32], delta_squared: u128, rho_micro: u64, cells: &[(u64, u64)]) -> Result<Self, NodeError> {
         let mut rng = seeded_rng(seed);
-        let noise = (0..cells)
-            .map(|_| gauss.sample(&mut rng))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut noise = Vec::with_capacity(cells.len());
+        let mut gauss: Option<(u64, DiscreteGaussian)> = None;
+        for &(weight, limit) in cells {
+            if gauss.as_ref().is_none_or(|(w, _)| *w != weight) {
+                gauss = Some((
+                    weight,
+                    DiscreteGaussian::for_zcdp_scaled(delta_squared, rho_micro, 1_000_000, weight)?,
+                ));
+            }
+            let Some((_, g)) = &gauss else {
+                return Err(NodeError::Internal("no sampler for a cell"));
+            };
+            let x = g.sample(&mut rng)?;
+            if x.unsigned_abs() > limit {
+                noise.zeroize();
+                return Err(NodeError::Internal(
+                    "a noise draw is beyond the room its cell's shares leave",
+                ));
+            }
+            noise.push(x);
+        }
         Ok(Self(noise))
     }
 
@@ -68,15 +90,17 @@ impl DrawnNoise {
         self.0.is_empty()
     }
 
-    /// Adds the noise to `share`, cell by cell.
+    /// Adds the noise to `share`, cell by cell, and reduces each cell to its
+    /// share ring `Z_{2^b}` (`bits`, one per cell).
     ///
     /// # Errors
     /// [`NodeError::Internal`] when the widths differ.
-    pub fn add_to(&self, share: &mut Share) -> Result<(), NodeError> {
-        if share.width() != self.0.len() {
+    pub fn add_to(&self, share: &mut Share, bits: &[u8]) -> Result<(), NodeError> {
+        if share.width() != self.0.len() || bits.len() != self.0.len() {
             return Err(NodeError::Internal("noise and share widths differ"));
         }
         share.add_signed(&self.0);
+        share.reduce_bits(bits);
         Ok(())
     }
 
@@ -104,10 +128,10 @@ mod tests {
     #[test]
     fn a_seed_fixes_the_noise() {
         let seed = fresh();
-        let a = DrawnNoise::draw(&seed, 4, 1000, 64).unwrap();
-        let b = DrawnNoise::draw(&seed, 4, 1000, 64).unwrap();
+        let a = DrawnNoise::draw(&seed, 4, 1000, &[(1, u64::MAX); 64]).unwrap();
+        let b = DrawnNoise::draw(&seed, 4, 1000, &[(1, u64::MAX); 64]).unwrap();
         assert_eq!(a.values(), b.values());
-        let c = DrawnNoise::draw(&fresh(), 4, 1000, 64).unwrap();
+        let c = DrawnNoise::draw(&fresh(), 4, 1000, &[(1, u64::MAX); 64]).unwrap();
         assert_ne!(a.values(), c.values());
         // σ ≈ 44.7 here: 64 cells are not all equal.
         assert!(a.values().iter().any(|v| *v != a.values()[0]));
@@ -133,12 +157,12 @@ mod tests {
         let (mut magnitude, mut release, mut sampling) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..trials {
             let t = Instant::now();
-            let noise = DrawnNoise::draw(&fresh(), 1, 1000, 1).unwrap();
+            let noise = DrawnNoise::draw(&fresh(), 1, 1000, &[(1, u64::MAX)]).unwrap();
             sampling.push(t.elapsed().as_nanos() as f64);
             magnitude.push(noise.values()[0].unsigned_abs() as f64);
             let mut share = Share::from_words(vec![7u64; 1]);
             let t = Instant::now();
-            noise.add_to(&mut share).unwrap();
+            noise.add_to(&mut share, &[64]).unwrap();
             let encoded: Vec<u8> = share.words().iter().flat_map(|w| w.to_le_bytes()).collect();
             std::hint::black_box(&encoded);
             release.push(t.elapsed().as_nanos() as f64);
@@ -158,14 +182,42 @@ mod tests {
 
     #[test]
     fn widths_must_match_and_debug_redacts() {
-        let noise = DrawnNoise::draw(&fresh(), 1, 1_000_000, 3).unwrap();
+        let noise = DrawnNoise::draw(&fresh(), 1, 1_000_000, &[(1, u64::MAX); 3]).unwrap();
         assert_eq!(noise.len(), 3);
         let mut share = Share::from_words(vec![0; 2]);
-        assert!(noise.add_to(&mut share).is_err());
+        assert!(noise.add_to(&mut share, &[64; 2]).is_err());
         let mut share = Share::from_words(vec![0; 3]);
-        noise.add_to(&mut share).unwrap();
+        assert!(noise.add_to(&mut share, &[64; 2]).is_err());
+        noise.add_to(&mut share, &[64; 3]).unwrap();
         let added: Vec<i64> = share.words().iter().map(|w| *w as i64).collect();
         assert_eq!(added, noise.values());
         assert_eq!(format!("{noise:?}"), "DrawnNoise(3 cells, <redacted>)");
+        // Reduced to each cell's ring: the low bits, read back signed.
+        let mut share = Share::from_words(vec![u64::MAX << 20; 3]);
+        noise.add_to(&mut share, &[20; 3]).unwrap();
+        for (w, n) in share.words().iter().zip(noise.values()) {
+            assert_eq!(*w >> 20, 0);
+            assert_eq!(cleanroom_wire::signed_in_bits(*w, 20), *n);
+        }
+    }
+
+    /// A cell of weight `w` gets noise `w` times smaller (σ² = Δ²/(2ρw²)),
+    /// and a draw beyond its limit is refused, not released.
+    #[test]
+    fn weights_scale_the_noise_and_limits_hold() {
+        // Δ² = 10^10, ρ = 1: σ ≈ 70,711; at weight 1,000, σ ≈ 70.7.
+        let cells: Vec<(u64, u64)> = (0..4000)
+            .map(|i| if i % 2 == 0 { (1, u64::MAX) } else { (1000, u64::MAX) })
+            .collect();
+        let noise = DrawnNoise::draw(&fresh(), 10_000_000_000, 1_000_000, &cells).unwrap();
+        let sd = |k: usize| {
+            let v: Vec<f64> = noise.values().iter().skip(k).step_by(2).map(|x| *x as f64).collect();
+            (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        let (wide, narrow) = (sd(0), sd(1));
+        assert!((wide / 70_711.0 - 1.0).abs() < 0.1, "sd {wide}");
+        assert!((narrow / 70.711 - 1.0).abs() < 0.1, "sd {narrow}");
+        // A limit of 0 on a cell with σ ≈ 70: some draw among 100 is not 0.
+        assert!(DrawnNoise::draw(&fresh(), 10_000_000_000, 1_000_000, &[(1000, 0); 100]).is_err());
     }
 }

@@ -128,10 +128,7 @@ mod tests {
             kind,
             (0, 100),
             vec!["s".into()],
-            Clip {
-                transactions: 1,
-                spend_cents: 10,
-            },
+            Clip::new(1, 10),
             1,
             1,
             vec!["alice".into()],

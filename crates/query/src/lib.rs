@@ -125,7 +125,21 @@ pub const MAX_CLIP_SPEND_CENTS: u64 = 1 << 31;
 /// The largest `clip.transactions` a template may set.
 pub const MAX_CLIP_TRANSACTIONS: u64 = 1 << 20;
 
-/// Per-customer clip bounds (per group).
+/// The most customers a bank's data may hold for a template that does not
+/// set `clip.max_customers`: the protocol's `MAX_SET_SIZE`, 2^31.
+pub const MAX_JOIN_CUSTOMERS: u64 = 1 << 31;
+
+fn default_max_customers() -> u64 {
+    MAX_JOIN_CUSTOMERS
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_default_max_customers(v: &u64) -> bool {
+    *v == MAX_JOIN_CUSTOMERS
+}
+
+/// Per-customer clip bounds (per group), and the most customers a join may
+/// add up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Clip {
@@ -133,6 +147,25 @@ pub struct Clip {
     pub transactions: u64,
     /// Most cents one customer adds to one group's SUM.
     pub spend_cents: u64,
+    /// Most customers the bank's (holder's) data may hold for this template
+    /// (default [`MAX_JOIN_CUSTOMERS`]). Every cell's sum is then at most
+    /// `max_customers` times its per-customer bound, which sets the width of
+    /// its shares ([`Plan::cells`], `CellSpec::bits`): a tighter bound sends
+    /// fewer bytes per query. The bank refuses a query of this template when
+    /// its data holds more customers.
+    #[serde(default = "default_max_customers", skip_serializing_if = "is_default_max_customers")]
+    pub max_customers: u64,
+}
+
+impl Clip {
+    /// Per-customer bounds, with the default `max_customers`.
+    pub const fn new(transactions: u64, spend_cents: u64) -> Self {
+        Self {
+            transactions,
+            spend_cents,
+            max_customers: MAX_JOIN_CUSTOMERS,
+        }
+    }
 }
 
 /// What values a parameter may take.
@@ -293,10 +326,39 @@ pub struct CellSpec {
     pub name: String,
     /// What it measures.
     pub kind: CellKind,
-    /// Integer weight the cell is multiplied by before noise.
+    /// The cell's noise scale. `Δ` ([`Plan::delta_squared`]) is the L2 norm
+    /// of a customer's largest contribution with each cell multiplied by
+    /// its weight (so counts and sums weigh alike), and each node's noise on
+    /// the cell, in the cell's own units, is a discrete Gaussian with
+    /// `σ = sqrt(Δ²/(2ρ)) / weight`. The cells themselves are not
+    /// multiplied (they were before narrow shares: see docs/protocol.md).
     pub weight: u64,
     /// Index of the count cell that decides whether this cell is shown.
     pub count_cell: usize,
+    /// The ring of the cell's shares, `Z_{2^bits}` (see [`Plan::cell_bits`]).
+    pub bits: u8,
+}
+
+/// The ρ below which no template goes (`Template::check`: ρ is a positive
+/// number of millionths): the share widths leave room for the noise of a
+/// node at this ρ, so they do not depend on either node's own ρ.
+pub const MIN_RHO_MICRO: u64 = 1;
+
+/// How many standard deviations (at [`MIN_RHO_MICRO`]) of one node's noise
+/// a cell's share width leaves room for. A discrete Gaussian draw lands
+/// beyond `16σ` with probability below `2·exp(-128)`; a node that drew one
+/// refuses to release it rather than wrap the cell.
+pub const NOISE_TAIL_SIGMAS: u64 = 16;
+
+/// The bit length of `x`.
+fn bit_len(x: u128) -> u32 {
+    128 - x.leading_zeros()
+}
+
+/// The least integer whose square is at least `x`.
+fn isqrt_ceil(x: u128) -> u128 {
+    let r = x.isqrt();
+    if r * r == x { r } else { r + 1 }
 }
 
 /// An `AVG` output: the ratio of two cells.
@@ -474,6 +536,12 @@ impl Template {
         }
         put(&self.clip.transactions.to_le_bytes());
         put(&self.clip.spend_cents.to_le_bytes());
+        // Only when set, so templates without it keep their digests (and
+        // their operators' signatures).
+        if self.clip.max_customers != MAX_JOIN_CUSTOMERS {
+            put(b"max_customers");
+            put(&self.clip.max_customers.to_le_bytes());
+        }
         let d = ctx.finish();
         let mut out = [0u8; 32];
         out.copy_from_slice(d.as_ref());
@@ -496,6 +564,11 @@ impl Template {
         }
         if self.clip.transactions == 0 || self.clip.spend_cents == 0 {
             return Err(bad("clip bounds must be positive".into()));
+        }
+        if self.clip.max_customers == 0 || self.clip.max_customers > MAX_JOIN_CUSTOMERS {
+            return Err(bad(format!(
+                "clip.max_customers must be between 1 and {MAX_JOIN_CUSTOMERS}"
+            )));
         }
         if self.clip.spend_cents > MAX_CLIP_SPEND_CENTS || self.clip.transactions > MAX_CLIP_TRANSACTIONS {
             return Err(bad(format!(
@@ -734,7 +807,8 @@ impl Plan {
         cells
     }
 
-    fn weight(&self, kind: CellKind) -> u64 {
+    /// The noise scale of a cell of this kind (see [`CellSpec::weight`]).
+    pub fn weight(&self, kind: CellKind) -> u64 {
         match kind {
             CellKind::Customers => self.clip.spend_cents,
             CellKind::Rows => (self.clip.spend_cents / self.clip.transactions).max(1),
@@ -787,6 +861,7 @@ impl Plan {
                         kind: *kind,
                         weight: self.weight(*kind),
                         count_cell: base + count_at,
+                        bits: self.cell_bits(*kind),
                     });
                 }
             }
@@ -819,6 +894,46 @@ impl Plan {
             }
         }
         out
+    }
+
+    /// The share widths of one OT batch's cells ([`Plan::width`] of them, in
+    /// [`Plan::cells`]' order; every batch has the same).
+    pub fn batch_bits(&self) -> Vec<u8> {
+        let per = self.per_group();
+        let mut out = Vec::with_capacity(self.width());
+        for _ in self.holder_groups() {
+            out.extend(per.iter().map(|(_, k)| self.cell_bits(*k)));
+        }
+        out
+    }
+
+    /// The most one node's noise on a cell of this kind may be, in the
+    /// cell's own units: [`NOISE_TAIL_SIGMAS`] standard deviations of that
+    /// node's noise at [`MIN_RHO_MICRO`], `σ² = Δ²·10⁶ / (2·weight²)`. A
+    /// node at a larger ρ has less noise, so the same limit holds for it.
+    pub fn noise_limit(&self, kind: CellKind) -> u64 {
+        let w = u128::from(self.weight(kind).max(1));
+        let tail = u128::from(NOISE_TAIL_SIGMAS);
+        // (tail·σ)² = tail² · Δ² · 10⁶ / (2 · ρ_min · w²), rounded up.
+        let num = (tail * tail)
+            .saturating_mul(self.delta_squared())
+            .saturating_mul(1_000_000);
+        let den = 2 * u128::from(MIN_RHO_MICRO) * w * w;
+        u64::try_from(isqrt_ceil(num.div_ceil(den))).unwrap_or(u64::MAX)
+    }
+
+    /// The ring `Z_{2^b}` a cell of this kind is shared in: the smallest `b`
+    /// (at most 64) whose signed range holds every value the two noisy
+    /// shares can add up to, from `-2L` to `max_customers · bound + 2L`,
+    /// with `L` each node's [`Plan::noise_limit`]. Counts need fewer bits
+    /// than sums; all depend only on the plan, never on either side's data
+    /// or ρ, so both nodes and the analyst know them.
+    pub fn cell_bits(&self, kind: CellKind) -> u8 {
+        let top = u128::from(self.clip.max_customers)
+            .saturating_mul(u128::from(self.bound(kind)))
+            .saturating_add(2 * u128::from(self.noise_limit(kind)));
+        // One more bit for the sign.
+        u8::try_from((bit_len(top) + 1).min(64)).unwrap_or(64)
     }
 
     /// `Δ²`: the squared L2 norm of the largest weighted vector one customer
@@ -956,6 +1071,12 @@ impl Plan {
         }
         put(&self.clip.transactions.to_le_bytes());
         put(&self.clip.spend_cents.to_le_bytes());
+        // Only when set, so templates without it keep their digests (and
+        // their operators' signatures).
+        if self.clip.max_customers != MAX_JOIN_CUSTOMERS {
+            put(b"max_customers");
+            put(&self.clip.max_customers.to_le_bytes());
+        }
         let d = ctx.finish();
         let mut out = [0u8; 32];
         out.copy_from_slice(d.as_ref());
@@ -976,10 +1097,7 @@ mod tests {
     }
 
     fn clip() -> Clip {
-        Clip {
-            transactions: 10,
-            spend_cents: 1000,
-        }
+        Clip::new(10, 1000)
     }
 
     fn template(kind: TemplateKind) -> Template {
@@ -997,6 +1115,116 @@ mod tests {
 
     fn p(kv: &[(&str, &str)]) -> Vec<(String, String)> {
         kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// Every cell's share width holds every value the two noisy shares can
+    /// add up to (from `-2L` to `max_customers · bound + 2L`, `L` at least
+    /// 16σ of one node's noise at the smallest ρ, σ computed here in floating
+    /// point), and no narrower width would; counts get fewer bits than sums.
+    #[test]
+    fn share_widths_hold_every_noisy_sum_and_no_fewer_bits_would() {
+        for (t, spend, max_customers) in [
+            (5, 50_000, 1 << 20),
+            (5, 50_000, MAX_JOIN_CUSTOMERS),
+            (1, 1, 1),
+            (MAX_CLIP_TRANSACTIONS, MAX_CLIP_SPEND_CENTS, MAX_JOIN_CUSTOMERS),
+            (3, 20_000, 12_345),
+        ] {
+            let mut tpl = template(TemplateKind::SpendByCategory);
+            tpl.clip = Clip {
+                transactions: t,
+                spend_cents: spend,
+                max_customers,
+            };
+            tpl.check(&domains()).unwrap();
+            let plan = tpl
+                .bind(
+                    "alice",
+                    &p(&[("start", "2026-01-01"), ("end", "2026-06-30")]),
+                    &domains(),
+                )
+                .unwrap();
+            let delta = (plan.delta_squared() as f64).sqrt();
+            for kind in [CellKind::Customers, CellKind::Rows, CellKind::Sum] {
+                let b = plan.cell_bits(kind);
+                let limit = plan.noise_limit(kind);
+                let sigma = delta * 1000.0 / (2f64.sqrt() * plan.weight(kind) as f64);
+                assert!(
+                    limit as f64 >= 16.0 * sigma * (1.0 - 1e-9),
+                    "{kind:?}: {limit} < 16 × {sigma}"
+                );
+                assert!((limit as f64) <= 16.0 * sigma + 2.0, "{kind:?}: {limit} > 16 × {sigma}");
+                let bound = match kind {
+                    CellKind::Customers => 1,
+                    CellKind::Rows => t,
+                    CellKind::Sum => spend,
+                };
+                let top = u128::from(max_customers) * u128::from(bound) + 2 * u128::from(limit);
+                assert!((1..=64).contains(&b));
+                if b < 64 {
+                    assert!(top < 1u128 << (b - 1), "{kind:?}: {top} does not fit {b} bits");
+                    assert!(top >= 1u128 << (b - 2), "{kind:?}: {top} would fit {} bits", b - 1);
+                }
+            }
+            assert!(plan.cell_bits(CellKind::Customers) <= plan.cell_bits(CellKind::Sum));
+            let cells = plan.cells();
+            let batch = plan.batch_bits();
+            assert_eq!(batch.len(), plan.width());
+            assert_eq!(
+                cells.iter().map(|c| c.bits).collect::<Vec<_>>(),
+                batch,
+                "one matcher group"
+            );
+        }
+    }
+
+    /// The demo's `spend_by_category` at a 2^20-customer bound: 22, 24 and
+    /// 37 bits for customers, transactions and spend (worked out by hand in
+    /// docs/protocol.md), so a row's cells take 83 bits per category against
+    /// 192 at 64 bits each.
+    #[test]
+    fn the_demo_query_cells_narrow_to_less_than_half() {
+        let mut tpl = template(TemplateKind::SpendByCategory);
+        tpl.clip = Clip {
+            transactions: 5,
+            spend_cents: 50_000,
+            max_customers: 1 << 20,
+        };
+        let mut d = domains();
+        d.categories = (0..17).map(|i| format!("c{i}")).collect();
+        let plan = tpl
+            .bind("alice", &p(&[("start", "2026-01-01"), ("end", "2026-06-30")]), &d)
+            .unwrap();
+        assert_eq!(plan.width(), 51);
+        assert_eq!(&plan.batch_bits()[..3], &[22, 24, 37]);
+        let bits: u32 = plan.batch_bits().iter().map(|b| u32::from(*b)).sum();
+        assert_eq!(bits, 17 * 83);
+        assert!(bits * 2 < 51 * 64);
+    }
+
+    /// `max_customers` is signed with the template only when set, so
+    /// templates without it keep their digests; it must be 1 to 2^31.
+    #[test]
+    fn max_customers_is_bound_into_the_digests_when_set() {
+        let a = template(TemplateKind::SpendByCategory);
+        let mut b = a.clone();
+        b.clip.max_customers = 1 << 20;
+        assert_ne!(a.digest(), b.digest());
+        let params = p(&[("start", "2026-01-01"), ("end", "2026-06-30")]);
+        assert_ne!(
+            a.bind("alice", &params, &domains()).unwrap().digest(),
+            b.bind("alice", &params, &domains()).unwrap().digest()
+        );
+        let clip: Clip = serde_json::from_str(r#"{"transactions": 5, "spend_cents": 10}"#).unwrap();
+        assert_eq!(clip.max_customers, MAX_JOIN_CUSTOMERS);
+        assert_eq!(
+            serde_json::to_string(&clip).unwrap(),
+            r#"{"transactions":5,"spend_cents":10}"#
+        );
+        for bad in [0, MAX_JOIN_CUSTOMERS + 1] {
+            b.clip.max_customers = bad;
+            assert!(b.check(&domains()).is_err());
+        }
     }
 
     #[test]

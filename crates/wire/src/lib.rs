@@ -420,9 +420,106 @@ pub struct BudgetInfo {
     pub period_ends_day: i64,
 }
 
+/// The value of the low `bits` bits of `x` as a `bits`-bit two's-complement
+/// number (sign-extended), for `bits` from 1 to 64: how the sum of two
+/// [`QueryShare`] words is read.
+pub fn signed_in_bits(x: u64, bits: u8) -> i64 {
+    if bits >= 64 || bits == 0 {
+        return x as i64;
+    }
+    let shift = 64 - u32::from(bits);
+    ((x << shift) as i64) >> shift
+}
+
 /// One node's noisy share of a query's result.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueryShare {
+    /// The node's role (`bank` or `platform`).
+    pub node: String,
+    /// The query.
+    pub query_id: QueryId,
+    /// The plan digest (both nodes' must agree).
+    pub plan: [u8; 32],
+    /// Cell names, in order.
+    pub cells: Vec<String>,
+    /// Each cell's share ring `Z_{2^bits}` (1 to 64): this node's word is
+    /// its share of the cell mod `2^bits`, and the two nodes' words add up,
+    /// mod `2^bits`, to the noisy cell as a `bits`-bit two's-complement
+    /// number. The widths follow from the plan alone.
+    pub bits: Vec<u8>,
+    /// What each cell's sum is divided by to read it (1 for every cell of
+    /// a share from this version; a converted [`LegacyQueryShare`] keeps
+    /// its weights).
+    pub weights: Vec<u64>,
+    /// For each cell, the index of the count cell that decides whether it is shown.
+    pub count_cells: Vec<u32>,
+    /// For each cell, its unit: `count` or `cents`.
+    pub units: Vec<String>,
+    /// AVG outputs: name, numerator cell, denominator cell.
+    pub ratios: Vec<(String, u32, u32)>,
+    /// This node's share of each cell, noise included, mod `2^bits`.
+    pub words: Vec<u64>,
+    /// Standard deviation of this node's noise on each cell, in the cell's
+    /// units (for display: the noise itself was sampled exactly).
+    pub sigmas: Vec<f64>,
+    /// This node's minimum noisy count.
+    pub min_count: u64,
+    /// ρ charged by this node, as a decimal.
+    pub rho: String,
+    /// Seconds per phase on this node (join, aggregate...), when the node
+    /// reports them (`limits.report_timings`).
+    pub timings: Vec<(Phase, f64)>,
+    /// Whether this is a stored share returned for a retried query id.
+    pub replayed: bool,
+    /// The run of the aggregate this share comes from (a digest of its OT
+    /// sessions, which both nodes derive). Two shares add up to the result
+    /// only when their runs are equal; a query id run again after a crash
+    /// has a new run.
+    pub run: RunId,
+}
+
+impl From<LegacyQueryShare> for QueryShare {
+    fn from(s: LegacyQueryShare) -> Self {
+        #[allow(clippy::cast_precision_loss)]
+        let sigmas = s.weights.iter().map(|w| s.sigma / (*w).max(1) as f64).collect();
+        Self {
+            node: s.node,
+            query_id: s.query_id,
+            plan: s.plan,
+            bits: vec![64; s.cells.len()],
+            cells: s.cells,
+            weights: s.weights,
+            count_cells: s.count_cells,
+            units: s.units,
+            ratios: s.ratios,
+            words: s.words,
+            sigmas,
+            min_count: s.min_count,
+            rho: s.rho,
+            timings: s.timings,
+            replayed: s.replayed,
+            run: s.run,
+        }
+    }
+}
+
+impl core::fmt::Debug for LegacyQueryShare {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "LegacyQueryShare {{ node: {}, cells: {}, words: <redacted> }}",
+            self.node,
+            self.cells.len()
+        )
+    }
+}
+
+/// A share as nodes before narrow shares sent and stored it (every cell in
+/// `Z_{2^64}`, multiplied by its weight before noise, one σ for all). It
+/// still decodes, as [`AnalystResponse::LegacyShare`], so a ledger's stored
+/// shares replay, and converts to a [`QueryShare`].
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct LegacyQueryShare {
     /// The node's role (`bank` or `platform`).
     pub node: String,
     /// The query.
@@ -664,14 +761,31 @@ pub enum AnalystResponse {
     Templates(Vec<TemplateInfo>),
     /// The analyst's budget.
     Budget(BudgetInfo),
-    /// A noisy share.
-    Share(Box<QueryShare>),
+    /// A noisy share as nodes sent it before narrow shares (stored ones
+    /// still decode; [`AnalystResponse::into_share`] converts it).
+    LegacyShare(Box<LegacyQueryShare>),
     /// A refusal: its code, and a message that says what to change.
     Refused(Refusal),
     /// Whether a waiting query was dropped.
     Cancelled(bool),
     /// The query would run here now, and its admission is held.
     Admitted,
+    /// A noisy share.
+    Share(Box<QueryShare>),
+}
+
+impl AnalystResponse {
+    /// The share this response carries, in either format, or `Err(self)`.
+    ///
+    /// # Errors
+    /// The response itself when it is not a share.
+    pub fn into_share(self) -> Result<QueryShare, Self> {
+        match self {
+            Self::Share(s) => Ok(*s),
+            Self::LegacyShare(s) => Ok((*s).into()),
+            other => Err(other),
+        }
+    }
 }
 
 /// One frame's content.
@@ -762,6 +876,26 @@ fn decode_body<T: serde::de::DeserializeOwned>(kind: &'static str, body: &[u8]) 
         });
     }
     Ok(value)
+}
+
+/// A share's timings: at most [`MAX_TIMINGS`], each label at most
+/// [`MAX_PHASE_LABEL_LEN`] bytes.
+fn check_timings(kind: &'static str, timings: &[(Phase, f64)]) -> Result<(), WireError> {
+    if timings.len() > MAX_TIMINGS {
+        return Err(WireError::FieldLength {
+            kind,
+            field: "timings",
+            len: timings.len(),
+        });
+    }
+    if let Some((p, _)) = timings.iter().find(|(p, _)| p.label().len() > MAX_PHASE_LABEL_LEN) {
+        return Err(WireError::FieldLength {
+            kind,
+            field: "timing label",
+            len: p.label().len(),
+        });
+    }
+    Ok(())
 }
 
 fn check_points(kind: &'static str, field: &'static str, buf: &[u8], min: usize, max: usize) -> Result<(), WireError> {
@@ -896,24 +1030,24 @@ impl Message {
                 }
             }
             Message::AnalystResponse(AnalystResponse::Share(share)) => {
-                if share.timings.len() > MAX_TIMINGS {
+                check_timings(kind, &share.timings)?;
+                if share.bits.len() != share.cells.len() {
                     return Err(WireError::FieldLength {
                         kind,
-                        field: "timings",
-                        len: share.timings.len(),
+                        field: "bits",
+                        len: share.bits.len(),
                     });
                 }
-                if let Some((p, _)) = share
-                    .timings
-                    .iter()
-                    .find(|(p, _)| p.label().len() > MAX_PHASE_LABEL_LEN)
-                {
+                if let Some(b) = share.bits.iter().find(|b| **b == 0 || **b > 64) {
                     return Err(WireError::FieldLength {
                         kind,
-                        field: "timing label",
-                        len: p.label().len(),
+                        field: "cell bits",
+                        len: usize::from(*b),
                     });
                 }
+            }
+            Message::AnalystResponse(AnalystResponse::LegacyShare(share)) => {
+                check_timings(kind, &share.timings)?;
             }
             Message::JoinAccept(_)
             | Message::MatcherKey(_)
@@ -1039,6 +1173,16 @@ fn kind_name(ty: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signed_in_bits_reads_twos_complement() {
+        assert_eq!(signed_in_bits(0b111, 3), -1);
+        assert_eq!(signed_in_bits(0b011, 3), 3);
+        assert_eq!(signed_in_bits(0b100, 3), -4);
+        assert_eq!(signed_in_bits(0xff_0000_0005, 8), 5, "bits beyond the ring are ignored");
+        assert_eq!(signed_in_bits(u64::MAX, 64), -1);
+        assert_eq!(signed_in_bits((1 << 40) - 2, 40), -2);
+    }
 
     /// A phase is its label on the wire: every known phase comes back as
     /// itself, a label this build does not know as `Other`, and a share's

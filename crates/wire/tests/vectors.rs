@@ -19,9 +19,10 @@
 use std::fmt::Write as _;
 
 use cleanroom_wire::{
-    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, JoinAccept, JoinOffer, MAX_MESSAGE_LEN, MaskedRows,
-    MatcherKey, Message, OtChoices, OtExtend, OtSetup, PROTOCOL_VERSION, Phase, PointChunk, PolicyMessage, QueryId,
-    QueryRequest, QueryShare, Refusal, RefusalCode, RunId, ShareCheck, ShareHeld, TemplateInfo,
+    Abort, AbortCode, AnalystRequest, AnalystResponse, BudgetInfo, JoinAccept, JoinOffer, LegacyQueryShare,
+    MAX_MESSAGE_LEN, MaskedRows, MatcherKey, Message, OtChoices, OtExtend, OtSetup, PROTOCOL_VERSION, Phase,
+    PointChunk, PolicyMessage, QueryId, QueryRequest, QueryShare, Refusal, RefusalCode, RunId, ShareCheck, ShareHeld,
+    TemplateInfo,
 };
 
 const FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors.txt");
@@ -170,8 +171,8 @@ fn good() -> Vec<(&'static str, Message)> {
             })),
         ),
         (
-            "response_share",
-            Message::AnalystResponse(AnalystResponse::Share(Box::new(QueryShare {
+            "response_share_legacy",
+            Message::AnalystResponse(AnalystResponse::LegacyShare(Box::new(LegacyQueryShare {
                 node: "platform".into(),
                 query_id: QueryId([0x51; 16]),
                 plan: [0x0f; 32],
@@ -182,6 +183,27 @@ fn good() -> Vec<(&'static str, Message)> {
                 ratios: vec![("avg".into(), 1, 0)],
                 words: vec![u64::MAX, 7],
                 sigma: 2.5,
+                min_count: 20,
+                rho: "0.1".into(),
+                timings: vec![(Phase::Join, 0.25)],
+                replayed: false,
+                run: RunId([0x10; 16]),
+            }))),
+        ),
+        (
+            "response_share",
+            Message::AnalystResponse(AnalystResponse::Share(Box::new(QueryShare {
+                node: "platform".into(),
+                query_id: QueryId([0x51; 16]),
+                plan: [0x0f; 32],
+                cells: vec!["customers".into(), "spend".into()],
+                bits: vec![21, 64],
+                weights: vec![1, 1],
+                count_cells: vec![0, 0],
+                units: vec!["count".into(), "cents".into()],
+                ratios: vec![("avg".into(), 1, 0)],
+                words: vec![(1 << 21) - 1, 7],
+                sigmas: vec![2.5, 0.5],
                 min_count: 20,
                 rho: "0.1".into(),
                 timings: vec![(Phase::Join, 0.25)],
@@ -234,12 +256,27 @@ fn encoded(name: &str) -> Vec<u8> {
 }
 
 /// The `response_share` sample with these timings.
-fn share_with_timings(timings: Vec<(Phase, f64)>) -> Message {
+fn share_with(edit: impl FnOnce(&mut QueryShare)) -> Message {
     let (_, mut m) = good()
         .into_iter()
         .find(|(n, _)| *n == "response_share")
         .unwrap_or_else(|| panic!("no sample response_share"));
     if let Message::AnalystResponse(AnalystResponse::Share(s)) = &mut m {
+        edit(s);
+    }
+    m
+}
+
+fn share_with_timings(timings: Vec<(Phase, f64)>) -> Message {
+    share_with(|s| s.timings = timings)
+}
+
+fn legacy_share_with_timings(timings: Vec<(Phase, f64)>) -> Message {
+    let (_, mut m) = good()
+        .into_iter()
+        .find(|(n, _)| *n == "response_share_legacy")
+        .unwrap_or_else(|| panic!("no sample response_share_legacy"));
+    if let Message::AnalystResponse(AnalystResponse::LegacyShare(s)) = &mut m {
         s.timings = timings;
     }
     m
@@ -351,6 +388,13 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
             "bad_share_too_many_timings",
             encode(share_with_timings(vec![(Phase::Join, 0.5); 65])),
         ),
+        (
+            "bad_legacy_share_too_many_timings",
+            encode(legacy_share_with_timings(vec![(Phase::Join, 0.5); 65])),
+        ),
+        ("bad_share_cell_bits_zero", encode(share_with(|s| s.bits[0] = 0))),
+        ("bad_share_cell_bits_over_64", encode(share_with(|s| s.bits[1] = 65))),
+        ("bad_share_bits_per_cell", encode(share_with(|s| s.bits.push(8)))),
     ]
 }
 

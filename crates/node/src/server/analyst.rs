@@ -378,6 +378,11 @@ impl Node {
             };
             NodeError::refused(code, e.to_string())
         })?;
+        if let Sided::Bank(b) = side
+            && b.side.data.ids.len() as u64 > plan.clip.max_customers
+        {
+            return Err(NodeError::refused(RefusalCode::BadParameters, TOO_MANY_CUSTOMERS));
+        }
         if let Sided::Platform(p) = side
             && p.side.data.countries.is_empty()
             && (plan.query.filters.iter().any(|p| p.column().name == "country")
@@ -487,10 +492,10 @@ impl Node {
         let q = lock(&self.inner.state)
             .charged_query(qid)?
             .ok_or(NodeError::Internal("a charged query is missing from the ledger"))?;
-        let stored = match q.share.as_deref().map(Message::decode) {
+        let stored = match q.share.as_deref().map(stored_share) {
             None => None,
-            Some(Ok(Message::AnalystResponse(AnalystResponse::Share(s)))) => Some(s.run),
-            Some(_) => return Err(StateError::Inconsistent("a stored share does not decode").into()),
+            Some(Some(s)) => Some(s.run),
+            Some(None) => return Err(StateError::Inconsistent("a stored share does not decode").into()),
         };
         Ok(ledger::Charged {
             stored,
@@ -505,12 +510,12 @@ impl Node {
             .charged_query(qid)?
             .and_then(|c| c.share)
             .ok_or(NodeError::Internal("a replayed share is missing from the ledger"))?;
-        let Ok(Message::AnalystResponse(AnalystResponse::Share(mut s))) = Message::decode(&stored) else {
+        let Some(mut s) = stored_share(&stored) else {
             return Err(StateError::Inconsistent("a stored share does not decode").into());
         };
         info!("returning the stored share of a retried query id");
         s.replayed = true;
-        Ok(*s)
+        Ok(s)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -527,20 +532,23 @@ impl Node {
         binding: &RunBinding,
         replace: bool,
     ) -> Result<QueryShare, NodeError> {
-        noise.add_to(&mut share)?;
+        let cells = plan.cells();
+        let bits: Vec<u8> = cells.iter().map(|c| c.bits).collect();
+        noise.add_to(&mut share, &bits)?;
         if !self.inner.limits.report_timings {
             timings.clear();
         }
         let delta2 = plan.delta_squared();
+        // For display only (the noise was drawn exactly, in integers).
         #[allow(clippy::cast_precision_loss)]
         let sigma = ((delta2 as f64) * 1e6 / (2.0 * template.rho_micro as f64)).sqrt();
-        let cells = plan.cells();
         let out = QueryShare {
             node: self.inner.role().as_str().to_string(),
             query_id: q.query_id,
             plan: plan.digest(),
             cells: cells.iter().map(|c| c.name.clone()).collect(),
-            weights: cells.iter().map(|c| c.weight).collect(),
+            bits,
+            weights: vec![1; cells.len()],
             count_cells: cells.iter().map(|c| c.count_cell as u32).collect(),
             units: cells
                 .iter()
@@ -552,7 +560,8 @@ impl Node {
                 .map(|r| (r.name, r.numerator as u32, r.denominator as u32))
                 .collect(),
             words: share.words().to_vec(),
-            sigma,
+            #[allow(clippy::cast_precision_loss)]
+            sigmas: cells.iter().map(|c| sigma / c.weight.max(1) as f64).collect(),
             min_count: template.min_count,
             rho: format_micro(template.rho_micro),
             timings,
@@ -614,5 +623,14 @@ pub(super) fn template_info(t: &Template) -> TemplateInfo {
         params: t.params.iter().map(|(n, spec)| (n.clone(), spec.describe())).collect(),
         rho: format_micro(t.rho_micro),
         min_count: t.min_count,
+    }
+}
+
+/// A share stored in the ledger (an encoded analyst response, in either
+/// format), or `None` when it does not decode as one.
+pub(super) fn stored_share(bytes: &[u8]) -> Option<QueryShare> {
+    match Message::decode(bytes) {
+        Ok(Message::AnalystResponse(r)) => r.into_share().ok(),
+        _ => None,
     }
 }

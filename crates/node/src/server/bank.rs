@@ -53,10 +53,10 @@ impl Bank {
     /// Bank: whether this node stored a share of `run` of the query.
     pub(super) fn holds_share(&self, qid: &QueryId, run: &Run) -> Result<bool, NodeError> {
         let stored = lock(&self.inner.state).charged_query(qid)?.and_then(|q| q.share);
-        Ok(match stored.as_deref().map(Message::decode) {
-            Some(Ok(Message::AnalystResponse(AnalystResponse::Share(s)))) => s.run == *run,
-            _ => false,
-        })
+        Ok(stored
+            .as_deref()
+            .and_then(super::analyst::stored_share)
+            .is_some_and(|s| s.run == *run))
     }
 
     /// Bank: the platform opened an aggregate for a query id this node has
@@ -628,10 +628,17 @@ impl Bank {
             abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
             return Err(NodeError::UnknownJoin);
         };
+        if joined.customers() > plan.clip.max_customers {
+            // Checked before the charge too (`before_charge`); a join of
+            // other data cannot be summed in this plan's share widths.
+            abort(&mut send, setup_session, AbortCode::Refused).await;
+            return Err(NodeError::refused(RefusalCode::BadParameters, TOO_MANY_CUSTOMERS));
+        }
         let (qid, digest, first) = (*qid, plan.digest(), first.to_vec());
+        let bits = CellBits::new(plan.batch_bits())?;
         let started = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
-            let agg = HolderAggregate::new(joined, values, qid, digest, group)?;
+            let agg = HolderAggregate::new(joined, values, qid, digest, group)?.with_cell_bits(bits)?;
             agg.on_setup(&first, &mut rng).map_err(NodeError::from)
         })
         .await

@@ -27,7 +27,7 @@ use cleanroom_crypto::normalize::NormalizationRules;
 use cleanroom_crypto::rng::session_rng;
 use cleanroom_crypto::shares::Share;
 use cleanroom_protocol::ProtocolError;
-use cleanroom_protocol::aggregate::{HolderAggregate, MatcherAggregate};
+use cleanroom_protocol::aggregate::{CellBits, HolderAggregate, MatcherAggregate};
 use cleanroom_protocol::join::{
     DEFAULT_CHUNK_POINTS, HolderJoin, HolderJoined, HolderPolicy, JoinParams, MatcherJoin, MatcherJoined,
     MatcherPolicy, SetSizeLimits,
@@ -182,6 +182,10 @@ struct Held {
     id: u64,
 }
 
+/// The refusal of a query whose template's `clip.max_customers` is below
+/// the bank's customer count (it says that much, not the count).
+const TOO_MANY_CUSTOMERS: &str = "the bank's data holds more customers than this template's clip.max_customers, which sets the width of every cell's shares; both operators must raise it";
+
 /// A query's noise, being drawn.
 type NoiseTask = tokio::task::JoinHandle<Result<DrawnNoise, NodeError>>;
 
@@ -191,8 +195,12 @@ type NoiseTask = tokio::task::JoinHandle<Result<DrawnNoise, NodeError>>;
 /// run of the query on this node adds the same noise.
 fn draw_noise(plan: &Plan, template: &Template, seed: Zeroizing<[u8; 32]>) -> NoiseTask {
     let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
-    let cells = plan.width() * plan.matcher_groups().len().max(1);
-    tokio::task::spawn_blocking(move || DrawnNoise::draw(&seed, delta2, rho, cells))
+    let cells: Vec<(u64, u64)> = plan
+        .cells()
+        .iter()
+        .map(|c| (c.weight, plan.noise_limit(c.kind)))
+        .collect();
+    tokio::task::spawn_blocking(move || DrawnNoise::draw(&seed, delta2, rho, &cells))
 }
 
 /// The analyst connection a query request came on, to notice that its

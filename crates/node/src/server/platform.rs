@@ -394,8 +394,9 @@ impl Platform {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mut rng = session_rng()?;
         let choices = joined.choices_for_block(g);
+        let bits = CellBits::new(plan.batch_bits())?;
         let (waiting, setup) =
-            MatcherAggregate::start(joined, &choices, plan.width(), *qid, plan.digest(), g, &mut rng)?;
+            MatcherAggregate::start_with_bits(joined, &choices, bits, *qid, plan.digest(), g, &mut rng)?;
         write_one(&mut send, &setup).await?;
         // Not dropped when the analyst goes: the bank may be about to
         // claim this batch for a retry of the same query id (and it

@@ -43,7 +43,8 @@ pub fn matcher_blocks(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec
 }
 
 /// The bank's per-customer vectors for a plan (one matcher group's width:
-/// holder groups times cells per group), clipped and weighted, computed from
+/// holder groups times cells per group), clipped (not weighted: the weights
+/// scale each cell's noise instead, see `CellSpec::weight`), computed from
 /// each customer's transactions when asked.
 pub struct HolderRows {
     data: Arc<HolderData>,
@@ -150,7 +151,7 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
                     CellKind::Sum => (*s).clamp(0, spend_cap) as u64,
                 };
                 if let Some(x) = out.get_mut(idx) {
-                    *x = v.wrapping_mul(cell.weight);
+                    *x = v;
                 }
             }
         }
