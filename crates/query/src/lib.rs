@@ -117,9 +117,10 @@ impl TemplateKind {
 
 /// The largest `clip.spend_cents` a template may set: 2^31 cents (about 21
 /// million in major units) per customer and group. With at most 2^31
-/// customers in a join (the protocol's `MAX_SET_SIZE`), every weighted cell
-/// sum then stays below 2^62, so it and its noise fit the signed 64-bit
-/// words the shares are reconstructed in, and `Δ²` is far from `u128`'s range.
+/// customers in a join (the protocol's `MAX_SET_SIZE`), every cell sum then
+/// stays below 2^62, so it and its noise fit a signed 64-bit word (the
+/// widest share ring, [`Plan::cell_bits`]), and `Δ²` is far from `u128`'s
+/// range.
 pub const MAX_CLIP_SPEND_CENTS: u64 = 1 << 31;
 
 /// The largest `clip.transactions` a template may set.
@@ -1161,6 +1162,8 @@ mod tests {
                 };
                 let top = u128::from(max_customers) * u128::from(bound) + 2 * u128::from(limit);
                 assert!((1..=64).contains(&b));
+                // Even the widest cell fits a signed 64-bit word.
+                assert!(top < 1u128 << 63, "{kind:?}: {top} does not fit 64 bits");
                 if b < 64 {
                     assert!(top < 1u128 << (b - 1), "{kind:?}: {top} does not fit {b} bits");
                     assert!(top >= 1u128 << (b - 2), "{kind:?}: {top} would fit {} bits", b - 1);
