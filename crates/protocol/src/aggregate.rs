@@ -161,41 +161,62 @@ impl CellBits {
     }
 
     /// Writes the low bits of each of `words` (one per cell) into `out`
-    /// (`row_bytes` long).
+    /// (`row_bytes` long), eight bytes at a time.
     fn pack(&self, words: &[u64], out: &mut [u8]) {
+        // `have < 64` before each cell is added, so `acc` never overflows.
         let mut acc: u128 = 0;
         let mut have: u32 = 0;
-        let mut bytes = out.iter_mut();
+        let mut chunks = out.chunks_mut(8);
         for (&w, &b) in words.iter().zip(&self.bits) {
             let b = u32::from(b);
             let low = if b == 64 { w } else { w & ((1u64 << b) - 1) };
             acc |= u128::from(low) << have;
             have += b;
-            while have >= 8 {
-                if let Some(o) = bytes.next() {
-                    *o = acc as u8;
+            if have >= 64 {
+                if let Some(o) = chunks.next() {
+                    for (d, s) in o.iter_mut().zip((acc as u64).to_le_bytes()) {
+                        *d = s;
+                    }
                 }
-                acc >>= 8;
-                have -= 8;
+                acc >>= 64;
+                have -= 64;
             }
         }
+        // The last `ceil(have / 8)` bytes (the last chunk is that long).
         if have > 0
-            && let Some(o) = bytes.next()
+            && let Some(o) = chunks.next()
         {
-            *o = acc as u8;
+            for (d, s) in o.iter_mut().zip((acc as u64).to_le_bytes()) {
+                *d = s;
+            }
         }
     }
 
-    /// Adds the cells of one packed row (`row_bytes` long) to `acc`.
+    /// Adds the cells of one packed row (`row_bytes` long) to `acc`,
+    /// reading it eight bytes at a time.
     fn unpack_add(&self, row: &[u8], acc: &mut [u64]) {
+        // `have < b <= 64` before a load, so `buf` never overflows.
         let mut buf: u128 = 0;
         let mut have: u32 = 0;
-        let mut bytes = row.iter();
+        let mut chunks = row.chunks(8);
         for (a, &b) in acc.iter_mut().zip(&self.bits) {
             let b = u32::from(b);
-            while have < b {
-                buf |= u128::from(bytes.next().copied().unwrap_or(0)) << have;
-                have += 8;
+            if have < b {
+                let word = match chunks.next() {
+                    Some(c) => match <[u8; 8]>::try_from(c) {
+                        Ok(full) => u64::from_le_bytes(full),
+                        Err(_) => {
+                            let mut tail = [0u8; 8];
+                            for (d, s) in tail.iter_mut().zip(c) {
+                                *d = *s;
+                            }
+                            u64::from_le_bytes(tail)
+                        }
+                    },
+                    None => 0,
+                };
+                buf |= u128::from(word) << have;
+                have += 64;
             }
             let v = if b == 64 {
                 buf as u64

@@ -14,7 +14,7 @@ pub(super) struct BankSide {
     /// Its query ids between the nodes (registered, running, completing,
     /// refused lately), and a wake-up when they change.
     pub(super) queries: Mutex<BankQueries<BankShell>>,
-    changed: Notify,
+    pub(super) changed: Notify,
     /// A join was stored (see `holder_aggregate`).
     join_stored: Notify,
     /// Streams of the platform being served.
@@ -348,11 +348,24 @@ impl Bank {
         recv: quinn::RecvStream,
     ) -> Result<(), NodeError> {
         let waiting = lock(&self.side.queries).is_registered(&setup.query_id);
-        if !waiting && let Err(e) = self.rerun_for_peer(&setup.query_id, setup.join_session) {
-            // The operator's log says why; the query stays as it is.
-            warn!(error = %e, "refused to run this query again for the platform");
-            abort(&mut send, setup.session, AbortCode::Refused).await;
-            return Err(e);
+        // A rerun that arrives while this node still stores the previous
+        // run's share (Busy) waits for the store, briefly, rather than fail.
+        let deadline = Instant::now() + self.inner.limits.timeouts.join_stored;
+        let mut rerun_started = waiting;
+        while !rerun_started {
+            let stored = self.side.changed.notified();
+            match self.rerun_for_peer(&setup.query_id, setup.join_session) {
+                Ok(_) => rerun_started = true,
+                Err(e) if e.refusal_code() == Some(RefusalCode::Busy) && Instant::now() < deadline => {
+                    let _ = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), stored).await;
+                }
+                Err(e) => {
+                    // The operator's log says why; the query stays as it is.
+                    warn!(error = %e, "refused to run this query again for the platform");
+                    abort(&mut send, setup.session, AbortCode::Refused).await;
+                    return Err(e);
+                }
+            }
         }
         // The platform may go away meanwhile: stop waiting then
         // (a hostile one must not leave tasks waiting here).

@@ -296,6 +296,8 @@ impl Drop for Waiter {
             bank.expire(&self.qid, self.reg, Instant::now())
         };
         drop(ended);
+        // A rerun batch waiting for this share's store (`serve_aggregate_batch`).
+        self.bank.changed.notify_waiters();
     }
 }
 
