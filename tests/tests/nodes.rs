@@ -627,6 +627,35 @@ async fn an_exhausted_budget_is_refused_with_when_it_frees_up() {
     bank.shutdown().await;
 }
 
+/// A platform GROUP BY whose filters leave no group (`p.segment = 'gamer'
+/// AND p.segment IN ('casual')`) has no output cell: the query completes
+/// with an empty result, as it did before cells had share widths (with
+/// them, its noise and widths had no cell for its one batch's share).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_group_by_filtered_to_nothing_gives_an_empty_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fixture = Fixture::create(dir.path(), 300, 83, &["alice"]).unwrap();
+    let sql = "SELECT p.segment, COUNT(DISTINCT b.customer) AS customers FROM bank b JOIN platform p \
+               WHERE p.segment = 'gamer' AND p.segment IN ('casual') GROUP BY p.segment";
+    fixture.add_sql_template("nothing", sql, "alice").unwrap();
+    // No platform user matches, so the platform's minimum input must be 0.
+    fixture
+        .edit_configs(&[("[limits]\n", "[limits]\nmin_input_set = 0\n")])
+        .unwrap();
+    let plan = fixture.plan("nothing", &[]).unwrap();
+    assert!(plan.matcher_groups().is_empty() && plan.cells().is_empty());
+    let bank = fixture.start_bank().await.unwrap();
+    let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = analyst_of(&fixture, "alice", &bank, &platform);
+    let r = analyst
+        .query("nothing", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    assert!(r.cells.is_empty());
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_party_group_by_in_sql_is_within_noise_of_the_truth() {
     let dir = tempfile::tempdir().unwrap();
@@ -947,7 +976,7 @@ async fn max_customers_below_the_banks_data_refuses_before_the_charge() {
                 );
             }
         } else {
-            let e = refused_with(r, RefusalCode::BadParameters);
+            let e = refused_with(r, RefusalCode::InputLimit);
             assert!(e.contains("clip.max_customers") && !e.contains("300"), "{e}");
             assert!(!bank.is_charged(&qid).unwrap() && !platform.is_charged(&qid).unwrap());
         }

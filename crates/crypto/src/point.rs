@@ -240,7 +240,9 @@ impl DistinctPoints {
 /// the serial 64-bit code whatever the backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CurveBackend {
-    /// 8-way AVX-512 IFMA (52-bit limbs), inside one scalar multiplication.
+    /// AVX-512 IFMA on 256-bit vectors (AVX-512VL): the four coordinates of
+    /// one point side by side, radix-2^51 limbs multiplied by the 52-bit
+    /// IFMA instructions, inside one scalar multiplication.
     Avx512Ifma,
     /// 4-way AVX2.
     Avx2,

@@ -462,7 +462,9 @@ pub struct Timeouts {
     /// signed policy on a new connection; it waits this long for it.
     pub peer_policy: std::time::Duration,
     /// Bank: the platform may open an aggregate the moment it has the
-    /// join's last token, before the bank has stored the join.
+    /// join's last token, before the bank has stored the join; and a rerun's
+    /// aggregate may arrive while the bank still stores the previous run's
+    /// share. Each waits at most this long.
     pub join_stored: std::time::Duration,
     /// Bank: an aggregate for a query whose analyst request has not arrived
     /// waits at most this long (and at most `query_timeout`)...

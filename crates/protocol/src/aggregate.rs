@@ -94,8 +94,8 @@ fn check_width(width: usize) -> Result<(), ProtocolError> {
 }
 
 /// Each output cell's share ring `Z_{2^b}`, `b` from 1 to 64, public to
-/// both sides (to be derived from the plan and the join's size so that every
-/// cell's true sum fits; the nodes use 64 bits for every cell today). Reduction mod `2^b` is a ring homomorphism from
+/// both sides (the nodes take it from the plan alone, `Plan::cell_bits`, so
+/// that every cell's noisy sum fits). Reduction mod `2^b` is a ring homomorphism from
 /// `Z_{2^64}`: the holder computes as before and sends each masked word
 /// `d_i` in its cell's low `b` bits only, the matcher adds them up in
 /// `Z_{2^64}`, and both shares are reduced mod `2^b` at the end; they add up

@@ -87,8 +87,11 @@ pub enum RerunRefused {
     /// Nothing was stored: the analyst's request computes the share.
     #[error("this query has no released share to run again")]
     NoShare,
-    /// A share from a ledger that did not record its join.
-    #[error("this query's share was released before its join was recorded; it cannot be run again")]
+    /// A share from a ledger that did not record its join, or one stored in
+    /// the format before narrow shares (its noise cannot be drawn again).
+    #[error(
+        "this query's share was released before its join was recorded, or by a node version that drew its noise on weighted 64-bit cells; it cannot be run again"
+    )]
     NoBinding,
     /// The node's data changed since the share was computed.
     #[error("this node's data changed since the query's share was released; it cannot be run again")]

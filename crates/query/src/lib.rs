@@ -351,6 +351,33 @@ pub const MIN_RHO_MICRO: u64 = 1;
 /// refuses to release it rather than wrap the cell.
 pub const NOISE_TAIL_SIGMAS: u64 = 16;
 
+/// One value per [`CellKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PerKind<T> {
+    customers: T,
+    rows: T,
+    sum: T,
+}
+
+impl<T: Copy> PerKind<T> {
+    fn from_fn(f: impl Fn(CellKind) -> T) -> Self {
+        Self {
+            customers: f(CellKind::Customers),
+            rows: f(CellKind::Rows),
+            sum: f(CellKind::Sum),
+        }
+    }
+
+    /// The value of `kind`.
+    pub fn get(&self, kind: &CellKind) -> T {
+        match kind {
+            CellKind::Customers => self.customers,
+            CellKind::Rows => self.rows,
+            CellKind::Sum => self.sum,
+        }
+    }
+}
+
 /// The bit length of `x`.
 fn bit_len(x: u128) -> u32 {
     128 - x.leading_zeros()
@@ -851,18 +878,20 @@ impl Plan {
     pub fn cells(&self) -> Vec<CellSpec> {
         let per = self.per_group();
         let count_at = per.iter().position(|(_, k)| *k == CellKind::Customers).unwrap_or(0);
+        let bits = self.kind_bits();
+        let holder_groups = self.holder_groups();
         let mut out = Vec::new();
         for m in self.matcher_groups() {
-            for h in self.holder_groups() {
+            for h in &holder_groups {
                 let base = out.len();
-                let label = self.group_label(&m, &h);
+                let label = self.group_label(&m, h);
                 for (name, kind) in &per {
                     out.push(CellSpec {
                         name: format!("{name}{label}"),
                         kind: *kind,
                         weight: self.weight(*kind),
                         count_cell: base + count_at,
-                        bits: self.cell_bits(*kind),
+                        bits: bits.get(kind),
                     });
                 }
             }
@@ -901,9 +930,11 @@ impl Plan {
     /// [`Plan::cells`]' order; every batch has the same).
     pub fn batch_bits(&self) -> Vec<u8> {
         let per = self.per_group();
-        let mut out = Vec::with_capacity(self.width());
-        for _ in self.holder_groups() {
-            out.extend(per.iter().map(|(_, k)| self.cell_bits(*k)));
+        let bits = self.kind_bits();
+        let groups = self.holder_groups().len();
+        let mut out = Vec::with_capacity(groups * per.len());
+        for _ in 0..groups {
+            out.extend(per.iter().map(|(_, k)| bits.get(k)));
         }
         out
     }
@@ -913,14 +944,29 @@ impl Plan {
     /// node's noise at [`MIN_RHO_MICRO`], `σ² = Δ²·10⁶ / (2·weight²)`. A
     /// node at a larger ρ has less noise, so the same limit holds for it.
     pub fn noise_limit(&self, kind: CellKind) -> u64 {
+        self.noise_limit_with(kind, self.delta_squared())
+    }
+
+    /// The noise limit of every kind, `Δ²` computed once (for a loop over
+    /// the cells).
+    pub fn noise_limits(&self) -> PerKind<u64> {
+        let d = self.delta_squared();
+        PerKind::from_fn(|k| self.noise_limit_with(k, d))
+    }
+
+    fn noise_limit_with(&self, kind: CellKind, delta_squared: u128) -> u64 {
         let w = u128::from(self.weight(kind).max(1));
         let tail = u128::from(NOISE_TAIL_SIGMAS);
         // (tail·σ)² = tail² · Δ² · 10⁶ / (2 · ρ_min · w²), rounded up.
-        let num = (tail * tail)
-            .saturating_mul(self.delta_squared())
-            .saturating_mul(1_000_000);
+        let num = (tail * tail).saturating_mul(delta_squared).saturating_mul(1_000_000);
         let den = 2 * u128::from(MIN_RHO_MICRO) * w * w;
         u64::try_from(isqrt_ceil(num.div_ceil(den))).unwrap_or(u64::MAX)
+    }
+
+    /// The share width of every kind, `Δ²` computed once.
+    fn kind_bits(&self) -> PerKind<u8> {
+        let d = self.delta_squared();
+        PerKind::from_fn(|k| self.cell_bits_with(k, self.noise_limit_with(k, d)))
     }
 
     /// The ring `Z_{2^b}` a cell of this kind is shared in: the smallest `b`
@@ -930,9 +976,13 @@ impl Plan {
     /// than sums; all depend only on the plan, never on either side's data
     /// or ρ, so both nodes and the analyst know them.
     pub fn cell_bits(&self, kind: CellKind) -> u8 {
+        self.cell_bits_with(kind, self.noise_limit(kind))
+    }
+
+    fn cell_bits_with(&self, kind: CellKind, noise_limit: u64) -> u8 {
         let top = u128::from(self.clip.max_customers)
             .saturating_mul(u128::from(self.bound(kind)))
-            .saturating_add(2 * u128::from(self.noise_limit(kind)));
+            .saturating_add(2 * u128::from(noise_limit));
         // One more bit for the sign.
         u8::try_from((bit_len(top) + 1).min(64)).unwrap_or(64)
     }
@@ -1184,7 +1234,7 @@ mod tests {
     /// The demo's `spend_by_category` at a 2^20-customer bound: 22, 24 and
     /// 37 bits for customers, transactions and spend (worked out by hand in
     /// docs/protocol.md), so a row's cells take 83 bits per category against
-    /// 192 at 64 bits each.
+    /// 192 at 64 bits each: 177 bytes a row instead of 408.
     #[test]
     fn the_demo_query_cells_narrow_to_less_than_half() {
         let mut tpl = template(TemplateKind::SpendByCategory);

@@ -381,7 +381,7 @@ impl Node {
         if let Sided::Bank(b) = side
             && b.side.data.ids.len() as u64 > plan.clip.max_customers
         {
-            return Err(NodeError::refused(RefusalCode::BadParameters, TOO_MANY_CUSTOMERS));
+            return Err(NodeError::refused(RefusalCode::InputLimit, TOO_MANY_CUSTOMERS));
         }
         if let Sided::Platform(p) = side
             && p.side.data.countries.is_empty()
@@ -492,16 +492,7 @@ impl Node {
         let q = lock(&self.inner.state)
             .charged_query(qid)?
             .ok_or(NodeError::Internal("a charged query is missing from the ledger"))?;
-        let stored = match q.share.as_deref().map(stored_share) {
-            None => None,
-            Some(Some(s)) => Some(s.run),
-            Some(None) => return Err(StateError::Inconsistent("a stored share does not decode").into()),
-        };
-        Ok(ledger::Charged {
-            stored,
-            binding: q.binding,
-            reruns: q.reruns,
-        })
+        ledger_view(q.share.as_deref(), q.binding, q.reruns)
     }
 
     /// The stored share of a retried query id, marked replayed.
@@ -533,6 +524,12 @@ impl Node {
         replace: bool,
     ) -> Result<QueryShare, NodeError> {
         let cells = plan.cells();
+        if cells.is_empty() {
+            // Every matcher group was filtered away (`p.segment = 'a' AND
+            // p.segment IN ('b')`): the query's one batch has no output cell,
+            // so nothing of it is released.
+            share = Share::zero(0);
+        }
         let bits: Vec<u8> = cells.iter().map(|c| c.bits).collect();
         noise.add_to(&mut share, &bits)?;
         if !self.inner.limits.report_timings {
@@ -632,5 +629,82 @@ pub(super) fn stored_share(bytes: &[u8]) -> Option<QueryShare> {
     match Message::decode(bytes) {
         Ok(Message::AnalystResponse(r)) => r.into_share().ok(),
         _ => None,
+    }
+}
+
+/// The ledger rules' view of a charged query: its stored share's run (if
+/// any), what that share was computed over, its reruns. A share stored in
+/// the format before narrow shares (`LegacyShare`) had its noise drawn on
+/// weighted 64-bit cells: the same seed now draws other values, so its
+/// binding is withheld and every rerun of it is refused (`NoBinding`)
+/// rather than release a second, independent noise draw.
+pub(super) fn ledger_view(
+    share: Option<&[u8]>,
+    binding: Option<ledger::RunBinding>,
+    reruns: u32,
+) -> Result<ledger::Charged, NodeError> {
+    let (stored, legacy) = match share.map(Message::decode) {
+        None => (None, false),
+        Some(Ok(Message::AnalystResponse(AnalystResponse::Share(s)))) => (Some(s.run), false),
+        Some(Ok(Message::AnalystResponse(AnalystResponse::LegacyShare(s)))) => (Some(s.run), true),
+        Some(_) => return Err(StateError::Inconsistent("a stored share does not decode").into()),
+    };
+    Ok(ledger::Charged {
+        stored,
+        binding: if legacy { None } else { binding },
+        reruns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cleanroom_wire::{LegacyQueryShare, RunId};
+
+    fn legacy() -> LegacyQueryShare {
+        LegacyQueryShare {
+            node: "bank".into(),
+            query_id: QueryId([1; 16]),
+            plan: [2; 32],
+            cells: vec!["customers".into()],
+            weights: vec![100],
+            count_cells: vec![0],
+            units: vec!["count".into()],
+            ratios: vec![],
+            words: vec![7],
+            sigma: 1.0,
+            min_count: 20,
+            rho: "0.1".into(),
+            timings: vec![],
+            replayed: false,
+            run: RunId([3; 16]),
+        }
+    }
+
+    /// A share stored before narrow shares replays, but is never run again
+    /// (its noise would be drawn differently); one of this version is.
+    #[test]
+    fn a_legacy_stored_share_replays_but_is_never_rerun() {
+        let binding = ledger::RunBinding {
+            join: SessionId([4; 16]),
+            data_version: [5; 32],
+        };
+        let old = Message::AnalystResponse(AnalystResponse::LegacyShare(Box::new(legacy())))
+            .encode()
+            .unwrap();
+        let view = ledger_view(Some(&old), Some(binding), 0).unwrap();
+        assert_eq!(view.stored, Some(RunId([3; 16])));
+        assert_eq!(
+            ledger::check_rerun(&view.rerun_record(), &binding, 5),
+            Err(ledger::RerunRefused::NoBinding)
+        );
+        assert_eq!(stored_share(&old).unwrap().bits, vec![64]);
+        let new = Message::AnalystResponse(AnalystResponse::Share(Box::new(QueryShare::from(legacy()))))
+            .encode()
+            .unwrap();
+        let view = ledger_view(Some(&new), Some(binding), 0).unwrap();
+        assert_eq!(ledger::check_rerun(&view.rerun_record(), &binding, 5), Ok(()));
+        assert!(ledger_view(Some(b"junk"), Some(binding), 0).is_err());
+        assert_eq!(ledger_view(None, None, 0).unwrap().stored, None);
     }
 }

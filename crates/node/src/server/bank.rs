@@ -357,7 +357,10 @@ impl Bank {
             match self.rerun_for_peer(&setup.query_id, setup.join_session) {
                 Ok(_) => rerun_started = true,
                 Err(e) if e.refusal_code() == Some(RefusalCode::Busy) && Instant::now() < deadline => {
-                    let _ = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), stored).await;
+                    tokio::select! {
+                        _ = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), stored) => {}
+                        _ = send.stopped() => return Err(PeerError::Left.into()),
+                    }
                 }
                 Err(e) => {
                     // The operator's log says why; the query stays as it is.
@@ -645,7 +648,7 @@ impl Bank {
             // Checked before the charge too (`before_charge`); a join of
             // other data cannot be summed in this plan's share widths.
             abort(&mut send, setup_session, AbortCode::Refused).await;
-            return Err(NodeError::refused(RefusalCode::BadParameters, TOO_MANY_CUSTOMERS));
+            return Err(NodeError::refused(RefusalCode::InputLimit, TOO_MANY_CUSTOMERS));
         }
         let (qid, digest, first) = (*qid, plan.digest(), first.to_vec());
         let bits = CellBits::new(plan.batch_bits())?;

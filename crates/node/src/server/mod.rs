@@ -195,11 +195,8 @@ type NoiseTask = tokio::task::JoinHandle<Result<DrawnNoise, NodeError>>;
 /// run of the query on this node adds the same noise.
 fn draw_noise(plan: &Plan, template: &Template, seed: Zeroizing<[u8; 32]>) -> NoiseTask {
     let (delta2, rho) = (plan.delta_squared(), template.rho_micro);
-    let cells: Vec<(u64, u64)> = plan
-        .cells()
-        .iter()
-        .map(|c| (c.weight, plan.noise_limit(c.kind)))
-        .collect();
+    let limits = plan.noise_limits();
+    let cells: Vec<(u64, u64)> = plan.cells().iter().map(|c| (c.weight, limits.get(&c.kind))).collect();
     tokio::task::spawn_blocking(move || DrawnNoise::draw(&seed, delta2, rho, &cells))
 }
 
