@@ -57,15 +57,16 @@ impl DrawnNoise {
     pub fn draw(seed: &[u8; 32], delta_squared: u128, rho_micro: u64, cells: &[(u64, u64)]) -> Result<Self, NodeError> {
         let mut rng = seeded_rng(seed);
         let mut noise = Vec::with_capacity(cells.len());
-        let mut gauss: Option<(u64, DiscreteGaussian)> = None;
+        // One sampler per weight (a plan has three kinds of cell).
+        let mut samplers: Vec<(u64, DiscreteGaussian)> = Vec::new();
         for &(weight, limit) in cells {
-            if gauss.as_ref().is_none_or(|(w, _)| *w != weight) {
-                gauss = Some((
+            if !samplers.iter().any(|(w, _)| *w == weight) {
+                samplers.push((
                     weight,
                     DiscreteGaussian::for_zcdp_scaled(delta_squared, rho_micro, 1_000_000, weight)?,
                 ));
             }
-            let Some((_, g)) = &gauss else {
+            let Some((_, g)) = samplers.iter().find(|(w, _)| *w == weight) else {
                 return Err(NodeError::Internal("no sampler for a cell"));
             };
             let x = g.sample(&mut rng)?;
