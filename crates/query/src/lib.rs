@@ -72,6 +72,15 @@ pub enum QueryError {
     /// The query text is refused by the dialect.
     #[error("{0}")]
     Sql(#[from] sql::SqlError),
+    /// The conditions leave no value of a bank-side GROUP BY column, so the
+    /// query would have no output cell.
+    #[error(
+        "template {template:?}: its conditions leave no value of the bank's GROUP BY column(s), so the query has no output cell; change the conditions"
+    )]
+    NoCells {
+        /// The template.
+        template: String,
+    },
 }
 
 /// The built-in template kinds (shorthands for SQL).
@@ -698,14 +707,21 @@ impl Template {
                 });
             }
         }
-        Ok(Plan {
+        let plan = Plan {
             template: self.name.clone(),
             sql_text: self.sql.clone(),
             query,
             domains: domains.clone(),
             clip: self.clip,
             params: sorted,
-        })
+        };
+        // Refused here, before any charge: an aggregate needs a cell.
+        if plan.width() == 0 {
+            return Err(QueryError::NoCells {
+                template: self.name.clone(),
+            });
+        }
+        Ok(plan)
     }
 }
 
@@ -1412,6 +1428,29 @@ mod tests {
         t.clip.spend_cents = 1 << 63;
         let plan = t.bind("alice", &params, &d).unwrap();
         assert_eq!(plan.delta_squared(), u128::MAX);
+    }
+
+    /// Bank-side GROUP BY values all filtered away: no output cell, refused
+    /// when the query is bound (before any charge).
+    #[test]
+    fn a_query_with_no_cell_is_refused_when_bound() {
+        let d = domains();
+        let t = Template {
+            name: "x".into(),
+            sql: "SELECT b.category, COUNT(*) AS n FROM bank b JOIN platform p WHERE b.category = 'a' AND b.category IN ('b') GROUP BY b.category".into(),
+            params: vec![],
+            rho_micro: 1,
+            min_count: 1,
+            analysts: vec!["alice".into()],
+            clip: clip(),
+        };
+        assert_eq!(
+            t.bind("alice", &[], &d).unwrap_err(),
+            QueryError::NoCells { template: "x".into() }
+        );
+        let mut fine = t.clone();
+        fine.sql = fine.sql.replace("IN ('b')", "IN ('a', 'b')");
+        assert_eq!(fine.bind("alice", &[], &d).unwrap().width(), 2);
     }
 
     #[test]
