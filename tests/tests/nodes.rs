@@ -628,30 +628,32 @@ async fn an_exhausted_budget_is_refused_with_when_it_frees_up() {
 }
 
 /// A platform GROUP BY whose filters leave no group (`p.segment = 'gamer'
-/// AND p.segment IN ('casual')`) has no output cell: the query completes
-/// with an empty result, as it did before cells had share widths (with
-/// them, its noise and widths had no cell for its one batch's share).
+/// AND p.segment IN ('casual')`) has no output cell: both nodes refuse it
+/// when they bind it, before any charge. (With share widths and no cell,
+/// the bank failed after the charge: its noise and widths had no cell for
+/// the one batch's share.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_platform_group_by_filtered_to_nothing_gives_an_empty_result() {
+async fn a_group_by_filtered_to_nothing_is_refused_before_the_charge() {
     let dir = tempfile::tempdir().unwrap();
     let mut fixture = Fixture::create(dir.path(), 300, 83, &["alice"]).unwrap();
     let sql = "SELECT p.segment, COUNT(DISTINCT b.customer) AS customers FROM bank b JOIN platform p \
                WHERE p.segment = 'gamer' AND p.segment IN ('casual') GROUP BY p.segment";
     fixture.add_sql_template("nothing", sql, "alice").unwrap();
-    // No platform user matches, so the platform's minimum input must be 0.
+    // No platform user matches: with the platform's minimum input at 0, the
+    // refusal can only be the empty plan's.
     fixture
         .edit_configs(&[("[limits]\n", "[limits]\nmin_input_set = 0\n")])
         .unwrap();
-    let plan = fixture.plan("nothing", &[]).unwrap();
-    assert!(plan.matcher_groups().is_empty() && plan.cells().is_empty());
     let bank = fixture.start_bank().await.unwrap();
     let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
     let analyst = analyst_of(&fixture, "alice", &bank, &platform);
-    let r = analyst
-        .query("nothing", &[], new_query_id().unwrap(), TIMEOUT)
-        .await
-        .unwrap();
-    assert!(r.cells.is_empty());
+    let qid = new_query_id().unwrap();
+    let e = refused_with(
+        analyst.query("nothing", &[], qid, TIMEOUT).await,
+        RefusalCode::BadParameters,
+    );
+    assert!(e.contains("no output cell"), "{e}");
+    assert!(!bank.is_charged(&qid).unwrap() && !platform.is_charged(&qid).unwrap());
     platform.shutdown().await;
     bank.shutdown().await;
 }

@@ -17,7 +17,7 @@ use cleanroom_crypto::ot::{
     BLOCK_ROWS, BaseOtSender, IknpReceiver, IknpSender, Prg, base_ot_receive, extension_message_len, pack_bits,
 };
 use cleanroom_crypto::point::split_points;
-use cleanroom_crypto::shares::Share;
+use cleanroom_crypto::shares::{Share, low_bits};
 use cleanroom_wire::{MaskedRows, Message, Nonce, OtChoices, OtExtend, OtSetup, SessionId};
 use rand_core::{CryptoRng, RngCore};
 use rayon::prelude::*;
@@ -168,10 +168,8 @@ impl CellBits {
         let mut have: u32 = 0;
         let mut chunks = out.chunks_mut(8);
         for (&w, &b) in words.iter().zip(&self.bits) {
-            let b = u32::from(b);
-            let low = if b == 64 { w } else { w & ((1u64 << b) - 1) };
-            acc |= u128::from(low) << have;
-            have += b;
+            acc |= u128::from(low_bits(w, b)) << have;
+            have += u32::from(b);
             if have >= 64 {
                 if let Some(o) = chunks.next() {
                     for (d, s) in o.iter_mut().zip((acc as u64).to_le_bytes()) {
@@ -199,8 +197,8 @@ impl CellBits {
         let mut buf: u128 = 0;
         let mut have: u32 = 0;
         let mut chunks = row.chunks(8);
-        for (a, &b) in acc.iter_mut().zip(&self.bits) {
-            let b = u32::from(b);
+        for (a, &bits) in acc.iter_mut().zip(&self.bits) {
+            let b = u32::from(bits);
             if have < b {
                 let word = match chunks.next() {
                     Some(c) => match <[u8; 8]>::try_from(c) {
@@ -218,12 +216,7 @@ impl CellBits {
                 buf |= u128::from(word) << have;
                 have += 64;
             }
-            let v = if b == 64 {
-                buf as u64
-            } else {
-                (buf as u64) & ((1u64 << b) - 1)
-            };
-            *a = a.wrapping_add(v);
+            *a = a.wrapping_add(low_bits(buf as u64, bits));
             buf >>= b;
             have -= b;
         }
@@ -244,9 +237,7 @@ impl CellBits {
     /// Reduces each word mod its cell's `2^b`.
     fn reduce(&self, words: &mut [u64]) {
         for (w, &b) in words.iter_mut().zip(&self.bits) {
-            if b < 64 {
-                *w &= (1u64 << b) - 1;
-            }
+            *w = low_bits(*w, b);
         }
     }
 

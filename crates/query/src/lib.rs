@@ -72,10 +72,10 @@ pub enum QueryError {
     /// The query text is refused by the dialect.
     #[error("{0}")]
     Sql(#[from] sql::SqlError),
-    /// The conditions leave no value of a bank-side GROUP BY column, so the
-    /// query would have no output cell.
+    /// The conditions leave no value of a GROUP BY column (of either
+    /// side), so the query would have no output cell.
     #[error(
-        "template {template:?}: its conditions leave no value of the bank's GROUP BY column(s), so the query has no output cell; change the conditions"
+        "template {template:?}: its conditions leave no value of a GROUP BY column, so the query has no output cell; change the conditions"
     )]
     NoCells {
         /// The template.
@@ -716,7 +716,7 @@ impl Template {
             params: sorted,
         };
         // Refused here, before any charge: an aggregate needs a cell.
-        if plan.width() == 0 {
+        if plan.width() == 0 || plan.matcher_groups().is_empty() {
             return Err(QueryError::NoCells {
                 template: self.name.clone(),
             });
@@ -1430,8 +1430,8 @@ mod tests {
         assert_eq!(plan.delta_squared(), u128::MAX);
     }
 
-    /// Bank-side GROUP BY values all filtered away: no output cell, refused
-    /// when the query is bound (before any charge).
+    /// GROUP BY values of either side all filtered away: no output cell,
+    /// refused when the query is bound (before any charge).
     #[test]
     fn a_query_with_no_cell_is_refused_when_bound() {
         let d = domains();
@@ -1451,6 +1451,12 @@ mod tests {
         let mut fine = t.clone();
         fine.sql = fine.sql.replace("IN ('b')", "IN ('a', 'b')");
         assert_eq!(fine.bind("alice", &[], &d).unwrap().width(), 2);
+        let mut platform_side = t.clone();
+        platform_side.sql = "SELECT p.segment, COUNT(*) AS n FROM bank b JOIN platform p WHERE p.segment = 's1' AND p.segment IN ('s2') GROUP BY p.segment".into();
+        assert_eq!(
+            platform_side.bind("alice", &[], &d).unwrap_err(),
+            QueryError::NoCells { template: "x".into() }
+        );
     }
 
     #[test]

@@ -524,12 +524,6 @@ impl Node {
         replace: bool,
     ) -> Result<QueryShare, NodeError> {
         let cells = plan.cells();
-        if cells.is_empty() {
-            // Every matcher group was filtered away (`p.segment = 'a' AND
-            // p.segment IN ('b')`): the query's one batch has no output cell,
-            // so nothing of it is released.
-            share = Share::zero(0);
-        }
         let bits: Vec<u8> = cells.iter().map(|c| c.bits).collect();
         noise.add_to(&mut share, &bits)?;
         if !self.inner.limits.report_timings {
