@@ -1,7 +1,9 @@
 //! The build compiles curve25519-dalek's AVX-512 IFMA backend beside its
 //! AVX2 and serial ones, and the library picks one at run time
-//! (`.cargo/config.toml`; `cleanroom_crypto::point::CurveBackend`). This
-//! checks that the choice changes no result: the curve work of a join (the
+//! (`.cargo/config.toml`; `cleanroom_crypto::point::CurveBackend`); on a CPU
+//! with AVX-512 IFMA the join's curve work runs on the multi-buffer code of
+//! `cleanroom-mb` instead (`CurveEngine`). This checks that the choices
+//! change no result: the curve work of a join (the
 //! published RFC 9497 evaluations, tokens of seeded identifiers under a
 //! seeded key, their decompression and re-multiplication) and a whole
 //! `simulate` run checked against plaintext give the same bytes on this CPU
@@ -16,16 +18,16 @@ use std::process::Command;
 
 use cleanroom_crypto::h2g::HashToGroup;
 use cleanroom_crypto::keys::SecretScalar;
-use cleanroom_crypto::point::{CurveBackend, decode_mul_compress, hash_mul_compress};
+use cleanroom_crypto::point::{CurveBackend, CurveEngine, decode_mul_compress, hash_mul_compress};
 use cleanroom_sim::simulate::{SimulateConfig, simulate};
 use curve25519_dalek::scalar::Scalar;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use ring::digest::{Context, SHA256};
 
-/// The curve results this process computes, as one digest, and the backend
-/// it used.
-fn curve_results() -> (String, CurveBackend) {
+/// The curve results this process computes, as one digest, and the engine
+/// and backend it used.
+fn curve_results() -> (String, CurveEngine, CurveBackend) {
     let mut d = Context::new(&SHA256);
     // RFC 9497 A.1.1 (OPRF, ristretto255-SHA512): the blinded element of
     // input 0x00 under the published blind.
@@ -39,6 +41,10 @@ fn curve_results() -> (String, CurveBackend) {
         "RFC 9497 A.1.1, BlindedElement of input 00"
     );
     d.update(&blinded);
+    // The same through the join's batched path (the multi-buffer code where
+    // the CPU has it), with the blind as the key.
+    let blind_key = SecretScalar::from_scalar(blind).expect("a non-zero blind");
+    assert_eq!(hash_mul_compress(&h2g, &[[0u8]], &blind_key), vec![blinded]);
     // A join's curve work on seeded identifiers and keys.
     let mut rng = ChaCha20Rng::seed_from_u64(2026);
     let kb = SecretScalar::random(&mut rng);
@@ -67,7 +73,7 @@ fn curve_results() -> (String, CurveBackend) {
         d.update(&c.protocol.to_le_bytes());
     }
     let digest: String = d.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    (digest, CurveBackend::selected())
+    (digest, CurveEngine::selected(), CurveBackend::selected())
 }
 
 fn hex_bytes(s: &str) -> [u8; 32] {
@@ -83,8 +89,8 @@ fn hex_bytes(s: &str) -> [u8; 32] {
 #[test]
 #[allow(clippy::print_stdout)]
 fn curve_results_on_this_cpu() {
-    let (digest, backend) = curve_results();
-    println!("CURVE-RESULTS {digest} {}", backend.name());
+    let (digest, engine, backend) = curve_results();
+    println!("CURVE-RESULTS {digest} {engine:?} {}", backend.name());
 }
 
 #[test]
@@ -94,8 +100,8 @@ fn the_same_results_without_avx512_or_avx2() {
         return;
     }
     let required = std::env::var_os("CLEANROOM_REQUIRE_QEMU").is_some();
-    let (here, backend_here) = curve_results();
-    eprintln!("this CPU: {} {here}", backend_here.name());
+    let (here, engine_here, backend_here) = curve_results();
+    eprintln!("this CPU: {engine_here:?} {} {here}", backend_here.name());
     // In CI the build must be the repository's (.cargo/config.toml: the
     // AVX-512 IFMA backend compiled in), so that a CPU with IFMA uses it
     // and the comparison below includes it.
@@ -108,6 +114,9 @@ fn the_same_results_without_avx512_or_avx2() {
             "this build lacks --cfg curve25519_dalek_backend=\"avx512\" (is RUSTFLAGS set? it replaces .cargo/config.toml's flags)"
         );
         assert_eq!(backend_here, CurveBackend::Avx512Ifma);
+        if std::env::var_os("CLEANROOM_CURVE").is_none() {
+            assert_eq!(engine_here, CurveEngine::MultiBuffer);
+        }
     }
     let qemu_present = Command::new("qemu-x86_64").arg("--version").output().is_ok();
     if !qemu_present {
@@ -142,8 +151,10 @@ fn the_same_results_without_avx512_or_avx2() {
             .lines()
             .find_map(|l| l.split_once("CURVE-RESULTS ").map(|(_, r)| r.trim()))
             .unwrap_or_else(|| panic!("no result line under qemu -cpu {cpu}:\n{stdout}"));
-        let (digest, name) = line.split_once(' ').expect("digest and backend");
-        eprintln!("qemu -cpu {cpu}: {name} {digest}");
+        let (digest, rest) = line.split_once(' ').expect("digest, engine and backend");
+        let (engine, name) = rest.split_once(' ').expect("engine and backend");
+        eprintln!("qemu -cpu {cpu}: {engine} {name} {digest}");
+        assert_eq!(engine, "Dalek", "no AVX-512 IFMA under qemu -cpu {cpu}: curve25519-dalek does the work");
         assert_eq!(name, backend.name(), "the backend chosen under qemu -cpu {cpu}");
         assert_eq!(
             digest, here,

@@ -238,6 +238,7 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
         "ref. = the same curve work one point at a time through curve25519-dalek's single-point API, all cores, in this run; bound/ref = bound / ref."
     );
     if let Some(r) = rows.first() {
+        out!("the join's curve work (bound and join): {}", r.curve_engine);
         out!(
             "curve25519-dalek's backend for variable-base scalar multiplication, chosen at run time (as cleanroom_crypto::point::CurveBackend reads it): {}",
             r.curve_backend

@@ -127,7 +127,13 @@ impl HashToGroup {
 
     /// `hash_to_ristretto255(msg)`.
     pub fn hash(&self, msg: &[u8]) -> RistrettoPoint {
-        RistrettoPoint::from_uniform_bytes(&expand64(msg, &self.dst))
+        RistrettoPoint::from_uniform_bytes(&self.uniform_bytes(msg))
+    }
+
+    /// The 64 uniform bytes `hash` maps to the group (RFC 9380's
+    /// `expand_message_xmd`), for the multi-buffer map.
+    pub fn uniform_bytes(&self, msg: &[u8]) -> [u8; 64] {
+        expand64(msg, &self.dst)
     }
 }
 

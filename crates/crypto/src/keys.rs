@@ -25,6 +25,12 @@ impl SecretScalar {
         }
     }
 
+    /// A secret from a given non-zero scalar (published test vectors use
+    /// known ones); `None` for zero.
+    pub fn from_scalar(s: Scalar) -> Option<Self> {
+        (s != Scalar::ZERO).then_some(Self(s))
+    }
+
     /// The scalar itself, for arithmetic.
     pub fn expose(&self) -> &Scalar {
         &self.0

@@ -102,12 +102,41 @@ pub fn mul_compress(points: &[RistrettoPoint], k: &SecretScalar) -> Vec<PointByt
 
 /// Decodes the peer's points and returns `k * P` for each, compressed, in
 /// parallel: one decompression and one scalar multiplication per point.
+/// Eight points at a time through the multi-buffer code where the CPU has
+/// AVX-512 IFMA ([`CurveEngine::selected`]), else curve25519-dalek one point
+/// at a time; the results are the same bytes.
 ///
 /// # Errors
 /// As [`decode_point`].
 pub fn decode_mul_compress(points: &[PointBytes], k: &SecretScalar) -> Result<Vec<PointBytes>, CryptoError> {
-    let half = half_scalar(k);
+    decode_mul_compress_with(CurveEngine::selected(), points, k)
+}
+
+/// [`decode_mul_compress`] through the given engine (the multi-buffer
+/// engine on a CPU without AVX-512 IFMA falls back to curve25519-dalek).
+///
+/// # Errors
+/// As [`decode_point`].
+pub fn decode_mul_compress_with(
+    engine: CurveEngine,
+    points: &[PointBytes],
+    k: &SecretScalar,
+) -> Result<Vec<PointBytes>, CryptoError> {
     let mut out = vec![[0u8; POINT_LEN]; points.len()];
+    if let Some((ifma, digits)) = multi_buffer(engine, k) {
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(points.par_chunks(PAR_CHUNK))
+            .try_for_each(|(out, pts)| {
+                let enc = ifma.decode_mul_encode(pts, &digits).map_err(|r| match r.error {
+                    cleanroom_mb::PointError::Identity => CryptoError::IdentityPoint,
+                    cleanroom_mb::PointError::Invalid => CryptoError::NonCanonicalPoint,
+                })?;
+                out.copy_from_slice(&enc);
+                Ok::<(), CryptoError>(())
+            })?;
+        return Ok(out);
+    }
+    let half = half_scalar(k);
     out.par_chunks_mut(PAR_CHUNK)
         .zip(points.par_chunks(PAR_CHUNK))
         .try_for_each(|(out, pts)| {
@@ -124,10 +153,31 @@ pub fn decode_mul_compress(points: &[PointBytes], k: &SecretScalar) -> Result<Ve
 }
 
 /// `k * H2G(x)` for each input, compressed, in parallel: one hash-to-group
-/// and one scalar multiplication per identifier.
+/// and one scalar multiplication per identifier, eight at a time where the
+/// CPU has AVX-512 IFMA (as [`decode_mul_compress`]).
 pub fn hash_mul_compress<T: AsRef<[u8]> + Sync>(h2g: &HashToGroup, inputs: &[T], k: &SecretScalar) -> Vec<PointBytes> {
-    let half = half_scalar(k);
+    hash_mul_compress_with(CurveEngine::selected(), h2g, inputs, k)
+}
+
+/// [`hash_mul_compress`] through the given engine (the multi-buffer
+/// engine on a CPU without AVX-512 IFMA falls back to curve25519-dalek).
+pub fn hash_mul_compress_with<T: AsRef<[u8]> + Sync>(
+    engine: CurveEngine,
+    h2g: &HashToGroup,
+    inputs: &[T],
+    k: &SecretScalar,
+) -> Vec<PointBytes> {
     let mut out = vec![[0u8; POINT_LEN]; inputs.len()];
+    if let Some((ifma, digits)) = multi_buffer(engine, k) {
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(inputs.par_chunks(PAR_CHUNK))
+            .for_each(|(out, xs)| {
+                let uniform: Vec<[u8; 64]> = xs.iter().map(|x| h2g.uniform_bytes(x.as_ref())).collect();
+                out.copy_from_slice(&ifma.hash_mul_encode(&uniform, &digits));
+            });
+        return out;
+    }
+    let half = half_scalar(k);
     out.par_chunks_mut(PAR_CHUNK)
         .zip(inputs.par_chunks(PAR_CHUNK))
         .for_each(|(out, xs)| {
@@ -137,6 +187,49 @@ pub fn hash_mul_compress<T: AsRef<[u8]> + Sync>(h2g: &HashToGroup, inputs: &[T],
             }
         });
     out
+}
+
+/// The multi-buffer code and `k` as it reads it, when `engine` asks for it
+/// and this process may run it.
+fn multi_buffer(engine: CurveEngine, k: &SecretScalar) -> Option<(cleanroom_mb::Ifma, cleanroom_mb::Digits)> {
+    if engine != CurveEngine::MultiBuffer {
+        return None;
+    }
+    let ifma = cleanroom_mb::Ifma::detect()?;
+    let bytes = Zeroizing::new(k.expose().to_bytes());
+    Some((ifma, cleanroom_mb::Digits::new(&bytes)?))
+}
+
+/// Which code does the join's curve work: the multi-buffer code of
+/// `cleanroom-mb` (eight points per AVX-512 IFMA instruction, when the CPU
+/// has it and `CLEANROOM_CURVE` is not `dalek`), or curve25519-dalek one
+/// point at a time. Both give the same bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CurveEngine {
+    /// `cleanroom-mb`: eight points per instruction.
+    MultiBuffer,
+    /// curve25519-dalek, one point at a time (with the backend it chose,
+    /// [`CurveBackend`]).
+    Dalek,
+}
+
+impl CurveEngine {
+    /// The engine this process uses.
+    pub fn selected() -> Self {
+        if cleanroom_mb::Ifma::detect().is_some() {
+            Self::MultiBuffer
+        } else {
+            Self::Dalek
+        }
+    }
+
+    /// Its name, as the bench prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MultiBuffer => "multi-buffer AVX-512 IFMA, 8 points per instruction (cleanroom-mb)",
+            Self::Dalek => "curve25519-dalek, one point at a time",
+        }
+    }
 }
 
 /// `s_i * P` for each scalar, compressed, in parallel: one constant-time
@@ -349,13 +442,33 @@ mod tests {
         let hashed: Vec<RistrettoPoint> = ids.iter().map(|x| h2g.hash(x.as_bytes())).collect();
         let direct: Vec<PointBytes> = hashed.iter().map(|p| (k.expose() * p).compress().to_bytes()).collect();
         assert_eq!(hash_mul_compress(&h2g, &ids, &k), direct);
+        for engine in [CurveEngine::MultiBuffer, CurveEngine::Dalek] {
+            assert_eq!(hash_mul_compress_with(engine, &h2g, &ids, &k), direct, "{engine:?}");
+        }
         assert_eq!(mul_compress(&hashed, &k), direct);
         let enc: Vec<PointBytes> = hashed.iter().map(|p| p.compress().to_bytes()).collect();
         assert_eq!(compress_batch(&hashed), enc);
         assert_eq!(decode_mul_compress(&enc, &k).unwrap(), direct);
         let mut bad = enc.clone();
         bad[1000] = [0u8; 32];
-        assert_eq!(decode_mul_compress(&bad, &k), Err(CryptoError::IdentityPoint));
+        let mut invalid = enc.clone();
+        invalid[700][0] |= 1;
+        for engine in [CurveEngine::MultiBuffer, CurveEngine::Dalek] {
+            assert_eq!(
+                decode_mul_compress_with(engine, &enc, &k).unwrap(),
+                direct,
+                "{engine:?}"
+            );
+            assert_eq!(
+                decode_mul_compress_with(engine, &bad, &k),
+                Err(CryptoError::IdentityPoint)
+            );
+            assert_eq!(
+                decode_mul_compress_with(engine, &invalid, &k),
+                Err(CryptoError::NonCanonicalPoint)
+            );
+        }
+        eprintln!("curve engine: {}", CurveEngine::selected().name());
     }
 
     /// Variable-base multiplication (through whichever backend dalek chose

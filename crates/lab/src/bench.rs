@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use cleanroom_crypto::h2g::HashToGroup;
 use cleanroom_crypto::keys::SecretScalar;
-use cleanroom_crypto::point::{CurveBackend, decode_mul_compress, hash_mul_compress};
+use cleanroom_crypto::point::{CurveBackend, CurveEngine, decode_mul_compress, hash_mul_compress};
 use cleanroom_crypto::rng::session_rng;
 use serde::Serialize;
 
@@ -111,6 +111,8 @@ pub struct BenchRow {
     /// The scalar-multiplication backend curve25519-dalek chose at run
     /// time (`AVX-512 IFMA`, `AVX2` or `serial`).
     pub curve_backend: String,
+    /// Which code did the join's curve work (`CurveEngine::name`).
+    pub curve_engine: String,
     /// Wall time of `overlap` (join included) as the analyst saw it.
     pub overlap_seconds: f64,
     /// Wall time of `spend_by_category` on the cached join as the analyst
@@ -421,6 +423,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             bound_over_reference: bound_seconds / reference_seconds.max(1e-9),
             reference_parts,
             curve_backend: CurveBackend::selected().name().to_string(),
+            curve_engine: CurveEngine::selected().name().to_string(),
             overlap_seconds,
             query_seconds,
             join: Traffic {

@@ -1,0 +1,202 @@
+//! Multi-buffer ristretto255 for the private join.
+//!
+//! The join multiplies many points by *one* secret scalar. This crate does
+//! that eight points at a time, one point per 64-bit lane of a 512-bit
+//! vector, with the AVX-512 IFMA multiply-add instructions on radix-2^51
+//! field elements, for the two hot operations of the join, from bytes to
+//! bytes:
+//!
+//! - [`Ifma::hash_mul_encode`]: `encode(k * map(u))` for 64 uniform bytes `u`
+//!   (the one-way map of RFC 9496 section 4.3.4: two Elligator maps and an
+//!   addition), the hash-to-group's curve part;
+//! - [`Ifma::decode_mul_encode`]: `encode(k * decode(b))` for a peer's encoding
+//!   `b` (RFC 9496 section 4.3.1, strict), refusing non-canonical or invalid
+//!   encodings and the identity.
+//!
+//! Every lane runs the same instructions: the scalar's digits are the same
+//! for all eight points, the table lookups are constant-time blends, the
+//! square roots are the same exponentiation in every lane. Results are equal
+//! to curve25519-dalek's, byte for byte (the tests compare them over random
+//! points, scalars and edge cases, plus RFC 9496 vectors).
+//!
+//! The vector code runs only when the CPU has AVX-512F and AVX-512 IFMA:
+//! [`Ifma::detect`] returns the value the functions are called on, or
+//! `None`, and then the caller uses curve25519-dalek one point at a time
+//! (`cleanroom-crypto` does).
+
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+#[cfg(target_arch = "x86_64")]
+mod ifma;
+mod scalar;
+
+pub use scalar::Digits;
+
+/// Points per vector: one per 64-bit lane of a 512-bit register.
+pub const LANES: usize = 8;
+
+/// Length of an encoded ristretto255 element.
+pub const POINT_LEN: usize = 32;
+
+/// Why a peer's encoding was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PointError {
+    /// Not the canonical encoding of a ristretto255 element.
+    Invalid,
+    /// The identity element (its encoding is all zeros).
+    Identity,
+}
+
+/// A refused encoding: which one (its index in the input) and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// Index of the first refused encoding.
+    pub index: usize,
+    /// Why it was refused.
+    pub error: PointError,
+}
+
+/// Proof that this process may run the vector code: the CPU has AVX-512F
+/// and AVX-512 IFMA, and `CLEANROOM_CURVE` is not set to `dalek` (which
+/// keeps curve25519-dalek's one-point-at-a-time path, for comparison). Only
+/// [`Ifma::detect`] makes one.
+#[derive(Clone, Copy, Debug)]
+pub struct Ifma(Token);
+
+#[cfg(target_arch = "x86_64")]
+type Token = ();
+/// No value: on other architectures there is never an [`Ifma`].
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy, Debug)]
+enum Token {}
+
+impl Ifma {
+    /// The vector code, if this process may run it (checked once).
+    pub fn detect() -> Option<Self> {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let ok = *DETECTED.get_or_init(|| {
+            let disabled = std::env::var_os("CLEANROOM_CURVE").is_some_and(|v| v == "dalek");
+            cpu_has_ifma() && !disabled
+        });
+        #[cfg(target_arch = "x86_64")]
+        if ok {
+            return Some(Self(()));
+        }
+        let _ = ok;
+        None
+    }
+
+    /// `encode(k * map(u))` for each 64-byte uniform string `u` (RFC 9496's
+    /// one-way map, as curve25519-dalek's `RistrettoPoint::from_uniform_bytes`).
+    pub fn hash_mul_encode(self, uniform: &[[u8; 64]], k: &Digits) -> Vec<[u8; POINT_LEN]> {
+        let mut out = Vec::with_capacity(uniform.len());
+        // The map accepts every input: there is nothing to refuse.
+        let _: Result<(), Refused> = self.run(Job::Hash(uniform), k, &mut out);
+        out
+    }
+
+    /// `encode(k * decode(b))` for each encoding `b`; the first refused
+    /// encoding (non-canonical, not a point, or the identity) ends the batch.
+    ///
+    /// # Errors
+    /// [`Refused`], with the index of the first refused encoding.
+    pub fn decode_mul_encode(self, points: &[[u8; POINT_LEN]], k: &Digits) -> Result<Vec<[u8; POINT_LEN]>, Refused> {
+        let mut out = Vec::with_capacity(points.len());
+        self.run(Job::Decode(points), k, &mut out)?;
+        Ok(out)
+    }
+
+    /// The one way into the vector code.
+    #[cfg(target_arch = "x86_64")]
+    fn run(self, job: Job<'_>, k: &Digits, out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
+        // SAFETY: `ifma::run` is compiled with `avx512f,avx512ifma` enabled;
+        // calling it is sound exactly when the CPU has those features. An
+        // `Ifma` exists only if `Ifma::detect` found them with
+        // `is_x86_feature_detected!`. `ifma.rs` has no other unsafe code
+        // (the crate denies it).
+        #[allow(unsafe_code)]
+        unsafe {
+            ifma::run(job, k, out)
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn run(self, _job: Job<'_>, _k: &Digits, _out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
+        match self.0 {}
+    }
+}
+
+/// Whether the CPU has what the vector code needs (whatever
+/// `CLEANROOM_CURVE` says).
+pub fn cpu_has_ifma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512ifma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One batch of work for the vector code.
+#[derive(Clone, Copy, Debug)]
+enum Job<'a> {
+    /// Uniform 64-byte strings to map, multiply and encode.
+    Hash(&'a [[u8; 64]]),
+    /// Peer encodings to decode, multiply and encode.
+    Decode(&'a [[u8; POINT_LEN]]),
+}
+
+/// Byte-level checks of a peer's encoding (RFC 9496 section 4.3.1): the
+/// field element is below `p` and even; all zeros is the identity.
+fn check_encoding(b: &[u8; POINT_LEN]) -> Result<(), PointError> {
+    if b.iter().all(|x| *x == 0) {
+        return Err(PointError::Identity);
+    }
+    let odd = b[0] & 1 == 1;
+    let top_bit = b[31] & 0x80 != 0;
+    let at_least_p = b[31] == 0x7f && b[1..31].iter().all(|x| *x == 0xff) && b[0] >= 0xed;
+    if odd || top_bit || at_least_p {
+        return Err(PointError::Invalid);
+    }
+    Ok(())
+}
+
+/// The five radix-2^51 limbs of 32 little-endian bytes, bit 255 ignored
+/// (the value may be non-canonical, below 2^255).
+fn limbs_from_bytes(b: &[u8]) -> [u64; 5] {
+    let mut w = [0u64; 4];
+    for (w, c) in w.iter_mut().zip(b.chunks_exact(8)) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(c);
+        *w = u64::from_le_bytes(a);
+    }
+    const M: u64 = (1 << 51) - 1;
+    [
+        w[0] & M,
+        ((w[0] >> 51) | (w[1] << 13)) & M,
+        ((w[1] >> 38) | (w[2] << 26)) & M,
+        ((w[2] >> 25) | (w[3] << 39)) & M,
+        (w[3] >> 12) & M,
+    ]
+}
+
+/// 32 little-endian bytes of canonical radix-2^51 limbs (each below 2^51,
+/// value below `p`).
+fn bytes_from_limbs(l: &[u64; 5]) -> [u8; POINT_LEN] {
+    let w = [
+        l[0] | (l[1] << 51),
+        (l[1] >> 13) | (l[2] << 38),
+        (l[2] >> 26) | (l[3] << 25),
+        (l[3] >> 39) | (l[4] << 12),
+    ];
+    let mut out = [0u8; POINT_LEN];
+    for (o, w) in out.chunks_exact_mut(8).zip(w) {
+        o.copy_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
