@@ -154,7 +154,10 @@ fn the_same_results_without_avx512_or_avx2() {
         let (digest, rest) = line.split_once(' ').expect("digest, engine and backend");
         let (engine, name) = rest.split_once(' ').expect("engine and backend");
         eprintln!("qemu -cpu {cpu}: {engine} {name} {digest}");
-        assert_eq!(engine, "Dalek", "no AVX-512 IFMA under qemu -cpu {cpu}: curve25519-dalek does the work");
+        assert_eq!(
+            engine, "Dalek",
+            "no AVX-512 IFMA under qemu -cpu {cpu}: curve25519-dalek does the work"
+        );
         assert_eq!(name, backend.name(), "the backend chosen under qemu -cpu {cpu}");
         assert_eq!(
             digest, here,

@@ -1,9 +1,9 @@
 //! The AVX-512 IFMA code: eight field elements per [`Fe`], one per 64-bit
 //! lane, each as five radix-2^51 limbs (one 512-bit vector per limb).
 //!
-//! Every function here is compiled with `avx512f,avx512ifma` enabled and
-//! contains no `unsafe`: the intrinsics are safe to call inside such
-//! functions. Only [`run`] is called from outside, after the features were
+//! Every function here is compiled with `avx512f,avx512ifma,avx512dq`
+//! enabled and contains no `unsafe`: the intrinsics are safe to call inside
+//! such functions. Only [`run`] is called from outside, after the features were
 //! detected (`lib.rs`).
 //!
 //! Limb bounds. Every operation returns limbs below `2^51 + 2^8`, so any
@@ -104,32 +104,39 @@ const FILLER: [u8; POINT_LEN] = [
     0x6a, 0xa5, 0x82, 0xdd, 0x8d, 0xb6, 0xa6, 0x59, 0x45, 0xe0, 0x8d, 0x2d, 0x76,
 ];
 
+/// How many vectors of eight points share one inversion when encoded.
+const ENCODE_BATCH: usize = 64;
+
 /// Eight field elements.
 #[derive(Clone, Copy)]
 struct Fe([__m512i; 5]);
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn splat(x: u64) -> __m512i {
     _mm512_set1_epi64(x as i64)
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn constant(l: [u64; 5]) -> Fe {
     Fe([splat(l[0]), splat(l[1]), splat(l[2]), splat(l[3]), splat(l[4])])
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn zero() -> Fe {
     constant([0; 5])
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn one() -> Fe {
     constant([1, 0, 0, 0, 0])
 }
 
 /// The eight lanes of one vector.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn lanes(v: __m512i) -> [u64; LANES] {
     let lo = _mm512_castsi512_si256(v);
     let hi = _mm512_extracti64x4_epi64::<1>(v);
@@ -146,7 +153,7 @@ fn lanes(v: __m512i) -> [u64; LANES] {
 }
 
 /// One vector from eight lanes.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn from_lanes(l: &[u64; LANES]) -> __m512i {
     _mm512_set_epi64(
         l[7] as i64,
@@ -161,7 +168,7 @@ fn from_lanes(l: &[u64; LANES]) -> __m512i {
 }
 
 /// Eight field elements from eight 32-byte strings (bit 255 ignored).
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn fe_from_bytes(b: &[&[u8]; LANES]) -> Fe {
     let mut limbs = [[0u64; LANES]; 5];
     for (lane, bytes) in b.iter().enumerate() {
@@ -180,7 +187,7 @@ fn fe_from_bytes(b: &[&[u8]; LANES]) -> Fe {
 }
 
 /// The canonical 32-byte encodings of eight field elements.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn fe_to_bytes(a: &Fe) -> [[u8; POINT_LEN]; LANES] {
     let c = canonical(a);
     let l = [lanes(c[0]), lanes(c[1]), lanes(c[2]), lanes(c[3]), lanes(c[4])];
@@ -191,8 +198,10 @@ fn fe_to_bytes(a: &Fe) -> [[u8; POINT_LEN]; LANES] {
     out
 }
 
-/// `19 x` as shifts and adds.
-#[target_feature(enable = "avx512f,avx512ifma")]
+/// `19 x` (shifts and adds, which LLVM turns into one `vpmullq` with
+/// AVX-512DQ).
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn mul19(x: __m512i) -> __m512i {
     _mm512_add_epi64(
         _mm512_add_epi64(x, _mm512_slli_epi64::<1>(x)),
@@ -201,7 +210,8 @@ fn mul19(x: __m512i) -> __m512i {
 }
 
 /// One parallel carry: limbs below `2^51 + 19 * (x >> 51)`.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn weak(x: [__m512i; 5]) -> Fe {
     let m = splat(M51);
     let c0 = _mm512_srli_epi64::<51>(x[0]);
@@ -218,7 +228,8 @@ fn weak(x: [__m512i; 5]) -> Fe {
     ])
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn add(a: &Fe, b: &Fe) -> Fe {
     weak([
         _mm512_add_epi64(a.0[0], b.0[0]),
@@ -229,7 +240,8 @@ fn add(a: &Fe, b: &Fe) -> Fe {
     ])
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn sub(a: &Fe, b: &Fe) -> Fe {
     let mut x = [_mm512_setzero_si512(); 5];
     for (i, x) in x.iter_mut().enumerate() {
@@ -239,7 +251,8 @@ fn sub(a: &Fe, b: &Fe) -> Fe {
 }
 
 /// `2a - b`.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn sub2(a: &Fe, b: &Fe) -> Fe {
     let mut x = [_mm512_setzero_si512(); 5];
     for (i, x) in x.iter_mut().enumerate() {
@@ -250,14 +263,15 @@ fn sub2(a: &Fe, b: &Fe) -> Fe {
     weak(x)
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn neg(a: &Fe) -> Fe {
     sub(&zero(), a)
 }
 
 /// Reduces the ten column sums `z` of a product (`z_k` below `2^57`) to
 /// five limbs of at most `2^51`.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn reduce_columns(z: &[__m512i; 10]) -> Fe {
     let m = splat(M51);
     let mut r = [_mm512_setzero_si512(); 5];
@@ -282,7 +296,7 @@ fn reduce_columns(z: &[__m512i; 10]) -> Fe {
 /// `a * b`. A limb product `a_i b_j` (both below `2^52`) is `lo + 2^52 hi`;
 /// at radix 2^51 its high half weighs `2 * 2^(51 (i + j + 1))`, so column
 /// `k` is `sum lo(i + j = k) + 2 sum hi(i + j + 1 = k)`, below `2^57`.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn mul(a: &Fe, b: &Fe) -> Fe {
     let zero = _mm512_setzero_si512();
     let mut lo = [zero; 10];
@@ -302,7 +316,7 @@ fn mul(a: &Fe, b: &Fe) -> Fe {
 
 /// `a^2`: the ten cross products once, doubled in the sum. Column `k` is
 /// `lo_d + 2 (lo_x + hi_d + 2 hi_x)`, below `2^57` as in [`mul`].
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn sq(a: &Fe) -> Fe {
     let zero = _mm512_setzero_si512();
     let mut lo_d = [zero; 10];
@@ -325,7 +339,7 @@ fn sq(a: &Fe) -> Fe {
 }
 
 /// `a^(2^n)`.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn sq_n(a: &Fe, n: u32) -> Fe {
     let mut x = sq(a);
     for _ in 1..n {
@@ -336,7 +350,7 @@ fn sq_n(a: &Fe, n: u32) -> Fe {
 
 /// The limbs of the canonical representative (below `p`, limbs below
 /// `2^51`).
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn canonical(a: &Fe) -> [__m512i; 5] {
     let m = splat(M51);
     let mut x = a.0;
@@ -369,7 +383,8 @@ fn canonical(a: &Fe) -> [__m512i; 5] {
 }
 
 /// Lanes where `a` is zero (mod p).
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn is_zero(a: &Fe) -> __mmask8 {
     let c = canonical(a);
     let any = _mm512_or_si512(
@@ -380,21 +395,24 @@ fn is_zero(a: &Fe) -> __mmask8 {
 }
 
 /// Lanes where `a == b` (mod p).
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn eq(a: &Fe, b: &Fe) -> __mmask8 {
     is_zero(&sub(a, b))
 }
 
 /// Lanes where `a` is negative in RFC 9496's sense: its canonical
 /// representative is odd.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn is_negative(a: &Fe) -> __mmask8 {
     let c = canonical(a);
     _mm512_test_epi64_mask(c[0], splat(1))
 }
 
 /// `b` in the lanes of `k`, `a` in the others.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn select(k: __mmask8, a: &Fe, b: &Fe) -> Fe {
     Fe([
         _mm512_mask_blend_epi64(k, a.0[0], b.0[0]),
@@ -405,21 +423,32 @@ fn select(k: __mmask8, a: &Fe, b: &Fe) -> Fe {
     ])
 }
 
+/// `a = b` in the lanes of `k`.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
+fn select_assign(a: &mut Fe, k: __mmask8, b: &Fe) {
+    for (a, b) in a.0.iter_mut().zip(b.0.iter()) {
+        *a = _mm512_mask_blend_epi64(k, *a, *b);
+    }
+}
+
 /// `-a` in the lanes of `k`, `a` in the others.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn cneg(a: &Fe, k: __mmask8) -> Fe {
     select(k, a, &neg(a))
 }
 
 /// `|a|`: the non-negative one of `a` and `-a`.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn abs(a: &Fe) -> Fe {
     cneg(a, is_negative(a))
 }
 
-/// `x^((p - 5) / 8) = x^(2^252 - 3)`.
-#[target_feature(enable = "avx512f,avx512ifma")]
-fn pow_p58(x: &Fe) -> Fe {
+/// `(x^(2^250 - 1), x^11)`: the shared start of the two exponentiations.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn pow22501(x: &Fe) -> (Fe, Fe) {
     let t0 = sq(x); // 2
     let t1 = sq_n(&t0, 2); // 8
     let t2 = mul(x, &t1); // 9
@@ -439,14 +468,26 @@ fn pow_p58(x: &Fe) -> Fe {
     let t16 = sq_n(&t15, 100);
     let t17 = mul(&t16, &t15); // 2^200 - 1
     let t18 = sq_n(&t17, 50);
-    let t19 = mul(&t18, &t13); // 2^250 - 1
-    let t20 = sq_n(&t19, 2); // 2^252 - 4
-    mul(x, &t20)
+    (mul(&t18, &t13), t3) // 2^250 - 1
+}
+
+/// `x^((p - 5) / 8) = x^(2^252 - 3)`.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn pow_p58(x: &Fe) -> Fe {
+    let (t19, _) = pow22501(x);
+    mul(x, &sq_n(&t19, 2))
+}
+
+/// `1/x = x^(p - 2) = x^(2^255 - 21)` (and 0 for 0).
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn invert(x: &Fe) -> Fe {
+    let (t19, t3) = pow22501(x);
+    mul(&sq_n(&t19, 5), &t3)
 }
 
 /// `SQRT_RATIO_M1(u, v)` of RFC 9496 section 4.2: the lanes where `u/v`
 /// is a square, and `|sqrt(u/v)|` there (`|sqrt(i u/v)|` elsewhere).
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn sqrt_ratio_m1(u: &Fe, v: &Fe) -> (__mmask8, Fe) {
     let sqrt_m1 = constant(SQRT_M1);
     let v3 = mul(&sq(v), v);
@@ -480,7 +521,8 @@ struct Cached {
     t2d: Fe,
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn identity() -> Point {
     Point {
         x: zero(),
@@ -490,7 +532,8 @@ fn identity() -> Point {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn cached_identity() -> Cached {
     Cached {
         y_plus_x: one(),
@@ -500,7 +543,8 @@ fn cached_identity() -> Cached {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
 fn to_cached(p: &Point) -> Cached {
     Cached {
         y_plus_x: add(&p.y, &p.x),
@@ -511,8 +555,16 @@ fn to_cached(p: &Point) -> Cached {
 }
 
 /// `p + q` (add-2008-hwcd-3 for `a = -1`, complete on this curve).
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn add_cached(p: &Point, q: &Cached) -> Point {
+    let mut r = *p;
+    add_assign_cached(&mut r, q);
+    r
+}
+
+/// `p += q`, as [`add_cached`], in place.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn add_assign_cached(p: &mut Point, q: &Cached) {
     let a = mul(&sub(&p.y, &p.x), &q.y_minus_x);
     let b = mul(&add(&p.y, &p.x), &q.y_plus_x);
     let c = mul(&p.t, &q.t2d);
@@ -521,22 +573,20 @@ fn add_cached(p: &Point, q: &Cached) -> Point {
     let f = sub(&d, &c);
     let g = add(&d, &c);
     let h = add(&b, &a);
-    Point {
-        x: mul(&e, &f),
-        y: mul(&g, &h),
-        z: mul(&f, &g),
-        t: mul(&e, &h),
-    }
+    p.x = mul(&e, &f);
+    p.y = mul(&g, &h);
+    p.z = mul(&f, &g);
+    p.t = mul(&e, &h);
 }
 
-/// `2p` (dbl-2008-hwcd for `a = -1`); `T` only when asked for (the next
-/// operation is an addition), else left as it was.
+/// `p = 2p` (dbl-2008-hwcd for `a = -1`); `T` only when asked for (the
+/// next operation is an addition), else left as it was.
 ///
 /// With `S = A + B` and `F' = 2 Z^2 - G` the formulas' `(EF, GH, FG, EH)`
 /// (`H = -S`, `F = -F'`) is `-(EF', GS, F'G, ES)`: the same projective
 /// point, computed without the negations.
-#[target_feature(enable = "avx512f,avx512ifma")]
-fn double(p: &Point, with_t: bool) -> Point {
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn double_in_place(p: &mut Point, with_t: bool) {
     let a = sq(&p.x);
     let b = sq(&p.y);
     let zz = sq(&p.z);
@@ -544,18 +594,18 @@ fn double(p: &Point, with_t: bool) -> Point {
     let e = sub(&sq(&add(&p.x, &p.y)), &s);
     let g = sub(&b, &a);
     let f = sub2(&zz, &g);
-    Point {
-        x: mul(&e, &f),
-        y: mul(&g, &s),
-        z: mul(&f, &g),
-        t: if with_t { mul(&e, &s) } else { p.t },
+    p.x = mul(&e, &f);
+    p.y = mul(&g, &s);
+    p.z = mul(&f, &g);
+    if with_t {
+        p.t = mul(&e, &s);
     }
 }
 
 /// `k p` by a fixed window of signed radix-16 digits: the same digits
 /// (the same instructions) in every lane, table entries chosen by
 /// constant-time blends.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn scalar_mul(p: &Point, k: &Digits) -> Point {
     // table[j] = (j + 1) p
     let first = to_cached(p);
@@ -568,35 +618,36 @@ fn scalar_mul(p: &Point, k: &Digits) -> Point {
     let mut q = identity();
     for i in (0..64).rev() {
         if i != 63 {
-            q = double(&q, false);
-            q = double(&q, false);
-            q = double(&q, false);
-            q = double(&q, true);
+            double_in_place(&mut q, false);
+            double_in_place(&mut q, false);
+            double_in_place(&mut q, false);
+            double_in_place(&mut q, true);
         }
         let digit = k.0[i];
         // |digit| and its sign, without branches.
         let sign = ((digit as u8) >> 7) & 1;
         let magnitude = ((digit ^ -(sign as i8)) + (sign as i8)) as u8;
+        // The masks first, so that no call (subtle's optimisation barrier)
+        // falls among the blends and spills them.
+        let mut masks: [__mmask8; 8] = [0; 8];
+        for (j, m) in masks.iter_mut().enumerate() {
+            *m = 0u8.wrapping_sub(magnitude.ct_eq(&(j as u8 + 1)).unwrap_u8());
+        }
         let mut chosen = cached_identity();
-        for (j, entry) in table.iter().enumerate() {
-            let hit = magnitude.ct_eq(&(j as u8 + 1)).unwrap_u8();
-            let m: __mmask8 = 0u8.wrapping_sub(hit);
-            chosen = Cached {
-                y_plus_x: select(m, &chosen.y_plus_x, &entry.y_plus_x),
-                y_minus_x: select(m, &chosen.y_minus_x, &entry.y_minus_x),
-                z2: select(m, &chosen.z2, &entry.z2),
-                t2d: select(m, &chosen.t2d, &entry.t2d),
-            };
+        for (entry, &m) in table.iter().zip(&masks) {
+            select_assign(&mut chosen.y_plus_x, m, &entry.y_plus_x);
+            select_assign(&mut chosen.y_minus_x, m, &entry.y_minus_x);
+            select_assign(&mut chosen.z2, m, &entry.z2);
+            select_assign(&mut chosen.t2d, m, &entry.t2d);
         }
         // -(X, Y, Z, T) = (-X, Y, Z, -T): swap Y+X and Y-X, negate 2dT.
         let m: __mmask8 = 0u8.wrapping_sub(sign);
-        let chosen = Cached {
-            y_plus_x: select(m, &chosen.y_plus_x, &chosen.y_minus_x),
-            y_minus_x: select(m, &chosen.y_minus_x, &chosen.y_plus_x),
-            z2: chosen.z2,
-            t2d: cneg(&chosen.t2d, m),
-        };
-        q = add_cached(&q, &chosen);
+        let plus = chosen.y_plus_x;
+        select_assign(&mut chosen.y_plus_x, m, &chosen.y_minus_x);
+        select_assign(&mut chosen.y_minus_x, m, &plus);
+        let negated = neg(&chosen.t2d);
+        select_assign(&mut chosen.t2d, m, &negated);
+        add_assign_cached(&mut q, &chosen);
     }
     q
 }
@@ -604,7 +655,7 @@ fn scalar_mul(p: &Point, k: &Digits) -> Point {
 /// RFC 9496 section 4.3.1 on eight field elements `s` that passed the
 /// byte checks (canonical, non-negative): the points, and the lanes where
 /// `s` is a valid encoding.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn decode(s: &Fe) -> (__mmask8, Point) {
     let one = one();
     let ss = sq(s);
@@ -622,15 +673,55 @@ fn decode(s: &Fe) -> (__mmask8, Point) {
     (valid, Point { x, y, z: one, t })
 }
 
-/// RFC 9496 section 4.3.2: the encodings of eight points.
-#[target_feature(enable = "avx512f,avx512ifma")]
-fn encode(p: &Point) -> [[u8; POINT_LEN]; LANES] {
+/// `Q = 2P` for eight points, and what encoding `Q` needs inverted.
+///
+/// With dbl-2008-hwcd's `E = 2XY`, `F`, `G = Y^2 - X^2`, `H` of `P`, the
+/// encoding's `u1 = Z_Q^2 - Y_Q^2` is `(a - d) (EG)^2` (from the curve
+/// equation of `P`) and `u2 = X_Q Y_Q = EFGH`, so the inverse square root
+/// of `u1 u2^2` that RFC 9496 section 4.3.2 computes is, up to its sign,
+/// `INVSQRT_A_MINUS_D / (E^2 F G^2 H)`: one inversion, which many points
+/// share (Montgomery's trick, [`encode_batch`]). The sign does not matter:
+/// the encoding uses the root only through `den1 den2` and, last, `|s|`.
+/// (The idea is the batched double-and-encode of the ristretto255 design.)
+#[derive(Clone, Copy)]
+struct Doubled {
+    q: Point,
+    /// `E^2 F G^2 H`.
+    den: Fe,
+}
+
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn double_for_encoding(p: &Point) -> Doubled {
+    // As `double`: F = -f, H = -s, and (Ef, Gs, fG, Es) = -(EF, GH, FG, EH).
+    let a = sq(&p.x);
+    let b = sq(&p.y);
+    let zz = sq(&p.z);
+    let s = add(&a, &b);
+    let e = sub(&sq(&add(&p.x, &p.y)), &s);
+    let g = sub(&b, &a);
+    let f = sub2(&zz, &g);
+    let eg = mul(&e, &g);
+    Doubled {
+        q: Point {
+            x: mul(&e, &f),
+            y: mul(&g, &s),
+            z: mul(&f, &g),
+            t: mul(&e, &s),
+        },
+        // E^2 F G^2 H = (EG)^2 (-f) (-s).
+        den: mul(&sq(&eg), &mul(&f, &s)),
+    }
+}
+
+/// RFC 9496 section 4.3.2 for eight points `Q`, given `invsqrt`, a square
+/// root of `1 / (u1 u2^2)` of either sign (0 where that is 0).
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn encode_with(p: &Point, invsqrt: &Fe) -> [[u8; POINT_LEN]; LANES] {
     let sqrt_m1 = constant(SQRT_M1);
     let u1 = mul(&add(&p.z, &p.y), &sub(&p.z, &p.y));
     let u2 = mul(&p.x, &p.y);
-    let (_, invsqrt) = sqrt_ratio_m1(&one(), &mul(&u1, &sq(&u2)));
-    let den1 = mul(&invsqrt, &u1);
-    let den2 = mul(&invsqrt, &u2);
+    let den1 = mul(invsqrt, &u1);
+    let den2 = mul(invsqrt, &u2);
     let z_inv = mul(&mul(&den1, &den2), &p.t);
     let ix = mul(&p.x, &sqrt_m1);
     let iy = mul(&p.y, &sqrt_m1);
@@ -644,8 +735,38 @@ fn encode(p: &Point) -> [[u8; POINT_LEN]; LANES] {
     fe_to_bytes(&s)
 }
 
+/// The encodings of the doubled points, with one inversion for all of
+/// them. A lane whose `den` is 0 (the doubled point is the identity) is
+/// inverted as 1 in the product and gets 0, so it changes no other lane.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn encode_batch(doubled: &[Doubled], out: &mut Vec<[u8; POINT_LEN]>, lens: &[usize]) {
+    let one = one();
+    let zero = zero();
+    let mut zeros = Vec::with_capacity(doubled.len());
+    let mut prefix = Vec::with_capacity(doubled.len());
+    let mut acc = one;
+    for d in doubled {
+        let z = is_zero(&d.den);
+        zeros.push(z);
+        acc = mul(&acc, &select(z, &d.den, &one));
+        prefix.push(acc);
+    }
+    let mut inv = invert(&acc);
+    let mut inverses = vec![zero; doubled.len()];
+    for i in (0..doubled.len()).rev() {
+        let before = if i == 0 { one } else { prefix[i - 1] };
+        inverses[i] = select(zeros[i], &mul(&inv, &before), &zero);
+        inv = mul(&inv, &select(zeros[i], &doubled[i].den, &one));
+    }
+    let c = constant(INVSQRT_A_MINUS_D);
+    for ((d, i), len) in doubled.iter().zip(&inverses).zip(lens) {
+        let encoded = encode_with(&d.q, &mul(&c, i));
+        out.extend_from_slice(&encoded[..*len]);
+    }
+}
+
 /// RFC 9496 section 4.3.4's MAP (Elligator) on eight field elements.
-#[target_feature(enable = "avx512f,avx512ifma")]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn elligator(t: &Fe) -> Point {
     let one = one();
     let minus_one = neg(&one);
@@ -672,53 +793,68 @@ fn elligator(t: &Fe) -> Point {
 }
 
 /// Runs a job, eight inputs at a time (the last batch filled up with
-/// inputs whose results are dropped).
+/// inputs whose results are dropped), encoding up to [`ENCODE_BATCH`]
+/// vectors with one inversion. `k` holds `k/2`: each point is multiplied by
+/// it, then doubled for the encoding.
 ///
-/// Callable only on a CPU with AVX-512F and AVX-512 IFMA (`lib.rs` checks).
-#[target_feature(enable = "avx512f,avx512ifma")]
+/// Callable only on a CPU with AVX-512F, AVX-512DQ and AVX-512 IFMA
+/// (`lib.rs` checks).
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 pub(crate) fn run(job: Job<'_>, k: &Digits, out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
+    let mut doubled = Vec::with_capacity(ENCODE_BATCH);
+    let mut lens = Vec::with_capacity(ENCODE_BATCH);
     match job {
         Job::Hash(uniform) => {
             let filler = [0u8; 64];
-            for chunk in uniform.chunks(LANES) {
-                let mut first: [&[u8]; LANES] = [&filler[..32]; LANES];
-                let mut second: [&[u8]; LANES] = [&filler[32..]; LANES];
-                for (lane, u) in chunk.iter().enumerate() {
-                    first[lane] = &u[..32];
-                    second[lane] = &u[32..];
+            for group in uniform.chunks(LANES * ENCODE_BATCH) {
+                doubled.clear();
+                lens.clear();
+                for chunk in group.chunks(LANES) {
+                    let mut first: [&[u8]; LANES] = [&filler[..32]; LANES];
+                    let mut second: [&[u8]; LANES] = [&filler[32..]; LANES];
+                    for (lane, u) in chunk.iter().enumerate() {
+                        first[lane] = &u[..32];
+                        second[lane] = &u[32..];
+                    }
+                    let p1 = elligator(&fe_from_bytes(&first));
+                    let p2 = elligator(&fe_from_bytes(&second));
+                    let p = add_cached(&p1, &to_cached(&p2));
+                    doubled.push(double_for_encoding(&scalar_mul(&p, k)));
+                    lens.push(chunk.len());
                 }
-                let p1 = elligator(&fe_from_bytes(&first));
-                let p2 = elligator(&fe_from_bytes(&second));
-                let p = add_cached(&p1, &to_cached(&p2));
-                let encoded = encode(&scalar_mul(&p, k));
-                out.extend_from_slice(&encoded[..chunk.len()]);
+                encode_batch(&doubled, out, &lens);
             }
             Ok(())
         }
         Job::Decode(points) => {
-            for (batch, chunk) in points.chunks(LANES).enumerate() {
-                let mut bytes: [&[u8]; LANES] = [&FILLER[..]; LANES];
-                let mut refused: [Option<PointError>; LANES] = [None; LANES];
-                for (lane, b) in chunk.iter().enumerate() {
-                    refused[lane] = check_encoding(b).err();
-                    bytes[lane] = &b[..];
-                }
-                let (valid, p) = decode(&fe_from_bytes(&bytes));
-                for (lane, r) in refused.iter().enumerate().take(chunk.len()) {
-                    let error = match r {
-                        Some(e) => Some(*e),
-                        None if valid & (1 << lane) == 0 => Some(PointError::Invalid),
-                        None => None,
-                    };
-                    if let Some(error) = error {
-                        return Err(Refused {
-                            index: batch * LANES + lane,
-                            error,
-                        });
+            for (g, group) in points.chunks(LANES * ENCODE_BATCH).enumerate() {
+                doubled.clear();
+                lens.clear();
+                for (batch, chunk) in group.chunks(LANES).enumerate() {
+                    let mut bytes: [&[u8]; LANES] = [&FILLER[..]; LANES];
+                    let mut refused: [Option<PointError>; LANES] = [None; LANES];
+                    for (lane, b) in chunk.iter().enumerate() {
+                        refused[lane] = check_encoding(b).err();
+                        bytes[lane] = &b[..];
                     }
+                    let (valid, p) = decode(&fe_from_bytes(&bytes));
+                    for (lane, r) in refused.iter().enumerate().take(chunk.len()) {
+                        let error = match r {
+                            Some(e) => Some(*e),
+                            None if valid & (1 << lane) == 0 => Some(PointError::Invalid),
+                            None => None,
+                        };
+                        if let Some(error) = error {
+                            return Err(Refused {
+                                index: (g * ENCODE_BATCH + batch) * LANES + lane,
+                                error,
+                            });
+                        }
+                    }
+                    doubled.push(double_for_encoding(&scalar_mul(&p, k)));
+                    lens.push(chunk.len());
                 }
-                let encoded = encode(&scalar_mul(&p, k));
-                out.extend_from_slice(&encoded[..chunk.len()]);
+                encode_batch(&doubled, out, &lens);
             }
             Ok(())
         }

@@ -19,10 +19,10 @@
 //! to curve25519-dalek's, byte for byte (the tests compare them over random
 //! points, scalars and edge cases, plus RFC 9496 vectors).
 //!
-//! The vector code runs only when the CPU has AVX-512F and AVX-512 IFMA:
-//! [`Ifma::detect`] returns the value the functions are called on, or
-//! `None`, and then the caller uses curve25519-dalek one point at a time
-//! (`cleanroom-crypto` does).
+//! The vector code runs only when the CPU has AVX-512F, AVX-512DQ and
+//! AVX-512 IFMA: [`Ifma::detect`] returns the value the functions are
+//! called on, or `None`, and then the caller uses curve25519-dalek one
+//! point at a time (`cleanroom-crypto` does).
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
@@ -56,10 +56,10 @@ pub struct Refused {
     pub error: PointError,
 }
 
-/// Proof that this process may run the vector code: the CPU has AVX-512F
-/// and AVX-512 IFMA, and `CLEANROOM_CURVE` is not set to `dalek` (which
-/// keeps curve25519-dalek's one-point-at-a-time path, for comparison). Only
-/// [`Ifma::detect`] makes one.
+/// Proof that this process may run the vector code: the CPU has AVX-512F,
+/// AVX-512DQ and AVX-512 IFMA, and `CLEANROOM_CURVE` is not set to `dalek`
+/// (which keeps curve25519-dalek's one-point-at-a-time path, for
+/// comparison). Only [`Ifma::detect`] makes one.
 #[derive(Clone, Copy, Debug)]
 pub struct Ifma(Token);
 
@@ -109,9 +109,9 @@ impl Ifma {
     /// The one way into the vector code.
     #[cfg(target_arch = "x86_64")]
     fn run(self, job: Job<'_>, k: &Digits, out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
-        // SAFETY: `ifma::run` is compiled with `avx512f,avx512ifma` enabled;
-        // calling it is sound exactly when the CPU has those features. An
-        // `Ifma` exists only if `Ifma::detect` found them with
+        // SAFETY: `ifma::run` is compiled with `avx512f,avx512ifma,avx512dq`
+        // enabled; calling it is sound exactly when the CPU has those
+        // features. An `Ifma` exists only if `Ifma::detect` found them with
         // `is_x86_feature_detected!`. `ifma.rs` has no other unsafe code
         // (the crate denies it).
         #[allow(unsafe_code)]
@@ -126,12 +126,14 @@ impl Ifma {
     }
 }
 
-/// Whether the CPU has what the vector code needs (whatever
-/// `CLEANROOM_CURVE` says).
+/// Whether the CPU has what the vector code needs (AVX-512F, AVX-512DQ,
+/// AVX-512 IFMA), whatever `CLEANROOM_CURVE` says.
 pub fn cpu_has_ifma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512ifma")
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512ifma")
+            && std::arch::is_x86_feature_detected!("avx512dq")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -296,3 +296,32 @@ proptest! {
         }
     }
 }
+
+/// Inputs whose image is the identity (the map sends 0 to it) mixed with
+/// others, in every lane and batch position: the shared inversion treats
+/// their zero denominators apart, so the other results are unchanged.
+#[test]
+fn identity_images_beside_others() {
+    use curve25519_dalek::traits::Identity;
+    assert_eq!(
+        RistrettoPoint::from_uniform_bytes(&[0u8; 64]),
+        RistrettoPoint::identity()
+    );
+    let Some(v) = vector_code() else {
+        return;
+    };
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let k = random_scalar(&mut rng);
+    let uniform: Vec<[u8; 64]> = (0..700)
+        .map(|i| {
+            let mut u = [0u8; 64];
+            if i % 3 != 1 {
+                rng.fill_bytes(&mut u);
+            }
+            u
+        })
+        .collect();
+    let got = v.hash_mul_encode(&uniform, &digits(&k));
+    assert_eq!(got, dalek_hash_mul(&uniform, &k));
+    assert!(got.iter().skip(1).step_by(3).all(|e| *e == [0u8; 32]));
+}
