@@ -92,13 +92,21 @@ impl Prg {
     }
 
     /// The first `out.len()` 64-bit words of the stream, added (wrapping) to
-    /// `out` when `add` is true, written otherwise.
+    /// `out` when `add` is true, written otherwise. Its block buffer is
+    /// zeroized before it returns; [`Prg::words_in`] leaves that to its
+    /// caller's scratch.
     pub fn words(&self, out: &mut [u64], add: bool) {
-        let mut buf = [AesBlock::default(); 32];
-        let mut used = 0;
+        let mut scratch = PrgScratch::new();
+        self.words_in(out, add, &mut scratch);
+    }
+
+    /// As [`Prg::words`], with the block buffer in `scratch`, which holds
+    /// the last output until it is reused or dropped (and zeroized): a
+    /// caller expanding many keys wipes it once, not after every key.
+    pub fn words_in(&self, out: &mut [u64], add: bool, scratch: &mut PrgScratch) {
+        let buf = &mut *scratch.0;
         for (chunk_idx, chunk) in out.chunks_mut(64).enumerate() {
             let nblocks = chunk.len().div_ceil(2);
-            used = used.max(nblocks);
             for (k, b) in buf.iter_mut().take(nblocks).enumerate() {
                 *b = Array::from(((chunk_idx * 32 + k) as u128).to_le_bytes());
             }
@@ -112,9 +120,38 @@ impl Prg {
                 }
             }
         }
-        for b in buf.iter_mut().take(used) {
+    }
+}
+
+/// The block buffer of [`Prg::words_in`] (32 AES blocks, the PRG's output
+/// as it was last computed; on the heap, so that moving it is cheap):
+/// zeroized when dropped, redacted in Debug.
+pub struct PrgScratch(Box<[AesBlock; 32]>);
+
+impl PrgScratch {
+    /// A zeroed buffer.
+    pub fn new() -> Self {
+        Self(Box::new([AesBlock::default(); 32]))
+    }
+}
+
+impl Default for PrgScratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PrgScratch {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
             b.0.zeroize();
         }
+    }
+}
+
+impl core::fmt::Debug for PrgScratch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("PrgScratch(<redacted>)")
     }
 }
 

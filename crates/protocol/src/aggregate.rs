@@ -14,7 +14,8 @@
 use std::collections::VecDeque;
 
 use cleanroom_crypto::ot::{
-    BLOCK_ROWS, BaseOtSender, IknpReceiver, IknpSender, Prg, base_ot_receive, extension_message_len, pack_bits,
+    BLOCK_ROWS, BaseOtSender, IknpReceiver, IknpSender, Prg, PrgScratch, base_ot_receive, extension_message_len,
+    pack_bits,
 };
 use cleanroom_crypto::point::split_points;
 use cleanroom_crypto::shares::{Share, low_bits};
@@ -583,10 +584,10 @@ impl HolderOtRunning {
             .zip(pairs.par_iter())
             .enumerate()
             .fold(
-                || (scratch(), scratch(), scratch(), scratch()),
-                |(mut acc, mut m1, mut d, mut v), (k, (bytes, (k0, k1)))| {
+                || (scratch(), scratch(), scratch(), scratch(), PrgScratch::new()),
+                |(mut acc, mut m1, mut d, mut v, mut blocks), (k, (bytes, (k0, k1)))| {
                     // d = m0; acc += m0
-                    Prg::new(*k0).words(&mut d, false);
+                    Prg::new(*k0).words_in(&mut d, false, &mut blocks);
                     for (a, m0) in acc.iter_mut().zip(d.iter()) {
                         *a = a.wrapping_add(*m0);
                     }
@@ -598,7 +599,7 @@ impl HolderOtRunning {
                             *x = x.wrapping_add(*v);
                         }
                     }
-                    Prg::new(*k1).words(&mut m1, false);
+                    Prg::new(*k1).words_in(&mut m1, false, &mut blocks);
                     if full {
                         for ((x, m), out) in d.iter().zip(m1.iter()).zip(bytes.chunks_exact_mut(8)) {
                             out.copy_from_slice(&x.wrapping_sub(*m).to_le_bytes());
@@ -609,10 +610,10 @@ impl HolderOtRunning {
                         }
                         bits.pack(&d, bytes);
                     }
-                    (acc, m1, d, v)
+                    (acc, m1, d, v, blocks)
                 },
             )
-            .map(|(acc, _, _, _)| acc)
+            .map(|(acc, _, _, _, _)| acc)
             .reduce(scratch, |mut a, b| {
                 for (x, y) in a.iter_mut().zip(b.iter()) {
                     *x = x.wrapping_add(*y);
@@ -905,10 +906,10 @@ impl MatcherOtRunning {
             .zip(p.keys.par_iter())
             .enumerate()
             .fold(
-                || Zeroizing::new(vec![0u64; w]),
-                |mut acc, (k, (d_bytes, key))| {
+                || (Zeroizing::new(vec![0u64; w]), PrgScratch::new()),
+                |(mut acc, mut blocks), (k, (d_bytes, key))| {
                     // acc += PRG(k_s) + s * d
-                    Prg::new(*key).words(&mut acc, true);
+                    Prg::new(*key).words_in(&mut acc, true, &mut blocks);
                     if receiver.choice(first + k) {
                         if full {
                             for (a, d) in acc.iter_mut().zip(d_bytes.chunks_exact(8)) {
@@ -920,9 +921,10 @@ impl MatcherOtRunning {
                             bits.unpack_add(d_bytes, &mut acc);
                         }
                     }
-                    acc
+                    (acc, blocks)
                 },
             )
+            .map(|(acc, _)| acc)
             .reduce(
                 || Zeroizing::new(vec![0u64; w]),
                 |mut a, b| {
