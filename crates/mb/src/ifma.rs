@@ -627,12 +627,13 @@ fn scalar_mul(p: &Point, k: &Digits) -> Point {
         // |digit| and its sign, without branches.
         let sign = ((digit as u8) >> 7) & 1;
         let magnitude = ((digit ^ -(sign as i8)) + (sign as i8)) as u8;
-        // The masks first, so that no call (subtle's optimisation barrier)
-        // falls among the blends and spills them.
+        // The masks first (all through subtle's optimisation barrier), so
+        // that no call to it falls among the blends and spills them.
         let mut masks: [__mmask8; 8] = [0; 8];
         for (j, m) in masks.iter_mut().enumerate() {
             *m = 0u8.wrapping_sub(magnitude.ct_eq(&(j as u8 + 1)).unwrap_u8());
         }
+        let negative: __mmask8 = 0u8.wrapping_sub(subtle::Choice::from(sign).unwrap_u8());
         let mut chosen = cached_identity();
         for (entry, &m) in table.iter().zip(&masks) {
             select_assign(&mut chosen.y_plus_x, m, &entry.y_plus_x);
@@ -641,7 +642,7 @@ fn scalar_mul(p: &Point, k: &Digits) -> Point {
             select_assign(&mut chosen.t2d, m, &entry.t2d);
         }
         // -(X, Y, Z, T) = (-X, Y, Z, -T): swap Y+X and Y-X, negate 2dT.
-        let m: __mmask8 = 0u8.wrapping_sub(sign);
+        let m = negative;
         let plus = chosen.y_plus_x;
         select_assign(&mut chosen.y_plus_x, m, &chosen.y_minus_x);
         select_assign(&mut chosen.y_minus_x, m, &plus);

@@ -1,7 +1,7 @@
 //! The secret scalar as signed radix-16 digits, computed without branches
 //! on its value, zeroized on drop and redacted in Debug.
 
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// Half a scalar, `h = k/2 mod l`, as 64 signed radix-16 digits `d_i` in
 /// `[-8, 8]` with `h = sum d_i 16^i`: the form the fixed-window
@@ -25,8 +25,10 @@ impl Digits {
         if k[31] > 127 {
             return None;
         }
-        let mut bytes = half_mod_l(k);
-        let mut d = [0i8; 64];
+        let bytes = half_mod_l(k);
+        // Built in place, so that no copy of the digits is left behind.
+        let mut digits = Self([0i8; 64]);
+        let d = &mut digits.0;
         for (i, b) in bytes.iter().enumerate() {
             d[2 * i] = (b & 15) as i8;
             d[2 * i + 1] = ((b >> 4) & 15) as i8;
@@ -38,8 +40,7 @@ impl Digits {
             d[i] -= carry << 4;
             d[i + 1] += carry;
         }
-        bytes.zeroize();
-        Some(Self(d))
+        Some(digits)
     }
 }
 
@@ -49,7 +50,7 @@ const L: [u64; 4] = [0x5812_631a_5cf5_d3ed, 0x14de_f9de_a2f7_9cd6, 0, 0x1000_000
 
 /// `(k + l (k mod 2)) / 2` for `k < 2^255`: a number below 2^255 whose
 /// double is `k` modulo `l`, computed without branches.
-fn half_mod_l(k: &[u8; 32]) -> [u8; 32] {
+fn half_mod_l(k: &[u8; 32]) -> Zeroizing<[u8; 32]> {
     let mut w = [0u64; 4];
     for (w, c) in w.iter_mut().zip(k.chunks_exact(8)) {
         let mut a = [0u8; 8];
@@ -64,7 +65,7 @@ fn half_mod_l(k: &[u8; 32]) -> [u8; 32] {
         carry = s >> 64;
     }
     // k + l < 2^256: no carry out.
-    let mut out = [0u8; 32];
+    let mut out = Zeroizing::new([0u8; 32]);
     for i in 0..4 {
         let high = if i < 3 { w[i + 1] << 63 } else { 0 };
         let h = (w[i] >> 1) | high;
@@ -117,7 +118,7 @@ mod tests {
         for k in cases {
             let h = half_mod_l(&k);
             assert!(h[31] <= 127);
-            let doubled = Scalar::from_bytes_mod_order(h) * two;
+            let doubled = Scalar::from_bytes_mod_order(*h) * two;
             assert_eq!(doubled, Scalar::from_bytes_mod_order(k));
         }
     }
@@ -143,7 +144,7 @@ mod tests {
             let d = Digits::new(&b).unwrap();
             assert!(d.0[..63].iter().all(|x| (-8..8).contains(x)));
             assert!((-8..=8).contains(&d.0[63]));
-            assert_eq!(bytes_of(&d), half_mod_l(&b));
+            assert_eq!(bytes_of(&d), *half_mod_l(&b));
         }
         let mut big = [0u8; 32];
         big[31] = 0x80;

@@ -96,7 +96,9 @@ fn hash_mul_encode_equals_dalek() {
 
 /// Scalars at the edges: zero (every result the identity, all zeros), one,
 /// small ones, the largest below the group order, a power of two, and
-/// scalars whose digits are all at the ends of their range.
+/// scalars `k` whose half `k/2` (what the window reads) has every digit
+/// near an end of its range (nibbles all 8, recoded to -8, -7, -7, ...;
+/// nibbles all 7).
 #[test]
 fn edge_scalars() {
     let Some(v) = vector_code() else {
@@ -131,6 +133,8 @@ fn edge_scalars() {
         -Scalar::from(8u8),
         Scalar::from_bytes_mod_order(eights),
         Scalar::from_bytes_mod_order(sevens),
+        Scalar::from_bytes_mod_order(eights) * Scalar::from(2u8),
+        Scalar::from_bytes_mod_order(sevens) * Scalar::from(2u8),
     ];
     let mut two_252 = [0u8; 32];
     two_252[31] = 0x10;
