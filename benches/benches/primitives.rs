@@ -214,6 +214,7 @@ fn join(c: &mut Criterion) {
                 categories: 16,
                 seed: 1,
                 chunk_points: DEFAULT_CHUNK,
+                shards: 1,
             })
             .unwrap()
         })

@@ -64,6 +64,7 @@ fn curve_results() -> (String, CurveEngine, CurveBackend) {
         categories: 4,
         seed: 9,
         chunk_points: 256,
+        shards: 1,
     })
     .expect("the simulation runs");
     assert!(report.exact, "the simulation does not match its plaintext computation");

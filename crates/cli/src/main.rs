@@ -253,6 +253,11 @@ struct SimulateArgs {
     /// Points per chunk on the wire.
     #[arg(long, default_value_t = DEFAULT_CHUNK)]
     chunk_points: usize,
+    /// Shards (1 to 4096): each identifier goes to the shard a keyed hash
+    /// picks, each shard pair runs the join and aggregate with its own
+    /// dummies, and the shares are added up.
+    #[arg(long, default_value_t = 1)]
+    shards: u32,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -295,6 +300,7 @@ fn main() -> anyhow::Result<()> {
                 categories: a.categories,
                 seed: a.seed,
                 chunk_points: a.chunk_points,
+                shards: a.shards,
             })
             .context("simulation failed")?;
             if a.json {

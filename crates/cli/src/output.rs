@@ -14,11 +14,31 @@ pub fn simulate(r: &SimulateReport) {
         r.categories
     );
     out!(
-        "intersection (plaintext): {}   matched rows seen by the matcher: {} (intersection + D, D_max = {})",
+        "intersection (plaintext): {}   matched rows seen by the matcher: {} (intersection + D, D at most {})",
         r.intersection,
         r.matched_rows_seen_by_matcher,
         r.dummy_rows
     );
+    if r.shards.len() > 1 {
+        out!("");
+        out!(
+            "{:>5}  {:>10}  {:>10}  {:>12}  {:>22}",
+            "shard",
+            "holder",
+            "matcher",
+            "intersection",
+            "seen by the matcher"
+        );
+        for (i, s) in r.shards.iter().enumerate() {
+            out!(
+                "{i:>5}  {:>10}  {:>10}  {:>12}  {:>22}",
+                s.holder_rows,
+                s.matcher_rows,
+                s.intersection,
+                s.matched_rows_seen_by_matcher
+            );
+        }
+    }
     out!("");
     let name_w = r.cells.iter().map(|c| c.name.len()).max().unwrap_or(4).max(4);
     out!("{:<name_w$}  {:>16}  {:>16}  ok", "cell", "protocol", "plaintext");

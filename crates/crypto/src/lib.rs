@@ -17,6 +17,7 @@ pub mod normalize;
 pub mod ot;
 pub mod point;
 pub mod rng;
+pub mod shard;
 pub mod shares;
 pub mod signing;
 
@@ -42,6 +43,12 @@ pub enum CryptoError {
     ExpandLength {
         /// The requested length.
         len: usize,
+    },
+    /// A shard count out of range.
+    #[error("{shards} shards (1 to 4096 allowed)")]
+    Shards {
+        /// The count asked for.
+        shards: u32,
     },
     /// A point encoding that is not the canonical encoding of any element.
     #[error("point is not a canonical ristretto255 encoding")]

@@ -68,6 +68,20 @@ impl Share {
         }
     }
 
+    /// Adds another share of the same width to this one, cell by cell
+    /// (wrapping, in `Z_{2^64}`); `false`, and nothing changed, if the
+    /// widths differ.
+    #[must_use]
+    pub fn add(&mut self, other: &Share) -> bool {
+        if self.0.len() != other.0.len() {
+            return false;
+        }
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a = a.wrapping_add(*b);
+        }
+        true
+    }
+
     /// Reconstructs the cells from two shares, or `None` if their widths differ.
     pub fn reconstruct(a: &Share, b: &Share) -> Option<Vec<i64>> {
         if a.0.len() != b.0.len() {

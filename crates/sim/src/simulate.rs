@@ -9,12 +9,14 @@ use std::time::Instant;
 use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
 use cleanroom_crypto::normalize::{IdKind, NormalizationRules};
 use cleanroom_crypto::rng::session_rng;
+use cleanroom_crypto::shard::{MAX_SHARDS, ShardKey};
 use cleanroom_crypto::shares::Share;
 use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
 use cleanroom_protocol::join::{
     DEFAULT_CHUNK_POINTS, HolderJoin, HolderPolicy, JoinParams, MAX_SET_SIZE, MatcherJoin, MatcherPolicy, SetSizeLimits,
 };
 use serde::Serialize;
+use zeroize::Zeroize;
 
 use crate::driver::{DriverError, run_aggregate, run_join, shared};
 use crate::synth::{SynthConfig, SynthData, generate};
@@ -34,6 +36,8 @@ pub struct SimulateConfig {
     pub seed: u64,
     /// Points per chunk.
     pub chunk_points: usize,
+    /// Shards (1: the unsharded protocol).
+    pub shards: u32,
 }
 
 /// Errors of a simulation run.
@@ -84,6 +88,21 @@ pub struct Bytes {
     pub matcher_to_holder: u64,
 }
 
+/// One shard's set sizes: what sharding adds to each side's view (the
+/// holder learns `matcher_rows` shard by shard, the matcher `holder_rows`
+/// and `matched_rows_seen_by_matcher`), and the plaintext intersection.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShardSize {
+    /// The bank's customers in this shard.
+    pub holder_rows: usize,
+    /// The platform's users in this shard.
+    pub matcher_rows: usize,
+    /// Their intersection, computed in the clear.
+    pub intersection: u64,
+    /// `|X_s ∩ Y_s| + D_s`: what the matcher learned of this shard.
+    pub matched_rows_seen_by_matcher: u64,
+}
+
 /// The result of `simulate`.
 #[derive(Clone, Debug, Serialize)]
 pub struct SimulateReport {
@@ -99,15 +118,18 @@ pub struct SimulateReport {
     pub width: usize,
     /// `|X ∩ Y|`, computed in the clear.
     pub intersection: u64,
-    /// `D_max`, public.
+    /// `D_max` per shard times the shards: the most dummy rows, public.
     pub dummy_rows: u64,
-    /// `|X ∩ Y| + D`: what the matcher learned.
+    /// `|X ∩ Y| + D` summed over the shards: what the matcher learned
+    /// (shard by shard in `shards`).
     pub matched_rows_seen_by_matcher: u64,
     /// Whether every cell matched the plaintext computation.
     pub exact: bool,
     /// Every cell.
     pub cells: Vec<Cell>,
-    /// Seconds per phase.
+    /// Each shard's sizes (one entry when unsharded).
+    pub shards: Vec<ShardSize>,
+    /// Seconds per phase (summed over the shards).
     pub phases: BTreeMap<String, f64>,
     /// Bytes each way, both phases.
     pub bytes: Bytes,
@@ -227,7 +249,153 @@ pub fn plaintext(holder: &HolderInput, matcher: &[Vec<u8>]) -> (u64, Vec<i64>) {
     (count, sums)
 }
 
-/// Runs a whole simulation.
+/// One shard's inputs: the bank's customers and the platform's users whose
+/// identifiers fall in it.
+pub type ShardInputs = (HolderInput, Vec<Vec<u8>>);
+
+/// The parts of the inputs in each of `shards` shards, by the shard
+/// function of `key` on the normalised identifiers.
+///
+/// # Errors
+/// [`SimError::Crypto`] for a shard count out of range.
+pub fn split_into_shards(
+    holder: &HolderInput,
+    matcher: &[Vec<u8>],
+    key: &ShardKey,
+    shards: u32,
+) -> Result<Vec<ShardInputs>, SimError> {
+    let mut parts: Vec<ShardInputs> = (0..shards)
+        .map(|_| {
+            (
+                HolderInput {
+                    ids: Vec::new(),
+                    values: Vec::new(),
+                    width: holder.width,
+                },
+                Vec::new(),
+            )
+        })
+        .collect();
+    for (k, id) in holder.ids.iter().enumerate() {
+        let s = key.shard_of(id, shards)? as usize;
+        let part = &mut parts[s].0;
+        part.ids.push(id.clone());
+        part.values
+            .extend_from_slice(&holder.values[k * holder.width..(k + 1) * holder.width]);
+    }
+    for id in matcher {
+        let s = key.shard_of(id, shards)? as usize;
+        parts[s].1.push(id.clone());
+    }
+    Ok(parts)
+}
+
+/// The join context of shard `s` of `shards`: the unsharded run's (all
+/// zeros) for one shard, else `SHA-256("cleanroom-v1-shard-context" || S ||
+/// s)`, so that each shard pair's sessions are bound to their shard.
+pub fn shard_context(s: u32, shards: u32) -> [u8; 32] {
+    if shards == 1 {
+        return [0u8; 32];
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"cleanroom-v1-shard-context");
+    ctx.update(&shards.to_le_bytes());
+    ctx.update(&s.to_le_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// What one shard pair's join and aggregate gave.
+struct PairRun {
+    holder_share: Share,
+    matcher_share: Share,
+    matched: u64,
+    bytes: Bytes,
+    messages: Bytes,
+}
+
+/// Today's join and aggregate between one pair of (shard) inputs, with
+/// their own DP dummies.
+#[allow(clippy::too_many_arguments)]
+fn run_pair(
+    holder: &HolderInput,
+    matcher: &[Vec<u8>],
+    rules: &NormalizationRules,
+    context: [u8; 32],
+    chunk_points: usize,
+    query_id: cleanroom_wire::QueryId,
+    phases: &mut BTreeMap<String, f64>,
+    rng_h: &mut cleanroom_crypto::rng::SessionRng,
+    rng_m: &mut cleanroom_crypto::rng::SessionRng,
+) -> Result<PairRun, SimError> {
+    let params = JoinParams {
+        collaboration_id: COLLABORATION_ID.to_string(),
+        rules_hash: rules.hash(),
+        context,
+        chunk_points,
+    };
+    let limits = SetSizeLimits {
+        min: 0,
+        max: MAX_SET_SIZE,
+    };
+    let h = HolderJoin::new(
+        params.clone(),
+        HolderPolicy {
+            peer_set: limits,
+            cardinality: cardinality()?,
+        },
+        holder.ids.clone(),
+    )?;
+    let m = MatcherJoin::new(
+        params,
+        MatcherPolicy {
+            peer_set: limits,
+            max_dummy_rows: 4096,
+            block_padding: None,
+        },
+        matcher.to_vec(),
+    )?;
+    let mut add = |name: &str, secs: f64| *phases.entry(name.to_string()).or_insert(0.0) += secs;
+    let t = Instant::now();
+    let (hj, mj, join_traffic) = run_join(h, m, rng_h, rng_m, |_| {})?;
+    add("join", t.elapsed().as_secs_f64());
+    add("join.holder_compute", join_traffic.holder_time.as_secs_f64());
+    add("join.matcher_compute", join_traffic.matcher_time.as_secs_f64());
+
+    let width = holder.width;
+    let agg = HolderAggregate::new(
+        shared(hj),
+        RowValues::new(width, holder.values.clone())?,
+        query_id,
+        [1u8; 32],
+        0,
+    )?;
+    let t = Instant::now();
+    let (hs, ms, agg_traffic) = run_aggregate(agg, &mj, mj.matched(), width, query_id, [1u8; 32], 0, rng_h, rng_m)?;
+    add("aggregate", t.elapsed().as_secs_f64());
+    add("aggregate.holder_compute", agg_traffic.holder_time.as_secs_f64());
+    add("aggregate.matcher_compute", agg_traffic.matcher_time.as_secs_f64());
+    Ok(PairRun {
+        holder_share: hs,
+        matcher_share: ms,
+        matched: mj.matched_count(),
+        bytes: Bytes {
+            holder_to_matcher: join_traffic.holder_to_matcher_bytes + agg_traffic.holder_to_matcher_bytes,
+            matcher_to_holder: join_traffic.matcher_to_holder_bytes + agg_traffic.matcher_to_holder_bytes,
+        },
+        messages: Bytes {
+            holder_to_matcher: join_traffic.holder_to_matcher_messages + agg_traffic.holder_to_matcher_messages,
+            matcher_to_holder: join_traffic.matcher_to_holder_messages + agg_traffic.matcher_to_holder_messages,
+        },
+    })
+}
+
+/// Runs a whole simulation: with `shards > 1`, each identifier goes to the
+/// shard its keyed hash picks (a fresh shard key per run), each shard pair
+/// runs the join and the aggregate of the unsharded protocol with its own
+/// dummies, and each party adds its shard shares (mod 2^64) before the two
+/// sums are reconstructed.
 ///
 /// # Errors
 /// A [`SimError`].
@@ -237,6 +405,9 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     }
     if cfg.categories == 0 || cfg.categories > 2000 {
         return Err(SimError::Config("--categories must be between 1 and 2000"));
+    }
+    if cfg.shards == 0 || cfg.shards > MAX_SHARDS {
+        return Err(SimError::Config("--shards must be between 1 and 4096"));
     }
     let mut phases = BTreeMap::new();
     let t = Instant::now();
@@ -259,82 +430,71 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     let (intersection, truth) = plaintext(&holder, &matcher);
     phases.insert("plaintext_reference".to_string(), t.elapsed().as_secs_f64());
 
-    let params = JoinParams {
-        collaboration_id: COLLABORATION_ID.to_string(),
-        rules_hash: rules.hash(),
-        context: [0u8; 32],
-        chunk_points: cfg.chunk_points,
-    };
-    let limits = SetSizeLimits {
-        min: 0,
-        max: MAX_SET_SIZE,
-    };
-    let card = cardinality()?;
-    let d_max = card.d_max();
-    let h = HolderJoin::new(
-        params.clone(),
-        HolderPolicy {
-            peer_set: limits,
-            cardinality: card,
-        },
-        holder.ids.clone(),
-    )?;
-    let m = MatcherJoin::new(
-        params,
-        MatcherPolicy {
-            peer_set: limits,
-            max_dummy_rows: 4096,
-            block_padding: None,
-        },
-        matcher.clone(),
-    )?;
+    let d_max = cardinality()?.d_max();
     let mut rng_h = session_rng()?;
     let mut rng_m = session_rng()?;
-    let t = Instant::now();
-    let (hj, mj, join_traffic) = run_join(h, m, &mut rng_h, &mut rng_m, |_| {})?;
-    phases.insert("join".to_string(), t.elapsed().as_secs_f64());
-    phases.insert(
-        "join.holder_compute".to_string(),
-        join_traffic.holder_time.as_secs_f64(),
-    );
-    phases.insert(
-        "join.matcher_compute".to_string(),
-        join_traffic.matcher_time.as_secs_f64(),
-    );
-
     let width = holder.width;
     let mut query_id = cleanroom_wire::QueryId([0u8; 16]);
     rand_core::RngCore::fill_bytes(&mut rng_m, &mut query_id.0);
-    let agg = HolderAggregate::new(
-        shared(hj),
-        RowValues::new(width, holder.values.clone())?,
-        query_id,
-        [1u8; 32],
-        0,
-    )?;
-    let t = Instant::now();
-    let (hs, ms, agg_traffic) = run_aggregate(
-        agg,
-        &mj,
-        mj.matched(),
-        width,
-        query_id,
-        [1u8; 32],
-        0,
-        &mut rng_h,
-        &mut rng_m,
-    )?;
-    phases.insert("aggregate".to_string(), t.elapsed().as_secs_f64());
-    phases.insert(
-        "aggregate.holder_compute".to_string(),
-        agg_traffic.holder_time.as_secs_f64(),
-    );
-    phases.insert(
-        "aggregate.matcher_compute".to_string(),
-        agg_traffic.matcher_time.as_secs_f64(),
-    );
 
-    let got = Share::reconstruct(&hs, &ms).ok_or(SimError::Config("share widths differ"))?;
+    let t = Instant::now();
+    let parts = if cfg.shards == 1 {
+        vec![(
+            HolderInput {
+                ids: holder.ids.clone(),
+                values: holder.values.clone(),
+                width,
+            },
+            matcher.clone(),
+        )]
+    } else {
+        let mut key_bytes = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rng_h, &mut key_bytes);
+        let key = ShardKey::new(key_bytes);
+        key_bytes.zeroize();
+        split_into_shards(&holder, &matcher, &key, cfg.shards)?
+    };
+    phases.insert("shard".to_string(), t.elapsed().as_secs_f64());
+
+    let mut holder_sum = Share::zero(width);
+    let mut matcher_sum = Share::zero(width);
+    let mut matched = 0u64;
+    let mut bytes = Bytes {
+        holder_to_matcher: 0,
+        matcher_to_holder: 0,
+    };
+    let mut messages = bytes.clone();
+    let mut shard_sizes = Vec::with_capacity(parts.len());
+    for (s, (h_part, m_part)) in parts.iter().enumerate() {
+        let run = run_pair(
+            h_part,
+            m_part,
+            &rules,
+            shard_context(s as u32, cfg.shards),
+            cfg.chunk_points,
+            query_id,
+            &mut phases,
+            &mut rng_h,
+            &mut rng_m,
+        )?;
+        if !(holder_sum.add(&run.holder_share) && matcher_sum.add(&run.matcher_share)) {
+            return Err(SimError::Config("share widths differ"));
+        }
+        let (shard_intersection, _) = plaintext(h_part, m_part);
+        shard_sizes.push(ShardSize {
+            holder_rows: h_part.ids.len(),
+            matcher_rows: m_part.len(),
+            intersection: shard_intersection,
+            matched_rows_seen_by_matcher: run.matched,
+        });
+        matched += run.matched;
+        bytes.holder_to_matcher += run.bytes.holder_to_matcher;
+        bytes.matcher_to_holder += run.bytes.matcher_to_holder;
+        messages.holder_to_matcher += run.messages.holder_to_matcher;
+        messages.matcher_to_holder += run.messages.matcher_to_holder;
+    }
+
+    let got = Share::reconstruct(&holder_sum, &matcher_sum).ok_or(SimError::Config("share widths differ"))?;
     let names = cell_names(&data.categories);
     let cells: Vec<Cell> = names
         .into_iter()
@@ -353,19 +513,14 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         categories: data.categories.len(),
         width,
         intersection,
-        dummy_rows: d_max,
-        matched_rows_seen_by_matcher: mj.matched_count(),
+        dummy_rows: d_max * u64::from(cfg.shards),
+        matched_rows_seen_by_matcher: matched,
         exact,
         cells,
+        shards: shard_sizes,
         phases,
-        bytes: Bytes {
-            holder_to_matcher: join_traffic.holder_to_matcher_bytes + agg_traffic.holder_to_matcher_bytes,
-            matcher_to_holder: join_traffic.matcher_to_holder_bytes + agg_traffic.matcher_to_holder_bytes,
-        },
-        messages: Bytes {
-            holder_to_matcher: join_traffic.holder_to_matcher_messages + agg_traffic.holder_to_matcher_messages,
-            matcher_to_holder: join_traffic.matcher_to_holder_messages + agg_traffic.matcher_to_holder_messages,
-        },
+        bytes,
+        messages,
     })
 }
 
