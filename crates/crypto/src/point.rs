@@ -54,16 +54,15 @@ pub fn decode_point(bytes: &PointBytes) -> Result<RistrettoPoint, CryptoError> {
 /// # Errors
 /// [`CryptoError::NonCanonicalPoint`] or [`CryptoError::IdentityPoint`].
 pub fn check_token_encoding(bytes: &PointBytes) -> Result<(), CryptoError> {
-    if bytes.iter().all(|b| *b == 0) {
-        return Err(CryptoError::IdentityPoint);
+    cleanroom_mb::check_encoding(bytes).map_err(point_error)
+}
+
+/// The crypto crate's error for a refused encoding.
+fn point_error(e: cleanroom_mb::PointError) -> CryptoError {
+    match e {
+        cleanroom_mb::PointError::Identity => CryptoError::IdentityPoint,
+        cleanroom_mb::PointError::Invalid => CryptoError::NonCanonicalPoint,
     }
-    let odd = bytes[0] & 1 == 1;
-    let top_bit = bytes[31] & 0x80 != 0;
-    let at_least_p = bytes[31] == 0x7f && bytes[1..31].iter().all(|b| *b == 0xff) && bytes[0] >= 0xed;
-    if odd || top_bit || at_least_p {
-        return Err(CryptoError::NonCanonicalPoint);
-    }
-    Ok(())
 }
 
 /// Splits a byte buffer from the peer into encoded points.
@@ -127,10 +126,7 @@ pub fn decode_mul_compress_with(
         out.par_chunks_mut(PAR_CHUNK)
             .zip(points.par_chunks(PAR_CHUNK))
             .try_for_each(|(out, pts)| {
-                let enc = ifma.decode_mul_encode(pts, &digits).map_err(|r| match r.error {
-                    cleanroom_mb::PointError::Identity => CryptoError::IdentityPoint,
-                    cleanroom_mb::PointError::Invalid => CryptoError::NonCanonicalPoint,
-                })?;
+                let enc = ifma.decode_mul_encode(pts, &digits).map_err(|r| point_error(r.error))?;
                 out.copy_from_slice(&enc);
                 Ok::<(), CryptoError>(())
             })?;

@@ -273,24 +273,33 @@ fn neg(a: &Fe) -> Fe {
 /// five limbs of at most `2^51`.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn reduce_columns(z: &[__m512i; 10]) -> Fe {
-    let m = splat(M51);
     let mut r = [_mm512_setzero_si512(); 5];
     for (k, r) in r.iter_mut().enumerate() {
         // Below 2^57 + 19 * 2^57 < 2^62.
         *r = _mm512_add_epi64(z[k], mul19(z[k + 5]));
     }
-    for k in 0..4 {
-        let c = _mm512_srli_epi64::<51>(r[k]);
-        r[k] = _mm512_and_si512(r[k], m);
-        r[k + 1] = _mm512_add_epi64(r[k + 1], c);
-    }
-    let c = _mm512_srli_epi64::<51>(r[4]);
-    r[4] = _mm512_and_si512(r[4], m);
-    r[0] = _mm512_add_epi64(r[0], mul19(c));
-    let c = _mm512_srli_epi64::<51>(r[0]);
-    r[0] = _mm512_and_si512(r[0], m);
-    r[1] = _mm512_add_epi64(r[1], c);
+    carry(&mut r);
     Fe(r)
+}
+
+/// One carry through the five limbs (each below 2^63), the top carry
+/// times 19 into the bottom, and the bottom's carry once more: limbs below
+/// `2^51`, except `x[1]`, at most `2^51`.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
+fn carry(x: &mut [__m512i; 5]) {
+    let m = splat(M51);
+    for k in 0..4 {
+        let c = _mm512_srli_epi64::<51>(x[k]);
+        x[k] = _mm512_and_si512(x[k], m);
+        x[k + 1] = _mm512_add_epi64(x[k + 1], c);
+    }
+    let c = _mm512_srli_epi64::<51>(x[4]);
+    x[4] = _mm512_and_si512(x[4], m);
+    x[0] = _mm512_add_epi64(x[0], mul19(c));
+    let c = _mm512_srli_epi64::<51>(x[0]);
+    x[0] = _mm512_and_si512(x[0], m);
+    x[1] = _mm512_add_epi64(x[1], c);
 }
 
 /// `a * b`. A limb product `a_i b_j` (both below `2^52`) is `lo + 2^52 hi`;
@@ -355,17 +364,7 @@ fn canonical(a: &Fe) -> [__m512i; 5] {
     let m = splat(M51);
     let mut x = a.0;
     // Carry fully: limbs below 2^51 but x[1] at most 2^51; value below 2p.
-    for k in 0..4 {
-        let c = _mm512_srli_epi64::<51>(x[k]);
-        x[k] = _mm512_and_si512(x[k], m);
-        x[k + 1] = _mm512_add_epi64(x[k + 1], c);
-    }
-    let c = _mm512_srli_epi64::<51>(x[4]);
-    x[4] = _mm512_and_si512(x[4], m);
-    x[0] = _mm512_add_epi64(x[0], mul19(c));
-    let c = _mm512_srli_epi64::<51>(x[0]);
-    x[0] = _mm512_and_si512(x[0], m);
-    x[1] = _mm512_add_epi64(x[1], c);
+    carry(&mut x);
     // q = floor((x + 19) / 2^255): 1 exactly when x >= p.
     let mut q = _mm512_srli_epi64::<51>(_mm512_add_epi64(x[0], splat(19)));
     for limb in &x[1..] {

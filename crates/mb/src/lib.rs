@@ -151,8 +151,13 @@ enum Job<'a> {
 }
 
 /// Byte-level checks of a peer's encoding (RFC 9496 section 4.3.1): the
-/// field element is below `p` and even; all zeros is the identity.
-fn check_encoding(b: &[u8; POINT_LEN]) -> Result<(), PointError> {
+/// field element is below `p` and even; all zeros is the identity. (Not a
+/// full check: that needs the square root of decoding.)
+///
+/// # Errors
+/// [`PointError::Identity`] for all zeros, [`PointError::Invalid`] for an
+/// odd or non-canonical field element.
+pub fn check_encoding(b: &[u8; POINT_LEN]) -> Result<(), PointError> {
     if b.iter().all(|x| *x == 0) {
         return Err(PointError::Identity);
     }

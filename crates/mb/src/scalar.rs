@@ -97,24 +97,32 @@ mod tests {
         out
     }
 
+    /// `n` pseudo-random 32-byte numbers below 2^255 (xorshift64 from
+    /// `seed`).
+    fn below_2_255(seed: u64, n: usize) -> Vec<[u8; 32]> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                let mut b = [0u8; 32];
+                for c in b.chunks_exact_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    c.copy_from_slice(&x.to_le_bytes());
+                }
+                b[31] &= 0x7f;
+                b
+            })
+            .collect()
+    }
+
     /// `2h = k mod l`, checked with curve25519-dalek's scalars.
     #[test]
     fn halves_modulo_the_group_order() {
         use curve25519_dalek::scalar::Scalar;
         let two = Scalar::from(2u8);
-        let mut x = 0x0123_4567_89ab_cdefu64;
         let mut cases = vec![[0u8; 32], Scalar::ONE.to_bytes(), (-Scalar::ONE).to_bytes()];
-        for _ in 0..1000 {
-            let mut b = [0u8; 32];
-            for c in b.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            b[31] &= 0x7f;
-            cases.push(b);
-        }
+        cases.extend(below_2_255(0x0123_4567_89ab_cdef, 1000));
         for k in cases {
             let h = half_mod_l(&k);
             assert!(h[31] <= 127);
@@ -128,18 +136,7 @@ mod tests {
         let mut cases = vec![[0u8; 32], [0xff; 32], [0x88; 32], [0x77; 32]];
         cases[1][31] = 0x7f;
         cases[2][31] = 0x7f;
-        let mut x = 0x1234_5678_9abc_def1u64;
-        for _ in 0..500 {
-            let mut b = [0u8; 32];
-            for c in b.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            b[31] &= 0x7f;
-            cases.push(b);
-        }
+        cases.extend(below_2_255(0x1234_5678_9abc_def1, 500));
         for b in cases {
             let d = Digits::new(&b).unwrap();
             assert!(d.0[..63].iter().all(|x| (-8..8).contains(x)));
