@@ -438,21 +438,20 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     rand_core::RngCore::fill_bytes(&mut rng_m, &mut query_id.0);
 
     let t = Instant::now();
-    let parts = if cfg.shards == 1 {
-        vec![(
-            HolderInput {
-                ids: holder.ids.clone(),
-                values: holder.values.clone(),
-                width,
-            },
-            matcher.clone(),
-        )]
+    // One shard is the whole input, borrowed as it is.
+    let split = if cfg.shards == 1 {
+        Vec::new()
     } else {
         let mut key_bytes = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rng_h, &mut key_bytes);
         let key = ShardKey::new(key_bytes);
         key_bytes.zeroize();
         split_into_shards(&holder, &matcher, &key, cfg.shards)?
+    };
+    let parts: Vec<(&HolderInput, &[Vec<u8>])> = if cfg.shards == 1 {
+        vec![(&holder, &matcher)]
+    } else {
+        split.iter().map(|(h, m)| (h, m.as_slice())).collect()
     };
     phases.insert("shard".to_string(), t.elapsed().as_secs_f64());
 
@@ -465,7 +464,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     };
     let mut messages = bytes.clone();
     let mut shard_sizes = Vec::with_capacity(parts.len());
-    for (s, (h_part, m_part)) in parts.iter().enumerate() {
+    for (s, &(h_part, m_part)) in parts.iter().enumerate() {
         let run = run_pair(
             h_part,
             m_part,
