@@ -6,7 +6,7 @@ use std::hint::black_box;
 use cleanroom_crypto::dp::{DiscreteGaussian, ShiftedTruncatedLaplace};
 use cleanroom_crypto::h2g::HashToGroup;
 use cleanroom_crypto::keys::SecretScalar;
-use cleanroom_crypto::ot::{BaseOtSender, IknpReceiver, IknpSender, Prg, base_ot_receive, pack_bits};
+use cleanroom_crypto::ot::{BaseOtSender, IknpReceiver, IknpSender, RowMasks, base_ot_receive, pack_bits};
 use cleanroom_crypto::point::{decode_point, hash_mul_compress};
 use cleanroom_sim::simulate::{DEFAULT_CHUNK, SimulateConfig, simulate};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -125,13 +125,18 @@ fn ot(c: &mut Criterion) {
         })
     });
     g.finish();
-    // One row of the aggregate at 51 cells: key a PRG and expand 51 words
-    // (the holder does this twice per row, the matcher once).
+    // The aggregate's row masks at 51 cells, a batch of rows at a time as
+    // the aggregate runs them (the holder does this twice per row, the
+    // matcher once); throughput per row.
     let mut g = c.benchmark_group("ot");
-    let mut words = vec![0u64; 51];
-    g.bench_function("prg_row_51_words", |b| {
+    let batch = RowMasks::batch_rows(51);
+    let keys: Vec<u128> = (0..batch as u128).map(|r| delta ^ r).collect();
+    let mut masks = RowMasks::new();
+    let mut words = Vec::new();
+    g.throughput(Throughput::Elements(batch as u64));
+    g.bench_function("row_masks_51_words", |b| {
         b.iter(|| {
-            Prg::new(black_box(delta)).words(&mut words, false);
+            masks.expand(black_box(1 << 20), black_box(&keys), 51, &mut words);
             black_box(&words);
         })
     });

@@ -465,6 +465,35 @@ fn aggregate_refuses_hostile_messages() {
         try_setup(&|s| s.base_point = [0; 32]).unwrap_err(),
         ProtocolError::Crypto(CryptoError::IdentityPoint)
     );
+    // The setup id, derived by hand from docs/protocol.md: SHA-256 over
+    // length-prefixed parts, first 16 bytes. Its label names the row-mask
+    // PRG's version, so a peer still on the AES-CTR masks of protocol
+    // revision 1 (label "cleanroom-v1-aggregate-setup") is refused at the
+    // setup instead of completing with masks that do not cancel.
+    let by_hand = |label: &[u8], s: &OtSetup| {
+        let (group, rows, width) = (s.group.to_le_bytes(), s.rows.to_le_bytes(), s.width.to_le_bytes());
+        let parts: [&[u8]; 8] = [
+            label,
+            &s.join_session.0,
+            &s.query_id.0,
+            &s.plan,
+            &group,
+            &s.nonce,
+            &rows,
+            &width,
+        ];
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for p in parts {
+            ctx.update(&(p.len() as u32).to_le_bytes());
+            ctx.update(p);
+        }
+        SessionId(ctx.finish().as_ref()[..16].try_into().unwrap())
+    };
+    assert_eq!(by_hand(b"cleanroom-v2-aggregate-setup", &good), good.session);
+    assert_eq!(
+        try_setup(&|s| s.session = by_hand(b"cleanroom-v1-aggregate-setup", s)).unwrap_err(),
+        ProtocolError::WrongSession
+    );
 
     // The matcher refuses bad base-OT answers.
     let (waiting, setup) = MatcherAggregate::start(

@@ -1043,6 +1043,7 @@ async fn bench_reports_the_join_against_the_curve_bound() {
         categories: 4,
         path: None,
         repeat: 1,
+        queries: 3,
     };
     let mut steps = Vec::new();
     let rows = cleanroom_lab::bench::run(&opts, |done, total, _| steps.push((done, total)))
@@ -1053,6 +1054,11 @@ async fn bench_reports_the_join_against_the_curve_bound() {
     assert_eq!((r.overlap, r.categories), (0.25, 4));
     // One group per category plus "other", three cells each.
     assert_eq!(r.query_cells, 3 * 5);
+    // Three timed queries, their median reported.
+    assert_eq!(r.query_runs.len(), 3);
+    let mut sorted = r.query_runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(r.query_seconds, sorted[1]);
     assert_eq!(steps.last(), Some(&(5, 5)));
     assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0));
     assert_eq!(r.bound_parts.len(), 4);

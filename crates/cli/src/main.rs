@@ -105,6 +105,10 @@ enum Command {
         /// Emulated bandwidth of each direction between the nodes, Mbit/s.
         #[arg(long)]
         bandwidth_mbit: Option<u64>,
+        /// Runs of the timed query on each cached join (each a new query);
+        /// the table shows their median.
+        #[arg(long, default_value_t = 1)]
+        queries: usize,
     },
     /// Write synthetic `bank.csv` and `platform.csv`.
     GenData {
@@ -344,6 +348,7 @@ fn main() -> anyhow::Result<()> {
             rtt_ms,
             bandwidth_mbit,
             repeat,
+            queries,
         } => {
             init_logging("warn");
             if !(0.0..=1.0).contains(&overlap) {
@@ -351,6 +356,9 @@ fn main() -> anyhow::Result<()> {
             }
             if !(1..=200).contains(&width) {
                 bail!("--width (merchant categories) must be between 1 and 200");
+            }
+            if !(1..=100).contains(&queries) {
+                bail!("--queries must be between 1 and 100");
             }
             if rows.is_empty() || rows.iter().any(|r| *r < 100) {
                 bail!("--rows: give sizes of at least 100");
@@ -366,6 +374,7 @@ fn main() -> anyhow::Result<()> {
                 categories: width,
                 path,
                 repeat,
+                queries,
             };
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(

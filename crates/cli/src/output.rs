@@ -264,6 +264,16 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
             r.curve_backend
         );
     }
+    for r in rows.iter().filter(|r| r.query_runs.len() > 1) {
+        let runs: Vec<String> = r.query_runs.iter().map(|s| format!("{s:.3}")).collect();
+        out!(
+            "{} rows, run {}: query s = median of {} runs: {}",
+            r.rows,
+            r.run,
+            r.query_runs.len(),
+            runs.join(", ")
+        );
+    }
     out!(
         "cells = output cells of the spend_by_category query; row bytes = one row's masked cells as the bank sends them, packed at the cells' share widths / at 64 bits a cell"
     );

@@ -90,68 +90,141 @@ impl Prg {
             *o = u128::from_le_bytes(b.0);
         }
     }
+}
 
-    /// The first `out.len()` 64-bit words of the stream, added (wrapping) to
-    /// `out` when `add` is true, written otherwise. Its block buffer is
-    /// zeroized before it returns; [`Prg::words_in`] leaves that to its
-    /// caller's scratch.
-    pub fn words(&self, out: &mut [u64], add: bool) {
-        let mut scratch = PrgScratch::new();
-        self.words_in(out, add, &mut scratch);
+/// The fixed, public AES key of the row masks' hash
+/// (the first 16 bytes of SHA-256("cleanroom-v2-row-mask")): a permutation
+/// of its own, apart from the OT extension's.
+fn mask_cipher() -> &'static Aes128 {
+    use std::sync::OnceLock;
+    static CIPHER: OnceLock<Aes128> = OnceLock::new();
+    CIPHER.get_or_init(|| {
+        let d = ring::digest::digest(&SHA256, b"cleanroom-v2-row-mask");
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&d.as_ref()[..16]);
+        Aes128::new(&Array::from(key))
+    })
+}
+
+/// Most blocks [`RowMasks::expand`] encrypts in one call (64 KiB).
+pub const MASK_BATCH_BLOCKS: usize = 4096;
+
+/// The aggregate's row masks: row `i`'s key `k` (one end of its random OT)
+/// gives `w` 64-bit words, the halves of the blocks
+/// `H((i, j), k) = π(π(k) ⊕ t_ij) ⊕ π(k)` for `j = 0 .. ⌈w/2⌉` (word `2j`
+/// is the low half of block `j`, word `2j + 1` the high half), with the
+/// tweak `t_ij = i · 2^64 + j` and fixed-key AES-128 `π` (its own key,
+/// [`mask_cipher`]). This is the tweakable correlation-robust hash of the
+/// OT extension ([`tccr_hash_batch`], Guo et al. 2020) used as a PRG: for a
+/// key unknown to the adversary, `π(k)` is unknown and the tweaks are
+/// distinct, so the blocks are pseudorandom (random-permutation model).
+/// Unlike AES-CTR keyed per row it needs no key schedule per row, so the
+/// blocks of many rows go through the cipher in one call.
+///
+/// Holds the last masks it computed until it is reused or dropped
+/// (zeroized then); redacted in Debug.
+pub struct RowMasks {
+    blocks: Vec<AesBlock>,
+    keys: Vec<AesBlock>,
+}
+
+impl RowMasks {
+    /// Empty buffers (they grow to the first batch's size).
+    pub fn new() -> Self {
+        Self {
+            blocks: Vec::new(),
+            keys: Vec::new(),
+        }
     }
 
-    /// As [`Prg::words`], with the block buffer in `scratch`, which holds
-    /// the last output until it is reused or dropped (and zeroized): a
-    /// caller expanding many keys wipes it once, not after every key.
-    pub fn words_in(&self, out: &mut [u64], add: bool, scratch: &mut PrgScratch) {
-        let buf = &mut *scratch.0;
-        for (chunk_idx, chunk) in out.chunks_mut(64).enumerate() {
-            let nblocks = chunk.len().div_ceil(2);
-            for (k, b) in buf.iter_mut().take(nblocks).enumerate() {
-                *b = Array::from(((chunk_idx * 32 + k) as u128).to_le_bytes());
+    /// Rows per call of [`RowMasks::expand`] that keep its buffer within
+    /// [`MASK_BATCH_BLOCKS`] for `width` words a row (at least 1).
+    pub fn batch_rows(width: usize) -> usize {
+        (MASK_BATCH_BLOCKS / width.div_ceil(2).max(1)).max(1)
+    }
+
+    /// The masks of rows `first .. first + keys.len()` (`keys[r]` is row
+    /// `first + r`'s key), `width` words each, row after row: `out` is set
+    /// to them (`keys.len() * width` words; a buffer that must grow is
+    /// wiped before it is let go).
+    pub fn expand(&mut self, first: u64, keys: &[u128], width: usize, out: &mut Vec<u64>) {
+        let per_row = width.div_ceil(2);
+        fit(out, keys.len() * width, 0, Zeroize::zeroize);
+        fit(&mut self.keys, keys.len(), AesBlock::default(), wipe_block);
+        fit(&mut self.blocks, keys.len() * per_row, AesBlock::default(), wipe_block);
+        if width == 0 {
+            return;
+        }
+        let cipher = mask_cipher();
+        for (b, k) in self.keys.iter_mut().zip(keys) {
+            *b = Array::from(k.to_le_bytes());
+        }
+        cipher.encrypt_blocks(&mut self.keys);
+        for ((r, pk), row_blocks) in self.keys.iter().enumerate().zip(self.blocks.chunks_exact_mut(per_row)) {
+            let t = u128::from_le_bytes(pk.0) ^ (u128::from(first + r as u64) << 64);
+            for (j, b) in row_blocks.iter_mut().enumerate() {
+                *b = Array::from((t ^ j as u128).to_le_bytes());
             }
-            self.cipher.encrypt_blocks(&mut buf[..nblocks]);
-            // Block k gives words 2k (low half) and 2k + 1 (high half).
-            for (pair, block) in chunk.chunks_mut(2).zip(buf.iter()) {
-                let v = u128::from_le_bytes(block.0);
+        }
+        cipher.encrypt_blocks(&mut self.blocks);
+        for ((row_out, row_blocks), pk) in out
+            .chunks_exact_mut(width)
+            .zip(self.blocks.chunks_exact(per_row))
+            .zip(self.keys.iter())
+        {
+            let pk = u128::from_le_bytes(pk.0);
+            for (pair, block) in row_out.chunks_mut(2).zip(row_blocks) {
+                let v = u128::from_le_bytes(block.0) ^ pk;
                 let halves = [v as u64, (v >> 64) as u64];
                 for (w, h) in pair.iter_mut().zip(halves) {
-                    *w = if add { w.wrapping_add(h) } else { h };
+                    *w = h;
                 }
             }
         }
     }
 }
 
-/// The block buffer of [`Prg::words_in`] (32 AES blocks, the PRG's output
-/// as it was last computed; on the heap, so that moving it is cheap):
-/// zeroized when dropped, redacted in Debug.
-pub struct PrgScratch(Box<[AesBlock; 32]>);
-
-impl PrgScratch {
-    /// A zeroed buffer.
-    pub fn new() -> Self {
-        Self(Box::new([AesBlock::default(); 32]))
+/// Makes `v` `n` elements long (new elements are `fill`), wiping (with `wipe`) every element of
+/// its old buffer first if it has to move to a bigger one, so that no copy
+/// of a secret is left in freed memory.
+fn fit<T: Copy>(v: &mut Vec<T>, n: usize, fill: T, wipe: impl Fn(&mut T)) {
+    if v.capacity() < n {
+        wipe_all(v, fill, &wipe);
+        *v = Vec::with_capacity(n);
+    }
+    // Same length as last time (the usual case): the caller overwrites it.
+    if v.len() != n {
+        v.clear();
+        v.resize(n, fill);
     }
 }
 
-impl Default for PrgScratch {
+/// Wipes every element of `v`'s buffer, its spare capacity included.
+fn wipe_all<T: Copy>(v: &mut Vec<T>, fill: T, wipe: impl Fn(&mut T)) {
+    v.resize(v.capacity(), fill);
+    v.iter_mut().for_each(wipe);
+}
+
+fn wipe_block(b: &mut AesBlock) {
+    b.0.zeroize();
+}
+
+impl Default for RowMasks {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Drop for PrgScratch {
+impl Drop for RowMasks {
     fn drop(&mut self) {
-        for b in self.0.iter_mut() {
-            b.0.zeroize();
-        }
+        wipe_all(&mut self.blocks, AesBlock::default(), wipe_block);
+        wipe_all(&mut self.keys, AesBlock::default(), wipe_block);
     }
 }
 
-impl core::fmt::Debug for PrgScratch {
+impl core::fmt::Debug for RowMasks {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str("PrgScratch(<redacted>)")
+        f.write_str("RowMasks(<redacted>)")
     }
 }
 
@@ -625,20 +698,75 @@ mod tests {
         assert!(IknpReceiver::new(&skeys, vec![0; 1], 300).is_err());
     }
 
-    #[test]
-    fn prg_words_match_blocks() {
-        let prg = Prg::new(42);
-        let mut words = vec![0u64; 131];
-        prg.words(&mut words, false);
-        let mut blocks = vec![0u128; 66];
-        prg.blocks(0, &mut blocks);
-        for (k, w) in words.iter().enumerate() {
-            let b = blocks[k / 2].to_le_bytes();
-            let half = if k % 2 == 0 { &b[..8] } else { &b[8..] };
-            assert_eq!(*w, u64::from_le_bytes(half.try_into().unwrap()));
+    /// `H((i, j), k) = π(π(k) ⊕ (i·2^64 + j)) ⊕ π(k)` one block at a time,
+    /// with `π` keyed from its label through the `sha2` crate.
+    fn mask_by_definition(row: u64, key: u128, width: usize) -> Vec<u64> {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(b"cleanroom-v2-row-mask");
+        let pi = Aes128::new_from_slice(&d[..16]).unwrap();
+        let enc = |x: u128| {
+            let mut b = Array::from(x.to_le_bytes());
+            pi.encrypt_block(&mut b);
+            u128::from_le_bytes(b.0)
+        };
+        let pk = enc(key);
+        let mut out = Vec::new();
+        for j in 0..width.div_ceil(2) {
+            let v = enc(pk ^ ((u128::from(row) << 64) | j as u128)) ^ pk;
+            out.push(v as u64);
+            out.push((v >> 64) as u64);
         }
-        let mut acc = vec![1u64; 131];
-        prg.words(&mut acc, true);
-        assert!(acc.iter().zip(&words).all(|(a, w)| *a == w.wrapping_add(1)));
+        out.truncate(width);
+        out
+    }
+
+    #[test]
+    fn row_masks_match_their_definition() {
+        let mut masks = RowMasks::new();
+        let mut out = Vec::new();
+        // Widths odd and even, batches that grow and shrink the buffers.
+        for (width, rows, first) in [
+            (51, 7, 0u64),
+            (1, 3, 5),
+            (2, 1, u64::MAX),
+            (131, 40, 1 << 40),
+            (51, 2, 9),
+        ] {
+            let keys: Vec<u128> = (0..rows as u128)
+                .map(|r| r * 0x9e37_79b9_7f4a_7c15 + width as u128)
+                .collect();
+            masks.expand(first, &keys, width, &mut out);
+            assert_eq!(out.len(), rows * width);
+            for (r, (got, key)) in out.chunks_exact(width).zip(&keys).enumerate() {
+                let row = first.wrapping_add(r as u64);
+                assert_eq!(
+                    got,
+                    mask_by_definition(row, *key, width).as_slice(),
+                    "width {width} row {r}"
+                );
+            }
+        }
+        masks.expand(3, &[], 51, &mut out);
+        assert!(out.is_empty());
+        masks.expand(3, &[1, 2], 0, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn row_masks_depend_on_row_key_and_position() {
+        let mut masks = RowMasks::new();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        masks.expand(0, &[7, 7], 4, &mut a);
+        // Same key, next row: different words; same row and key: the same.
+        assert_ne!(a[..4], a[4..]);
+        masks.expand(1, &[7], 4, &mut b);
+        assert_eq!(a[4..], b[..]);
+        masks.expand(1, &[8], 4, &mut b);
+        assert_ne!(a[4..], b[..]);
+        // Nor is any word the key's own halves or zero.
+        assert!(a.iter().all(|&w| w != 0 && w != 7));
+        assert_eq!(RowMasks::batch_rows(51), MASK_BATCH_BLOCKS / 26);
+        assert_eq!(RowMasks::batch_rows(1 << 20), 1);
+        assert_eq!(format!("{masks:?}"), "RowMasks(<redacted>)");
     }
 }

@@ -39,6 +39,10 @@ pub struct BenchOptions {
     pub path: Option<crate::relay::Path>,
     /// Runs per size, each on fresh nodes and data.
     pub repeat: usize,
+    /// Times the `spend_by_category` query runs on each run's cached join
+    /// (each a new query, so each a full aggregate); the first gives the
+    /// traffic and phases, the median of all is `query_seconds`.
+    pub queries: usize,
 }
 
 /// One phase of one node.
@@ -116,8 +120,12 @@ pub struct BenchRow {
     /// Wall time of `overlap` (join included) as the analyst saw it.
     pub overlap_seconds: f64,
     /// Wall time of `spend_by_category` on the cached join as the analyst
-    /// saw it (both nodes' work, noise and the analyst's reconstruction).
+    /// saw it (both nodes' work, noise and the analyst's reconstruction):
+    /// the median of `query_runs`.
     pub query_seconds: f64,
+    /// The wall time of each run of that query, in order
+    /// (`BenchOptions::queries` of them).
+    pub query_runs: Vec<f64>,
     /// The join, run by the `overlap` query (whose own aggregate of a few
     /// cells is included): traffic, exchanges, CPU.
     pub join: Traffic,
@@ -236,6 +244,17 @@ pub fn curve_reference(
 
 /// Steps reported to the progress callback per run.
 pub const STEPS_PER_RUN: u64 = 5;
+
+/// The median (the mean of the middle two for an even count; 0 for none).
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
 
 /// A node started on its own runtime, whose threads count their heap for
 /// the node's tag.
@@ -360,6 +379,13 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         let cpu2 = memory::process_cpu_seconds();
         let (tx2, rx2) = platform.node.peer_bytes().await;
         let (ex2, st2) = platform.node.exchanges();
+        let mut query_runs = vec![query_seconds];
+        for _ in 1..opts.queries.max(1) {
+            let t = Instant::now();
+            analyst.query(template, &params, new_query_id()?, timeout).await?;
+            query_runs.push(t.elapsed().as_secs_f64());
+        }
+        let query_seconds = median(&query_runs);
         phases.extend(query.timings.iter().filter(|(_, phase, _)| phase.is_aggregate()).map(
             |(node, phase, seconds)| Phase {
                 node: node.clone(),
@@ -426,6 +452,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             curve_engine: CurveEngine::selected().name().to_string(),
             overlap_seconds,
             query_seconds,
+            query_runs,
             join: Traffic {
                 platform_to_bank_bytes: tx1.saturating_sub(tx0),
                 bank_to_platform_bytes: rx1.saturating_sub(rx0),

@@ -14,8 +14,7 @@
 use std::collections::VecDeque;
 
 use cleanroom_crypto::ot::{
-    BLOCK_ROWS, BaseOtSender, IknpReceiver, IknpSender, Prg, PrgScratch, base_ot_receive, extension_message_len,
-    pack_bits,
+    BLOCK_ROWS, BaseOtSender, IknpReceiver, IknpSender, RowMasks, base_ot_receive, extension_message_len, pack_bits,
 };
 use cleanroom_crypto::point::split_points;
 use cleanroom_crypto::shares::{Share, low_bits};
@@ -65,7 +64,7 @@ fn setup_session_id(
     let binding = bits.binding();
     let (group, rows, width) = (group.to_le_bytes(), rows.to_le_bytes(), width.to_le_bytes());
     let mut parts: Vec<&[u8]> = vec![
-        b"cleanroom-v1-aggregate-setup",
+        b"cleanroom-v2-aggregate-setup",
         join.as_ref(),
         &query_id.0,
         plan,
@@ -84,6 +83,11 @@ fn setup_session_id(
 fn final_session_id(setup: &SessionId, holder_nonce: &Nonce) -> SessionId {
     digest16(&[b"cleanroom-v1-aggregate", setup.as_ref(), holder_nonce])
 }
+
+/// Batches of rows a rayon job takes at least: each job sets up its own
+/// scratch (a few hundred KiB, wiped when it ends), so a chunk is split
+/// into a handful of jobs, not one per batch.
+const MIN_BATCHES_PER_JOB: usize = 8;
 
 fn check_width(width: usize) -> Result<(), ProtocolError> {
     if width == 0 || width > MAX_WIDTH {
@@ -576,50 +580,77 @@ impl HolderOtRunning {
         // in its cells' widths.
         let mut words = vec![0u8; bits.chunk_bytes(len)];
         let (packed, _padding) = words.split_at_mut(len * row_bytes);
-        // Per-thread scratch, reused row after row (each row overwrites it
-        // whole) and zeroized when the thread's share of the chunk is done.
-        let scratch = || Zeroizing::new(vec![0u64; w]);
+        // Rows go through the mask hash a batch at a time; per-thread
+        // scratch, reused batch after batch (each batch overwrites it whole)
+        // and zeroized when the thread's share of the chunk is done.
+        let batch = RowMasks::batch_rows(w);
+        let words_of = |n: usize| Zeroizing::new(vec![0u64; n]);
         let chunk_acc = packed
-            .par_chunks_mut(row_bytes)
-            .zip(pairs.par_iter())
+            .par_chunks_mut(row_bytes * batch)
+            .zip(pairs.par_chunks(batch))
             .enumerate()
+            .with_min_len(MIN_BATCHES_PER_JOB)
             .fold(
-                || (scratch(), scratch(), scratch(), scratch(), PrgScratch::new()),
-                |(mut acc, mut m1, mut d, mut v, mut blocks), (k, (bytes, (k0, k1)))| {
-                    // d = m0; acc += m0
-                    Prg::new(*k0).words_in(&mut d, false, &mut blocks);
-                    for (a, m0) in acc.iter_mut().zip(d.iter()) {
-                        *a = a.wrapping_add(*m0);
-                    }
-                    // d = v + m0 - m1 (v = 0 for a dummy row)
-                    if let Some(c) = joined.customer_of_row(first + k)
-                        && values.fill(c, &mut v)
-                    {
-                        for (x, v) in d.iter_mut().zip(v.iter()) {
-                            *x = x.wrapping_add(*v);
+                || {
+                    let keys = Zeroizing::new(Vec::<u128>::with_capacity(batch));
+                    (
+                        words_of(w),
+                        words_of(w),
+                        words_of(w),
+                        keys,
+                        words_of(0),
+                        words_of(0),
+                        RowMasks::new(),
+                    )
+                },
+                |(mut acc, mut d, mut v, mut keys, mut m0, mut m1, mut masks), (b, (bytes, pairs))| {
+                    let row0 = first + b * batch;
+                    keys.clear();
+                    keys.extend(pairs.iter().map(|(k0, _)| *k0));
+                    masks.expand(row0 as u64, &keys, w, &mut m0);
+                    keys.clear();
+                    keys.extend(pairs.iter().map(|(_, k1)| *k1));
+                    masks.expand(row0 as u64, &keys, w, &mut m1);
+                    let rows = bytes
+                        .chunks_mut(row_bytes)
+                        .zip(m0.chunks_exact(w).zip(m1.chunks_exact(w)));
+                    for (k, (bytes, (m0, m1))) in rows.enumerate() {
+                        // acc += m0; d = v + m0 - m1 (v = 0 for a dummy row)
+                        d.copy_from_slice(m0);
+                        for (a, m) in acc.iter_mut().zip(m0) {
+                            *a = a.wrapping_add(*m);
+                        }
+                        if let Some(c) = joined.customer_of_row(row0 + k)
+                            && values.fill(c, &mut v)
+                        {
+                            for (x, v) in d.iter_mut().zip(v.iter()) {
+                                *x = x.wrapping_add(*v);
+                            }
+                        }
+                        if full {
+                            for ((x, m), out) in d.iter().zip(m1).zip(bytes.chunks_exact_mut(8)) {
+                                out.copy_from_slice(&x.wrapping_sub(*m).to_le_bytes());
+                            }
+                        } else {
+                            for (x, m) in d.iter_mut().zip(m1) {
+                                *x = x.wrapping_sub(*m);
+                            }
+                            bits.pack(&d, bytes);
                         }
                     }
-                    Prg::new(*k1).words_in(&mut m1, false, &mut blocks);
-                    if full {
-                        for ((x, m), out) in d.iter().zip(m1.iter()).zip(bytes.chunks_exact_mut(8)) {
-                            out.copy_from_slice(&x.wrapping_sub(*m).to_le_bytes());
-                        }
-                    } else {
-                        for (x, m) in d.iter_mut().zip(m1.iter()) {
-                            *x = x.wrapping_sub(*m);
-                        }
-                        bits.pack(&d, bytes);
-                    }
-                    (acc, m1, d, v, blocks)
+                    (acc, d, v, keys, m0, m1, masks)
                 },
             )
-            .map(|(acc, _, _, _, _)| acc)
-            .reduce(scratch, |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b.iter()) {
-                    *x = x.wrapping_add(*y);
-                }
-                a
-            });
+            .map(|(acc, ..)| acc)
+            .reduce(
+                || words_of(w),
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b.iter()) {
+                        *x = x.wrapping_add(*y);
+                    }
+                    a
+                },
+            );
         for (a, c) in self.acc.iter_mut().zip(chunk_acc.iter()) {
             *a = a.wrapping_add(*c);
         }
@@ -901,30 +932,45 @@ impl MatcherOtRunning {
                 what: "masked rows with bits set beyond their cells",
             });
         }
+        let batch = RowMasks::batch_rows(w);
         let chunk_acc = packed
-            .par_chunks_exact(row_bytes)
-            .zip(p.keys.par_iter())
+            .par_chunks(row_bytes * batch)
+            .zip(p.keys.par_chunks(batch))
             .enumerate()
+            .with_min_len(MIN_BATCHES_PER_JOB)
             .fold(
-                || (Zeroizing::new(vec![0u64; w]), PrgScratch::new()),
-                |(mut acc, mut blocks), (k, (d_bytes, key))| {
+                || {
+                    (
+                        Zeroizing::new(vec![0u64; w]),
+                        Zeroizing::new(Vec::new()),
+                        RowMasks::new(),
+                    )
+                },
+                |(mut acc, mut m, mut masks), (b, (d_rows, keys))| {
                     // acc += PRG(k_s) + s * d
-                    Prg::new(*key).words_in(&mut acc, true, &mut blocks);
-                    if receiver.choice(first + k) {
-                        if full {
-                            for (a, d) in acc.iter_mut().zip(d_bytes.chunks_exact(8)) {
-                                let mut b = [0u8; 8];
-                                b.copy_from_slice(d);
-                                *a = a.wrapping_add(u64::from_le_bytes(b));
+                    let row0 = first + b * batch;
+                    masks.expand(row0 as u64, keys, w, &mut m);
+                    let rows = d_rows.chunks_exact(row_bytes).zip(m.chunks_exact(w));
+                    for (k, (d_bytes, m)) in rows.enumerate() {
+                        for (a, x) in acc.iter_mut().zip(m) {
+                            *a = a.wrapping_add(*x);
+                        }
+                        if receiver.choice(row0 + k) {
+                            if full {
+                                for (a, d) in acc.iter_mut().zip(d_bytes.chunks_exact(8)) {
+                                    let mut b = [0u8; 8];
+                                    b.copy_from_slice(d);
+                                    *a = a.wrapping_add(u64::from_le_bytes(b));
+                                }
+                            } else {
+                                bits.unpack_add(d_bytes, &mut acc);
                             }
-                        } else {
-                            bits.unpack_add(d_bytes, &mut acc);
                         }
                     }
-                    (acc, blocks)
+                    (acc, m, masks)
                 },
             )
-            .map(|(acc, _)| acc)
+            .map(|(acc, ..)| acc)
             .reduce(
                 || Zeroizing::new(vec![0u64; w]),
                 |mut a, b| {
