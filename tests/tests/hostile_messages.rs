@@ -7,7 +7,8 @@ use cleanroom_crypto::CryptoError;
 use cleanroom_protocol::ProtocolError;
 use cleanroom_protocol::aggregate::{HolderAggregate, MatcherAggregate, RowValues};
 use cleanroom_protocol::join::{
-    HolderJoin, HolderPolicy, HolderStreaming, JoinParams, MatcherJoin, MatcherPolicy, MatcherStreaming, SetSizeLimits,
+    HolderJoin, HolderPolicy, HolderStreaming, JoinParams, MatcherJoin, MatcherPolicy, MatcherStreaming, OwnIds,
+    SetSizeLimits,
 };
 use cleanroom_sim::driver::{run_join, shared};
 use cleanroom_wire::{
@@ -632,4 +633,61 @@ fn bad_local_input_is_refused() {
     );
     assert!(RowValues::new(0, vec![]).is_err());
     assert!(RowValues::new(3, vec![1; 4]).is_err());
+
+    // Identifiers checked once (OwnIds): duplicates refused when made; a
+    // matcher over them refuses block indices out of range or repeated.
+    let dup = vec![b"a".to_vec(), b"b".to_vec(), b"a".to_vec()];
+    assert!(!OwnIds::new(dup).unwrap_err().is_peer_fault());
+    let ids = OwnIds::new(common::ids("x", 0..10)).unwrap();
+    let policy = || MatcherPolicy {
+        peer_set: common::limits(),
+        max_dummy_rows: 10,
+        block_padding: None,
+    };
+    for blocks in [vec![vec![0, 1, 1]], vec![vec![0, 10]]] {
+        let e = MatcherJoin::grouped_from(common::params(64), policy(), &ids, &blocks).unwrap_err();
+        assert!(!e.is_peer_fault(), "{e:?}");
+    }
+    assert!(MatcherJoin::grouped_from(common::params(64), policy(), &ids, &[vec![3, 1, 4]]).is_ok());
+}
+
+/// A join whose matcher is made from checked identifiers and block indices
+/// (as the platform node makes it) and one whose matcher gets the same
+/// identifiers as vectors match the same holder rows: same intersection,
+/// same counts.
+#[test]
+fn a_matcher_from_indices_joins_as_one_from_identifiers() {
+    let all = common::ids("u", 0..400);
+    let picked: Vec<usize> = (0..400).filter(|k| k % 3 != 0).collect();
+    let ids = OwnIds::new(all.clone()).unwrap();
+    let policy = || MatcherPolicy {
+        peer_set: common::limits(),
+        max_dummy_rows: 64,
+        block_padding: None,
+    };
+    let from_indices =
+        MatcherJoin::grouped_from(common::params(64), policy(), &ids, std::slice::from_ref(&picked)).unwrap();
+    let from_ids = MatcherJoin::new(
+        common::params(64),
+        policy(),
+        picked.iter().map(|k| all[*k].clone()).collect(),
+    )
+    .unwrap();
+    let mut results = Vec::new();
+    for m in [from_indices, from_ids] {
+        let h = common::holder(common::ids("u", 200..700), 64);
+        let mut rng_h = ChaCha20Rng::seed_from_u64(5);
+        let mut rng_m = ChaCha20Rng::seed_from_u64(6);
+        let (hj, mj, _) = run_join(h, m, &mut rng_h, &mut rng_m, |_| {}).unwrap();
+        // Real matches: matched rows that are one of the holder's customers
+        // (the rest are its matching dummies).
+        let real = (0..hj.rows())
+            .filter(|i| mj.matched()[*i] && hj.customer_of_row(*i).is_some())
+            .count();
+        results.push((hj.rows(), mj.matched_count(), real));
+    }
+    // Users 200..400 not divisible by 3 are in both sets.
+    let expected = (200..400).filter(|k| k % 3 != 0).count();
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[0].2, expected);
 }

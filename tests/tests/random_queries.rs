@@ -188,7 +188,7 @@ fn run(w: &World, q: &Q, seed: u64) {
     let plan = t.bind("a", &[], &w.domains).unwrap();
     let values = holder_values(&plan, &w.holder, &w.domains.categories);
     let blocks = matcher_blocks(&plan, &w.matcher, &w.domains);
-    let h = common::holder(w.holder.ids.clone(), 64);
+    let h = common::holder(w.holder.ids.to_vec(), 64);
     let m = MatcherJoin::grouped(
         common::params(64),
         MatcherPolicy {

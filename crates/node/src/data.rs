@@ -30,7 +30,7 @@ pub struct Txn {
 #[derive(Clone)]
 pub struct HolderData {
     /// Normalised identifiers.
-    pub ids: Vec<Vec<u8>>,
+    pub ids: cleanroom_protocol::join::OwnIds,
     /// Each customer's transactions.
     pub txns: Vec<Vec<Txn>>,
     /// Digest of the input (file bytes and normalisation rules).
@@ -48,7 +48,7 @@ impl std::fmt::Debug for HolderData {
 /// The matcher's data: one entry per distinct normalised identifier.
 pub struct MatcherData {
     /// Normalised identifiers.
-    pub ids: Vec<Vec<u8>>,
+    pub ids: cleanroom_protocol::join::OwnIds,
     /// Each user's segment index.
     pub segments: Vec<u16>,
     /// Each user's country index (empty when the config names no country column).
@@ -290,7 +290,9 @@ pub fn load_holder(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Hol
     let version = finish_version(reader, &rules);
     report.check(&path, cfg.max_bad_row_share)?;
     Ok(HolderData {
-        ids,
+        // Distinct by construction (the index above); checked once here
+        // so that no join checks again.
+        ids: cleanroom_protocol::join::OwnIds::new(ids)?,
         txns,
         version,
         report,
@@ -370,7 +372,7 @@ pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Ma
     let version = finish_version(reader, &rules);
     report.check(&path, cfg.max_bad_row_share)?;
     Ok(MatcherData {
-        ids,
+        ids: cleanroom_protocol::join::OwnIds::new(ids)?,
         segments,
         countries,
         version,

@@ -1057,16 +1057,31 @@ impl State {
 /// own input, kept on its own disk.
 pub fn fingerprints(key: &[u8; 32], ids: &[&[u8]]) -> Vec<u64> {
     use rayon::prelude::*;
+    let mut out = fingerprints_by_id(key, ids);
+    out.par_sort_unstable();
+    out
+}
+
+/// Each identifier's fingerprint, in the identifiers' order (a node
+/// computes them once for its data; [`sorted_fingerprints`] picks a join's).
+pub fn fingerprints_by_id<T: AsRef<[u8]> + Sync>(key: &[u8; 32], ids: &[T]) -> Vec<u64> {
+    use rayon::prelude::*;
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derive(key, b"cleanroom-v1-churn").as_slice());
-    let mut out: Vec<u64> = ids
-        .par_iter()
+    ids.par_iter()
         .map(|id| {
-            let tag = ring::hmac::sign(&key, id);
+            let tag = ring::hmac::sign(&key, id.as_ref());
             let mut b = [0u8; 8];
             b.copy_from_slice(tag.as_ref().get(..8).unwrap_or(&[0u8; 8]));
             u64::from_le_bytes(b)
         })
-        .collect();
+        .collect()
+}
+
+/// The sorted fingerprints of the identifiers at `indices` (indices
+/// outside `by_id` are skipped).
+pub fn sorted_fingerprints(by_id: &[u64], indices: impl Iterator<Item = usize>) -> Vec<u64> {
+    use rayon::prelude::*;
+    let mut out: Vec<u64> = indices.filter_map(|k| by_id.get(k).copied()).collect();
     out.par_sort_unstable();
     out
 }
@@ -1143,6 +1158,26 @@ mod tests {
         assert_ne!(mine, unkeyed);
         // The baseline written before the key existed stays (made with it).
         assert!(s.check_churn("f", &[1, 2, 3], 0).is_ok());
+    }
+
+    #[test]
+    fn fingerprints_by_id_pick_the_same_sorted_set() {
+        let key = [9u8; 32];
+        let ids: Vec<Vec<u8>> = (0..300u32).map(|i| format!("id-{i}").into_bytes()).collect();
+        let by_id = fingerprints_by_id(&key, &ids);
+        // Aligned with the identifiers: each is the identifier's own HMAC.
+        let one = |id: &[u8]| fingerprints(&key, &[id])[0];
+        assert!(ids.iter().zip(&by_id).all(|(id, f)| one(id) == *f));
+        let all: Vec<&[u8]> = ids.iter().map(Vec::as_slice).collect();
+        assert_eq!(sorted_fingerprints(&by_id, 0..ids.len()), fingerprints(&key, &all));
+        let odd: Vec<usize> = (1..300).step_by(2).collect();
+        let some: Vec<&[u8]> = odd.iter().map(|k| ids[*k].as_slice()).collect();
+        assert_eq!(
+            sorted_fingerprints(&by_id, odd.iter().copied()),
+            fingerprints(&key, &some)
+        );
+        // Indices past the end are skipped.
+        assert_eq!(sorted_fingerprints(&by_id, [0, 300, 1000].into_iter()).len(), 1);
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! clock. The steps that must happen in order are separate types.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
 use cleanroom_crypto::h2g::HashToGroup;
@@ -150,17 +151,60 @@ pub const MAX_BLOCKS: usize = 4096;
 /// [`MatcherJoined::encode`]); a cached join with another is not used.
 pub const JOIN_CACHE_VERSION: u8 = 1;
 
+/// A node's own normalised identifiers, checked once when made: at most
+/// 2^31 and no two equal. Joins over them take a reference-counted copy
+/// and do not check again (a bank's whole set is joined many times).
+#[derive(Clone)]
+pub struct OwnIds(Arc<Vec<Vec<u8>>>);
+
+impl OwnIds {
+    /// Checks `ids`.
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for more than 2^31 identifiers or a
+    /// duplicate.
+    pub fn new(ids: Vec<Vec<u8>>) -> Result<Self, ProtocolError> {
+        check_own_ids(&ids)?;
+        Ok(Self(Arc::new(ids)))
+    }
+
+    /// A copy of the identifiers.
+    pub fn to_vec(&self) -> Vec<Vec<u8>> {
+        self.0.as_ref().clone()
+    }
+}
+
+impl core::ops::Deref for OwnIds {
+    type Target = [Vec<u8>];
+    fn deref(&self) -> &[Vec<u8>] {
+        &self.0
+    }
+}
+
+impl core::fmt::Debug for OwnIds {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "OwnIds({} identifiers)", self.0.len())
+    }
+}
+
 fn check_own_ids(ids: &[Vec<u8>]) -> Result<(), ProtocolError> {
+    check_own_slices(ids.iter().map(Vec::as_slice))
+}
+
+/// At most 2^31 identifiers, no two equal (this node's own data).
+fn check_own_slices<'a>(ids: impl ExactSizeIterator<Item = &'a [u8]>) -> Result<(), ProtocolError> {
     if ids.len() as u64 > MAX_SET_SIZE {
         return Err(ProtocolError::LocalInput {
             reason: "more identifiers than a join supports (2^31)",
         });
     }
     let mut seen = HashSet::with_capacity(ids.len());
-    if !ids.iter().all(|x| seen.insert(x.as_slice())) {
-        return Err(ProtocolError::LocalInput {
-            reason: "duplicate identifiers (aggregate rows per identifier first)",
-        });
+    for id in ids {
+        if !seen.insert(id) {
+            return Err(ProtocolError::LocalInput {
+                reason: "duplicate identifiers (aggregate rows per identifier first)",
+            });
+        }
     }
     Ok(())
 }
@@ -254,7 +298,7 @@ pub struct HolderJoin {
     params: JoinParams,
     policy: HolderPolicy,
     h2g: HashToGroup,
-    ids: Vec<Vec<u8>>,
+    ids: OwnIds,
 }
 
 impl HolderJoin {
@@ -264,8 +308,15 @@ impl HolderJoin {
     /// # Errors
     /// [`ProtocolError::LocalInput`] for bad parameters or duplicate identifiers.
     pub fn new(params: JoinParams, policy: HolderPolicy, ids: Vec<Vec<u8>>) -> Result<Self, ProtocolError> {
+        Self::with_ids(params, policy, OwnIds::new(ids)?)
+    }
+
+    /// A holder with identifiers checked before ([`OwnIds`]).
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for bad parameters.
+    pub fn with_ids(params: JoinParams, policy: HolderPolicy, ids: OwnIds) -> Result<Self, ProtocolError> {
         let h2g = params.check()?;
-        check_own_ids(&ids)?;
         Ok(Self {
             params,
             policy,
@@ -418,7 +469,7 @@ pub struct HolderStreaming {
     session: SessionId,
     chunk_points: usize,
     h2g: HashToGroup,
-    ids: Vec<Vec<u8>>,
+    ids: OwnIds,
     n: u64,
     m: u64,
     blocks: Vec<u64>,
@@ -858,6 +909,13 @@ impl MatcherJoin {
         policy: MatcherPolicy,
         blocks: Vec<Vec<Vec<u8>>>,
     ) -> Result<Self, ProtocolError> {
+        let all: Vec<&[u8]> = blocks.iter().flatten().map(Vec::as_slice).collect();
+        check_own_slices(all.into_iter())?;
+        Self::unchecked(params, policy, blocks)
+    }
+
+    /// A matcher over `blocks`, whose identifiers are known to be distinct.
+    fn unchecked(params: JoinParams, policy: MatcherPolicy, blocks: Vec<Vec<Vec<u8>>>) -> Result<Self, ProtocolError> {
         let h2g = params.check()?;
         if blocks.is_empty() || blocks.len() > MAX_BLOCKS {
             return Err(ProtocolError::LocalInput {
@@ -869,8 +927,6 @@ impl MatcherJoin {
                 reason: "several blocks need a block-padding policy",
             });
         }
-        let all: Vec<Vec<u8>> = blocks.iter().flatten().cloned().collect();
-        check_own_ids(&all)?;
         Ok(Self {
             params,
             policy,
@@ -878,6 +934,37 @@ impl MatcherJoin {
             blocks,
             padding_seed: None,
         })
+    }
+
+    /// As [`MatcherJoin::grouped`], with block `b` made of the identifiers
+    /// `ids[k]` for `k` in `blocks[b]`: since `ids` were checked when made,
+    /// only the indices are (in range, none twice), not the identifiers.
+    ///
+    /// # Errors
+    /// As [`MatcherJoin::grouped`]; an index out of range or repeated is
+    /// [`ProtocolError::LocalInput`].
+    pub fn grouped_from(
+        params: JoinParams,
+        policy: MatcherPolicy,
+        ids: &OwnIds,
+        blocks: &[Vec<usize>],
+    ) -> Result<Self, ProtocolError> {
+        let mut used = vec![false; ids.len()];
+        for k in blocks.iter().flatten() {
+            match used.get_mut(*k) {
+                Some(u) if !*u => *u = true,
+                _ => {
+                    return Err(ProtocolError::LocalInput {
+                        reason: "a block index out of range or repeated",
+                    });
+                }
+            }
+        }
+        let blocks = blocks
+            .iter()
+            .map(|b| b.iter().filter_map(|k| ids.get(*k).cloned()).collect())
+            .collect();
+        Self::unchecked(params, policy, blocks)
     }
 
     /// Draws the padding `P_b` from `seed` (expanded with ChaCha20) instead

@@ -503,9 +503,7 @@ impl Bank {
                 ),
             ));
         }
-        let ids: Vec<&[u8]> = data.ids.iter().map(Vec::as_slice).collect();
-        let fp = crate::state::fingerprints(&self.inner.node_key, &ids);
-        drop(ids);
+        let fp = crate::state::sorted_fingerprints(&self.inner.fingerprints, 0..data.ids.len());
         let churn = lock(&self.inner.state).check_churn("holder-input", &fp, l.max_churn_ppm);
         if let Err(e) = churn {
             abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
@@ -515,7 +513,7 @@ impl Bank {
         let first = first.to_vec();
         let pending = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
-            let h = HolderJoin::new(params, policy, ids)?;
+            let h = HolderJoin::with_ids(params, policy, ids)?;
             h.on_offer(&first, &mut rng).map_err(NodeError::from)
         })
         .await

@@ -367,6 +367,9 @@ struct Inner {
     /// This node's own key (`State::node_key`): keys the churn fingerprints
     /// and the platform's block padding. Never leaves the node.
     node_key: Zeroizing<[u8; 32]>,
+    /// The churn fingerprint of each of this node's identifiers, in the
+    /// data's order (`state::fingerprints_by_id`), computed once at start.
+    fingerprints: Vec<u64>,
     endpoint: quinn::Endpoint,
     /// Tells an admission from a later one under the same key.
     admission_ids: std::sync::atomic::AtomicU64,
@@ -555,6 +558,10 @@ impl Node {
         let mut state = State::open(&cfg.state_dir)?;
         state.expire_joins(&data_version)?;
         let node_key = state.node_key()?;
+        let fingerprints = match &data {
+            Loaded::Holder(h) => crate::state::fingerprints_by_id(&node_key, &h.ids),
+            Loaded::Matcher(m) => crate::state::fingerprints_by_id(&node_key, &m.ids),
+        };
         let endpoint = node_endpoint(cfg.listen, &identity, &ca, &TransportSettings::default())?;
         let mut analysts: Vec<String> = templates.iter().flat_map(|t| t.analysts.iter().cloned()).collect();
         analysts.sort();
@@ -579,6 +586,7 @@ impl Node {
             data_version,
             state: Mutex::new(state),
             node_key,
+            fingerprints,
             endpoint,
             admission_ids: std::sync::atomic::AtomicU64::new(0),
             in_flight: Mutex::new(HashMap::new()),
@@ -706,7 +714,7 @@ impl Node {
     /// The bank's normalised identifiers (for benchmarks; empty on the platform).
     pub fn holder_ids(&self) -> Vec<Vec<u8>> {
         match &self.inner.side {
-            Side::Bank(b) => b.data.ids.clone(),
+            Side::Bank(b) => b.data.ids.to_vec(),
             Side::Platform(_) => Vec::new(),
         }
     }
@@ -714,7 +722,7 @@ impl Node {
     /// The platform's normalised identifiers (for benchmarks; empty on the bank).
     pub fn matcher_ids(&self) -> Vec<Vec<u8>> {
         match &self.inner.side {
-            Side::Platform(p) => p.data.ids.clone(),
+            Side::Platform(p) => p.data.ids.to_vec(),
             Side::Bank(_) => Vec::new(),
         }
     }

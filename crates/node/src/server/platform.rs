@@ -212,20 +212,14 @@ impl Platform {
             return Ok((j, None));
         }
         let t = Instant::now();
-        let blocks: Vec<Vec<Vec<u8>>> = indices
-            .into_iter()
-            .map(|b| b.into_iter().filter_map(|k| data.ids.get(k).cloned()).collect())
-            .collect();
-        let ids: Vec<&[u8]> = blocks.iter().flatten().map(Vec::as_slice).collect();
-        let fp = crate::state::fingerprints(&self.inner.node_key, &ids);
-        drop(ids);
+        let fp = crate::state::sorted_fingerprints(&self.inner.fingerprints, indices.iter().flatten().copied());
         lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
         let l = &self.inner.limits;
         let (params, policy, padding) = self.matcher_join_rules(self.join_context(&filter, &data.version))?;
         let conn = self.peer_connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mut rng = session_rng()?;
-        let m = MatcherJoin::grouped(params, policy, blocks)?.with_padding_seed(padding);
+        let m = MatcherJoin::grouped_from(params, policy, &data.ids, &indices)?.with_padding_seed(padding);
         let (offered, offer) = m.offer(&mut rng)?;
         write_one(&mut send, &offer).await?;
         let waits = &self.inner.limits.timeouts;
