@@ -1075,27 +1075,38 @@ impl Message {
     /// # Errors
     /// [`WireError::Encode`] or [`WireError::TooLarge`] for a frame over the limit.
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
-        let mut out = vec![PROTOCOL_VERSION, self.type_byte()];
-        let body = match self {
-            Message::JoinOffer(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::JoinAccept(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::MatcherKey(m) => bincode::serde::encode_to_vec(m, config()),
+        // The body is written straight after the two header bytes, into a
+        // buffer sized for the bulk variants' payload: one allocation and
+        // one copy of a chunk's bytes, not two.
+        let bulk = match self {
+            Message::MatcherTokens(m) | Message::HolderRows(m) | Message::HolderTokens(m) => m.points.len(),
+            Message::OtExtend(m) => m.columns.len(),
+            Message::MaskedRows(m) => m.words.len(),
+            Message::OtChoices(m) => m.points.len(),
+            _ => 0,
+        };
+        let mut out = Vec::with_capacity(bulk.saturating_add(64).min(MAX_MESSAGE_LEN));
+        out.extend_from_slice(&[PROTOCOL_VERSION, self.type_byte()]);
+        let w = &mut out;
+        match self {
+            Message::JoinOffer(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::JoinAccept(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::MatcherKey(m) => bincode::serde::encode_into_std_write(m, w, config()),
             Message::MatcherTokens(m) | Message::HolderRows(m) | Message::HolderTokens(m) => {
-                bincode::serde::encode_to_vec(m, config())
+                bincode::serde::encode_into_std_write(m, w, config())
             }
-            Message::OtSetup(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::OtChoices(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::OtExtend(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::MaskedRows(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::Abort(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::AnalystRequest(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::AnalystResponse(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::Policy(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::ShareCheck(m) => bincode::serde::encode_to_vec(m, config()),
-            Message::ShareHeld(m) => bincode::serde::encode_to_vec(m, config()),
+            Message::OtSetup(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::OtChoices(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::OtExtend(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::MaskedRows(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::Abort(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::AnalystRequest(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::AnalystResponse(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::Policy(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::ShareCheck(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::ShareHeld(m) => bincode::serde::encode_into_std_write(m, w, config()),
         }
         .map_err(|_| WireError::Encode)?;
-        out.extend_from_slice(&body);
         if out.len() > MAX_MESSAGE_LEN {
             return Err(WireError::TooLarge {
                 len: out.len(),
