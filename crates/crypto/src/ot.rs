@@ -59,6 +59,9 @@ pub fn tccr_hash_batch(first_row: u64, xs: &[u128], out: &mut [u128]) {
     for ((o, a), b) in out.iter_mut().zip(&px).zip(&second) {
         *o = u128::from_le_bytes(a.0) ^ u128::from_le_bytes(b.0);
     }
+    // `π(x)` gives `x` back through the public permutation, and `x` is a
+    // row's `q` or `t` (so its keys): neither buffer outlives the call.
+    px.iter_mut().chain(second.iter_mut()).for_each(wipe_block);
 }
 
 /// AES-128 in counter mode as a PRG, keyed with a 128-bit seed.
@@ -161,7 +164,7 @@ impl RowMasks {
         }
         cipher.encrypt_blocks(&mut self.keys);
         for ((r, pk), row_blocks) in self.keys.iter().enumerate().zip(self.blocks.chunks_exact_mut(per_row)) {
-            let t = u128::from_le_bytes(pk.0) ^ (u128::from(first + r as u64) << 64);
+            let t = u128::from_le_bytes(pk.0) ^ (u128::from(first.wrapping_add(r as u64)) << 64);
             for (j, b) in row_blocks.iter_mut().enumerate() {
                 *b = Array::from((t ^ j as u128).to_le_bytes());
             }

@@ -1077,13 +1077,29 @@ pub fn fingerprints_by_id<T: AsRef<[u8]> + Sync>(key: &[u8; 32], ids: &[T]) -> V
         .collect()
 }
 
-/// The sorted fingerprints of the identifiers at `indices` (indices
-/// outside `by_id` are skipped).
-pub fn sorted_fingerprints(by_id: &[u64], indices: impl Iterator<Item = usize>) -> Vec<u64> {
+/// The sorted fingerprints of the identifiers at `indices`, `by_id` being
+/// those of the node's `ids` identifiers.
+///
+/// # Errors
+/// [`NodeError::Internal`] if `by_id` is not one per identifier or an index
+/// is out of range (the churn limit must never be checked on a part of
+/// the input).
+pub fn sorted_fingerprints(
+    by_id: &[u64],
+    ids: usize,
+    indices: impl Iterator<Item = usize>,
+) -> Result<Vec<u64>, NodeError> {
     use rayon::prelude::*;
-    let mut out: Vec<u64> = indices.filter_map(|k| by_id.get(k).copied()).collect();
+    let lost = || NodeError::Internal("churn fingerprints do not cover the input");
+    if by_id.len() != ids {
+        return Err(lost());
+    }
+    let mut out: Vec<u64> = indices
+        .map(|k| by_id.get(k).copied())
+        .collect::<Option<_>>()
+        .ok_or_else(lost)?;
     out.par_sort_unstable();
-    out
+    Ok(out)
 }
 
 /// A 32-byte key for one purpose (`label`), derived from the node key with
@@ -1169,15 +1185,20 @@ mod tests {
         let one = |id: &[u8]| fingerprints(&key, &[id])[0];
         assert!(ids.iter().zip(&by_id).all(|(id, f)| one(id) == *f));
         let all: Vec<&[u8]> = ids.iter().map(Vec::as_slice).collect();
-        assert_eq!(sorted_fingerprints(&by_id, 0..ids.len()), fingerprints(&key, &all));
+        assert_eq!(
+            sorted_fingerprints(&by_id, 300, 0..ids.len()).unwrap(),
+            fingerprints(&key, &all)
+        );
         let odd: Vec<usize> = (1..300).step_by(2).collect();
         let some: Vec<&[u8]> = odd.iter().map(|k| ids[*k].as_slice()).collect();
         assert_eq!(
-            sorted_fingerprints(&by_id, odd.iter().copied()),
+            sorted_fingerprints(&by_id, 300, odd.iter().copied()).unwrap(),
             fingerprints(&key, &some)
         );
-        // Indices past the end are skipped.
-        assert_eq!(sorted_fingerprints(&by_id, [0, 300, 1000].into_iter()).len(), 1);
+        // Never a part of the input: an index past the end, or fingerprints
+        // of another input's size, is an error.
+        assert!(sorted_fingerprints(&by_id, 300, [0, 300].into_iter()).is_err());
+        assert!(sorted_fingerprints(&by_id, 301, 0..300).is_err());
     }
 
     #[test]

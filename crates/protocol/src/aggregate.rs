@@ -84,10 +84,14 @@ fn final_session_id(setup: &SessionId, holder_nonce: &Nonce) -> SessionId {
     digest16(&[b"cleanroom-v1-aggregate", setup.as_ref(), holder_nonce])
 }
 
-/// Batches of rows a rayon job takes at least: each job sets up its own
-/// scratch (a few hundred KiB, wiped when it ends), so a chunk is split
-/// into a handful of jobs, not one per batch.
-const MIN_BATCHES_PER_JOB: usize = 8;
+/// Batches of rows a rayon job takes at least, for a chunk of `batches`
+/// batches: each job sets up its own scratch (a few hundred KiB, wiped when
+/// it ends), so a chunk of many batches is split into a handful of jobs,
+/// not one per batch; a chunk of few batches (narrow rows) still gets two
+/// jobs per thread.
+fn min_batches_per_job(batches: usize) -> usize {
+    (batches / (2 * rayon::current_num_threads()).max(1)).clamp(1, 8)
+}
 
 fn check_width(width: usize) -> Result<(), ProtocolError> {
     if width == 0 || width > MAX_WIDTH {
@@ -589,7 +593,7 @@ impl HolderOtRunning {
             .par_chunks_mut(row_bytes * batch)
             .zip(pairs.par_chunks(batch))
             .enumerate()
-            .with_min_len(MIN_BATCHES_PER_JOB)
+            .with_min_len(min_batches_per_job(len.div_ceil(batch)))
             .fold(
                 || {
                     let keys = Zeroizing::new(Vec::<u128>::with_capacity(batch));
@@ -937,7 +941,7 @@ impl MatcherOtRunning {
             .par_chunks(row_bytes * batch)
             .zip(p.keys.par_chunks(batch))
             .enumerate()
-            .with_min_len(MIN_BATCHES_PER_JOB)
+            .with_min_len(min_batches_per_job(p.keys.len().div_ceil(batch)))
             .fold(
                 || {
                     (

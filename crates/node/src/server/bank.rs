@@ -503,7 +503,7 @@ impl Bank {
                 ),
             ));
         }
-        let fp = crate::state::sorted_fingerprints(&self.inner.fingerprints, 0..data.ids.len());
+        let fp = crate::state::sorted_fingerprints(&self.inner.fingerprints, data.ids.len(), 0..data.ids.len())?;
         let churn = lock(&self.inner.state).check_churn("holder-input", &fp, l.max_churn_ppm);
         if let Err(e) = churn {
             abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;

@@ -212,7 +212,11 @@ impl Platform {
             return Ok((j, None));
         }
         let t = Instant::now();
-        let fp = crate::state::sorted_fingerprints(&self.inner.fingerprints, indices.iter().flatten().copied());
+        let fp = crate::state::sorted_fingerprints(
+            &self.inner.fingerprints,
+            data.ids.len(),
+            indices.iter().flatten().copied(),
+        )?;
         lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
         let l = &self.inner.limits;
         let (params, policy, padding) = self.matcher_join_rules(self.join_context(&filter, &data.version))?;
