@@ -20,6 +20,7 @@ pub mod noise;
 pub mod policy;
 pub mod pump;
 pub mod server;
+pub mod shards;
 pub mod state;
 pub mod turns;
 

@@ -1,0 +1,549 @@
+//! Shard files (issue 16, first piece of "flat memory on one machine"):
+//! one shard of a node's input, its normalised identifiers and each one's
+//! row values, written once to a file so that a node can work on a shard
+//! at a time instead of holding its whole input. The nodes do not write or
+//! read them yet; this is the format and its checks.
+//!
+//! Layout (little endian):
+//!
+//! ```text
+//! magic        8 bytes  "CRSHARD\0"
+//! format       u32      1
+//! data version 32 bytes the input's digest (`HolderData::version`, ...)
+//! key id       32 bytes SHA-256("cleanroom-v1-shard-key-id" || shard key)
+//! shards       u32      S
+//! shard        u32      s (< S)
+//! width        u32      row values per record (0 for the platform)
+//! records      then, per identifier: u16 length, its bytes (1..=1024),
+//!                       `width` u64 values
+//! count        u64      number of records
+//! checksum     32 bytes SHA-256 of everything before it
+//! ```
+//!
+//! A reader checks, before using anything: the magic and format, that the
+//! file is for the data version, shard key, `S`, `s` and width it expects,
+//! the checksum over the whole file, every record's bounds and the count.
+//! Anything else is a [`ShardFileError`] naming the file and what is wrong,
+//! never a partial read. A writer writes to `NAME.part`, syncs it and
+//! renames it into place, so a crash leaves no file that looks complete.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use ring::digest::{Context, SHA256};
+
+/// The file's first eight bytes.
+const MAGIC: &[u8; 8] = b"CRSHARD\0";
+/// The layout this code writes and reads.
+pub const FORMAT: u32 = 1;
+/// The longest normalised identifier a shard file holds.
+pub const MAX_ID_LEN: usize = 1024;
+/// Header bytes: magic, format, data version, key id, S, s, width.
+const HEADER_LEN: usize = 8 + 4 + 32 + 32 + 4 + 4 + 4;
+/// Trailer bytes: count and checksum.
+const TRAILER_LEN: usize = 8 + 32;
+
+/// What a shard file is for: both the writer's and the reader's view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardFileId {
+    /// The input's digest.
+    pub data_version: [u8; 32],
+    /// Names the shard key without revealing it ([`key_id`]).
+    pub key_id: [u8; 32],
+    /// `S`.
+    pub shards: u32,
+    /// `s`.
+    pub shard: u32,
+    /// Row values per record.
+    pub width: u32,
+}
+
+/// `SHA-256("cleanroom-v1-shard-key-id" || key)`: which shard key a file
+/// was split under (a one-way function of a 256-bit random key).
+pub fn key_id(key: &[u8; 32]) -> [u8; 32] {
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(b"cleanroom-v1-shard-key-id");
+    ctx.update(key);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Why a shard file was refused. The messages name the file and the
+/// fault, never an identifier or a value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShardFileError {
+    /// Reading, writing, syncing or renaming failed.
+    #[error("shard file {}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Not a shard file, or one of another layout.
+    #[error("shard file {}: not a shard file of format 1 (the layout this build reads)", .path.display())]
+    NotAShardFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A shard file, but not the one expected.
+    #[error("shard file {}: written for another {what}; delete the shard files to split the input again", .path.display())]
+    Other {
+        /// The file.
+        path: PathBuf,
+        /// `data version`, `shard key`, `shard count`, `shard` or `row width`.
+        what: &'static str,
+    },
+    /// Shorter than its header and trailer, a checksum that does not match,
+    /// a record out of bounds or a count that does not match.
+    #[error("shard file {}: damaged ({what})", .path.display())]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What does not hold.
+        what: &'static str,
+    },
+    /// A record the writer cannot store.
+    #[error("shard file {}: {what}", .path.display())]
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: &'static str,
+    },
+}
+
+/// Writes one shard file, record by record.
+pub struct ShardWriter {
+    path: PathBuf,
+    part: PathBuf,
+    out: BufWriter<std::fs::File>,
+    digest: Context,
+    width: usize,
+    count: u64,
+}
+
+impl core::fmt::Debug for ShardWriter {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "ShardWriter {{ path: {}, records: {} }}",
+            self.path.display(),
+            self.count
+        )
+    }
+}
+
+impl ShardWriter {
+    /// Starts `path` (written as `path.part` until [`ShardWriter::finish`]).
+    ///
+    /// # Errors
+    /// [`ShardFileError::Io`].
+    pub fn create(path: &Path, id: &ShardFileId) -> Result<Self, ShardFileError> {
+        let mut part = path.as_os_str().to_owned();
+        part.push(".part");
+        let part = PathBuf::from(part);
+        let file = std::fs::File::create(&part).map_err(|source| ShardFileError::Io {
+            path: part.clone(),
+            source,
+        })?;
+        let mut w = Self {
+            path: path.to_path_buf(),
+            part,
+            out: BufWriter::new(file),
+            digest: Context::new(&SHA256),
+            width: id.width as usize,
+            count: 0,
+        };
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&FORMAT.to_le_bytes());
+        header.extend_from_slice(&id.data_version);
+        header.extend_from_slice(&id.key_id);
+        header.extend_from_slice(&id.shards.to_le_bytes());
+        header.extend_from_slice(&id.shard.to_le_bytes());
+        header.extend_from_slice(&id.width.to_le_bytes());
+        w.put(&header)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), ShardFileError> {
+        self.digest.update(bytes);
+        self.out.write_all(bytes).map_err(|source| ShardFileError::Io {
+            path: self.part.clone(),
+            source,
+        })
+    }
+
+    /// Appends one identifier and its `width` values.
+    ///
+    /// # Errors
+    /// [`ShardFileError::BadRecord`] for an empty or over-long identifier or
+    /// the wrong number of values; [`ShardFileError::Io`].
+    pub fn push(&mut self, id: &[u8], values: &[u64]) -> Result<(), ShardFileError> {
+        if id.is_empty() || id.len() > MAX_ID_LEN {
+            return Err(ShardFileError::BadRecord {
+                path: self.path.clone(),
+                what: "an identifier must be 1 to 1024 bytes",
+            });
+        }
+        if values.len() != self.width {
+            return Err(ShardFileError::BadRecord {
+                path: self.path.clone(),
+                what: "a record's values do not match the file's row width",
+            });
+        }
+        self.put(&(id.len() as u16).to_le_bytes())?;
+        self.put(id)?;
+        for v in values {
+            self.put(&v.to_le_bytes())?;
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Writes the count and checksum, syncs the file and renames it into
+    /// place; returns the number of records.
+    ///
+    /// # Errors
+    /// [`ShardFileError::Io`].
+    pub fn finish(mut self) -> Result<u64, ShardFileError> {
+        let count = self.count;
+        self.put(&count.to_le_bytes())?;
+        let sum = self.digest.clone().finish();
+        let io = |path: &Path, source| ShardFileError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        self.out.write_all(sum.as_ref()).map_err(|e| io(&self.part, e))?;
+        let file = self.out.into_inner().map_err(|e| io(&self.part, e.into_error()))?;
+        file.sync_all().map_err(|e| io(&self.part, e))?;
+        std::fs::rename(&self.part, &self.path).map_err(|e| io(&self.path, e))?;
+        Ok(count)
+    }
+}
+
+/// One shard as read back: identifiers in file order and their values,
+/// `width` per identifier, row after row.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// Normalised identifiers.
+    pub ids: Vec<Vec<u8>>,
+    /// Row values, `ids.len() * width`.
+    pub values: Vec<u64>,
+}
+
+impl core::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Shard {{ records: {} }}", self.ids.len())
+    }
+}
+
+/// Reads `path`, refusing it unless it is a whole, undamaged shard file for
+/// `expected`.
+///
+/// # Errors
+/// A [`ShardFileError`] saying what is wrong.
+pub fn read_shard(path: &Path, expected: &ShardFileId) -> Result<Shard, ShardFileError> {
+    let bytes = std::fs::read(path).map_err(|source| ShardFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let damaged = |what| ShardFileError::Damaged {
+        path: path.to_path_buf(),
+        what,
+    };
+    let (Some(magic), Some(format)) = (bytes.get(..8), bytes.get(8..12)) else {
+        return Err(ShardFileError::NotAShardFile {
+            path: path.to_path_buf(),
+        });
+    };
+    if magic != MAGIC || format != FORMAT.to_le_bytes() {
+        return Err(ShardFileError::NotAShardFile {
+            path: path.to_path_buf(),
+        });
+    }
+    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+        return Err(damaged("shorter than its header and trailer"));
+    }
+    // Everything but the checksum.
+    let body_len = bytes.len() - 32;
+    let (body, sum) = bytes.split_at(body_len);
+    if ring::digest::digest(&SHA256, body).as_ref() != sum {
+        return Err(damaged("checksum does not match"));
+    }
+    let mut r = Reader { bytes: body, at: 8 + 4 };
+    let data_version = r.array::<32>().ok_or_else(|| damaged("header"))?;
+    let key_id = r.array::<32>().ok_or_else(|| damaged("header"))?;
+    let shards = r.u32().ok_or_else(|| damaged("header"))?;
+    let shard = r.u32().ok_or_else(|| damaged("header"))?;
+    let width = r.u32().ok_or_else(|| damaged("header"))?;
+    let other = |what| ShardFileError::Other {
+        path: path.to_path_buf(),
+        what,
+    };
+    if data_version != expected.data_version {
+        return Err(other("data version"));
+    }
+    if key_id != expected.key_id {
+        return Err(other("shard key"));
+    }
+    if shards != expected.shards {
+        return Err(other("shard count"));
+    }
+    if shard != expected.shard {
+        return Err(other("shard"));
+    }
+    if width != expected.width {
+        return Err(other("row width"));
+    }
+    let records_end = body_len - 8;
+    let width = width as usize;
+    let mut ids = Vec::new();
+    let mut values = Vec::new();
+    while r.at < records_end {
+        let len = usize::from(r.u16().ok_or_else(|| damaged("record length"))?);
+        if len == 0 || len > MAX_ID_LEN {
+            return Err(damaged("record length"));
+        }
+        let id = r.take(len).ok_or_else(|| damaged("record"))?;
+        ids.push(id.to_vec());
+        for _ in 0..width {
+            values.push(r.u64().ok_or_else(|| damaged("record"))?);
+        }
+        if r.at > records_end {
+            return Err(damaged("record"));
+        }
+    }
+    let count = r.u64().ok_or_else(|| damaged("count"))?;
+    if count != ids.len() as u64 {
+        return Err(damaged("record count does not match"));
+    }
+    Ok(Shard { ids, values })
+}
+
+/// Bounds-checked reads over a byte slice.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let end = self.at.checked_add(n)?;
+        let s = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(s)
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_le_bytes)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn id(shard: u32) -> ShardFileId {
+        ShardFileId {
+            data_version: [7; 32],
+            key_id: key_id(&[9; 32]),
+            shards: 16,
+            shard,
+            width: 3,
+        }
+    }
+
+    fn records(n: usize) -> Vec<(Vec<u8>, Vec<u64>)> {
+        (0..n)
+            .map(|i| {
+                let v = i as u64;
+                (
+                    format!("email:user{i}@example.com").into_bytes(),
+                    vec![v, v * 1000, u64::MAX - v],
+                )
+            })
+            .collect()
+    }
+
+    fn write(path: &Path, id: &ShardFileId, recs: &[(Vec<u8>, Vec<u64>)]) {
+        let mut w = ShardWriter::create(path, id).unwrap();
+        for (i, v) in recs {
+            w.push(i, v).unwrap();
+        }
+        assert_eq!(w.finish().unwrap(), recs.len() as u64);
+    }
+
+    #[test]
+    fn a_shard_reads_back_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [0, 1, 500] {
+            let path = dir.path().join(format!("s{n}"));
+            let recs = records(n);
+            write(&path, &id(5), &recs);
+            assert!(!dir.path().join(format!("s{n}.part")).exists());
+            let got = read_shard(&path, &id(5)).unwrap();
+            assert_eq!(got.ids, recs.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>());
+            assert_eq!(got.values, recs.iter().flat_map(|(_, v)| v.clone()).collect::<Vec<_>>());
+            assert_eq!(format!("{got:?}"), format!("Shard {{ records: {n} }}"));
+        }
+    }
+
+    #[test]
+    fn the_layout_is_as_documented() {
+        // Header, one record and trailer assembled by hand from the module's
+        // description, not through the writer.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("one");
+        let fid = id(5);
+        write(&path, &fid, &[(b"ab".to_vec(), vec![1, 2, 3])]);
+        let mut want = Vec::new();
+        want.extend_from_slice(b"CRSHARD\0");
+        want.extend_from_slice(&1u32.to_le_bytes());
+        want.extend_from_slice(&[7; 32]);
+        want.extend_from_slice(&fid.key_id);
+        want.extend_from_slice(&16u32.to_le_bytes());
+        want.extend_from_slice(&5u32.to_le_bytes());
+        want.extend_from_slice(&3u32.to_le_bytes());
+        want.extend_from_slice(&2u16.to_le_bytes());
+        want.extend_from_slice(b"ab");
+        for v in [1u64, 2, 3] {
+            want.extend_from_slice(&v.to_le_bytes());
+        }
+        want.extend_from_slice(&1u64.to_le_bytes());
+        use sha2::Digest;
+        let sum = sha2::Sha256::digest(&want);
+        want.extend_from_slice(&sum);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        let mut k = b"cleanroom-v1-shard-key-id".to_vec();
+        k.extend_from_slice(&[9; 32]);
+        assert_eq!(key_id(&[9; 32]).as_slice(), sha2::Sha256::digest(&k).as_slice());
+    }
+
+    #[test]
+    fn another_files_shard_is_refused_by_what_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        write(&path, &id(5), &records(10));
+        let cases: [(&str, ShardFileId); 5] = [
+            (
+                "data version",
+                ShardFileId {
+                    data_version: [8; 32],
+                    ..id(5)
+                },
+            ),
+            (
+                "shard key",
+                ShardFileId {
+                    key_id: key_id(&[1; 32]),
+                    ..id(5)
+                },
+            ),
+            ("shard count", ShardFileId { shards: 17, ..id(5) }),
+            ("shard", id(6)),
+            ("row width", ShardFileId { width: 2, ..id(5) }),
+        ];
+        for (what, expected) in cases {
+            let e = read_shard(&path, &expected).unwrap_err();
+            assert!(
+                matches!(e, ShardFileError::Other { what: w, .. } if w == what),
+                "{what}: {e}"
+            );
+            assert!(e.to_string().contains(what), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_damaged_file_is_refused_never_read_in_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        write(&path, &id(5), &records(20));
+        let good = std::fs::read(&path).unwrap();
+        // Every single-byte change after the magic and format, and every
+        // truncation, is refused.
+        for at in 12..good.len() {
+            let mut bad = good.clone();
+            bad[at] ^= 0x40;
+            std::fs::write(&path, &bad).unwrap();
+            let e = read_shard(&path, &id(5)).unwrap_err();
+            assert!(matches!(e, ShardFileError::Damaged { .. }), "byte {at}: {e}");
+        }
+        for len in [0, 5, 12, 40, HEADER_LEN, good.len() / 2, good.len() - 1] {
+            std::fs::write(&path, &good[..len]).unwrap();
+            let e = read_shard(&path, &id(5)).unwrap_err();
+            assert!(
+                matches!(e, ShardFileError::Damaged { .. } | ShardFileError::NotAShardFile { .. }),
+                "length {len}: {e}"
+            );
+        }
+        // Another format or not a shard file at all.
+        let mut other = good.clone();
+        other[8] = 2;
+        std::fs::write(&path, &other).unwrap();
+        assert!(matches!(
+            read_shard(&path, &id(5)),
+            Err(ShardFileError::NotAShardFile { .. })
+        ));
+        std::fs::write(&path, b"email,amount\n").unwrap();
+        assert!(matches!(
+            read_shard(&path, &id(5)),
+            Err(ShardFileError::NotAShardFile { .. })
+        ));
+        // A consistent file (checksum recomputed) with a record that runs
+        // past the end, or a count that does not match, is refused too.
+        let resum = |mut body: Vec<u8>| {
+            use sha2::Digest;
+            let sum = sha2::Sha256::digest(&body);
+            body.extend_from_slice(&sum);
+            body
+        };
+        let body = &good[..good.len() - 32];
+        let mut wrong_count = body.to_vec();
+        let n = wrong_count.len();
+        wrong_count[n - 8..].copy_from_slice(&21u64.to_le_bytes());
+        std::fs::write(&path, resum(wrong_count)).unwrap();
+        assert!(matches!(
+            read_shard(&path, &id(5)),
+            Err(ShardFileError::Damaged {
+                what: "record count does not match",
+                ..
+            })
+        ));
+        let mut long_record = body.to_vec();
+        long_record[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&1000u16.to_le_bytes());
+        std::fs::write(&path, resum(long_record)).unwrap();
+        assert!(matches!(read_shard(&path, &id(5)), Err(ShardFileError::Damaged { .. })));
+        // The messages never carry an identifier.
+        std::fs::write(&path, &good).unwrap();
+        let e = read_shard(&path, &ShardFileId { shards: 3, ..id(5) }).unwrap_err();
+        assert!(!e.to_string().contains("example.com"));
+    }
+
+    #[test]
+    fn the_writer_refuses_records_it_cannot_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::create(&dir.path().join("s"), &id(0)).unwrap();
+        assert!(matches!(w.push(b"", &[1, 2, 3]), Err(ShardFileError::BadRecord { .. })));
+        assert!(matches!(
+            w.push(&[b'a'; 1025], &[1, 2, 3]),
+            Err(ShardFileError::BadRecord { .. })
+        ));
+        assert!(matches!(w.push(b"a", &[1, 2]), Err(ShardFileError::BadRecord { .. })));
+        // Unfinished, it never appears under its name.
+        drop(w);
+        assert!(!dir.path().join("s").exists());
+    }
+}
