@@ -28,17 +28,20 @@ pub const BLOCK_ROWS: usize = 128;
 
 type AesBlock = Array<u8, aes::cipher::consts::U16>;
 
+/// AES-128 under the first 16 bytes of SHA-256(`label`): a fixed, public
+/// permutation, one per label.
+fn cipher_for_label(label: &[u8]) -> Aes128 {
+    let d = ring::digest::digest(&SHA256, label);
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&d.as_ref()[..16]);
+    Aes128::new(&Array::from(key))
+}
+
 /// The fixed, public AES key of the correlation-robust hash
 /// (the first 16 bytes of SHA-256("cleanroom-v1-tccr")).
 fn fixed_cipher() -> &'static Aes128 {
-    use std::sync::OnceLock;
-    static CIPHER: OnceLock<Aes128> = OnceLock::new();
-    CIPHER.get_or_init(|| {
-        let d = ring::digest::digest(&SHA256, b"cleanroom-v1-tccr");
-        let mut key = [0u8; 16];
-        key.copy_from_slice(&d.as_ref()[..16]);
-        Aes128::new(&Array::from(key))
-    })
+    static CIPHER: std::sync::OnceLock<Aes128> = std::sync::OnceLock::new();
+    CIPHER.get_or_init(|| cipher_for_label(b"cleanroom-v1-tccr"))
 }
 
 /// The tweakable correlation-robust hash of Guo et al. (2020) on a batch:
@@ -99,14 +102,8 @@ impl Prg {
 /// (the first 16 bytes of SHA-256("cleanroom-v2-row-mask")): a permutation
 /// of its own, apart from the OT extension's.
 fn mask_cipher() -> &'static Aes128 {
-    use std::sync::OnceLock;
-    static CIPHER: OnceLock<Aes128> = OnceLock::new();
-    CIPHER.get_or_init(|| {
-        let d = ring::digest::digest(&SHA256, b"cleanroom-v2-row-mask");
-        let mut key = [0u8; 16];
-        key.copy_from_slice(&d.as_ref()[..16]);
-        Aes128::new(&Array::from(key))
-    })
+    static CIPHER: std::sync::OnceLock<Aes128> = std::sync::OnceLock::new();
+    CIPHER.get_or_init(|| cipher_for_label(b"cleanroom-v2-row-mask"))
 }
 
 /// Most blocks [`RowMasks::expand`] encrypts in one call (64 KiB).
