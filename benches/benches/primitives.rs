@@ -87,6 +87,56 @@ fn batched(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // The same work one operation at a time: the map (RFC 9496's one-way
+    // map) and the strict decoding, each with its encoding, then the
+    // multiplication alone. The multi-buffer code multiplies by k/2 and
+    // doubles while encoding, so its parts keep the doubling (one of the
+    // multiplication's 253) and its multiplication is the fused benchmark
+    // above minus its part here.
+    let ids: Vec<Vec<u8>> = (0..1024u32)
+        .map(|i| format!("email:user{i}@example.com").into_bytes())
+        .collect();
+    let h2g = HashToGroup::for_collaboration("bench").unwrap();
+    let decoded: Vec<RistrettoPoint> = points.iter().map(|p| decode_point(p).unwrap()).collect();
+    let mut g = c.benchmark_group("per_op");
+    g.throughput(Throughput::Elements(1024));
+    g.bench_function("expand_message_xmd_sha512_1024", |b| {
+        b.iter(|| {
+            black_box(&ids)
+                .iter()
+                .map(|id| h2g.uniform_bytes(id))
+                .collect::<Vec<_>>()
+        })
+    });
+    if let Some(ifma) = cleanroom_mb::Ifma::detect() {
+        g.bench_function("mb_map_double_encode_1024", |b| {
+            b.iter(|| ifma.map_double_encode(black_box(&uniform)))
+        });
+        g.bench_function("mb_decode_double_encode_1024", |b| {
+            b.iter(|| ifma.decode_double_encode(black_box(&points)))
+        });
+    }
+    g.bench_function("dalek_map_compress_1024", |b| {
+        b.iter(|| {
+            black_box(&uniform)
+                .iter()
+                .map(|u| RistrettoPoint::from_uniform_bytes(u).compress())
+                .collect::<Vec<_>>()
+        })
+    });
+    g.bench_function("dalek_decode_compress_1024", |b| {
+        b.iter(|| {
+            black_box(&points)
+                .iter()
+                .map(|p| decode_point(p).map(|p| p.compress()))
+                .collect::<Vec<_>>()
+        })
+    });
+    g.bench_function("dalek_mul_1024", |b| {
+        b.iter(|| black_box(&decoded).iter().map(|p| k.expose() * p).collect::<Vec<_>>())
+    });
+    g.finish();
 }
 
 fn ot(c: &mut Criterion) {

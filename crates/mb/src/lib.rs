@@ -91,7 +91,7 @@ impl Ifma {
     pub fn hash_mul_encode(self, uniform: &[[u8; 64]], k: &Digits) -> Vec<[u8; POINT_LEN]> {
         let mut out = Vec::with_capacity(uniform.len());
         // The map accepts every input: there is nothing to refuse.
-        let _: Result<(), Refused> = self.run(Job::Hash(uniform), k, &mut out);
+        let _: Result<(), Refused> = self.run(Job::Hash(uniform), Some(k), &mut out);
         out
     }
 
@@ -102,13 +102,36 @@ impl Ifma {
     /// [`Refused`], with the index of the first refused encoding.
     pub fn decode_mul_encode(self, points: &[[u8; POINT_LEN]], k: &Digits) -> Result<Vec<[u8; POINT_LEN]>, Refused> {
         let mut out = Vec::with_capacity(points.len());
-        self.run(Job::Decode(points), k, &mut out)?;
+        self.run(Job::Decode(points), Some(k), &mut out)?;
+        Ok(out)
+    }
+
+    /// `encode(2 * map(u))`: [`Ifma::hash_mul_encode`] without the
+    /// multiplication. (The fused code multiplies by `k/2` and doubles
+    /// while encoding; this skips the first step only.) For the benchmarks
+    /// that time the map and the multiplication apart; the join always
+    /// multiplies.
+    pub fn map_double_encode(self, uniform: &[[u8; 64]]) -> Vec<[u8; POINT_LEN]> {
+        let mut out = Vec::with_capacity(uniform.len());
+        let _: Result<(), Refused> = self.run(Job::Hash(uniform), None, &mut out);
+        out
+    }
+
+    /// `encode(2 * decode(b))`: [`Ifma::decode_mul_encode`] without the
+    /// multiplication (as [`Ifma::map_double_encode`]), with the same
+    /// checks and refusals.
+    ///
+    /// # Errors
+    /// [`Refused`], with the index of the first refused encoding.
+    pub fn decode_double_encode(self, points: &[[u8; POINT_LEN]]) -> Result<Vec<[u8; POINT_LEN]>, Refused> {
+        let mut out = Vec::with_capacity(points.len());
+        self.run(Job::Decode(points), None, &mut out)?;
         Ok(out)
     }
 
     /// The one way into the vector code.
     #[cfg(target_arch = "x86_64")]
-    fn run(self, job: Job<'_>, k: &Digits, out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
+    fn run(self, job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
         // SAFETY: `ifma::run` is compiled with `avx512f,avx512ifma,avx512dq`
         // enabled; calling it is sound exactly when the CPU has those
         // features. An `Ifma` exists only if `Ifma::detect` found them with
@@ -121,7 +144,7 @@ impl Ifma {
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn run(self, _job: Job<'_>, _k: &Digits, _out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
+    fn run(self, _job: Job<'_>, _k: Option<&Digits>, _out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
         match self.0 {}
     }
 }

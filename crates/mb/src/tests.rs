@@ -329,3 +329,53 @@ fn identity_images_beside_others() {
     assert_eq!(got, dalek_hash_mul(&uniform, &k));
     assert!(got.iter().skip(1).step_by(3).all(|e| *e == [0u8; 32]));
 }
+
+/// The parts without the multiplication: `map_double_encode` is dalek's
+/// `(2 * from_uniform_bytes(u)).compress()`, `decode_double_encode` is
+/// `(2 * decompress(b)).compress()` and refuses exactly what
+/// `decode_mul_encode` refuses, at the same index.
+#[test]
+fn parts_without_the_multiplication() {
+    let Some(v) = vector_code() else {
+        return;
+    };
+    let two = Scalar::from(2u8);
+    let mut rng = ChaCha20Rng::seed_from_u64(6);
+    for n in (0..=17).chain([300]) {
+        let uniform: Vec<[u8; 64]> = (0..n)
+            .map(|_| {
+                let mut u = [0u8; 64];
+                rng.fill_bytes(&mut u);
+                u
+            })
+            .collect();
+        assert_eq!(v.map_double_encode(&uniform), dalek_hash_mul(&uniform, &two), "n = {n}");
+        let points = dalek_hash_mul(&uniform, &Scalar::ONE);
+        assert_eq!(
+            v.decode_double_encode(&points).unwrap(),
+            dalek_decode_mul(&points, &two),
+            "n = {n}"
+        );
+    }
+    let k = digits(&random_scalar(&mut rng));
+    let good: Vec<[u8; 32]> = (0..20)
+        .map(|_| {
+            (RISTRETTO_BASEPOINT_TABLE * &random_scalar(&mut rng))
+                .compress()
+                .to_bytes()
+        })
+        .collect();
+    let bad = [
+        [0u8; 32],
+        hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+        hex32("26948d35ca62e643e26a83177332e6b6afeb9d08e4268b650f1f5bbd8d81d371"),
+        hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    ];
+    for (i, b) in bad.iter().enumerate() {
+        let mut batch = good.clone();
+        batch[5 + 3 * i] = *b;
+        let refused = v.decode_double_encode(&batch).unwrap_err();
+        assert_eq!(Err(refused), v.decode_mul_encode(&batch, &k), "bad {i}");
+        assert_eq!(refused.index, 5 + 3 * i);
+    }
+}
