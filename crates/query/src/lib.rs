@@ -756,6 +756,77 @@ fn cmp_holds<T: Ord>(a: &T, cmp: Cmp, b: &T) -> bool {
     }
 }
 
+/// Whether one holder conjunct holds for a row (a column or literal of
+/// another kind makes a comparison false).
+fn holder_predicate_holds(p: &Predicate, row: &HolderRow<'_>) -> bool {
+    let col = p.column().name.as_str();
+    let test = |lit: &Literal, cmp: Cmp| match (col, lit) {
+        ("category", Literal::Text(t)) => cmp_holds(&row.category, cmp, &t.as_str()),
+        ("amount", Literal::Cents(c)) => cmp_holds(&row.cents, cmp, c),
+        ("date", Literal::Day(d)) => cmp_holds(&row.day, cmp, d),
+        _ => false,
+    };
+    match p {
+        Predicate::Compare(_, cmp, lit) => test(lit, *cmp),
+        Predicate::In(_, lits) => lits.iter().any(|l| test(l, Cmp::Eq)),
+        Predicate::Between(_, lo, hi) => test(lo, Cmp::Ge) && test(hi, Cmp::Le),
+    }
+}
+
+/// A holder row's numeric column.
+#[derive(Clone, Copy, Debug)]
+enum NumField {
+    Cents,
+    Day,
+}
+
+/// One conjunct on a numeric column; `None` is a literal of another kind
+/// (the comparison is false).
+#[derive(Clone, Debug)]
+enum NumTest {
+    Compare(Cmp, Option<i64>),
+    In(Vec<i64>),
+    Between(Option<i64>, Option<i64>),
+}
+
+/// [`Plan::holder_filter`]: the holder conjuncts, with those on the
+/// category decided once per category.
+#[derive(Clone, Debug)]
+pub struct HolderFilter {
+    category_ok: Vec<bool>,
+    unknown_category_ok: bool,
+    never: bool,
+    tests: Vec<(NumField, NumTest)>,
+}
+
+impl HolderFilter {
+    /// Whether a row passes, as [`Plan::holder_row_passes`] would for the
+    /// row whose category is `categories[category]` (the empty string when
+    /// out of range).
+    pub fn passes(&self, category: usize, cents: i64, day: i32) -> bool {
+        if self.never
+            || !self
+                .category_ok
+                .get(category)
+                .copied()
+                .unwrap_or(self.unknown_category_ok)
+        {
+            return false;
+        }
+        self.tests.iter().all(|(field, test)| {
+            let x = match field {
+                NumField::Cents => cents,
+                NumField::Day => i64::from(day),
+            };
+            match test {
+                NumTest::Compare(cmp, v) => v.is_some_and(|v| cmp_holds(&x, *cmp, &v)),
+                NumTest::In(vs) => vs.contains(&x),
+                NumTest::Between(lo, hi) => lo.is_some_and(|lo| x >= lo) && hi.is_some_and(|hi| x <= hi),
+            }
+        })
+    }
+}
+
 /// One holder row (transaction) as the plan sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct HolderRow<'a> {
@@ -1025,20 +1096,62 @@ impl Plan {
     /// Whether a holder row passes the WHERE clause's holder conjuncts.
     pub fn holder_row_passes(&self, row: &HolderRow<'_>) -> bool {
         let mut filters = self.query.filters.iter().filter(|p| p.column().side == Side::Holder);
-        filters.all(|p| {
-            let col = p.column().name.as_str();
-            let test = |lit: &Literal, cmp: Cmp| match (col, lit) {
-                ("category", Literal::Text(t)) => cmp_holds(&row.category, cmp, &t.as_str()),
-                ("amount", Literal::Cents(c)) => cmp_holds(&row.cents, cmp, c),
-                ("date", Literal::Day(d)) => cmp_holds(&row.day, cmp, d),
-                _ => false,
+        filters.all(|p| holder_predicate_holds(p, row))
+    }
+
+    /// The WHERE clause's holder conjuncts compiled for rows whose category
+    /// is an index into `categories`: what [`Plan::holder_row_passes`]
+    /// decides, without a string comparison per row (the node asks it for
+    /// every transaction of every joined customer, each query).
+    pub fn holder_filter(&self, categories: &[String]) -> HolderFilter {
+        let preds: Vec<&Predicate> = self
+            .query
+            .filters
+            .iter()
+            .filter(|p| p.column().side == Side::Holder)
+            .collect();
+        let on_category = |category: &str| {
+            let row = HolderRow {
+                category,
+                cents: 0,
+                day: 0,
             };
-            match p {
-                Predicate::Compare(_, cmp, lit) => test(lit, *cmp),
-                Predicate::In(_, lits) => lits.iter().any(|l| test(l, Cmp::Eq)),
-                Predicate::Between(_, lo, hi) => test(lo, Cmp::Ge) && test(hi, Cmp::Le),
-            }
-        })
+            preds
+                .iter()
+                .filter(|p| p.column().name == "category")
+                .all(|p| holder_predicate_holds(p, &row))
+        };
+        let mut never = false;
+        let mut tests = Vec::new();
+        for p in &preds {
+            let field = match p.column().name.as_str() {
+                "category" => continue,
+                "amount" => NumField::Cents,
+                "date" => NumField::Day,
+                // holder_predicate_holds is false for every row.
+                _ => {
+                    never = true;
+                    continue;
+                }
+            };
+            let value = |lit: &Literal| match (field, lit) {
+                (NumField::Cents, Literal::Cents(c)) => Some(*c),
+                (NumField::Day, Literal::Day(d)) => Some(i64::from(*d)),
+                _ => None,
+            };
+            let test = match p {
+                Predicate::Compare(_, cmp, lit) => NumTest::Compare(*cmp, value(lit)),
+                Predicate::In(_, lits) => NumTest::In(lits.iter().filter_map(value).collect()),
+                Predicate::Between(_, lo, hi) => NumTest::Between(value(lo), value(hi)),
+            };
+            tests.push((field, test));
+        }
+        HolderFilter {
+            category_ok: categories.iter().map(|c| on_category(c)).collect(),
+            unknown_category_ok: on_category(""),
+            never,
+            tests,
+        }
     }
 
     /// The holder group a row falls in (index into [`Plan::holder_groups`]).
@@ -1457,6 +1570,65 @@ mod tests {
             platform_side.bind("alice", &[], &d).unwrap_err(),
             QueryError::NoCells { template: "x".into() }
         );
+    }
+
+    /// The compiled holder filter decides every row as the plan's own
+    /// predicate evaluation does, around every literal's edges, for
+    /// categories in and out of the domain.
+    #[test]
+    fn holder_filter_agrees_with_holder_row_passes() {
+        let d = Domains {
+            categories: vec!["a".into(), "b".into(), "c".into()],
+            ..domains()
+        };
+        let wheres = [
+            "",
+            "WHERE b.date BETWEEN '2026-01-02' AND '2026-01-04'",
+            "WHERE b.category IN ('a', 'c') AND b.amount >= 5.00 AND b.date < '2026-01-04'",
+            "WHERE b.category <> 'a' AND b.amount BETWEEN 1.00 AND 20.00",
+            "WHERE b.amount IN (1.00, 2.50, -3) AND b.date = '2026-01-03'",
+            "WHERE b.category = 'b' AND b.amount > -5 AND b.amount <= 2.50 AND b.date >= '2026-01-03'",
+            "WHERE b.category > 'a' AND b.amount < 0 AND b.date <> '2026-01-02'",
+        ];
+        let day0 = parse_date("2026-01-01").unwrap();
+        let mut checked = 0;
+        for w in wheres {
+            let t = Template {
+                name: "x".into(),
+                sql: format!("SELECT b.category, COUNT(*) AS n FROM bank b JOIN platform p {w} GROUP BY b.category"),
+                params: vec![],
+                rho_micro: 1,
+                min_count: 1,
+                analysts: vec!["alice".into()],
+                clip: clip(),
+            };
+            let plan = t.bind("alice", &[], &d).unwrap();
+            let filter = plan.holder_filter(&d.categories);
+            let mut passed = 0;
+            for category in 0..=d.categories.len() {
+                let name = d.categories.get(category).map_or("", String::as_str);
+                for cents in [
+                    -500, -301, -300, -299, -1, 0, 1, 99, 100, 101, 250, 499, 500, 501, 2000, 2001,
+                ] {
+                    for day in day0..day0 + 6 {
+                        let row = HolderRow {
+                            category: name,
+                            cents,
+                            day,
+                        };
+                        let want = plan.holder_row_passes(&row);
+                        assert_eq!(filter.passes(category, cents, day), want, "{w}: {row:?}");
+                        passed += usize::from(want);
+                        checked += 1;
+                    }
+                }
+            }
+            // Each WHERE clause lets some rows through and (but the first)
+            // stops others, so both answers are exercised.
+            assert!(passed > 0, "{w}");
+            assert!(w.is_empty() || passed < 4 * 16 * 6, "{w}");
+        }
+        assert_eq!(checked, wheres.len() * 4 * 16 * 6);
     }
 
     #[test]

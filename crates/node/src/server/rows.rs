@@ -53,7 +53,8 @@ pub struct HolderRows {
     /// Holder group of each category index (a row's group depends on its
     /// category only).
     group_of: Vec<Option<usize>>,
-    categories: Vec<String>,
+    /// The WHERE clause's holder conjuncts, compiled for category indices.
+    filter: cleanroom_query::HolderFilter,
     groups: usize,
     width: usize,
 }
@@ -87,7 +88,7 @@ impl HolderRows {
             plan: plan.clone(),
             cells: plan.cells(),
             group_of,
-            categories: categories.to_vec(),
+            filter: plan.holder_filter(categories),
             groups: plan.holder_groups().len().max(1),
             width: plan.width(),
         }
@@ -101,6 +102,14 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
 
     fn customers(&self) -> usize {
         self.data.ids.len()
+    }
+
+    fn prefetch(&self, customer: usize) {
+        // A customer's transactions are contiguous: their first and last
+        // cache lines (usually all of them) and the vector's header.
+        if let Some(txns) = self.data.txns.get(customer) {
+            std::hint::black_box((txns.first().map(|t| t.day), txns.last().map(|t| t.day)));
+        }
     }
 
     fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
@@ -120,12 +129,7 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
             (&mut count_heap, &mut sum_heap)
         };
         for t in txns {
-            let r = HolderRow {
-                category: self.categories.get(usize::from(t.category)).map_or("", String::as_str),
-                cents: t.cents,
-                day: t.day,
-            };
-            if !self.plan.holder_row_passes(&r) {
+            if !self.filter.passes(usize::from(t.category), t.cents, t.day) {
                 continue;
             }
             if let Some(g) = self.group_of.get(usize::from(t.category)).copied().flatten()
