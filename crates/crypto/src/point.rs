@@ -275,6 +275,56 @@ fn half_scalar(k: &SecretScalar) -> Zeroizing<Scalar> {
     Zeroizing::new(k.expose() * Scalar::from(2u8).invert())
 }
 
+/// Whether two of `points` are equal (as bytes, hence as points: the
+/// encodings are canonical). Sorts each point's first eight bytes with its
+/// index (12 bytes a point, not 32, and integer comparisons) and compares
+/// whole encodings only where those prefixes are equal, so a peer that
+/// makes prefixes collide on purpose costs a comparison per collision, not
+/// a wrong answer.
+pub fn has_duplicate(points: &[PointBytes]) -> bool {
+    if points.len() > u32::MAX as usize {
+        // Indices would wrap; no join has that many points (the offer
+        // caps rows at 2^32 - 1), so fall back to the plain sort.
+        let mut sorted = points.to_vec();
+        sorted.par_sort_unstable();
+        return sorted.windows(2).any(|w| w.first() == w.get(1));
+    }
+    let mut keys: Vec<(u64, u32)> = points
+        .par_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut head = [0u8; 8];
+            head.copy_from_slice(p.get(..8).unwrap_or(&[0u8; 8]));
+            (u64::from_be_bytes(head), i as u32)
+        })
+        .collect();
+    keys.par_sort_unstable();
+    // Within a run of equal prefixes, any two equal points (the run is
+    // short: two random points share 64 bits with probability 2^-64).
+    let mut start = 0;
+    while start < keys.len() {
+        let head = keys.get(start).map(|k| k.0);
+        let mut end = start + 1;
+        while end < keys.len() && keys.get(end).map(|k| k.0) == head {
+            end += 1;
+        }
+        if end - start > 1 {
+            let mut run: Vec<&PointBytes> = keys
+                .get(start..end)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|(_, i)| points.get(*i as usize))
+                .collect();
+            run.sort_unstable();
+            if run.windows(2).any(|w| w.first() == w.get(1)) {
+                return true;
+            }
+        }
+        start = end;
+    }
+    false
+}
+
 /// A set of encoded points that refuses duplicates: since ristretto255
 /// encodings are canonical, equal bytes mean equal points and vice versa.
 #[derive(Debug, Default)]
@@ -506,5 +556,55 @@ mod tests {
         let mut s = DistinctPoints::default();
         s.insert_all(&[[1u8; 32], [2u8; 32]]).unwrap();
         assert_eq!(s.insert_all(&[[3u8; 32], [1u8; 32]]), Err(CryptoError::DuplicatePoint));
+    }
+
+    /// `has_duplicate` against a plain sort of whole encodings, on random
+    /// byte strings with duplicates planted at every distance, with runs of
+    /// equal 8-byte prefixes and distinct tails (not duplicates), and with
+    /// a prefix run that holds one duplicate pair in its middle.
+    #[test]
+    fn has_duplicate_agrees_with_a_plain_sort() {
+        use rand_core::RngCore;
+        let reference = |v: &[PointBytes]| {
+            let mut s = v.to_vec();
+            s.sort_unstable();
+            s.windows(2).any(|w| w[0] == w[1])
+        };
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        let random = |rng: &mut ChaCha20Rng, n: usize| -> Vec<PointBytes> {
+            (0..n)
+                .map(|_| {
+                    let mut p = [0u8; 32];
+                    rng.fill_bytes(&mut p);
+                    p
+                })
+                .collect()
+        };
+        assert!(!has_duplicate(&[]));
+        assert!(!has_duplicate(&[[7u8; 32]]));
+        assert!(has_duplicate(&[[7u8; 32], [7u8; 32]]));
+        for n in [2usize, 3, 17, 1000] {
+            let v = random(&mut rng, n);
+            assert_eq!(has_duplicate(&v), reference(&v));
+            assert!(!has_duplicate(&v), "n = {n}");
+            for (i, j) in [(0, n - 1), (n / 2, n / 2 + 1), (n - 2, n - 1)] {
+                if i == j || j >= n {
+                    continue;
+                }
+                let mut d = v.clone();
+                d[j] = d[i];
+                assert!(has_duplicate(&d), "n = {n}, {i} = {j}");
+            }
+        }
+        // Equal prefixes, distinct tails: no duplicate; then one pair.
+        let mut v = random(&mut rng, 500);
+        for p in v.iter_mut().step_by(3) {
+            p[..8].copy_from_slice(b"samehead");
+        }
+        assert!(!has_duplicate(&v));
+        assert_eq!(has_duplicate(&v), reference(&v));
+        v[300] = v[150];
+        assert!(has_duplicate(&v));
+        assert_eq!(has_duplicate(&v), reference(&v));
     }
 }

@@ -662,12 +662,9 @@ impl HolderStreaming {
             shuffle(&mut block, &mut self.shuffle_rng);
             all.extend(block);
         }
-        let mut sorted = all.clone();
-        sorted.par_sort_unstable();
-        if sorted.windows(2).any(|w| w.first() == w.get(1)) {
+        if point::has_duplicate(&all) {
             return Err(ProtocolError::Crypto(cleanroom_crypto::CryptoError::DuplicatePoint));
         }
-        drop(sorted);
         self.tokens = Some(all);
         Ok(())
     }
@@ -1264,12 +1261,9 @@ impl MatcherStreaming {
                 what: "rows or tokens not all exchanged",
             });
         }
-        let mut sorted = self.row_tokens.clone();
-        sorted.par_sort_unstable();
-        if sorted.windows(2).any(|w| w.first() == w.get(1)) {
+        if point::has_duplicate(&self.row_tokens) {
             return Err(ProtocolError::Crypto(cleanroom_crypto::CryptoError::DuplicatePoint));
         }
-        drop(sorted);
         let labels: Vec<u32> = self
             .row_tokens
             .par_iter()
