@@ -110,6 +110,10 @@ fn batched(c: &mut Criterion) {
         })
     });
     if let Some(ifma) = cleanroom_mb::Ifma::detect() {
+        let refs: Vec<&[u8]> = ids.iter().map(Vec::as_slice).collect();
+        g.bench_function("mb_expand_xmd_sha512_1024", |b| {
+            b.iter(|| ifma.expand_xmd_sha512_64(h2g.dst(), black_box(&refs)))
+        });
         g.bench_function("mb_map_double_encode_1024", |b| {
             b.iter(|| ifma.map_double_encode(black_box(&uniform)))
         });

@@ -168,7 +168,12 @@ pub fn hash_mul_compress_with<T: AsRef<[u8]> + Sync>(
         out.par_chunks_mut(PAR_CHUNK)
             .zip(inputs.par_chunks(PAR_CHUNK))
             .for_each(|(out, xs)| {
-                let uniform: Vec<[u8; 64]> = xs.iter().map(|x| h2g.uniform_bytes(x.as_ref())).collect();
+                // The hash's SHA-512 eight messages at a time too (the tag
+                // was checked when `h2g` was made, so this never falls back).
+                let msgs: Vec<&[u8]> = xs.iter().map(AsRef::as_ref).collect();
+                let uniform = ifma
+                    .expand_xmd_sha512_64(h2g.dst(), &msgs)
+                    .unwrap_or_else(|| xs.iter().map(|x| h2g.uniform_bytes(x.as_ref())).collect());
                 out.copy_from_slice(&ifma.hash_mul_encode(&uniform, &digits));
             });
         return out;
@@ -606,5 +611,36 @@ mod tests {
         v[300] = v[150];
         assert!(has_duplicate(&v));
         assert_eq!(has_duplicate(&v), reference(&v));
+    }
+
+    /// The multi-buffer SHA-512 expansion equals the RFC 9380 one (this
+    /// crate's `expand_message_xmd_sha512`, checked against the RFC's
+    /// vectors) for every message length from 0 to 300 bytes and tags
+    /// around the lengths where the padding needs another block.
+    #[test]
+    fn multi_buffer_expansion_equals_expand_message_xmd() {
+        let Some(ifma) = cleanroom_mb::Ifma::detect() else {
+            eprintln!("no AVX-512 IFMA here: the multi-buffer expansion is not run");
+            return;
+        };
+        let msgs: Vec<Vec<u8>> = (0..=300usize)
+            .map(|n| (0..n).map(|i| (i * 7 + n) as u8).collect())
+            .collect();
+        let refs: Vec<&[u8]> = msgs.iter().map(Vec::as_slice).collect();
+        for dst_len in [1usize, 38, 45, 46, 47, 100, 110, 111, 112, 255] {
+            let dst: Vec<u8> = (0..dst_len).map(|i| b'a' + (i % 26) as u8).collect();
+            let got = ifma.expand_xmd_sha512_64(&dst, &refs).unwrap();
+            assert_eq!(got.len(), refs.len());
+            for (m, g) in refs.iter().zip(&got) {
+                let want = crate::h2g::expand_message_xmd_sha512(m, &dst, 64).unwrap();
+                assert_eq!(g.as_slice(), want.as_slice(), "dst {dst_len}, msg {}", m.len());
+            }
+            // Batches of every length up to a few vectors.
+            for n in 0..20 {
+                assert_eq!(ifma.expand_xmd_sha512_64(&dst, &refs[..n]).unwrap(), got[..n]);
+            }
+        }
+        assert!(ifma.expand_xmd_sha512_64(&[], &refs).is_none());
+        assert!(ifma.expand_xmd_sha512_64(&[0u8; 256], &refs).is_none());
     }
 }

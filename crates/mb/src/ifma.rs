@@ -137,7 +137,7 @@ fn one() -> Fe {
 
 /// The eight lanes of one vector.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn lanes(v: __m512i) -> [u64; LANES] {
+pub(crate) fn lanes(v: __m512i) -> [u64; LANES] {
     let lo = _mm512_castsi512_si256(v);
     let hi = _mm512_extracti64x4_epi64::<1>(v);
     [
@@ -154,7 +154,7 @@ fn lanes(v: __m512i) -> [u64; LANES] {
 
 /// One vector from eight lanes.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn from_lanes(l: &[u64; LANES]) -> __m512i {
+pub(crate) fn from_lanes(l: &[u64; LANES]) -> __m512i {
     _mm512_set_epi64(
         l[7] as i64,
         l[6] as i64,
@@ -807,6 +807,20 @@ pub(crate) fn run(job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN
     let mut doubled = Vec::with_capacity(ENCODE_BATCH);
     let mut lens = Vec::with_capacity(ENCODE_BATCH);
     match job {
+        Job::Expand { dst, msgs } => {
+            // Each 64-byte output as two 32-byte halves (`lib.rs` joins them).
+            let mut uniform = Vec::with_capacity(msgs.len());
+            crate::sha512::expand64(dst, msgs, &mut uniform);
+            for u in &uniform {
+                let (lo, hi) = u.split_at(POINT_LEN);
+                for half in [lo, hi] {
+                    let mut h = [0u8; POINT_LEN];
+                    h.copy_from_slice(half);
+                    out.push(h);
+                }
+            }
+            Ok(())
+        }
         Job::Hash(uniform) => {
             let filler = [0u8; 64];
             for group in uniform.chunks(LANES * ENCODE_BATCH) {

@@ -13,6 +13,10 @@
 //!   `b` (RFC 9496 section 4.3.1, strict), refusing non-canonical or invalid
 //!   encodings and the identity.
 //!
+//! It also hashes eight identifiers at a time for the hash-to-group
+//! ([`Ifma::expand_xmd_sha512_64`]: RFC 9380's `expand_message_xmd` with
+//! SHA-512 and 64 output bytes, one message per 64-bit lane).
+//!
 //! Every lane runs the same instructions: the scalar's digits are the same
 //! for all eight points, the table lookups are constant-time blends, the
 //! square roots are the same exponentiation in every lane. Results are equal
@@ -29,6 +33,8 @@
 #[cfg(target_arch = "x86_64")]
 mod ifma;
 mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod sha512;
 
 pub use scalar::Digits;
 
@@ -129,6 +135,31 @@ impl Ifma {
         Ok(out)
     }
 
+    /// RFC 9380's `expand_message_xmd(msg, dst, 64)` with SHA-512 for each
+    /// message, eight messages per AVX-512 instruction (the hash-to-group's
+    /// hash: its 64 bytes are what [`Ifma::hash_mul_encode`] maps); `None`
+    /// for a tag that is empty or over 255 bytes.
+    pub fn expand_xmd_sha512_64(self, dst: &[u8], msgs: &[&[u8]]) -> Option<Vec<[u8; 64]>> {
+        if dst.is_empty() || dst.len() > 255 {
+            return None;
+        }
+        let mut halves = Vec::with_capacity(2 * msgs.len());
+        // Nothing to refuse: every message has an expansion.
+        let _: Result<(), Refused> = self.run(Job::Expand { dst, msgs }, None, &mut halves);
+        Some(
+            halves
+                .chunks_exact(2)
+                .map(|h| {
+                    let mut u = [0u8; 64];
+                    for (d, s) in u.iter_mut().zip(h.iter().flatten()) {
+                        *d = *s;
+                    }
+                    u
+                })
+                .collect(),
+        )
+    }
+
     /// The one way into the vector code.
     #[cfg(target_arch = "x86_64")]
     fn run(self, job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
@@ -171,6 +202,14 @@ enum Job<'a> {
     Hash(&'a [[u8; 64]]),
     /// Peer encodings to decode, multiply and encode.
     Decode(&'a [[u8; POINT_LEN]]),
+    /// Messages to expand (`expand_message_xmd`, SHA-512, 64 bytes) under
+    /// a tag; no scalar.
+    Expand {
+        /// The domain separation tag, 1 to 255 bytes.
+        dst: &'a [u8],
+        /// The messages.
+        msgs: &'a [&'a [u8]],
+    },
 }
 
 /// Byte-level checks of a peer's encoding (RFC 9496 section 4.3.1): the
