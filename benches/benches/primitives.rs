@@ -274,6 +274,7 @@ fn join(c: &mut Criterion) {
                 seed: 1,
                 chunk_points: DEFAULT_CHUNK,
                 shards: 1,
+                group_by_segment: false,
             })
             .unwrap()
         })

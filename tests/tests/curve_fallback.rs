@@ -65,6 +65,7 @@ fn curve_results() -> (String, CurveEngine, CurveBackend) {
         seed: 9,
         chunk_points: 256,
         shards: 1,
+        group_by_segment: false,
     })
     .expect("the simulation runs");
     assert!(report.exact, "the simulation does not match its plaintext computation");

@@ -262,6 +262,11 @@ struct SimulateArgs {
     /// dummies, and the shares are added up.
     #[arg(long, default_value_t = 1)]
     shards: u32,
+    /// Group the cells by the platform users' segment: a grouped join (one
+    /// padded block of the platform's identifiers per segment) and one
+    /// aggregate per segment, each checked against the plaintext.
+    #[arg(long)]
+    group_by_segment: bool,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
@@ -305,6 +310,7 @@ fn main() -> anyhow::Result<()> {
                 seed: a.seed,
                 chunk_points: a.chunk_points,
                 shards: a.shards,
+                group_by_segment: a.group_by_segment,
             })
             .context("simulation failed")?;
             if a.json {

@@ -19,7 +19,7 @@ use serde::Serialize;
 use zeroize::Zeroize;
 
 use crate::driver::{DriverError, run_aggregate, run_join, shared};
-use crate::synth::{SynthConfig, SynthData, generate};
+use crate::synth::{SEGMENTS, SynthConfig, SynthData, generate};
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -38,6 +38,10 @@ pub struct SimulateConfig {
     pub chunk_points: usize,
     /// Shards (1: the unsharded protocol).
     pub shards: u32,
+    /// Group the cells by the platform users' segment (a grouped join:
+    /// one block of the platform's identifiers per segment, each padded,
+    /// and one aggregate per segment), instead of one group.
+    pub group_by_segment: bool,
 }
 
 /// Errors of a simulation run.
@@ -118,7 +122,7 @@ pub struct SimulateReport {
     pub width: usize,
     /// `|X ∩ Y|`, computed in the clear.
     pub intersection: u64,
-    /// `D_max` per shard times the shards: the most dummy rows, public.
+    /// `D_max` per block times the blocks and the shards: the most dummy rows, public.
     pub dummy_rows: u64,
     /// `|X ∩ Y| + D` summed over the shards: what the matcher learned
     /// (shard by shard in `shards`).
@@ -306,10 +310,10 @@ pub fn shard_context(s: u32, shards: u32) -> [u8; 32] {
     out
 }
 
-/// What one shard pair's join and aggregate gave.
+/// What one shard pair's join and aggregates gave (a share per group).
 struct PairRun {
-    holder_share: Share,
-    matcher_share: Share,
+    holder_shares: Vec<Share>,
+    matcher_shares: Vec<Share>,
     matched: u64,
     bytes: Bytes,
     messages: Bytes,
@@ -320,7 +324,7 @@ struct PairRun {
 #[allow(clippy::too_many_arguments)]
 fn run_pair(
     holder: &HolderInput,
-    matcher: &[Vec<u8>],
+    blocks: &[Vec<Vec<u8>>],
     rules: &NormalizationRules,
     context: [u8; 32],
     chunk_points: usize,
@@ -347,14 +351,16 @@ fn run_pair(
         },
         holder.ids.clone(),
     )?;
-    let m = MatcherJoin::new(
+    // One group: today's ungrouped join. Several: a block per group, each
+    // padded (the protocol requires it).
+    let m = MatcherJoin::grouped(
         params,
         MatcherPolicy {
             peer_set: limits,
             max_dummy_rows: 4096,
-            block_padding: None,
+            block_padding: if blocks.len() > 1 { Some(cardinality()?) } else { None },
         },
-        matcher.to_vec(),
+        blocks.to_vec(),
     )?;
     let mut add = |name: &str, secs: f64| *phases.entry(name.to_string()).or_insert(0.0) += secs;
     let t = Instant::now();
@@ -364,31 +370,43 @@ fn run_pair(
     add("join.matcher_compute", join_traffic.matcher_time.as_secs_f64());
 
     let width = holder.width;
-    let agg = HolderAggregate::new(
-        shared(hj),
-        RowValues::new(width, holder.values.clone())?,
-        query_id,
-        [1u8; 32],
-        0,
-    )?;
-    let t = Instant::now();
-    let (hs, ms, agg_traffic) = run_aggregate(agg, &mj, mj.matched(), width, query_id, [1u8; 32], 0, rng_h, rng_m)?;
-    add("aggregate", t.elapsed().as_secs_f64());
-    add("aggregate.holder_compute", agg_traffic.holder_time.as_secs_f64());
-    add("aggregate.matcher_compute", agg_traffic.matcher_time.as_secs_f64());
-    Ok(PairRun {
-        holder_share: hs,
-        matcher_share: ms,
+    let joined = shared(hj);
+    let values = std::sync::Arc::new(RowValues::new(width, holder.values.clone())?);
+    let mut run = PairRun {
+        holder_shares: Vec::with_capacity(blocks.len()),
+        matcher_shares: Vec::with_capacity(blocks.len()),
         matched: mj.matched_count(),
         bytes: Bytes {
-            holder_to_matcher: join_traffic.holder_to_matcher_bytes + agg_traffic.holder_to_matcher_bytes,
-            matcher_to_holder: join_traffic.matcher_to_holder_bytes + agg_traffic.matcher_to_holder_bytes,
+            holder_to_matcher: join_traffic.holder_to_matcher_bytes,
+            matcher_to_holder: join_traffic.matcher_to_holder_bytes,
         },
         messages: Bytes {
-            holder_to_matcher: join_traffic.holder_to_matcher_messages + agg_traffic.holder_to_matcher_messages,
-            matcher_to_holder: join_traffic.matcher_to_holder_messages + agg_traffic.matcher_to_holder_messages,
+            holder_to_matcher: join_traffic.holder_to_matcher_messages,
+            matcher_to_holder: join_traffic.matcher_to_holder_messages,
         },
-    })
+    };
+    // One aggregate per group: the matcher's choices are the rows that
+    // matched in that group's block.
+    for g in 0..blocks.len() as u32 {
+        let agg = HolderAggregate::new(joined.clone(), values.clone(), query_id, [1u8; 32], g)?;
+        let choices = if blocks.len() == 1 {
+            mj.matched().to_vec()
+        } else {
+            mj.choices_for_block(g)
+        };
+        let t = Instant::now();
+        let (hs, ms, agg_traffic) = run_aggregate(agg, &mj, &choices, width, query_id, [1u8; 32], g, rng_h, rng_m)?;
+        add("aggregate", t.elapsed().as_secs_f64());
+        add("aggregate.holder_compute", agg_traffic.holder_time.as_secs_f64());
+        add("aggregate.matcher_compute", agg_traffic.matcher_time.as_secs_f64());
+        run.holder_shares.push(hs);
+        run.matcher_shares.push(ms);
+        run.bytes.holder_to_matcher += agg_traffic.holder_to_matcher_bytes;
+        run.bytes.matcher_to_holder += agg_traffic.matcher_to_holder_bytes;
+        run.messages.holder_to_matcher += agg_traffic.holder_to_matcher_messages;
+        run.messages.matcher_to_holder += agg_traffic.matcher_to_holder_messages;
+    }
+    Ok(run)
 }
 
 /// Runs a whole simulation: with `shards > 1`, each identifier goes to the
@@ -426,8 +444,28 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     let matcher = matcher_ids(&data, &rules)?;
     phases.insert("normalize".to_string(), t.elapsed().as_secs_f64());
 
+    // The platform's identifiers in blocks: one per segment when grouped
+    // (every user has one segment, so the blocks partition them), else one.
+    let blocks: Vec<Vec<Vec<u8>>> = if cfg.group_by_segment {
+        let mut b = vec![Vec::new(); SEGMENTS.len()];
+        for (id, u) in matcher.iter().zip(&data.platform) {
+            if let Some(block) = b.get_mut(u.segment) {
+                block.push(id.clone());
+            }
+        }
+        b
+    } else {
+        vec![matcher.clone()]
+    };
+    let group_names: Vec<String> = if cfg.group_by_segment {
+        SEGMENTS.iter().map(|s| (*s).to_string()).collect()
+    } else {
+        vec![String::new()]
+    };
+
     let t = Instant::now();
-    let (intersection, truth) = plaintext(&holder, &matcher);
+    let (intersection, _) = plaintext(&holder, &matcher);
+    let truth: Vec<Vec<i64>> = blocks.iter().map(|b| plaintext(&holder, b).1).collect();
     phases.insert("plaintext_reference".to_string(), t.elapsed().as_secs_f64());
 
     let d_max = cardinality()?.d_max();
@@ -439,24 +477,37 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
 
     let t = Instant::now();
     // One shard is the whole input, borrowed as it is.
-    let split = if cfg.shards == 1 {
+    let split: Vec<(HolderInput, Vec<Vec<Vec<u8>>>)> = if cfg.shards == 1 {
         Vec::new()
     } else {
         let mut key_bytes = [0u8; 32];
         rand_core::RngCore::fill_bytes(&mut rng_h, &mut key_bytes);
         let key = ShardKey::new(key_bytes);
         key_bytes.zeroize();
-        split_into_shards(&holder, &matcher, &key, cfg.shards)?
+        let holders = split_into_shards(&holder, &[], &key, cfg.shards)?;
+        let mut parts: Vec<(HolderInput, Vec<Vec<Vec<u8>>>)> = holders
+            .into_iter()
+            .map(|(h, _)| (h, vec![Vec::new(); blocks.len()]))
+            .collect();
+        for (b, block) in blocks.iter().enumerate() {
+            for id in block {
+                let s = key.shard_of(id, cfg.shards)? as usize;
+                if let Some(part) = parts.get_mut(s).and_then(|p| p.1.get_mut(b)) {
+                    part.push(id.clone());
+                }
+            }
+        }
+        parts
     };
-    let parts: Vec<(&HolderInput, &[Vec<u8>])> = if cfg.shards == 1 {
-        vec![(&holder, &matcher)]
+    let parts: Vec<(&HolderInput, &[Vec<Vec<u8>>])> = if cfg.shards == 1 {
+        vec![(&holder, blocks.as_slice())]
     } else {
         split.iter().map(|(h, m)| (h, m.as_slice())).collect()
     };
     phases.insert("shard".to_string(), t.elapsed().as_secs_f64());
 
-    let mut holder_sum = Share::zero(width);
-    let mut matcher_sum = Share::zero(width);
+    let mut holder_sums = vec![Share::zero(width); blocks.len()];
+    let mut matcher_sums = vec![Share::zero(width); blocks.len()];
     let mut matched = 0u64;
     let mut bytes = Bytes {
         holder_to_matcher: 0,
@@ -464,10 +515,10 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     };
     let mut messages = bytes.clone();
     let mut shard_sizes = Vec::with_capacity(parts.len());
-    for (s, &(h_part, m_part)) in parts.iter().enumerate() {
+    for (s, &(h_part, m_blocks)) in parts.iter().enumerate() {
         let run = run_pair(
             h_part,
-            m_part,
+            m_blocks,
             &rules,
             shard_context(s as u32, cfg.shards),
             cfg.chunk_points,
@@ -476,13 +527,20 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
             &mut rng_h,
             &mut rng_m,
         )?;
-        if !(holder_sum.add(&run.holder_share) && matcher_sum.add(&run.matcher_share)) {
-            return Err(SimError::Config("share widths differ"));
+        // Each party adds its shard's share of each group to its sums.
+        for (g, (hs, ms)) in run.holder_shares.iter().zip(&run.matcher_shares).enumerate() {
+            let added = match (holder_sums.get_mut(g), matcher_sums.get_mut(g)) {
+                (Some(h), Some(m)) => h.add(hs) && m.add(ms),
+                _ => false,
+            };
+            if !added {
+                return Err(SimError::Config("share widths differ"));
+            }
         }
-        let (shard_intersection, _) = plaintext(h_part, m_part);
+        let shard_intersection: u64 = m_blocks.iter().map(|b| plaintext(h_part, b).0).sum();
         shard_sizes.push(ShardSize {
             holder_rows: h_part.ids.len(),
-            matcher_rows: m_part.len(),
+            matcher_rows: m_blocks.iter().map(Vec::len).sum(),
             intersection: shard_intersection,
             matched_rows_seen_by_matcher: run.matched,
         });
@@ -493,18 +551,28 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         messages.matcher_to_holder += run.messages.matcher_to_holder;
     }
 
-    let got = Share::reconstruct(&holder_sum, &matcher_sum).ok_or(SimError::Config("share widths differ"))?;
     let names = cell_names(&data.categories);
-    let cells: Vec<Cell> = names
-        .into_iter()
-        .zip(got.iter().zip(&truth))
-        .map(|(name, (p, q))| Cell {
-            name,
-            protocol: *p,
-            plaintext: *q,
-        })
-        .collect();
-    let exact = got == truth;
+    let mut cells: Vec<Cell> = Vec::with_capacity(names.len() * blocks.len());
+    let mut exact = true;
+    for ((h, m), (group, truth)) in holder_sums
+        .iter()
+        .zip(&matcher_sums)
+        .zip(group_names.iter().zip(&truth))
+    {
+        let got = Share::reconstruct(h, m).ok_or(SimError::Config("share widths differ"))?;
+        exact &= got == *truth;
+        for (name, (p, q)) in names.iter().zip(got.iter().zip(truth)) {
+            cells.push(Cell {
+                name: if group.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{name}{{segment={group}}}")
+                },
+                protocol: *p,
+                plaintext: *q,
+            });
+        }
+    }
     Ok(SimulateReport {
         holder_rows: holder.ids.len(),
         holder_transactions: data.bank.len(),
@@ -512,7 +580,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         categories: data.categories.len(),
         width,
         intersection,
-        dummy_rows: d_max * u64::from(cfg.shards),
+        dummy_rows: d_max * u64::from(cfg.shards) * blocks.len() as u64,
         matched_rows_seen_by_matcher: matched,
         exact,
         cells,
