@@ -597,6 +597,17 @@ impl HolderOtRunning {
         // and zeroized when the thread's share of the chunk is done.
         let batch = RowMasks::batch_rows(w);
         let words_of = |n: usize| Zeroizing::new(vec![0u64; n]);
+        // The customer whose values a row reads, and whether they count: a
+        // dummy row reads those of a stand-in (a customer picked from the
+        // row's index alone) and throws them away, so the work per row,
+        // and the time the matcher sees per chunk, does not depend on how
+        // many of a chunk's rows are dummies. `None` only when the holder
+        // has no customer at all.
+        let customers = values.customers();
+        let row_customer = |row: usize| match joined.customer_of_row(row) {
+            Some(c) => Some((c, true)),
+            None => row.checked_rem(customers).map(|c| (c, false)),
+        };
         let chunk_acc = packed
             .par_chunks_mut(row_bytes * batch)
             .zip(pairs.par_chunks(batch))
@@ -621,7 +632,7 @@ impl HolderOtRunning {
                     // holder's memory: ask for all of them before the
                     // masks' cipher work, not one miss per row after it.
                     for k in 0..pairs.len() {
-                        if let Some(c) = joined.customer_of_row(row0 + k) {
+                        if let Some((c, _)) = row_customer(row0 + k) {
                             values.prefetch(c);
                         }
                     }
@@ -640,11 +651,12 @@ impl HolderOtRunning {
                         for (a, m) in acc.iter_mut().zip(m0) {
                             *a = a.wrapping_add(*m);
                         }
-                        if let Some(c) = joined.customer_of_row(row0 + k)
-                            && values.fill(c, &mut v)
-                        {
+                        // A dummy row's values are computed too, for its
+                        // stand-in customer, and added masked to zero.
+                        if let Some((c, real)) = row_customer(row0 + k) {
+                            let keep = 0u64.wrapping_sub(u64::from(values.fill(c, &mut v) & real));
                             for (x, v) in d.iter_mut().zip(v.iter()) {
-                                *x = x.wrapping_add(*v);
+                                *x = x.wrapping_add(*v & keep);
                             }
                         }
                         if full {
