@@ -282,7 +282,7 @@ fn half_scalar(k: &SecretScalar) -> Zeroizing<Scalar> {
 
 /// Whether two of `points` are equal (as bytes, hence as points: the
 /// encodings are canonical). Sorts each point's first eight bytes with its
-/// index (12 bytes a point, not 32, and integer comparisons) and compares
+/// index (16 bytes a point, not 32, and integer comparisons) and compares
 /// whole encodings only where those prefixes are equal, so a peer that
 /// makes prefixes collide on purpose costs a comparison per collision, not
 /// a wrong answer.

@@ -166,8 +166,9 @@ impl Ifma {
         // SAFETY: `ifma::run` is compiled with `avx512f,avx512ifma,avx512dq`
         // enabled; calling it is sound exactly when the CPU has those
         // features. An `Ifma` exists only if `Ifma::detect` found them with
-        // `is_x86_feature_detected!`. `ifma.rs` has no other unsafe code
-        // (the crate denies it).
+        // `is_x86_feature_detected!`. `ifma.rs` and `sha512.rs` (which
+        // `ifma::run` calls for `Job::Expand`) have no unsafe code (the
+        // crate denies it).
         #[allow(unsafe_code)]
         unsafe {
             ifma::run(job, k, out)

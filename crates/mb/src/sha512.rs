@@ -9,9 +9,11 @@
 //! Like `ifma.rs`: compiled with the AVX-512 features enabled, no `unsafe`
 //! (the intrinsics are safe inside such functions), called only through
 //! `lib.rs`'s one entry after the features were detected. SHA-512 has no
-//! data-dependent branches or table lookups; the lanes of a batch run the
-//! same instructions, a lane whose message has fewer blocks keeps its state
-//! through a blend.
+//! branches or table lookups on the message's content; the lanes of a batch
+//! run the same instructions, a lane whose message has fewer blocks keeps
+//! its state through a blend (so a batch's time follows the length of its
+//! longest message, as one message's time follows its length in any
+//! SHA-512).
 
 use core::arch::x86_64::{
     __m512i, __mmask8, _mm512_add_epi64, _mm512_mask_blend_epi64, _mm512_ror_epi64, _mm512_set1_epi64,

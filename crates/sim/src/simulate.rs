@@ -449,9 +449,10 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     let blocks: Vec<Vec<Vec<u8>>> = if cfg.group_by_segment {
         let mut b = vec![Vec::new(); SEGMENTS.len()];
         for (id, u) in matcher.iter().zip(&data.platform) {
-            if let Some(block) = b.get_mut(u.segment) {
-                block.push(id.clone());
-            }
+            let Some(block) = b.get_mut(u.segment) else {
+                return Err(SimError::Config("a platform user's segment is out of range"));
+            };
+            block.push(id.clone());
         }
         b
     } else {

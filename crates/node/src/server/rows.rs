@@ -120,7 +120,9 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
             return false;
         }
         let (mut count_stack, mut sum_stack) = ([0u64; STACK_GROUPS], [0i64; STACK_GROUPS]);
-        let (mut count_heap, mut sum_heap) = (Vec::new(), Vec::new());
+        // The customer's per-group sums are its row values: wiped when
+        // dropped (SECURITY.md).
+        let (mut count_heap, mut sum_heap) = (Zeroizing::new(Vec::new()), Zeroizing::new(Vec::new()));
         let (count, sum): (&mut [u64], &mut [i64]) = if self.groups <= STACK_GROUPS {
             (&mut count_stack[..self.groups], &mut sum_stack[..self.groups])
         } else {
@@ -159,6 +161,8 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
                 }
             }
         }
+        zeroize::Zeroize::zeroize(&mut count_stack);
+        zeroize::Zeroize::zeroize(&mut sum_stack);
         true
     }
 }
