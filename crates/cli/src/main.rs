@@ -457,6 +457,9 @@ fn main() -> anyhow::Result<()> {
             for f in cleanroom_node::policy::init_keys(&dir)? {
                 out!("wrote {}", f.display());
             }
+            if let Some(f) = cleanroom_node::shards::init_key(&dir)? {
+                out!("wrote {}", f.display());
+            }
         }
         Command::Policy {
             command: PolicyCommand::Sign { config },

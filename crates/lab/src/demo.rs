@@ -218,6 +218,7 @@ impl Fixture {
         let names: Vec<String> = analysts.iter().map(|a| (*a).to_string()).collect();
         cleanroom_transport::pki::init(&dir.join("certs"), &names, 2)?;
         cleanroom_node::policy::init_keys(&dir.join("certs"))?;
+        cleanroom_node::shards::init_key(&dir.join("certs"))?;
         let data = generate(&SynthConfig {
             holder_customers: rows,
             matcher_users: rows,

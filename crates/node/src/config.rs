@@ -271,6 +271,23 @@ pub struct NodeConfig {
     /// The node's waits (`[timeouts]`, every entry optional).
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// The collaboration's split into shards (`[shards]`; none: one shard).
+    #[serde(default)]
+    pub shards: ShardsConfig,
+}
+
+/// `[shards]`: both nodes of a collaboration split their identifiers into
+/// `count` shards by a keyed hash under the same 32-byte key, and shard `s`
+/// of one node only ever meets shard `s` of the other (docs/protocol.md,
+/// "Shards"). Both configs must name the same count and key.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardsConfig {
+    /// `S`, 1 (the default: no split) to 4096.
+    pub count: Option<u32>,
+    /// The shard key file (64 hex digits, written by `cleanroom certs`);
+    /// needed when `count` is 2 or more.
+    pub key: Option<PathBuf>,
 }
 
 /// The node's waits as configured, in seconds; an entry left out keeps
@@ -535,6 +552,11 @@ impl NodeConfig {
             *k = base.join(&*k);
         }
         cfg.identity.make_relative_to(base);
+        if let Some(k) = cfg.shards.key.as_mut()
+            && k.is_relative()
+        {
+            *k = base.join(&*k);
+        }
         for p in [
             &mut cfg.state_dir,
             &mut cfg.data.path,
@@ -585,9 +607,26 @@ impl NodeConfig {
         if !matches!(self.data.id_kind.as_str(), "email" | "phone") {
             return Err(bad(path, "id_kind must be \"email\" or \"phone\"".into()));
         }
+        match (self.shards.count.unwrap_or(1), &self.shards.key) {
+            (0, _) | (4097.., _) => {
+                return Err(bad(path, "shards.count must be between 1 and 4096".into()));
+            }
+            (2.., None) => {
+                return Err(bad(
+                    path,
+                    "shards.count is 2 or more: [shards] needs key (the shard key file both nodes share)".into(),
+                ));
+            }
+            _ => {}
+        }
         self.limits(path)?;
         self.templates(path)?;
         Ok(())
+    }
+
+    /// `S`: 1 when the collaboration is not split.
+    pub fn shard_count(&self) -> u32 {
+        self.shards.count.unwrap_or(1)
     }
 
     /// The limits, parsed.

@@ -2,7 +2,9 @@
 //! one shard of a node's input, its normalised identifiers and each one's
 //! row values, written once to a file so that a node can work on a shard
 //! at a time instead of holding its whole input. The nodes do not write or
-//! read them yet; this is the format and its checks.
+//! read them yet; this is the format and its checks. Also the shard key
+//! file both nodes of a sharded collaboration read ([`init_key`],
+//! [`load_key`]).
 //!
 //! Layout (little endian):
 //!
@@ -67,6 +69,67 @@ pub fn key_id(key: &[u8; 32]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
+}
+
+/// The shard key file's name in a certificate directory.
+pub const KEY_FILE: &str = "shard.key";
+
+/// Writes a fresh shard key (64 hex digits, mode 0600) to `dir/shard.key`
+/// unless one is there; the file written, if any. Both operators use the
+/// same key (one makes it and gives it to the other, like the CA).
+///
+/// # Errors
+/// [`crate::NodeError::Config`] when the file cannot be written, or the OS
+/// generator fails.
+pub fn init_key(dir: &Path) -> Result<Option<PathBuf>, crate::NodeError> {
+    let path = dir.join(KEY_FILE);
+    if path.exists() {
+        return Ok(None);
+    }
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    cleanroom_crypto::rng::SystemRng::new().try_fill(key.as_mut_slice())?;
+    let text: zeroize::Zeroizing<String> =
+        zeroize::Zeroizing::new(key.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n");
+    let bad = |e: std::io::Error| crate::NodeError::Config {
+        path: path.display().to_string(),
+        what: e.to_string(),
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&path).map_err(bad)?;
+    f.write_all(text.as_bytes()).map_err(bad)?;
+    f.sync_all().map_err(bad)?;
+    Ok(Some(path))
+}
+
+/// Reads a shard key file: the key, and its id ([`key_id`]).
+///
+/// # Errors
+/// [`crate::NodeError::Config`] naming the file when it cannot be read or
+/// is not 64 hex digits (the message never shows the file's content).
+pub fn load_key(path: &Path) -> Result<(cleanroom_crypto::shard::ShardKey, [u8; 32]), crate::NodeError> {
+    let bad = |what: String| crate::NodeError::Config {
+        path: path.display().to_string(),
+        what,
+    };
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?);
+    let digits = text.trim().as_bytes();
+    if digits.len() != 64 {
+        return Err(bad("a shard key file holds 64 hex digits (32 bytes)".into()));
+    }
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    for (k, pair) in key.iter_mut().zip(digits.chunks_exact(2)) {
+        let hi = (pair.first().copied().unwrap_or(b'x') as char).to_digit(16);
+        let lo = (pair.get(1).copied().unwrap_or(b'x') as char).to_digit(16);
+        match (hi, lo) {
+            (Some(h), Some(l)) => *k = (h * 16 + l) as u8,
+            _ => return Err(bad("a shard key file holds 64 hex digits (32 bytes)".into())),
+        }
+    }
+    let id = key_id(&key);
+    Ok((cleanroom_crypto::shard::ShardKey::new(*key), id))
 }
 
 /// Why a shard file was refused. The messages name the file and the

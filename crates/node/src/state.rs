@@ -207,6 +207,10 @@ CREATE TABLE IF NOT EXISTS node_secrets (
     name TEXT PRIMARY KEY,
     secret BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS shard_joins (
+    part BLOB PRIMARY KEY,
+    charged_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS joins (
     session BLOB PRIMARY KEY,
     filter TEXT NOT NULL,
@@ -903,6 +907,105 @@ impl State {
         Ok(())
     }
 
+    /// Charges the cardinality epsilon of a set of shard joins (one
+    /// query's `S` joins, named by the platform's random `set`): `eps_micro`
+    /// at the set's first join, nothing at its others (the shards partition
+    /// this node's identifiers, so the set's counts together cost one
+    /// epsilon: parallel composition). A second join of the same shard of a
+    /// set is refused, so a platform cannot buy `S` looks at one shard for
+    /// the price of one. Durable before it returns.
+    ///
+    /// # Errors
+    /// [`NodeError::Refused`] over the budget or for a shard of the set
+    /// joined before; [`NodeError::State`].
+    pub fn charge_shard_join(
+        &mut self,
+        set: &[u8; 16],
+        shard: u32,
+        eps_micro: u64,
+        limit_micro: u64,
+        period_days: u32,
+    ) -> Result<(), NodeError> {
+        let key = |tag: &[u8], shard: Option<u32>| {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(tag);
+            ctx.update(set);
+            if let Some(s) = shard {
+                ctx.update(&s.to_le_bytes());
+            }
+            let d = ctx.finish();
+            d.as_ref().get(..16).map(<[u8]>::to_vec).unwrap_or_default()
+        };
+        let set_key = key(b"cleanroom-v1-shard-set", None);
+        let part_key = key(b"cleanroom-v1-shard-part", Some(shard));
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let exists = |table: &str, k: &[u8]| -> Result<bool, NodeError> {
+            let sql = match table {
+                "shard_joins" => "SELECT COUNT(*) FROM shard_joins WHERE part = ?1",
+                _ => "SELECT COUNT(*) FROM cardinality WHERE session = ?1",
+            };
+            tx.query_row(sql, params![k], |r| r.get::<_, i64>(0))
+                .map(|n| n > 0)
+                .map_err(db)
+        };
+        if exists("shard_joins", &part_key)? {
+            return Err(NodeError::refused(
+                cleanroom_wire::RefusalCode::PeerRefused,
+                "a second join of the same shard of a set of shard joins",
+            ));
+        }
+        let now = now_secs();
+        let period = period_of(now, period_days);
+        if !exists("cardinality", &set_key)? {
+            let spent: i64 = tx
+                .query_row(
+                    "SELECT COALESCE(SUM(eps_micro), 0) FROM cardinality WHERE period = ?1",
+                    params![period],
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            if (spent.max(0) as u64).saturating_add(eps_micro) > limit_micro {
+                return Err(NodeError::refused(
+                    cleanroom_wire::RefusalCode::BudgetExhausted,
+                    format!(
+                        "the cardinality budget of this period is spent ({} of {}); it frees up when the period ends",
+                        cleanroom_query::format_micro(spent.max(0) as u64),
+                        cleanroom_query::format_micro(limit_micro)
+                    ),
+                ));
+            }
+            tx.execute(
+                "INSERT INTO cardinality (session, eps_micro, period, charged_at) VALUES (?1, ?2, ?3, ?4)",
+                params![set_key, eps_micro as i64, period, now],
+            )
+            .map_err(db)?;
+            append_audit(
+                &tx,
+                &AuditEntry {
+                    event: "join",
+                    analyst: "",
+                    template: "shard-set",
+                    plan: &set_key,
+                    params: "",
+                    rho_micro: eps_micro,
+                    result_digest: &[],
+                },
+            )?;
+        }
+        // The shard joined, costing nothing more (kept apart from the
+        // charges, which match the audit log's `join` entries one to one).
+        tx.execute(
+            "INSERT INTO shard_joins (part, charged_at) VALUES (?1, ?2)",
+            params![part_key, now],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
     /// Checks this node's own input for a join against the input of the last
     /// join for the same filter: the share of identifiers added or removed
     /// (`|A Δ B| / |B|`, fingerprints sorted) may not exceed `max_ppm`
@@ -1033,6 +1136,26 @@ impl State {
                 "SELECT payload FROM joins WHERE session = ?1 AND data_version = ?2 AND expires_at > ?3",
                 params![session.0.to_vec(), data_version.to_vec(), now_secs()],
                 |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)
+    }
+
+    /// A live join by session with the filter it was stored under (holder
+    /// side: a shard's join is stored under its shard's name).
+    ///
+    /// # Errors
+    /// [`NodeError::State`].
+    pub fn join_entry_by_session(
+        &self,
+        session: &cleanroom_wire::SessionId,
+        data_version: &[u8; 32],
+    ) -> Result<Option<(String, Vec<u8>)>, NodeError> {
+        self.conn
+            .query_row(
+                "SELECT filter, payload FROM joins WHERE session = ?1 AND data_version = ?2 AND expires_at > ?3",
+                params![session.0.to_vec(), data_version.to_vec(), now_secs()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(db)
@@ -1601,6 +1724,42 @@ mod tests {
         std::fs::write(dir.path().join("state.db"), vec![0x42u8; 8192]).unwrap();
         let e = State::open(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a usable state database"), "{e}");
+    }
+
+    #[test]
+    fn a_set_of_shard_joins_is_charged_once_and_each_shard_joins_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let spent = |s: &State| -> i64 {
+            s.conn
+                .query_row("SELECT SUM(eps_micro) FROM cardinality", [], |r| r.get(0))
+                .unwrap()
+        };
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        for shard in 0..7 {
+            s.charge_shard_join(&a, shard, 500_000, 1_000_000, 30).unwrap();
+        }
+        assert_eq!(spent(&s), 500_000);
+        // A second look at a shard of the set is refused, and costs nothing.
+        for shard in [0, 3, 6] {
+            let e = s.charge_shard_join(&a, shard, 500_000, 1_000_000, 30).unwrap_err();
+            assert!(e.to_string().contains("second join of the same shard"), "{e}");
+        }
+        assert_eq!(spent(&s), 500_000);
+        // Another set is charged again: here up to the budget, then refused.
+        s.charge_shard_join(&b, 3, 500_000, 1_000_000, 30).unwrap();
+        assert_eq!(spent(&s), 1_000_000);
+        let e = s.charge_shard_join(&[3u8; 16], 0, 1, 1_000_000, 30).unwrap_err();
+        assert!(
+            matches!(e, NodeError::Refused(ref r) if r.code == cleanroom_wire::RefusalCode::BudgetExhausted),
+            "{e}"
+        );
+        // Durable: the refusals hold after the state is opened again.
+        drop(s);
+        let mut s = State::open(dir.path()).unwrap();
+        assert!(s.charge_shard_join(&a, 5, 500_000, 1_000_000, 30).is_err());
+        assert!(s.charge_shard_join(&b, 3, 500_000, 1_000_000, 30).is_err());
+        assert_eq!(spent(&s), 1_000_000);
     }
 
     #[test]

@@ -73,6 +73,59 @@ pub fn run_of<'a>(sessions: impl IntoIterator<Item = &'a SessionId>) -> RunId {
     RunId(out)
 }
 
+/// The join context of shard `shard` of `shards` for a join whose context
+/// unsharded would be `base`: `SHA-256("cleanroom-v1-shard-context" || base
+/// || S || s)` (little-endian `u32`s). Each shard's join is bound to its
+/// place, and the platform's block padding (seeded by the context) is the
+/// same for a re-join of the same shard of unchanged data.
+pub fn shard_join_context(base: &[u8; 32], shards: u32, shard: u32) -> [u8; 32] {
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(b"cleanroom-v1-shard-context");
+    ctx.update(base);
+    ctx.update(&shards.to_le_bytes());
+    ctx.update(&shard.to_le_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// The name of a query's join when the collaboration is split into shards:
+/// `J* = SHA-256("cleanroom-v1-shard-joins" || J_0 || ... || J_{S-1})`,
+/// first 16 bytes. It is what the ledger, the share check and a rerun's
+/// binding hold, as the one join's session does unsharded.
+pub fn sharded_join_id(joins: &[SessionId]) -> SessionId {
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(b"cleanroom-v1-shard-joins");
+    for j in joins {
+        ctx.update(j.as_ref());
+    }
+    let d = ctx.finish();
+    let mut out = [0u8; 16];
+    if let Some(head) = d.as_ref().get(..16) {
+        out.copy_from_slice(head);
+    }
+    SessionId(out)
+}
+
+/// A node's share of a sharded query's batches (shard-major: batch
+/// `k = s * G + g`, so `shards` equal runs of one unsharded share each)
+/// summed into one unsharded share, cell by cell mod `2^64`; the cells'
+/// own rings are the low bits of that sum (`Share::reduce_bits`). `None`
+/// if the words do not split into `shards` equal runs.
+pub fn fold_shards(words: &[u64], shards: usize) -> Option<Share> {
+    if shards == 0 || !words.len().is_multiple_of(shards) {
+        return None;
+    }
+    let width = words.len() / shards;
+    let mut sum = vec![0u64; width];
+    for run in words.chunks_exact(width.max(1)) {
+        for (a, b) in sum.iter_mut().zip(run) {
+            *a = a.wrapping_add(*b);
+        }
+    }
+    Some(Share::from_words(sum))
+}
+
 /// One registration of a query id on the bank: tells it from a later one
 /// (an analyst's retry replaces an earlier registration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -295,19 +295,14 @@ pub fn split_into_shards(
 }
 
 /// The join context of shard `s` of `shards`: the unsharded run's (all
-/// zeros) for one shard, else `SHA-256("cleanroom-v1-shard-context" || S ||
-/// s)`, so that each shard pair's sessions are bound to their shard.
+/// zeros) for one shard, else the nodes' shard context over that base
+/// (`cleanroom_protocol::queries::shard_join_context`), so that each shard
+/// pair's sessions are bound to their shard.
 pub fn shard_context(s: u32, shards: u32) -> [u8; 32] {
     if shards == 1 {
         return [0u8; 32];
     }
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(b"cleanroom-v1-shard-context");
-    ctx.update(&shards.to_le_bytes());
-    ctx.update(&s.to_le_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
+    cleanroom_protocol::queries::shard_join_context(&[0u8; 32], shards, s)
 }
 
 /// What one shard pair's join and aggregates gave (a share per group).

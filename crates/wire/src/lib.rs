@@ -29,6 +29,9 @@ pub const MAX_TIMINGS: usize = 64;
 pub const MAX_PHASE_LABEL_LEN: usize = 128;
 /// Length of an encoded point.
 pub const POINT_LEN: usize = 32;
+/// The most shards a collaboration may be split into (as
+/// `cleanroom_crypto::shard::MAX_SHARDS`).
+pub const MAX_SHARDS: u32 = 4096;
 
 /// Identifies one join or one aggregate session; bound to both nodes'
 /// nonces. Encoded as its 16 bytes.
@@ -825,6 +828,44 @@ pub enum Message {
     ShareCheck(ShareCheck),
     /// Type 24: bank to platform.
     ShareHeld(ShareHeld),
+    /// Type 25: platform to bank, before a shard's `JoinOffer`.
+    ShardJoin(ShardJoin),
+    /// Type 26: platform to bank, before a shard's `OtSetup`.
+    ShardBatch(ShardBatch),
+}
+
+/// Platform to bank, first on a stream when the collaboration is split into
+/// `shards >= 2` shards: the join offer that follows is for shard `shard`
+/// of one query's set of shard joins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardJoin {
+    /// `S`, as both nodes' configs name it.
+    pub shards: u32,
+    /// `s < S`.
+    pub shard: u32,
+    /// `SHA-256("cleanroom-v1-shard-key-id" || shard key)`: which key split
+    /// the identifiers.
+    pub shard_key_id: [u8; 32],
+    /// A random id the platform draws for one query's `S` shard joins: the
+    /// bank charges the cardinality epsilon once per set and refuses a
+    /// second join of the same shard of a set.
+    pub set: [u8; 16],
+    /// The join context before the shard is bound into it: the offer's
+    /// context must be `SHA-256("cleanroom-v1-shard-context" || base || S || s)`.
+    pub base_context: [u8; 32],
+}
+
+/// Platform to bank, first on a stream when the collaboration is sharded:
+/// the OT setup that follows is for shard `shard` of the query whose shard
+/// joins are `joins` (one per shard, in shard order).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardBatch {
+    /// `S`.
+    pub shards: u32,
+    /// The shard this batch's join is for.
+    pub shard: u32,
+    /// The query's shard joins, `J_0..J_{S-1}`.
+    pub joins: Vec<SessionId>,
 }
 
 /// Platform to bank, for a query id the platform already holds a share of
@@ -898,6 +939,25 @@ fn check_timings(kind: &'static str, timings: &[(Phase, f64)]) -> Result<(), Wir
     Ok(())
 }
 
+/// `2 <= shards <= MAX_SHARDS` and `shard < shards`.
+fn check_shard(kind: &'static str, shards: u32, shard: u32) -> Result<(), WireError> {
+    if !(2..=MAX_SHARDS).contains(&shards) {
+        return Err(WireError::FieldLength {
+            kind,
+            field: "shards",
+            len: shards as usize,
+        });
+    }
+    if shard >= shards {
+        return Err(WireError::FieldLength {
+            kind,
+            field: "shard",
+            len: shard as usize,
+        });
+    }
+    Ok(())
+}
+
 fn check_points(kind: &'static str, field: &'static str, buf: &[u8], min: usize, max: usize) -> Result<(), WireError> {
     let n = buf.len() / POINT_LEN;
     if !buf.len().is_multiple_of(POINT_LEN) || n < min || n > max {
@@ -930,6 +990,8 @@ impl Message {
             Message::Policy(_) => 22,
             Message::ShareCheck(_) => 23,
             Message::ShareHeld(_) => 24,
+            Message::ShardJoin(_) => 25,
+            Message::ShardBatch(_) => 26,
         }
     }
 
@@ -954,7 +1016,9 @@ impl Message {
             | Message::AnalystResponse(_)
             | Message::Policy(_)
             | Message::ShareCheck(_)
-            | Message::ShareHeld(_) => None,
+            | Message::ShareHeld(_)
+            | Message::ShardJoin(_)
+            | Message::ShardBatch(_) => None,
         }
     }
 
@@ -1049,6 +1113,17 @@ impl Message {
             Message::AnalystResponse(AnalystResponse::LegacyShare(share)) => {
                 check_timings(kind, &share.timings)?;
             }
+            Message::ShardJoin(m) => check_shard(kind, m.shards, m.shard)?,
+            Message::ShardBatch(m) => {
+                check_shard(kind, m.shards, m.shard)?;
+                if m.joins.len() != m.shards as usize {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "joins",
+                        len: m.joins.len(),
+                    });
+                }
+            }
             Message::JoinAccept(_)
             | Message::MatcherKey(_)
             | Message::OtSetup(_)
@@ -1105,6 +1180,8 @@ impl Message {
             Message::Policy(m) => bincode::serde::encode_into_std_write(m, w, config()),
             Message::ShareCheck(m) => bincode::serde::encode_into_std_write(m, w, config()),
             Message::ShareHeld(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::ShardJoin(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::ShardBatch(m) => bincode::serde::encode_into_std_write(m, w, config()),
         }
         .map_err(|_| WireError::Encode)?;
         if out.len() > MAX_MESSAGE_LEN {
@@ -1152,6 +1229,8 @@ impl Message {
             22 => Message::Policy(decode_body(kind, body)?),
             23 => Message::ShareCheck(decode_body(kind, body)?),
             24 => Message::ShareHeld(decode_body(kind, body)?),
+            25 => Message::ShardJoin(decode_body(kind, body)?),
+            26 => Message::ShardBatch(decode_body(kind, body)?),
             other => return Err(WireError::UnknownType { got: other }),
         };
         msg.validate()?;
@@ -1177,6 +1256,8 @@ fn kind_name(ty: u8) -> &'static str {
         22 => "Policy",
         23 => "ShareCheck",
         24 => "ShareHeld",
+        25 => "ShardJoin",
+        26 => "ShardBatch",
         _ => "unknown",
     }
 }
@@ -1297,6 +1378,18 @@ mod tests {
                 held: true,
                 busy: false,
             }),
+            Message::ShardJoin(ShardJoin {
+                shards: 7,
+                shard: 6,
+                shard_key_id: [17; 32],
+                set: [18; 16],
+                base_context: [19; 32],
+            }),
+            Message::ShardBatch(ShardBatch {
+                shards: 2,
+                shard: 1,
+                joins: vec![SessionId([20; 16]), SessionId([21; 16])],
+            }),
         ]
     }
 
@@ -1306,6 +1399,47 @@ mod tests {
             let frame = m.encode().unwrap();
             assert_eq!(frame[0], PROTOCOL_VERSION);
             assert_eq!(Message::decode(&frame).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn shard_headers_outside_their_bounds_are_refused() {
+        let join = |shards, shard| {
+            Message::ShardJoin(ShardJoin {
+                shards,
+                shard,
+                shard_key_id: [1; 32],
+                set: [2; 16],
+                base_context: [3; 32],
+            })
+        };
+        let batch = |shards, shard, joins: usize| {
+            Message::ShardBatch(ShardBatch {
+                shards,
+                shard,
+                joins: vec![SessionId([4; 16]); joins],
+            })
+        };
+        for (m, field) in [
+            (join(1, 0), "shards"),
+            (join(0, 0), "shards"),
+            (join(MAX_SHARDS + 1, 0), "shards"),
+            (join(2, 2), "shard"),
+            (join(16, u32::MAX), "shard"),
+            (batch(1, 0, 1), "shards"),
+            (batch(3, 3, 3), "shard"),
+            (batch(3, 1, 2), "joins"),
+            (batch(3, 1, 4), "joins"),
+        ] {
+            // Encoding does not validate; decoding does.
+            let frame = m.encode().unwrap();
+            match Message::decode(&frame) {
+                Err(WireError::FieldLength { field: f, .. }) => assert_eq!(f, field, "{m:?}"),
+                other => panic!("{m:?} decoded as {other:?}"),
+            }
+        }
+        for m in [join(2, 1), join(MAX_SHARDS, MAX_SHARDS - 1), batch(16, 15, 16)] {
+            assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         }
     }
 

@@ -4,13 +4,17 @@
 //! platform that lost its share.
 
 use super::*;
+use cleanroom_protocol::aggregate::RowSource;
+use cleanroom_protocol::join::OwnIds;
+use rows::ShardRows;
 
 /// What only the bank has.
 pub(super) struct BankSide {
     /// Its customers.
     pub(super) data: Arc<HolderData>,
-    /// Joins by session, until stored in the state file.
-    joins: Mutex<HashMap<SessionId, Arc<HolderJoined>>>,
+    /// Joins by session (with the shard each is of, when sharded), until
+    /// stored in the state file.
+    joins: Mutex<HashMap<SessionId, ShardJoined>>,
     /// Its query ids between the nodes (registered, running, completing,
     /// refused lately), and a wake-up when they change.
     pub(super) queries: Mutex<BankQueries<BankShell>>,
@@ -202,7 +206,9 @@ impl Bank {
             stats: pump::PumpStats::default(),
             tx,
         };
-        let groups = plan.matcher_groups().len();
+        // One batch per platform group, and per shard when sharded.
+        let shards = self.inner.sharding.as_ref().map_or(1, Sharding::len);
+        let groups = plan.matcher_groups().len().max(1) * shards;
         let registered = lock(&self.side.queries).register(*qid, analyst, groups, rerun_over, shell, Instant::now());
         match registered {
             Register::New(reg, deadline) => {
@@ -280,7 +286,13 @@ impl Bank {
                         (stats.wait_in + stats.wait_out).as_secs_f64(),
                     ),
                 ]);
-                Ok((whole.share, whole.run, waiter, whole.join))
+                let share = match &self.inner.sharding {
+                    None => whole.share,
+                    // Each group's shares of the shards, added up.
+                    Some(sh) => cleanroom_protocol::queries::fold_shards(whole.share.words(), sh.len())
+                        .ok_or(NodeError::Internal("the shards' shares do not add up to one share"))?,
+                };
+                Ok((share, whole.run, waiter, whole.join))
             }
             Some(Ok((Err(e), _))) => Err(PeerError::NoShare(e).into()),
             Some(Err(_)) => Err(PeerError::NoShare("the registration ended".into()).into()),
@@ -315,20 +327,74 @@ impl Bank {
                 Ok(())
             }
             Message::JoinOffer(offer) => {
+                if let Some(sh) = &self.inner.sharding {
+                    abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
+                    return Err(not_sharded_alike(format!(
+                        "a join offer without its shard header, but this node's identifiers are split into {} shards",
+                        sh.count
+                    )));
+                }
                 let span = info_span!("join", filter_context = %hex(&offer.context[..8]));
-                self.holder_join(data, &first, offer.context, send, recv)
+                self.holder_join(data, &first, offer.context, None, send, recv)
                     .instrument(span)
                     .await
             }
+            Message::ShardJoin(header) => {
+                let span = info_span!("join", shard = header.shard);
+                self.holder_shard_join(data, &header, send, recv).instrument(span).await
+            }
             Message::OtSetup(setup) => {
+                if let Some(sh) = &self.inner.sharding {
+                    abort(&mut send, setup.session, AbortCode::Refused).await;
+                    return Err(not_sharded_alike(format!(
+                        "an aggregate without its shard header, but this node's identifiers are split into {} shards",
+                        sh.count
+                    )));
+                }
                 let span = info_span!("aggregate", query = %hex(&setup.query_id.0));
-                self.serve_aggregate_batch(data, &setup, &first, send, recv)
+                self.serve_aggregate_batch(data, &setup, &first, None, send, recv)
+                    .instrument(span)
+                    .await
+            }
+            Message::ShardBatch(header) => {
+                let second = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
+                let setup = match Message::decode(&second).map_err(|e| NodeError::Protocol(e.into()))? {
+                    Message::OtSetup(setup) => setup,
+                    other => {
+                        return Err(PeerError::Unexpected {
+                            expected: "the OT setup after a shard header",
+                            got: other.kind(),
+                        }
+                        .into());
+                    }
+                };
+                let fits = match &self.inner.sharding {
+                    None => Err(
+                        "an aggregate with a shard header, but this node's identifiers are not split into shards"
+                            .to_string(),
+                    ),
+                    Some(sh) if sh.count != header.shards => Err(format!(
+                        "an aggregate over {} shards, but this node's identifiers are split into {}",
+                        header.shards, sh.count
+                    )),
+                    // The wire checked shard < shards and one join per shard.
+                    Some(_) if header.joins.get(header.shard as usize) != Some(&setup.join_session) => {
+                        Err("an aggregate whose join is not its shard's in its list of shard joins".to_string())
+                    }
+                    Some(_) => Ok(()),
+                };
+                if let Err(why) = fits {
+                    abort(&mut send, setup.session, AbortCode::Refused).await;
+                    return Err(not_sharded_alike(why));
+                }
+                let span = info_span!("aggregate", query = %hex(&setup.query_id.0), shard = header.shard);
+                self.serve_aggregate_batch(data, &setup, &second, Some((header.shard, &header.joins)), send, recv)
                     .instrument(span)
                     .await
             }
             Message::ShareCheck(c) => self.serve_share_check(&c, send).await,
             other => Err(PeerError::Unexpected {
-                expected: "a policy, join offer, OT setup or share check",
+                expected: "a policy, join offer, OT setup, shard header or share check",
                 got: other.kind(),
             }
             .into()),
@@ -344,9 +410,14 @@ impl Bank {
         data: &HolderData,
         setup: &cleanroom_wire::OtSetup,
         first: &[u8],
+        shard: Option<(u32, &[SessionId])>,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) -> Result<(), NodeError> {
+        // The query's join: the one join, or J* of the shards' joins.
+        let join = shard.map_or(setup.join_session, |(_, joins)| {
+            cleanroom_protocol::queries::sharded_join_id(joins)
+        });
         let waiting = lock(&self.side.queries).is_registered(&setup.query_id);
         // A rerun that arrives while this node still stores the previous
         // run's share (Busy) waits for the store, briefly, rather than fail.
@@ -354,7 +425,7 @@ impl Bank {
         let mut rerun_started = waiting;
         while !rerun_started {
             let stored = self.side.changed.notified();
-            match self.rerun_for_peer(&setup.query_id, setup.join_session) {
+            match self.rerun_for_peer(&setup.query_id, join) {
                 Ok(_) => rerun_started = true,
                 Err(e) if e.refusal_code() == Some(RefusalCode::Busy) && Instant::now() < deadline => {
                     tokio::select! {
@@ -373,7 +444,7 @@ impl Bank {
         // The platform may go away meanwhile: stop waiting then
         // (a hostile one must not leave tasks waiting here).
         let pending = tokio::select! {
-            p = self.claim_query(&setup.query_id, setup.join_session) => p,
+            p = self.claim_query(&setup.query_id, join) => p,
             _ = send.stopped() => {
                 return Err(PeerError::Left.into());
             }
@@ -395,19 +466,53 @@ impl Bank {
                 ));
             }
         };
-        let result = self
-            .holder_aggregate(
-                data,
-                &plan,
-                values,
-                &setup.query_id,
-                setup.join_session,
-                setup.group,
-                first,
-                send,
-                recv,
-            )
-            .await;
+        // Batch k = s * G + g of a sharded query (shard-major); a group
+        // beyond the plan's would alias another shard's batch.
+        let groups = plan.matcher_groups().len().max(1);
+        let placed = match shard {
+            None => Some((setup.group as usize, values as Arc<dyn RowSource>)),
+            Some((s, _)) => {
+                let members = self.inner.sharding.as_ref().and_then(|sh| sh.members.get(s as usize));
+                match members {
+                    Some(members) if (setup.group as usize) < groups => Some((
+                        s as usize * groups + setup.group as usize,
+                        Arc::new(ShardRows {
+                            rows: values,
+                            members: members.clone(),
+                        }) as Arc<dyn RowSource>,
+                    )),
+                    _ => None,
+                }
+            }
+        };
+        let (k, result) = match placed {
+            Some((k, values)) => (
+                k,
+                self.holder_aggregate(
+                    data,
+                    &plan,
+                    values,
+                    &setup.query_id,
+                    setup.join_session,
+                    setup.group,
+                    shard.map(|(s, _)| s),
+                    first,
+                    send,
+                    recv,
+                )
+                .await,
+            ),
+            None => {
+                abort(&mut send, setup.session, AbortCode::Refused).await;
+                (
+                    usize::MAX,
+                    Err(NodeError::refused(
+                        RefusalCode::PeerRefused,
+                        "an aggregate batch for a group the query does not have",
+                    )),
+                )
+            }
+        };
         let batch = match &result {
             Ok((share, _, session)) => Batch::Share(share.clone(), *session),
             // The platform joins again and retries: not a failure
@@ -422,14 +527,7 @@ impl Bank {
             {
                 shell.stats.add(stats);
             }
-            bank.batch_done(
-                &setup.query_id,
-                reg,
-                setup.join_session,
-                setup.group as usize,
-                batch,
-                Instant::now(),
-            )
+            bank.batch_done(&setup.query_id, reg, join, k, batch, Instant::now())
         };
         if let Some((BankShell { tx, stats, .. }, delivery)) = delivered {
             let _ = tx.send((delivery, stats));
@@ -482,11 +580,71 @@ impl Bank {
         }
     }
 
+    /// Bank: the platform's join of shard `header.shard`: the header and
+    /// the offer after it are checked against this node's split (the
+    /// count, the key, the context the shard's join must have), then the
+    /// shard's customers are joined.
+    async fn holder_shard_join(
+        &self,
+        data: &HolderData,
+        header: &cleanroom_wire::ShardJoin,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
+        let no_session = cleanroom_wire::SessionId([0; 16]);
+        let Some(sh) = &self.inner.sharding else {
+            abort(&mut send, no_session, AbortCode::Refused).await;
+            return Err(not_sharded_alike(
+                "a shard join, but this node's identifiers are not split into shards".into(),
+            ));
+        };
+        let members = match sh.members.get(header.shard as usize) {
+            Some(m) if header.shards == sh.count && header.shard_key_id == sh.key_id => m.clone(),
+            _ => {
+                abort(&mut send, no_session, AbortCode::Refused).await;
+                return Err(not_sharded_alike(if header.shards == sh.count {
+                    "the platform's shard key is not this node's".into()
+                } else {
+                    format!(
+                        "a join of {} shards, but this node's identifiers are split into {}",
+                        header.shards, sh.count
+                    )
+                }));
+            }
+        };
+        let first = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
+        let offer = match Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))? {
+            Message::JoinOffer(offer) => offer,
+            other => {
+                return Err(PeerError::Unexpected {
+                    expected: "the join offer after a shard header",
+                    got: other.kind(),
+                }
+                .into());
+            }
+        };
+        let context = cleanroom_protocol::queries::shard_join_context(&header.base_context, sh.count, header.shard);
+        if offer.context != context {
+            abort(&mut send, no_session, AbortCode::Refused).await;
+            return Err(not_sharded_alike(
+                "a shard's join offer whose context is not its shard's".into(),
+            ));
+        }
+        let place = ShardPlace {
+            shard: header.shard,
+            shards: sh.count,
+            set: header.set,
+            members,
+        };
+        self.holder_join(data, &first, context, Some(place), send, recv).await
+    }
+
     pub(super) async fn holder_join(
         &self,
         data: &HolderData,
         first: &[u8],
         context: [u8; 32],
+        place: Option<ShardPlace>,
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) -> Result<(), NodeError> {
@@ -503,16 +661,32 @@ impl Bank {
                 ),
             ));
         }
-        let fp = crate::state::sorted_fingerprints(&self.inner.fingerprints, data.ids.len(), 0..data.ids.len())?;
-        let churn = lock(&self.inner.state).check_churn("holder-input", &fp, l.max_churn_ppm);
+        // The churn baseline of a shard is its own customers'.
+        let (fp, input_name) = match &place {
+            None => (
+                crate::state::sorted_fingerprints(&self.inner.fingerprints, data.ids.len(), 0..data.ids.len())?,
+                "holder-input".to_string(),
+            ),
+            Some(p) => (
+                crate::state::sorted_fingerprints(&self.inner.fingerprints, data.ids.len(), p.members.iter().copied())?,
+                format!("holder-input shard {} of {}", p.shard, p.shards),
+            ),
+        };
+        let churn = lock(&self.inner.state).check_churn(&input_name, &fp, l.max_churn_ppm);
         if let Err(e) = churn {
             abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
             return Err(e);
         }
         let ids = data.ids.clone();
+        let members = place.as_ref().map(|p| p.members.clone());
         let first = first.to_vec();
         let pending = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
+            // A shard's join numbers its customers in the member list's order.
+            let ids = match members {
+                None => ids,
+                Some(m) => OwnIds::new(m.iter().filter_map(|k| ids.get(*k).cloned()).collect())?,
+            };
             let h = HolderJoin::with_ids(params, policy, ids)?;
             h.on_offer(&first, &mut rng).map_err(NodeError::from)
         })
@@ -528,7 +702,7 @@ impl Bank {
         };
         let session = pending.session();
         // The cardinality charge is durable before anything leaves the node.
-        let charged = self.charge_cardinality(session).await?;
+        let charged = self.charge_cardinality(session, place.as_ref()).await?;
         if let Err(e) = charged {
             abort(&mut send, session, AbortCode::Refused).await;
             return Err(e);
@@ -543,9 +717,12 @@ impl Bank {
         let finish_secs = t_finish.elapsed().as_secs_f64();
         let session = joined.session();
         let payload = joined.encode();
-        lock(&self.inner.state).put_join(&session, "holder", &data.version, l.join_ttl_secs, &payload)?;
-        lock(&self.inner.state).record_inputs("holder-input", &fp, l.join_ttl_secs)?;
-        lock(&self.side.joins).insert(session, joined.clone());
+        let name = place
+            .as_ref()
+            .map_or_else(|| "holder".to_string(), |p| shard_join_name(p.shard, p.shards));
+        lock(&self.inner.state).put_join(&session, &name, &data.version, l.join_ttl_secs, &payload)?;
+        lock(&self.inner.state).record_inputs(&input_name, &fp, l.join_ttl_secs)?;
+        lock(&self.side.joins).insert(session, (joined.clone(), place.as_ref().map(|p| p.shard)));
         self.side.join_stored.notify_waiters();
         let secs = t.elapsed().as_secs_f64();
         *lock(&self.inner.last_join) = vec![
@@ -570,35 +747,54 @@ impl Bank {
     }
 
     /// Charges the join's cardinality ε to the bank's ledger (durably, on a
-    /// blocking thread); the inner result is the ledger's refusal, if any.
-    async fn charge_cardinality(&self, session: SessionId) -> Result<Result<(), NodeError>, NodeError> {
+    /// blocking thread): per join, or once per set of shard joins; the
+    /// inner result is the ledger's refusal, if any.
+    async fn charge_cardinality(
+        &self,
+        session: SessionId,
+        place: Option<&ShardPlace>,
+    ) -> Result<Result<(), NodeError>, NodeError> {
         let node = self.clone();
         let eps = self.inner.limits.cardinality_epsilon_micro;
+        let set = place.map(|p| (p.set, p.shard));
         tokio::task::spawn_blocking(move || {
             let l = &node.inner.limits;
-            lock(&node.inner.state).charge_cardinality(&session, "join", eps, l.cardinality_budget_micro, l.period_days)
+            let mut state = lock(&node.inner.state);
+            match set {
+                None => state.charge_cardinality(&session, "join", eps, l.cardinality_budget_micro, l.period_days),
+                Some((set, shard)) => {
+                    state.charge_shard_join(&set, shard, eps, l.cardinality_budget_micro, l.period_days)
+                }
+            }
         })
         .await
         .map_err(|_| NodeError::Internal("ledger task failed"))
     }
 
+    /// A join by session, with the shard it is of (`None` unsharded).
     pub(super) fn holder_join_by_session(
         &self,
         session: &SessionId,
         version: &[u8; 32],
-    ) -> Result<Option<Arc<HolderJoined>>, NodeError> {
+    ) -> Result<Option<ShardJoined>, NodeError> {
         if let Some(j) = lock(&self.side.joins).get(session) {
             return Ok(Some(j.clone()));
         }
-        let Some(payload) = lock(&self.inner.state).join_by_session(session, version)? else {
+        let Some((name, payload)) = lock(&self.inner.state).join_entry_by_session(session, version)? else {
             return Ok(None);
         };
         // A cached join that does not decode (another encoding version, a
         // damaged row) is dropped: the platform then joins again.
-        let joined = match HolderJoined::decode(*session, &payload) {
-            Ok(j) => Arc::new(j),
-            Err(e) => {
+        let shard = shard_of_join_name(&name, self.inner.sharding.as_ref().map_or(1, |sh| sh.count));
+        let joined = match (HolderJoined::decode(*session, &payload), shard) {
+            (Ok(j), Some(shard)) => (Arc::new(j), shard),
+            (Err(e), _) => {
                 warn!(error = %e, "a cached join does not decode; dropped");
+                lock(&self.inner.state).drop_join(session)?;
+                return Ok(None);
+            }
+            (Ok(_), None) => {
+                warn!("a cached join of another split into shards; dropped");
                 lock(&self.inner.state).drop_join(session)?;
                 return Ok(None);
             }
@@ -612,10 +808,11 @@ impl Bank {
         &self,
         data: &HolderData,
         plan: &Plan,
-        values: Arc<HolderRows>,
+        values: Arc<dyn RowSource>,
         qid: &QueryId,
         join_session: SessionId,
         group: u32,
+        shard: Option<u32>,
         first: &[u8],
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
@@ -630,18 +827,26 @@ impl Bank {
         let found = loop {
             // Registered before the check, so a join stored in between wakes it.
             let stored = self.side.join_stored.notified();
-            if let Some(j) = self.holder_join_by_session(&join_session, &data.version)? {
-                break Some(j);
+            if let Some((j, of)) = self.holder_join_by_session(&join_session, &data.version)? {
+                break Some((j, of));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || tokio::time::timeout(left, stored).await.is_err() {
                 break None;
             }
         };
-        let Some(joined) = found else {
+        let Some((joined, of)) = found else {
             abort(&mut send, setup_session, AbortCode::UnknownJoin).await;
             return Err(NodeError::UnknownJoin);
         };
+        if of != shard {
+            // A shard's batch over another shard's join (or a join of no
+            // shard) would sum some customers twice and others never.
+            abort(&mut send, setup_session, AbortCode::Refused).await;
+            return Err(not_sharded_alike(
+                "an aggregate batch over a join of another shard than its own".into(),
+            ));
+        }
         if joined.customers() > plan.clip.max_customers {
             // Checked before the charge too (`before_charge`); a join of
             // other data cannot be summed in this plan's share widths.
@@ -672,4 +877,40 @@ impl Bank {
         let session = running.session();
         Ok((running.finish()?, stats, session))
     }
+}
+
+/// A stored join and the shard it is of (`None` unsharded).
+type ShardJoined = (Arc<HolderJoined>, Option<u32>);
+
+/// Where a shard's join sits: its shard, the count, the platform's set it
+/// belongs to, and the shard's customers (indices in the bank's data).
+pub(super) struct ShardPlace {
+    shard: u32,
+    shards: u32,
+    set: [u8; 16],
+    members: Arc<Vec<usize>>,
+}
+
+/// The name a shard's join is stored under in the state file.
+fn shard_join_name(shard: u32, shards: u32) -> String {
+    format!("holder-shard {shard} of {shards}")
+}
+
+/// The shard of a stored join by its name, for a node split into `shards`:
+/// `Some(None)` for an unsharded join when `shards` is 1, `Some(Some(s))`
+/// for shard `s` of the same count, `None` for a join of another split.
+fn shard_of_join_name(name: &str, shards: u32) -> Option<Option<u32>> {
+    if name == "holder" {
+        return (shards == 1).then_some(None);
+    }
+    let (s, count) = name.strip_prefix("holder-shard ")?.split_once(" of ")?;
+    let (s, count) = (s.parse::<u32>().ok()?, count.parse::<u32>().ok()?);
+    (count == shards && s < count).then_some(Some(s))
+}
+
+/// A refusal of a peer whose split into shards is not this node's (or
+/// whose messages do not fit it): the operators must configure `[shards]`
+/// alike.
+fn not_sharded_alike(why: String) -> NodeError {
+    NodeError::refused(RefusalCode::PeerRefused, why)
 }

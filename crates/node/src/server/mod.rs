@@ -400,6 +400,52 @@ struct Inner {
     /// its pipelines stalled waiting for the peer after sending.
     exchanges: std::sync::atomic::AtomicU64,
     stalls: std::sync::atomic::AtomicU64,
+    /// The collaboration's split into shards, when `[shards] count >= 2`.
+    sharding: Option<Sharding>,
+}
+
+/// A node's shards (docs/protocol.md, "Shards"): `S`, the shard key's id,
+/// and which of this node's identifiers are in each shard, computed once
+/// at start with the shard key.
+struct Sharding {
+    count: u32,
+    key_id: [u8; 32],
+    /// Each identifier's shard, in the data's order.
+    of: Vec<u32>,
+    /// Each shard's identifiers (indices in the data's order, ascending).
+    members: Vec<Arc<Vec<usize>>>,
+}
+
+impl Sharding {
+    /// Splits `ids` by the key in `[shards] key` into `count` shards.
+    fn split(
+        count: u32,
+        key: &cleanroom_crypto::shard::ShardKey,
+        key_id: [u8; 32],
+        ids: &[Vec<u8>],
+    ) -> Result<Self, NodeError> {
+        let of: Vec<u32> = ids
+            .par_iter()
+            .map(|id| key.shard_of(id, count))
+            .collect::<Result<_, _>>()?;
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); count as usize];
+        for (k, s) in of.iter().enumerate() {
+            if let Some(m) = members.get_mut(*s as usize) {
+                m.push(k);
+            }
+        }
+        Ok(Self {
+            count,
+            key_id,
+            of,
+            members: members.into_iter().map(Arc::new).collect(),
+        })
+    }
+
+    /// The shard count as a length.
+    fn len(&self) -> usize {
+        self.count as usize
+    }
 }
 
 impl Inner {
@@ -562,6 +608,19 @@ impl Node {
             Loaded::Holder(h) => crate::state::fingerprints_by_id(&node_key, &h.ids),
             Loaded::Matcher(m) => crate::state::fingerprints_by_id(&node_key, &m.ids),
         };
+        let sharding = match (cfg.shard_count(), &cfg.shards.key) {
+            (count @ 2.., Some(path)) => {
+                let (key, key_id) = crate::shards::load_key(path)?;
+                let ids: &[Vec<u8>] = match &data {
+                    Loaded::Holder(h) => &h.ids,
+                    Loaded::Matcher(m) => &m.ids,
+                };
+                let sharding = Sharding::split(count, &key, key_id, ids)?;
+                info!(shards = count, "identifiers split into shards");
+                Some(sharding)
+            }
+            _ => None,
+        };
         let endpoint = node_endpoint(cfg.listen, &identity, &ca, &TransportSettings::default())?;
         let mut analysts: Vec<String> = templates.iter().flat_map(|t| t.analysts.iter().cloned()).collect();
         analysts.sort();
@@ -602,6 +661,7 @@ impl Node {
             last_join: Mutex::new(Vec::new()),
             exchanges: std::sync::atomic::AtomicU64::new(0),
             stalls: std::sync::atomic::AtomicU64::new(0),
+            sharding,
         });
         let node = Node { inner };
         let accept = node.clone();

@@ -7,8 +7,8 @@ use super::*;
 pub(super) struct PlatformSide {
     /// Its users.
     pub(super) data: MatcherData,
-    /// Cached joins by matcher filter.
-    joins: Mutex<HashMap<String, Arc<MatcherJoined>>>,
+    /// Cached joins by matcher filter (and shard count).
+    joins: Mutex<HashMap<String, Arc<QueryJoin>>>,
     /// One attempt at a time per query id (a retry waits for an earlier
     /// attempt still running here, then finds its stored share), and the
     /// analyst's cancels; a wake-up when an attempt ends.
@@ -132,22 +132,37 @@ impl Platform {
         out
     }
 
+    /// The key a join for `filter` is cached under: the filter itself
+    /// unsharded, else with the shard count (a join of another split is
+    /// never reused).
+    fn join_cache_key(&self, filter: &str) -> String {
+        match &self.inner.sharding {
+            None => filter.to_string(),
+            Some(sh) => format!("{filter}\nshards {}", sh.count),
+        }
+    }
+
     /// Platform: the cached join for `filter` on this data version, if any
     /// (in memory, else from the state file).
     pub(super) fn cached_matcher_join(
         &self,
         filter: &str,
         version: &[u8; 32],
-    ) -> Result<Option<Arc<MatcherJoined>>, NodeError> {
-        if let Some(j) = lock(&self.side.joins).get(filter) {
+    ) -> Result<Option<Arc<QueryJoin>>, NodeError> {
+        let key = self.join_cache_key(filter);
+        if let Some(j) = lock(&self.side.joins).get(&key) {
             return Ok(Some(j.clone()));
         }
-        let cached = lock(&self.inner.state).join_for_filter(filter, version)?;
+        let cached = lock(&self.inner.state).join_for_filter(&key, version)?;
         let Some((session, payload)) = cached else {
             return Ok(None);
         };
         // A cached join that does not decode is dropped, and joined again.
-        let j = match MatcherJoined::decode(session, &payload) {
+        let decoded = match &self.inner.sharding {
+            None => MatcherJoined::decode(session, &payload).map(|j| QueryJoin::one(Arc::new(j))),
+            Some(sh) => QueryJoin::decode(session, &payload, sh.count),
+        };
+        let j = match decoded {
             Ok(j) => Arc::new(j),
             Err(e) => {
                 warn!(error = %e, "a cached join does not decode; dropped");
@@ -155,7 +170,7 @@ impl Platform {
                 return Ok(None);
             }
         };
-        lock(&self.side.joins).insert(filter.to_string(), j.clone());
+        lock(&self.side.joins).insert(key, j.clone());
         Ok(Some(j))
     }
 
@@ -193,7 +208,7 @@ impl Platform {
         data: &MatcherData,
         plan: &Plan,
         fresh: bool,
-    ) -> Result<(Arc<MatcherJoined>, Option<Vec<(Phase, f64)>>), NodeError> {
+    ) -> Result<(Arc<QueryJoin>, Option<Vec<(Phase, f64)>>), NodeError> {
         let filter = plan.join_filter();
         // The minimum input applies to every query, cached join or not
         // (counted without copying identifiers).
@@ -219,31 +234,56 @@ impl Platform {
         )?;
         lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
         let l = &self.inner.limits;
-        let (params, policy, padding) = self.matcher_join_rules(self.join_context(&filter, &data.version))?;
-        let conn = self.peer_connection().await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
-        let mut rng = session_rng()?;
-        let m = MatcherJoin::grouped_from(params, policy, &data.ids, &indices)?.with_padding_seed(padding);
-        let (offered, offer) = m.offer(&mut rng)?;
-        write_one(&mut send, &offer).await?;
-        let waits = &self.inner.limits.timeouts;
-        let accept = read_one(&mut recv, waits.join_accept).await?;
-        let streaming = offered.on_accept(&accept)?;
-        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, waits.stream_idle).await?;
-        // Offer/accept, then the streamed tokens and rows.
-        self.count_exchanges(2, &stats);
-        let t_match = Instant::now();
-        let joined = tokio::task::spawn_blocking(move || streaming.finish())
-            .await
-            .map_err(|_| NodeError::Internal("join task failed"))??;
-        let match_secs = t_match.elapsed().as_secs_f64();
+        let base = self.join_context(&filter, &data.version);
+        let mut stats = pump::PumpStats::default();
+        let mut match_secs = 0.0;
+        let joined = match &self.inner.sharding {
+            None => {
+                let (j, st, m) = self.one_join(data, base, &indices, None).await?;
+                stats.add(&st);
+                match_secs += m;
+                QueryJoin::one(Arc::new(j))
+            }
+            Some(sh) => {
+                // One set of shard joins for this query: the bank charges
+                // its cardinality epsilon once for the set.
+                let mut set = [0u8; 16];
+                cleanroom_crypto::rng::SystemRng::new().try_fill(&mut set)?;
+                let mut parts = Vec::with_capacity(sh.len());
+                for s in 0..sh.count {
+                    let blocks: Vec<Vec<usize>> = indices
+                        .iter()
+                        .map(|b| b.iter().copied().filter(|k| sh.of.get(*k) == Some(&s)).collect())
+                        .collect();
+                    let header = cleanroom_wire::ShardJoin {
+                        shards: sh.count,
+                        shard: s,
+                        shard_key_id: sh.key_id,
+                        set,
+                        base_context: base,
+                    };
+                    let context = cleanroom_protocol::queries::shard_join_context(&base, sh.count, s);
+                    let (j, st, m) = self.one_join(data, context, &blocks, Some(header)).await?;
+                    stats.add(&st);
+                    match_secs += m;
+                    parts.push(Arc::new(j));
+                }
+                QueryJoin::sharded(parts)
+            }
+        };
         let joined = Arc::new(joined);
         let payload = joined.encode();
-        lock(&self.inner.state).put_join(&joined.session(), &filter, &data.version, l.join_ttl_secs, &payload)?;
+        let key = self.join_cache_key(&filter);
+        lock(&self.inner.state).put_join(&joined.session(), &key, &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.state).record_inputs(&filter, &fp, l.join_ttl_secs)?;
-        lock(&self.side.joins).insert(filter, joined.clone());
+        lock(&self.side.joins).insert(key, joined.clone());
         let secs = t.elapsed().as_secs_f64();
-        info!(rows = joined.rows(), seconds = secs, "join done");
+        info!(
+            rows = joined.rows(),
+            shards = joined.parts.len(),
+            seconds = secs,
+            "join done"
+        );
         let phases = vec![
             (Phase::Join, secs),
             (Phase::PlatformOwnTokens, stats.own.as_secs_f64()),
@@ -256,6 +296,40 @@ impl Platform {
         ];
         lock(&self.inner.last_join).clone_from(&phases);
         Ok((joined, Some(phases)))
+    }
+
+    /// One join with the bank over the users of `blocks` (indices in the
+    /// data, one list per group), under `context`; a sharded one starts
+    /// with its shard header. The join, where its time went, and the
+    /// matching's seconds.
+    async fn one_join(
+        &self,
+        data: &MatcherData,
+        context: [u8; 32],
+        blocks: &[Vec<usize>],
+        header: Option<cleanroom_wire::ShardJoin>,
+    ) -> Result<(MatcherJoined, pump::PumpStats, f64), NodeError> {
+        let (params, policy, padding) = self.matcher_join_rules(context)?;
+        let conn = self.peer_connection().await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
+        let mut rng = session_rng()?;
+        let m = MatcherJoin::grouped_from(params, policy, &data.ids, blocks)?.with_padding_seed(padding);
+        let (offered, offer) = m.offer(&mut rng)?;
+        if let Some(h) = header {
+            write_one(&mut send, &Message::ShardJoin(h)).await?;
+        }
+        write_one(&mut send, &offer).await?;
+        let waits = &self.inner.limits.timeouts;
+        let accept = read_one(&mut recv, waits.join_accept).await?;
+        let streaming = offered.on_accept(&accept)?;
+        let (streaming, stats) = pump::run_with_stats(streaming, send, recv, waits.stream_idle).await?;
+        // Offer/accept, then the streamed tokens and rows.
+        self.count_exchanges(2, &stats);
+        let t_match = Instant::now();
+        let joined = tokio::task::spawn_blocking(move || streaming.finish())
+            .await
+            .map_err(|_| NodeError::Internal("join task failed"))??;
+        Ok((joined, stats, t_match.elapsed().as_secs_f64()))
     }
 
     /// Platform: the steps of an analyst's request after its charge, as
@@ -305,7 +379,7 @@ impl Platform {
                         }
                         match self.join_for(choice, &r.plan, &mut shell.timings).await? {
                             Some(joined) => {
-                                let (session, groups) = (joined.session(), joined.blocks());
+                                let (session, groups) = (joined.session(), joined.batches());
                                 shell.joined = Some(joined);
                                 let groups =
                                     u32::try_from(groups).map_err(|_| NodeError::Internal("too many groups"))?;
@@ -321,8 +395,16 @@ impl Platform {
                         .clone()
                         .filter(|j| j.session() == join)
                         .ok_or(NodeError::Internal("a batch over a join this attempt does not have"))?;
+                    let (part, shard, g) = joined
+                        .batch(group)
+                        .ok_or(NodeError::Internal("a batch the join does not have"))?;
+                    let header = self.inner.sharding.as_ref().map(|sh| cleanroom_wire::ShardBatch {
+                        shards: sh.count,
+                        shard,
+                        joins: joined.parts.iter().map(|p| p.session()).collect(),
+                    });
                     match self
-                        .matcher_batch(&joined, &r.plan, qid, group, &mut shell.aggregate)
+                        .matcher_batch(part, &r.plan, qid, (group, g), header, &mut shell.aggregate)
                         .await
                     {
                         Ok((session, words)) => machine.batch_done(group, session, words),
@@ -345,7 +427,7 @@ impl Platform {
         choice: JoinChoice,
         plan: &Plan,
         timings: &mut Vec<(Phase, f64)>,
-    ) -> Result<Option<Arc<MatcherJoined>>, NodeError> {
+    ) -> Result<Option<Arc<QueryJoin>>, NodeError> {
         let data = &self.side.data;
         let (joined, phases) = match choice {
             JoinChoice::CachedOrNew => self.matcher_join(data, plan, false).await?,
@@ -359,7 +441,7 @@ impl Platform {
             }
             JoinChoice::New { dropped } => {
                 info!("the bank no longer has this join; joining again");
-                lock(&self.side.joins).remove(&plan.join_filter());
+                lock(&self.side.joins).remove(&self.join_cache_key(&plan.join_filter()));
                 lock(&self.inner.state).drop_join(&dropped)?;
                 self.matcher_join(data, plan, true).await?
             }
@@ -368,17 +450,19 @@ impl Platform {
         Ok(Some(joined))
     }
 
-    /// One aggregate batch: the OT for platform group `g` over `joined`
-    /// (choices e_i AND label_i == g); its session and this node's words.
+    /// One aggregate batch, the query's `k`-th: the OT for platform group
+    /// `g` over `joined` (choices e_i AND label_i == g), after its shard
+    /// header when sharded; its session and this node's words.
     async fn matcher_batch(
         &self,
         joined: &MatcherJoined,
         plan: &Plan,
         qid: &QueryId,
-        g: u32,
+        (k, g): (u32, u32),
+        header: Option<cleanroom_wire::ShardBatch>,
         aggregate: &mut AggregateRun,
     ) -> Result<(SessionId, Vec<u64>), NodeError> {
-        if g == 0 || aggregate.conn.is_none() {
+        if k == 0 || aggregate.conn.is_none() {
             *aggregate = AggregateRun {
                 conn: Some(self.peer_connection().await?),
                 started: Some(Instant::now()),
@@ -395,6 +479,9 @@ impl Platform {
         let bits = CellBits::new(plan.batch_bits())?;
         let (waiting, setup) =
             MatcherAggregate::start_with_bits(joined, &choices, bits, *qid, plan.digest(), g, &mut rng)?;
+        if let Some(h) = header {
+            write_one(&mut send, &Message::ShardBatch(h)).await?;
+        }
         write_one(&mut send, &setup).await?;
         // Not dropped when the analyst goes: the bank may be about to
         // claim this batch for a retry of the same query id (and it
@@ -440,7 +527,13 @@ impl Platform {
                 (total.wait_in + total.wait_out).as_secs_f64(),
             ),
         ]);
-        let share = Share::from_words(a.batches.concat());
+        let words = a.batches.concat();
+        let share = match &self.inner.sharding {
+            None => Share::from_words(words),
+            // Each group's shares of the shards, added up.
+            Some(sh) => cleanroom_protocol::queries::fold_shards(&words, sh.len())
+                .ok_or(NodeError::Internal("the shards' shares do not add up to one share"))?,
+        };
         self.release(r, share, a.run, a.join, noise, timings, a.rerun, started)
             .await
     }
@@ -454,7 +547,7 @@ struct AttemptShell {
     /// The query's noise, drawn from its seed once the attempt computes
     /// (its first join), and when that started.
     noise: Option<(NoiseTask, Instant)>,
-    joined: Option<Arc<MatcherJoined>>,
+    joined: Option<Arc<QueryJoin>>,
     timings: Vec<(Phase, f64)>,
     aggregate: AggregateRun,
 }
@@ -489,5 +582,111 @@ fn attempt_ended(outcome: Outcome) -> NodeError {
         ),
         Outcome::PeerAborted(code) => ProtocolError::PeerAborted { code }.into(),
         Outcome::Unexpected(what) => NodeError::Internal(what),
+    }
+}
+
+/// The join a query's batches run over: one join, or, when the
+/// collaboration is sharded, one per shard (named together by
+/// `queries::sharded_join_id`). Batch `k` is shard `k / G`'s group `k % G`.
+pub(super) struct QueryJoin {
+    session: SessionId,
+    parts: Vec<Arc<MatcherJoined>>,
+}
+
+/// The first bytes of a stored set of shard joins.
+const SHARDED_JOIN_MAGIC: &[u8; 8] = b"CRSJOIN1";
+
+impl QueryJoin {
+    fn one(j: Arc<MatcherJoined>) -> Self {
+        Self {
+            session: j.session(),
+            parts: vec![j],
+        }
+    }
+
+    fn sharded(parts: Vec<Arc<MatcherJoined>>) -> Self {
+        let sessions: Vec<SessionId> = parts.iter().map(|p| p.session()).collect();
+        Self {
+            session: cleanroom_protocol::queries::sharded_join_id(&sessions),
+            parts,
+        }
+    }
+
+    /// Its name: the one join's session, or `J*` of the shards' joins.
+    pub(super) fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// Platform groups (per shard: every shard's join has them all).
+    fn groups(&self) -> usize {
+        self.parts.first().map_or(0, |p| p.blocks())
+    }
+
+    /// Aggregate batches: one per shard and group.
+    fn batches(&self) -> usize {
+        self.parts.len() * self.groups()
+    }
+
+    /// Rows over all shards.
+    fn rows(&self) -> usize {
+        self.parts.iter().map(|p| p.rows()).sum()
+    }
+
+    /// Batch `k`'s join, shard and group.
+    fn batch(&self, k: u32) -> Option<(&MatcherJoined, u32, u32)> {
+        let groups = u32::try_from(self.groups()).ok().filter(|g| *g > 0)?;
+        let (shard, g) = (k / groups, k % groups);
+        let part = self.parts.get(shard as usize)?;
+        Some((part, shard, g))
+    }
+
+    /// The state file's form: unsharded, the one join's; sharded, the
+    /// magic, `S`, then each shard's session, length and join.
+    fn encode(&self) -> Vec<u8> {
+        match self.parts.as_slice() {
+            [one] if one.session() == self.session => one.encode(),
+            parts => {
+                let mut out = SHARDED_JOIN_MAGIC.to_vec();
+                out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+                for p in parts {
+                    let bytes = p.encode();
+                    out.extend_from_slice(p.session().as_ref());
+                    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+                    out.extend_from_slice(&bytes);
+                }
+                out
+            }
+        }
+    }
+
+    /// A stored set of `shards` shard joins named `session`; refused unless
+    /// every part decodes, the parts' groups agree and they are named `session`.
+    fn decode(session: SessionId, bytes: &[u8], shards: u32) -> Result<Self, ProtocolError> {
+        let bad = || ProtocolError::LocalInput {
+            reason: "stored set of shard joins does not decode",
+        };
+        let rest = bytes.strip_prefix(SHARDED_JOIN_MAGIC.as_slice()).ok_or_else(bad)?;
+        let (count, mut rest) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
+        if u32::from_le_bytes(*count) != shards {
+            return Err(bad());
+        }
+        let mut parts = Vec::with_capacity(shards as usize);
+        for _ in 0..shards {
+            let (s, r) = rest.split_first_chunk::<16>().ok_or_else(bad)?;
+            let (len, r) = r.split_first_chunk::<8>().ok_or_else(bad)?;
+            let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| bad())?;
+            if len > r.len() {
+                return Err(bad());
+            }
+            let (payload, r) = r.split_at(len);
+            parts.push(Arc::new(MatcherJoined::decode(SessionId(*s), payload)?));
+            rest = r;
+        }
+        let joined = Self::sharded(parts);
+        let groups = joined.groups();
+        if !rest.is_empty() || joined.session != session || joined.parts.iter().any(|p| p.blocks() != groups) {
+            return Err(bad());
+        }
+        Ok(joined)
     }
 }

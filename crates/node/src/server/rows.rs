@@ -2,6 +2,7 @@
 //! and the bank's per-customer values.
 
 use super::*;
+use cleanroom_protocol::aggregate::RowSource as _;
 
 /// Which of the matcher's users go into which block for a plan: indices of
 /// the users that pass the WHERE clause's platform conditions, one list per
@@ -170,7 +171,6 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
 /// All of [`HolderRows`] at once, customer after customer (for tests and
 /// tools; the node computes them row by row).
 pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> Vec<u64> {
-    use cleanroom_protocol::aggregate::RowSource;
     let rows = HolderRows::new(plan, Arc::new(data.clone()), categories);
     let width = rows.width();
     let mut out = vec![0u64; data.ids.len() * width];
@@ -178,4 +178,33 @@ pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> V
         rows.fill(c, row);
     });
     out
+}
+
+/// One shard's customers' vectors: the join of shard `s` numbers its
+/// customers `0..n_s` in the order of the shard's member list, which maps
+/// them to the bank's customers.
+pub(super) struct ShardRows {
+    pub(super) rows: Arc<HolderRows>,
+    /// The shard's customers (indices in the bank's data, ascending).
+    pub(super) members: Arc<Vec<usize>>,
+}
+
+impl cleanroom_protocol::aggregate::RowSource for ShardRows {
+    fn width(&self) -> usize {
+        self.rows.width()
+    }
+
+    fn customers(&self) -> usize {
+        self.members.len()
+    }
+
+    fn prefetch(&self, customer: usize) {
+        if let Some(k) = self.members.get(customer) {
+            self.rows.prefetch(*k);
+        }
+    }
+
+    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
+        self.members.get(customer).is_some_and(|k| self.rows.fill(*k, out))
+    }
 }

@@ -1,0 +1,226 @@
+//! Shards in the nodes (issue 16), over real QUIC on loopback: both nodes
+//! split their identifiers into `S` shards by the shared shard key, every
+//! query runs one join per shard and one aggregate batch per shard and
+//! platform group, and each node adds its shards' shares before its noise.
+//!
+//! Exactness: the templates' ρ is made so large that every cell's noise has
+//! σ < 0.2 (checked on the reported σ), so a cell is off the un-noised sum
+//! by one or more with probability below 1e-10; every cell must then equal
+//! the plaintext truth (`cleanroom_sim::oracle::truth`), for S in
+//! {1, 2, 7, 16}, grouped by a platform column and not.
+
+use std::time::Duration;
+
+use cleanroom_client::new_query_id;
+use cleanroom_lab::demo::{Fixture, demo_queries};
+use cleanroom_sim::oracle::truth;
+use cleanroom_tests::analyst_of;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A query grouped by the platform's segment (three platform groups) and
+/// the bank's category.
+const GROUPED_SQL: &str = "SELECT b.category, p.segment, COUNT(DISTINCT b.customer) AS customers, COUNT(*) AS n, \
+     SUM(b.amount) AS spend FROM bank b JOIN platform p \
+     WHERE b.category IN ('groceries', 'restaurants', 'fuel') AND p.segment IN ('messenger_active', 'gamer', 'casual') \
+     GROUP BY b.category, p.segment";
+
+/// The fixture's text edits: noise made negligible, and the `[shards]`
+/// section (`None`: none at all).
+fn edits(shards: Option<u32>) -> Vec<(String, String)> {
+    let mut e = vec![
+        (
+            "rho_per_analyst = \"20\"".to_string(),
+            "rho_per_analyst = \"10000000000000\"".to_string(),
+        ),
+        ("rho = \"0.1\"".to_string(), "rho = \"1000000000000\"".to_string()),
+        ("rho = \"1\"".to_string(), "rho = \"1000000000000\"".to_string()),
+        // A spend cell's noise scales with its clip.
+        ("spend_cents = 50000".to_string(), "spend_cents = 2000".to_string()),
+    ];
+    if let Some(s) = shards {
+        let key = if s >= 2 { "key = \"certs/shard.key\"\n" } else { "" };
+        e.push((
+            "[limits]".to_string(),
+            format!("[shards]\ncount = {s}\n{key}\n[limits]"),
+        ));
+    }
+    e
+}
+
+/// Creates a fixture of `rows` customers and users (seed `seed`) with the
+/// grouped template and `edits`.
+fn fixture(dir: &std::path::Path, rows: usize, seed: u64, edits: &[(String, String)]) -> Fixture {
+    let mut f = Fixture::create(dir, rows, seed, &["alice"]).unwrap();
+    f.add_sql_template("grouped", GROUPED_SQL, "alice").unwrap();
+    let e: Vec<(&str, &str)> = edits.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    f.edit_configs(&e).unwrap();
+    f
+}
+
+/// Every demo query and the grouped one: each cell's value, checked equal
+/// to the plaintext truth.
+async fn exact_cells(f: &Fixture, label: &str) -> Vec<Vec<f64>> {
+    let bank = f.start_bank().await.unwrap();
+    let platform = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = analyst_of(f, "alice", &bank, &platform);
+    let mut queries = demo_queries();
+    queries.push(("grouped", Vec::new()));
+    let mut out = Vec::new();
+    for (template, params) in queries {
+        let r = analyst
+            .query(template, &params, new_query_id().unwrap(), TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("{label} {template}: {e}"));
+        let t = truth(&f.data, &f.plan(template, &params).unwrap());
+        assert!(!t.is_empty() && r.cells.len() >= t.len(), "{label} {template}");
+        for (c, truth) in r.cells.iter().zip(&t) {
+            assert!(
+                c.sigma > 0.0 && c.sigma < 0.2,
+                "{label} {template} {}: sd {}",
+                c.name,
+                c.sigma
+            );
+            assert!(
+                (c.value - truth).abs() < 0.5,
+                "{label} {template} {}: {} vs {truth}",
+                c.name,
+                c.value
+            );
+        }
+        // Something to find: the truth is not all zeros.
+        assert!(t.iter().any(|x| *x > 0.0), "{label} {template}");
+        out.push(r.cells.iter().take(t.len()).map(|c| c.value).collect());
+    }
+    platform.shutdown().await;
+    bank.shutdown().await;
+    out
+}
+
+/// The bank's cardinality ε spent (millionths), from its state file.
+fn cardinality_spent(dir: &std::path::Path) -> i64 {
+    let db = rusqlite::Connection::open(dir.join("state").join("bank").join("state.db")).unwrap();
+    db.query_row("SELECT COALESCE(SUM(eps_micro), 0) FROM cardinality", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_nodes_give_the_unsharded_results_exactly() {
+    let (rows, seed) = (800, 161);
+    let (unsharded, unsharded_spent) = {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), rows, seed, &edits(None));
+        (exact_cells(&f, "unsharded").await, cardinality_spent(dir.path()))
+    };
+    // Queries with the same platform conditions share a cached join.
+    assert!(unsharded_spent >= 2 * 500_000, "{unsharded_spent}");
+    for s in [1u32, 2, 7, 16] {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), rows, seed, &edits(Some(s)));
+        let cells = exact_cells(&f, &format!("S = {s}")).await;
+        assert_eq!(cells, unsharded, "S = {s}");
+        // As many joins as unsharded: each set of S shard joins is charged
+        // the cardinality ε once.
+        assert_eq!(cardinality_spent(dir.path()), unsharded_spent, "S = {s}");
+        if s == 7 {
+            // Restarted, both nodes read their stored shard joins back (the
+            // platform its set per filter, the bank each shard's by
+            // session): the same cells, and no join is charged again.
+            let again = exact_cells(&f, "S = 7, restarted").await;
+            assert_eq!(again, unsharded, "S = 7, restarted");
+            assert_eq!(cardinality_spent(dir.path()), unsharded_spent, "S = 7, restarted");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_split_differently_refuse_to_join() {
+    for (bank_edit, platform_edit, what) in [
+        (Some(2u32), Some(4u32), "counts differ"),
+        (Some(3), None, "the platform does not shard"),
+        (None, Some(3), "the bank does not shard"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), 300, 7, &edits(platform_edit));
+        // The bank's config, edited apart (and signed again).
+        let text = std::fs::read_to_string(&f.bank_config).unwrap();
+        let mut bank_text = text.replace("[shards]\ncount = 4\nkey = \"certs/shard.key\"\n\n", "");
+        bank_text = bank_text.replace("[shards]\ncount = 3\nkey = \"certs/shard.key\"\n\n", "");
+        if let Some(s) = bank_edit {
+            bank_text = bank_text.replace(
+                "[limits]",
+                &format!("[shards]\ncount = {s}\nkey = \"certs/shard.key\"\n\n[limits]"),
+            );
+        }
+        std::fs::write(&f.bank_config, bank_text).unwrap();
+        let bank = f.start_bank().await.unwrap();
+        let platform = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
+        let analyst = analyst_of(&f, "alice", &bank, &platform);
+        let e = analyst
+            .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+            .await
+            .expect_err(what);
+        assert!(e.to_string().contains("ended the session"), "{what}: {e}");
+        // Nothing was charged for a join that never ran.
+        assert_eq!(cardinality_spent(dir.path()), 0, "{what}");
+        platform.shutdown().await;
+        bank.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_shard_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixture(dir.path(), 300, 8, &edits(Some(2)));
+    // The platform's operator has another key.
+    let other = dir.path().join("certs").join("other-shard.key");
+    std::fs::write(&other, format!("{}\n", "ab".repeat(32))).unwrap();
+    let mut f = f;
+    f.edit_configs(&[("key = \"certs/shard.key\"", "key = \"certs/other-shard.key\"")])
+        .unwrap();
+    // ...and the bank keeps its own.
+    let text = std::fs::read_to_string(&f.bank_config).unwrap();
+    std::fs::write(
+        &f.bank_config,
+        text.replace("key = \"certs/other-shard.key\"", "key = \"certs/shard.key\""),
+    )
+    .unwrap();
+    let bank = f.start_bank().await.unwrap();
+    let platform = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = analyst_of(&f, "alice", &bank, &platform);
+    let e = analyst
+        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+        .await
+        .expect_err("another shard key");
+    assert!(e.to_string().contains("ended the session"), "{e}");
+    assert_eq!(cardinality_spent(dir.path()), 0);
+    platform.shutdown().await;
+    bank.shutdown().await;
+}
+
+#[test]
+fn a_shard_key_file_that_is_not_64_hex_digits_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, ok) in [
+        ("00".repeat(32), true),
+        ("0".repeat(63), false),
+        ("zz".repeat(32), false),
+        (String::new(), false),
+    ] {
+        let p = dir.path().join("k");
+        std::fs::write(&p, &text).unwrap();
+        let r = cleanroom_node::shards::load_key(&p);
+        assert_eq!(r.is_ok(), ok, "{text:?}");
+        if let Err(e) = r {
+            let m = e.to_string();
+            assert!(
+                m.contains("64 hex digits") && !m.contains(&text) || text.is_empty(),
+                "{m}"
+            );
+        }
+    }
+    // `cleanroom certs` writes one, once.
+    assert!(cleanroom_node::shards::init_key(dir.path()).unwrap().is_some());
+    assert!(cleanroom_node::shards::init_key(dir.path()).unwrap().is_none());
+    cleanroom_node::shards::load_key(&dir.path().join(cleanroom_node::shards::KEY_FILE)).unwrap();
+}
