@@ -1044,6 +1044,7 @@ async fn bench_reports_the_join_against_the_curve_bound() {
         path: None,
         repeat: 1,
         queries: 3,
+        shards: 1,
     };
     let mut steps = Vec::new();
     let rows = cleanroom_lab::bench::run(&opts, |done, total, _| steps.push((done, total)))

@@ -224,3 +224,241 @@ fn a_shard_key_file_that_is_not_64_hex_digits_is_refused() {
     assert!(cleanroom_node::shards::init_key(dir.path()).unwrap().is_none());
     cleanroom_node::shards::load_key(&dir.path().join(cleanroom_node::shards::KEY_FILE)).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_sharded_nodes() {
+    let run = |shards| cleanroom_lab::bench::BenchOptions {
+        sizes: vec![600],
+        seed: 17,
+        overlap: 0.5,
+        categories: 3,
+        path: None,
+        repeat: 1,
+        queries: 1,
+        shards,
+    };
+    let one = cleanroom_lab::bench::run(&run(1), |_, _, _| {}).await.unwrap();
+    let four = cleanroom_lab::bench::run(&run(4), |_, _, _| {}).await.unwrap();
+    let (one, four) = (&one[0], &four[0]);
+    assert_eq!((one.shards, four.shards), (1, 4));
+    // Each shard's join has its own dummy rows, so the bank sends more
+    // rows (and tokens) than unsharded: at least D_max more per extra shard.
+    let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
+        .unwrap()
+        .d_max();
+    assert!(
+        four.join.bank_to_platform_bytes >= one.join.bank_to_platform_bytes + 3 * d_max * 32,
+        "{} vs {}",
+        four.join.bank_to_platform_bytes,
+        one.join.bank_to_platform_bytes
+    );
+    // Both nodes report their join's phases.
+    for node in ["bank", "platform"] {
+        assert!(
+            four.phases
+                .iter()
+                .any(|p| p.node == node && p.phase.label() == "join" && p.seconds > 0.0),
+            "{node}"
+        );
+    }
+}
+
+mod hostile {
+    //! A peer with the platform's certificate sends the bank shard headers
+    //! that do not fit its split: each is refused with an abort before the
+    //! bank charges or sends anything of its own, a second join of a shard
+    //! of a set is refused after the first, and the real platform's queries
+    //! still run.
+
+    use super::*;
+    use cleanroom_crypto::normalize::NormalizationRules;
+    use cleanroom_protocol::join::{JoinParams, MatcherJoin, MatcherPolicy, SetSizeLimits};
+    use cleanroom_protocol::queries::shard_join_context;
+    use cleanroom_transport::{
+        Identity, TransportSettings, TrustAnchors, client_endpoint, pki, read_frame, write_frame,
+    };
+    use cleanroom_wire::{AbortCode, MAX_MESSAGE_LEN, Message, OtSetup, QueryId, SessionId, ShardBatch, ShardJoin};
+
+    /// A join offer of 40 made-up users under `context`.
+    fn offer(context: [u8; 32]) -> Message {
+        let ids: Vec<Vec<u8>> = (0..40)
+            .map(|i| format!("email:ghost{i}@example.com").into_bytes())
+            .collect();
+        let m = MatcherJoin::new(
+            JoinParams {
+                collaboration_id: "demo-bank-platform".into(),
+                rules_hash: NormalizationRules::v1("44").hash(),
+                context,
+                chunk_points: 250,
+            },
+            MatcherPolicy {
+                peer_set: SetSizeLimits { min: 0, max: 1 << 30 },
+                max_dummy_rows: 4096,
+                block_padding: None,
+            },
+            ids,
+        )
+        .unwrap();
+        let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
+        m.offer(&mut rng).unwrap().1
+    }
+
+    fn setup(join: SessionId) -> Message {
+        Message::OtSetup(OtSetup {
+            session: SessionId([0x31; 16]),
+            join_session: join,
+            query_id: QueryId([0x32; 16]),
+            nonce: [0x33; 32],
+            rows: 100,
+            width: 1,
+            plan: [0x34; 32],
+            group: 0,
+            base_point: [0; 32],
+        })
+    }
+
+    /// Sends `frames` on a new stream; the bank's first answer.
+    async fn answer(conn: &quinn::Connection, frames: &[Message]) -> Option<Message> {
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        for m in frames {
+            write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
+                .await
+                .unwrap();
+        }
+        match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut r, MAX_MESSAGE_LEN)).await {
+            Ok(Ok(Some(f))) => Some(Message::decode(&f).unwrap()),
+            Ok(_) => None,
+            Err(_) => panic!("the bank did not answer within 30 s"),
+        }
+    }
+
+    fn refused(m: Option<Message>, code: AbortCode, what: &str) {
+        match m {
+            Some(Message::Abort(a)) => assert_eq!(a.code, code, "{what}"),
+            other => panic!("{what}: expected an abort, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn headers_that_do_not_fit_the_split_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), 300, 9, &edits(Some(2)));
+        let bank = f.start_bank().await.unwrap();
+        let certs = dir.path().join("certs");
+        let (_, key_id) = cleanroom_node::shards::load_key(&certs.join("shard.key")).unwrap();
+        let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+        let id = Identity::load(&certs.join("platform.pem"), &certs.join("platform.key")).unwrap();
+        let ep = client_endpoint(&id, &ca, &TransportSettings::default()).unwrap();
+        let conn = cleanroom_transport::connect(&ep, bank.local_addr().unwrap(), &pki::node_name("bank"))
+            .await
+            .unwrap();
+        let base = [7u8; 32];
+        let header = |shards, shard, key: [u8; 32], set: [u8; 16]| {
+            Message::ShardJoin(ShardJoin {
+                shards,
+                shard,
+                shard_key_id: key,
+                set,
+                base_context: base,
+            })
+        };
+        let good_offer = |s| offer(shard_join_context(&base, 2, s));
+        let set = [1u8; 16];
+        refused(
+            answer(&conn, &[offer([0; 32])]).await,
+            AbortCode::Refused,
+            "a plain offer to a sharded bank",
+        );
+        refused(
+            answer(
+                &conn,
+                &[header(3, 0, key_id, set), offer(shard_join_context(&base, 3, 0))],
+            )
+            .await,
+            AbortCode::Refused,
+            "another shard count",
+        );
+        refused(
+            answer(&conn, &[header(2, 0, [9; 32], set), good_offer(0)]).await,
+            AbortCode::Refused,
+            "another shard key",
+        );
+        refused(
+            answer(&conn, &[header(2, 0, key_id, set), good_offer(1)]).await,
+            AbortCode::Refused,
+            "the context of another shard",
+        );
+        refused(
+            answer(&conn, &[header(2, 0, key_id, set), setup(SessionId([0; 16]))]).await,
+            AbortCode::BadMessage,
+            "no offer after the header",
+        );
+        assert_eq!(cardinality_spent(dir.path()), 0);
+        // A fitting shard join is accepted and charged...
+        match answer(&conn, &[header(2, 1, key_id, set), good_offer(1)]).await {
+            Some(Message::JoinAccept(_)) => {}
+            other => panic!("expected an accept, got {other:?}"),
+        }
+        assert_eq!(cardinality_spent(dir.path()), 500_000);
+        // ...the other shard of the set is not charged again...
+        match answer(&conn, &[header(2, 0, key_id, set), good_offer(0)]).await {
+            Some(Message::JoinAccept(_)) => {}
+            other => panic!("expected an accept, got {other:?}"),
+        }
+        assert_eq!(cardinality_spent(dir.path()), 500_000);
+        // ...and a second look at a shard of the set is refused.
+        refused(
+            answer(&conn, &[header(2, 1, key_id, set), good_offer(1)]).await,
+            AbortCode::Refused,
+            "a second join of a shard of a set",
+        );
+        assert_eq!(cardinality_spent(dir.path()), 500_000);
+        // Batches: a plain setup, and a header whose list does not hold
+        // the setup's join at its shard.
+        let (a, b) = (SessionId([0x41; 16]), SessionId([0x42; 16]));
+        refused(
+            answer(&conn, &[setup(a)]).await,
+            AbortCode::Refused,
+            "a plain setup to a sharded bank",
+        );
+        let batch = |shard, joins: Vec<SessionId>| {
+            Message::ShardBatch(ShardBatch {
+                shards: 2,
+                shard,
+                joins,
+            })
+        };
+        refused(
+            answer(&conn, &[batch(1, vec![a, b]), setup(a)]).await,
+            AbortCode::Refused,
+            "a setup whose join is another shard's in its list",
+        );
+        refused(
+            answer(
+                &conn,
+                &[
+                    batch(0, vec![a, b]),
+                    Message::ShardBatch(ShardBatch {
+                        shards: 2,
+                        shard: 0,
+                        joins: vec![a, b],
+                    }),
+                ],
+            )
+            .await,
+            AbortCode::BadMessage,
+            "no setup after the header",
+        );
+        // The real platform still runs its queries.
+        let platform = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
+        let analyst = analyst_of(&f, "alice", &bank, &platform);
+        let r = analyst
+            .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+            .await
+            .unwrap();
+        let t = truth(&f.data, &f.plan("overlap", &[]).unwrap());
+        assert!((r.cells[0].value - t[0]).abs() < 0.5);
+        platform.shutdown().await;
+        bank.shutdown().await;
+    }
+}

@@ -109,6 +109,10 @@ enum Command {
         /// the table shows their median.
         #[arg(long, default_value_t = 1)]
         queries: usize,
+        /// Shards both nodes split their identifiers into (`[shards]
+        /// count`): each join runs as that many shard joins.
+        #[arg(long, default_value_t = 1)]
+        shards: u32,
     },
     /// Write synthetic `bank.csv` and `platform.csv`.
     GenData {
@@ -355,8 +359,12 @@ fn main() -> anyhow::Result<()> {
             bandwidth_mbit,
             repeat,
             queries,
+            shards,
         } => {
             init_logging("warn");
+            if !(1..=4096).contains(&shards) {
+                bail!("--shards must be between 1 and 4096");
+            }
             if !(0.0..=1.0).contains(&overlap) {
                 bail!("--overlap must be between 0 and 1");
             }
@@ -381,6 +389,7 @@ fn main() -> anyhow::Result<()> {
                 path,
                 repeat,
                 queries,
+                shards,
             };
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(

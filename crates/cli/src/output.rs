@@ -251,6 +251,11 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
             r.peak_rss_kib / 1024
         );
     }
+    if let Some(s) = rows.iter().map(|r| r.shards).find(|s| *s > 1) {
+        out!(
+            "shards = {s}: each join ran as {s} shard joins, one after the other, in one process per node (the bound counts {s} x D_max dummy rows)"
+        );
+    }
     out!(
         "bound = curve operations of the join timed in this run (hash-to-group + mul per own id, decompress + mul per peer point, batched compression, all cores); ratio = join / bound"
     );

@@ -6,9 +6,11 @@
 //! the analysts saw: every answered query charged exactly once on each node,
 //! no charge without its query, the shares in the ledgers reconstruct
 //! exactly the results the analysts got, each released share has its audit
-//! entry, and both audit hash chains verify. Last, a corrupted state file and
-//! a tampered audit log each stop the node from starting, with a clear
-//! message.
+//! entry, and both audit hash chains verify. The same again, smaller, with
+//! both nodes split into 4 shards (issue 16: each query runs 4 shard joins
+//! and a batch per shard, so a kill can land between them). Last, a
+//! corrupted state file and a tampered audit log each stop the node from
+//! starting, with a clear message.
 //!
 //! `cargo test --locked -p cleanroom-cli --test crash -- --nocapture` prints
 //! the figures (kills, failed attempts, reruns, wall time).
@@ -27,9 +29,15 @@ use cleanroom_node::config::NodeConfig;
 use cleanroom_node::state::State;
 use cleanroom_wire::{AnalystResponse, Message, QueryShare};
 
-const ANALYSTS: usize = 20;
-const QUERIES_EACH: usize = 15;
-const KILLS: usize = 10;
+/// How big a storm: analysts, query ids each, kills; and the shards both
+/// nodes split into (1: none).
+#[derive(Clone, Copy)]
+struct Storm {
+    analysts: usize,
+    queries_each: usize,
+    kills: usize,
+    shards: u32,
+}
 /// ρ of the `overlap` template in the demo configs, millionths.
 const RHO_MICRO: i64 = 100_000;
 
@@ -159,6 +167,41 @@ fn read_ledger(state: &Path) -> Ledger {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() {
+    storm(Storm {
+        analysts: 20,
+        queries_each: 15,
+        kills: 10,
+        shards: 1,
+    })
+    .await;
+}
+
+/// The same with both nodes split into 4 shards: a kill can land between
+/// or inside the shard joins of a query, or between its batches; every
+/// query is still answered once, charged once, from all its shards (the
+/// ledgers' shares reconstruct what the analysts saw), and the bank's
+/// cardinality charges match its audit log (checked when its state opens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_sharded_queries_loses_and_doubles_nothing() {
+    storm(Storm {
+        analysts: 5,
+        queries_each: 8,
+        kills: 6,
+        shards: 4,
+    })
+    .await;
+}
+
+/// Runs one storm (the tests above) and checks everything after it; prints
+/// its figures (with `--nocapture`).
+#[allow(clippy::print_stdout)]
+async fn storm(storm: Storm) {
+    let Storm {
+        analysts: n_analysts,
+        queries_each,
+        kills: n_kills,
+        shards,
+    } = storm;
     let seed = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -172,12 +215,20 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
     let mut rng = seed;
 
     let mut names: Vec<String> = vec!["alice".to_string()];
-    names.extend((1..ANALYSTS).map(|i| format!("analyst{i:02}")));
+    names.extend((1..n_analysts).map(|i| format!("analyst{i:02}")));
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let dir = tempfile::tempdir().unwrap();
     let fixture = Fixture::create(dir.path(), 400, 67, &refs).unwrap();
     let list = names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ");
-    let allow = move |text: String| text.replace("analysts = [\"alice\"]", &format!("analysts = [{list}]"));
+    let split = if shards > 1 {
+        format!("[shards]\ncount = {shards}\nkey = \"certs/shard.key\"\n\n[limits]")
+    } else {
+        "[limits]".to_string()
+    };
+    let allow = move |text: String| {
+        text.replace("analysts = [\"alice\"]", &format!("analysts = [{list}]"))
+            .replace("[limits]", &split)
+    };
     let bank_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let platform_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     // The bank's config as the fixture wrote and signed it; the platform's
@@ -236,7 +287,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (a, analyst) in analysts.iter().enumerate() {
-        for _ in 0..QUERIES_EACH {
+        for _ in 0..queries_each {
             let analyst = analyst.clone();
             let qid = new_query_id().unwrap();
             tasks.push(tokio::spawn(async move {
@@ -262,7 +313,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
     // Meanwhile: SIGKILL the bank, the platform or both at random moments,
     // and restart them.
     let mut kills = Vec::new();
-    for _ in 0..KILLS {
+    for _ in 0..n_kills {
         tokio::time::sleep(Duration::from_millis(300 + next(&mut rng) % 2200)).await;
         let victim = match next(&mut rng) % 5 {
             0 | 1 => "bank",
@@ -307,7 +358,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
         answered_during_kills += usize::from(failures.is_empty());
     }
     let wall = started.elapsed().as_secs_f64();
-    assert_eq!(seen.len(), ANALYSTS * QUERIES_EACH);
+    assert_eq!(seen.len(), n_analysts * queries_each);
 
     // Asked again, every query id returns exactly what its analyst saw
     // (the stored shares), and nothing more is charged.
@@ -380,7 +431,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
         assert_eq!(&values(&r), v, "the ledgers' shares do not give what the analyst saw");
     }
     println!(
-        "{} queries from {ANALYSTS} analysts, {} kills ({}), all answered: {} without a failed attempt, {failed_attempts} failed attempts retried; kills over the first {:.1} s, wall {wall:.1} s; {}",
+        "{} queries from {n_analysts} analysts, {} kills ({}), all answered: {} without a failed attempt, {failed_attempts} failed attempts retried; kills over the first {:.1} s, wall {wall:.1} s; {}",
         seen.len(),
         kills.len(),
         kills

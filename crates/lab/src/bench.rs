@@ -43,6 +43,9 @@ pub struct BenchOptions {
     /// (each a new query, so each a full aggregate); the first gives the
     /// traffic and phases, the median of all is `query_seconds`.
     pub queries: usize,
+    /// Shards both nodes split their identifiers into (`[shards] count`;
+    /// 1: no split).
+    pub shards: u32,
 }
 
 /// One phase of one node.
@@ -81,6 +84,8 @@ pub struct Traffic {
 pub struct BenchRow {
     /// Bank customers and platform users.
     pub rows: usize,
+    /// Shards both nodes split their identifiers into (1: no split).
+    pub shards: u32,
     /// Which repetition of this size (from 1).
     pub run: usize,
     /// Share of the bank's customers the platform also has.
@@ -322,14 +327,15 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             what: "making a temporary directory",
             source,
         })?;
-        let fixture = Arc::new(Fixture::create_with(
-            dir.path(),
-            rows,
-            opts.seed,
-            &["alice"],
-            opts.overlap,
-            opts.categories,
-        )?);
+        let mut fixture = Fixture::create_with(dir.path(), rows, opts.seed, &["alice"], opts.overlap, opts.categories)?;
+        if opts.shards > 1 {
+            let section = format!(
+                "[shards]\ncount = {}\nkey = \"certs/shard.key\"\n\n[limits]",
+                opts.shards
+            );
+            fixture.edit_configs(&[("[limits]", section.as_str())])?;
+        }
+        let fixture = Arc::new(fixture);
         progress(step + 1, total, &format!("{rows} rows: starting nodes"));
         memory::reset_peaks();
         let bank = start_on_own_runtime(&fixture, Tag::Bank, None).await?;
@@ -408,9 +414,11 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             &format!("{rows} rows: timing the curve bound and the reference"),
         );
         // The demo configuration's cardinality noise: ε = 0.5, δ = 10^-6.
+        // Sharded, each shard's join has its own dummy rows.
         let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
             .map_err(NodeError::Crypto)?
-            .d_max() as usize;
+            .d_max() as usize
+            * opts.shards.max(1) as usize;
         let (parts, reference_parts) = tokio::task::spawn_blocking(move || {
             Ok::<_, NodeError>((
                 curve_bound(&holder, &matcher, d_max)?,
@@ -436,6 +444,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             .div_ceil(8);
         out.push(BenchRow {
             rows,
+            shards: opts.shards.max(1),
             run,
             overlap: opts.overlap,
             categories: opts.categories,

@@ -88,8 +88,15 @@ pub fn init_key(dir: &Path) -> Result<Option<PathBuf>, crate::NodeError> {
     }
     let mut key = zeroize::Zeroizing::new([0u8; 32]);
     cleanroom_crypto::rng::SystemRng::new().try_fill(key.as_mut_slice())?;
-    let text: zeroize::Zeroizing<String> =
-        zeroize::Zeroizing::new(key.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n");
+    // Written digit by digit into one buffer of its final size, wiped on
+    // drop (no temporary copies of the key in freed memory).
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(65));
+    for b in key.iter() {
+        for nibble in [b >> 4, b & 0x0f] {
+            text.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+        }
+    }
+    text.push('\n');
     let bad = |e: std::io::Error| crate::NodeError::Config {
         path: path.display().to_string(),
         what: e.to_string(),

@@ -918,17 +918,25 @@ impl State {
     /// # Errors
     /// [`NodeError::Refused`] over the budget or for a shard of the set
     /// joined before; [`NodeError::State`].
+    #[allow(clippy::too_many_arguments)]
     pub fn charge_shard_join(
         &mut self,
+        split: &ShardSplit,
         set: &[u8; 16],
         shard: u32,
         eps_micro: u64,
         limit_micro: u64,
         period_days: u32,
     ) -> Result<(), NodeError> {
+        // A set is one split's: the same set id under another count or key
+        // is another set (else a platform could join some shards of a set,
+        // wait for the operators to change the split, and join the rest of
+        // it, over other customers, for nothing).
         let key = |tag: &[u8], shard: Option<u32>| {
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             ctx.update(tag);
+            ctx.update(&split.key_id);
+            ctx.update(&split.shards.to_le_bytes());
             ctx.update(set);
             if let Some(s) = shard {
                 ctx.update(&s.to_le_bytes());
@@ -942,16 +950,14 @@ impl State {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let exists = |table: &str, k: &[u8]| -> Result<bool, NodeError> {
-            let sql = match table {
-                "shard_joins" => "SELECT COUNT(*) FROM shard_joins WHERE part = ?1",
-                _ => "SELECT COUNT(*) FROM cardinality WHERE session = ?1",
-            };
-            tx.query_row(sql, params![k], |r| r.get::<_, i64>(0))
-                .map(|n| n > 0)
-                .map_err(db)
-        };
-        if exists("shard_joins", &part_key)? {
+        let joined: i64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM shard_joins WHERE part = ?1",
+                params![part_key],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if joined > 0 {
             return Err(NodeError::refused(
                 cleanroom_wire::RefusalCode::PeerRefused,
                 "a second join of the same shard of a set of shard joins",
@@ -959,7 +965,25 @@ impl State {
         }
         let now = now_secs();
         let period = period_of(now, period_days);
-        if !exists("cardinality", &set_key)? {
+        let charged: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT period, charged_at FROM cardinality WHERE session = ?1",
+                params![set_key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db)?;
+        // One query's set of joins runs in one go: a set charged in another
+        // period, or longer ago than a join lives, is over.
+        if let Some((at_period, at)) = charged
+            && (at_period != period || now.saturating_sub(at) > split.max_age_secs)
+        {
+            return Err(NodeError::refused(
+                cleanroom_wire::RefusalCode::PeerRefused,
+                "a shard join of a set of shard joins that is over",
+            ));
+        }
+        if charged.is_none() {
             let spent: i64 = tx
                 .query_row(
                     "SELECT COALESCE(SUM(eps_micro), 0) FROM cardinality WHERE period = ?1",
@@ -1171,6 +1195,19 @@ impl State {
             .map_err(db)?;
         Ok(())
     }
+}
+
+/// A node's split into shards as the cardinality ledger keys its sets of
+/// shard joins (see [`State::charge_shard_join`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardSplit {
+    /// `S`.
+    pub shards: u32,
+    /// The shard key's id.
+    pub key_id: [u8; 32],
+    /// How long after its first join a set may still be joined (the join
+    /// cache's lifetime).
+    pub max_age_secs: i64,
 }
 
 /// Sorted 8-byte fingerprints of identifiers, for the churn limit: the
@@ -1736,20 +1773,29 @@ mod tests {
                 .unwrap()
         };
         let (a, b) = ([1u8; 16], [2u8; 16]);
+        let split = ShardSplit {
+            shards: 7,
+            key_id: [5; 32],
+            max_age_secs: 3600,
+        };
         for shard in 0..7 {
-            s.charge_shard_join(&a, shard, 500_000, 1_000_000, 30).unwrap();
+            s.charge_shard_join(&split, &a, shard, 500_000, 1_000_000, 30).unwrap();
         }
         assert_eq!(spent(&s), 500_000);
         // A second look at a shard of the set is refused, and costs nothing.
         for shard in [0, 3, 6] {
-            let e = s.charge_shard_join(&a, shard, 500_000, 1_000_000, 30).unwrap_err();
+            let e = s
+                .charge_shard_join(&split, &a, shard, 500_000, 1_000_000, 30)
+                .unwrap_err();
             assert!(e.to_string().contains("second join of the same shard"), "{e}");
         }
         assert_eq!(spent(&s), 500_000);
         // Another set is charged again: here up to the budget, then refused.
-        s.charge_shard_join(&b, 3, 500_000, 1_000_000, 30).unwrap();
+        s.charge_shard_join(&split, &b, 3, 500_000, 1_000_000, 30).unwrap();
         assert_eq!(spent(&s), 1_000_000);
-        let e = s.charge_shard_join(&[3u8; 16], 0, 1, 1_000_000, 30).unwrap_err();
+        let e = s
+            .charge_shard_join(&split, &[3u8; 16], 0, 1, 1_000_000, 30)
+            .unwrap_err();
         assert!(
             matches!(e, NodeError::Refused(ref r) if r.code == cleanroom_wire::RefusalCode::BudgetExhausted),
             "{e}"
@@ -1757,9 +1803,33 @@ mod tests {
         // Durable: the refusals hold after the state is opened again.
         drop(s);
         let mut s = State::open(dir.path()).unwrap();
-        assert!(s.charge_shard_join(&a, 5, 500_000, 1_000_000, 30).is_err());
-        assert!(s.charge_shard_join(&b, 3, 500_000, 1_000_000, 30).is_err());
+        assert!(s.charge_shard_join(&split, &a, 5, 500_000, 1_000_000, 30).is_err());
+        assert!(s.charge_shard_join(&split, &b, 3, 500_000, 1_000_000, 30).is_err());
         assert_eq!(spent(&s), 1_000_000);
+        // The same set id under another split is another set: charged anew
+        // (here over the budget, so refused), never joined for free.
+        for other in [
+            ShardSplit { shards: 8, ..split },
+            ShardSplit {
+                key_id: [6; 32],
+                ..split
+            },
+        ] {
+            let e = s.charge_shard_join(&other, &a, 5, 500_000, 1_000_000, 30).unwrap_err();
+            assert!(e.to_string().contains("budget"), "{e}");
+        }
+        // A set is over once older than a join lives.
+        let fresh_dir = tempfile::tempdir().unwrap();
+        let mut fresh = State::open(fresh_dir.path()).unwrap();
+        let short = ShardSplit {
+            max_age_secs: -1,
+            ..split
+        };
+        fresh.charge_shard_join(&short, &a, 0, 500_000, 1_000_000, 30).unwrap();
+        let e = fresh
+            .charge_shard_join(&short, &a, 1, 500_000, 1_000_000, 30)
+            .unwrap_err();
+        assert!(e.to_string().contains("is over"), "{e}");
     }
 
     #[test]

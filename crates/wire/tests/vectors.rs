@@ -244,6 +244,27 @@ fn good() -> Vec<(&'static str, Message)> {
                 busy: false,
             }),
         ),
+        (
+            "shard_join",
+            Message::ShardJoin(cleanroom_wire::ShardJoin {
+                shards: 16,
+                shard: 5,
+                shard_key_id: [0x61; 32],
+                set: [0x62; 16],
+                base_context: [0x63; 32],
+            }),
+        ),
+        (
+            "shard_batch",
+            Message::ShardBatch(cleanroom_wire::ShardBatch {
+                shards: 2,
+                shard: 1,
+                joins: vec![
+                    cleanroom_wire::SessionId([0x64; 16]),
+                    cleanroom_wire::SessionId([0x65; 16]),
+                ],
+            }),
+        ),
     ]
 }
 
@@ -307,6 +328,17 @@ fn bad() -> Vec<(&'static str, Vec<u8>)> {
         ("bad_request_variant", vec![PROTOCOL_VERSION, 20, 99, 0, 0, 0]),
         ("bad_refusal_code", with(encoded("response_refused"), |f| f[6] = 99)),
         ("bad_bool", with(encoded("share_held"), |f| f[18] = 2)),
+        // S = 1 is not a split; shard 16 of 16 does not exist.
+        ("bad_shard_count", with(encoded("shard_join"), |f| f[2] = 1)),
+        ("bad_shard_index", with(encoded("shard_join"), |f| f[6] = 16)),
+        // Two shards, one join.
+        (
+            "bad_shard_joins",
+            with(encoded("shard_batch"), |f| {
+                f[10] = 1;
+                f.truncate(f.len() - 16);
+            }),
+        ),
         (
             "bad_points_not_whole",
             encode(Message::HolderRows(PointChunk {
@@ -472,7 +504,7 @@ fn every_message_matches_its_checked_in_vector() {
     types.dedup();
     types.sort_unstable();
     types.dedup();
-    assert_eq!(types, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24]);
+    assert_eq!(types, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24, 25, 26]);
 }
 
 /// The layout, byte by byte, without the serializer.
@@ -489,6 +521,30 @@ fn frames_assembled_by_hand_match_the_encoder() {
     assert_eq!(
         encoded("share_held"),
         cat(&[&[PROTOCOL_VERSION, 24], &[0x51; 16], &[1, 0]])
+    );
+    // ShardJoin: S and s as u32, the key id, the set, the base context.
+    assert_eq!(
+        encoded("shard_join"),
+        cat(&[
+            &[PROTOCOL_VERSION, 25],
+            &16u32.to_le_bytes(),
+            &5u32.to_le_bytes(),
+            &[0x61; 32],
+            &[0x62; 16],
+            &[0x63; 32]
+        ])
+    );
+    // ShardBatch: S and s as u32, the joins as a u64 count and 16 bytes each.
+    assert_eq!(
+        encoded("shard_batch"),
+        cat(&[
+            &[PROTOCOL_VERSION, 26],
+            &2u32.to_le_bytes(),
+            &1u32.to_le_bytes(),
+            &2u64.to_le_bytes(),
+            &[0x64; 16],
+            &[0x65; 16]
+        ])
     );
     // AnalystRequest::Cancel is variant 3: a u32 index, then the id.
     assert_eq!(

@@ -23,6 +23,8 @@ pub(super) struct BankSide {
     join_stored: Notify,
     /// Streams of the platform being served.
     pub(super) peer_streams: std::sync::atomic::AtomicUsize,
+    /// The set of the last shard join (its phases add up in `last_join`).
+    last_set: Mutex<Option<[u8; 16]>>,
 }
 
 impl BankSide {
@@ -34,6 +36,7 @@ impl BankSide {
             changed: Notify::new(),
             join_stored: Notify::new(),
             peer_streams: std::sync::atomic::AtomicUsize::new(0),
+            last_set: Mutex::new(None),
         }
     }
 }
@@ -358,9 +361,15 @@ impl Bank {
             }
             Message::ShardBatch(header) => {
                 let second = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
-                let setup = match Message::decode(&second).map_err(|e| NodeError::Protocol(e.into()))? {
-                    Message::OtSetup(setup) => setup,
-                    other => {
+                let no_session = cleanroom_wire::SessionId([0; 16]);
+                let setup = match Message::decode(&second) {
+                    Ok(Message::OtSetup(setup)) => setup,
+                    Err(e) => {
+                        abort(&mut send, no_session, AbortCode::BadMessage).await;
+                        return Err(NodeError::Protocol(e.into()));
+                    }
+                    Ok(other) => {
+                        abort(&mut send, no_session, AbortCode::BadMessage).await;
                         return Err(PeerError::Unexpected {
                             expected: "the OT setup after a shard header",
                             got: other.kind(),
@@ -613,9 +622,14 @@ impl Bank {
             }
         };
         let first = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
-        let offer = match Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))? {
-            Message::JoinOffer(offer) => offer,
-            other => {
+        let offer = match Message::decode(&first) {
+            Ok(Message::JoinOffer(offer)) => offer,
+            Err(e) => {
+                abort(&mut send, no_session, AbortCode::BadMessage).await;
+                return Err(NodeError::Protocol(e.into()));
+            }
+            Ok(other) => {
+                abort(&mut send, no_session, AbortCode::BadMessage).await;
                 return Err(PeerError::Unexpected {
                     expected: "the join offer after a shard header",
                     got: other.kind(),
@@ -633,6 +647,7 @@ impl Bank {
         let place = ShardPlace {
             shard: header.shard,
             shards: sh.count,
+            key_id: sh.key_id,
             set: header.set,
             members,
         };
@@ -717,21 +732,36 @@ impl Bank {
         let finish_secs = t_finish.elapsed().as_secs_f64();
         let session = joined.session();
         let payload = joined.encode();
-        let name = place
-            .as_ref()
-            .map_or_else(|| "holder".to_string(), |p| shard_join_name(p.shard, p.shards));
+        let name = place.as_ref().map_or_else(
+            || "holder".to_string(),
+            |p| shard_join_name(p.shard, p.shards, &p.key_id),
+        );
         lock(&self.inner.state).put_join(&session, &name, &data.version, l.join_ttl_secs, &payload)?;
         lock(&self.inner.state).record_inputs(&input_name, &fp, l.join_ttl_secs)?;
         lock(&self.side.joins).insert(session, (joined.clone(), place.as_ref().map(|p| p.shard)));
         self.side.join_stored.notify_waiters();
         let secs = t.elapsed().as_secs_f64();
-        *lock(&self.inner.last_join) = vec![
+        let phases = vec![
             (Phase::Join, secs),
             (Phase::BankOwnRows, stats.own.as_secs_f64()),
             (Phase::BankPeerTokens, stats.peer.as_secs_f64()),
             (Phase::BankJoinWaiting, (stats.wait_in + stats.wait_out).as_secs_f64()),
             (Phase::BankJoinFinishing, finish_secs),
         ];
+        {
+            // The shard joins of one set add up (for the bench).
+            let mut last_set = lock(&self.side.last_set);
+            let mut last = lock(&self.inner.last_join);
+            let set = place.as_ref().map(|p| p.set);
+            if set.is_some() && *last_set == set && last.len() == phases.len() {
+                for ((_, sum), (_, s)) in last.iter_mut().zip(&phases) {
+                    *sum += s;
+                }
+            } else {
+                *last = phases;
+            }
+            *last_set = set;
+        }
         info!(rows = joined.rows(), seconds = secs, "join done");
         Ok(())
     }
@@ -756,14 +786,21 @@ impl Bank {
     ) -> Result<Result<(), NodeError>, NodeError> {
         let node = self.clone();
         let eps = self.inner.limits.cardinality_epsilon_micro;
-        let set = place.map(|p| (p.set, p.shard));
+        let set = place.map(|p| {
+            let split = crate::state::ShardSplit {
+                shards: p.shards,
+                key_id: p.key_id,
+                max_age_secs: i64::try_from(self.inner.limits.join_ttl_secs).unwrap_or(i64::MAX),
+            };
+            (split, p.set, p.shard)
+        });
         tokio::task::spawn_blocking(move || {
             let l = &node.inner.limits;
             let mut state = lock(&node.inner.state);
             match set {
                 None => state.charge_cardinality(&session, "join", eps, l.cardinality_budget_micro, l.period_days),
-                Some((set, shard)) => {
-                    state.charge_shard_join(&set, shard, eps, l.cardinality_budget_micro, l.period_days)
+                Some((split, set, shard)) => {
+                    state.charge_shard_join(&split, &set, shard, eps, l.cardinality_budget_micro, l.period_days)
                 }
             }
         })
@@ -785,7 +822,8 @@ impl Bank {
         };
         // A cached join that does not decode (another encoding version, a
         // damaged row) is dropped: the platform then joins again.
-        let shard = shard_of_join_name(&name, self.inner.sharding.as_ref().map_or(1, |sh| sh.count));
+        let split = self.inner.sharding.as_ref().map(|sh| (sh.count, &sh.key_id));
+        let shard = shard_of_join_name(&name, split);
         let joined = match (HolderJoined::decode(*session, &payload), shard) {
             (Ok(j), Some(shard)) => (Arc::new(j), shard),
             (Err(e), _) => {
@@ -887,25 +925,35 @@ type ShardJoined = (Arc<HolderJoined>, Option<u32>);
 pub(super) struct ShardPlace {
     shard: u32,
     shards: u32,
+    key_id: [u8; 32],
     set: [u8; 16],
     members: Arc<Vec<usize>>,
 }
 
-/// The name a shard's join is stored under in the state file.
-fn shard_join_name(shard: u32, shards: u32) -> String {
-    format!("holder-shard {shard} of {shards}")
+/// The name a shard's join is stored under in the state file: its shard,
+/// the count and the shard key's id (a join of another split is never
+/// read back as one of this split: its customers are numbered by another
+/// member list).
+fn shard_join_name(shard: u32, shards: u32, key_id: &[u8; 32]) -> String {
+    format!("holder-shard {shard} of {shards} key {}", hex(key_id))
 }
 
-/// The shard of a stored join by its name, for a node split into `shards`:
-/// `Some(None)` for an unsharded join when `shards` is 1, `Some(Some(s))`
-/// for shard `s` of the same count, `None` for a join of another split.
-fn shard_of_join_name(name: &str, shards: u32) -> Option<Option<u32>> {
+/// The shard of a stored join by its name, for a node split as `split`
+/// (`None`: not split): `Some(None)` for an unsharded join when not split,
+/// `Some(Some(s))` for shard `s` of the same split, `None` for a join of
+/// another split.
+fn shard_of_join_name(name: &str, split: Option<(u32, &[u8; 32])>) -> Option<Option<u32>> {
     if name == "holder" {
-        return (shards == 1).then_some(None);
+        return split.is_none().then_some(None);
     }
-    let (s, count) = name.strip_prefix("holder-shard ")?.split_once(" of ")?;
-    let (s, count) = (s.parse::<u32>().ok()?, count.parse::<u32>().ok()?);
-    (count == shards && s < count).then_some(Some(s))
+    let (shards, key_id) = split?;
+    let s = name
+        .strip_prefix("holder-shard ")?
+        .split_once(' ')?
+        .0
+        .parse::<u32>()
+        .ok()?;
+    (s < shards && name == shard_join_name(s, shards, key_id)).then_some(Some(s))
 }
 
 /// A refusal of a peer whose split into shards is not this node's (or

@@ -138,7 +138,7 @@ impl Platform {
     fn join_cache_key(&self, filter: &str) -> String {
         match &self.inner.sharding {
             None => filter.to_string(),
-            Some(sh) => format!("{filter}\nshards {}", sh.count),
+            Some(sh) => format!("{filter}\nshards {} key {}", sh.count, hex(&sh.key_id)),
         }
     }
 
@@ -249,12 +249,17 @@ impl Platform {
                 // its cardinality epsilon once for the set.
                 let mut set = [0u8; 16];
                 cleanroom_crypto::rng::SystemRng::new().try_fill(&mut set)?;
+                // Each shard's users per group, in one pass.
+                let mut per_shard: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); indices.len()]; sh.len()];
+                for (g, block) in indices.iter().enumerate() {
+                    for k in block {
+                        if let Some(b) = sh.of.get(*k).and_then(|s| per_shard.get_mut(*s as usize)?.get_mut(g)) {
+                            b.push(*k);
+                        }
+                    }
+                }
                 let mut parts = Vec::with_capacity(sh.len());
-                for s in 0..sh.count {
-                    let blocks: Vec<Vec<usize>> = indices
-                        .iter()
-                        .map(|b| b.iter().copied().filter(|k| sh.of.get(*k) == Some(&s)).collect())
-                        .collect();
+                for (s, blocks) in (0..sh.count).zip(per_shard) {
                     let header = cleanroom_wire::ShardJoin {
                         shards: sh.count,
                         shard: s,
