@@ -281,6 +281,11 @@ mod hostile {
 
     /// A join offer of 40 made-up users under `context`.
     fn offer(context: [u8; 32]) -> Message {
+        offered(context).1
+    }
+
+    /// The same, with the matcher's state after it.
+    fn offered(context: [u8; 32]) -> (cleanroom_protocol::join::MatcherOffered, Message) {
         let ids: Vec<Vec<u8>> = (0..40)
             .map(|i| format!("email:ghost{i}@example.com").into_bytes())
             .collect();
@@ -300,19 +305,23 @@ mod hostile {
         )
         .unwrap();
         let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
-        m.offer(&mut rng).unwrap().1
+        m.offer(&mut rng).unwrap()
     }
 
     fn setup(join: SessionId) -> Message {
+        setup_for(join, QueryId([0x32; 16]), 0)
+    }
+
+    fn setup_for(join: SessionId, query_id: QueryId, group: u32) -> Message {
         Message::OtSetup(OtSetup {
             session: SessionId([0x31; 16]),
             join_session: join,
-            query_id: QueryId([0x32; 16]),
+            query_id,
             nonce: [0x33; 32],
             rows: 100,
             width: 1,
             plan: [0x34; 32],
-            group: 0,
+            group,
             base_point: [0; 32],
         })
     }
@@ -459,6 +468,129 @@ mod hostile {
         let t = truth(&f.data, &f.plan("overlap", &[]).unwrap());
         assert!((r.cells[0].value - t[0]).abs() < 0.5);
         platform.shutdown().await;
+        bank.shutdown().await;
+    }
+
+    /// Runs a whole join of shard `shard` of 2 with the bank (the bank
+    /// stores it); its session.
+    async fn whole_shard_join(conn: &quinn::Connection, key_id: [u8; 32], base: [u8; 32], shard: u32) -> SessionId {
+        let (mut s, mut r) = conn.open_bi().await.unwrap();
+        let header = Message::ShardJoin(ShardJoin {
+            shards: 2,
+            shard,
+            shard_key_id: key_id,
+            set: [0x77; 16],
+            base_context: base,
+        });
+        let (offered, offer) = offered(shard_join_context(&base, 2, shard));
+        for m in [header, offer] {
+            write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
+        }
+        let accept = read_frame(&mut r, MAX_MESSAGE_LEN).await.unwrap().unwrap();
+        let mut streaming = offered.on_accept(&accept).unwrap();
+        let session = streaming.session();
+        loop {
+            while let Some(m) = streaming.poll_transmit() {
+                write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
+            }
+            if streaming.is_done() {
+                break;
+            }
+            let f = read_frame(&mut r, MAX_MESSAGE_LEN).await.unwrap().unwrap();
+            streaming.handle(&f).unwrap();
+        }
+        session
+    }
+
+    /// An analyst's `overlap` query sent to the bank alone: it registers
+    /// there and waits for the platform's batches; its answer.
+    fn query_at_bank(
+        dir: &std::path::Path,
+        bank: std::net::SocketAddr,
+        qid: QueryId,
+    ) -> tokio::task::JoinHandle<Message> {
+        let certs = dir.join("certs");
+        tokio::spawn(async move {
+            let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+            let id = Identity::load(&certs.join("analyst-alice.pem"), &certs.join("analyst-alice.key")).unwrap();
+            let ep = client_endpoint(&id, &ca, &TransportSettings::default()).unwrap();
+            let conn = cleanroom_transport::connect(&ep, bank, &pki::node_name("bank")).await.unwrap();
+            let (mut s, mut r) = conn.open_bi().await.unwrap();
+            let q = Message::AnalystRequest(cleanroom_wire::AnalystRequest::Query(cleanroom_wire::QueryRequest {
+                query_id: qid,
+                template: "overlap".into(),
+                params: Vec::new(),
+            }));
+            write_frame(&mut s, &q.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
+            let _ = s.finish();
+            let f = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut r, MAX_MESSAGE_LEN))
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            Message::decode(&f).unwrap()
+        })
+    }
+
+    /// Batches of a query the bank accepted: one for a group the plan does
+    /// not have (it would alias the next shard's batch), and one whose join
+    /// is a stored join of another shard (its customers would be summed
+    /// under the wrong shard); each is refused, and so is the query.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_out_of_their_shard_or_group_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), 300, 10, &edits(Some(2)));
+        let bank = f.start_bank().await.unwrap();
+        let addr = bank.local_addr().unwrap();
+        // The real platform shows the bank its signed templates (and runs
+        // a query), then stops.
+        let platform = f.start_platform(addr).await.unwrap();
+        let analyst = analyst_of(&f, "alice", &bank, &platform);
+        analyst
+            .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+            .await
+            .unwrap();
+        platform.shutdown().await;
+        let certs = dir.path().join("certs");
+        let (_, key_id) = cleanroom_node::shards::load_key(&certs.join("shard.key")).unwrap();
+        let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
+        let id = Identity::load(&certs.join("platform.pem"), &certs.join("platform.key")).unwrap();
+        let ep = client_endpoint(&id, &ca, &TransportSettings::default()).unwrap();
+        let conn = cleanroom_transport::connect(&ep, addr, &pki::node_name("bank")).await.unwrap();
+        let base = [8u8; 32];
+        let j1 = whole_shard_join(&conn, key_id, base, 1).await;
+        let other = SessionId([0x55; 16]);
+        let batch = |shard, joins: Vec<SessionId>| {
+            Message::ShardBatch(ShardBatch {
+                shards: 2,
+                shard,
+                joins,
+            })
+        };
+        // "overlap" has one platform group: group 1 does not exist.
+        let qid = QueryId([0x71; 16]);
+        let waiting = query_at_bank(dir.path(), addr, qid);
+        refused(
+            answer(&conn, &[batch(0, vec![other, j1]), setup_for(other, qid, 1)]).await,
+            AbortCode::Refused,
+            "a group the plan does not have",
+        );
+        match waiting.await.unwrap() {
+            Message::AnalystResponse(cleanroom_wire::AnalystResponse::Refused(_)) => {}
+            other => panic!("the query was not refused: {other:?}"),
+        }
+        // Shard 1's stored join, named as shard 0's.
+        let qid = QueryId([0x72; 16]);
+        let waiting = query_at_bank(dir.path(), addr, qid);
+        refused(
+            answer(&conn, &[batch(0, vec![j1, other]), setup_for(j1, qid, 0)]).await,
+            AbortCode::Refused,
+            "another shard's join",
+        );
+        match waiting.await.unwrap() {
+            Message::AnalystResponse(cleanroom_wire::AnalystResponse::Refused(_)) => {}
+            other => panic!("the query was not refused: {other:?}"),
+        }
         bank.shutdown().await;
     }
 }

@@ -1019,6 +1019,13 @@ impl State {
                 },
             )?;
         }
+        // Sets past their age are over (refused by their charge's age), so
+        // their shards' records are no longer needed.
+        tx.execute(
+            "DELETE FROM shard_joins WHERE charged_at < ?1",
+            params![now.saturating_sub(split.max_age_secs.max(0)).saturating_sub(1)],
+        )
+        .map_err(db)?;
         // The shard joined, costing nothing more (kept apart from the
         // charges, which match the audit log's `join` entries one to one).
         tx.execute(
