@@ -960,7 +960,7 @@ async fn max_customers_below_the_banks_data_refuses_before_the_charge() {
             .edit_configs(&[(&from, &format!("max_customers = {max}"))])
             .unwrap();
         let bank = fixture.start_bank().await.unwrap();
-        assert_eq!(bank.holder_ids().len(), 300);
+        assert_eq!(bank.holder_ids().unwrap().len(), 300);
         let platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
         let analyst = analyst_of(&fixture, "alice", &bank, &platform);
         let (template, params) = demo_queries().remove(1);
@@ -1045,6 +1045,7 @@ async fn bench_reports_the_join_against_the_curve_bound() {
         repeat: 1,
         queries: 3,
         shards: 1,
+        node_processes: None,
     };
     let mut steps = Vec::new();
     let rows = cleanroom_lab::bench::run(&opts, |done, total, _| steps.push((done, total)))

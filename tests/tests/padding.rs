@@ -112,7 +112,7 @@ async fn re_joins_of_unchanged_data_show_the_bank_the_same_padded_sizes() {
     let certs = fixture.dir.join("certs");
     let (bank, offers) = fake_bank(&certs);
     let mut platform = fixture.start_platform(bank.local_addr().unwrap()).await.unwrap();
-    let users = platform.matcher_ids().len() as u64;
+    let users = platform.matcher_ids().unwrap().len() as u64;
     let plan = fixture.plan("by_segment", &[]).unwrap();
     let groups = plan.matcher_groups().len();
     assert!(groups > 1);

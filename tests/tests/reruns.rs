@@ -168,7 +168,7 @@ async fn a_platform_that_reruns_an_answered_query_learns_nothing_new() {
     let (_ae, alice) = connect(&certs, "analyst-alice", bank.local_addr().unwrap(), "bank").await;
 
     // The attacker's join: 300 of the bank's customers and 100 others.
-    let mut ids: Vec<Vec<u8>> = bank.holder_ids().into_iter().take(300).collect();
+    let mut ids: Vec<Vec<u8>> = bank.holder_ids().unwrap().into_iter().take(300).collect();
     ids.extend((0..100).map(|i| format!("email:ghost{i}@example.com").into_bytes()));
     let joined = join(&peer, ids.clone(), 90).await;
 

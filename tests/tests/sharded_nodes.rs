@@ -59,8 +59,9 @@ fn fixture(dir: &std::path::Path, rows: usize, seed: u64, edits: &[(String, Stri
 }
 
 /// Every demo query and the grouped one: each cell's value, checked equal
-/// to the plaintext truth.
-async fn exact_cells(f: &Fixture, label: &str) -> Vec<Vec<f64>> {
+/// to the plaintext truth; and the shard files each node read back (bank,
+/// platform).
+async fn exact_cells_and_reads(f: &Fixture, label: &str) -> (Vec<Vec<f64>>, (u64, u64)) {
     let bank = f.start_bank().await.unwrap();
     let platform = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
     let analyst = analyst_of(f, "alice", &bank, &platform);
@@ -92,9 +93,14 @@ async fn exact_cells(f: &Fixture, label: &str) -> Vec<Vec<f64>> {
         assert!(t.iter().any(|x| *x > 0.0), "{label} {template}");
         out.push(r.cells.iter().take(t.len()).map(|c| c.value).collect());
     }
+    let reads = (bank.shard_reads(), platform.shard_reads());
     platform.shutdown().await;
     bank.shutdown().await;
-    out
+    (out, reads)
+}
+
+async fn exact_cells(f: &Fixture, label: &str) -> Vec<Vec<f64>> {
+    exact_cells_and_reads(f, label).await.0
 }
 
 /// The bank's cardinality ε spent (millionths), from its state file.
@@ -117,8 +123,12 @@ async fn sharded_nodes_give_the_unsharded_results_exactly() {
     for s in [1u32, 2, 7, 16] {
         let dir = tempfile::tempdir().unwrap();
         let f = fixture(dir.path(), rows, seed, &edits(Some(s)));
-        let cells = exact_cells(&f, &format!("S = {s}")).await;
+        let (cells, reads) = exact_cells_and_reads(&f, &format!("S = {s}")).await;
         assert_eq!(cells, unsharded, "S = {s}");
+        // Under the default budget each node reads each shard's file once
+        // and keeps it (unsharded: none).
+        let files = if s >= 2 { u64::from(s) } else { 0 };
+        assert_eq!(reads, (files, files), "S = {s}");
         // As many joins as unsharded: each set of S shard joins is charged
         // the cardinality ε once.
         assert_eq!(cardinality_spent(dir.path()), unsharded_spent, "S = {s}");
@@ -131,6 +141,84 @@ async fn sharded_nodes_give_the_unsharded_results_exactly() {
             assert_eq!(cardinality_spent(dir.path()), unsharded_spent, "S = 7, restarted");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_read_from_their_files_each_time_give_the_same_results() {
+    // With a memory budget of 0, no shard stays in memory: every shard join
+    // and every aggregate batch reads its shard's file again.
+    let (rows, seed, s) = (500, 88, 5u32);
+    let unsharded = {
+        let dir = tempfile::tempdir().unwrap();
+        exact_cells(&fixture(dir.path(), rows, seed, &edits(None)), "unsharded").await
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = edits(Some(s));
+    e.push((
+        "key = \"certs/shard.key\"\n".into(),
+        "key = \"certs/shard.key\"\nmemory_budget = \"0\"\n".into(),
+    ));
+    let f = fixture(dir.path(), rows, seed, &e);
+    let (cells, (bank_reads, platform_reads)) = exact_cells_and_reads(&f, "budget 0").await;
+    assert_eq!(cells, unsharded);
+    // The platform reads each shard once per join, the bank once per
+    // shard join and once per aggregate batch (at least one per shard and
+    // query); each join is one charge of ε = 0.5.
+    let joins = u64::try_from(cardinality_spent(dir.path()) / 500_000).unwrap();
+    assert!(joins >= 2, "{joins}");
+    let s = u64::from(s);
+    assert_eq!(platform_reads, joins * s);
+    assert!(bank_reads >= joins * s + 5 * s, "{bank_reads}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_file_damaged_under_a_running_node_fails_the_query_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = edits(Some(3));
+    e.push((
+        "key = \"certs/shard.key\"\n".into(),
+        "key = \"certs/shard.key\"\nmemory_budget = \"0\"\n".into(),
+    ));
+    let f = fixture(dir.path(), 300, 12, &e);
+    let shard_file = dir
+        .path()
+        .join("state")
+        .join("bank")
+        .join("shards")
+        .join("shard-00000.crs");
+    let (template, params) = demo_queries().remove(0);
+    let truth_cells = truth(&f.data, &f.plan(template, &params).unwrap());
+    {
+        let bank = f.start_bank().await.unwrap();
+        let platform = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
+        let analyst = analyst_of(&f, "alice", &bank, &platform);
+        // Damaged after the node wrote it: refused when the join reads it
+        // (shard 0's join is the set's first, so nothing is charged yet).
+        let mut bytes = std::fs::read(&shard_file).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        std::fs::write(&shard_file, &bytes).unwrap();
+        let spent = cardinality_spent(dir.path());
+        let r = analyst.query(template, &params, new_query_id().unwrap(), TIMEOUT).await;
+        assert!(r.is_err(), "a query over a damaged shard file must fail");
+        // The bank refused before its cardinality charge.
+        assert_eq!(cardinality_spent(dir.path()), spent);
+        platform.shutdown().await;
+        bank.shutdown().await;
+    }
+    // A restart splits the input again: the same query then runs.
+    let bank = f.start_bank().await.unwrap();
+    let platform = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = analyst_of(&f, "alice", &bank, &platform);
+    let r = analyst
+        .query(template, &params, new_query_id().unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    for (c, t) in r.cells.iter().zip(&truth_cells) {
+        assert!((c.value - t).abs() < 0.5, "{}: {} vs {t}", c.name, c.value);
+    }
+    platform.shutdown().await;
+    bank.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,6 +324,7 @@ async fn bench_runs_sharded_nodes() {
         repeat: 1,
         queries: 1,
         shards,
+        node_processes: None,
     };
     let one = cleanroom_lab::bench::run(&run(1), |_, _, _| {}).await.unwrap();
     let four = cleanroom_lab::bench::run(&run(4), |_, _, _| {}).await.unwrap();
@@ -330,9 +419,14 @@ mod hostile {
     async fn answer(conn: &quinn::Connection, frames: &[Message]) -> Option<Message> {
         let (mut s, mut r) = conn.open_bi().await.unwrap();
         for m in frames {
-            write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
+            // The bank may refuse on a first frame and stop the stream
+            // before the next is written: its answer is what counts.
+            if write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
                 .await
-                .unwrap();
+                .is_err()
+            {
+                break;
+            }
         }
         match tokio::time::timeout(Duration::from_secs(30), read_frame(&mut r, MAX_MESSAGE_LEN)).await {
             Ok(Ok(Some(f))) => Some(Message::decode(&f).unwrap()),
@@ -484,14 +578,18 @@ mod hostile {
         });
         let (offered, offer) = offered(shard_join_context(&base, 2, shard));
         for m in [header, offer] {
-            write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
+            write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
+                .await
+                .unwrap();
         }
         let accept = read_frame(&mut r, MAX_MESSAGE_LEN).await.unwrap().unwrap();
         let mut streaming = offered.on_accept(&accept).unwrap();
         let session = streaming.session();
         loop {
             while let Some(m) = streaming.poll_transmit() {
-                write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
+                write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
+                    .await
+                    .unwrap();
             }
             if streaming.is_done() {
                 break;
@@ -514,14 +612,18 @@ mod hostile {
             let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
             let id = Identity::load(&certs.join("analyst-alice.pem"), &certs.join("analyst-alice.key")).unwrap();
             let ep = client_endpoint(&id, &ca, &TransportSettings::default()).unwrap();
-            let conn = cleanroom_transport::connect(&ep, bank, &pki::node_name("bank")).await.unwrap();
+            let conn = cleanroom_transport::connect(&ep, bank, &pki::node_name("bank"))
+                .await
+                .unwrap();
             let (mut s, mut r) = conn.open_bi().await.unwrap();
             let q = Message::AnalystRequest(cleanroom_wire::AnalystRequest::Query(cleanroom_wire::QueryRequest {
                 query_id: qid,
                 template: "overlap".into(),
                 params: Vec::new(),
             }));
-            write_frame(&mut s, &q.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
+            write_frame(&mut s, &q.encode().unwrap(), MAX_MESSAGE_LEN)
+                .await
+                .unwrap();
             let _ = s.finish();
             let f = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut r, MAX_MESSAGE_LEN))
                 .await
@@ -556,7 +658,9 @@ mod hostile {
         let ca = TrustAnchors::load(&certs.join("ca.pem")).unwrap();
         let id = Identity::load(&certs.join("platform.pem"), &certs.join("platform.key")).unwrap();
         let ep = client_endpoint(&id, &ca, &TransportSettings::default()).unwrap();
-        let conn = cleanroom_transport::connect(&ep, addr, &pki::node_name("bank")).await.unwrap();
+        let conn = cleanroom_transport::connect(&ep, addr, &pki::node_name("bank"))
+            .await
+            .unwrap();
         let base = [8u8; 32];
         let j1 = whole_shard_join(&conn, key_id, base, 1).await;
         let other = SessionId([0x55; 16]);

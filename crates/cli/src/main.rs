@@ -113,6 +113,12 @@ enum Command {
         /// count`): each join runs as that many shard joins.
         #[arg(long, default_value_t = 1)]
         shards: u32,
+        /// Run each node as its own `cleanroom node` process (this binary)
+        /// instead of both in the bench's process, so that each node's
+        /// peak RSS is measured on its own; bytes and exchanges are then
+        /// not counted. Not with --rtt-ms or --bandwidth-mbit.
+        #[arg(long)]
+        node_processes: bool,
     },
     /// Write synthetic `bank.csv` and `platform.csv`.
     GenData {
@@ -360,8 +366,17 @@ fn main() -> anyhow::Result<()> {
             repeat,
             queries,
             shards,
+            node_processes,
         } => {
             init_logging("warn");
+            if node_processes && (rtt_ms.is_some() || bandwidth_mbit.is_some()) {
+                bail!("--node-processes runs the nodes on loopback: not with --rtt-ms or --bandwidth-mbit");
+            }
+            let node_processes = if node_processes {
+                Some(std::env::current_exe().context("finding this binary to run the nodes")?)
+            } else {
+                None
+            };
             if !(1..=4096).contains(&shards) {
                 bail!("--shards must be between 1 and 4096");
             }
@@ -390,6 +405,7 @@ fn main() -> anyhow::Result<()> {
                 repeat,
                 queries,
                 shards,
+                node_processes,
             };
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(

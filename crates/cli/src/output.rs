@@ -251,6 +251,17 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
             r.peak_rss_kib / 1024
         );
     }
+    for r in rows {
+        if let Some((bank, platform)) = r.node_peak_rss_kib {
+            out!(
+                "{} rows, run {}: nodes as processes: peak RSS bank {} MiB, platform {} MiB (VmHWM of each `cleanroom node`); heap, bytes and exchanges not counted",
+                r.rows,
+                r.run,
+                bank / 1024,
+                platform / 1024
+            );
+        }
+    }
     if let Some(s) = rows.iter().map(|r| r.shards).find(|s| *s > 1) {
         out!(
             "shards = {s}: each join ran as {s} shard joins, one after the other, in one process per node (the bound counts {s} x D_max dummy rows)"
@@ -282,7 +293,9 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     out!(
         "cells = output cells of the spend_by_category query; row bytes = one row's masked cells as the bank sends them, packed at the cells' share widths / at 64 bits a cell"
     );
-    out!("cpu = CPU time of the whole process (both nodes, all threads); heap = peak live heap of each node's threads");
+    out!(
+        "cpu = CPU time of both nodes, all threads (the bench's process, or the two node processes); heap = peak live heap of each node's threads (in one process)"
+    );
     out!("");
     out!(
         "{:>9}  {:>3}  {:>6}  {:>14}  {:>14}  {:>11}  {:>14}  {:>14}  {:>11}",

@@ -46,6 +46,10 @@ pub struct BenchOptions {
     /// Shards both nodes split their identifiers into (`[shards] count`;
     /// 1: no split).
     pub shards: u32,
+    /// Run each node as its own `cleanroom node` process of this binary
+    /// (so each node's peak RSS is its own), instead of both in this
+    /// process. Traffic and exchanges are then not counted.
+    pub node_processes: Option<std::path::PathBuf>,
 }
 
 /// One phase of one node.
@@ -150,6 +154,9 @@ pub struct BenchRow {
     pub peak_heap_other_bytes: u64,
     /// Peak resident memory of the whole process so far, KiB.
     pub peak_rss_kib: u64,
+    /// With nodes as processes: the bank's and the platform's own peak
+    /// resident memory (VmHWM), KiB.
+    pub node_peak_rss_kib: Option<(u64, u64)>,
     /// Both nodes' phases of the join and of the query.
     pub phases: Vec<Phase>,
     /// Emulated round-trip time (ms), if any.
@@ -335,6 +342,16 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             );
             fixture.edit_configs(&[("[limits]", section.as_str())])?;
         }
+        if let Some(exe) = &opts.node_processes {
+            progress(step + 1, total, &format!("{rows} rows: starting node processes"));
+            let row = run_processes(opts, exe, &fixture, rows, run, |k, m| {
+                progress(step + k, total, &format!("{rows} rows: {m}"));
+            })
+            .await?;
+            out.push(row);
+            progress(step + 5, total, &format!("{rows} rows: done"));
+            continue;
+        }
         let fixture = Arc::new(fixture);
         progress(step + 1, total, &format!("{rows} rows: starting nodes"));
         memory::reset_peaks();
@@ -402,8 +419,8 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         let peak_heap_bank_bytes = memory::peak_bytes(Tag::Bank);
         let peak_heap_platform_bytes = memory::peak_bytes(Tag::Platform);
         let peak_heap_other_bytes = memory::peak_bytes(Tag::Shared);
-        let holder: Vec<Vec<u8>> = bank.node.holder_ids();
-        let matcher: Vec<Vec<u8>> = platform.node.matcher_ids();
+        let holder: Vec<Vec<u8>> = bank.node.holder_ids()?;
+        let matcher: Vec<Vec<u8>> = platform.node.matcher_ids()?;
         platform.stop().await;
         bank.stop().await;
         drop(relay);
@@ -482,6 +499,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             peak_heap_platform_bytes,
             peak_heap_other_bytes,
             peak_rss_kib: peak_rss_kib(),
+            node_peak_rss_kib: None,
             phases,
             rtt_ms: path.map(|p| p.rtt.as_millis() as u64),
             bandwidth_mbit: path.and_then(|p| p.bits_per_second).map(|b| b / 1_000_000),
@@ -491,6 +509,254 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         progress(step + 5, total, &format!("{rows} rows: done"));
     }
     Ok(out)
+}
+
+/// A node run as its own `cleanroom node --config` process.
+struct NodeProcess {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl NodeProcess {
+    fn start(exe: &Path, config: &Path, log: &Path) -> Result<Self, LabError> {
+        let io = |what, source| NodeError::Io { what, source };
+        let err = std::fs::File::create(log).map_err(|e| io("creating a node's log", e))?;
+        let child = std::process::Command::new(exe)
+            .args(["node", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| io("starting a node process", e))?;
+        Ok(Self {
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Waits until the node's log says it listens (it loads its input
+    /// first), or fails when it exits.
+    async fn listening(&mut self) -> Result<(), LabError> {
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if log.contains("node listening") {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(LabError::Bench(format!(
+                    "a node process exited ({status}) before listening: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+            })
+            .unwrap_or(0)
+    }
+
+    /// User and system CPU time of all its threads so far, seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // After the command name (in parentheses) come fields 3 (state)
+        // on; utime and stime are fields 14 and 15 (proc(5)).
+        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let field = |n: usize| f.get(n - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = rustix::param::clock_ticks_per_second().max(1);
+        #[allow(clippy::cast_precision_loss)]
+        let s = (field(14) + field(15)) as f64 / ticks as f64;
+        s
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One run with each node as its own process: the join and query times,
+/// both processes' CPU and peak RSS; the bound from the nodes' identifiers
+/// read from their input files here afterwards.
+async fn run_processes(
+    opts: &BenchOptions,
+    exe: &Path,
+    fixture: &Fixture,
+    rows: usize,
+    run: usize,
+    mut progress: impl FnMut(u64, &str),
+) -> Result<BenchRow, LabError> {
+    let free = || -> Result<std::net::SocketAddr, LabError> {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|source| NodeError::Io {
+            what: "finding a free port",
+            source,
+        })?;
+        s.local_addr()
+            .map_err(|source| NodeError::Io {
+                what: "finding a free port",
+                source,
+            })
+            .map_err(Into::into)
+    };
+    let (bank_addr, platform_addr) = (free()?, free()?);
+    fixture.write_process_configs(bank_addr, platform_addr)?;
+    let t_start = Instant::now();
+    let mut bank = NodeProcess::start(exe, &fixture.bank_config, &fixture.dir.join("bank.log"))?;
+    let mut platform = NodeProcess::start(exe, &fixture.platform_config, &fixture.dir.join("platform.log"))?;
+    bank.listening().await?;
+    platform.listening().await?;
+    let start_seconds = t_start.elapsed().as_secs_f64();
+    let analyst = Analyst::new(&fixture.analyst("alice", bank_addr, platform_addr)?)?;
+    let timeout = Duration::from_secs(3600);
+    progress(
+        2,
+        &format!("join (the overlap query); the nodes took {start_seconds:.1} s to start"),
+    );
+    let cpu = |b: &NodeProcess, p: &NodeProcess| b.cpu_seconds() + p.cpu_seconds();
+    let cpu0 = cpu(&bank, &platform);
+    let t = Instant::now();
+    let overlap = analyst.query("overlap", &[], new_query_id()?, timeout).await?;
+    let overlap_seconds = t.elapsed().as_secs_f64();
+    let cpu1 = cpu(&bank, &platform);
+    let join_seconds = overlap
+        .timings
+        .iter()
+        .find(|(node, phase, _)| node == "platform" && *phase == NodePhase::Join)
+        .map_or(overlap_seconds, |(_, _, s)| *s);
+    let mut phases: Vec<Phase> = overlap
+        .timings
+        .iter()
+        .map(|(node, phase, seconds)| Phase {
+            node: node.clone(),
+            phase: phase.clone(),
+            seconds: *seconds,
+        })
+        .collect();
+    progress(3, "spend_by_category on the cached join");
+    let (template, params) = demo_queries().remove(1);
+    let mut query_runs = Vec::new();
+    for k in 0..opts.queries.max(1) {
+        let t = Instant::now();
+        let q = analyst.query(template, &params, new_query_id()?, timeout).await?;
+        query_runs.push(t.elapsed().as_secs_f64());
+        if k == 0 {
+            phases.extend(q.timings.iter().filter(|(_, phase, _)| phase.is_aggregate()).map(
+                |(node, phase, seconds)| Phase {
+                    node: node.clone(),
+                    phase: phase.clone(),
+                    seconds: *seconds,
+                },
+            ));
+        }
+    }
+    let cpu2 = cpu(&bank, &platform);
+    let rss = (bank.status_kib("VmHWM:"), platform.status_kib("VmHWM:"));
+    drop(analyst);
+    drop(platform);
+    drop(bank);
+
+    progress(4, "timing the curve bound and the reference");
+    // The nodes' identifiers, normalised as they load them.
+    let ids = |config: &Path| -> Result<Vec<Vec<u8>>, NodeError> {
+        let cfg = cleanroom_node::config::NodeConfig::load(config)?;
+        let mut ids = Vec::new();
+        match cfg.role {
+            cleanroom_node::config::Role::Bank => {
+                let mut seen = std::collections::HashSet::new();
+                cleanroom_node::data::stream_holder(&cfg.data, &cfg.collaboration, |id, _| {
+                    if seen.insert(id.clone()) {
+                        ids.push(id);
+                    }
+                    Ok(())
+                })?;
+            }
+            cleanroom_node::config::Role::Platform => {
+                let mut seen = std::collections::HashSet::new();
+                cleanroom_node::data::stream_matcher(&cfg.data, &cfg.collaboration, |id, _, _| {
+                    Ok(seen.insert(id.clone()) && {
+                        ids.push(id);
+                        true
+                    })
+                })?;
+            }
+        }
+        Ok(ids)
+    };
+    let (bank_config, platform_config) = (fixture.bank_config.clone(), fixture.platform_config.clone());
+    let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
+        .map_err(NodeError::Crypto)?
+        .d_max() as usize
+        * opts.shards.max(1) as usize;
+    let (parts, reference_parts) = tokio::task::spawn_blocking(move || {
+        let holder = ids(&bank_config)?;
+        let matcher = ids(&platform_config)?;
+        Ok::<_, NodeError>((
+            curve_bound(&holder, &matcher, d_max)?,
+            curve_reference(&holder, &matcher, d_max)?,
+        ))
+    })
+    .await
+    .map_err(|_| NodeError::Internal("bound task failed"))??;
+    let bound_seconds: f64 = parts.iter().map(|(_, s)| s).sum();
+    let reference_seconds: f64 = reference_parts.iter().map(|(_, s)| s).sum();
+    let query_plan = fixture.plan(template, &params)?;
+    let query_cells = query_plan.width();
+    let query_row_bytes = query_plan
+        .batch_bits()
+        .iter()
+        .map(|b| usize::from(*b))
+        .sum::<usize>()
+        .div_ceil(8);
+    let traffic = |cpu_seconds: f64| Traffic {
+        cpu_seconds,
+        ..Traffic::default()
+    };
+    Ok(BenchRow {
+        rows,
+        shards: opts.shards.max(1),
+        run,
+        overlap: opts.overlap,
+        categories: opts.categories,
+        query_cells,
+        query_row_bytes,
+        join_seconds,
+        bound_seconds,
+        ratio: join_seconds / bound_seconds.max(1e-9),
+        bound_parts: parts,
+        reference_seconds,
+        bound_over_reference: bound_seconds / reference_seconds.max(1e-9),
+        reference_parts,
+        curve_backend: CurveBackend::selected().name().to_string(),
+        curve_engine: CurveEngine::selected().name().to_string(),
+        overlap_seconds,
+        query_seconds: median(&query_runs),
+        query_runs,
+        join: traffic(cpu1 - cpu0),
+        query: traffic(cpu2 - cpu1),
+        platform_to_bank_bytes: 0,
+        bank_to_platform_bytes: 0,
+        peak_heap_bank_bytes: 0,
+        peak_heap_platform_bytes: 0,
+        peak_heap_other_bytes: 0,
+        peak_rss_kib: peak_rss_kib(),
+        node_peak_rss_kib: Some(rss),
+        phases,
+        rtt_ms: None,
+        bandwidth_mbit: None,
+        transfer_bound_seconds: None,
+        network_ratio: None,
+    })
 }
 
 /// Writes an SVG plot of latency against set size: the join's wall time,

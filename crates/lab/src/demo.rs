@@ -337,6 +337,49 @@ impl Fixture {
         Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
     }
 
+    /// Writes both configs to listen on fixed addresses, the platform's
+    /// pointing at the bank, for nodes run as `cleanroom node --config`
+    /// processes; both re-signed.
+    ///
+    /// # Errors
+    /// A config that cannot be written or signed.
+    pub fn write_process_configs(
+        &self,
+        bank: std::net::SocketAddr,
+        platform: std::net::SocketAddr,
+    ) -> Result<(), NodeError> {
+        let text = std::fs::read_to_string(&self.bank_config).map_err(|e| NodeError::Config {
+            path: self.bank_config.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen = ") {
+                    format!("listen = \"{bank}\"\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        write(&self.bank_config, &text)?;
+        sign_config(&self.bank_config)?;
+        let text = node_toml(
+            "platform",
+            &platform.to_string(),
+            Some(&bank.to_string()),
+            "certs",
+            "data",
+            "state/platform",
+            &self.data.categories,
+            "alice",
+            self.max_customers,
+        ) + &self.extra;
+        let text = edited(text, &self.edits, &self.platform_config)?;
+        write(&self.platform_config, &text)?;
+        sign_config(&self.platform_config)
+    }
+
     /// The plan of one of the bank's templates (for computing the truth).
     ///
     /// # Errors

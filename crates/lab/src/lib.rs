@@ -27,6 +27,9 @@ pub enum LabError {
     /// The analyst's client.
     #[error(transparent)]
     Client(#[from] cleanroom_client::ClientError),
+    /// The bench could not run as asked (a node process that exited, ...).
+    #[error("bench: {0}")]
+    Bench(String),
     /// The bench's plot could not be drawn or written.
     #[error("writing the plot {path}: {what}")]
     Plot {

@@ -288,6 +288,43 @@ pub struct ShardsConfig {
     /// The shard key file (64 hex digits, written by `cleanroom certs`);
     /// needed when `count` is 2 or more.
     pub key: Option<PathBuf>,
+    /// With `count` 2 or more: the memory a node spends on its shards'
+    /// input, such as `"1 GiB"` (the default) or `"512 MiB"`; loaded shards
+    /// are kept while they fit half of it, the other half is for the work
+    /// on the shard at hand (`crate::input`).
+    pub memory_budget: Option<String>,
+}
+
+/// The default `[shards] memory_budget`: 1 GiB.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
+
+/// Parses a memory size: a whole number with an optional unit (`B`, `KiB`,
+/// `MiB`, `GiB`; spaces allowed). 0 keeps no shard in memory between uses.
+///
+/// # Errors
+/// A message saying what is accepted.
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits_end);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a size like \"1 GiB\" or \"512 MiB\" (units B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like \"1 GiB\" or \"512 MiB\""))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    Ok(bytes)
 }
 
 /// The node's waits as configured, in seconds; an entry left out keeps
@@ -619,9 +656,21 @@ impl NodeConfig {
             }
             _ => {}
         }
+        self.memory_budget(path)?;
         self.limits(path)?;
         self.templates(path)?;
         Ok(())
+    }
+
+    /// `[shards] memory_budget` in bytes ([`DEFAULT_MEMORY_BUDGET`] when left out).
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] for a size that does not parse.
+    pub fn memory_budget(&self, path: &Path) -> Result<u64, NodeError> {
+        match &self.shards.memory_budget {
+            None => Ok(DEFAULT_MEMORY_BUDGET),
+            Some(t) => parse_memory(t).map_err(|e| bad(path, format!("shards.memory_budget: {e}"))),
+        }
     }
 
     /// `S`: 1 when the collaboration is not split.
@@ -753,5 +802,24 @@ impl NodeConfig {
             out.push(tpl);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::parse_memory;
+
+    #[test]
+    fn memory_sizes_parse_with_their_units() {
+        assert_eq!(parse_memory("1 GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_memory("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_memory(" 2048 KiB ").unwrap(), 2 << 20);
+        assert_eq!(parse_memory("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_memory("1048576 B").unwrap(), 1 << 20);
+        assert_eq!(parse_memory("0").unwrap(), 0);
+        for bad in ["", "GiB", "1 GB", "1.5 GiB", "-1 GiB", "1 gib", "99999999999 GiB"] {
+            assert!(parse_memory(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -224,6 +224,46 @@ fn domain_index(domain: &[String], value: &str, report: &mut LoadReport) -> Opti
 /// # Errors
 /// [`NodeError::Data`] for an unreadable file, a missing column, or too many bad rows.
 pub fn load_holder(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<HolderData, NodeError> {
+    let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut ids = Vec::new();
+    let mut txns: Vec<Vec<Txn>> = Vec::new();
+    let (report, version) = stream_holder(cfg, collab, |id, txn| {
+        let k = match index.get(&id) {
+            Some(k) => *k,
+            None => {
+                index.insert(id.clone(), ids.len());
+                ids.push(id);
+                txns.push(Vec::new());
+                ids.len() - 1
+            }
+        };
+        if let Some(list) = txns.get_mut(k) {
+            list.push(txn);
+        }
+        Ok(())
+    })?;
+    Ok(HolderData {
+        // Distinct by construction (the index above); checked once here
+        // so that no join checks again.
+        ids: cleanroom_protocol::join::OwnIds::new(ids)?,
+        txns,
+        version,
+        report,
+    })
+}
+
+/// Streams the bank's file once: each good row's normalised identifier and
+/// transaction go to `keep`, in file order; bad rows are counted. The
+/// report and the input's version; refused when too many rows are bad.
+///
+/// # Errors
+/// [`NodeError::Data`] for an unreadable file, a missing column, or too
+/// many bad rows; `keep`'s error.
+pub fn stream_holder(
+    cfg: &DataConfig,
+    collab: &CollaborationConfig,
+    mut keep: impl FnMut(Vec<u8>, Txn) -> Result<(), NodeError>,
+) -> Result<(LoadReport, [u8; 32]), NodeError> {
     let rules = NormalizationRules::v1(&collab.default_country_code);
     let mut reader = open(cfg)?;
     let path = cfg.path.clone();
@@ -238,9 +278,6 @@ pub fn load_holder(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Hol
     let date_col = col(&cfg.date_column)?;
     let kind = id_kind(cfg);
     let mut report = LoadReport::default();
-    let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
-    let mut ids = Vec::new();
-    let mut txns: Vec<Vec<Txn>> = Vec::new();
     let mut record = csv::StringRecord::new();
     let mut line = 1u64;
     loop {
@@ -273,30 +310,12 @@ pub fn load_holder(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Hol
             report.bad_row("date is not YYYY-MM-DD", line);
             continue;
         };
-        let k = match index.get(&id) {
-            Some(k) => *k,
-            None => {
-                index.insert(id.clone(), ids.len());
-                ids.push(id);
-                txns.push(Vec::new());
-                ids.len() - 1
-            }
-        };
-        if let Some(list) = txns.get_mut(k) {
-            list.push(Txn { category, cents, day });
-        }
+        keep(id, Txn { category, cents, day })?;
         report.loaded += 1;
     }
     let version = finish_version(reader, &rules);
     report.check(&path, cfg.max_bad_row_share)?;
-    Ok(HolderData {
-        // Distinct by construction (the index above); checked once here
-        // so that no join checks again.
-        ids: cleanroom_protocol::join::OwnIds::new(ids)?,
-        txns,
-        version,
-        report,
-    })
+    Ok((report, version))
 }
 
 /// Loads the platform's users, one per distinct identifier (the first
@@ -305,6 +324,44 @@ pub fn load_holder(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Hol
 /// # Errors
 /// [`NodeError::Data`] for an unreadable file, a missing column, or too many bad rows.
 pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<MatcherData, NodeError> {
+    let mut seen: HashMap<Vec<u8>, ()> = HashMap::new();
+    let mut ids = Vec::new();
+    let mut segments = Vec::new();
+    let mut countries = Vec::new();
+    let (report, version) = stream_matcher(cfg, collab, |id, segment, country| {
+        if seen.insert(id.clone(), ()).is_some() {
+            return Ok(false);
+        }
+        ids.push(id);
+        segments.push(segment);
+        if let Some(c) = country {
+            countries.push(c);
+        }
+        Ok(true)
+    })?;
+    Ok(MatcherData {
+        ids: cleanroom_protocol::join::OwnIds::new(ids)?,
+        segments,
+        countries,
+        version,
+        report,
+    })
+}
+
+/// Streams the platform's file once: each good row's normalised
+/// identifier, segment and country (when the config names a country
+/// column) go to `keep`, in file order, which says whether it kept the row
+/// (false: a repeated identifier, counted as such). The report and the
+/// input's version; refused when too many rows are bad.
+///
+/// # Errors
+/// [`NodeError::Data`] for an unreadable file, a missing column, or too
+/// many bad rows; `keep`'s error.
+pub fn stream_matcher(
+    cfg: &DataConfig,
+    collab: &CollaborationConfig,
+    mut keep: impl FnMut(Vec<u8>, u16, Option<u16>) -> Result<bool, NodeError>,
+) -> Result<(LoadReport, [u8; 32]), NodeError> {
     let rules = NormalizationRules::v1(&collab.default_country_code);
     let mut reader = open(cfg)?;
     let path = cfg.path.clone();
@@ -320,10 +377,6 @@ pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Ma
     };
     let kind = id_kind(cfg);
     let mut report = LoadReport::default();
-    let mut seen: HashMap<Vec<u8>, ()> = HashMap::new();
-    let mut ids = Vec::new();
-    let mut segments = Vec::new();
-    let mut countries = Vec::new();
     let mut record = csv::StringRecord::new();
     let mut line = 1u64;
     loop {
@@ -358,26 +411,15 @@ pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Ma
             },
             None => None,
         };
-        if seen.insert(id.clone(), ()).is_some() {
+        if keep(id, segment, country)? {
+            report.loaded += 1;
+        } else {
             report.duplicate_identifiers += 1;
-            continue;
         }
-        ids.push(id);
-        segments.push(segment);
-        if let Some(c) = country {
-            countries.push(c);
-        }
-        report.loaded += 1;
     }
     let version = finish_version(reader, &rules);
     report.check(&path, cfg.max_bad_row_share)?;
-    Ok(MatcherData {
-        ids: cleanroom_protocol::join::OwnIds::new(ids)?,
-        segments,
-        countries,
-        version,
-        report,
-    })
+    Ok((report, version))
 }
 
 /// Writes `bank.csv` and `platform.csv` from synthetic data.

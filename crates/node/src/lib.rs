@@ -16,6 +16,7 @@ pub use cleanroom_wire::{Refusal, RefusalCode};
 
 pub mod config;
 pub mod data;
+pub mod input;
 pub mod noise;
 pub mod policy;
 pub mod pump;
@@ -75,6 +76,10 @@ pub enum NodeError {
     /// A local failure.
     #[error("internal: {0}")]
     Internal(&'static str),
+    /// A shard file is damaged, or not the one this node wrote for its
+    /// input and split (`crate::input`).
+    #[error(transparent)]
+    ShardFile(#[from] shards::ShardFileError),
     /// The peer asked for an aggregate over a join this node does not have
     /// (expired, or from before a restart); the peer joins again.
     #[error("aggregate over a join this node does not have")]

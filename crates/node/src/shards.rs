@@ -1,23 +1,24 @@
-//! Shard files (issue 16, first piece of "flat memory on one machine"):
-//! one shard of a node's input, its normalised identifiers and each one's
-//! row values, written once to a file so that a node can work on a shard
-//! at a time instead of holding its whole input. The nodes do not write or
-//! read them yet; this is the format and its checks. Also the shard key
-//! file both nodes of a sharded collaboration read ([`init_key`],
-//! [`load_key`]).
+//! Shard files (issue 16, "flat memory on one machine"): one shard of a
+//! node's input, its normalised identifiers and each one's items (the
+//! bank's transactions), written when a sharded node starts so that it
+//! works on a shard at a time instead of holding its whole input
+//! (`crate::input`). Also the shard key file both nodes of a sharded
+//! collaboration read ([`init_key`], [`load_key`]).
 //!
 //! Layout (little endian):
 //!
 //! ```text
 //! magic        8 bytes  "CRSHARD\0"
-//! format       u32      1
+//! format       u32      2
 //! data version 32 bytes the input's digest (`HolderData::version`, ...)
 //! key id       32 bytes SHA-256("cleanroom-v1-shard-key-id" || shard key)
 //! shards       u32      S
 //! shard        u32      s (< S)
-//! width        u32      row values per record (0 for the platform)
+//! width        u32      u64 values per item (2 for the bank's
+//!                       transactions, 0 for the platform's identifiers)
 //! records      then, per identifier: u16 length, its bytes (1..=1024),
-//!                       `width` u64 values
+//!                       u32 item count (0 when width is 0), then
+//!                       count * width u64 values
 //! count        u64      number of records
 //! checksum     32 bytes SHA-256 of everything before it
 //! ```
@@ -37,7 +38,7 @@ use ring::digest::{Context, SHA256};
 /// The file's first eight bytes.
 const MAGIC: &[u8; 8] = b"CRSHARD\0";
 /// The layout this code writes and reads.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// The longest normalised identifier a shard file holds.
 pub const MAX_ID_LEN: usize = 1024;
 /// Header bytes: magic, format, data version, key id, S, s, width.
@@ -56,7 +57,7 @@ pub struct ShardFileId {
     pub shards: u32,
     /// `s`.
     pub shard: u32,
-    /// Row values per record.
+    /// `u64` values per item.
     pub width: u32,
 }
 
@@ -153,7 +154,7 @@ pub enum ShardFileError {
         source: std::io::Error,
     },
     /// Not a shard file, or one of another layout.
-    #[error("shard file {}: not a shard file of format 1 (the layout this build reads)", .path.display())]
+    #[error("shard file {}: not a shard file of format 2 (the layout this build reads)", .path.display())]
     NotAShardFile {
         /// The file.
         path: PathBuf,
@@ -163,7 +164,7 @@ pub enum ShardFileError {
     Other {
         /// The file.
         path: PathBuf,
-        /// `data version`, `shard key`, `shard count`, `shard` or `row width`.
+        /// `data version`, `shard key`, `shard count`, `shard` or `item width`.
         what: &'static str,
     },
     /// Shorter than its header and trailer, a checksum that does not match,
@@ -215,7 +216,12 @@ impl ShardWriter {
         let mut part = path.as_os_str().to_owned();
         part.push(".part");
         let part = PathBuf::from(part);
-        let file = std::fs::File::create(&part).map_err(|source| ShardFileError::Io {
+        // A copy of the node's own input: readable by the node's user only.
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(&part).map_err(|source| ShardFileError::Io {
             path: part.clone(),
             source,
         })?;
@@ -247,11 +253,13 @@ impl ShardWriter {
         })
     }
 
-    /// Appends one identifier and its `width` values.
+    /// Appends one identifier and its items' values (`width` per item, so
+    /// a multiple of `width`; none when `width` is 0).
     ///
     /// # Errors
-    /// [`ShardFileError::BadRecord`] for an empty or over-long identifier or
-    /// the wrong number of values; [`ShardFileError::Io`].
+    /// [`ShardFileError::BadRecord`] for an empty or over-long identifier,
+    /// values that are not whole items, or more than `u32::MAX` items;
+    /// [`ShardFileError::Io`].
     pub fn push(&mut self, id: &[u8], values: &[u64]) -> Result<(), ShardFileError> {
         if id.is_empty() || id.len() > MAX_ID_LEN {
             return Err(ShardFileError::BadRecord {
@@ -259,14 +267,21 @@ impl ShardWriter {
                 what: "an identifier must be 1 to 1024 bytes",
             });
         }
-        if values.len() != self.width {
+        let items = match self.width {
+            0 if values.is_empty() => Some(0),
+            0 => None,
+            w if values.len().is_multiple_of(w) => u32::try_from(values.len() / w).ok(),
+            _ => None,
+        };
+        let Some(items) = items else {
             return Err(ShardFileError::BadRecord {
                 path: self.path.clone(),
-                what: "a record's values do not match the file's row width",
+                what: "a record's values are not whole items of the file's width",
             });
-        }
+        };
         self.put(&(id.len() as u16).to_le_bytes())?;
         self.put(id)?;
+        self.put(&items.to_le_bytes())?;
         for v in values {
             self.put(&v.to_le_bytes())?;
         }
@@ -295,13 +310,15 @@ impl ShardWriter {
     }
 }
 
-/// One shard as read back: identifiers in file order and their values,
-/// `width` per identifier, row after row.
+/// One shard as read back: identifiers in file order, each one's item
+/// count, and all items' values (`width` per item), record after record.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Shard {
     /// Normalised identifiers.
     pub ids: Vec<Vec<u8>>,
-    /// Row values, `ids.len() * width`.
+    /// Items per identifier.
+    pub items: Vec<u32>,
+    /// Item values, `width` per item, in record order.
     pub values: Vec<u64>,
 }
 
@@ -367,11 +384,12 @@ pub fn read_shard(path: &Path, expected: &ShardFileId) -> Result<Shard, ShardFil
         return Err(other("shard"));
     }
     if width != expected.width {
-        return Err(other("row width"));
+        return Err(other("item width"));
     }
     let records_end = body_len - 8;
     let width = width as usize;
     let mut ids = Vec::new();
+    let mut items = Vec::new();
     let mut values = Vec::new();
     while r.at < records_end {
         let len = usize::from(r.u16().ok_or_else(|| damaged("record length"))?);
@@ -380,9 +398,21 @@ pub fn read_shard(path: &Path, expected: &ShardFileId) -> Result<Shard, ShardFil
         }
         let id = r.take(len).ok_or_else(|| damaged("record"))?;
         ids.push(id.to_vec());
-        for _ in 0..width {
-            values.push(r.u64().ok_or_else(|| damaged("record"))?);
+        let n = r.u32().ok_or_else(|| damaged("record"))?;
+        if width == 0 && n != 0 {
+            return Err(damaged("items in a file of width 0"));
         }
+        // Bounded by the file's length before anything is allocated.
+        let bytes = (n as usize)
+            .checked_mul(width)
+            .and_then(|v| v.checked_mul(8))
+            .ok_or_else(|| damaged("record"))?;
+        let raw = r.take(bytes).ok_or_else(|| damaged("record"))?;
+        values.extend(
+            raw.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))),
+        );
+        items.push(n);
         if r.at > records_end {
             return Err(damaged("record"));
         }
@@ -391,7 +421,7 @@ pub fn read_shard(path: &Path, expected: &ShardFileId) -> Result<Shard, ShardFil
     if count != ids.len() as u64 {
         return Err(damaged("record count does not match"));
     }
-    Ok(Shard { ids, values })
+    Ok(Shard { ids, items, values })
 }
 
 /// Bounds-checked reads over a byte slice.
@@ -436,13 +466,16 @@ mod tests {
         }
     }
 
+    /// Record `i` has `i % 4` items of three values.
     fn records(n: usize) -> Vec<(Vec<u8>, Vec<u64>)> {
         (0..n)
             .map(|i| {
                 let v = i as u64;
                 (
                     format!("email:user{i}@example.com").into_bytes(),
-                    vec![v, v * 1000, u64::MAX - v],
+                    (0..i % 4)
+                        .flat_map(|k| [v, v * 1000 + k as u64, u64::MAX - v])
+                        .collect(),
                 )
             })
             .collect()
@@ -464,9 +497,19 @@ mod tests {
             let recs = records(n);
             write(&path, &id(5), &recs);
             assert!(!dir.path().join(format!("s{n}.part")).exists());
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+                assert_eq!(mode & 0o077, 0, "{mode:o}");
+            }
             let got = read_shard(&path, &id(5)).unwrap();
             assert_eq!(got.ids, recs.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>());
             assert_eq!(got.values, recs.iter().flat_map(|(_, v)| v.clone()).collect::<Vec<_>>());
+            assert_eq!(
+                got.items,
+                recs.iter().map(|(_, v)| (v.len() / 3) as u32).collect::<Vec<_>>()
+            );
             assert_eq!(format!("{got:?}"), format!("Shard {{ records: {n} }}"));
         }
     }
@@ -478,10 +521,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("one");
         let fid = id(5);
-        write(&path, &fid, &[(b"ab".to_vec(), vec![1, 2, 3])]);
+        write(&path, &fid, &[(b"ab".to_vec(), vec![1, 2, 3, 4, 5, 6])]);
         let mut want = Vec::new();
         want.extend_from_slice(b"CRSHARD\0");
-        want.extend_from_slice(&1u32.to_le_bytes());
+        want.extend_from_slice(&2u32.to_le_bytes());
         want.extend_from_slice(&[7; 32]);
         want.extend_from_slice(&fid.key_id);
         want.extend_from_slice(&16u32.to_le_bytes());
@@ -489,7 +532,8 @@ mod tests {
         want.extend_from_slice(&3u32.to_le_bytes());
         want.extend_from_slice(&2u16.to_le_bytes());
         want.extend_from_slice(b"ab");
-        for v in [1u64, 2, 3] {
+        want.extend_from_slice(&2u32.to_le_bytes());
+        for v in [1u64, 2, 3, 4, 5, 6] {
             want.extend_from_slice(&v.to_le_bytes());
         }
         want.extend_from_slice(&1u64.to_le_bytes());
@@ -524,7 +568,7 @@ mod tests {
             ),
             ("shard count", ShardFileId { shards: 17, ..id(5) }),
             ("shard", id(6)),
-            ("row width", ShardFileId { width: 2, ..id(5) }),
+            ("item width", ShardFileId { width: 2, ..id(5) }),
         ];
         for (what, expected) in cases {
             let e = read_shard(&path, &expected).unwrap_err();
@@ -561,7 +605,7 @@ mod tests {
         }
         // Another format or not a shard file at all.
         let mut other = good.clone();
-        other[8] = 2;
+        other[8] = 1;
         std::fs::write(&path, &other).unwrap();
         assert!(matches!(
             read_shard(&path, &id(5)),
@@ -596,6 +640,18 @@ mod tests {
         long_record[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&1000u16.to_le_bytes());
         std::fs::write(&path, resum(long_record)).unwrap();
         assert!(matches!(read_shard(&path, &id(5)), Err(ShardFileError::Damaged { .. })));
+        // An item count past the file's end is refused before any allocation.
+        let first_id = b"email:user0@example.com".len();
+        let at = HEADER_LEN + 2 + first_id;
+        for n in [u32::MAX, 1_000_000, 1] {
+            let mut many_items = body.to_vec();
+            many_items[at..at + 4].copy_from_slice(&n.to_le_bytes());
+            std::fs::write(&path, resum(many_items)).unwrap();
+            assert!(
+                matches!(read_shard(&path, &id(5)), Err(ShardFileError::Damaged { .. })),
+                "{n} items"
+            );
+        }
         // The messages never carry an identifier.
         std::fs::write(&path, &good).unwrap();
         let e = read_shard(&path, &ShardFileId { shards: 3, ..id(5) }).unwrap_err();
@@ -612,6 +668,18 @@ mod tests {
             Err(ShardFileError::BadRecord { .. })
         ));
         assert!(matches!(w.push(b"a", &[1, 2]), Err(ShardFileError::BadRecord { .. })));
+        assert!(matches!(
+            w.push(b"a", &[1, 2, 3, 4]),
+            Err(ShardFileError::BadRecord { .. })
+        ));
+        w.push(b"a", &[]).unwrap();
+        w.push(b"b", &[1, 2, 3, 4, 5, 6]).unwrap();
+        let mut ids_only = ShardWriter::create(&dir.path().join("t"), &ShardFileId { width: 0, ..id(0) }).unwrap();
+        assert!(matches!(
+            ids_only.push(b"a", &[1]),
+            Err(ShardFileError::BadRecord { .. })
+        ));
+        ids_only.push(b"a", &[]).unwrap();
         // Unfinished, it never appears under its name.
         drop(w);
         assert!(!dir.path().join("s").exists());

@@ -6,7 +6,6 @@
 use super::*;
 use cleanroom_protocol::aggregate::RowSource;
 use cleanroom_protocol::join::OwnIds;
-use rows::ShardRows;
 
 /// What only the bank has.
 pub(super) struct BankSide {
@@ -478,24 +477,27 @@ impl Bank {
         // Batch k = s * G + g of a sharded query (shard-major); a group
         // beyond the plan's would alias another shard's batch.
         let groups = plan.matcher_groups().len().max(1);
-        let placed = match shard {
-            None => Some((setup.group as usize, values as Arc<dyn RowSource>)),
-            Some((s, _)) => {
-                let members = self.inner.sharding.as_ref().and_then(|sh| sh.members.get(s as usize));
-                match members {
-                    Some(members) if (setup.group as usize) < groups => Some((
-                        s as usize * groups + setup.group as usize,
-                        Arc::new(ShardRows {
-                            rows: values,
-                            members: members.clone(),
-                        }) as Arc<dyn RowSource>,
-                    )),
-                    _ => None,
-                }
+        let placed = match (shard, &self.inner.sharding) {
+            (None, _) => Some((setup.group as usize, Ok(values as Arc<dyn RowSource>))),
+            (Some((s, _)), Some(sh)) if s < sh.count && (setup.group as usize) < groups => {
+                // The shard's customers, numbered as its join numbers them,
+                // read back from its file (or kept in memory).
+                let rows = sh.holder(s).await.map(|customers| {
+                    Arc::new(HolderRows::new(&plan, customers, &self.inner.domains.categories)) as Arc<dyn RowSource>
+                });
+                Some((s as usize * groups + setup.group as usize, rows))
             }
+            _ => None,
         };
         let (k, result) = match placed {
-            Some((k, values)) => (
+            Some((k, Err(e))) => {
+                // A shard file that does not read back: the batch fails
+                // (and with it the query), never runs on other input.
+                warn!(error = %e, "a shard's input could not be read back");
+                abort(&mut send, setup.session, AbortCode::Internal).await;
+                (k, Err(e))
+            }
+            Some((k, Ok(values))) => (
                 k,
                 self.holder_aggregate(
                     data,
@@ -607,8 +609,8 @@ impl Bank {
                 "a shard join, but this node's identifiers are not split into shards".into(),
             ));
         };
-        let members = match sh.members.get(header.shard as usize) {
-            Some(m) if header.shards == sh.count && header.shard_key_id == sh.key_id => m.clone(),
+        let range = match sh.store.range(header.shard) {
+            Some(r) if header.shards == sh.count && header.shard_key_id == sh.key_id => r,
             _ => {
                 abort(&mut send, no_session, AbortCode::Refused).await;
                 return Err(not_sharded_alike(if header.shards == sh.count {
@@ -644,12 +646,22 @@ impl Bank {
                 "a shard's join offer whose context is not its shard's".into(),
             ));
         }
+        // The shard's customers, read back from its file (or kept in memory).
+        let ids = match sh.holder(header.shard).await {
+            Ok(h) => h.ids.clone(),
+            Err(e) => {
+                warn!(error = %e, "a shard's input could not be read back");
+                abort(&mut send, no_session, AbortCode::Internal).await;
+                return Err(e);
+            }
+        };
         let place = ShardPlace {
             shard: header.shard,
             shards: sh.count,
             key_id: sh.key_id,
             set: header.set,
-            members,
+            range,
+            ids,
         };
         self.holder_join(data, &first, context, Some(place), send, recv).await
     }
@@ -665,13 +677,13 @@ impl Bank {
     ) -> Result<(), NodeError> {
         let l = &self.inner.limits;
         let (params, policy) = self.holder_join_rules(context)?;
-        if (data.ids.len() as u64) < l.min_input_set {
+        let customers = self.identifiers();
+        if (customers as u64) < l.min_input_set {
             abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
             return Err(NodeError::refused(
                 RefusalCode::InputLimit,
                 format!(
-                    "minimum input limit: the bank has {} customers, below the minimum of {}",
-                    data.ids.len(),
+                    "minimum input limit: the bank has {customers} customers, below the minimum of {}",
                     l.min_input_set
                 ),
             ));
@@ -679,11 +691,11 @@ impl Bank {
         // The churn baseline of a shard is its own customers'.
         let (fp, input_name) = match &place {
             None => (
-                crate::state::sorted_fingerprints(&self.inner.fingerprints, data.ids.len(), 0..data.ids.len())?,
+                crate::state::sorted_fingerprints(&self.inner.fingerprints, customers, 0..customers)?,
                 "holder-input".to_string(),
             ),
             Some(p) => (
-                crate::state::sorted_fingerprints(&self.inner.fingerprints, data.ids.len(), p.members.iter().copied())?,
+                crate::state::sorted_fingerprints(&self.inner.fingerprints, customers, p.range.clone())?,
                 format!("holder-input shard {} of {}", p.shard, p.shards),
             ),
         };
@@ -692,16 +704,11 @@ impl Bank {
             abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
             return Err(e);
         }
-        let ids = data.ids.clone();
-        let members = place.as_ref().map(|p| p.members.clone());
+        // A shard's join numbers its customers in its file's order.
+        let ids = place.as_ref().map_or_else(|| data.ids.clone(), |p| p.ids.clone());
         let first = first.to_vec();
         let pending = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
-            // A shard's join numbers its customers in the member list's order.
-            let ids = match members {
-                None => ids,
-                Some(m) => OwnIds::new(m.iter().filter_map(|k| ids.get(*k).cloned()).collect())?,
-            };
             let h = HolderJoin::with_ids(params, policy, ids)?;
             h.on_offer(&first, &mut rng).map_err(NodeError::from)
         })
@@ -921,13 +928,15 @@ impl Bank {
 type ShardJoined = (Arc<HolderJoined>, Option<u32>);
 
 /// Where a shard's join sits: its shard, the count, the platform's set it
-/// belongs to, and the shard's customers (indices in the bank's data).
+/// belongs to, the shard's customers in the node's numbering, and their
+/// identifiers (numbered `0..n_s` as the join numbers them).
 pub(super) struct ShardPlace {
     shard: u32,
     shards: u32,
     key_id: [u8; 32],
     set: [u8; 16],
-    members: Arc<Vec<usize>>,
+    range: std::ops::Range<usize>,
+    ids: OwnIds,
 }
 
 /// The name a shard's join is stored under in the state file: its shard,

@@ -405,46 +405,35 @@ struct Inner {
 }
 
 /// A node's shards (docs/protocol.md, "Shards"): `S`, the shard key's id,
-/// and which of this node's identifiers are in each shard, computed once
-/// at start with the shard key.
+/// and the shards' input at rest (`crate::input`): which of this node's
+/// identifiers are in each shard (contiguous ranges of the node's
+/// numbering) and their files, read back a shard at a time.
 struct Sharding {
     count: u32,
     key_id: [u8; 32],
-    /// Each identifier's shard, in the data's order.
-    of: Vec<u32>,
-    /// Each shard's identifiers (indices in the data's order, ascending).
-    members: Vec<Arc<Vec<usize>>>,
+    store: Arc<crate::input::ShardStore>,
 }
 
 impl Sharding {
-    /// Splits `ids` by the key in `[shards] key` into `count` shards.
-    fn split(
-        count: u32,
-        key: &cleanroom_crypto::shard::ShardKey,
-        key_id: [u8; 32],
-        ids: &[Vec<u8>],
-    ) -> Result<Self, NodeError> {
-        let of: Vec<u32> = ids
-            .par_iter()
-            .map(|id| key.shard_of(id, count))
-            .collect::<Result<_, _>>()?;
-        let mut members: Vec<Vec<usize>> = vec![Vec::new(); count as usize];
-        for (k, s) in of.iter().enumerate() {
-            if let Some(m) = members.get_mut(*s as usize) {
-                m.push(k);
-            }
-        }
-        Ok(Self {
-            count,
-            key_id,
-            of,
-            members: members.into_iter().map(Arc::new).collect(),
-        })
-    }
-
     /// The shard count as a length.
     fn len(&self) -> usize {
         self.count as usize
+    }
+
+    /// Shard `s`'s customers (the bank), on a blocking thread.
+    async fn holder(&self, shard: u32) -> Result<Arc<HolderData>, NodeError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.holder(shard))
+            .await
+            .map_err(|_| NodeError::Internal("shard loading failed"))?
+    }
+
+    /// Shard `s`'s users (the platform), on a blocking thread.
+    async fn matcher(&self, shard: u32) -> Result<cleanroom_protocol::join::OwnIds, NodeError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.matcher(shard))
+            .await
+            .map_err(|_| NodeError::Internal("shard loading failed"))?
     }
 }
 
@@ -525,22 +514,101 @@ impl Node {
     }
 }
 
-/// Loads the node's input data on a blocking thread and logs what was
-/// loaded (counts only); the data and its version.
-async fn load_data(cfg: &NodeConfig) -> Result<(Loaded, [u8; 32]), NodeError> {
+/// The node's input as loaded: the data (on a sharded node without its
+/// identifiers, which are in the shard files), its version, each
+/// identifier's churn fingerprint, and the shards.
+struct Input {
+    data: Loaded,
+    version: [u8; 32],
+    fingerprints: Vec<u64>,
+    sharding: Option<Sharding>,
+}
+
+/// Loads the node's input data on a blocking thread (split into shard
+/// files under `state_dir/shards` when `[shards] count` is 2 or more) and
+/// logs what was loaded (counts only).
+async fn load_data(cfg: &NodeConfig, config_path: &std::path::Path, node_key: &[u8; 32]) -> Result<Input, NodeError> {
     let data_cfg = cfg.data.clone();
     let collab = cfg.collaboration.clone();
     let role = cfg.role;
-    let data = tokio::task::spawn_blocking(move || match role {
-        Role::Bank => load_holder(&data_cfg, &collab).map(Loaded::Holder),
-        Role::Platform => load_matcher(&data_cfg, &collab).map(Loaded::Matcher),
+    let node_key = Zeroizing::new(*node_key);
+    let split = match (cfg.shard_count(), &cfg.shards.key) {
+        (count @ 2.., Some(path)) => {
+            let (key, key_id) = crate::shards::load_key(path)?;
+            Some((count, key, key_id, cfg.memory_budget(config_path)?))
+        }
+        _ => None,
+    };
+    let dir = cfg.state_dir.join("shards");
+    let input = tokio::task::spawn_blocking(move || -> Result<Input, NodeError> {
+        let Some((count, key, key_id, memory_budget)) = split else {
+            let data = match role {
+                Role::Bank => Loaded::Holder(load_holder(&data_cfg, &collab)?),
+                Role::Platform => Loaded::Matcher(load_matcher(&data_cfg, &collab)?),
+            };
+            let (version, fingerprints) = match &data {
+                Loaded::Holder(h) => (h.version, crate::state::fingerprints_by_id(&node_key, &h.ids)),
+                Loaded::Matcher(m) => (m.version, crate::state::fingerprints_by_id(&node_key, &m.ids)),
+            };
+            return Ok(Input {
+                data,
+                version,
+                fingerprints,
+                sharding: None,
+            });
+        };
+        let split = crate::input::Split {
+            count,
+            key: &key,
+            key_id,
+            memory_budget,
+            node_key: &node_key,
+        };
+        let empty = || cleanroom_protocol::join::OwnIds::new(Vec::new());
+        let (data, version, fingerprints, store) = match role {
+            Role::Bank => {
+                let h = crate::input::split_holder(&data_cfg, &collab, &split, &dir)?;
+                let data = HolderData {
+                    ids: empty()?,
+                    txns: Vec::new(),
+                    version: h.version,
+                    report: h.report,
+                };
+                (Loaded::Holder(data), h.version, h.fingerprints, h.store)
+            }
+            Role::Platform => {
+                let m = crate::input::split_matcher(&data_cfg, &collab, &split, &dir)?;
+                let data = MatcherData {
+                    ids: empty()?,
+                    segments: m.segments,
+                    countries: m.countries,
+                    version: m.version,
+                    report: m.report,
+                };
+                (Loaded::Matcher(data), m.version, m.fingerprints, m.store)
+            }
+        };
+        if store.largest_shard_bytes() > store.keep_bytes() {
+            warn!(
+                largest_shard_mib = store.largest_shard_bytes() >> 20,
+                memory_budget_mib = memory_budget >> 20,
+                "a shard's input is larger than half the memory budget: it is read from its file each time it is needed; more shards (or a larger budget) would keep it in memory"
+            );
+        }
+        Ok(Input {
+            data,
+            version,
+            fingerprints,
+            sharding: Some(Sharding { count, key_id, store }),
+        })
     })
     .await
     .map_err(|_| NodeError::Internal("data loading failed"))??;
-    let (report, distinct, data_version) = match &data {
-        Loaded::Holder(h) => (&h.report, h.ids.len(), h.version),
-        Loaded::Matcher(m) => (&m.report, m.ids.len(), m.version),
+    let (report, distinct) = match &input.data {
+        Loaded::Holder(h) => (&h.report, h.ids.len()),
+        Loaded::Matcher(m) => (&m.report, m.ids.len()),
     };
+    let distinct = input.sharding.as_ref().map_or(distinct, |sh| sh.store.len());
     info!(
         rows = report.rows,
         loaded = report.loaded,
@@ -548,12 +616,13 @@ async fn load_data(cfg: &NodeConfig) -> Result<(Loaded, [u8; 32]), NodeError> {
         bad_rows = report.bad_rows(),
         duplicate_identifiers = report.duplicate_identifiers,
         mapped_to_other = report.mapped_to_other,
+        shards = input.sharding.as_ref().map_or(1, |sh| sh.count),
         "data loaded"
     );
     if report.bad_rows() > 0 {
         warn!(reasons = %report.describe(), "bad rows skipped");
     }
-    Ok((data, data_version))
+    Ok(input)
 }
 
 /// This operator's signed policy (verified against its own public key; a
@@ -599,28 +668,16 @@ impl Node {
                 what: format!("this certificate is not for {}", pki::node_name(cfg.role.as_str())),
             });
         }
-        let (data, data_version) = load_data(&cfg).await?;
         let (own_policy, own_policy_json, peer_public_key) = load_policies(&cfg, &templates)?;
         let mut state = State::open(&cfg.state_dir)?;
-        state.expire_joins(&data_version)?;
         let node_key = state.node_key()?;
-        let fingerprints = match &data {
-            Loaded::Holder(h) => crate::state::fingerprints_by_id(&node_key, &h.ids),
-            Loaded::Matcher(m) => crate::state::fingerprints_by_id(&node_key, &m.ids),
-        };
-        let sharding = match (cfg.shard_count(), &cfg.shards.key) {
-            (count @ 2.., Some(path)) => {
-                let (key, key_id) = crate::shards::load_key(path)?;
-                let ids: &[Vec<u8>] = match &data {
-                    Loaded::Holder(h) => &h.ids,
-                    Loaded::Matcher(m) => &m.ids,
-                };
-                let sharding = Sharding::split(count, &key, key_id, ids)?;
-                info!(shards = count, "identifiers split into shards");
-                Some(sharding)
-            }
-            _ => None,
-        };
+        let Input {
+            data,
+            version: data_version,
+            fingerprints,
+            sharding,
+        } = load_data(&cfg, config_path, &node_key).await?;
+        state.expire_joins(&data_version)?;
         let endpoint = node_endpoint(cfg.listen, &identity, &ca, &TransportSettings::default())?;
         let mut analysts: Vec<String> = templates.iter().flat_map(|t| t.analysts.iter().cloned()).collect();
         analysts.sort();
@@ -771,19 +828,46 @@ impl Node {
         self.inner.stalls.fetch_add(stats.stalls, Relaxed);
     }
 
-    /// The bank's normalised identifiers (for benchmarks; empty on the platform).
-    pub fn holder_ids(&self) -> Vec<Vec<u8>> {
-        match &self.inner.side {
-            Side::Bank(b) => b.data.ids.to_vec(),
-            Side::Platform(_) => Vec::new(),
+    /// The bank's normalised identifiers (for benchmarks; empty on the
+    /// platform; a sharded node's shard after shard).
+    ///
+    /// # Errors
+    /// A shard file that does not read back.
+    pub fn holder_ids(&self) -> Result<Vec<Vec<u8>>, NodeError> {
+        match (&self.inner.side, &self.inner.sharding) {
+            (Side::Bank(_), Some(sh)) => sh.store.all_ids(),
+            (Side::Bank(b), None) => Ok(b.data.ids.to_vec()),
+            (Side::Platform(_), _) => Ok(Vec::new()),
         }
     }
 
-    /// The platform's normalised identifiers (for benchmarks; empty on the bank).
-    pub fn matcher_ids(&self) -> Vec<Vec<u8>> {
+    /// The platform's normalised identifiers (for benchmarks; empty on the
+    /// bank; a sharded node's shard after shard).
+    ///
+    /// # Errors
+    /// A shard file that does not read back.
+    pub fn matcher_ids(&self) -> Result<Vec<Vec<u8>>, NodeError> {
+        match (&self.inner.side, &self.inner.sharding) {
+            (Side::Platform(_), Some(sh)) => sh.store.all_ids(),
+            (Side::Platform(p), None) => Ok(p.data.ids.to_vec()),
+            (Side::Bank(_), _) => Ok(Vec::new()),
+        }
+    }
+
+    /// Shard files this node has read back since it started (0 unsharded).
+    pub fn shard_reads(&self) -> u64 {
+        self.inner.sharding.as_ref().map_or(0, |sh| sh.store.reads())
+    }
+
+    /// This node's identifiers: customers (the bank) or users (the
+    /// platform), in all shards.
+    fn identifiers(&self) -> usize {
+        if let Some(sh) = &self.inner.sharding {
+            return sh.store.len();
+        }
         match &self.inner.side {
-            Side::Platform(p) => p.data.ids.to_vec(),
-            Side::Bank(_) => Vec::new(),
+            Side::Bank(b) => b.data.ids.len(),
+            Side::Platform(p) => p.data.ids.len(),
         }
     }
 

@@ -229,7 +229,7 @@ impl Platform {
         let t = Instant::now();
         let fp = crate::state::sorted_fingerprints(
             &self.inner.fingerprints,
-            data.ids.len(),
+            self.identifiers(),
             indices.iter().flatten().copied(),
         )?;
         lock(&self.inner.state).check_churn(&filter, &fp, self.inner.limits.max_churn_ppm)?;
@@ -239,7 +239,7 @@ impl Platform {
         let mut match_secs = 0.0;
         let joined = match &self.inner.sharding {
             None => {
-                let (j, st, m) = self.one_join(data, base, &indices, None).await?;
+                let (j, st, m) = self.one_join(&data.ids, base, &indices, None).await?;
                 stats.add(&st);
                 match_secs += m;
                 QueryJoin::one(Arc::new(j))
@@ -249,17 +249,24 @@ impl Platform {
                 // its cardinality epsilon once for the set.
                 let mut set = [0u8; 16];
                 cleanroom_crypto::rng::SystemRng::new().try_fill(&mut set)?;
-                // Each shard's users per group, in one pass.
+                // Each shard's users per group, in one pass, numbered
+                // within their shard (`0..n_s`, its file's order).
                 let mut per_shard: Vec<Vec<Vec<usize>>> = vec![vec![Vec::new(); indices.len()]; sh.len()];
                 for (g, block) in indices.iter().enumerate() {
                     for k in block {
-                        if let Some(b) = sh.of.get(*k).and_then(|s| per_shard.get_mut(*s as usize)?.get_mut(g)) {
-                            b.push(*k);
+                        let placed = sh.store.shard_of(*k).and_then(|s| {
+                            let start = sh.store.range(s)?.start;
+                            Some((per_shard.get_mut(s as usize)?.get_mut(g)?, k.checked_sub(start)?))
+                        });
+                        if let Some((b, local)) = placed {
+                            b.push(local);
                         }
                     }
                 }
                 let mut parts = Vec::with_capacity(sh.len());
                 for (s, blocks) in (0..sh.count).zip(per_shard) {
+                    // The shard's users, read back from its file (or kept in memory).
+                    let ids = sh.matcher(s).await?;
                     let header = cleanroom_wire::ShardJoin {
                         shards: sh.count,
                         shard: s,
@@ -268,7 +275,7 @@ impl Platform {
                         base_context: base,
                     };
                     let context = cleanroom_protocol::queries::shard_join_context(&base, sh.count, s);
-                    let (j, st, m) = self.one_join(data, context, &blocks, Some(header)).await?;
+                    let (j, st, m) = self.one_join(&ids, context, &blocks, Some(header)).await?;
                     stats.add(&st);
                     match_secs += m;
                     parts.push(Arc::new(j));
@@ -303,13 +310,13 @@ impl Platform {
         Ok((joined, Some(phases)))
     }
 
-    /// One join with the bank over the users of `blocks` (indices in the
-    /// data, one list per group), under `context`; a sharded one starts
+    /// One join with the bank over the users of `blocks` (indices in
+    /// `ids`, one list per group), under `context`; a sharded one starts
     /// with its shard header. The join, where its time went, and the
     /// matching's seconds.
     async fn one_join(
         &self,
-        data: &MatcherData,
+        ids: &cleanroom_protocol::join::OwnIds,
         context: [u8; 32],
         blocks: &[Vec<usize>],
         header: Option<cleanroom_wire::ShardJoin>,
@@ -318,7 +325,7 @@ impl Platform {
         let conn = self.peer_connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mut rng = session_rng()?;
-        let m = MatcherJoin::grouped_from(params, policy, &data.ids, blocks)?.with_padding_seed(padding);
+        let m = MatcherJoin::grouped_from(params, policy, ids, blocks)?.with_padding_seed(padding);
         let (offered, offer) = m.offer(&mut rng)?;
         if let Some(h) = header {
             write_one(&mut send, &Message::ShardJoin(h)).await?;

@@ -7,10 +7,12 @@ use cleanroom_protocol::aggregate::RowSource as _;
 /// Which of the matcher's users go into which block for a plan: indices of
 /// the users that pass the WHERE clause's platform conditions, one list per
 /// matcher group (one list when the query does not group by platform columns).
+/// Users are counted by their segments (one per user; a sharded node
+/// holds its identifiers in shard files, not in `data.ids`).
 pub fn matcher_block_indices(plan: &Plan, data: &MatcherData, domains: &Domains) -> Vec<Vec<usize>> {
     let groups = plan.matcher_groups().len().max(1);
     let mut blocks: Vec<Vec<usize>> = vec![Vec::new(); groups];
-    for k in 0..data.ids.len() {
+    for k in 0..data.segments.len() {
         let value = |column: &str| match column {
             "segment" => data
                 .segments
@@ -178,33 +180,4 @@ pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> V
         rows.fill(c, row);
     });
     out
-}
-
-/// One shard's customers' vectors: the join of shard `s` numbers its
-/// customers `0..n_s` in the order of the shard's member list, which maps
-/// them to the bank's customers.
-pub(super) struct ShardRows {
-    pub(super) rows: Arc<HolderRows>,
-    /// The shard's customers (indices in the bank's data, ascending).
-    pub(super) members: Arc<Vec<usize>>,
-}
-
-impl cleanroom_protocol::aggregate::RowSource for ShardRows {
-    fn width(&self) -> usize {
-        self.rows.width()
-    }
-
-    fn customers(&self) -> usize {
-        self.members.len()
-    }
-
-    fn prefetch(&self, customer: usize) {
-        if let Some(k) = self.members.get(customer) {
-            self.rows.prefetch(*k);
-        }
-    }
-
-    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
-        self.members.get(customer).is_some_and(|k| self.rows.fill(*k, out))
-    }
 }

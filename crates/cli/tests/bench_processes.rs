@@ -1,0 +1,57 @@
+//! `cleanroom bench --node-processes`: each node runs as its own
+//! `cleanroom node` process, so each node's peak RSS is its own (issue 16's
+//! memory figures are of node processes). Checked here on a small sharded
+//! run: both processes start, the join and the query run, both peak RSS
+//! figures are read from the processes (not the bench's), and the bound is
+//! measured over the nodes' identifiers.
+//!
+//! `cargo test --locked -p cleanroom-cli --test bench_processes`
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+#[test]
+fn bench_runs_each_node_as_its_own_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args([
+            "bench",
+            "--rows",
+            "1500",
+            "--shards",
+            "3",
+            "--queries",
+            "2",
+            "--node-processes",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("nodes as processes: peak RSS bank"), "{stdout}");
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let r = &rows.as_array().unwrap()[0];
+    assert_eq!(r["rows"], 1500);
+    assert_eq!(r["shards"], 3);
+    let rss = r["node_peak_rss_kib"].as_array().unwrap();
+    for kib in rss {
+        // A node process: more than the executable's few MiB, far less
+        // than a GiB at this size.
+        let kib = kib.as_u64().unwrap();
+        assert!((4 * 1024..1024 * 1024).contains(&kib), "{kib} KiB");
+    }
+    assert!(r["join_seconds"].as_f64().unwrap() > 0.0);
+    assert!(r["bound_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["query_runs"].as_array().unwrap().len(), 2);
+    // The nodes' CPU is read from their processes.
+    assert!(r["join"]["cpu_seconds"].as_f64().unwrap() > 0.0);
+    // Not counted with processes.
+    assert_eq!(r["join"]["platform_to_bank_bytes"], 0);
+}
