@@ -342,6 +342,9 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             );
             fixture.edit_configs(&[("[limits]", section.as_str())])?;
         }
+        // A join of tens of millions of rows takes minutes: the nodes' own
+        // query timeout (120 s by default) would end it.
+        fixture.edit_configs(&[("[limits]\n", "[limits]\nquery_timeout_secs = 7200\n")])?;
         if let Some(exe) = &opts.node_processes {
             progress(step + 1, total, &format!("{rows} rows: starting node processes"));
             let row = run_processes(opts, exe, &fixture, rows, run, |k, m| {
