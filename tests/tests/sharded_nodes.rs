@@ -199,8 +199,13 @@ async fn a_shard_file_damaged_under_a_running_node_fails_the_query_cleanly() {
         bytes[at] ^= 0x10;
         std::fs::write(&shard_file, &bytes).unwrap();
         let spent = cardinality_spent(dir.path());
+        let t = std::time::Instant::now();
         let r = analyst.query(template, &params, new_query_id().unwrap(), TIMEOUT).await;
-        assert!(r.is_err(), "a query over a damaged shard file must fail");
+        let e = r.expect_err("a query over a damaged shard file must fail").to_string();
+        // At once (the bank aborts the join), not at a timeout, and saying
+        // nothing of the data.
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}: {e}", t.elapsed());
+        assert!(!e.contains("example"), "{e}");
         // The bank refused before its cardinality charge.
         assert_eq!(cardinality_spent(dir.path()), spent);
         platform.shutdown().await;
@@ -218,6 +223,79 @@ async fn a_shard_file_damaged_under_a_running_node_fails_the_query_cleanly() {
         assert!((c.value - t).abs() < 0.5, "{}: {} vs {t}", c.name, c.value);
     }
     platform.shutdown().await;
+    bank.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_file_damaged_after_the_join_fails_the_aggregate_cleanly() {
+    // Budget 0: every aggregate batch reads its shard's file again.
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = edits(Some(3));
+    e.push((
+        "key = \"certs/shard.key\"\n".into(),
+        "key = \"certs/shard.key\"\nmemory_budget = \"0\"\n".into(),
+    ));
+    let f = fixture(dir.path(), 300, 14, &e);
+    let shard_file = dir
+        .path()
+        .join("state")
+        .join("bank")
+        .join("shards")
+        .join("shard-00002.crs");
+    let (template, params) = demo_queries().remove(0);
+    let truth_cells = truth(&f.data, &f.plan(template, &params).unwrap());
+    let bank = f.start_bank().await.unwrap();
+    let platform = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    let analyst = analyst_of(&f, "alice", &bank, &platform);
+    let exact = |r: &cleanroom_client::QueryResult| {
+        for (c, t) in r.cells.iter().zip(&truth_cells) {
+            assert!((c.value - t).abs() < 0.5, "{}: {} vs {t}", c.name, c.value);
+        }
+    };
+    exact(
+        &analyst
+            .query(template, &params, new_query_id().unwrap(), TIMEOUT)
+            .await
+            .unwrap(),
+    );
+    let spent = cardinality_spent(dir.path());
+    let good = std::fs::read(&shard_file).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x04;
+    std::fs::write(&shard_file, &bad).unwrap();
+    // The same query again runs on the cached join: shard 2's batch fails
+    // when it reads the file, and so does the query (no share of fewer
+    // shards is released).
+    let t = std::time::Instant::now();
+    let r = analyst.query(template, &params, new_query_id().unwrap(), TIMEOUT).await;
+    assert!(r.is_err(), "a query whose shard file is damaged must fail");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    // No new join, so no new cardinality charge.
+    assert_eq!(cardinality_spent(dir.path()), spent);
+    // The file put back, the next query is answered by the same nodes.
+    std::fs::write(&shard_file, &good).unwrap();
+    exact(
+        &analyst
+            .query(template, &params, new_query_id().unwrap(), TIMEOUT)
+            .await
+            .unwrap(),
+    );
+    platform.shutdown().await;
+    bank.shutdown().await;
+    // The shard directory is the node user's only; a start without shards
+    // deletes it (no copy of the input is left behind).
+    let shards_dir = shard_file.parent().unwrap().to_path_buf();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&shards_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
+    let mut f = f;
+    f.edit_configs(&[("count = 3", "count = 1")]).unwrap();
+    let bank = f.start_bank().await.unwrap();
+    assert!(!shards_dir.exists());
     bank.shutdown().await;
 }
 

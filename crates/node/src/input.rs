@@ -108,35 +108,64 @@ fn io(path: &Path, e: std::io::Error) -> NodeError {
     }
 }
 
-/// Empties (or makes) the node's shard directory.
-fn fresh_dir(dir: &Path) -> Result<(), NodeError> {
+/// Deletes the node's shard directory, if any (an unsharded node keeps no
+/// copy of its input; a sharded one writes it anew).
+///
+/// # Errors
+/// [`NodeError::Data`] when it cannot be deleted.
+pub fn remove_shards(dir: &Path) -> Result<(), NodeError> {
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
     }
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))
+    Ok(())
 }
 
-/// The spill files of one split, one writer per shard.
+/// Empties (or makes) the node's shard directory, readable by the node's
+/// user only.
+fn fresh_dir(dir: &Path) -> Result<(), NodeError> {
+    remove_shards(dir)?;
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir).map_err(|e| io(dir, e))
+}
+
+/// At most this many spill files are open at once: shards share spill
+/// files (bucket `s mod B`) beyond it, so a split never needs more file
+/// descriptors than a default limit allows, whatever `S` (up to 4096).
+const MAX_SPILL_FILES: u32 = 256;
+
+/// One shard's spilled rows: identifiers and each row's values.
+type ShardRowsOf<'a> = (Vec<&'a [u8]>, Vec<&'a [u64]>);
+
+/// The spill files of one split: bucket `b` holds the rows of every shard
+/// `s` with `s mod B == b`, one record (one item) per CSV row.
 struct Spill {
     writers: Vec<ShardWriter>,
     paths: Vec<PathBuf>,
     ids: Vec<ShardFileId>,
+    count: u32,
 }
 
 impl Spill {
-    fn create(dir: &Path, split: &Split<'_>, version: [u8; 32], width: u32) -> Result<Self, NodeError> {
+    fn create(dir: &Path, split: &Split<'_>, width: u32) -> Result<Self, NodeError> {
+        let buckets = split.count.clamp(1, MAX_SPILL_FILES);
         let mut s = Self {
             writers: Vec::new(),
             paths: Vec::new(),
             ids: Vec::new(),
+            count: split.count,
         };
-        for shard in 0..split.count {
-            let path = dir.join(format!("spill-{shard:05}"));
+        for bucket in 0..buckets {
+            let path = dir.join(format!("spill-{bucket:05}"));
+            // Written before the input's version is known: the spill's
+            // version field is zero, and it is read back under this id.
             let id = ShardFileId {
-                data_version: version,
+                data_version: [0; 32],
                 key_id: split.key_id,
                 shards: split.count,
-                shard,
+                shard: bucket,
                 width,
             };
             s.writers.push(ShardWriter::create(&path, &id)?);
@@ -147,25 +176,84 @@ impl Spill {
     }
 
     fn push(&mut self, shard: u32, id: &[u8], values: &[u64]) -> Result<(), NodeError> {
+        let buckets = self.writers.len().max(1);
         let w = self
             .writers
-            .get_mut(shard as usize)
+            .get_mut(shard as usize % buckets)
             .ok_or(NodeError::Internal("a shard index out of range"))?;
         Ok(w.push(id, values)?)
     }
 
-    /// Finishes every spill file; then each shard's (path, id) in order.
-    fn finish(self) -> Result<Vec<(PathBuf, ShardFileId)>, NodeError> {
+    /// Finishes every spill file; then calls `each(shard, ids, values)`
+    /// for every shard, in bucket order, with the shard's rows in file
+    /// order (`values`: one item of the spill's width per row; a shard
+    /// with no rows gets empty lists), deleting each spill once read.
+    fn finish(
+        self,
+        key: &ShardKey,
+        width: usize,
+        mut each: impl FnMut(u32, &[&[u8]], &[&[u64]]) -> Result<(), NodeError>,
+    ) -> Result<(), NodeError> {
         for w in self.writers {
             w.finish()?;
         }
-        Ok(self.paths.into_iter().zip(self.ids).collect())
+        let buckets = self.paths.len().max(1);
+        for (bucket, (path, id)) in self.paths.iter().zip(&self.ids).enumerate() {
+            let rows = read_shard(path, id)?;
+            let mut by_shard: std::collections::BTreeMap<u32, ShardRowsOf<'_>> = (bucket..self.count as usize)
+                .step_by(buckets)
+                .filter_map(|s| u32::try_from(s).ok())
+                .map(|s| (s, (Vec::new(), Vec::new())))
+                .collect();
+            for (r, (uid, n)) in rows.ids.iter().zip(&rows.items).enumerate() {
+                let values = rows
+                    .values
+                    .get(r * width..(r + 1) * width)
+                    .filter(|_| *n == 1)
+                    .ok_or(NodeError::Internal("a spill record is not one item"))?;
+                let shard = key.shard_of(uid, self.count)?;
+                let (ids, vals) = by_shard
+                    .get_mut(&shard)
+                    .ok_or(NodeError::Internal("a spilled row in another shard's bucket"))?;
+                ids.push(uid.as_slice());
+                vals.push(values);
+            }
+            for (shard, (ids, vals)) in by_shard {
+                each(shard, &ids, &vals)?;
+            }
+            std::fs::remove_file(path).map_err(|e| io(path, e))?;
+        }
+        Ok(())
     }
 }
 
-/// The spill's file id is written before the version is known: its
-/// version field is zero and the spill is read back under that id.
-const SPILL_VERSION: [u8; 32] = [0; 32];
+/// What a shard's merge keeps in memory for the whole input, in the
+/// shard's order; put together shard after shard at the end.
+#[derive(Default)]
+struct ShardOut {
+    len: usize,
+    bytes: u64,
+    fingerprints: Vec<u64>,
+    segments: Vec<u16>,
+    countries: Vec<u16>,
+}
+
+/// Puts the shards' outputs together in shard order: the offsets, the
+/// estimated sizes and the concatenated per-identifier arrays.
+fn assemble(outs: Vec<ShardOut>) -> (Vec<usize>, Vec<u64>, ShardOut) {
+    let mut offsets = vec![0usize];
+    let mut sizes = Vec::with_capacity(outs.len());
+    let mut all = ShardOut::default();
+    for o in outs {
+        offsets.push(offsets.last().copied().unwrap_or(0) + o.len);
+        sizes.push(o.bytes);
+        all.len += o.len;
+        all.fingerprints.extend(o.fingerprints);
+        all.segments.extend(o.segments);
+        all.countries.extend(o.countries);
+    }
+    (offsets, sizes, all)
+}
 
 /// Streams the bank's file into shard files under `dir` (emptied first).
 ///
@@ -179,65 +267,58 @@ pub fn split_holder(
     dir: &Path,
 ) -> Result<SplitHolder, NodeError> {
     fresh_dir(dir)?;
-    let mut spill = Spill::create(dir, split, SPILL_VERSION, TXN_WIDTH)?;
+    let mut spill = Spill::create(dir, split, TXN_WIDTH)?;
     let (report, version) = stream_holder(cfg, collab, |id, txn| {
         spill.push(split.key.shard_of(&id, split.count)?, &id, &txn_values(&txn))
     })?;
-    let spills = spill.finish()?;
-    let mut offsets = vec![0usize];
-    let mut fingerprints = Vec::new();
-    let mut sizes = Vec::new();
-    for (shard, (path, id)) in (0..split.count).zip(spills) {
-        let rows = read_shard(&path, &id)?;
+    let mut outs: Vec<ShardOut> = (0..split.count).map(|_| ShardOut::default()).collect();
+    spill.finish(split.key, TXN_WIDTH as usize, |shard, rows, values| {
         // Merge the rows per customer, in first-seen order.
         let mut index: HashMap<&[u8], usize> = HashMap::new();
-        let mut first: Vec<usize> = Vec::new();
+        let mut ids: Vec<&[u8]> = Vec::new();
         let mut txns: Vec<Vec<u64>> = Vec::new();
-        let mut at = 0usize;
-        for (r, (cid, n)) in rows.ids.iter().zip(&rows.items).enumerate() {
-            let width = (*n as usize) * TXN_WIDTH as usize;
-            let values = rows
-                .values
-                .get(at..at + width)
-                .ok_or(NodeError::Internal("a spill file's items do not add up"))?;
-            at += width;
-            let k = *index.entry(cid.as_slice()).or_insert_with(|| {
-                first.push(r);
+        for (cid, v) in rows.iter().zip(values) {
+            let k = *index.entry(cid).or_insert_with(|| {
+                ids.push(cid);
                 txns.push(Vec::new());
-                first.len() - 1
+                ids.len() - 1
             });
             if let Some(list) = txns.get_mut(k) {
-                list.extend_from_slice(values);
+                list.extend_from_slice(v);
             }
         }
-        let ids: Vec<&[u8]> = first
-            .iter()
-            .filter_map(|r| rows.ids.get(*r).map(Vec::as_slice))
-            .collect();
-        let file = shard_path(dir, shard);
         let fid = ShardFileId {
             data_version: version,
+            key_id: split.key_id,
+            shards: split.count,
+            shard,
             width: TXN_WIDTH,
-            ..id
         };
-        let mut w = ShardWriter::create(&file, &fid)?;
+        let mut w = ShardWriter::create(&shard_path(dir, shard), &fid)?;
         let mut bytes = 0u64;
-        for (cid, values) in ids.iter().zip(&txns) {
-            w.push(cid, values)?;
-            bytes += holder_bytes(cid.len(), values.len() / TXN_WIDTH as usize);
+        for (cid, t) in ids.iter().zip(&txns) {
+            w.push(cid, t)?;
+            bytes += holder_bytes(cid.len(), t.len() / TXN_WIDTH as usize);
         }
         w.finish()?;
-        std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
-        fingerprints.extend(crate::state::fingerprints_by_id(split.node_key, &ids));
-        offsets.push(offsets.last().copied().unwrap_or(0) + ids.len());
-        sizes.push(bytes);
-    }
+        let out = outs
+            .get_mut(shard as usize)
+            .ok_or(NodeError::Internal("a shard beyond the split"))?;
+        *out = ShardOut {
+            len: ids.len(),
+            bytes,
+            fingerprints: crate::state::fingerprints_by_id(split.node_key, &ids),
+            ..ShardOut::default()
+        };
+        Ok(())
+    })?;
+    let (offsets, sizes, all) = assemble(outs);
     let store = ShardStore::new(dir, Kind::Holder, version, split, offsets, sizes);
     Ok(SplitHolder {
         store: Arc::new(store),
         report,
         version,
-        fingerprints,
+        fingerprints: all.fingerprints,
     })
 }
 
@@ -254,7 +335,7 @@ pub fn split_matcher(
     dir: &Path,
 ) -> Result<SplitMatcher, NodeError> {
     fresh_dir(dir)?;
-    let mut spill = Spill::create(dir, split, SPILL_VERSION, USER_WIDTH)?;
+    let mut spill = Spill::create(dir, split, USER_WIDTH)?;
     let has_country = cfg.country_column.is_some();
     // Repeats are counted after the merge below.
     let (mut report, version) = stream_matcher(cfg, collab, |id, segment, country| {
@@ -262,58 +343,59 @@ pub fn split_matcher(
         spill.push(split.key.shard_of(&id, split.count)?, &id, &[u64::from(segment), c])?;
         Ok(true)
     })?;
-    let spills = spill.finish()?;
-    let mut offsets = vec![0usize];
-    let mut fingerprints = Vec::new();
-    let mut sizes = Vec::new();
-    let (mut segments, mut countries) = (Vec::new(), Vec::new());
+    let mut outs: Vec<ShardOut> = (0..split.count).map(|_| ShardOut::default()).collect();
     let mut repeats = 0u64;
-    for (shard, (path, id)) in (0..split.count).zip(spills) {
-        let rows = read_shard(&path, &id)?;
+    spill.finish(split.key, USER_WIDTH as usize, |shard, rows, values| {
         let mut seen: HashMap<&[u8], ()> = HashMap::new();
+        let mut out = ShardOut::default();
         let mut ids: Vec<&[u8]> = Vec::new();
-        for (r, uid) in rows.ids.iter().enumerate() {
-            if seen.insert(uid.as_slice(), ()).is_some() {
+        for (uid, v) in rows.iter().zip(values) {
+            if seen.insert(uid, ()).is_some() {
                 repeats += 1;
                 continue;
             }
-            let (Some(seg), Some(c)) = (rows.values.get(2 * r), rows.values.get(2 * r + 1)) else {
-                return Err(NodeError::Internal("a spill file's items do not add up"));
+            let [seg, c] = v else {
+                return Err(NodeError::Internal("a spill record is not one item"));
             };
             ids.push(uid);
-            segments.push(u16::try_from(*seg).map_err(|_| NodeError::Internal("a spilled segment out of range"))?);
+            out.segments
+                .push(u16::try_from(*seg).map_err(|_| NodeError::Internal("a spilled segment out of range"))?);
             if has_country {
-                countries.push(u16::try_from(*c).map_err(|_| NodeError::Internal("a spilled country out of range"))?);
+                out.countries
+                    .push(u16::try_from(*c).map_err(|_| NodeError::Internal("a spilled country out of range"))?);
             }
         }
-        let file = shard_path(dir, shard);
         let fid = ShardFileId {
             data_version: version,
+            key_id: split.key_id,
+            shards: split.count,
+            shard,
             width: 0,
-            ..id
         };
-        let mut w = ShardWriter::create(&file, &fid)?;
-        let mut bytes = 0u64;
+        let mut w = ShardWriter::create(&shard_path(dir, shard), &fid)?;
         for uid in &ids {
             w.push(uid, &[])?;
-            bytes += matcher_bytes(uid.len());
+            out.bytes += matcher_bytes(uid.len());
         }
         w.finish()?;
-        std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
-        fingerprints.extend(crate::state::fingerprints_by_id(split.node_key, &ids));
-        offsets.push(offsets.last().copied().unwrap_or(0) + ids.len());
-        sizes.push(bytes);
-    }
+        out.len = ids.len();
+        out.fingerprints = crate::state::fingerprints_by_id(split.node_key, &ids);
+        *outs
+            .get_mut(shard as usize)
+            .ok_or(NodeError::Internal("a shard beyond the split"))? = out;
+        Ok(())
+    })?;
     report.loaded -= repeats;
     report.duplicate_identifiers += repeats;
+    let (offsets, sizes, all) = assemble(outs);
     let store = ShardStore::new(dir, Kind::Matcher, version, split, offsets, sizes);
     Ok(SplitMatcher {
         store: Arc::new(store),
-        segments,
-        countries,
+        segments: all.segments,
+        countries: all.countries,
         report,
         version,
-        fingerprints,
+        fingerprints: all.fingerprints,
     })
 }
 
@@ -533,11 +615,13 @@ impl ShardStore {
             let e = c.entries.remove(at);
             c.bytes -= e.2;
         }
-        while !c.entries.is_empty() && c.bytes + bytes > self.keep {
-            let (_, _, b) = c.entries.remove(0);
-            c.bytes -= b;
-        }
+        // A shard larger than what may be kept is used and dropped; it
+        // does not push out the shards that fit.
         if bytes <= self.keep {
+            while !c.entries.is_empty() && c.bytes + bytes > self.keep {
+                let (_, _, b) = c.entries.remove(0);
+                c.bytes -= b;
+            }
             c.entries.push((shard, loaded.clone(), bytes));
             c.bytes += bytes;
         }
@@ -689,7 +773,9 @@ mod tests {
         let whole = load_holder(&cfg, &collab()).unwrap();
         let key = ShardKey::new([3; 32]);
         let node_key = [5u8; 32];
-        for s in [2u32, 7] {
+        // 300 shards: more than the spill files open at once (shards then
+        // share spill files), and many shards empty.
+        for s in [2u32, 7, 300] {
             let out = dir.path().join(format!("shards-{s}"));
             let got = split_holder(&cfg, &collab(), &split(s, &key, 1 << 30, &node_key), &out).unwrap();
             assert_eq!(got.version, whole.version);
@@ -719,6 +805,12 @@ mod tests {
                 }
             }
             assert_eq!(all, want, "S = {s}");
+            if s == 300 {
+                assert!(
+                    (0..s).any(|k| store.range(k).unwrap().is_empty()),
+                    "some shard is empty"
+                );
+            }
             assert_eq!(store.shard_of(store.len()), None);
             assert_eq!(got.fingerprints, crate::state::fingerprints_by_id(&node_key, &numbered));
             // Only the shard files are left.
@@ -830,6 +922,28 @@ mod tests {
             some.store.holder(s).unwrap();
         }
         assert_eq!(some.store.reads(), 2 * u64::from(count));
+        // A shard larger than what may be kept is read, used and dropped,
+        // and does not push out the shards that fit: with room for one
+        // shard, a larger one in between leaves it loaded.
+        let sizes: Vec<u64> = (0..count).map(|s| some.store.sizes[s as usize]).collect();
+        let (small, large) = (
+            (0..count).min_by_key(|s| sizes[*s as usize]).unwrap(),
+            (0..count).max_by_key(|s| sizes[*s as usize]).unwrap(),
+        );
+        assert!(sizes[small as usize] < sizes[large as usize]);
+        let one = split_holder(
+            &cfg,
+            &collab(),
+            &split(count, &key, 2 * sizes[small as usize], &node_key),
+            &dir.path().join("d"),
+        )
+        .unwrap();
+        one.store.holder(small).unwrap();
+        one.store.holder(large).unwrap();
+        one.store.holder(small).unwrap();
+        assert_eq!(one.store.reads(), 2, "the small shard stayed");
+        one.store.holder(large).unwrap();
+        assert_eq!(one.store.reads(), 3, "the large one is never kept");
         // Whatever was kept, the shard read back is the same.
         for s in 0..count {
             assert_eq!(some.store.holder(s).unwrap().txns, none.store.holder(s).unwrap().txns);

@@ -5,7 +5,6 @@
 
 use super::*;
 use cleanroom_protocol::aggregate::RowSource;
-use cleanroom_protocol::join::OwnIds;
 
 /// What only the bank has.
 pub(super) struct BankSide {
@@ -646,22 +645,12 @@ impl Bank {
                 "a shard's join offer whose context is not its shard's".into(),
             ));
         }
-        // The shard's customers, read back from its file (or kept in memory).
-        let ids = match sh.holder(header.shard).await {
-            Ok(h) => h.ids.clone(),
-            Err(e) => {
-                warn!(error = %e, "a shard's input could not be read back");
-                abort(&mut send, no_session, AbortCode::Internal).await;
-                return Err(e);
-            }
-        };
         let place = ShardPlace {
             shard: header.shard,
             shards: sh.count,
             key_id: sh.key_id,
             set: header.set,
             range,
-            ids,
         };
         self.holder_join(data, &first, context, Some(place), send, recv).await
     }
@@ -704,8 +693,21 @@ impl Bank {
             abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
             return Err(e);
         }
-        // A shard's join numbers its customers in its file's order.
-        let ids = place.as_ref().map_or_else(|| data.ids.clone(), |p| p.ids.clone());
+        // A shard's customers, read back from its file (or kept in memory)
+        // only now that the cheap checks have passed; its join numbers them
+        // in the file's order.
+        let ids = match (&place, &self.inner.sharding) {
+            (None, _) => data.ids.clone(),
+            (Some(p), Some(sh)) => match sh.holder(p.shard).await {
+                Ok(h) => h.ids.clone(),
+                Err(e) => {
+                    warn!(error = %e, "a shard's input could not be read back");
+                    abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Internal).await;
+                    return Err(e);
+                }
+            },
+            (Some(_), None) => return Err(NodeError::Internal("a shard join on a node that does not shard")),
+        };
         let first = first.to_vec();
         let pending = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
@@ -928,21 +930,19 @@ impl Bank {
 type ShardJoined = (Arc<HolderJoined>, Option<u32>);
 
 /// Where a shard's join sits: its shard, the count, the platform's set it
-/// belongs to, the shard's customers in the node's numbering, and their
-/// identifiers (numbered `0..n_s` as the join numbers them).
+/// belongs to, and the shard's customers in the node's numbering.
 pub(super) struct ShardPlace {
     shard: u32,
     shards: u32,
     key_id: [u8; 32],
     set: [u8; 16],
     range: std::ops::Range<usize>,
-    ids: OwnIds,
 }
 
 /// The name a shard's join is stored under in the state file: its shard,
 /// the count and the shard key's id (a join of another split is never
 /// read back as one of this split: its customers are numbered by another
-/// member list).
+/// split's shard files).
 fn shard_join_name(shard: u32, shards: u32, key_id: &[u8; 32]) -> String {
     format!("holder-shard {shard} of {shards} key {}", hex(key_id))
 }

@@ -542,6 +542,8 @@ async fn load_data(cfg: &NodeConfig, config_path: &std::path::Path, node_key: &[
     let dir = cfg.state_dir.join("shards");
     let input = tokio::task::spawn_blocking(move || -> Result<Input, NodeError> {
         let Some((count, key, key_id, memory_budget)) = split else {
+            // A copy of the input from a sharded start is not kept.
+            crate::input::remove_shards(&dir)?;
             let data = match role {
                 Role::Bank => Loaded::Holder(load_holder(&data_cfg, &collab)?),
                 Role::Platform => Loaded::Matcher(load_matcher(&data_cfg, &collab)?),

@@ -258,9 +258,10 @@ impl Platform {
                             let start = sh.store.range(s)?.start;
                             Some((per_shard.get_mut(s as usize)?.get_mut(g)?, k.checked_sub(start)?))
                         });
-                        if let Some((b, local)) = placed {
-                            b.push(local);
-                        }
+                        // Every user is in one shard: one left out would
+                        // change the answer, so it is an error.
+                        let (b, local) = placed.ok_or(NodeError::Internal("a user outside every shard"))?;
+                        b.push(local);
                     }
                 }
                 let mut parts = Vec::with_capacity(sh.len());
