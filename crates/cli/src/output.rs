@@ -254,11 +254,12 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     for r in rows {
         if let Some((bank, platform)) = r.node_peak_rss_kib {
             out!(
-                "{} rows, run {}: nodes as processes: peak RSS bank {} MiB, platform {} MiB (VmHWM of each `cleanroom node`); heap, bytes and exchanges not counted",
+                "{} rows, run {}: nodes as processes: peak RSS bank {} MiB, platform {} MiB (VmHWM of each `cleanroom node`); both listening {:.1} s after their start (loading, and splitting into shard files when sharded); heap, bytes and exchanges not counted",
                 r.rows,
                 r.run,
                 bank / 1024,
-                platform / 1024
+                platform / 1024,
+                r.node_start_seconds.unwrap_or(0.0)
             );
         }
     }

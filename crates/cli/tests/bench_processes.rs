@@ -48,6 +48,10 @@ fn bench_runs_each_node_as_its_own_process() {
         assert!((4 * 1024..1024 * 1024).contains(&kib), "{kib} KiB");
     }
     assert!(r["join_seconds"].as_f64().unwrap() > 0.0);
+    assert!(r["node_start_seconds"].as_f64().unwrap() > 0.0);
+    // The nodes ran sharded: the bench checks each node's log says its
+    // data was split into 3 shards, and fails otherwise.
+    assert!(stdout.contains("both listening"), "{stdout}");
     assert!(r["bound_seconds"].as_f64().unwrap() > 0.0);
     assert_eq!(r["query_runs"].as_array().unwrap().len(), 2);
     // The nodes' CPU is read from their processes.

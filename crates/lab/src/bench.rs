@@ -157,6 +157,9 @@ pub struct BenchRow {
     /// With nodes as processes: the bank's and the platform's own peak
     /// resident memory (VmHWM), KiB.
     pub node_peak_rss_kib: Option<(u64, u64)>,
+    /// With nodes as processes: seconds from starting both until both
+    /// listen (loading, and splitting into shard files when sharded).
+    pub node_start_seconds: Option<f64>,
     /// Both nodes' phases of the join and of the query.
     pub phases: Vec<Phase>,
     /// Emulated round-trip time (ms), if any.
@@ -503,6 +506,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             peak_heap_other_bytes,
             peak_rss_kib: peak_rss_kib(),
             node_peak_rss_kib: None,
+            node_start_seconds: None,
             phases,
             rtt_ms: path.map(|p| p.rtt.as_millis() as u64),
             bandwidth_mbit: path.and_then(|p| p.bits_per_second).map(|b| b / 1_000_000),
@@ -567,6 +571,14 @@ impl NodeProcess {
             .unwrap_or(0)
     }
 
+    /// The shard count the node logged when its data was loaded.
+    fn logged_shards(&self) -> Option<u32> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        let line = log.lines().find(|l| l.contains("\"data loaded\""))?;
+        let (_, rest) = line.split_once("\"shards\":")?;
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    }
+
     /// User and system CPU time of all its threads so far, seconds.
     fn cpu_seconds(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
@@ -620,6 +632,14 @@ async fn run_processes(
     bank.listening().await?;
     platform.listening().await?;
     let start_seconds = t_start.elapsed().as_secs_f64();
+    let shards = opts.shards.max(1);
+    for (node, p) in [("bank", &bank), ("platform", &platform)] {
+        if p.logged_shards() != Some(shards) {
+            return Err(LabError::Bench(format!(
+                "the {node} process did not log its data split into {shards} shards"
+            )));
+        }
+    }
     let analyst = Analyst::new(&fixture.analyst("alice", bank_addr, platform_addr)?)?;
     let timeout = Duration::from_secs(3600);
     progress(
@@ -754,6 +774,7 @@ async fn run_processes(
         peak_heap_other_bytes: 0,
         peak_rss_kib: peak_rss_kib(),
         node_peak_rss_kib: Some(rss),
+        node_start_seconds: Some(start_seconds),
         phases,
         rtt_ms: None,
         bandwidth_mbit: None,
