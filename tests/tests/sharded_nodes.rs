@@ -48,6 +48,17 @@ fn edits(shards: Option<u32>) -> Vec<(String, String)> {
     e
 }
 
+/// [`edits`] for `s >= 2` shards with a memory budget of 0: no shard stays
+/// in memory, so every join and batch reads its shard's file.
+fn edits_keeping_no_shard(s: u32) -> Vec<(String, String)> {
+    let mut e = edits(Some(s));
+    e.push((
+        "key = \"certs/shard.key\"\n".into(),
+        "key = \"certs/shard.key\"\nmemory_budget = \"0\"\n".into(),
+    ));
+    e
+}
+
 /// Creates a fixture of `rows` customers and users (seed `seed`) with the
 /// grouped template and `edits`.
 fn fixture(dir: &std::path::Path, rows: usize, seed: u64, edits: &[(String, String)]) -> Fixture {
@@ -153,12 +164,7 @@ async fn shards_read_from_their_files_each_time_give_the_same_results() {
         exact_cells(&fixture(dir.path(), rows, seed, &edits(None)), "unsharded").await
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut e = edits(Some(s));
-    e.push((
-        "key = \"certs/shard.key\"\n".into(),
-        "key = \"certs/shard.key\"\nmemory_budget = \"0\"\n".into(),
-    ));
-    let f = fixture(dir.path(), rows, seed, &e);
+    let f = fixture(dir.path(), rows, seed, &edits_keeping_no_shard(s));
     let (cells, (bank_reads, platform_reads)) = exact_cells_and_reads(&f, "budget 0").await;
     assert_eq!(cells, unsharded);
     // The platform reads each shard once per join, the bank once per
@@ -174,12 +180,7 @@ async fn shards_read_from_their_files_each_time_give_the_same_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_file_damaged_under_a_running_node_fails_the_query_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut e = edits(Some(3));
-    e.push((
-        "key = \"certs/shard.key\"\n".into(),
-        "key = \"certs/shard.key\"\nmemory_budget = \"0\"\n".into(),
-    ));
-    let f = fixture(dir.path(), 300, 12, &e);
+    let f = fixture(dir.path(), 300, 12, &edits_keeping_no_shard(3));
     let shard_file = dir
         .path()
         .join("state")
@@ -230,12 +231,7 @@ async fn a_shard_file_damaged_under_a_running_node_fails_the_query_cleanly() {
 async fn a_shard_file_damaged_after_the_join_fails_the_aggregate_cleanly() {
     // Budget 0: every aggregate batch reads its shard's file again.
     let dir = tempfile::tempdir().unwrap();
-    let mut e = edits(Some(3));
-    e.push((
-        "key = \"certs/shard.key\"\n".into(),
-        "key = \"certs/shard.key\"\nmemory_budget = \"0\"\n".into(),
-    ));
-    let f = fixture(dir.path(), 300, 14, &e);
+    let f = fixture(dir.path(), 300, 14, &edits_keeping_no_shard(3));
     let shard_file = dir
         .path()
         .join("state")

@@ -257,6 +257,41 @@ pub fn curve_reference(
     ])
 }
 
+/// The curve bound and the reference for one join of `holder` and
+/// `matcher` (with each shard's dummy rows: `shards` x D_max of the demo
+/// configuration's cardinality noise, ε = 0.5, δ = 10^-6), on a blocking
+/// thread; `ids` gives the identifiers there.
+async fn bound_and_reference(
+    shards: u32,
+    ids: impl FnOnce() -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), NodeError> + Send + 'static,
+) -> Result<(Vec<(String, f64)>, Vec<(String, f64)>), NodeError> {
+    let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
+        .map_err(NodeError::Crypto)?
+        .d_max() as usize
+        * shards.max(1) as usize;
+    tokio::task::spawn_blocking(move || {
+        let (holder, matcher) = ids()?;
+        Ok::<_, NodeError>((
+            curve_bound(&holder, &matcher, d_max)?,
+            curve_reference(&holder, &matcher, d_max)?,
+        ))
+    })
+    .await
+    .map_err(|_| NodeError::Internal("bound task failed"))?
+}
+
+/// The timed query's cells and the bytes of one row's masked cells.
+fn query_shape(fixture: &Fixture, template: &str, params: &[(String, String)]) -> Result<(usize, usize), NodeError> {
+    let plan = fixture.plan(template, params)?;
+    let row_bytes = plan
+        .batch_bits()
+        .iter()
+        .map(|b| usize::from(*b))
+        .sum::<usize>()
+        .div_ceil(8);
+    Ok((plan.width(), row_bytes))
+}
+
 /// Steps reported to the progress callback per run.
 pub const STEPS_PER_RUN: u64 = 5;
 
@@ -313,6 +348,15 @@ fn node_phases(node: &str, phases: impl IntoIterator<Item = (NodePhase, f64)>) -
         phase,
         seconds,
     })
+}
+
+/// A phase as the analyst's result reports it (node, phase, seconds).
+fn reported_phase((node, phase, seconds): &(String, NodePhase, f64)) -> Phase {
+    Phase {
+        node: node.clone(),
+        phase: phase.clone(),
+        seconds: *seconds,
+    }
 }
 
 /// Runs the benchmark for each size; `progress(done, total, message)` is
@@ -415,13 +459,13 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             query_runs.push(t.elapsed().as_secs_f64());
         }
         let query_seconds = median(&query_runs);
-        phases.extend(query.timings.iter().filter(|(_, phase, _)| phase.is_aggregate()).map(
-            |(node, phase, seconds)| Phase {
-                node: node.clone(),
-                phase: phase.clone(),
-                seconds: *seconds,
-            },
-        ));
+        phases.extend(
+            query
+                .timings
+                .iter()
+                .filter(|(_, phase, _)| phase.is_aggregate())
+                .map(reported_phase),
+        );
         let peak_heap_bank_bytes = memory::peak_bytes(Tag::Bank);
         let peak_heap_platform_bytes = memory::peak_bytes(Tag::Platform);
         let peak_heap_other_bytes = memory::peak_bytes(Tag::Shared);
@@ -436,20 +480,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             total,
             &format!("{rows} rows: timing the curve bound and the reference"),
         );
-        // The demo configuration's cardinality noise: ε = 0.5, δ = 10^-6.
-        // Sharded, each shard's join has its own dummy rows.
-        let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
-            .map_err(NodeError::Crypto)?
-            .d_max() as usize
-            * opts.shards.max(1) as usize;
-        let (parts, reference_parts) = tokio::task::spawn_blocking(move || {
-            Ok::<_, NodeError>((
-                curve_bound(&holder, &matcher, d_max)?,
-                curve_reference(&holder, &matcher, d_max)?,
-            ))
-        })
-        .await
-        .map_err(|_| NodeError::Internal("bound task failed"))??;
+        let (parts, reference_parts) = bound_and_reference(opts.shards, move || Ok((holder, matcher))).await?;
         let bound_seconds: f64 = parts.iter().map(|(_, s)| s).sum();
         let reference_seconds: f64 = reference_parts.iter().map(|(_, s)| s).sum();
         #[allow(clippy::cast_precision_loss)]
@@ -457,14 +488,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             .and_then(|p| p.bits_per_second)
             .map(|bps| tx1.saturating_sub(tx0).max(rx1.saturating_sub(rx0)) as f64 * 8.0 / bps as f64);
         let network_ratio = transfer_bound_seconds.map(|t| join_seconds / t.max(bound_seconds).max(1e-9));
-        let query_plan = fixture.plan(template, &params)?;
-        let query_cells = query_plan.width();
-        let query_row_bytes = query_plan
-            .batch_bits()
-            .iter()
-            .map(|b| usize::from(*b))
-            .sum::<usize>()
-            .div_ceil(8);
+        let (query_cells, query_row_bytes) = query_shape(&fixture, template, &params)?;
         out.push(BenchRow {
             rows,
             shards: opts.shards.max(1),
@@ -657,15 +681,7 @@ async fn run_processes(
         .iter()
         .find(|(node, phase, _)| node == "platform" && *phase == NodePhase::Join)
         .map_or(overlap_seconds, |(_, _, s)| *s);
-    let mut phases: Vec<Phase> = overlap
-        .timings
-        .iter()
-        .map(|(node, phase, seconds)| Phase {
-            node: node.clone(),
-            phase: phase.clone(),
-            seconds: *seconds,
-        })
-        .collect();
+    let mut phases: Vec<Phase> = overlap.timings.iter().map(reported_phase).collect();
     progress(3, "spend_by_category on the cached join");
     let (template, params) = demo_queries().remove(1);
     let mut query_runs = Vec::new();
@@ -674,13 +690,12 @@ async fn run_processes(
         let q = analyst.query(template, &params, new_query_id()?, timeout).await?;
         query_runs.push(t.elapsed().as_secs_f64());
         if k == 0 {
-            phases.extend(q.timings.iter().filter(|(_, phase, _)| phase.is_aggregate()).map(
-                |(node, phase, seconds)| Phase {
-                    node: node.clone(),
-                    phase: phase.clone(),
-                    seconds: *seconds,
-                },
-            ));
+            phases.extend(
+                q.timings
+                    .iter()
+                    .filter(|(_, phase, _)| phase.is_aggregate())
+                    .map(reported_phase),
+            );
         }
     }
     let cpu2 = cpu(&bank, &platform);
@@ -690,57 +705,24 @@ async fn run_processes(
     drop(bank);
 
     progress(4, "timing the curve bound and the reference");
-    // The nodes' identifiers, normalised as they load them.
-    let ids = |config: &Path| -> Result<Vec<Vec<u8>>, NodeError> {
-        let cfg = cleanroom_node::config::NodeConfig::load(config)?;
-        let mut ids = Vec::new();
-        match cfg.role {
-            cleanroom_node::config::Role::Bank => {
-                let mut seen = std::collections::HashSet::new();
-                cleanroom_node::data::stream_holder(&cfg.data, &cfg.collaboration, |id, _| {
-                    if seen.insert(id.clone()) {
-                        ids.push(id);
-                    }
-                    Ok(())
-                })?;
-            }
-            cleanroom_node::config::Role::Platform => {
-                let mut seen = std::collections::HashSet::new();
-                cleanroom_node::data::stream_matcher(&cfg.data, &cfg.collaboration, |id, _, _| {
-                    Ok(seen.insert(id.clone()) && {
-                        ids.push(id);
-                        true
-                    })
-                })?;
-            }
-        }
-        Ok(ids)
-    };
+    // The nodes' identifiers, loaded here as the unsharded nodes load them.
     let (bank_config, platform_config) = (fixture.bank_config.clone(), fixture.platform_config.clone());
-    let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
-        .map_err(NodeError::Crypto)?
-        .d_max() as usize
-        * opts.shards.max(1) as usize;
-    let (parts, reference_parts) = tokio::task::spawn_blocking(move || {
-        let holder = ids(&bank_config)?;
-        let matcher = ids(&platform_config)?;
-        Ok::<_, NodeError>((
-            curve_bound(&holder, &matcher, d_max)?,
-            curve_reference(&holder, &matcher, d_max)?,
+    let (parts, reference_parts) = bound_and_reference(opts.shards, move || {
+        let load = |p: &Path| cleanroom_node::config::NodeConfig::load(p);
+        let (b, p) = (load(&bank_config)?, load(&platform_config)?);
+        Ok((
+            cleanroom_node::data::load_holder(&b.data, &b.collaboration)?
+                .ids
+                .to_vec(),
+            cleanroom_node::data::load_matcher(&p.data, &p.collaboration)?
+                .ids
+                .to_vec(),
         ))
     })
-    .await
-    .map_err(|_| NodeError::Internal("bound task failed"))??;
+    .await?;
     let bound_seconds: f64 = parts.iter().map(|(_, s)| s).sum();
     let reference_seconds: f64 = reference_parts.iter().map(|(_, s)| s).sum();
-    let query_plan = fixture.plan(template, &params)?;
-    let query_cells = query_plan.width();
-    let query_row_bytes = query_plan
-        .batch_bits()
-        .iter()
-        .map(|b| usize::from(*b))
-        .sum::<usize>()
-        .div_ceil(8);
+    let (query_cells, query_row_bytes) = query_shape(fixture, template, &params)?;
     let traffic = |cpu_seconds: f64| Traffic {
         cpu_seconds,
         ..Traffic::default()
