@@ -157,6 +157,8 @@ fn world() -> World {
         segment_column: Some("segment".into()),
         country_column: Some("country".into()),
         progress: false,
+        source: cleanroom_node::config::SourceKind::Csv,
+        postgres: None,
     };
     let holder = load_holder(&dc("bank.csv"), &collab).unwrap();
     let matcher = load_matcher(&dc("platform.csv"), &collab).unwrap();

@@ -71,13 +71,83 @@ fn bad_configs_are_refused_with_the_reason() {
             "timeouts.connect_attempts",
         ),
         (format!("{good}\n[timeouts]\npeer_frame = 5\n"), "unknown field"),
+        (
+            good.replace(
+                "path = \"../data/bank.csv\"",
+                "source = \"postgres\"\npostgres = { host = \"db\", dbname = \"bank\", user = \"reader\", password = \"hunter2\", table = \"txns\" }",
+            ),
+            "a password is never written in the config",
+        ),
+        (
+            good.replace(
+                "path = \"../data/bank.csv\"",
+                "source = \"postgres\"\npostgres = { host = \"db\", dbname = \"bank\", user = \"reader\" }",
+            ),
+            "exactly one of query and table",
+        ),
+        (
+            good.replace(
+                "path = \"../data/bank.csv\"",
+                "source = \"postgres\"\npostgres = { host = \"db\", dbname = \"bank\", user = \"reader\", table = \"t\", tls = \"verify-full\" }",
+            ),
+            "needs ca",
+        ),
+        (
+            good.replace(
+                "path = \"../data/bank.csv\"",
+                "source = \"postgres\"\npostgres = { host = \"db\", dbname = \"bank\", user = \"reader\", table = \"t\", password_file = \"a\", password_env = \"B\" }",
+            ),
+            "not both",
+        ),
+        (good.replace("path = \"../data/bank.csv\"", "source = \"postgres\""), "needs [data.postgres]"),
+        (good.replace("path = \"../data/bank.csv\"", "source = \"parquet\""), "needs path"),
+        (good.replace("path = \"../data/bank.csv\"", "source = \"excel\"\npath = \"x\""), "unknown variant"),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let p = dir.path().join(format!("c{i}.toml"));
         std::fs::write(&p, text).unwrap();
         let e = NodeConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains(needle), "case {i}: {e}");
+        assert!(!e.contains("hunter2"), "case {i}: {e}");
     }
+}
+
+/// `source = "parquet"` and `"postgres"` configs parse; relative files
+/// (the Parquet file, the password file, the database's CA) are taken
+/// relative to the config's directory.
+#[test]
+fn parquet_and_postgres_sources_parse() {
+    use cleanroom_node::config::{PgTls, SourceKind};
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(root().join("examples/bank.toml")).unwrap();
+    let p = dir.path().join("bank.toml");
+    std::fs::write(
+        &p,
+        good.replace(
+            "path = \"../data/bank.csv\"",
+            "source = \"parquet\"\npath = \"data/bank.parquet\"",
+        ),
+    )
+    .unwrap();
+    let cfg = NodeConfig::load(&p).unwrap();
+    assert_eq!(cfg.data.source, SourceKind::Parquet);
+    assert_eq!(cfg.data.path, dir.path().join("data/bank.parquet"));
+    std::fs::write(
+        &p,
+        good.replace(
+            "path = \"../data/bank.csv\"",
+            "source = \"postgres\"\n\
+             postgres = { host = \"db.internal\", dbname = \"cards\", user = \"cleanroom_reader\", password_file = \"secrets/pg\", \
+             tls = \"verify-full\", ca = \"db-ca.pem\", query = \"SELECT email, category, amount, date FROM txns\" }",
+        ),
+    )
+    .unwrap();
+    let cfg = NodeConfig::load(&p).unwrap();
+    assert_eq!(cfg.data.source, SourceKind::Postgres);
+    let pg = cfg.data.postgres.unwrap();
+    assert_eq!((pg.port, pg.fetch_rows, pg.tls), (5432, 10_000, PgTls::VerifyFull));
+    assert_eq!(pg.password_file.unwrap(), dir.path().join("secrets/pg"));
+    assert_eq!(pg.ca.unwrap(), dir.path().join("db-ca.pem"));
 }
 
 /// `[timeouts]` sets the named waits; what it leaves out keeps its default.

@@ -33,6 +33,24 @@ use cleanroom_node::server::Node;
 use cleanroom_sim::simulate::{DEFAULT_CHUNK, SimulateConfig, simulate};
 use cleanroom_sim::synth::{SynthConfig, generate};
 
+/// `cleanroom demo --source`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Source {
+    Csv,
+    Parquet,
+    Postgres,
+}
+
+impl From<Source> for cleanroom_lab::demo::DemoSource {
+    fn from(s: Source) -> Self {
+        match s {
+            Source::Csv => Self::Csv,
+            Source::Parquet => Self::Parquet,
+            Source::Postgres => Self::Postgres,
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "cleanroom", version, about = "A secure two-party data clean room")]
 struct Cli {
@@ -69,6 +87,11 @@ enum Command {
         /// template to both nodes' configs, and says so).
         #[arg(long)]
         sql: Option<String>,
+        /// Where the nodes read their rows: CSV files, Parquet files of the
+        /// same rows, or tables of a throwaway PostgreSQL server the demo
+        /// starts (it needs PostgreSQL's initdb and pg_ctl installed).
+        #[arg(long, value_enum, default_value_t = Source::Csv)]
+        source: Source,
     },
     /// Both parties in memory, no network, no noise: run the join and the
     /// aggregate on synthetic data and check them against plaintext, exactly.
@@ -338,6 +361,7 @@ fn main() -> anyhow::Result<()> {
             json,
             dir,
             sql,
+            source,
         } => {
             init_logging("warn");
             if sql.is_some() && !json {
@@ -346,7 +370,13 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             let report = runtime()?
-                .block_on(cleanroom_lab::demo::run(rows, seed, dir.as_deref(), sql.as_deref()))
+                .block_on(cleanroom_lab::demo::run(
+                    rows,
+                    seed,
+                    dir.as_deref(),
+                    sql.as_deref(),
+                    source.into(),
+                ))
                 .context("demo failed")?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&report)?);

@@ -7,7 +7,9 @@
 //! - [`bench`]: `cleanroom bench`, the join against its curve-operation
 //!   bound, the plot;
 //! - [`memory`]: live heap per node thread, for the bench;
-//! - [`relay`]: an in-process UDP relay that emulates a network path.
+//! - [`relay`]: an in-process UDP relay that emulates a network path;
+//! - [`pg`]: a throwaway PostgreSQL server for `demo --source postgres`
+//!   and the tests.
 //!
 //! The node library (`cleanroom-node`) links none of this: no plotting, no
 //! allocator hooks, no synthetic data writer beyond what its tests need.
@@ -15,6 +17,7 @@
 pub mod bench;
 pub mod demo;
 pub mod memory;
+pub mod pg;
 pub mod relay;
 
 /// What can fail in the lab: a node (its setup included), or the analyst's
@@ -30,6 +33,10 @@ pub enum LabError {
     /// The bench could not run as asked (a node process that exited, ...).
     #[error("bench: {0}")]
     Bench(String),
+    /// The throwaway PostgreSQL server of `demo --source postgres` (and the
+    /// tests) could not be started or used.
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
     /// The bench's plot could not be drawn or written.
     #[error("writing the plot {path}: {what}")]
     Plot {

@@ -42,7 +42,11 @@ pub struct CollaborationConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// CSV file with a header row.
+    /// Where the rows are: `csv` (the default), `parquet` or `postgres`.
+    #[serde(default)]
+    pub source: SourceKind,
+    /// The CSV file (with a header row) or the Parquet file.
+    #[serde(default)]
     pub path: PathBuf,
     /// Identifier column.
     pub id_column: String,
@@ -64,6 +68,85 @@ pub struct DataConfig {
     /// Show a progress bar while loading (only on a terminal).
     #[serde(default = "yes")]
     pub progress: bool,
+    /// `source = "postgres"`: the database and what to read.
+    #[serde(default)]
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// Where a node's rows are.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// A CSV file with a header row.
+    #[default]
+    Csv,
+    /// A Parquet file (read row group by row group).
+    Parquet,
+    /// A PostgreSQL query or table (read through a server-side cursor).
+    Postgres,
+}
+
+/// TLS to the database.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgTls {
+    /// Plain TCP (a database on the same host or a private network).
+    #[default]
+    Disable,
+    /// TLS, the server's certificate checked against `ca` and its name
+    /// against `host`.
+    VerifyFull,
+}
+
+/// `[data.postgres]`: a read-only SELECT (or a table or view) on a
+/// PostgreSQL server. The password is read from a file or an environment
+/// variable, never from the config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Server host name or address.
+    pub host: String,
+    /// Server port.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Database.
+    pub dbname: String,
+    /// Role to connect as (give it read access only).
+    pub user: String,
+    /// A file holding the password (its trailing newline is dropped).
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Refused: a password written in the config.
+    #[serde(default)]
+    pub password: Option<serde::de::IgnoredAny>,
+    /// `disable` or `verify-full`.
+    #[serde(default)]
+    pub tls: PgTls,
+    /// `verify-full`: the CA certificate(s) of the server, PEM.
+    pub ca: Option<PathBuf>,
+    /// The SELECT to run (one statement; it runs in a read-only transaction).
+    pub query: Option<String>,
+    /// Or a table or view to read whole (`schema.name` or `name`).
+    pub table: Option<String>,
+    /// Rows fetched from the cursor at a time.
+    #[serde(default = "default_fetch_rows")]
+    pub fetch_rows: u32,
+    /// Seconds to wait for the connection.
+    #[serde(default = "default_pg_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+fn default_fetch_rows() -> u32 {
+    10_000
+}
+
+fn default_pg_connect_timeout() -> u64 {
+    10
 }
 
 fn default_bad_share() -> f64 {
@@ -594,9 +677,20 @@ impl NodeConfig {
         {
             *k = base.join(&*k);
         }
+        if let Some(pg) = cfg.data.postgres.as_mut() {
+            for p in [pg.password_file.as_mut(), pg.ca.as_mut()].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        if cfg.data.path.as_os_str().is_empty() {
+            // No file (a database source): left empty, not the config's directory.
+        } else if cfg.data.path.is_relative() {
+            cfg.data.path = base.join(&cfg.data.path);
+        }
         for p in [
             &mut cfg.state_dir,
-            &mut cfg.data.path,
             &mut cfg.policy.signed,
             &mut cfg.policy.public_key,
             &mut cfg.policy.peer_public_key,
@@ -641,6 +735,7 @@ impl NodeConfig {
         if !(0.0..=1.0).contains(&self.data.max_bad_row_share) {
             return Err(bad(path, "max_bad_row_share must be between 0 and 1".into()));
         }
+        self.check_source(path)?;
         if !matches!(self.data.id_kind.as_str(), "email" | "phone") {
             return Err(bad(path, "id_kind must be \"email\" or \"phone\"".into()));
         }
@@ -659,6 +754,54 @@ impl NodeConfig {
         self.memory_budget(path)?;
         self.limits(path)?;
         self.templates(path)?;
+        Ok(())
+    }
+
+    /// The data source's own rules.
+    fn check_source(&self, path: &Path) -> Result<(), NodeError> {
+        let d = &self.data;
+        match d.source {
+            SourceKind::Csv | SourceKind::Parquet => {
+                if d.path.as_os_str().is_empty() {
+                    return Err(bad(path, "[data] needs path (the input file)".into()));
+                }
+                if d.postgres.is_some() {
+                    return Err(bad(path, "[data.postgres] is only for source = \"postgres\"".into()));
+                }
+            }
+            SourceKind::Postgres => {
+                let Some(pg) = &d.postgres else {
+                    return Err(bad(path, "source = \"postgres\" needs [data.postgres]".into()));
+                };
+                if pg.password.is_some() {
+                    return Err(bad(
+                        path,
+                        "[data.postgres] password: a password is never written in the config; name a file (password_file) or an environment variable (password_env)".into(),
+                    ));
+                }
+                if pg.password_file.is_some() && pg.password_env.is_some() {
+                    return Err(bad(
+                        path,
+                        "[data.postgres]: password_file or password_env, not both".into(),
+                    ));
+                }
+                if pg.query.is_some() == pg.table.is_some() {
+                    return Err(bad(path, "[data.postgres] needs exactly one of query and table".into()));
+                }
+                if pg.tls == PgTls::VerifyFull && pg.ca.is_none() {
+                    return Err(bad(
+                        path,
+                        "[data.postgres] tls = \"verify-full\" needs ca (the server's CA certificate, PEM)".into(),
+                    ));
+                }
+                if !(1..=1_000_000).contains(&pg.fetch_rows) {
+                    return Err(bad(path, "[data.postgres] fetch_rows must be 1 to 1000000".into()));
+                }
+                if !d.path.as_os_str().is_empty() {
+                    return Err(bad(path, "[data] path is for csv and parquet sources".into()));
+                }
+            }
+        }
         Ok(())
     }
 

@@ -1,19 +1,18 @@
-//! Loading a node's CSV input: streamed, with a progress bar on a terminal,
-//! every bad row counted by reason with its line number (never its
+//! Loading a node's input (a CSV file, a Parquet file or a PostgreSQL
+//! query: `crate::source`): streamed, with a progress bar on a terminal,
+//! every bad row counted by reason with its line or row number (never its
 //! content), and a clear failure when the share of bad rows passes the
 //! configured limit. Also writes the synthetic data of `gen-data`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::{BufReader, Read};
 use std::path::Path;
 
 use cleanroom_crypto::normalize::{IdKind, NormalizationRules};
 use cleanroom_query::parse_date;
-use ring::digest::{Context, SHA256};
 
 use crate::NodeError;
 use crate::config::{CollaborationConfig, DataConfig};
+use crate::source::{Cell, Numbering, SourceEnd, Want, read_rows, typed_cents};
 
 /// One bank transaction, parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,8 +75,10 @@ pub struct LoadReport {
     pub duplicate_identifiers: u64,
     /// Values outside a declared domain, mapped to `other`.
     pub mapped_to_other: u64,
-    /// Bad rows by reason: count and the first line numbers.
+    /// Bad rows by reason: count and the first line (CSV) or row numbers.
     pub bad: BTreeMap<String, (u64, Vec<u64>)>,
+    /// Whether `bad` holds line numbers (CSV) or row numbers.
+    pub numbering: Numbering,
 }
 
 impl LoadReport {
@@ -101,13 +102,13 @@ impl LoadReport {
             .map(|(r, (n, lines))| {
                 let l: Vec<String> = lines.iter().map(u64::to_string).collect();
                 let more = if *n as usize > lines.len() { ", ..." } else { "" };
-                format!("{r}: {n} rows (lines {}{more})", l.join(", "))
+                format!("{r}: {n} rows ({} {}{more})", self.numbering.word(), l.join(", "))
             })
             .collect::<Vec<_>>()
             .join("; ")
     }
 
-    fn check(&self, path: &Path, max_share: f64) -> Result<(), NodeError> {
+    fn check(&self, source: &str, max_share: f64) -> Result<(), NodeError> {
         let bad = self.bad_rows();
         #[allow(clippy::cast_precision_loss)]
         let share = if self.rows == 0 {
@@ -117,7 +118,7 @@ impl LoadReport {
         };
         if share > max_share {
             return Err(NodeError::Data {
-                path: path.display().to_string(),
+                path: source.to_string(),
                 what: format!(
                     "{bad} of {} rows are bad ({:.2}%), over the limit of {:.2}%: {}",
                     self.rows,
@@ -127,69 +128,21 @@ impl LoadReport {
                 ),
             });
         }
+        if self.loaded == 0 {
+            return Err(NodeError::Data {
+                path: source.to_string(),
+                what: if self.rows == 0 {
+                    "no rows: the source is empty".into()
+                } else {
+                    format!("none of its {} rows can be used: {}", self.rows, self.describe())
+                },
+            });
+        }
         Ok(())
     }
 }
 
 pub use cleanroom_query::parse_cents;
-
-/// A reader that hashes what passes through it and advances a progress bar.
-struct Tee<R> {
-    inner: R,
-    hash: Context,
-    bar: indicatif::ProgressBar,
-}
-
-impl<R: Read> Read for Tee<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if let Some(b) = buf.get(..n) {
-            self.hash.update(b);
-        }
-        self.bar.inc(n as u64);
-        Ok(n)
-    }
-}
-
-fn open(cfg: &DataConfig) -> Result<csv::Reader<Tee<BufReader<File>>>, NodeError> {
-    let path = &cfg.path;
-    let err = |what: String| NodeError::Data {
-        path: path.display().to_string(),
-        what,
-    };
-    let file = File::open(path).map_err(|e| err(e.to_string()))?;
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let bar = if cfg.progress {
-        let b = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) = indicatif::ProgressStyle::with_template("loading {msg} {bar:40} {bytes}/{total_bytes} {eta}")
-        {
-            b.set_style(style);
-        }
-        b.set_message(path.display().to_string());
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let tee = Tee {
-        inner: BufReader::with_capacity(1 << 20, file),
-        hash: Context::new(&SHA256),
-        bar,
-    };
-    Ok(csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(false)
-        .from_reader(tee))
-}
-
-fn column(headers: &csv::StringRecord, name: &str, path: &Path) -> Result<usize, NodeError> {
-    headers
-        .iter()
-        .position(|h| h.trim() == name)
-        .ok_or_else(|| NodeError::Data {
-            path: path.display().to_string(),
-            what: format!("no column named {name:?} in the header"),
-        })
-}
 
 fn id_kind(cfg: &DataConfig) -> IdKind {
     if cfg.id_kind == "phone" {
@@ -199,15 +152,79 @@ fn id_kind(cfg: &DataConfig) -> IdKind {
     }
 }
 
-fn finish_version<R: Read>(reader: csv::Reader<Tee<R>>, rules: &NormalizationRules) -> [u8; 32] {
-    let tee = reader.into_inner();
-    tee.bar.finish_and_clear();
-    let mut ctx = tee.hash;
+/// The input's version: what the source hashed, then the normalisation
+/// rules.
+fn finish_version(end: SourceEnd, rules: &NormalizationRules) -> [u8; 32] {
+    let mut ctx = end.digest;
     ctx.update(&rules.hash());
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
 }
+
+/// A text cell's text; `None` (counted as `"{what} is null"`) for a null.
+fn text<'a>(cell: Option<&'a Cell>, what: &str, report: &mut LoadReport, at: u64) -> Option<&'a str> {
+    match cell {
+        Some(Cell::Text(s)) => Some(s),
+        Some(Cell::Null) | None => {
+            report.bad_row(&format!("{what} is null"), at);
+            None
+        }
+        Some(_) => {
+            report.bad_row(&format!("{what} is not text"), at);
+            None
+        }
+    }
+}
+
+/// An amount in cents: text as in CSV (at most 2 places), a typed
+/// decimal with its trailing zeros dropped.
+fn amount(cell: Option<&Cell>, report: &mut LoadReport, at: u64) -> Option<i64> {
+    let cents = match cell {
+        Some(Cell::Text(s)) => parse_cents(s),
+        Some(Cell::Decimal(Some(s))) => typed_cents(s),
+        Some(Cell::Null) | None => {
+            report.bad_row("amount is null", at);
+            return None;
+        }
+        Some(Cell::Decimal(None) | Cell::Day(_)) => None,
+    };
+    if cents.is_none() {
+        report.bad_row("amount is not a decimal with at most 2 places", at);
+    }
+    cents
+}
+
+/// Days since 1970-01-01: text as in CSV (`YYYY-MM-DD`), a typed date
+/// within the years 0000 to 9999.
+fn date(cell: Option<&Cell>, report: &mut LoadReport, at: u64) -> Option<i32> {
+    match cell {
+        Some(Cell::Text(s)) => match parse_date(s.trim()) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                report.bad_row("date is not YYYY-MM-DD", at);
+                None
+            }
+        },
+        Some(Cell::Day(Some(d))) if (FIRST_DAY..=LAST_DAY).contains(d) => Some(*d),
+        Some(Cell::Day(_)) => {
+            report.bad_row("date outside the years 0000 to 9999", at);
+            None
+        }
+        Some(Cell::Null) | None => {
+            report.bad_row("date is null", at);
+            None
+        }
+        Some(Cell::Decimal(_)) => {
+            report.bad_row("date is not YYYY-MM-DD", at);
+            None
+        }
+    }
+}
+
+/// 0000-01-01 and 9999-12-31, in days since 1970-01-01: what `YYYY-MM-DD` can write.
+pub(crate) const FIRST_DAY: i32 = -719_528;
+pub(crate) const LAST_DAY: i32 = 2_932_896;
 
 fn domain_index(domain: &[String], value: &str, report: &mut LoadReport) -> Option<u16> {
     let v = value.trim();
@@ -265,56 +282,53 @@ pub fn stream_holder(
     mut keep: impl FnMut(Vec<u8>, Txn) -> Result<(), NodeError>,
 ) -> Result<(LoadReport, [u8; 32]), NodeError> {
     let rules = NormalizationRules::v1(&collab.default_country_code);
-    let mut reader = open(cfg)?;
-    let path = cfg.path.clone();
-    let headers = reader.headers().map_err(|e| NodeError::Data {
-        path: path.display().to_string(),
-        what: format!("header: {e}"),
-    })?;
-    let id_col = column(headers, &cfg.id_column, &path)?;
-    let col = |c: &Option<String>| column(headers, c.as_deref().unwrap_or(""), &path);
-    let cat_col = col(&cfg.category_column)?;
-    let amt_col = col(&cfg.amount_column)?;
-    let date_col = col(&cfg.date_column)?;
+    let col = |c: &Option<String>| c.clone().unwrap_or_default();
+    let (cat_col, amt_col, date_col) = (
+        col(&cfg.category_column),
+        col(&cfg.amount_column),
+        col(&cfg.date_column),
+    );
+    let columns = [
+        (cfg.id_column.as_str(), Want::Text),
+        (cat_col.as_str(), Want::Text),
+        (amt_col.as_str(), Want::Amount),
+        (date_col.as_str(), Want::Date),
+    ];
     let kind = id_kind(cfg);
     let mut report = LoadReport::default();
-    let mut record = csv::StringRecord::new();
-    let mut line = 1u64;
-    loop {
-        match reader.read_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(_) => {
-                line += 1;
-                report.rows += 1;
-                report.bad_row("unreadable row (quoting or column count)", line);
-                continue;
-            }
-        }
-        line = record.position().map_or(line + 1, |p| p.line());
+    let end = read_rows(cfg, &columns, |at, cells| {
         report.rows += 1;
-        let field = |i: usize| record.get(i).unwrap_or("");
-        let Ok(id) = rules.normalize(kind, field(id_col)) else {
-            report.bad_row("identifier does not normalise", line);
-            continue;
+        let Some(cells) = cells else {
+            report.bad_row("unreadable row (quoting or column count)", at);
+            return Ok(());
         };
-        let Some(category) = domain_index(&collab.categories, field(cat_col), &mut report) else {
-            report.bad_row("category outside the declared list (and no \"other\")", line);
-            continue;
+        let Some(raw) = text(cells.first(), "identifier", &mut report, at) else {
+            return Ok(());
         };
-        let Some(cents) = parse_cents(field(amt_col)) else {
-            report.bad_row("amount is not a decimal with at most 2 places", line);
-            continue;
+        let Ok(id) = rules.normalize(kind, raw) else {
+            report.bad_row("identifier does not normalise", at);
+            return Ok(());
         };
-        let Ok(day) = parse_date(field(date_col).trim()) else {
-            report.bad_row("date is not YYYY-MM-DD", line);
-            continue;
+        let Some(cat) = text(cells.get(1), "category", &mut report, at) else {
+            return Ok(());
+        };
+        let Some(category) = domain_index(&collab.categories, cat, &mut report) else {
+            report.bad_row("category outside the declared list (and no \"other\")", at);
+            return Ok(());
+        };
+        let Some(cents) = amount(cells.get(2), &mut report, at) else {
+            return Ok(());
+        };
+        let Some(day) = date(cells.get(3), &mut report, at) else {
+            return Ok(());
         };
         keep(id, Txn { category, cents, day })?;
         report.loaded += 1;
-    }
-    let version = finish_version(reader, &rules);
-    report.check(&path, cfg.max_bad_row_share)?;
+        Ok(())
+    })?;
+    report.numbering = end.numbering;
+    let version = finish_version(end, &rules);
+    report.check(&crate::source::label(cfg), cfg.max_bad_row_share)?;
     Ok((report, version))
 }
 
@@ -363,62 +377,58 @@ pub fn stream_matcher(
     mut keep: impl FnMut(Vec<u8>, u16, Option<u16>) -> Result<bool, NodeError>,
 ) -> Result<(LoadReport, [u8; 32]), NodeError> {
     let rules = NormalizationRules::v1(&collab.default_country_code);
-    let mut reader = open(cfg)?;
-    let path = cfg.path.clone();
-    let headers = reader.headers().map_err(|e| NodeError::Data {
-        path: path.display().to_string(),
-        what: format!("header: {e}"),
-    })?;
-    let id_col = column(headers, &cfg.id_column, &path)?;
-    let seg_col = column(headers, cfg.segment_column.as_deref().unwrap_or(""), &path)?;
-    let country_col = match &cfg.country_column {
-        Some(c) => Some(column(headers, c, &path)?),
-        None => None,
-    };
+    let seg_col = cfg.segment_column.clone().unwrap_or_default();
+    let mut columns = vec![(cfg.id_column.as_str(), Want::Text), (seg_col.as_str(), Want::Text)];
+    if let Some(c) = &cfg.country_column {
+        columns.push((c.as_str(), Want::Text));
+    }
+    let with_country = cfg.country_column.is_some();
     let kind = id_kind(cfg);
     let mut report = LoadReport::default();
-    let mut record = csv::StringRecord::new();
-    let mut line = 1u64;
-    loop {
-        match reader.read_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(_) => {
-                line += 1;
-                report.rows += 1;
-                report.bad_row("unreadable row (quoting or column count)", line);
-                continue;
-            }
-        }
-        line = record.position().map_or(line + 1, |p| p.line());
+    let end = read_rows(cfg, &columns, |at, cells| {
         report.rows += 1;
-        let field = |i: usize| record.get(i).unwrap_or("");
-        let Ok(id) = rules.normalize(kind, field(id_col)) else {
-            report.bad_row("identifier does not normalise", line);
-            continue;
+        let Some(cells) = cells else {
+            report.bad_row("unreadable row (quoting or column count)", at);
+            return Ok(());
         };
-        let Some(segment) = domain_index(&collab.segments, field(seg_col), &mut report) else {
-            report.bad_row("segment outside the declared list (and no \"other\")", line);
-            continue;
+        let Some(raw) = text(cells.first(), "identifier", &mut report, at) else {
+            return Ok(());
         };
-        let country = match country_col {
-            Some(c) => match domain_index(&collab.countries, field(c), &mut report) {
+        let Ok(id) = rules.normalize(kind, raw) else {
+            report.bad_row("identifier does not normalise", at);
+            return Ok(());
+        };
+        let Some(seg) = text(cells.get(1), "segment", &mut report, at) else {
+            return Ok(());
+        };
+        let Some(segment) = domain_index(&collab.segments, seg, &mut report) else {
+            report.bad_row("segment outside the declared list (and no \"other\")", at);
+            return Ok(());
+        };
+        let country = if with_country {
+            let Some(c) = text(cells.get(2), "country", &mut report, at) else {
+                return Ok(());
+            };
+            match domain_index(&collab.countries, c, &mut report) {
                 Some(x) => Some(x),
                 None => {
-                    report.bad_row("country outside the declared list (and no \"other\")", line);
-                    continue;
+                    report.bad_row("country outside the declared list (and no \"other\")", at);
+                    return Ok(());
                 }
-            },
-            None => None,
+            }
+        } else {
+            None
         };
         if keep(id, segment, country)? {
             report.loaded += 1;
         } else {
             report.duplicate_identifiers += 1;
         }
-    }
-    let version = finish_version(reader, &rules);
-    report.check(&path, cfg.max_bad_row_share)?;
+        Ok(())
+    })?;
+    report.numbering = end.numbering;
+    let version = finish_version(end, &rules);
+    report.check(&crate::source::label(cfg), cfg.max_bad_row_share)?;
     Ok((report, version))
 }
 
@@ -470,6 +480,73 @@ pub fn write_synthetic(dir: &Path, data: &cleanroom_sim::synth::SynthData) -> Re
     Ok(())
 }
 
+/// Writes `bank.parquet` and `platform.parquet` from synthetic data: the
+/// same rows and columns as [`write_synthetic`]'s CSV, typed (the
+/// customer number as int64, the amount as DECIMAL(18,2), the date as
+/// DATE), `row_group_rows` rows per row group.
+///
+/// # Errors
+/// [`NodeError::Data`] for a write failure.
+pub fn write_synthetic_parquet(
+    dir: &Path,
+    data: &cleanroom_sim::synth::SynthData,
+    row_group_rows: usize,
+) -> Result<(), NodeError> {
+    use crate::source::{ParquetColumn as C, write_parquet};
+    std::fs::create_dir_all(dir).map_err(|e| NodeError::Data {
+        path: dir.display().to_string(),
+        what: e.to_string(),
+    })?;
+    let b = &data.bank;
+    let s = |f: &dyn Fn(&cleanroom_sim::synth::BankTxn) -> String| C::Str(b.iter().map(|t| Some(f(t))).collect());
+    write_parquet(
+        &dir.join("bank.parquet"),
+        "message bank { required int64 customer; required binary email (UTF8); required binary phone (UTF8); \
+         required binary category (UTF8); required int64 amount (DECIMAL(18,2)); required int32 date (DATE); }",
+        &[
+            C::I64(b.iter().map(|t| i64::try_from(t.customer).ok()).collect()),
+            s(&|t| t.email.clone()),
+            s(&|t| t.phone.clone()),
+            s(&|t| {
+                data.categories
+                    .get(t.category)
+                    .map_or("other", String::as_str)
+                    .to_string()
+            }),
+            C::I64(b.iter().map(|t| Some(t.amount_cents)).collect()),
+            C::I32(b.iter().map(|t| Some(t.day)).collect()),
+        ],
+        row_group_rows,
+    )?;
+    let p = &data.platform;
+    let seg = |i: usize| {
+        cleanroom_sim::synth::SEGMENTS
+            .get(i)
+            .copied()
+            .unwrap_or("other")
+            .to_string()
+    };
+    let country = |i: usize| {
+        cleanroom_sim::synth::COUNTRIES
+            .get(i)
+            .copied()
+            .unwrap_or("other")
+            .to_string()
+    };
+    write_parquet(
+        &dir.join("platform.parquet"),
+        "message platform { required binary email (UTF8); required binary phone (UTF8); \
+         required binary segment (UTF8); required binary country (UTF8); }",
+        &[
+            C::Str(p.iter().map(|u| Some(u.email.clone())).collect()),
+            C::Str(p.iter().map(|u| Some(u.phone.clone())).collect()),
+            C::Str(p.iter().map(|u| Some(seg(u.segment))).collect()),
+            C::Str(p.iter().map(|u| Some(country(u.country))).collect()),
+        ],
+        row_group_rows,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +573,8 @@ mod tests {
             segment_column: Some("segment".into()),
             country_column: None,
             progress: false,
+            source: crate::config::SourceKind::Csv,
+            postgres: None,
         }
     }
 
@@ -561,5 +640,265 @@ mod tests {
         );
         let c = cfg(&dir.path().join("nope.csv"), 0.5);
         assert!(load_matcher(&c, &collab()).is_err());
+    }
+
+    mod parquet_source {
+        use super::*;
+        use crate::config::SourceKind;
+        use crate::source::{ParquetColumn as C, write_parquet};
+        use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, generate};
+
+        fn synth_collab(data: &cleanroom_sim::synth::SynthData) -> CollaborationConfig {
+            let with_other = |v: Vec<String>| {
+                let mut v = v;
+                v.push("other".into());
+                v
+            };
+            CollaborationConfig {
+                id: "t".into(),
+                default_country_code: "44".into(),
+                categories: with_other(data.categories.clone()),
+                segments: with_other(SEGMENTS.iter().map(|s| s.to_string()).collect()),
+                countries: with_other(COUNTRIES.iter().map(|s| s.to_string()).collect()),
+            }
+        }
+
+        fn parquet_cfg(path: &Path, share: f64) -> DataConfig {
+            let mut c = cfg(path, share);
+            c.source = SourceKind::Parquet;
+            c
+        }
+
+        /// The same synthetic rows as CSV and as Parquet (row groups of 7
+        /// rows, so many of them) load to the same customers, in the same
+        /// order, with the same transactions, and the same report.
+        #[test]
+        fn parquet_loads_what_the_csv_of_the_same_rows_loads() {
+            let dir = tempfile::tempdir().unwrap();
+            let data = generate(&SynthConfig {
+                holder_customers: 120,
+                matcher_users: 150,
+                overlap: 0.5,
+                categories: 5,
+                seed: 3,
+            });
+            write_synthetic(dir.path(), &data).unwrap();
+            write_synthetic_parquet(dir.path(), &data, 7).unwrap();
+            let collab = synth_collab(&data);
+            let csv_h = load_holder(&cfg(&dir.path().join("bank.csv"), 0.0), &collab).unwrap();
+            let pq_h = load_holder(&parquet_cfg(&dir.path().join("bank.parquet"), 0.0), &collab).unwrap();
+            assert_eq!(csv_h.ids.len(), 120);
+            assert_eq!(csv_h.ids.to_vec(), pq_h.ids.to_vec());
+            assert_eq!(csv_h.txns, pq_h.txns);
+            assert_eq!(csv_h.report.rows, pq_h.report.rows);
+            assert_eq!(csv_h.report.loaded, pq_h.report.loaded);
+            assert_eq!(pq_h.report.numbering, Numbering::Rows);
+            let m_cfg = |p: &str, kind| {
+                let mut c = cfg(&dir.path().join(p), 0.0);
+                c.source = kind;
+                c.country_column = Some("country".into());
+                c
+            };
+            let csv_m = load_matcher(&m_cfg("platform.csv", SourceKind::Csv), &collab).unwrap();
+            let pq_m = load_matcher(&m_cfg("platform.parquet", SourceKind::Parquet), &collab).unwrap();
+            assert_eq!(csv_m.ids.len(), 150);
+            assert_eq!(csv_m.ids.to_vec(), pq_m.ids.to_vec());
+            assert_eq!(csv_m.segments, pq_m.segments);
+            assert_eq!(csv_m.countries, pq_m.countries);
+            // The version follows the rows read: one changed amount changes it.
+            let again = load_holder(&parquet_cfg(&dir.path().join("bank.parquet"), 0.0), &collab).unwrap();
+            assert_eq!(again.version, pq_h.version);
+            let mut changed = data.clone();
+            changed.bank[3].amount_cents += 1;
+            let other = tempfile::tempdir().unwrap();
+            write_synthetic_parquet(other.path(), &changed, 7).unwrap();
+            let v2 = load_holder(&parquet_cfg(&other.path().join("bank.parquet"), 0.0), &collab).unwrap();
+            assert_ne!(v2.version, pq_h.version);
+        }
+
+        const BANK: &str = "message bank { optional binary email (UTF8); optional binary category (UTF8); \
+                            optional int64 amount (DECIMAL(18,3)); optional int32 date (DATE); }";
+
+        /// Nulls, an amount with a third decimal place, a date past 9999:
+        /// counted by reason with row numbers, never their content.
+        #[test]
+        fn bad_parquet_rows_are_counted_by_reason_with_row_numbers_only() {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("bank.parquet");
+            let far = crate::data::LAST_DAY + 1;
+            write_parquet(
+                &p,
+                BANK,
+                &[
+                    C::Str(vec![
+                        Some("a@x.com".into()),
+                        None,
+                        Some("b@x.com".into()),
+                        Some("SECRET-not-an-email".into()),
+                        Some("c@x.com".into()),
+                        Some("d@x.com".into()),
+                        Some("a@x.com".into()),
+                    ]),
+                    C::Str(vec![
+                        Some("fuel".into()),
+                        Some("fuel".into()),
+                        Some("fuel".into()),
+                        Some("fuel".into()),
+                        None,
+                        Some("fuel".into()),
+                        Some("bakery".into()),
+                    ]),
+                    C::I64(vec![
+                        Some(12_340),
+                        Some(1),
+                        Some(12_345),
+                        Some(1),
+                        Some(1),
+                        Some(1_000),
+                        Some(-500),
+                    ]),
+                    C::I32(vec![
+                        Some(20_000),
+                        Some(0),
+                        Some(1),
+                        Some(2),
+                        Some(3),
+                        Some(far),
+                        Some(-719_528),
+                    ]),
+                ],
+                3,
+            )
+            .unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.1), &collab()).unwrap_err().to_string();
+            assert!(err.contains("5 of 7 rows are bad"), "{err}");
+            assert!(err.contains("identifier is null: 1 rows (rows 2)"), "{err}");
+            assert!(
+                err.contains("amount is not a decimal with at most 2 places: 1 rows (rows 3)"),
+                "{err}"
+            );
+            assert!(err.contains("identifier does not normalise: 1 rows (rows 4)"), "{err}");
+            assert!(err.contains("category is null: 1 rows (rows 5)"), "{err}");
+            assert!(
+                err.contains("date outside the years 0000 to 9999: 1 rows (rows 6)"),
+                "{err}"
+            );
+            assert!(!err.contains("SECRET") && !err.contains("x.com"), "{err}");
+            let ok = load_holder(&parquet_cfg(&p, 0.8), &collab()).unwrap();
+            // Rows 1 and 7: one customer, 12.340 -> 1234 cents, -0.500 ->
+            // -50, 0000-01-01 kept; "bakery" went to "other".
+            assert_eq!(ok.ids.len(), 1);
+            assert_eq!(
+                ok.txns[0],
+                vec![
+                    Txn {
+                        category: 1,
+                        cents: 1234,
+                        day: 20_000
+                    },
+                    Txn {
+                        category: 2,
+                        cents: -50,
+                        day: -719_528
+                    }
+                ]
+            );
+        }
+
+        #[test]
+        fn parquet_files_of_the_wrong_shape_are_refused_by_name() {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("bank.parquet");
+            let one = |v: C| {
+                vec![
+                    C::Str(vec![Some("a@x.com".into())]),
+                    C::Str(vec![Some("fuel".into())]),
+                    v,
+                    C::I32(vec![Some(1)]),
+                ]
+            };
+            // A floating-point amount is refused before any row is read.
+            write_parquet(
+                &p,
+                "message m { required binary email (UTF8); required binary category (UTF8); required double amount; required int32 date (DATE); }",
+                &one(C::F64(vec![Some(1.5)])),
+                10,
+            )
+            .unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
+            assert!(
+                err.contains("bank.parquet") && err.contains("\"amount\" is floating point"),
+                "{err}"
+            );
+            // A date stored as a plain integer.
+            write_parquet(
+                &p,
+                "message m { required binary email (UTF8); required binary category (UTF8); required int64 amount; required int32 date; }",
+                &[C::Str(vec![Some("a@x.com".into())]), C::Str(vec![Some("fuel".into())]), C::I64(vec![Some(3)]), C::I32(vec![Some(1)])],
+                10,
+            )
+            .unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
+            assert!(
+                err.contains("\"date\" is INT32; it must be a DATE or a string"),
+                "{err}"
+            );
+            // An identifier as raw binary, not a string.
+            write_parquet(
+                &p,
+                "message m { required binary email; required binary category (UTF8); required int64 amount; required int32 date (DATE); }",
+                &[C::Str(vec![Some("a@x.com".into())]), C::Str(vec![Some("fuel".into())]), C::I64(vec![Some(3)]), C::I32(vec![Some(1)])],
+                10,
+            )
+            .unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
+            assert!(err.contains("\"email\" is BYTE_ARRAY; it must be a string"), "{err}");
+            // A missing column.
+            write_parquet(
+                &p,
+                "message m { required binary email (UTF8); required binary category (UTF8); required int64 amount; }",
+                &[
+                    C::Str(vec![Some("a@x.com".into())]),
+                    C::Str(vec![Some("fuel".into())]),
+                    C::I64(vec![Some(3)]),
+                ],
+                10,
+            )
+            .unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
+            assert!(err.contains("no column named \"date\" in the Parquet schema"), "{err}");
+            // An integer amount is whole units; good file for what follows.
+            write_parquet(
+                &p,
+                "message m { required binary email (UTF8); required binary category (UTF8); required int64 amount; required binary date (UTF8); }",
+                &[C::Str(vec![Some("a@x.com".into())]), C::Str(vec![Some("fuel".into())]), C::I64(vec![Some(3)]), C::Str(vec![Some("2026-01-02".into())])],
+                10,
+            )
+            .unwrap();
+            let ok = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap();
+            assert_eq!(ok.txns[0][0].cents, 300);
+            assert_eq!(ok.txns[0][0].day, cleanroom_query::parse_date("2026-01-02").unwrap());
+            // Truncated (its footer gone), and not Parquet at all.
+            let bytes = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
+            assert!(
+                err.contains("bank.parquet") && err.contains("not a readable Parquet file"),
+                "{err}"
+            );
+            std::fs::write(&p, "email,category,amount,date\na@x.com,fuel,1,2026-01-01\n").unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
+            assert!(err.contains("not a readable Parquet file"), "{err}");
+            // An empty file of the right schema: nothing to load.
+            write_parquet(
+                &p,
+                "message m { required binary email (UTF8); required binary category (UTF8); required int64 amount; required int32 date (DATE); }",
+                &[C::Str(vec![]), C::Str(vec![]), C::I64(vec![]), C::I32(vec![])],
+                10,
+            )
+            .unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
+            assert!(err.contains("no rows: the source is empty"), "{err}");
+        }
     }
 }

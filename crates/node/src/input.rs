@@ -705,6 +705,8 @@ mod tests {
             segment_column: Some("segment".into()),
             country_column: country.then(|| "country".into()),
             progress: false,
+            source: crate::config::SourceKind::Csv,
+            postgres: None,
         }
     }
 

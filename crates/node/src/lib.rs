@@ -22,6 +22,7 @@ pub mod policy;
 pub mod pump;
 pub mod server;
 pub mod shards;
+pub mod source;
 pub mod state;
 pub mod turns;
 
