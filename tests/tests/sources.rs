@@ -23,13 +23,21 @@ use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, SynthData, generate
 /// A server, or `None` (with a message) when PostgreSQL is not installed
 /// and not required.
 fn server(start: impl FnOnce() -> Result<TempPostgres, cleanroom_lab::LabError>) -> Option<TempPostgres> {
-    if cleanroom_lab::pg::binaries().is_err() && std::env::var("CLEANROOM_REQUIRE_POSTGRES").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIPPED: PostgreSQL's initdb and pg_ctl are not installed (CLEANROOM_REQUIRE_POSTGRES=1 makes this a failure)"
+    have_postgres().then(|| start().unwrap())
+}
+
+/// Whether PostgreSQL's binaries are here; when they are not, says so,
+/// and fails if `CLEANROOM_REQUIRE_POSTGRES=1`.
+fn have_postgres() -> bool {
+    if let Err(e) = cleanroom_lab::pg::binaries() {
+        assert!(
+            std::env::var("CLEANROOM_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+            "CLEANROOM_REQUIRE_POSTGRES=1: {e}"
         );
-        return None;
+        eprintln!("SKIPPED: {e} (CLEANROOM_REQUIRE_POSTGRES=1 makes this a failure)");
+        return false;
     }
-    Some(start().unwrap())
+    true
 }
 
 fn synth() -> SynthData {
@@ -432,4 +440,35 @@ fn a_node_with_a_broken_table_refuses_to_start() {
             && e.contains("no column named \"date\""),
         "{e}"
     );
+}
+
+/// `cleanroom demo --source parquet` and `--source postgres` end to end:
+/// both nodes start from the source, and every cell of the three
+/// templates is within 6 sigma of the plaintext truth of the same
+/// synthetic data (what the CSV demo checks in `nodes.rs`).
+#[test]
+fn the_demo_from_parquet_and_from_postgres_is_within_its_noise_of_the_truth() {
+    use cleanroom_lab::demo::{DemoSource, run};
+    let mut sources = vec![DemoSource::Parquet];
+    if have_postgres() {
+        sources.push(DemoSource::Postgres);
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for source in sources {
+        let report = rt.block_on(run(600, 9, None, None, source)).unwrap();
+        assert_eq!(report.queries.len(), 3, "{source:?}");
+        for q in &report.queries {
+            assert_eq!(q.result.cells.len(), q.truth.len(), "{source:?} {}", q.template);
+            for (c, truth) in q.result.cells.iter().zip(&q.truth) {
+                assert!(
+                    (c.value - truth).abs() <= 6.0 * c.sigma,
+                    "{source:?} {} {}: {} vs {truth} (sd {})",
+                    q.template,
+                    c.name,
+                    c.value,
+                    c.sigma
+                );
+            }
+        }
+    }
 }

@@ -143,7 +143,8 @@ enum Command {
         #[arg(long)]
         node_processes: bool,
     },
-    /// Write synthetic `bank.csv` and `platform.csv`.
+    /// Write synthetic `bank.csv` and `platform.csv` (with `--parquet`,
+    /// also `bank.parquet` and `platform.parquet` of the same rows).
     GenData {
         /// Output directory.
         #[arg(long)]
@@ -160,6 +161,10 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Also write the same rows as Parquet files (typed columns:
+        /// DECIMAL(18,2) amounts, DATE dates; row groups of 65,536 rows).
+        #[arg(long)]
+        parquet: bool,
     },
     /// Certificates.
     Certs {
@@ -470,6 +475,7 @@ fn main() -> anyhow::Result<()> {
             platform_users,
             overlap,
             seed,
+            parquet,
         } => {
             if !(0.0..=1.0).contains(&overlap) {
                 bail!("--overlap must be between 0 and 1");
@@ -491,6 +497,14 @@ fn main() -> anyhow::Result<()> {
                 data.platform.len(),
                 data.shared_customers
             );
+            if parquet {
+                cleanroom_node::data::write_synthetic_parquet(&dir, &data, 65_536)?;
+                out!(
+                    "wrote {} and {} (the same rows)",
+                    dir.join("bank.parquet").display(),
+                    dir.join("platform.parquet").display()
+                );
+            }
         }
         Command::Certs {
             command: CertsCommand::Revoke { dir, certs, days },
