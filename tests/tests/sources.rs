@@ -193,10 +193,15 @@ fn one_data_set_from_csv_parquet_and_postgres_loads_the_same() {
         assert_eq!(h.report.loaded, csv.report.loaded, "{name}");
         assert_eq!(h.report.bad_rows(), 0, "{name}");
     }
-    // The version follows the rows read: another order is another read.
-    assert_ne!(table.version, query.version);
+    // The version follows the rows, not the order the server returns them
+    // in: the node reads them sorted (the query's own ORDER BY does not
+    // matter), and rewriting the table in another physical order leaves it.
+    assert_eq!(table.version, query.version);
+    pg.execute("CREATE INDEX bank_phone ON bank (phone); CLUSTER bank USING bank_phone;")
+        .unwrap();
     let again = load_holder(&pg_config(&pg, &pw, ("table", "public.bank"), true), &collab).unwrap();
     assert_eq!(again.version, table.version);
+    assert_eq!(again.ids.to_vec(), table.ids.to_vec());
     // ... and a changed amount changes it.
     pg.execute("UPDATE bank SET amount = amount + 0.01 WHERE ctid = (SELECT min(ctid) FROM bank)")
         .unwrap();
@@ -251,13 +256,14 @@ fn bad_postgres_sources_are_refused_by_name() {
     let label = format!("postgres://{}@127.0.0.1:{}/postgres", pg.user, pg.port);
     let refused = |c: &DataConfig| load_holder(c, &collab).unwrap_err().to_string();
 
-    // Bad rows: counted by reason with row numbers, never their content.
+    // Bad rows: counted by reason with row numbers (in the order the node
+    // reads them: sorted, byte order, nulls last), never their content.
     let mut c = pg_config(&pg, &pw, ("table", "good"), true);
     c.max_bad_row_share = 0.5;
     let e = refused(&c);
     assert!(e.contains(&label), "{e}");
     assert!(e.contains("7 of 8 rows are bad"), "{e}");
-    assert!(e.contains("identifier is null: 1 rows (rows 2)"), "{e}");
+    assert!(e.contains("identifier is null: 1 rows (rows 8)"), "{e}");
     assert!(
         e.contains("amount is not a decimal with at most 2 places: 1 rows (rows 3)"),
         "{e}"
@@ -267,8 +273,8 @@ fn bad_postgres_sources_are_refused_by_name() {
         e.contains("date outside the years 0000 to 9999: 2 rows (rows 5, 6)"),
         "{e}"
     );
-    assert!(e.contains("identifier does not normalise: 1 rows (rows 7)"), "{e}");
-    assert!(e.contains("amount is null: 1 rows (rows 8)"), "{e}");
+    assert!(e.contains("identifier does not normalise: 1 rows (rows 1)"), "{e}");
+    assert!(e.contains("amount is null: 1 rows (rows 7)"), "{e}");
     assert!(!e.contains("SECRET") && !e.contains("x.com"), "{e}");
     c.max_bad_row_share = 0.9;
     let ok = load_holder(&c, &collab).unwrap();
@@ -341,15 +347,35 @@ fn bad_postgres_sources_are_refused_by_name() {
     let e = refused(&pg_config(&pg, &pw, ("query", "SELECT * FROM good WHERE false"), true));
     assert!(e.contains(&label) && e.contains("no rows: the source is empty"), "{e}");
 
-    // A query that would write: refused, and the table is unchanged.
-    for q in [
-        "SELECT * FROM good; DELETE FROM good",
-        "WITH d AS (DELETE FROM good RETURNING *) SELECT * FROM d",
-        "SELECT email, category, amount, date FROM good, LATERAL (SELECT nextval('s')) n",
+    // A query that would write: refused, and the table is unchanged. The
+    // first two never run (PostgreSQL refuses them as written); the third
+    // runs and the read-only transaction refuses its write.
+    for (q, why) in [
+        ("SELECT * FROM good; DELETE FROM good", "multiple commands"),
+        (
+            "WITH d AS (DELETE FROM good RETURNING *) SELECT * FROM d",
+            "data-modifying statement",
+        ),
+        (
+            "SELECT email, category, amount, date FROM good, LATERAL (SELECT nextval('s')) n",
+            "read-only transaction",
+        ),
     ] {
         let e = refused(&pg_config(&pg, &pw, ("query", q), true));
-        assert!(e.contains(&label), "{q}: {e}");
+        assert!(e.contains(&label) && e.contains(why), "{q}: {e}");
     }
+    // A query that ends in a comment still runs.
+    let mut c = pg_config(
+        &pg,
+        &pw,
+        (
+            "query",
+            "SELECT email, category, amount, date FROM good -- the good rows",
+        ),
+        true,
+    );
+    c.max_bad_row_share = 0.9;
+    assert_eq!(load_holder(&c, &collab).unwrap().ids.len(), 1);
     let mut client = pg.client().unwrap();
     let n: i64 = client.query_one("SELECT count(*) FROM good", &[]).unwrap().get(0);
     assert_eq!(n, 8);
@@ -403,6 +429,18 @@ fn postgres_over_tls_checks_the_server_certificate() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("cannot connect") && e.contains("no encryption"), "{e}");
+    // The right CA, but the server's certificate names 127.0.0.1, not
+    // localhost: refused.
+    let mut c = pg_config(&pg, &pw, ("table", "bank"), true);
+    tls(&mut c, &ca_file);
+    if let Some(p) = c.postgres.as_mut() {
+        p.host = "localhost".into();
+    }
+    let e = load_holder(&c, &collab).unwrap_err().to_string();
+    assert!(
+        e.contains("cannot connect") && e.to_lowercase().contains("certificate"),
+        "{e}"
+    );
     // Another CA: the certificate is refused.
     let (other, _) = make_ca();
     let other_file = dir.path().join("other.pem");

@@ -45,7 +45,6 @@ pub fn binaries() -> Result<(PathBuf, PathBuf), LabError> {
 }
 
 /// A running server; stopped (immediately) and removed on drop.
-#[derive(Debug)]
 pub struct TempPostgres {
     dir: tempfile::TempDir,
     pg_ctl: PathBuf,
@@ -56,6 +55,15 @@ pub struct TempPostgres {
     pub user: String,
     /// That user's password.
     pub password: String,
+}
+
+impl std::fmt::Debug for TempPostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TempPostgres")
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The uid and gid of the `postgres` user, from /etc/passwd.
@@ -214,7 +222,10 @@ impl TempPostgres {
         use std::io::Write;
         let mut c = self.client()?;
         let mut w = c
-            .copy_in(&format!("COPY {table} FROM STDIN WITH (FORMAT csv, HEADER true)"))
+            .copy_in(&format!(
+                "COPY \"{}\" FROM STDIN WITH (FORMAT csv, HEADER true)",
+                table.replace('"', "\"\"")
+            ))
             .map_err(|e| err(e.to_string()))?;
         let bytes = std::fs::read(csv).map_err(|e| err(e.to_string()))?;
         w.write_all(&bytes).map_err(|e| err(e.to_string()))?;

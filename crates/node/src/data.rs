@@ -889,6 +889,26 @@ mod tests {
             std::fs::write(&p, "email,category,amount,date\na@x.com,fuel,1,2026-01-01\n").unwrap();
             let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
             assert!(err.contains("not a readable Parquet file"), "{err}");
+            // A string column with bytes that are not UTF-8: refused, and
+            // the message does not repeat them.
+            write_parquet(
+                &p,
+                "message m { required binary email (UTF8); required binary category (UTF8); required int64 amount; required int32 date (DATE); }",
+                &[
+                    C::Bytes(vec![Some(b"a@x.com".to_vec()), Some(b"SECRET\xff\xfe".to_vec())]),
+                    C::Str(vec![Some("fuel".into()), Some("fuel".into())]),
+                    C::I64(vec![Some(3), Some(3)]),
+                    C::I32(vec![Some(1), Some(1)]),
+                ],
+                10,
+            )
+            .unwrap();
+            let err = load_holder(&parquet_cfg(&p, 0.0), &collab()).unwrap_err().to_string();
+            assert!(
+                err.contains("row 2 cannot be read") && err.contains("not UTF-8"),
+                "{err}"
+            );
+            assert!(!err.contains("SECRET") && !err.contains("83, 69, 67"), "{err}");
             // An empty file of the right schema: nothing to load.
             write_parquet(
                 &p,

@@ -392,7 +392,16 @@ fn read_parquet(
     let mut n = 0u64;
     for r in iter {
         n += 1;
-        let r = r.map_err(|e| data_err(&name, format!("row {n} cannot be read (a damaged file?): {e}")))?;
+        // The reader's message may quote the row's bytes (a string that is
+        // not UTF-8): not repeated.
+        let r = r.map_err(|_| {
+            data_err(
+                &name,
+                format!(
+                    "row {n} cannot be read: a string column holds bytes that are not UTF-8, or the file is damaged"
+                ),
+            )
+        })?;
         for (k, (_, field)) in r.get_column_iter().enumerate() {
             let cell = match field {
                 Field::Null => Cell::Null,
@@ -642,10 +651,20 @@ fn read_postgres(
                 return Err(data_err(&label, format!("column {col:?} is {t}; it must be {must}")));
             }
         };
-        select.push(format!("({})::text", quote_ident(col)));
+        select.push(format!("({})::text COLLATE \"C\"", quote_ident(col)));
         typed.push(kind);
     }
-    let sql = format!("SELECT {} FROM ({inner}) AS cleanroom_source", select.join(", "));
+    // Rows in a fixed order (every column, in byte order), so the version
+    // follows the rows, not the server's scan order; the node numbers its
+    // identifiers in this order, and a cached join refers to those numbers.
+    // The inner query on lines of its own: a trailing `--` comment in it
+    // ends at its line.
+    let order: Vec<String> = (1..=select.len()).map(|i| i.to_string()).collect();
+    let sql = format!(
+        "SELECT {} FROM (\n{inner}\n) AS cleanroom_source ORDER BY {}",
+        select.join(", "),
+        order.join(", ")
+    );
     let stmt = tx.prepare(&sql).map_err(|e| db("the query", e))?;
     let portal = tx.bind(&stmt, &[]).map_err(|e| db("the query", e))?;
     let progress = if cfg.progress {
@@ -712,6 +731,9 @@ enum PgKind {
 pub enum ParquetColumn {
     /// `binary` (UTF8) values.
     Str(Vec<Option<String>>),
+    /// `binary` values as raw bytes (not checked to be UTF-8: for tests of
+    /// damaged strings).
+    Bytes(Vec<Option<Vec<u8>>>),
     /// `int64` values (also DECIMAL(p, s) stored as int64: the unscaled value).
     I64(Vec<Option<i64>>),
     /// `int32` values (also DATE: days since 1970-01-01).
@@ -724,6 +746,7 @@ impl ParquetColumn {
     fn len(&self) -> usize {
         match self {
             ParquetColumn::Str(v) => v.len(),
+            ParquetColumn::Bytes(v) => v.len(),
             ParquetColumn::I64(v) => v.len(),
             ParquetColumn::I32(v) => v.len(),
             ParquetColumn::F64(v) => v.len(),
@@ -758,8 +781,11 @@ pub fn write_parquet(
         return Err(data_err(&name, "writing Parquet: not one column per schema column"));
     }
     let rows = columns.first().map_or(0, ParquetColumn::len);
-    if columns.iter().any(|c| c.len() != rows) || row_group_rows == 0 {
+    if columns.iter().any(|c| c.len() != rows) {
         return Err(data_err(&name, "writing Parquet: columns of unequal lengths"));
+    }
+    if row_group_rows == 0 {
+        return Err(data_err(&name, "writing Parquet: row groups of 0 rows"));
     }
     let props = Arc::new(
         WriterProperties::builder()
@@ -801,6 +827,7 @@ pub fn write_parquet(
                 (ParquetColumn::Str(v), P::BYTE_ARRAY) => {
                     put!(ByteArrayType, v, |s: String| ByteArray::from(s.into_bytes()))
                 }
+                (ParquetColumn::Bytes(v), P::BYTE_ARRAY) => put!(ByteArrayType, v, ByteArray::from),
                 (ParquetColumn::I64(v), P::INT64) => put!(Int64Type, v, |x| x),
                 (ParquetColumn::I32(v), P::INT32) => put!(Int32Type, v, |x| x),
                 (ParquetColumn::F64(v), P::DOUBLE) => put!(DoubleType, v, |x| x),
