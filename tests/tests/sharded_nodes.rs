@@ -154,6 +154,36 @@ async fn sharded_nodes_give_the_unsharded_results_exactly() {
     }
 }
 
+/// Sharded nodes whose input is a Parquet file, then a PostgreSQL table
+/// (issue 17's sources stream into the same split): every cell exact
+/// against the plaintext truth of the same synthetic data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_nodes_reading_parquet_and_postgres_are_exact() {
+    let (rows, seed) = (500, 162);
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = fixture(dir.path(), rows, seed, &edits(Some(4)));
+    f.use_parquet().unwrap();
+    exact_cells(&f, "S = 4, Parquet").await;
+    if let Err(e) = cleanroom_lab::pg::binaries() {
+        assert!(
+            std::env::var("CLEANROOM_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+            "CLEANROOM_REQUIRE_POSTGRES=1: {e}"
+        );
+        eprintln!("SKIPPED the PostgreSQL half: {e}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = fixture(dir.path(), rows, seed, &edits(Some(4)));
+    // The server's setup is synchronous.
+    let pg = tokio::task::block_in_place(|| {
+        let pg = cleanroom_lab::pg::TempPostgres::start().unwrap();
+        f.use_postgres(&pg).unwrap();
+        pg
+    });
+    exact_cells(&f, "S = 4, PostgreSQL").await;
+    tokio::task::block_in_place(|| drop(pg));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_read_from_their_files_each_time_give_the_same_results() {
     // With a memory budget of 0, no shard stays in memory: every shard join
