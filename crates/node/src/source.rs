@@ -310,13 +310,15 @@ fn read_parquet(
             ));
         };
         let f = &fields[fi];
-        if !f.is_primitive() || f.get_basic_info().repetition() == Repetition::REPEATED {
+        // `repetition()` asserts that there is one: a damaged schema may
+        // lack it, so ask first.
+        let info = f.get_basic_info();
+        if !f.is_primitive() || !info.has_repetition() || info.repetition() == Repetition::REPEATED {
             return Err(data_err(
                 &name,
-                format!("column {col:?} is nested or repeated; it must be a plain column"),
+                format!("column {col:?} is nested, repeated or without a repetition; it must be a plain column"),
             ));
         }
-        let info = f.get_basic_info();
         let logical = info.logical_type_ref().cloned();
         let converted = info.converted_type();
         let physical = f.get_physical_type();
