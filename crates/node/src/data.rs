@@ -177,6 +177,53 @@ fn text<'a>(cell: Option<&'a Cell>, what: &str, report: &mut LoadReport, at: u64
     }
 }
 
+/// The start of every row's checks: a row that parsed, with an identifier
+/// that is text and normalises; counted as bad otherwise.
+fn identified<'a>(
+    cells: Option<&'a [Cell]>,
+    rules: &NormalizationRules,
+    kind: IdKind,
+    report: &mut LoadReport,
+    at: u64,
+) -> Option<(&'a [Cell], Vec<u8>)> {
+    report.rows += 1;
+    let Some(cells) = cells else {
+        report.bad_row("unreadable row (quoting or column count)", at);
+        return None;
+    };
+    let raw = text(cells.first(), "identifier", report, at)?;
+    let Ok(id) = rules.normalize(kind, raw) else {
+        report.bad_row("identifier does not normalise", at);
+        return None;
+    };
+    Some((cells, id))
+}
+
+/// A text cell's index in its declared domain (`other` for a value
+/// outside it, when the domain has one); counted as bad otherwise.
+fn in_domain(cell: Option<&Cell>, what: &str, domain: &[String], report: &mut LoadReport, at: u64) -> Option<u16> {
+    let value = text(cell, what, report, at)?;
+    let index = domain_index(domain, value, report);
+    if index.is_none() {
+        report.bad_row(&format!("{what} outside the declared list (and no \"other\")"), at);
+    }
+    index
+}
+
+/// The end of a load: the report's numbering, the version, and the
+/// bad-row limit.
+fn finish_load(
+    cfg: &DataConfig,
+    mut report: LoadReport,
+    end: SourceEnd,
+    rules: &NormalizationRules,
+) -> Result<(LoadReport, [u8; 32]), NodeError> {
+    report.numbering = end.numbering;
+    let version = finish_version(end, rules);
+    report.check(&crate::source::label(cfg), cfg.max_bad_row_share)?;
+    Ok((report, version))
+}
+
 /// An amount in cents: text as in CSV (at most 2 places), a typed
 /// decimal with its trailing zeros dropped.
 fn amount(cell: Option<&Cell>, report: &mut LoadReport, at: u64) -> Option<i64> {
@@ -297,23 +344,10 @@ pub fn stream_holder(
     let kind = id_kind(cfg);
     let mut report = LoadReport::default();
     let end = read_rows(cfg, &columns, |at, cells| {
-        report.rows += 1;
-        let Some(cells) = cells else {
-            report.bad_row("unreadable row (quoting or column count)", at);
+        let Some((cells, id)) = identified(cells, &rules, kind, &mut report, at) else {
             return Ok(());
         };
-        let Some(raw) = text(cells.first(), "identifier", &mut report, at) else {
-            return Ok(());
-        };
-        let Ok(id) = rules.normalize(kind, raw) else {
-            report.bad_row("identifier does not normalise", at);
-            return Ok(());
-        };
-        let Some(cat) = text(cells.get(1), "category", &mut report, at) else {
-            return Ok(());
-        };
-        let Some(category) = domain_index(&collab.categories, cat, &mut report) else {
-            report.bad_row("category outside the declared list (and no \"other\")", at);
+        let Some(category) = in_domain(cells.get(1), "category", &collab.categories, &mut report, at) else {
             return Ok(());
         };
         let Some(cents) = amount(cells.get(2), &mut report, at) else {
@@ -326,10 +360,7 @@ pub fn stream_holder(
         report.loaded += 1;
         Ok(())
     })?;
-    report.numbering = end.numbering;
-    let version = finish_version(end, &rules);
-    report.check(&crate::source::label(cfg), cfg.max_bad_row_share)?;
-    Ok((report, version))
+    finish_load(cfg, report, end, &rules)
 }
 
 /// Loads the platform's users, one per distinct identifier (the first
@@ -386,36 +417,17 @@ pub fn stream_matcher(
     let kind = id_kind(cfg);
     let mut report = LoadReport::default();
     let end = read_rows(cfg, &columns, |at, cells| {
-        report.rows += 1;
-        let Some(cells) = cells else {
-            report.bad_row("unreadable row (quoting or column count)", at);
+        let Some((cells, id)) = identified(cells, &rules, kind, &mut report, at) else {
             return Ok(());
         };
-        let Some(raw) = text(cells.first(), "identifier", &mut report, at) else {
-            return Ok(());
-        };
-        let Ok(id) = rules.normalize(kind, raw) else {
-            report.bad_row("identifier does not normalise", at);
-            return Ok(());
-        };
-        let Some(seg) = text(cells.get(1), "segment", &mut report, at) else {
-            return Ok(());
-        };
-        let Some(segment) = domain_index(&collab.segments, seg, &mut report) else {
-            report.bad_row("segment outside the declared list (and no \"other\")", at);
+        let Some(segment) = in_domain(cells.get(1), "segment", &collab.segments, &mut report, at) else {
             return Ok(());
         };
         let country = if with_country {
-            let Some(c) = text(cells.get(2), "country", &mut report, at) else {
+            let Some(c) = in_domain(cells.get(2), "country", &collab.countries, &mut report, at) else {
                 return Ok(());
             };
-            match domain_index(&collab.countries, c, &mut report) {
-                Some(x) => Some(x),
-                None => {
-                    report.bad_row("country outside the declared list (and no \"other\")", at);
-                    return Ok(());
-                }
-            }
+            Some(c)
         } else {
             None
         };
@@ -426,10 +438,7 @@ pub fn stream_matcher(
         }
         Ok(())
     })?;
-    report.numbering = end.numbering;
-    let version = finish_version(end, &rules);
-    report.check(&crate::source::label(cfg), cfg.max_bad_row_share)?;
-    Ok((report, version))
+    finish_load(cfg, report, end, &rules)
 }
 
 /// Writes `bank.csv` and `platform.csv` from synthetic data.
