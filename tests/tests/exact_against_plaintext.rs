@@ -16,6 +16,9 @@ use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+/// Scratch words [`Counted`] asks for.
+const COUNTED_SCRATCH: usize = 5;
+
 /// The holder's values, counting how many rows asked for them.
 struct Counted {
     values: RowValues,
@@ -30,9 +33,18 @@ impl RowSource for Counted {
     fn customers(&self) -> usize {
         self.values.customers()
     }
-    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
+    /// Asks for scratch and scribbles on it: a caller that gave less, or
+    /// read it back, would get wrong sums.
+    fn scratch_words(&self) -> usize {
+        COUNTED_SCRATCH
+    }
+    fn fill(&self, customer: usize, out: &mut [u64], scratch: &mut [u64]) -> bool {
         self.fills.fetch_add(1, Ordering::Relaxed);
-        self.values.fill(customer, out)
+        let Some(scratch) = scratch.get_mut(..COUNTED_SCRATCH) else {
+            return false;
+        };
+        scratch.fill(customer as u64 ^ 0xa5a5);
+        self.values.fill(customer, out, &mut [])
     }
     fn prefetch(&self, customer: usize) {
         self.prefetches.fetch_add(1, Ordering::Relaxed);

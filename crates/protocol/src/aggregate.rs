@@ -267,9 +267,16 @@ pub trait RowSource: Send + Sync {
     fn width(&self) -> usize;
     /// Customers covered (the holder's joined identifiers, in order).
     fn customers(&self) -> usize;
-    /// Writes customer `customer`'s vector into `out` (`width` words);
-    /// false when there is no such customer.
-    fn fill(&self, customer: usize, out: &mut [u64]) -> bool;
+    /// Words of scratch [`RowSource::fill`] needs: the caller keeps one
+    /// buffer of this length per thread, reuses it row after row and wipes
+    /// it when the thread is done (it holds a customer's partial values).
+    fn scratch_words(&self) -> usize {
+        0
+    }
+    /// Writes customer `customer`'s vector into `out` (`width` words), with
+    /// `scratch` (at least [`RowSource::scratch_words`] long; whatever it
+    /// holds is overwritten); false when there is no such customer.
+    fn fill(&self, customer: usize, out: &mut [u64], scratch: &mut [u64]) -> bool;
     /// Reads, ahead of [`RowSource::fill`], what it will read for
     /// `customer`, so that the memory of a batch's customers is fetched
     /// together rather than one cache miss after another (a hint: no
@@ -284,8 +291,11 @@ impl<T: RowSource + ?Sized> RowSource for std::sync::Arc<T> {
     fn customers(&self) -> usize {
         (**self).customers()
     }
-    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
-        (**self).fill(customer, out)
+    fn scratch_words(&self) -> usize {
+        (**self).scratch_words()
+    }
+    fn fill(&self, customer: usize, out: &mut [u64], scratch: &mut [u64]) -> bool {
+        (**self).fill(customer, out, scratch)
     }
     fn prefetch(&self, customer: usize) {
         (**self).prefetch(customer);
@@ -299,7 +309,7 @@ impl RowSource for RowValues {
     fn customers(&self) -> usize {
         self.words.len() / self.width.max(1)
     }
-    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
+    fn fill(&self, customer: usize, out: &mut [u64], _scratch: &mut [u64]) -> bool {
         match self.row(customer) {
             Some(v) if v.len() == out.len() => {
                 out.copy_from_slice(v);
@@ -608,6 +618,7 @@ impl HolderOtRunning {
             Some(c) => Some((c, true)),
             None => row.checked_rem(customers).map(|c| (c, false)),
         };
+        let scratch_words = values.scratch_words();
         let chunk_acc = packed
             .par_chunks_mut(row_bytes * batch)
             .zip(pairs.par_chunks(batch))
@@ -619,14 +630,14 @@ impl HolderOtRunning {
                     (
                         words_of(w),
                         words_of(w),
-                        words_of(w),
+                        (words_of(w), words_of(scratch_words)),
                         keys,
                         words_of(0),
                         words_of(0),
                         RowMasks::new(),
                     )
                 },
-                |(mut acc, mut d, mut v, mut keys, mut m0, mut m1, mut masks), (b, (bytes, pairs))| {
+                |(mut acc, mut d, (mut v, mut scratch), mut keys, mut m0, mut m1, mut masks), (b, (bytes, pairs))| {
                     let row0 = first + b * batch;
                     // The batch's customers are scattered over the
                     // holder's memory: ask for all of them before the
@@ -646,31 +657,32 @@ impl HolderOtRunning {
                         .chunks_mut(row_bytes)
                         .zip(m0.chunks_exact(w).zip(m1.chunks_exact(w)));
                     for (k, (bytes, (m0, m1))) in rows.enumerate() {
-                        // acc += m0; d = v + m0 - m1 (v = 0 for a dummy row)
-                        d.copy_from_slice(m0);
-                        for (a, m) in acc.iter_mut().zip(m0) {
-                            *a = a.wrapping_add(*m);
-                        }
                         // A dummy row's values are computed too, for its
-                        // stand-in customer, and added masked to zero.
-                        if let Some((c, real)) = row_customer(row0 + k) {
-                            let keep = 0u64.wrapping_sub(u64::from(values.fill(c, &mut v) & real));
-                            for (x, v) in d.iter_mut().zip(v.iter()) {
-                                *x = x.wrapping_add(*v & keep);
+                        // stand-in customer, and added masked to zero
+                        // (`keep` is all ones for a real row whose values
+                        // were written, else zero).
+                        let keep = match row_customer(row0 + k) {
+                            Some((c, real)) => {
+                                0u64.wrapping_sub(u64::from(values.fill(c, &mut v, &mut scratch) & real))
                             }
-                        }
+                            None => 0,
+                        };
+                        // acc += m0; d = v + m0 - m1, one pass over the row.
+                        let cells = acc.iter_mut().zip(m0).zip(m1).zip(v.iter());
                         if full {
-                            for ((x, m), out) in d.iter().zip(m1).zip(bytes.chunks_exact_mut(8)) {
-                                out.copy_from_slice(&x.wrapping_sub(*m).to_le_bytes());
+                            for ((((a, m0), m1), v), out) in cells.zip(bytes.chunks_exact_mut(8)) {
+                                *a = a.wrapping_add(*m0);
+                                out.copy_from_slice(&m0.wrapping_add(v & keep).wrapping_sub(*m1).to_le_bytes());
                             }
                         } else {
-                            for (x, m) in d.iter_mut().zip(m1) {
-                                *x = x.wrapping_sub(*m);
+                            for ((((a, m0), m1), v), x) in cells.zip(d.iter_mut()) {
+                                *a = a.wrapping_add(*m0);
+                                *x = m0.wrapping_add(v & keep).wrapping_sub(*m1);
                             }
                             bits.pack(&d, bytes);
                         }
                     }
-                    (acc, d, v, keys, m0, m1, masks)
+                    (acc, d, (v, scratch), keys, m0, m1, masks)
                 },
             )
             .map(|(acc, ..)| acc)

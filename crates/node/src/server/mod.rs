@@ -1139,6 +1139,3 @@ async fn abort(send: &mut quinn::SendStream, session: SessionId, code: AbortCode
     let _ = write_one(send, &Message::Abort(Abort { session, code })).await;
     let _ = send.finish();
 }
-
-/// Groups a customer's counts are kept on the stack for.
-const STACK_GROUPS: usize = 64;

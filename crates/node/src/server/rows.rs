@@ -115,57 +115,58 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
         }
     }
 
-    fn fill(&self, customer: usize, out: &mut [u64]) -> bool {
+    fn scratch_words(&self) -> usize {
+        2 * self.groups
+    }
+
+    fn fill(&self, customer: usize, out: &mut [u64], scratch: &mut [u64]) -> bool {
         let Some(txns) = self.data.txns.get(customer) else {
             return false;
         };
         if out.len() != self.width {
             return false;
         }
-        let (mut count_stack, mut sum_stack) = ([0u64; STACK_GROUPS], [0i64; STACK_GROUPS]);
-        // The customer's per-group sums are its row values: wiped when
-        // dropped (SECURITY.md).
-        let (mut count_heap, mut sum_heap) = (Zeroizing::new(Vec::new()), Zeroizing::new(Vec::new()));
-        let (count, sum): (&mut [u64], &mut [i64]) = if self.groups <= STACK_GROUPS {
-            (&mut count_stack[..self.groups], &mut sum_stack[..self.groups])
-        } else {
-            count_heap.resize(self.groups, 0);
-            sum_heap.resize(self.groups, 0);
-            (&mut count_heap, &mut sum_heap)
+        // The customer's count and sum of each group, side by side (the
+        // sum an i64 in two's complement): its row values, in the caller's
+        // scratch, which the caller wipes (SECURITY.md).
+        let Some(acc) = scratch.get_mut(..2 * self.groups) else {
+            return false;
         };
+        acc.fill(0);
         for t in txns {
             if !self.filter.passes(usize::from(t.category), t.cents, t.day) {
                 continue;
             }
             if let Some(g) = self.group_of.get(usize::from(t.category)).copied().flatten()
-                && let (Some(n), Some(s)) = (count.get_mut(g), sum.get_mut(g))
+                && let Some([n, s]) = acc.get_mut(2 * g..2 * g + 2)
             {
                 *n += 1;
-                *s = s.saturating_add(t.cents);
+                *s = (*s as i64).saturating_add(t.cents) as u64;
             }
         }
-        out.iter_mut().for_each(|x| *x = 0);
+        // Every cell is written: a group without transactions has zeros.
         let per = self.width / self.groups;
         let spend_cap = i64::try_from(self.plan.clip.spend_cents).unwrap_or(i64::MAX);
-        for (g, (n, s)) in count.iter().zip(sum.iter()).enumerate() {
-            if *n == 0 {
-                continue;
-            }
-            for k in 0..per {
-                let idx = g * per + k;
-                let Some(cell) = self.cells.get(idx) else { continue };
-                let v = match cell.kind {
+        let cells = self.cells.iter().map(|c| c.kind);
+        let counts = acc.chunks_exact(2).flat_map(|ns| std::iter::repeat_n(ns, per));
+        let mut written = 0;
+        for ((x, kind), ns) in out.iter_mut().zip(cells).zip(counts) {
+            let (n, s) = match ns {
+                [n, s] => (*n, *s as i64),
+                _ => (0, 0),
+            };
+            *x = if n == 0 {
+                0
+            } else {
+                match kind {
                     CellKind::Customers => 1,
-                    CellKind::Rows => (*n).min(self.plan.clip.transactions),
-                    CellKind::Sum => (*s).clamp(0, spend_cap) as u64,
-                };
-                if let Some(x) = out.get_mut(idx) {
-                    *x = v;
+                    CellKind::Rows => n.min(self.plan.clip.transactions),
+                    CellKind::Sum => s.clamp(0, spend_cap) as u64,
                 }
-            }
+            };
+            written += 1;
         }
-        zeroize::Zeroize::zeroize(&mut count_stack);
-        zeroize::Zeroize::zeroize(&mut sum_stack);
+        out.iter_mut().skip(written).for_each(|x| *x = 0);
         true
     }
 }
@@ -176,8 +177,11 @@ pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> V
     let rows = HolderRows::new(plan, Arc::new(data.clone()), categories);
     let width = rows.width();
     let mut out = vec![0u64; data.ids.len() * width];
-    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(c, row)| {
-        rows.fill(c, row);
-    });
+    out.par_chunks_mut(width.max(1)).enumerate().for_each_init(
+        || Zeroizing::new(vec![0u64; rows.scratch_words()]),
+        |scratch, (c, row)| {
+            rows.fill(c, row, scratch);
+        },
+    );
     out
 }
