@@ -17,6 +17,15 @@
 //! learns, for each matched row, the block (its own attribute) it matched
 //! in, and a DP-noised count per block. With one block this is the plain join.
 //!
+//! **Key slots (multi-key matching).** A holder made with
+//! [`HolderJoin::with_key_slots`] sends each customer as a row of `K`
+//! points (its keys, padding for those it lacks, in a random order per
+//! row), and a matcher made with [`MatcherJoin::with_key_slots`] labels a
+//! row with the lowest block any of its slots matched in. The matcher then
+//! sees each row's match pattern ([`match_patterns`]); the holder adds
+//! `D_max` dummy rows per pattern, `D_p` of them matching in exactly the
+//! pattern's blocks. With `K = 1` this is the single-key join, unchanged.
+//!
 //! Each party is a state machine: bytes in ([`HolderStreaming::handle`],
 //! [`MatcherStreaming::handle`]), messages out (`poll_transmit`), no I/O, no
 //! clock. The steps that must happen in order are separate types.
@@ -147,6 +156,59 @@ impl core::fmt::Debug for PaddingSeed {
 /// The most blocks (matcher groups) one join may have.
 pub const MAX_BLOCKS: usize = 4096;
 
+/// The most key slots (key kinds) of a multi-key join.
+pub const MAX_KEY_SLOTS: usize = 8;
+
+/// The match patterns of a join with `blocks` blocks and `key_slots` key
+/// slots per holder row: the blocks a matched row's slots can fall in, as
+/// a non-empty multiset of at most `key_slots` blocks, written in
+/// non-decreasing order; by size, then in lexicographic order. With one
+/// key slot the patterns are the blocks, `[b]` for each `b` in order.
+///
+/// The holder adds `D_max` dummy rows per pattern (`D_p` of them matching
+/// dummy tokens in exactly the pattern's blocks), so that the count of
+/// rows per pattern, which the matcher sees, is noised.
+///
+/// # Errors
+/// [`ProtocolError::LocalInput`] for no block, more than [`MAX_BLOCKS`]
+/// blocks, key slots outside 1 to [`MAX_KEY_SLOTS`], or more than
+/// [`MAX_BLOCKS`] patterns.
+pub fn match_patterns(blocks: usize, key_slots: usize) -> Result<Vec<Vec<u32>>, ProtocolError> {
+    if blocks == 0 || blocks > MAX_BLOCKS || key_slots == 0 || key_slots > MAX_KEY_SLOTS {
+        return Err(ProtocolError::LocalInput {
+            reason: "a join has 1 to 4096 blocks and 1 to 8 key slots",
+        });
+    }
+    // C(blocks + z - 1, z) multisets of size z, counted before any is made.
+    let (mut total, mut of_size) = (0u64, 1u64);
+    for z in 1..=key_slots as u64 {
+        of_size = of_size.saturating_mul(blocks as u64 + z - 1) / z;
+        total = total.saturating_add(of_size);
+    }
+    if total > MAX_BLOCKS as u64 {
+        return Err(ProtocolError::LocalInput {
+            reason: "too many match patterns (blocks and key slots) for one join",
+        });
+    }
+    let mut out = Vec::with_capacity(total as usize);
+    for z in 1..=key_slots {
+        let mut p = vec![0u32; z];
+        loop {
+            out.push(p.clone());
+            // The next non-decreasing tuple: raise the last position that
+            // can rise, and set every later one to it.
+            let Some(i) = p.iter().rposition(|&b| (b as usize) + 1 < blocks) else {
+                break;
+            };
+            let next = p.get(i).copied().unwrap_or(0) + 1;
+            for x in p.iter_mut().skip(i) {
+                *x = next;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The first byte of a cached join's encoding ([`HolderJoined::encode`],
 /// [`MatcherJoined::encode`]); a cached join with another is not used.
 pub const JOIN_CACHE_VERSION: u8 = 1;
@@ -209,7 +271,7 @@ fn check_own_slices<'a>(ids: impl ExactSizeIterator<Item = &'a [u8]>) -> Result<
     Ok(())
 }
 
-fn join_session_id(offer: &JoinOffer, holder_nonce: &Nonce, n: u64, d_max: u64) -> SessionId {
+fn join_session_id(offer: &JoinOffer, holder_nonce: &Nonce, n: u64, d_max: u64, key_slots: usize) -> SessionId {
     let mut ctx = Context::new(&SHA256);
     ctx.update(b"cleanroom-v1-join-session");
     ctx.update(&offer.nonce);
@@ -225,6 +287,12 @@ fn join_session_id(offer: &JoinOffer, holder_nonce: &Nonce, n: u64, d_max: u64) 
     ctx.update(&offer.context);
     ctx.update(&n.to_le_bytes());
     ctx.update(&d_max.to_le_bytes());
+    // A multi-key join's session also names its key slots (a single-key
+    // join's id is what it always was).
+    if key_slots > 1 {
+        ctx.update(b"key-slots");
+        ctx.update(&(key_slots as u64).to_le_bytes());
+    }
     let d = ctx.finish();
     let mut sid = [0u8; 16];
     sid.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0u8; 16]));
@@ -299,6 +367,27 @@ pub struct HolderJoin {
     policy: HolderPolicy,
     h2g: HashToGroup,
     ids: OwnIds,
+    slots: Option<KeySlots>,
+}
+
+/// A multi-key holder's customers: `K` key slots per row, and customer
+/// `c`'s keys at `ids[offsets[c]..offsets[c + 1]]` (0 to `K` of them).
+#[derive(Clone)]
+struct KeySlots {
+    k: usize,
+    offsets: Arc<Vec<u32>>,
+}
+
+impl KeySlots {
+    fn customers(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Customer `c`'s keys' range in the flattened keys.
+    fn range(&self, c: usize) -> core::ops::Range<usize> {
+        let at = |i: usize| self.offsets.get(i).map_or(0, |o| *o as usize);
+        at(c)..at(c + 1)
+    }
 }
 
 impl HolderJoin {
@@ -322,7 +411,58 @@ impl HolderJoin {
             policy,
             h2g,
             ids,
+            slots: None,
         })
+    }
+
+    /// A multi-key holder: `customers[c]` holds customer `c`'s normalised
+    /// keys (at most `key_slots`, of distinct kinds; none if it has no
+    /// usable key), in the order its aggregate values will use. Each row
+    /// it sends has `key_slots` points: the customer's keys and, for each
+    /// key it lacks, a random point computed the same way, in a fresh
+    /// random order per row (docs/protocol.md, "Multi-key matching").
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for bad parameters, key slots outside
+    /// 1 to [`MAX_KEY_SLOTS`], a customer with more keys than slots, or a
+    /// key that two customers (or one customer twice) hold: the caller
+    /// drops a key its customers share before the join.
+    pub fn with_key_slots(
+        params: JoinParams,
+        policy: HolderPolicy,
+        customers: Vec<Vec<Vec<u8>>>,
+        key_slots: usize,
+    ) -> Result<Self, ProtocolError> {
+        if key_slots == 0 || key_slots > MAX_KEY_SLOTS {
+            return Err(ProtocolError::LocalInput {
+                reason: "a join has 1 to 8 key slots",
+            });
+        }
+        if customers.iter().any(|c| c.len() > key_slots) {
+            return Err(ProtocolError::LocalInput {
+                reason: "a customer has more keys than the join has key slots",
+            });
+        }
+        if customers.len() as u64 > MAX_SET_SIZE {
+            return Err(ProtocolError::LocalInput {
+                reason: "more identifiers than a join supports (2^31)",
+            });
+        }
+        let mut offsets = Vec::with_capacity(customers.len() + 1);
+        offsets.push(0u32);
+        let mut keys = Vec::with_capacity(customers.iter().map(Vec::len).sum());
+        for c in customers {
+            keys.extend(c);
+            offsets.push(u32::try_from(keys.len()).map_err(|_| ProtocolError::LocalInput {
+                reason: "more identifiers than a join supports (2^31)",
+            })?);
+        }
+        let mut holder = Self::with_ids(params, policy, OwnIds::new(keys)?)?;
+        holder.slots = Some(KeySlots {
+            k: key_slots,
+            offsets: Arc::new(offsets),
+        });
+        Ok(holder)
     }
 
     /// Reads the matcher's offer, checks it against this node's parameters
@@ -363,29 +503,33 @@ impl HolderJoin {
         if offer.blocks.is_empty() || offer.blocks.len() > MAX_BLOCKS || sum != Some(offer.matcher_set_size) {
             return Err(ProtocolError::ParameterMismatch { what: "block sizes" });
         }
-        let g = offer.blocks.len() as u64;
-        let n = self.ids.len() as u64;
+        let k = self.slots.as_ref().map_or(1, |s| s.k);
+        let patterns = match_patterns(offer.blocks.len(), k)?;
+        let n = self.slots.as_ref().map_or(self.ids.len(), KeySlots::customers) as u64;
         let d_max = self.policy.cardinality.d_max();
-        let dummies = g * d_max;
-        if n + dummies > u64::from(u32::MAX) {
+        // `D_max` dummy rows per pattern (per block with one key slot).
+        let dummies = (patterns.len() as u64).saturating_mul(d_max);
+        if n.saturating_add(dummies) > u64::from(u32::MAX) {
             return Err(ProtocolError::LocalInput {
                 reason: "too many rows for one join",
             });
         }
-        let d: Vec<u64> = (0..g)
+        let d: Vec<u64> = (0..patterns.len())
             .map(|_| self.policy.cardinality.sample(rng))
             .collect::<Result<_, _>>()?;
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
-        let session = join_session_id(&offer, &nonce, n, d_max);
+        let session = join_session_id(&offer, &nonce, n, d_max, k);
         let kb = SecretScalar::random(rng);
-        let dummy_keys: Vec<SecretScalar> = (0..dummies).map(|_| SecretScalar::random(rng)).collect();
-        let dummy_rows: Vec<PointBytes> = dummy_keys.iter().map(|t| t.public().compress().to_bytes()).collect();
-        // A fresh scalar beside every dummy key, `G·D_max` of them whatever
-        // the `D_b`: the non-matching dummy tokens are `r·K_M`, computed in
-        // the same batch as the matching ones (see `maybe_build_tokens`), so
-        // no work here or there depends on `D`.
-        let fresh_keys: Vec<SecretScalar> = (0..dummies).map(|_| SecretScalar::random(rng)).collect();
+        // A key per slot of a pattern in each dummy row (one per dummy row
+        // with one key slot): `t·G` in the row, `t·K_M` among the tokens.
+        let dummy_slots = patterns.iter().map(|p| p.len() as u64 * d_max).sum::<u64>();
+        let dummy_keys: Vec<SecretScalar> = (0..dummy_slots).map(|_| SecretScalar::random(rng)).collect();
+        // A fresh scalar beside every dummy key, whatever the `D_p`: the
+        // non-matching dummy tokens are `r·K_M`, computed in the same batch
+        // as the matching ones (see `maybe_build_tokens`), so no work here
+        // or there depends on `D`.
+        let fresh_keys: Vec<SecretScalar> = (0..dummy_slots).map(|_| SecretScalar::random(rng)).collect();
         let total = n + dummies;
         let mut order: Vec<u32> = (0..total as u32).collect();
         shuffle(&mut order, rng);
@@ -393,6 +537,29 @@ impl HolderJoin {
         rng.fill_bytes(&mut seed);
         let shuffle_rng = SessionRng::from_seed(seed);
         seed.zeroize();
+        // Each dummy row's `K` points: its pattern's slots' `t·G`, then a
+        // random point for each other slot (the row's slots are shuffled
+        // when it is sent). A multi-key holder also draws, from a stream of
+        // its own, the padding inputs of its customers' missing keys and
+        // the order of each row's slots.
+        let mut dummy_rows: Vec<PointBytes> = Vec::with_capacity((dummies as usize).saturating_mul(k));
+        let mut keys = dummy_keys.iter();
+        for p in &patterns {
+            for _ in 0..d_max {
+                for _ in 0..p.len() {
+                    dummy_rows.extend(keys.next().map(|t| t.public().compress().to_bytes()));
+                }
+                for _ in p.len()..k {
+                    dummy_rows.push(SecretScalar::random(rng).public().compress().to_bytes());
+                }
+            }
+        }
+        let slot_rng = self.slots.is_some().then(|| {
+            rng.fill_bytes(&mut seed);
+            let r = SessionRng::from_seed(seed);
+            seed.zeroize();
+            r
+        });
 
         let accept = JoinAccept {
             session,
@@ -406,6 +573,9 @@ impl HolderJoin {
                 chunk_points: self.params.chunk_points,
                 h2g: self.h2g,
                 ids: self.ids,
+                slots: self.slots,
+                patterns,
+                slot_rng,
                 n,
                 m: offer.matcher_set_size,
                 blocks: offer.blocks.clone(),
@@ -470,6 +640,9 @@ pub struct HolderStreaming {
     chunk_points: usize,
     h2g: HashToGroup,
     ids: OwnIds,
+    slots: Option<KeySlots>,
+    patterns: Vec<Vec<u32>>,
+    slot_rng: Option<SessionRng>,
     n: u64,
     m: u64,
     blocks: Vec<u64>,
@@ -535,6 +708,9 @@ impl HolderStreaming {
     }
 
     fn next_rows_chunk(&mut self) -> Message {
+        if self.slots.is_some() {
+            return self.next_multi_key_rows_chunk();
+        }
         let end = (self.rows_sent + self.chunk_points).min(self.order.len());
         let entries = self.order.get(self.rows_sent..end).unwrap_or(&[]);
         let customers: Vec<&[u8]> = entries
@@ -552,6 +728,72 @@ impl HolderStreaming {
                 computed.next()
             };
             points.extend_from_slice(&p.unwrap_or([0u8; 32]));
+        }
+        self.rows_sent = end;
+        let seq = self.rows_seq;
+        self.rows_seq += 1;
+        Message::HolderRows(PointChunk {
+            session: self.session,
+            seq,
+            points,
+        })
+    }
+
+    /// A chunk of a multi-key join's rows: as many whole rows of `K`
+    /// points as fit in a chunk. Every slot of a customer's row, its keys
+    /// and the padding for the keys it lacks alike, is `kb·H2G(input)` in
+    /// one batch, so a chunk's work follows its length only; each row's
+    /// slots are then put in a fresh random order.
+    fn next_multi_key_rows_chunk(&mut self) -> Message {
+        let (Some(slots), Some(slot_rng)) = (self.slots.as_ref(), self.slot_rng.as_mut()) else {
+            return Message::HolderRows(PointChunk {
+                session: self.session,
+                seq: self.rows_seq,
+                points: Vec::new(),
+            });
+        };
+        let k = slots.k;
+        let rows = (self.chunk_points / k).max(1);
+        let end = (self.rows_sent + rows).min(self.order.len());
+        let entries = self.order.get(self.rows_sent..end).unwrap_or(&[]);
+        let customers: Vec<core::ops::Range<usize>> = entries
+            .iter()
+            .filter(|e| !is_dummy(**e, self.n))
+            .map(|e| slots.range(*e as usize))
+            .collect();
+        let pads: Vec<Zeroizing<Vec<u8>>> = customers
+            .iter()
+            .flat_map(|r| (r.len()..k).map(|_| ()))
+            .map(|()| pad_input(slot_rng))
+            .collect();
+        let mut pad = pads.iter();
+        let mut inputs: Vec<&[u8]> = Vec::with_capacity(customers.len() * k);
+        for r in &customers {
+            inputs.extend(self.ids.get(r.clone()).unwrap_or(&[]).iter().map(Vec::as_slice));
+            for _ in r.len()..k {
+                inputs.push(pad.next().map_or(&[][..], |p| p.as_slice()));
+            }
+        }
+        let computed = hash_mul_compress(&self.h2g, &inputs, &self.kb);
+        drop(inputs);
+        drop(pads);
+        let mut computed = computed.chunks_exact(k);
+        let mut points = Vec::with_capacity(entries.len() * k * POINT_LEN);
+        let mut row: Vec<PointBytes> = Vec::with_capacity(k);
+        for e in entries {
+            row.clear();
+            let slots_of_row = if is_dummy(*e, self.n) {
+                let at = ((u64::from(*e) - self.n) as usize).saturating_mul(k);
+                self.dummy_rows.get(at..at.saturating_add(k))
+            } else {
+                computed.next()
+            };
+            row.extend_from_slice(slots_of_row.unwrap_or(&[]));
+            row.resize(k, [0u8; 32]);
+            shuffle(&mut row, slot_rng);
+            for p in &row {
+                points.extend_from_slice(p);
+            }
         }
         self.rows_sent = end;
         let seq = self.rows_seq;
@@ -635,30 +877,44 @@ impl HolderStreaming {
         if self.tokens.is_some() || self.received < self.m {
             return Ok(());
         }
-        let mut all = Vec::with_capacity(capacity_hint(self.m + self.d_max * self.blocks.len() as u64));
-        let d_max = self.d_max as usize;
-        // The dummy tokens of every block, `D_max` per block in one batch:
-        // `t_d·K_M` (matches dummy row `d`) for `d < D_b`, `r_d·K_M` (a
-        // random point that matches nothing) otherwise, picked in constant
-        // time. The same multiplications whatever the `D_b`.
+        let slots: u64 = self.patterns.iter().map(|p| p.len() as u64).sum();
+        let mut all = Vec::with_capacity(capacity_hint(self.m + self.d_max * slots));
+        // The dummy tokens of every block in one batch: for each pattern
+        // `p`, each of its `D_max` dummy rows `d` and each slot of `p`,
+        // `t·K_M` (matches that slot of dummy row `d`) for `d < D_p`, `r·K_M`
+        // (a random point that matches nothing) otherwise, picked in
+        // constant time, and put in the slot's block. The same
+        // multiplications, and as many tokens per block, whatever the `D_p`.
+        let mut slot_blocks = Vec::with_capacity(self.dummy_keys.len());
+        let mut matching = Vec::with_capacity(self.dummy_keys.len());
+        for (p, dp) in self.patterns.iter().zip(&self.d) {
+            for row in 0..self.d_max {
+                for b in p {
+                    slot_blocks.push(*b as usize);
+                    matching.push(row.ct_lt(dp));
+                }
+            }
+        }
         let scalars: Zeroizing<Vec<Scalar>> = Zeroizing::new(
             self.dummy_keys
                 .iter()
                 .zip(&self.fresh_keys)
-                .enumerate()
-                .map(|(i, (t, r))| {
-                    let db = self.d.get(i / d_max.max(1)).copied().unwrap_or(0);
-                    let matching = ((i % d_max.max(1)) as u64).ct_lt(&db);
-                    Scalar::conditional_select(r.expose(), t.expose(), matching)
-                })
+                .zip(&matching)
+                .map(|((t, r), m)| Scalar::conditional_select(r.expose(), t.expose(), *m))
                 .collect(),
         );
+        drop(matching);
         let dummy_tokens = point::muls_compress(&scalars, &key_m);
         drop(scalars);
-        let mut dummy_tokens = dummy_tokens.chunks(d_max.max(1));
-        for blinded in std::mem::take(&mut self.blinded) {
+        let mut per_block: Vec<Vec<PointBytes>> = vec![Vec::new(); self.blinded.len()];
+        for (t, b) in dummy_tokens.iter().zip(&slot_blocks) {
+            if let Some(block) = per_block.get_mut(*b) {
+                block.push(*t);
+            }
+        }
+        for (blinded, dummies) in std::mem::take(&mut self.blinded).into_iter().zip(per_block) {
             let mut block = blinded;
-            block.extend_from_slice(dummy_tokens.next().unwrap_or(&[]));
+            block.extend(dummies);
             shuffle(&mut block, &mut self.shuffle_rng);
             all.extend(block);
         }
@@ -720,7 +976,8 @@ impl HolderJoined {
         self.session
     }
 
-    /// Number of rows (`n + G * D_max`).
+    /// Number of rows (`n + P * D_max` for `P` match patterns: `G` blocks
+    /// with one key slot).
     pub fn rows(&self) -> usize {
         self.order.len()
     }
@@ -831,12 +1088,13 @@ impl HolderJoined {
         self.d.iter().sum()
     }
 
-    /// `D_b` per block (holder-local).
+    /// `D_b` per block (holder-local); in a multi-key join, `D_p` per
+    /// match pattern, in [`match_patterns`]'s order.
     pub fn matching_dummies_per_block(&self) -> &[u64] {
         &self.d
     }
 
-    /// `D_max`, public (per block).
+    /// `D_max`, public (per block; per match pattern in a multi-key join).
     pub fn dummy_rows(&self) -> u64 {
         self.d_max
     }
@@ -860,6 +1118,35 @@ pub struct MatcherJoin {
     h2g: HashToGroup,
     blocks: Vec<Vec<Vec<u8>>>,
     padding_seed: Option<PaddingSeed>,
+    patterns: Patterns,
+}
+
+/// What the matcher needs of the match patterns ([`match_patterns`]): the
+/// key slots `K`, how many patterns there are, and for each block how many
+/// slots of all patterns fall in it (the holder's dummy tokens per dummy
+/// row index). With one key slot: `G` patterns, one slot per block.
+#[derive(Clone, Debug)]
+struct Patterns {
+    k: usize,
+    count: u64,
+    slots_per_block: Vec<u64>,
+}
+
+impl Patterns {
+    fn new(blocks: usize, k: usize) -> Result<Self, ProtocolError> {
+        let patterns = match_patterns(blocks, k)?;
+        let mut slots_per_block = vec![0u64; blocks];
+        for b in patterns.iter().flatten() {
+            if let Some(s) = slots_per_block.get_mut(*b as usize) {
+                *s += 1;
+            }
+        }
+        Ok(Self {
+            k,
+            count: patterns.len() as u64,
+            slots_per_block,
+        })
+    }
 }
 
 /// One token the matcher sends: one of its identifiers, or padding (the
@@ -924,13 +1211,30 @@ impl MatcherJoin {
                 reason: "several blocks need a block-padding policy",
             });
         }
+        let patterns = Patterns::new(blocks.len(), 1)?;
         Ok(Self {
             params,
             policy,
             h2g,
             blocks,
             padding_seed: None,
+            patterns,
         })
+    }
+
+    /// A multi-key matcher: each block holds the keys of its users (of all
+    /// kinds, each key once: a key several users hold is kept for the first
+    /// of them), and the holder's rows have `key_slots` points each. A row
+    /// matches in the lowest block any of its slots matched in; the
+    /// matcher learns each row's pattern, which dummy rows cover
+    /// (docs/protocol.md, "Multi-key matching").
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for key slots outside 1 to
+    /// [`MAX_KEY_SLOTS`] or more patterns than a join supports.
+    pub fn with_key_slots(mut self, key_slots: usize) -> Result<Self, ProtocolError> {
+        self.patterns = Patterns::new(self.blocks.len(), key_slots)?;
+        Ok(self)
     }
 
     /// As [`MatcherJoin::grouped`], with block `b` made of the identifiers
@@ -1015,6 +1319,7 @@ impl MatcherJoin {
         Ok((
             MatcherOffered {
                 offer: offer.clone(),
+                patterns: self.patterns,
                 chunk_points: self.params.chunk_points,
                 policy: self.policy,
                 h2g: self.h2g,
@@ -1031,6 +1336,7 @@ impl MatcherJoin {
 /// The matcher waiting for the holder's accept.
 pub struct MatcherOffered {
     offer: JoinOffer,
+    patterns: Patterns,
     chunk_points: usize,
     policy: MatcherPolicy,
     h2g: HashToGroup,
@@ -1056,7 +1362,8 @@ impl MatcherOffered {
                 });
             }
         };
-        let session = join_session_id(&self.offer, &accept.nonce, accept.holder_set_size, accept.dummy_rows);
+        let k = self.patterns.k;
+        let session = join_session_id(&self.offer, &accept.nonce, accept.holder_set_size, accept.dummy_rows, k);
         if session != accept.session {
             return Err(ProtocolError::WrongSession);
         }
@@ -1067,10 +1374,27 @@ impl MatcherOffered {
                 max: self.policy.max_dummy_rows,
             });
         }
-        let g = self.offer.blocks.len() as u64;
-        let rows = accept.holder_set_size + accept.dummy_rows * g;
-        let token_blocks: Vec<u64> = self.offer.blocks.iter().map(|b| b + accept.dummy_rows).collect();
-        let tokens: u64 = token_blocks.iter().sum();
+        // `D_max` dummy rows per pattern, and per block `D_max` dummy
+        // tokens for each slot of a pattern in it (with one key slot: `G`
+        // patterns, `D_max` dummy tokens per block).
+        let too_many = ProtocolError::DummyRows {
+            got: accept.dummy_rows,
+            max: self.policy.max_dummy_rows,
+        };
+        let rows = accept
+            .dummy_rows
+            .checked_mul(self.patterns.count)
+            .and_then(|d| d.checked_add(accept.holder_set_size))
+            .filter(|r| r.checked_mul(k as u64).is_some_and(|p| p <= u64::from(u32::MAX)))
+            .ok_or(too_many)?;
+        let token_blocks: Vec<u64> = self
+            .offer
+            .blocks
+            .iter()
+            .zip(&self.patterns.slots_per_block)
+            .map(|(b, s)| b.saturating_add(accept.dummy_rows.saturating_mul(*s)))
+            .collect();
+        let tokens: u64 = token_blocks.iter().fold(0u64, |a, b| a.saturating_add(*b));
         Ok(MatcherStreaming {
             session,
             chunk_points: self.chunk_points,
@@ -1083,8 +1407,9 @@ impl MatcherOffered {
             sent: 0,
             a_seq: 0,
             expected_rows: rows,
+            key_slots: k,
             row_seq: 0,
-            row_tokens: Vec::with_capacity(capacity_hint(rows)),
+            row_tokens: Vec::with_capacity(capacity_hint(rows.saturating_mul(k as u64))),
             token_blocks,
             expected_tokens: tokens,
             token_seq: 0,
@@ -1107,7 +1432,9 @@ pub struct MatcherStreaming {
     sent: usize,
     a_seq: u32,
     expected_rows: u64,
+    key_slots: usize,
     row_seq: u32,
+    /// `K` tokens per row received so far (row after row).
     row_tokens: Vec<PointBytes>,
     token_blocks: Vec<u64>,
     expected_tokens: u64,
@@ -1188,8 +1515,9 @@ impl MatcherStreaming {
                         got: chunk.seq,
                     });
                 }
-                let got = self.row_tokens.len() as u64 + chunk.count() as u64;
-                if got > self.expected_rows {
+                let k = self.key_slots.max(1);
+                let got = (self.row_tokens.len() / k) as u64 + (chunk.count() / k) as u64;
+                if got > self.expected_rows || !chunk.count().is_multiple_of(k) {
                     return Err(ProtocolError::Count {
                         stream: "holder rows",
                         expected: self.expected_rows,
@@ -1245,7 +1573,7 @@ impl MatcherStreaming {
     pub fn is_done(&self) -> bool {
         self.key_sent
             && self.sent == self.entries.len()
-            && self.row_tokens.len() as u64 == self.expected_rows
+            && self.row_tokens.len() as u64 == self.expected_rows.saturating_mul(self.key_slots as u64)
             && self.received_tokens == self.expected_tokens
     }
 
@@ -1264,10 +1592,16 @@ impl MatcherStreaming {
         if point::has_duplicate(&self.row_tokens) {
             return Err(ProtocolError::Crypto(cleanroom_crypto::CryptoError::DuplicatePoint));
         }
+        // A row's label: the lowest block any of its slots matched in.
         let labels: Vec<u32> = self
             .row_tokens
-            .par_iter()
-            .map(|t| self.tokens.get(t).copied().unwrap_or(UNMATCHED))
+            .par_chunks(self.key_slots.max(1))
+            .map(|row| {
+                row.iter()
+                    .filter_map(|t| self.tokens.get(t).copied())
+                    .min()
+                    .unwrap_or(UNMATCHED)
+            })
             .collect();
         Ok(MatcherJoined::from_labels(
             self.session,
@@ -1416,8 +1750,107 @@ impl MatcherJoined {
         self.block_counts.iter().sum()
     }
 
-    /// Number of rows (`n + G * D_max`).
+    /// Number of rows (`n + P * D_max`, as [`HolderJoined::rows`]).
     pub fn rows(&self) -> usize {
         self.labels.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> JoinParams {
+        JoinParams {
+            collaboration_id: "slots".into(),
+            rules_hash: [1; 32],
+            context: [2; 32],
+            chunk_points: 64,
+        }
+    }
+
+    fn limits() -> SetSizeLimits {
+        SetSizeLimits {
+            min: 0,
+            max: MAX_SET_SIZE,
+        }
+    }
+
+    /// Runs a join to the end and returns the matcher before `finish`.
+    fn joined(holder: HolderJoin, matcher: MatcherJoin) -> MatcherStreaming {
+        let mut rng_h = SessionRng::from_seed([3; 32]);
+        let mut rng_m = SessionRng::from_seed([4; 32]);
+        let (offered, offer) = matcher.offer(&mut rng_m).unwrap();
+        let pending = holder.on_offer(&offer.encode().unwrap(), &mut rng_h).unwrap();
+        let (mut h, accept) = pending.charge_recorded();
+        let mut m = offered.on_accept(&accept.encode().unwrap()).unwrap();
+        while !(h.is_done() && m.is_done()) {
+            let mut moved = false;
+            while let Some(msg) = m.poll_transmit() {
+                h.handle(&msg.encode().unwrap()).unwrap();
+                moved = true;
+            }
+            while let Some(msg) = h.poll_transmit() {
+                m.handle(&msg.encode().unwrap()).unwrap();
+                moved = true;
+            }
+            assert!(moved, "the join stalled");
+        }
+        m
+    }
+
+    /// The matcher sees which slot of a row matched, never which kind of
+    /// key it was: each customer's e-mail is its first key and only the
+    /// e-mails match, yet the matched slot is the first in about half of
+    /// the rows (a holder that kept the kinds' order would put it first in
+    /// all of them).
+    #[test]
+    fn a_matched_slot_does_not_tell_its_kind() {
+        let n = 400;
+        let customers: Vec<Vec<Vec<u8>>> = (0..n)
+            .map(|i| vec![format!("email:{i}").into_bytes(), format!("phone:{i}").into_bytes()])
+            .collect();
+        let emails: Vec<Vec<u8>> = (0..n).map(|i| format!("email:{i}").into_bytes()).collect();
+        let holder = HolderJoin::with_key_slots(
+            params(),
+            HolderPolicy {
+                peer_set: limits(),
+                cardinality: ShiftedTruncatedLaplace::new(1, 1, 1_000_000).unwrap(),
+            },
+            customers,
+            2,
+        )
+        .unwrap();
+        let matcher = MatcherJoin::new(
+            params(),
+            MatcherPolicy {
+                peer_set: limits(),
+                max_dummy_rows: 1000,
+                block_padding: None,
+            },
+            emails,
+        )
+        .unwrap()
+        .with_key_slots(2)
+        .unwrap();
+        let m = joined(holder, matcher);
+        let mut first = 0;
+        let mut matched = 0;
+        for row in m.row_tokens.chunks(2) {
+            let hits: Vec<bool> = row.iter().map(|t| m.tokens.contains_key(t)).collect();
+            if hits.iter().any(|h| *h) {
+                matched += 1;
+                if hits[0] {
+                    first += 1;
+                }
+            }
+        }
+        // All 400 customers match (plus the matching dummies).
+        assert!(matched >= n, "{matched} rows matched");
+        // Binomial(matched, 1/2): outside 35%..65% with probability < 1e-8.
+        assert!(
+            first * 100 > matched * 35 && first * 100 < matched * 65,
+            "{first} of {matched} matched in the first slot"
+        );
     }
 }

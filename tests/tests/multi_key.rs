@@ -1,0 +1,415 @@
+//! The multi-key join (issue 17; docs/protocol.md, "Multi-key matching"),
+//! both parties in one process, at the protocol level (the nodes do not run
+//! it yet): each customer's row has `K` slots, a row matches in the lowest
+//! block any of its keys matched in, `D_max` dummy rows per match pattern.
+//! Checked against plaintext: each row's label, the matcher's counts per
+//! block (real rows plus the dummies of the patterns whose lowest block it
+//! is), and the aggregate's sums, on random cases and on the synthetic
+//! data against `cleanroom_sim::oracle::truth_multi`.
+
+mod common;
+
+use std::collections::HashMap;
+
+use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
+use cleanroom_crypto::normalize::{IdKind, NormalizationRules};
+use cleanroom_crypto::shares::Share;
+use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
+use cleanroom_protocol::join::{
+    HolderJoin, HolderPolicy, MAX_BLOCKS, MatcherJoin, MatcherPolicy, UNMATCHED, match_patterns,
+};
+use cleanroom_query::{CellKind, Clip, Domains, Template};
+use cleanroom_sim::driver::{run_aggregate, run_join, shared};
+use cleanroom_sim::oracle::truth_multi;
+use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, generate};
+use proptest::prelude::*;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+fn holder_policy() -> HolderPolicy {
+    HolderPolicy {
+        peer_set: common::limits(),
+        // ε = 1, δ = 10^-6: D_max = 32 per pattern.
+        cardinality: ShiftedTruncatedLaplace::new(1, 1, 1_000_000).unwrap(),
+    }
+}
+
+fn matcher(blocks: Vec<Vec<Vec<u8>>>, k: usize, chunk: usize) -> MatcherJoin {
+    MatcherJoin::grouped(
+        common::params(chunk),
+        MatcherPolicy {
+            peer_set: common::limits(),
+            max_dummy_rows: 1000,
+            block_padding: Some(ShiftedTruncatedLaplace::new(1, 1, 1000).unwrap()),
+        },
+        blocks,
+    )
+    .unwrap()
+    .with_key_slots(k)
+    .unwrap()
+}
+
+fn binomial(n: u64, k: u64) -> u64 {
+    (1..=k).fold(1, |acc, i| acc * (n + 1 - i) / i)
+}
+
+#[test]
+fn match_patterns_are_the_multisets_of_blocks() {
+    for g in 1..6usize {
+        for k in 1..4usize {
+            let p = match_patterns(g, k).unwrap();
+            // Non-empty multisets of at most k of g blocks: C(g + k, k) - 1.
+            assert_eq!(p.len() as u64, binomial((g + k) as u64, k as u64) - 1, "g={g} k={k}");
+            let mut seen = std::collections::HashSet::new();
+            for x in &p {
+                assert!(!x.is_empty() && x.len() <= k);
+                assert!(x.windows(2).all(|w| w[0] <= w[1]), "{x:?} not sorted");
+                assert!(x.iter().all(|b| (*b as usize) < g));
+                assert!(seen.insert(x.clone()), "{x:?} twice");
+            }
+            // By size, then lexicographic.
+            assert!(p.windows(2).all(|w| (w[0].len(), &w[0]) < (w[1].len(), &w[1])));
+        }
+        // One key slot: the patterns are the blocks, in order.
+        let one: Vec<Vec<u32>> = (0..g as u32).map(|b| vec![b]).collect();
+        assert_eq!(match_patterns(g, 1).unwrap(), one);
+    }
+    assert!(match_patterns(0, 2).is_err());
+    assert!(match_patterns(3, 0).is_err());
+    assert!(match_patterns(3, 9).is_err());
+    assert!(match_patterns(MAX_BLOCKS, 2).is_err(), "too many patterns");
+    assert_eq!(match_patterns(MAX_BLOCKS, 1).unwrap().len(), MAX_BLOCKS);
+}
+
+/// Customers with 0 to `k` keys of `k` kinds (`kind<j>:c-<i>`), users that
+/// hold some of them (and keys no customer has) in random groups, each key
+/// with at most one user; a customer's keys may be held by users of
+/// different groups.
+#[allow(clippy::type_complexity)]
+fn random_case(
+    n: usize,
+    users: usize,
+    groups: usize,
+    k: usize,
+    rng: &mut ChaCha20Rng,
+) -> (Vec<Vec<Vec<u8>>>, Vec<Vec<Vec<u8>>>, HashMap<Vec<u8>, usize>) {
+    let key = |j: usize, who: &str, i: usize| format!("kind{j}:{who}-{i}").into_bytes();
+    let customers: Vec<Vec<Vec<u8>>> = (0..n)
+        .map(|i| {
+            (0..k)
+                .filter(|_| !rng.next_u32().is_multiple_of(4))
+                .map(|j| key(j, "c", i))
+                .collect()
+        })
+        .collect();
+    // Each user: one or two keys, of customers (any kind) or its own.
+    let mut holder_of: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut blocks = vec![Vec::new(); groups];
+    for u in 0..users {
+        let g = rng.next_u32() as usize % groups;
+        for _ in 0..1 + rng.next_u32() % 2 {
+            let kind = rng.next_u32() as usize % k;
+            let id = if n > 0 && !rng.next_u32().is_multiple_of(3) {
+                key(kind, "c", rng.next_u32() as usize % n)
+            } else {
+                key(kind, "u", u)
+            };
+            // The first holder of a key keeps it.
+            if let std::collections::hash_map::Entry::Vacant(e) = holder_of.entry(id.clone()) {
+                e.insert(g);
+                blocks[g].push(id);
+            }
+        }
+    }
+    (customers, blocks, holder_of)
+}
+
+#[allow(clippy::needless_range_loop)]
+fn run_case(n: usize, users: usize, groups: usize, k: usize, width: usize, seed: u64) {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let (customers, blocks, group_of_key) = random_case(n, users, groups, k, &mut rng);
+    let values: Vec<u64> = (0..n * width).map(|_| rng.next_u64() % 1000).collect();
+    // Plaintext: each customer's lowest matched group, and per group the
+    // sums over its customers.
+    let label_of: Vec<Option<usize>> = customers
+        .iter()
+        .map(|keys| keys.iter().filter_map(|x| group_of_key.get(x).copied()).min())
+        .collect();
+    let mut truth = vec![vec![0u64; width]; groups];
+    let mut inter = vec![0u64; groups];
+    for (c, l) in label_of.iter().enumerate() {
+        if let Some(g) = l {
+            inter[*g] += 1;
+            for (t, v) in truth[*g].iter_mut().zip(&values[c * width..(c + 1) * width]) {
+                *t = t.wrapping_add(*v);
+            }
+        }
+    }
+    let h = HolderJoin::with_key_slots(common::params(29), holder_policy(), customers.clone(), k).unwrap();
+    let m = matcher(blocks, k, 31);
+    let mut rng_h = ChaCha20Rng::seed_from_u64(seed ^ 1);
+    let mut rng_m = ChaCha20Rng::seed_from_u64(seed ^ 2);
+    let (hj, mj, _) = run_join(h, m, &mut rng_h, &mut rng_m, |_| {}).unwrap();
+    let patterns = match_patterns(groups, k).unwrap();
+    assert_eq!(hj.rows(), n + patterns.len() * hj.dummy_rows() as usize);
+    assert_eq!(mj.rows(), hj.rows());
+    // Every customer's row carries its lowest matched group, or none.
+    for (i, label) in mj.labels().iter().enumerate() {
+        if let Some(c) = hj.customer_of_row(i) {
+            match label_of[c] {
+                Some(g) => assert_eq!(*label as usize, g, "row {i}"),
+                None => assert_eq!(*label, UNMATCHED, "row {i}"),
+            }
+        }
+    }
+    // Per block: its customers plus the matching dummies of the patterns
+    // whose lowest block it is.
+    let d = hj.matching_dummies_per_block().to_vec();
+    assert_eq!(d.len(), patterns.len());
+    for g in 0..groups {
+        let dummies: u64 = patterns
+            .iter()
+            .zip(&d)
+            .filter(|(p, _)| p[0] as usize == g)
+            .map(|(_, x)| *x)
+            .sum();
+        assert_eq!(mj.block_counts()[g], inter[g] + dummies, "block {g}");
+    }
+    let hj = shared(hj);
+    let qid = cleanroom_wire::QueryId([5u8; 16]);
+    for g in 0..groups {
+        let agg = HolderAggregate::new(
+            hj.clone(),
+            RowValues::new(width, values.clone()).unwrap(),
+            qid,
+            [4; 32],
+            g as u32,
+        )
+        .unwrap();
+        let (hs, ms, _) = run_aggregate(
+            agg,
+            &mj,
+            &mj.choices_for_block(g as u32),
+            width,
+            qid,
+            [4; 32],
+            g as u32,
+            &mut rng_h,
+            &mut rng_m,
+        )
+        .unwrap();
+        let got = Share::reconstruct(&hs, &ms).unwrap();
+        let want: Vec<i64> = truth[g].iter().map(|x| *x as i64).collect();
+        assert_eq!(got, want, "group {g}");
+    }
+}
+
+#[test]
+fn multi_key_join_edge_cases() {
+    // No customers; one block; customers that all lack every key.
+    run_case(0, 10, 1, 2, 1, 1);
+    run_case(40, 60, 1, 2, 2, 2);
+    run_case(30, 0, 3, 2, 1, 3);
+    // Three key kinds over four blocks.
+    run_case(60, 80, 4, 3, 2, 4);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, .. ProptestConfig::default() })]
+
+    #[test]
+    fn multi_key_join_is_exact(
+        n in 0usize..120,
+        users in 0usize..160,
+        groups in 1usize..5,
+        k in 1usize..4,
+        width in 1usize..4,
+        seed in any::<u64>(),
+    ) {
+        run_case(n, users, groups, k, width, seed);
+    }
+}
+
+#[test]
+fn the_holder_refuses_shared_keys_and_too_many_keys() {
+    let shared_key = vec![
+        vec![b"kind0:a".to_vec(), b"kind1:x".to_vec()],
+        vec![b"kind0:b".to_vec(), b"kind1:x".to_vec()],
+    ];
+    assert!(HolderJoin::with_key_slots(common::params(16), holder_policy(), shared_key, 2).is_err());
+    let too_many = vec![vec![b"kind0:a".to_vec(), b"kind1:a".to_vec(), b"kind2:a".to_vec()]];
+    assert!(HolderJoin::with_key_slots(common::params(16), holder_policy(), too_many.clone(), 2).is_err());
+    assert!(HolderJoin::with_key_slots(common::params(16), holder_policy(), too_many.clone(), 0).is_err());
+    assert!(HolderJoin::with_key_slots(common::params(16), holder_policy(), too_many, 9).is_err());
+}
+
+#[test]
+fn both_sides_must_agree_on_the_key_slots() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let (customers, blocks, _) = random_case(20, 20, 2, 2, &mut rng);
+    for (hk, mk) in [(2, 3), (3, 2), (2, 1)] {
+        let h = HolderJoin::with_key_slots(common::params(16), holder_policy(), customers.clone(), hk).unwrap();
+        let m = matcher(blocks.clone(), mk, 16);
+        let mut rng_h = ChaCha20Rng::seed_from_u64(1);
+        let mut rng_m = ChaCha20Rng::seed_from_u64(2);
+        assert!(
+            run_join(h, m, &mut rng_h, &mut rng_m, |_| {}).is_err(),
+            "holder {hk} slots, matcher {mk}"
+        );
+    }
+}
+
+/// Each customer's normalised keys of `kinds`, without those two or more
+/// customers hold (the rule of docs/protocol.md), in customer order.
+fn bank_keys(data: &cleanroom_sim::synth::SynthData, kinds: &[IdKind]) -> (Vec<u64>, Vec<Vec<Vec<u8>>>) {
+    let rules = NormalizationRules::v1("44");
+    let mut order = Vec::new();
+    let mut keys: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
+    for t in &data.bank {
+        keys.entry(t.customer).or_insert_with(|| {
+            order.push(t.customer);
+            kinds
+                .iter()
+                .filter_map(|k| {
+                    rules
+                        .normalize(*k, if *k == IdKind::Email { &t.email } else { &t.phone })
+                        .ok()
+                })
+                .collect()
+        });
+    }
+    let mut holders: HashMap<Vec<u8>, usize> = HashMap::new();
+    for k in keys.values().flatten() {
+        *holders.entry(k.clone()).or_insert(0) += 1;
+    }
+    let customers = order
+        .iter()
+        .map(|c| keys[c].iter().filter(|k| holders[*k] == 1).cloned().collect())
+        .collect();
+    (order, customers)
+}
+
+#[test]
+fn synthetic_data_against_the_multi_key_reference() {
+    let mut data = generate(&SynthConfig {
+        holder_customers: 400,
+        matcher_users: 400,
+        overlap: 0.6,
+        categories: 4,
+        seed: 17,
+    });
+    // Conflicting matches: users' phones swapped pairwise, so a customer's
+    // e-mail and phone can point at two users in two segments.
+    for i in 0..40 {
+        let (a, b) = (data.platform[i].phone.clone(), data.platform[i + 40].phone.clone());
+        data.platform[i].phone = b;
+        data.platform[i + 40].phone = a;
+    }
+    // Customers without a usable e-mail, and phones two customers share.
+    let ids: Vec<u64> = {
+        let mut v: Vec<u64> = data.bank.iter().map(|t| t.customer).collect();
+        v.dedup();
+        v
+    };
+    let phone_of: HashMap<u64, String> = data.bank.iter().map(|t| (t.customer, t.phone.clone())).collect();
+    for t in &mut data.bank {
+        let pos = ids.iter().position(|c| *c == t.customer).unwrap();
+        if pos % 9 == 0 {
+            t.email = "no e-mail on file".into();
+        }
+        if pos % 13 == 1 {
+            t.phone = phone_of[&ids[pos - 1]].clone();
+        }
+    }
+    let kinds = [IdKind::Email, IdKind::Phone];
+    let (order, customers) = bank_keys(&data, &kinds);
+    let domains = Domains {
+        categories: data.categories.iter().cloned().chain(["other".to_string()]).collect(),
+        segments: SEGMENTS.iter().map(|s| s.to_string()).collect(),
+        countries: COUNTRIES.iter().map(|s| s.to_string()).collect(),
+    };
+    let t = Template {
+        name: "t".into(),
+        sql: "SELECT COUNT(DISTINCT b.customer) AS c, COUNT(*) AS n, SUM(b.amount) AS s \
+              FROM bank b JOIN platform p GROUP BY p.segment"
+            .into(),
+        params: vec![],
+        rho_micro: 1,
+        min_count: 0,
+        analysts: vec!["a".into()],
+        clip: Clip::new(3, 20_000),
+    };
+    t.check(&domains).unwrap();
+    let plan = t.bind("a", &[], &domains).unwrap();
+    let width = plan.width();
+    let cells = plan.cells();
+    // The bank's values per customer: count, clipped rows, clipped spend.
+    let mut per: HashMap<u64, (u64, i64)> = HashMap::new();
+    for t in &data.bank {
+        let e = per.entry(t.customer).or_insert((0, 0));
+        e.0 += 1;
+        e.1 += t.amount_cents;
+    }
+    let values: Vec<u64> = order
+        .iter()
+        .flat_map(|c| {
+            let (rows, sum) = per[c];
+            cells.iter().take(width).map(move |cell| match cell.kind {
+                CellKind::Customers => 1,
+                CellKind::Rows => rows.min(plan.clip.transactions),
+                CellKind::Sum => sum.clamp(0, plan.clip.spend_cents as i64) as u64,
+            })
+        })
+        .collect();
+    // The platform's keys by segment, each kept for its first user.
+    let rules = NormalizationRules::v1("44");
+    let mut blocks = vec![Vec::new(); plan.matcher_groups().len()];
+    let mut seen = std::collections::HashSet::new();
+    for u in &data.platform {
+        for (kind, raw) in [(IdKind::Email, &u.email), (IdKind::Phone, &u.phone)] {
+            if let Ok(k) = rules.normalize(kind, raw)
+                && seen.insert(k.clone())
+            {
+                blocks[u.segment].push(k);
+            }
+        }
+    }
+    let h = HolderJoin::with_key_slots(common::params(64), holder_policy(), customers, 2).unwrap();
+    let m = matcher(blocks, 2, 64);
+    let mut rng_h = ChaCha20Rng::seed_from_u64(3);
+    let mut rng_m = ChaCha20Rng::seed_from_u64(4);
+    let (hj, mj, _) = run_join(h, m, &mut rng_h, &mut rng_m, |_| {}).unwrap();
+    let hj = shared(hj);
+    let want = truth_multi(&data, &plan, &kinds);
+    // The case is not trivial: the reference differs from e-mail alone.
+    assert_ne!(want, truth_multi(&data, &plan, &[IdKind::Email]));
+    let qid = cleanroom_wire::QueryId([6u8; 16]);
+    for g in 0..plan.matcher_groups().len() {
+        let agg = HolderAggregate::new(
+            hj.clone(),
+            RowValues::new(width, values.clone()).unwrap(),
+            qid,
+            [4; 32],
+            g as u32,
+        )
+        .unwrap();
+        let (hs, ms, _) = run_aggregate(
+            agg,
+            &mj,
+            &mj.choices_for_block(g as u32),
+            width,
+            qid,
+            [4; 32],
+            g as u32,
+            &mut rng_h,
+            &mut rng_m,
+        )
+        .unwrap();
+        let got: Vec<f64> = Share::reconstruct(&hs, &ms)
+            .unwrap()
+            .iter()
+            .map(|x| *x as f64)
+            .collect();
+        assert_eq!(got, want[g * width..(g + 1) * width].to_vec(), "segment {g}");
+    }
+}
