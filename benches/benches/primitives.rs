@@ -267,14 +267,8 @@ fn join(c: &mut Criterion) {
     g.bench_function("join_and_aggregate_10k", |b| {
         b.iter(|| {
             simulate(&SimulateConfig {
-                holder_rows: 10_000,
-                matcher_rows: 10_000,
-                overlap: 0.5,
-                categories: 16,
-                seed: 1,
                 chunk_points: DEFAULT_CHUNK,
-                shards: 1,
-                group_by_segment: false,
+                ..SimulateConfig::new(10_000, 10_000)
             })
             .unwrap()
         })

@@ -66,6 +66,8 @@ fn curve_results() -> (String, CurveEngine, CurveBackend) {
         chunk_points: 256,
         shards: 1,
         group_by_segment: false,
+        keys: vec![cleanroom_crypto::normalize::IdKind::Email],
+        other_emails: 0.0,
     })
     .expect("the simulation runs");
     assert!(report.exact, "the simulation does not match its plaintext computation");

@@ -413,3 +413,39 @@ fn synthetic_data_against_the_multi_key_reference() {
         assert_eq!(got, want[g * width..(g + 1) * width].to_vec(), "segment {g}");
     }
 }
+
+#[test]
+fn simulate_matches_on_any_key() {
+    use cleanroom_sim::simulate::{SimulateConfig, simulate};
+    let config = |keys: Vec<IdKind>| SimulateConfig {
+        group_by_segment: true,
+        keys,
+        other_emails: 0.25,
+        categories: 4,
+        seed: 3,
+        chunk_points: 256,
+        ..SimulateConfig::new(1_500, 1_200)
+    };
+    let both = simulate(&config(vec![IdKind::Email, IdKind::Phone])).unwrap();
+    assert!(both.exact, "the multi-key run differs from its plaintext");
+    let email = simulate(&config(vec![IdKind::Email])).unwrap();
+    assert!(email.exact);
+    // The users who gave the platform another e-mail match on their phone.
+    assert!(
+        both.intersection > email.intersection,
+        "{} vs {}",
+        both.intersection,
+        email.intersection
+    );
+    assert_eq!(both.keys, ["email", "phone"]);
+    // Phone alone is a multi-key run with one slot: as exact.
+    assert!(simulate(&config(vec![IdKind::Phone])).unwrap().exact);
+    // Refused: a key named twice, no key, shards.
+    assert!(simulate(&config(vec![IdKind::Email, IdKind::Email])).is_err());
+    assert!(simulate(&config(vec![])).is_err());
+    let sharded = SimulateConfig {
+        shards: 2,
+        ..config(vec![IdKind::Email, IdKind::Phone])
+    };
+    assert!(simulate(&sharded).is_err());
+}

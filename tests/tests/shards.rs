@@ -17,6 +17,8 @@ fn config(shards: u32) -> SimulateConfig {
         chunk_points: 512,
         shards,
         group_by_segment: false,
+        keys: vec![cleanroom_crypto::normalize::IdKind::Email],
+        other_emails: 0.0,
     }
 }
 

@@ -305,9 +305,31 @@ struct SimulateArgs {
     /// aggregate per segment, each checked against the plaintext.
     #[arg(long)]
     group_by_segment: bool,
+    /// The keys to match on, comma separated (`email`, `phone`): one key is
+    /// today's join; several make a multi-key join, in which a customer
+    /// matches when any of its keys does (unsharded only).
+    #[arg(long, value_delimiter = ',', default_value = "email", value_parser = parse_key_kind)]
+    keys: Vec<KeyKind>,
+    /// Share of the platform's users (0 to 1, picked by the seed) who gave
+    /// the platform another e-mail address than the bank has, so that only
+    /// another key can match them.
+    #[arg(long, default_value_t = 0.0)]
+    other_emails: f64,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+}
+
+/// A key kind on the command line.
+#[derive(Clone, Copy, Debug)]
+struct KeyKind(cleanroom_sim::simulate::IdKind);
+
+fn parse_key_kind(s: &str) -> Result<KeyKind, String> {
+    match s.trim() {
+        "email" => Ok(KeyKind(cleanroom_sim::simulate::IdKind::Email)),
+        "phone" => Ok(KeyKind(cleanroom_sim::simulate::IdKind::Phone)),
+        other => Err(format!("{other:?}: a key is email or phone")),
+    }
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -349,6 +371,8 @@ fn main() -> anyhow::Result<()> {
                 chunk_points: a.chunk_points,
                 shards: a.shards,
                 group_by_segment: a.group_by_segment,
+                keys: a.keys.iter().map(|k| k.0).collect(),
+                other_emails: a.other_emails,
             })
             .context("simulation failed")?;
             if a.json {

@@ -13,6 +13,13 @@ pub fn simulate(r: &SimulateReport) {
         r.matcher_rows,
         r.categories
     );
+    if r.keys.len() > 1 {
+        out!(
+            "keys: {} (a customer matches when any of them does; {} keys shared by several customers dropped)",
+            r.keys.join(", "),
+            r.shared_keys_dropped
+        );
+    }
     out!(
         "intersection (plaintext): {}   matched rows seen by the matcher: {} (intersection + D, D at most {})",
         r.intersection,

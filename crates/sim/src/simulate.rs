@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
-use cleanroom_crypto::normalize::{IdKind, NormalizationRules};
+pub use cleanroom_crypto::normalize::IdKind;
+use cleanroom_crypto::normalize::NormalizationRules;
 use cleanroom_crypto::rng::session_rng;
 use cleanroom_crypto::shard::{MAX_SHARDS, ShardKey};
 use cleanroom_crypto::shares::Share;
@@ -42,6 +43,32 @@ pub struct SimulateConfig {
     /// one block of the platform's identifiers per segment, each padded,
     /// and one aggregate per segment), instead of one group.
     pub group_by_segment: bool,
+    /// The key kinds the join matches on, in the order both sides declare
+    /// them: `[Email]` is the single-key join; several make it a
+    /// multi-key join (any key matches; unsharded only).
+    pub keys: Vec<IdKind>,
+    /// Share of the platform's users (0 to 1, picked by the data seed) who
+    /// gave the platform another e-mail address than the bank has: they
+    /// can only be matched on another key.
+    pub other_emails: f64,
+}
+
+impl SimulateConfig {
+    /// The single-key defaults of `cleanroom simulate` for these sizes.
+    pub fn new(holder_rows: usize, matcher_rows: usize) -> Self {
+        Self {
+            holder_rows,
+            matcher_rows,
+            overlap: 0.5,
+            categories: 16,
+            seed: 1,
+            chunk_points: DEFAULT_CHUNK_POINTS,
+            shards: 1,
+            group_by_segment: false,
+            keys: vec![IdKind::Email],
+            other_emails: 0.0,
+        }
+    }
 }
 
 /// Errors of a simulation run.
@@ -110,7 +137,12 @@ pub struct ShardSize {
 /// The result of `simulate`.
 #[derive(Clone, Debug, Serialize)]
 pub struct SimulateReport {
-    /// Bank customers (distinct identifiers).
+    /// The key kinds matched on (`email`, `phone`).
+    pub keys: Vec<String>,
+    /// Keys two or more of the bank's customers shared, dropped from all of
+    /// them before a multi-key join (0 for one key).
+    pub shared_keys_dropped: usize,
+    /// Bank customers.
     pub holder_rows: usize,
     /// Bank transactions behind them.
     pub holder_transactions: usize,
@@ -120,9 +152,10 @@ pub struct SimulateReport {
     pub categories: usize,
     /// Output cells per row.
     pub width: usize,
-    /// `|X ∩ Y|`, computed in the clear.
+    /// `|X ∩ Y|`, computed in the clear (customers matched on any key).
     pub intersection: u64,
-    /// `D_max` per block times the blocks and the shards: the most dummy rows, public.
+    /// `D_max` per block (per match pattern in a multi-key join) times the
+    /// blocks (patterns) and the shards: the most dummy rows, public.
     pub dummy_rows: u64,
     /// `|X ∩ Y| + D` summed over the shards: what the matcher learned
     /// (shard by shard in `shards`).
@@ -253,6 +286,96 @@ pub fn plaintext(holder: &HolderInput, matcher: &[Vec<u8>]) -> (u64, Vec<i64>) {
     (count, sums)
 }
 
+/// One customer's or user's normalised keys.
+pub type Keys = Vec<Vec<u8>>;
+
+/// A multi-key run's inputs, from the same data as [`holder_input`] (its
+/// customer order) and the platform's users in order: each customer's
+/// normalised keys of `kinds` (a key that does not normalise is missing),
+/// less any key two or more customers hold; each user's keys, less any an
+/// earlier user holds; and how many distinct keys the bank dropped
+/// (docs/protocol.md, "Multi-key matching").
+pub fn multi_key_inputs(
+    data: &SynthData,
+    rules: &NormalizationRules,
+    kinds: &[IdKind],
+) -> (Vec<Keys>, Vec<Keys>, usize) {
+    let keys = |email: &str, phone: &str| -> Vec<Vec<u8>> {
+        kinds
+            .iter()
+            .filter_map(|k| {
+                let raw = if *k == IdKind::Email { email } else { phone };
+                rules.normalize(*k, raw).ok()
+            })
+            .collect()
+    };
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut customers: Vec<Vec<Vec<u8>>> = Vec::new();
+    for t in &data.bank {
+        if seen.insert(t.customer) {
+            customers.push(keys(&t.email, &t.phone));
+        }
+    }
+    let mut holders: HashMap<Vec<u8>, usize> = HashMap::new();
+    for k in customers.iter().flatten() {
+        *holders.entry(k.clone()).or_insert(0) += 1;
+    }
+    let dropped = holders.values().filter(|n| **n > 1).count();
+    for c in &mut customers {
+        c.retain(|k| holders.get(k) == Some(&1));
+    }
+    let mut taken: HashSet<Vec<u8>> = HashSet::new();
+    let users = data
+        .platform
+        .iter()
+        .map(|u| {
+            let mut k = keys(&u.email, &u.phone);
+            k.retain(|x| taken.insert(x.clone()));
+            k
+        })
+        .collect();
+    (customers, users, dropped)
+}
+
+/// The multi-key plaintext reference: each customer counts in the lowest
+/// group (`group_of_user`) of the users holding one of its keys; per group,
+/// `(customers, Σ of each cell over them)`.
+pub fn plaintext_multi(
+    holder: &HolderInput,
+    customers: &[Vec<Vec<u8>>],
+    users: &[Vec<Vec<u8>>],
+    group_of_user: &[usize],
+    groups: usize,
+) -> Vec<(u64, Vec<i64>)> {
+    let mut group_of_key: HashMap<&[u8], usize> = HashMap::new();
+    for (keys, g) in users.iter().zip(group_of_user) {
+        for k in keys {
+            group_of_key.entry(k.as_slice()).or_insert(*g);
+        }
+    }
+    let mut out = vec![(0u64, vec![0i64; holder.width]); groups];
+    for (c, keys) in customers.iter().enumerate() {
+        let Some(g) = keys
+            .iter()
+            .filter_map(|k| group_of_key.get(k.as_slice()).copied())
+            .min()
+        else {
+            continue;
+        };
+        let (Some((count, sums)), Some(values)) = (
+            out.get_mut(g),
+            holder.values.get(c * holder.width..(c + 1) * holder.width),
+        ) else {
+            continue;
+        };
+        *count += 1;
+        for (s, v) in sums.iter_mut().zip(values) {
+            *s = s.wrapping_add(*v as i64);
+        }
+    }
+    out
+}
+
 /// One shard's inputs: the bank's customers and the platform's users whose
 /// identifiers fall in it.
 pub type ShardInputs = (HolderInput, Vec<Vec<u8>>);
@@ -319,6 +442,7 @@ struct PairRun {
 #[allow(clippy::too_many_arguments)]
 fn run_pair(
     holder: &HolderInput,
+    multi_key: Option<(&[Vec<Vec<u8>>], usize)>,
     blocks: &[Vec<Vec<u8>>],
     rules: &NormalizationRules,
     context: [u8; 32],
@@ -338,14 +462,14 @@ fn run_pair(
         min: 0,
         max: MAX_SET_SIZE,
     };
-    let h = HolderJoin::new(
-        params.clone(),
-        HolderPolicy {
-            peer_set: limits,
-            cardinality: cardinality()?,
-        },
-        holder.ids.clone(),
-    )?;
+    let policy = HolderPolicy {
+        peer_set: limits,
+        cardinality: cardinality()?,
+    };
+    let h = match multi_key {
+        None => HolderJoin::new(params.clone(), policy, holder.ids.clone())?,
+        Some((customers, k)) => HolderJoin::with_key_slots(params.clone(), policy, customers.to_vec(), k)?,
+    };
     // One group: today's ungrouped join. Several: a block per group, each
     // padded (the protocol requires it).
     let m = MatcherJoin::grouped(
@@ -357,6 +481,10 @@ fn run_pair(
         },
         blocks.to_vec(),
     )?;
+    let m = match multi_key {
+        None => m,
+        Some((_, k)) => m.with_key_slots(k)?,
+    };
     let mut add = |name: &str, secs: f64| *phases.entry(name.to_string()).or_insert(0.0) += secs;
     let t = Instant::now();
     let (hj, mj, join_traffic) = run_join(h, m, rng_h, rng_m, |_| {})?;
@@ -422,37 +550,63 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     if cfg.shards == 0 || cfg.shards > MAX_SHARDS {
         return Err(SimError::Config("--shards must be between 1 and 4096"));
     }
+    let kinds: HashSet<IdKind> = cfg.keys.iter().copied().collect();
+    if cfg.keys.is_empty() || kinds.len() != cfg.keys.len() {
+        return Err(SimError::Config("--keys must name each key kind once"));
+    }
+    let multi_key = cfg.keys != [IdKind::Email];
+    if multi_key && cfg.shards > 1 {
+        return Err(SimError::Config(
+            "a multi-key join runs unsharded (a customer's keys would fall in different shards)",
+        ));
+    }
+    if !(0.0..=1.0).contains(&cfg.other_emails) {
+        return Err(SimError::Config("--other-emails must be between 0 and 1"));
+    }
     let mut phases = BTreeMap::new();
     let t = Instant::now();
-    let data = generate(&SynthConfig {
+    let mut data = generate(&SynthConfig {
         holder_customers: cfg.holder_rows,
         matcher_users: cfg.matcher_rows,
         overlap: cfg.overlap,
         categories: cfg.categories,
         seed: cfg.seed,
     });
+    if cfg.other_emails > 0.0 {
+        give_other_emails(&mut data, cfg.other_emails, cfg.seed);
+    }
     phases.insert("generate".to_string(), t.elapsed().as_secs_f64());
 
     let t = Instant::now();
     let rules = NormalizationRules::v1("44");
     let holder = holder_input(&data, &rules)?;
-    let matcher = matcher_ids(&data, &rules)?;
+    // A multi-key run: each customer's keys and each user's (the
+    // single-key run's identifiers are the e-mails alone).
+    let (multi, matcher, shared_keys_dropped) = if multi_key {
+        let (customers, users, dropped) = multi_key_inputs(&data, &rules, &cfg.keys);
+        (Some(customers), users, dropped)
+    } else {
+        let ids = matcher_ids(&data, &rules)?;
+        (None, ids.into_iter().map(|id| vec![id]).collect::<Vec<_>>(), 0)
+    };
     phases.insert("normalize".to_string(), t.elapsed().as_secs_f64());
 
-    // The platform's identifiers in blocks: one per segment when grouped
-    // (every user has one segment, so the blocks partition them), else one.
-    let blocks: Vec<Vec<Vec<u8>>> = if cfg.group_by_segment {
-        let mut b = vec![Vec::new(); SEGMENTS.len()];
-        for (id, u) in matcher.iter().zip(&data.platform) {
-            let Some(block) = b.get_mut(u.segment) else {
-                return Err(SimError::Config("a platform user's segment is out of range"));
-            };
-            block.push(id.clone());
-        }
-        b
-    } else {
-        vec![matcher.clone()]
-    };
+    // The platform's identifiers (keys) in blocks: one per segment when
+    // grouped (every user has one segment, so the blocks partition them),
+    // else one.
+    let group_of_user: Vec<usize> = data
+        .platform
+        .iter()
+        .map(|u| if cfg.group_by_segment { u.segment } else { 0 })
+        .collect();
+    let groups = if cfg.group_by_segment { SEGMENTS.len() } else { 1 };
+    let mut blocks: Vec<Vec<Vec<u8>>> = vec![Vec::new(); groups];
+    for (keys, g) in matcher.iter().zip(&group_of_user) {
+        let Some(block) = blocks.get_mut(*g) else {
+            return Err(SimError::Config("a platform user's segment is out of range"));
+        };
+        block.extend(keys.iter().cloned());
+    }
     let group_names: Vec<String> = if cfg.group_by_segment {
         SEGMENTS.iter().map(|s| (*s).to_string()).collect()
     } else {
@@ -460,9 +614,25 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     };
 
     let t = Instant::now();
-    let (intersection, _) = plaintext(&holder, &matcher);
-    let truth: Vec<Vec<i64>> = blocks.iter().map(|b| plaintext(&holder, b).1).collect();
+    let (intersection, truth): (u64, Vec<Vec<i64>>) = match &multi {
+        Some(customers) => {
+            let per = plaintext_multi(&holder, customers, &matcher, &group_of_user, groups);
+            (
+                per.iter().map(|(n, _)| n).sum(),
+                per.into_iter().map(|(_, s)| s).collect(),
+            )
+        }
+        None => {
+            let all: Vec<Vec<u8>> = matcher.iter().flatten().cloned().collect();
+            (
+                plaintext(&holder, &all).0,
+                blocks.iter().map(|b| plaintext(&holder, b).1).collect(),
+            )
+        }
+    };
     phases.insert("plaintext_reference".to_string(), t.elapsed().as_secs_f64());
+    let key_slots = cfg.keys.len();
+    let patterns = cleanroom_protocol::join::match_patterns(groups, key_slots)?.len() as u64;
 
     let d_max = cardinality()?.d_max();
     let mut rng_h = session_rng()?;
@@ -514,6 +684,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     for (s, &(h_part, m_blocks)) in parts.iter().enumerate() {
         let run = run_pair(
             h_part,
+            multi.as_deref().map(|c| (c, key_slots)),
             m_blocks,
             &rules,
             shard_context(s as u32, cfg.shards),
@@ -570,13 +741,15 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         }
     }
     Ok(SimulateReport {
+        keys: cfg.keys.iter().map(|k| key_name(*k).to_string()).collect(),
+        shared_keys_dropped,
         holder_rows: holder.ids.len(),
         holder_transactions: data.bank.len(),
         matcher_rows: matcher.len(),
         categories: data.categories.len(),
         width,
         intersection,
-        dummy_rows: d_max * u64::from(cfg.shards) * blocks.len() as u64,
+        dummy_rows: d_max * u64::from(cfg.shards) * patterns,
         matched_rows_seen_by_matcher: matched,
         exact,
         cells,
@@ -589,3 +762,25 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
 
 /// Default points per chunk.
 pub const DEFAULT_CHUNK: usize = DEFAULT_CHUNK_POINTS;
+
+/// A key kind's name in the report and on the command line.
+pub fn key_name(kind: IdKind) -> &'static str {
+    match kind {
+        IdKind::Email => "email",
+        IdKind::Phone => "phone",
+    }
+}
+
+/// Gives each platform user, with probability `share` (drawn from the
+/// data seed), another e-mail address than the bank has for the person
+/// (`other-<row>@platform-only.test`): such a user matches only on another
+/// key.
+pub fn give_other_emails(data: &mut SynthData, share: f64, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 0x6f74_6865_725f_6d61);
+    for (i, u) in data.platform.iter_mut().enumerate() {
+        if rng.random_bool(share) {
+            u.email = format!("other-{i}@platform-only.test");
+        }
+    }
+}
