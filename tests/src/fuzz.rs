@@ -89,7 +89,7 @@ pub fn state_file(data: &[u8]) {
 }
 
 /// What a hostile wire does to one frame.
-#[derive(Arbitrary, Debug)]
+#[derive(Arbitrary, Clone, Debug)]
 pub(crate) enum Tamper {
     Deliver,
     Drop,
@@ -209,7 +209,7 @@ pub fn join_machines(data: &[u8]) {
     let (holder, matcher, h, m) = parties(&s);
     let mut rng_h = ChaCha20Rng::seed_from_u64(s.seed);
     let mut rng_m = ChaCha20Rng::seed_from_u64(s.seed ^ 1);
-    let (mut wire, changed) = hostile_wire(s.tamper);
+    let (mut wire, changed) = hostile_wire(s.tamper.clone());
     let out = run_join_over(holder, matcher, &mut rng_h, &mut rng_m, |_| {}, &mut wire);
     if !changed.get() {
         let (hj, mj, _) = out.unwrap_or_else(|e| panic!("an honest join failed: {e}"));
@@ -217,6 +217,77 @@ pub fn join_machines(data: &[u8]) {
         let intersection = h.iter().filter(|x| mset.contains(x)).count() as u64;
         assert_eq!(mj.matched_count(), intersection + hj.matching_dummies());
     }
+    // The same script against a multi-key join (rows of two key slots).
+    let (holder, matcher, shared_customers) = multi_key_parties(&s);
+    let mut rng_h = ChaCha20Rng::seed_from_u64(s.seed ^ 2);
+    let mut rng_m = ChaCha20Rng::seed_from_u64(s.seed ^ 3);
+    let (mut wire, changed) = hostile_wire(s.tamper);
+    let out = run_join_over(holder, matcher, &mut rng_h, &mut rng_m, |_| {}, &mut wire);
+    if !changed.get() {
+        let (hj, mj, _) = out.unwrap_or_else(|e| panic!("an honest multi-key join failed: {e}"));
+        assert_eq!(mj.matched_count(), shared_customers + hj.matching_dummies());
+    }
+}
+
+/// A multi-key join over the script's sizes: shared customers have an
+/// e-mail and a phone, and their platform user holds one of the two (the
+/// e-mail for even ones, the phone for odd ones), so each matches once;
+/// the bank's own customers have an e-mail, or no key at all; the
+/// platform's own users an e-mail. Returns the parties and how many
+/// customers match.
+fn multi_key_parties(s: &Script) -> (HolderJoin, MatcherJoin, u64) {
+    let key = |kind: &str, who: &str, i: u8| format!("{kind}:{who}-{i}").into_bytes();
+    let shared = s.shared % 40;
+    let mut customers: Vec<Vec<Vec<u8>>> = (0..shared)
+        .map(|i| vec![key("email", "shared", i), key("phone", "shared", i)])
+        .collect();
+    customers.extend((0..s.only_holder % 40).map(|i| {
+        if i % 3 == 0 {
+            Vec::new()
+        } else {
+            vec![key("email", "bank", i)]
+        }
+    }));
+    let mut users: Vec<Vec<u8>> = (0..shared)
+        .map(|i| {
+            if i % 2 == 0 {
+                key("email", "shared", i)
+            } else {
+                key("phone", "shared", i)
+            }
+        })
+        .collect();
+    users.extend((0..s.only_matcher % 40).map(|i| key("email", "platform", i)));
+    let params = JoinParams {
+        collaboration_id: "fuzz".into(),
+        rules_hash: [7; 32],
+        context: [9; 32],
+        chunk_points: usize::from(s.chunk % 32) + 2,
+    };
+    let limits = SetSizeLimits { min: 0, max: 1 << 20 };
+    let holder = HolderJoin::with_key_slots(
+        params.clone(),
+        HolderPolicy {
+            peer_set: limits,
+            cardinality: ShiftedTruncatedLaplace::new(1, 1, 1000).expect("parameters"),
+        },
+        customers,
+        2,
+    )
+    .expect("holder");
+    let matcher = MatcherJoin::new(
+        params,
+        MatcherPolicy {
+            peer_set: limits,
+            max_dummy_rows: 1000,
+            block_padding: None,
+        },
+        users,
+    )
+    .expect("matcher")
+    .with_key_slots(2)
+    .expect("key slots");
+    (holder, matcher, u64::from(shared))
 }
 
 /// The holder's side of a two-cell aggregate (1 and the customer's index
