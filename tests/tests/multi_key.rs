@@ -449,3 +449,37 @@ fn simulate_matches_on_any_key() {
     };
     assert!(simulate(&sharded).is_err());
 }
+
+/// What the matcher receives does not depend on the dummy counts `D_p`
+/// (docs/protocol.md: `D_max` dummy rows per pattern and `D_max` dummy
+/// tokens per pattern slot, whatever the `D_p`): two joins of the same
+/// inputs whose holders drew different `D_p` send the same number of rows,
+/// frames and bytes, while the matcher's counts differ by the dummies.
+#[test]
+fn sizes_do_not_depend_on_the_dummy_counts() {
+    let mut rng = ChaCha20Rng::seed_from_u64(21);
+    let (customers, blocks, _) = random_case(80, 90, 3, 2, &mut rng);
+    let run = |seed: u64| {
+        let h = HolderJoin::with_key_slots(common::params(32), holder_policy(), customers.clone(), 2).unwrap();
+        let m = matcher(blocks.clone(), 2, 32);
+        let mut rng_h = ChaCha20Rng::seed_from_u64(seed);
+        let mut rng_m = ChaCha20Rng::seed_from_u64(99);
+        run_join(h, m, &mut rng_h, &mut rng_m, |_| {}).unwrap()
+    };
+    let (h1, m1, t1) = run(1);
+    let mut differed = false;
+    for seed in 2..6 {
+        let (h2, m2, t2) = run(seed);
+        assert_eq!(m2.rows(), m1.rows());
+        assert_eq!(t2.holder_to_matcher_bytes, t1.holder_to_matcher_bytes, "seed {seed}");
+        assert_eq!(t2.holder_to_matcher_messages, t1.holder_to_matcher_messages);
+        assert_eq!(t2.matcher_to_holder_bytes, t1.matcher_to_holder_bytes);
+        // Same customers matched; the counts differ by the dummies only.
+        assert_eq!(
+            m2.matched_count() - h2.matching_dummies(),
+            m1.matched_count() - h1.matching_dummies()
+        );
+        differed |= h2.matching_dummies_per_block() != h1.matching_dummies_per_block();
+    }
+    assert!(differed, "the holders never drew different dummy counts");
+}
