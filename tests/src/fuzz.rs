@@ -164,38 +164,36 @@ fn ids(prefix: &str, n: u8) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The fuzz joins' parameters (`chunk_points` from the script, at least
+/// `min_chunk`) and both parties' policies (ε = 1, δ = 10^-3: few dummies).
+fn fuzz_setup(s: &Script, min_chunk: usize) -> (JoinParams, HolderPolicy, MatcherPolicy) {
+    let params = JoinParams {
+        collaboration_id: "fuzz".into(),
+        rules_hash: [7; 32],
+        context: [9; 32],
+        chunk_points: usize::from(s.chunk % 32) + min_chunk,
+    };
+    let limits = SetSizeLimits { min: 0, max: 1 << 20 };
+    let holder = HolderPolicy {
+        peer_set: limits,
+        cardinality: ShiftedTruncatedLaplace::new(1, 1, 1000).expect("parameters"),
+    };
+    let matcher = MatcherPolicy {
+        peer_set: limits,
+        max_dummy_rows: 1000,
+        block_padding: None,
+    };
+    (params, holder, matcher)
+}
+
 fn parties(s: &Script) -> (HolderJoin, MatcherJoin, Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let mut h = ids("shared", s.shared % 40);
     h.extend(ids("bank", s.only_holder % 40));
     let mut m = ids("shared", s.shared % 40);
     m.extend(ids("platform", s.only_matcher % 40));
-    let params = JoinParams {
-        collaboration_id: "fuzz".into(),
-        rules_hash: [7; 32],
-        context: [9; 32],
-        chunk_points: usize::from(s.chunk % 32) + 1,
-    };
-    let limits = SetSizeLimits { min: 0, max: 1 << 20 };
-    let holder = HolderJoin::new(
-        params.clone(),
-        HolderPolicy {
-            peer_set: limits,
-            // ε = 1, δ = 10^-3: few dummies.
-            cardinality: ShiftedTruncatedLaplace::new(1, 1, 1000).expect("parameters"),
-        },
-        h.clone(),
-    )
-    .expect("holder");
-    let matcher = MatcherJoin::new(
-        params,
-        MatcherPolicy {
-            peer_set: limits,
-            max_dummy_rows: 1000,
-            block_padding: None,
-        },
-        m.clone(),
-    )
-    .expect("matcher");
+    let (params, holder_policy, matcher_policy) = fuzz_setup(s, 1);
+    let holder = HolderJoin::new(params.clone(), holder_policy, h.clone()).expect("holder");
+    let matcher = MatcherJoin::new(params, matcher_policy, m.clone()).expect("matcher");
     (holder, matcher, h, m)
 }
 
@@ -258,35 +256,12 @@ fn multi_key_parties(s: &Script) -> (HolderJoin, MatcherJoin, u64) {
         })
         .collect();
     users.extend((0..s.only_matcher % 40).map(|i| key("email", "platform", i)));
-    let params = JoinParams {
-        collaboration_id: "fuzz".into(),
-        rules_hash: [7; 32],
-        context: [9; 32],
-        chunk_points: usize::from(s.chunk % 32) + 2,
-    };
-    let limits = SetSizeLimits { min: 0, max: 1 << 20 };
-    let holder = HolderJoin::with_key_slots(
-        params.clone(),
-        HolderPolicy {
-            peer_set: limits,
-            cardinality: ShiftedTruncatedLaplace::new(1, 1, 1000).expect("parameters"),
-        },
-        customers,
-        2,
-    )
-    .expect("holder");
-    let matcher = MatcherJoin::new(
-        params,
-        MatcherPolicy {
-            peer_set: limits,
-            max_dummy_rows: 1000,
-            block_padding: None,
-        },
-        users,
-    )
-    .expect("matcher")
-    .with_key_slots(2)
-    .expect("key slots");
+    let (params, holder_policy, matcher_policy) = fuzz_setup(s, 2);
+    let holder = HolderJoin::with_key_slots(params.clone(), holder_policy, customers, 2).expect("holder");
+    let matcher = MatcherJoin::new(params, matcher_policy, users)
+        .expect("matcher")
+        .with_key_slots(2)
+        .expect("key slots");
     (holder, matcher, u64::from(shared))
 }
 

@@ -9,10 +9,8 @@ mod common;
 use std::collections::HashMap;
 
 use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
-use cleanroom_crypto::shares::Share;
-use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
 use cleanroom_protocol::join::{MatcherJoin, MatcherPolicy};
-use cleanroom_sim::driver::{run_aggregate, run_join, shared};
+use cleanroom_sim::driver::{run_join, shared};
 use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -76,33 +74,11 @@ fn run_case(n: usize, m: usize, shared_n: usize, groups: usize, width: usize, se
             }
         }
     }
-    let hj = shared(hj);
-    let qid = [9u8; 16];
-    for g in 0..groups {
-        let agg = HolderAggregate::new(
-            hj.clone(),
-            RowValues::new(width, values.clone()).unwrap(),
-            cleanroom_wire::QueryId(qid),
-            [4; 32],
-            g as u32,
-        )
-        .unwrap();
-        let choices = mj.choices_for_block(g as u32);
-        let (hs, ms, _) = run_aggregate(
-            agg,
-            &mj,
-            &choices,
-            width,
-            cleanroom_wire::QueryId(qid),
-            [4; 32],
-            g as u32,
-            &mut rng_h,
-            &mut rng_m,
-        )
-        .unwrap();
-        let got = Share::reconstruct(&hs, &ms).unwrap();
+    let got = common::aggregate_per_block(&shared(hj), &mj, width, &values, &mut rng_h, &mut rng_m);
+    assert_eq!(got.len(), groups);
+    for (g, got) in got.iter().enumerate() {
         let want: Vec<i64> = truth[g].iter().map(|x| *x as i64).collect();
-        assert_eq!(got, want, "group {g}");
+        assert_eq!(*got, want, "group {g}");
     }
 }
 

@@ -13,13 +13,11 @@ use std::collections::HashMap;
 
 use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
 use cleanroom_crypto::normalize::{IdKind, NormalizationRules};
-use cleanroom_crypto::shares::Share;
-use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
 use cleanroom_protocol::join::{
     HolderJoin, HolderPolicy, MAX_BLOCKS, MatcherJoin, MatcherPolicy, UNMATCHED, match_patterns,
 };
 use cleanroom_query::{CellKind, Clip, Domains, Template};
-use cleanroom_sim::driver::{run_aggregate, run_join, shared};
+use cleanroom_sim::driver::{run_join, shared};
 use cleanroom_sim::oracle::truth_multi;
 use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, generate};
 use proptest::prelude::*;
@@ -175,32 +173,10 @@ fn run_case(n: usize, users: usize, groups: usize, k: usize, width: usize, seed:
             .sum();
         assert_eq!(mj.block_counts()[g], inter[g] + dummies, "block {g}");
     }
-    let hj = shared(hj);
-    let qid = cleanroom_wire::QueryId([5u8; 16]);
-    for g in 0..groups {
-        let agg = HolderAggregate::new(
-            hj.clone(),
-            RowValues::new(width, values.clone()).unwrap(),
-            qid,
-            [4; 32],
-            g as u32,
-        )
-        .unwrap();
-        let (hs, ms, _) = run_aggregate(
-            agg,
-            &mj,
-            &mj.choices_for_block(g as u32),
-            width,
-            qid,
-            [4; 32],
-            g as u32,
-            &mut rng_h,
-            &mut rng_m,
-        )
-        .unwrap();
-        let got = Share::reconstruct(&hs, &ms).unwrap();
+    let got = common::aggregate_per_block(&shared(hj), &mj, width, &values, &mut rng_h, &mut rng_m);
+    for (g, got) in got.iter().enumerate() {
         let want: Vec<i64> = truth[g].iter().map(|x| *x as i64).collect();
-        assert_eq!(got, want, "group {g}");
+        assert_eq!(*got, want, "group {g}");
     }
 }
 
@@ -379,37 +355,13 @@ fn synthetic_data_against_the_multi_key_reference() {
     let mut rng_h = ChaCha20Rng::seed_from_u64(3);
     let mut rng_m = ChaCha20Rng::seed_from_u64(4);
     let (hj, mj, _) = run_join(h, m, &mut rng_h, &mut rng_m, |_| {}).unwrap();
-    let hj = shared(hj);
     let want = truth_multi(&data, &plan, &kinds);
     // The case is not trivial: the reference differs from e-mail alone.
     assert_ne!(want, truth_multi(&data, &plan, &[IdKind::Email]));
-    let qid = cleanroom_wire::QueryId([6u8; 16]);
-    for g in 0..plan.matcher_groups().len() {
-        let agg = HolderAggregate::new(
-            hj.clone(),
-            RowValues::new(width, values.clone()).unwrap(),
-            qid,
-            [4; 32],
-            g as u32,
-        )
-        .unwrap();
-        let (hs, ms, _) = run_aggregate(
-            agg,
-            &mj,
-            &mj.choices_for_block(g as u32),
-            width,
-            qid,
-            [4; 32],
-            g as u32,
-            &mut rng_h,
-            &mut rng_m,
-        )
-        .unwrap();
-        let got: Vec<f64> = Share::reconstruct(&hs, &ms)
-            .unwrap()
-            .iter()
-            .map(|x| *x as f64)
-            .collect();
+    let got = common::aggregate_per_block(&shared(hj), &mj, width, &values, &mut rng_h, &mut rng_m);
+    assert_eq!(got.len(), plan.matcher_groups().len());
+    for (g, got) in got.iter().enumerate() {
+        let got: Vec<f64> = got.iter().map(|x| *x as f64).collect();
         assert_eq!(got, want[g * width..(g + 1) * width].to_vec(), "segment {g}");
     }
 }

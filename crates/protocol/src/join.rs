@@ -729,6 +729,11 @@ impl HolderStreaming {
             };
             points.extend_from_slice(&p.unwrap_or([0u8; 32]));
         }
+        self.rows_message(end, points)
+    }
+
+    /// The chunk of rows up to `end` (not included), made of `points`.
+    fn rows_message(&mut self, end: usize, points: Vec<u8>) -> Message {
         self.rows_sent = end;
         let seq = self.rows_seq;
         self.rows_seq += 1;
@@ -795,14 +800,7 @@ impl HolderStreaming {
                 points.extend_from_slice(p);
             }
         }
-        self.rows_sent = end;
-        let seq = self.rows_seq;
-        self.rows_seq += 1;
-        Message::HolderRows(PointChunk {
-            session: self.session,
-            seq,
-            points,
-        })
+        self.rows_message(end, points)
     }
 
     /// Reads one frame from the matcher.

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use cleanroom_crypto::dp::ShiftedTruncatedLaplace;
+use cleanroom_crypto::shares::Share;
+use cleanroom_protocol::aggregate::{HolderAggregate, RowValues};
 use cleanroom_protocol::join::{
     HolderJoin, HolderPolicy, JoinParams, MAX_SET_SIZE, MatcherJoin, MatcherPolicy, SetSizeLimits,
 };
@@ -54,5 +56,44 @@ pub fn matcher(ids: Vec<Vec<u8>>, chunk_points: usize) -> MatcherJoin {
 pub fn ids(prefix: &str, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
     range
         .map(|i| format!("email:{prefix}-{i}@example.com").into_bytes())
+        .collect()
+}
+
+/// One aggregate per block of a finished join (query `[5; 16]`, plan
+/// `[4; 32]`): the holder's `values` (`width` words per customer) summed
+/// over the rows the matcher labelled with each block, reconstructed.
+pub fn aggregate_per_block(
+    hj: &std::sync::Arc<cleanroom_protocol::join::HolderJoined>,
+    mj: &cleanroom_protocol::join::MatcherJoined,
+    width: usize,
+    values: &[u64],
+    rng_h: &mut rand_chacha::ChaCha20Rng,
+    rng_m: &mut rand_chacha::ChaCha20Rng,
+) -> Vec<Vec<i64>> {
+    let qid = cleanroom_wire::QueryId([5u8; 16]);
+    (0..mj.blocks() as u32)
+        .map(|g| {
+            let agg = HolderAggregate::new(
+                hj.clone(),
+                RowValues::new(width, values.to_vec()).unwrap(),
+                qid,
+                [4; 32],
+                g,
+            )
+            .unwrap();
+            let (hs, ms, _) = cleanroom_sim::driver::run_aggregate(
+                agg,
+                mj,
+                &mj.choices_for_block(g),
+                width,
+                qid,
+                [4; 32],
+                g,
+                rng_h,
+                rng_m,
+            )
+            .unwrap();
+            Share::reconstruct(&hs, &ms).unwrap()
+        })
         .collect()
 }
