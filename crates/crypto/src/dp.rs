@@ -242,6 +242,35 @@ impl ShiftedTruncatedLaplace {
         })
     }
 
+    /// For a histogram of counts (one draw per bin) whose neighbouring
+    /// inputs differ by at most `l1` in all bins together and by at most
+    /// `linf` in any one bin: scale `l1/ε` and
+    /// `μ = ceil((l1/ε) · ln(2·l1/δ)) + linf`, so the privacy loss over the
+    /// bins is at most `ε` and the truncation at `0` and `2μ` costs at most
+    /// `δ/l1` in each of the at most `l1` bins that change. With
+    /// `l1 = linf = 1` this is [`ShiftedTruncatedLaplace::new`]. A
+    /// multi-key join's match patterns take `l1 = 2K + 1`, `linf = K + 1`
+    /// (docs/protocol.md, "Multi-key matching").
+    ///
+    /// # Errors
+    /// As [`ShiftedTruncatedLaplace::new`], and for `linf` of 0 or above
+    /// `l1`.
+    pub fn for_histogram(eps_num: u64, eps_den: u64, delta_inv: u64, l1: u64, linf: u64) -> Result<Self, CryptoError> {
+        if linf == 0 || linf > l1 {
+            return Err(CryptoError::NoiseParameter);
+        }
+        let (Some(den), Some(inv)) = (eps_den.checked_mul(l1), delta_inv.checked_mul(l1)) else {
+            return Err(CryptoError::NoiseParameter);
+        };
+        let mut st = Self::new(eps_num, den, inv)?;
+        st.mu = st
+            .mu
+            .checked_add(linf - 1)
+            .filter(|mu| *mu <= 1 << 20)
+            .ok_or(CryptoError::NoiseParameter)?;
+        Ok(st)
+    }
+
     /// The shift `μ`.
     pub fn mu(&self) -> u64 {
         self.mu
@@ -416,6 +445,30 @@ mod tests {
         assert!(stat < chi_square_critical(df), "chi2 {stat} df {df}");
         assert!(ShiftedTruncatedLaplace::new(0, 1, 100).is_err());
         assert!(ShiftedTruncatedLaplace::new(1, 1, 1).is_err());
+    }
+
+    #[test]
+    fn histogram_calibration() {
+        // One bin, sensitivity 1: the single-key noise.
+        assert_eq!(
+            ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 1, 1).unwrap(),
+            ShiftedTruncatedLaplace::new(1, 2, 1_000_000).unwrap()
+        );
+        // Two keys (l1 = 5, linf = 3) at ε = 1/2, δ = 10^-6: scale 10 and
+        // μ = ceil(10 · ln(10^7)) + 3 = ceil(161.18) + 3 = 165.
+        let st = ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 5, 3).unwrap();
+        let want = (10.0 * (2.0 * 5.0 * 1e6f64).ln()).ceil() as u64 + 3;
+        assert_eq!(st.mu(), want);
+        assert_eq!(st.mu(), 165);
+        assert_eq!(st.d_max(), 330);
+        // The draws have scale l1/ε = 10 around μ.
+        let mut rng = ChaCha20Rng::seed_from_u64(17);
+        let ds: Vec<i64> = (0..20_000).map(|_| st.sample(&mut rng).unwrap() as i64 - 165).collect();
+        let (stat, df) = chi_square(&ds, 40, |x| (-(x.abs() as f64) / 10.0).exp());
+        assert!(stat < chi_square_critical(df), "chi2 {stat} df {df}");
+        assert!(ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 5, 0).is_err());
+        assert!(ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2, 3).is_err());
+        assert!(ShiftedTruncatedLaplace::for_histogram(1, u64::MAX, 1_000_000, 5, 3).is_err());
         assert!(DiscreteGaussian::for_zcdp(0, 1, 1).is_err());
         assert!(DiscreteLaplace::new(0, 1).is_err());
     }

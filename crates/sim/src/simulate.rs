@@ -181,6 +181,24 @@ pub fn cardinality() -> Result<ShiftedTruncatedLaplace, cleanroom_crypto::Crypto
     ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
 }
 
+/// The simulation's noise (ε = 1/2, δ = 10^-6) for a multi-key join of
+/// `key_slots` slots (docs/protocol.md, "Multi-key matching"):
+/// `(dummy counts, block padding)`. The counts per match pattern move by
+/// up to `2K + 1` in all and `K + 1` in one pattern when a customer is
+/// added (the keys it takes from others move them too); a block's size by
+/// up to `2K` in all and `K` in one block when a user is added.
+///
+/// # Errors
+/// For parameters out of range.
+pub fn multi_key_noise(
+    key_slots: u64,
+) -> Result<(ShiftedTruncatedLaplace, ShiftedTruncatedLaplace), cleanroom_crypto::CryptoError> {
+    Ok((
+        ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * key_slots + 1, key_slots + 1)?,
+        ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * key_slots, key_slots)?,
+    ))
+}
+
 /// The holder's per-customer inputs: identifiers and value vectors
 /// `[1, spend_c..., [has txn in c]...]`.
 pub struct HolderInput {
@@ -462,9 +480,13 @@ fn run_pair(
         min: 0,
         max: MAX_SET_SIZE,
     };
+    let (dummies, padding) = match multi_key {
+        None => (cardinality()?, cardinality()?),
+        Some((_, k)) => multi_key_noise(k as u64)?,
+    };
     let policy = HolderPolicy {
         peer_set: limits,
-        cardinality: cardinality()?,
+        cardinality: dummies,
     };
     let h = match multi_key {
         None => HolderJoin::new(params.clone(), policy, holder.ids.clone())?,
@@ -477,7 +499,7 @@ fn run_pair(
         MatcherPolicy {
             peer_set: limits,
             max_dummy_rows: 4096,
-            block_padding: if blocks.len() > 1 { Some(cardinality()?) } else { None },
+            block_padding: if blocks.len() > 1 { Some(padding) } else { None },
         },
         blocks.to_vec(),
     )?;
@@ -634,7 +656,11 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     let key_slots = cfg.keys.len();
     let patterns = cleanroom_protocol::join::match_patterns(groups, key_slots)?.len() as u64;
 
-    let d_max = cardinality()?.d_max();
+    let d_max = if multi_key {
+        multi_key_noise(key_slots as u64)?.0.d_max()
+    } else {
+        cardinality()?.d_max()
+    };
     let mut rng_h = session_rng()?;
     let mut rng_m = session_rng()?;
     let width = holder.width;
