@@ -76,6 +76,10 @@ fn match_patterns_are_the_multisets_of_blocks() {
     assert!(match_patterns(3, 0).is_err());
     assert!(match_patterns(3, 9).is_err());
     assert!(match_patterns(MAX_BLOCKS, 2).is_err(), "too many patterns");
+    // At most 4,096 pattern slots: 62 blocks of two slots (2,015
+    // patterns), not 63 (2,079).
+    assert_eq!(match_patterns(62, 2).unwrap().len(), 2_015);
+    assert!(match_patterns(63, 2).is_err());
     assert_eq!(match_patterns(MAX_BLOCKS, 1).unwrap().len(), MAX_BLOCKS);
 }
 
@@ -223,15 +227,25 @@ fn the_holder_refuses_shared_keys_and_too_many_keys() {
 fn both_sides_must_agree_on_the_key_slots() {
     let mut rng = ChaCha20Rng::seed_from_u64(11);
     let (customers, blocks, _) = random_case(20, 20, 2, 2, &mut rng);
-    for (hk, mk) in [(2, 3), (3, 2), (2, 1)] {
-        let h = HolderJoin::with_key_slots(common::params(16), holder_policy(), customers.clone(), hk).unwrap();
+    for (hk, mk) in [(2, 3), (3, 2), (2, 1), (1, 2)] {
+        let keys: Vec<Vec<Vec<u8>>> = customers.iter().map(|c| c.iter().take(hk).cloned().collect()).collect();
+        let h = HolderJoin::with_key_slots(common::params(16), holder_policy(), keys, hk).unwrap();
         let m = matcher(blocks.clone(), mk, 16);
         let mut rng_h = ChaCha20Rng::seed_from_u64(1);
         let mut rng_m = ChaCha20Rng::seed_from_u64(2);
+        let mut charged = false;
+        let out = run_join(h, m, &mut rng_h, &mut rng_m, |_| charged = true);
+        // The holder refuses the offer, before it charges anything.
         assert!(
-            run_join(h, m, &mut rng_h, &mut rng_m, |_| {}).is_err(),
-            "holder {hk} slots, matcher {mk}"
+            matches!(
+                out,
+                Err(cleanroom_sim::driver::DriverError::Holder(
+                    cleanroom_protocol::ProtocolError::ParameterMismatch { .. }
+                ))
+            ),
+            "holder {hk} slots, matcher {mk}: {out:?}"
         );
+        assert!(!charged, "holder {hk} slots, matcher {mk}: charged");
     }
 }
 

@@ -249,7 +249,7 @@ impl ShiftedTruncatedLaplace {
     /// bins is at most `ε` and the truncation at `0` and `2μ` costs at most
     /// `δ/l1` in each of the at most `l1` bins that change. With
     /// `l1 = linf = 1` this is [`ShiftedTruncatedLaplace::new`]. A
-    /// multi-key join's match patterns take `l1 = 2K + 1`, `linf = K + 1`
+    /// multi-key join's match patterns take `l1 = 2K`, `linf = K`
     /// (docs/protocol.md, "Multi-key matching").
     ///
     /// # Errors
@@ -454,17 +454,17 @@ mod tests {
             ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 1, 1).unwrap(),
             ShiftedTruncatedLaplace::new(1, 2, 1_000_000).unwrap()
         );
-        // Two keys (l1 = 5, linf = 3) at ε = 1/2, δ = 10^-6: scale 10 and
-        // μ = ceil(10 · ln(10^7)) + 3 = ceil(161.18) + 3 = 165.
-        let st = ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 5, 3).unwrap();
-        let want = (10.0 * (2.0 * 5.0 * 1e6f64).ln()).ceil() as u64 + 3;
+        // Two keys (l1 = 4, linf = 2) at ε = 1/2, δ = 10^-6: scale 8 and
+        // μ = ceil(8 · ln(8·10^6)) + 2 = ceil(127.16) + 2 = 130.
+        let st = ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 4, 2).unwrap();
+        let want = (8.0 * (2.0 * 4.0 * 1e6f64).ln()).ceil() as u64 + 2;
         assert_eq!(st.mu(), want);
-        assert_eq!(st.mu(), 165);
-        assert_eq!(st.d_max(), 330);
-        // The draws have scale l1/ε = 10 around μ.
+        assert_eq!(st.mu(), 130);
+        assert_eq!(st.d_max(), 260);
+        // The draws have scale l1/ε = 8 around μ.
         let mut rng = ChaCha20Rng::seed_from_u64(17);
-        let ds: Vec<i64> = (0..20_000).map(|_| st.sample(&mut rng).unwrap() as i64 - 165).collect();
-        let (stat, df) = chi_square(&ds, 40, |x| (-(x.abs() as f64) / 10.0).exp());
+        let ds: Vec<i64> = (0..20_000).map(|_| st.sample(&mut rng).unwrap() as i64 - 130).collect();
+        let (stat, df) = chi_square(&ds, 32, |x| (-(x.abs() as f64) / 8.0).exp());
         assert!(stat < chi_square_critical(df), "chi2 {stat} df {df}");
         assert!(ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 5, 0).is_err());
         assert!(ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2, 3).is_err());

@@ -172,7 +172,7 @@ pub const MAX_KEY_SLOTS: usize = 8;
 /// # Errors
 /// [`ProtocolError::LocalInput`] for no block, more than [`MAX_BLOCKS`]
 /// blocks, key slots outside 1 to [`MAX_KEY_SLOTS`], or more than
-/// [`MAX_BLOCKS`] patterns.
+/// [`MAX_BLOCKS`] pattern slots (patterns times key slots).
 pub fn match_patterns(blocks: usize, key_slots: usize) -> Result<Vec<Vec<u32>>, ProtocolError> {
     if blocks == 0 || blocks > MAX_BLOCKS || key_slots == 0 || key_slots > MAX_KEY_SLOTS {
         return Err(ProtocolError::LocalInput {
@@ -185,7 +185,10 @@ pub fn match_patterns(blocks: usize, key_slots: usize) -> Result<Vec<Vec<u32>>, 
         of_size = of_size.saturating_mul(blocks as u64 + z - 1) / z;
         total = total.saturating_add(of_size);
     }
-    if total > MAX_BLOCKS as u64 {
+    // At most as many pattern slots (patterns times key slots) as a
+    // single-key join may have blocks, so a peer's choice of blocks costs
+    // the holder no more dummy rows and tokens than it can today.
+    if total.saturating_mul(key_slots as u64) > MAX_BLOCKS as u64 {
         return Err(ProtocolError::LocalInput {
             reason: "too many match patterns (blocks and key slots) for one join",
         });
@@ -297,6 +300,22 @@ fn join_session_id(offer: &JoinOffer, holder_nonce: &Nonce, n: u64, d_max: u64, 
     let mut sid = [0u8; 16];
     sid.copy_from_slice(d.as_ref().get(..16).unwrap_or(&[0u8; 16]));
     cleanroom_wire::SessionId(sid)
+}
+
+/// The rules' hash as the offer carries it: a multi-key join's also names
+/// its key slots, so a holder whose `K` differs refuses the offer before it
+/// charges anything (one key slot: the rules' hash itself).
+fn offer_rules_hash(rules_hash: &[u8; 32], key_slots: usize) -> [u8; 32] {
+    if key_slots <= 1 {
+        return *rules_hash;
+    }
+    let mut ctx = Context::new(&SHA256);
+    ctx.update(b"cleanroom-v1-key-slots");
+    ctx.update(rules_hash);
+    ctx.update(&(key_slots as u64).to_le_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref().get(..32).unwrap_or(&[0u8; 32]));
+    out
 }
 
 fn flatten(points: &[PointBytes]) -> Vec<u8> {
@@ -490,9 +509,14 @@ impl HolderJoin {
                 what: "collaboration id",
             });
         }
-        if offer.rules_hash != self.params.rules_hash {
+        let k = self.slots.as_ref().map_or(1, |s| s.k);
+        if offer.rules_hash != offer_rules_hash(&self.params.rules_hash, k) {
             return Err(ProtocolError::ParameterMismatch {
-                what: "identifier normalisation rules",
+                what: if k == 1 {
+                    "identifier normalisation rules"
+                } else {
+                    "identifier normalisation rules or key slots"
+                },
             });
         }
         if offer.context != self.params.context {
@@ -503,13 +527,15 @@ impl HolderJoin {
         if offer.blocks.is_empty() || offer.blocks.len() > MAX_BLOCKS || sum != Some(offer.matcher_set_size) {
             return Err(ProtocolError::ParameterMismatch { what: "block sizes" });
         }
-        let k = self.slots.as_ref().map_or(1, |s| s.k);
-        let patterns = match_patterns(offer.blocks.len(), k)?;
+        // The matcher picks the blocks: too many match patterns for them
+        // is its fault.
+        let patterns = match_patterns(offer.blocks.len(), k)
+            .map_err(|_| ProtocolError::ParameterMismatch { what: "block sizes" })?;
         let n = self.slots.as_ref().map_or(self.ids.len(), KeySlots::customers) as u64;
         let d_max = self.policy.cardinality.d_max();
         // `D_max` dummy rows per pattern (per block with one key slot).
         let dummies = (patterns.len() as u64).saturating_mul(d_max);
-        if n.saturating_add(dummies) > u64::from(u32::MAX) {
+        if n.saturating_add(dummies).saturating_mul(k as u64) > u64::from(u32::MAX) {
             return Err(ProtocolError::LocalInput {
                 reason: "too many rows for one join",
             });
@@ -766,18 +792,13 @@ impl HolderStreaming {
             .filter(|e| !is_dummy(**e, self.n))
             .map(|e| slots.range(*e as usize))
             .collect();
-        let pads: Vec<Zeroizing<Vec<u8>>> = customers
-            .iter()
-            .flat_map(|r| (r.len()..k).map(|_| ()))
-            .map(|()| pad_input(slot_rng))
-            .collect();
-        let mut pad = pads.iter();
+        // `K` padding inputs per customer whatever it lacks, so that the
+        // draws too follow the chunk's length only.
+        let pads: Vec<Zeroizing<Vec<u8>>> = (0..customers.len() * k).map(|_| pad_input(slot_rng)).collect();
         let mut inputs: Vec<&[u8]> = Vec::with_capacity(customers.len() * k);
-        for r in &customers {
+        for (r, row_pads) in customers.iter().zip(pads.chunks(k)) {
             inputs.extend(self.ids.get(r.clone()).unwrap_or(&[]).iter().map(Vec::as_slice));
-            for _ in r.len()..k {
-                inputs.push(pad.next().map_or(&[][..], |p| p.as_slice()));
-            }
+            inputs.extend(row_pads.iter().skip(r.len()).map(|p| p.as_slice()));
         }
         let computed = hash_mul_compress(&self.h2g, &inputs, &self.kb);
         drop(inputs);
@@ -1308,7 +1329,7 @@ impl MatcherJoin {
         let offer = JoinOffer {
             nonce,
             collaboration_id: self.params.collaboration_id.clone(),
-            rules_hash: self.params.rules_hash,
+            rules_hash: offer_rules_hash(&self.params.rules_hash, self.patterns.k),
             matcher_set_size: m,
             context: self.params.context,
             blocks: sizes,
@@ -1795,6 +1816,50 @@ mod tests {
             assert!(moved, "the join stalled");
         }
         m
+    }
+
+    /// The blocks are the matcher's choice: an offer whose blocks would make
+    /// more match patterns than a join allows is its fault, refused before
+    /// anything is charged or computed; and a holder whose key slots differ
+    /// from the offer's refuses it the same way.
+    #[test]
+    fn an_offer_with_too_many_patterns_or_other_key_slots_is_refused() {
+        let holder = || {
+            HolderJoin::with_key_slots(
+                params(),
+                HolderPolicy {
+                    peer_set: limits(),
+                    cardinality: ShiftedTruncatedLaplace::new(1, 1, 1_000_000).unwrap(),
+                },
+                vec![vec![b"email:a".to_vec(), b"phone:a".to_vec()]],
+                2,
+            )
+            .unwrap()
+        };
+        let offer = |blocks: usize, key_slots: usize| {
+            Message::JoinOffer(JoinOffer {
+                nonce: [5; 32],
+                collaboration_id: params().collaboration_id,
+                rules_hash: offer_rules_hash(&params().rules_hash, key_slots),
+                matcher_set_size: blocks as u64,
+                context: params().context,
+                blocks: vec![1; blocks],
+            })
+            .encode()
+            .unwrap()
+        };
+        let mut rng = SessionRng::from_seed([6; 32]);
+        // 63 blocks and two key slots: 2,079 patterns, 4,158 pattern slots.
+        let err = holder().on_offer(&offer(63, 2), &mut rng).unwrap_err();
+        assert!(
+            matches!(err, ProtocolError::ParameterMismatch { what: "block sizes" }),
+            "{err:?}"
+        );
+        assert!(holder().on_offer(&offer(62, 2), &mut rng).is_ok());
+        for k in [1, 3] {
+            let err = holder().on_offer(&offer(2, k), &mut rng).unwrap_err();
+            assert!(matches!(err, ProtocolError::ParameterMismatch { .. }), "{err:?}");
+        }
     }
 
     /// The matcher sees which slot of a row matched, never which kind of

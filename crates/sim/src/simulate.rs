@@ -184,19 +184,19 @@ pub fn cardinality() -> Result<ShiftedTruncatedLaplace, cleanroom_crypto::Crypto
 /// The simulation's noise (ε = 1/2, δ = 10^-6) for a multi-key join of
 /// `key_slots` slots (docs/protocol.md, "Multi-key matching"):
 /// `(dummy counts, block padding)`. The counts per match pattern move by
-/// up to `2K + 1` in all and `K + 1` in one pattern when a customer is
-/// added (the keys it takes from others move them too); a block's size by
-/// up to `2K` in all and `K` in one block when a user is added.
+/// up to `2K` in all and `K` in one pattern when a customer is added (the
+/// keys it shares are dropped from it and from the others, who move too);
+/// a block's size by up to `2K` in all and `K` in one block when a user is
+/// added.
 ///
 /// # Errors
 /// For parameters out of range.
 pub fn multi_key_noise(
     key_slots: u64,
 ) -> Result<(ShiftedTruncatedLaplace, ShiftedTruncatedLaplace), cleanroom_crypto::CryptoError> {
-    Ok((
-        ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * key_slots + 1, key_slots + 1)?,
-        ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * key_slots, key_slots)?,
-    ))
+    let k = key_slots.max(1);
+    let noise = ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * k, k)?;
+    Ok((noise.clone(), noise))
 }
 
 /// The holder's per-customer inputs: identifiers and value vectors
