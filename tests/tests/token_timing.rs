@@ -18,6 +18,11 @@
 //! multiplications, got twice as fast with curve25519-dalek's AVX-512 IFMA
 //! backend and drowned in the scheduler's jitter on this shared machine.)
 //!
+//! When the control comes out too weak to show that (host noise: it once
+//! measured 0.493 in a clean-clone CI run and 0.929 and 0.795 on an idle
+//! host just after), the pair is measured again, up to three times; the
+//! null correlation is checked on the measurement whose control passed.
+//!
 //! `cargo test --locked -p cleanroom-tests --test token_timing -- --nocapture`
 //! prints both correlations.
 
@@ -178,27 +183,40 @@ fn correlation(extra: impl Fn(u64) -> u64 + Copy + Send + Sync) -> (f64, f64, f6
     (r, sd_d, times[times.len() / 2])
 }
 
+/// Most measurements of the pair below: another is made only when the
+/// control was too weak to show the test could see a D-dependent step
+/// (host noise), never because of the null measurement.
+const ATTEMPTS: usize = 3;
+
 #[test]
 fn the_time_to_build_e_does_not_follow_the_dummy_count() {
-    let (r, sd_d, median) = correlation(|_| 0);
-    println!(
-        "last token step vs D over {TRIALS} joins (D sd {sd_d:.1}): r = {r:+.3}, median step {median:.2} x the calibration ({CALIBRATION} tokens)"
+    let mut controls = Vec::new();
+    for attempt in 1..=ATTEMPTS {
+        let (r, sd_d, median) = correlation(|_| 0);
+        println!(
+            "attempt {attempt}: last token step vs D over {TRIALS} joins (D sd {sd_d:.1}): r = {r:+.3}, median step {median:.2} x the calibration ({CALIBRATION} tokens)"
+        );
+        // The control: the same measurement with D more multiplications in it.
+        let (r_control, _, median_control) = correlation(|d| d);
+        println!(
+            "attempt {attempt}: control, with D more tokens (hash to group, multiply, compress) in the step: r = {r_control:+.3}, median step {median_control:.2} x the calibration"
+        );
+        assert!(sd_d > 5.0, "D hardly varies (sd {sd_d}): the test cannot see anything");
+        // (With the multi-buffer curve code and one run per join, the control
+        // measured 0.37 to 0.67 on 2026-12-07 and failed the clean-clone CI
+        // once at 0.486; with the least of three runs per join: 0.56 to 0.94,
+        // null -0.055 to +0.059, and once 0.394 in CI. With ε = 0.05 (twice
+        // D's spread): control 0.77, 0.98, 0.95, null -0.05 to -0.07; then
+        // 0.493 in one clean-clone CI run, 0.929 and 0.795 on an idle host
+        // just after, hence another attempt when the control is weak.)
+        if r_control > 0.5 {
+            // 300 independent pairs: the correlation's standard error is about 0.058.
+            assert!(r.abs() < 0.25, "the time to build E follows D: r = {r}");
+            return;
+        }
+        controls.push(r_control);
+    }
+    panic!(
+        "the control does not show a D-dependent step in {ATTEMPTS} attempts (r = {controls:?}): the measurement is too noisy"
     );
-    // The control: the same measurement with D more multiplications in it.
-    let (r_control, _, median_control) = correlation(|d| d);
-    println!(
-        "control, with D more tokens (hash to group, multiply, compress) in the step: r = {r_control:+.3}, median step {median_control:.2} x the calibration"
-    );
-    assert!(sd_d > 5.0, "D hardly varies (sd {sd_d}): the test cannot see anything");
-    // (With the multi-buffer curve code and one run per join, the control
-    // measured 0.37 to 0.67 on 2026-12-07 and failed the clean-clone CI
-    // once at 0.486; with the least of three runs per join: 0.56 to 0.94,
-    // null -0.055 to +0.059, and once 0.394 in CI. With ε = 0.05 (twice
-    // D's spread): control 0.77, 0.98, 0.95, null -0.05 to -0.07.)
-    assert!(
-        r_control > 0.5,
-        "the control does not show a D-dependent step (r = {r_control}): the measurement is too noisy"
-    );
-    // 300 independent pairs: the correlation's standard error is about 0.058.
-    assert!(r.abs() < 0.25, "the time to build E follows D: r = {r}");
 }
