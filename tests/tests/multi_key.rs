@@ -19,6 +19,7 @@ use cleanroom_protocol::join::{
 use cleanroom_query::{CellKind, Clip, Domains, Template};
 use cleanroom_sim::driver::{run_join, shared};
 use cleanroom_sim::oracle::truth_multi;
+use cleanroom_sim::simulate::multi_key_inputs;
 use cleanroom_sim::synth::{COUNTRIES, SEGMENTS, SynthConfig, generate};
 use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
@@ -249,36 +250,6 @@ fn both_sides_must_agree_on_the_key_slots() {
     }
 }
 
-/// Each customer's normalised keys of `kinds`, without those two or more
-/// customers hold (the rule of docs/protocol.md), in customer order.
-fn bank_keys(data: &cleanroom_sim::synth::SynthData, kinds: &[IdKind]) -> (Vec<u64>, Vec<Vec<Vec<u8>>>) {
-    let rules = NormalizationRules::v1("44");
-    let mut order = Vec::new();
-    let mut keys: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
-    for t in &data.bank {
-        keys.entry(t.customer).or_insert_with(|| {
-            order.push(t.customer);
-            kinds
-                .iter()
-                .filter_map(|k| {
-                    rules
-                        .normalize(*k, if *k == IdKind::Email { &t.email } else { &t.phone })
-                        .ok()
-                })
-                .collect()
-        });
-    }
-    let mut holders: HashMap<Vec<u8>, usize> = HashMap::new();
-    for k in keys.values().flatten() {
-        *holders.entry(k.clone()).or_insert(0) += 1;
-    }
-    let customers = order
-        .iter()
-        .map(|c| keys[c].iter().filter(|k| holders[*k] == 1).cloned().collect())
-        .collect();
-    (order, customers)
-}
-
 #[test]
 fn synthetic_data_against_the_multi_key_reference() {
     let mut data = generate(&SynthConfig {
@@ -312,7 +283,14 @@ fn synthetic_data_against_the_multi_key_reference() {
         }
     }
     let kinds = [IdKind::Email, IdKind::Phone];
-    let (order, customers) = bank_keys(&data, &kinds);
+    // The parties' inputs as `cleanroom simulate` prepares them (shared
+    // keys dropped, each platform key kept for its first user); the
+    // reference below is `truth_multi`, written apart from them.
+    let (customers, users, _) = multi_key_inputs(&data, &NormalizationRules::v1("44"), &kinds);
+    let mut order: Vec<u64> = data.bank.iter().map(|t| t.customer).collect();
+    order.dedup();
+    // (The synthetic transactions come grouped by customer.)
+    assert_eq!(order.len(), customers.len());
     let domains = Domains {
         categories: data.categories.iter().cloned().chain(["other".to_string()]).collect(),
         segments: SEGMENTS.iter().map(|s| s.to_string()).collect(),
@@ -352,17 +330,9 @@ fn synthetic_data_against_the_multi_key_reference() {
         })
         .collect();
     // The platform's keys by segment, each kept for its first user.
-    let rules = NormalizationRules::v1("44");
     let mut blocks = vec![Vec::new(); plan.matcher_groups().len()];
-    let mut seen = std::collections::HashSet::new();
-    for u in &data.platform {
-        for (kind, raw) in [(IdKind::Email, &u.email), (IdKind::Phone, &u.phone)] {
-            if let Ok(k) = rules.normalize(kind, raw)
-                && seen.insert(k.clone())
-            {
-                blocks[u.segment].push(k);
-            }
-        }
+    for (u, keys) in data.platform.iter().zip(users) {
+        blocks[u.segment].extend(keys);
     }
     let h = HolderJoin::with_key_slots(common::params(64), holder_policy(), customers, 2).unwrap();
     let m = matcher(blocks, 2, 64);

@@ -309,7 +309,7 @@ struct SimulateArgs {
     /// today's join; several make a multi-key join, in which a customer
     /// matches when any of its keys does (unsharded only).
     #[arg(long, value_delimiter = ',', default_value = "email", value_parser = parse_key_kind)]
-    keys: Vec<KeyKind>,
+    keys: Vec<cleanroom_sim::simulate::IdKind>,
     /// Share of the platform's users (0 to 1, picked by the seed) who gave
     /// the platform another e-mail address than the bank has, so that only
     /// another key can match them.
@@ -320,16 +320,8 @@ struct SimulateArgs {
     json: bool,
 }
 
-/// A key kind on the command line.
-#[derive(Clone, Copy, Debug)]
-struct KeyKind(cleanroom_sim::simulate::IdKind);
-
-fn parse_key_kind(s: &str) -> Result<KeyKind, String> {
-    match s.trim() {
-        "email" => Ok(KeyKind(cleanroom_sim::simulate::IdKind::Email)),
-        "phone" => Ok(KeyKind(cleanroom_sim::simulate::IdKind::Phone)),
-        other => Err(format!("{other:?}: a key is email or phone")),
-    }
+fn parse_key_kind(s: &str) -> Result<cleanroom_sim::simulate::IdKind, String> {
+    cleanroom_sim::simulate::key_kind(s.trim()).ok_or_else(|| format!("{s:?}: a key is email or phone"))
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -371,7 +363,7 @@ fn main() -> anyhow::Result<()> {
                 chunk_points: a.chunk_points,
                 shards: a.shards,
                 group_by_segment: a.group_by_segment,
-                keys: a.keys.iter().map(|k| k.0).collect(),
+                keys: a.keys,
                 other_emails: a.other_emails,
             })
             .context("simulation failed")?;

@@ -397,6 +397,14 @@ struct KeySlots {
     offsets: Arc<Vec<u32>>,
 }
 
+/// A multi-key holder's streaming state: its customers' keys and the
+/// session stream (drawn at the offer) of its padding inputs and of each
+/// row's slot order.
+struct MultiKeyRows {
+    slots: KeySlots,
+    rng: SessionRng,
+}
+
 impl KeySlots {
     fn customers(&self) -> usize {
         self.offsets.len().saturating_sub(1)
@@ -580,11 +588,11 @@ impl HolderJoin {
                 }
             }
         }
-        let slot_rng = self.slots.is_some().then(|| {
+        let multi_key = self.slots.map(|slots| {
             rng.fill_bytes(&mut seed);
-            let r = SessionRng::from_seed(seed);
+            let rng = SessionRng::from_seed(seed);
             seed.zeroize();
-            r
+            MultiKeyRows { slots, rng }
         });
 
         let accept = JoinAccept {
@@ -599,9 +607,8 @@ impl HolderJoin {
                 chunk_points: self.params.chunk_points,
                 h2g: self.h2g,
                 ids: self.ids,
-                slots: self.slots,
+                multi_key,
                 patterns,
-                slot_rng,
                 n,
                 m: offer.matcher_set_size,
                 blocks: offer.blocks.clone(),
@@ -666,9 +673,10 @@ pub struct HolderStreaming {
     chunk_points: usize,
     h2g: HashToGroup,
     ids: OwnIds,
-    slots: Option<KeySlots>,
+    /// A multi-key holder's customers and the stream its padding inputs
+    /// and slot orders come from.
+    multi_key: Option<MultiKeyRows>,
     patterns: Vec<Vec<u32>>,
-    slot_rng: Option<SessionRng>,
     n: u64,
     m: u64,
     blocks: Vec<u64>,
@@ -734,8 +742,10 @@ impl HolderStreaming {
     }
 
     fn next_rows_chunk(&mut self) -> Message {
-        if self.slots.is_some() {
-            return self.next_multi_key_rows_chunk();
+        if let Some(mut multi_key) = self.multi_key.take() {
+            let chunk = self.next_multi_key_rows_chunk(&mut multi_key);
+            self.multi_key = Some(multi_key);
+            return chunk;
         }
         let end = (self.rows_sent + self.chunk_points).min(self.order.len());
         let entries = self.order.get(self.rows_sent..end).unwrap_or(&[]);
@@ -775,14 +785,8 @@ impl HolderStreaming {
     /// and the padding for the keys it lacks alike, is `kb·H2G(input)` in
     /// one batch, so a chunk's work follows its length only; each row's
     /// slots are then put in a fresh random order.
-    fn next_multi_key_rows_chunk(&mut self) -> Message {
-        let (Some(slots), Some(slot_rng)) = (self.slots.as_ref(), self.slot_rng.as_mut()) else {
-            return Message::HolderRows(PointChunk {
-                session: self.session,
-                seq: self.rows_seq,
-                points: Vec::new(),
-            });
-        };
+    fn next_multi_key_rows_chunk(&mut self, multi_key: &mut MultiKeyRows) -> Message {
+        let MultiKeyRows { slots, rng: slot_rng } = multi_key;
         let k = slots.k;
         let rows = (self.chunk_points / k).max(1);
         let end = (self.rows_sent + rows).min(self.order.len());
@@ -904,25 +908,18 @@ impl HolderStreaming {
         // (a random point that matches nothing) otherwise, picked in
         // constant time, and put in the slot's block. The same
         // multiplications, and as many tokens per block, whatever the `D_p`.
+        let mut keys = self.dummy_keys.iter().zip(&self.fresh_keys);
+        let mut scalars: Zeroizing<Vec<Scalar>> = Zeroizing::new(Vec::with_capacity(self.dummy_keys.len()));
         let mut slot_blocks = Vec::with_capacity(self.dummy_keys.len());
-        let mut matching = Vec::with_capacity(self.dummy_keys.len());
         for (p, dp) in self.patterns.iter().zip(&self.d) {
             for row in 0..self.d_max {
-                for b in p {
+                let matching = row.ct_lt(dp);
+                for (b, (t, r)) in p.iter().zip(keys.by_ref()) {
+                    scalars.push(Scalar::conditional_select(r.expose(), t.expose(), matching));
                     slot_blocks.push(*b as usize);
-                    matching.push(row.ct_lt(dp));
                 }
             }
         }
-        let scalars: Zeroizing<Vec<Scalar>> = Zeroizing::new(
-            self.dummy_keys
-                .iter()
-                .zip(&self.fresh_keys)
-                .zip(&matching)
-                .map(|((t, r), m)| Scalar::conditional_select(r.expose(), t.expose(), *m))
-                .collect(),
-        );
-        drop(matching);
         let dummy_tokens = point::muls_compress(&scalars, &key_m);
         drop(scalars);
         let mut per_block: Vec<Vec<PointBytes>> = vec![Vec::new(); self.blinded.len()];

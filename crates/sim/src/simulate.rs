@@ -182,21 +182,17 @@ pub fn cardinality() -> Result<ShiftedTruncatedLaplace, cleanroom_crypto::Crypto
 }
 
 /// The simulation's noise (ε = 1/2, δ = 10^-6) for a multi-key join of
-/// `key_slots` slots (docs/protocol.md, "Multi-key matching"):
-/// `(dummy counts, block padding)`. The counts per match pattern move by
-/// up to `2K` in all and `K` in one pattern when a customer is added (the
-/// keys it shares are dropped from it and from the others, who move too);
-/// a block's size by up to `2K` in all and `K` in one block when a user is
-/// added.
+/// `key_slots` slots (docs/protocol.md, "Multi-key matching"), for the
+/// dummy counts and the block padding alike: the counts per match pattern
+/// move by up to `2K` in all and `K` in one pattern when a customer is
+/// added (the keys it shares are dropped from it and from the others, who
+/// move too), and a block's size by as much when a user is added.
 ///
 /// # Errors
 /// For parameters out of range.
-pub fn multi_key_noise(
-    key_slots: u64,
-) -> Result<(ShiftedTruncatedLaplace, ShiftedTruncatedLaplace), cleanroom_crypto::CryptoError> {
+pub fn multi_key_noise(key_slots: u64) -> Result<ShiftedTruncatedLaplace, cleanroom_crypto::CryptoError> {
     let k = key_slots.max(1);
-    let noise = ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * k, k)?;
-    Ok((noise.clone(), noise))
+    ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * k, k)
 }
 
 /// The holder's per-customer inputs: identifiers and value vectors
@@ -480,13 +476,13 @@ fn run_pair(
         min: 0,
         max: MAX_SET_SIZE,
     };
-    let (dummies, padding) = match multi_key {
-        None => (cardinality()?, cardinality()?),
+    let noise = match multi_key {
+        None => cardinality()?,
         Some((_, k)) => multi_key_noise(k as u64)?,
     };
     let policy = HolderPolicy {
         peer_set: limits,
-        cardinality: dummies,
+        cardinality: noise.clone(),
     };
     let h = match multi_key {
         None => HolderJoin::new(params.clone(), policy, holder.ids.clone())?,
@@ -499,7 +495,7 @@ fn run_pair(
         MatcherPolicy {
             peer_set: limits,
             max_dummy_rows: 4096,
-            block_padding: if blocks.len() > 1 { Some(padding) } else { None },
+            block_padding: if blocks.len() > 1 { Some(noise) } else { None },
         },
         blocks.to_vec(),
     )?;
@@ -657,7 +653,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
     let patterns = cleanroom_protocol::join::match_patterns(groups, key_slots)?.len() as u64;
 
     let d_max = if multi_key {
-        multi_key_noise(key_slots as u64)?.0.d_max()
+        multi_key_noise(key_slots as u64)?.d_max()
     } else {
         cardinality()?.d_max()
     };
@@ -795,6 +791,13 @@ pub fn key_name(kind: IdKind) -> &'static str {
         IdKind::Email => "email",
         IdKind::Phone => "phone",
     }
+}
+
+/// The key kind a name on the command line names ([`key_name`]'s inverse).
+pub fn key_kind(name: &str) -> Option<IdKind> {
+    [IdKind::Email, IdKind::Phone]
+        .into_iter()
+        .find(|k| key_name(*k) == name)
 }
 
 /// Gives each platform user, with probability `share` (drawn from the
