@@ -70,6 +70,7 @@ pub fn sql(data: &[u8]) {
         categories: ["grocery", "travel", "dining", "other"].map(String::from).to_vec(),
         segments: ["gamer", "student", "other"].map(String::from).to_vec(),
         countries: ["GB", "FR"].map(String::from).to_vec(),
+        key_slots: 1,
     };
     let mut params = BTreeMap::new();
     params.insert("segment".to_string(), "gamer".to_string());

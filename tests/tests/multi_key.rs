@@ -295,6 +295,7 @@ fn synthetic_data_against_the_multi_key_reference() {
         categories: data.categories.iter().cloned().chain(["other".to_string()]).collect(),
         segments: SEGMENTS.iter().map(|s| s.to_string()).collect(),
         countries: COUNTRIES.iter().map(|s| s.to_string()).collect(),
+        key_slots: 2,
     };
     let t = Template {
         name: "t".into(),

@@ -1046,6 +1046,7 @@ async fn bench_reports_the_join_against_the_curve_bound() {
         queries: 3,
         shards: 1,
         node_processes: None,
+        key_slots: 1,
     };
     let mut steps = Vec::new();
     let rows = cleanroom_lab::bench::run(&opts, |done, total, _| steps.push((done, total)))

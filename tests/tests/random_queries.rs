@@ -149,8 +149,10 @@ fn world() -> World {
     };
     let dc = |file: &str| DataConfig {
         path: dir.path().join(file),
-        id_column: "email".into(),
-        id_kind: "email".into(),
+        id_column: Some("email".into()),
+        id_kind: Some("email".into()),
+        keys: Vec::new(),
+        customer_column: None,
         max_bad_row_share: 0.0,
         category_column: Some("category".into()),
         amount_column: Some("amount".into()),
@@ -172,6 +174,7 @@ fn world() -> World {
             categories: cats,
             segments: segs,
             countries,
+            key_slots: 1,
         },
     }
 }

@@ -68,8 +68,10 @@ fn data_config(source: SourceKind, path: &Path, bank: bool) -> DataConfig {
     DataConfig {
         source,
         path: path.to_path_buf(),
-        id_column: "email".into(),
-        id_kind: "email".into(),
+        id_column: Some("email".into()),
+        id_kind: Some("email".into()),
+        keys: Vec::new(),
+        customer_column: None,
         max_bad_row_share: 0.0,
         category_column: bank.then(|| "category".into()),
         amount_column: bank.then(|| "amount".into()),

@@ -142,6 +142,10 @@ enum Command {
         /// not counted. Not with --rtt-ms or --bandwidth-mbit.
         #[arg(long)]
         node_processes: bool,
+        /// The keys both nodes match on: `email`, or `email,phone` (a
+        /// customer matched when either matches; the same data, unsharded).
+        #[arg(long, value_delimiter = ',', default_value = "email")]
+        keys: Vec<String>,
     },
     /// Write synthetic `bank.csv` and `platform.csv` (with `--parquet`,
     /// also `bank.parquet` and `platform.parquet` of the same rows).
@@ -418,8 +422,19 @@ fn main() -> anyhow::Result<()> {
             queries,
             shards,
             node_processes,
+            keys,
         } => {
             init_logging("warn");
+            let mut sorted = keys.clone();
+            sorted.sort();
+            let key_slots = match sorted.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+                ["email"] => 1,
+                ["email", "phone"] => 2,
+                _ => bail!("--keys: give email, or email,phone"),
+            };
+            if key_slots > 1 && shards > 1 {
+                bail!("--keys email,phone runs unsharded (a multi-key collaboration has no shards yet)");
+            }
             if node_processes && (rtt_ms.is_some() || bandwidth_mbit.is_some()) {
                 bail!("--node-processes runs the nodes on loopback: not with --rtt-ms or --bandwidth-mbit");
             }
@@ -457,6 +472,7 @@ fn main() -> anyhow::Result<()> {
                 queries,
                 shards,
                 node_processes,
+                key_slots,
             };
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(

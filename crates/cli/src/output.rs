@@ -219,6 +219,11 @@ pub fn demo(r: &DemoReport) {
 
 pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    if let Some(k) = rows.iter().map(|r| r.key_slots).find(|k| *k > 1) {
+        out!(
+            "keys: e-mail or phone, {k} key slots per bank row (the bound counts {k} points per customer and per dummy row)"
+        );
+    }
     out!(
         "{:>9}  {:>3}  {:>9}  {:>9}  {:>5}  {:>9}  {:>9}  {:>8}  {:>8}  {:>9}  {:>9}  {:>9}  {:>11}  {:>11}  {:>10}",
         "rows",

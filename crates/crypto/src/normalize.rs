@@ -5,7 +5,7 @@
 use ring::digest::{SHA256, digest};
 
 /// The kinds of identifier a collaboration can match on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IdKind {
     /// An e-mail address.
     Email,

@@ -50,6 +50,9 @@ pub struct BenchOptions {
     /// (so each node's peak RSS is its own), instead of both in this
     /// process. Traffic and exchanges are then not counted.
     pub node_processes: Option<std::path::PathBuf>,
+    /// Key slots: 1 (match on e-mail), or 2 (match on e-mail or phone,
+    /// `Fixture::use_keys`, on the same data).
+    pub key_slots: usize,
 }
 
 /// One phase of one node.
@@ -88,6 +91,8 @@ pub struct Traffic {
 pub struct BenchRow {
     /// Bank customers and platform users.
     pub rows: usize,
+    /// Key slots per bank row (1: e-mail; 2: e-mail or phone).
+    pub key_slots: usize,
     /// Shards both nodes split their identifiers into (1: no split).
     pub shards: u32,
     /// Which repetition of this size (from 1).
@@ -257,23 +262,49 @@ pub fn curve_reference(
     ])
 }
 
-/// The curve bound and the reference for one join of `holder` and
-/// `matcher` (with each shard's dummy rows: `shards` x D_max of the demo
-/// configuration's cardinality noise, ε = 0.5, δ = 10^-6), on a blocking
-/// thread; `ids` gives the identifiers there.
-async fn bound_and_reference(
+/// The points of the bank's rows and dummy rows the bound counts: with one
+/// key slot its identifiers and `shards` x `D_max` dummy rows of the demo
+/// configuration's cardinality noise (ε = 0.5, δ = 10^-6); with `K > 1`,
+/// `K` points per customer (its keys, and a padding input for each it
+/// lacks, hashed the same way) and `K` per dummy row, `D_max` of the
+/// `K`-slot noise per match pattern of the ungrouped join (the timed join
+/// is the overlap query's).
+fn bank_points(
+    mut keys: Vec<Vec<u8>>,
+    customers: usize,
+    key_slots: usize,
     shards: u32,
-    ids: impl FnOnce() -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), NodeError> + Send + 'static,
-) -> Result<(Vec<(String, f64)>, Vec<(String, f64)>), NodeError> {
-    let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
+) -> Result<(Vec<Vec<u8>>, usize), NodeError> {
+    let k = key_slots.max(1);
+    if k == 1 {
+        let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::new(1, 2, 1_000_000)
+            .map_err(NodeError::Crypto)?
+            .d_max() as usize;
+        return Ok((keys, d_max * shards.max(1) as usize));
+    }
+    let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * k as u64, k as u64)
         .map_err(NodeError::Crypto)?
-        .d_max() as usize
-        * shards.max(1) as usize;
+        .d_max() as usize;
+    let patterns = cleanroom_protocol::join::match_patterns(1, k)
+        .map_err(|_| NodeError::Internal("match patterns"))?
+        .len();
+    let pads = (customers * k).saturating_sub(keys.len());
+    // Any distinct inputs cost the same to hash.
+    keys.extend((0..pads).map(|i| format!("bench-pad-{i:016}").into_bytes()));
+    Ok((keys, patterns * d_max * k))
+}
+
+/// The curve bound and the reference for one join of the bank's points and
+/// the platform's identifiers (`ids` gives them, and the dummy points, see
+/// [`bank_points`]), on a blocking thread.
+async fn bound_and_reference(
+    ids: impl FnOnce() -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>, usize), NodeError> + Send + 'static,
+) -> Result<(Vec<(String, f64)>, Vec<(String, f64)>), NodeError> {
     tokio::task::spawn_blocking(move || {
-        let (holder, matcher) = ids()?;
+        let (holder, matcher, dummies) = ids()?;
         Ok::<_, NodeError>((
-            curve_bound(&holder, &matcher, d_max)?,
-            curve_reference(&holder, &matcher, d_max)?,
+            curve_bound(&holder, &matcher, dummies)?,
+            curve_reference(&holder, &matcher, dummies)?,
         ))
     })
     .await
@@ -389,6 +420,9 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             );
             fixture.edit_configs(&[("[limits]", section.as_str())])?;
         }
+        if opts.key_slots > 1 {
+            fixture.use_keys(0.0, opts.seed)?;
+        }
         // A join of tens of millions of rows takes minutes: the nodes' own
         // query timeout (120 s by default) would end it.
         fixture.edit_configs(&[("[limits]\n", "[limits]\nquery_timeout_secs = 7200\n")])?;
@@ -470,6 +504,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         let peak_heap_platform_bytes = memory::peak_bytes(Tag::Platform);
         let peak_heap_other_bytes = memory::peak_bytes(Tag::Shared);
         let holder: Vec<Vec<u8>> = bank.node.holder_ids()?;
+        let customers = bank.node.holder_customers();
         let matcher: Vec<Vec<u8>> = platform.node.matcher_ids()?;
         platform.stop().await;
         bank.stop().await;
@@ -480,7 +515,12 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             total,
             &format!("{rows} rows: timing the curve bound and the reference"),
         );
-        let (parts, reference_parts) = bound_and_reference(opts.shards, move || Ok((holder, matcher))).await?;
+        let (shards, key_slots) = (opts.shards, opts.key_slots);
+        let (parts, reference_parts) = bound_and_reference(move || {
+            let (holder, dummies) = bank_points(holder, customers, key_slots, shards)?;
+            Ok((holder, matcher, dummies))
+        })
+        .await?;
         let bound_seconds: f64 = parts.iter().map(|(_, s)| s).sum();
         let reference_seconds: f64 = reference_parts.iter().map(|(_, s)| s).sum();
         #[allow(clippy::cast_precision_loss)]
@@ -491,6 +531,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         let (query_cells, query_row_bytes) = query_shape(&fixture, template, &params)?;
         out.push(BenchRow {
             rows,
+            key_slots: opts.key_slots.max(1),
             shards: opts.shards.max(1),
             run,
             overlap: opts.overlap,
@@ -707,16 +748,18 @@ async fn run_processes(
     progress(4, "timing the curve bound and the reference");
     // The nodes' identifiers, loaded here as the unsharded nodes load them.
     let (bank_config, platform_config) = (fixture.bank_config.clone(), fixture.platform_config.clone());
-    let (parts, reference_parts) = bound_and_reference(opts.shards, move || {
+    let (shards, key_slots) = (opts.shards, opts.key_slots);
+    let (parts, reference_parts) = bound_and_reference(move || {
         let load = |p: &Path| cleanroom_node::config::NodeConfig::load(p);
         let (b, p) = (load(&bank_config)?, load(&platform_config)?);
+        let h = cleanroom_node::data::load_holder(&b.data, &b.collaboration)?;
+        let (holder, dummies) = bank_points(h.ids.to_vec(), h.customers(), key_slots, shards)?;
         Ok((
-            cleanroom_node::data::load_holder(&b.data, &b.collaboration)?
-                .ids
-                .to_vec(),
+            holder,
             cleanroom_node::data::load_matcher(&p.data, &p.collaboration)?
                 .ids
                 .to_vec(),
+            dummies,
         ))
     })
     .await?;
@@ -729,6 +772,7 @@ async fn run_processes(
     };
     Ok(BenchRow {
         rows,
+        key_slots: opts.key_slots.max(1),
         shards: opts.shards.max(1),
         run,
         overlap: opts.overlap,

@@ -178,6 +178,9 @@ pub struct Fixture {
     /// The platform's `[data]` source lines, when not its CSV file (see
     /// [`Fixture::use_parquet`], [`Fixture::use_postgres`]).
     platform_source: Option<String>,
+    /// Text replacements made in the platform's config only (see
+    /// [`Fixture::use_keys`]).
+    platform_edits: Vec<(String, String)>,
 }
 
 /// Where the demo's nodes read their rows from.
@@ -274,7 +277,34 @@ impl Fixture {
             max_customers: max_customers_for(rows),
             edits: Vec::new(),
             platform_source: None,
+            platform_edits: Vec::new(),
         })
+    }
+
+    /// Both nodes match on e-mail or phone (issue 17): their `[data]` lists
+    /// both key columns, the bank's also its customer column. First
+    /// `other_emails` (0 to 1) of the platform's users get an e-mail the
+    /// bank does not have (`cleanroom_sim::simulate::give_other_emails`),
+    /// so only their phone can match them, and the data files are written
+    /// again. Call it before [`Self::use_parquet`] or [`Self::use_postgres`].
+    ///
+    /// # Errors
+    /// A file that cannot be written; a config that cannot be signed.
+    pub fn use_keys(&mut self, other_emails: f64, seed: u64) -> Result<(), NodeError> {
+        cleanroom_sim::simulate::give_other_emails(&mut self.data, other_emails, seed);
+        cleanroom_node::data::write_synthetic(&self.dir.join("data"), &self.data)?;
+        let one = "id_column = \"email\"\nid_kind = \"email\"\n";
+        let keys = "keys = [{ kind = \"email\", column = \"email\" }, { kind = \"phone\", column = \"phone\" }]\n";
+        let text = std::fs::read_to_string(&self.bank_config).map_err(|e| NodeError::Config {
+            path: self.bank_config.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let bank = format!("customer_column = \"customer\"\n{keys}");
+        let text = edited(text, &[(one.to_string(), bank)], &self.bank_config)?;
+        write(&self.bank_config, &text)?;
+        sign_config(&self.bank_config)?;
+        self.platform_edits.push((one.to_string(), keys.to_string()));
+        Ok(())
     }
 
     /// Both nodes read their rows from Parquet files of the same data
@@ -330,6 +360,7 @@ impl Fixture {
     /// The platform's config text with the edits and its source.
     fn platform_text(&self, text: String) -> Result<String, NodeError> {
         let text = edited(text, &self.edits, &self.platform_config)?;
+        let text = edited(text, &self.platform_edits, &self.platform_config)?;
         match &self.platform_source {
             None => Ok(text),
             Some(lines) => edited(text, &[(csv_line("platform"), lines.clone())], &self.platform_config),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use std::collections::BTreeMap;
 
+use cleanroom_crypto::normalize::IdKind;
 use cleanroom_query::{Clip, Domains, ParamSpec, Template, TemplateKind, parse_cents, parse_date, parse_micro};
 use serde::Deserialize;
 
@@ -48,10 +49,21 @@ pub struct DataConfig {
     /// The CSV file (with a header row) or the Parquet file.
     #[serde(default)]
     pub path: PathBuf,
-    /// Identifier column.
-    pub id_column: String,
-    /// `email` or `phone`.
-    pub id_kind: String,
+    /// Identifier column (one key; or `keys`).
+    #[serde(default)]
+    pub id_column: Option<String>,
+    /// `email` or `phone` (with `id_column`).
+    #[serde(default)]
+    pub id_kind: Option<String>,
+    /// Several identifier columns, a customer matching when any of them
+    /// does (docs/protocol.md, "Multi-key matching"): each a kind and its
+    /// column, instead of `id_column` and `id_kind`. Both nodes list the
+    /// same kinds.
+    #[serde(default)]
+    pub keys: Vec<KeyColumn>,
+    /// The bank's customer column, with several `keys`: a customer's rows
+    /// share it (with one key the identifier is the customer).
+    pub customer_column: Option<String>,
     /// Largest share of bad rows tolerated (0 to 1).
     #[serde(default = "default_bad_share")]
     pub max_bad_row_share: f64,
@@ -71,6 +83,39 @@ pub struct DataConfig {
     /// `source = "postgres"`: the database and what to read.
     #[serde(default)]
     pub postgres: Option<PostgresConfig>,
+}
+
+/// One identifier column of a multi-key collaboration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyColumn {
+    /// `email` or `phone`.
+    pub kind: String,
+    /// The column holding it.
+    pub column: String,
+}
+
+impl DataConfig {
+    /// The identifier columns and their kinds: `keys` sorted by kind, or
+    /// the one of `id_column` and `id_kind` (whose kind is checked by
+    /// [`NodeConfig::check`]; an unknown one reads as e-mail here).
+    pub fn key_columns(&self) -> Vec<(String, IdKind)> {
+        let kind = |k: &str| if k == "phone" { IdKind::Phone } else { IdKind::Email };
+        if self.keys.is_empty() {
+            return vec![(
+                self.id_column.clone().unwrap_or_default(),
+                kind(self.id_kind.as_deref().unwrap_or("email")),
+            )];
+        }
+        let mut out: Vec<(String, IdKind)> = self.keys.iter().map(|k| (k.column.clone(), kind(&k.kind))).collect();
+        out.sort_by_key(|(_, k)| *k);
+        out
+    }
+
+    /// Whether a customer is matched on any of several keys.
+    pub fn multi_key(&self) -> bool {
+        self.keys.len() > 1
+    }
 }
 
 /// Where a node's rows are.
@@ -736,9 +781,7 @@ impl NodeConfig {
             return Err(bad(path, "max_bad_row_share must be between 0 and 1".into()));
         }
         self.check_source(path)?;
-        if !matches!(self.data.id_kind.as_str(), "email" | "phone") {
-            return Err(bad(path, "id_kind must be \"email\" or \"phone\"".into()));
-        }
+        self.check_keys(path)?;
         match (self.shards.count.unwrap_or(1), &self.shards.key) {
             (0, _) | (4097.., _) => {
                 return Err(bad(path, "shards.count must be between 1 and 4096".into()));
@@ -754,6 +797,65 @@ impl NodeConfig {
         self.memory_budget(path)?;
         self.limits(path)?;
         self.templates(path)?;
+        Ok(())
+    }
+
+    /// The identifier columns: `id_column` and `id_kind`, or `keys` (one
+    /// per kind; the bank's `customer_column` with two or more; no
+    /// shards with two or more).
+    fn check_keys(&self, path: &Path) -> Result<(), NodeError> {
+        let d = &self.data;
+        let known = |k: &str| matches!(k, "email" | "phone");
+        if d.keys.is_empty() {
+            let (Some(_), Some(kind)) = (&d.id_column, &d.id_kind) else {
+                return Err(bad(
+                    path,
+                    "[data] needs id_column and id_kind (or keys, for several identifier columns)".into(),
+                ));
+            };
+            if !known(kind) {
+                return Err(bad(path, "id_kind must be \"email\" or \"phone\"".into()));
+            }
+        } else {
+            if d.id_column.is_some() || d.id_kind.is_some() {
+                return Err(bad(path, "[data]: keys or id_column and id_kind, not both".into()));
+            }
+            for (i, k) in d.keys.iter().enumerate() {
+                if !known(&k.kind) {
+                    return Err(bad(path, "[data] keys: a kind must be \"email\" or \"phone\"".into()));
+                }
+                if d.keys.iter().take(i).any(|o| o.kind == k.kind) {
+                    return Err(bad(path, format!("[data] keys: kind {:?} is listed twice", k.kind)));
+                }
+            }
+        }
+        match (self.role, d.multi_key(), &d.customer_column) {
+            (Role::Bank, true, None) => {
+                return Err(bad(
+                    path,
+                    "the bank's [data] needs customer_column with several keys (the column its customer's rows share)"
+                        .into(),
+                ));
+            }
+            (Role::Bank, false, Some(_)) => {
+                return Err(bad(
+                    path,
+                    "[data] customer_column goes with several keys (with one, the identifier is the customer)".into(),
+                ));
+            }
+            (Role::Platform, _, Some(_)) => {
+                return Err(bad(path, "[data] customer_column is the bank's".into()));
+            }
+            _ => {}
+        }
+        if d.multi_key() && self.shards.count.unwrap_or(1) > 1 {
+            return Err(bad(
+                path,
+                "[data] keys: a multi-key collaboration runs unsharded for now (shards.count 1): a customer's keys \
+                 can fall in different shards and would be counted in each"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -867,6 +969,7 @@ impl NodeConfig {
             categories: self.collaboration.categories.clone(),
             segments: self.collaboration.segments.clone(),
             countries: self.collaboration.countries.clone(),
+            key_slots: u32::try_from(self.data.key_columns().len()).unwrap_or(u32::MAX),
         }
     }
 

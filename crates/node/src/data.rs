@@ -25,11 +25,16 @@ pub struct Txn {
     pub day: i32,
 }
 
-/// The holder's data: one entry per distinct normalised identifier.
+/// The holder's data: one entry per distinct normalised identifier, or,
+/// with several keys, per customer.
 #[derive(Clone)]
 pub struct HolderData {
-    /// Normalised identifiers.
+    /// Normalised identifiers (one per customer), or, with several keys,
+    /// every customer's keys one after the other.
     pub ids: cleanroom_protocol::join::OwnIds,
+    /// With several keys: customer `c`'s keys are
+    /// `ids[key_offsets[c]..key_offsets[c + 1]]` (0 to `K` of them).
+    pub key_offsets: Option<std::sync::Arc<Vec<u32>>>,
     /// Each customer's transactions.
     pub txns: Vec<Vec<Txn>>,
     /// Digest of the input (file bytes and normalisation rules).
@@ -40,17 +45,25 @@ pub struct HolderData {
 
 impl std::fmt::Debug for HolderData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HolderData {{ customers: {} }}", self.ids.len())
+        write!(f, "HolderData {{ customers: {} }}", self.txns.len())
     }
 }
 
-/// The matcher's data: one entry per distinct normalised identifier.
+impl HolderData {
+    /// Customers (with one key, its identifiers).
+    pub fn customers(&self) -> usize {
+        self.txns.len()
+    }
+}
+
+/// The matcher's data: one entry per distinct normalised identifier (with
+/// several keys, per distinct key, each with its user's attributes).
 pub struct MatcherData {
-    /// Normalised identifiers.
+    /// Normalised identifiers (keys).
     pub ids: cleanroom_protocol::join::OwnIds,
-    /// Each user's segment index.
+    /// Each identifier's user's segment index.
     pub segments: Vec<u16>,
-    /// Each user's country index (empty when the config names no country column).
+    /// Each identifier's user's country index (empty when the config names no country column).
     pub countries: Vec<u16>,
     /// Digest of the input.
     pub version: [u8; 32],
@@ -75,6 +88,16 @@ pub struct LoadReport {
     pub duplicate_identifiers: u64,
     /// Values outside a declared domain, mapped to `other`.
     pub mapped_to_other: u64,
+    /// With several keys: keys left out of a row that is kept, by reason
+    /// (one that does not normalise; a bank customer's second, different
+    /// value of a kind), with the first line or row numbers.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub dropped_keys: BTreeMap<String, (u64, Vec<u64>)>,
+    /// With several keys, the bank: distinct keys two or more of its
+    /// customers hold, dropped from all of them, by kind
+    /// (docs/protocol.md, "Multi-key matching").
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub shared_keys: BTreeMap<String, u64>,
     /// Bad rows by reason: count and the first line (CSV) or row numbers.
     pub bad: BTreeMap<String, (u64, Vec<u64>)>,
     /// Whether `bad` holds line numbers (CSV) or row numbers.
@@ -88,6 +111,34 @@ impl LoadReport {
         if e.1.len() < 5 {
             e.1.push(line);
         }
+    }
+
+    fn dropped_key(&mut self, reason: String, line: u64) {
+        let e = self.dropped_keys.entry(reason).or_insert((0, Vec::new()));
+        e.0 += 1;
+        if e.1.len() < 5 {
+            e.1.push(line);
+        }
+    }
+
+    /// Keys dropped from kept rows and shared keys dropped, in one line
+    /// (empty when none).
+    pub fn describe_keys(&self) -> String {
+        let mut parts: Vec<String> = self
+            .dropped_keys
+            .iter()
+            .map(|(r, (n, lines))| {
+                let l: Vec<String> = lines.iter().map(u64::to_string).collect();
+                let more = if *n as usize > lines.len() { ", ..." } else { "" };
+                format!("{r}: {n} ({} {}{more})", self.numbering.word(), l.join(", "))
+            })
+            .collect();
+        for (kind, n) in &self.shared_keys {
+            parts.push(format!(
+                "{kind} keys two or more customers share, dropped from all of them: {n}"
+            ));
+        }
+        parts.join("; ")
     }
 
     /// Total bad rows.
@@ -145,18 +196,36 @@ impl LoadReport {
 pub use cleanroom_query::parse_cents;
 
 fn id_kind(cfg: &DataConfig) -> IdKind {
-    if cfg.id_kind == "phone" {
-        IdKind::Phone
-    } else {
-        IdKind::Email
+    cfg.key_columns().first().map_or(IdKind::Email, |(_, k)| *k)
+}
+
+/// A key kind's name in configs and reports.
+pub fn key_name(kind: IdKind) -> &'static str {
+    match kind {
+        IdKind::Email => "email",
+        IdKind::Phone => "phone",
     }
 }
 
 /// The input's version: what the source hashed, then the normalisation
 /// rules.
-fn finish_version(end: SourceEnd, rules: &NormalizationRules) -> [u8; 32] {
+fn finish_version(end: SourceEnd, rules: &NormalizationRules, cfg: &DataConfig) -> [u8; 32] {
     let mut ctx = end.digest;
     ctx.update(&rules.hash());
+    // With several keys, which columns are which kinds (a single-key
+    // input's version is unchanged).
+    if cfg.multi_key() {
+        ctx.update(b"keys");
+        for (column, kind) in cfg.key_columns() {
+            for part in [key_name(kind).as_bytes(), column.as_bytes()] {
+                ctx.update(&(part.len() as u64).to_le_bytes());
+                ctx.update(part);
+            }
+        }
+        let customer = cfg.customer_column.as_deref().unwrap_or("");
+        ctx.update(&(customer.len() as u64).to_le_bytes());
+        ctx.update(customer.as_bytes());
+    }
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
@@ -219,7 +288,7 @@ fn finish_load(
     rules: &NormalizationRules,
 ) -> Result<(LoadReport, [u8; 32]), NodeError> {
     report.numbering = end.numbering;
-    let version = finish_version(end, rules);
+    let version = finish_version(end, rules, cfg);
     report.check(&crate::source::label(cfg), cfg.max_bad_row_share)?;
     Ok((report, version))
 }
@@ -288,6 +357,9 @@ fn domain_index(domain: &[String], value: &str, report: &mut LoadReport) -> Opti
 /// # Errors
 /// [`NodeError::Data`] for an unreadable file, a missing column, or too many bad rows.
 pub fn load_holder(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<HolderData, NodeError> {
+    if cfg.multi_key() {
+        return load_holder_multi(cfg, collab);
+    }
     let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
     let mut ids = Vec::new();
     let mut txns: Vec<Vec<Txn>> = Vec::new();
@@ -307,6 +379,7 @@ pub fn load_holder(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Hol
         Ok(())
     })?;
     Ok(HolderData {
+        key_offsets: None,
         // Distinct by construction (the index above); checked once here
         // so that no join checks again.
         ids: cleanroom_protocol::join::OwnIds::new(ids)?,
@@ -335,8 +408,9 @@ pub fn stream_holder(
         col(&cfg.amount_column),
         col(&cfg.date_column),
     );
+    let id_col = cfg.key_columns().into_iter().next().map(|(c, _)| c).unwrap_or_default();
     let columns = [
-        (cfg.id_column.as_str(), Want::Text),
+        (id_col.as_str(), Want::Text),
         (cat_col.as_str(), Want::Text),
         (amt_col.as_str(), Want::Amount),
         (date_col.as_str(), Want::Date),
@@ -369,6 +443,9 @@ pub fn stream_holder(
 /// # Errors
 /// [`NodeError::Data`] for an unreadable file, a missing column, or too many bad rows.
 pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<MatcherData, NodeError> {
+    if cfg.multi_key() {
+        return load_matcher_multi(cfg, collab);
+    }
     let mut seen: HashMap<Vec<u8>, ()> = HashMap::new();
     let mut ids = Vec::new();
     let mut segments = Vec::new();
@@ -409,7 +486,8 @@ pub fn stream_matcher(
 ) -> Result<(LoadReport, [u8; 32]), NodeError> {
     let rules = NormalizationRules::v1(&collab.default_country_code);
     let seg_col = cfg.segment_column.clone().unwrap_or_default();
-    let mut columns = vec![(cfg.id_column.as_str(), Want::Text), (seg_col.as_str(), Want::Text)];
+    let id_col = cfg.key_columns().into_iter().next().map(|(c, _)| c).unwrap_or_default();
+    let mut columns = vec![(id_col.as_str(), Want::Text), (seg_col.as_str(), Want::Text)];
     if let Some(c) = &cfg.country_column {
         columns.push((c.as_str(), Want::Text));
     }
@@ -439,6 +517,233 @@ pub fn stream_matcher(
         Ok(())
     })?;
     finish_load(cfg, report, end, &rules)
+}
+
+/// A text or integer cell's text (a customer number); `None` (counted)
+/// for a null.
+fn label_text(cell: Option<&Cell>, what: &str, report: &mut LoadReport, at: u64) -> Option<String> {
+    match cell {
+        Some(Cell::Decimal(Some(s))) => Some(s.clone()),
+        other => text(other, what, report, at).map(|s| s.trim().to_string()),
+    }
+}
+
+/// A row's keys of `kinds` from `cells` (null or blank: missing; one that
+/// does not normalise: missing, counted in the report's dropped keys).
+fn row_keys(
+    cells: &[Cell],
+    kinds: &[IdKind],
+    rules: &NormalizationRules,
+    report: &mut LoadReport,
+    at: u64,
+) -> Vec<Option<Vec<u8>>> {
+    kinds
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| match cells.get(i) {
+            Some(Cell::Text(raw)) if !raw.trim().is_empty() => match rules.normalize(*kind, raw) {
+                Ok(k) => Some(k),
+                Err(_) => {
+                    report.dropped_key(format!("{} does not normalise (key left out)", key_name(*kind)), at);
+                    None
+                }
+            },
+            Some(Cell::Text(_) | Cell::Null) | None => None,
+            Some(_) => {
+                report.dropped_key(format!("{} is not text (key left out)", key_name(*kind)), at);
+                None
+            }
+        })
+        .collect()
+}
+
+/// Loads the bank's transactions with several keys: one customer per
+/// distinct value of `customer_column`, its keys the first value of each
+/// kind its rows give (a later, different one is left out and counted),
+/// then every key two or more customers hold dropped from all of them
+/// (counted per kind). Rows need a customer, a category, an amount and a
+/// date; a customer without a usable key is kept (it cannot match).
+fn load_holder_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<HolderData, NodeError> {
+    let rules = NormalizationRules::v1(&collab.default_country_code);
+    let key_cols = cfg.key_columns();
+    let kinds: Vec<IdKind> = key_cols.iter().map(|(_, k)| *k).collect();
+    let col = |c: &Option<String>| c.clone().unwrap_or_default();
+    let names = [
+        col(&cfg.customer_column),
+        col(&cfg.category_column),
+        col(&cfg.amount_column),
+        col(&cfg.date_column),
+    ];
+    let mut columns = vec![
+        (names[0].as_str(), Want::Label),
+        (names[1].as_str(), Want::Text),
+        (names[2].as_str(), Want::Amount),
+        (names[3].as_str(), Want::Date),
+    ];
+    columns.extend(key_cols.iter().map(|(c, _)| (c.as_str(), Want::Text)));
+    let mut report = LoadReport::default();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut keys: Vec<Vec<Option<Vec<u8>>>> = Vec::new();
+    let mut txns: Vec<Vec<Txn>> = Vec::new();
+    let end = read_rows(cfg, &columns, |at, cells| {
+        report.rows += 1;
+        let Some(cells) = cells else {
+            report.bad_row("unreadable row (quoting or column count)", at);
+            return Ok(());
+        };
+        let Some(customer) = label_text(cells.first(), "customer", &mut report, at) else {
+            return Ok(());
+        };
+        if customer.is_empty() {
+            report.bad_row("customer is empty", at);
+            return Ok(());
+        }
+        let Some(category) = in_domain(cells.get(1), "category", &collab.categories, &mut report, at) else {
+            return Ok(());
+        };
+        let Some(cents) = amount(cells.get(2), &mut report, at) else {
+            return Ok(());
+        };
+        let Some(day) = date(cells.get(3), &mut report, at) else {
+            return Ok(());
+        };
+        let row = row_keys(cells.get(4..).unwrap_or(&[]), &kinds, &rules, &mut report, at);
+        let c = match index.get(&customer) {
+            Some(c) => *c,
+            None => {
+                index.insert(customer, keys.len());
+                keys.push(vec![None; kinds.len()]);
+                txns.push(Vec::new());
+                keys.len() - 1
+            }
+        };
+        if let (Some(have), Some(list)) = (keys.get_mut(c), txns.get_mut(c)) {
+            for ((slot, new), kind) in have.iter_mut().zip(row).zip(&kinds) {
+                match (slot.as_ref(), new) {
+                    (None, new) => *slot = new,
+                    (Some(old), Some(new)) if *old != new => report.dropped_key(
+                        format!(
+                            "{} differs from the customer's earlier rows (the first kept)",
+                            key_name(*kind)
+                        ),
+                        at,
+                    ),
+                    _ => {}
+                }
+            }
+            list.push(Txn { category, cents, day });
+        }
+        report.loaded += 1;
+        Ok(())
+    })?;
+    drop(index);
+    let (mut report, version) = finish_load(cfg, report, end, &rules)?;
+    // A key two or more customers hold is dropped from all of them
+    // (counted by kind: slot `i` of every customer holds `kinds[i]`).
+    let mut holders: HashMap<&[u8], (u32, usize)> = HashMap::new();
+    for row in &keys {
+        for (i, k) in row.iter().enumerate() {
+            if let Some(k) = k {
+                let e = holders.entry(k.as_slice()).or_insert((0, i));
+                e.0 = e.0.saturating_add(1);
+            }
+        }
+    }
+    let mut shared: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    for (k, (n, i)) in holders {
+        if n > 1 {
+            shared.insert(k.to_vec());
+            if let Some(kind) = kinds.get(i) {
+                *report.shared_keys.entry(key_name(*kind).to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    let mut offsets = Vec::with_capacity(keys.len() + 1);
+    offsets.push(0u32);
+    let mut flat = Vec::new();
+    for row in keys {
+        flat.extend(row.into_iter().flatten().filter(|k| !shared.contains(k)));
+        offsets.push(u32::try_from(flat.len()).map_err(|_| NodeError::Data {
+            path: crate::source::label(cfg),
+            what: "more keys than a join supports (2^31)".into(),
+        })?);
+    }
+    Ok(HolderData {
+        ids: cleanroom_protocol::join::OwnIds::new(flat)?,
+        key_offsets: Some(std::sync::Arc::new(offsets)),
+        txns,
+        version,
+        report,
+    })
+}
+
+/// Loads the platform's users with several keys: each of a user's keys
+/// (of the configured kinds) with the user's segment and country; a key
+/// an earlier user holds is kept for that user (counted as a duplicate
+/// identifier); a user without a usable key is a bad row.
+fn load_matcher_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<MatcherData, NodeError> {
+    let rules = NormalizationRules::v1(&collab.default_country_code);
+    let key_cols = cfg.key_columns();
+    let kinds: Vec<IdKind> = key_cols.iter().map(|(_, k)| *k).collect();
+    let seg_col = cfg.segment_column.clone().unwrap_or_default();
+    let mut columns = vec![(seg_col.as_str(), Want::Text)];
+    if let Some(c) = &cfg.country_column {
+        columns.push((c.as_str(), Want::Text));
+    }
+    let first_key = columns.len();
+    columns.extend(key_cols.iter().map(|(c, _)| (c.as_str(), Want::Text)));
+    let mut report = LoadReport::default();
+    let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+    let (mut ids, mut segments, mut countries) = (Vec::new(), Vec::new(), Vec::new());
+    let end = read_rows(cfg, &columns, |at, cells| {
+        report.rows += 1;
+        let Some(cells) = cells else {
+            report.bad_row("unreadable row (quoting or column count)", at);
+            return Ok(());
+        };
+        let row: Vec<Vec<u8>> = row_keys(cells.get(first_key..).unwrap_or(&[]), &kinds, &rules, &mut report, at)
+            .into_iter()
+            .flatten()
+            .collect();
+        if row.is_empty() {
+            report.bad_row("no key (every key column null, blank or not normalising)", at);
+            return Ok(());
+        }
+        let Some(segment) = in_domain(cells.first(), "segment", &collab.segments, &mut report, at) else {
+            return Ok(());
+        };
+        let country = if cfg.country_column.is_some() {
+            let Some(c) = in_domain(cells.get(1), "country", &collab.countries, &mut report, at) else {
+                return Ok(());
+            };
+            Some(c)
+        } else {
+            None
+        };
+        for k in row {
+            if seen.contains(&k) {
+                report.duplicate_identifiers += 1;
+                continue;
+            }
+            seen.insert(k.clone());
+            ids.push(k);
+            segments.push(segment);
+            if let Some(c) = country {
+                countries.push(c);
+            }
+        }
+        report.loaded += 1;
+        Ok(())
+    })?;
+    drop(seen);
+    let (report, version) = finish_load(cfg, report, end, &rules)?;
+    Ok(MatcherData {
+        ids: cleanroom_protocol::join::OwnIds::new(ids)?,
+        segments,
+        countries,
+        version,
+        report,
+    })
 }
 
 /// Writes `bank.csv` and `platform.csv` from synthetic data.
@@ -570,11 +875,133 @@ mod tests {
         }
     }
 
+    fn multi_cfg(path: &Path, share: f64, bank: bool) -> DataConfig {
+        let mut c = cfg(path, share);
+        c.id_column = None;
+        c.id_kind = None;
+        // Listed phone first: the kinds are sorted (e-mail, phone).
+        c.keys = vec![
+            crate::config::KeyColumn {
+                kind: "phone".into(),
+                column: "phone".into(),
+            },
+            crate::config::KeyColumn {
+                kind: "email".into(),
+                column: "email".into(),
+            },
+        ];
+        c.customer_column = bank.then(|| "customer".into());
+        c
+    }
+
+    /// The bank's multi-key load: customers by their column, each kind's
+    /// first value kept (a later different one counted), a key two
+    /// customers hold dropped from both (counted by kind), keys that do
+    /// not normalise left out (counted), a customer without a usable key
+    /// kept, a row without a customer refused; every count and key checked
+    /// against what the rows say.
+    #[test]
+    fn multi_key_bank_load_keeps_customers_and_drops_shared_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bank.csv");
+        std::fs::write(
+            &path,
+            "customer,email,phone,category,amount,date\n\
+             1,A@x.com,+44 7700 900001,groceries,1.00,2026-01-01\n\
+             1,b@x.com,,groceries,2.00,2026-01-02\n\
+             2,,+447700900002,fuel,3.00,2026-01-03\n\
+             3,c@x.com,07700 900002,fuel,4.00,2026-01-04\n\
+             ,d@x.com,+447700900009,fuel,5.00,2026-01-05\n\
+             4,not-an-email,12,fuel,6.00,2026-01-06\n\
+             1,a@x.com,+447700900001,fuel,7.00,2026-01-07\n",
+        )
+        .unwrap();
+        let h = load_holder(&multi_cfg(&path, 0.5, true), &collab()).unwrap();
+        let rules = NormalizationRules::v1("44");
+        let email = |e: &str| rules.normalize(IdKind::Email, e).unwrap();
+        let phone = |p: &str| rules.normalize(IdKind::Phone, p).unwrap();
+        let offsets = h.key_offsets.as_ref().unwrap();
+        let keys: Vec<Vec<Vec<u8>>> = offsets
+            .windows(2)
+            .map(|w| h.ids[w[0] as usize..w[1] as usize].to_vec())
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                vec![email("a@x.com"), phone("+447700900001")],
+                vec![],
+                vec![email("c@x.com")],
+                vec![],
+            ]
+        );
+        assert_eq!(h.customers(), 4);
+        let cents: Vec<Vec<i64>> = h.txns.iter().map(|t| t.iter().map(|x| x.cents).collect()).collect();
+        assert_eq!(cents, vec![vec![100, 200, 700], vec![300], vec![400], vec![600]]);
+        let r = &h.report;
+        assert_eq!((r.rows, r.loaded, r.bad_rows()), (7, 6, 1));
+        assert_eq!(r.bad.get("customer is empty").map(|b| b.0), Some(1));
+        assert_eq!(r.shared_keys.get("phone"), Some(&1));
+        assert_eq!(r.shared_keys.get("email"), None);
+        let dropped = |k: &str| r.dropped_keys.get(k).map(|d| (d.0, d.1.clone()));
+        assert_eq!(
+            dropped("email differs from the customer's earlier rows (the first kept)"),
+            Some((1, vec![3]))
+        );
+        assert_eq!(dropped("email does not normalise (key left out)"), Some((1, vec![7])));
+        assert_eq!(dropped("phone does not normalise (key left out)"), Some((1, vec![7])));
+        // No key in the report's text.
+        assert!(!r.describe_keys().contains("x.com") && !r.describe_keys().contains("7700"));
+        // The version follows the key columns.
+        let mut other = multi_cfg(&path, 0.5, true);
+        other.keys.truncate(1);
+        other.keys.push(crate::config::KeyColumn {
+            kind: "email".into(),
+            column: "customer".into(),
+        });
+        assert_ne!(load_holder(&other, &collab()).unwrap().version, h.version);
+    }
+
+    /// The platform's multi-key load: each key with its user's segment, a
+    /// key an earlier user holds kept for it, a user without a usable key
+    /// a bad row.
+    #[test]
+    fn multi_key_platform_load_keeps_each_key_with_its_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("platform.csv");
+        std::fs::write(
+            &path,
+            "email,phone,segment\n\
+             a@x.com,+447700900001,a\n\
+             b@x.com,+447700900001,b\n\
+             ,,a\n\
+             ,+447700900003,b\n",
+        )
+        .unwrap();
+        let m = load_matcher(&multi_cfg(&path, 0.5, false), &collab()).unwrap();
+        let rules = NormalizationRules::v1("44");
+        let email = |e: &str| rules.normalize(IdKind::Email, e).unwrap();
+        let phone = |p: &str| rules.normalize(IdKind::Phone, p).unwrap();
+        assert_eq!(
+            m.ids.to_vec(),
+            vec![
+                email("a@x.com"),
+                phone("+447700900001"),
+                email("b@x.com"),
+                phone("+447700900003")
+            ]
+        );
+        assert_eq!(m.segments, vec![0, 0, 1, 1]);
+        let r = &m.report;
+        assert_eq!((r.rows, r.loaded, r.bad_rows(), r.duplicate_identifiers), (4, 3, 1, 1));
+    }
+
     fn cfg(path: &Path, share: f64) -> DataConfig {
         DataConfig {
             path: path.to_path_buf(),
-            id_column: "email".into(),
-            id_kind: "email".into(),
+            id_column: Some("email".into()),
+            id_kind: Some("email".into()),
+            keys: Vec::new(),
+            customer_column: None,
             max_bad_row_share: share,
             category_column: Some("category".into()),
             amount_column: Some("amount".into()),

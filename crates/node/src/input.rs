@@ -598,6 +598,7 @@ impl ShardStore {
                 }
                 let data = HolderData {
                     ids: OwnIds::new(read.ids)?,
+                    key_offsets: None,
                     txns,
                     version: self.version,
                     report: LoadReport::default(),
@@ -696,8 +697,10 @@ mod tests {
     fn data_config(path: PathBuf, country: bool) -> DataConfig {
         DataConfig {
             path,
-            id_column: "email".into(),
-            id_kind: "email".into(),
+            id_column: Some("email".into()),
+            id_kind: Some("email".into()),
+            keys: Vec::new(),
+            customer_column: None,
             max_bad_row_share: 0.05,
             category_column: Some("category".into()),
             amount_column: Some("amount".into()),

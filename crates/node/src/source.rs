@@ -31,6 +31,8 @@ pub enum Want {
     Amount,
     /// A date.
     Date,
+    /// A label: text or a signed integer (a bank's customer number).
+    Label,
 }
 
 /// One value of a row, as the source gave it.
@@ -351,12 +353,14 @@ fn read_parquet(
                 string || decimal || plain_int
             }
             Want::Date => string || date,
+            Want::Label => string || plain_int,
         };
         if !ok {
             let must = match want {
                 Want::Text => "a string",
                 Want::Amount => "a DECIMAL, a signed integer (whole units) or a string",
                 Want::Date => "a DATE or a string (YYYY-MM-DD)",
+                Want::Label => "a string or a signed integer",
             };
             return Err(data_err(
                 &name,
@@ -644,11 +648,14 @@ fn read_postgres(
             }
             Want::Date if text => PgKind::Text,
             Want::Date if *t == Type::DATE => PgKind::Date,
+            Want::Label if text => PgKind::Text,
+            Want::Label if ints => PgKind::Decimal,
             _ => {
                 let must = match want {
                     Want::Text => "text",
                     Want::Amount => "numeric, an integer (whole units) or text",
                     Want::Date => "date or text (YYYY-MM-DD)",
+                    Want::Label => "text or an integer",
                 };
                 return Err(data_err(&label, format!("column {col:?} is {t}; it must be {must}")));
             }

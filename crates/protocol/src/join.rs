@@ -460,35 +460,65 @@ impl HolderJoin {
         customers: Vec<Vec<Vec<u8>>>,
         key_slots: usize,
     ) -> Result<Self, ProtocolError> {
-        if key_slots == 0 || key_slots > MAX_KEY_SLOTS {
-            return Err(ProtocolError::LocalInput {
-                reason: "a join has 1 to 8 key slots",
-            });
-        }
-        if customers.iter().any(|c| c.len() > key_slots) {
-            return Err(ProtocolError::LocalInput {
-                reason: "a customer has more keys than the join has key slots",
-            });
-        }
+        let too_many = || ProtocolError::LocalInput {
+            reason: "more identifiers than a join supports (2^31)",
+        };
         if customers.len() as u64 > MAX_SET_SIZE {
-            return Err(ProtocolError::LocalInput {
-                reason: "more identifiers than a join supports (2^31)",
-            });
+            return Err(too_many());
         }
         let mut offsets = Vec::with_capacity(customers.len() + 1);
         offsets.push(0u32);
         let mut keys = Vec::with_capacity(customers.iter().map(Vec::len).sum());
         for c in customers {
             keys.extend(c);
-            offsets.push(u32::try_from(keys.len()).map_err(|_| ProtocolError::LocalInput {
-                reason: "more identifiers than a join supports (2^31)",
-            })?);
+            offsets.push(u32::try_from(keys.len()).map_err(|_| too_many())?);
         }
-        let mut holder = Self::with_ids(params, policy, OwnIds::new(keys)?)?;
-        holder.slots = Some(KeySlots {
-            k: key_slots,
-            offsets: Arc::new(offsets),
-        });
+        Self::with_key_offsets(params, policy, OwnIds::new(keys)?, Arc::new(offsets), key_slots)
+    }
+
+    /// As [`HolderJoin::with_key_slots`], with the keys checked before
+    /// ([`OwnIds`], so no key is held twice) and customer `c`'s keys at
+    /// `ids[offsets[c]..offsets[c + 1]]` (a node's loaded data keeps them
+    /// so, shared with every join it runs).
+    ///
+    /// # Errors
+    /// [`ProtocolError::LocalInput`] for bad parameters, key slots outside
+    /// 1 to [`MAX_KEY_SLOTS`], offsets that do not start at 0, go down or
+    /// end elsewhere than at the last key, or a customer with more keys
+    /// than slots.
+    pub fn with_key_offsets(
+        params: JoinParams,
+        policy: HolderPolicy,
+        ids: OwnIds,
+        offsets: Arc<Vec<u32>>,
+        key_slots: usize,
+    ) -> Result<Self, ProtocolError> {
+        if key_slots == 0 || key_slots > MAX_KEY_SLOTS {
+            return Err(ProtocolError::LocalInput {
+                reason: "a join has 1 to 8 key slots",
+            });
+        }
+        if offsets.len().saturating_sub(1) as u64 > MAX_SET_SIZE {
+            return Err(ProtocolError::LocalInput {
+                reason: "more identifiers than a join supports (2^31)",
+            });
+        }
+        let ends_right = offsets.first() == Some(&0) && offsets.last().map(|o| *o as usize) == Some(ids.len());
+        if !ends_right || offsets.windows(2).any(|w| matches!(w, [a, b] if b < a)) {
+            return Err(ProtocolError::LocalInput {
+                reason: "customer key offsets out of order",
+            });
+        }
+        if offsets
+            .windows(2)
+            .any(|w| matches!(w, [a, b] if (b - a) as usize > key_slots))
+        {
+            return Err(ProtocolError::LocalInput {
+                reason: "a customer has more keys than the join has key slots",
+            });
+        }
+        let mut holder = Self::with_ids(params, policy, ids)?;
+        holder.slots = Some(KeySlots { k: key_slots, offsets });
         Ok(holder)
     }
 

@@ -299,6 +299,16 @@ pub struct Domains {
     /// Platform countries (matcher).
     #[serde(default)]
     pub countries: Vec<String>,
+    /// The join's key slots `K`: 1 when the collaboration matches on one
+    /// identifier, the number of key kinds when it matches on any of
+    /// several (docs/protocol.md, "Multi-key matching"). `Δ²` grows with
+    /// it ([`Plan::delta_squared`]).
+    #[serde(default = "one_key_slot")]
+    pub key_slots: u32,
+}
+
+fn one_key_slot() -> u32 {
+    1
 }
 
 impl Domains {
@@ -1076,12 +1086,24 @@ impl Plan {
 
     /// `Δ²`: the squared L2 norm of the largest weighted vector one customer
     /// (or one platform user) can change. A customer is in one matcher group
-    /// at most, so one batch's width counts.
+    /// at most, so one batch's width counts. With `K > 1` key slots it is
+    /// that times `2K²`: one more customer (or platform user) can also move
+    /// up to `K` others from one group's cells to another's, `√2·K·Δ` in
+    /// L2 (docs/protocol.md, "Multi-key matching").
     ///
     /// Saturating arithmetic: a result past `u128` (impossible within
     /// [`MAX_CLIP_SPEND_CENTS`], which `Template::check` enforces) comes out
     /// as `u128::MAX`, more noise, never a wrapped small value.
     pub fn delta_squared(&self) -> u128 {
+        let one = self.delta_squared_one_key();
+        match u128::from(self.domains.key_slots) {
+            0 | 1 => one,
+            k => one.saturating_mul(2 * k * k),
+        }
+    }
+
+    /// `Δ²` of a single-key join.
+    fn delta_squared_one_key(&self) -> u128 {
         let per = self.per_group();
         let one_group: u128 = per
             .iter()
@@ -1257,6 +1279,12 @@ impl Plan {
             put(b"max_customers");
             put(&self.clip.max_customers.to_le_bytes());
         }
+        // The key slots set the noise: named when above 1 (single-key
+        // plans keep their digests).
+        if self.domains.key_slots > 1 {
+            put(b"key_slots");
+            put(&self.domains.key_slots.to_le_bytes());
+        }
         let d = ctx.finish();
         let mut out = [0u8; 32];
         out.copy_from_slice(d.as_ref());
@@ -1273,6 +1301,7 @@ mod tests {
             categories: vec!["a".into(), "b".into()],
             segments: vec!["s1".into(), "s2".into()],
             countries: vec!["GB".into(), "FR".into()],
+            key_slots: 1,
         }
     }
 
@@ -1512,6 +1541,45 @@ mod tests {
         let o = template(TemplateKind::Overlap).bind("alice", &[], &d).unwrap();
         assert_eq!(o.delta_squared(), 1_000_000);
         assert_eq!(o.width(), 1);
+    }
+
+    /// With `K` key slots `Δ²` is `2K²` times the single-key one (the
+    /// bound of docs/protocol.md, "Multi-key matching"), and the plan's
+    /// digest names `K` when it is above 1 (single-key digests unchanged).
+    #[test]
+    fn key_slots_scale_delta_squared_and_the_digest() {
+        let t = template(TemplateKind::SpendByCategory);
+        let params = p(&[("start", "2026-02-01"), ("end", "2026-03-01")]);
+        let one = t.bind("alice", &params, &domains()).unwrap();
+        let explicit_one = t
+            .bind(
+                "alice",
+                &params,
+                &Domains {
+                    key_slots: 1,
+                    ..domains()
+                },
+            )
+            .unwrap();
+        assert_eq!(one.digest(), explicit_one.digest());
+        for k in [2u32, 3] {
+            let multi = t
+                .bind(
+                    "alice",
+                    &params,
+                    &Domains {
+                        key_slots: k,
+                        ..domains()
+                    },
+                )
+                .unwrap();
+            assert_eq!(multi.delta_squared(), 6_000_000 * 2 * u128::from(k * k));
+            assert_ne!(multi.digest(), one.digest());
+            // Wider noise, wider shares: never narrower than one key's.
+            for (a, b) in multi.cells().iter().zip(one.cells()) {
+                assert!(a.bits >= b.bits);
+            }
+        }
     }
 
     /// A clip bound past the documented limit is refused when the template

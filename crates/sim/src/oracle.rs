@@ -305,6 +305,7 @@ mod tests {
             categories: vec!["food".into(), "other".into()],
             segments: SEGMENTS.iter().map(|s| s.to_string()).collect(),
             countries: COUNTRIES.iter().map(|s| s.to_string()).collect(),
+            key_slots: 1,
         };
         let t = Template {
             name: "t".into(),

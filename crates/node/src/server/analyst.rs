@@ -379,7 +379,7 @@ impl Node {
             NodeError::refused(code, e.to_string())
         })?;
         if let Sided::Bank(b) = side
-            && b.identifiers() as u64 > plan.clip.max_customers
+            && b.customers() as u64 > plan.clip.max_customers
         {
             return Err(NodeError::refused(RefusalCode::InputLimit, TOO_MANY_CUSTOMERS));
         }

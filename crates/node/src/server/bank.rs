@@ -666,7 +666,8 @@ impl Bank {
     ) -> Result<(), NodeError> {
         let l = &self.inner.limits;
         let (params, policy) = self.holder_join_rules(context)?;
-        let customers = self.identifiers();
+        let customers = self.customers();
+        let ids = self.identifiers();
         if (customers as u64) < l.min_input_set {
             abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
             return Err(NodeError::refused(
@@ -680,11 +681,11 @@ impl Bank {
         // The churn baseline of a shard is its own customers'.
         let (fp, input_name) = match &place {
             None => (
-                crate::state::sorted_fingerprints(&self.inner.fingerprints, customers, 0..customers)?,
+                crate::state::sorted_fingerprints(&self.inner.fingerprints, ids, 0..ids)?,
                 "holder-input".to_string(),
             ),
             Some(p) => (
-                crate::state::sorted_fingerprints(&self.inner.fingerprints, customers, p.range.clone())?,
+                crate::state::sorted_fingerprints(&self.inner.fingerprints, ids, p.range.clone())?,
                 format!("holder-input shard {} of {}", p.shard, p.shards),
             ),
         };
@@ -696,6 +697,7 @@ impl Bank {
         // A shard's customers, read back from its file (or kept in memory)
         // only now that the cheap checks have passed; its join numbers them
         // in the file's order.
+        let key_offsets = data.key_offsets.clone();
         let ids = match (&place, &self.inner.sharding) {
             (None, _) => data.ids.clone(),
             (Some(p), Some(sh)) => match sh.holder(p.shard).await {
@@ -709,9 +711,13 @@ impl Bank {
             (Some(_), None) => return Err(NodeError::Internal("a shard join on a node that does not shard")),
         };
         let first = first.to_vec();
+        let key_slots = self.key_slots();
         let pending = tokio::task::spawn_blocking(move || {
             let mut rng = session_rng()?;
-            let h = HolderJoin::with_ids(params, policy, ids)?;
+            let h = match key_offsets {
+                None => HolderJoin::with_ids(params, policy, ids)?,
+                Some(offsets) => HolderJoin::with_key_offsets(params, policy, ids, offsets, key_slots)?,
+            };
             h.on_offer(&first, &mut rng).map_err(NodeError::from)
         })
         .await

@@ -357,6 +357,9 @@ struct Inner {
     side: Side,
     collaboration: String,
     rules: NormalizationRules,
+    /// The kinds of the identifiers matched, sorted (one, or with several
+    /// keys each a key slot).
+    key_kinds: Vec<cleanroom_crypto::normalize::IdKind>,
     limits: Limits,
     templates: Vec<Template>,
     domains: Domains,
@@ -484,13 +487,37 @@ fn hex(b: &[u8]) -> String {
 
 impl Node {
     /// The join's parameters both roles use (`context` binds its input).
+    /// With several keys the rules' hash also names their kinds, so nodes
+    /// that match on different kinds refuse each other's offer before any
+    /// charge (one key: the rules' hash, as it always was).
     fn join_params(&self, context: [u8; 32]) -> JoinParams {
+        let rules = self.inner.rules.hash();
+        let rules_hash = if self.key_slots() > 1 {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            ctx.update(b"cleanroom-v1-key-kinds");
+            ctx.update(&rules);
+            for kind in &self.inner.key_kinds {
+                let name = crate::data::key_name(*kind);
+                ctx.update(&(name.len() as u64).to_le_bytes());
+                ctx.update(name.as_bytes());
+            }
+            let mut out = [0u8; 32];
+            out.copy_from_slice(ctx.finish().as_ref().get(..32).unwrap_or(&[0u8; 32]));
+            out
+        } else {
+            rules
+        };
         JoinParams {
             collaboration_id: self.inner.collaboration.clone(),
-            rules_hash: self.inner.rules.hash(),
+            rules_hash,
             context,
             chunk_points: DEFAULT_CHUNK_POINTS,
         }
+    }
+
+    /// `K`: the key slots of this collaboration's joins (1 with one key).
+    fn key_slots(&self) -> usize {
+        usize::try_from(self.inner.domains.key_slots).unwrap_or(1).max(1)
     }
 
     /// The peer set sizes this node accepts.
@@ -503,15 +530,32 @@ impl Node {
 
     /// The shifted, truncated Laplace of `cardinality_epsilon` (ε in
     /// millionths) and `cardinality_delta`: the bank's dummy rows, the
-    /// platform's block padding.
+    /// platform's block padding. With `K > 1` key slots, calibrated to a
+    /// histogram whose neighbours differ by `2K` in L1 and `K` in one bin
+    /// (docs/protocol.md, "Multi-key matching").
     fn cardinality_noise(&self) -> Result<ShiftedTruncatedLaplace, NodeError> {
-        let l = &self.inner.limits;
-        Ok(ShiftedTruncatedLaplace::new(
-            l.cardinality_epsilon_micro,
-            1_000_000,
-            l.cardinality_delta_inverse,
-        )?)
+        cardinality_noise(&self.inner.limits, self.key_slots() as u64)
     }
+}
+
+/// The cardinality noise of `limits` for joins of `key_slots` slots (see
+/// `Node::cardinality_noise`).
+fn cardinality_noise(limits: &Limits, key_slots: u64) -> Result<ShiftedTruncatedLaplace, NodeError> {
+    cardinality_noise_of(
+        limits.cardinality_epsilon_micro,
+        limits.cardinality_delta_inverse,
+        key_slots,
+    )
+}
+
+/// The shifted, truncated Laplace of `ε_c` (millionths) and `δ_c = 1 /
+/// delta_inv` for joins of `key_slots` slots.
+fn cardinality_noise_of(eps: u64, delta_inv: u64, key_slots: u64) -> Result<ShiftedTruncatedLaplace, NodeError> {
+    Ok(if key_slots > 1 {
+        ShiftedTruncatedLaplace::for_histogram(eps, 1_000_000, delta_inv, 2 * key_slots, key_slots)?
+    } else {
+        ShiftedTruncatedLaplace::new(eps, 1_000_000, delta_inv)?
+    })
 }
 
 /// The node's input as loaded: the data (on a sharded node without its
@@ -572,6 +616,7 @@ async fn load_data(cfg: &NodeConfig, config_path: &std::path::Path, node_key: &[
                 let h = crate::input::split_holder(&data_cfg, &collab, &split, &dir)?;
                 let data = HolderData {
                     ids: empty()?,
+                    key_offsets: None,
                     txns: Vec::new(),
                     version: h.version,
                     report: h.report,
@@ -623,6 +668,15 @@ async fn load_data(cfg: &NodeConfig, config_path: &std::path::Path, node_key: &[
     );
     if report.bad_rows() > 0 {
         warn!(reasons = %report.describe(), "bad rows skipped");
+    }
+    if let Loaded::Holder(h) = &input.data
+        && h.key_offsets.is_some()
+    {
+        info!(customers = h.customers(), "customers with several keys");
+    }
+    let keys = report.describe_keys();
+    if !keys.is_empty() {
+        warn!(keys = %keys, "keys left out");
     }
     Ok(input)
 }
@@ -698,6 +752,7 @@ impl Node {
             side,
             collaboration: cfg.collaboration.id.clone(),
             rules: NormalizationRules::v1(&cfg.collaboration.default_country_code),
+            key_kinds: cfg.data.key_columns().into_iter().map(|(_, k)| k).collect(),
             limits,
             templates,
             domains: cfg.domains(),
@@ -861,8 +916,27 @@ impl Node {
         self.inner.sharding.as_ref().map_or(0, |sh| sh.store.reads())
     }
 
+    /// The bank's customers (with one key, its identifiers; for
+    /// benchmarks); 0 on the platform.
+    pub fn holder_customers(&self) -> usize {
+        match &self.inner.side {
+            Side::Bank(_) => self.customers(),
+            Side::Platform(_) => 0,
+        }
+    }
+
+    /// The bank's customers (with one key, its identifiers), in all
+    /// shards; the platform's identifiers.
+    fn customers(&self) -> usize {
+        match (&self.inner.side, &self.inner.sharding) {
+            (Side::Bank(b), None) => b.data.customers(),
+            _ => self.identifiers(),
+        }
+    }
+
     /// This node's identifiers: customers (the bank) or users (the
-    /// platform), in all shards.
+    /// platform), in all shards; with several keys, their keys (the churn
+    /// limit counts keys added and removed).
     fn identifiers(&self) -> usize {
         if let Some(sh) = &self.inner.sharding {
             return sh.store.len();
@@ -1138,4 +1212,29 @@ impl Node {
 async fn abort(send: &mut quinn::SendStream, session: SessionId, code: AbortCode) {
     let _ = write_one(send, &Message::Abort(Abort { session, code })).await;
     let _ = send.finish();
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The dummy rows and block padding of a `K`-slot join are calibrated
+    /// to a histogram whose neighbours differ by `2K` in L1 and `K` in one
+    /// bin: at `ε_c = 1/2`, `δ_c = 10⁻⁶`, `D_max` is 62 with one key and 260
+    /// with two (docs/protocol.md, "Multi-key matching").
+    #[test]
+    fn cardinality_noise_follows_the_key_slots() {
+        let one = cardinality_noise_of(500_000, 1_000_000, 1).unwrap();
+        let two = cardinality_noise_of(500_000, 1_000_000, 2).unwrap();
+        assert_eq!(
+            one,
+            ShiftedTruncatedLaplace::new(500_000, 1_000_000, 1_000_000).unwrap()
+        );
+        assert_eq!(
+            two,
+            ShiftedTruncatedLaplace::for_histogram(500_000, 1_000_000, 1_000_000, 4, 2).unwrap()
+        );
+        assert_eq!((one.d_max(), two.d_max()), (62, 260));
+    }
 }

@@ -326,7 +326,10 @@ impl Platform {
         let conn = self.peer_connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mut rng = session_rng()?;
-        let m = MatcherJoin::grouped_from(params, policy, ids, blocks)?.with_padding_seed(padding);
+        let mut m = MatcherJoin::grouped_from(params, policy, ids, blocks)?.with_padding_seed(padding);
+        if self.key_slots() > 1 {
+            m = m.with_key_slots(self.key_slots())?;
+        }
         let (offered, offer) = m.offer(&mut rng)?;
         if let Some(h) = header {
             write_one(&mut send, &Message::ShardJoin(h)).await?;

@@ -67,7 +67,7 @@ impl std::fmt::Debug for HolderRows {
         write!(
             f,
             "HolderRows {{ customers: {}, width: {} }}",
-            self.data.ids.len(),
+            self.data.customers(),
             self.width
         )
     }
@@ -104,7 +104,7 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
     }
 
     fn customers(&self) -> usize {
-        self.data.ids.len()
+        self.data.customers()
     }
 
     fn prefetch(&self, customer: usize) {
@@ -176,7 +176,7 @@ impl cleanroom_protocol::aggregate::RowSource for HolderRows {
 pub fn holder_values(plan: &Plan, data: &HolderData, categories: &[String]) -> Vec<u64> {
     let rows = HolderRows::new(plan, Arc::new(data.clone()), categories);
     let width = rows.width();
-    let mut out = vec![0u64; data.ids.len() * width];
+    let mut out = vec![0u64; data.customers() * width];
     out.par_chunks_mut(width.max(1)).enumerate().for_each_init(
         || Zeroizing::new(vec![0u64; rows.scratch_words()]),
         |scratch, (c, row)| {
