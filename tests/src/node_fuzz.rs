@@ -940,7 +940,7 @@ async fn put(
         return false;
     };
     for g in wire(Direction::MatcherToHolder, f) {
-        if write_frame(send, &g, MAX_MESSAGE_LEN).await.is_err() {
+        if write_frame(send, g, MAX_MESSAGE_LEN).await.is_err() {
             return false;
         }
     }

@@ -97,7 +97,7 @@ fn matcher(ids: usize, context: u8) -> MatcherJoin {
 }
 
 async fn send(s: &mut quinn::SendStream, m: &Message) {
-    write_frame(s, &m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
+    write_frame(s, m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
 }
 
 /// Opens a join on a fresh stream: offer sent, accept read. Returns the

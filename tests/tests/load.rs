@@ -250,7 +250,7 @@ async fn ask_and_leave(
         template: "overlap".into(),
         params: Vec::new(),
     }));
-    write_frame(&mut send, &request.encode().unwrap(), MAX_MESSAGE_LEN)
+    write_frame(&mut send, request.encode().unwrap(), MAX_MESSAGE_LEN)
         .await
         .unwrap();
     let _ = send.finish();

@@ -119,7 +119,7 @@ async fn raw_request(
         .await
         .map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    write_frame(&mut send, &msg.encode().unwrap(), MAX_MESSAGE_LEN)
+    write_frame(&mut send, msg.encode().unwrap(), MAX_MESSAGE_LEN)
         .await
         .map_err(|e| e.to_string())?;
     let _ = send.finish();
@@ -194,7 +194,7 @@ async fn strangers_and_wrong_roles_are_refused() {
                 .map_err(|e| e.to_string())?;
             // With TLS 1.3 the refusal may only show on the first stream operation.
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            write_frame(&mut send, &templates_request().encode().unwrap(), MAX_MESSAGE_LEN)
+            write_frame(&mut send, templates_request().encode().unwrap(), MAX_MESSAGE_LEN)
                 .await
                 .map_err(|e| e.to_string())?;
             let _ = send.finish();
@@ -397,14 +397,14 @@ async fn a_peer_that_disconnects_mid_join_leaves_the_bank_healthy() {
         .unwrap();
         let mut rng = cleanroom_crypto::rng::session_rng().unwrap();
         let (offered, offer) = m.offer(&mut rng).unwrap();
-        write_frame(&mut send, &offer.encode().unwrap(), MAX_MESSAGE_LEN)
+        write_frame(&mut send, offer.encode().unwrap(), MAX_MESSAGE_LEN)
             .await
             .unwrap();
         let accept = read_frame(&mut recv, MAX_MESSAGE_LEN).await.unwrap().unwrap();
         let mut streaming = offered.on_accept(&accept).unwrap();
         for _ in 0..2 {
             let m = streaming.poll_transmit().unwrap();
-            write_frame(&mut send, &m.encode().unwrap(), MAX_MESSAGE_LEN)
+            write_frame(&mut send, m.encode().unwrap(), MAX_MESSAGE_LEN)
                 .await
                 .unwrap();
         }
@@ -1251,7 +1251,7 @@ async fn expired_revoked_and_early_data_clients_are_refused() {
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
     let first = ep.connect(addr, &bank_name).unwrap().await.unwrap();
     let (mut send, mut recv) = first.open_bi().await.unwrap();
-    write_frame(&mut send, &templates_request().encode().unwrap(), MAX_MESSAGE_LEN)
+    write_frame(&mut send, templates_request().encode().unwrap(), MAX_MESSAGE_LEN)
         .await
         .unwrap();
     let _ = send.finish();

@@ -61,7 +61,7 @@ fn fake_bank(certs: &Path) -> (quinn::Endpoint, Offers) {
                         }
                         _ => continue,
                     };
-                    let _ = write_frame(&mut s, &reply.encode().unwrap(), MAX_MESSAGE_LEN).await;
+                    let _ = write_frame(&mut s, reply.encode().unwrap(), MAX_MESSAGE_LEN).await;
                     let _ = s.finish();
                 }
             });
@@ -80,9 +80,7 @@ async fn ask_platform(certs: &Path, platform: SocketAddr, req: &QueryRequest) ->
         .unwrap();
     let (mut s, mut r) = conn.open_bi().await.unwrap();
     let m = Message::AnalystRequest(AnalystRequest::Query(req.clone()));
-    write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
-        .await
-        .unwrap();
+    write_frame(&mut s, m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
     let _ = s.finish();
     let f = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut r, MAX_MESSAGE_LEN))
         .await

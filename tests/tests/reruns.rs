@@ -53,7 +53,7 @@ async fn connect(certs: &Path, who: &str, to: SocketAddr, node: &str) -> (quinn:
 }
 
 async fn send(s: &mut quinn::SendStream, m: &Message) {
-    write_frame(s, &m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
+    write_frame(s, m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
 }
 
 /// The analyst's query request to the bank alone; its share.

@@ -526,10 +526,7 @@ mod hostile {
         for m in frames {
             // The bank may refuse on a first frame and stop the stream
             // before the next is written: its answer is what counts.
-            if write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
-                .await
-                .is_err()
-            {
+            if write_frame(&mut s, m.encode().unwrap(), MAX_MESSAGE_LEN).await.is_err() {
                 break;
             }
         }
@@ -683,18 +680,14 @@ mod hostile {
         });
         let (offered, offer) = offered(shard_join_context(&base, 2, shard));
         for m in [header, offer] {
-            write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
-                .await
-                .unwrap();
+            write_frame(&mut s, m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
         }
         let accept = read_frame(&mut r, MAX_MESSAGE_LEN).await.unwrap().unwrap();
         let mut streaming = offered.on_accept(&accept).unwrap();
         let session = streaming.session();
         loop {
             while let Some(m) = streaming.poll_transmit() {
-                write_frame(&mut s, &m.encode().unwrap(), MAX_MESSAGE_LEN)
-                    .await
-                    .unwrap();
+                write_frame(&mut s, m.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
             }
             if streaming.is_done() {
                 break;
@@ -726,9 +719,7 @@ mod hostile {
                 template: "overlap".into(),
                 params: Vec::new(),
             }));
-            write_frame(&mut s, &q.encode().unwrap(), MAX_MESSAGE_LEN)
-                .await
-                .unwrap();
+            write_frame(&mut s, q.encode().unwrap(), MAX_MESSAGE_LEN).await.unwrap();
             let _ = s.finish();
             let f = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut r, MAX_MESSAGE_LEN))
                 .await

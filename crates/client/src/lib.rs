@@ -253,7 +253,7 @@ impl Analyst {
         let request = Message::AnalystRequest(req)
             .encode()
             .map_err(|e| what(NodeProblem::Stream(format!("encoding the request: {e}"))))?;
-        write_frame(&mut send, &request, MAX_MESSAGE_LEN)
+        write_frame(&mut send, request, MAX_MESSAGE_LEN)
             .await
             .map_err(|e| what(NodeProblem::Stream(e.to_string())))?;
         let _ = send.finish();

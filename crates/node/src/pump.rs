@@ -160,7 +160,7 @@ pub async fn run_with_stats<P: Party>(
     });
     let writer = tokio::spawn(async move {
         while let Some(f) = out_rx.recv().await {
-            write_frame(&mut send, &f, MAX_MESSAGE_LEN).await?;
+            write_frame(&mut send, f, MAX_MESSAGE_LEN).await?;
         }
         let _ = send.finish();
         // Wait until the peer has everything (or has gone).
@@ -305,7 +305,7 @@ pub async fn read_one_limited(
 /// [`NodeError::Peer`] on a transport error.
 pub async fn write_one(send: &mut quinn::SendStream, m: &Message) -> Result<(), NodeError> {
     let f = m.encode().map_err(|e| NodeError::Protocol(ProtocolError::Wire(e)))?;
-    write_frame(send, &f, MAX_MESSAGE_LEN)
+    write_frame(send, f, MAX_MESSAGE_LEN)
         .await
         .map_err(|e| PeerError::Transport(e.to_string()).into())
 }

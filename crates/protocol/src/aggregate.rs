@@ -925,9 +925,12 @@ impl MatcherOtRunning {
     /// # Errors
     /// A peer fault for a chunk out of order or of the wrong size.
     pub fn handle(&mut self, frame: &[u8]) -> Result<(), ProtocolError> {
-        let masked = match decode_for(frame, &self.session)? {
-            Message::MaskedRows(m) => m,
-            other => {
+        // Read in place (no copy of the rows); any other message as usual.
+        let masked = match Message::decode_masked_rows(frame)? {
+            Some(m) if m.session == self.session => m,
+            Some(_) => return Err(ProtocolError::WrongSession),
+            None => {
+                let other = decode_for(frame, &self.session)?;
                 return Err(ProtocolError::UnexpectedMessage {
                     got: other.kind(),
                     state: "collecting masked rows",

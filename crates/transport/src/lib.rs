@@ -456,19 +456,26 @@ pub fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Writes one length-delimited frame.
+/// Writes one length-delimited frame. The frame's buffer is handed to the
+/// QUIC stream as it is (`write_all_chunks`), not copied into it.
 ///
 /// # Errors
 /// [`TransportError::Write`] or [`TransportError::FrameTooLarge`].
-pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8], max: usize) -> Result<(), TransportError> {
-    if frame.len() > max || u32::try_from(frame.len()).is_err() {
-        return Err(TransportError::FrameTooLarge {
-            len: frame.len() as u64,
-            max,
-        });
-    }
-    send.write_all(&(frame.len() as u32).to_le_bytes()).await?;
-    send.write_all(frame).await?;
+pub async fn write_frame(send: &mut quinn::SendStream, frame: Vec<u8>, max: usize) -> Result<(), TransportError> {
+    let len = match u32::try_from(frame.len()) {
+        Ok(len) if frame.len() <= max => len,
+        _ => {
+            return Err(TransportError::FrameTooLarge {
+                len: frame.len() as u64,
+                max,
+            });
+        }
+    };
+    let mut chunks = [
+        bytes::Bytes::copy_from_slice(&len.to_le_bytes()),
+        bytes::Bytes::from(frame),
+    ];
+    send.write_all_chunks(&mut chunks).await?;
     Ok(())
 }
 

@@ -294,6 +294,25 @@ pub struct MaskedRows {
     pub words: Vec<u8>,
 }
 
+/// A [`MaskedRows`] read in place: its bytes are the frame's
+/// ([`Message::decode_masked_rows`]), not a copy of them.
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct MaskedRowsRef<'a> {
+    /// The aggregate session.
+    pub session: SessionId,
+    /// Chunk number, from 0.
+    pub seq: u32,
+    /// The chunk's rows, as in [`MaskedRows::words`].
+    #[serde(borrow)]
+    pub words: &'a [u8],
+}
+
+impl core::fmt::Debug for MaskedRowsRef<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "MaskedRowsRef {{ seq: {}, bytes: {} }}", self.seq, self.words.len())
+    }
+}
+
 impl core::fmt::Debug for MaskedRows {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "MaskedRows {{ seq: {}, bytes: {} }}", self.seq, self.words.len())
@@ -1193,6 +1212,44 @@ impl Message {
         Ok(out)
     }
 
+    /// A frame that is a [`MaskedRows`], read in place (the rows are the
+    /// largest messages of a query: this saves a copy of each); `None` for
+    /// any other message, which [`Message::decode`] reads. The checks are
+    /// [`Message::decode`]'s.
+    ///
+    /// # Errors
+    /// A [`WireError`] for a malformed masked-rows frame.
+    pub fn decode_masked_rows(frame: &[u8]) -> Result<Option<MaskedRowsRef<'_>>, WireError> {
+        if frame.len() > MAX_MESSAGE_LEN {
+            return Err(WireError::TooLarge {
+                len: frame.len(),
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        let body = match frame {
+            [PROTOCOL_VERSION, 10, body @ ..] => body,
+            _ => return Ok(None),
+        };
+        let kind = kind_name(10);
+        let (value, read) = bincode::serde::borrow_decode_from_slice::<MaskedRowsRef<'_>, _>(body, config())
+            .map_err(|_| WireError::Malformed { kind })?;
+        if read != body.len() {
+            return Err(WireError::TrailingBytes {
+                kind,
+                count: body.len().saturating_sub(read),
+            });
+        }
+        // `validate`'s rule for MaskedRows.
+        if value.words.is_empty() || !value.words.len().is_multiple_of(8) {
+            return Err(WireError::FieldLength {
+                kind,
+                field: "words",
+                len: value.words.len(),
+            });
+        }
+        Ok(Some(value))
+    }
+
     /// Decodes and validates one frame.
     ///
     /// # Errors
@@ -1533,6 +1590,35 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = Message::decode(&bytes);
+        }
+
+        /// The in-place read of masked rows accepts exactly the frames
+        /// `decode` reads as `MaskedRows`, with the same fields, and
+        /// leaves every other frame to `decode`.
+        #[test]
+        fn masked_rows_read_in_place_as_decode_reads_them(
+            ty in prop_oneof![Just(10u8), 0u8..27],
+            body in proptest::collection::vec(any::<u8>(), 0..96),
+            words in proptest::collection::vec(any::<u8>(), 0..64),
+            seq in any::<u32>(),
+        ) {
+            // An arbitrary frame, and a well-formed one with `words`.
+            let good = Message::MaskedRows(MaskedRows { session: SessionId([3; 16]), seq, words }).encode().unwrap();
+            let mut arbitrary = vec![PROTOCOL_VERSION, ty];
+            arbitrary.extend_from_slice(&body);
+            for frame in [good, arbitrary] {
+                match (Message::decode(&frame), Message::decode_masked_rows(&frame)) {
+                    (Ok(Message::MaskedRows(m)), Ok(Some(r))) => {
+                        prop_assert_eq!((m.session, m.seq, m.words.as_slice()), (r.session, r.seq, r.words));
+                    }
+                    (Ok(Message::MaskedRows(_)), other) => prop_assert!(false, "in place: {:?}", other),
+                    (_, Ok(Some(r))) => prop_assert!(false, "read in place only: {:?}", r),
+                    (Ok(_), Ok(None)) => {}
+                    (Err(_), Ok(None)) => prop_assert!(frame.get(1) != Some(&10)),
+                    (Err(_), Err(_)) => {}
+                    (Ok(m), Err(e)) => prop_assert!(false, "{:?} refused in place: {}", m.kind(), e),
+                }
+            }
         }
 
         #[test]
