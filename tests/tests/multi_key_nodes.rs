@@ -300,3 +300,29 @@ async fn bench_runs_a_two_key_join() {
     assert!(two.join.bank_to_platform_bytes > one.join.bank_to_platform_bytes * 3 / 2);
     assert!(two.join.platform_to_bank_bytes > one.join.platform_to_bank_bytes * 3 / 2);
 }
+
+/// `cleanroom demo --keys email,phone`: every cell of the three templates
+/// within 6 sigma of the multi-key plaintext truth the demo reports beside
+/// it (the noise is the real one here, √8 times a single-key query's).
+#[test]
+fn the_two_key_demo_is_within_its_noise_of_the_truth() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt
+        .block_on(cleanroom_lab::demo::run(600, 176, None, None, Default::default(), true))
+        .unwrap();
+    assert_eq!(report.keys, ["email", "phone"]);
+    assert_eq!(report.queries.len(), 3);
+    for q in &report.queries {
+        assert_eq!(q.result.cells.len(), q.truth.len(), "{}", q.template);
+        for (c, truth) in q.result.cells.iter().zip(&q.truth) {
+            assert!(
+                (c.value - truth).abs() <= 6.0 * c.sigma,
+                "{} {}: {} vs {truth} (sd {})",
+                q.template,
+                c.name,
+                c.value,
+                c.sigma
+            );
+        }
+    }
+}

@@ -495,7 +495,7 @@ fn the_demo_from_parquet_and_from_postgres_is_within_its_noise_of_the_truth() {
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     for source in sources {
-        let report = rt.block_on(run(600, 9, None, None, source)).unwrap();
+        let report = rt.block_on(run(600, 9, None, None, source, false)).unwrap();
         assert_eq!(report.queries.len(), 3, "{source:?}");
         for q in &report.queries {
             assert_eq!(q.result.cells.len(), q.truth.len(), "{source:?} {}", q.template);

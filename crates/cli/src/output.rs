@@ -199,6 +199,12 @@ pub fn demo(r: &DemoReport) {
         r.platform_users,
         r.shared_customers
     );
+    if r.keys.len() > 1 {
+        out!(
+            "matching on {} (a customer matched when any key matches; the truth column is the multi-key plaintext)",
+            r.keys.join(" or ")
+        );
+    }
     for (step, secs) in &r.setup {
         out!("  {step}: {secs:.2} s");
     }

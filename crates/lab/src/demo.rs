@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cleanroom_crypto::normalize::IdKind;
 use cleanroom_query::{Clip, Plan};
 use cleanroom_sim::oracle::truth;
 use cleanroom_sim::synth::{SEGMENTS, SynthConfig, SynthData, generate};
@@ -48,6 +49,8 @@ pub struct DemoReport {
     pub platform_users: usize,
     /// Shared customers (by construction).
     pub shared_customers: usize,
+    /// The keys both nodes matched on (`email`, or `email` and `phone`).
+    pub keys: Vec<String>,
     /// The queries.
     pub queries: Vec<DemoQuery>,
     /// Seconds per setup step.
@@ -564,6 +567,7 @@ pub async fn run(
     dir: Option<&Path>,
     sql: Option<&str>,
     source: DemoSource,
+    two_keys: bool,
 ) -> Result<DemoReport, LabError> {
     let tmp;
     let dir = match dir {
@@ -579,6 +583,11 @@ pub async fn run(
     let mut setup = Vec::new();
     let t = Instant::now();
     let mut fixture = Fixture::create(&dir, rows, seed, &["alice"])?;
+    // Matching on e-mail or phone: a fifth of the platform's users get an
+    // e-mail the bank does not have, so only their phone matches them.
+    if two_keys {
+        fixture.use_keys(0.2, seed)?;
+    }
     // Kept running until the demo ends.
     let _postgres = match source {
         DemoSource::Csv => None,
@@ -625,9 +634,14 @@ pub async fn run(
         let result = analyst
             .query(template, &params, new_query_id()?, Duration::from_secs(300))
             .await?;
+        let plan = fixture.plan(template, &params)?;
         queries.push(DemoQuery {
             template: template.to_string(),
-            truth: truth(&fixture.data, &fixture.plan(template, &params)?),
+            truth: if two_keys {
+                cleanroom_sim::oracle::truth_multi(&fixture.data, &plan, &[IdKind::Email, IdKind::Phone])
+            } else {
+                truth(&fixture.data, &plan)
+            },
             params,
             result,
             seconds: t.elapsed().as_secs_f64(),
@@ -640,6 +654,11 @@ pub async fn run(
         bank_transactions: fixture.data.bank.len(),
         platform_users: fixture.data.platform.len(),
         shared_customers: fixture.data.shared_customers,
+        keys: if two_keys {
+            vec!["email".into(), "phone".into()]
+        } else {
+            vec!["email".into()]
+        },
         queries,
         setup,
     })
