@@ -137,6 +137,27 @@ async fn exact_multi_key(f: &Fixture, label: &str) {
             tpl.bind("alice", &params, &d).unwrap()
         };
         assert_eq!(plan.delta_squared(), 8 * one_key.delta_squared(), "{template}");
+        // What each node drew its noise with: the σ it reports per cell is
+        // sqrt(Δ²·10⁶/(2·ρ_micro))/w from the plan it bound, so a node
+        // that bound with one key slot would report √8 less.
+        let rho_micro = cleanroom_node::config::NodeConfig::load(&f.bank_config)
+            .unwrap()
+            .templates(&f.bank_config)
+            .unwrap()
+            .into_iter()
+            .find(|x| x.name == template)
+            .unwrap()
+            .rho_micro;
+        for (c, spec) in r.cells.iter().zip(plan.cells()) {
+            let node = (plan.delta_squared() as f64 * 1e6 / (2.0 * rho_micro as f64)).sqrt() / spec.weight as f64;
+            let both = node * 2f64.sqrt();
+            assert!(
+                (c.sigma - both).abs() <= 1e-9 * both,
+                "{template} {}: σ {} vs {both}",
+                c.name,
+                c.sigma
+            );
+        }
     }
     assert!(
         more_than_email,
@@ -188,41 +209,42 @@ fn cardinality_spent(dir: &std::path::Path) -> i64 {
         .unwrap()
 }
 
-/// A bank matching on e-mail or phone and a platform on e-mail alone: the
-/// offer's rules hash differs (it names the key kinds and slots), the bank
-/// refuses before any charge.
+/// Nodes matching on different keys refuse each other before any charge:
+/// a bank on e-mail or phone against a platform on phone alone (the
+/// offer's rules hash names `K`), and a bank on e-mail against a platform
+/// on phone, both with one key (the hash names the kinds since the change
+/// that added this case: before it, these two joined, matched nothing and
+/// charged the bank's ε_c).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_matching_on_different_keys_refuse_to_join() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut f = Fixture::create(dir.path(), 300, 173, &["alice"]).unwrap();
-    f.use_keys(0.0, 173).unwrap();
-    // The platform matches on its phone alone: one key of another kind.
-    let one = "keys = [{ kind = \"email\", column = \"email\" }, { kind = \"phone\", column = \"phone\" }]\n";
-    let platform_text = |text: String| text.replace(one, "id_column = \"phone\"\nid_kind = \"phone\"\n");
-    let bank = f.start_bank().await.unwrap();
-    let platform = {
-        // Started from the fixture's config, then its keys replaced.
-        let started = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
-        started.shutdown().await;
-        let text = platform_text(std::fs::read_to_string(&f.platform_config).unwrap());
-        assert!(text.contains("id_kind = \"phone\""));
-        std::fs::write(&f.platform_config, text).unwrap();
-        cleanroom_node::server::Node::start(
-            cleanroom_node::config::NodeConfig::load(&f.platform_config).unwrap(),
-            &f.platform_config,
-        )
-        .await
-        .unwrap()
-    };
-    let analyst = analyst_of(&f, "alice", &bank, &platform);
-    let e = analyst
-        .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
-        .await
-        .expect_err("different keys");
-    assert!(e.to_string().contains("ended the session"), "{e}");
-    assert_eq!(cardinality_spent(dir.path()), 0);
-    platform.shutdown().await;
-    bank.shutdown().await;
+    let keys = "keys = [{ kind = \"email\", column = \"email\" }, { kind = \"phone\", column = \"phone\" }]\n";
+    let email = "id_column = \"email\"\nid_kind = \"email\"\n";
+    let phone = "id_column = \"phone\"\nid_kind = \"phone\"\n";
+    for (two_keys, from, what) in [
+        (true, keys, "two keys against phone"),
+        (false, email, "e-mail against phone"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = Fixture::create(dir.path(), 300, 173, &["alice"]).unwrap();
+        if two_keys {
+            f.use_keys(0.0, 173).unwrap();
+        }
+        let bank = f.start_bank().await.unwrap();
+        let platform = platform_edited(&f, &bank, |text| {
+            assert!(text.contains(from), "{what}");
+            text.replace(from, phone)
+        })
+        .await;
+        let analyst = analyst_of(&f, "alice", &bank, &platform);
+        let e = analyst
+            .query("overlap", &[], new_query_id().unwrap(), TIMEOUT)
+            .await
+            .expect_err(what);
+        assert!(e.to_string().contains("ended the session"), "{what}: {e}");
+        assert_eq!(cardinality_spent(dir.path()), 0, "{what}");
+        platform.shutdown().await;
+        bank.shutdown().await;
+    }
 }
 
 /// Config refusals: several keys with shards, a bank without its customer
@@ -325,4 +347,67 @@ fn the_two_key_demo_is_within_its_noise_of_the_truth() {
             );
         }
     }
+}
+
+/// The platform started from its config with `edit` applied to the text.
+async fn platform_edited(
+    f: &Fixture,
+    bank: &cleanroom_node::server::Node,
+    edit: impl Fn(String) -> String,
+) -> cleanroom_node::server::Node {
+    let started = f.start_platform(bank.local_addr().unwrap()).await.unwrap();
+    started.shutdown().await;
+    let text = edit(std::fs::read_to_string(&f.platform_config).unwrap());
+    std::fs::write(&f.platform_config, text).unwrap();
+    cleanroom_node::server::Node::start(
+        cleanroom_node::config::NodeConfig::load(&f.platform_config).unwrap(),
+        &f.platform_config,
+    )
+    .await
+    .unwrap()
+}
+
+/// The platform's `min_input_set` counts users, not keys: with every
+/// user holding an e-mail and a phone, a minimum of the segment's users
+/// passes and one more is refused (counting keys, about twice as many,
+/// would pass both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platforms_minimum_input_counts_users_not_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixture(dir.path(), 300, 177);
+    let gamers = f
+        .data
+        .platform
+        .iter()
+        .filter(|u| cleanroom_sim::synth::SEGMENTS[u.segment] == "gamer")
+        .count();
+    assert!(gamers > 5);
+    let bank = f.start_bank().await.unwrap();
+    let params = vec![
+        ("end".to_string(), "2026-06-30".to_string()),
+        ("segment".to_string(), "gamer".to_string()),
+        ("start".to_string(), "2026-01-01".to_string()),
+    ];
+    for (min, ok) in [(gamers, true), (gamers + 1, false)] {
+        let platform = platform_edited(&f, &bank, |t| {
+            t.replace("[limits]\n", &format!("[limits]\nmin_input_set = {min}\n"))
+        })
+        .await;
+        let analyst = analyst_of(&f, "alice", &bank, &platform);
+        let r = analyst
+            .query(
+                "spend_by_category_for_segment",
+                &params,
+                new_query_id().unwrap(),
+                TIMEOUT,
+            )
+            .await;
+        match (ok, r) {
+            (true, Ok(_)) => {}
+            (false, Err(e)) => assert!(e.to_string().contains("fewer platform users"), "{e}"),
+            (ok, r) => panic!("min {min}: expected ok={ok}, got {:?}", r.map(|_| ())),
+        }
+        platform.shutdown().await;
+    }
+    bank.shutdown().await;
 }

@@ -209,7 +209,9 @@ pub fn curve_bound(holder: &[Vec<u8>], matcher: &[Vec<u8>], dummies: usize) -> R
     let (tokens, t_matcher_own) = timed(|| hash_mul_compress(&h2g, matcher, &kp));
     let (_, t_holder_peer) = timed(|| decode_mul_compress(&tokens, &kb));
     let mut peer_rows = rows;
-    peer_rows.extend(peer_rows.clone().into_iter().take(dummies));
+    // Dummy rows cost what rows do: as many as asked for, even past the rows.
+    let extra: Vec<_> = peer_rows.iter().cycle().take(dummies).copied().collect();
+    peer_rows.extend(extra);
     let (_, t_matcher_peer) = timed(|| decode_mul_compress(&peer_rows, &kp));
     Ok(vec![
         ("holder: hash-to-group + mul of own ids".into(), t_holder_own),
@@ -249,7 +251,9 @@ pub fn curve_reference(
     let (tokens, t_matcher_own) = timed(|| own(matcher, &kp));
     let (n, t_holder_peer) = timed(|| peer(&tokens, &kb));
     let mut peer_rows = rows;
-    peer_rows.extend(peer_rows.clone().into_iter().take(dummies));
+    // Dummy rows cost what rows do: as many as asked for, even past the rows.
+    let extra: Vec<_> = peer_rows.iter().cycle().take(dummies).copied().collect();
+    peer_rows.extend(extra);
     let (m, t_matcher_peer) = timed(|| peer(&peer_rows, &kp));
     if n.len() != tokens.len() || m.len() != peer_rows.len() {
         return Err(NodeError::Internal("a point of the reference did not decompress"));

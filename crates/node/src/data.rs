@@ -65,6 +65,9 @@ pub struct MatcherData {
     pub segments: Vec<u16>,
     /// Each identifier's user's country index (empty when the config names no country column).
     pub countries: Vec<u16>,
+    /// With several keys, each key's user (numbered in load order); empty
+    /// with one key, where each identifier is a user.
+    pub users: Vec<u32>,
     /// Digest of the input.
     pub version: [u8; 32],
     /// What loading found.
@@ -73,7 +76,21 @@ pub struct MatcherData {
 
 impl std::fmt::Debug for MatcherData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MatcherData {{ users: {} }}", self.ids.len())
+        write!(f, "MatcherData {{ identifiers: {} }}", self.ids.len())
+    }
+}
+
+impl MatcherData {
+    /// The users the identifiers at `indices` belong to, each counted once
+    /// (with one key, the identifiers themselves).
+    pub fn users_of(&self, indices: impl Iterator<Item = usize>) -> usize {
+        if self.users.is_empty() {
+            return indices.count();
+        }
+        let mut users: Vec<u32> = indices.filter_map(|k| self.users.get(k).copied()).collect();
+        users.sort_unstable();
+        users.dedup();
+        users.len()
     }
 }
 
@@ -465,6 +482,7 @@ pub fn load_matcher(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<Ma
         ids: cleanroom_protocol::join::OwnIds::new(ids)?,
         segments,
         countries,
+        users: Vec::new(),
         version,
         report,
     })
@@ -694,21 +712,14 @@ fn load_matcher_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<
     columns.extend(key_cols.iter().map(|(c, _)| (c.as_str(), Want::Text)));
     let mut report = LoadReport::default();
     let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
-    let (mut ids, mut segments, mut countries) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ids, mut segments, mut countries, mut users) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut user = 0u32;
     let end = read_rows(cfg, &columns, |at, cells| {
         report.rows += 1;
         let Some(cells) = cells else {
             report.bad_row("unreadable row (quoting or column count)", at);
             return Ok(());
         };
-        let row: Vec<Vec<u8>> = row_keys(cells.get(first_key..).unwrap_or(&[]), &kinds, &rules, &mut report, at)
-            .into_iter()
-            .flatten()
-            .collect();
-        if row.is_empty() {
-            report.bad_row("no key (every key column null, blank or not normalising)", at);
-            return Ok(());
-        }
         let Some(segment) = in_domain(cells.first(), "segment", &collab.segments, &mut report, at) else {
             return Ok(());
         };
@@ -720,6 +731,21 @@ fn load_matcher_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<
         } else {
             None
         };
+        // Keys left out are counted for a row that is kept only.
+        let mut left_out = LoadReport::default();
+        let row: Vec<Vec<u8>> = row_keys(cells.get(first_key..).unwrap_or(&[]), &kinds, &rules, &mut left_out, at)
+            .into_iter()
+            .flatten()
+            .collect();
+        if row.is_empty() {
+            report.bad_row("no key (every key column null, blank or not normalising)", at);
+            return Ok(());
+        }
+        for (reason, (n, lines)) in left_out.dropped_keys {
+            let e = report.dropped_keys.entry(reason).or_insert((0, Vec::new()));
+            e.0 += n;
+            e.1.extend(lines.into_iter().take(5usize.saturating_sub(e.1.len())));
+        }
         for k in row {
             if seen.contains(&k) {
                 report.duplicate_identifiers += 1;
@@ -727,11 +753,13 @@ fn load_matcher_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<
             }
             seen.insert(k.clone());
             ids.push(k);
+            users.push(user);
             segments.push(segment);
             if let Some(c) = country {
                 countries.push(c);
             }
         }
+        user = user.saturating_add(1);
         report.loaded += 1;
         Ok(())
     })?;
@@ -741,6 +769,7 @@ fn load_matcher_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<
         ids: cleanroom_protocol::join::OwnIds::new(ids)?,
         segments,
         countries,
+        users,
         version,
         report,
     })
@@ -974,7 +1003,9 @@ mod tests {
              a@x.com,+447700900001,a\n\
              b@x.com,+447700900001,b\n\
              ,,a\n\
-             ,+447700900003,b\n",
+             ,+447700900003,b\n\
+             not-an-email,,zzz\n\
+             also-not-one,+447700900004,a\n",
         )
         .unwrap();
         let m = load_matcher(&multi_cfg(&path, 0.5, false), &collab()).unwrap();
@@ -987,12 +1018,25 @@ mod tests {
                 email("a@x.com"),
                 phone("+447700900001"),
                 email("b@x.com"),
-                phone("+447700900003")
+                phone("+447700900003"),
+                phone("+447700900004")
             ]
         );
-        assert_eq!(m.segments, vec![0, 0, 1, 1]);
+        assert_eq!(m.segments, vec![0, 0, 1, 1, 0]);
+        // Each key's user, and users counted once however many keys.
+        assert_eq!(m.users, vec![0, 0, 1, 2, 3]);
+        assert_eq!(m.users_of(0..5), 4);
+        assert_eq!(m.users_of([0, 1, 3].into_iter()), 2);
         let r = &m.report;
-        assert_eq!((r.rows, r.loaded, r.bad_rows(), r.duplicate_identifiers), (4, 3, 1, 1));
+        assert_eq!((r.rows, r.loaded, r.bad_rows(), r.duplicate_identifiers), (6, 4, 2, 1));
+        // A key left out is counted for the row that is kept (line 7), not
+        // for the one refused for its segment (line 6).
+        assert_eq!(
+            r.dropped_keys
+                .get("email does not normalise (key left out)")
+                .map(|d| (d.0, d.1.clone())),
+            Some((1, vec![7]))
+        );
     }
 
     fn cfg(path: &Path, share: f64) -> DataConfig {

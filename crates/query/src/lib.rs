@@ -1562,6 +1562,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!(one.digest(), explicit_one.digest());
+        // The single-key digest as it was before key slots existed (pinned
+        // from c7b6deb's code: both nodes and stored shares compare it).
+        let hex: String = one.digest().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "b7dd641a8d3189a66f34204dd82dd4bfe63f6632dd3fd7c1f515b33acfb374ac");
         for k in [2u32, 3] {
             let multi = t
                 .bind(

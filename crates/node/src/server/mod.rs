@@ -487,12 +487,15 @@ fn hex(b: &[u8]) -> String {
 
 impl Node {
     /// The join's parameters both roles use (`context` binds its input).
-    /// With several keys the rules' hash also names their kinds, so nodes
-    /// that match on different kinds refuse each other's offer before any
-    /// charge (one key: the rules' hash, as it always was).
+    /// The rules' hash also names the key kinds matched, so nodes that
+    /// match on different kinds (one on e-mail, the other on phone; or
+    /// several keys against one) refuse each other's offer before any
+    /// charge; matching on e-mail alone it is the rules' hash, as it
+    /// always was (so those joins' session ids are unchanged).
     fn join_params(&self, context: [u8; 32]) -> JoinParams {
         let rules = self.inner.rules.hash();
-        let rules_hash = if self.key_slots() > 1 {
+        let email_only = self.inner.key_kinds == [cleanroom_crypto::normalize::IdKind::Email];
+        let rules_hash = if !email_only {
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
             ctx.update(b"cleanroom-v1-key-kinds");
             ctx.update(&rules);
@@ -629,6 +632,7 @@ async fn load_data(cfg: &NodeConfig, config_path: &std::path::Path, node_key: &[
                     ids: empty()?,
                     segments: m.segments,
                     countries: m.countries,
+                    users: Vec::new(),
                     version: m.version,
                     report: m.report,
                 };

@@ -213,7 +213,8 @@ impl Platform {
         // The minimum input applies to every query, cached join or not
         // (counted without copying identifiers).
         let indices = matcher_block_indices(plan, data, &self.inner.domains);
-        let input: usize = indices.iter().map(Vec::len).sum();
+        // Users, not keys: with several keys a user's keys count once.
+        let input = data.users_of(indices.iter().flatten().copied());
         if (input as u64) < self.inner.limits.min_input_set {
             return Err(NodeError::refused(
                 RefusalCode::InputLimit,
