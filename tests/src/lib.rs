@@ -36,3 +36,39 @@ pub fn analyst_of(
         Err(e) => panic!("analyst {name}: {e}"),
     }
 }
+
+/// The cases the semantics must settle, in the data both nodes load:
+/// users' phones swapped pairwise (a customer's e-mail and phone then
+/// match two users, often in two segments: it counts once, in the lower),
+/// customers whose e-mail does not normalise (one key left), and phones
+/// two customers share (dropped from both at load): every ninth customer
+/// loses its e-mail and every thirteenth (from the second) takes the
+/// previous customer's phone.
+pub fn conflicting_and_missing_keys(data: &mut cleanroom_sim::synth::SynthData) {
+    let swaps = data.platform.len() / 10;
+    let (head, tail) = data.platform.split_at_mut(swaps);
+    for (a, b) in head.iter_mut().zip(tail.iter_mut()) {
+        std::mem::swap(&mut a.phone, &mut b.phone);
+    }
+    let mut ids: Vec<u64> = data.bank.iter().map(|t| t.customer).collect();
+    ids.dedup();
+    let position: std::collections::HashMap<u64, usize> = ids.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+    let phone_of: std::collections::HashMap<u64, String> =
+        data.bank.iter().map(|t| (t.customer, t.phone.clone())).collect();
+    for t in &mut data.bank {
+        let Some(&pos) = position.get(&t.customer) else {
+            continue;
+        };
+        if pos % 9 == 0 {
+            t.email = "no e-mail on file".into();
+        }
+        if pos % 13 == 1
+            && let Some(phone) = pos
+                .checked_sub(1)
+                .and_then(|p| ids.get(p))
+                .and_then(|c| phone_of.get(c))
+        {
+            t.phone = phone.clone();
+        }
+    }
+}

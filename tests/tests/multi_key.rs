@@ -259,29 +259,10 @@ fn synthetic_data_against_the_multi_key_reference() {
         categories: 4,
         seed: 17,
     });
-    // Conflicting matches: users' phones swapped pairwise, so a customer's
-    // e-mail and phone can point at two users in two segments.
-    for i in 0..40 {
-        let (a, b) = (data.platform[i].phone.clone(), data.platform[i + 40].phone.clone());
-        data.platform[i].phone = b;
-        data.platform[i + 40].phone = a;
-    }
-    // Customers without a usable e-mail, and phones two customers share.
-    let ids: Vec<u64> = {
-        let mut v: Vec<u64> = data.bank.iter().map(|t| t.customer).collect();
-        v.dedup();
-        v
-    };
-    let phone_of: HashMap<u64, String> = data.bank.iter().map(|t| (t.customer, t.phone.clone())).collect();
-    for t in &mut data.bank {
-        let pos = ids.iter().position(|c| *c == t.customer).unwrap();
-        if pos % 9 == 0 {
-            t.email = "no e-mail on file".into();
-        }
-        if pos % 13 == 1 {
-            t.phone = phone_of[&ids[pos - 1]].clone();
-        }
-    }
+    // Conflicting matches (users' phones swapped pairwise, so a customer's
+    // e-mail and phone can point at two users in two segments), customers
+    // without a usable e-mail, and phones two customers share.
+    cleanroom_tests::conflicting_and_missing_keys(&mut data);
     let kinds = [IdKind::Email, IdKind::Phone];
     // The parties' inputs as `cleanroom simulate` prepares them (shared
     // keys dropped, each platform key kept for its first user); the

@@ -13,7 +13,7 @@
 //! bank does not have, so the truth on e-mail alone is smaller: a node
 //! that ignored the phone column would fail; and they hold conflicting
 //! matches, customers with one usable key and phones two customers share
-//! (`conflicting_and_missing_keys`).
+//! (`cleanroom_tests::conflicting_and_missing_keys`).
 
 use std::time::Duration;
 
@@ -53,36 +53,9 @@ fn fixture(dir: &std::path::Path, rows: usize, seed: u64) -> Fixture {
     let mut f = Fixture::create(dir, rows, seed, &["alice"]).unwrap();
     f.add_sql_template("grouped", GROUPED_SQL, "alice").unwrap();
     f.edit_configs(&edits()).unwrap();
-    conflicting_and_missing_keys(&mut f.data);
+    cleanroom_tests::conflicting_and_missing_keys(&mut f.data);
     f.use_keys(0.2, seed).unwrap();
     f
-}
-
-/// The cases the semantics must settle, in the data both nodes load:
-/// users' phones swapped pairwise (a customer's e-mail and phone then
-/// match two users, often in two segments: it counts once, in the lower),
-/// customers whose e-mail does not normalise (one key left), and phones
-/// two customers share (dropped from both at load).
-fn conflicting_and_missing_keys(data: &mut cleanroom_sim::synth::SynthData) {
-    let swaps = data.platform.len() / 10;
-    for i in 0..swaps {
-        let (a, b) = (data.platform[i].phone.clone(), data.platform[i + swaps].phone.clone());
-        data.platform[i].phone = b;
-        data.platform[i + swaps].phone = a;
-    }
-    let mut ids: Vec<u64> = data.bank.iter().map(|t| t.customer).collect();
-    ids.dedup();
-    let phone_of: std::collections::HashMap<u64, String> =
-        data.bank.iter().map(|t| (t.customer, t.phone.clone())).collect();
-    for t in &mut data.bank {
-        let pos = ids.iter().position(|c| *c == t.customer).unwrap();
-        if pos % 9 == 0 {
-            t.email = "no e-mail on file".into();
-        }
-        if pos % 13 == 1 {
-            t.phone = phone_of[&ids[pos - 1]].clone();
-        }
-    }
 }
 
 /// Every demo query and the grouped one against `truth_multi`; each

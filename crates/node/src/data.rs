@@ -355,6 +355,32 @@ fn date(cell: Option<&Cell>, report: &mut LoadReport, at: u64) -> Option<i32> {
     }
 }
 
+/// A transaction from a bank row's category, amount and date (cells 1, 2
+/// and 3); `None` (counted) when one is bad.
+fn txn_of(cells: &[Cell], collab: &CollaborationConfig, report: &mut LoadReport, at: u64) -> Option<Txn> {
+    let category = in_domain(cells.get(1), "category", &collab.categories, report, at)?;
+    let cents = amount(cells.get(2), report, at)?;
+    let day = date(cells.get(3), report, at)?;
+    Some(Txn { category, cents, day })
+}
+
+/// A platform user's segment and, when the config names a country column,
+/// country (`None`: no such column); `None` (counted) when one is bad.
+fn user_attributes(
+    segment: Option<&Cell>,
+    country: Option<Option<&Cell>>,
+    collab: &CollaborationConfig,
+    report: &mut LoadReport,
+    at: u64,
+) -> Option<(u16, Option<u16>)> {
+    let segment = in_domain(segment, "segment", &collab.segments, report, at)?;
+    let country = match country {
+        Some(cell) => Some(in_domain(cell, "country", &collab.countries, report, at)?),
+        None => None,
+    };
+    Some((segment, country))
+}
+
 /// 0000-01-01 and 9999-12-31, in days since 1970-01-01: what `YYYY-MM-DD` can write.
 pub(crate) const FIRST_DAY: i32 = -719_528;
 pub(crate) const LAST_DAY: i32 = 2_932_896;
@@ -438,16 +464,10 @@ pub fn stream_holder(
         let Some((cells, id)) = identified(cells, &rules, kind, &mut report, at) else {
             return Ok(());
         };
-        let Some(category) = in_domain(cells.get(1), "category", &collab.categories, &mut report, at) else {
+        let Some(txn) = txn_of(cells, collab, &mut report, at) else {
             return Ok(());
         };
-        let Some(cents) = amount(cells.get(2), &mut report, at) else {
-            return Ok(());
-        };
-        let Some(day) = date(cells.get(3), &mut report, at) else {
-            return Ok(());
-        };
-        keep(id, Txn { category, cents, day })?;
+        keep(id, txn)?;
         report.loaded += 1;
         Ok(())
     })?;
@@ -516,16 +536,9 @@ pub fn stream_matcher(
         let Some((cells, id)) = identified(cells, &rules, kind, &mut report, at) else {
             return Ok(());
         };
-        let Some(segment) = in_domain(cells.get(1), "segment", &collab.segments, &mut report, at) else {
+        let country_cell = with_country.then(|| cells.get(2));
+        let Some((segment, country)) = user_attributes(cells.get(1), country_cell, collab, &mut report, at) else {
             return Ok(());
-        };
-        let country = if with_country {
-            let Some(c) = in_domain(cells.get(2), "country", &collab.countries, &mut report, at) else {
-                return Ok(());
-            };
-            Some(c)
-        } else {
-            None
         };
         if keep(id, segment, country)? {
             report.loaded += 1;
@@ -616,13 +629,7 @@ fn load_holder_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<H
             report.bad_row("customer is empty", at);
             return Ok(());
         }
-        let Some(category) = in_domain(cells.get(1), "category", &collab.categories, &mut report, at) else {
-            return Ok(());
-        };
-        let Some(cents) = amount(cells.get(2), &mut report, at) else {
-            return Ok(());
-        };
-        let Some(day) = date(cells.get(3), &mut report, at) else {
+        let Some(txn) = txn_of(cells, collab, &mut report, at) else {
             return Ok(());
         };
         let row = row_keys(cells.get(4..).unwrap_or(&[]), &kinds, &rules, &mut report, at);
@@ -649,7 +656,7 @@ fn load_holder_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<H
                     _ => {}
                 }
             }
-            list.push(Txn { category, cents, day });
+            list.push(txn);
         }
         report.loaded += 1;
         Ok(())
@@ -720,16 +727,9 @@ fn load_matcher_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<
             report.bad_row("unreadable row (quoting or column count)", at);
             return Ok(());
         };
-        let Some(segment) = in_domain(cells.first(), "segment", &collab.segments, &mut report, at) else {
+        let country_cell = cfg.country_column.is_some().then(|| cells.get(1));
+        let Some((segment, country)) = user_attributes(cells.first(), country_cell, collab, &mut report, at) else {
             return Ok(());
-        };
-        let country = if cfg.country_column.is_some() {
-            let Some(c) = in_domain(cells.get(1), "country", &collab.countries, &mut report, at) else {
-                return Ok(());
-            };
-            Some(c)
-        } else {
-            None
         };
         // Keys left out are counted for a row that is kept only.
         let mut left_out = LoadReport::default();
