@@ -330,7 +330,7 @@ struct SimulateArgs {
 }
 
 fn parse_key_kind(s: &str) -> Result<cleanroom_sim::simulate::IdKind, String> {
-    cleanroom_sim::simulate::key_kind(s.trim()).ok_or_else(|| format!("{s:?}: a key is email or phone"))
+    cleanroom_sim::simulate::IdKind::from_name(s.trim()).ok_or_else(|| format!("{s:?}: a key is email or phone"))
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {

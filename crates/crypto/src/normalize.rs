@@ -14,6 +14,22 @@ pub enum IdKind {
 }
 
 impl IdKind {
+    /// Every kind.
+    pub const ALL: [IdKind; 2] = [IdKind::Email, IdKind::Phone];
+
+    /// Its name in configs, on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdKind::Email => "email",
+            IdKind::Phone => "phone",
+        }
+    }
+
+    /// The kind `name` names ([`IdKind::name`]'s inverse).
+    pub fn from_name(name: &str) -> Option<IdKind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
     fn tag(self) -> &'static [u8] {
         match self {
             IdKind::Email => b"email:",

@@ -286,7 +286,7 @@ fn bank_points(
             .d_max() as usize;
         return Ok((keys, d_max * shards.max(1) as usize));
     }
-    let d_max = cleanroom_crypto::dp::ShiftedTruncatedLaplace::for_histogram(1, 2, 1_000_000, 2 * k as u64, k as u64)
+    let d_max = cleanroom_sim::simulate::multi_key_noise(k as u64)
         .map_err(NodeError::Crypto)?
         .d_max() as usize;
     let patterns = cleanroom_protocol::join::match_patterns(1, k)

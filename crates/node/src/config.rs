@@ -100,7 +100,7 @@ impl DataConfig {
     /// the one of `id_column` and `id_kind` (whose kind is checked by
     /// [`NodeConfig::check`]; an unknown one reads as e-mail here).
     pub fn key_columns(&self) -> Vec<(String, IdKind)> {
-        let kind = |k: &str| if k == "phone" { IdKind::Phone } else { IdKind::Email };
+        let kind = |k: &str| IdKind::from_name(k).unwrap_or(IdKind::Email);
         if self.keys.is_empty() {
             return vec![(
                 self.id_column.clone().unwrap_or_default(),
@@ -805,7 +805,7 @@ impl NodeConfig {
     /// shards with two or more).
     fn check_keys(&self, path: &Path) -> Result<(), NodeError> {
         let d = &self.data;
-        let known = |k: &str| matches!(k, "email" | "phone");
+        let known = |k: &str| IdKind::from_name(k).is_some();
         if d.keys.is_empty() {
             let (Some(_), Some(kind)) = (&d.id_column, &d.id_kind) else {
                 return Err(bad(

@@ -121,35 +121,40 @@ pub struct LoadReport {
     pub numbering: Numbering,
 }
 
+/// One more `reason` at `line`: its count, and the first five lines.
+fn count_at(counts: &mut BTreeMap<String, (u64, Vec<u64>)>, reason: String, line: u64) {
+    let e = counts.entry(reason).or_insert((0, Vec::new()));
+    e.0 += 1;
+    if e.1.len() < 5 {
+        e.1.push(line);
+    }
+}
+
+/// `reason: N{unit} (lines a, b, c...)` for each reason.
+fn describe_counts(counts: &BTreeMap<String, (u64, Vec<u64>)>, numbering: Numbering, unit: &str) -> Vec<String> {
+    counts
+        .iter()
+        .map(|(r, (n, lines))| {
+            let l: Vec<String> = lines.iter().map(u64::to_string).collect();
+            let more = if *n as usize > lines.len() { ", ..." } else { "" };
+            format!("{r}: {n}{unit} ({} {}{more})", numbering.word(), l.join(", "))
+        })
+        .collect()
+}
+
 impl LoadReport {
     fn bad_row(&mut self, reason: &str, line: u64) {
-        let e = self.bad.entry(reason.to_string()).or_insert((0, Vec::new()));
-        e.0 += 1;
-        if e.1.len() < 5 {
-            e.1.push(line);
-        }
+        count_at(&mut self.bad, reason.to_string(), line);
     }
 
     fn dropped_key(&mut self, reason: String, line: u64) {
-        let e = self.dropped_keys.entry(reason).or_insert((0, Vec::new()));
-        e.0 += 1;
-        if e.1.len() < 5 {
-            e.1.push(line);
-        }
+        count_at(&mut self.dropped_keys, reason, line);
     }
 
     /// Keys dropped from kept rows and shared keys dropped, in one line
     /// (empty when none).
     pub fn describe_keys(&self) -> String {
-        let mut parts: Vec<String> = self
-            .dropped_keys
-            .iter()
-            .map(|(r, (n, lines))| {
-                let l: Vec<String> = lines.iter().map(u64::to_string).collect();
-                let more = if *n as usize > lines.len() { ", ..." } else { "" };
-                format!("{r}: {n} ({} {}{more})", self.numbering.word(), l.join(", "))
-            })
-            .collect();
+        let mut parts = describe_counts(&self.dropped_keys, self.numbering, "");
         for (kind, n) in &self.shared_keys {
             parts.push(format!(
                 "{kind} keys two or more customers share, dropped from all of them: {n}"
@@ -165,15 +170,7 @@ impl LoadReport {
 
     /// One line per reason: `reason: N rows (lines a, b, c...)`.
     pub fn describe(&self) -> String {
-        self.bad
-            .iter()
-            .map(|(r, (n, lines))| {
-                let l: Vec<String> = lines.iter().map(u64::to_string).collect();
-                let more = if *n as usize > lines.len() { ", ..." } else { "" };
-                format!("{r}: {n} rows ({} {}{more})", self.numbering.word(), l.join(", "))
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
+        describe_counts(&self.bad, self.numbering, " rows").join("; ")
     }
 
     fn check(&self, source: &str, max_share: f64) -> Result<(), NodeError> {
@@ -216,14 +213,6 @@ fn id_kind(cfg: &DataConfig) -> IdKind {
     cfg.key_columns().first().map_or(IdKind::Email, |(_, k)| *k)
 }
 
-/// A key kind's name in configs and reports.
-pub fn key_name(kind: IdKind) -> &'static str {
-    match kind {
-        IdKind::Email => "email",
-        IdKind::Phone => "phone",
-    }
-}
-
 /// The input's version: what the source hashed, then the normalisation
 /// rules.
 fn finish_version(end: SourceEnd, rules: &NormalizationRules, cfg: &DataConfig) -> [u8; 32] {
@@ -234,7 +223,7 @@ fn finish_version(end: SourceEnd, rules: &NormalizationRules, cfg: &DataConfig) 
     if cfg.multi_key() {
         ctx.update(b"keys");
         for (column, kind) in cfg.key_columns() {
-            for part in [key_name(kind).as_bytes(), column.as_bytes()] {
+            for part in [kind.name().as_bytes(), column.as_bytes()] {
                 ctx.update(&(part.len() as u64).to_le_bytes());
                 ctx.update(part);
             }
@@ -560,13 +549,13 @@ fn label_text(cell: Option<&Cell>, what: &str, report: &mut LoadReport, at: u64)
 }
 
 /// A row's keys of `kinds` from `cells` (null or blank: missing; one that
-/// does not normalise: missing, counted in the report's dropped keys).
+/// does not normalise or is not text: missing, its reason pushed to
+/// `left_out`, which the caller counts if it keeps the row).
 fn row_keys(
     cells: &[Cell],
     kinds: &[IdKind],
     rules: &NormalizationRules,
-    report: &mut LoadReport,
-    at: u64,
+    left_out: &mut Vec<String>,
 ) -> Vec<Option<Vec<u8>>> {
     kinds
         .iter()
@@ -575,13 +564,13 @@ fn row_keys(
             Some(Cell::Text(raw)) if !raw.trim().is_empty() => match rules.normalize(*kind, raw) {
                 Ok(k) => Some(k),
                 Err(_) => {
-                    report.dropped_key(format!("{} does not normalise (key left out)", key_name(*kind)), at);
+                    left_out.push(format!("{} does not normalise (key left out)", kind.name()));
                     None
                 }
             },
             Some(Cell::Text(_) | Cell::Null) | None => None,
             Some(_) => {
-                report.dropped_key(format!("{} is not text (key left out)", key_name(*kind)), at);
+                left_out.push(format!("{} is not text (key left out)", kind.name()));
                 None
             }
         })
@@ -632,7 +621,11 @@ fn load_holder_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<H
         let Some(txn) = txn_of(cells, collab, &mut report, at) else {
             return Ok(());
         };
-        let row = row_keys(cells.get(4..).unwrap_or(&[]), &kinds, &rules, &mut report, at);
+        let mut left_out = Vec::new();
+        let row = row_keys(cells.get(4..).unwrap_or(&[]), &kinds, &rules, &mut left_out);
+        for reason in left_out {
+            report.dropped_key(reason, at);
+        }
         let c = match index.get(&customer) {
             Some(c) => *c,
             None => {
@@ -649,7 +642,7 @@ fn load_holder_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<H
                     (Some(old), Some(new)) if *old != new => report.dropped_key(
                         format!(
                             "{} differs from the customer's earlier rows (the first kept)",
-                            key_name(*kind)
+                            kind.name()
                         ),
                         at,
                     ),
@@ -679,7 +672,7 @@ fn load_holder_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<H
         if n > 1 {
             shared.insert(k.to_vec());
             if let Some(kind) = kinds.get(i) {
-                *report.shared_keys.entry(key_name(*kind).to_string()).or_insert(0) += 1;
+                *report.shared_keys.entry(kind.name().to_string()).or_insert(0) += 1;
             }
         }
     }
@@ -732,8 +725,8 @@ fn load_matcher_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<
             return Ok(());
         };
         // Keys left out are counted for a row that is kept only.
-        let mut left_out = LoadReport::default();
-        let row: Vec<Vec<u8>> = row_keys(cells.get(first_key..).unwrap_or(&[]), &kinds, &rules, &mut left_out, at)
+        let mut left_out = Vec::new();
+        let row: Vec<Vec<u8>> = row_keys(cells.get(first_key..).unwrap_or(&[]), &kinds, &rules, &mut left_out)
             .into_iter()
             .flatten()
             .collect();
@@ -741,10 +734,8 @@ fn load_matcher_multi(cfg: &DataConfig, collab: &CollaborationConfig) -> Result<
             report.bad_row("no key (every key column null, blank or not normalising)", at);
             return Ok(());
         }
-        for (reason, (n, lines)) in left_out.dropped_keys {
-            let e = report.dropped_keys.entry(reason).or_insert((0, Vec::new()));
-            e.0 += n;
-            e.1.extend(lines.into_iter().take(5usize.saturating_sub(e.1.len())));
+        for reason in left_out {
+            report.dropped_key(reason, at);
         }
         for k in row {
             if seen.contains(&k) {

@@ -763,7 +763,7 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
         }
     }
     Ok(SimulateReport {
-        keys: cfg.keys.iter().map(|k| key_name(*k).to_string()).collect(),
+        keys: cfg.keys.iter().map(|k| k.name().to_string()).collect(),
         shared_keys_dropped,
         holder_rows: holder.ids.len(),
         holder_transactions: data.bank.len(),
@@ -784,21 +784,6 @@ pub fn simulate(cfg: &SimulateConfig) -> Result<SimulateReport, SimError> {
 
 /// Default points per chunk.
 pub const DEFAULT_CHUNK: usize = DEFAULT_CHUNK_POINTS;
-
-/// A key kind's name in the report and on the command line.
-pub fn key_name(kind: IdKind) -> &'static str {
-    match kind {
-        IdKind::Email => "email",
-        IdKind::Phone => "phone",
-    }
-}
-
-/// The key kind a name on the command line names ([`key_name`]'s inverse).
-pub fn key_kind(name: &str) -> Option<IdKind> {
-    [IdKind::Email, IdKind::Phone]
-        .into_iter()
-        .find(|k| key_name(*k) == name)
-}
 
 /// Gives each platform user, with probability `share` (drawn from the
 /// data seed), another e-mail address than the bank has for the person

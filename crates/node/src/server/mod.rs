@@ -500,7 +500,7 @@ impl Node {
             ctx.update(b"cleanroom-v1-key-kinds");
             ctx.update(&rules);
             for kind in &self.inner.key_kinds {
-                let name = crate::data::key_name(*kind);
+                let name = kind.name();
                 ctx.update(&(name.len() as u64).to_le_bytes());
                 ctx.update(name.as_bytes());
             }
