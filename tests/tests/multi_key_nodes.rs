@@ -290,10 +290,15 @@ async fn bench_runs_a_two_key_join() {
     // tokens of about 800 keys; platform to bank: those tokens.
     assert!(two.join.bank_to_platform_bytes > (2 * 400 + 700) * 32);
     assert!(two.join.platform_to_bank_bytes > 700 * 32);
-    // Twice the points of the one-key join each way, or nearly (the
-    // platform's users all have a phone; shared phones are kept once).
-    assert!(two.join.bank_to_platform_bytes > one.join.bank_to_platform_bytes * 3 / 2);
-    assert!(two.join.platform_to_bank_bytes > one.join.platform_to_bank_bytes * 3 / 2);
+    // More than the one-key join by the extra points each way: the bank's
+    // 400 second slots and the ~400 phone tokens (double-blinded back),
+    // and the platform's ~400 phone tokens. Compared as differences, so
+    // QUIC's own bytes (handshake, acknowledgements), which do not scale
+    // with the points, cancel out (as a ratio over 1.5 the platform's
+    // direction failed one clean-clone CI run at c8c32da).
+    let more = |a: u64, b: u64| a.saturating_sub(b);
+    assert!(more(two.join.bank_to_platform_bytes, one.join.bank_to_platform_bytes) > (400 + 350) * 32);
+    assert!(more(two.join.platform_to_bank_bytes, one.join.platform_to_bank_bytes) > 350 * 32);
 }
 
 /// `cleanroom demo --keys email,phone`: every cell of the three templates
