@@ -190,6 +190,20 @@ enum Command {
         /// The node's TOML config.
         #[arg(long)]
         config: PathBuf,
+        /// Also start the node's workers as local processes (`cleanroom
+        /// worker`, one per `[workers] addresses` entry; their number must
+        /// be this), and start again any that exits.
+        #[arg(long)]
+        workers: Option<u32>,
+    },
+    /// Run worker `index` of a node (its `[workers]`) until SIGINT or SIGTERM.
+    Worker {
+        /// The node's TOML config.
+        #[arg(long)]
+        config: PathBuf,
+        /// The worker's index in `[workers] addresses`.
+        #[arg(long)]
+        index: u32,
     },
     /// Run a template on both nodes as an analyst.
     Query {
@@ -267,6 +281,10 @@ enum CertsCommand {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: i64,
+        /// Also certificates for this many workers of each node
+        /// (`<role>-worker-<w>.pem`, `.key`).
+        #[arg(long, default_value_t = 0)]
+        workers: u32,
     },
     /// Write `ca.crl.pem` in the CA's directory, revoking the given
     /// certificates (the list replaces any earlier one: name every
@@ -562,10 +580,22 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Certs {
-            command: CertsCommand::Init { dir, analysts, days },
+            command:
+                CertsCommand::Init {
+                    dir,
+                    analysts,
+                    days,
+                    workers,
+                },
         } => {
+            if workers > cleanroom_wire::MAX_WORKERS {
+                bail!("--workers: at most {}", cleanroom_wire::MAX_WORKERS);
+            }
             let written = cleanroom_transport::pki::init(&dir, &analysts, days)?;
             for f in &written.files {
+                out!("wrote {}", f.display());
+            }
+            for f in cleanroom_transport::pki::issue_workers(&dir, workers, days)? {
                 out!("wrote {}", f.display());
             }
             for f in cleanroom_node::policy::init_keys(&dir)? {
@@ -618,13 +648,40 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Node { config } => {
+        Command::Node { config, workers } => {
             init_logging("info");
             let cfg = NodeConfig::load(&config)?;
+            if let Some(n) = workers
+                && n != cfg.worker_count()
+            {
+                bail!(
+                    "--workers {n}: {} lists {} worker addresses in [workers]; give that number",
+                    config.display(),
+                    cfg.worker_count()
+                );
+            }
             runtime()?.block_on(async move {
+                // The workers first: each splits its input before it listens.
+                let supervised = match workers {
+                    Some(n) => Some(supervise_workers(&config, n)?),
+                    None => None,
+                };
                 let node = Node::start(cfg, &config).await?;
                 shutdown_signal().await;
                 tracing::info!("shutting down");
+                node.shutdown().await;
+                // Dropping the supervisor kills the workers.
+                drop(supervised);
+                Ok::<(), anyhow::Error>(())
+            })?;
+        }
+        Command::Worker { config, index } => {
+            init_logging("info");
+            let cfg = NodeConfig::load(&config)?;
+            runtime()?.block_on(async move {
+                let node = Node::start_worker(cfg, &config, index).await?;
+                shutdown_signal().await;
+                tracing::info!(worker = index, "shutting down");
                 node.shutdown().await;
                 Ok::<(), anyhow::Error>(())
             })?;
@@ -699,6 +756,39 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cleanroom node --workers N`: starts `cleanroom worker --index w` for
+/// each `w < N` as a child process and starts again any that exits (after a
+/// second); the returned set's tasks kill their workers when dropped.
+fn supervise_workers(config: &std::path::Path, n: u32) -> anyhow::Result<tokio::task::JoinSet<()>> {
+    let exe = std::env::current_exe()?;
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..n {
+        let exe = exe.clone();
+        let config = config.to_path_buf();
+        set.spawn(async move {
+            loop {
+                let child = tokio::process::Command::new(&exe)
+                    .args(["worker", "--index", &w.to_string(), "--config"])
+                    .arg(&config)
+                    .kill_on_drop(true)
+                    .spawn();
+                match child {
+                    Ok(mut c) => {
+                        tracing::info!(worker = w, pid = c.id(), "worker started");
+                        match c.wait().await {
+                            Ok(status) => tracing::warn!(worker = w, %status, "worker exited; starting it again"),
+                            Err(e) => tracing::warn!(worker = w, error = %e, "waiting for a worker failed"),
+                        }
+                    }
+                    Err(e) => tracing::warn!(worker = w, error = %e, "a worker could not be started"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    Ok(set)
 }
 
 async fn shutdown_signal() {

@@ -429,11 +429,49 @@ impl Fixture {
         Node::start(NodeConfig::load(&self.bank_config)?, &self.bank_config).await
     }
 
+    /// Makes the platform a coordinator with a worker listening at each of
+    /// `addresses` (its config's `[workers]`, written by
+    /// [`Self::start_platform`] or [`Self::write_platform_config`]), and
+    /// issues the workers' certificates. Needs `[shards]` (see
+    /// [`Self::edit_configs`]).
+    ///
+    /// # Errors
+    /// A certificate that cannot be issued.
+    pub fn use_workers(&mut self, addresses: &[std::net::SocketAddr]) -> Result<(), NodeError> {
+        let n = u32::try_from(addresses.len()).unwrap_or(u32::MAX);
+        cleanroom_transport::pki::issue_workers(&self.dir.join("certs"), n, 2)?;
+        let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+        self.platform_edits.push((
+            "[limits]".into(),
+            format!("[workers]\naddresses = [{}]\n\n[limits]", list.join(", ")),
+        ));
+        Ok(())
+    }
+
+    /// Starts worker `index` of the platform from the platform's config
+    /// (written first by [`Self::write_platform_config`]).
+    ///
+    /// # Errors
+    /// As [`Node::start_worker`].
+    pub async fn start_worker(&self, index: u32) -> Result<Node, NodeError> {
+        Node::start_worker(NodeConfig::load(&self.platform_config)?, &self.platform_config, index).await
+    }
+
     /// Writes the platform's config pointing at `bank` and starts it.
     ///
     /// # Errors
     /// As [`Node::start`].
     pub async fn start_platform(&self, bank: std::net::SocketAddr) -> Result<Node, NodeError> {
+        self.write_platform_config(bank)?;
+        Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
+    }
+
+    /// Writes the platform's config pointing at `bank`, listening on any
+    /// free port, signed.
+    ///
+    /// # Errors
+    /// A config that cannot be written or signed.
+    pub fn write_platform_config(&self, bank: std::net::SocketAddr) -> Result<(), NodeError> {
         let analyst = "alice";
         let text = node_toml(
             "platform",
@@ -448,8 +486,7 @@ impl Fixture {
         ) + &self.extra;
         let text = self.platform_text(text)?;
         write(&self.platform_config, &text)?;
-        sign_config(&self.platform_config)?;
-        Node::start(NodeConfig::load(&self.platform_config)?, &self.platform_config).await
+        sign_config(&self.platform_config)
     }
 
     /// Writes both configs to listen on fixed addresses, the platform's

@@ -402,6 +402,27 @@ pub struct NodeConfig {
     /// The collaboration's split into shards (`[shards]`; none: one shard).
     #[serde(default)]
     pub shards: ShardsConfig,
+    /// The worker processes that run this node's shards (`[workers]`;
+    /// none: the node runs them itself).
+    #[serde(default)]
+    pub workers: WorkersConfig,
+}
+
+/// `[workers]` (docs/protocol.md, "Workers"): a sharded platform node is a
+/// coordinator and `addresses.len()` worker processes; worker `w` runs the
+/// joins and aggregate batches of the shards `s` with `s mod N = w`, talking
+/// to the bank itself. Each is started with `cleanroom worker --config
+/// <this file> --index w` (or all of them by `cleanroom node --workers N`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Where each worker listens; worker `w` is the `w`-th.
+    #[serde(default)]
+    pub addresses: Vec<SocketAddr>,
+    /// The directory with each worker's certificate and key
+    /// (`<role>-worker-<w>.pem` and `.key`, from `cleanroom certs init
+    /// --workers N`); by default the directory of `identity.cert`.
+    pub certs: Option<PathBuf>,
 }
 
 /// `[shards]`: both nodes of a collaboration split their identifiers into
@@ -722,6 +743,11 @@ impl NodeConfig {
         {
             *k = base.join(&*k);
         }
+        if let Some(k) = cfg.workers.certs.as_mut()
+            && k.is_relative()
+        {
+            *k = base.join(&*k);
+        }
         if let Some(pg) = cfg.data.postgres.as_mut() {
             for p in [pg.password_file.as_mut(), pg.ca.as_mut()].into_iter().flatten() {
                 if p.is_relative() {
@@ -794,10 +820,78 @@ impl NodeConfig {
             }
             _ => {}
         }
+        self.check_workers(path)?;
         self.memory_budget(path)?;
         self.limits(path)?;
         self.templates(path)?;
         Ok(())
+    }
+
+    /// `[workers]`: only on the platform (the bank's workers are not built
+    /// yet), only with shards, at most one worker per shard.
+    fn check_workers(&self, path: &Path) -> Result<(), NodeError> {
+        let n = self.workers.addresses.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if self.role == Role::Bank {
+            return Err(bad(
+                path,
+                "[workers] is for the platform node only: the bank runs all its shards in its own process (bank workers are not built yet)".into(),
+            ));
+        }
+        let shards = self.shard_count();
+        if shards < 2 {
+            return Err(bad(
+                path,
+                "[workers] needs [shards] count of 2 or more: workers run shards".into(),
+            ));
+        }
+        if n > shards as usize || n > cleanroom_wire::MAX_WORKERS as usize {
+            return Err(bad(
+                path,
+                format!(
+                    "[workers] lists {n} addresses, more than the {shards} shards (or {}): a worker with no shard would idle",
+                    cleanroom_wire::MAX_WORKERS
+                ),
+            ));
+        }
+        let mut seen = self.workers.addresses.clone();
+        seen.push(self.listen);
+        seen.sort();
+        if seen
+            .windows(2)
+            .any(|w| w.first() == w.get(1) && w.first().is_some_and(|a| a.port() != 0))
+        {
+            return Err(bad(
+                path,
+                "[workers] addresses must differ from each other and from listen".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The number of worker processes (`[workers] addresses`; 0: none).
+    pub fn worker_count(&self) -> u32 {
+        u32::try_from(self.workers.addresses.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Worker `w`'s certificate and key files.
+    pub fn worker_identity(&self, w: u32) -> (PathBuf, PathBuf) {
+        let dir = self.workers.certs.clone().unwrap_or_else(|| {
+            self.identity
+                .cert
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        });
+        let file = cleanroom_transport::pki::worker_file(self.role.as_str(), w);
+        (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")))
+    }
+
+    /// Worker `w`'s own state directory (its shard files and node key),
+    /// under the node's.
+    pub fn worker_state_dir(&self, w: u32) -> PathBuf {
+        self.state_dir.join(format!("worker-{w}"))
     }
 
     /// The identifier columns: `id_column` and `id_kind`, or `keys` (one

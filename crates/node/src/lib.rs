@@ -85,6 +85,15 @@ pub enum NodeError {
     /// (expired, or from before a restart); the peer joins again.
     #[error("aggregate over a join this node does not have")]
     UnknownJoin,
+    /// One of this node's workers failed, could not be reached, or refused
+    /// the coordinator's request (docs/protocol.md, "Workers").
+    #[error("worker {worker} of this node: {what}")]
+    Worker {
+        /// The worker's index.
+        worker: u32,
+        /// What happened.
+        what: String,
+    },
 }
 
 /// How the peer node, or the connection to it, failed an exchange. The

@@ -6,6 +6,8 @@
 //!   `platform`) and may authenticate as server and as client.
 //! - An analyst's certificate names `<name>.analyst.cleanroom` and may
 //!   authenticate as client only.
+//! - A node's worker `w` (docs/protocol.md, "Workers") has a certificate
+//!   naming `<role>-worker-<w>.node.cleanroom`, server and client.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +22,59 @@ use crate::TransportError;
 /// The DNS name in a node's certificate.
 pub fn node_name(role: &str) -> String {
     format!("{role}.node.cleanroom")
+}
+
+/// The DNS name in the certificate of worker `index` of a node.
+pub fn worker_name(role: &str, index: u32) -> String {
+    format!("{role}-worker-{index}.node.cleanroom")
+}
+
+/// The index of the worker of `role` among a certificate's DNS names
+/// (`None` if none names one).
+pub fn worker_index(names: &[String], role: &str) -> Option<u32> {
+    let prefix = format!("{role}-worker-");
+    names.iter().find_map(|n| {
+        let digits = n.strip_prefix(&prefix)?.strip_suffix(".node.cleanroom")?;
+        if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // No leading zeros: one name per index.
+        if digits.len() > 1 && digits.starts_with('0') {
+            return None;
+        }
+        digits.parse().ok()
+    })
+}
+
+/// The file name (without `.pem` / `.key`) of worker `index`'s
+/// certificate and key.
+pub fn worker_file(role: &str, index: u32) -> String {
+    format!("{role}-worker-{index}")
+}
+
+/// Certificates for `count` workers of each node, signed by the CA in
+/// `dir`, valid for `days` days: `<role>-worker-<w>.pem` and `.key`.
+///
+/// # Errors
+/// A file, parse or signing error.
+pub fn issue_workers(dir: &Path, count: u32, days: i64) -> Result<Vec<PathBuf>, TransportError> {
+    let now = now_secs();
+    let mut files = Vec::new();
+    for role in ["bank", "platform"] {
+        for w in 0..count {
+            let file = worker_file(role, w);
+            files.push(issue(
+                dir,
+                &file,
+                &worker_name(role, w),
+                true,
+                now - 86_400,
+                now.saturating_add(days.saturating_mul(86_400)),
+            )?);
+            files.push(dir.join(format!("{file}.key")));
+        }
+    }
+    Ok(files)
 }
 
 /// The DNS name in an analyst's certificate.
@@ -247,4 +302,50 @@ pub fn issue(
     write(&cert_path, &cert.pem(), false)?;
     write(&dir.join(format!("{file}.key")), &key.serialize_pem(), true)?;
     Ok(cert_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_is_named_by_role_and_index() {
+        assert_eq!(worker_name("platform", 3), "platform-worker-3.node.cleanroom");
+        let names = |n: &str| vec![n.to_string()];
+        assert_eq!(worker_index(&names(&worker_name("platform", 3)), "platform"), Some(3));
+        assert_eq!(worker_index(&names(&worker_name("platform", 0)), "platform"), Some(0));
+        assert_eq!(worker_index(&names(&worker_name("platform", 3)), "bank"), None);
+        for other in [
+            "platform.node.cleanroom",
+            "platform-worker-.node.cleanroom",
+            "platform-worker-03.node.cleanroom",
+            "platform-worker-12345.node.cleanroom",
+            "platform-worker-1x.node.cleanroom",
+            "platform-worker-1.analyst.cleanroom",
+        ] {
+            assert_eq!(worker_index(&names(other), "platform"), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn worker_certificates_are_issued_by_the_collaboration_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &[], 1).unwrap();
+        let files = issue_workers(dir.path(), 2, 1).unwrap();
+        assert_eq!(files.len(), 8);
+        for role in ["bank", "platform"] {
+            for w in 0..2 {
+                let file = worker_file(role, w);
+                let id = crate::Identity::load(
+                    &dir.path().join(format!("{file}.pem")),
+                    &dir.path().join(format!("{file}.key")),
+                )
+                .unwrap();
+                let leaf = id.leaf().unwrap();
+                assert!(crate::certificate_is_for(leaf, &worker_name(role, w)));
+                assert_eq!(worker_index(&crate::certificate_names(leaf), role), Some(w));
+                assert!(!crate::certificate_is_for(leaf, &node_name(role)));
+            }
+        }
+    }
 }

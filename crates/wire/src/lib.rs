@@ -851,6 +851,130 @@ pub enum Message {
     ShardJoin(ShardJoin),
     /// Type 26: platform to bank, before a shard's `OtSetup`.
     ShardBatch(ShardBatch),
+    /// Type 30: a node's coordinator to one of its own workers: run one
+    /// shard's join with the peer (docs/protocol.md, "Workers").
+    WorkerJoin(WorkerJoin),
+    /// Type 31: the worker's answer to a [`WorkerJoin`].
+    WorkerJoined(WorkerJoined),
+    /// Type 32: coordinator to worker: run one aggregate batch over a
+    /// shard's join the worker holds.
+    WorkerBatch(WorkerBatch),
+    /// Type 33: the worker's answer to a [`WorkerBatch`].
+    WorkerBatchDone(WorkerBatchDone),
+    /// Type 34: a worker could not do what its coordinator asked.
+    WorkerFailed(WorkerFailed),
+    /// Type 35: coordinator to worker, which joins it holds of `joins`;
+    /// the worker answers with the same message listing those it holds.
+    WorkerHolds(WorkerHolds),
+}
+
+/// The most workers a node may have (`[workers]`).
+pub const MAX_WORKERS: u32 = 256;
+/// The longest message a [`WorkerFailed`] carries.
+pub const MAX_WORKER_MESSAGE_LEN: usize = 1024;
+
+/// A 32-byte secret carried between a node's own processes: redacted in
+/// `Debug`, zeroized on drop.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret32(pub [u8; 32]);
+
+impl core::fmt::Debug for Secret32 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Secret32(<redacted>)")
+    }
+}
+
+impl Drop for Secret32 {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// Coordinator to worker: run shard `header.shard`'s join with the peer
+/// (the worker sends `header` first, as the coordinator would), over the
+/// shard's users listed per platform group by their index within the
+/// shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerJoin {
+    /// The coordinator's data version: a worker on other data refuses.
+    pub data_version: [u8; 32],
+    /// The shard join's header, as the peer will see it.
+    pub header: ShardJoin,
+    /// The users in the shard, as the coordinator counts them: a worker
+    /// whose shard file holds another number refuses.
+    pub shard_users: u32,
+    /// Each platform group's users, by index within the shard.
+    pub blocks: Vec<Vec<u32>>,
+    /// The seed of the join's block padding (a function of the
+    /// coordinator's node key and the join's context, so a re-join of the
+    /// same input pads alike whichever worker runs it).
+    pub padding_seed: Secret32,
+}
+
+/// Worker to coordinator: the shard's join is done and kept by the worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerJoined {
+    /// The join's session.
+    pub session: SessionId,
+    /// Its platform groups.
+    pub groups: u32,
+    /// Its rows (the peer's, dummies included).
+    pub rows: u64,
+    /// Seconds: own tokens, the peer's points, waiting, matching.
+    pub seconds: [f64; 4],
+}
+
+/// Coordinator to worker: one aggregate batch, the query's `k`-th, for
+/// group `group` of the join `join` the worker holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerBatch {
+    /// The coordinator's data version.
+    pub data_version: [u8; 32],
+    /// The shard's join, as [`WorkerJoined`] named it.
+    pub join: SessionId,
+    /// The query.
+    pub query_id: QueryId,
+    /// The query plan's digest.
+    pub plan_digest: [u8; 32],
+    /// The bits of each cell's share in this batch.
+    pub bits: Vec<u8>,
+    /// The batch's index in the query.
+    pub batch: u32,
+    /// The platform group.
+    pub group: u32,
+    /// The shard header the batch starts with.
+    pub header: ShardBatch,
+}
+
+/// Worker to coordinator: the batch's session and the worker's words.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerBatchDone {
+    /// The batch's session.
+    pub session: SessionId,
+    /// This node's share words of the batch's cells.
+    pub words: Vec<u64>,
+    /// Seconds: OT extension, unmasking, waiting.
+    pub seconds: [f64; 3],
+}
+
+/// Coordinator to worker: which of these shard joins do you hold? The
+/// worker answers with those it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHolds {
+    /// The joins, by session (at most [`MAX_SHARDS`]).
+    pub joins: Vec<SessionId>,
+}
+
+/// Worker to coordinator: the request failed. `abort` is the peer's abort
+/// code when the peer aborted (or [`AbortCode::UnknownJoin`] when the
+/// worker does not hold the join); `message` says why, without data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerFailed {
+    /// The peer's abort, if that is why.
+    pub abort: Option<AbortCode>,
+    /// What failed.
+    pub message: String,
 }
 
 /// Platform to bank, first on a stream when the collaboration is split into
@@ -1011,6 +1135,12 @@ impl Message {
             Message::ShareHeld(_) => 24,
             Message::ShardJoin(_) => 25,
             Message::ShardBatch(_) => 26,
+            Message::WorkerJoin(_) => 30,
+            Message::WorkerJoined(_) => 31,
+            Message::WorkerBatch(_) => 32,
+            Message::WorkerBatchDone(_) => 33,
+            Message::WorkerFailed(_) => 34,
+            Message::WorkerHolds(_) => 35,
         }
     }
 
@@ -1037,7 +1167,13 @@ impl Message {
             | Message::ShareCheck(_)
             | Message::ShareHeld(_)
             | Message::ShardJoin(_)
-            | Message::ShardBatch(_) => None,
+            | Message::ShardBatch(_)
+            | Message::WorkerJoin(_)
+            | Message::WorkerJoined(_)
+            | Message::WorkerBatch(_)
+            | Message::WorkerBatchDone(_)
+            | Message::WorkerFailed(_)
+            | Message::WorkerHolds(_) => None,
         }
     }
 
@@ -1143,6 +1279,76 @@ impl Message {
                     });
                 }
             }
+            Message::WorkerJoin(m) => {
+                check_shard(kind, m.header.shards, m.header.shard)?;
+                if m.blocks.is_empty() || m.blocks.len() > 4096 {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "blocks",
+                        len: m.blocks.len(),
+                    });
+                }
+                if let Some(i) = m.blocks.iter().flatten().find(|i| **i >= m.shard_users) {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "user index",
+                        len: *i as usize,
+                    });
+                }
+            }
+            Message::WorkerJoined(m) => {
+                if m.groups == 0 || m.groups > 4096 {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "groups",
+                        len: m.groups as usize,
+                    });
+                }
+            }
+            Message::WorkerBatch(m) => {
+                check_shard(kind, m.header.shards, m.header.shard)?;
+                if m.header.joins.len() != m.header.shards as usize {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "joins",
+                        len: m.header.joins.len(),
+                    });
+                }
+                if m.bits.is_empty() || m.bits.len() > 1 << 16 {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "bits",
+                        len: m.bits.len(),
+                    });
+                }
+            }
+            Message::WorkerBatchDone(m) => {
+                if m.words.len() > 1 << 16 {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "words",
+                        len: m.words.len(),
+                    });
+                }
+            }
+            Message::WorkerHolds(m) => {
+                if m.joins.len() > MAX_SHARDS as usize {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "joins",
+                        len: m.joins.len(),
+                    });
+                }
+            }
+            Message::WorkerFailed(m) => {
+                if m.message.len() > MAX_WORKER_MESSAGE_LEN {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "message",
+                        len: m.message.len(),
+                    });
+                }
+            }
             Message::JoinAccept(_)
             | Message::MatcherKey(_)
             | Message::OtSetup(_)
@@ -1201,6 +1407,12 @@ impl Message {
             Message::ShareHeld(m) => bincode::serde::encode_into_std_write(m, w, config()),
             Message::ShardJoin(m) => bincode::serde::encode_into_std_write(m, w, config()),
             Message::ShardBatch(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerJoin(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerJoined(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerBatch(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerBatchDone(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerFailed(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerHolds(m) => bincode::serde::encode_into_std_write(m, w, config()),
         }
         .map_err(|_| WireError::Encode)?;
         if out.len() > MAX_MESSAGE_LEN {
@@ -1288,6 +1500,12 @@ impl Message {
             24 => Message::ShareHeld(decode_body(kind, body)?),
             25 => Message::ShardJoin(decode_body(kind, body)?),
             26 => Message::ShardBatch(decode_body(kind, body)?),
+            30 => Message::WorkerJoin(decode_body(kind, body)?),
+            31 => Message::WorkerJoined(decode_body(kind, body)?),
+            32 => Message::WorkerBatch(decode_body(kind, body)?),
+            33 => Message::WorkerBatchDone(decode_body(kind, body)?),
+            34 => Message::WorkerFailed(decode_body(kind, body)?),
+            35 => Message::WorkerHolds(decode_body(kind, body)?),
             other => return Err(WireError::UnknownType { got: other }),
         };
         msg.validate()?;
@@ -1315,6 +1533,12 @@ fn kind_name(ty: u8) -> &'static str {
         24 => "ShareHeld",
         25 => "ShardJoin",
         26 => "ShardBatch",
+        30 => "WorkerJoin",
+        31 => "WorkerJoined",
+        32 => "WorkerBatch",
+        33 => "WorkerBatchDone",
+        34 => "WorkerFailed",
+        35 => "WorkerHolds",
         _ => "unknown",
     }
 }

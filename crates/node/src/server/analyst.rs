@@ -603,6 +603,7 @@ pub(super) fn analyst_view(e: &NodeError) -> String {
         NodeError::State(_) => "its state database failed".into(),
         NodeError::Io { .. } => "a local socket failed".into(),
         NodeError::UnknownJoin => "the peer node no longer has the join".into(),
+        NodeError::Worker { worker, .. } => format!("its worker {worker} failed or could not be reached"),
         other => other.to_string(),
     }
 }

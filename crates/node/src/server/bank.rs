@@ -306,14 +306,32 @@ impl Bank {
 
     /// Bank: a stream the platform opened, by its first message (policy
     /// exchange, join, aggregate batch, share check).
+    /// From a worker of the platform (`worker`), only the policy exchange,
+    /// shard joins and shard batches are served.
     pub(super) async fn serve_peer_stream(
         &self,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
+        worker: Option<u32>,
     ) -> Result<(), NodeError> {
         let data = &self.side.data;
         let first = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
-        match Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))? {
+        let message = Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))?;
+        if let Some(w) = worker
+            && !matches!(
+                message,
+                Message::Policy(_) | Message::ShardJoin(_) | Message::ShardBatch(_)
+            )
+        {
+            info!(worker = w, "a platform worker's stream refused");
+            abort(&mut send, cleanroom_wire::SessionId([0; 16]), AbortCode::Refused).await;
+            return Err(PeerError::Unexpected {
+                expected: "from a platform worker, a shard join or shard batch",
+                got: message.kind(),
+            }
+            .into());
+        }
+        match message {
             Message::Policy(p) => {
                 self.peer_policy_from(&p.signed)?;
                 write_one(

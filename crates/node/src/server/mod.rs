@@ -63,6 +63,7 @@ mod analyst;
 mod bank;
 mod platform;
 mod rows;
+mod worker;
 
 use bank::{Bank, BankSide};
 use platform::{Platform, PlatformSide};
@@ -405,6 +406,10 @@ struct Inner {
     stalls: std::sync::atomic::AtomicU64,
     /// The collaboration's split into shards, when `[shards] count >= 2`.
     sharding: Option<Sharding>,
+    /// A coordinator: its workers (`[workers]`), which run its shards.
+    workers: Option<worker::WorkerPool>,
+    /// A worker: which one this process is (it serves only its coordinator).
+    worker: Option<worker::WorkerRole>,
 }
 
 /// A node's shards (docs/protocol.md, "Shards"): `S`, the shard key's id,
@@ -715,19 +720,76 @@ impl Node {
     /// # Errors
     /// Any configuration, data, state or transport error, with a clear message.
     pub async fn start(cfg: NodeConfig, config_path: &std::path::Path) -> Result<Node, NodeError> {
+        Self::start_as(cfg, config_path, None).await
+    }
+
+    /// Starts worker `index` of the node `cfg` configures (docs/protocol.md,
+    /// "Workers"): it listens on `[workers] addresses[index]` under its own
+    /// certificate (`<role>-worker-<index>`), keeps its state (its shard
+    /// files, its key) in `state_dir/worker-<index>`, serves only its
+    /// coordinator (the node's certificate), and runs the joins and
+    /// aggregate batches of its shards with the peer.
+    ///
+    /// # Errors
+    /// As [`Node::start`]; also a config without `[workers]`, an index not
+    /// in it, or a certificate not for this worker.
+    pub async fn start_worker(
+        mut cfg: NodeConfig,
+        config_path: &std::path::Path,
+        index: u32,
+    ) -> Result<Node, NodeError> {
+        let count = cfg.worker_count();
+        let bad = |what: String| NodeError::Config {
+            path: config_path.display().to_string(),
+            what,
+        };
+        if count == 0 {
+            return Err(bad("a worker needs [workers] addresses in its node's config".into()));
+        }
+        let listen = *cfg.workers.addresses.get(index as usize).ok_or_else(|| {
+            bad(format!(
+                "worker {index}: [workers] lists {count} addresses (indices 0 to {})",
+                count - 1
+            ))
+        })?;
+        let (cert, key) = cfg.worker_identity(index);
+        cfg.listen = listen;
+        cfg.identity.cert = cert;
+        cfg.identity.key = key;
+        cfg.state_dir = cfg.worker_state_dir(index);
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| NodeError::Io {
+            what: "creating the worker's state directory",
+            source,
+        })?;
+        Self::start_as(cfg, config_path, Some(worker::WorkerRole { index, count })).await
+    }
+
+    async fn start_as(
+        cfg: NodeConfig,
+        config_path: &std::path::Path,
+        as_worker: Option<worker::WorkerRole>,
+    ) -> Result<Node, NodeError> {
         let limits = cfg.limits(config_path)?;
         let query_timeouts = limits.query_timeouts();
         let templates = cfg.templates(config_path)?;
         let identity = Identity::load(&cfg.identity.cert, &cfg.identity.key)?;
         let ca = cfg.identity.trust_anchors()?;
+        let own_name = match as_worker {
+            None => pki::node_name(cfg.role.as_str()),
+            Some(w) => pki::worker_name(cfg.role.as_str(), w.index),
+        };
         if let Some(leaf) = identity.leaf()
-            && !certificate_is_for(leaf, &pki::node_name(cfg.role.as_str()))
+            && !certificate_is_for(leaf, &own_name)
         {
             return Err(NodeError::Config {
                 path: cfg.identity.cert.display().to_string(),
-                what: format!("this certificate is not for {}", pki::node_name(cfg.role.as_str())),
+                what: format!("this certificate is not for {own_name}"),
             });
         }
+        let workers = match (as_worker, cfg.worker_count()) {
+            (None, 1..) => Some(worker::WorkerPool::new(cfg.workers.addresses.clone(), &identity, &ca)?),
+            _ => None,
+        };
         let (own_policy, own_policy_json, peer_public_key) = load_policies(&cfg, &templates)?;
         let mut state = State::open(&cfg.state_dir)?;
         let node_key = state.node_key()?;
@@ -780,11 +842,13 @@ impl Node {
             exchanges: std::sync::atomic::AtomicU64::new(0),
             stalls: std::sync::atomic::AtomicU64::new(0),
             sharding,
+            workers,
+            worker: as_worker,
         });
         let node = Node { inner };
         let accept = node.clone();
         tokio::spawn(async move { accept.accept_loop().await });
-        if let Sided::Platform(eager) = node.sided() {
+        if let (Sided::Platform(eager), None) = (node.sided(), as_worker) {
             // Connect to the bank early, so both sides have each other's
             // signed templates before the first query.
             tokio::spawn(async move {
@@ -798,7 +862,14 @@ impl Node {
                 }
             });
         }
-        info!(role = cfg.role.as_str(), address = %node.local_addr()?, "node listening");
+        match as_worker {
+            None => {
+                info!(role = cfg.role.as_str(), address = %node.local_addr()?, workers = cfg.worker_count(), "node listening")
+            }
+            Some(w) => {
+                info!(role = cfg.role.as_str(), worker = w.index, address = %node.local_addr()?, "worker listening")
+            }
+        }
         Ok(node)
     }
 
@@ -1013,9 +1084,21 @@ impl Node {
             conn.close(2u32.into(), b"certificate required");
             return;
         };
+        if let Some(role) = self.inner.worker {
+            return self.serve_coordinator(conn, &cert, role).await;
+        }
         let peer_name = pki::node_name(self.inner.role().peer().as_str());
         if certificate_is_for(&cert, &peer_name) {
-            self.serve_peer_connection(conn, &peer_name).await;
+            self.serve_peer_connection(conn, &peer_name, None).await;
+            return;
+        }
+        // A worker of the platform runs its shards' joins and batches.
+        if self.inner.role() == Role::Bank
+            && let Some(w) = pki::worker_index(&cleanroom_transport::certificate_names(&cert), "platform")
+            && certificate_is_for(&cert, &pki::worker_name("platform", w))
+        {
+            self.serve_peer_connection(conn, &pki::worker_name("platform", w), Some(w))
+                .await;
             return;
         }
         let analyst = self
@@ -1051,7 +1134,7 @@ impl Node {
     /// A connection with the peer node's certificate: only the bank takes
     /// them (the platform connects out); each stream is served by its first
     /// message (`Bank::serve_peer_stream`).
-    async fn serve_peer_connection(&self, conn: quinn::Connection, peer_name: &str) {
+    async fn serve_peer_connection(&self, conn: quinn::Connection, peer_name: &str, worker: Option<u32>) {
         let Sided::Bank(bank) = self.sided() else {
             conn.close(3u32.into(), b"this node does not accept peer connections");
             return;
@@ -1068,8 +1151,36 @@ impl Node {
             let bank = bank.clone();
             tokio::spawn(async move {
                 let _serving = Gauge::up(&bank.side.peer_streams);
-                if let Err(e) = bank.serve_peer_stream(send, recv).await {
+                if let Err(e) = bank.serve_peer_stream(send, recv, worker).await {
                     warn!(error = %e, "peer session failed");
+                }
+            });
+        }
+    }
+
+    /// A worker: connections of its coordinator only (the node's own
+    /// certificate), each stream one request.
+    async fn serve_coordinator(
+        &self,
+        conn: quinn::Connection,
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        role: worker::WorkerRole,
+    ) {
+        let Sided::Platform(platform) = self.sided() else {
+            conn.close(3u32.into(), b"only the platform has workers");
+            return;
+        };
+        if !certificate_is_for(cert, &pki::node_name(self.inner.role().as_str())) {
+            info!("connection closed: a worker serves only its coordinator");
+            conn.close(4u32.into(), b"a worker serves only its coordinator");
+            return;
+        }
+        info!("coordinator connected");
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let platform = platform.clone();
+            tokio::spawn(async move {
+                if let Err(e) = platform.serve_worker_stream(role, send, recv).await {
+                    warn!(error = %e, "a coordinator's stream failed");
                 }
             });
         }

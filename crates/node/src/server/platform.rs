@@ -20,6 +20,8 @@ pub(super) struct PlatformSide {
     /// Serialises queries (so two queries that need the same join do not
     /// both run it), round robin between analysts.
     pub(super) turns: crate::turns::Turns,
+    /// A worker: the shard joins it ran for its coordinator.
+    pub(super) held: Mutex<super::worker::HeldJoins>,
 }
 
 impl PlatformSide {
@@ -32,6 +34,7 @@ impl PlatformSide {
             bank_address,
             bank_conn: tokio::sync::Mutex::new(None),
             turns: crate::turns::Turns::default(),
+            held: Mutex::new(super::worker::HeldJoins::default()),
         }
     }
 }
@@ -160,7 +163,12 @@ impl Platform {
         // A cached join that does not decode is dropped, and joined again.
         let decoded = match &self.inner.sharding {
             None => MatcherJoined::decode(session, &payload).map(|j| QueryJoin::one(Arc::new(j))),
-            Some(sh) => QueryJoin::decode(session, &payload, sh.count),
+            Some(sh) => QueryJoin::decode(
+                session,
+                &payload,
+                sh.count,
+                self.inner.workers.as_ref().map_or(0, |w| w.count()),
+            ),
         };
         let j = match decoded {
             Ok(j) => Arc::new(j),
@@ -174,33 +182,32 @@ impl Platform {
         Ok(Some(j))
     }
 
-    /// The join's parameters, the platform's policy for it, and the seed of
-    /// its block padding.
-    fn matcher_join_rules(
-        &self,
-        context: [u8; 32],
-    ) -> Result<(JoinParams, MatcherPolicy, cleanroom_protocol::join::PaddingSeed), NodeError> {
+    /// The join's parameters and the platform's policy for it.
+    fn matcher_join_rules(&self, context: [u8; 32]) -> Result<(JoinParams, MatcherPolicy), NodeError> {
         let params = self.join_params(context);
         let policy = MatcherPolicy {
             peer_set: self.peer_set_limits(),
             max_dummy_rows: self.inner.limits.max_dummy_rows,
             block_padding: Some(self.cardinality_noise()?),
         };
-        // The padding of each block is a function of this node's key and
-        // the join's input (filter, grouping and data version: the join
-        // context), so a re-join of unchanged data shows the bank the same
-        // padded sizes, never a fresh sample to average.
-        let padding = {
-            let key = ring::hmac::Key::new(
-                ring::hmac::HMAC_SHA256,
-                crate::state::derive(&self.inner.node_key, b"cleanroom-v1-block-padding").as_slice(),
-            );
-            let tag = ring::hmac::sign(&key, &params.context);
-            let mut seed = Zeroizing::new([0u8; 32]);
-            seed.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
-            cleanroom_protocol::join::PaddingSeed::new(seed)
-        };
-        Ok((params, policy, padding))
+        Ok((params, policy))
+    }
+
+    /// The seed of a join's block padding. The padding of each block is a
+    /// function of this node's key and the join's input (filter, grouping
+    /// and data version: the join context), so a re-join of unchanged data
+    /// shows the bank the same padded sizes, never a fresh sample to
+    /// average; a worker gets the seed from its coordinator, so the same
+    /// holds whichever worker runs the join.
+    pub(super) fn padding_seed(&self, context: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+        let key = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            crate::state::derive(&self.inner.node_key, b"cleanroom-v1-block-padding").as_slice(),
+        );
+        let tag = ring::hmac::sign(&key, context);
+        let mut seed = Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(tag.as_ref().get(..32).unwrap_or(&[0u8; 32]));
+        seed
     }
 
     pub(super) async fn matcher_join(
@@ -225,7 +232,13 @@ impl Platform {
             ));
         }
         if !fresh && let Some(j) = self.cached_matcher_join(&filter, &data.version)? {
-            return Ok((j, None));
+            match j.worker_parts() {
+                Some(parts) if !self.workers_hold(parts).await? => {
+                    lock(&self.side.joins).remove(&self.join_cache_key(&filter));
+                    lock(&self.inner.state).drop_join(&j.session())?;
+                }
+                _ => return Ok((j, None)),
+            }
         }
         let t = Instant::now();
         let fp = crate::state::sorted_fingerprints(
@@ -240,7 +253,8 @@ impl Platform {
         let mut match_secs = 0.0;
         let joined = match &self.inner.sharding {
             None => {
-                let (j, st, m) = self.one_join(&data.ids, base, &indices, None).await?;
+                let padding = self.padding_seed(&base);
+                let (j, st, m) = self.one_join(&data.ids, base, &indices, None, padding).await?;
                 stats.add(&st);
                 match_secs += m;
                 QueryJoin::one(Arc::new(j))
@@ -265,24 +279,55 @@ impl Platform {
                         b.push(local);
                     }
                 }
-                let mut parts = Vec::with_capacity(sh.len());
-                for (s, blocks) in (0..sh.count).zip(per_shard) {
-                    // The shard's users, read back from its file (or kept in memory).
-                    let ids = sh.matcher(s).await?;
-                    let header = cleanroom_wire::ShardJoin {
-                        shards: sh.count,
-                        shard: s,
-                        shard_key_id: sh.key_id,
-                        set,
-                        base_context: base,
-                    };
-                    let context = cleanroom_protocol::queries::shard_join_context(&base, sh.count, s);
-                    let (j, st, m) = self.one_join(&ids, context, &blocks, Some(header)).await?;
-                    stats.add(&st);
-                    match_secs += m;
-                    parts.push(Arc::new(j));
+                match &self.inner.workers {
+                    None => {
+                        let mut parts = Vec::with_capacity(sh.len());
+                        for (s, blocks) in (0..sh.count).zip(per_shard) {
+                            // The shard's users, read back from its file (or kept in memory).
+                            let ids = sh.matcher(s).await?;
+                            let header = cleanroom_wire::ShardJoin {
+                                shards: sh.count,
+                                shard: s,
+                                shard_key_id: sh.key_id,
+                                set,
+                                base_context: base,
+                            };
+                            let context = cleanroom_protocol::queries::shard_join_context(&base, sh.count, s);
+                            let padding = self.padding_seed(&context);
+                            let (j, st, m) = self.one_join(&ids, context, &blocks, Some(header), padding).await?;
+                            stats.add(&st);
+                            match_secs += m;
+                            parts.push(Arc::new(j));
+                        }
+                        QueryJoin::sharded(parts)
+                    }
+                    // Each worker runs its shards' joins, the workers at once.
+                    Some(pool) => {
+                        let header = |s| cleanroom_wire::ShardJoin {
+                            shards: sh.count,
+                            shard: s,
+                            shard_key_id: sh.key_id,
+                            set,
+                            base_context: base,
+                        };
+                        let mut asks = Vec::with_capacity(sh.len());
+                        for (s, blocks) in (0..sh.count).zip(per_shard) {
+                            let context = cleanroom_protocol::queries::shard_join_context(&base, sh.count, s);
+                            let users = sh.store.range(s).map_or(0, |r| r.len());
+                            asks.push(super::worker::JoinAsk {
+                                header: header(s),
+                                shard_users: u32::try_from(users)
+                                    .map_err(|_| NodeError::Internal("a shard too large"))?,
+                                blocks,
+                                padding: self.padding_seed(&context),
+                            });
+                        }
+                        let (parts, st, m) = self.joins_on_workers(pool, asks).await?;
+                        stats.add(&st);
+                        match_secs += m;
+                        QueryJoin::on_workers(parts)
+                    }
                 }
-                QueryJoin::sharded(parts)
             }
         };
         let joined = Arc::new(joined);
@@ -292,12 +337,7 @@ impl Platform {
         lock(&self.inner.state).record_inputs(&filter, &fp, l.join_ttl_secs)?;
         lock(&self.side.joins).insert(key, joined.clone());
         let secs = t.elapsed().as_secs_f64();
-        info!(
-            rows = joined.rows(),
-            shards = joined.parts.len(),
-            seconds = secs,
-            "join done"
-        );
+        info!(rows = joined.rows(), shards = joined.len(), seconds = secs, "join done");
         let phases = vec![
             (Phase::Join, secs),
             (Phase::PlatformOwnTokens, stats.own.as_secs_f64()),
@@ -316,14 +356,16 @@ impl Platform {
     /// `ids`, one list per group), under `context`; a sharded one starts
     /// with its shard header. The join, where its time went, and the
     /// matching's seconds.
-    async fn one_join(
+    pub(super) async fn one_join(
         &self,
         ids: &cleanroom_protocol::join::OwnIds,
         context: [u8; 32],
         blocks: &[Vec<usize>],
         header: Option<cleanroom_wire::ShardJoin>,
+        padding: Zeroizing<[u8; 32]>,
     ) -> Result<(MatcherJoined, pump::PumpStats, f64), NodeError> {
-        let (params, policy, padding) = self.matcher_join_rules(context)?;
+        let (params, policy) = self.matcher_join_rules(context)?;
+        let padding = cleanroom_protocol::join::PaddingSeed::new(padding);
         let conn = self.peer_connection().await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mut rng = session_rng()?;
@@ -418,12 +460,21 @@ impl Platform {
                     let header = self.inner.sharding.as_ref().map(|sh| cleanroom_wire::ShardBatch {
                         shards: sh.count,
                         shard,
-                        joins: joined.parts.iter().map(|p| p.session()).collect(),
+                        joins: joined.sessions(),
                     });
-                    match self
-                        .matcher_batch(part, &r.plan, qid, (group, g), header, &mut shell.aggregate)
-                        .await
-                    {
+                    let bits = plan_bits(&r.plan)?;
+                    let done = match part {
+                        Part::Here(j) => {
+                            self.matcher_batch(j, bits, r.plan.digest(), qid, (group, g), header, &mut shell.aggregate)
+                                .await
+                        }
+                        Part::Worker(p) => {
+                            let header = header.ok_or(NodeError::Internal("a worker's batch of no shard"))?;
+                            self.batch_on_worker(p, &r.plan, qid, (group, g), header, &mut shell.aggregate)
+                                .await
+                        }
+                    };
+                    match done {
                         Ok((session, words)) => machine.batch_done(group, session, words),
                         Err(NodeError::Protocol(ProtocolError::PeerAborted { code })) => machine.aborted(code),
                         Err(e) => return Err(e),
@@ -470,10 +521,12 @@ impl Platform {
     /// One aggregate batch, the query's `k`-th: the OT for platform group
     /// `g` over `joined` (choices e_i AND label_i == g), after its shard
     /// header when sharded; its session and this node's words.
-    async fn matcher_batch(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn matcher_batch(
         &self,
         joined: &MatcherJoined,
-        plan: &Plan,
+        bits: CellBits,
+        digest: [u8; 32],
         qid: &QueryId,
         (k, g): (u32, u32),
         header: Option<cleanroom_wire::ShardBatch>,
@@ -493,9 +546,7 @@ impl Platform {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mut rng = session_rng()?;
         let choices = joined.choices_for_block(g);
-        let bits = CellBits::new(plan.batch_bits())?;
-        let (waiting, setup) =
-            MatcherAggregate::start_with_bits(joined, &choices, bits, *qid, plan.digest(), g, &mut rng)?;
+        let (waiting, setup) = MatcherAggregate::start_with_bits(joined, &choices, bits, *qid, digest, g, &mut rng)?;
         if let Some(h) = header {
             write_one(&mut send, &Message::ShardBatch(h)).await?;
         }
@@ -571,11 +622,16 @@ struct AttemptShell {
 
 /// The aggregate's batches so far (over one join; a new join starts over).
 #[derive(Default)]
-struct AggregateRun {
-    conn: Option<quinn::Connection>,
+pub(super) struct AggregateRun {
+    pub(super) conn: Option<quinn::Connection>,
     /// When the first batch started (none for a join of no groups).
-    started: Option<Instant>,
-    stats: pump::PumpStats,
+    pub(super) started: Option<Instant>,
+    pub(super) stats: pump::PumpStats,
+}
+
+/// A plan's cell widths of one batch.
+pub(super) fn plan_bits(plan: &Plan) -> Result<CellBits, NodeError> {
+    Ok(CellBits::new(plan.batch_bits())?)
 }
 
 /// What the analyst is told when an attempt ends without a share.
@@ -604,20 +660,44 @@ fn attempt_ended(outcome: Outcome) -> NodeError {
 
 /// The join a query's batches run over: one join, or, when the
 /// collaboration is sharded, one per shard (named together by
-/// `queries::sharded_join_id`). Batch `k` is shard `k / G`'s group `k % G`.
+/// `queries::sharded_join_id`), held here or by this node's workers. Batch
+/// `k` is shard `k / G`'s group `k % G`.
 pub(super) struct QueryJoin {
     session: SessionId,
-    parts: Vec<Arc<MatcherJoined>>,
+    parts: Parts,
+}
+
+/// The shard joins of a query, here or on the workers.
+enum Parts {
+    Here(Vec<Arc<MatcherJoined>>),
+    Workers(Vec<WorkerPart>),
+}
+
+/// A shard's join a worker holds: which worker, its session, groups and rows.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct WorkerPart {
+    pub(super) worker: u32,
+    pub(super) session: SessionId,
+    pub(super) groups: u32,
+    pub(super) rows: u64,
+}
+
+/// One batch's join.
+pub(super) enum Part<'a> {
+    Here(&'a MatcherJoined),
+    Worker(WorkerPart),
 }
 
 /// The first bytes of a stored set of shard joins.
 const SHARDED_JOIN_MAGIC: &[u8; 8] = b"CRSJOIN1";
+/// The first bytes of a stored set of shard joins the workers hold.
+const WORKER_JOIN_MAGIC: &[u8; 8] = b"CRWJOIN1";
 
 impl QueryJoin {
     fn one(j: Arc<MatcherJoined>) -> Self {
         Self {
             session: j.session(),
-            parts: vec![j],
+            parts: Parts::Here(vec![j]),
         }
     }
 
@@ -625,7 +705,15 @@ impl QueryJoin {
         let sessions: Vec<SessionId> = parts.iter().map(|p| p.session()).collect();
         Self {
             session: cleanroom_protocol::queries::sharded_join_id(&sessions),
-            parts,
+            parts: Parts::Here(parts),
+        }
+    }
+
+    fn on_workers(parts: Vec<WorkerPart>) -> Self {
+        let sessions: Vec<SessionId> = parts.iter().map(|p| p.session).collect();
+        Self {
+            session: cleanroom_protocol::queries::sharded_join_id(&sessions),
+            parts: Parts::Workers(parts),
         }
     }
 
@@ -634,42 +722,90 @@ impl QueryJoin {
         self.session
     }
 
+    /// The parts' sessions, in shard order.
+    fn sessions(&self) -> Vec<SessionId> {
+        match &self.parts {
+            Parts::Here(p) => p.iter().map(|p| p.session()).collect(),
+            Parts::Workers(p) => p.iter().map(|p| p.session).collect(),
+        }
+    }
+
+    /// The parts the workers hold, if they do.
+    fn worker_parts(&self) -> Option<&[WorkerPart]> {
+        match &self.parts {
+            Parts::Here(_) => None,
+            Parts::Workers(p) => Some(p),
+        }
+    }
+
+    /// The number of parts (shards, or 1).
+    fn len(&self) -> usize {
+        match &self.parts {
+            Parts::Here(p) => p.len(),
+            Parts::Workers(p) => p.len(),
+        }
+    }
+
     /// Platform groups (per shard: every shard's join has them all).
     fn groups(&self) -> usize {
-        self.parts.first().map_or(0, |p| p.blocks())
+        match &self.parts {
+            Parts::Here(p) => p.first().map_or(0, |p| p.blocks()),
+            Parts::Workers(p) => p.first().map_or(0, |p| p.groups as usize),
+        }
     }
 
     /// Aggregate batches: one per shard and group.
     fn batches(&self) -> usize {
-        self.parts.len() * self.groups()
+        self.len() * self.groups()
     }
 
     /// Rows over all shards.
     fn rows(&self) -> usize {
-        self.parts.iter().map(|p| p.rows()).sum()
+        match &self.parts {
+            Parts::Here(p) => p.iter().map(|p| p.rows()).sum(),
+            Parts::Workers(p) => p.iter().map(|p| usize::try_from(p.rows).unwrap_or(usize::MAX)).sum(),
+        }
     }
 
     /// Batch `k`'s join, shard and group.
-    fn batch(&self, k: u32) -> Option<(&MatcherJoined, u32, u32)> {
+    fn batch(&self, k: u32) -> Option<(Part<'_>, u32, u32)> {
         let groups = u32::try_from(self.groups()).ok().filter(|g| *g > 0)?;
         let (shard, g) = (k / groups, k % groups);
-        let part = self.parts.get(shard as usize)?;
+        let part = match &self.parts {
+            Parts::Here(p) => Part::Here(p.get(shard as usize)?),
+            Parts::Workers(p) => Part::Worker(*p.get(shard as usize)?),
+        };
         Some((part, shard, g))
     }
 
     /// The state file's form: unsharded, the one join's; sharded, the
-    /// magic, `S`, then each shard's session, length and join.
+    /// magic, `S`, then each shard's session, length and join; on workers,
+    /// the workers' magic, `S`, then each shard's session, worker, groups
+    /// and rows.
     fn encode(&self) -> Vec<u8> {
-        match self.parts.as_slice() {
-            [one] if one.session() == self.session => one.encode(),
-            parts => {
-                let mut out = SHARDED_JOIN_MAGIC.to_vec();
+        match &self.parts {
+            Parts::Here(parts) => match parts.as_slice() {
+                [one] if one.session() == self.session => one.encode(),
+                parts => {
+                    let mut out = SHARDED_JOIN_MAGIC.to_vec();
+                    out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
+                    for p in parts {
+                        let bytes = p.encode();
+                        out.extend_from_slice(p.session().as_ref());
+                        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+                        out.extend_from_slice(&bytes);
+                    }
+                    out
+                }
+            },
+            Parts::Workers(parts) => {
+                let mut out = WORKER_JOIN_MAGIC.to_vec();
                 out.extend_from_slice(&(parts.len() as u32).to_le_bytes());
                 for p in parts {
-                    let bytes = p.encode();
-                    out.extend_from_slice(p.session().as_ref());
-                    out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
-                    out.extend_from_slice(&bytes);
+                    out.extend_from_slice(p.session.as_ref());
+                    out.extend_from_slice(&p.worker.to_le_bytes());
+                    out.extend_from_slice(&p.groups.to_le_bytes());
+                    out.extend_from_slice(&p.rows.to_le_bytes());
                 }
                 out
             }
@@ -677,31 +813,66 @@ impl QueryJoin {
     }
 
     /// A stored set of `shards` shard joins named `session`; refused unless
-    /// every part decodes, the parts' groups agree and they are named `session`.
-    fn decode(session: SessionId, bytes: &[u8], shards: u32) -> Result<Self, ProtocolError> {
+    /// every part decodes, the parts' groups agree and they are named
+    /// `session`. A set the workers hold is refused on a node with
+    /// `workers` workers unless each part's worker is one of them.
+    fn decode(session: SessionId, bytes: &[u8], shards: u32, workers: u32) -> Result<Self, ProtocolError> {
         let bad = || ProtocolError::LocalInput {
             reason: "stored set of shard joins does not decode",
         };
-        let rest = bytes.strip_prefix(SHARDED_JOIN_MAGIC.as_slice()).ok_or_else(bad)?;
+        let (here, rest) = match (
+            bytes.strip_prefix(SHARDED_JOIN_MAGIC.as_slice()),
+            bytes.strip_prefix(WORKER_JOIN_MAGIC.as_slice()),
+        ) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => return Err(bad()),
+        };
         let (count, mut rest) = rest.split_first_chunk::<4>().ok_or_else(bad)?;
         if u32::from_le_bytes(*count) != shards {
             return Err(bad());
         }
-        let mut parts = Vec::with_capacity(shards as usize);
-        for _ in 0..shards {
-            let (s, r) = rest.split_first_chunk::<16>().ok_or_else(bad)?;
-            let (len, r) = r.split_first_chunk::<8>().ok_or_else(bad)?;
-            let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| bad())?;
-            if len > r.len() {
-                return Err(bad());
+        let joined = if here {
+            let mut parts = Vec::with_capacity(shards as usize);
+            for _ in 0..shards {
+                let (s, r) = rest.split_first_chunk::<16>().ok_or_else(bad)?;
+                let (len, r) = r.split_first_chunk::<8>().ok_or_else(bad)?;
+                let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| bad())?;
+                if len > r.len() {
+                    return Err(bad());
+                }
+                let (payload, r) = r.split_at(len);
+                parts.push(Arc::new(MatcherJoined::decode(SessionId(*s), payload)?));
+                rest = r;
             }
-            let (payload, r) = r.split_at(len);
-            parts.push(Arc::new(MatcherJoined::decode(SessionId(*s), payload)?));
-            rest = r;
-        }
-        let joined = Self::sharded(parts);
+            Self::sharded(parts)
+        } else {
+            let mut parts = Vec::with_capacity(shards as usize);
+            for _ in 0..shards {
+                let (s, r) = rest.split_first_chunk::<16>().ok_or_else(bad)?;
+                let (worker, r) = r.split_first_chunk::<4>().ok_or_else(bad)?;
+                let (groups, r) = r.split_first_chunk::<4>().ok_or_else(bad)?;
+                let (rows, r) = r.split_first_chunk::<8>().ok_or_else(bad)?;
+                let part = WorkerPart {
+                    worker: u32::from_le_bytes(*worker),
+                    session: SessionId(*s),
+                    groups: u32::from_le_bytes(*groups),
+                    rows: u64::from_le_bytes(*rows),
+                };
+                if part.worker >= workers || part.groups == 0 {
+                    return Err(bad());
+                }
+                parts.push(part);
+                rest = r;
+            }
+            Self::on_workers(parts)
+        };
         let groups = joined.groups();
-        if !rest.is_empty() || joined.session != session || joined.parts.iter().any(|p| p.blocks() != groups) {
+        let same_groups = match &joined.parts {
+            Parts::Here(p) => p.iter().all(|p| p.blocks() == groups),
+            Parts::Workers(p) => p.iter().all(|p| p.groups as usize == groups),
+        };
+        if !rest.is_empty() || joined.session != session || !same_groups {
             return Err(bad());
         }
         Ok(joined)
