@@ -279,6 +279,7 @@ async fn bench_runs_a_two_key_join() {
         shards: 1,
         node_processes: None,
         key_slots,
+        workers: Vec::new(),
     };
     let one = cleanroom_lab::bench::run(&opts(1), |_, _, _| {}).await.unwrap();
     let two = cleanroom_lab::bench::run(&opts(2), |_, _, _| {}).await.unwrap();

@@ -1047,6 +1047,7 @@ async fn bench_reports_the_join_against_the_curve_bound() {
         shards: 1,
         node_processes: None,
         key_slots: 1,
+        workers: Vec::new(),
     };
     let mut steps = Vec::new();
     let rows = cleanroom_lab::bench::run(&opts, |done, total, _| steps.push((done, total)))

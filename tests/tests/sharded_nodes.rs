@@ -430,6 +430,7 @@ async fn bench_runs_sharded_nodes() {
         shards,
         node_processes: None,
         key_slots: 1,
+        workers: Vec::new(),
     };
     let one = cleanroom_lab::bench::run(&run(1), |_, _, _| {}).await.unwrap();
     let four = cleanroom_lab::bench::run(&run(4), |_, _, _| {}).await.unwrap();

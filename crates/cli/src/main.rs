@@ -151,6 +151,11 @@ enum Command {
         /// customer matched when either matches; the same data, unsharded).
         #[arg(long, value_delimiter = ',', default_value = "email")]
         keys: Vec<String>,
+        /// With --node-processes and --shards: the platform's worker
+        /// processes (`[workers]`), a run per count for each size, such as
+        /// `1,4` (0: the platform runs its shards itself).
+        #[arg(long, value_delimiter = ',')]
+        workers: Vec<u32>,
     },
     /// Write synthetic `bank.csv` and `platform.csv` (with `--parquet`,
     /// also `bank.parquet` and `platform.parquet` of the same rows).
@@ -460,8 +465,17 @@ fn main() -> anyhow::Result<()> {
             shards,
             node_processes,
             keys,
+            workers,
         } => {
             init_logging("warn");
+            if workers.iter().any(|w| *w > 0) && (!node_processes || shards < 2) {
+                bail!(
+                    "--workers runs the platform's workers as processes over its shards: add --node-processes and --shards"
+                );
+            }
+            if workers.iter().any(|w| *w > shards.min(cleanroom_wire::MAX_WORKERS)) {
+                bail!("--workers: at most one worker per shard");
+            }
             let key_slots = key_slots(&keys)?;
             if key_slots > 1 && shards > 1 {
                 bail!("--keys email,phone runs unsharded (a multi-key collaboration has no shards yet)");
@@ -504,6 +518,7 @@ fn main() -> anyhow::Result<()> {
                 shards,
                 node_processes,
                 key_slots,
+                workers,
             };
             let bar = indicatif::ProgressBar::new(1);
             bar.set_style(

@@ -271,19 +271,47 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     }
     for r in rows {
         if let Some((bank, platform)) = r.node_peak_rss_kib {
+            let workers = if r.workers > 0 {
+                format!(
+                    " with {} platform worker process(es) (the platform's RSS: the coordinator's and the workers' peaks added)",
+                    r.workers
+                )
+            } else {
+                String::new()
+            };
             out!(
-                "{} rows, run {}: nodes as processes: peak RSS bank {} MiB, platform {} MiB (VmHWM of each `cleanroom node`); both listening {:.1} s after their start (loading, and splitting into shard files when sharded); heap, bytes and exchanges not counted",
+                "{} rows, run {}{workers}: nodes as processes: peak RSS bank {} MiB, platform {} MiB (VmHWM of each process); all listening {:.1} s after their start (loading, and splitting into shard files when sharded); join {:.3} s, query {:.3} s, CPU join {:.1} s, query {:.1} s; heap, bytes and exchanges not counted",
                 r.rows,
                 r.run,
                 bank / 1024,
                 platform / 1024,
-                r.node_start_seconds.unwrap_or(0.0)
+                r.node_start_seconds.unwrap_or(0.0),
+                r.join_seconds,
+                r.query_seconds,
+                r.join.cpu_seconds,
+                r.query.cpu_seconds
             );
         }
     }
+    let with_workers: Vec<&cleanroom_lab::bench::BenchRow> = rows.iter().filter(|r| r.workers > 0).collect();
+    if let (Some(one), Some(most)) = (
+        with_workers.iter().find(|r| r.workers == 1),
+        with_workers.iter().max_by_key(|r| r.workers),
+    ) && most.workers > 1
+        && one.rows == most.rows
+    {
+        out!(
+            "{} rows: {} platform workers against 1, in this run: join {:.2}x, query {:.2}x, CPU join {:.2}x (above 1: slower or costlier)",
+            one.rows,
+            most.workers,
+            most.join_seconds / one.join_seconds.max(1e-9),
+            most.query_seconds / one.query_seconds.max(1e-9),
+            most.join.cpu_seconds / one.join.cpu_seconds.max(1e-9)
+        );
+    }
     if let Some(s) = rows.iter().map(|r| r.shards).find(|s| *s > 1) {
         out!(
-            "shards = {s}: each join ran as {s} shard joins, one after the other, in one process per node (the bound counts {s} x D_max dummy rows)"
+            "shards = {s}: each join ran as {s} shard joins, one after the other in one process per node, or, with platform workers, each worker's shards one after the other and the workers at once, all against the one bank process (the bound counts {s} x D_max dummy rows)"
         );
     }
     out!(

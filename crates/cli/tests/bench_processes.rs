@@ -51,11 +51,61 @@ fn bench_runs_each_node_as_its_own_process() {
     assert!(r["node_start_seconds"].as_f64().unwrap() > 0.0);
     // The nodes ran sharded: the bench checks each node's log says its
     // data was split into 3 shards, and fails otherwise.
-    assert!(stdout.contains("both listening"), "{stdout}");
+    assert!(stdout.contains("all listening"), "{stdout}");
     assert!(r["bound_seconds"].as_f64().unwrap() > 0.0);
     assert_eq!(r["query_runs"].as_array().unwrap().len(), 2);
     // The nodes' CPU is read from their processes.
     assert!(r["join"]["cpu_seconds"].as_f64().unwrap() > 0.0);
     // Not counted with processes.
     assert_eq!(r["join"]["platform_to_bank_bytes"], 0);
+}
+
+/// `--workers 1,2`: one run with the platform as a coordinator and one
+/// `cleanroom worker` process, one with two, in the same bench; the
+/// workers' CPU and peak RSS are counted with the platform's, and the two
+/// runs are compared.
+#[test]
+fn bench_runs_the_platform_with_worker_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args([
+            "bench",
+            "--rows",
+            "1200",
+            "--shards",
+            "4",
+            "--node-processes",
+            "--workers",
+            "1,2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (r, w) in rows.iter().zip([1u64, 2]) {
+        assert_eq!(r["workers"], w);
+        assert!(r["join_seconds"].as_f64().unwrap() > 0.0);
+        assert!(r["join"]["cpu_seconds"].as_f64().unwrap() > 0.0);
+        let rss = r["node_peak_rss_kib"].as_array().unwrap();
+        // The platform's figure adds its workers' peaks to the coordinator's.
+        assert!(rss[1].as_u64().unwrap() > 8 * 1024, "{rss:?}");
+    }
+    assert!(stdout.contains("2 platform workers against 1, in this run"), "{stdout}");
+    // Refused without processes or shards.
+    let out = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
+        .args(["bench", "--rows", "200", "--workers", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node-processes and --shards"));
 }

@@ -8,7 +8,10 @@
 //! exactly the results the analysts got, each released share has its audit
 //! entry, and both audit hash chains verify. The same again, smaller, with
 //! both nodes split into 4 shards (issue 16: each query runs 4 shard joins
-//! and a batch per shard, so a kill can land between them). Last, a
+//! and a batch per shard, so a kill can land between them). The same again
+//! with the platform as a coordinator and two `cleanroom worker` processes
+//! (issue 16): kills land on the workers too, in the middle of their
+//! shards' joins and batches. Last, a
 //! corrupted state file and a tampered audit log each stop the node from
 //! starting, with a clear message.
 //!
@@ -37,11 +40,15 @@ struct Storm {
     queries_each: usize,
     kills: usize,
     shards: u32,
+    /// The platform's worker processes (0: none).
+    workers: u32,
 }
 /// ρ of the `overlap` template in the demo configs, millionths.
 const RHO_MICRO: i64 = 100_000;
 
 struct Proc {
+    /// The `cleanroom` subcommand and its arguments but `--config`.
+    args: Vec<String>,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -57,7 +64,8 @@ impl Proc {
             .open(&self.log)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cleanroom"))
-            .args(["node", "--config"])
+            .args(&self.args)
+            .arg("--config")
             .arg(&self.config)
             .stdout(Stdio::null())
             .stderr(log)
@@ -172,6 +180,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
         queries_each: 15,
         kills: 10,
         shards: 1,
+        workers: 0,
     })
     .await;
 }
@@ -188,6 +197,27 @@ async fn sigkill_during_sharded_queries_loses_and_doubles_nothing() {
         queries_each: 8,
         kills: 6,
         shards: 4,
+        workers: 0,
+    })
+    .await;
+}
+
+/// The platform as a coordinator and two worker processes (4 shards, two
+/// per worker): SIGKILLs of the bank, the coordinator and each worker at
+/// random moments, so a worker dies in the middle of its shards' joins or
+/// batches. The coordinator notices (its connection to the worker ends
+/// within seconds), the attempt fails with a message naming the worker,
+/// the analyst retries under the same id once the worker is back, and the
+/// ledger and audit checks hold as above: answered once, charged once, the
+/// stored shares reconstruct what the analysts saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_platform_workers_loses_and_doubles_nothing() {
+    storm(Storm {
+        analysts: 5,
+        queries_each: 8,
+        kills: 8,
+        shards: 4,
+        workers: 2,
     })
     .await;
 }
@@ -201,6 +231,7 @@ async fn storm(storm: Storm) {
         queries_each,
         kills: n_kills,
         shards,
+        workers: n_workers,
     } = storm;
     let seed = std::env::var("CRASH_SEED")
         .ok()
@@ -256,14 +287,40 @@ async fn storm(storm: Storm) {
     )
     .unwrap();
     set_listen(&fixture.platform_config, platform_addr, &allow);
+    if n_workers > 0 {
+        cleanroom_transport::pki::issue_workers(&dir.path().join("certs"), n_workers, 2).unwrap();
+        let list: Vec<String> = (0..n_workers)
+            .map(|_| format!("\"127.0.0.1:{}\"", free_port()))
+            .collect();
+        let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
+        let text = text.replace(
+            "[limits]",
+            &format!("[workers]\naddresses = [{}]\n\n[limits]", list.join(", ")),
+        );
+        std::fs::write(&fixture.platform_config, text).unwrap();
+    }
+    let mut workers: Vec<Proc> = (0..n_workers)
+        .map(|w| Proc {
+            args: vec!["worker".into(), "--index".into(), w.to_string()],
+            config: fixture.platform_config.clone(),
+            log: dir.path().join(format!("worker-{w}.log")),
+            child: None,
+            peak_kib: 0,
+        })
+        .collect();
+    for w in &mut workers {
+        w.start();
+    }
 
     let mut bank = Proc {
+        args: vec!["node".into()],
         config: fixture.bank_config.clone(),
         log: dir.path().join("bank.log"),
         child: None,
         peak_kib: 0,
     };
     let mut platform = Proc {
+        args: vec!["node".into()],
         config: fixture.platform_config.clone(),
         log: dir.path().join("platform.log"),
         child: None,
@@ -316,16 +373,26 @@ async fn storm(storm: Storm) {
     for _ in 0..n_kills {
         tokio::time::sleep(Duration::from_millis(300 + next(&mut rng) % 2200)).await;
         let victim = match next(&mut rng) % 5 {
-            0 | 1 => "bank",
-            2 | 3 => "platform",
-            _ => "both",
+            // With workers, half the kills are of a worker.
+            _ if n_workers > 0 && next(&mut rng).is_multiple_of(2) => {
+                let w = (next(&mut rng) % u64::from(n_workers)) as usize;
+                workers[w].kill();
+                format!("worker {w}")
+            }
+            0 | 1 => {
+                bank.kill();
+                "bank".to_string()
+            }
+            2 | 3 => {
+                platform.kill();
+                "platform".to_string()
+            }
+            _ => {
+                bank.kill();
+                platform.kill();
+                "both".to_string()
+            }
         };
-        if victim != "platform" {
-            bank.kill();
-        }
-        if victim != "bank" {
-            platform.kill();
-        }
         kills.push((started.elapsed().as_secs_f64(), victim));
         tokio::time::sleep(Duration::from_millis(100 + next(&mut rng) % 400)).await;
         if bank.child.is_none() {
@@ -333,6 +400,11 @@ async fn storm(storm: Storm) {
         }
         if platform.child.is_none() {
             platform.start();
+        }
+        for w in &mut workers {
+            if w.child.is_none() {
+                w.start();
+            }
         }
     }
 
@@ -372,8 +444,14 @@ async fn storm(storm: Storm) {
     }
     bank.kill();
     platform.kill();
+    for w in &mut workers {
+        w.kill();
+    }
     // Memory stays bounded through the storm (400 customers and users).
-    for (role, p) in [("bank", &bank), ("platform", &platform)] {
+    for (role, p) in [("bank", &bank), ("platform", &platform)]
+        .into_iter()
+        .chain(workers.iter().map(|w| ("worker", w)))
+    {
         println!("{role}: peak RSS of its processes {} MiB", p.peak_kib / 1024);
         assert!(p.peak_kib < 512 * 1024, "{role} used {} KiB", p.peak_kib);
     }

@@ -53,6 +53,10 @@ pub struct BenchOptions {
     /// Key slots: 1 (match on e-mail), or 2 (match on e-mail or phone,
     /// `Fixture::use_keys`, on the same data).
     pub key_slots: usize,
+    /// With `node_processes` and shards: the platform's worker processes,
+    /// one run per entry for each size (0: no workers, the platform runs
+    /// its shards itself), so the counts compare within one bench.
+    pub workers: Vec<u32>,
 }
 
 /// One phase of one node.
@@ -95,6 +99,8 @@ pub struct BenchRow {
     pub key_slots: usize,
     /// Shards both nodes split their identifiers into (1: no split).
     pub shards: u32,
+    /// The platform's worker processes (0: none).
+    pub workers: u32,
     /// Which repetition of this size (from 1).
     pub run: usize,
     /// Share of the bank's customers the platform also has.
@@ -402,14 +408,20 @@ fn reported_phase((node, phase, seconds): &(String, NodePhase, f64)) -> Phase {
 pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) -> Result<Vec<BenchRow>, LabError> {
     memory::enable();
     let mut out = Vec::new();
-    let runs: Vec<(usize, usize)> = opts
+    let workers = if opts.workers.is_empty() {
+        vec![0]
+    } else {
+        opts.workers.clone()
+    };
+    let runs: Vec<(usize, usize, u32)> = opts
         .sizes
         .iter()
         .flat_map(|r| (1..=opts.repeat.max(1)).map(move |k| (*r, k)))
+        .flat_map(|(r, k)| workers.iter().map(move |w| (r, k, *w)))
         .collect();
     let total = runs.len() as u64 * STEPS_PER_RUN;
     let path = opts.path;
-    for (i, (rows, run)) in runs.into_iter().enumerate() {
+    for (i, (rows, run, workers)) in runs.into_iter().enumerate() {
         let step = i as u64 * STEPS_PER_RUN;
         progress(step, total, &format!("{rows} rows: generating data"));
         let dir = tempfile::tempdir().map_err(|source| NodeError::Io {
@@ -430,9 +442,18 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
         // A join of tens of millions of rows takes minutes: the nodes' own
         // query timeout (120 s by default) would end it.
         fixture.edit_configs(&[("[limits]\n", "[limits]\nquery_timeout_secs = 7200\n")])?;
+        if workers > 0 {
+            if opts.node_processes.is_none() || opts.shards < 2 {
+                return Err(LabError::Bench(
+                    "workers run as processes, over shards: use them with node processes and shards".into(),
+                ));
+            }
+            let addrs = (0..workers).map(|_| free_address()).collect::<Result<Vec<_>, _>>()?;
+            fixture.use_workers(&addrs)?;
+        }
         if let Some(exe) = &opts.node_processes {
             progress(step + 1, total, &format!("{rows} rows: starting node processes"));
-            let row = run_processes(opts, exe, &fixture, rows, run, |k, m| {
+            let row = run_processes(opts, exe, &fixture, rows, run, workers, |k, m| {
                 progress(step + k, total, &format!("{rows} rows: {m}"));
             })
             .await?;
@@ -537,6 +558,7 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             rows,
             key_slots: opts.key_slots.max(1),
             shards: opts.shards.max(1),
+            workers,
             run,
             overlap: opts.overlap,
             categories: opts.categories,
@@ -587,18 +609,47 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
     Ok(out)
 }
 
-/// A node run as its own `cleanroom node --config` process.
+/// A free UDP port on loopback (bound, then released).
+fn free_address() -> Result<std::net::SocketAddr, LabError> {
+    let io = |source| NodeError::Io {
+        what: "finding a free port",
+        source,
+    };
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io)?;
+    Ok(s.local_addr().map_err(io)?)
+}
+
+/// A node run as its own `cleanroom node --config` process (or one of its
+/// workers, `cleanroom worker --index w --config`).
 struct NodeProcess {
     child: std::process::Child,
     log: std::path::PathBuf,
+    /// What its log says once it listens.
+    ready: &'static str,
 }
 
 impl NodeProcess {
     fn start(exe: &Path, config: &Path, log: &Path) -> Result<Self, LabError> {
+        Self::start_with(exe, &["node".to_string()], config, log, "node listening")
+    }
+
+    fn start_worker(exe: &Path, w: u32, config: &Path, log: &Path) -> Result<Self, LabError> {
+        let args = ["worker".to_string(), "--index".to_string(), w.to_string()];
+        Self::start_with(exe, &args, config, log, "worker listening")
+    }
+
+    fn start_with(
+        exe: &Path,
+        args: &[String],
+        config: &Path,
+        log: &Path,
+        ready: &'static str,
+    ) -> Result<Self, LabError> {
         let io = |what, source| NodeError::Io { what, source };
         let err = std::fs::File::create(log).map_err(|e| io("creating a node's log", e))?;
         let child = std::process::Command::new(exe)
-            .args(["node", "--config"])
+            .args(args)
+            .arg("--config")
             .arg(config)
             .stdout(std::process::Stdio::null())
             .stderr(err)
@@ -607,6 +658,7 @@ impl NodeProcess {
         Ok(Self {
             child,
             log: log.to_path_buf(),
+            ready,
         })
     }
 
@@ -615,7 +667,7 @@ impl NodeProcess {
     async fn listening(&mut self) -> Result<(), LabError> {
         loop {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if log.contains("node listening") {
+            if log.contains(self.ready) {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -679,26 +731,24 @@ async fn run_processes(
     fixture: &Fixture,
     rows: usize,
     run: usize,
+    n_workers: u32,
     mut progress: impl FnMut(u64, &str),
 ) -> Result<BenchRow, LabError> {
-    let free = || -> Result<std::net::SocketAddr, LabError> {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|source| NodeError::Io {
-            what: "finding a free port",
-            source,
-        })?;
-        s.local_addr()
-            .map_err(|source| NodeError::Io {
-                what: "finding a free port",
-                source,
-            })
-            .map_err(Into::into)
-    };
-    let (bank_addr, platform_addr) = (free()?, free()?);
+    let (bank_addr, platform_addr) = (free_address()?, free_address()?);
     fixture.write_process_configs(bank_addr, platform_addr)?;
     let t_start = Instant::now();
     let mut bank = NodeProcess::start(exe, &fixture.bank_config, &fixture.dir.join("bank.log"))?;
+    let mut workers = (0..n_workers)
+        .map(|w| {
+            let log = fixture.dir.join(format!("platform-worker-{w}.log"));
+            NodeProcess::start_worker(exe, w, &fixture.platform_config, &log)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut platform = NodeProcess::start(exe, &fixture.platform_config, &fixture.dir.join("platform.log"))?;
     bank.listening().await?;
+    for w in &mut workers {
+        w.listening().await?;
+    }
     platform.listening().await?;
     let start_seconds = t_start.elapsed().as_secs_f64();
     let shards = opts.shards.max(1);
@@ -715,7 +765,9 @@ async fn run_processes(
         2,
         &format!("join (the overlap query); the nodes took {start_seconds:.1} s to start"),
     );
-    let cpu = |b: &NodeProcess, p: &NodeProcess| b.cpu_seconds() + p.cpu_seconds();
+    let cpu = |b: &NodeProcess, p: &NodeProcess| {
+        b.cpu_seconds() + p.cpu_seconds() + workers.iter().map(NodeProcess::cpu_seconds).sum::<f64>()
+    };
     let cpu0 = cpu(&bank, &platform);
     let t = Instant::now();
     let overlap = analyst.query("overlap", &[], new_query_id()?, timeout).await?;
@@ -744,9 +796,13 @@ async fn run_processes(
         }
     }
     let cpu2 = cpu(&bank, &platform);
-    let rss = (bank.status_kib("VmHWM:"), platform.status_kib("VmHWM:"));
+    // The platform's processes: the coordinator and its workers (the sum
+    // of their peaks, an upper bound of their sum's peak).
+    let platform_rss = platform.status_kib("VmHWM:") + workers.iter().map(|w| w.status_kib("VmHWM:")).sum::<u64>();
+    let rss = (bank.status_kib("VmHWM:"), platform_rss);
     drop(analyst);
     drop(platform);
+    drop(workers);
     drop(bank);
 
     progress(4, "timing the curve bound and the reference");
@@ -778,6 +834,7 @@ async fn run_processes(
         rows,
         key_slots: opts.key_slots.max(1),
         shards: opts.shards.max(1),
+        workers: n_workers,
         run,
         overlap: opts.overlap,
         categories: opts.categories,

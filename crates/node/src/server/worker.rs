@@ -351,8 +351,12 @@ impl Platform {
             Ok(Message::WorkerJoin(j)) => self.work_join(role, j).await,
             Ok(Message::WorkerBatch(b)) => self.work_batch(role, b).await,
             Ok(Message::WorkerHolds(h)) => {
-                let held = lock(&self.side.held);
-                let joins = h.joins.into_iter().filter(|j| held.get(j).is_some()).collect();
+                let mut joins = Vec::with_capacity(h.joins.len());
+                for j in h.joins {
+                    if self.held_join(role, &j)?.is_some() {
+                        joins.push(j);
+                    }
+                }
                 Ok(Message::WorkerHolds(WorkerHolds { joins }))
             }
             Ok(other) => Err(PeerError::Unexpected {
@@ -386,6 +390,47 @@ impl Platform {
         let _ = send.finish();
         let _ = send.stopped().await;
         Ok(())
+    }
+
+    /// A worker: keeps a shard's join in memory (a few per shard it owns).
+    fn hold(&self, session: SessionId, shard: u32, joined: Arc<MatcherJoined>, role: WorkerRole) {
+        let shards = self.inner.sharding.as_ref().map_or(1, Sharding::len);
+        let owned = shards.div_ceil(role.count.max(1) as usize);
+        lock(&self.side.held).insert(session, shard, joined, owned * HELD_PER_SHARD);
+    }
+
+    /// A worker: a shard join it ran, from memory or its state file (with
+    /// its shard); `None` if it has none by that session (or the stored
+    /// one does not decode, or is of another split: dropped).
+    fn held_join(&self, role: WorkerRole, session: &SessionId) -> Result<Option<(u32, Arc<MatcherJoined>)>, NodeError> {
+        if let Some(j) = lock(&self.side.held).get(session) {
+            return Ok(Some(j));
+        }
+        let Some(sh) = &self.inner.sharding else {
+            return Ok(None);
+        };
+        let entry = lock(&self.inner.state).join_entry_by_session(session, &self.inner.data_version)?;
+        let Some((name, payload)) = entry else {
+            return Ok(None);
+        };
+        let suffix = format!(" of {} key {}", sh.count, hex(&sh.key_id));
+        let shard = name
+            .strip_prefix("worker-shard ")
+            .and_then(|n| n.strip_suffix(suffix.as_str()))
+            .and_then(|s| s.parse::<u32>().ok())
+            .filter(|s| *s < sh.count && s % role.count.max(1) == role.index);
+        match (shard, MatcherJoined::decode(*session, &payload)) {
+            (Some(shard), Ok(j)) => {
+                let j = Arc::new(j);
+                self.hold(*session, shard, j.clone(), role);
+                Ok(Some((shard, j)))
+            }
+            _ => {
+                warn!("a stored shard join does not decode or is of another split; dropped");
+                lock(&self.inner.state).drop_join(session)?;
+                Ok(None)
+            }
+        }
     }
 
     /// A worker: checks that a request is for its data and one of its shards.
@@ -474,8 +519,15 @@ impl Platform {
                 matching,
             ],
         };
-        let owned = (sh.count as usize).div_ceil(role.count.max(1) as usize);
-        lock(&self.side.held).insert(answer.session, shard, joined, owned * HELD_PER_SHARD);
+        // Stored, as the unsharded platform stores its joins: a worker that
+        // restarts (or is killed) still has the joins its coordinator's
+        // stored sets name, so a query's batches can run again over the
+        // same join (the bank runs a query again only over the join of its
+        // released share).
+        let name = format!("worker-shard {shard} of {} key {}", sh.count, hex(&sh.key_id));
+        let ttl = self.inner.limits.join_ttl_secs;
+        lock(&self.inner.state).put_join(&answer.session, &name, &self.inner.data_version, ttl, &joined.encode())?;
+        self.hold(answer.session, shard, joined, role);
         info!(shard, rows = answer.rows, "shard join done for the coordinator");
         Ok(Message::WorkerJoined(answer))
     }
@@ -483,8 +535,9 @@ impl Platform {
     /// A worker: one aggregate batch over a shard's join it holds.
     async fn work_batch(&self, role: WorkerRole, b: WorkerBatch) -> Result<Message, NodeError> {
         self.check_work(role, &b.data_version, b.header.shards, b.header.shard)?;
-        let Some((shard, joined)) = lock(&self.side.held).get(&b.join) else {
-            // Gone (this worker restarted, or dropped it): the coordinator joins again.
+        let Some((shard, joined)) = self.held_join(role, &b.join)? else {
+            // Gone (expired, or this worker's state was lost): the
+            // coordinator joins again.
             return Err(NodeError::UnknownJoin);
         };
         if shard != b.header.shard || b.header.joins.get(shard as usize) != Some(&b.join) {
