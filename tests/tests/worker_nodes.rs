@@ -300,3 +300,65 @@ async fn workers_on_other_data_and_strangers_are_refused() {
     stop(workers).await;
     stop([platform, bank]).await;
 }
+
+/// Both nodes with workers: bank worker `w` serves platform worker `w`'s
+/// shard joins and batches, asking its coordinator to charge each set and
+/// to claim each batch, and hands its batch words to the coordinator,
+/// which adds its noise once. Results equal the unsharded nodes'; the bank
+/// charges once per set; neither coordinator reads a shard file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_and_platform_workers_give_the_unsharded_results_exactly() {
+    let (rows, seed) = (600, 173);
+    let (unsharded, unsharded_spent) = {
+        let dir = tempfile::tempdir().unwrap();
+        let f = fixture(dir.path(), rows, seed, None, 0);
+        let bank = f.start_bank().await.unwrap();
+        let (platform, _) = start_platform(&f, &bank, 0).await;
+        let cells = exact_cells(&f, &bank, &platform, "unsharded", false).await;
+        stop([platform, bank]).await;
+        (cells, cardinality_spent(dir.path()))
+    };
+    for (s, n) in [(2u32, 2u32), (7, 3)] {
+        let label = format!("S = {s}, {n} workers on each node");
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = fixture(dir.path(), rows, seed, Some(s), n as usize);
+        let addrs = free_addresses(n as usize + 1);
+        f.use_bank_workers(addrs[0], &addrs[1..]).unwrap();
+        let bank = f.start_bank().await.unwrap();
+        let mut bank_workers = Vec::new();
+        for w in 0..n {
+            bank_workers.push(f.start_bank_worker(w).await.unwrap());
+        }
+        let (platform, workers) = start_platform(&f, &bank, n).await;
+        let cells = exact_cells(&f, &bank, &platform, &label, false).await;
+        assert_eq!(cells, unsharded, "{label}");
+        assert_eq!(cardinality_spent(dir.path()), unsharded_spent, "{label}");
+        // The workers read their shards (the platform's once per join,
+        // the bank's once per join and batch while kept); neither
+        // coordinator did.
+        assert_eq!((bank.shard_reads(), platform.shard_reads()), (0, 0), "{label}");
+        for (w, (b, p)) in bank_workers.iter().zip(&workers).enumerate() {
+            let owned = (0..s).filter(|x| x % n == w as u32).count() as u64;
+            assert_eq!(
+                (b.shard_reads(), p.shard_reads()),
+                (owned, owned),
+                "{label}, worker {w}"
+            );
+        }
+        if s == 7 {
+            // A bank worker restarted reads its joins back from its state
+            // file: the cached joins still serve, nothing is charged again.
+            let b1 = bank_workers.remove(1);
+            b1.shutdown().await;
+            drop(b1);
+            bank_workers.insert(1, f.start_bank_worker(1).await.unwrap());
+            let again = exact_cells(&f, &bank, &platform, "S = 7, bank worker 1 restarted", true).await;
+            assert_eq!(again, vec![unsharded[unsharded.len() - 1].clone()]);
+            assert_eq!(cardinality_spent(dir.path()), unsharded_spent, "bank worker restarted");
+        }
+        stop(workers).await;
+        stop([platform]).await;
+        stop(bank_workers).await;
+        stop([bank]).await;
+    }
+}

@@ -42,6 +42,8 @@ struct Storm {
     shards: u32,
     /// The platform's worker processes (0: none).
     workers: u32,
+    /// The bank has as many worker processes as the platform.
+    bank_workers: bool,
 }
 /// ρ of the `overlap` template in the demo configs, millionths.
 const RHO_MICRO: i64 = 100_000;
@@ -181,6 +183,7 @@ async fn sigkill_during_hundreds_of_charged_queries_loses_and_doubles_nothing() 
         kills: 10,
         shards: 1,
         workers: 0,
+        bank_workers: false,
     })
     .await;
 }
@@ -198,6 +201,7 @@ async fn sigkill_during_sharded_queries_loses_and_doubles_nothing() {
         kills: 6,
         shards: 4,
         workers: 0,
+        bank_workers: false,
     })
     .await;
 }
@@ -218,6 +222,24 @@ async fn sigkill_of_platform_workers_loses_and_doubles_nothing() {
         kills: 8,
         shards: 4,
         workers: 2,
+        bank_workers: false,
+    })
+    .await;
+}
+
+/// Both nodes as a coordinator and two worker processes each (bank worker
+/// `w` serving platform worker `w`, asking its coordinator to charge each
+/// set of shard joins and to claim each batch): SIGKILLs of any of the six
+/// processes; the same checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_both_nodes_workers_loses_and_doubles_nothing() {
+    storm(Storm {
+        analysts: 5,
+        queries_each: 8,
+        kills: 10,
+        shards: 4,
+        workers: 2,
+        bank_workers: true,
     })
     .await;
 }
@@ -232,6 +254,7 @@ async fn storm(storm: Storm) {
         kills: n_kills,
         shards,
         workers: n_workers,
+        bank_workers: with_bank_workers,
     } = storm;
     let seed = std::env::var("CRASH_SEED")
         .ok()
@@ -293,11 +316,33 @@ async fn storm(storm: Storm) {
             .map(|_| format!("\"127.0.0.1:{}\"", free_port()))
             .collect();
         let text = std::fs::read_to_string(&fixture.platform_config).unwrap();
-        let text = text.replace(
+        let mut text = text.replace(
             "[limits]",
             &format!("[workers]\naddresses = [{}]\n\n[limits]", list.join(", ")),
         );
+        if with_bank_workers {
+            let list: Vec<String> = (0..n_workers)
+                .map(|_| format!("\"127.0.0.1:{}\"", free_port()))
+                .collect();
+            let list = list.join(", ");
+            text = text.replace("[peer]\n", &format!("[peer]\nworkers = [{list}]\n"));
+            let bank = std::fs::read_to_string(&fixture.bank_config).unwrap();
+            let bank = bank.replace("[limits]", &format!("[workers]\naddresses = [{list}]\n\n[limits]"));
+            std::fs::write(&fixture.bank_config, bank).unwrap();
+        }
         std::fs::write(&fixture.platform_config, text).unwrap();
+    }
+    let mut bank_workers: Vec<Proc> = (0..if with_bank_workers { n_workers } else { 0 })
+        .map(|w| Proc {
+            args: vec!["worker".into(), "--index".into(), w.to_string()],
+            config: fixture.bank_config.clone(),
+            log: dir.path().join(format!("bank-worker-{w}.log")),
+            child: None,
+            peak_kib: 0,
+        })
+        .collect();
+    for w in &mut bank_workers {
+        w.start();
     }
     let mut workers: Vec<Proc> = (0..n_workers)
         .map(|w| Proc {
@@ -376,8 +421,13 @@ async fn storm(storm: Storm) {
             // With workers, half the kills are of a worker.
             _ if n_workers > 0 && next(&mut rng).is_multiple_of(2) => {
                 let w = (next(&mut rng) % u64::from(n_workers)) as usize;
-                workers[w].kill();
-                format!("worker {w}")
+                if !bank_workers.is_empty() && next(&mut rng).is_multiple_of(2) {
+                    bank_workers[w].kill();
+                    format!("bank worker {w}")
+                } else {
+                    workers[w].kill();
+                    format!("worker {w}")
+                }
             }
             0 | 1 => {
                 bank.kill();
@@ -401,7 +451,7 @@ async fn storm(storm: Storm) {
         if platform.child.is_none() {
             platform.start();
         }
-        for w in &mut workers {
+        for w in workers.iter_mut().chain(bank_workers.iter_mut()) {
             if w.child.is_none() {
                 w.start();
             }
@@ -435,22 +485,33 @@ async fn storm(storm: Storm) {
     // Asked again, every query id returns exactly what its analyst saw
     // (the stored shares), and nothing more is charged.
     for (qid, (a, v)) in &seen {
-        let again = analysts[*a]
-            .query("overlap", &[], *qid, Duration::from_secs(30))
-            .await
-            .unwrap();
+        // A node restarted last may not have heard from its peer yet (the
+        // bank learns the platform's templates when the platform
+        // reconnects, within its idle timeout): retried as the analysts do.
+        let asked = Instant::now();
+        let again = loop {
+            match analysts[*a].query("overlap", &[], *qid, Duration::from_secs(30)).await {
+                Ok(r) => break r,
+                Err(e) if asked.elapsed() < Duration::from_secs(90) => {
+                    println!("asked again: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("a retried query id was not answered: {e}"),
+            }
+        };
         assert!(again.replayed);
         assert_eq!(&values(&again), v, "a retried query id gave another answer");
     }
     bank.kill();
     platform.kill();
-    for w in &mut workers {
+    for w in workers.iter_mut().chain(bank_workers.iter_mut()) {
         w.kill();
     }
     // Memory stays bounded through the storm (400 customers and users).
     for (role, p) in [("bank", &bank), ("platform", &platform)]
         .into_iter()
-        .chain(workers.iter().map(|w| ("worker", w)))
+        .chain(workers.iter().map(|w| ("platform worker", w)))
+        .chain(bank_workers.iter().map(|w| ("bank worker", w)))
     {
         println!("{role}: peak RSS of its processes {} MiB", p.peak_kib / 1024);
         assert!(p.peak_kib < 512 * 1024, "{role} used {} KiB", p.peak_kib);

@@ -448,6 +448,54 @@ impl Fixture {
         Ok(())
     }
 
+    /// Makes the bank a coordinator listening at `coordinator` with a
+    /// worker listening at each of `addresses` (its config's `[workers]`),
+    /// and points the platform's workers at them (`[peer] workers`: the
+    /// platform needs as many workers, [`Self::use_workers`]); issues the
+    /// workers' certificates.
+    ///
+    /// # Errors
+    /// A config that cannot be edited or signed, a certificate that cannot
+    /// be issued.
+    pub fn use_bank_workers(
+        &mut self,
+        coordinator: std::net::SocketAddr,
+        addresses: &[std::net::SocketAddr],
+    ) -> Result<(), NodeError> {
+        let n = u32::try_from(addresses.len()).unwrap_or(u32::MAX);
+        cleanroom_transport::pki::issue_workers(&self.dir.join("certs"), n, 2)?;
+        let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+        let list = list.join(", ");
+        let text = std::fs::read_to_string(&self.bank_config).map_err(|e| NodeError::Config {
+            path: self.bank_config.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let text = edited(
+            text,
+            &[
+                (
+                    "[limits]".into(),
+                    format!("[workers]\naddresses = [{list}]\n\n[limits]"),
+                ),
+                ("listen = \"127.0.0.1:0\"".into(), format!("listen = \"{coordinator}\"")),
+            ],
+            &self.bank_config,
+        )?;
+        write(&self.bank_config, &text)?;
+        sign_config(&self.bank_config)?;
+        self.platform_edits
+            .push(("[peer]\n".into(), format!("[peer]\nworkers = [{list}]\n")));
+        Ok(())
+    }
+
+    /// Starts worker `index` of the bank from the bank's config.
+    ///
+    /// # Errors
+    /// As [`Node::start_worker`].
+    pub async fn start_bank_worker(&self, index: u32) -> Result<Node, NodeError> {
+        Node::start_worker(NodeConfig::load(&self.bank_config)?, &self.bank_config, index).await
+    }
+
     /// Starts worker `index` of the platform from the platform's config
     /// (written first by [`Self::write_platform_config`]).
     ///

@@ -20,6 +20,11 @@ pub use cleanroom_transport::{IdentityFiles, Role};
 pub struct PeerConfig {
     /// Its address (the platform connects to the bank; the bank needs none).
     pub address: Option<SocketAddr>,
+    /// The platform, when the bank has workers: where bank worker `w`
+    /// listens (the `w`-th); platform worker `w` talks to bank worker `w`,
+    /// so both nodes have the same number of workers.
+    #[serde(default)]
+    pub workers: Vec<SocketAddr>,
 }
 
 /// What both nodes of a collaboration share.
@@ -408,11 +413,12 @@ pub struct NodeConfig {
     pub workers: WorkersConfig,
 }
 
-/// `[workers]` (docs/protocol.md, "Workers"): a sharded platform node is a
+/// `[workers]` (docs/protocol.md, "Workers"): a sharded node is a
 /// coordinator and `addresses.len()` worker processes; worker `w` runs the
-/// joins and aggregate batches of the shards `s` with `s mod N = w`, talking
-/// to the bank itself. Each is started with `cleanroom worker --config
-/// <this file> --index w` (or all of them by `cleanroom node --workers N`).
+/// joins and aggregate batches of the shards `s` with `s mod N = w` with
+/// the peer (the platform's worker `w` with the bank's worker `w` when both
+/// have workers). Each is started with `cleanroom worker --config <this
+/// file> --index w` (or all of them by `cleanroom node --workers N`).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersConfig {
@@ -423,6 +429,9 @@ pub struct WorkersConfig {
     /// (`<role>-worker-<w>.pem` and `.key`, from `cleanroom certs init
     /// --workers N`); by default the directory of `identity.cert`.
     pub certs: Option<PathBuf>,
+    /// The bank: where its workers reach the node itself (its coordinator);
+    /// by default `listen`, on 127.0.0.1 when `listen` is on all addresses.
+    pub coordinator: Option<SocketAddr>,
 }
 
 /// `[shards]`: both nodes of a collaboration split their identifiers into
@@ -827,17 +836,29 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// `[workers]`: only on the platform (the bank's workers are not built
-    /// yet), only with shards, at most one worker per shard.
+    /// `[workers]`: only with shards, at most one worker per shard; `[peer]
+    /// workers` only on a platform with as many workers.
     fn check_workers(&self, path: &Path) -> Result<(), NodeError> {
         let n = self.workers.addresses.len();
-        if n == 0 {
-            return Ok(());
-        }
-        if self.role == Role::Bank {
+        let peer_workers = self.peer.workers.len();
+        if peer_workers > 0 && (self.role == Role::Bank || peer_workers != n) {
             return Err(bad(
                 path,
-                "[workers] is for the platform node only: the bank runs all its shards in its own process (bank workers are not built yet)".into(),
+                format!(
+                    "[peer] workers lists {peer_workers} bank workers: only a platform with as many workers of its own ([workers] addresses, now {n}) can use them, worker w talking to bank worker w"
+                ),
+            ));
+        }
+        if n == 0 {
+            if self.workers.coordinator.is_some() {
+                return Err(bad(path, "[workers] coordinator without [workers] addresses".into()));
+            }
+            return Ok(());
+        }
+        if self.role == Role::Platform && self.workers.coordinator.is_some() {
+            return Err(bad(
+                path,
+                "[workers] coordinator is for the bank (the platform's coordinator dials its workers)".into(),
             ));
         }
         let shards = self.shard_count();
@@ -886,6 +907,19 @@ impl NodeConfig {
         });
         let file = cleanroom_transport::pki::worker_file(self.role.as_str(), w);
         (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")))
+    }
+
+    /// Where the bank's workers reach their coordinator (`[workers]
+    /// coordinator`, else `listen`, on 127.0.0.1 when `listen` is on all
+    /// addresses).
+    pub fn coordinator_address(&self) -> SocketAddr {
+        self.workers.coordinator.unwrap_or_else(|| {
+            let mut a = self.listen;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            a
+        })
     }
 
     /// Worker `w`'s own state directory (its shard files and node key),

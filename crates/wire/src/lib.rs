@@ -866,6 +866,19 @@ pub enum Message {
     /// Type 35: coordinator to worker, which joins it holds of `joins`;
     /// the worker answers with the same message listing those it holds.
     WorkerHolds(WorkerHolds),
+    /// Type 36: a bank worker to its coordinator: charge the set of shard
+    /// joins this shard's join belongs to (durably), before the worker
+    /// accepts it.
+    WorkerCharge(ShardJoin),
+    /// Type 37: a bank worker to its coordinator: claim a query's aggregate
+    /// batch of one shard and platform group.
+    WorkerClaim(WorkerClaim),
+    /// Type 38: the coordinator's answer to a [`WorkerClaim`].
+    WorkerClaimed(WorkerClaimed),
+    /// Type 39: a bank worker to its coordinator: a claimed batch's outcome.
+    WorkerBatchShare(WorkerBatchShare),
+    /// Type 40: done (the answer to a charge or a batch's outcome).
+    WorkerDone,
 }
 
 /// The most workers a node may have (`[workers]`).
@@ -964,6 +977,67 @@ pub struct WorkerBatchDone {
 pub struct WorkerHolds {
     /// The joins, by session (at most [`MAX_SHARDS`]).
     pub joins: Vec<SessionId>,
+}
+
+/// A bank worker to its coordinator: the platform asks for query
+/// `query_id`'s batch of shard `shard`, platform group `group`, over the
+/// shard joins named `join` (`J*`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerClaim {
+    /// The query.
+    pub query_id: QueryId,
+    /// `J*` of the query's shard joins.
+    pub join: SessionId,
+    /// `S`.
+    pub shards: u32,
+    /// The batch's shard.
+    pub shard: u32,
+    /// The batch's platform group.
+    pub group: u32,
+}
+
+/// The coordinator's answer to a [`WorkerClaim`]: the claim's number, and
+/// what the worker binds the query's plan from (its own copy of the
+/// template, checked against the digest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerClaimed {
+    /// The claim, named again in the batch's outcome.
+    pub claim: u64,
+    /// The template's name.
+    pub template: String,
+    /// The analyst the query runs for.
+    pub analyst: String,
+    /// The parameters.
+    pub params: Vec<(String, String)>,
+    /// The bound plan's digest.
+    pub plan_digest: [u8; 32],
+}
+
+/// What a bank worker's batch came to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerOutcome {
+    /// The batch's share words and its OT session.
+    Share {
+        /// The OT session.
+        session: SessionId,
+        /// The worker's share words of the batch's cells.
+        words: Vec<u64>,
+    },
+    /// The worker does not have the join the batch named.
+    UnknownJoin,
+    /// It failed, and why (no data).
+    Failed(String),
+}
+
+/// A bank worker to its coordinator: a claimed batch's outcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerBatchShare {
+    /// The claim.
+    pub claim: u64,
+    /// What the batch came to.
+    pub outcome: WorkerOutcome,
+    /// Seconds: masking, waiting.
+    pub seconds: [f64; 2],
 }
 
 /// Worker to coordinator: the request failed. `abort` is the peer's abort
@@ -1141,6 +1215,11 @@ impl Message {
             Message::WorkerBatchDone(_) => 33,
             Message::WorkerFailed(_) => 34,
             Message::WorkerHolds(_) => 35,
+            Message::WorkerCharge(_) => 36,
+            Message::WorkerClaim(_) => 37,
+            Message::WorkerClaimed(_) => 38,
+            Message::WorkerBatchShare(_) => 39,
+            Message::WorkerDone => 40,
         }
     }
 
@@ -1173,7 +1252,12 @@ impl Message {
             | Message::WorkerBatch(_)
             | Message::WorkerBatchDone(_)
             | Message::WorkerFailed(_)
-            | Message::WorkerHolds(_) => None,
+            | Message::WorkerHolds(_)
+            | Message::WorkerCharge(_)
+            | Message::WorkerClaim(_)
+            | Message::WorkerClaimed(_)
+            | Message::WorkerBatchShare(_)
+            | Message::WorkerDone => None,
         }
     }
 
@@ -1331,6 +1415,39 @@ impl Message {
                     });
                 }
             }
+            Message::WorkerCharge(m) => check_shard(kind, m.shards, m.shard)?,
+            Message::WorkerClaim(m) => check_shard(kind, m.shards, m.shard)?,
+            Message::WorkerClaimed(m) => {
+                let long = m.template.len() > 128
+                    || m.analyst.len() > 128
+                    || m.params.len() > 32
+                    || m.params.iter().any(|(k, v)| k.len() > 64 || v.len() > 256);
+                if long {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "template, analyst or params",
+                        len: m.template.len() + m.analyst.len() + m.params.len(),
+                    });
+                }
+            }
+            Message::WorkerBatchShare(m) => match &m.outcome {
+                WorkerOutcome::Share { words, .. } if words.len() > 1 << 16 => {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "words",
+                        len: words.len(),
+                    });
+                }
+                WorkerOutcome::Failed(why) if why.len() > MAX_WORKER_MESSAGE_LEN => {
+                    return Err(WireError::FieldLength {
+                        kind,
+                        field: "message",
+                        len: why.len(),
+                    });
+                }
+                _ => {}
+            },
+            Message::WorkerDone => {}
             Message::WorkerHolds(m) => {
                 if m.joins.len() > MAX_SHARDS as usize {
                     return Err(WireError::FieldLength {
@@ -1413,6 +1530,11 @@ impl Message {
             Message::WorkerBatchDone(m) => bincode::serde::encode_into_std_write(m, w, config()),
             Message::WorkerFailed(m) => bincode::serde::encode_into_std_write(m, w, config()),
             Message::WorkerHolds(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerCharge(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerClaim(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerClaimed(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerBatchShare(m) => bincode::serde::encode_into_std_write(m, w, config()),
+            Message::WorkerDone => Ok(0),
         }
         .map_err(|_| WireError::Encode)?;
         if out.len() > MAX_MESSAGE_LEN {
@@ -1506,6 +1628,17 @@ impl Message {
             33 => Message::WorkerBatchDone(decode_body(kind, body)?),
             34 => Message::WorkerFailed(decode_body(kind, body)?),
             35 => Message::WorkerHolds(decode_body(kind, body)?),
+            36 => Message::WorkerCharge(decode_body(kind, body)?),
+            37 => Message::WorkerClaim(decode_body(kind, body)?),
+            38 => Message::WorkerClaimed(decode_body(kind, body)?),
+            39 => Message::WorkerBatchShare(decode_body(kind, body)?),
+            40 if body.is_empty() => Message::WorkerDone,
+            40 => {
+                return Err(WireError::TrailingBytes {
+                    kind,
+                    count: body.len(),
+                });
+            }
             other => return Err(WireError::UnknownType { got: other }),
         };
         msg.validate()?;
@@ -1539,6 +1672,11 @@ fn kind_name(ty: u8) -> &'static str {
         33 => "WorkerBatchDone",
         34 => "WorkerFailed",
         35 => "WorkerHolds",
+        36 => "WorkerCharge",
+        37 => "WorkerClaim",
+        38 => "WorkerClaimed",
+        39 => "WorkerBatchShare",
+        40 => "WorkerDone",
         _ => "unknown",
     }
 }
@@ -1671,7 +1809,150 @@ mod tests {
                 shard: 1,
                 joins: vec![SessionId([20; 16]), SessionId([21; 16])],
             }),
+            Message::WorkerJoin(WorkerJoin {
+                data_version: [22; 32],
+                header: ShardJoin {
+                    shards: 4,
+                    shard: 3,
+                    shard_key_id: [23; 32],
+                    set: [24; 16],
+                    base_context: [25; 32],
+                },
+                shard_users: 10,
+                blocks: vec![vec![0, 9], vec![]],
+                padding_seed: Secret32([26; 32]),
+            }),
+            Message::WorkerJoined(WorkerJoined {
+                session: SessionId([27; 16]),
+                groups: 2,
+                rows: 99,
+                seconds: [0.5, 0.25, 0.125, 1.0],
+            }),
+            Message::WorkerBatch(WorkerBatch {
+                data_version: [28; 32],
+                join: SessionId([29; 16]),
+                query_id: QueryId([30; 16]),
+                plan_digest: [31; 32],
+                bits: vec![64, 40],
+                batch: 5,
+                group: 1,
+                header: ShardBatch {
+                    shards: 2,
+                    shard: 0,
+                    joins: vec![SessionId([29; 16]), SessionId([32; 16])],
+                },
+            }),
+            Message::WorkerBatchDone(WorkerBatchDone {
+                session: SessionId([33; 16]),
+                words: vec![1, u64::MAX],
+                seconds: [0.1, 0.2, 0.3],
+            }),
+            Message::WorkerFailed(WorkerFailed {
+                abort: Some(AbortCode::UnknownJoin),
+                message: "gone".into(),
+            }),
+            Message::WorkerHolds(WorkerHolds {
+                joins: vec![SessionId([34; 16])],
+            }),
+            Message::WorkerCharge(ShardJoin {
+                shards: 3,
+                shard: 2,
+                shard_key_id: [35; 32],
+                set: [36; 16],
+                base_context: [37; 32],
+            }),
+            Message::WorkerClaim(WorkerClaim {
+                query_id: QueryId([38; 16]),
+                join: SessionId([39; 16]),
+                shards: 5,
+                shard: 4,
+                group: 2,
+            }),
+            Message::WorkerClaimed(WorkerClaimed {
+                claim: 7,
+                template: "overlap".into(),
+                analyst: "alice".into(),
+                params: vec![("segment".into(), "gamer".into())],
+                plan_digest: [40; 32],
+            }),
+            Message::WorkerBatchShare(WorkerBatchShare {
+                claim: 7,
+                outcome: WorkerOutcome::Share {
+                    session: SessionId([41; 16]),
+                    words: vec![3, 4],
+                },
+                seconds: [0.5, 0.5],
+            }),
+            Message::WorkerBatchShare(WorkerBatchShare {
+                claim: 8,
+                outcome: WorkerOutcome::Failed("no".into()),
+                seconds: [0.0, 0.0],
+            }),
+            Message::WorkerDone,
         ]
+    }
+
+    #[test]
+    fn worker_messages_outside_their_bounds_are_refused() {
+        let join = |shard_users, blocks: Vec<Vec<u32>>| {
+            Message::WorkerJoin(WorkerJoin {
+                data_version: [0; 32],
+                header: ShardJoin {
+                    shards: 2,
+                    shard: 1,
+                    shard_key_id: [0; 32],
+                    set: [0; 16],
+                    base_context: [0; 32],
+                },
+                shard_users,
+                blocks,
+                padding_seed: Secret32([0; 32]),
+            })
+        };
+        for (m, field) in [
+            (join(3, vec![vec![0, 3]]), "user index"),
+            (join(0, vec![vec![0]]), "user index"),
+            (join(3, vec![]), "blocks"),
+            (
+                Message::WorkerFailed(WorkerFailed {
+                    abort: None,
+                    message: "x".repeat(MAX_WORKER_MESSAGE_LEN + 1),
+                }),
+                "message",
+            ),
+            (
+                Message::WorkerHolds(WorkerHolds {
+                    joins: vec![SessionId([0; 16]); MAX_SHARDS as usize + 1],
+                }),
+                "joins",
+            ),
+            (
+                Message::WorkerClaimed(WorkerClaimed {
+                    claim: 0,
+                    template: "t".repeat(129),
+                    analyst: String::new(),
+                    params: Vec::new(),
+                    plan_digest: [0; 32],
+                }),
+                "template, analyst or params",
+            ),
+        ] {
+            let frame = m.encode().unwrap();
+            match Message::decode(&frame) {
+                Err(WireError::FieldLength { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        // A padding seed never shows in Debug.
+        let mut secret = join(3, vec![vec![1]]);
+        if let Message::WorkerJoin(j) = &mut secret {
+            j.padding_seed = Secret32([77; 32]);
+        }
+        let shown = format!("{secret:?}");
+        assert!(
+            shown.contains("Secret32(<redacted>)") && !shown.contains("77"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1858,7 +2139,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_never_panic(ty in 0u8..23, body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_bodies_never_panic(ty in 0u8..42, body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut frame = vec![PROTOCOL_VERSION, ty];
             frame.extend_from_slice(&body);
             if let Ok(m) = Message::decode(&frame) {

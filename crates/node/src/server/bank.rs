@@ -23,6 +23,8 @@ pub(super) struct BankSide {
     pub(super) peer_streams: std::sync::atomic::AtomicUsize,
     /// The set of the last shard join (its phases add up in `last_join`).
     last_set: Mutex<Option<[u8; 16]>>,
+    /// A coordinator: the batches its workers have claimed.
+    pub(super) claims: Mutex<super::bank_worker::WorkerClaims>,
 }
 
 impl BankSide {
@@ -35,6 +37,7 @@ impl BankSide {
             join_stored: Notify::new(),
             peer_streams: std::sync::atomic::AtomicUsize::new(0),
             last_set: Mutex::new(None),
+            claims: Mutex::new(super::bank_worker::WorkerClaims::default()),
         }
     }
 }
@@ -203,6 +206,7 @@ impl Bank {
         let (tx, rx) = oneshot::channel();
         let shell = BankShell {
             plan: plan.clone(),
+            analyst: analyst.to_string(),
             values: Arc::new(values),
             stats: pump::PumpStats::default(),
             tx,
@@ -429,7 +433,9 @@ impl Bank {
     /// Bank: one aggregate batch of the platform (`OtSetup`): a rerun for a
     /// platform that lost its share is started if the ledger rules allow
     /// it, the batch claims its query's registration (waiting for the
-    /// analyst's request if need be), runs, and is recorded.
+    /// analyst's request if need be), runs, and is recorded. On a bank
+    /// worker, the claim and the record are its coordinator's
+    /// (`worker_aggregate_batch`).
     async fn serve_aggregate_batch(
         &self,
         data: &HolderData,
@@ -439,56 +445,26 @@ impl Bank {
         mut send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) -> Result<(), NodeError> {
+        if let (Some(role), Some(placed)) = (self.inner.worker, shard) {
+            return self
+                .worker_aggregate_batch(role, data, setup, first, placed, send, recv)
+                .await;
+        }
         // The query's join: the one join, or J* of the shards' joins.
         let join = shard.map_or(setup.join_session, |(_, joins)| {
             cleanroom_protocol::queries::sharded_join_id(joins)
         });
-        let waiting = lock(&self.side.queries).is_registered(&setup.query_id);
-        // A rerun that arrives while this node still stores the previous
-        // run's share (Busy) waits for the store, briefly, rather than fail.
-        let deadline = Instant::now() + self.inner.limits.timeouts.join_stored;
-        let mut rerun_started = waiting;
-        while !rerun_started {
-            let stored = self.side.changed.notified();
-            match self.rerun_for_peer(&setup.query_id, join) {
-                Ok(_) => rerun_started = true,
-                Err(e) if e.refusal_code() == Some(RefusalCode::Busy) && Instant::now() < deadline => {
-                    tokio::select! {
-                        _ = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), stored) => {}
-                        _ = send.stopped() => return Err(PeerError::Left.into()),
-                    }
-                }
-                Err(e) => {
-                    // The operator's log says why; the query stays as it is.
-                    warn!(error = %e, "refused to run this query again for the platform");
-                    abort(&mut send, setup.session, AbortCode::Refused).await;
-                    return Err(e);
-                }
-            }
-        }
         // The platform may go away meanwhile: stop waiting then
         // (a hostile one must not leave tasks waiting here).
-        let pending = tokio::select! {
-            p = self.claim_query(&setup.query_id, join) => p,
-            _ = send.stopped() => {
-                return Err(PeerError::Left.into());
-            }
+        let claimed = tokio::select! {
+            c = self.claim_batch(&setup.query_id, join) => c,
+            _ = send.stopped() => return Err(PeerError::Left.into()),
         };
-        let (reg, plan, values) = match pending {
-            Claimed::Found(reg, plan, values) => (reg, *plan, values),
-            Claimed::OtherJoin => {
-                abort(&mut send, setup.session, AbortCode::Refused).await;
-                return Err(NodeError::refused(
-                    RefusalCode::RerunRefused,
-                    "an aggregate batch over another join than the query's other batches or released share",
-                ));
-            }
-            Claimed::Unknown => {
-                abort(&mut send, setup.session, AbortCode::UnknownQuery).await;
-                return Err(NodeError::refused(
-                    RefusalCode::PeerRefused,
-                    "aggregate for a query this node has not accepted",
-                ));
+        let (reg, plan, values, _) = match claimed {
+            Ok(c) => c,
+            Err((code, e)) => {
+                abort(&mut send, setup.session, code).await;
+                return Err(e);
             }
         };
         // Batch k = s * G + g of a sharded query (shard-major); a group
@@ -548,19 +524,83 @@ impl Bank {
             Err(NodeError::UnknownJoin) => Batch::UnknownJoin,
             Err(e) => Batch::Failed(e.to_string()),
         };
+        let stats = result.as_ref().ok().map(|(_, stats, _)| stats);
+        self.record_batch(&setup.query_id, reg, join, k, batch, stats);
+        result.map(|_| ())
+    }
+
+    /// Bank (or a bank worker's coordinator): a batch over `join` of query
+    /// `qid` arrived: a rerun for a platform that lost its share is started
+    /// if the ledger rules allow it (a rerun that arrives while this node
+    /// still stores the previous run's share waits for the store, briefly),
+    /// then the batch claims the query's registration: its plan, its
+    /// customers' values and its analyst; or the abort code for the
+    /// platform and why not.
+    pub(super) async fn claim_batch(
+        &self,
+        qid: &QueryId,
+        join: SessionId,
+    ) -> Result<(Registration, Plan, Arc<HolderRows>, String), (AbortCode, NodeError)> {
+        let waiting = lock(&self.side.queries).is_registered(qid);
+        let deadline = Instant::now() + self.inner.limits.timeouts.join_stored;
+        let mut rerun_started = waiting;
+        while !rerun_started {
+            let stored = self.side.changed.notified();
+            match self.rerun_for_peer(qid, join) {
+                Ok(_) => rerun_started = true,
+                Err(e) if e.refusal_code() == Some(RefusalCode::Busy) && Instant::now() < deadline => {
+                    let _ = tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), stored).await;
+                }
+                Err(e) => {
+                    // The operator's log says why; the query stays as it is.
+                    warn!(error = %e, "refused to run this query again for the platform");
+                    return Err((AbortCode::Refused, e));
+                }
+            }
+        }
+        match self.claim_query(qid, join).await {
+            Claimed::Found(reg, plan, values, analyst) => Ok((reg, *plan, values, analyst)),
+            Claimed::OtherJoin => Err((
+                AbortCode::Refused,
+                NodeError::refused(
+                    RefusalCode::RerunRefused,
+                    "an aggregate batch over another join than the query's other batches or released share",
+                ),
+            )),
+            Claimed::Unknown => Err((
+                AbortCode::UnknownQuery,
+                NodeError::refused(
+                    RefusalCode::PeerRefused,
+                    "aggregate for a query this node has not accepted",
+                ),
+            )),
+        }
+    }
+
+    /// Adds batch `k`'s outcome to query `qid`'s registration `reg` (with
+    /// where its time went), and hands the whole share over once every
+    /// batch is in.
+    pub(super) fn record_batch(
+        &self,
+        qid: &QueryId,
+        reg: Registration,
+        join: SessionId,
+        k: usize,
+        batch: Batch,
+        stats: Option<&pump::PumpStats>,
+    ) {
         let delivered = {
             let mut bank = lock(&self.side.queries);
-            if let Ok((_, stats, _)) = &result
-                && let Some(shell) = bank.shell_mut(&setup.query_id)
+            if let Some(stats) = stats
+                && let Some(shell) = bank.shell_mut(qid)
             {
                 shell.stats.add(stats);
             }
-            bank.batch_done(&setup.query_id, reg, join, k, batch, Instant::now())
+            bank.batch_done(qid, reg, join, k, batch, Instant::now())
         };
         if let Some((BankShell { tx, stats, .. }, delivery)) = delivered {
             let _ = tx.send((delivery, stats));
         }
-        result.map(|_| ())
     }
 
     /// Bank: the platform asks whether this node holds its share of a run.
@@ -597,7 +637,12 @@ impl Bank {
             let changed = self.side.changed.notified();
             let until = match lock(&self.side.queries).claim(qid, join, asked, Instant::now()) {
                 Claim::Found(reg, shell) => {
-                    return Claimed::Found(reg, Box::new(shell.plan.clone()), shell.values.clone());
+                    return Claimed::Found(
+                        reg,
+                        Box::new(shell.plan.clone()),
+                        shell.values.clone(),
+                        shell.analyst.clone(),
+                    );
                 }
                 Claim::OtherJoin => return Claimed::OtherJoin,
                 Claim::Unknown => return Claimed::Unknown,
@@ -626,6 +671,12 @@ impl Bank {
                 "a shard join, but this node's identifiers are not split into shards".into(),
             ));
         };
+        if let Some(role) = self.inner.worker
+            && header.shard % role.count.max(1) != role.index
+        {
+            abort(&mut send, no_session, AbortCode::Refused).await;
+            return Err(super::bank_worker::not_its_shard(role, header.shard));
+        }
         let range = match sh.store.range(header.shard) {
             Some(r) if header.shards == sh.count && header.shard_key_id == sh.key_id => r,
             _ => {
@@ -812,11 +863,15 @@ impl Bank {
     /// Charges the join's cardinality ε to the bank's ledger (durably, on a
     /// blocking thread): per join, or once per set of shard joins; the
     /// inner result is the ledger's refusal, if any.
-    async fn charge_cardinality(
+    pub(super) async fn charge_cardinality(
         &self,
         session: SessionId,
         place: Option<&ShardPlace>,
     ) -> Result<Result<(), NodeError>, NodeError> {
+        // A bank worker's ledger is its coordinator's.
+        if let (Some(_), Some(p)) = (self.inner.worker, place) {
+            return self.charge_at_coordinator(p).await;
+        }
         let node = self.clone();
         let eps = self.inner.limits.cardinality_epsilon_micro;
         let set = place.map(|p| {
@@ -961,6 +1016,31 @@ pub(super) struct ShardPlace {
     key_id: [u8; 32],
     set: [u8; 16],
     range: std::ops::Range<usize>,
+}
+
+impl ShardPlace {
+    /// The place a bank worker's charge names (no customers: the charge
+    /// needs only the split, the set and the shard).
+    pub(super) fn for_charge(h: &cleanroom_wire::ShardJoin) -> Self {
+        Self {
+            shard: h.shard,
+            shards: h.shards,
+            key_id: h.shard_key_id,
+            set: h.set,
+            range: 0..0,
+        }
+    }
+
+    /// The header a bank worker's charge sends its coordinator.
+    pub(super) fn header(&self) -> cleanroom_wire::ShardJoin {
+        cleanroom_wire::ShardJoin {
+            shards: self.shards,
+            shard: self.shard,
+            shard_key_id: self.key_id,
+            set: self.set,
+            base_context: [0; 32],
+        }
+    }
 }
 
 /// The name a shard's join is stored under in the state file: its shard,

@@ -61,6 +61,7 @@ use cleanroom_protocol::ledger::{self, BankAfterCharge, BankHolds, PeerBatch};
 
 mod analyst;
 mod bank;
+mod bank_worker;
 mod platform;
 mod rows;
 mod worker;
@@ -95,6 +96,8 @@ enum Sided {
 /// batches' time on this side, and where its whole share goes.
 struct BankShell {
     plan: Plan,
+    /// The analyst it runs for (a bank worker binds the plan again).
+    analyst: String,
     /// The holder's per-customer vectors for this plan, computed once for
     /// all of the query's batches.
     values: Arc<HolderRows>,
@@ -268,8 +271,9 @@ const MAX_HANDSHAKES: usize = 1024;
 
 /// What an aggregate batch of the platform finds here for its query.
 enum Claimed {
-    /// The query, accepted: its registration, plan and customers' values.
-    Found(Registration, Box<Plan>, Arc<HolderRows>),
+    /// The query, accepted: its registration, plan, customers' values and
+    /// analyst.
+    Found(Registration, Box<Plan>, Arc<HolderRows>, String),
     /// The query, whose other batches (or released share) are over another join.
     OtherJoin,
     /// No such query accepted here in time.
@@ -408,8 +412,15 @@ struct Inner {
     sharding: Option<Sharding>,
     /// A coordinator: its workers (`[workers]`), which run its shards.
     workers: Option<worker::WorkerPool>,
-    /// A worker: which one this process is (it serves only its coordinator).
+    /// A worker: which one this process is.
     worker: Option<worker::WorkerRole>,
+    /// The workers of this node (its `[workers]`), whether this process is
+    /// their coordinator or one of them; 0 without workers.
+    workers_count: u32,
+    /// A bank worker: its way to its coordinator.
+    coordinator: Option<bank_worker::CoordinatorLink>,
+    /// Set by [`Node::shutdown`].
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// A node's shards (docs/protocol.md, "Shards"): `S`, the shard key's id,
@@ -753,6 +764,8 @@ impl Node {
             ))
         })?;
         let (cert, key) = cfg.worker_identity(index);
+        // The bank's workers reach their coordinator where it listens.
+        cfg.workers.coordinator = Some(cfg.coordinator_address());
         cfg.listen = listen;
         cfg.identity.cert = cert;
         cfg.identity.key = key;
@@ -786,8 +799,16 @@ impl Node {
                 what: format!("this certificate is not for {own_name}"),
             });
         }
-        let workers = match (as_worker, cfg.worker_count()) {
-            (None, 1..) => Some(worker::WorkerPool::new(cfg.workers.addresses.clone(), &identity, &ca)?),
+        // The platform's coordinator dials its workers; the bank's workers
+        // dial theirs.
+        let workers = match (as_worker, cfg.worker_count(), cfg.role) {
+            (None, 1.., Role::Platform) => {
+                Some(worker::WorkerPool::new(cfg.workers.addresses.clone(), &identity, &ca)?)
+            }
+            _ => None,
+        };
+        let coordinator = match (as_worker, cfg.role) {
+            (Some(_), Role::Bank) => Some(bank_worker::CoordinatorLink::new(cfg.coordinator_address())),
             _ => None,
         };
         let (own_policy, own_policy_json, peer_public_key) = load_policies(&cfg, &templates)?;
@@ -811,7 +832,12 @@ impl Node {
                     path: config_path.display().to_string(),
                     what: "the platform node needs [peer] address (it connects to the bank)".into(),
                 })?;
-                Side::Platform(Arc::new(PlatformSide::new(m, bank_address)))
+                // Platform worker w talks to bank worker w when the bank has workers.
+                let bank = match as_worker.and_then(|w| Some((w.index, *cfg.peer.workers.get(w.index as usize)?))) {
+                    Some((w, address)) => (address, pki::worker_name("bank", w)),
+                    None => (bank_address, pki::node_name("bank")),
+                };
+                Side::Platform(Arc::new(PlatformSide::new(m, bank)))
             }
         };
         let inner = Arc::new(Inner {
@@ -844,21 +870,45 @@ impl Node {
             sharding,
             workers,
             worker: as_worker,
+            workers_count: cfg.worker_count(),
+            coordinator,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         let node = Node { inner };
         let accept = node.clone();
         tokio::spawn(async move { accept.accept_loop().await });
         if let (Sided::Platform(eager), None) = (node.sided(), as_worker) {
             // Connect to the bank early, so both sides have each other's
-            // signed templates before the first query.
+            // signed templates before the first query; and again whenever
+            // the connection ends: a bank that restarted knows this node's
+            // templates only once they are shown again, and when the bank
+            // has workers nothing else of this node's may reconnect to it.
             tokio::spawn(async move {
+                let stopping = || eager.inner.stopping.load(std::sync::atomic::Ordering::Relaxed);
                 let t = &eager.inner.limits.timeouts;
-                for _ in 0..t.connect_attempts {
-                    match eager.peer_connection().await {
-                        Ok(_) => return,
-                        Err(e) => info!(error = %e, "bank not reachable yet"),
+                loop {
+                    let mut conn = None;
+                    for _ in 0..t.connect_attempts {
+                        if stopping() {
+                            return;
+                        }
+                        match eager.peer_connection().await {
+                            Ok(c) => {
+                                conn = Some(c);
+                                break;
+                            }
+                            Err(e) => info!(error = %e, "bank not reachable yet"),
+                        }
+                        tokio::time::sleep(t.connect_retry).await;
                     }
-                    tokio::time::sleep(t.connect_retry).await;
+                    let Some(conn) = conn else {
+                        return;
+                    };
+                    let reason = conn.closed().await;
+                    if stopping() {
+                        return;
+                    }
+                    info!(reason = %reason, "the connection to the bank ended; connecting again");
                 }
             });
         }
@@ -886,6 +936,7 @@ impl Node {
 
     /// Stops accepting, closes connections and waits for them to finish.
     pub async fn shutdown(&self) {
+        self.inner.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         self.inner.endpoint.close(0u32.into(), b"shutdown");
         tokio::time::timeout(
             self.inner.limits.timeouts.shutdown_drain,
@@ -1084,8 +1135,35 @@ impl Node {
             conn.close(2u32.into(), b"certificate required");
             return;
         };
-        if let Some(role) = self.inner.worker {
-            return self.serve_coordinator(conn, &cert, role).await;
+        let names = cleanroom_transport::certificate_names(&cert);
+        // A platform worker: the bank (or a bank worker) serves its shard
+        // joins and batches.
+        let platform_worker = pki::worker_index(&names, "platform")
+            .filter(|w| certificate_is_for(&cert, &pki::worker_name("platform", *w)));
+        match (self.inner.worker, self.inner.role()) {
+            (Some(role), Role::Platform) => return self.serve_coordinator(conn, &cert, role).await,
+            (Some(_), Role::Bank) => {
+                if let Some(w) = platform_worker {
+                    self.serve_peer_connection(conn, &pki::worker_name("platform", w), Some(w))
+                        .await;
+                } else {
+                    info!("connection closed: a bank worker serves only the platform's workers");
+                    conn.close(4u32.into(), b"a bank worker serves only the platform's workers");
+                }
+                return;
+            }
+            (None, Role::Bank) => {
+                // One of this bank's workers.
+                if let Some(w) = pki::worker_index(&names, "bank")
+                    && w < self.inner.workers_count
+                    && certificate_is_for(&cert, &pki::worker_name("bank", w))
+                    && let Sided::Bank(bank) = self.sided()
+                {
+                    bank.serve_bank_worker(conn, w).await;
+                    return;
+                }
+            }
+            (None, Role::Platform) => {}
         }
         let peer_name = pki::node_name(self.inner.role().peer().as_str());
         if certificate_is_for(&cert, &peer_name) {
@@ -1094,8 +1172,7 @@ impl Node {
         }
         // A worker of the platform runs its shards' joins and batches.
         if self.inner.role() == Role::Bank
-            && let Some(w) = pki::worker_index(&cleanroom_transport::certificate_names(&cert), "platform")
-            && certificate_is_for(&cert, &pki::worker_name("platform", w))
+            && let Some(w) = platform_worker
         {
             self.serve_peer_connection(conn, &pki::worker_name("platform", w), Some(w))
                 .await;

@@ -14,8 +14,11 @@ pub(super) struct PlatformSide {
     /// analyst's cancels; a wake-up when an attempt ends.
     pub(super) queries: Mutex<PlatformQueries>,
     pub(super) changed: Notify,
-    /// The bank's address, and the connection to it once made.
+    /// The bank's address and the name in its certificate (a bank worker's
+    /// for a platform worker when the bank has workers), and the
+    /// connection to it once made.
     bank_address: SocketAddr,
+    bank_name: String,
     pub(super) bank_conn: tokio::sync::Mutex<Option<quinn::Connection>>,
     /// Serialises queries (so two queries that need the same join do not
     /// both run it), round robin between analysts.
@@ -25,13 +28,14 @@ pub(super) struct PlatformSide {
 }
 
 impl PlatformSide {
-    pub(super) fn new(data: MatcherData, bank_address: SocketAddr) -> Self {
+    pub(super) fn new(data: MatcherData, (bank_address, bank_name): (SocketAddr, String)) -> Self {
         Self {
             data,
             joins: Mutex::new(HashMap::new()),
             queries: Mutex::new(PlatformQueries::default()),
             changed: Notify::new(),
             bank_address,
+            bank_name,
             bank_conn: tokio::sync::Mutex::new(None),
             turns: crate::turns::Turns::default(),
             held: Mutex::new(super::worker::HeldJoins::default()),
@@ -95,7 +99,7 @@ impl Platform {
         {
             return Ok(c.clone());
         }
-        let conn = connect(&self.inner.endpoint, self.side.bank_address, &pki::node_name("bank")).await?;
+        let conn = connect(&self.inner.endpoint, self.side.bank_address, &self.side.bank_name).await?;
         // Show each other the signed templates first.
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
         let mine = Message::Policy(PolicyMessage {

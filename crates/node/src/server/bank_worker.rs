@@ -1,0 +1,463 @@
+//! The bank's workers (issue 16, docs/protocol.md "Workers"): a sharded
+//! bank node as a coordinator and `N` worker processes. Bank worker `w`
+//! serves the platform's shard joins and aggregate batches of the shards
+//! `s` with `s mod N = w` (from platform worker `w`, under its own
+//! certificate), over its own copy of those shards' customers; what is per
+//! query stays with the coordinator, which the worker asks over QUIC with
+//! mutual TLS:
+//!
+//! - `WorkerCharge` before a shard join's accept leaves: the coordinator
+//!   charges the set of shard joins (`charge_shard_join`, durable) and
+//!   answers `WorkerDone`, or refuses;
+//! - `WorkerClaim` when a batch arrives: the coordinator runs what the
+//!   one-process bank runs (a rerun for a platform that lost its share,
+//!   the claim of the analyst's registration, the batch's place) and
+//!   answers `WorkerClaimed` with what the worker binds the plan from;
+//! - `WorkerBatchShare` with the batch's outcome (its words), which the
+//!   coordinator adds to the query's registration as the one-process bank
+//!   does, answered `WorkerDone`.
+//!
+//! A claim whose worker's connection ends before its outcome arrives is
+//! failed, so the analyst's request ends at once rather than at its timeout.
+
+use super::bank::{Bank, ShardPlace};
+use super::worker::WorkerRole;
+use super::*;
+use cleanroom_wire::{WorkerBatchShare, WorkerClaim, WorkerClaimed, WorkerFailed, WorkerOutcome};
+
+/// A bank worker's way to its coordinator.
+pub(super) struct CoordinatorLink {
+    address: SocketAddr,
+    conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+/// What the coordinator answered: its message, or its refusal (the abort
+/// code to give the platform, and why).
+type Answer = Result<Message, (AbortCode, String)>;
+
+impl CoordinatorLink {
+    pub(super) fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn connection(&self, endpoint: &quinn::Endpoint) -> Result<quinn::Connection, NodeError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let conn = connect(endpoint, self.address, &pki::node_name("bank")).await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One request and its answer, within `wait`.
+    async fn ask(&self, endpoint: &quinn::Endpoint, request: &Message, wait: Duration) -> Result<Answer, NodeError> {
+        let conn = self.connection(endpoint).await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
+        write_one(&mut send, request).await?;
+        let _ = send.finish();
+        let frame = read_one(&mut recv, wait).await?;
+        match Message::decode(&frame).map_err(|e| NodeError::Protocol(e.into()))? {
+            Message::WorkerFailed(WorkerFailed { abort, message }) => {
+                Ok(Err((abort.unwrap_or(AbortCode::Internal), message)))
+            }
+            m => Ok(Ok(m)),
+        }
+    }
+}
+
+/// The claims of batches the coordinator's workers are running.
+#[derive(Default)]
+pub(super) struct WorkerClaims {
+    next: u64,
+    open: HashMap<u64, OpenClaim>,
+}
+
+/// One claimed batch: its query and registration, join, place in the
+/// query, and the worker connection it was claimed on.
+struct OpenClaim {
+    qid: QueryId,
+    reg: Registration,
+    join: SessionId,
+    k: usize,
+    link: u64,
+}
+
+impl Bank {
+    /// The coordinator: a connection of its bank worker `w`; each stream
+    /// one request. When the connection ends, the batches claimed on it
+    /// and not reported fail.
+    pub(super) async fn serve_bank_worker(&self, conn: quinn::Connection, w: u32) {
+        let link = self
+            .inner
+            .admission_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(worker = w, "bank worker connected");
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let bank = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = bank.serve_bank_worker_stream(w, link, send, recv).await {
+                    warn!(worker = w, error = %e, "a bank worker's request failed");
+                }
+            });
+        }
+        let lost: Vec<OpenClaim> = {
+            let mut claims = lock(&self.side.claims);
+            let ids: Vec<u64> = claims
+                .open
+                .iter()
+                .filter(|(_, c)| c.link == link)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter().filter_map(|id| claims.open.remove(&id)).collect()
+        };
+        for c in lost {
+            warn!(
+                worker = w,
+                "a bank worker's connection ended during a batch; the batch fails"
+            );
+            let why = format!("bank worker {w} stopped during the batch");
+            self.record_batch(&c.qid, c.reg, c.join, c.k, Batch::Failed(why), None);
+        }
+    }
+
+    async fn serve_bank_worker_stream(
+        &self,
+        w: u32,
+        link: u64,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
+        let first = read_one(&mut recv, self.inner.limits.timeouts.peer_frame).await?;
+        let request = Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))?;
+        let answer = match request {
+            Message::WorkerCharge(h) => self.charge_for_worker(w, &h).await,
+            Message::WorkerClaim(c) => {
+                let claimed = tokio::select! {
+                    a = self.claim_for_worker(w, link, &c) => a,
+                    _ = send.stopped() => return Err(PeerError::Left.into()),
+                };
+                claimed
+            }
+            Message::WorkerBatchShare(b) => Ok(self.batch_of_worker(w, b)),
+            other => Err((
+                AbortCode::Internal,
+                format!(
+                    "a bank worker sent {}, not a charge, claim or batch share",
+                    other.kind()
+                ),
+            )),
+        };
+        let reply = answer.unwrap_or_else(|(code, message)| {
+            Message::WorkerFailed(WorkerFailed {
+                abort: Some(code),
+                message: truncated(message),
+            })
+        });
+        write_one(&mut send, &reply).await?;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+        Ok(())
+    }
+
+    /// The coordinator: a worker's shard join is about to be accepted:
+    /// the set is charged (as the one-process bank charges it).
+    async fn charge_for_worker(&self, w: u32, h: &cleanroom_wire::ShardJoin) -> Answer {
+        let refused = |why: String| (AbortCode::Refused, why);
+        let Some(sh) = &self.inner.sharding else {
+            return Err(refused("this node is not split into shards".into()));
+        };
+        let n = self.inner.workers_count.max(1);
+        if h.shards != sh.count || h.shard_key_id != sh.key_id || h.shard % n != w {
+            return Err(refused(format!(
+                "a charge for shard {} of {}, not one of bank worker {w}'s under this split",
+                h.shard, h.shards
+            )));
+        }
+        let place = ShardPlace::for_charge(h);
+        match self.charge_cardinality(SessionId([0; 16]), Some(&place)).await {
+            Ok(Ok(())) => Ok(Message::WorkerDone),
+            Ok(Err(e)) => Err(refused(e.to_string())),
+            Err(e) => Err((AbortCode::Internal, e.to_string())),
+        }
+    }
+
+    /// The coordinator: a worker's batch arrived: the query is claimed as
+    /// the one-process bank claims it, and the batch's place recorded.
+    async fn claim_for_worker(&self, w: u32, link: u64, c: &WorkerClaim) -> Answer {
+        let n = self.inner.workers_count.max(1);
+        let Some(sh) = &self.inner.sharding else {
+            return Err((AbortCode::Refused, "this node is not split into shards".into()));
+        };
+        if c.shards != sh.count || c.shard % n != w {
+            return Err((
+                AbortCode::Refused,
+                format!(
+                    "a batch of shard {} of {}, not one of bank worker {w}'s",
+                    c.shard, c.shards
+                ),
+            ));
+        }
+        let (reg, plan, _, analyst) = self
+            .claim_batch(&c.query_id, c.join)
+            .await
+            .map_err(|(code, e)| (code, e.to_string()))?;
+        let groups = plan.matcher_groups().len().max(1);
+        if c.group as usize >= groups {
+            let why = "an aggregate batch for a group the query does not have".to_string();
+            self.record_batch(&c.query_id, reg, c.join, usize::MAX, Batch::Failed(why.clone()), None);
+            return Err((AbortCode::Refused, why));
+        }
+        let k = c.shard as usize * groups + c.group as usize;
+        let claim = {
+            let mut claims = lock(&self.side.claims);
+            claims.next += 1;
+            let id = claims.next;
+            claims.open.insert(
+                id,
+                OpenClaim {
+                    qid: c.query_id,
+                    reg,
+                    join: c.join,
+                    k,
+                    link,
+                },
+            );
+            id
+        };
+        Ok(Message::WorkerClaimed(WorkerClaimed {
+            claim,
+            template: plan.template.clone(),
+            analyst,
+            params: plan.params.clone(),
+            plan_digest: plan.digest(),
+        }))
+    }
+
+    /// The coordinator: a claimed batch's outcome, added to its query.
+    fn batch_of_worker(&self, w: u32, b: WorkerBatchShare) -> Message {
+        let Some(c) = lock(&self.side.claims).open.remove(&b.claim) else {
+            warn!(worker = w, "an outcome for no open claim");
+            return Message::WorkerFailed(WorkerFailed {
+                abort: Some(AbortCode::Internal),
+                message: "no such claim".into(),
+            });
+        };
+        let [masking, waiting] = b.seconds.map(|s| s.max(0.0));
+        let stats = pump::PumpStats {
+            peer: Duration::from_secs_f64(masking),
+            wait_in: Duration::from_secs_f64(waiting),
+            ..pump::PumpStats::default()
+        };
+        let (batch, stats) = match b.outcome {
+            WorkerOutcome::Share { session, words } => (Batch::Share(Share::from_words(words), session), Some(&stats)),
+            WorkerOutcome::UnknownJoin => (Batch::UnknownJoin, None),
+            WorkerOutcome::Failed(why) => (Batch::Failed(format!("bank worker {w}: {why}")), None),
+        };
+        self.record_batch(&c.qid, c.reg, c.join, c.k, batch, stats);
+        Message::WorkerDone
+    }
+
+    /// A worker: asks its coordinator to charge the set this shard join
+    /// belongs to; the inner result is the refusal, if any.
+    pub(super) async fn charge_at_coordinator(&self, place: &ShardPlace) -> Result<Result<(), NodeError>, NodeError> {
+        let link = self
+            .inner
+            .coordinator
+            .as_ref()
+            .ok_or(NodeError::Internal("a bank worker without its coordinator"))?;
+        let request = Message::WorkerCharge(place.header());
+        let wait = self.inner.limits.timeouts.join_accept;
+        match link.ask(&self.inner.endpoint, &request, wait).await? {
+            Ok(Message::WorkerDone) => Ok(Ok(())),
+            Ok(other) => Err(PeerError::Unexpected {
+                expected: "the coordinator's answer to a charge",
+                got: other.kind(),
+            }
+            .into()),
+            Err((_, why)) => Ok(Err(NodeError::refused(RefusalCode::BudgetExhausted, why))),
+        }
+    }
+
+    /// A worker: one aggregate batch of the platform over one of its
+    /// shards: claimed at the coordinator, run here, its outcome reported.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn worker_aggregate_batch(
+        &self,
+        role: WorkerRole,
+        data: &HolderData,
+        setup: &cleanroom_wire::OtSetup,
+        first: &[u8],
+        (shard, joins): (u32, &[SessionId]),
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
+        let link = self
+            .inner
+            .coordinator
+            .as_ref()
+            .ok_or(NodeError::Internal("a bank worker without its coordinator"))?;
+        let sh = self
+            .inner
+            .sharding
+            .as_ref()
+            .ok_or(NodeError::Internal("a bank worker without shards"))?;
+        if shard % role.count != role.index {
+            abort(&mut send, setup.session, AbortCode::Refused).await;
+            return Err(not_its_shard(role, shard));
+        }
+        let join = cleanroom_protocol::queries::sharded_join_id(joins);
+        let request = Message::WorkerClaim(WorkerClaim {
+            query_id: setup.query_id,
+            join,
+            shards: sh.count,
+            shard,
+            group: setup.group,
+        });
+        // The claim may wait for the analyst's request; the platform may
+        // leave meanwhile (dropping the request ends it at the coordinator).
+        let answer = tokio::select! {
+            a = link.ask(&self.inner.endpoint, &request, self.inner.limits.query_timeout) => a,
+            _ = send.stopped() => return Err(PeerError::Left.into()),
+        };
+        let claimed = match answer {
+            Ok(Ok(Message::WorkerClaimed(c))) => c,
+            Ok(Err((code, why))) => {
+                abort(&mut send, setup.session, code).await;
+                return Err(NodeError::refused(RefusalCode::PeerRefused, why));
+            }
+            Ok(Ok(other)) => {
+                abort(&mut send, setup.session, AbortCode::Internal).await;
+                return Err(PeerError::Unexpected {
+                    expected: "the coordinator's claim",
+                    got: other.kind(),
+                }
+                .into());
+            }
+            Err(e) => {
+                abort(&mut send, setup.session, AbortCode::Internal).await;
+                return Err(e);
+            }
+        };
+        let report = |outcome: WorkerOutcome, stats: Option<&pump::PumpStats>| {
+            let seconds = stats.map_or([0.0; 2], |s| {
+                [s.peer.as_secs_f64(), (s.wait_in + s.wait_out).as_secs_f64()]
+            });
+            Message::WorkerBatchShare(WorkerBatchShare {
+                claim: claimed.claim,
+                outcome,
+                seconds,
+            })
+        };
+        // The plan, bound here from this node's own copy of the template.
+        let plan = self.template(&claimed.template).and_then(|t| {
+            t.bind(&claimed.analyst, &claimed.params, &self.inner.domains)
+                .map_err(|e| NodeError::refused(RefusalCode::BadParameters, e.to_string()))
+        });
+        let plan = match plan {
+            Ok(p) if p.digest() == claimed.plan_digest => p,
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "the query's plan here is not the coordinator's (the templates differ)".into(),
+                };
+                abort(&mut send, setup.session, AbortCode::Internal).await;
+                let _ = link
+                    .ask(
+                        &self.inner.endpoint,
+                        &report(WorkerOutcome::Failed(truncated(why.clone())), None),
+                        self.inner.limits.timeouts.peer_frame,
+                    )
+                    .await;
+                return Err(NodeError::Worker {
+                    worker: role.index,
+                    what: why,
+                });
+            }
+        };
+        let values = match sh.holder(shard).await {
+            Ok(customers) => {
+                Arc::new(HolderRows::new(&plan, customers, &self.inner.domains.categories)) as Arc<dyn RowSource>
+            }
+            Err(e) => {
+                warn!(error = %e, "a shard's input could not be read back");
+                abort(&mut send, setup.session, AbortCode::Internal).await;
+                let _ = link
+                    .ask(
+                        &self.inner.endpoint,
+                        &report(WorkerOutcome::Failed(truncated(e.to_string())), None),
+                        self.inner.limits.timeouts.peer_frame,
+                    )
+                    .await;
+                return Err(e);
+            }
+        };
+        let result = self
+            .holder_aggregate(
+                data,
+                &plan,
+                values,
+                &setup.query_id,
+                setup.join_session,
+                setup.group,
+                Some(shard),
+                first,
+                send,
+                recv,
+            )
+            .await;
+        let outcome = match &result {
+            Ok((share, stats, session)) => report(
+                WorkerOutcome::Share {
+                    session: *session,
+                    words: share.words().to_vec(),
+                },
+                Some(stats),
+            ),
+            Err(NodeError::UnknownJoin) => report(WorkerOutcome::UnknownJoin, None),
+            Err(e) => report(WorkerOutcome::Failed(truncated(e.to_string())), None),
+        };
+        match link
+            .ask(&self.inner.endpoint, &outcome, self.inner.limits.timeouts.peer_frame)
+            .await?
+        {
+            Ok(Message::WorkerDone) => {}
+            Ok(other) => warn!(
+                got = other.kind(),
+                "the coordinator answered a batch's outcome unexpectedly"
+            ),
+            Err((_, why)) => warn!(error = %why, "the coordinator refused a batch's outcome"),
+        }
+        result.map(|_| ())
+    }
+}
+
+use cleanroom_protocol::aggregate::RowSource;
+
+/// A bank worker's refusal of a shard that is not its own.
+pub(super) fn not_its_shard(role: WorkerRole, shard: u32) -> NodeError {
+    NodeError::refused(
+        RefusalCode::PeerRefused,
+        format!(
+            "shard {shard} is not this bank worker's (worker {} of {} serves the shards s with s mod {} = {}): both nodes need the same number of workers",
+            role.index, role.count, role.count, role.index
+        ),
+    )
+}
+
+/// A message cut to what a `WorkerFailed` carries.
+pub(super) fn truncated(mut message: String) -> String {
+    if message.len() > cleanroom_wire::MAX_WORKER_MESSAGE_LEN {
+        let mut end = cleanroom_wire::MAX_WORKER_MESSAGE_LEN;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    message
+}
