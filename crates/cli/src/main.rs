@@ -151,9 +151,10 @@ enum Command {
         /// customer matched when either matches; the same data, unsharded).
         #[arg(long, value_delimiter = ',', default_value = "email")]
         keys: Vec<String>,
-        /// With --node-processes and --shards: the platform's worker
-        /// processes (`[workers]`), a run per count for each size, such as
-        /// `1,4` (0: the platform runs its shards itself).
+        /// With --node-processes and --shards: each node's worker processes
+        /// (`[workers]`; bank worker w serves platform worker w), a run per
+        /// count for each size, such as `1,4` (0: each node runs its shards
+        /// itself).
         #[arg(long, value_delimiter = ',')]
         workers: Vec<u32>,
     },
@@ -470,7 +471,7 @@ fn main() -> anyhow::Result<()> {
             init_logging("warn");
             if workers.iter().any(|w| *w > 0) && (!node_processes || shards < 2) {
                 bail!(
-                    "--workers runs the platform's workers as processes over its shards: add --node-processes and --shards"
+                    "--workers runs each node's workers as processes over its shards: add --node-processes and --shards"
                 );
             }
             if workers.iter().any(|w| *w > shards.min(cleanroom_wire::MAX_WORKERS)) {

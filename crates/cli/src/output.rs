@@ -273,7 +273,7 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
         if let Some((bank, platform)) = r.node_peak_rss_kib {
             let workers = if r.workers > 0 {
                 format!(
-                    " with {} platform worker process(es) (the platform's RSS: the coordinator's and the workers' peaks added)",
+                    " with {} worker process(es) per node (a node's RSS: its coordinator's and its workers' peaks added)",
                     r.workers
                 )
             } else {
@@ -301,7 +301,7 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
         && one.rows == most.rows
     {
         out!(
-            "{} rows: {} platform workers against 1, in this run: join {:.2}x, query {:.2}x, CPU join {:.2}x (above 1: slower or costlier)",
+            "{} rows: {} workers per node against 1, in this run: join {:.2}x, query {:.2}x, CPU join {:.2}x (above 1: slower or costlier)",
             one.rows,
             most.workers,
             most.join_seconds / one.join_seconds.max(1e-9),
@@ -311,7 +311,7 @@ pub fn bench(rows: &[cleanroom_lab::bench::BenchRow]) {
     }
     if let Some(s) = rows.iter().map(|r| r.shards).find(|s| *s > 1) {
         out!(
-            "shards = {s}: each join ran as {s} shard joins, one after the other in one process per node, or, with platform workers, each worker's shards one after the other and the workers at once, all against the one bank process (the bound counts {s} x D_max dummy rows)"
+            "shards = {s}: each join ran as {s} shard joins, one after the other in one process per node, or, with workers, each worker's shards one after the other and the workers at once (the bound counts {s} x D_max dummy rows)"
         );
     }
     out!(

@@ -53,8 +53,9 @@ pub struct BenchOptions {
     /// Key slots: 1 (match on e-mail), or 2 (match on e-mail or phone,
     /// `Fixture::use_keys`, on the same data).
     pub key_slots: usize,
-    /// With `node_processes` and shards: the platform's worker processes,
-    /// one run per entry for each size (0: no workers, the platform runs
+    /// With `node_processes` and shards: each node's worker processes
+    /// (both nodes have as many; bank worker `w` serves platform worker
+    /// `w`), one run per entry for each size (0: no workers, each node runs
     /// its shards itself), so the counts compare within one bench.
     pub workers: Vec<u32>,
 }
@@ -99,7 +100,7 @@ pub struct BenchRow {
     pub key_slots: usize,
     /// Shards both nodes split their identifiers into (1: no split).
     pub shards: u32,
-    /// The platform's worker processes (0: none).
+    /// Each node's worker processes (0: none).
     pub workers: u32,
     /// Which repetition of this size (from 1).
     pub run: usize,
@@ -450,6 +451,10 @@ pub async fn run(opts: &BenchOptions, mut progress: impl FnMut(u64, u64, &str)) 
             }
             let addrs = (0..workers).map(|_| free_address()).collect::<Result<Vec<_>, _>>()?;
             fixture.use_workers(&addrs)?;
+            // The bank's listen address is chosen with the processes'
+            // configs; its workers reach it there.
+            let bank_addrs = (0..workers).map(|_| free_address()).collect::<Result<Vec<_>, _>>()?;
+            fixture.use_bank_workers(free_address()?, &bank_addrs)?;
         }
         if let Some(exe) = &opts.node_processes {
             progress(step + 1, total, &format!("{rows} rows: starting node processes"));
@@ -738,6 +743,12 @@ async fn run_processes(
     fixture.write_process_configs(bank_addr, platform_addr)?;
     let t_start = Instant::now();
     let mut bank = NodeProcess::start(exe, &fixture.bank_config, &fixture.dir.join("bank.log"))?;
+    let mut bank_workers = (0..n_workers)
+        .map(|w| {
+            let log = fixture.dir.join(format!("bank-worker-{w}.log"));
+            NodeProcess::start_worker(exe, w, &fixture.bank_config, &log)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut workers = (0..n_workers)
         .map(|w| {
             let log = fixture.dir.join(format!("platform-worker-{w}.log"));
@@ -746,7 +757,7 @@ async fn run_processes(
         .collect::<Result<Vec<_>, _>>()?;
     let mut platform = NodeProcess::start(exe, &fixture.platform_config, &fixture.dir.join("platform.log"))?;
     bank.listening().await?;
-    for w in &mut workers {
+    for w in bank_workers.iter_mut().chain(workers.iter_mut()) {
         w.listening().await?;
     }
     platform.listening().await?;
@@ -766,7 +777,13 @@ async fn run_processes(
         &format!("join (the overlap query); the nodes took {start_seconds:.1} s to start"),
     );
     let cpu = |b: &NodeProcess, p: &NodeProcess| {
-        b.cpu_seconds() + p.cpu_seconds() + workers.iter().map(NodeProcess::cpu_seconds).sum::<f64>()
+        b.cpu_seconds()
+            + p.cpu_seconds()
+            + workers
+                .iter()
+                .chain(bank_workers.iter())
+                .map(NodeProcess::cpu_seconds)
+                .sum::<f64>()
     };
     let cpu0 = cpu(&bank, &platform);
     let t = Instant::now();
@@ -796,13 +813,16 @@ async fn run_processes(
         }
     }
     let cpu2 = cpu(&bank, &platform);
-    // The platform's processes: the coordinator and its workers (the sum
-    // of their peaks, an upper bound of their sum's peak).
-    let platform_rss = platform.status_kib("VmHWM:") + workers.iter().map(|w| w.status_kib("VmHWM:")).sum::<u64>();
-    let rss = (bank.status_kib("VmHWM:"), platform_rss);
+    // Each node's processes: its coordinator and its workers (the sum of
+    // their peaks, an upper bound of their sum's peak).
+    let peaks = |c: &NodeProcess, ws: &[NodeProcess]| {
+        c.status_kib("VmHWM:") + ws.iter().map(|w| w.status_kib("VmHWM:")).sum::<u64>()
+    };
+    let rss = (peaks(&bank, &bank_workers), peaks(&platform, &workers));
     drop(analyst);
     drop(platform);
     drop(workers);
+    drop(bank_workers);
     drop(bank);
 
     progress(4, "timing the curve bound and the reference");

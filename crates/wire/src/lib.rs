@@ -875,7 +875,8 @@ pub enum Message {
     WorkerClaim(WorkerClaim),
     /// Type 38: the coordinator's answer to a [`WorkerClaim`].
     WorkerClaimed(WorkerClaimed),
-    /// Type 39: a bank worker to its coordinator: a claimed batch's outcome.
+    /// Type 39: a bank worker to its coordinator, on its claim's stream: the
+    /// batch's outcome.
     WorkerBatchShare(WorkerBatchShare),
     /// Type 40: done (the answer to a charge or a batch's outcome).
     WorkerDone,
@@ -903,6 +904,27 @@ impl Drop for Secret32 {
         zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
+
+/// Share words carried between a node's own processes (a batch's
+/// un-noised words): redacted in `Debug`, zeroized on drop.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ShareWords(pub Vec<u64>);
+
+impl core::fmt::Debug for ShareWords {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "ShareWords({} words, <redacted>)", self.0.len())
+    }
+}
+
+impl Drop for ShareWords {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// The longest time a worker reports, seconds (a week).
+pub const MAX_WORKER_SECONDS: f64 = 604_800.0;
 
 /// Coordinator to worker: run shard `header.shard`'s join with the peer
 /// (the worker sends `header` first, as the coordinator would), over the
@@ -966,7 +988,7 @@ pub struct WorkerBatchDone {
     /// The batch's session.
     pub session: SessionId,
     /// This node's share words of the batch's cells.
-    pub words: Vec<u64>,
+    pub words: ShareWords,
     /// Seconds: OT extension, unmasking, waiting.
     pub seconds: [f64; 3],
 }
@@ -996,13 +1018,11 @@ pub struct WorkerClaim {
     pub group: u32,
 }
 
-/// The coordinator's answer to a [`WorkerClaim`]: the claim's number, and
-/// what the worker binds the query's plan from (its own copy of the
-/// template, checked against the digest).
+/// The coordinator's answer to a [`WorkerClaim`]: what the worker binds
+/// the query's plan from (its own copy of the template, checked against
+/// the digest). The batch's outcome follows on the same stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerClaimed {
-    /// The claim, named again in the batch's outcome.
-    pub claim: u64,
     /// The template's name.
     pub template: String,
     /// The analyst the query runs for.
@@ -1021,7 +1041,7 @@ pub enum WorkerOutcome {
         /// The OT session.
         session: SessionId,
         /// The worker's share words of the batch's cells.
-        words: Vec<u64>,
+        words: ShareWords,
     },
     /// The worker does not have the join the batch named.
     UnknownJoin,
@@ -1029,11 +1049,10 @@ pub enum WorkerOutcome {
     Failed(String),
 }
 
-/// A bank worker to its coordinator: a claimed batch's outcome.
+/// A bank worker to its coordinator, on the stream of its claim: the
+/// batch's outcome.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkerBatchShare {
-    /// The claim.
-    pub claim: u64,
     /// What the batch came to.
     pub outcome: WorkerOutcome,
     /// Seconds: masking, waiting.
@@ -1154,6 +1173,18 @@ fn check_timings(kind: &'static str, timings: &[(Phase, f64)]) -> Result<(), Wir
         });
     }
     Ok(())
+}
+
+/// Reported seconds: finite, from 0 to [`MAX_WORKER_SECONDS`].
+fn check_seconds(kind: &'static str, seconds: &[f64]) -> Result<(), WireError> {
+    match seconds.iter().position(|s| !(0.0..=MAX_WORKER_SECONDS).contains(s)) {
+        Some(i) => Err(WireError::FieldLength {
+            kind,
+            field: "seconds",
+            len: i,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// `2 <= shards <= MAX_SHARDS` and `shard < shards`.
@@ -1381,6 +1412,7 @@ impl Message {
                 }
             }
             Message::WorkerJoined(m) => {
+                check_seconds(kind, &m.seconds)?;
                 if m.groups == 0 || m.groups > 4096 {
                     return Err(WireError::FieldLength {
                         kind,
@@ -1407,11 +1439,12 @@ impl Message {
                 }
             }
             Message::WorkerBatchDone(m) => {
-                if m.words.len() > 1 << 16 {
+                check_seconds(kind, &m.seconds)?;
+                if m.words.0.len() > 1 << 16 {
                     return Err(WireError::FieldLength {
                         kind,
                         field: "words",
-                        len: m.words.len(),
+                        len: m.words.0.len(),
                     });
                 }
             }
@@ -1431,11 +1464,12 @@ impl Message {
                 }
             }
             Message::WorkerBatchShare(m) => match &m.outcome {
-                WorkerOutcome::Share { words, .. } if words.len() > 1 << 16 => {
+                _ if check_seconds(kind, &m.seconds).is_err() => check_seconds(kind, &m.seconds)?,
+                WorkerOutcome::Share { words, .. } if words.0.len() > 1 << 16 => {
                     return Err(WireError::FieldLength {
                         kind,
                         field: "words",
-                        len: words.len(),
+                        len: words.0.len(),
                     });
                 }
                 WorkerOutcome::Failed(why) if why.len() > MAX_WORKER_MESSAGE_LEN => {
@@ -1844,7 +1878,7 @@ mod tests {
             }),
             Message::WorkerBatchDone(WorkerBatchDone {
                 session: SessionId([33; 16]),
-                words: vec![1, u64::MAX],
+                words: ShareWords(vec![1, u64::MAX]),
                 seconds: [0.1, 0.2, 0.3],
             }),
             Message::WorkerFailed(WorkerFailed {
@@ -1869,22 +1903,19 @@ mod tests {
                 group: 2,
             }),
             Message::WorkerClaimed(WorkerClaimed {
-                claim: 7,
                 template: "overlap".into(),
                 analyst: "alice".into(),
                 params: vec![("segment".into(), "gamer".into())],
                 plan_digest: [40; 32],
             }),
             Message::WorkerBatchShare(WorkerBatchShare {
-                claim: 7,
                 outcome: WorkerOutcome::Share {
                     session: SessionId([41; 16]),
-                    words: vec![3, 4],
+                    words: ShareWords(vec![3, 4]),
                 },
                 seconds: [0.5, 0.5],
             }),
             Message::WorkerBatchShare(WorkerBatchShare {
-                claim: 8,
                 outcome: WorkerOutcome::Failed("no".into()),
                 seconds: [0.0, 0.0],
             }),
@@ -1928,13 +1959,43 @@ mod tests {
             ),
             (
                 Message::WorkerClaimed(WorkerClaimed {
-                    claim: 0,
                     template: "t".repeat(129),
                     analyst: String::new(),
                     params: Vec::new(),
                     plan_digest: [0; 32],
                 }),
                 "template, analyst or params",
+            ),
+            (
+                Message::WorkerJoined(WorkerJoined {
+                    session: SessionId([0; 16]),
+                    groups: 1,
+                    rows: 1,
+                    seconds: [0.0, f64::INFINITY, 0.0, 0.0],
+                }),
+                "seconds",
+            ),
+            (
+                Message::WorkerBatchDone(WorkerBatchDone {
+                    session: SessionId([0; 16]),
+                    words: ShareWords(vec![1]),
+                    seconds: [f64::NAN, 0.0, 0.0],
+                }),
+                "seconds",
+            ),
+            (
+                Message::WorkerBatchShare(WorkerBatchShare {
+                    outcome: WorkerOutcome::UnknownJoin,
+                    seconds: [-1.0, 0.0],
+                }),
+                "seconds",
+            ),
+            (
+                Message::WorkerBatchShare(WorkerBatchShare {
+                    outcome: WorkerOutcome::UnknownJoin,
+                    seconds: [1e30, 0.0],
+                }),
+                "seconds",
             ),
         ] {
             let frame = m.encode().unwrap();
@@ -1953,6 +2014,14 @@ mod tests {
             shown.contains("Secret32(<redacted>)") && !shown.contains("77"),
             "{shown}"
         );
+        // Nor do a batch's share words.
+        let words = Message::WorkerBatchDone(WorkerBatchDone {
+            session: SessionId([0; 16]),
+            words: ShareWords(vec![987_654_321]),
+            seconds: [0.0; 3],
+        });
+        let shown = format!("{words:?}");
+        assert!(shown.contains("<redacted>") && !shown.contains("987654321"), "{shown}");
     }
 
     #[test]

@@ -23,8 +23,6 @@ pub(super) struct BankSide {
     pub(super) peer_streams: std::sync::atomic::AtomicUsize,
     /// The set of the last shard join (its phases add up in `last_join`).
     last_set: Mutex<Option<[u8; 16]>>,
-    /// A coordinator: the batches its workers have claimed.
-    pub(super) claims: Mutex<super::bank_worker::WorkerClaims>,
 }
 
 impl BankSide {
@@ -37,7 +35,6 @@ impl BankSide {
             join_stored: Notify::new(),
             peer_streams: std::sync::atomic::AtomicUsize::new(0),
             last_set: Mutex::new(None),
-            claims: Mutex::new(super::bank_worker::WorkerClaims::default()),
         }
     }
 }
@@ -801,10 +798,16 @@ impl Bank {
         };
         let session = pending.session();
         // The cardinality charge is durable before anything leaves the node.
-        let charged = self.charge_cardinality(session, place.as_ref()).await?;
-        if let Err(e) = charged {
-            abort(&mut send, session, AbortCode::Refused).await;
-            return Err(e);
+        match self.charge_cardinality(session, place.as_ref()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                abort(&mut send, session, AbortCode::Refused).await;
+                return Err(e);
+            }
+            Err(e) => {
+                abort(&mut send, session, AbortCode::Internal).await;
+                return Err(e);
+            }
         }
         let (streaming, accept) = pending.charge_recorded();
         write_one(&mut send, &accept).await?;

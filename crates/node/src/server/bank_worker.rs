@@ -13,17 +13,20 @@
 //!   one-process bank runs (a rerun for a platform that lost its share,
 //!   the claim of the analyst's registration, the batch's place) and
 //!   answers `WorkerClaimed` with what the worker binds the plan from;
-//! - `WorkerBatchShare` with the batch's outcome (its words), which the
-//!   coordinator adds to the query's registration as the one-process bank
-//!   does, answered `WorkerDone`.
+//!   then, on the same stream, `WorkerBatchShare` with the batch's outcome
+//!   (its words), which the coordinator adds to the query's registration
+//!   as the one-process bank does, answered `WorkerDone`.
 //!
-//! A claim whose worker's connection ends before its outcome arrives is
-//! failed, so the analyst's request ends at once rather than at its timeout.
+//! A claim lives as long as its stream: a stream that ends (or does not
+//! bring the outcome within the query timeout) before its outcome fails
+//! the batch, as a platform that leaves mid-batch fails it on the
+//! one-process bank. A worker that dies is noticed when its connection
+//! times out (the transport's idle timeout, 30 s by default).
 
 use super::bank::{Bank, ShardPlace};
 use super::worker::WorkerRole;
 use super::*;
-use cleanroom_wire::{WorkerBatchShare, WorkerClaim, WorkerClaimed, WorkerFailed, WorkerOutcome};
+use cleanroom_wire::{ShareWords, WorkerBatchShare, WorkerClaim, WorkerClaimed, WorkerFailed, WorkerOutcome};
 
 /// A bank worker's way to its coordinator.
 pub(super) struct CoordinatorLink {
@@ -58,7 +61,10 @@ impl CoordinatorLink {
     /// One request and its answer, within `wait`.
     async fn ask(&self, endpoint: &quinn::Endpoint, request: &Message, wait: Duration) -> Result<Answer, NodeError> {
         let conn = self.connection(endpoint).await?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| PeerError::Transport(e.to_string()))?;
+        let (mut send, mut recv) = tokio::time::timeout(wait, conn.open_bi())
+            .await
+            .map_err(|_| PeerError::NoAnswer { secs: wait.as_secs() })?
+            .map_err(|e| PeerError::Transport(e.to_string()))?;
         write_one(&mut send, request).await?;
         let _ = send.finish();
         let frame = read_one(&mut recv, wait).await?;
@@ -71,65 +77,24 @@ impl CoordinatorLink {
     }
 }
 
-/// The claims of batches the coordinator's workers are running.
-#[derive(Default)]
-pub(super) struct WorkerClaims {
-    next: u64,
-    open: HashMap<u64, OpenClaim>,
-}
-
-/// One claimed batch: its query and registration, join, place in the
-/// query, and the worker connection it was claimed on.
-struct OpenClaim {
-    qid: QueryId,
-    reg: Registration,
-    join: SessionId,
-    k: usize,
-    link: u64,
-}
-
 impl Bank {
     /// The coordinator: a connection of its bank worker `w`; each stream
-    /// one request. When the connection ends, the batches claimed on it
-    /// and not reported fail.
+    /// one request (a claim: its claim and the batch's outcome).
     pub(super) async fn serve_bank_worker(&self, conn: quinn::Connection, w: u32) {
-        let link = self
-            .inner
-            .admission_ids
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         info!(worker = w, "bank worker connected");
         while let Ok((send, recv)) = conn.accept_bi().await {
             let bank = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = bank.serve_bank_worker_stream(w, link, send, recv).await {
+                if let Err(e) = bank.serve_bank_worker_stream(w, send, recv).await {
                     warn!(worker = w, error = %e, "a bank worker's request failed");
                 }
             });
-        }
-        let lost: Vec<OpenClaim> = {
-            let mut claims = lock(&self.side.claims);
-            let ids: Vec<u64> = claims
-                .open
-                .iter()
-                .filter(|(_, c)| c.link == link)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter().filter_map(|id| claims.open.remove(&id)).collect()
-        };
-        for c in lost {
-            warn!(
-                worker = w,
-                "a bank worker's connection ended during a batch; the batch fails"
-            );
-            let why = format!("bank worker {w} stopped during the batch");
-            self.record_batch(&c.qid, c.reg, c.join, c.k, Batch::Failed(why), None);
         }
     }
 
     async fn serve_bank_worker_stream(
         &self,
         w: u32,
-        link: u64,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) -> Result<(), NodeError> {
@@ -137,28 +102,13 @@ impl Bank {
         let request = Message::decode(&first).map_err(|e| NodeError::Protocol(e.into()))?;
         let answer = match request {
             Message::WorkerCharge(h) => self.charge_for_worker(w, &h).await,
-            Message::WorkerClaim(c) => {
-                let claimed = tokio::select! {
-                    a = self.claim_for_worker(w, link, &c) => a,
-                    _ = send.stopped() => return Err(PeerError::Left.into()),
-                };
-                claimed
-            }
-            Message::WorkerBatchShare(b) => Ok(self.batch_of_worker(w, b)),
+            Message::WorkerClaim(c) => return self.claim_for_worker(w, &c, send, recv).await,
             other => Err((
                 AbortCode::Internal,
-                format!(
-                    "a bank worker sent {}, not a charge, claim or batch share",
-                    other.kind()
-                ),
+                format!("a bank worker sent {}, not a charge or a claim", other.kind()),
             )),
         };
-        let reply = answer.unwrap_or_else(|(code, message)| {
-            Message::WorkerFailed(WorkerFailed {
-                abort: Some(code),
-                message: truncated(message),
-            })
-        });
+        let reply = answer.unwrap_or_else(failed);
         write_one(&mut send, &reply).await?;
         let _ = send.finish();
         let _ = send.stopped().await;
@@ -188,79 +138,110 @@ impl Bank {
     }
 
     /// The coordinator: a worker's batch arrived: the query is claimed as
-    /// the one-process bank claims it, and the batch's place recorded.
-    async fn claim_for_worker(&self, w: u32, link: u64, c: &WorkerClaim) -> Answer {
+    /// the one-process bank claims it, the worker told how to bind the
+    /// plan, and the batch's outcome read from the same stream and added
+    /// to the query; a stream that ends first fails the batch.
+    async fn claim_for_worker(
+        &self,
+        w: u32,
+        c: &WorkerClaim,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), NodeError> {
         let n = self.inner.workers_count.max(1);
-        let Some(sh) = &self.inner.sharding else {
-            return Err((AbortCode::Refused, "this node is not split into shards".into()));
+        let refuse = |code, why: String| {
+            Message::WorkerFailed(WorkerFailed {
+                abort: Some(code),
+                message: truncated(why),
+            })
         };
-        if c.shards != sh.count || c.shard % n != w {
-            return Err((
-                AbortCode::Refused,
-                format!(
-                    "a batch of shard {} of {}, not one of bank worker {w}'s",
-                    c.shard, c.shards
-                ),
-            ));
+        let fits = match &self.inner.sharding {
+            Some(sh) if c.shards == sh.count && c.shard % n == w => None,
+            Some(_) => Some(format!(
+                "a batch of shard {} of {}, not one of bank worker {w}'s",
+                c.shard, c.shards
+            )),
+            None => Some("this node is not split into shards".into()),
+        };
+        if let Some(why) = fits {
+            write_one(&mut send, &refuse(AbortCode::Refused, why)).await?;
+            let _ = send.finish();
+            return Ok(());
         }
-        let (reg, plan, _, analyst) = self
-            .claim_batch(&c.query_id, c.join)
-            .await
-            .map_err(|(code, e)| (code, e.to_string()))?;
+        // The worker drops the request when the platform leaves: stop
+        // waiting then.
+        let claimed = tokio::select! {
+            c = self.claim_batch(&c.query_id, c.join) => c,
+            _ = send.stopped() => return Err(PeerError::Left.into()),
+        };
+        let (reg, plan, _, analyst) = match claimed {
+            Ok(x) => x,
+            Err((code, e)) => {
+                write_one(&mut send, &refuse(code, e.to_string())).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+        };
         let groups = plan.matcher_groups().len().max(1);
         if c.group as usize >= groups {
             let why = "an aggregate batch for a group the query does not have".to_string();
             self.record_batch(&c.query_id, reg, c.join, usize::MAX, Batch::Failed(why.clone()), None);
-            return Err((AbortCode::Refused, why));
+            write_one(&mut send, &refuse(AbortCode::Refused, why)).await?;
+            let _ = send.finish();
+            return Ok(());
         }
         let k = c.shard as usize * groups + c.group as usize;
-        let claim = {
-            let mut claims = lock(&self.side.claims);
-            claims.next += 1;
-            let id = claims.next;
-            claims.open.insert(
-                id,
-                OpenClaim {
-                    qid: c.query_id,
-                    reg,
-                    join: c.join,
-                    k,
-                    link,
-                },
-            );
-            id
-        };
-        Ok(Message::WorkerClaimed(WorkerClaimed {
-            claim,
+        let cells = plan.batch_bits().len();
+        let told = Message::WorkerClaimed(WorkerClaimed {
             template: plan.template.clone(),
             analyst,
             params: plan.params.clone(),
             plan_digest: plan.digest(),
-        }))
-    }
-
-    /// The coordinator: a claimed batch's outcome, added to its query.
-    fn batch_of_worker(&self, w: u32, b: WorkerBatchShare) -> Message {
-        let Some(c) = lock(&self.side.claims).open.remove(&b.claim) else {
-            warn!(worker = w, "an outcome for no open claim");
-            return Message::WorkerFailed(WorkerFailed {
-                abort: Some(AbortCode::Internal),
-                message: "no such claim".into(),
-            });
+        });
+        // From here the batch is this stream's: whatever ends it without an
+        // outcome fails the batch.
+        let outcome = match write_one(&mut send, &told).await {
+            Ok(()) => read_one(&mut recv, self.inner.limits.query_timeout)
+                .await
+                .and_then(|f| Message::decode(&f).map_err(|e| NodeError::Protocol(e.into()))),
+            Err(e) => Err(e),
         };
-        let [masking, waiting] = b.seconds.map(|s| s.max(0.0));
-        let stats = pump::PumpStats {
-            peer: Duration::from_secs_f64(masking),
-            wait_in: Duration::from_secs_f64(waiting),
-            ..pump::PumpStats::default()
+        let (batch, stats) = match outcome {
+            Ok(Message::WorkerBatchShare(b)) => {
+                let stats = pump::PumpStats {
+                    peer: seconds(b.seconds[0]),
+                    wait_in: seconds(b.seconds[1]),
+                    ..pump::PumpStats::default()
+                };
+                match b.outcome {
+                    WorkerOutcome::Share { session, words } if words.0.len() == cells => {
+                        (Batch::Share(Share::from_words(words.0.clone()), session), Some(stats))
+                    }
+                    WorkerOutcome::Share { words, .. } => (
+                        Batch::Failed(format!(
+                            "bank worker {w} returned {} words for {cells} cells",
+                            words.0.len()
+                        )),
+                        None,
+                    ),
+                    WorkerOutcome::UnknownJoin => (Batch::UnknownJoin, None),
+                    WorkerOutcome::Failed(why) => (Batch::Failed(format!("bank worker {w}: {why}")), None),
+                }
+            }
+            Ok(other) => (
+                Batch::Failed(format!("bank worker {w} sent {} for a batch's outcome", other.kind())),
+                None,
+            ),
+            Err(e) => {
+                warn!(worker = w, error = %e, "a bank worker's batch ended without its outcome; the batch fails");
+                (Batch::Failed(format!("bank worker {w} stopped during the batch")), None)
+            }
         };
-        let (batch, stats) = match b.outcome {
-            WorkerOutcome::Share { session, words } => (Batch::Share(Share::from_words(words), session), Some(&stats)),
-            WorkerOutcome::UnknownJoin => (Batch::UnknownJoin, None),
-            WorkerOutcome::Failed(why) => (Batch::Failed(format!("bank worker {w}: {why}")), None),
-        };
-        self.record_batch(&c.qid, c.reg, c.join, c.k, batch, stats);
-        Message::WorkerDone
+        self.record_batch(&c.query_id, reg, c.join, k, batch, stats.as_ref());
+        let _ = write_one(&mut send, &Message::WorkerDone).await;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+        Ok(())
     }
 
     /// A worker: asks its coordinator to charge the set this shard join
@@ -280,7 +261,9 @@ impl Bank {
                 got: other.kind(),
             }
             .into()),
-            Err((_, why)) => Ok(Err(NodeError::refused(RefusalCode::BudgetExhausted, why))),
+            // The coordinator's refusal (a spent budget, a second join of a
+            // shard of a set, ...), as it said it.
+            Err((_, why)) => Ok(Err(NodeError::refused(RefusalCode::PeerRefused, why))),
         }
     }
 
@@ -319,19 +302,39 @@ impl Bank {
             shard,
             group: setup.group,
         });
+        // The claim and the batch's outcome travel on one stream: if this
+        // worker stops before the outcome, its coordinator fails the batch.
+        let opened = async {
+            let conn = link.connection(&self.inner.endpoint).await?;
+            let (mut to, from) = tokio::time::timeout(self.inner.limits.timeouts.peer_frame, conn.open_bi())
+                .await
+                .map_err(|_| PeerError::NoAnswer {
+                    secs: self.inner.limits.timeouts.peer_frame.as_secs(),
+                })?
+                .map_err(|e| PeerError::Transport(e.to_string()))?;
+            write_one(&mut to, &request).await?;
+            Ok::<_, NodeError>((to, from))
+        };
+        let (mut to, mut from) = match opened.await {
+            Ok(x) => x,
+            Err(e) => {
+                abort(&mut send, setup.session, AbortCode::Internal).await;
+                return Err(e);
+            }
+        };
         // The claim may wait for the analyst's request; the platform may
-        // leave meanwhile (dropping the request ends it at the coordinator).
+        // leave meanwhile (dropping the stream ends the claim).
         let answer = tokio::select! {
-            a = link.ask(&self.inner.endpoint, &request, self.inner.limits.query_timeout) => a,
+            a = read_one(&mut from, self.inner.limits.query_timeout) => a,
             _ = send.stopped() => return Err(PeerError::Left.into()),
         };
-        let claimed = match answer {
-            Ok(Ok(Message::WorkerClaimed(c))) => c,
-            Ok(Err((code, why))) => {
-                abort(&mut send, setup.session, code).await;
-                return Err(NodeError::refused(RefusalCode::PeerRefused, why));
+        let claimed = match answer.and_then(|f| Message::decode(&f).map_err(|e| NodeError::Protocol(e.into()))) {
+            Ok(Message::WorkerClaimed(c)) => c,
+            Ok(Message::WorkerFailed(WorkerFailed { abort: code, message })) => {
+                abort(&mut send, setup.session, code.unwrap_or(AbortCode::Internal)).await;
+                return Err(NodeError::refused(RefusalCode::PeerRefused, message));
             }
-            Ok(Ok(other)) => {
+            Ok(other) => {
                 abort(&mut send, setup.session, AbortCode::Internal).await;
                 return Err(PeerError::Unexpected {
                     expected: "the coordinator's claim",
@@ -348,11 +351,7 @@ impl Bank {
             let seconds = stats.map_or([0.0; 2], |s| {
                 [s.peer.as_secs_f64(), (s.wait_in + s.wait_out).as_secs_f64()]
             });
-            Message::WorkerBatchShare(WorkerBatchShare {
-                claim: claimed.claim,
-                outcome,
-                seconds,
-            })
+            Message::WorkerBatchShare(WorkerBatchShare { outcome, seconds })
         };
         // The plan, bound here from this node's own copy of the template.
         let plan = self.template(&claimed.template).and_then(|t| {
@@ -367,13 +366,7 @@ impl Bank {
                     Ok(_) => "the query's plan here is not the coordinator's (the templates differ)".into(),
                 };
                 abort(&mut send, setup.session, AbortCode::Internal).await;
-                let _ = link
-                    .ask(
-                        &self.inner.endpoint,
-                        &report(WorkerOutcome::Failed(truncated(why.clone())), None),
-                        self.inner.limits.timeouts.peer_frame,
-                    )
-                    .await;
+                let _ = write_one(&mut to, &report(WorkerOutcome::Failed(truncated(why.clone())), None)).await;
                 return Err(NodeError::Worker {
                     worker: role.index,
                     what: why,
@@ -387,13 +380,7 @@ impl Bank {
             Err(e) => {
                 warn!(error = %e, "a shard's input could not be read back");
                 abort(&mut send, setup.session, AbortCode::Internal).await;
-                let _ = link
-                    .ask(
-                        &self.inner.endpoint,
-                        &report(WorkerOutcome::Failed(truncated(e.to_string())), None),
-                        self.inner.limits.timeouts.peer_frame,
-                    )
-                    .await;
+                let _ = write_one(&mut to, &report(WorkerOutcome::Failed(truncated(e.to_string())), None)).await;
                 return Err(e);
             }
         };
@@ -415,24 +402,19 @@ impl Bank {
             Ok((share, stats, session)) => report(
                 WorkerOutcome::Share {
                     session: *session,
-                    words: share.words().to_vec(),
+                    words: ShareWords(share.words().to_vec()),
                 },
                 Some(stats),
             ),
             Err(NodeError::UnknownJoin) => report(WorkerOutcome::UnknownJoin, None),
             Err(e) => report(WorkerOutcome::Failed(truncated(e.to_string())), None),
         };
-        match link
-            .ask(&self.inner.endpoint, &outcome, self.inner.limits.timeouts.peer_frame)
-            .await?
-        {
-            Ok(Message::WorkerDone) => {}
-            Ok(other) => warn!(
-                got = other.kind(),
-                "the coordinator answered a batch's outcome unexpectedly"
-            ),
-            Err((_, why)) => warn!(error = %why, "the coordinator refused a batch's outcome"),
+        write_one(&mut to, &outcome).await?;
+        let done = read_one(&mut from, self.inner.limits.timeouts.peer_frame).await?;
+        if !matches!(Message::decode(&done), Ok(Message::WorkerDone)) {
+            warn!("the coordinator did not acknowledge a batch's outcome");
         }
+        let _ = to.finish();
         result.map(|_| ())
     }
 }
@@ -448,6 +430,19 @@ pub(super) fn not_its_shard(role: WorkerRole, shard: u32) -> NodeError {
             role.index, role.count, role.count, role.index
         ),
     )
+}
+
+/// A `WorkerFailed` for a refusal.
+fn failed((code, message): (AbortCode, String)) -> Message {
+    Message::WorkerFailed(WorkerFailed {
+        abort: Some(code),
+        message: truncated(message),
+    })
+}
+
+/// Seconds another process reported, as a duration (the wire bounds them).
+pub(super) fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or_default()
 }
 
 /// A message cut to what a `WorkerFailed` carries.

@@ -883,32 +883,38 @@ impl Node {
             // the connection ends: a bank that restarted knows this node's
             // templates only once they are shown again, and when the bank
             // has workers nothing else of this node's may reconnect to it.
+            // Until the node shuts down: `connect_attempts` tries
+            // `connect_retry` apart, then one a minute.
             tokio::spawn(async move {
                 let stopping = || eager.inner.stopping.load(std::sync::atomic::Ordering::Relaxed);
                 let t = &eager.inner.limits.timeouts;
-                loop {
-                    let mut conn = None;
-                    for _ in 0..t.connect_attempts {
-                        if stopping() {
-                            return;
-                        }
-                        match eager.peer_connection().await {
-                            Ok(c) => {
-                                conn = Some(c);
-                                break;
+                let mut failed = 0u32;
+                while !stopping() {
+                    match eager.peer_connection().await {
+                        Ok(conn) => {
+                            failed = 0;
+                            let reason = conn.closed().await;
+                            if !stopping() {
+                                info!(reason = %reason, "the connection to the bank ended; connecting again");
                             }
-                            Err(e) => info!(error = %e, "bank not reachable yet"),
+                            // Not faster than this, if it keeps closing at once.
+                            tokio::time::sleep(t.connect_retry).await;
                         }
-                        tokio::time::sleep(t.connect_retry).await;
+                        Err(e) => {
+                            failed = failed.saturating_add(1);
+                            if failed == t.connect_attempts {
+                                warn!(error = %e, "bank still not reachable; trying once a minute");
+                            } else if failed < t.connect_attempts {
+                                info!(error = %e, "bank not reachable yet");
+                            }
+                            let wait = if failed < t.connect_attempts {
+                                t.connect_retry
+                            } else {
+                                Duration::from_secs(60)
+                            };
+                            tokio::time::sleep(wait).await;
+                        }
                     }
-                    let Some(conn) = conn else {
-                        return;
-                    };
-                    let reason = conn.closed().await;
-                    if stopping() {
-                        return;
-                    }
-                    info!(reason = %reason, "the connection to the bank ended; connecting again");
                 }
             });
         }

@@ -181,10 +181,10 @@ impl Platform {
         while let Some(done) = tasks.join_next().await {
             let done = done.map_err(|_| NodeError::Internal("a worker's task failed"))??;
             for (shard, (part, joined)) in done {
-                let [own, peer, wait, matching] = joined.seconds.map(|s| s.max(0.0));
-                stats.own += Duration::from_secs_f64(own);
-                stats.peer += Duration::from_secs_f64(peer);
-                stats.wait_in += Duration::from_secs_f64(wait);
+                let [own, peer, wait, matching] = joined.seconds;
+                stats.own += super::bank_worker::seconds(own);
+                stats.peer += super::bank_worker::seconds(peer);
+                stats.wait_in += super::bank_worker::seconds(wait);
                 match_secs += matching;
                 *parts
                     .get_mut(shard as usize)
@@ -245,6 +245,7 @@ impl Platform {
             .as_ref()
             .ok_or(NodeError::Internal("a worker's join on a node without workers"))?;
         let shard = ask.header.shard;
+        let groups = ask.blocks.len();
         let blocks = ask
             .blocks
             .iter()
@@ -260,7 +261,7 @@ impl Platform {
         });
         let wait = self.inner.limits.query_timeout;
         match pool.ask(w, &request, wait).await {
-            Ok(Message::WorkerJoined(j)) => {
+            Ok(Message::WorkerJoined(j)) if j.groups as usize == groups => {
                 let part = WorkerPart {
                     worker: w,
                     session: j.session,
@@ -269,6 +270,10 @@ impl Platform {
                 };
                 Ok((part, j))
             }
+            Ok(Message::WorkerJoined(j)) => Err(NodeError::Worker {
+                worker: w,
+                what: format!("joined shard {shard} in {} groups, not {groups}", j.groups),
+            }),
             Ok(other) => Err(NodeError::Worker {
                 worker: w,
                 what: format!("answered shard {shard}'s join with {}", other.kind()),
@@ -324,13 +329,21 @@ impl Platform {
         // As for a batch of its own: not dropped when the analyst goes.
         let wait = self.inner.limits.query_timeout;
         match pool.ask(part.worker, &request, wait).await? {
-            Message::WorkerBatchDone(done) => {
-                let [own, peer, wait] = done.seconds.map(|s| s.max(0.0));
-                aggregate.stats.own += Duration::from_secs_f64(own);
-                aggregate.stats.peer += Duration::from_secs_f64(peer);
-                aggregate.stats.wait_in += Duration::from_secs_f64(wait);
-                Ok((done.session, done.words))
+            Message::WorkerBatchDone(done) if done.words.0.len() == plan.batch_bits().len() => {
+                let [own, peer, wait] = done.seconds;
+                aggregate.stats.own += super::bank_worker::seconds(own);
+                aggregate.stats.peer += super::bank_worker::seconds(peer);
+                aggregate.stats.wait_in += super::bank_worker::seconds(wait);
+                Ok((done.session, done.words.0.clone()))
             }
+            Message::WorkerBatchDone(done) => Err(NodeError::Worker {
+                worker: part.worker,
+                what: format!(
+                    "returned {} words for a batch of {} cells",
+                    done.words.0.len(),
+                    plan.batch_bits().len()
+                ),
+            }),
             other => Err(NodeError::Worker {
                 worker: part.worker,
                 what: format!("answered a batch with {}", other.kind()),
@@ -350,15 +363,7 @@ impl Platform {
         let answer = match Message::decode(&first) {
             Ok(Message::WorkerJoin(j)) => self.work_join(role, j).await,
             Ok(Message::WorkerBatch(b)) => self.work_batch(role, b).await,
-            Ok(Message::WorkerHolds(h)) => {
-                let mut joins = Vec::with_capacity(h.joins.len());
-                for j in h.joins {
-                    if self.held_join(role, &j)?.is_some() {
-                        joins.push(j);
-                    }
-                }
-                Ok(Message::WorkerHolds(WorkerHolds { joins }))
-            }
+            Ok(Message::WorkerHolds(h)) => self.holds(role, h.joins),
             Ok(other) => Err(PeerError::Unexpected {
                 expected: "a worker join or batch",
                 got: other.kind(),
@@ -375,14 +380,7 @@ impl Platform {
                     NodeError::UnknownJoin => Some(AbortCode::UnknownJoin),
                     _ => None,
                 };
-                let mut message = e.to_string();
-                if message.len() > cleanroom_wire::MAX_WORKER_MESSAGE_LEN {
-                    let mut end = cleanroom_wire::MAX_WORKER_MESSAGE_LEN;
-                    while !message.is_char_boundary(end) {
-                        end -= 1;
-                    }
-                    message.truncate(end);
-                }
+                let message = super::bank_worker::truncated(e.to_string());
                 Message::WorkerFailed(WorkerFailed { abort, message })
             }
         };
@@ -390,6 +388,17 @@ impl Platform {
         let _ = send.finish();
         let _ = send.stopped().await;
         Ok(())
+    }
+
+    /// A worker: which of `joins` it holds.
+    fn holds(&self, role: WorkerRole, joins: Vec<SessionId>) -> Result<Message, NodeError> {
+        let mut held = Vec::with_capacity(joins.len());
+        for j in joins {
+            if self.held_join(role, &j)?.is_some() {
+                held.push(j);
+            }
+        }
+        Ok(Message::WorkerHolds(WorkerHolds { joins: held }))
     }
 
     /// A worker: keeps a shard's join in memory (a few per shard it owns).
@@ -562,7 +571,7 @@ impl Platform {
         let s = &run.stats;
         Ok(Message::WorkerBatchDone(WorkerBatchDone {
             session,
-            words,
+            words: cleanroom_wire::ShareWords(words),
             seconds: [
                 s.own.as_secs_f64(),
                 s.peer.as_secs_f64(),
