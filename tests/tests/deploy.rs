@@ -116,5 +116,92 @@ fn the_kubernetes_configs_are_accepted_and_their_files_are_mounted() {
         // the shard cache at half of it; the rest is per-query state).
         let budget = cfg.memory_budget(path).unwrap();
         assert!(sts.contains("memory: 2Gi") && budget <= 1 << 30, "{role}");
+
+        // The workers (workers.yaml): as many pods as the config lists,
+        // each running `cleanroom worker` with its ordinal, listening where
+        // the config says, with the files a worker opens mounted (its
+        // certificate and key, the CA alone, the policy, the shard key, the
+        // input) read-only and its state writable.
+        let workers = std::fs::read_to_string(manifests.join("workers.yaml")).unwrap();
+        let n = cfg.worker_count();
+        assert!(n >= 2, "{role}: the manifests run workers");
+        assert!(workers.contains(&format!("replicas: {n}")), "{role}");
+        assert!(
+            workers
+                .contains(r#"args: ["worker", "--config", "/etc/cleanroom/node.toml", "--index", "$(WORKER_INDEX)"]"#),
+            "{role}"
+        );
+        assert!(
+            workers.contains("fieldPath: metadata.labels['apps.kubernetes.io/pod-index']"),
+            "{role}"
+        );
+        let listen = cfg
+            .workers
+            .listen
+            .unwrap_or_else(|| panic!("{role}: workers bind [workers] listen"));
+        assert!(workers.contains(&format!("containerPort: {}", listen.port())), "{role}");
+        assert!(workers.contains(&format!("port: {}", listen.port())), "{role}");
+        for w in 0..n {
+            // The coordinator and the peer reach worker w by the name the
+            // headless Service gives it.
+            let name = format!("cleanroom-{role}-worker-{w}.cleanroom-{role}-workers:{}", listen.port());
+            assert!(text.contains(&name), "{role}: {name}");
+            assert!(cfg.worker_listen(w).is_some(), "{role}");
+        }
+        let wm = mounts(&workers);
+        let under = |p: &Path| {
+            wm.iter()
+                .filter(|(dir, _)| p.starts_with(dir))
+                .max_by_key(|(dir, _)| dir.len())
+                .cloned()
+        };
+        let (cert, key) = cfg.worker_identity(0);
+        let mut files = vec![
+            cert,
+            key,
+            cfg.identity.ca.clone(),
+            cfg.policy.signed.clone(),
+            cfg.policy.public_key.clone(),
+            cfg.policy.peer_public_key.clone(),
+            cfg.shards.key.clone().unwrap(),
+        ];
+        match cfg.data.source {
+            SourceKind::Postgres => {
+                let pg = cfg.data.postgres.clone().unwrap();
+                files.extend(pg.password_file);
+                files.extend(pg.ca);
+            }
+            _ => files.push(cfg.data.path.clone()),
+        }
+        for f in &files {
+            let (dir, read_only) =
+                under(f).unwrap_or_else(|| panic!("{role} worker: {} is under no mount", f.display()));
+            assert!(
+                read_only,
+                "{role} worker: {} is under a writable mount {dir}",
+                f.display()
+            );
+        }
+        // The node's own key is not given to the workers: the identity
+        // Secret is mounted with ca.pem alone.
+        assert!(workers.contains("- key: ca.pem"), "{role}");
+        let (dir, read_only) = under(&cfg.worker_state_dir(0).join("state.db")).unwrap();
+        assert!(!read_only, "{role} worker: the state ({dir}) must be writable");
+    }
+    // The platform's workers reach the bank's, one each.
+    let platform =
+        node_toml(&std::fs::read_to_string(root().join("deploy/kubernetes/platform/configmap.yaml")).unwrap());
+    let bank = node_toml(&std::fs::read_to_string(root().join("deploy/kubernetes/bank/configmap.yaml")).unwrap());
+    let path = Path::new("/etc/cleanroom/node.toml");
+    let (p, b) = (
+        NodeConfig::parse(&platform, path).unwrap(),
+        NodeConfig::parse(&bank, path).unwrap(),
+    );
+    assert_eq!(p.peer.workers.len() as u32, b.worker_count());
+    let bank_workers = std::fs::read_to_string(root().join("deploy/kubernetes/bank/workers.yaml")).unwrap();
+    for w in 0..b.worker_count() {
+        assert!(bank_workers.contains(&format!(
+            "statefulset.kubernetes.io/pod-name: cleanroom-bank-worker-{w}"
+        )));
     }
 }

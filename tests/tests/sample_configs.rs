@@ -102,6 +102,26 @@ fn bad_configs_are_refused_with_the_reason() {
         (good.replace("path = \"../data/bank.csv\"", "source = \"postgres\""), "needs [data.postgres]"),
         (good.replace("path = \"../data/bank.csv\"", "source = \"parquet\""), "needs path"),
         (good.replace("path = \"../data/bank.csv\"", "source = \"excel\"\npath = \"x\""), "unknown variant"),
+        (
+            format!("{good}\n[workers]\naddresses = [\"127.0.0.1:7501\"]\n"),
+            "[workers] needs [shards] count of 2 or more",
+        ),
+        (
+            format!("{good}\n[shards]\ncount = 4\nkey = \"k\"\n\n[workers]\naddresses = [\"w-0.workers:7501\"]\n"),
+            "give [workers] listen",
+        ),
+        (
+            format!("{good}\n[shards]\ncount = 4\nkey = \"k\"\n\n[workers]\naddresses = [\"w_0:7501\"]\n"),
+            "is not host:port",
+        ),
+        (
+            format!("{good}\n[shards]\ncount = 2\nkey = \"k\"\n\n[workers]\naddresses = [\"127.0.0.1:7501\", \"127.0.0.1:7502\", \"127.0.0.1:7503\"]\n"),
+            "more than the 2 shards",
+        ),
+        (
+            format!("{good}\n[workers]\ncoordinator = \"127.0.0.1:7401\"\n"),
+            "coordinator without [workers] addresses",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let p = dir.path().join(format!("c{i}.toml"));

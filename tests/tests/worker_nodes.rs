@@ -362,3 +362,26 @@ async fn bank_and_platform_workers_give_the_unsharded_results_exactly() {
         stop([bank]).await;
     }
 }
+
+/// A worker reached by name (`localhost:port`, resolved when the
+/// coordinator dials it) and bound where `[workers] listen` says, as in the
+/// Kubernetes manifests: the same exact results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reached_by_name_gives_the_same_results() {
+    let (rows, seed) = (300, 174);
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = fixture(dir.path(), rows, seed, Some(2), 0);
+    let port = free_addresses(1)[0].port();
+    f.use_workers_at(
+        &[format!("localhost:{port}")],
+        Some(format!("127.0.0.1:{port}").parse().unwrap()),
+    )
+    .unwrap();
+    let bank = f.start_bank().await.unwrap();
+    let (platform, workers) = start_platform(&f, &bank, 1).await;
+    exact_cells(&f, &bank, &platform, "a worker by name", true).await;
+    assert_eq!(platform.shard_reads(), 0);
+    assert_eq!(workers[0].shard_reads(), 2);
+    stop(workers).await;
+    stop([platform, bank]).await;
+}

@@ -771,6 +771,20 @@ async fn run_processes(
         }
     }
     let analyst = Analyst::new(&fixture.analyst("alice", bank_addr, platform_addr)?)?;
+    // Listening is not yet introduced: the platform shows the bank its
+    // signed templates when it connects, just after its start.
+    let ready = Instant::now();
+    loop {
+        match analyst.templates().await {
+            Ok(t) if !t.is_empty() => break,
+            _ if ready.elapsed() < Duration::from_secs(120) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok(_) | Err(_) => {
+                return Err(LabError::Bench(
+                    "the nodes did not show each other their templates within 120 s of listening".into(),
+                ));
+            }
+        }
+    }
     let timeout = Duration::from_secs(3600);
     progress(
         2,

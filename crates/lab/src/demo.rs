@@ -438,12 +438,28 @@ impl Fixture {
     /// # Errors
     /// A certificate that cannot be issued.
     pub fn use_workers(&mut self, addresses: &[std::net::SocketAddr]) -> Result<(), NodeError> {
+        let names: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        self.use_workers_at(&names, None)
+    }
+
+    /// As [`Self::use_workers`], with the workers' addresses as `host:port`
+    /// text (names allowed) and, if given, the address every worker binds
+    /// (`[workers] listen`).
+    ///
+    /// # Errors
+    /// A certificate that cannot be issued.
+    pub fn use_workers_at(
+        &mut self,
+        addresses: &[String],
+        listen: Option<std::net::SocketAddr>,
+    ) -> Result<(), NodeError> {
         let n = u32::try_from(addresses.len()).unwrap_or(u32::MAX);
         cleanroom_transport::pki::issue_workers(&self.dir.join("certs"), n, 2)?;
         let list: Vec<String> = addresses.iter().map(|a| format!("\"{a}\"")).collect();
+        let listen = listen.map_or_else(String::new, |l| format!("listen = \"{l}\"\n"));
         self.platform_edits.push((
             "[limits]".into(),
-            format!("[workers]\naddresses = [{}]\n\n[limits]", list.join(", ")),
+            format!("[workers]\naddresses = [{}]\n{listen}\n[limits]", list.join(", ")),
         ));
         Ok(())
     }

@@ -413,6 +413,93 @@ pub struct NodeConfig {
     pub workers: WorkersConfig,
 }
 
+/// Where another process of this node is reached: `host:port`, the host
+/// an IP address or a name resolved each time it is dialed (a
+/// StatefulSet pod's stable DNS name on Kubernetes, which outlives its IP).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HostPort {
+    host: String,
+    port: u16,
+}
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Ok(a) = text.parse::<SocketAddr>() {
+            return Ok(a.into());
+        }
+        let bad = || format!("{text:?} is not host:port (an IP address or a DNS name, and a port)");
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl From<SocketAddr> for HostPort {
+    fn from(a: SocketAddr) -> Self {
+        Self {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            _ => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl HostPort {
+    /// The address, when the host is an IP address.
+    pub fn ip(&self) -> Option<SocketAddr> {
+        let ip: std::net::IpAddr = self.host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.port))
+    }
+
+    /// The address now: the IP, or the name's first IPv4 address (the
+    /// node's endpoints are IPv4), else its first.
+    ///
+    /// # Errors
+    /// [`NodeError::Io`] when the name does not resolve.
+    pub async fn resolve(&self) -> Result<SocketAddr, NodeError> {
+        if let Some(a) = self.ip() {
+            return Ok(a);
+        }
+        let io = |source| NodeError::Io {
+            what: "resolving a worker's or coordinator's address",
+            source,
+        };
+        let all: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(io)?
+            .collect();
+        all.iter()
+            .find(|a| a.is_ipv4())
+            .or_else(|| all.first())
+            .copied()
+            .ok_or_else(|| io(std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))
+    }
+}
+
 /// `[workers]` (docs/protocol.md, "Workers"): a sharded node is a
 /// coordinator and `addresses.len()` worker processes; worker `w` runs the
 /// joins and aggregate batches of the shards `s` with `s mod N = w` with
@@ -422,16 +509,21 @@ pub struct NodeConfig {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersConfig {
-    /// Where each worker listens; worker `w` is the `w`-th.
+    /// Where each worker is reached (`host:port`); worker `w` is the
+    /// `w`-th, and listens there unless `listen` says otherwise.
     #[serde(default)]
-    pub addresses: Vec<SocketAddr>,
+    pub addresses: Vec<HostPort>,
+    /// Where every worker binds, when its address is a name (such as
+    /// `"0.0.0.0:7410"` in a StatefulSet, whose pods are reached by name).
+    pub listen: Option<SocketAddr>,
     /// The directory with each worker's certificate and key
     /// (`<role>-worker-<w>.pem` and `.key`, from `cleanroom certs init
     /// --workers N`); by default the directory of `identity.cert`.
     pub certs: Option<PathBuf>,
-    /// The bank: where its workers reach the node itself (its coordinator);
-    /// by default `listen`, on 127.0.0.1 when `listen` is on all addresses.
-    pub coordinator: Option<SocketAddr>,
+    /// The bank: where its workers reach the node itself (its coordinator,
+    /// `host:port`); by default `listen`, on 127.0.0.1 when `listen` is on
+    /// all addresses.
+    pub coordinator: Option<HostPort>,
 }
 
 /// `[shards]`: both nodes of a collaboration split their identifiers into
@@ -877,13 +969,18 @@ impl NodeConfig {
                 ),
             ));
         }
-        let mut seen = self.workers.addresses.clone();
-        seen.push(self.listen);
-        seen.sort();
-        if seen
-            .windows(2)
-            .any(|w| w.first() == w.get(1) && w.first().is_some_and(|a| a.port() != 0))
+        if self.workers.listen.is_none()
+            && let Some(a) = self.workers.addresses.iter().find(|a| a.ip().is_none())
         {
+            return Err(bad(
+                path,
+                format!("[workers] addresses names {a}: give [workers] listen, the address every worker binds"),
+            ));
+        }
+        let mut seen = self.workers.addresses.clone();
+        seen.push(self.listen.into());
+        seen.sort();
+        if seen.windows(2).any(|w| w.first() == w.get(1)) {
             return Err(bad(
                 path,
                 "[workers] addresses must differ from each other and from listen".into(),
@@ -912,14 +1009,22 @@ impl NodeConfig {
     /// Where the bank's workers reach their coordinator (`[workers]
     /// coordinator`, else `listen`, on 127.0.0.1 when `listen` is on all
     /// addresses).
-    pub fn coordinator_address(&self) -> SocketAddr {
-        self.workers.coordinator.unwrap_or_else(|| {
+    pub fn coordinator_address(&self) -> HostPort {
+        self.workers.coordinator.clone().unwrap_or_else(|| {
             let mut a = self.listen;
             if a.ip().is_unspecified() {
                 a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
-            a
+            a.into()
         })
+    }
+
+    /// Where worker `w` binds: `[workers] listen`, else its address, which
+    /// must then be an IP address.
+    pub fn worker_listen(&self, w: u32) -> Option<SocketAddr> {
+        self.workers
+            .listen
+            .or_else(|| self.workers.addresses.get(w as usize).and_then(HostPort::ip))
     }
 
     /// Worker `w`'s own state directory (its shard files and node key),

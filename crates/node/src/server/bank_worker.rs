@@ -30,7 +30,7 @@ use cleanroom_wire::{ShareWords, WorkerBatchShare, WorkerClaim, WorkerClaimed, W
 
 /// A bank worker's way to its coordinator.
 pub(super) struct CoordinatorLink {
-    address: SocketAddr,
+    address: crate::config::HostPort,
     conn: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
@@ -39,7 +39,7 @@ pub(super) struct CoordinatorLink {
 type Answer = Result<Message, (AbortCode, String)>;
 
 impl CoordinatorLink {
-    pub(super) fn new(address: SocketAddr) -> Self {
+    pub(super) fn new(address: crate::config::HostPort) -> Self {
         Self {
             address,
             conn: tokio::sync::Mutex::new(None),
@@ -53,7 +53,7 @@ impl CoordinatorLink {
         {
             return Ok(c.clone());
         }
-        let conn = connect(endpoint, self.address, &pki::node_name("bank")).await?;
+        let conn = connect(endpoint, self.address.resolve().await?, &pki::node_name("bank")).await?;
         *guard = Some(conn.clone());
         Ok(conn)
     }

@@ -757,10 +757,15 @@ impl Node {
         if count == 0 {
             return Err(bad("a worker needs [workers] addresses in its node's config".into()));
         }
-        let listen = *cfg.workers.addresses.get(index as usize).ok_or_else(|| {
-            bad(format!(
+        if index >= count {
+            return Err(bad(format!(
                 "worker {index}: [workers] lists {count} addresses (indices 0 to {})",
                 count - 1
+            )));
+        }
+        let listen = cfg.worker_listen(index).ok_or_else(|| {
+            bad(format!(
+                "worker {index}'s address is a name: give [workers] listen, the address the workers bind"
             ))
         })?;
         let (cert, key) = cfg.worker_identity(index);

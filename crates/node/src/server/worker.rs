@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 /// connection to each once made (through an endpoint whose idle timeout
 /// is short, so a worker that dies is noticed within seconds).
 pub(super) struct WorkerPool {
-    addresses: Vec<SocketAddr>,
+    addresses: Vec<crate::config::HostPort>,
     endpoint: quinn::Endpoint,
     conns: tokio::sync::Mutex<Vec<Option<quinn::Connection>>>,
 }
@@ -29,7 +29,7 @@ const WORKER_IDLE: Duration = Duration::from_secs(6);
 impl WorkerPool {
     /// A pool for `addresses`, connecting as `identity`.
     pub(super) fn new(
-        addresses: Vec<SocketAddr>,
+        addresses: Vec<crate::config::HostPort>,
         identity: &Identity,
         ca: &cleanroom_transport::TrustAnchors,
     ) -> Result<Self, NodeError> {
@@ -59,7 +59,7 @@ impl WorkerPool {
 
     async fn connection(&self, w: u32) -> Result<quinn::Connection, NodeError> {
         let failed = |what: String| NodeError::Worker { worker: w, what };
-        let addr = *self
+        let addr = self
             .addresses
             .get(w as usize)
             .ok_or_else(|| failed("no such worker in [workers] addresses".into()))?;
@@ -72,7 +72,11 @@ impl WorkerPool {
         {
             return Ok(c.clone());
         }
-        let conn = connect(&self.endpoint, addr, &pki::worker_name("platform", w))
+        let ip = addr
+            .resolve()
+            .await
+            .map_err(|e| failed(format!("cannot resolve {addr}: {e}")))?;
+        let conn = connect(&self.endpoint, ip, &pki::worker_name("platform", w))
             .await
             .map_err(|e| failed(format!("cannot connect to {addr}: {e}")))?;
         *slot = Some(conn.clone());
