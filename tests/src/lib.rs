@@ -15,6 +15,27 @@ pub fn rss_mib() -> f64 {
     pages * 4096.0 / f64::from(1 << 20)
 }
 
+/// Checks a query's cells against its plaintext truth `t` when the noise
+/// is negligible: as many cells at least, every reported σ in (0, 0.2),
+/// every value within 0.5 of its truth, and a truth that is not all zeros
+/// (something to find).
+///
+/// # Panics
+/// On the first cell that is off, naming `label`.
+pub fn assert_cells_exact(r: &cleanroom_client::QueryResult, t: &[f64], label: &str) {
+    assert!(!t.is_empty() && r.cells.len() >= t.len(), "{label}");
+    for (c, truth) in r.cells.iter().zip(t) {
+        assert!(c.sigma > 0.0 && c.sigma < 0.2, "{label} {}: sd {}", c.name, c.sigma);
+        assert!(
+            (c.value - truth).abs() < 0.5,
+            "{label} {}: {} vs {truth}",
+            c.name,
+            c.value
+        );
+    }
+    assert!(t.iter().any(|x| *x > 0.0), "{label}");
+}
+
 /// An analyst of `fixture` talking to these two running nodes.
 ///
 /// # Panics

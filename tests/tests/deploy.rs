@@ -49,6 +49,41 @@ fn mounts(statefulset: &str) -> Vec<(String, bool)> {
     out
 }
 
+/// Every file a process of `cfg`'s node opens (`identity`, the CA, the
+/// policy files, the shard key, the input) lies under a read-only mount of
+/// `manifest`, and `state` (its state directory) under a writable one.
+fn mounted(manifest: &str, identity: &[std::path::PathBuf], state: &Path, cfg: &NodeConfig, label: &str) {
+    let m = mounts(manifest);
+    let under = |p: &Path| {
+        m.iter()
+            .filter(|(dir, _)| p.starts_with(dir))
+            .max_by_key(|(dir, _)| dir.len())
+            .cloned()
+    };
+    let mut files = identity.to_vec();
+    files.extend([
+        cfg.identity.ca.clone(),
+        cfg.policy.signed.clone(),
+        cfg.policy.public_key.clone(),
+        cfg.policy.peer_public_key.clone(),
+        cfg.shards.key.clone().unwrap(),
+    ]);
+    match cfg.data.source {
+        SourceKind::Postgres => {
+            let pg = cfg.data.postgres.clone().unwrap();
+            files.extend(pg.password_file);
+            files.extend(pg.ca);
+        }
+        _ => files.push(cfg.data.path.clone()),
+    }
+    for f in &files {
+        let (dir, read_only) = under(f).unwrap_or_else(|| panic!("{label}: {} is under no mount", f.display()));
+        assert!(read_only, "{label}: {} is under a writable mount {dir}", f.display());
+    }
+    let (dir, read_only) = under(&state.join("state.db")).unwrap();
+    assert!(!read_only, "{label}: the state ({dir}) must be writable");
+}
+
 #[test]
 fn the_kubernetes_configs_are_accepted_and_their_files_are_mounted() {
     for (role, expected) in [("bank", Role::Bank), ("platform", Role::Platform)] {
@@ -74,40 +109,12 @@ fn the_kubernetes_configs_are_accepted_and_their_files_are_mounted() {
             assert!(policy.approves(t), "{role}: {} not approved", t.name);
         }
         // Every file the node opens is under a mount; only the state is writable.
-        let m = mounts(&sts);
-        let under = |p: &Path| {
-            m.iter()
-                .filter(|(dir, _)| p.starts_with(dir))
-                .max_by_key(|(dir, _)| dir.len())
-                .cloned()
-        };
-        let mut files = vec![
-            cfg.identity.cert.clone(),
-            cfg.identity.key.clone(),
-            cfg.identity.ca.clone(),
-            cfg.policy.signed.clone(),
-            cfg.policy.public_key.clone(),
-            cfg.policy.peer_public_key.clone(),
-            cfg.shards.key.clone().unwrap(),
-        ];
         assert!(
             cfg.policy.key.is_none(),
             "{role}: no policy private key on a deployed node"
         );
-        match cfg.data.source {
-            SourceKind::Postgres => {
-                let pg = cfg.data.postgres.clone().unwrap();
-                files.extend(pg.password_file);
-                files.extend(pg.ca);
-            }
-            _ => files.push(cfg.data.path.clone()),
-        }
-        for f in &files {
-            let (dir, read_only) = under(f).unwrap_or_else(|| panic!("{role}: {} is under no mount", f.display()));
-            assert!(read_only, "{role}: {} is under a writable mount {dir}", f.display());
-        }
-        let (dir, read_only) = under(&cfg.state_dir.join("state.db")).unwrap();
-        assert!(!read_only, "{role}: the state ({dir}) must be writable");
+        let identity = [cfg.identity.cert.clone(), cfg.identity.key.clone()];
+        mounted(&sts, &identity, &cfg.state_dir, &cfg, role);
         // The container listens where the config does.
         let port = cfg.listen.port();
         assert!(sts.contains(&format!("containerPort: {port}")), "{role}");
@@ -148,45 +155,17 @@ fn the_kubernetes_configs_are_accepted_and_their_files_are_mounted() {
             assert!(text.contains(&name), "{role}: {name}");
             assert!(cfg.worker_listen(w).is_some(), "{role}");
         }
-        let wm = mounts(&workers);
-        let under = |p: &Path| {
-            wm.iter()
-                .filter(|(dir, _)| p.starts_with(dir))
-                .max_by_key(|(dir, _)| dir.len())
-                .cloned()
-        };
         let (cert, key) = cfg.worker_identity(0);
-        let mut files = vec![
-            cert,
-            key,
-            cfg.identity.ca.clone(),
-            cfg.policy.signed.clone(),
-            cfg.policy.public_key.clone(),
-            cfg.policy.peer_public_key.clone(),
-            cfg.shards.key.clone().unwrap(),
-        ];
-        match cfg.data.source {
-            SourceKind::Postgres => {
-                let pg = cfg.data.postgres.clone().unwrap();
-                files.extend(pg.password_file);
-                files.extend(pg.ca);
-            }
-            _ => files.push(cfg.data.path.clone()),
-        }
-        for f in &files {
-            let (dir, read_only) =
-                under(f).unwrap_or_else(|| panic!("{role} worker: {} is under no mount", f.display()));
-            assert!(
-                read_only,
-                "{role} worker: {} is under a writable mount {dir}",
-                f.display()
-            );
-        }
+        mounted(
+            &workers,
+            &[cert, key],
+            &cfg.worker_state_dir(0),
+            &cfg,
+            &format!("{role} worker"),
+        );
         // The node's own key is not given to the workers: the identity
         // Secret is mounted with ca.pem alone.
         assert!(workers.contains("- key: ca.pem"), "{role}");
-        let (dir, read_only) = under(&cfg.worker_state_dir(0).join("state.db")).unwrap();
-        assert!(!read_only, "{role} worker: the state ({dir}) must be writable");
     }
     // The platform's workers reach the bank's, one each.
     let platform =

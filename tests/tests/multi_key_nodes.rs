@@ -21,7 +21,7 @@ use cleanroom_client::new_query_id;
 use cleanroom_crypto::normalize::IdKind;
 use cleanroom_lab::demo::{Fixture, demo_queries};
 use cleanroom_sim::oracle::{truth, truth_multi};
-use cleanroom_tests::analyst_of;
+use cleanroom_tests::{analyst_of, assert_cells_exact};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -75,22 +75,7 @@ async fn exact_multi_key(f: &Fixture, label: &str) {
         let plan = f.plan(template, &params).unwrap();
         assert_eq!(plan.domains.key_slots, 2);
         let t = truth_multi(&f.data, &plan, &KINDS);
-        assert!(!t.is_empty() && r.cells.len() >= t.len(), "{label} {template}");
-        for (c, truth) in r.cells.iter().zip(&t) {
-            assert!(
-                c.sigma > 0.0 && c.sigma < 0.2,
-                "{label} {template} {}: sd {}",
-                c.name,
-                c.sigma
-            );
-            assert!(
-                (c.value - truth).abs() < 0.5,
-                "{label} {template} {}: {} vs {truth}",
-                c.name,
-                c.value
-            );
-        }
-        assert!(t.iter().any(|x| *x > 0.0), "{label} {template}");
+        assert_cells_exact(&r, &t, &format!("{label} {template}"));
         // The same query's cells on e-mail alone: never more, and for some
         // query fewer (the phones found customers).
         let email_only = truth(&f.data, &plan);
