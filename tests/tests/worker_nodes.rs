@@ -108,18 +108,22 @@ async fn stop(nodes: impl IntoIterator<Item = Node>) {
     }
 }
 
+/// The unsharded nodes' cells for every query (each checked exact), and
+/// the bank's cardinality spent.
+async fn unsharded(rows: usize, seed: u64) -> (Vec<Vec<f64>>, i64) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixture(dir.path(), rows, seed, None, 0);
+    let bank = f.start_bank().await.unwrap();
+    let (platform, _) = start_platform(&f, &bank, 0).await;
+    let cells = exact_cells(&f, &bank, &platform, "unsharded", false).await;
+    stop([platform, bank]).await;
+    (cells, cardinality_spent(dir.path()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_give_the_unsharded_results_exactly() {
     let (rows, seed) = (600, 171);
-    let (unsharded, unsharded_spent) = {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fixture(dir.path(), rows, seed, None, 0);
-        let bank = f.start_bank().await.unwrap();
-        let (platform, _) = start_platform(&f, &bank, 0).await;
-        let cells = exact_cells(&f, &bank, &platform, "unsharded", false).await;
-        stop([platform, bank]).await;
-        (cells, cardinality_spent(dir.path()))
-    };
+    let (unsharded, unsharded_spent) = unsharded(rows, seed).await;
     for (s, n) in [(2u32, 1u32), (2, 2), (7, 3), (16, 4)] {
         let label = format!("S = {s}, {n} workers");
         let dir = tempfile::tempdir().unwrap();
@@ -294,15 +298,7 @@ async fn workers_on_other_data_and_strangers_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bank_and_platform_workers_give_the_unsharded_results_exactly() {
     let (rows, seed) = (600, 173);
-    let (unsharded, unsharded_spent) = {
-        let dir = tempfile::tempdir().unwrap();
-        let f = fixture(dir.path(), rows, seed, None, 0);
-        let bank = f.start_bank().await.unwrap();
-        let (platform, _) = start_platform(&f, &bank, 0).await;
-        let cells = exact_cells(&f, &bank, &platform, "unsharded", false).await;
-        stop([platform, bank]).await;
-        (cells, cardinality_spent(dir.path()))
-    };
+    let (unsharded, unsharded_spent) = unsharded(rows, seed).await;
     for (s, n) in [(2u32, 2u32), (7, 3)] {
         let label = format!("S = {s}, {n} workers on each node");
         let dir = tempfile::tempdir().unwrap();
