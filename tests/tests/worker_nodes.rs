@@ -299,7 +299,7 @@ async fn workers_on_other_data_and_strangers_are_refused() {
 async fn bank_and_platform_workers_give_the_unsharded_results_exactly() {
     let (rows, seed) = (600, 173);
     let (unsharded, unsharded_spent) = unsharded(rows, seed).await;
-    for (s, n) in [(2u32, 2u32), (7, 3)] {
+    for (s, n) in [(2u32, 2u32), (7, 3), (16, 4)] {
         let label = format!("S = {s}, {n} workers on each node");
         let dir = tempfile::tempdir().unwrap();
         let mut f = fixture(dir.path(), rows, seed, Some(s), n as usize);
