@@ -472,10 +472,10 @@ impl Bank {
             (Some((s, _)), Some(sh)) if s < sh.count && (setup.group as usize) < groups => {
                 // The shard's customers, numbered as its join numbers them,
                 // read back from its file (or kept in memory).
-                let rows = sh.holder(s).await.map(|customers| {
-                    Arc::new(HolderRows::new(&plan, customers, &self.inner.domains.categories)) as Arc<dyn RowSource>
-                });
-                Some((s as usize * groups + setup.group as usize, rows))
+                Some((
+                    s as usize * groups + setup.group as usize,
+                    self.shard_rows(sh, &plan, s).await,
+                ))
             }
             _ => None,
         };
@@ -572,6 +572,17 @@ impl Bank {
                 ),
             )),
         }
+    }
+
+    /// Shard `s`'s customers' values for `plan`, numbered as the shard's
+    /// join numbers them, read back from its file (or kept in memory).
+    pub(super) async fn shard_rows(&self, sh: &Sharding, plan: &Plan, s: u32) -> Result<Arc<dyn RowSource>, NodeError> {
+        let customers = sh.holder(s).await?;
+        Ok(Arc::new(HolderRows::new(
+            plan,
+            customers,
+            &self.inner.domains.categories,
+        )))
     }
 
     /// Adds batch `k`'s outcome to query `qid`'s registration `reg` (with

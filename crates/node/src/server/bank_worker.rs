@@ -24,7 +24,7 @@
 //! times out (the transport's idle timeout, 30 s by default).
 
 use super::bank::{Bank, ShardPlace};
-use super::worker::WorkerRole;
+use super::worker::{WorkerRole, seconds, truncated};
 use super::*;
 use cleanroom_wire::{ShareWords, WorkerBatchShare, WorkerClaim, WorkerClaimed, WorkerFailed, WorkerOutcome};
 
@@ -373,10 +373,8 @@ impl Bank {
                 });
             }
         };
-        let values = match sh.holder(shard).await {
-            Ok(customers) => {
-                Arc::new(HolderRows::new(&plan, customers, &self.inner.domains.categories)) as Arc<dyn RowSource>
-            }
+        let values = match self.shard_rows(sh, &plan, shard).await {
+            Ok(values) => values,
             Err(e) => {
                 warn!(error = %e, "a shard's input could not be read back");
                 abort(&mut send, setup.session, AbortCode::Internal).await;
@@ -419,8 +417,6 @@ impl Bank {
     }
 }
 
-use cleanroom_protocol::aggregate::RowSource;
-
 /// A bank worker's refusal of a shard that is not its own.
 pub(super) fn not_its_shard(role: WorkerRole, shard: u32) -> NodeError {
     NodeError::refused(
@@ -438,21 +434,4 @@ fn failed((code, message): (AbortCode, String)) -> Message {
         abort: Some(code),
         message: truncated(message),
     })
-}
-
-/// Seconds another process reported, as a duration (the wire bounds them).
-pub(super) fn seconds(s: f64) -> Duration {
-    Duration::try_from_secs_f64(s).unwrap_or_default()
-}
-
-/// A message cut to what a `WorkerFailed` carries.
-pub(super) fn truncated(mut message: String) -> String {
-    if message.len() > cleanroom_wire::MAX_WORKER_MESSAGE_LEN {
-        let mut end = cleanroom_wire::MAX_WORKER_MESSAGE_LEN;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-    }
-    message
 }

@@ -186,9 +186,9 @@ impl Platform {
             let done = done.map_err(|_| NodeError::Internal("a worker's task failed"))??;
             for (shard, (part, joined)) in done {
                 let [own, peer, wait, matching] = joined.seconds;
-                stats.own += super::bank_worker::seconds(own);
-                stats.peer += super::bank_worker::seconds(peer);
-                stats.wait_in += super::bank_worker::seconds(wait);
+                stats.own += seconds(own);
+                stats.peer += seconds(peer);
+                stats.wait_in += seconds(wait);
                 match_secs += matching;
                 *parts
                     .get_mut(shard as usize)
@@ -335,9 +335,9 @@ impl Platform {
         match pool.ask(part.worker, &request, wait).await? {
             Message::WorkerBatchDone(done) if done.words.0.len() == plan.batch_bits().len() => {
                 let [own, peer, wait] = done.seconds;
-                aggregate.stats.own += super::bank_worker::seconds(own);
-                aggregate.stats.peer += super::bank_worker::seconds(peer);
-                aggregate.stats.wait_in += super::bank_worker::seconds(wait);
+                aggregate.stats.own += seconds(own);
+                aggregate.stats.peer += seconds(peer);
+                aggregate.stats.wait_in += seconds(wait);
                 Ok((done.session, done.words.0.clone()))
             }
             Message::WorkerBatchDone(done) => Err(NodeError::Worker {
@@ -384,7 +384,7 @@ impl Platform {
                     NodeError::UnknownJoin => Some(AbortCode::UnknownJoin),
                     _ => None,
                 };
-                let message = super::bank_worker::truncated(e.to_string());
+                let message = truncated(e.to_string());
                 Message::WorkerFailed(WorkerFailed { abort, message })
             }
         };
@@ -583,4 +583,21 @@ impl Platform {
             ],
         }))
     }
+}
+
+/// Seconds another process reported, as a duration (the wire bounds them).
+pub(super) fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or_default()
+}
+
+/// A message cut to what a `WorkerFailed` carries.
+pub(super) fn truncated(mut message: String) -> String {
+    if message.len() > cleanroom_wire::MAX_WORKER_MESSAGE_LEN {
+        let mut end = cleanroom_wire::MAX_WORKER_MESSAGE_LEN;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    message
 }
