@@ -1,17 +1,29 @@
 //! The AVX-512 IFMA code: eight field elements per [`Fe`], one per 64-bit
-//! lane, each as five radix-2^51 limbs (one 512-bit vector per limb).
+//! lane, each as five radix-2^52 limbs (one 512-bit vector per limb).
 //!
 //! Every function here is compiled with `avx512f,avx512ifma,avx512dq`
 //! enabled and contains no `unsafe`: the intrinsics are safe to call inside
 //! such functions. Only [`run`] is called from outside, after the features were
 //! detected (`lib.rs`).
 //!
-//! Limb bounds. Every operation returns limbs below `2^51 + 2^8`, so any
-//! output is a valid input to [`mul`] and [`sq`], whose 52-bit multipliers
-//! (`vpmadd52luq`/`vpmadd52huq`) need limbs below `2^52`:
-//! - [`mul`]/[`sq`] carry fully: limbs at most `2^51`;
-//! - [`add`]/[`sub`] carry once, in parallel: limbs below `2^51 + 2^8`
-//!   (for `sub`, `a + 4p - b` with `4p`'s limbs above every `b`'s).
+//! Why radix 2^52: `vpmadd52luq`/`vpmadd52huq` split a product of two 52-bit
+//! limbs at bit 52, so at this radix the high half of `a_i b_j` lands in
+//! column `i + j + 1` as it is, with no doubling, and a product is 50
+//! multiply-adds into ten columns and one fold (`2^260 = 608 mod p`, itself
+//! multiply-adds). Radix 2^51 would leave a spare bit per limb for
+//! additions without carries, but doubles every high half and needs a
+//! 64-bit multiplication (`vpmullq`) per limb to fold: about a fifth more
+//! instructions per product on the join's hot path (measured: the git
+//! history of this file has the radix-2^51 version).
+//!
+//! Limb bounds. The multipliers read 52 bits of each limb, so every input
+//! of [`mul`] and [`sq`] must have limbs below `2^52`. Every operation here
+//! returns *normalized* limbs: the first four below `2^52`, the top one
+//! below `2^48` (value below `2^256`, not necessarily below `p`), which is
+//! what [`carry`] makes of any limbs below `2^63`. [`canonical`] reduces
+//! below `p` where a result is compared or encoded. A product that only
+//! feeds additions and subtractions can skip its carry ([`mul_wide`],
+//! [`sq_wide`]: limbs below `2^56`, a [`Wide`]); the sum's carry covers it.
 
 #![allow(clippy::many_single_char_names)]
 
@@ -19,82 +31,85 @@ use core::arch::x86_64::{
     __m512i, __mmask8, _mm256_extract_epi64, _mm512_add_epi64, _mm512_and_si512, _mm512_castsi512_si256,
     _mm512_cmpeq_epi64_mask, _mm512_extracti64x4_epi64, _mm512_madd52hi_epu64, _mm512_madd52lo_epu64,
     _mm512_mask_blend_epi64, _mm512_or_si512, _mm512_set_epi64, _mm512_set1_epi64, _mm512_setzero_si512,
-    _mm512_slli_epi64, _mm512_srli_epi64, _mm512_sub_epi64, _mm512_test_epi64_mask,
+    _mm512_srli_epi64, _mm512_sub_epi64, _mm512_test_epi64_mask,
 };
 
 use subtle::ConstantTimeEq;
 
 use crate::{Digits, Job, LANES, POINT_LEN, PointError, Refused, bytes_from_limbs, check_encoding, limbs_from_bytes};
 
-const M51: u64 = (1 << 51) - 1;
+const M52: u64 = (1 << 52) - 1;
+const M47: u64 = (1 << 47) - 1;
 
-/// `4p` in unreduced radix-2^51 limbs (`4 (2^51 - 19)`, `4 (2^51 - 1)`, ...).
-const FOUR_P: [u64; 5] = [
-    4 * ((1 << 51) - 19),
-    4 * ((1 << 51) - 1),
-    4 * ((1 << 51) - 1),
-    4 * ((1 << 51) - 1),
-    4 * ((1 << 51) - 1),
+/// `1024p = 2^5 (2^260 - 608)` as radix-2^52 limbs that are each above
+/// any limb of a [`Wide`] (`2^5 (2^52 - 608)`, then `2^5 (2^52 - 1)`):
+/// `a + 1024p - b` has no negative limb.
+const P1024: [u64; 5] = [
+    (1 << 57) - 32 * 608,
+    (1 << 57) - 32,
+    (1 << 57) - 32,
+    (1 << 57) - 32,
+    (1 << 57) - 32,
 ];
 
 // The curve's constants (RFC 9496 section 4.1, and `d`, `2d` of
-// edwards25519), radix-2^51 limbs. Checked by the tests against
+// edwards25519), canonical radix-2^52 limbs. Checked by the tests against
 // curve25519-dalek's results, and derivable with any big-integer tool.
 /// `d = -121665/121666`.
 const D: [u64; 5] = [
-    929_955_233_495_203,
-    466_365_720_129_213,
-    1_662_059_464_998_953,
-    2_033_849_074_728_123,
-    1_442_794_654_840_575,
+    3_181_755_047_180_451,
+    1_359_082_766_907_230,
+    2_104_364_726_513_674,
+    4_476_355_785_000_855,
+    90_174_665_927_535,
 ];
 /// `2d`.
 const D2: [u64; 5] = [
     1_859_910_466_990_425,
-    932_731_440_258_426,
-    1_072_319_116_312_658,
-    1_815_898_335_770_999,
-    633_789_495_995_903,
+    2_718_165_533_814_461,
+    4_208_729_453_027_348,
+    4_449_111_942_631_214,
+    39_611_843_499_743,
 ];
 /// `SQRT_M1`, a square root of -1.
 const SQRT_M1: [u64; 5] = [
-    1_718_705_420_411_056,
-    234_908_883_556_509,
-    2_233_514_472_574_048,
-    2_117_202_627_021_982,
-    765_476_049_583_133,
+    3_970_505_234_096_304,
+    117_454_441_778_254,
+    3_936_078_338_671_384,
+    3_923_825_025_616_275,
+    47_842_253_098_945,
 ];
 /// `INVSQRT_A_MINUS_D = 1/sqrt(a - d)`.
 const INVSQRT_A_MINUS_D: [u64; 5] = [
-    278_908_739_862_762,
-    821_645_201_101_625,
-    8_113_234_426_968,
-    1_777_959_178_193_151,
-    2_118_520_810_568_447,
+    2_530_708_553_548_010,
+    410_822_600_550_812,
+    3_942_677_982_555_926,
+    4_444_369_547_933_983,
+    132_407_550_660_527,
 ];
 /// `SQRT_AD_MINUS_ONE = sqrt(a*d - 1)`.
 const SQRT_AD_MINUS_ONE: [u64; 5] = [
     2_241_493_124_984_347,
-    425_987_919_032_274,
-    2_207_028_919_301_688,
-    1_220_490_630_685_848,
-    974_799_131_293_748,
+    212_993_959_516_137,
+    551_757_229_825_422,
+    1_278_461_235_678_355,
+    60_924_945_705_859,
 ];
 /// `ONE_MINUS_D_SQ = 1 - d^2`.
 const ONE_MINUS_D_SQ: [u64; 5] = [
-    1_136_626_929_484_150,
-    1_998_550_399_581_263,
-    496_427_632_559_748,
-    118_527_312_129_759,
-    45_110_755_273_534,
+    3_388_426_743_169_398,
+    999_275_199_790_631,
+    4_064_756_582_089_121,
+    3_955_465_587_965_403,
+    2_819_422_204_595,
 ];
 /// `D_MINUS_ONE_SQ = (d - 1)^2`.
 const D_MINUS_ONE_SQ: [u64; 5] = [
-    1_507_062_230_895_904,
-    1_572_317_787_530_805,
-    683_053_064_812_840,
-    317_374_165_784_489,
-    1_572_899_562_415_810,
+    3_758_862_044_581_152,
+    786_158_893_765_402,
+    733_713_219_624_522,
+    602_621_724_144_373,
+    98_306_222_650_988,
 ];
 
 /// The encoding of the ristretto255 generator (RFC 9496 A.1): what the
@@ -107,9 +122,20 @@ const FILLER: [u8; POINT_LEN] = [
 /// How many vectors of eight points share one inversion when encoded.
 const ENCODE_BATCH: usize = 64;
 
-/// Eight field elements.
+/// Eight field elements, normalized (module documentation).
 #[derive(Clone, Copy)]
 struct Fe([__m512i; 5]);
+
+/// Eight field elements with limbs below `2^56`: a product before its
+/// carry, or an [`Fe`]. Only additions and subtractions read it.
+#[derive(Clone, Copy)]
+struct Wide([__m512i; 5]);
+
+impl From<Fe> for Wide {
+    fn from(a: Fe) -> Self {
+        Self(a.0)
+    }
+}
 
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 #[inline]
@@ -197,70 +223,77 @@ fn fe_to_bytes(a: &Fe) -> [[u8; POINT_LEN]; LANES] {
     }
     out
 }
-
-/// `19 x` (shifts and adds, which LLVM turns into one `vpmullq` with
-/// AVX-512DQ).
+/// Limbs below `2^63` to normalized limbs (the first four below `2^52`,
+/// the top one below `2^47 + 2^11`), the same value mod p: first the top
+/// limb's bits from 255 up, times 19 (`2^255 = 19 mod p`), into the bottom
+/// limb; then one carry up through the limbs.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 #[inline]
-fn mul19(x: __m512i) -> __m512i {
-    _mm512_add_epi64(
-        _mm512_add_epi64(x, _mm512_slli_epi64::<1>(x)),
-        _mm512_slli_epi64::<4>(x),
-    )
+fn carry(r: &mut [__m512i; 5]) {
+    let m = splat(M52);
+    // Below 2^16, so 19 t is the low half of one 52-bit product.
+    let t = _mm512_srli_epi64::<47>(r[4]);
+    r[4] = _mm512_and_si512(r[4], splat(M47));
+    r[0] = _mm512_madd52lo_epu64(r[0], t, splat(19));
+    for k in 0..4 {
+        // Each carry below 2^11: the limbs below 2^63 + 2^21 before it.
+        let c = _mm512_srli_epi64::<52>(r[k]);
+        r[k] = _mm512_and_si512(r[k], m);
+        r[k + 1] = _mm512_add_epi64(r[k + 1], c);
+    }
 }
 
-/// One parallel carry: limbs below `2^51 + 19 * (x >> 51)`.
+/// `a + b` for limbs below `2^56`: limbs below `2^57` before the carry.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 #[inline]
-fn weak(x: [__m512i; 5]) -> Fe {
-    let m = splat(M51);
-    let c0 = _mm512_srli_epi64::<51>(x[0]);
-    let c1 = _mm512_srli_epi64::<51>(x[1]);
-    let c2 = _mm512_srli_epi64::<51>(x[2]);
-    let c3 = _mm512_srli_epi64::<51>(x[3]);
-    let c4 = _mm512_srli_epi64::<51>(x[4]);
-    Fe([
-        _mm512_add_epi64(_mm512_and_si512(x[0], m), mul19(c4)),
-        _mm512_add_epi64(_mm512_and_si512(x[1], m), c0),
-        _mm512_add_epi64(_mm512_and_si512(x[2], m), c1),
-        _mm512_add_epi64(_mm512_and_si512(x[3], m), c2),
-        _mm512_add_epi64(_mm512_and_si512(x[4], m), c3),
-    ])
-}
-
-#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-#[inline]
-fn add(a: &Fe, b: &Fe) -> Fe {
-    weak([
+fn add_wide(a: &Wide, b: &Wide) -> Fe {
+    let mut x = [
         _mm512_add_epi64(a.0[0], b.0[0]),
         _mm512_add_epi64(a.0[1], b.0[1]),
         _mm512_add_epi64(a.0[2], b.0[2]),
         _mm512_add_epi64(a.0[3], b.0[3]),
         _mm512_add_epi64(a.0[4], b.0[4]),
-    ])
+    ];
+    carry(&mut x);
+    Fe(x)
+}
+
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
+fn add(a: &Fe, b: &Fe) -> Fe {
+    add_wide(&Wide::from(*a), &Wide::from(*b))
+}
+
+/// `a - b` as `a + 1024p - b` for limbs below `2^56`: limbs below
+/// `2^56 + 2^57` before the carry.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
+fn sub_wide(a: &Wide, b: &Wide) -> Fe {
+    let mut x = [_mm512_setzero_si512(); 5];
+    for (i, x) in x.iter_mut().enumerate() {
+        *x = _mm512_sub_epi64(_mm512_add_epi64(a.0[i], splat(P1024[i])), b.0[i]);
+    }
+    carry(&mut x);
+    Fe(x)
 }
 
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 #[inline]
 fn sub(a: &Fe, b: &Fe) -> Fe {
-    let mut x = [_mm512_setzero_si512(); 5];
-    for (i, x) in x.iter_mut().enumerate() {
-        *x = _mm512_sub_epi64(_mm512_add_epi64(a.0[i], splat(FOUR_P[i])), b.0[i]);
-    }
-    weak(x)
+    sub_wide(&Wide::from(*a), &Wide::from(*b))
 }
 
-/// `2a - b`.
+/// `2a - b`, as `2a + 1024p - b`: limbs below `2^57 + 2^57`.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 #[inline]
-fn sub2(a: &Fe, b: &Fe) -> Fe {
+fn sub2_wide(a: &Wide, b: &Fe) -> Fe {
     let mut x = [_mm512_setzero_si512(); 5];
     for (i, x) in x.iter_mut().enumerate() {
-        // Below 2 (2^51 + 2^8) + 2^53 < 2^54: carries below 2^3.
         let twice = _mm512_add_epi64(a.0[i], a.0[i]);
-        *x = _mm512_sub_epi64(_mm512_add_epi64(twice, splat(FOUR_P[i])), b.0[i]);
+        *x = _mm512_sub_epi64(_mm512_add_epi64(twice, splat(P1024[i])), b.0[i]);
     }
-    weak(x)
+    carry(&mut x);
+    Fe(x)
 }
 
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
@@ -269,115 +302,111 @@ fn neg(a: &Fe) -> Fe {
     sub(&zero(), a)
 }
 
-/// Reduces the ten column sums `z` of a product (`z_k` below `2^57`) to
-/// five limbs of at most `2^51`.
+/// Folds the ten columns `c` of a product (`c_k` below `11 * 2^52`, `c_9`
+/// below `2^52`; column `k` weighs `2^(52 k)`) into five.
+///
+/// `2^260 = 32 * 19 = 608 (mod p)`, so column `j >= 5` moves to column
+/// `j - 5` times 608. The multipliers read the low 52 bits `L` of `c_j`:
+/// the low half of `608 L` goes to column `j - 5`, its high half (below
+/// `2^10`) to column `j - 4`, and so do the bits `H = c_j >> 52` (below
+/// 16) times 608. Column 9's high half lands in column 5, which is folded
+/// after it. Every column stays below `11 * 2^52 + 2^15 < 2^56`.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn reduce_columns(z: &[__m512i; 10]) -> Fe {
-    let mut r = [_mm512_setzero_si512(); 5];
-    for (k, r) in r.iter_mut().enumerate() {
-        // Below 2^57 + 19 * 2^57 < 2^62.
-        *r = _mm512_add_epi64(z[k], mul19(z[k + 5]));
+#[inline]
+fn fold(c: &mut [__m512i; 10]) -> Wide {
+    let k608 = splat(608);
+    c[4] = _mm512_madd52lo_epu64(c[4], c[9], k608);
+    c[5] = _mm512_madd52hi_epu64(c[5], c[9], k608);
+    for j in (5..9).rev() {
+        let h = _mm512_srli_epi64::<52>(c[j]);
+        c[j - 5] = _mm512_madd52lo_epu64(c[j - 5], c[j], k608);
+        c[j - 4] = _mm512_madd52hi_epu64(c[j - 4], c[j], k608);
+        c[j - 4] = _mm512_madd52lo_epu64(c[j - 4], h, k608);
     }
+    Wide([c[0], c[1], c[2], c[3], c[4]])
+}
+
+/// A [`Wide`] normalized.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+#[inline]
+fn normalize(w: &Wide) -> Fe {
+    let mut r = w.0;
     carry(&mut r);
     Fe(r)
 }
 
-/// One carry through the five limbs (each below 2^63), the top carry
-/// times 19 into the bottom, and the bottom's carry once more: limbs below
-/// `2^51`, except `x[1]`, at most `2^51`.
+/// `a * b`. A limb product `a_i b_j` (both below `2^52`) is
+/// `lo + 2^52 hi`: `lo` in column `i + j`, `hi` in column `i + j + 1`.
+/// Column `k` sums at most ten halves: below `10 * 2^52`.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-#[inline]
-fn carry(x: &mut [__m512i; 5]) {
-    let m = splat(M51);
-    for k in 0..4 {
-        let c = _mm512_srli_epi64::<51>(x[k]);
-        x[k] = _mm512_and_si512(x[k], m);
-        x[k + 1] = _mm512_add_epi64(x[k + 1], c);
-    }
-    let c = _mm512_srli_epi64::<51>(x[4]);
-    x[4] = _mm512_and_si512(x[4], m);
-    x[0] = _mm512_add_epi64(x[0], mul19(c));
-    let c = _mm512_srli_epi64::<51>(x[0]);
-    x[0] = _mm512_and_si512(x[0], m);
-    x[1] = _mm512_add_epi64(x[1], c);
-}
-
-/// `a * b`. A limb product `a_i b_j` (both below `2^52`) is `lo + 2^52 hi`;
-/// at radix 2^51 its high half weighs `2 * 2^(51 (i + j + 1))`, so column
-/// `k` is `sum lo(i + j = k) + 2 sum hi(i + j + 1 = k)`, below `2^57`.
-#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn mul(a: &Fe, b: &Fe) -> Fe {
-    let zero = _mm512_setzero_si512();
-    let mut lo = [zero; 10];
-    let mut hi = [zero; 10];
+fn mul_wide(a: &Fe, b: &Fe) -> Wide {
+    let mut c = [_mm512_setzero_si512(); 10];
     for i in 0..5 {
         for j in 0..5 {
-            lo[i + j] = _mm512_madd52lo_epu64(lo[i + j], a.0[i], b.0[j]);
-            hi[i + j + 1] = _mm512_madd52hi_epu64(hi[i + j + 1], a.0[i], b.0[j]);
+            c[i + j] = _mm512_madd52lo_epu64(c[i + j], a.0[i], b.0[j]);
+            c[i + j + 1] = _mm512_madd52hi_epu64(c[i + j + 1], a.0[i], b.0[j]);
         }
     }
-    let mut z = [zero; 10];
-    for k in 0..10 {
-        z[k] = _mm512_add_epi64(lo[k], _mm512_slli_epi64::<1>(hi[k]));
-    }
-    reduce_columns(&z)
+    fold(&mut c)
 }
 
-/// `a^2`: the ten cross products once, doubled in the sum. Column `k` is
-/// `lo_d + 2 (lo_x + hi_d + 2 hi_x)`, below `2^57` as in [`mul`].
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn sq(a: &Fe) -> Fe {
+#[inline]
+fn mul(a: &Fe, b: &Fe) -> Fe {
+    normalize(&mul_wide(a, b))
+}
+
+/// `a^2`: the five squares `d` and the ten cross products `x` once, column
+/// `k` being `d_k + 2 x_k` (below `2^52 + 2 * 4 * 2^52`).
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn sq_wide(a: &Fe) -> Wide {
     let zero = _mm512_setzero_si512();
-    let mut lo_d = [zero; 10];
-    let mut rest = [zero; 10];
-    let mut hi_x = [zero; 10];
+    let mut d = [zero; 10];
+    let mut x = [zero; 10];
     for i in 0..5 {
-        lo_d[2 * i] = _mm512_madd52lo_epu64(lo_d[2 * i], a.0[i], a.0[i]);
-        rest[2 * i + 1] = _mm512_madd52hi_epu64(rest[2 * i + 1], a.0[i], a.0[i]);
+        d[2 * i] = _mm512_madd52lo_epu64(d[2 * i], a.0[i], a.0[i]);
+        d[2 * i + 1] = _mm512_madd52hi_epu64(d[2 * i + 1], a.0[i], a.0[i]);
         for j in (i + 1)..5 {
-            rest[i + j] = _mm512_madd52lo_epu64(rest[i + j], a.0[i], a.0[j]);
-            hi_x[i + j + 1] = _mm512_madd52hi_epu64(hi_x[i + j + 1], a.0[i], a.0[j]);
+            x[i + j] = _mm512_madd52lo_epu64(x[i + j], a.0[i], a.0[j]);
+            x[i + j + 1] = _mm512_madd52hi_epu64(x[i + j + 1], a.0[i], a.0[j]);
         }
     }
-    let mut z = [zero; 10];
-    for k in 0..10 {
-        let inner = _mm512_add_epi64(rest[k], _mm512_slli_epi64::<1>(hi_x[k]));
-        z[k] = _mm512_add_epi64(lo_d[k], _mm512_slli_epi64::<1>(inner));
+    // Columns 0 and 9 have no cross product.
+    let mut c = d;
+    for k in 1..9 {
+        c[k] = _mm512_add_epi64(d[k], _mm512_add_epi64(x[k], x[k]));
     }
-    reduce_columns(&z)
+    fold(&mut c)
 }
 
-/// `a^(2^n)`.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn sq_n(a: &Fe, n: u32) -> Fe {
-    let mut x = sq(a);
-    for _ in 1..n {
-        x = sq(&x);
-    }
-    x
+#[inline]
+fn sq(a: &Fe) -> Fe {
+    normalize(&sq_wide(a))
 }
 
-/// The limbs of the canonical representative (below `p`, limbs below
-/// `2^51`).
+/// The limbs of the canonical representative (below `p`; limbs below
+/// `2^52`, the top one below `2^47`).
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn canonical(a: &Fe) -> [__m512i; 5] {
-    let m = splat(M51);
+    let m = splat(M52);
     let mut x = a.0;
-    // Carry fully: limbs below 2^51 but x[1] at most 2^51; value below 2p.
+    // Normalized, with the top limb below 2^47 + 2^11: value below 2p.
     carry(&mut x);
     // q = floor((x + 19) / 2^255): 1 exactly when x >= p.
-    let mut q = _mm512_srli_epi64::<51>(_mm512_add_epi64(x[0], splat(19)));
-    for limb in &x[1..] {
-        q = _mm512_srli_epi64::<51>(_mm512_add_epi64(*limb, q));
+    let mut q = _mm512_srli_epi64::<52>(_mm512_add_epi64(x[0], splat(19)));
+    for limb in &x[1..4] {
+        q = _mm512_srli_epi64::<52>(_mm512_add_epi64(*limb, q));
     }
+    q = _mm512_srli_epi64::<47>(_mm512_add_epi64(x[4], q));
     // x - q p = x + 19 q - q 2^255.
-    x[0] = _mm512_add_epi64(x[0], mul19(q));
+    x[0] = _mm512_madd52lo_epu64(x[0], q, splat(19));
     for k in 0..4 {
-        let c = _mm512_srli_epi64::<51>(x[k]);
+        let c = _mm512_srli_epi64::<52>(x[k]);
         x[k] = _mm512_and_si512(x[k], m);
         x[k + 1] = _mm512_add_epi64(x[k + 1], c);
     }
-    x[4] = _mm512_and_si512(x[4], m);
+    x[4] = _mm512_and_si512(x[4], splat(M47));
     x
 }
 
@@ -445,61 +474,98 @@ fn abs(a: &Fe) -> Fe {
     cneg(a, is_negative(a))
 }
 
-/// `(x^(2^250 - 1), x^11)`: the shared start of the two exponentiations.
+/// `a_i b_i` for each `i`.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn pow22501(x: &Fe) -> (Fe, Fe) {
-    let t0 = sq(x); // 2
-    let t1 = sq_n(&t0, 2); // 8
-    let t2 = mul(x, &t1); // 9
-    let t3 = mul(&t0, &t2); // 11
-    let t4 = sq(&t3); // 22
-    let t5 = mul(&t2, &t4); // 2^5 - 1
-    let t6 = sq_n(&t5, 5);
-    let t7 = mul(&t6, &t5); // 2^10 - 1
-    let t8 = sq_n(&t7, 10);
-    let t9 = mul(&t8, &t7); // 2^20 - 1
-    let t10 = sq_n(&t9, 20);
-    let t11 = mul(&t10, &t9); // 2^40 - 1
-    let t12 = sq_n(&t11, 10);
-    let t13 = mul(&t12, &t7); // 2^50 - 1
-    let t14 = sq_n(&t13, 50);
-    let t15 = mul(&t14, &t13); // 2^100 - 1
-    let t16 = sq_n(&t15, 100);
-    let t17 = mul(&t16, &t15); // 2^200 - 1
-    let t18 = sq_n(&t17, 50);
-    (mul(&t18, &t13), t3) // 2^250 - 1
+#[inline]
+fn mul_each<const N: usize>(a: &[Fe; N], b: &[Fe; N]) -> [Fe; N] {
+    let mut r = *a;
+    for (r, b) in r.iter_mut().zip(b) {
+        *r = mul(r, b);
+    }
+    r
 }
 
-/// `x^((p - 5) / 8) = x^(2^252 - 3)`.
+/// `a_i^(2^n)` for each `i`, the chains interleaved: a square waits for the
+/// one before it, so one chain alone leaves the multipliers idle.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn pow_p58(x: &Fe) -> Fe {
+fn sq_n_each<const N: usize>(a: &[Fe; N], n: u32) -> [Fe; N] {
+    let mut x = *a;
+    for _ in 0..n {
+        for v in x.iter_mut() {
+            *v = sq(v);
+        }
+    }
+    x
+}
+
+/// `(x^(2^250 - 1), x^11)` for each `x`: the shared start of the two
+/// exponentiations.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn pow22501<const N: usize>(x: &[Fe; N]) -> ([Fe; N], [Fe; N]) {
+    let t0 = sq_n_each(x, 1); // 2
+    let t1 = sq_n_each(&t0, 2); // 8
+    let t2 = mul_each(x, &t1); // 9
+    let t3 = mul_each(&t0, &t2); // 11
+    let t4 = sq_n_each(&t3, 1); // 22
+    let t5 = mul_each(&t2, &t4); // 2^5 - 1
+    let t6 = sq_n_each(&t5, 5);
+    let t7 = mul_each(&t6, &t5); // 2^10 - 1
+    let t8 = sq_n_each(&t7, 10);
+    let t9 = mul_each(&t8, &t7); // 2^20 - 1
+    let t10 = sq_n_each(&t9, 20);
+    let t11 = mul_each(&t10, &t9); // 2^40 - 1
+    let t12 = sq_n_each(&t11, 10);
+    let t13 = mul_each(&t12, &t7); // 2^50 - 1
+    let t14 = sq_n_each(&t13, 50);
+    let t15 = mul_each(&t14, &t13); // 2^100 - 1
+    let t16 = sq_n_each(&t15, 100);
+    let t17 = mul_each(&t16, &t15); // 2^200 - 1
+    let t18 = sq_n_each(&t17, 50);
+    (mul_each(&t18, &t13), t3) // 2^250 - 1
+}
+
+/// `x^((p - 5) / 8) = x^(2^252 - 3)` for each `x`.
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn pow_p58<const N: usize>(x: &[Fe; N]) -> [Fe; N] {
     let (t19, _) = pow22501(x);
-    mul(x, &sq_n(&t19, 2))
+    mul_each(x, &sq_n_each(&t19, 2))
 }
 
 /// `1/x = x^(p - 2) = x^(2^255 - 21)` (and 0 for 0).
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn invert(x: &Fe) -> Fe {
-    let (t19, t3) = pow22501(x);
-    mul(&sq_n(&t19, 5), &t3)
+    let (t19, t3) = pow22501(&[*x]);
+    let [r] = mul_each(&sq_n_each(&t19, 5), &t3);
+    r
 }
 
-/// `SQRT_RATIO_M1(u, v)` of RFC 9496 section 4.2: the lanes where `u/v`
-/// is a square, and `|sqrt(u/v)|` there (`|sqrt(i u/v)|` elsewhere).
+/// `SQRT_RATIO_M1(u, v)` of RFC 9496 section 4.2 for each pair: the lanes
+/// where `u/v` is a square, and `|sqrt(u/v)|` there (`|sqrt(i u/v)|`
+/// elsewhere).
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn sqrt_ratio_m1(u: &Fe, v: &Fe) -> (__mmask8, Fe) {
+fn sqrt_ratio_m1<const N: usize>(u: &[Fe; N], v: &[Fe; N]) -> [(__mmask8, Fe); N] {
     let sqrt_m1 = constant(SQRT_M1);
-    let v3 = mul(&sq(v), v);
-    let v7 = mul(&sq(&v3), v);
-    let r = mul(&mul(u, &v3), &pow_p58(&mul(u, &v7)));
-    let check = mul(v, &sq(&r));
-    let u_neg = neg(u);
-    let correct = eq(&check, u);
-    let flipped = eq(&check, &u_neg);
-    let flipped_i = eq(&check, &mul(&u_neg, &sqrt_m1));
-    let r_prime = mul(&sqrt_m1, &r);
-    let r = select(flipped | flipped_i, &r, &r_prime);
-    (correct | flipped, abs(&r))
+    let mut uv3 = *u;
+    let mut uv7 = *u;
+    for ((uv3, uv7), v) in uv3.iter_mut().zip(uv7.iter_mut()).zip(v) {
+        let v3 = mul(&sq(v), v);
+        let v7 = mul(&sq(&v3), v);
+        *uv3 = mul(uv3, &v3);
+        *uv7 = mul(uv7, &v7);
+    }
+    let r = mul_each(&uv3, &pow_p58(&uv7));
+    let mut out = [(0, zero()); N];
+    for (((out, r), u), v) in out.iter_mut().zip(&r).zip(u).zip(v) {
+        let check = mul(v, &sq(r));
+        let u_neg = neg(u);
+        let correct = eq(&check, u);
+        let flipped = eq(&check, &u_neg);
+        let flipped_i = eq(&check, &mul(&u_neg, &sqrt_m1));
+        let r_prime = mul(&sqrt_m1, r);
+        let r = select(flipped | flipped_i, r, &r_prime);
+        *out = (correct | flipped, abs(&r));
+    }
+    out
 }
 
 /// Eight points in extended coordinates `(X : Y : Z : T)`, `XY = ZT`.
@@ -564,14 +630,15 @@ fn add_cached(p: &Point, q: &Cached) -> Point {
 /// `p += q`, as [`add_cached`], in place.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn add_assign_cached(p: &mut Point, q: &Cached) {
-    let a = mul(&sub(&p.y, &p.x), &q.y_minus_x);
-    let b = mul(&add(&p.y, &p.x), &q.y_plus_x);
-    let c = mul(&p.t, &q.t2d);
-    let d = mul(&p.z, &q.z2);
-    let e = sub(&b, &a);
-    let f = sub(&d, &c);
-    let g = add(&d, &c);
-    let h = add(&b, &a);
+    // The four products feed only sums: carried there.
+    let a = mul_wide(&sub(&p.y, &p.x), &q.y_minus_x);
+    let b = mul_wide(&add(&p.y, &p.x), &q.y_plus_x);
+    let c = mul_wide(&p.t, &q.t2d);
+    let d = mul_wide(&p.z, &q.z2);
+    let e = sub_wide(&b, &a);
+    let f = sub_wide(&d, &c);
+    let g = add_wide(&d, &c);
+    let h = add_wide(&b, &a);
     p.x = mul(&e, &f);
     p.y = mul(&g, &h);
     p.z = mul(&f, &g);
@@ -586,13 +653,14 @@ fn add_assign_cached(p: &mut Point, q: &Cached) {
 /// point, computed without the negations.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn double_in_place(p: &mut Point, with_t: bool) {
-    let a = sq(&p.x);
-    let b = sq(&p.y);
-    let zz = sq(&p.z);
-    let s = add(&a, &b);
-    let e = sub(&sq(&add(&p.x, &p.y)), &s);
-    let g = sub(&b, &a);
-    let f = sub2(&zz, &g);
+    // The four squares feed only sums: carried there.
+    let a = sq_wide(&p.x);
+    let b = sq_wide(&p.y);
+    let zz = sq_wide(&p.z);
+    let s = add_wide(&a, &b);
+    let e = sub_wide(&sq_wide(&add(&p.x, &p.y)), &Wide::from(s));
+    let g = sub_wide(&b, &a);
+    let f = sub2_wide(&zz, &g);
     p.x = mul(&e, &f);
     p.y = mul(&g, &s);
     p.z = mul(&f, &g);
@@ -652,25 +720,36 @@ fn scalar_mul(p: &Point, k: &Digits) -> Point {
     q
 }
 
-/// RFC 9496 section 4.3.1 on eight field elements `s` that passed the
-/// byte checks (canonical, non-negative): the points, and the lanes where
-/// `s` is a valid encoding.
+/// RFC 9496 section 4.3.1 on vectors of eight field elements `s` that
+/// passed the byte checks (canonical, non-negative): the points, and the
+/// lanes where `s` is a valid encoding.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn decode(s: &Fe) -> (__mmask8, Point) {
+fn decode<const N: usize>(s: &[Fe; N]) -> [(__mmask8, Point); N] {
     let one = one();
-    let ss = sq(s);
-    let u1 = sub(&one, &ss);
-    let u2 = add(&one, &ss);
-    let u2_sq = sq(&u2);
-    let v = sub(&neg(&mul(&constant(D), &sq(&u1))), &u2_sq);
-    let (was_square, invsqrt) = sqrt_ratio_m1(&one, &mul(&v, &u2_sq));
-    let den_x = mul(&invsqrt, &u2);
-    let den_y = mul(&mul(&invsqrt, &den_x), &v);
-    let x = abs(&mul(&add(s, s), &den_x));
-    let y = mul(&u1, &den_y);
-    let t = mul(&x, &y);
-    let valid = was_square & !is_negative(&t) & !is_zero(&y);
-    (valid, Point { x, y, z: one, t })
+    let mut u1 = *s;
+    let mut u2 = *s;
+    let mut v = *s;
+    let mut v_u2_sq = *s;
+    for i in 0..N {
+        let ss = sq(&s[i]);
+        u1[i] = sub(&one, &ss);
+        u2[i] = add(&one, &ss);
+        let u2_sq = sq(&u2[i]);
+        v[i] = sub(&neg(&mul(&constant(D), &sq(&u1[i]))), &u2_sq);
+        v_u2_sq[i] = mul(&v[i], &u2_sq);
+    }
+    let roots = sqrt_ratio_m1(&[one; N], &v_u2_sq);
+    let mut out = [(0, identity()); N];
+    for (i, (out, (was_square, invsqrt))) in out.iter_mut().zip(roots).enumerate() {
+        let den_x = mul(&invsqrt, &u2[i]);
+        let den_y = mul(&mul(&invsqrt, &den_x), &v[i]);
+        let x = abs(&mul(&add(&s[i], &s[i]), &den_x));
+        let y = mul(&u1[i], &den_y);
+        let t = mul(&x, &y);
+        let valid = was_square & !is_negative(&t) & !is_zero(&y);
+        *out = (valid, Point { x, y, z: one, t });
+    }
+    out
 }
 
 /// `Q = 2P` for eight points, and what encoding `Q` needs inverted.
@@ -693,13 +772,14 @@ struct Doubled {
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn double_for_encoding(p: &Point) -> Doubled {
     // As `double`: F = -f, H = -s, and (Ef, Gs, fG, Es) = -(EF, GH, FG, EH).
-    let a = sq(&p.x);
-    let b = sq(&p.y);
-    let zz = sq(&p.z);
-    let s = add(&a, &b);
-    let e = sub(&sq(&add(&p.x, &p.y)), &s);
-    let g = sub(&b, &a);
-    let f = sub2(&zz, &g);
+    // The four squares feed only sums: carried there.
+    let a = sq_wide(&p.x);
+    let b = sq_wide(&p.y);
+    let zz = sq_wide(&p.z);
+    let s = add_wide(&a, &b);
+    let e = sub_wide(&sq_wide(&add(&p.x, &p.y)), &Wide::from(s));
+    let g = sub_wide(&b, &a);
+    let f = sub2_wide(&zz, &g);
     let eg = mul(&e, &g);
     Doubled {
         q: Point {
@@ -765,31 +845,41 @@ fn encode_batch(doubled: &[Doubled], out: &mut Vec<[u8; POINT_LEN]>, lens: &[usi
     }
 }
 
-/// RFC 9496 section 4.3.4's MAP (Elligator) on eight field elements.
+/// RFC 9496 section 4.3.4's MAP (Elligator) on vectors of eight field
+/// elements.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
-fn elligator(t: &Fe) -> Point {
+fn elligator<const N: usize>(t: &[Fe; N]) -> [Point; N] {
     let one = one();
     let minus_one = neg(&one);
     let d = constant(D);
-    let r = mul(&constant(SQRT_M1), &sq(t));
-    let u = mul(&add(&r, &one), &constant(ONE_MINUS_D_SQ));
-    let v = mul(&sub(&minus_one, &mul(&r, &d)), &add(&r, &d));
-    let (was_square, s) = sqrt_ratio_m1(&u, &v);
-    let s_prime = neg(&abs(&mul(&s, t)));
-    let s = select(was_square, &s_prime, &s);
-    let c = select(was_square, &r, &minus_one);
-    let n = sub(&mul(&mul(&c, &sub(&r, &one)), &constant(D_MINUS_ONE_SQ)), &v);
-    let w0 = mul(&add(&s, &s), &v);
-    let w1 = mul(&n, &constant(SQRT_AD_MINUS_ONE));
-    let s_sq = sq(&s);
-    let w2 = sub(&one, &s_sq);
-    let w3 = add(&one, &s_sq);
-    Point {
-        x: mul(&w0, &w3),
-        y: mul(&w2, &w1),
-        z: mul(&w1, &w3),
-        t: mul(&w0, &w2),
+    let mut r = *t;
+    let mut u = *t;
+    let mut v = *t;
+    for i in 0..N {
+        r[i] = mul(&constant(SQRT_M1), &sq(&t[i]));
+        u[i] = mul(&add(&r[i], &one), &constant(ONE_MINUS_D_SQ));
+        v[i] = mul(&sub(&minus_one, &mul(&r[i], &d)), &add(&r[i], &d));
     }
+    let roots = sqrt_ratio_m1(&u, &v);
+    let mut out = [identity(); N];
+    for (i, (out, (was_square, s))) in out.iter_mut().zip(roots).enumerate() {
+        let s_prime = neg(&abs(&mul(&s, &t[i])));
+        let s = select(was_square, &s_prime, &s);
+        let c = select(was_square, &r[i], &minus_one);
+        let n = sub(&mul(&mul(&c, &sub(&r[i], &one)), &constant(D_MINUS_ONE_SQ)), &v[i]);
+        let w0 = mul(&add(&s, &s), &v[i]);
+        let w1 = mul(&n, &constant(SQRT_AD_MINUS_ONE));
+        let s_sq = sq(&s);
+        let w2 = sub(&one, &s_sq);
+        let w3 = add(&one, &s_sq);
+        *out = Point {
+            x: mul(&w0, &w3),
+            y: mul(&w2, &w1),
+            z: mul(&w1, &w3),
+            t: mul(&w0, &w2),
+        };
+    }
+    out
 }
 
 /// Runs a job, eight inputs at a time (the last batch filled up with
@@ -833,8 +923,8 @@ pub(crate) fn run(job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN
                         first[lane] = &u[..32];
                         second[lane] = &u[32..];
                     }
-                    let p1 = elligator(&fe_from_bytes(&first));
-                    let p2 = elligator(&fe_from_bytes(&second));
+                    // The two maps side by side: their square roots interleave.
+                    let [p1, p2] = elligator(&[fe_from_bytes(&first), fe_from_bytes(&second)]);
                     let p = add_cached(&p1, &to_cached(&p2));
                     let p = match k {
                         Some(k) => scalar_mul(&p, k),
@@ -851,33 +941,44 @@ pub(crate) fn run(job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN
             for (g, group) in points.chunks(LANES * ENCODE_BATCH).enumerate() {
                 doubled.clear();
                 lens.clear();
-                for (batch, chunk) in group.chunks(LANES).enumerate() {
-                    let mut bytes: [&[u8]; LANES] = [&FILLER[..]; LANES];
-                    let mut refused: [Option<PointError>; LANES] = [None; LANES];
-                    for (lane, b) in chunk.iter().enumerate() {
-                        refused[lane] = check_encoding(b).err();
-                        bytes[lane] = &b[..];
-                    }
-                    let (valid, p) = decode(&fe_from_bytes(&bytes));
-                    for (lane, r) in refused.iter().enumerate().take(chunk.len()) {
-                        let error = match r {
-                            Some(e) => Some(*e),
-                            None if valid & (1 << lane) == 0 => Some(PointError::Invalid),
-                            None => None,
-                        };
-                        if let Some(error) = error {
-                            return Err(Refused {
-                                index: (g * ENCODE_BATCH + batch) * LANES + lane,
-                                error,
-                            });
+                // Two vectors at a time, their square roots interleaved; the
+                // second of a last, odd one is all filler and dropped.
+                for (pair, chunks) in group.chunks(2 * LANES).enumerate() {
+                    let (first, second) = chunks.split_at(chunks.len().min(LANES));
+                    let mut bytes: [[&[u8]; LANES]; 2] = [[&FILLER[..]; LANES]; 2];
+                    let mut refused: [[Option<PointError>; LANES]; 2] = [[None; LANES]; 2];
+                    for (v, chunk) in [first, second].into_iter().enumerate() {
+                        for (lane, b) in chunk.iter().enumerate() {
+                            refused[v][lane] = check_encoding(b).err();
+                            bytes[v][lane] = &b[..];
                         }
                     }
-                    let p = match k {
-                        Some(k) => scalar_mul(&p, k),
-                        None => p,
-                    };
-                    doubled.push(double_for_encoding(&p));
-                    lens.push(chunk.len());
+                    let decoded = decode(&[fe_from_bytes(&bytes[0]), fe_from_bytes(&bytes[1])]);
+                    for (v, chunk) in [first, second].into_iter().enumerate() {
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                        let (valid, p) = decoded[v];
+                        for (lane, r) in refused[v].iter().enumerate().take(chunk.len()) {
+                            let error = match r {
+                                Some(e) => Some(*e),
+                                None if valid & (1 << lane) == 0 => Some(PointError::Invalid),
+                                None => None,
+                            };
+                            if let Some(error) = error {
+                                return Err(Refused {
+                                    index: (g * ENCODE_BATCH + 2 * pair + v) * LANES + lane,
+                                    error,
+                                });
+                            }
+                        }
+                        let p = match k {
+                            Some(k) => scalar_mul(&p, k),
+                            None => p,
+                        };
+                        doubled.push(double_for_encoding(&p));
+                        lens.push(chunk.len());
+                    }
                 }
                 encode_batch(&doubled, out, &lens);
             }

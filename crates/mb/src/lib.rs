@@ -233,8 +233,9 @@ pub fn check_encoding(b: &[u8; POINT_LEN]) -> Result<(), PointError> {
     Ok(())
 }
 
-/// The five radix-2^51 limbs of 32 little-endian bytes, bit 255 ignored
-/// (the value may be non-canonical, below 2^255).
+/// The five radix-2^52 limbs of 32 little-endian bytes, bit 255 ignored
+/// (the value may be non-canonical, below 2^255): the first four below
+/// `2^52`, the top one below `2^47`.
 fn limbs_from_bytes(b: &[u8]) -> [u64; 5] {
     let mut w = [0u64; 4];
     for (w, c) in w.iter_mut().zip(b.chunks_exact(8)) {
@@ -242,24 +243,25 @@ fn limbs_from_bytes(b: &[u8]) -> [u64; 5] {
         a.copy_from_slice(c);
         *w = u64::from_le_bytes(a);
     }
-    const M: u64 = (1 << 51) - 1;
+    const M52: u64 = (1 << 52) - 1;
+    const M47: u64 = (1 << 47) - 1;
     [
-        w[0] & M,
-        ((w[0] >> 51) | (w[1] << 13)) & M,
-        ((w[1] >> 38) | (w[2] << 26)) & M,
-        ((w[2] >> 25) | (w[3] << 39)) & M,
-        (w[3] >> 12) & M,
+        w[0] & M52,
+        ((w[0] >> 52) | (w[1] << 12)) & M52,
+        ((w[1] >> 40) | (w[2] << 24)) & M52,
+        ((w[2] >> 28) | (w[3] << 36)) & M52,
+        (w[3] >> 16) & M47,
     ]
 }
 
-/// 32 little-endian bytes of canonical radix-2^51 limbs (each below 2^51,
-/// value below `p`).
+/// 32 little-endian bytes of canonical radix-2^52 limbs (the first four
+/// below `2^52`, the top one below `2^47`, value below `p`).
 fn bytes_from_limbs(l: &[u64; 5]) -> [u8; POINT_LEN] {
     let w = [
-        l[0] | (l[1] << 51),
-        (l[1] >> 13) | (l[2] << 38),
-        (l[2] >> 26) | (l[3] << 25),
-        (l[3] >> 39) | (l[4] << 12),
+        l[0] | (l[1] << 52),
+        (l[1] >> 12) | (l[2] << 40),
+        (l[2] >> 24) | (l[3] << 28),
+        (l[3] >> 36) | (l[4] << 16),
     ];
     let mut out = [0u8; POINT_LEN];
     for (o, w) in out.chunks_exact_mut(8).zip(w) {

@@ -232,9 +232,9 @@ fn hash_padded(start: &State, padded: &[Vec<u8>; LANES]) -> State {
 fn pad(buf: &mut Vec<u8>, before: usize) {
     let total = (before + buf.len()) as u128;
     buf.push(0x80);
-    while buf.len() % BLOCK != BLOCK - 16 {
-        buf.push(0);
-    }
+    // Zeros up to the length field at the end of the last block.
+    let end = (buf.len() + 16).div_ceil(BLOCK) * BLOCK;
+    buf.resize(end - 16, 0);
     buf.extend_from_slice(&(total * 8).to_be_bytes());
 }
 

@@ -379,3 +379,49 @@ fn parts_without_the_multiplication() {
         assert_eq!(refused.index, 5 + 3 * i);
     }
 }
+
+/// A refused encoding is reported at its own index wherever it falls: in
+/// the first or second vector of a pair decoded together, in a last, odd
+/// vector, in a later group of vectors encoded with one inversion; and the
+/// first of two is the one reported.
+#[test]
+fn refusals_at_their_index_past_the_first_pair_and_group() {
+    let Some(v) = vector_code() else {
+        return;
+    };
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let scalar = random_scalar(&mut rng);
+    let k = digits(&scalar);
+    // 1100 points: groups of 512, pairs of 16, and a last vector of 4.
+    let p = RISTRETTO_BASEPOINT_POINT * random_scalar(&mut rng);
+    let good: Vec<[u8; 32]> = (0..1100u64)
+        .map(|i| (p + RISTRETTO_BASEPOINT_POINT * Scalar::from(i)).compress().to_bytes())
+        .collect();
+    let non_square = hex32("26948d35ca62e643e26a83177332e6b6afeb9d08e4268b650f1f5bbd8d81d371");
+    for at in [3, 8, 15, 16, 511, 512, 527, 1039, 1096, 1099] {
+        let mut batch = good.clone();
+        batch[at] = non_square;
+        let refused = v.decode_mul_encode(&batch, &k).unwrap_err();
+        assert_eq!(
+            refused,
+            Refused {
+                index: at,
+                error: PointError::Invalid
+            },
+            "at {at}"
+        );
+        assert_eq!(v.decode_double_encode(&batch).unwrap_err(), refused);
+        if at + 9 < batch.len() {
+            batch[at + 9] = [0u8; 32];
+            assert_eq!(
+                v.decode_mul_encode(&batch, &k).unwrap_err().index,
+                at,
+                "first of two, at {at}"
+            );
+        }
+    }
+    assert_eq!(
+        v.decode_mul_encode(&good, &k).unwrap(),
+        dalek_decode_mul(&good, &scalar)
+    );
+}
