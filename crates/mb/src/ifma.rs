@@ -897,18 +897,8 @@ pub(crate) fn run(job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN
     let mut doubled = Vec::with_capacity(ENCODE_BATCH);
     let mut lens = Vec::with_capacity(ENCODE_BATCH);
     match job {
-        Job::Expand { dst, msgs } => {
-            // Each 64-byte output as two 32-byte halves (`lib.rs` joins them).
-            let mut uniform = Vec::with_capacity(msgs.len());
-            crate::sha512::expand64(dst, msgs, &mut uniform);
-            for u in &uniform {
-                let (lo, hi) = u.split_at(POINT_LEN);
-                for half in [lo, hi] {
-                    let mut h = [0u8; POINT_LEN];
-                    h.copy_from_slice(half);
-                    out.push(h);
-                }
-            }
+        Job::Expand { dst, msgs, out } => {
+            crate::sha512::expand64(dst, msgs, out);
             Ok(())
         }
         Job::Hash(uniform) => {

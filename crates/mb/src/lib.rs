@@ -2,9 +2,9 @@
 //!
 //! The join multiplies many points by *one* secret scalar. This crate does
 //! that eight points at a time, one point per 64-bit lane of a 512-bit
-//! vector, with the AVX-512 IFMA multiply-add instructions on radix-2^51
-//! field elements, for the two hot operations of the join, from bytes to
-//! bytes:
+//! vector, with the AVX-512 IFMA multiply-add instructions on radix-2^52
+//! field elements (`ifma.rs` says why that radix), for the two hot
+//! operations of the join, from bytes to bytes:
 //!
 //! - [`Ifma::hash_mul_encode`]: `encode(k * map(u))` for 64 uniform bytes `u`
 //!   (the one-way map of RFC 9496 section 4.3.4: two Elligator maps and an
@@ -143,21 +143,18 @@ impl Ifma {
         if dst.is_empty() || dst.len() > 255 {
             return None;
         }
-        let mut halves = Vec::with_capacity(2 * msgs.len());
+        let mut uniform = Vec::with_capacity(msgs.len());
         // Nothing to refuse: every message has an expansion.
-        let _: Result<(), Refused> = self.run(Job::Expand { dst, msgs }, None, &mut halves);
-        Some(
-            halves
-                .chunks_exact(2)
-                .map(|h| {
-                    let mut u = [0u8; 64];
-                    for (d, s) in u.iter_mut().zip(h.iter().flatten()) {
-                        *d = *s;
-                    }
-                    u
-                })
-                .collect(),
-        )
+        let _: Result<(), Refused> = self.run(
+            Job::Expand {
+                dst,
+                msgs,
+                out: &mut uniform,
+            },
+            None,
+            &mut Vec::new(),
+        );
+        Some(uniform)
     }
 
     /// The one way into the vector code.
@@ -197,7 +194,7 @@ pub fn cpu_has_ifma() -> bool {
 }
 
 /// One batch of work for the vector code.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 enum Job<'a> {
     /// Uniform 64-byte strings to map, multiply and encode.
     Hash(&'a [[u8; 64]]),
@@ -210,6 +207,8 @@ enum Job<'a> {
         dst: &'a [u8],
         /// The messages.
         msgs: &'a [&'a [u8]],
+        /// Where their expansions go, in order.
+        out: &'a mut Vec<[u8; 64]>,
     },
 }
 

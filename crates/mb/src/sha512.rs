@@ -253,37 +253,62 @@ fn digest_bytes(state: &State) -> [[u8; 64]; LANES] {
 /// `expand_message_xmd(msg, dst, 64)` with SHA-512 for each message, into
 /// `out` (appended, in order). `dst` is 1 to 255 bytes (checked by the
 /// caller).
+///
+/// The second hash's input `b0 || I2OSP(1, 1) || DST'` (padded) is the same
+/// for every message but its first 64 bytes, and those are `b0`'s eight
+/// state words as they are (a SHA-512 digest is its state words, big
+/// endian): its blocks are built once as words, and `b0` never becomes
+/// bytes.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 pub(crate) fn expand64(dst: &[u8], msgs: &[&[u8]], out: &mut Vec<[u8; 64]>) {
     let iv = IV.map(|x| _mm512_set1_epi64(x as i64));
     // Z_pad is one whole block of zeros: compressed once.
     let after_z = compress(&iv, &[_mm512_setzero_si512(); 16]);
     let dst_len = dst.len() as u8;
+    // What follows each message in the first hash: I2OSP(64, 2) ||
+    // I2OSP(0, 1) || DST'.
+    let mut suffix = Vec::with_capacity(dst.len() + 4);
+    suffix.extend_from_slice(&[0, 64, 0]);
+    suffix.extend_from_slice(dst);
+    suffix.push(dst_len);
+    // The second hash's padded input with zeros where b0 goes: one to three
+    // blocks, as words, the same in every lane.
+    let mut second = vec![0u8; 64];
+    second.push(1);
+    second.extend_from_slice(dst);
+    second.push(dst_len);
+    pad(&mut second, 0);
+    let second: Vec<__m512i> = second
+        .chunks_exact(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            _mm512_set1_epi64(u64::from_be_bytes(b) as i64)
+        })
+        .collect();
     let mut first: [Vec<u8>; LANES] = Default::default();
-    let mut second: [Vec<u8>; LANES] = Default::default();
     for group in msgs.chunks(LANES) {
         for (lane, buf) in first.iter_mut().enumerate() {
             buf.clear();
             if let Some(msg) = group.get(lane) {
                 buf.extend_from_slice(msg);
-                buf.extend_from_slice(&[0, 64, 0]);
-                buf.extend_from_slice(dst);
-                buf.push(dst_len);
+                buf.extend_from_slice(&suffix);
                 pad(buf, BLOCK);
             }
         }
-        let b0 = digest_bytes(&hash_padded(&after_z, &first));
-        for (lane, buf) in second.iter_mut().enumerate() {
-            buf.clear();
-            if group.get(lane).is_some() {
-                buf.extend_from_slice(&b0[lane]);
-                buf.push(1);
-                buf.extend_from_slice(dst);
-                buf.push(dst_len);
-                pad(buf, 0);
+        let b0 = hash_padded(&after_z, &first);
+        // Lanes past the group's messages hash whatever they hold; their
+        // results are not kept.
+        let mut state = iv;
+        for (j, words) in second.chunks_exact(16).enumerate() {
+            let mut block = [_mm512_setzero_si512(); 16];
+            block.copy_from_slice(words);
+            if j == 0 {
+                block[..8].copy_from_slice(&b0);
             }
+            state = compress(&state, &block);
         }
-        let b1 = digest_bytes(&hash_padded(&iv, &second));
-        out.extend_from_slice(&b1[..group.len()]);
+        let b1 = digest_bytes(&state);
+        out.extend_from_slice(b1.get(..group.len()).unwrap_or(&[]));
     }
 }
