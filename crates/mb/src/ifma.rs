@@ -224,7 +224,7 @@ fn fe_to_bytes(a: &Fe) -> [[u8; POINT_LEN]; LANES] {
     out
 }
 /// Limbs below `2^63` to normalized limbs (the first four below `2^52`,
-/// the top one below `2^47 + 2^11`), the same value mod p: first the top
+/// the top one at most `2^47 - 1 + 2^11`), the same value mod p: first the top
 /// limb's bits from 255 up, times 19 (`2^255 = 19 mod p`), into the bottom
 /// limb; then one carry up through the limbs.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
@@ -236,7 +236,7 @@ fn carry(r: &mut [__m512i; 5]) {
     r[4] = _mm512_and_si512(r[4], splat(M47));
     r[0] = _mm512_madd52lo_epu64(r[0], t, splat(19));
     for k in 0..4 {
-        // Each carry below 2^11: the limbs below 2^63 + 2^21 before it.
+        // Each carry at most 2^11: the limbs below 2^63 + 2^21 before it.
         let c = _mm512_srli_epi64::<52>(r[k]);
         r[k] = _mm512_and_si512(r[k], m);
         r[k + 1] = _mm512_add_epi64(r[k + 1], c);
@@ -391,7 +391,7 @@ fn sq(a: &Fe) -> Fe {
 fn canonical(a: &Fe) -> [__m512i; 5] {
     let m = splat(M52);
     let mut x = a.0;
-    // Normalized, with the top limb below 2^47 + 2^11: value below 2p.
+    // Normalized, with the top limb at most 2^47 - 1 + 2^11: value below 2p.
     carry(&mut x);
     // q = floor((x + 19) / 2^255): 1 exactly when x >= p.
     let mut q = _mm512_srli_epi64::<52>(_mm512_add_epi64(x[0], splat(19)));
@@ -901,6 +901,11 @@ pub(crate) fn run(job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN
             crate::sha512::expand64(dst, msgs, out);
             Ok(())
         }
+        #[cfg(test)]
+        Job::FieldCheck(failed) => {
+            field_check(failed);
+            Ok(())
+        }
         Job::Hash(uniform) => {
             let filler = [0u8; 64];
             for group in uniform.chunks(LANES * ENCODE_BATCH) {
@@ -973,6 +978,129 @@ pub(crate) fn run(job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN
                 encode_batch(&doubled, out, &lens);
             }
             Ok(())
+        }
+    }
+}
+
+/// Whether `a` and `b` are the same field elements in every lane.
+#[cfg(test)]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn same(a: &Fe, b: &Fe) -> bool {
+    fe_to_bytes(a) == fe_to_bytes(b)
+}
+
+/// The field arithmetic where its limb bounds are tightest: the largest
+/// normalized limbs (`2^52 - 1`, top `2^48 - 1`: `2^256 - 1 = 37 mod p`)
+/// give results known independently (37, 37^2 = 1369, `p - 37`, ...);
+/// random limbs near those bounds give the same elements as their
+/// canonical limbs do, through every operation and through products left
+/// uncarried ([`Wide`]) as well as carried ones. A limb past a bound would
+/// be read modulo `2^52` by the multipliers and change a result.
+#[cfg(test)]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn field_check(failed: &mut Vec<&'static str>) {
+    const TOP: u64 = (1 << 48) - 1;
+    let small = |v: u64| [v, 0, 0, 0, 0];
+    let max = constant([M52, M52, M52, M52, TOP]);
+    let mut p_minus_37 = [0xffu8; POINT_LEN];
+    p_minus_37[0] = 0xc8;
+    p_minus_37[31] = 0x7f;
+    let checks: [(&'static str, bool); 10] = [
+        ("max is 37", same(&max, &constant(small(37)))),
+        ("max * max", same(&mul(&max, &max), &constant(small(1369)))),
+        ("max^2", same(&sq(&max), &constant(small(1369)))),
+        ("max + max", same(&add(&max, &max), &constant(small(74)))),
+        ("0 - max", fe_to_bytes(&neg(&max)) == [p_minus_37; LANES]),
+        (
+            "2 max - 0",
+            same(&sub2_wide(&Wide::from(max), &zero()), &constant(small(74))),
+        ),
+        (
+            "wide max^2 + max * max",
+            same(&add_wide(&sq_wide(&max), &mul_wide(&max, &max)), &constant(small(2738))),
+        ),
+        (
+            "wide max^2 - max * max",
+            same(&sub_wide(&sq_wide(&max), &mul_wide(&max, &max)), &zero()),
+        ),
+        (
+            "2 wide max^2 - 1",
+            same(&sub2_wide(&sq_wide(&max), &one()), &constant(small(2737))),
+        ),
+        ("canonical(max)", same(&Fe(canonical(&max)), &constant(small(37)))),
+    ];
+    for (name, ok) in checks {
+        if !ok {
+            failed.push(name);
+        }
+    }
+    // Random limbs: near the bounds in `a`, anywhere in `b`.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..200 {
+        let mut a = [[0u64; LANES]; 5];
+        let mut b = [[0u64; LANES]; 5];
+        for k in 0..5 {
+            let bound = if k == 4 { TOP } else { M52 };
+            for lane in 0..LANES {
+                // Every fourth round all lanes at the bound exactly.
+                a[k][lane] = if round % 4 == 0 { bound } else { bound - (next() >> 44) };
+                b[k][lane] = next() & bound;
+            }
+        }
+        let a = Fe([
+            from_lanes(&a[0]),
+            from_lanes(&a[1]),
+            from_lanes(&a[2]),
+            from_lanes(&a[3]),
+            from_lanes(&a[4]),
+        ]);
+        let b = Fe([
+            from_lanes(&b[0]),
+            from_lanes(&b[1]),
+            from_lanes(&b[2]),
+            from_lanes(&b[3]),
+            from_lanes(&b[4]),
+        ]);
+        let (ca, cb) = (Fe(canonical(&a)), Fe(canonical(&b)));
+        let checks: [(&'static str, bool); 9] = [
+            ("a * b", same(&mul(&a, &b), &mul(&ca, &cb))),
+            ("a^2", same(&sq(&a), &mul(&ca, &ca))),
+            ("a + b", same(&add(&a, &b), &add(&ca, &cb))),
+            ("a - b", same(&sub(&a, &b), &sub(&ca, &cb))),
+            ("b - a", same(&sub(&b, &a), &sub(&cb, &ca))),
+            (
+                "2a - b",
+                same(&sub2_wide(&Wide::from(a), &b), &sub(&add(&ca, &ca), &cb)),
+            ),
+            (
+                "wide a^2 + a * b",
+                same(
+                    &add_wide(&sq_wide(&a), &mul_wide(&a, &b)),
+                    &add(&sq(&ca), &mul(&ca, &cb)),
+                ),
+            ),
+            (
+                "wide a * b - a^2",
+                same(
+                    &sub_wide(&mul_wide(&a, &b), &sq_wide(&a)),
+                    &sub(&mul(&ca, &cb), &sq(&ca)),
+                ),
+            ),
+            (
+                "2 wide a^2 - b",
+                same(&sub2_wide(&sq_wide(&a), &b), &sub(&add(&sq(&ca), &sq(&ca)), &cb)),
+            ),
+        ];
+        for (name, ok) in checks {
+            if !ok && !failed.contains(&name) {
+                failed.push(name);
+            }
         }
     }
 }

@@ -157,6 +157,15 @@ impl Ifma {
         Some(uniform)
     }
 
+    /// The field arithmetic's checks on extreme limbs (`ifma::field_check`):
+    /// the names of those that failed.
+    #[cfg(test)]
+    pub(crate) fn field_check(self) -> Vec<&'static str> {
+        let mut failed = Vec::new();
+        let _: Result<(), Refused> = self.run(Job::FieldCheck(&mut failed), None, &mut Vec::new());
+        failed
+    }
+
     /// The one way into the vector code.
     #[cfg(target_arch = "x86_64")]
     fn run(self, job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN]>) -> Result<(), Refused> {
@@ -210,6 +219,10 @@ enum Job<'a> {
         /// Where their expansions go, in order.
         out: &'a mut Vec<[u8; 64]>,
     },
+    /// Tests only: the field arithmetic on extreme limbs; the names of the
+    /// failed checks go here.
+    #[cfg(test)]
+    FieldCheck(&'a mut Vec<&'static str>),
 }
 
 /// Byte-level checks of a peer's encoding (RFC 9496 section 4.3.1): the

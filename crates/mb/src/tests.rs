@@ -425,3 +425,14 @@ fn refusals_at_their_index_past_the_first_pair_and_group() {
         dalek_decode_mul(&good, &scalar)
     );
 }
+
+/// The field arithmetic at its limb bounds (`ifma::field_check`): results
+/// known independently for the largest limbs, and random limbs near the
+/// bounds equal to their canonical ones through every operation.
+#[test]
+fn field_arithmetic_at_its_limb_bounds() {
+    let Some(v) = vector_code() else {
+        return;
+    };
+    assert_eq!(v.field_check(), Vec::<&str>::new());
+}
