@@ -337,7 +337,7 @@ fn normalize(w: &Wide) -> Fe {
 
 /// `a * b`. A limb product `a_i b_j` (both below `2^52`) is
 /// `lo + 2^52 hi`: `lo` in column `i + j`, `hi` in column `i + j + 1`.
-/// Column `k` sums at most ten halves: below `10 * 2^52`.
+/// Column `k` sums at most nine halves: below `9 * 2^52`.
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
 fn mul_wide(a: &Fe, b: &Fe) -> Wide {
     let mut c = [_mm512_setzero_si512(); 10];
@@ -982,6 +982,21 @@ pub(crate) fn run(job: Job<'_>, k: Option<&Digits>, out: &mut Vec<[u8; POINT_LEN
     }
 }
 
+/// Whether every lane of `a` is normalized: limbs below `2^52`, the top
+/// one below `2^48`.
+#[cfg(test)]
+#[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
+fn normalized(a: &Fe) -> bool {
+    let mut ok = true;
+    for (k, v) in a.0.iter().enumerate() {
+        let bound: u64 = if k == 4 { 1 << 48 } else { 1 << 52 };
+        for l in lanes(*v) {
+            ok &= l < bound;
+        }
+    }
+    ok
+}
+
 /// Whether `a` and `b` are the same field elements in every lane.
 #[cfg(test)]
 #[target_feature(enable = "avx512f,avx512ifma,avx512dq")]
@@ -1034,6 +1049,19 @@ fn field_check(failed: &mut Vec<&'static str>) {
             failed.push(name);
         }
     }
+    let results = [
+        mul(&max, &max),
+        sq(&max),
+        add(&max, &max),
+        neg(&max),
+        add_wide(&sq_wide(&max), &mul_wide(&max, &max)),
+        sub2_wide(&sq_wide(&max), &max),
+    ];
+    for r in &results {
+        if !normalized(r) && !failed.contains(&"normalized results") {
+            failed.push("normalized results");
+        }
+    }
     // Random limbs: near the bounds in `a`, anywhere in `b`.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
@@ -1068,6 +1096,23 @@ fn field_check(failed: &mut Vec<&'static str>) {
             from_lanes(&b[4]),
         ]);
         let (ca, cb) = (Fe(canonical(&a)), Fe(canonical(&b)));
+        // Every result is normalized, so that it can be multiplied again.
+        let results = [
+            mul(&a, &b),
+            sq(&a),
+            add(&a, &b),
+            sub(&a, &b),
+            sub2_wide(&Wide::from(a), &b),
+            add_wide(&sq_wide(&a), &mul_wide(&a, &b)),
+            sub_wide(&mul_wide(&a, &b), &sq_wide(&a)),
+            sub2_wide(&sq_wide(&a), &b),
+            neg(&a),
+        ];
+        for r in &results {
+            if !normalized(r) && !failed.contains(&"normalized results") {
+                failed.push("normalized results");
+            }
+        }
         let checks: [(&'static str, bool); 9] = [
             ("a * b", same(&mul(&a, &b), &mul(&ca, &cb))),
             ("a^2", same(&sq(&a), &mul(&ca, &ca))),

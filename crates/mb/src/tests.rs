@@ -392,13 +392,14 @@ fn refusals_at_their_index_past_the_first_pair_and_group() {
     let mut rng = ChaCha20Rng::seed_from_u64(7);
     let scalar = random_scalar(&mut rng);
     let k = digits(&scalar);
-    // 1100 points: groups of 512, pairs of 16, and a last vector of 4.
+    // 1108 points: groups of 512, pairs of 16, and a last, odd vector of 4
+    // (the last group's vectors 0 to 9 in pairs, then 10).
     let p = RISTRETTO_BASEPOINT_POINT * random_scalar(&mut rng);
-    let good: Vec<[u8; 32]> = (0..1100u64)
+    let good: Vec<[u8; 32]> = (0..1108u64)
         .map(|i| (p + RISTRETTO_BASEPOINT_POINT * Scalar::from(i)).compress().to_bytes())
         .collect();
     let non_square = hex32("26948d35ca62e643e26a83177332e6b6afeb9d08e4268b650f1f5bbd8d81d371");
-    for at in [3, 8, 15, 16, 511, 512, 527, 1039, 1096, 1099] {
+    for at in [3, 8, 15, 16, 511, 512, 527, 1039, 1096, 1099, 1104, 1107] {
         let mut batch = good.clone();
         batch[at] = non_square;
         let refused = v.decode_mul_encode(&batch, &k).unwrap_err();
