@@ -12,9 +12,11 @@
 //! multiply-adds into ten columns and one fold (`2^260 = 608 mod p`, itself
 //! multiply-adds). Radix 2^51 would leave a spare bit per limb for
 //! additions without carries, but doubles every high half and needs a
-//! 64-bit multiplication (`vpmullq`) per limb to fold: about a fifth more
-//! instructions per product on the join's hot path (measured: the git
-//! history of this file has the radix-2^51 version).
+//! 64-bit multiplication (`vpmullq`) per limb to fold: counted in the
+//! compiled code, a product took about 104 vector micro-operations at radix
+//! 2^51 (`vpmullq` as three) against 83 here before its carry (the git
+//! history of this file has the radix-2^51 version; README "Radix 2^52"
+//! has the timings).
 //!
 //! Limb bounds. The multipliers read 52 bits of each limb, so every input
 //! of [`mul`] and [`sq`] must have limbs below `2^52`. Every operation here
