@@ -14,7 +14,7 @@
 //! additions without carries, but doubles every high half and needs a
 //! 64-bit multiplication (`vpmullq`) per limb to fold: counted in the
 //! compiled code, a product took about 104 vector micro-operations at radix
-//! 2^51 (`vpmullq` as three) against 83 here before its carry (the git
+//! 2^51 (`vpmullq` as three) against 83 here, carry included (the git
 //! history of this file has the radix-2^51 version; README "Radix 2^52"
 //! has the timings).
 //!
