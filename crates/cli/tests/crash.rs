@@ -32,6 +32,9 @@ use cleanroom_node::config::NodeConfig;
 use cleanroom_node::state::State;
 use cleanroom_wire::{AnalystResponse, Message, QueryShare};
 
+mod common;
+use common::free_port;
+
 /// How big a storm: analysts, query ids each, kills; and the shards both
 /// nodes split into (1: none).
 #[derive(Clone, Copy)]
@@ -97,14 +100,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// splitmix64: the kill schedule's randomness (its seed is printed).

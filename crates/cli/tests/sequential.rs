@@ -21,6 +21,9 @@ use std::time::Instant;
 
 use cleanroom_lab::demo::Fixture;
 
+mod common;
+use common::runtime;
+
 const QUERIES: usize = 500;
 
 fn charged(state_db: &Path) -> BTreeSet<Vec<u8>> {
@@ -34,11 +37,7 @@ fn charged(state_db: &Path) -> BTreeSet<Vec<u8>> {
 
 #[test]
 fn five_hundred_query_processes_one_after_another_are_all_answered() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let mut fixture = Fixture::create(dir.path(), 300, 91, &["alice"]).unwrap();
     // Only the budget is raised (500 queries at ρ 0.1); the connection and

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use cleanroom_client::{Analyst, new_query_id};
 use cleanroom_lab::demo::Fixture;
 
+mod common;
+use common::{free_port, runtime};
+
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -24,14 +27,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The pids of a process's children, whichever of its threads started
@@ -69,11 +64,7 @@ async fn answered(analyst: &Analyst, within: Duration) -> f64 {
 
 #[test]
 fn the_node_starts_its_workers_and_starts_a_killed_one_again() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let mut f = Fixture::create(dir.path(), 300, 93, &["alice"]).unwrap();
     f.edit_configs(&[("[limits]", "[shards]\ncount = 4\nkey = \"certs/shard.key\"\n\n[limits]")])
